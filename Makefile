@@ -1,0 +1,38 @@
+# `make test` and `make demo` set up everything they need on a fresh Debian machine.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: test demo demo-down deps venv lint bench clean
+
+deps:
+	@scripts/install-deps.sh
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: deps venv
+	$(BIN)/ruff check neti tests bench
+	$(BIN)/pytest -q
+
+lint: venv
+	$(BIN)/ruff check neti tests bench
+	$(BIN)/ruff format --check neti tests bench
+
+demo: deps venv
+	@echo "neti demo: coming with the agent"
+
+demo-down: venv
+	@echo "neti demo-down: coming with the agent"
+
+bench: deps venv
+	@echo "neti bench: coming with the dataplane"
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,3 @@
+from neti.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,32 @@
+"""``neti config check``: validate a config and print it normalized."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import yaml
+
+from neti import config as config_mod
+from neti.cli.common import add_config, add_json, print_json
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("config", help="inspect the configuration")
+    csub = p.add_subparsers(dest="config_command", metavar="SUBCOMMAND", required=True)
+    check = csub.add_parser("check", help="validate a config; print it normalized")
+    add_config(check)
+    add_json(check)
+    check.set_defaults(func=run_check)
+
+
+def run_check(args: argparse.Namespace) -> int:
+    cfg = config_mod.load(args.config)
+    data = config_mod.normalized(cfg)
+    for w in cfg.warnings():
+        print(f"neti: warning: {w}", file=sys.stderr)
+    if args.json:
+        print_json(data)
+    else:
+        sys.stdout.write(yaml.safe_dump(data, sort_keys=False))
+    return 0
