@@ -1,0 +1,107 @@
+"""Prometheus metrics of the agent, served only when ``metrics.enabled`` is set.
+
+A private CollectorRegistry keeps tests independent and the endpoint free of process
+metrics nobody asked for (the default collectors are added back explicitly).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+    start_http_server,
+)
+
+log = logging.getLogger(__name__)
+
+ZK_STATES = ("connecting", "connected", "suspended", "lost", "closed")
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        r = self.registry
+        self.members = Gauge(
+            "neti_members", "Members in the applied fleet, by network", ["network"], registry=r
+        )
+        self.reconcile_duration = Histogram(
+            "neti_reconcile_duration_seconds",
+            "Time to read the fleet, compute and apply the desired state",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=r,
+        )
+        self.reconciles = Counter("neti_reconciles", "Reconciles by result", ["result"], registry=r)
+        self.last_success = Gauge(
+            "neti_last_success_timestamp_seconds",
+            "When the kernel last matched the (guarded) fleet",
+            registry=r,
+        )
+        self.apply_errors = Counter(
+            "neti_apply_errors", "Reconciles whose apply the kernel refused", registry=r
+        )
+        self.guard_held = Gauge(
+            "neti_guard_held", "1 while the mass-removal guard holds removals back", registry=r
+        )
+        self.guard_would_remove = Gauge(
+            "neti_guard_would_remove", "Members the guard is holding back", registry=r
+        )
+        self.max_change = Gauge("neti_max_change", "The maxchange threshold in use", registry=r)
+        self.zk_state = Gauge(
+            "neti_zookeeper_state",
+            "1 for the current ZooKeeper session state",
+            ["state"],
+            registry=r,
+        )
+        self.zk_expiries = Counter(
+            "neti_zookeeper_session_expiries", "ZooKeeper sessions lost", registry=r
+        )
+        self.skipped = Gauge(
+            "neti_skipped_entries", "Registry entries skipped as malformed", registry=r
+        )
+        self.conntrack_count = Gauge(
+            "neti_conntrack_entries", "Entries in the conntrack table", registry=r
+        )
+        self.conntrack_max = Gauge("neti_conntrack_max", "nf_conntrack_max", registry=r)
+        self.set_zk_state("connecting")
+        self._server: Any = None
+
+    def set_zk_state(self, state: str) -> None:
+        for s in ZK_STATES:
+            self.zk_state.labels(state=s).set(1 if s == state else 0)
+
+    def set_members(self, by_network: dict[str, int]) -> None:
+        self.members.clear()
+        for net, n in by_network.items():
+            self.members.labels(network=net).set(n)
+
+    def set_conntrack(self, count: int | None, maximum: int | None) -> None:
+        if count is not None:
+            self.conntrack_count.set(count)
+        if maximum is not None:
+            self.conntrack_max.set(maximum)
+
+    def serve(self, addr: str, port: int) -> None:
+        """Start the HTTP endpoint (a daemon thread); OSError if the port is taken."""
+        self._server = start_http_server(port, addr=addr, registry=self.registry)
+        log.info("metrics on http://%s:%d/metrics", addr, port)
+
+    def shutdown(self) -> None:
+        if self._server is not None:
+            server, thread = self._server
+            server.shutdown()
+            server.server_close()
+            thread.join(5)
+            self._server = None
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
