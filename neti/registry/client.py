@@ -1,0 +1,51 @@
+"""Connecting to ZooKeeper: the network's hosts, a bounded start, quiet logs."""
+
+from __future__ import annotations
+
+import logging
+
+from kazoo.client import KazooClient
+from kazoo.handlers.threading import KazooTimeoutError
+from kazoo.retry import KazooRetry
+
+from neti.config import Config
+from neti.errors import RegistryError
+from neti.registry.facade import Registry
+
+log = logging.getLogger(__name__)
+
+
+def _quiet_kazoo() -> None:
+    """kazoo logs every dropped connection; keep that out of sight unless debugging."""
+    kz = logging.getLogger("kazoo")
+    if kz.level == logging.NOTSET and not logging.getLogger().isEnabledFor(logging.DEBUG):
+        kz.setLevel(logging.WARNING)
+
+
+def make_client(cfg: Config, network: str) -> KazooClient:
+    hosts = ",".join(cfg.zk_hosts_for(network))
+    return KazooClient(
+        hosts=hosts,
+        timeout=cfg.zk_session_timeout,
+        # Reconnect forever (an agent must outlive any ZooKeeper outage), backing off to 10 s.
+        connection_retry=KazooRetry(max_tries=-1, delay=0.2, backoff=2, max_delay=10),
+        command_retry=KazooRetry(max_tries=5, delay=0.2, backoff=2, max_delay=5),
+    )
+
+
+def connect(cfg: Config, network: str, timeout: float | None = None) -> Registry:
+    """A started Registry for ``network``'s ZooKeeper; RegistryError naming the hosts if not."""
+    _quiet_kazoo()
+    hosts = ",".join(cfg.zk_hosts_for(network))
+    client = make_client(cfg, network)
+    wait = timeout if timeout is not None else cfg.zk_session_timeout
+    try:
+        client.start(timeout=wait)
+    except KazooTimeoutError:
+        client.stop()
+        client.close()
+        raise RegistryError(
+            f"cannot reach ZooKeeper at {hosts} within {wait:g}s (network {network!r}; "
+            "check zk_hosts and that the servers are up)"
+        ) from None
+    return Registry(client, cfg)

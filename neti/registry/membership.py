@@ -1,0 +1,200 @@
+"""Live membership: one ephemeral node per host, kept alive across session expiry.
+
+The member's fields live in the node *name* (see codec.py) so a single get_children lists
+the whole fleet. Ephemeral nodes die with their session; when kazoo reports a new session
+(CONNECTED after LOST) we put ours back, from a separate thread because kazoo calls state
+listeners on its event thread, which must never block.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from ipaddress import IPv4Address
+
+from kazoo.client import KazooClient, KazooState
+from kazoo.exceptions import KazooException, NodeExistsError, NoNodeError
+
+from neti.config import Config
+from neti.fleet import Member
+from neti.identity import Identity
+from neti.registry import legacy as legacy_codec
+from neti.registry.addr import MalformedEntry
+from neti.registry.codec import encode_member, member_prefix
+
+log = logging.getLogger(__name__)
+
+
+class EphemeralSeat:
+    """One ephemeral node we own; stale copies of it from older sessions are replaced."""
+
+    def __init__(
+        self,
+        client: KazooClient,
+        parent: str,
+        name: str,
+        is_mine: Callable[[str], bool],
+        data: bytes = b"",
+    ):
+        if "/" in name or name in ("", ".", ".."):
+            raise ValueError(f"{name!r} is not a ZooKeeper node name")
+        self.client = client
+        self.parent = parent
+        self.name = name
+        self.path = f"{parent}/{name}"
+        self.is_mine = is_mine
+        self.data = data
+
+    def _session(self) -> int | None:
+        cid = self.client.client_id
+        return cid[0] if cid else None
+
+    def ensure(self) -> bool:
+        """Make our node exist and belong to this session. True if it had to be (re)created."""
+        session = self._session()
+        stat = self.client.retry(self.client.exists, self.path)
+        if stat is not None and stat.ephemeralOwner == session:
+            return False  # the common case after a brief disconnection: one cheap read
+        self.client.retry(self.client.ensure_path, self.parent)
+        for child in self.client.retry(self.client.get_children, self.parent):
+            if not self.is_mine(child):
+                continue
+            path = f"{self.parent}/{child}"
+            stat = self.client.retry(self.client.exists, path)
+            if stat is None:
+                continue
+            if child == self.name and stat.ephemeralOwner == session:
+                return False  # alive and ours
+            # An older session's node (or ours under an outdated name): replace it.
+            log.info("removing stale membership node %s (owner %#x)", path, stat.ephemeralOwner)
+            try:
+                self.client.retry(self.client.delete, path, version=stat.version)
+            except (NoNodeError, KazooException) as exc:
+                if not isinstance(exc, NoNodeError):
+                    log.warning("could not remove stale node %s: %s", path, exc)
+        try:
+            self.client.retry(self.client.create, self.path, self.data, ephemeral=True)
+        except NodeExistsError:
+            # A connection loss after the server created it: ours if the owner matches.
+            stat = self.client.retry(self.client.exists, self.path)
+            if stat is None or stat.ephemeralOwner != self._session():
+                raise
+        return True
+
+    def remove(self) -> None:
+        stat = self.client.retry(self.client.exists, self.path)
+        if stat is not None and stat.ephemeralOwner == self._session():
+            try:
+                self.client.retry(self.client.delete, self.path)
+            except NoNodeError:
+                pass
+
+
+class Membership:
+    """This host's presence in ``members`` (and, optionally, the original's ``ip-map``)."""
+
+    def __init__(self, client: KazooClient, cfg: Config, members_path: str, legacy_path: str):
+        self.client = client
+        self.cfg = cfg
+        self.members_path = members_path
+        self.legacy_path = legacy_path
+        self.seats: list[EphemeralSeat] = []
+        self.member: Member | None = None
+        self.rejoins = 0  # how many times the nodes were re-created after a session change
+        self._lock = threading.RLock()
+        self._listening = False
+
+    def join(self, identity: Identity, overlay_ip: IPv4Address, version: str) -> Member:
+        member = Member(
+            instance_id=identity.instance_id,
+            network=identity.network,
+            public_ip=identity.public_ip,
+            private_ip=identity.private_ip,
+            overlay_ip=overlay_ip,
+            version=version,
+        )
+        name = encode_member(member)
+        prefix = member_prefix(member.instance_id)
+        seats = [
+            EphemeralSeat(
+                self.client, self.members_path, name, lambda child: child.startswith(prefix)
+            )
+        ]
+        if self.cfg.publish_legacy:
+            seat = self._legacy_seat(member)
+            if seat is not None:
+                seats.append(seat)
+        with self._lock:
+            self.seats = seats
+            self.member = member
+            for seat in seats:
+                seat.ensure()
+            if not self._listening:
+                self.client.add_listener(self._on_state)
+                self._listening = True
+        return member
+
+    def _legacy_seat(self, m: Member) -> EphemeralSeat | None:
+        flag = legacy_codec.flag_for(m.network, self.cfg.legacy_networks)
+        if flag is None:
+            log.warning(
+                "publish_legacy is on but network %r is not in legacy_networks %s: not "
+                "publishing this host for original agents",
+                m.network,
+                dict(self.cfg.legacy_networks),
+            )
+            return None
+        ident = legacy_codec.encode_ident(m.public_ip, m.private_ip, m.overlay_ip, flag)
+
+        def is_mine(child: str) -> bool:
+            try:
+                other = legacy_codec.decode_legacy(child, self.cfg.legacy_networks)
+            except MalformedEntry:
+                return False
+            return other.overlay_ip == m.overlay_ip
+
+        # Same name and data as kazoo's ShallowParty, so original agents parse it.
+        return EphemeralSeat(
+            self.client,
+            self.legacy_path,
+            legacy_codec.node_name(ident),
+            is_mine,
+            data=ident.encode("ascii"),
+        )
+
+    def leave(self) -> None:
+        with self._lock:
+            if self._listening:
+                self.client.remove_listener(self._on_state)
+                self._listening = False
+            seats, self.seats, self.member = self.seats, [], None
+        for seat in seats:
+            try:
+                seat.remove()
+            except KazooException as exc:
+                log.warning("could not remove %s: %s (it goes with the session)", seat.path, exc)
+
+    def ensure(self) -> bool:
+        """Re-create any of our nodes that are gone; True if something was re-created."""
+        with self._lock:
+            redone = False
+            for seat in self.seats:
+                redone = seat.ensure() or redone
+            if redone:
+                self.rejoins += 1
+                log.warning("re-joined the fleet as %s after a session change", self.member)
+            return redone
+
+    def _on_state(self, state: str) -> bool | None:
+        if state == KazooState.LOST:
+            log.warning("ZooKeeper session lost; will re-join when reconnected")
+        elif state == KazooState.CONNECTED and self.seats:
+            threading.Thread(target=self._rejoin, name="neti-rejoin", daemon=True).start()
+        return None  # keep listening
+
+    def _rejoin(self) -> None:
+        try:
+            self.ensure()
+        except Exception as exc:  # noqa: BLE001 - the next CONNECTED retries
+            log.warning("could not re-join the fleet yet: %s", exc)
