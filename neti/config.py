@@ -19,6 +19,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -49,8 +50,24 @@ def _hostport(value: Any) -> str:
     return value
 
 
+def _network(value: Any) -> Any:
+    # pydantic's own message ("not a valid IPv4 network") hides the usual mistake: host bits.
+    if isinstance(value, str):
+        try:
+            ipaddress.IPv4Network(value.strip())
+        except ValueError as exc:
+            try:
+                fixed = ipaddress.IPv4Network(value.strip(), strict=False)
+            except ValueError:
+                raise ValueError(f"{value!r} is not an IPv4 network: {exc}") from None
+            raise ValueError(f"{value!r} has host bits set; did you mean {fixed}?") from None
+        return value.strip()
+    return value
+
+
 Label = Annotated[str, BeforeValidator(_label)]
 HostPort = Annotated[str, BeforeValidator(_hostport)]
+Network = Annotated[ipaddress.IPv4Network, BeforeValidator(_network)]
 
 
 class PortSpec(BaseModel):
@@ -103,6 +120,14 @@ class Ec2Identity(BaseModel):
     # Used when the primary interface has no vpc-id (EC2-Classic).
     classic_network: Label = "ec2-classic"
 
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, v: str) -> str:
+        m = re.match(r"^https?://[^/?#\s]+/?$", v)
+        if not m:
+            raise ValueError(f"{v!r} must be a base URL such as http://169.254.169.254")
+        return v.rstrip("/")
+
 
 class ConntrackConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -126,10 +151,10 @@ class Config(BaseModel):
     # --- keys of the original Neti (same names, same meaning) ---
     zk_hosts: dict[Label, list[HostPort]]
     zk_prefix: str = "/neti"
-    overlay_subnet: ipaddress.IPv4Network = ipaddress.IPv4Network("192.168.0.0/18")
+    overlay_subnet: Network = ipaddress.IPv4Network("192.168.0.0/18")
     open_ports: list[PortSpec] = []
     reject_all: bool = False
-    ssh_whitelist: list[ipaddress.IPv4Network] = []
+    ssh_whitelist: list[Network] = []
     nat_overrides: dict[ipaddress.IPv4Address, ipaddress.IPv4Address] = {}
     table_files_path: str | None = None  # original: where iptables-save files went; unused
     log_file: str | None = None
@@ -206,11 +231,25 @@ class Config(BaseModel):
             return v.strip().lower() in ("true", "yes")
         return v
 
-    @model_validator(mode="after")
-    def _delays(self) -> Config:
-        if self.watch_delay_min > self.watch_delay_max:
-            raise ValueError("watch_delay_min must not exceed watch_delay_max")
-        return self
+    @field_validator("legacy_networks", mode="before")
+    @classmethod
+    def _legacy_keys(cls, v: Any) -> Any:
+        # YAML gives 0/1, JSON (``config check --json``, Chef attributes) gives "0"/"1".
+        if isinstance(v, dict):
+            return {
+                int(k) if isinstance(k, str) and k.strip() in ("0", "1") else k: x
+                for k, x in v.items()
+            }
+        return v
+
+    @field_validator("watch_delay_max")
+    @classmethod
+    def _delays(cls, v: float, info: ValidationInfo) -> float:
+        # A field validator (not a model one) so it is reported alongside other bad keys.
+        lo = info.data.get("watch_delay_min")
+        if lo is not None and v < lo:
+            raise ValueError(f"must not be below watch_delay_min ({lo:g})")
+        return v
 
     # --- derived paths ---
     def path(self, node: str) -> str:
@@ -238,10 +277,15 @@ class Config(BaseModel):
 
 
 def _format_error(err: dict[str, Any]) -> str:
-    loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
-    # Drop pydantic's union-branch names ("StaticIdentity", "Ec2Identity") from locations.
-    loc = re.sub(r"\.?(StaticIdentity|Ec2Identity)\b", "", loc)
+    parts = [str(p) for p in err["loc"] if not str(p).startswith("function-")]
+    # Drop the discriminated union's branch tag: "identity.static.x" -> "identity.x".
+    if len(parts) > 1 and parts[0] == "identity" and parts[1] in ("static", "ec2"):
+        del parts[1]
     msg = err["msg"].removeprefix("Value error, ")
+    if parts and parts[-1] == "[key]":  # a bad mapping key, e.g. nat_overrides' "1.2.3"
+        parts.pop()
+        msg = f"bad key {parts.pop()!r}: {msg}"
+    loc = ".".join(parts)
     if err["type"] == "extra_forbidden":
         msg = "unknown key (typo?)"
     elif err["type"] == "missing":
@@ -268,9 +312,11 @@ def load(path: str | Path = DEFAULT_PATH) -> Config:
     """Read and validate a YAML config file."""
     path = str(path)
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(path, [f"cannot read file: {exc.strerror}"]) from None
+        raise ConfigError(path, [f"cannot read file: {exc.strerror or exc}"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(path, [f"not UTF-8 text (byte {exc.start})"]) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
