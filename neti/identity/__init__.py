@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from ipaddress import IPv4Address
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from neti.config import Config
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,3 +28,18 @@ class Identity:
             "public_ip": str(self.public_ip),
             "network": self.network,
         }
+
+
+def resolve(cfg: Config) -> Identity:
+    """This host's identity from ``cfg.identity``: static values or EC2 metadata (IMDSv2).
+
+    Raises IdentityError (naming the endpoint and path) when the metadata service fails.
+    """
+    from neti.config import StaticIdentity
+
+    icfg = cfg.identity
+    if isinstance(icfg, StaticIdentity):
+        return Identity(icfg.instance_id, icfg.private_ip, icfg.public_ip, icfg.network)
+    from neti.identity import imds
+
+    return imds.fetch_identity(icfg)
