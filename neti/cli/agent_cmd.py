@@ -1,9 +1,27 @@
-"""Commands of this group are added by their issue."""
+"""``neti agent``: the long-running agent (systemd: packaging/neti.service, Type=notify)."""
 
 from __future__ import annotations
 
 import argparse
 
+from neti.cli.common import add_config, load_config
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """No commands yet."""
+    p = sub.add_parser(
+        "agent",
+        help="run the agent: register, watch the fleet, keep the kernel in step",
+        description=(
+            "Run until SIGTERM (leaves the fleet, keeps the rules). SIGHUP reloads the config. "
+            "Logs to stderr; see docs/operations.md."
+        ),
+    )
+    add_config(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from neti.agent.core import Agent
+
+    cfg = load_config(args)
+    return Agent(args.config, cfg, verbose=args.verbose).run()

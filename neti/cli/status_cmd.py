@@ -1,9 +1,33 @@
-"""Commands of this group are added by their issue."""
+"""``neti status``: a monitoring check (exit 0 OK, 1 WARNING, 2 CRITICAL)."""
 
 from __future__ import annotations
 
 import argparse
 
+from neti.cli.common import add_config, add_json, load_config, print_json
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """No commands yet."""
+    p = sub.add_parser(
+        "status",
+        help="this host's health from the state file and the kernel (exit 0/1/2)",
+        description=(
+            "Reads the agent's state file and the kernel, not ZooKeeper. Exit codes follow "
+            "Nagios/Sensu: 0 OK, 1 WARNING, 2 CRITICAL (see docs/operations.md)."
+        ),
+    )
+    add_config(p)
+    add_json(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from neti.status import gather, render_text, to_dict
+
+    cfg = load_config(args)
+    report = gather(cfg)
+    if args.json:
+        print_json(to_dict(report))
+    else:
+        print(render_text(report))
+    return report.code

@@ -1,1 +1,231 @@
-"""status."""
+"""``neti status``: the health of this host's Neti, from the state file and the kernel.
+
+Deliberately does not talk to ZooKeeper: a monitoring check must answer quickly when
+ZooKeeper is down (that is when it matters most) and must not add load to it from every
+host every minute. What the agent last saw of ZooKeeper is in the state file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from neti.agent import state as state_mod
+from neti.config import Config
+from neti.status.report import KernelView, Report, evaluate
+
+log = logging.getLogger(__name__)
+
+__all__ = ["KernelView", "Report", "gather", "pid_alive", "read_conntrack", "to_dict"]
+
+PROC_CONNTRACK = Path("/proc/sys/net/netfilter")
+
+
+def read_conntrack(proc: Path = PROC_CONNTRACK) -> tuple[int | None, int | None]:
+    """(entries, max) of this network namespace's conntrack table; None where unknown."""
+    out: list[int | None] = []
+    for name in ("nf_conntrack_count", "nf_conntrack_max"):
+        try:
+            out.append(int((proc / name).read_text().strip()))
+        except (OSError, ValueError):
+            out.append(None)
+    return out[0], out[1]
+
+
+def pid_alive(pid: int) -> bool:
+    """True if ``pid`` runs and is a neti process (a recycled pid does not count)."""
+    if pid <= 0:
+        return False
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return b"neti" in cmdline
+
+
+def kernel_view(cfg: Config, state: state_mod.AgentState | None) -> KernelView:
+    """Ask the dataplane backend what the kernel holds and compare it with the saved state."""
+    from neti import dataplane
+    from neti.errors import NetiError
+
+    count, maximum = read_conntrack()
+    view = KernelView(conntrack_count=count, conntrack_max=maximum)
+    try:
+        backend = dataplane.select(cfg)
+        kstat = backend.status()
+    except NetiError as exc:
+        view.error = str(exc)
+        return view
+    from neti.status.kernel import compare
+
+    compare(view, kstat, cfg, state)
+    return view
+
+
+def gather(cfg: Config, now: float | None = None) -> Report:
+    now = time.time() if now is None else now
+    state_error = ""
+    try:
+        state = state_mod.read(cfg.state_dir)
+    except state_mod.StateFileError as exc:
+        state, state_error = None, str(exc)
+    if state is None and not state_error:
+        state_error = f"no state file {state_mod.path_for(cfg.state_dir)}: the agent has never run"
+    alive = pid_alive(state.pid) if state else False
+    kernel = kernel_view(cfg, state)
+    return evaluate(state, kernel, alive, now, cfg.resync_interval, state_error)
+
+
+def to_dict(r: Report) -> dict[str, Any]:
+    s = r.state
+    k = r.kernel
+    lr = s.last_reconcile if s else None
+    return {
+        "status": r.status,
+        "code": r.code,
+        "summary": r.summary,
+        "checks": [c.as_dict() for c in r.checks],
+        "identity": s.identity.as_dict() if s and s.identity else None,
+        "overlay_ip": str(s.overlay_ip) if s and s.overlay_ip else None,
+        "network": s.identity.network if s and s.identity else None,
+        "agent": {
+            "pid": s.pid if s else None,
+            "running": r.agent_alive,
+            "version": s.version if s else None,
+        },
+        "zookeeper": (
+            {
+                "state": s.zookeeper.state,
+                "since": s.zookeeper.since,
+                "hosts": s.zookeeper.hosts,
+                "session_expiries": s.zookeeper.session_expiries,
+            }
+            if s
+            else None
+        ),
+        "members_by_network": s.fleet.by_network() if s and s.fleet else {},
+        "members": len(s.fleet.members) if s and s.fleet else 0,
+        "last_reconcile": (
+            {
+                "at": lr.at,
+                "age_seconds": round(r.now - lr.at, 3) if lr.at else None,
+                "duration": lr.duration,
+                "result": lr.result,
+                "reason": lr.reason,
+                "error": lr.error,
+            }
+            if lr
+            else None
+        ),
+        "last_success": s.last_success if s else None,
+        "guard": (
+            {
+                "held": s.guard.held,
+                "since": s.guard.since,
+                "would_remove": s.guard.would_remove,
+                "removed": s.guard.removed,
+                "max_change": s.guard.max_change,
+            }
+            if s
+            else None
+        ),
+        "skipped": s.skipped if s else 0,
+        "skipped_reasons": s.skipped_reasons if s else [],
+        "kernel": (
+            {
+                "error": k.error or None,
+                "matches": not (k.error or k.chains_missing or k.drift),
+                "chains_missing": k.chains_missing,
+                "drift": k.drift,
+                "set_size": k.set_size,
+                "expected_set_size": k.expected_set_size,
+                "audit_drops_by_source": k.drops_by_source,
+            }
+            if k
+            else None
+        ),
+        "conntrack": {"count": k.conntrack_count, "max": k.conntrack_max} if k else None,
+    }
+
+
+def render_text(r: Report) -> str:
+    from neti.status.report import ago
+
+    lines = [r.headline()]
+    s, k = r.state, r.kernel
+    if s and s.identity:
+        i = s.identity
+        lines.append(
+            f"identity:       {i.instance_id} (network {i.network}, private "
+            f"{i.private_ip}, public {i.public_ip})"
+        )
+    if s:
+        lines.append(f"overlay ip:     {s.overlay_ip or '-'}")
+        lines.append(
+            f"agent:          pid {s.pid} {'running' if r.agent_alive else 'NOT running'}"
+            f", neti {s.version}"
+        )
+        zk = s.zookeeper
+        since = f" since {ago(r.now - zk.since)}" if zk.since else ""
+        lines.append(
+            f"zookeeper:      {zk.state}{since} ({','.join(zk.hosts) or '-'})"
+            + (f", {zk.session_expiries} session expiries" if zk.session_expiries else "")
+        )
+        by_net = s.fleet.by_network() if s.fleet else {}
+        nets = " ".join(f"{n}={c}" for n, c in by_net.items()) or "-"
+        total = len(s.fleet.members) if s.fleet else 0
+        lines.append(f"members:        {total} ({nets})")
+        lr = s.last_reconcile
+        if lr.at:
+            extra = f": {lr.error}" if lr.error else ""
+            lines.append(
+                f"last reconcile: {lr.result} ({lr.reason}) {ago(r.now - lr.at)}, "
+                f"took {lr.duration:.3f}s{extra}"
+            )
+        else:
+            lines.append("last reconcile: never")
+        g = s.guard
+        if g.held:
+            lines.append(
+                f"guard:          HOLDING {g.would_remove} removals since "
+                f"{ago(r.now - (g.since or r.now))} (maxchange {g.max_change}): "
+                + ", ".join(g.removed[:5])
+                + (" ..." if len(g.removed) > 5 else "")
+            )
+        else:
+            mc = g.max_change if g.max_change is not None else "?"
+            lines.append(f"guard:          ok (maxchange {mc})")
+        if s.skipped:
+            lines.append(f"skipped:        {s.skipped} malformed registry entries")
+    if k:
+        if k.error:
+            lines.append(f"kernel:         cannot read: {k.error}")
+        elif k.chains_missing or k.drift:
+            lines.append(
+                "kernel:         DRIFTED: "
+                + "; ".join([f"missing {c}" for c in k.chains_missing] + k.drift)
+            )
+        else:
+            size = f", {k.set_size} allowed sources" if k.set_size is not None else ""
+            lines.append(f"kernel:         matches{size}")
+        if k.drops_by_source:
+            top = sorted(k.drops_by_source.items(), key=lambda kv: -kv[1])[:10]
+            lines.append("audit drops:    " + ", ".join(f"{src}={n}" for src, n in top))
+        if k.conntrack_count is not None:
+            mx = k.conntrack_max or "?"
+            pct = f" ({k.conntrack_count / k.conntrack_max:.0%})" if k.conntrack_max else ""
+            lines.append(f"conntrack:      {k.conntrack_count}/{mx}{pct}")
+    bad = [c for c in r.checks if c.level]
+    if bad:
+        lines.append("problems:")
+        lines.extend(f"  {c.as_dict()['status']}: {c.message}" for c in bad)
+    return "\n".join(lines)

@@ -1,0 +1,626 @@
+"""``neti agent``: keep this host's kernel in step with the fleet, and never make it worse.
+
+Start-up order (docs/operations.md): config -> identity -> conntrack priming -> restore the
+last applied state (rules before ZooKeeper, so a reboot during a ZooKeeper outage still has
+them) -> connect to this network's ZooKeeper (retrying forever, fail static meanwhile) ->
+claim the overlay IP -> join -> watch -> reconcile.
+
+One thread owns every decision: the main loop below. kazoo's threads and signal handlers
+only record what happened and wake it (waker.py), so no state is shared across threads
+beyond a few flags and a queue of ZooKeeper state changes.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import random
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+from typing import Any
+
+from neti import __version__
+from neti import config as config_mod
+from neti.agent import guard as guard_mod
+from neti.agent import state as state_mod
+from neti.agent.metrics import Metrics
+from neti.agent.scheduler import Scheduler
+from neti.agent.sdnotify import Notifier
+from neti.agent.waker import Waker
+from neti.config import Config
+from neti.errors import ConfigError, NetiError, RegistryError, SubnetFullError
+from neti.fleet import Fleet, Member
+from neti.identity import Identity
+
+log = logging.getLogger("neti.agent")
+
+# Back-off between attempts to reach ZooKeeper or to re-apply after a kernel error.
+RETRY_MIN = 1.0
+RETRY_MAX = 30.0
+# While the guard holds, look again this often even without a watch event.
+GUARD_RETRY = 10.0
+
+# Config keys whose change needs a new ZooKeeper session (and a re-join) on SIGHUP.
+RECONNECT_KEYS = (
+    "zk_hosts",
+    "zk_prefix",
+    "zk_iptoid_node",
+    "zk_idtoip_node",
+    "zk_ip_map_node",
+    "zk_max_change_threshold_path",
+    "zk_members_node",
+    "zk_session_timeout",
+    "overlay_subnet",
+    "identity",
+    "legacy_networks",
+    "publish_legacy",
+)
+
+
+@dataclass
+class _Backoff:
+    delay: float = RETRY_MIN
+
+    def next(self) -> float:
+        d = self.delay
+        self.delay = min(self.delay * 2, RETRY_MAX)
+        return d * random.uniform(0.8, 1.2)
+
+    def reset(self) -> None:
+        self.delay = RETRY_MIN
+
+
+def setup_logging(cfg: Config, verbose: bool = False) -> None:
+    """stderr (journald adds timestamps) at cfg.log_level, plus cfg.log_file if set."""
+    root = logging.getLogger()
+    level = logging.DEBUG if verbose else getattr(logging, cfg.log_level)
+    root.setLevel(level)
+    for h in list(root.handlers):
+        if getattr(h, "_neti_file", False):
+            root.removeHandler(h)
+            h.close()
+    if not root.handlers:
+        h = logging.StreamHandler()
+        h.setFormatter(logging.Formatter("neti: %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(h)
+    if cfg.log_file:
+        try:
+            fh = logging.FileHandler(cfg.log_file)
+        except OSError as exc:
+            log.error("log_file %s: %s; logging to stderr only", cfg.log_file, exc.strerror)
+        else:
+            fh.setFormatter(
+                logging.Formatter(
+                    "%(asctime)s neti[%(process)d] %(levelname)s %(name)s: %(message)s"
+                )
+            )
+            fh._neti_file = True  # type: ignore[attr-defined]
+            root.addHandler(fh)
+    logging.getLogger("kazoo").setLevel(logging.DEBUG if verbose else logging.WARNING)
+
+
+def _summary(result: Any) -> dict[str, Any]:
+    """A backend ApplyResult (or status) as JSON-able data for the state file."""
+    if result is None:
+        return {}
+    for attr in ("as_dict", "to_dict"):
+        fn = getattr(result, attr, None)
+        if callable(fn):
+            return dict(fn())
+    if isinstance(result, dict):
+        return dict(result)
+    try:
+        from dataclasses import asdict, is_dataclass
+
+        if is_dataclass(result):
+            return asdict(result)  # type: ignore[arg-type]
+    except TypeError:
+        pass
+    return {"result": str(result)}
+
+
+class Agent:
+    """The long-running agent. ``run()`` returns the process exit code."""
+
+    def __init__(self, config_path: str, cfg: Config, verbose: bool = False):
+        self.config_path = config_path
+        self.cfg = cfg
+        self.verbose = verbose
+        self.notifier = Notifier()
+        self.waker = Waker()
+        self.metrics = Metrics()
+        self.sched = Scheduler(
+            cfg.watch_delay_min, cfg.watch_delay_max, cfg.resync_interval, clock=time.monotonic
+        )
+        self.identity: Identity | None = None
+        self.overlay_ip: IPv4Address | None = None
+        self.backend: Any = None
+        self.reg: Any = None
+        self.state = state_mod.AgentState(
+            pid=os.getpid(), started_at=time.time(), version=__version__
+        )
+        self.applied: Fleet | None = None  # last fleet handed to the kernel (after the guard)
+        self._stop = False
+        self._hup = False
+        self._reconnect = False
+        self._fleet_changed = False
+        self._zk_events: collections.deque[str] = collections.deque()
+        self._ready_sent = False
+        self._last_watchdog = 0.0
+        self._watches_for: Any = None
+        self._lock = threading.Lock()
+        self._backoff = _Backoff()
+        self._apply_backoff = _Backoff()
+
+    # ------------------------------------------------------------------ lifecycle
+    def run(self) -> int:
+        self._install_signals()
+        try:
+            self._start()
+            while not self._stop:
+                if not self._connect():
+                    break
+                self._loop()
+                if self._reconnect and not self._stop:
+                    self._disconnect(leave=True)
+                    self._reconnect = False
+                    self._resolve_identity()
+            return 0
+        finally:
+            self._shutdown()
+
+    def _start(self) -> None:
+        setup_logging(self.cfg, self.verbose)
+        log.info("neti %s starting (config %s)", __version__, self.config_path)
+        self._resolve_identity()
+        from neti import dataplane
+
+        self.backend = dataplane.select(self.cfg)
+        self._prime_conntrack()
+        self._restore()
+        if self.cfg.metrics.enabled:
+            try:
+                self.metrics.serve(self.cfg.metrics.listen, self.cfg.metrics.port)
+            except OSError as exc:
+                log.error(
+                    "metrics: cannot listen on %s:%d: %s; continuing without the endpoint",
+                    self.cfg.metrics.listen,
+                    self.cfg.metrics.port,
+                    exc.strerror,
+                )
+        self._save()
+
+    def _resolve_identity(self) -> None:
+        from neti.identity import resolve
+
+        ident = resolve(self.cfg)
+        if self.identity is not None and ident != self.identity:
+            log.warning("identity changed from %s to %s", self.identity, ident)
+            self.overlay_ip = None
+        self.identity = ident
+        self.state.identity = ident
+        log.info(
+            "identity: %s in network %s (private %s, public %s)",
+            ident.instance_id,
+            ident.network,
+            ident.private_ip,
+            ident.public_ip,
+        )
+
+    def _prime_conntrack(self) -> None:
+        """Load conntrack and size its table before any rule needs it."""
+        prime = getattr(self.backend, "prime_conntrack", None)
+        if prime is None:
+            return
+        try:
+            prime()
+        except NetiError as exc:
+            log.warning("conntrack priming: %s", exc)
+
+    def _restore(self) -> None:
+        """Re-apply the last applied fleet from the state file (fail static across reboots)."""
+        try:
+            saved = state_mod.read(self.cfg.state_dir)
+        except state_mod.StateFileError as exc:
+            log.warning("%s; starting without a saved state", exc)
+            return
+        if saved is None:
+            log.info("no saved state in %s: first start", self.cfg.state_dir)
+            return
+        self.state.apply_errors = saved.apply_errors
+        if saved.identity != self.identity or saved.fleet is None:
+            log.warning(
+                "saved state belongs to %s, not %s: not restoring it",
+                saved.identity.instance_id if saved.identity else "nobody",
+                self.identity.instance_id if self.identity else "?",
+            )
+            return
+        self.overlay_ip = saved.overlay_ip
+        self.state.overlay_ip = saved.overlay_ip
+        self.state.guard = saved.guard
+        t0 = time.monotonic()
+        try:
+            result = self._apply(saved.fleet)
+        except Exception as exc:  # noqa: BLE001 - a failed restore must not stop the agent
+            log.error(
+                "restoring %d members from %s failed: %s",
+                len(saved.fleet.members),
+                state_mod.path_for(self.cfg.state_dir),
+                exc,
+            )
+            return
+        self.applied = saved.fleet
+        self.state.fleet = saved.fleet
+        self.state.applied = _summary(result)
+        self.state.last_success = saved.last_success
+        self._record("restored", "restore", time.monotonic() - t0)
+        self.metrics.set_members(saved.fleet.by_network())
+        log.info("restored %d members from the saved state", len(saved.fleet.members))
+
+    # ------------------------------------------------------------------ ZooKeeper
+    def _connect(self) -> bool:
+        """Connect, claim, join, watch. Retries until it works; False if asked to stop."""
+        from neti.registry import connect
+
+        assert self.identity is not None
+        hosts = self.cfg.zk_hosts_for(self.identity.network)
+        self.state.zookeeper = state_mod.ZkState(
+            state="connecting", since=time.time(), hosts=list(hosts)
+        )
+        self._set_zk_state("connecting")
+        self._backoff.reset()
+        attempts = 0
+        while not self._stop:
+            self._watchdog()
+            try:
+                reg = connect(self.cfg, self.identity.network, timeout=self.cfg.zk_session_timeout)
+            except RegistryError as exc:
+                attempts += 1
+                (log.warning if attempts == 1 or attempts % 10 == 0 else log.info)(
+                    "%s (attempt %d); keeping the current rules", exc, attempts
+                )
+                self._ready("fail static: cannot reach ZooKeeper at " + ",".join(hosts))
+                self._sleep(self._backoff.next())
+                continue
+            self.reg = reg
+            try:
+                self._join()
+            except NetiError as exc:
+                level = log.error if isinstance(exc, SubnetFullError) else log.warning
+                level("%s; retrying", exc)
+                self._disconnect(leave=False)
+                self._sleep(self._backoff.next())
+                continue
+            self._set_zk_state("connected")
+            reg.client.add_listener(self._on_zk_state)
+            self._watch()
+            self.sched.resync_now()
+            log.info("connected to ZooKeeper at %s", ",".join(hosts))
+            return True
+        return False
+
+    def _join(self) -> None:
+        """Claim (or re-confirm) the overlay IP and put our membership node in place."""
+        assert self.identity is not None and self.reg is not None
+        ip = self.reg.claim(self.identity.instance_id)
+        if self.overlay_ip is not None and ip != self.overlay_ip:
+            log.warning("overlay IP changed from %s to %s (claim was lost)", self.overlay_ip, ip)
+        self.overlay_ip = ip
+        self.state.overlay_ip = ip
+        self.reg.join(self.identity, ip, version=__version__)
+        log.info("joined as %s with overlay IP %s", self.identity.instance_id, ip)
+
+    def _watch(self) -> None:
+        from kazoo.recipe.watchers import ChildrenWatch, DataWatch
+
+        reg = self.reg
+        client = reg.client
+        # ChildrenWatch stops for good on a missing node; the legacy node may not exist yet.
+        for path in (reg.members_path, reg.legacy_path):
+            try:
+                client.retry(client.ensure_path, path)
+            except Exception as exc:  # noqa: BLE001 - the periodic resync still covers it
+                log.warning("cannot create %s: %s", path, exc)
+        watched_reg = reg
+
+        def on_children(_children: list[str]) -> bool:
+            if self.reg is not watched_reg:
+                return False  # an old session's watch: stop it
+            self._fleet_changed = True
+            self.waker.wake()
+            return True
+
+        def on_data(_data: bytes | None, _stat: object) -> bool:
+            return on_children([])
+
+        ChildrenWatch(client, reg.members_path, on_children)
+        ChildrenWatch(client, reg.legacy_path, on_children)
+        DataWatch(client, self.cfg.path(self.cfg.zk_max_change_threshold_path), on_data)
+
+    def _on_zk_state(self, state: str) -> None:
+        """kazoo's thread: record and wake; never block here."""
+        self._zk_events.append(str(state))
+        self.waker.wake()
+
+    def _handle_zk_events(self) -> None:
+        while self._zk_events:
+            ev = self._zk_events.popleft()
+            prev = self.state.zookeeper.state
+            if ev == "SUSPENDED":
+                log.warning("ZooKeeper connection suspended; keeping every rule (fail static)")
+                self._set_zk_state("suspended")
+            elif ev == "LOST":
+                log.warning("ZooKeeper session expired; keeping every rule, will re-join")
+                self.state.zookeeper.session_expiries += 1
+                self.metrics.zk_expiries.inc()
+                self._set_zk_state("lost")
+            elif ev == "CONNECTED":
+                log.info("ZooKeeper connection back (was %s); full resync", prev)
+                self._set_zk_state("connected")
+                if prev == "lost":
+                    try:
+                        self._join()  # same instance ID -> the same claim, a new session node
+                    except NetiError as exc:
+                        log.warning("re-join after session expiry failed: %s; retrying", exc)
+                        self.sched.retry_in(self._backoff.next())
+                self.sched.resync_now()
+            self._save()
+
+    def _set_zk_state(self, state: str) -> None:
+        if self.state.zookeeper.state != state:
+            self.state.zookeeper.state = state
+            self.state.zookeeper.since = time.time()
+        self.metrics.set_zk_state(state)
+        self.notifier.status(self._status_line())
+
+    def _disconnect(self, leave: bool) -> None:
+        reg, self.reg = self.reg, None
+        if reg is None:
+            return
+        try:
+            reg.client.remove_listener(self._on_zk_state)
+        except Exception:  # noqa: BLE001
+            pass
+        try:
+            if leave:
+                reg.leave()
+        except NetiError as exc:
+            log.warning("leaving the fleet: %s (the node goes with the session)", exc)
+        try:
+            reg.close()
+        except Exception as exc:  # noqa: BLE001 - closing must not fail shutdown
+            log.debug("closing the ZooKeeper client: %s", exc)
+
+    # ------------------------------------------------------------------ main loop
+    def _loop(self) -> None:
+        while not self._stop and not self._reconnect:
+            self._handle_zk_events()
+            if self._hup:
+                self._hup = False
+                self._reload()
+                continue
+            if self._fleet_changed:
+                self._fleet_changed = False
+                self.sched.event()
+            reason = self.sched.due()
+            if reason is not None:
+                self.reconcile(reason)
+                continue
+            self._watchdog()
+            self._sleep(self.sched.timeout())
+
+    def _sleep(self, seconds: float) -> None:
+        """Sleep, waking for signals and events, and ping the watchdog on the way."""
+        deadline = time.monotonic() + seconds
+        while not self._stop and not self._hup:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            wd = self.notifier.watchdog_interval
+            step = min(left, wd) if wd else left
+            if self.waker.wait(step):
+                return
+            self._watchdog()
+
+    def _watchdog(self) -> None:
+        wd = self.notifier.watchdog_interval
+        now = time.monotonic()
+        if wd and now - self._last_watchdog >= wd * 0.9:
+            self.notifier.watchdog()
+            self._last_watchdog = now
+
+    def _ready(self, status: str) -> None:
+        if not self._ready_sent:
+            self.notifier.ready(status)
+            self._ready_sent = True
+
+    # ------------------------------------------------------------------ reconcile
+    def _self_member(self) -> Member | None:
+        if self.identity is None or self.overlay_ip is None:
+            return None
+        i = self.identity
+        return Member(
+            i.instance_id, i.network, i.public_ip, i.private_ip, self.overlay_ip, __version__
+        )
+
+    def _apply(self, fleet: Fleet) -> Any:
+        from neti import desired
+
+        assert self.identity is not None
+        want = desired.compute(self.identity, fleet, self.cfg)
+        return self.backend.apply(want)
+
+    def reconcile(self, reason: str) -> None:
+        """Read the fleet, guard it, apply it. Never removes a rule on a ZooKeeper error."""
+        zk = self.state.zookeeper.state
+        if self.reg is None or zk != "connected":
+            log.info("reconcile (%s) skipped: ZooKeeper %s; rules unchanged", reason, zk)
+            return
+        t0 = time.monotonic()
+        try:
+            fleet = self.reg.read_fleet()
+            max_change = self.reg.max_change()
+        except RegistryError as exc:
+            log.warning("cannot read the fleet: %s; rules unchanged", exc)
+            self.sched.retry_in(self._backoff.next())
+            self._save()
+            return
+        self._backoff.reset()
+        decision = guard_mod.decide(self.applied, fleet, max_change, self._self_member())
+        self._note_guard(decision)
+        try:
+            result = self._apply(decision.fleet)
+        except Exception as exc:  # noqa: BLE001 - keep running; the kernel keeps old rules
+            self.state.apply_errors += 1
+            self.metrics.apply_errors.inc()
+            if isinstance(exc, NetiError):
+                log.error("apply failed: %s; retrying", exc)
+            else:
+                log.exception("apply failed unexpectedly; retrying")
+            self._record("error", reason, time.monotonic() - t0, error=str(exc))
+            self.sched.retry_in(self._apply_backoff.next())
+            self._save()
+            return
+        self._apply_backoff.reset()
+        duration = time.monotonic() - t0
+        self.applied = decision.fleet
+        self.state.fleet = decision.fleet
+        self.state.applied = _summary(result)
+        self.state.skipped = fleet.skipped
+        self.state.skipped_reasons = list(fleet.skipped_reasons)
+        self.state.last_success = time.time()
+        self._record("held" if decision.held else "ok", reason, duration)
+        self.metrics.reconcile_duration.observe(duration)
+        self.metrics.last_success.set(self.state.last_success)
+        self.metrics.set_members(decision.fleet.by_network())
+        self.metrics.skipped.set(fleet.skipped)
+        self._update_conntrack()
+        if decision.held:
+            self.sched.retry_in(GUARD_RETRY)
+        log.log(
+            logging.INFO if decision.added or decision.removed else logging.DEBUG,
+            "reconciled (%s) in %.3fs: %d members%s%s",
+            reason,
+            duration,
+            len(decision.fleet.members),
+            f", +{len(decision.added)}" if decision.added else "",
+            f", -{len(decision.removed)}" if decision.removed and not decision.held else "",
+        )
+        self._save()
+        self._ready(self._status_line())
+
+    def _note_guard(self, d: guard_mod.GuardDecision) -> None:
+        g = self.state.guard
+        g.max_change = d.max_change
+        self.metrics.max_change.set(d.max_change)
+        if d.held:
+            if not g.held or g.removed != list(d.removed):
+                log.warning(
+                    "guard: %d members would be removed, above maxchange %d; holding them "
+                    "(additions still applied) until the fleet recovers or %s is raised: %s",
+                    len(d.removed),
+                    d.max_change,
+                    self.cfg.path(self.cfg.zk_max_change_threshold_path),
+                    ", ".join(d.removed[:10]) + (" ..." if len(d.removed) > 10 else ""),
+                )
+            if not g.held:
+                g.since = time.time()
+            g.held, g.would_remove, g.removed = True, len(d.removed), list(d.removed)
+        elif g.held:
+            log.warning("guard released: applying the fleet as it is now")
+            g.held, g.since, g.would_remove, g.removed = False, None, 0, []
+        self.metrics.guard_held.set(1 if g.held else 0)
+        self.metrics.guard_would_remove.set(g.would_remove)
+
+    def _record(self, result: str, reason: str, duration: float, error: str = "") -> None:
+        self.state.last_reconcile = state_mod.Reconcile(
+            at=time.time(),
+            duration=round(duration, 6),
+            result=result,
+            reason=reason,
+            error=error,
+        )
+        self.metrics.reconciles.labels(result=result).inc()
+        self.notifier.status(self._status_line())
+
+    def _update_conntrack(self) -> None:
+        from neti.status import read_conntrack
+
+        count, maximum = read_conntrack()
+        self.metrics.set_conntrack(count, maximum)
+
+    def _status_line(self) -> str:
+        s = self.state
+        n = len(s.fleet.members) if s.fleet else 0
+        parts = [f"{n} members", f"zookeeper {s.zookeeper.state}"]
+        if s.overlay_ip:
+            parts.insert(0, f"overlay {s.overlay_ip}")
+        if s.guard.held:
+            parts.append(f"guard holding {s.guard.would_remove} removals")
+        if s.last_reconcile.result == "error":
+            parts.append("last apply failed")
+        return ", ".join(parts)
+
+    def _save(self) -> None:
+        self.state.updated_at = time.time()
+        try:
+            state_mod.write(self.cfg.state_dir, self.state)
+        except OSError as exc:
+            log.error("cannot write the state file in %s: %s", self.cfg.state_dir, exc)
+
+    # ------------------------------------------------------------------ signals
+    def _install_signals(self) -> None:
+        def stop(signum: int, _frame: object) -> None:
+            self._stop = True
+            self.waker.wake()
+
+        def hup(_signum: int, _frame: object) -> None:
+            self._hup = True
+            self.waker.wake()
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGHUP, hup)
+
+    def _reload(self) -> None:
+        self.notifier.reloading()
+        try:
+            new = config_mod.load(self.config_path)
+        except ConfigError as exc:
+            log.error("SIGHUP: keeping the running config: %s", exc)
+            self.notifier.ready(self._status_line())
+            return
+        old, self.cfg = self.cfg, new
+        setup_logging(new, self.verbose)
+        self.sched.configure(new.watch_delay_min, new.watch_delay_max, new.resync_interval)
+        if new.backend != old.backend:
+            from neti import dataplane
+
+            self.backend = dataplane.select(new)
+        if new.conntrack != old.conntrack:
+            self._prime_conntrack()
+        if new.metrics != old.metrics:
+            log.warning("metrics settings changed: they take effect at the next restart")
+        if any(getattr(new, k) != getattr(old, k) for k in RECONNECT_KEYS):
+            log.info("SIGHUP: registry settings changed; reconnecting")
+            self._reconnect = True
+        else:
+            self.sched.resync_now()
+        log.info("SIGHUP: reloaded %s", self.config_path)
+        self.notifier.ready(self._status_line())
+
+    def _shutdown(self) -> None:
+        """Leave the fleet (peers drop us now, not after the session timeout); keep the rules."""
+        self.notifier.stopping()
+        if self.reg is not None:
+            log.info("leaving the fleet; the kernel keeps its rules")
+        self._disconnect(leave=True)
+        self.state.zookeeper.state = "closed"
+        self.state.zookeeper.since = time.time()
+        self._save()
+        self.metrics.shutdown()
+        self.waker.close()

@@ -1,0 +1,187 @@
+"""The verdict of ``neti status``: pure, from the state file and a view of the kernel.
+
+Exit codes follow monitoring-check conventions (Nagios, Sensu, Icinga):
+0 OK, 1 WARNING, 2 CRITICAL. CRITICAL means the host's connectivity is (or will silently
+become) wrong: no agent, no state, a kernel that no longer matches what was applied.
+WARNING means it is right for now but needs a look: the guard is holding removals,
+ZooKeeper is away (rules frozen), the conntrack table is filling, applies are failing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from neti.agent.state import AgentState
+
+OK, WARNING, CRITICAL = 0, 1, 2
+LEVELS = {OK: "OK", WARNING: "WARNING", CRITICAL: "CRITICAL"}
+CONNTRACK_WARN = 0.8
+
+
+@dataclass
+class KernelView:
+    """What the dataplane backend reports, reduced to what the checks need."""
+
+    error: str = ""  # the backend could not read the kernel
+    chains_missing: list[str] = field(default_factory=list)
+    drift: list[str] = field(default_factory=list)  # differences from the applied state
+    set_size: int | None = None
+    expected_set_size: int | None = None
+    drops_by_source: dict[str, int] = field(default_factory=dict)
+    conntrack_count: int | None = None
+    conntrack_max: int | None = None
+    raw: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Check:
+    name: str
+    level: int
+    message: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "status": LEVELS[self.level], "message": self.message}
+
+
+@dataclass
+class Report:
+    code: int
+    summary: str
+    checks: list[Check]
+    state: AgentState | None
+    kernel: KernelView | None
+    agent_alive: bool
+    now: float
+
+    @property
+    def status(self) -> str:
+        return LEVELS[self.code]
+
+    def headline(self) -> str:
+        return f"NETI {self.status} - {self.summary}"
+
+
+def ago(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 120:
+        return f"{seconds:.0f}s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m ago"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f}h ago"
+    return f"{seconds / 86400:.1f}d ago"
+
+
+def evaluate(
+    state: AgentState | None,
+    kernel: KernelView | None,
+    agent_alive: bool,
+    now: float,
+    resync_interval: float,
+    state_error: str = "",
+) -> Report:
+    """Every check, the worst level, and a one-line summary naming the worst problems."""
+    checks: list[Check] = []
+    if state is None:
+        msg = state_error or "no state file: the agent has never run here"
+        checks.append(Check("state", CRITICAL, msg))
+    if not agent_alive:
+        pid = state.pid if state else 0
+        checks.append(
+            Check(
+                "agent",
+                CRITICAL,
+                f"agent not running (pid {pid} is gone)" if pid else "agent not running",
+            )
+        )
+    else:
+        checks.append(Check("agent", OK, f"agent running (pid {state.pid if state else '?'})"))
+
+    if kernel is not None:
+        if kernel.error:
+            checks.append(Check("kernel", CRITICAL, f"cannot read the kernel: {kernel.error}"))
+        elif kernel.chains_missing:
+            checks.append(
+                Check(
+                    "kernel",
+                    CRITICAL,
+                    "kernel drifted: missing " + ", ".join(kernel.chains_missing),
+                )
+            )
+        elif kernel.drift:
+            checks.append(Check("kernel", CRITICAL, "kernel drifted: " + "; ".join(kernel.drift)))
+        elif state is not None and state.fleet is not None:
+            size = f" ({kernel.set_size} allowed sources)" if kernel.set_size is not None else ""
+            checks.append(Check("kernel", OK, f"kernel matches the applied state{size}"))
+        if kernel.conntrack_count is not None and kernel.conntrack_max:
+            ratio = kernel.conntrack_count / kernel.conntrack_max
+            level = WARNING if ratio > CONNTRACK_WARN else OK
+            checks.append(
+                Check(
+                    "conntrack",
+                    level,
+                    f"conntrack {kernel.conntrack_count}/{kernel.conntrack_max} ({ratio:.0%})",
+                )
+            )
+
+    if state is not None:
+        zk = state.zookeeper
+        if zk.state == "connected":
+            checks.append(Check("zookeeper", OK, "ZooKeeper connected"))
+        elif zk.state == "closed":
+            pass  # the agent stopped; the agent check already says so
+        else:
+            since = f" since {ago(now - zk.since)}" if zk.since else ""
+            checks.append(
+                Check(
+                    "zookeeper", WARNING, f"ZooKeeper {zk.state}{since}: rules frozen (fail static)"
+                )
+            )
+        g = state.guard
+        if g.held:
+            checks.append(
+                Check(
+                    "guard",
+                    WARNING,
+                    f"guard holding {g.would_remove} removals (maxchange {g.max_change})",
+                )
+            )
+        lr = state.last_reconcile
+        if lr.result == "error":
+            checks.append(Check("apply", WARNING, f"last apply failed: {lr.error}"))
+        if state.fleet is None:
+            checks.append(Check("state", CRITICAL, "nothing applied yet"))
+        elif (
+            agent_alive
+            and zk.state == "connected"
+            and state.last_success is not None
+            and now - state.last_success > 3 * resync_interval + 30
+        ):
+            checks.append(
+                Check(
+                    "reconcile",
+                    WARNING,
+                    f"last successful reconcile {ago(now - state.last_success)}",
+                )
+            )
+
+    code = max((c.level for c in checks), default=OK)
+    return Report(
+        code=code,
+        summary=_summary(code, checks, state),
+        checks=checks,
+        state=state,
+        kernel=kernel,
+        agent_alive=agent_alive,
+        now=now,
+    )
+
+
+def _summary(code: int, checks: list[Check], state: AgentState | None) -> str:
+    if code != OK:
+        return "; ".join(c.message for c in checks if c.level == code)
+    assert state is not None
+    n = len(state.fleet.members) if state.fleet else 0
+    ident = state.identity.instance_id if state.identity else "?"
+    return f"{ident} {state.overlay_ip}, {n} members, ZooKeeper {state.zookeeper.state}"

@@ -1,0 +1,131 @@
+"""The status verdict (pure): each situation maps to its monitoring exit code."""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address
+
+from neti.agent.state import AgentState, GuardState, Reconcile, ZkState
+from neti.fleet import Fleet, Member
+from neti.identity import Identity
+from neti.status import render_text, to_dict
+from neti.status.report import CRITICAL, OK, WARNING, KernelView, evaluate
+
+NOW = 10_000.0
+
+
+def healthy() -> AgentState:
+    ident = Identity("i-1", IPv4Address("10.0.0.1"), IPv4Address("203.0.113.1"), "ec2")
+    members = (
+        Member(
+            "i-1",
+            "ec2",
+            IPv4Address("203.0.113.1"),
+            IPv4Address("10.0.0.1"),
+            IPv4Address("192.168.0.1"),
+        ),
+        Member(
+            "i-2",
+            "vpc",
+            IPv4Address("203.0.113.2"),
+            IPv4Address("10.1.0.2"),
+            IPv4Address("192.168.0.2"),
+        ),
+    )
+    return AgentState(
+        pid=123,
+        identity=ident,
+        overlay_ip=IPv4Address("192.168.0.1"),
+        fleet=Fleet(members=members),
+        last_reconcile=Reconcile(at=NOW - 5, duration=0.02, result="ok", reason="event"),
+        last_success=NOW - 5,
+        guard=GuardState(max_change=20),
+        zookeeper=ZkState(state="connected", since=NOW - 100, hosts=["10.1.0.9:2181"]),
+    )
+
+
+def kernel(**kw: object) -> KernelView:
+    base = dict(set_size=2, conntrack_count=10, conntrack_max=1000)
+    base.update(kw)
+    return KernelView(**base)  # type: ignore[arg-type]
+
+
+def run(state: AgentState | None, k: KernelView | None = None, alive: bool = True):
+    return evaluate(state, k or kernel(), alive, NOW, 60.0)
+
+
+def test_ok() -> None:
+    r = run(healthy())
+    assert r.code == OK
+    assert r.headline() == "NETI OK - i-1 192.168.0.1, 2 members, ZooKeeper connected"
+    text = render_text(r)
+    assert text.startswith("NETI OK - ")
+    assert "members:        2 (ec2=1 vpc=1)" in text
+    d = to_dict(r)
+    assert d["status"] == "OK" and d["code"] == 0
+    assert d["members_by_network"] == {"ec2": 1, "vpc": 1}
+    assert d["kernel"]["matches"] is True
+
+
+def test_no_state_is_critical() -> None:
+    r = run(None, alive=False)
+    assert r.code == CRITICAL
+    assert r.headline().startswith("NETI CRITICAL - no state file")
+
+
+def test_agent_not_running_is_critical() -> None:
+    r = run(healthy(), alive=False)
+    assert r.code == CRITICAL
+    assert "agent not running (pid 123 is gone)" in r.summary
+
+
+def test_kernel_drift_is_critical() -> None:
+    r = run(healthy(), kernel(chains_missing=["NETI-FILTER"]))
+    assert r.code == CRITICAL and "missing NETI-FILTER" in r.summary
+    r = run(healthy(), kernel(drift=["allowlist has 1 entries, applied 2"]))
+    assert r.code == CRITICAL and "allowlist has 1" in r.summary
+    r = run(healthy(), kernel(error="iptables not found"))
+    assert r.code == CRITICAL
+
+
+def test_guard_is_warning() -> None:
+    s = healthy()
+    s.guard = GuardState(
+        held=True, since=NOW - 30, would_remove=5, removed=list("abcde"), max_change=2
+    )
+    r = run(s)
+    assert r.code == WARNING
+    assert r.summary == "guard holding 5 removals (maxchange 2)"
+    assert "HOLDING 5 removals" in render_text(r)
+
+
+def test_zookeeper_away_is_warning() -> None:
+    for zk in ("suspended", "lost", "connecting"):
+        s = healthy()
+        s.zookeeper = ZkState(state=zk, since=NOW - 30)
+        r = run(s)
+        assert r.code == WARNING, zk
+        assert f"ZooKeeper {zk} since 30s ago" in r.summary
+
+
+def test_conntrack_above_80_percent_is_warning() -> None:
+    assert run(healthy(), kernel(conntrack_count=800)).code == OK
+    r = run(healthy(), kernel(conntrack_count=801))
+    assert r.code == WARNING and "conntrack 801/1000 (80%)" in r.summary
+
+
+def test_worst_wins() -> None:
+    s = healthy()
+    s.guard = GuardState(held=True, would_remove=3, max_change=1)
+    r = run(s, alive=False)
+    assert r.code == CRITICAL
+    assert "guard" not in r.summary  # the summary names the worst problems only
+
+
+def test_failed_apply_and_stale_reconcile_are_warnings() -> None:
+    s = healthy()
+    s.last_reconcile = Reconcile(at=NOW, result="error", reason="event", error="boom")
+    assert run(s).code == WARNING
+    s = healthy()
+    s.last_success = NOW - 1000
+    r = run(s)
+    assert r.code == WARNING and "last successful reconcile" in r.summary
