@@ -65,7 +65,9 @@ def build(force: bool = False) -> Path:
 
 def run(argv: list[str], *, input: str | None = None, timeout: float = 120) -> str:
     """Run a command, return stdout; raise with its stderr on failure."""
-    proc = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        argv, input=input, capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(argv[:6])}... failed ({proc.returncode}): {proc.stderr}")
     return proc.stdout
@@ -139,6 +141,9 @@ class Pair:
             run(["ip", "-n", ns, "link", "set", dev, "up"])
             self.sysctls(ns, NS_SYSCTLS)
         self.sysctls(self.client, CLIENT_SYSCTLS)
+        # Overlay IPs need a route for connect() to reach nat OUTPUT (a real host has a default
+        # route); after DNAT the packet is re-routed to the server's on-link address.
+        run(["ip", "-n", self.client, "route", "add", "default", "via", SERVER_ADDR])
 
     def close(self) -> None:
         for proc in self._procs:

@@ -1,0 +1,517 @@
+"""Kernel cost against fleet size: new connections per second and time to apply.
+
+Run as root: ``make bench`` or ``.venv/bin/python -m bench.run``. Every measurement happens
+between two network namespaces this program creates and always removes (also on Ctrl-C and
+SIGTERM). Results go to bench/results/ as JSON and Markdown; the Markdown is also printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import partial
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Any
+
+from bench import lab, scenarios
+
+RESULTS = lab.ROOT / "bench" / "results"
+SIZES = [1, 1000, 8000, 16000]
+
+# (key, label) in table order.
+ROWS = [
+    ("none", "no rules at all (conntrack on): the lab's ceiling"),
+    ("in-neti", "(a) inbound through Neti's allowlist (ipset)"),
+    ("in-orig", "(a) inbound, original design: `-s ip -j ACCEPT` per member, client last"),
+    ("dnat-last-neti", "(b) outbound to an overlay IP via DNAT, last mapping (worst case)"),
+    ("dnat-mid-neti", "(b) outbound to an overlay IP via DNAT, middle mapping"),
+    ("unrel-neti", "(c) unrelated outbound, Neti's state loaded"),
+    ("dnat-last-orig", "(b) outbound via DNAT, original design, last mapping"),
+    ("unrel-orig", "(c) unrelated outbound, original design's state loaded"),
+]
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# --- the machine ---
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    ipt = subprocess.run(["iptables", "--version"], capture_output=True, text=True)
+    ipset = subprocess.run(["ipset", "--version"], capture_output=True, text=True)
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "kernel": platform.release(),
+        "iptables": ipt.stdout.strip(),
+        "ipset": ipset.stdout.strip().splitlines()[0] if ipset.stdout else "",
+        "python": platform.python_version(),
+        "loadavg_start": loadavg(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+    }
+
+
+def loadavg() -> float:
+    """The 1-minute load average: other work on a 2-core machine shows up as noise."""
+    return float(Path("/proc/loadavg").read_text().split()[0])
+
+
+def wait_quiet(limit: float, max_wait: float) -> None:
+    """Wait (bounded) until the load average falls below ``limit``; warn if it never does."""
+    deadline = time.monotonic() + max_wait
+    while loadavg() >= limit and time.monotonic() < deadline:
+        time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
+    if loadavg() >= limit:
+        log(f"bench: load average {loadavg():.1f}: other work is running, numbers will be noisy")
+
+
+def neti_available() -> str | None:
+    """None if Neti's desired state and backend can be imported, else why not."""
+    try:
+        from neti.dataplane import select  # noqa: F401
+        from neti.desired import compute  # noqa: F401
+    except ImportError as exc:
+        return f"Neti's dataplane is not available yet ({exc})"
+    return None
+
+
+# --- programming a namespace ---
+
+
+def worker(pair: lab.Pair, ns: str, job: dict[str, Any]) -> dict[str, Any]:
+    out = pair.exec(ns, [sys.executable, "-m", "bench.worker"], input=json.dumps(job), timeout=300)
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def neti_state(pair: lab.Pair, host: str, n: int, special: str, position: int) -> dict[str, Any]:
+    ns = pair.client if host == "client" else pair.server
+    with tempfile.TemporaryDirectory(prefix="neti-bench-") as state_dir:
+        return worker(
+            pair,
+            ns,
+            {
+                "op": "neti",
+                "host": host,
+                "n": n,
+                "special": special,
+                "position": position,
+                "state_dir": state_dir,
+            },
+        )
+
+
+def original_state(pair: lab.Pair, ns: str, n: int, special: str, position: int) -> None:
+    rules = scenarios.original_rules(scenarios.fleet(n, IPv4Address(special), position))
+    pair.exec(ns, ["iptables-restore"], input=rules)
+
+
+def dnat_position(pair: lab.Pair, ns: str, overlay: IPv4Address) -> str:
+    """Where the kernel's DNAT rules put ``overlay``: "k of m" (1-based), or "n/a"."""
+    for save in ("iptables-save", "iptables-legacy-save"):
+        try:
+            text = pair.exec(ns, [save, "-t", "nat"])
+        except (RuntimeError, FileNotFoundError):
+            continue
+        dnat = [line for line in text.splitlines() if "DNAT" in line and line.startswith("-A")]
+        for i, line in enumerate(dnat, 1):
+            if f"-d {overlay}/32 " in line + " ":
+                return f"{i} of {len(dnat)}"
+    return "n/a"
+
+
+# --- measuring ---
+
+
+def series(pair: lab.Pair, dest: str, reps: int, seconds: float, threads: int) -> dict[str, Any]:
+    pair.run_client(dest, seconds=0.5, threads=threads)  # warm-up: ARP, caches; discarded
+    runs = [pair.run_client(dest, seconds=seconds, threads=threads) for _ in range(reps)]
+    rates = [float(r["rate"]) for r in runs]
+    ct = [pair.conntrack_stats(ns).as_dict() for ns in (pair.client, pair.server)]
+    return {
+        "dest": dest,
+        "rates": rates,
+        "median": statistics.median(rates),
+        "min": min(rates),
+        "max": max(rates),
+        "errors": sum(int(r["errors"]) for r in runs),
+        "first_error": next((r["first_error"] for r in runs if r["first_error"]), ""),
+        "conntrack": {"client": ct[0], "server": ct[1]},
+    }
+
+
+Setup = Callable[[lab.Pair], dict[str, Any]]
+
+
+def setup_plain(pair: lab.Pair) -> dict[str, Any]:
+    """No rules, conntrack on in both namespaces."""
+    pair.conntrack_on(pair.client)
+    pair.conntrack_on(pair.server)
+    return {}
+
+
+def setup_neti(host: str, n: int, position: int, pair: lab.Pair) -> dict[str, Any]:
+    """Neti's state for ``n`` members on ``host``; the other side is the member at ``position``.
+
+    On the server, the client is that member (its allowlist entry); on the client, the server
+    is (its DNAT mapping). The other namespace only gets conntrack.
+    """
+    if host == "server":
+        pair.conntrack_on(pair.client)
+        return neti_state(pair, "server", n, lab.CLIENT_ADDR, position)
+    pair.conntrack_on(pair.server)
+    return neti_state(pair, "client", n, lab.SERVER_ADDR, position)
+
+
+def setup_original(host: str, n: int, position: int, pair: lab.Pair) -> dict[str, Any]:
+    """The original design's state (rule per member, both tables) on ``host``."""
+    if host == "server":
+        pair.conntrack_on(pair.client)
+        original_state(pair, pair.server, n, lab.CLIENT_ADDR, position)
+    else:
+        pair.conntrack_on(pair.server)
+        original_state(pair, pair.client, n, lab.SERVER_ADDR, position)
+    return {}
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, neti_missing: str | None) -> None:
+        self.args = args
+        self.neti_missing = neti_missing
+        self.rates: dict[str, dict[int, dict[str, Any]]] = {k: {} for k, _ in ROWS}
+        self.notes: dict[str, Any] = {}
+        self.apply: dict[str, dict[int, dict[str, Any]]] = {"neti": {}, "original": {}}
+
+    def measure(self, key: str, n: int, pair: lab.Pair, dest: str, **extra: Any) -> None:
+        a = self.args
+        res = series(pair, dest, a.reps, a.seconds, a.threads)
+        res.update(extra)
+        self.rates[key][n] = res
+        log(
+            f"  {key:15} n={n:<6} {res['median']:9.0f} conn/s "
+            f"(min {res['min']:.0f}, max {res['max']:.0f}, errors {res['errors']}"
+            + (f": {res['first_error']}" if res["first_error"] else "")
+            + ")"
+            + (f"  [{extra}]" if extra else "")
+        )
+
+    @contextmanager
+    def pair(self, setup: Setup) -> Iterator[tuple[lab.Pair, dict[str, Any]]]:
+        """A fresh namespace pair, programmed by ``setup``, its server listening; removed after."""
+        with lab.Pair() as pair:
+            info = setup(pair)
+            pair.start_server(seconds=self.args.seconds * self.args.reps * 3 + 120)
+            yield pair, info
+
+    def rate_runs(self) -> None:
+        a = self.args
+        with self.pair(setup_plain) as (p, _):
+            self.measure("none", 1, p, lab.SERVER_ADDR)
+        for n in a.sizes:
+            last, mid = n - 1, n // 2
+            last_ip, mid_ip = scenarios.overlay_ip(last), scenarios.overlay_ip(mid)
+            if not self.neti_missing:
+                # (a) inbound: the server holds Neti's state, the client is the last member.
+                with self.pair(partial(setup_neti, "server", n, last)) as (p, info):
+                    self.measure("in-neti", n, p, lab.SERVER_ADDR, apply_s=info.get("apply_s"))
+                # (b) + (c): the client holds Neti's state, the server is the last mapping.
+                with self.pair(partial(setup_neti, "client", n, last)) as (p, info):
+                    pos = dnat_position(p, p.client, last_ip)
+                    self.measure("dnat-last-neti", n, p, str(last_ip), pos=pos)
+                    self.measure("unrel-neti", n, p, lab.UNRELATED_ADDR)
+                if n > 1:
+                    with self.pair(partial(setup_neti, "client", n, mid)) as (p, info):
+                        pos = dnat_position(p, p.client, mid_ip)
+                        self.measure("dnat-mid-neti", n, p, str(mid_ip), pos=pos)
+                else:
+                    self.rates["dnat-mid-neti"][n] = self.rates["dnat-last-neti"][n]
+            # The original design: a filter rule and a DNAT rule per member.
+            with self.pair(partial(setup_original, "server", n, last)) as (p, _):
+                self.measure("in-orig", n, p, lab.SERVER_ADDR)
+            with self.pair(partial(setup_original, "client", n, last)) as (p, _):
+                pos = dnat_position(p, p.client, last_ip)
+                self.measure("dnat-last-orig", n, p, str(last_ip), pos=pos)
+                self.measure("unrel-orig", n, p, lab.UNRELATED_ADDR)
+
+    def apply_runs(self) -> None:
+        """Full state from nothing (fresh namespace each time), and ±1 member on the largest."""
+        a = self.args
+        largest = max(a.sizes)
+        for n in [s for s in a.sizes if s > 1]:
+            for kind in ("neti", "original"):
+                if kind == "neti" and self.neti_missing:
+                    continue
+                reps = []
+                for _ in range(a.apply_reps):
+                    with lab.Pair() as p, tempfile.TemporaryDirectory() as state_dir:
+                        reps.append(
+                            worker(
+                                p,
+                                p.client,
+                                {
+                                    "op": kind,
+                                    "host": "client",
+                                    "n": n,
+                                    "special": lab.SERVER_ADDR,
+                                    "position": n - 1,
+                                    "change": n == largest,
+                                    "state_dir": state_dir,
+                                },
+                            )
+                        )
+                summary: dict[str, Any] = {"backend": reps[0]["backend"], "runs": reps}
+                for field in ("apply_s", "add_s", "remove_s", "compute_s"):
+                    values = [r[field] for r in reps if field in r]
+                    if values:
+                        summary[field] = statistics.median(values)
+                        summary[field + "_min"] = min(values)
+                        summary[field + "_max"] = max(values)
+                self.apply[kind][n] = summary
+                log(
+                    f"  apply {kind:8} n={n:<6} {summary['apply_s'] * 1000:8.0f} ms"
+                    + (
+                        f"  +1: {summary['add_s'] * 1000:.0f} ms, -1: "
+                        f"{summary['remove_s'] * 1000:.0f} ms"
+                        if "add_s" in summary
+                        else ""
+                    )
+                )
+
+
+# --- reporting ---
+
+
+def _k(v: float) -> str:
+    return f"{v / 1000:.1f}k"
+
+
+def rate_table(b: Bench, sizes: list[int]) -> list[str]:
+    head = "| path | " + " | ".join(f"N = {n}" for n in sizes) + f" | {max(sizes)} vs 1 |"
+    lines = [head, "|" + "---|" * (len(sizes) + 2)]
+    for key, label in ROWS:
+        row = b.rates[key]
+        if not row:
+            continue
+        if key == "none":
+            cells = [f"{_k(row[1]['median'])} ({_k(row[1]['min'])}–{_k(row[1]['max'])})"]
+            cells += [""] * (len(sizes) - 1)
+            lines.append(f"| {label} | " + " | ".join(cells) + " | |")
+            continue
+        cells = []
+        for n in sizes:
+            r = row.get(n)
+            if r is None:
+                cells.append("")
+                continue
+            cell = f"{_k(r['median'])} ({_k(r['min'])}–{_k(r['max'])})"
+            if r["errors"]:
+                cell += f" **{r['errors']} errors**"
+            cells.append(cell)
+        ratio = ""
+        if 1 in row and max(sizes) in row and row[1]["median"]:
+            q = row[max(sizes)]["median"] / row[1]["median"]
+            ratio = f"{q:.2f}×" + (" ✗" if q < 0.9 else " ✓")
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {ratio} |")
+    return lines
+
+
+def apply_table(b: Bench, sizes: list[int]) -> list[str]:
+    big = [n for n in sizes if n > 1]
+    largest = max(sizes)
+    head = (
+        "| approach | "
+        + " | ".join(f"full state, N = {n}" for n in big)
+        + f" | +1 member on {largest} | −1 member on {largest} |"
+    )
+    lines = [head, "|" + "---|" * (len(big) + 3)]
+
+    def ms(s: dict[str, Any], f: str) -> str:
+        if f not in s:
+            return ""
+        return f"{s[f] * 1000:.0f} ms ({s[f + '_min'] * 1000:.0f}–{s[f + '_max'] * 1000:.0f})"
+
+    for kind, label in (
+        ("neti", "Neti backend `apply()`"),
+        ("original", "original: iptables-restore of N filter + N DNAT rules"),
+    ):
+        row = b.apply[kind]
+        if not row:
+            continue
+        backend = row[big[0]]["backend"] if kind == "neti" else ""
+        name = f"{label} ({backend})" if backend else label
+        cells = [ms(row[n], "apply_s") if n in row else "" for n in big]
+        top = row.get(largest, {})
+        cells += [ms(top, "add_s"), ms(top, "remove_s")]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def shortfalls(b: Bench, sizes: list[int]) -> list[str]:
+    out = []
+    top = max(sizes)
+    for key, label in ROWS:
+        row = b.rates[key]
+        if key == "none" or 1 not in row or top not in row or not row[1]["median"]:
+            continue
+        q = row[top]["median"] / row[1]["median"]
+        if q < 0.9:
+            out.append(
+                f"- {label}: {_k(row[top]['median'])} conn/s at N = {top} vs "
+                f"{_k(row[1]['median'])} at N = 1 — {q:.2f}× (goal ≥ 0.9×)"
+            )
+    return out
+
+
+def markdown(b: Bench, m: dict[str, Any]) -> str:
+    a = b.args
+    sizes = a.sizes
+    ct_peak = max(
+        (
+            max(r["conntrack"]["client"]["count"], r["conntrack"]["server"]["count"])
+            for row in b.rates.values()
+            for r in row.values()
+        ),
+        default=0,
+    )
+    ct_drops = sum(
+        r["conntrack"][side][f]
+        for row in b.rates.values()
+        for r in row.values()
+        for side in ("client", "server")
+        for f in ("drop", "early_drop", "insert_failed")
+    )
+    lines = [
+        f"Machine: {m['cpu']}, {m['cores']} cores, kernel {m['kernel']}, {m['iptables']}, "
+        f"{m['ipset']}; {m['date']}; load average {m['loadavg_start']:.2f} at start, "
+        f"{m['loadavg_end']:.2f} at end.",
+        "",
+        f"New TCP connections per second (median of {a.reps} × {a.seconds:g} s runs, "
+        f"min–max in brackets; {a.threads} client threads, connect + RST close):",
+        "",
+        *rate_table(b, sizes),
+        "",
+        f"Conntrack: on in both namespaces for every run; largest table seen {ct_peak} entries; "
+        f"drops/early drops/insert failures: {ct_drops}.",
+    ]
+    positions = [
+        f"{key} N={n}: {r['pos']}"
+        for key in ("dnat-last-neti", "dnat-mid-neti", "dnat-last-orig")
+        for n, r in b.rates[key].items()
+        if "pos" in r
+    ]
+    if positions:
+        lines += ["", "Target's place among the kernel's DNAT rules: " + "; ".join(positions) + "."]
+    if any(b.apply.values()):
+        lines += [
+            "",
+            f"Time to apply (median of {a.apply_reps}, min–max; each full state into a fresh "
+            "namespace):",
+            "",
+            *apply_table(b, sizes),
+        ]
+    if b.neti_missing:
+        lines += ["", f"**Neti rows missing:** {b.neti_missing}."]
+    short = shortfalls(b, sizes)
+    lines += ["", "Below the goal (rate at the largest N ≥ 0.9 × rate at N = 1):", ""]
+    lines += short or ["- nothing: every path meets the goal."]
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
+    p.add_argument("--sizes", default=",".join(map(str, SIZES)), help="fleet sizes, from 1")
+    p.add_argument("--reps", type=int, default=3, help="runs per rate measurement")
+    p.add_argument("--seconds", type=float, default=3.0, help="length of one run")
+    p.add_argument("--threads", type=int, default=2, help="client threads")
+    p.add_argument("--apply-reps", type=int, default=3, help="repetitions of apply timings")
+    p.add_argument("--quick", action="store_true", help="1 and 1000 members, 1 × 1 s runs")
+    p.add_argument("--skip-rates", action="store_true")
+    p.add_argument("--skip-apply", action="store_true")
+    p.add_argument("--out", default=str(RESULTS), help="directory for results")
+    p.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="first wait up to SECONDS for the 1-minute load average to drop below 1",
+    )
+    args = p.parse_args(argv)
+    args.sizes = sorted({int(s) for s in args.sizes.split(",")})
+    if args.quick:
+        args.sizes, args.reps, args.seconds, args.apply_reps = [1, 1000], 1, 1.0, 1
+    if args.sizes[0] != 1:
+        p.error("--sizes must include 1 (the reference)")
+    if not 1 <= args.reps <= 20 or not 0.2 <= args.seconds <= 30:
+        p.error("--reps must be 1..20 and --seconds 0.2..30")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if os.geteuid() != 0:
+        log("bench: needs root (network namespaces); run as root or via sudo")
+        return 2
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    lab.build()
+    wait_quiet(1.0, args.wait_quiet)
+    m = machine()
+    neti_missing = neti_available()
+    if neti_missing:
+        log(f"bench: {neti_missing}; measuring the original design and the lab only")
+    b = Bench(args, neti_missing)
+    started = time.monotonic()
+    try:
+        if not args.skip_rates:
+            log("bench: connection rates")
+            b.rate_runs()
+        if not args.skip_apply:
+            log("bench: apply times")
+            b.apply_runs()
+    except KeyboardInterrupt:
+        log("bench: interrupted; namespaces removed")
+        return 130
+    elapsed = time.monotonic() - started
+    m["loadavg_end"] = loadavg()
+    md = markdown(b, m)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    data = {
+        "machine": m,
+        "params": {k: v for k, v in vars(args).items() if k != "out"},
+        "elapsed_s": elapsed,
+        "neti_missing": neti_missing,
+        "rates": b.rates,
+        "apply": b.apply,
+    }
+    (out / f"bench-{stamp}.json").write_text(json.dumps(data, indent=2, default=str))
+    (out / f"bench-{stamp}.md").write_text(md)
+    (out / "latest.md").write_text(md)
+    print(md)
+    log(f"bench: done in {elapsed:.0f} s; results in {out}/bench-{stamp}.{{json,md}}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

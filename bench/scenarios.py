@@ -1,0 +1,99 @@
+"""Synthetic fleets and the original Neti's per-member rules, as pure functions.
+
+A fleet of ``n`` members puts one *special* member (the client, or the server it maps to) at a
+chosen position and fills the rest with addresses nobody uses. Position ``p`` gets instance ID,
+overlay IP and filler addresses that all grow with ``p``, so whichever of these the rule order
+follows, the special member is at ``p`` (the runner checks the kernel's order anyway).
+"""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address, IPv4Network
+from typing import Any
+
+from bench import lab
+from neti.fleet import Fleet, Member
+from neti.identity import Identity
+
+NETWORK = "bench"
+OVERLAY = IPv4Network("192.168.0.0/18")  # Neti's default overlay_subnet: 16382 addresses
+FILLER_PRIVATE = IPv4Address("10.64.0.0")  # 10.64/10: never routed in the lab
+FILLER_PUBLIC = IPv4Address("100.64.0.0")
+
+CLIENT = Identity("i-client", IPv4Address(lab.CLIENT_ADDR), IPv4Address("100.127.0.1"), NETWORK)
+SERVER = Identity("i-server", IPv4Address(lab.SERVER_ADDR), IPv4Address("100.127.0.2"), NETWORK)
+
+
+def overlay_ip(position: int) -> IPv4Address:
+    return OVERLAY.network_address + 1 + position
+
+
+def member(position: int, private: IPv4Address | None = None) -> Member:
+    """The member at ``position``; ``private`` makes it a real lab host instead of a filler."""
+    return Member(
+        instance_id=f"i-bench{position:06d}",
+        network=NETWORK,
+        public_ip=FILLER_PUBLIC + 1 + position,
+        private_ip=private if private is not None else FILLER_PRIVATE + 1 + position,
+        overlay_ip=overlay_ip(position),
+        version="bench",
+    )
+
+
+def fleet(n: int, special: IPv4Address, position: int) -> Fleet:
+    """``n`` members; the one at ``position`` has private address ``special``."""
+    if not 0 <= position < n:
+        raise ValueError(f"position {position} is outside a fleet of {n}")
+    if n > OVERLAY.num_addresses - 2:
+        raise ValueError(f"{n} members do not fit in {OVERLAY}")
+    return Fleet(members=tuple(member(p, special if p == position else None) for p in range(n)))
+
+
+def grown(base: Fleet) -> Fleet:
+    """``base`` plus one new filler member: the one-member change."""
+    return Fleet(members=(*base.members, member(len(base.members))))
+
+
+def config(state_dir: str) -> dict[str, Any]:
+    """A neti.yml for the lab: allowlist only (no open ports), reject the rest."""
+    return {
+        "zk_hosts": {NETWORK: ["127.0.0.1:2181"]},
+        "overlay_subnet": str(OVERLAY),
+        "open_ports": [],
+        "reject_all": True,
+        "state_dir": state_dir,
+        "backend": "auto",
+    }
+
+
+# --- the original Neti's design: one rule per member ---
+
+
+def original_filter(sources: list[IPv4Address]) -> list[str]:
+    """``-s ip -j ACCEPT`` per member, in fleet order, after the conntrack shortcut."""
+    return [
+        "*filter",
+        ":INPUT ACCEPT [0:0]",
+        "-A INPUT -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT",
+        *(f"-A INPUT -s {ip}/32 -j ACCEPT" for ip in sources),
+        "-A INPUT -p tcp -j REJECT --reject-with tcp-reset",
+        "-A INPUT -j REJECT",
+        "COMMIT",
+    ]
+
+
+def original_nat(mappings: list[tuple[IPv4Address, IPv4Address]]) -> list[str]:
+    """``-d overlay -j DNAT --to-destination ip`` per member in nat OUTPUT, no guard."""
+    return [
+        "*nat",
+        ":OUTPUT ACCEPT [0:0]",
+        *(f"-A OUTPUT -d {ov}/32 -j DNAT --to-destination {ip}" for ov, ip in mappings),
+        "COMMIT",
+    ]
+
+
+def original_rules(f: Fleet) -> str:
+    """The original's whole state for a fleet: both tables, for one iptables-restore."""
+    sources = [m.private_ip for m in f.members]
+    mappings = [(m.overlay_ip, m.private_ip) for m in f.members]
+    return "\n".join([*original_filter(sources), *original_nat(mappings), ""])

@@ -1,0 +1,82 @@
+"""Program one namespace and time it: run as ``ip netns exec NS python -m bench.worker``.
+
+The whole process lives in the bench namespace, so every command Neti's backend (or the
+original's iptables-restore) runs acts on that namespace only. A job arrives as JSON on stdin;
+the result is one JSON line on stdout.
+
+Jobs:
+  {"op": "neti", "host": "client"|"server", "n": N, "special": IP, "position": P,
+   "change": bool, "state_dir": DIR}
+      compute() and apply() Neti's state for a fleet of N; with ``change``, then apply N+1
+      members (one joins) and N again (it leaves), each timed.
+  {"op": "original", "n": N, "special": IP, "position": P, "change": bool}
+      iptables-restore of the original's rule-per-member state, same steps.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from ipaddress import IPv4Address
+from typing import Any
+
+from bench import scenarios
+
+
+def _timed(fn: Any, *args: Any) -> tuple[float, Any]:
+    t0 = time.perf_counter()
+    out = fn(*args)
+    return time.perf_counter() - t0, out
+
+
+def neti_job(job: dict[str, Any]) -> dict[str, Any]:
+    from neti import config as config_mod
+    from neti.dataplane import select
+    from neti.desired import compute
+
+    cfg = config_mod.parse(scenarios.config(job["state_dir"]))
+    identity = scenarios.CLIENT if job["host"] == "client" else scenarios.SERVER
+    fleet = scenarios.fleet(job["n"], IPv4Address(job["special"]), job["position"])
+    backend = select(cfg)
+    out: dict[str, Any] = {"backend": type(backend).__name__}
+    out["compute_s"], desired = _timed(compute, identity, fleet, cfg)
+    out["apply_s"], result = _timed(backend.apply, desired)
+    out["result"] = repr(result)[:300]
+    if job.get("change"):
+        bigger = compute(identity, scenarios.grown(fleet), cfg)
+        out["add_s"], _ = _timed(backend.apply, bigger)
+        out["remove_s"], _ = _timed(backend.apply, desired)
+    return out
+
+
+def _restore(rules: str) -> None:
+    subprocess.run(["iptables-restore"], input=rules, text=True, check=True)
+
+
+def original_job(job: dict[str, Any]) -> dict[str, Any]:
+    fleet = scenarios.fleet(job["n"], IPv4Address(job["special"]), job["position"])
+    rules = scenarios.original_rules(fleet)
+    out: dict[str, Any] = {"backend": "iptables-restore, one rule per member"}
+    out["apply_s"], _ = _timed(_restore, rules)
+    if job.get("change"):
+        out["add_s"], _ = _timed(_restore, scenarios.original_rules(scenarios.grown(fleet)))
+        out["remove_s"], _ = _timed(_restore, rules)
+    return out
+
+
+def main() -> int:
+    job = json.load(sys.stdin)
+    if job["op"] == "neti":
+        out = neti_job(job)
+    elif job["op"] == "original":
+        out = original_job(job)
+    else:
+        raise SystemExit(f"unknown op {job['op']!r}")
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
