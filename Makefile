@@ -32,7 +32,9 @@ demo-down: venv
 	@echo "neti demo-down: coming with the agent"
 
 bench: deps venv
-	@echo "neti bench: coming with the dataplane"
+	mkdir -p bench/bin
+	gcc -O2 -Wall -pthread -o bench/bin/connrate bench/connrate.c
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
