@@ -171,7 +171,7 @@ class Config(BaseModel):
     zk_members_node: str = "members"
     zk_session_timeout: float = Field(default=10.0, ge=2, le=600)
     watch_delay_min: float = Field(default=0.2, ge=0)
-    watch_delay_max: float = Field(default=1.0, ge=0)
+    watch_delay_max: float = Field(default=1.0, ge=0, validate_default=True)
     resync_interval: float = Field(default=60.0, gt=0)
     state_dir: str = "/var/lib/neti"
     identity: Annotated[StaticIdentity | Ec2Identity, Field(discriminator="source")] = Ec2Identity()
@@ -328,5 +328,9 @@ def load(path: str | Path = DEFAULT_PATH) -> Config:
 
 
 def normalized(cfg: Config) -> dict[str, Any]:
-    """The config as plain JSON-able data, with every default filled in."""
-    return cfg.model_dump(mode="json")
+    """The config as plain JSON-able data, with every default filled in (secrets masked)."""
+    data = cfg.model_dump(mode="json")
+    for key in ("aws_key", "aws_secret_key"):
+        if data.get(key):
+            data[key] = "<redacted>"
+    return data

@@ -21,10 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_check(args: argparse.Namespace) -> int:
-    cfg = config_mod.load(args.config)
+    cfg = config_mod.load(args.config)  # logs cfg.warnings() to stderr itself
     data = config_mod.normalized(cfg)
-    for w in cfg.warnings():
-        print(f"neti: warning: {w}", file=sys.stderr)
     if args.json:
         print_json(data)
     else:
