@@ -213,13 +213,22 @@ class Agent:
 
     def _prime_conntrack(self) -> None:
         """Load conntrack and size its table before any rule needs it."""
-        prime = getattr(self.backend, "prime_conntrack", None)
-        if prime is None:
+        from neti.dataplane import conntrack
+
+        system = getattr(self.backend, "system", None)
+        if system is None:
             return
         try:
-            prime()
+            changes, warnings = conntrack.ensure(
+                system, self.cfg.conntrack.max, self.cfg.conntrack.hashsize
+            )
         except NetiError as exc:
             log.warning("conntrack priming: %s", exc)
+            return
+        for c in changes:
+            log.info("conntrack: %s", c)
+        for w in warnings:
+            log.warning("conntrack: %s", w)
 
     def _restore(self) -> None:
         """Re-apply the last applied fleet from the state file (fail static across reboots)."""
@@ -451,7 +460,7 @@ class Agent:
         from neti import desired
 
         assert self.identity is not None
-        want = desired.compute(self.identity, fleet, self.cfg)
+        want = desired.compute(self.identity, fleet, self.cfg, self_overlay=self.overlay_ip)
         return self.backend.apply(want)
 
     def reconcile(self, reason: str) -> None:

@@ -61,13 +61,12 @@ def kernel_view(cfg: Config, state: state_mod.AgentState | None) -> KernelView:
     view = KernelView(conntrack_count=count, conntrack_max=maximum)
     try:
         backend = dataplane.select(cfg)
-        kstat = backend.status()
     except NetiError as exc:
         view.error = str(exc)
         return view
     from neti.status.kernel import compare
 
-    compare(view, kstat, cfg, state)
+    compare(view, backend, cfg, state)
     return view
 
 

@@ -1,0 +1,59 @@
+"""Compare the kernel with the state the agent last applied (for ``neti status``).
+
+Exact rather than heuristic: the saved fleet is turned back into the desired state and the
+backend is asked for its plan; any change it would make means the kernel drifted (someone
+flushed a chain, a reboot without the agent, another tool rewrote the set).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from neti.agent.state import AgentState
+from neti.config import Config
+from neti.errors import NetiError
+from neti.status.report import KernelView
+
+log = logging.getLogger(__name__)
+MAX_DRIFT_LINES = 5
+
+
+def compare(view: KernelView, backend: Any, cfg: Config, state: AgentState | None) -> None:
+    """Fill ``view`` from the backend's status, audit counters and plan."""
+    try:
+        kstat = backend.status()
+    except NetiError as exc:
+        view.error = str(exc)
+        return
+    view.raw = kstat.as_dict() if hasattr(kstat, "as_dict") else {}
+    view.set_size = kstat.allow_set
+    if kstat.conntrack_count is not None:
+        view.conntrack_count = kstat.conntrack_count
+    if kstat.conntrack_max is not None:
+        view.conntrack_max = kstat.conntrack_max
+    try:
+        view.drops_by_source = dict(backend.audit_drops())
+    except NetiError as exc:
+        log.debug("audit counters: %s", exc)
+    if state is None or state.fleet is None or state.identity is None:
+        return  # nothing applied: nothing to compare
+    view.chains_missing = sorted(name for name, present in kstat.chains.items() if not present)
+    if not kstat.installed and not view.chains_missing:
+        view.chains_missing = ["Neti's chains"]
+    if view.chains_missing:
+        return
+    from neti import desired
+
+    want = desired.compute(state.identity, state.fleet, cfg, self_overlay=state.overlay_ip)
+    view.expected_set_size = len(want.allow)
+    try:
+        plan = backend.plan(want)
+    except NetiError as exc:
+        view.error = str(exc)
+        return
+    changes = list(plan.changes)
+    if changes:
+        view.drift = changes[:MAX_DRIFT_LINES] + (
+            [f"... {len(changes) - MAX_DRIFT_LINES} more"] if len(changes) > MAX_DRIFT_LINES else []
+        )
