@@ -183,6 +183,8 @@ class Config(BaseModel):
     metrics: MetricsConfig = MetricsConfig()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     max_change_default: int = Field(default=20, ge=0)
+    # Tag this instance with overlay_ip/neti_version in EC2: "auto" only with an ec2 identity.
+    tag_instance: Literal["auto", "always", "never"] = "auto"
 
     @field_validator("zk_prefix")
     @classmethod

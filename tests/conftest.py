@@ -36,3 +36,26 @@ def zk_client(zk_server: ZooKeeperServer) -> Iterator[object]:
     finally:
         client.stop()
         client.close()
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[object]:
+    """moto in server mode over HTTP (tests/support/motoserver.py), one per session."""
+    from tests.support.motoserver import MotoServer
+
+    server = MotoServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def aws_env(moto_server, monkeypatch) -> Iterator[object]:
+    """An empty moto world and AWS_ENDPOINT_URL + dummy credentials in the environment."""
+    moto_server.reset()
+    for key, value in moto_server.env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("AWS_REGION", raising=False)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    yield moto_server
