@@ -17,8 +17,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass
 from functools import partial
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -144,9 +145,7 @@ def dnat_position(pair: lab.Pair, ns: str, overlay: IPv4Address) -> str:
 # --- measuring ---
 
 
-def series(pair: lab.Pair, dest: str, reps: int, seconds: float, threads: int) -> dict[str, Any]:
-    pair.run_client(dest, seconds=0.5, threads=threads)  # warm-up: ARP, caches; discarded
-    runs = [pair.run_client(dest, seconds=seconds, threads=threads) for _ in range(reps)]
+def summarize(runs: list[dict[str, Any]], pair: lab.Pair, dest: str) -> dict[str, Any]:
     rates = [float(r["rate"]) for r in runs]
     ct = [pair.conntrack_stats(ns).as_dict() for ns in (pair.client, pair.server)]
     return {
@@ -181,7 +180,9 @@ def setup_neti(host: str, n: int, position: int, pair: lab.Pair) -> dict[str, An
         pair.conntrack_on(pair.client)
         return neti_state(pair, "server", n, lab.CLIENT_ADDR, position)
     pair.conntrack_on(pair.server)
-    return neti_state(pair, "client", n, lab.SERVER_ADDR, position)
+    info = neti_state(pair, "client", n, lab.SERVER_ADDR, position)
+    info["pos"] = dnat_position(pair, pair.client, scenarios.overlay_ip(position))
+    return info
 
 
 def setup_original(host: str, n: int, position: int, pair: lab.Pair) -> dict[str, Any]:
@@ -189,10 +190,77 @@ def setup_original(host: str, n: int, position: int, pair: lab.Pair) -> dict[str
     if host == "server":
         pair.conntrack_on(pair.client)
         original_state(pair, pair.server, n, lab.CLIENT_ADDR, position)
-    else:
-        pair.conntrack_on(pair.server)
-        original_state(pair, pair.client, n, lab.SERVER_ADDR, position)
-    return {}
+        return {}
+    pair.conntrack_on(pair.server)
+    original_state(pair, pair.client, n, lab.SERVER_ADDR, position)
+    return {"pos": dnat_position(pair, pair.client, scenarios.overlay_ip(position))}
+
+
+@dataclass
+class Family:
+    """One kind of namespace state, built for every fleet size and measured interleaved.
+
+    ``setup(n)`` programs a pair for ``n`` members; ``measures`` are (row key, destination for
+    ``n``). Keeping one pair per size alive and going round the sizes rep by rep means slow
+    drift or other load on the machine hits every size alike, which keeps the ratios honest.
+    """
+
+    name: str
+    sizes: list[int]
+    setup: Callable[[int], Setup]
+    measures: list[tuple[str, Callable[[int], str]]]
+
+
+def families(sizes: list[int], with_neti: bool) -> list[Family]:
+    def server(n: int) -> str:
+        return lab.SERVER_ADDR
+
+    def unrelated(n: int) -> str:
+        return lab.UNRELATED_ADDR
+
+    def last(n: int) -> str:
+        return str(scenarios.overlay_ip(n - 1))
+
+    def mid(n: int) -> str:
+        return str(scenarios.overlay_ip(n // 2))
+
+    out = [Family("lab ceiling", [1], lambda n: setup_plain, [("none", server)])]
+    if with_neti:
+        out += [
+            Family(
+                "Neti, inbound",
+                sizes,
+                lambda n: partial(setup_neti, "server", n, n - 1),
+                [("in-neti", server)],
+            ),
+            Family(
+                "Neti, outbound (server = last mapping)",
+                sizes,
+                lambda n: partial(setup_neti, "client", n, n - 1),
+                [("dnat-last-neti", last), ("unrel-neti", unrelated)],
+            ),
+            Family(
+                "Neti, outbound (server = middle mapping)",
+                [n for n in sizes if n > 1],
+                lambda n: partial(setup_neti, "client", n, n // 2),
+                [("dnat-mid-neti", mid)],
+            ),
+        ]
+    out += [
+        Family(
+            "original, inbound",
+            sizes,
+            lambda n: partial(setup_original, "server", n, n - 1),
+            [("in-orig", server)],
+        ),
+        Family(
+            "original, outbound (server = last mapping)",
+            sizes,
+            lambda n: partial(setup_original, "client", n, n - 1),
+            [("dnat-last-orig", last), ("unrel-orig", unrelated)],
+        ),
+    ]
+    return out
 
 
 class Bench:
@@ -200,59 +268,45 @@ class Bench:
         self.args = args
         self.neti_missing = neti_missing
         self.rates: dict[str, dict[int, dict[str, Any]]] = {k: {} for k, _ in ROWS}
-        self.notes: dict[str, Any] = {}
         self.apply: dict[str, dict[int, dict[str, Any]]] = {"neti": {}, "original": {}}
 
-    def measure(self, key: str, n: int, pair: lab.Pair, dest: str, **extra: Any) -> None:
+    def run_family(self, fam: Family) -> None:
         a = self.args
-        res = series(pair, dest, a.reps, a.seconds, a.threads)
-        res.update(extra)
-        self.rates[key][n] = res
-        log(
-            f"  {key:15} n={n:<6} {res['median']:9.0f} conn/s "
-            f"(min {res['min']:.0f}, max {res['max']:.0f}, errors {res['errors']}"
-            + (f": {res['first_error']}" if res["first_error"] else "")
-            + ")"
-            + (f"  [{extra}]" if extra else "")
-        )
-
-    @contextmanager
-    def pair(self, setup: Setup) -> Iterator[tuple[lab.Pair, dict[str, Any]]]:
-        """A fresh namespace pair, programmed by ``setup``, its server listening; removed after."""
-        with lab.Pair() as pair:
-            info = setup(pair)
-            pair.start_server(seconds=self.args.seconds * self.args.reps * 3 + 120)
-            yield pair, info
+        log(f"  {fam.name}: setting up {', '.join(map(str, fam.sizes))} members")
+        with ExitStack() as stack:
+            pairs: dict[int, tuple[lab.Pair, dict[str, Any]]] = {}
+            for n in fam.sizes:
+                pair = stack.enter_context(lab.Pair())
+                info = fam.setup(n)(pair)
+                pair.start_server(seconds=a.seconds * a.reps * len(fam.sizes) * 2 + 300)
+                pairs[n] = (pair, info)
+            runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
+            for n, (pair, _) in pairs.items():  # warm-up: ARP, caches; discarded
+                for _, dest in fam.measures:
+                    pair.run_client(dest(n), seconds=0.3, threads=a.threads)
+            for _ in range(a.reps):
+                for n, (pair, _) in pairs.items():
+                    for key, dest in fam.measures:
+                        r = pair.run_client(dest(n), seconds=a.seconds, threads=a.threads)
+                        runs.setdefault((key, n), []).append(r)
+            for (key, n), rs in runs.items():
+                pair, info = pairs[n]
+                res = summarize(rs, pair, dict(fam.measures)[key](n))
+                res.update(info)
+                self.rates[key][n] = res
+                log(
+                    f"    {key:15} n={n:<6} {res['median']:9.0f} conn/s "
+                    f"(min {res['min']:.0f}, max {res['max']:.0f}, errors {res['errors']}"
+                    + (f": {res['first_error']}" if res["first_error"] else "")
+                    + ")"
+                    + (f"  [DNAT rule {info['pos']}]" if key.startswith("dnat") else "")
+                )
 
     def rate_runs(self) -> None:
-        a = self.args
-        with self.pair(setup_plain) as (p, _):
-            self.measure("none", 1, p, lab.SERVER_ADDR)
-        for n in a.sizes:
-            last, mid = n - 1, n // 2
-            last_ip, mid_ip = scenarios.overlay_ip(last), scenarios.overlay_ip(mid)
-            if not self.neti_missing:
-                # (a) inbound: the server holds Neti's state, the client is the last member.
-                with self.pair(partial(setup_neti, "server", n, last)) as (p, info):
-                    self.measure("in-neti", n, p, lab.SERVER_ADDR, apply_s=info.get("apply_s"))
-                # (b) + (c): the client holds Neti's state, the server is the last mapping.
-                with self.pair(partial(setup_neti, "client", n, last)) as (p, info):
-                    pos = dnat_position(p, p.client, last_ip)
-                    self.measure("dnat-last-neti", n, p, str(last_ip), pos=pos)
-                    self.measure("unrel-neti", n, p, lab.UNRELATED_ADDR)
-                if n > 1:
-                    with self.pair(partial(setup_neti, "client", n, mid)) as (p, info):
-                        pos = dnat_position(p, p.client, mid_ip)
-                        self.measure("dnat-mid-neti", n, p, str(mid_ip), pos=pos)
-                else:
-                    self.rates["dnat-mid-neti"][n] = self.rates["dnat-last-neti"][n]
-            # The original design: a filter rule and a DNAT rule per member.
-            with self.pair(partial(setup_original, "server", n, last)) as (p, _):
-                self.measure("in-orig", n, p, lab.SERVER_ADDR)
-            with self.pair(partial(setup_original, "client", n, last)) as (p, _):
-                pos = dnat_position(p, p.client, last_ip)
-                self.measure("dnat-last-orig", n, p, str(last_ip), pos=pos)
-                self.measure("unrel-orig", n, p, lab.UNRELATED_ADDR)
+        for fam in families(self.args.sizes, not self.neti_missing):
+            self.run_family(fam)
+        if 1 in self.rates["dnat-last-neti"]:  # with one member, last and middle coincide
+            self.rates["dnat-mid-neti"][1] = self.rates["dnat-last-neti"][1]
 
     def apply_runs(self) -> None:
         """Full state from nothing (fresh namespace each time), and ±1 member on the largest."""

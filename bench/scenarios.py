@@ -63,6 +63,9 @@ def config(state_dir: str) -> dict[str, Any]:
         "reject_all": True,
         "state_dir": state_dir,
         "backend": "auto",
+        # 0 = leave conntrack limits alone: inside a namespace nf_conntrack_max is read-only and
+        # the hash size is global to the machine, which the bench must never change.
+        "conntrack": {"max": 0, "hashsize": 0},
     }
 
 

@@ -16,6 +16,7 @@ Jobs:
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -67,6 +68,8 @@ def original_job(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def main() -> int:
+    # Neti's own guard: refuse (rather than program) the machine's namespace if ever run there.
+    os.environ["NETI_REFUSE_INIT_NETNS"] = "1"
     job = json.load(sys.stdin)
     if job["op"] == "neti":
         out = neti_job(job)
