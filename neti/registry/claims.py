@@ -143,6 +143,14 @@ class OverlayClaims:
                 pass
             else:
                 ip = self._parse_claim(id_path, data)
+                if not addr.usable(self.subnet, ip):
+                    # Peers ignore members outside the subnet: better loud than unreachable.
+                    raise RegistryError(
+                        f"{instance_id} holds overlay IP {ip}, which is not a host address "
+                        f"of overlay_subnet {self.subnet} (was the subnet changed?); fix "
+                        "overlay_subnet, or release the claim (neti overlay-ip --release) "
+                        "to get a new address"
+                    )
                 if self._complete(instance_id, ip):
                     return ip
                 continue

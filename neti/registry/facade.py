@@ -9,7 +9,7 @@ from ipaddress import IPv4Address
 from typing import ParamSpec, TypeVar
 
 from kazoo.client import KazooClient
-from kazoo.exceptions import KazooException
+from kazoo.exceptions import KazooException, NoNodeError
 from kazoo.handlers.threading import KazooTimeoutError
 
 from neti import __version__
@@ -59,6 +59,7 @@ class Registry:
         )
         self.membership = Membership(client, cfg, self.paths.members, self.paths.legacy)
         self._guard = MaxChange(client, self.paths.max_change, cfg.max_change_default)
+        self._warned: set[str] = set()
 
     # Paths the agent watches.
     @property
@@ -105,12 +106,13 @@ class Registry:
         legacy = self._children(self.paths.legacy)
         fleet = build_fleet(names, legacy, self.cfg.legacy_networks, self.cfg.overlay_subnet)
         for reason in fleet.skipped_reasons:
-            log.warning("skipped registry entry: %s", reason)
+            # Warn once per distinct problem: the agent re-reads on every change.
+            level = logging.DEBUG if reason in self._warned else logging.WARNING
+            self._warned.add(reason)
+            log.log(level, "skipped registry entry: %s", reason)
         return fleet
 
     def _children(self, path: str) -> list[str]:
-        from kazoo.exceptions import NoNodeError
-
         try:
             return self.client.retry(self.client.get_children, path)
         except NoNodeError:

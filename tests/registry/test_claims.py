@@ -117,3 +117,15 @@ def test_max_change_guard(open_registry: Callable[..., Registry], caplog) -> Non
     assert open_registry(max_change_default=3).max_change() == 3  # empty: the default
     reg.set_max_change(9)
     assert open_registry(max_change_default=3).max_change() == 9  # the node wins
+
+
+def test_claim_outside_a_changed_subnet_is_loud_and_releasable(
+    open_registry: Callable[..., Registry],
+) -> None:
+    old = open_registry(overlay_subnet="10.9.0.0/24")
+    old.claim("i-1")
+    new = open_registry(overlay_subnet="10.8.0.0/24")
+    with pytest.raises(RegistryError, match=r"not a host address of overlay_subnet 10\.8\.0\.0"):
+        new.claim("i-1")
+    assert new.release("i-1") is not None
+    assert new.claim("i-1") in IPv4Network("10.8.0.0/24")
