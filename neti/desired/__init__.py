@@ -1,1 +1,274 @@
-"""desired."""
+"""What the kernel should hold on this host, computed from identity, fleet and config.
+
+Pure: no I/O, no clock, no randomness. The same inputs always give the same ``DesiredState``
+with the same ordering, so rendered kernel payloads are byte-stable and a reconcile that finds
+nothing to change writes nothing.
+
+The address rule is the original Neti's: a member in this host's network is reached by (and
+seen as) its private IP, a member elsewhere by its public IP, because the networks cannot route
+to each other privately and their private ranges may even overlap.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network
+from typing import Any
+
+from neti.config import Config, PortSpec
+from neti.fleet import Fleet, Member
+from neti.identity import Identity
+
+# Addresses that are never a real host's unicast address; a member carrying one is left out
+# rather than written into an ipset or a DNAT target. Order matters only for the reason shown.
+_BAD_NETS: tuple[tuple[IPv4Network, str], ...] = (
+    (IPv4Network("0.0.0.0/8"), "is in 0.0.0.0/8 ('this network', not a host)"),
+    (IPv4Network("127.0.0.0/8"), "is a loopback address"),
+    (IPv4Network("169.254.0.0/16"), "is a link-local address"),
+    (IPv4Network("224.0.0.0/4"), "is a multicast address"),
+    (IPv4Network("255.255.255.255/32"), "is the limited broadcast address"),
+    (IPv4Network("240.0.0.0/4"), "is in the reserved range 240.0.0.0/4"),
+)
+
+
+def address_problem(ip: IPv4Address, overlay_subnet: IPv4Network) -> str | None:
+    """Why ``ip`` cannot be a real (private or public) host address here, or None if it can.
+
+    An address inside the overlay subnet is refused because a DNAT to it would loop back into
+    Neti's own rules.
+    """
+    for net, reason in _BAD_NETS:
+        if ip in net:
+            return reason
+    if ip in overlay_subnet:
+        return f"is inside the overlay subnet {overlay_subnet}"
+    return None
+
+
+def overlay_problem(ip: IPv4Address, overlay_subnet: IPv4Network) -> str | None:
+    """Why ``ip`` cannot be an overlay address, or None if it can."""
+    if ip not in overlay_subnet:
+        return f"is outside the overlay subnet {overlay_subnet}"
+    if ip in (overlay_subnet.network_address, overlay_subnet.broadcast_address):
+        return f"is the network or broadcast address of {overlay_subnet}"
+    return None
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Dnat:
+    """One overlay IP and the real address connections to it are rewritten to.
+
+    ``origin`` says why the rule exists: an instance ID, ``self`` or ``override``.
+    """
+
+    overlay_ip: IPv4Address
+    target: IPv4Address
+    origin: str = field(default="", compare=False)
+
+    def as_dict(self) -> dict[str, str]:
+        return {
+            "overlay_ip": str(self.overlay_ip),
+            "target": str(self.target),
+            "origin": self.origin,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class DesiredState:
+    """Everything a dataplane backend needs; tuples are sorted and free of duplicates."""
+
+    overlay_subnet: IPv4Network
+    allow: tuple[IPv4Address, ...] = ()
+    dnat: tuple[Dnat, ...] = ()
+    open_ports: tuple[PortSpec, ...] = ()
+    ssh_whitelist: tuple[IPv4Network, ...] = ()
+    reject_all: bool = False
+    forward: bool = False
+    conntrack_max: int = 0
+    conntrack_hashsize: int = 0
+    # Human-readable "instance: reason" lines for members left out (fully or from DNAT).
+    skipped: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def skipped_count(self) -> int:
+        return len(self.skipped)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "overlay_subnet": str(self.overlay_subnet),
+            "allow": [str(a) for a in self.allow],
+            "dnat": [d.as_dict() for d in self.dnat],
+            "open_ports": [str(p) for p in self.open_ports],
+            "ssh_whitelist": [str(n) for n in self.ssh_whitelist],
+            "reject_all": self.reject_all,
+            "forward": self.forward,
+            "conntrack_max": self.conntrack_max,
+            "conntrack_hashsize": self.conntrack_hashsize,
+            "skipped": list(self.skipped),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DesiredState:
+        """Inverse of ``as_dict`` (for ``python -m neti.dataplane apply-state`` and tests)."""
+        return build(
+            overlay_subnet=IPv4Network(str(d["overlay_subnet"])),
+            allow=[IPv4Address(str(a)) for a in d.get("allow", [])],
+            dnat=[
+                Dnat(
+                    IPv4Address(str(x["overlay_ip"])),
+                    IPv4Address(str(x["target"])),
+                    str(x.get("origin", "")),
+                )
+                for x in d.get("dnat", [])
+            ],
+            open_ports=[PortSpec.model_validate(p) for p in d.get("open_ports", [])],
+            ssh_whitelist=[IPv4Network(str(n)) for n in d.get("ssh_whitelist", [])],
+            reject_all=bool(d.get("reject_all", False)),
+            forward=bool(d.get("forward", False)),
+            conntrack_max=int(d.get("conntrack_max", 0)),
+            conntrack_hashsize=int(d.get("conntrack_hashsize", 0)),
+            skipped=[str(s) for s in d.get("skipped", [])],
+        )
+
+
+def _port_key(p: PortSpec) -> tuple[str, int, int]:
+    return (p.proto, p.first, p.last)
+
+
+def build(
+    overlay_subnet: IPv4Network,
+    allow: Any = (),
+    dnat: Any = (),
+    open_ports: Any = (),
+    ssh_whitelist: Any = (),
+    reject_all: bool = False,
+    forward: bool = False,
+    conntrack_max: int = 0,
+    conntrack_hashsize: int = 0,
+    skipped: Any = (),
+) -> DesiredState:
+    """A DesiredState in canonical form (sorted, deduplicated); one overlay IP, one target."""
+    by_overlay: dict[IPv4Address, Dnat] = {}
+    for d in dnat:
+        by_overlay.setdefault(d.overlay_ip, d)
+    return DesiredState(
+        overlay_subnet=overlay_subnet,
+        allow=tuple(sorted(set(allow))),
+        dnat=tuple(sorted(by_overlay.values())),
+        open_ports=tuple(sorted(set(open_ports), key=_port_key)),
+        ssh_whitelist=tuple(sorted(set(ssh_whitelist))),
+        reject_all=reject_all,
+        forward=forward,
+        conntrack_max=conntrack_max,
+        conntrack_hashsize=conntrack_hashsize,
+        skipped=tuple(skipped),
+    )
+
+
+def reach_address(identity: Identity, member: Member) -> IPv4Address:
+    """The address this host reaches ``member`` by and sees its connections come from."""
+    return member.private_ip if member.network == identity.network else member.public_ip
+
+
+def compute(
+    identity: Identity,
+    fleet: Fleet,
+    cfg: Config,
+    self_overlay: IPv4Address | None = None,
+) -> DesiredState:
+    """The desired kernel state for ``identity`` given the live ``fleet``.
+
+    ``self_overlay`` is this host's claimed overlay IP; pass it so the host reaches itself by
+    its overlay IP even before it appears in the fleet. A fleet entry with this host's
+    instance ID is otherwise used, with this host's own (authoritative) addresses.
+    """
+    subnet = cfg.overlay_subnet
+    skipped: list[str] = []
+    allow: set[IPv4Address] = set()
+    # overlay IP -> (rank, instance_id, target): the lowest rank wins a duplicated overlay IP.
+    owners: dict[IPv4Address, tuple[tuple[int, str], Dnat]] = {}
+
+    def offer(rank: int, iid: str, d: Dnat) -> None:
+        key = (rank, iid)
+        cur = owners.get(d.overlay_ip)
+        if cur is None or key < cur[0]:
+            if cur is not None:
+                skipped.append(_dup_reason(cur[0][1], d.overlay_ip, iid))
+            owners[d.overlay_ip] = (key, d)
+        else:
+            skipped.append(_dup_reason(iid, d.overlay_ip, cur[0][1]))
+
+    own_private_problem = address_problem(identity.private_ip, subnet)
+    if own_private_problem:
+        skipped.append(
+            f"{identity.instance_id} (this host): private_ip "
+            f"{identity.private_ip} {own_private_problem}"
+        )
+    else:
+        allow.add(identity.private_ip)
+
+    mine = self_overlay
+    members: list[Member] = []
+    for m in sorted(fleet.members, key=lambda m: (m.instance_id, m.legacy, int(m.overlay_ip))):
+        if m.instance_id == identity.instance_id:
+            if mine is None:
+                mine = m.overlay_ip
+            continue
+        members.append(m)
+
+    if mine is not None and not own_private_problem:
+        problem = overlay_problem(mine, subnet)
+        if problem:
+            skipped.append(f"{identity.instance_id} (this host): overlay_ip {mine} {problem}")
+        else:
+            offer(0, identity.instance_id, Dnat(mine, identity.private_ip, "self"))
+
+    seen_ids: set[str] = set()
+    for m in members:
+        if m.instance_id in seen_ids:
+            skipped.append(f"{m.instance_id}: listed more than once; first entry kept")
+            continue
+        seen_ids.add(m.instance_id)
+        target = reach_address(identity, m)
+        which = "private_ip" if m.network == identity.network else "public_ip"
+        problem = address_problem(target, subnet)
+        if problem:
+            skipped.append(f"{m.instance_id}: {which} {target} {problem}")
+            continue
+        problem = overlay_problem(m.overlay_ip, subnet)
+        if problem:
+            skipped.append(f"{m.instance_id}: overlay_ip {m.overlay_ip} {problem}")
+            continue
+        allow.add(target)
+        # Members published by Neti itself win a duplicated overlay IP over legacy entries,
+        # then the smallest instance ID: deterministic on every host.
+        offer(2 if m.legacy else 1, m.instance_id, Dnat(m.overlay_ip, target, m.instance_id))
+
+    dnat = {ip: d for ip, (_, d) in owners.items()}
+    for overlay, target in sorted(cfg.nat_overrides.items()):
+        problem = overlay_problem(overlay, subnet)
+        if problem:
+            skipped.append(f"nat_overrides {overlay}: overlay address {problem}")
+            continue
+        problem = address_problem(target, subnet)
+        if problem:
+            skipped.append(f"nat_overrides {overlay}: target {target} {problem}")
+            continue
+        dnat[overlay] = Dnat(overlay, target, "override")
+
+    return build(
+        overlay_subnet=subnet,
+        allow=allow,
+        dnat=dnat.values(),
+        open_ports=cfg.open_ports,
+        ssh_whitelist=cfg.ssh_whitelist,
+        reject_all=cfg.reject_all,
+        forward=cfg.forward,
+        conntrack_max=cfg.conntrack.max,
+        conntrack_hashsize=cfg.conntrack.hashsize,
+        skipped=skipped,
+    )
+
+
+def _dup_reason(loser: str, overlay: IPv4Address, winner: str) -> str:
+    return f"{loser}: overlay_ip {overlay} is also claimed by {winner}; DNAT kept for {winner}"
