@@ -114,6 +114,12 @@ class Membership:
             overlay_ip=overlay_ip,
             version=version,
         )
+        with self._lock:
+            if member == self.member and self.seats:
+                # Joining again as the same host (an agent re-confirming after a reconnect):
+                # keep our nodes, so watchers (and original agents) see no churn.
+                self.ensure()
+                return member
         name = encode_member(member)
         prefix = member_prefix(member.instance_id)
         seats = [

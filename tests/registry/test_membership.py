@@ -171,3 +171,17 @@ def test_publish_legacy_skips_networks_the_original_cannot_name(
         reg.legacy_path
     )
     assert [m.instance_id for m in reg.read_fleet().members] == ["i-dc"]
+
+
+def test_joining_again_as_the_same_host_changes_nothing(
+    open_registry: Callable[..., Registry],
+) -> None:
+    reg = open_registry(publish_legacy=True)
+    ip = join(reg, "i-a", 1)
+    before = (reg.client.get_children(reg.members_path), reg.client.get_children(reg.legacy_path))
+    stats = [reg.client.exists(f"{reg.legacy_path}/{before[1][0]}").czxid]
+    reg.join(identity_of(static("i-a", "vpc", 1)), ip)
+    after = (reg.client.get_children(reg.members_path), reg.client.get_children(reg.legacy_path))
+    assert after == before
+    assert reg.client.exists(f"{reg.legacy_path}/{after[1][0]}").czxid == stats[0]
+    assert reg.membership.rejoins == 0
