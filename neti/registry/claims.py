@@ -73,6 +73,7 @@ class OverlayClaims:
         out: dict[str, IPv4Address] = {}
         for instance_id, text in self._read_id_to_ip().items():
             try:
+                addr.label(instance_id, "instance ID")
                 out[instance_id] = addr.host_ip(text, "overlay IP")
             except MalformedEntry as exc:
                 log.warning("skipping %s/%s: %s", self.id_to_ip, instance_id, exc)
