@@ -258,9 +258,18 @@ class Config(BaseModel):
         return f"{self.zk_prefix}/{node}"
 
     def zk_hosts_for(self, network: str) -> list[str]:
-        """ZooKeeper hosts this host should use: its network's, else ``default``."""
+        """ZooKeeper hosts this host should use: its network's, else ``default``.
+
+        An original neti.yml keys them ``ec2``/``vpc`` while EC2 labels are the VPC ID or
+        ``classic_network``: those labels fall back to the original's key, so the original
+        file also *runs* unchanged.
+        """
         if network in self.zk_hosts:
             return self.zk_hosts[network]
+        classic = getattr(self.identity, "classic_network", "ec2-classic")
+        original = "vpc" if network.startswith("vpc-") else "ec2" if network == classic else None
+        if original in self.zk_hosts:
+            return self.zk_hosts[original]
         if "default" in self.zk_hosts:
             return self.zk_hosts["default"]
         raise ConfigError(

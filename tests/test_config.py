@@ -210,9 +210,23 @@ def test_static_identity() -> None:
 def test_zk_hosts_for_falls_back_to_default() -> None:
     cfg = config.parse({"zk_hosts": {"default": ["h:1"], "vpc": ["v:2"]}})
     assert cfg.zk_hosts_for("vpc") == ["v:2"]
-    assert cfg.zk_hosts_for("vpc-0abc") == ["h:1"]
+    assert cfg.zk_hosts_for("dc-ams") == ["h:1"]
     with pytest.raises(ConfigError, match="no entry for network 'x'"):
         config.parse({"zk_hosts": {"vpc": ["v:2"]}}).zk_hosts_for("x")
+
+
+def test_original_zk_hosts_keys_serve_ec2_labels() -> None:
+    """An original file keys zk_hosts ec2/vpc; EC2 labels are a VPC ID or classic_network."""
+    cfg = config.parse(yaml.safe_load(ORIGINAL))
+    assert cfg.zk_hosts_for("vpc-0a1b2c3d") == cfg.zk_hosts["vpc"]
+    assert cfg.zk_hosts_for("ec2-classic") == cfg.zk_hosts["ec2"]
+    with pytest.raises(ConfigError, match="no entry for network 'dc1'"):
+        cfg.zk_hosts_for("dc1")
+    custom = config.parse({"zk_hosts": {"ec2": ["c:1"]}, "identity": {"classic_network": "cl"}})
+    assert custom.zk_hosts_for("cl") == ["c:1"]
+    # An exact label wins over the original's key.
+    both = config.parse({"zk_hosts": {"vpc": ["v:1"], "vpc-9": ["n:1"]}})
+    assert both.zk_hosts_for("vpc-9") == ["n:1"]
 
 
 def test_open_ports_forms() -> None:
