@@ -1,0 +1,77 @@
+#
+# Cookbook:: neti
+# Attributes:: default
+#
+# node['neti']['config'] is neti.yml, key for key: every key of the agent's config
+# (neti/config.py, documented in docs/configuration.md) with the agent's own default, so a
+# host configured only by these attributes behaves exactly like one with a hand-written file.
+# tests/cookbook checks both (same keys, same defaults).
+#
+# Chef merges hashes across precedence levels and cannot delete a default key, so:
+#   - the identity keys of both sources are here; the template renders only those of
+#     node['neti']['config']['identity']['source'];
+#   - nil renders as null, which the agent reads as "not set" for the optional keys.
+
+# --- installation ---
+default['neti']['version'] = '2.0.0'                 # pip package version, pinned
+default['neti']['package_name'] = 'neti'
+default['neti']['pip_index_url'] = nil               # e.g. an internal mirror
+default['neti']['venv'] = '/opt/neti'                # the package lives in its own venv
+default['neti']['bin'] = '/usr/local/bin/neti'       # symlink to the venv's entry point
+default['neti']['config_path'] = '/etc/neti/neti.yml'
+default['neti']['packages'] = %w(iptables ipset conntrack python3 python3-venv)
+# Loaded before the agent starts (and at boot via /etc/modules-load.d): the unit drops
+# CAP_SYS_MODULE, and nf_conntrack must exist so its limits can be raised first.
+default['neti']['kernel_modules'] = %w(nf_conntrack)
+
+# --- the zkproxy recipe (one ZooKeeper ensemble member reachable from other networks) ---
+default['neti']['zkproxy']['target'] = nil           # host:port of this proxy's ensemble member
+default['neti']['zkproxy']['listen_port'] = 2181
+
+# --- neti.yml: keys of the original Neti ---
+default['neti']['config']['zk_hosts'] = {}           # required: { 'network' => ['host:port', ...] }
+default['neti']['config']['zk_prefix'] = '/neti'
+default['neti']['config']['overlay_subnet'] = '192.168.0.0/18'
+default['neti']['config']['open_ports'] = []
+default['neti']['config']['reject_all'] = false
+default['neti']['config']['ssh_whitelist'] = []
+default['neti']['config']['nat_overrides'] = {}
+default['neti']['config']['table_files_path'] = nil # accepted for compatibility, unused
+default['neti']['config']['log_file'] = nil
+default['neti']['config']['zk_iptoid_node'] = 'ip-to-id'
+default['neti']['config']['zk_idtoip_node'] = 'id-to-ip'
+default['neti']['config']['zk_ip_map_node'] = 'ip-map'
+default['neti']['config']['zk_max_change_threshold_path'] = 'maxchange'
+default['neti']['config']['zk_update_interval_path'] = 'interval'
+default['neti']['config']['aws_key'] = nil           # ignored: instance profile credentials
+default['neti']['config']['aws_secret_key'] = nil
+default['neti']['config']['overlay_ip_cache_file_path'] = nil # unused: see node['neti']['overlay_ip']
+
+# --- neti.yml: new keys ---
+default['neti']['config']['zk_members_node'] = 'members'
+default['neti']['config']['zk_session_timeout'] = 10.0
+default['neti']['config']['watch_delay_min'] = 0.2
+default['neti']['config']['watch_delay_max'] = 1.0   # raise for fleets of thousands
+default['neti']['config']['resync_interval'] = 60.0
+default['neti']['config']['state_dir'] = '/var/lib/neti'
+default['neti']['config']['identity']['source'] = 'ec2'
+default['neti']['config']['identity']['endpoint'] = 'http://169.254.169.254'
+default['neti']['config']['identity']['timeout'] = 2.0
+default['neti']['config']['identity']['retries'] = 3
+default['neti']['config']['identity']['classic_network'] = 'ec2-classic'
+default['neti']['config']['identity']['instance_id'] = nil # source 'static' only
+default['neti']['config']['identity']['private_ip'] = nil
+default['neti']['config']['identity']['public_ip'] = nil
+default['neti']['config']['identity']['network'] = nil
+default['neti']['config']['legacy_networks'] = { '0' => 'ec2', '1' => 'vpc' }
+default['neti']['config']['publish_legacy'] = false
+default['neti']['config']['backend'] = 'auto'
+default['neti']['config']['forward'] = false
+default['neti']['config']['conntrack']['max'] = 262_144     # also applied before the first start
+default['neti']['config']['conntrack']['hashsize'] = 65_536
+default['neti']['config']['metrics']['enabled'] = false
+default['neti']['config']['metrics']['listen'] = '127.0.0.1'
+default['neti']['config']['metrics']['port'] = 9437
+default['neti']['config']['log_level'] = 'INFO'
+default['neti']['config']['max_change_default'] = 20
+default['neti']['config']['tag_instance'] = 'auto'

@@ -1,0 +1,97 @@
+#
+# Cookbook:: neti
+# Library:: helpers
+#
+# Plain Ruby (no Chef API) so tests/cookbook/render.rb can load it outside Chef: the recipes
+# and the test harness build template variables and commands with the same code.
+#
+require 'ipaddr'
+require 'json'
+require 'open3'
+
+module NetiCookbook
+  IDENTITY_KEYS = {
+    'ec2' => %w(source endpoint timeout retries classic_network),
+    'static' => %w(source instance_id private_ip public_ip network),
+  }.freeze
+
+  # Node attributes (Mash, ImmutableMash, ImmutableArray) as plain Hash/Array/scalars.
+  def self.plain(value)
+    case value
+    when Hash then value.each_with_object({}) { |(k, v), h| h[k.to_s] = plain(v) }
+    when Array then value.map { |v| plain(v) }
+    else value
+    end
+  end
+
+  # The neti.yml content as an ordered Hash: node['neti']['config'], with only the identity
+  # keys of the chosen source (Chef cannot delete the other source's default keys).
+  def self.config_hash(node)
+    config = plain(node['neti']['config'])
+    identity = config['identity'] || {}
+    source = (identity['source'] || 'ec2').to_s
+    keys = IDENTITY_KEYS.fetch(source) do
+      raise ArgumentError, "node['neti']['config']['identity']['source'] must be " \
+                           "'ec2' or 'static', not #{source.inspect}"
+    end
+    config['identity'] = identity.select { |k, v| keys.include?(k) && !v.nil? }
+    config
+  end
+
+  # One YAML value. JSON is YAML: quoting and escaping come for free, and "true" stays a string.
+  def self.yaml_value(value)
+    JSON.generate(value)
+  end
+
+  def self.service_variables(node)
+    { bin: node['neti']['bin'], config_path: node['neti']['config_path'] }
+  end
+
+  def self.pip_install_command(node)
+    venv = node['neti']['venv']
+    cmd = ["#{venv}/bin/pip", 'install', '--quiet', '--disable-pip-version-check']
+    cmd += ['--index-url', node['neti']['pip_index_url']] if node['neti']['pip_index_url']
+    cmd << "#{node['neti']['package_name']}==#{node['neti']['version']}"
+    cmd
+  end
+
+  # The version installed in the venv (from its dist-info directory), or nil.
+  def self.installed_version(venv, package)
+    name = package.downcase.tr('-', '_')
+    Dir.glob("#{venv}/lib/python3*/site-packages/*.dist-info").each do |dir|
+      base = File.basename(dir, '.dist-info')
+      pkg, _, version = base.rpartition('-')
+      return version if pkg.downcase.tr('-', '_') == name
+    end
+    nil
+  end
+
+  # This host's overlay IP from `neti overlay-ip` (which claims one if the host has none).
+  # argv, never a shell.
+  def self.overlay_ip(bin, config_path)
+    out, err, status = Open3.capture3(bin, 'overlay-ip', '-c', config_path)
+    raise "#{bin} overlay-ip -c #{config_path} failed (#{status.exitstatus}): #{err.strip}" unless status.success?
+    ip = out.strip
+    begin
+      addr = IPAddr.new(ip)
+    rescue IPAddr::Error
+      addr = nil
+    end
+    raise "#{bin} overlay-ip printed #{ip[0, 60].inspect}, not an IPv4 address" unless addr&.ipv4? && !ip.include?('/')
+    ip
+  end
+
+  def self.zkproxy_command(node)
+    target = node['neti']['zkproxy']['target'].to_s
+    port = node['neti']['zkproxy']['listen_port']
+    unless target =~ /\A(\[[0-9A-Fa-f:]+\]|[A-Za-z0-9_.-]+):(\d{1,5})\z/ && Regexp.last_match(2).to_i.between?(1, 65_535)
+      raise ArgumentError, "node['neti']['zkproxy']['target'] must be host:port of this " \
+                           "proxy's ZooKeeper ensemble member, not #{target.inspect}"
+    end
+    unless port.to_s =~ /\A\d{1,5}\z/ && port.to_i.between?(1, 65_535)
+      raise ArgumentError, "node['neti']['zkproxy']['listen_port'] must be a port, not #{port.inspect}"
+    end
+    [node['neti']['bin'], 'zkproxy', 'apply', '-c', node['neti']['config_path'],
+     '--target', target, '--listen-port', port.to_s]
+  end
+end

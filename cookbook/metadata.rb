@@ -1,0 +1,8 @@
+name             'neti'
+maintainer       'Neti maintainers'
+license          'BSD-3-Clause'
+description      'Installs and runs the Neti agent: one flat, firewalled overlay network across networks that cannot route'
+version          '2.0.0'
+chef_version     '>= 16.0'
+supports         'debian'
+supports         'ubuntu'

@@ -1,0 +1,317 @@
+"""The Chef cookbook without Chef: Ruby syntax, templates rendered by a tiny ERB harness
+(tests/cookbook/render.rb) from the cookbook's own attributes, checked by the agent itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+import neti
+from neti import config
+from neti.config import Config, ConntrackConfig, Ec2Identity, MetricsConfig, StaticIdentity
+
+ROOT = Path(__file__).resolve().parents[2]
+COOKBOOK = ROOT / "cookbook"
+RENDER = Path(__file__).with_name("render.rb")
+RUBY = shutil.which("ruby")
+NETI = [sys.executable, "-m", "neti"]
+
+pytestmark = pytest.mark.skipif(RUBY is None, reason="ruby is not installed (make deps)")
+
+ZK = {"vpc-0a1b": ["10.0.1.10:2181"], "default": ["zkproxy-a:2181"]}
+
+
+def ruby(*args: str) -> subprocess.CompletedProcess[str]:
+    assert RUBY
+    return subprocess.run([RUBY, *args], capture_output=True, text=True, timeout=60)
+
+
+def _argv(tmp_path: Path, cmd: str, args: tuple[str, ...], overrides: dict | None) -> list[str]:
+    ov = ""
+    if overrides is not None:
+        p = tmp_path / "overrides.json"
+        p.write_text(json.dumps({"neti": overrides}))
+        ov = str(p)
+    if cmd == "attrs":
+        return [str(RENDER), str(COOKBOOK), cmd, ov]
+    name, *rest = args
+    return [str(RENDER), str(COOKBOOK), cmd, name, ov, *rest]
+
+
+def harness(tmp_path: Path, cmd: str, *args: str, overrides: dict[str, Any] | None = None) -> str:
+    """Run render.rb; ``overrides`` is what a role would set under node['neti']."""
+    r = ruby(*_argv(tmp_path, cmd, args, overrides))
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def harness_fails(
+    tmp_path: Path, cmd: str, *args: str, overrides: dict[str, Any] | None = None
+) -> str:
+    r = ruby(*_argv(tmp_path, cmd, args, overrides))
+    assert r.returncode != 0, r.stdout
+    assert "Traceback" not in r.stderr
+    return r.stderr
+
+
+def rendered_config(tmp_path: Path, overrides: dict[str, Any]) -> Path:
+    out = tmp_path / "neti.yml"
+    out.write_text(harness(tmp_path, "template", "neti.yml.erb", overrides=overrides))
+    return out
+
+
+# --- Ruby syntax ---
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted(str(p.relative_to(ROOT)) for p in COOKBOOK.rglob("*.rb")) + ["tests/cookbook/render.rb"],
+)
+def test_ruby_syntax(path: str) -> None:
+    r = ruby("-c", str(ROOT / path))
+    assert r.returncode == 0 and "Syntax OK" in r.stdout, r.stderr
+
+
+@pytest.mark.parametrize("name", ["neti.yml.erb", "neti.service.erb"])
+def test_template_erb_syntax(name: str) -> None:
+    src = (
+        "require 'erb'; t = File.read(ARGV[0]); "
+        "RubyVM::InstructionSequence.compile(ERB.new(t, trim_mode: '-').src); puts 'ok'"
+    )
+    r = ruby("-e", src, str(COOKBOOK / "templates" / "default" / name))
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def test_harness_uses_the_recipes_variables() -> None:
+    """render.rb passes templates what recipes/default.rb passes; keep the two in step."""
+    recipe = (COOKBOOK / "recipes" / "default.rb").read_text()
+    assert (
+        "variables(config: NetiCookbook.config_hash(node), config_path: neti['config_path'])"
+        in (recipe)
+    )
+    assert "variables(NetiCookbook.service_variables(node))" in recipe
+
+
+# --- attributes = the agent's config keys and defaults ---
+
+
+def test_every_config_key_has_an_attribute(tmp_path: Path) -> None:
+    attrs = json.loads(harness(tmp_path, "attrs"))["config"]
+    assert set(attrs) == set(Config.model_fields)
+    assert set(attrs["identity"]) == set(Ec2Identity.model_fields) | set(
+        StaticIdentity.model_fields
+    )
+    assert set(attrs["conntrack"]) == set(ConntrackConfig.model_fields)
+    assert set(attrs["metrics"]) == set(MetricsConfig.model_fields)
+
+
+def test_rendered_defaults_are_the_agents_defaults(tmp_path: Path) -> None:
+    path = rendered_config(tmp_path, {"config": {"zk_hosts": ZK}})
+    data = yaml.safe_load(path.read_text())
+    assert list(data) == list(Config.model_fields)  # every key rendered, in the model's order
+    assert config.load(path) == config.parse({"zk_hosts": ZK})
+
+
+def test_version_attribute_is_the_package_version(tmp_path: Path) -> None:
+    assert json.loads(harness(tmp_path, "attrs"))["version"] == neti.__version__
+    meta = (COOKBOOK / "metadata.rb").read_text()
+    assert f"version          '{neti.__version__}'" in meta
+
+
+def test_config_check_accepts_rendered_config(tmp_path: Path) -> None:
+    path = rendered_config(tmp_path, {"config": {"zk_hosts": ZK}})
+    r = subprocess.run(
+        [*NETI, "config", "check", "--json", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["zk_hosts"] == ZK
+
+
+def test_defaults_alone_need_zk_hosts(tmp_path: Path) -> None:
+    """zk_hosts has no default (nor in the agent); the recipe and the check both say so."""
+    path = rendered_config(tmp_path, {})
+    with pytest.raises(config.ConfigError) as err:
+        config.load(path)
+    assert err.value.errors == ["zk_hosts: needs at least one network with ZooKeeper hosts"]
+    assert "node['neti']['config']['zk_hosts']" in (COOKBOOK / "recipes" / "default.rb").read_text()
+
+
+def test_static_identity_renders_only_static_keys(tmp_path: Path) -> None:
+    identity = {
+        "source": "static",
+        "instance_id": "db-7",
+        "private_ip": "10.1.2.3",
+        "public_ip": "203.0.113.7",
+        "network": "dc1",
+    }
+    path = rendered_config(tmp_path, {"config": {"zk_hosts": ZK, "identity": identity}})
+    cfg = config.load(path)
+    assert isinstance(cfg.identity, StaticIdentity) and cfg.identity.network == "dc1"
+    assert "endpoint" not in path.read_text()
+
+
+def test_unknown_identity_source_is_refused(tmp_path: Path) -> None:
+    err = harness_fails(
+        tmp_path, "template", "neti.yml.erb", overrides={"config": {"identity": {"source": "gce"}}}
+    )
+    assert "'ec2' or 'static'" in err
+
+
+def test_original_style_values_render_and_load(tmp_path: Path) -> None:
+    """Values as an original cookbook role set them (reject_all as a string, ports, NAT)."""
+    overrides = {
+        "config": {
+            "zk_hosts": {"ec2": ["zk1:2181"], "vpc": ["10.0.0.1:2181"]},
+            "reject_all": "true",
+            "open_ports": [80, "8000-8100", "udp/53"],
+            "ssh_whitelist": ["10.0.0.0/18"],
+            "nat_overrides": {"192.168.0.9": "10.9.9.9"},
+            "log_file": "/var/log/neti.log",
+            "legacy_networks": {"1": "vpc-0a1b"},
+        }
+    }
+    cfg = config.load(rendered_config(tmp_path, overrides))
+    assert cfg.reject_all is True
+    assert [str(p) for p in cfg.open_ports] == ["tcp/80", "tcp/8000:8100", "udp/53"]
+    assert cfg.legacy_networks == {0: "ec2", 1: "vpc-0a1b"}  # Chef merges hashes
+    assert str(cfg.nat_overrides[next(iter(cfg.nat_overrides))]) == "10.9.9.9"
+
+
+# --- the systemd unit ---
+
+
+def test_packaged_unit_is_the_rendered_template(tmp_path: Path) -> None:
+    rendered = harness(tmp_path, "template", "neti.service.erb")
+    assert (ROOT / "packaging" / "neti.service").read_text() == rendered
+    for line in (
+        "Type=notify",
+        "NotifyAccess=main",
+        "WatchdogSec=30",
+        "Restart=on-failure",
+        "RestartSec=2",
+        "After=network-online.target",
+        "KillSignal=SIGTERM",
+        "CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_RAW",
+        "AmbientCapabilities=CAP_NET_ADMIN CAP_NET_RAW",
+        "StateDirectory=neti",
+        "StandardError=journal",
+        "ExecStart=/usr/local/bin/neti agent -c /etc/neti/neti.yml",
+    ):
+        assert line in rendered.splitlines(), line
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
+def test_systemd_analyze_verify(tmp_path: Path) -> None:
+    # verify insists that ExecStart exists: point it at this checkout's real `neti`.
+    bin_path = Path(sys.executable).with_name("neti")
+    assert bin_path.exists()
+    unit = tmp_path / "neti.service"
+    unit.write_text(
+        harness(tmp_path, "template", "neti.service.erb", overrides={"bin": str(bin_path)})
+    )
+    r = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "SYSTEMD_LOG_LEVEL": "notice"},
+    )
+    problems = [ln for ln in (r.stdout + r.stderr).splitlines() if "neti.service" in ln]
+    assert r.returncode == 0 and not problems, r.stdout + r.stderr
+
+
+# --- the library helpers the recipes call ---
+
+
+def _script(tmp_path: Path, body: str) -> Path:
+    p = tmp_path / "fake-neti"
+    p.write_text(f"#!/bin/sh\n{body}\n")
+    p.chmod(p.stat().st_mode | stat.S_IXUSR)
+    return p
+
+
+def test_overlay_ip_helper_runs_neti_overlay_ip(tmp_path: Path) -> None:
+    log = tmp_path / "argv"
+    fake = _script(tmp_path, f'echo "$@" > {log}; echo 192.168.3.4')
+    out = harness(tmp_path, "call", "overlay_ip", str(fake), "/etc/neti/neti.yml", overrides={})
+    assert json.loads(out) == "192.168.3.4"
+    assert log.read_text().split() == ["overlay-ip", "-c", "/etc/neti/neti.yml"]
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [("echo nope >&2; exit 3", "failed (3): nope"), ("echo '1.2.3.4; rm -rf /'", "not an IPv4")],
+)
+def test_overlay_ip_helper_refuses_failures_and_junk(
+    tmp_path: Path, body: str, message: str
+) -> None:
+    fake = _script(tmp_path, body)
+    err = harness_fails(tmp_path, "call", "overlay_ip", str(fake), "/x.yml")
+    assert message in err
+
+
+def test_zkproxy_command(tmp_path: Path) -> None:
+    overrides = {"zkproxy": {"target": "10.0.1.10:2181", "listen_port": 2182}}
+    argv = json.loads(harness(tmp_path, "call", "zkproxy_command", overrides=overrides))
+    assert argv == [
+        "/usr/local/bin/neti",
+        "zkproxy",
+        "apply",
+        "-c",
+        "/etc/neti/neti.yml",
+        "--target",
+        "10.0.1.10:2181",
+        "--listen-port",
+        "2182",
+    ]
+
+
+@pytest.mark.parametrize(
+    "zkproxy",
+    [
+        {},
+        {"target": "10.0.1.10"},
+        {"target": "x:2181; reboot"},
+        {"target": "h:1", "listen_port": 0},
+    ],
+)
+def test_zkproxy_command_validates(tmp_path: Path, zkproxy: dict[str, Any]) -> None:
+    err = harness_fails(tmp_path, "call", "zkproxy_command", overrides={"zkproxy": zkproxy})
+    assert "node['neti']['zkproxy']" in err
+
+
+def test_pip_command_pins_the_version(tmp_path: Path) -> None:
+    argv = json.loads(
+        harness(
+            tmp_path,
+            "call",
+            "pip_install_command",
+            overrides={"pip_index_url": "https://pypi.example/simple"},
+        )
+    )
+    assert argv[0] == "/opt/neti/bin/pip"
+    assert argv[-1] == f"neti=={neti.__version__}"
+    assert argv[argv.index("--index-url") + 1] == "https://pypi.example/simple"
+
+
+def test_installed_version(tmp_path: Path) -> None:
+    site = tmp_path / "venv" / "lib" / "python3.11" / "site-packages"
+    (site / "neti-1.9.0.dist-info").mkdir(parents=True)
+    (site / "kazoo-2.10.0.dist-info").mkdir()
+    venv = str(tmp_path / "venv")
+    assert json.loads(harness(tmp_path, "call", "installed_version", venv, "neti")) == "1.9.0"
+    assert json.loads(harness(tmp_path, "call", "installed_version", venv, "other")) is None
