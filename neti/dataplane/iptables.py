@@ -76,11 +76,17 @@ def detect(system: System) -> str:
         raise DataplaneError("no iptables found (install the iptables package)")
     if len(variants) == 1:
         return variants[0]
-    dumps = {v: _save_all(system, v) for v in variants}
-    with_neti = [v for v in variants if any(f":{c} " in dumps[v] for c in OUR_CHAINS.values())]
+    return choose_variant({v: _save_all(system, v) for v in variants})
+
+
+def choose_variant(dumps: dict[str, str]) -> str:
+    """The decision of ``detect`` from each variant's ``*-save`` output (pure)."""
+    with_neti = [v for v, d in dumps.items() if any(f":{c} " in d for c in OUR_CHAINS.values())]
     if len(with_neti) == 1:
         return with_neti[0]
-    counts = {v: sum(1 for line in dumps[v].splitlines() if line.startswith("-")) for v in variants}
+    counts = {
+        v: sum(1 for line in d.splitlines() if line.startswith("-")) for v, d in dumps.items()
+    }
     log.debug("iptables rule counts: %s", counts)
     return "legacy" if counts.get("legacy", 0) > counts.get("nft", 0) else "nft"
 
