@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -101,3 +104,25 @@ def test_region_of_static_identity_is_none() -> None:
         }
     )
     assert imds_mod.region(cfg) is None
+
+
+def test_standalone_server_for_the_lab() -> None:
+    """``python -m tests.support.imds`` serves until SIGTERM; the lab runs it in namespaces."""
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.support.imds", "--port", "0", "--vpc-id", "vpc-77"],
+        cwd=root,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        endpoint = line.split()[-1]
+        assert endpoint.startswith("http://127.0.0.1:"), line
+        client = ImdsClient(endpoint, timeout=2, retries=0)
+        assert client.get("network/interfaces/macs/0e:12:34:56:78:9a/vpc-id") == "vpc-77"
+        assert client.get("public-ipv4") is None
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=10) == 0
