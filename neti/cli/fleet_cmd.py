@@ -1,9 +1,416 @@
-"""Commands of this group are added by their issue."""
+"""``neti fleet``: the operator's view of the whole fleet, from ZooKeeper and EC2.
+
+These commands run on an operator's machine, not on a member: they need no identity, only
+the ZooKeeper hosts of one network (``--network``; see ``_network``) and, for anything EC2,
+boto3's usual credentials and region (``--region``, AWS_DEFAULT_REGION, ~/.aws/config).
+"""
 
 from __future__ import annotations
 
 import argparse
+import io
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager, redirect_stdout
+from typing import Any, TextIO
+
+from packaging.version import InvalidVersion, Version
+
+from neti import __version__
+from neti import aws as aws_mod
+from neti.aws import AwsError, fleetops
+from neti.cli.common import add_config, add_json, load_config, print_json, print_table
+from neti.config import Config, StaticIdentity
+from neti.errors import NetiError
+from neti.registry import Registry, connect
+
+# How many live members gc asks EC2 about to prove it is looking at the right account/region.
+GC_SAMPLE = 20
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """No commands yet."""
+    p = sub.add_parser(
+        "fleet",
+        help="operate the whole fleet (members, addresses, audit, gc)",
+        description="Operator commands for the whole fleet: ZooKeeper plus EC2.",
+    )
+    fsub = p.add_subparsers(dest="fleet_command", metavar="SUBCOMMAND", required=True)
+
+    def cmd(name: str, help_: str, func: Any, ec2: bool = False) -> argparse.ArgumentParser:
+        c = fsub.add_parser(name, help=help_, description=help_)
+        add_config(c)
+        add_json(c)
+        c.add_argument(
+            "--network",
+            metavar="LABEL",
+            help="use this network's zk_hosts (default: the static identity's network, "
+            "else the 'default' entry, else the first entry)",
+        )
+        if ec2:
+            c.add_argument("--region", metavar="REGION", help="AWS region (default: boto3's)")
+        c.set_defaults(func=func)
+        return c
+
+    m = cmd("members", "the live fleet, naturally sorted by Name tag", run_members, ec2=True)
+    m.add_argument("--no-ec2", action="store_true", help="do not ask EC2 for Name tags")
+
+    cmd("ips", "used and free overlay addresses; claims without a live member", run_ips)
+
+    a = cmd(
+        "audit",
+        "EC2 instances not in the fleet, outdated agents, members EC2 no longer knows",
+        run_audit,
+        ec2=True,
+    )
+    a.add_argument(
+        "--below-version",
+        metavar="V",
+        default=__version__,
+        help=f"report members whose agent is older than V (default {__version__}); "
+        "members of unknown version (original agents) count as older",
+    )
+
+    s = cmd("set", "set a fleet-wide setting", run_set)
+    s.add_argument("key", choices=["max-change"], help="max-change: the mass-removal guard")
+    s.add_argument("value", type=_non_negative, metavar="N")
+    g = cmd("get", "show a fleet-wide setting", run_get)
+    g.add_argument("key", choices=["max-change"])
+
+    r = cmd("release", "remove an instance's overlay IP claim", run_release)
+    r.add_argument("instance_id", metavar="INSTANCE-ID")
+    r.add_argument(
+        "--force",
+        action="store_true",
+        help="release even while the instance is a live member (its agent re-claims)",
+    )
+
+    gc = cmd(
+        "gc",
+        "release claims of instances EC2 reports terminated or unknown",
+        run_gc,
+        ec2=True,
+    )
+    gc.add_argument("--dry-run", action="store_true", help="show what would be released")
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative")
+    return value
+
+
+# --- plumbing -----------------------------------------------------------------------------
+
+
+def _network(cfg: Config, given: str | None) -> str:
+    """The network whose zk_hosts an operator's command uses."""
+    if given:
+        if given not in cfg.zk_hosts and "default" not in cfg.zk_hosts:
+            known = ", ".join(cfg.zk_hosts)
+            raise NetiError(f"--network {given!r}: zk_hosts has no such entry (known: {known})")
+        return given
+    if isinstance(cfg.identity, StaticIdentity):
+        return cfg.identity.network
+    if "default" in cfg.zk_hosts:
+        return "default"
+    return next(iter(cfg.zk_hosts))
+
+
+@contextmanager
+def _registry(cfg: Config, args: argparse.Namespace) -> Iterator[Registry]:
+    reg = connect(cfg, _network(cfg, args.network))
+    try:
+        yield reg
+    finally:
+        reg.close()
+
+
+class Progress:
+    """``\\r[n/N]`` on stderr for long runs, only when stderr is a terminal."""
+
+    def __init__(self, what: str, stream: TextIO | None = None):
+        self.what = what
+        self.stream = stream or sys.stderr
+        self.active = self.stream.isatty()
+        self.shown = False
+
+    def __call__(self, n: int, total: int | None = None) -> None:
+        if not self.active:
+            return
+        count = f"{n}/{total}" if total else str(n)
+        self.stream.write(f"\r{self.what} [{count}]")
+        self.stream.flush()
+        self.shown = True
+
+    def done(self) -> None:
+        if self.shown:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+            self.shown = False
+
+
+def _describe(cfg: Config, args: argparse.Namespace, ids: list[str] | None = None) -> Any:
+    client = aws_mod.ec2_client(cfg, args.region)
+    progress = Progress("EC2 instances")
+    try:
+        return aws_mod.describe_instances(client, ids, progress=progress)
+    finally:
+        progress.done()
+
+
+def _section(title: str, rows: list[tuple[Any, ...]], headers: list[str]) -> None:
+    """A titled, indented table (nothing but the title when empty)."""
+    print(f"{title}: {len(rows)}")
+    if not rows:
+        return
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        print_table(rows, headers)
+    for line in buf.getvalue().splitlines():
+        print(f"  {line}")
+
+
+def _warn(msg: str) -> None:
+    print(f"neti: warning: {msg}", file=sys.stderr)
+
+
+# --- members ------------------------------------------------------------------------------
+
+
+def run_members(args: argparse.Namespace) -> int:
+    cfg = load_config(args)
+    with _registry(cfg, args) as reg:
+        fleet = reg.read_fleet()
+        claims = reg.claims()
+    instances = None
+    ec2_note = "not asked (--no-ec2)"
+    if not args.no_ec2:
+        ids = list(fleetops.real_ids(fleet, claims).values())
+        try:
+            instances = _describe(cfg, args, ids)
+            ec2_note = "ok"
+        except AwsError as exc:
+            ec2_note = f"unavailable: {exc}"
+            _warn(f"no Name tags, sorting by instance ID: {exc}")
+    rows = fleetops.member_rows(fleet, claims, instances)
+    if args.json:
+        print_json(
+            {
+                "members": [r.as_dict() for r in rows],
+                "count": len(rows),
+                "by_network": fleet.by_network(),
+                "skipped": fleet.skipped,
+                "skipped_reasons": list(fleet.skipped_reasons),
+                "ec2": ec2_note,
+            }
+        )
+        return 0
+    print_table(
+        [
+            (
+                r.name or "-",
+                r.instance_id,
+                r.member.network,
+                r.member.overlay_ip,
+                r.member.private_ip,
+                r.member.public_ip,
+                r.member.version or ("legacy" if r.member.legacy else "-"),
+            )
+            for r in rows
+        ],
+        ["NAME", "INSTANCE", "NETWORK", "OVERLAY", "PRIVATE", "PUBLIC", "VERSION"],
+    )
+    nets = ", ".join(f"{n} {c}" for n, c in fleet.by_network().items())
+    tail = f"{len(rows)} members" + (f" ({nets})" if nets else "")
+    if fleet.skipped:
+        tail += f"; {fleet.skipped} malformed registry entries skipped"
+    print(tail)
+    return 0
+
+
+# --- ips ----------------------------------------------------------------------------------
+
+
+def run_ips(args: argparse.Namespace) -> int:
+    cfg = load_config(args)
+    with _registry(cfg, args) as reg:
+        fleet = reg.read_fleet()
+        claims = reg.claims()
+    report = fleetops.ip_report(cfg.overlay_subnet, claims, fleet)
+    if args.json:
+        print_json(report.as_dict())
+        return 0
+    print(
+        f"overlay subnet {report.subnet}: {report.usable} usable, {len(report.used)} used, "
+        f"{report.free} free"
+    )
+    if report.used:
+        print()
+        print_table(
+            [(ip, iid, "live" if live else "STALE") for ip, iid, live in report.used],
+            ["OVERLAY", "OWNER", "STATE"],
+        )
+    print()
+    print(f"claims without a live member: {len(report.stale)}")
+    for ip, iid in report.stale:
+        print(f"  {ip}  {iid}")
+    for ip, iid in report.outside:
+        print(f"claim outside {report.subnet}: {ip} {iid}")
+    for m in report.unclaimed:
+        print(f"live member without a claim: {m.instance_id} {m.overlay_ip}")
+    return 0
+
+
+# --- audit --------------------------------------------------------------------------------
+
+
+def run_audit(args: argparse.Namespace) -> int:
+    try:
+        below = Version(args.below_version)
+    except InvalidVersion:
+        raise NetiError(f"--below-version {args.below_version!r} is not a version") from None
+    cfg = load_config(args)
+    with _registry(cfg, args) as reg:
+        fleet = reg.read_fleet()
+        claims = reg.claims()
+    instances = _describe(cfg, args)  # every instance, every page: the audit needs them all
+    result = fleetops.audit(fleet, claims, instances, below)
+    if args.json:
+        print_json(result.as_dict())
+        return 0
+    _section(
+        "running EC2 instances not in the fleet",
+        [
+            (i.name or "-", i.instance_id, i.private_ip or "-", i.vpc_id or "-")
+            for i in result.not_in_fleet
+        ],
+        ["NAME", "INSTANCE", "PRIVATE", "VPC"],
+    )
+    _section(
+        f"members below {below}",
+        [
+            (r.name or "-", r.instance_id, r.member.overlay_ip, r.member.version or "unknown")
+            for r in result.outdated
+        ],
+        ["NAME", "INSTANCE", "OVERLAY", "VERSION"],
+    )
+    _section(
+        "members EC2 no longer knows",
+        [(r.instance_id, r.member.overlay_ip, why) for r, why in result.gone],
+        ["INSTANCE", "OVERLAY", "EC2"],
+    )
+    print(f"summary: {result.summary()}")
+    return 0
+
+
+# --- set / get ----------------------------------------------------------------------------
+
+
+def run_set(args: argparse.Namespace) -> int:
+    cfg = load_config(args)
+    with _registry(cfg, args) as reg:
+        before = reg.max_change()
+        reg.set_max_change(args.value)
+        after = reg.max_change()
+    if args.json:
+        print_json({"max_change": after, "previous": before})
+    else:
+        print(f"max-change {after} (was {before})")
+    return 0
+
+
+def run_get(args: argparse.Namespace) -> int:
+    cfg = load_config(args)
+    with _registry(cfg, args) as reg:
+        value = reg.max_change()
+    if args.json:
+        print_json({"max_change": value})
+    else:
+        print(f"max-change {value}")
+    return 0
+
+
+# --- release ------------------------------------------------------------------------------
+
+
+def run_release(args: argparse.Namespace) -> int:
+    cfg = load_config(args)
+    iid = args.instance_id
+    with _registry(cfg, args) as reg:
+        fleet = reg.read_fleet()
+        claims = reg.claims()
+        ids = fleetops.real_ids(fleet, claims)
+        live = [m for m, real in ids.items() if iid in (real, m.instance_id)]
+        if live and not args.force:
+            raise NetiError(
+                f"{iid} is a live member (overlay IP {live[0].overlay_ip}): its agent still "
+                "uses the address; stop the agent first, or pass --force"
+            )
+        ip = reg.release(iid)
+    if ip is None:
+        raise NetiError(f"{iid} holds no overlay IP claim (see neti fleet ips)")
+    if args.json:
+        print_json({"instance_id": iid, "overlay_ip": str(ip), "was_live": bool(live)})
+    else:
+        print(f"released {ip} ({iid})")
+    return 0
+
+
+# --- gc -----------------------------------------------------------------------------------
+
+
+def run_gc(args: argparse.Namespace) -> int:
+    cfg = load_config(args)
+    with _registry(cfg, args) as reg:
+        fleet = reg.read_fleet()
+        claims = reg.claims()
+        candidates = fleetops.gc_candidates(fleet, claims)
+        real = fleetops.real_ids(fleet, claims).values()
+        sample = sorted(i for i in real if aws_mod.is_ec2_instance_id(i))[:GC_SAMPLE]
+        instances = _describe(cfg, args, [*candidates, *sample]) if candidates else {}
+        if sample and candidates and not any(i in instances for i in sample):
+            raise AwsError(
+                f"EC2 knows none of the {len(sample)} live members asked about: wrong region "
+                "or account? (use --region) Nothing was released"
+            )
+        plan = fleetops.gc_plan(fleet, claims, instances)
+        released = []
+        if plan.release and not args.dry_run:
+            # A member that appeared since the first read is never touched.
+            now_live = fleetops.live_claims(reg.read_fleet(), reg.claims())
+            progress = Progress("releasing")
+            try:
+                for n, (iid, ip, why) in enumerate(plan.release, 1):
+                    if iid in now_live:
+                        plan.kept.append((iid, ip, "became a live member"))
+                        continue
+                    got = reg.release(iid)
+                    if got is not None:
+                        released.append((iid, got, why))
+                    progress(n, len(plan.release))
+            finally:
+                progress.done()
+    if args.json:
+        out = plan.as_dict()
+        out["dry_run"] = bool(args.dry_run)
+        out["released"] = [
+            {"instance_id": i, "overlay_ip": str(ip), "reason": w} for i, ip, w in released
+        ]
+        print_json(out)
+        return 0
+    if args.dry_run:
+        for iid, ip, why in plan.release:
+            print(f"would release {ip} {iid} ({why})")
+    else:
+        for iid, ip, why in released:
+            print(f"released {ip} {iid} ({why})")
+    for iid, ip, why in plan.kept:
+        print(f"kept {ip} {iid}: {why}")
+    count = len(plan.release) if args.dry_run else len(released)
+    verb = "would release" if args.dry_run else "released"
+    print(f"{verb} {count} claims; {plan.live} claims of live members untouched")
+    return 0
