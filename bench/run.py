@@ -102,6 +102,7 @@ def neti_available() -> str | None:
 
 
 def worker(pair: lab.Pair, ns: str, job: dict[str, Any]) -> dict[str, Any]:
+    job = {**job, "parent_netns": os.stat("/proc/self/ns/net").st_ino}
     out = pair.exec(ns, [sys.executable, "-m", "bench.worker"], input=json.dumps(job), timeout=300)
     return json.loads(out.strip().splitlines()[-1])
 
@@ -135,7 +136,7 @@ def dnat_position(pair: lab.Pair, ns: str, overlay: IPv4Address) -> str:
             text = pair.exec(ns, [save, "-t", "nat"])
         except (RuntimeError, FileNotFoundError):
             continue
-        dnat = [line for line in text.splitlines() if "DNAT" in line and line.startswith("-A")]
+        dnat = [line for line in text.splitlines() if line.startswith("-A") and "-j DNAT" in line]
         for i, line in enumerate(dnat, 1):
             if f"-d {overlay}/32 " in line + " ":
                 return f"{i} of {len(dnat)}"
