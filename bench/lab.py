@@ -1,6 +1,6 @@
 """Two network namespaces joined by a veth pair, and the connrate program that runs in them.
 
-Everything the bench creates lives in namespaces named with a random ``nb<hex>`` prefix and is
+Everything the bench creates lives in namespaces named with a random ``nbench<hex>`` prefix and is
 removed in ``close()`` (callers use ``with``), so a failed or interrupted run leaves
 ``ip netns list`` as it found it. Nothing here touches the root namespace's firewall or
 sysctls; the per-namespace sysctls set below only exist inside the bench namespaces.
@@ -14,6 +14,7 @@ import secrets
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,7 +94,7 @@ class Pair:
     """A client and a server namespace joined by a veth pair, conntrack on in both."""
 
     def __init__(self, prefix: str | None = None) -> None:
-        self.prefix = prefix or f"nb{secrets.token_hex(3)}"
+        self.prefix = prefix or f"nbench{secrets.token_hex(3)}"
         self.client = f"{self.prefix}-c"
         self.server = f"{self.prefix}-s"
         self._created: list[str] = []
@@ -229,8 +230,20 @@ class Pair:
         ]
         if count:
             argv += ["-n", str(count)]
-        out = self.exec(self.client, argv, timeout=seconds + 30)
-        return json.loads(out)
+        full = ["ip", "netns", "exec", self.client, *argv]
+        for attempt in range(3):  # bounded: a run killed from outside is repeated, twice at most
+            proc = subprocess.run(
+                full, capture_output=True, text=True, timeout=seconds + 30, cwd=ROOT
+            )
+            if proc.returncode == 0:
+                return json.loads(proc.stdout)
+            if proc.returncode > 0 or attempt == 2:
+                raise RuntimeError(f"connrate client failed ({proc.returncode}): {proc.stderr}")
+            print(
+                f"bench: connrate client killed by signal {-proc.returncode}; repeating the run",
+                file=sys.stderr,
+            )
+        raise AssertionError("unreachable")
 
 
 def wait_gone(names: list[str], timeout: float = 10) -> None:
