@@ -26,6 +26,28 @@ GUARD_ENV = "NETI_REFUSE_INIT_NETNS"
 LOCK_DIR = "/run/neti"
 
 
+def in_init_netns() -> bool:
+    """Is this process in the machine's initial network namespace? When unsure: yes.
+
+    Compared with PID 1's namespace, else with kthreadd's (kernel threads always live in the
+    initial namespace).
+    """
+    try:
+        mine = os.stat("/proc/self/ns/net").st_ino
+    except OSError:
+        return True
+    try:
+        return mine == os.stat("/proc/1/ns/net").st_ino
+    except OSError:
+        pass
+    try:
+        if Path("/proc/2/comm").read_text().strip() == "kthreadd":
+            return mine == os.stat("/proc/2/ns/net").st_ino
+    except OSError:
+        pass
+    return True  # cannot tell: assume the worst
+
+
 class System:
     """Run commands, read/write sysctls and open netlink sockets in one network namespace."""
 
@@ -81,10 +103,7 @@ class System:
         """True when commands would hit the machine's initial network namespace."""
         if self.netns:
             return False
-        try:
-            return os.stat("/proc/self/ns/net").st_ino == os.stat("/proc/1/ns/net").st_ino
-        except OSError:
-            return True  # cannot tell: assume the worst
+        return in_init_netns()
 
     def guard_writes(self) -> None:
         """Refuse kernel writes in the initial namespace when the guard variable is set."""

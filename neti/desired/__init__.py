@@ -111,8 +111,8 @@ class DesiredState:
     def from_dict(cls, d: dict[str, Any]) -> DesiredState:
         """Inverse of ``as_dict`` (for ``python -m neti.dataplane apply-state`` and tests)."""
         return build(
-            overlay_subnet=IPv4Network(str(d["overlay_subnet"])),
-            allow=[IPv4Address(str(a)) for a in d.get("allow", [])],
+            overlay_subnet=str(d["overlay_subnet"]),
+            allow=[str(a) for a in d.get("allow", [])],
             dnat=[
                 Dnat(
                     IPv4Address(str(x["overlay_ip"])),
@@ -121,8 +121,8 @@ class DesiredState:
                 )
                 for x in d.get("dnat", [])
             ],
-            open_ports=[PortSpec.model_validate(p) for p in d.get("open_ports", [])],
-            ssh_whitelist=[IPv4Network(str(n)) for n in d.get("ssh_whitelist", [])],
+            open_ports=list(d.get("open_ports", [])),
+            ssh_whitelist=[str(n) for n in d.get("ssh_whitelist", [])],
             reject_all=bool(d.get("reject_all", False)),
             forward=bool(d.get("forward", False)),
             conntrack_max=int(d.get("conntrack_max", 0)),
@@ -136,7 +136,7 @@ def _port_key(p: PortSpec) -> tuple[str, int, int]:
 
 
 def build(
-    overlay_subnet: IPv4Network,
+    overlay_subnet: IPv4Network | str,
     allow: Any = (),
     dnat: Any = (),
     open_ports: Any = (),
@@ -147,16 +147,21 @@ def build(
     conntrack_hashsize: int = 0,
     skipped: Any = (),
 ) -> DesiredState:
-    """A DesiredState in canonical form (sorted, deduplicated); one overlay IP, one target."""
+    """A DesiredState in canonical form (sorted, deduplicated); one overlay IP, one target.
+
+    Accepts typed values or their text forms (``"10.0.0.1"``, ``"udp/53"``, ``8080``,
+    ``"10.0.0.0/8"``) so tests and benchmarks can build states directly.
+    """
     by_overlay: dict[IPv4Address, Dnat] = {}
     for d in dnat:
         by_overlay.setdefault(d.overlay_ip, d)
+    ports = {p if isinstance(p, PortSpec) else PortSpec.model_validate(p) for p in open_ports}
     return DesiredState(
-        overlay_subnet=overlay_subnet,
-        allow=tuple(sorted(set(allow))),
+        overlay_subnet=IPv4Network(overlay_subnet),
+        allow=tuple(sorted({IPv4Address(a) for a in allow})),
         dnat=tuple(sorted(by_overlay.values())),
-        open_ports=tuple(sorted(set(open_ports), key=_port_key)),
-        ssh_whitelist=tuple(sorted(set(ssh_whitelist))),
+        open_ports=tuple(sorted(ports, key=_port_key)),
+        ssh_whitelist=tuple(sorted({IPv4Network(n) for n in ssh_whitelist})),
         reject_all=reject_all,
         forward=forward,
         conntrack_max=conntrack_max,

@@ -118,8 +118,20 @@ class Host:
         return Identity(self.instance_id, self.private_ip, self.public_ip, self.network)
 
 
+# Every prefix this process handed out, so leak checks look at their own namespaces only
+# (other tests or tools may be using namespaces at the same time).
+ISSUED_PREFIXES: set[str] = set()
+
+
 def new_prefix(tag: str = "nt") -> str:
-    return f"{tag}{secrets.token_hex(3)}-"
+    prefix = f"{tag}{secrets.token_hex(3)}-"
+    ISSUED_PREFIXES.add(prefix)
+    return prefix
+
+
+def leftovers() -> list[str]:
+    """Namespaces of prefixes this process issued that still exist."""
+    return [ns for ns in netns.list_ns() if ns.startswith(tuple(ISSUED_PREFIXES))]
 
 
 def cleanup(prefix: str) -> list[str]:

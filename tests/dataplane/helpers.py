@@ -1,0 +1,81 @@
+"""Building desired states for lab hosts and reading back what the kernel holds."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from ipaddress import IPv4Address
+from typing import Any
+
+import pytest
+
+from neti import config, dataplane
+from neti.dataplane.iptables import IptablesBackend
+from neti.desired import DesiredState, compute
+from neti.fleet import Fleet, Member
+from neti.lab import Topology
+
+OVERLAY = {"ec2a": "192.168.0.10", "ec2b": "192.168.0.11", "vpc1": "192.168.0.12"}
+MEMBERS = ("ec2a", "ec2b", "vpc1")
+
+
+def fleet_of(lab: Topology, names: tuple[str, ...] = MEMBERS) -> Fleet:
+    members = []
+    for n in names:
+        h = lab.host(n)
+        assert h.network is not None
+        members.append(
+            Member(h.instance_id, h.network, h.public_ip, h.private_ip, IPv4Address(OVERLAY[n]))
+        )
+    return Fleet(members=tuple(members))
+
+
+def desired_for(
+    lab: Topology, host: str, members: tuple[str, ...] = MEMBERS, **cfg: Any
+) -> DesiredState:
+    c = config.parse(lab.config(host, **cfg))
+    return compute(lab.host(host).identity, fleet_of(lab, members), c)
+
+
+def kernel_view(b: IptablesBackend) -> dict[str, Any]:
+    """Neti's part of the kernel, component by component."""
+    from neti.dataplane import ipset
+    from neti.dataplane.iptables import FILTER_CHAIN, NAT_CHAIN
+
+    tables = b.read_tables()
+    sets = ipset.read(b.system)
+    return {
+        "allow": None if sets.allow is None else tuple(sorted(sets.allow)),
+        "filter": tuple(tables["filter"].rules.get(FILTER_CHAIN, ["<missing>"])),
+        "nat": tuple(tables["nat"].rules.get(NAT_CHAIN, ["<missing>"])),
+        "jumps": (
+            len(tables["filter"].jumps("INPUT", FILTER_CHAIN)),
+            len(tables["nat"].jumps("OUTPUT", NAT_CHAIN)),
+        ),
+    }
+
+
+def save(lab: Topology, host: str, cmd: str = "iptables-save") -> list[str]:
+    """Rules and chain names (no comments, no counters) of a host, for before/after checks."""
+    out = lab.run(host, [cmd]).stdout.splitlines()
+    return [
+        line.split(" [")[0] if line.startswith(":") else line
+        for line in out
+        if not line.startswith("#")
+    ]
+
+
+@pytest.fixture
+def backends(lab: Topology) -> Iterator[Callable[[str], IptablesBackend]]:
+    """Backends bound to lab hosts; everything they installed is uninstalled afterwards."""
+    made: dict[str, IptablesBackend] = {}
+
+    def get(host: str) -> IptablesBackend:
+        if host not in made:
+            b = dataplane.select(None, netns=lab.ns(host))
+            assert isinstance(b, IptablesBackend)
+            made[host] = b
+        return made[host]
+
+    yield get
+    for b in made.values():
+        b.uninstall()
