@@ -1,0 +1,28 @@
+"""One lab fleet per module: topology, ZooKeeper, name servers and three real agents."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from neti.lab.demo import Lab
+from tests.lab.fixtures import netns_guard  # noqa: F401 - fixture
+
+SESSION_TIMEOUT = 4.0
+
+
+@pytest.fixture(scope="module")
+def fleet(netns_guard: None) -> Iterator[Lab]:  # noqa: F811
+    """Agents with short timeouts; metrics on in every host (127.0.0.1 of its namespace)."""
+    lab = Lab(
+        zk_session_timeout=SESSION_TIMEOUT,
+        watch_delay_min=0.05,
+        watch_delay_max=0.3,
+        resync_interval=60.0,
+        metrics={"enabled": True, "listen": "127.0.0.1", "port": 9437},
+    )
+    with lab:
+        for host in lab.agent_hosts:
+            lab.start_agent(host)
+        yield lab

@@ -1,0 +1,185 @@
+"""End to end: real agents in namespaces, a real ZooKeeper, real packets.
+
+The tests share one lab fleet and run in file order; each leaves the fleet converged for
+the next. Everything is polled with deadlines (``wait_for``); the only fixed wait is the
+ZooKeeper outage, which must last longer than the session timeout by definition, and the
+fleet is checked continuously while it lasts.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+
+from neti.lab.demo import OUTSIDER, Lab, wait_for
+from tests.e2e.conftest import SESSION_TIMEOUT
+
+pytestmark = [pytest.mark.root, pytest.mark.zk, pytest.mark.timeout(120)]
+
+ALL = ("ec2a", "ec2b", "vpc1")
+OK, WARNING, CRITICAL = 0, 1, 2
+
+
+def fleet_ids(lab: Lab, host: str) -> set[str]:
+    st = lab.state(host) or {}
+    return {m["instance_id"] for m in st.get("fleet") or []}
+
+
+def wait_status(lab: Lab, hosts: tuple[str, ...], code: int, what: str, timeout: float = 30):
+    """Poll ``neti status`` until every host exits with ``code``; the reports."""
+
+    def check() -> dict[str, dict] | None:
+        out = {}
+        for h in hosts:
+            rc, report = lab.status(h)
+            if rc != code:
+                return None
+            out[h] = report
+        return out
+
+    return wait_for(f"{what} (neti status exit {code} on {', '.join(hosts)})", check, timeout)
+
+
+def test_join_every_host_reaches_every_other(fleet: Lab) -> None:
+    took = fleet.wait_converged(timeout=45)
+    print(f"\njoin -> full mesh: {took:.2f}s")
+    m = fleet.matrix()
+    assert fleet.full_mesh(m, ALL)
+    assert fleet.outsider_blocked(m)
+    reports = wait_status(fleet, ALL, OK, "all healthy")
+    for h, r in reports.items():
+        assert r["status"] == "OK"
+        assert r["members_by_network"] == {"ec2": 2, "vpc": 1}
+        assert r["kernel"]["matches"] is True
+        assert r["guard"]["held"] is False
+        assert r["identity"]["instance_id"] == f"i-{h}"
+    ips = {fleet.overlay_ip(h) for h in ALL}
+    assert len(ips) == 3
+
+
+def test_status_text_is_a_monitoring_check(fleet: Lab) -> None:
+    code, text = fleet.status_text("vpc1")
+    assert code == OK
+    assert text.startswith("NETI OK - i-vpc1 ")
+    assert "members:        3 (ec2=2 vpc=1)" in text
+
+
+def test_metrics_endpoint(fleet: Lab) -> None:
+    probe = (
+        "import urllib.request;"
+        "print(urllib.request.urlopen('http://127.0.0.1:9437/metrics', timeout=5).read().decode())"
+    )
+    import sys
+
+    out = fleet.topo.run("ec2a", [sys.executable, "-I", "-c", probe]).stdout
+    assert 'neti_members{network="ec2"} 2.0' in out
+    assert 'neti_zookeeper_state{state="connected"} 1.0' in out
+    assert "neti_reconcile_duration_seconds_count" in out
+
+
+def test_killed_agent_is_removed_after_session_timeout_and_returns_with_same_ip(
+    fleet: Lab,
+) -> None:
+    ip = fleet.overlay_ip("ec2b")
+    t0 = time.monotonic()
+    fleet.stop_agent("ec2b", signal.SIGKILL)
+    rc, report = fleet.status("ec2b")
+    assert rc == CRITICAL and "agent not running" in report["summary"]
+    # Peers drop it once its session expires (nothing told them: kill -9).
+    wait_for(
+        "peers to remove ec2b",
+        lambda: all("i-ec2b" not in fleet_ids(fleet, h) for h in ("ec2a", "vpc1")),
+        timeout=SESSION_TIMEOUT * 3 + 10,
+    )
+    removed_after = time.monotonic() - t0
+    print(
+        f"\nkill -9 -> removed by peers: {removed_after:.2f}s (session timeout "
+        f"{SESSION_TIMEOUT:g}s)"
+    )
+    assert removed_after >= SESSION_TIMEOUT * 0.5  # not before the session could expire
+    m = fleet.matrix()
+    assert m["ec2a"]["ec2b"] is None and m["vpc1"]["ec2b"] is None
+    assert fleet.full_mesh(m, ("ec2a", "vpc1"))
+    wait_status(fleet, ("ec2a", "vpc1"), OK, "peers healthy without ec2b")
+
+    fleet.start_agent("ec2b")
+    took = fleet.wait_converged(timeout=30)
+    print(f"restart -> full mesh: {took:.2f}s")
+    assert fleet.overlay_ip("ec2b") == ip
+    wait_status(fleet, ALL, OK, "all healthy again")
+
+
+def test_mass_removal_is_held_until_threshold_raised(fleet: Lab) -> None:
+    fleet.set_max_change(0)
+    try:
+        assert fleet.stop_agent("ec2b", signal.SIGTERM) == 0  # leaves the fleet at once
+        reports = wait_status(fleet, ("ec2a", "vpc1"), WARNING, "the guard to hold ec2b")
+        for r in reports.values():
+            assert r["guard"]["held"] is True
+            assert r["guard"]["removed"] == ["i-ec2b"]
+            assert "guard holding 1 removals" in r["summary"]
+        # Held: peers keep ec2b's DNAT and allowlist entry; its stopped agent kept its rules.
+        m = fleet.matrix()
+        assert fleet.full_mesh(m, ALL)
+        assert fleet.outsider_blocked(m)
+        fleet.set_max_change(20)
+        wait_status(fleet, ("ec2a", "vpc1"), OK, "the guard to release after raising it")
+        assert all("i-ec2b" not in fleet_ids(fleet, h) for h in ("ec2a", "vpc1"))
+        m = fleet.matrix()
+        assert m["ec2a"]["ec2b"] is None and m["vpc1"]["ec2b"] is None
+    finally:
+        fleet.set_max_change(20)
+        if "ec2b" not in fleet.agents:
+            fleet.start_agent("ec2b")
+    fleet.wait_converged(timeout=30)
+    wait_status(fleet, ALL, OK, "all healthy again")
+
+
+def test_zookeeper_outage_changes_no_rule_and_fleet_recovers(fleet: Lab) -> None:
+    assert fleet.zk is not None
+    before = {h: fleet_ids(fleet, h) for h in ALL}
+    fleet.zk.stop()
+    t0 = time.monotonic()
+    try:
+        reports = wait_status(
+            fleet, ALL, WARNING, "agents to notice ZooKeeper is gone", timeout=SESSION_TIMEOUT * 3
+        )
+        for r in reports.values():
+            assert r["zookeeper"]["state"] in ("suspended", "lost")
+            assert r["kernel"]["matches"] is True
+        # Outlast the session timeout, checking all along that nothing changed.
+        while time.monotonic() - t0 < SESSION_TIMEOUT * 2:
+            m = fleet.matrix()
+            assert fleet.full_mesh(m, ALL), m
+            assert fleet.outsider_blocked(m)
+            for h in ALL:
+                assert fleet_ids(fleet, h) == before[h]
+    finally:
+        fleet.zk.start()
+    wait_status(fleet, ALL, OK, "recovery after ZooKeeper returned", timeout=45)
+    for h in ALL:
+        assert fleet_ids(fleet, h) == {"i-ec2a", "i-ec2b", "i-vpc1"}
+    assert fleet.full_mesh(fleet.matrix(), ALL)
+
+
+def test_drift_is_critical_and_sighup_repairs_it(fleet: Lab) -> None:
+    fleet.topo.run("ec2a", ["iptables", "-F", "NETI-INPUT"])
+    rc, report = fleet.status("ec2a")
+    assert rc == CRITICAL
+    assert "kernel drifted" in report["summary"]
+    fleet.signal_agent("ec2a", signal.SIGHUP)  # reload -> full resync repairs the kernel
+    wait_status(fleet, ("ec2a",), OK, "the agent to repair ec2a's chain")
+    assert fleet.outsider_blocked(fleet.matrix())
+
+
+def test_no_state_is_critical(fleet: Lab) -> None:
+    rc, report = fleet.status("zk")  # zk's host never ran an agent
+    assert rc == CRITICAL
+    assert report["summary"].startswith("no state file")
+
+
+def test_outsider_never_reaches_anyone(fleet: Lab) -> None:
+    m = fleet.matrix()
+    assert all(v is None for v in m[OUTSIDER].values())
