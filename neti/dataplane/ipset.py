@@ -40,7 +40,7 @@ class SetsState:
     """What the kernel holds of Neti's sets (None: the set does not exist)."""
 
     names: frozenset[str]
-    allow: frozenset[IPv4Address] | None
+    allow: frozenset[str] | None  # dotted quads as ipset prints them (cheap to compare)
     allow_maxelem: int | None = None
     audit: dict[str, int] = field(default_factory=dict)
 
@@ -70,7 +70,7 @@ def read(system: System, with_audit: bool = False) -> SetsState:
     maxelem = None
     if ALLOW_SET in names:
         header, elements = _parse_save(system.run(["ipset", "save", ALLOW_SET]).stdout, ALLOW_SET)
-        allow = frozenset(IPv4Address(e[0]) for e in elements)
+        allow = frozenset(e[0] for e in elements)
         maxelem = int(header.get("maxelem", "0") or 0)
     audit = read_audit(system) if with_audit and AUDIT_SET in names else {}
     return SetsState(names=names, allow=allow, allow_maxelem=maxelem, audit=audit)
@@ -107,7 +107,7 @@ def render(current: SetsState, allow: tuple[IPv4Address, ...]) -> tuple[str, lis
         # Left over by an apply that was killed: never referenced by a rule, safe to drop.
         lines.append(f"destroy {STAGING_SET}")
         changes.append(f"destroyed leftover set {STAGING_SET}")
-    want = frozenset(allow)
+    want = frozenset(map(str, allow))
     too_small = current.allow_maxelem is not None and current.allow_maxelem < len(want)
     if current.allow is None or current.allow != want or too_small:
         if current.allow is None:
@@ -117,18 +117,23 @@ def render(current: SetsState, allow: tuple[IPv4Address, ...]) -> tuple[str, lis
         else:
             added, removed = len(want - current.allow), len(current.allow - want)
         lines.append(f"create {allow_header(STAGING_SET, len(want))}")
-        lines.extend(f"add {STAGING_SET} {ip}" for ip in allow)
+        add = f"add {STAGING_SET} "
+        lines.extend(add + str(ip) for ip in allow)
         lines.append(f"swap {ALLOW_SET} {STAGING_SET}")
         lines.append(f"destroy {STAGING_SET}")
         changes.append(f"set {ALLOW_SET}: {len(want)} members (+{added} -{removed})")
     return ("\n".join(lines) + "\n" if lines else ""), changes
 
 
+def _ipkey(ip: str) -> int:
+    return int(IPv4Address(ip))
+
+
 def diff(current: SetsState, allow: tuple[IPv4Address, ...]) -> list[str]:
     have = current.allow or frozenset()
-    want = frozenset(allow)
-    out = [f"-{ALLOW_SET} {ip}" for ip in sorted(have - want)]
-    out += [f"+{ALLOW_SET} {ip}" for ip in sorted(want - have)]
+    want = frozenset(map(str, allow))
+    out = [f"-{ALLOW_SET} {ip}" for ip in sorted(have - want, key=_ipkey)]
+    out += [f"+{ALLOW_SET} {ip}" for ip in sorted(want - have, key=_ipkey)]
     if current.allow is None:
         out.insert(0, f"+create {ALLOW_SET}")
     if AUDIT_SET not in current.names:

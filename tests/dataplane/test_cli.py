@@ -85,10 +85,8 @@ def test_apply_dry_run_and_uninstall(
         assert lab.reach("vpc1", pub, SERVICE) == "ec2a"
         assert lab.reach("outsider", pub, SERVICE, 0.5) is None
 
-        again = neti_json(lab, "ec2a", "apply", "-c", ec2a)
-        assert not again["changed"] and again["overlay_ip"] == own
         human = neti(lab, "ec2a", "apply", "-c", ec2a).stdout
-        assert "no changes" in human
+        assert "no changes" in human and f"overlay IP {own}" in human
 
         # A member leaves: the next apply drops its DNAT rule and allowlist entry.
         p, vpc1_overlay = members.pop("vpc1")
@@ -101,7 +99,6 @@ def test_apply_dry_run_and_uninstall(
         out = neti_json(lab, "ec2a", "uninstall", "-c", ec2a)
         assert out["changed"]
         assert "NETI" not in lab.run("ec2a", ["iptables-save"]).stdout
-        assert not neti_json(lab, "ec2a", "uninstall", "-c", ec2a)["changed"]
         assert "nothing to remove" in neti(lab, "ec2a", "uninstall", "-c", ec2a).stdout
     finally:
         for p, _ in members.values():
