@@ -103,7 +103,7 @@ def _print_info(info: dict[str, Any]) -> None:
     ov = info["overlay_ip"] or "none claimed yet"
     print(
         f"host {info['identity']['instance_id']} ({info['identity']['network']}), "
-        f"overlay IP {ov}, {info['members']} live members"
+        f"overlay IP {ov}, live members: {info['members']}"
     )
     for reason in info["registry_skipped"] + info["skipped"]:
         print(f"neti: warning: skipped {reason}", file=sys.stderr)
