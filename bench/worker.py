@@ -41,7 +41,7 @@ def neti_job(job: dict[str, Any]) -> dict[str, Any]:
     identity = scenarios.CLIENT if job["host"] == "client" else scenarios.SERVER
     fleet = scenarios.fleet(job["n"], IPv4Address(job["special"]), job["position"])
     backend = select(cfg)
-    out: dict[str, Any] = {"backend": type(backend).__name__}
+    out: dict[str, Any] = {"backend": getattr(backend, "label", type(backend).__name__)}
     out["compute_s"], desired = _timed(compute, identity, fleet, cfg)
     out["apply_s"], result = _timed(backend.apply, desired)
     out["result"] = repr(result)[:300]
@@ -49,6 +49,41 @@ def neti_job(job: dict[str, Any]) -> dict[str, Any]:
         bigger = compute(identity, scenarios.grown(fleet), cfg)
         out["add_s"], _ = _timed(backend.apply, bigger)
         out["remove_s"], _ = _timed(backend.apply, desired)
+        out.update(delta_floor(backend, fleet))
+    return out
+
+
+def delta_floor(backend: Any, fleet: Any) -> dict[str, float]:
+    """What one member's change costs at the least: one set element, one DNAT rule.
+
+    Not what Neti does (it rewrites its chain and swaps the set); a reference for how far a
+    delta-writing backend could go, and the cost of the ``iptables-save`` read Neti's apply
+    starts with. Written into Neti's own chain and set inside the bench namespace.
+    """
+    from neti.dataplane import ipset as neti_ipset
+    from neti.dataplane import iptables as neti_iptables
+
+    new = scenarios.member(len(fleet.members))
+    rule = f"-d {new.overlay_ip}/32 -j DNAT --to-destination {new.private_ip}"
+    restore = neti_iptables.tool(backend.variant, "restore")
+    save = neti_iptables.tool(backend.variant, "save")
+
+    def delta(op: str, set_op: str) -> None:
+        subprocess.run(["ipset", set_op, neti_ipset.ALLOW_SET, str(new.private_ip)], check=True)
+        subprocess.run(
+            [restore, "--noflush"],
+            input=f"*nat\n{op} {neti_iptables.NAT_CHAIN} {rule}\nCOMMIT\n",
+            text=True,
+            check=True,
+        )
+
+    def read() -> None:
+        subprocess.run([save], capture_output=True, check=True)
+
+    out = {}
+    out["delta_add_s"], _ = _timed(delta, "-A", "add")
+    out["delta_remove_s"], _ = _timed(delta, "-D", "del")
+    out["save_s"], _ = _timed(read)
     return out
 
 
