@@ -40,9 +40,11 @@ log = logging.getLogger("neti.agent")
 
 # Back-off between attempts to reach ZooKeeper or to re-apply after a kernel error.
 RETRY_MIN = 1.0
-RETRY_MAX = 30.0
+RETRY_MAX = 10.0
 # While the guard holds, look again this often even without a watch event.
 GUARD_RETRY = 10.0
+# Longest wait for leave + close on shutdown or reconnect.
+DISCONNECT_TIMEOUT = 10.0
 
 # Config keys whose change needs a new ZooKeeper session (and a re-join) on SIGHUP.
 RECONNECT_KEYS = (
@@ -100,7 +102,9 @@ def setup_logging(cfg: Config, verbose: bool = False) -> None:
             )
             fh._neti_file = True  # type: ignore[attr-defined]
             root.addHandler(fh)
-    logging.getLogger("kazoo").setLevel(logging.DEBUG if verbose else logging.WARNING)
+    # kazoo logs every dropped connection; the agent reports state changes itself.
+    kz = logging.DEBUG if verbose or cfg.log_level == "DEBUG" else logging.ERROR
+    logging.getLogger("kazoo").setLevel(kz)
 
 
 def _summary(result: Any) -> dict[str, Any]:
@@ -281,6 +285,7 @@ class Agent:
             state="connecting", since=time.time(), hosts=list(hosts)
         )
         self._set_zk_state("connecting")
+        self._save()
         self._backoff.reset()
         attempts = 0
         while not self._stop:
@@ -387,6 +392,13 @@ class Agent:
         self.notifier.status(self._status_line())
 
     def _disconnect(self, leave: bool) -> None:
+        """Leave (if asked and connected) and end the session, within a bounded time.
+
+        kazoo queues requests while disconnected and waits for the connection to return,
+        so leaving during an outage would block shutdown indefinitely. Only leave when
+        connected, and give the whole thing a deadline: an unfinished leave is harmless
+        (the node goes with the session).
+        """
         reg, self.reg = self.reg, None
         if reg is None:
             return
@@ -394,15 +406,25 @@ class Agent:
             reg.client.remove_listener(self._on_zk_state)
         except Exception:  # noqa: BLE001
             pass
-        try:
-            if leave:
-                reg.leave()
-        except NetiError as exc:
-            log.warning("leaving the fleet: %s (the node goes with the session)", exc)
-        try:
-            reg.close()
-        except Exception as exc:  # noqa: BLE001 - closing must not fail shutdown
-            log.debug("closing the ZooKeeper client: %s", exc)
+        connected = self.state.zookeeper.state == "connected"
+
+        def work() -> None:
+            try:
+                if leave and connected:
+                    reg.leave()
+                if connected:
+                    reg.close()
+                else:
+                    reg.client.stop()
+                    reg.client.close()
+            except Exception as exc:  # noqa: BLE001 - closing must not fail shutdown
+                log.warning("leaving the fleet: %s (the node goes with the session)", exc)
+
+        t = threading.Thread(target=work, name="neti-leave", daemon=True)
+        t.start()
+        t.join(min(self.cfg.zk_session_timeout, DISCONNECT_TIMEOUT))
+        if t.is_alive():
+            log.warning("ZooKeeper did not confirm leaving in time; the session expiry will")
 
     # ------------------------------------------------------------------ main loop
     def _loop(self) -> None:

@@ -202,14 +202,16 @@ class Lab:
     def neti_argv(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "neti", *args]
 
-    def start_agent(self, host: str) -> subprocess.Popen[str]:
+    def start_agent(self, host: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
         old = self.agents.get(host)
         if old is not None and old.poll() is None:
             raise LabError(f"the agent on {host} is already running (pid {old.pid})")
         self.log_path(host).parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path(host), "a")  # noqa: SIM115 - owned by the process
         argv = self.neti_argv("agent", "-c", str(self.config_path(host)))
-        proc = self.topo.spawn(host, argv, stdout=log, stderr=subprocess.STDOUT, env=self.env)
+        proc = self.topo.spawn(
+            host, argv, stdout=log, stderr=subprocess.STDOUT, env={**self.env, **(env or {})}
+        )
         log.close()
         self.agents[host] = proc
         return proc
@@ -325,8 +327,10 @@ class Lab:
             rows.append([src, *cells])
         header = ["from \\ to", *cols]
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(header, widths, strict=True))]
-        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+        lines = [
+            "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+            for r in [header, *rows]
+        ]
         lines.append(
             f"(members by overlay IP, port {SERVICE_PORT}; the outsider tries each host's "
             "public IP, and must be dropped)"

@@ -147,6 +147,7 @@ def to_dict(r: Report) -> dict[str, Any]:
                 "drift": k.drift,
                 "set_size": k.set_size,
                 "expected_set_size": k.expected_set_size,
+                "mode": k.mode,
                 "audit_drops_by_source": k.drops_by_source,
             }
             if k
@@ -215,10 +216,12 @@ def render_text(r: Report) -> str:
             )
         else:
             size = f", {k.set_size} allowed sources" if k.set_size is not None else ""
-            lines.append(f"kernel:         matches{size}")
+            mode = f", {k.mode} mode" if k.mode else ""
+            lines.append(f"kernel:         matches{size}{mode}")
         if k.drops_by_source:
             top = sorted(k.drops_by_source.items(), key=lambda kv: -kv[1])[:10]
-            lines.append("audit drops:    " + ", ".join(f"{src}={n}" for src, n in top))
+            label = "dropped:      " if k.mode == "reject" else "audit drops:  "
+            lines.append(f"{label}  " + ", ".join(f"{src}={n}" for src, n in top))
         if k.conntrack_count is not None:
             mx = k.conntrack_max or "?"
             pct = f" ({k.conntrack_count / k.conntrack_max:.0%})" if k.conntrack_max else ""

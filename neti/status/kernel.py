@@ -28,6 +28,7 @@ def compare(view: KernelView, backend: Any, cfg: Config, state: AgentState | Non
         return
     view.raw = kstat.as_dict() if hasattr(kstat, "as_dict") else {}
     view.set_size = kstat.allow_set
+    view.mode = kstat.mode
     if kstat.conntrack_count is not None:
         view.conntrack_count = kstat.conntrack_count
     if kstat.conntrack_max is not None:

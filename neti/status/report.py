@@ -29,6 +29,7 @@ class KernelView:
     set_size: int | None = None
     expected_set_size: int | None = None
     drops_by_source: dict[str, int] = field(default_factory=dict)
+    mode: str | None = None  # "reject" (reject_all) or "audit" (counting only)
     conntrack_count: int | None = None
     conntrack_max: int | None = None
     raw: dict[str, Any] = field(default_factory=dict)

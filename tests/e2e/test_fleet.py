@@ -9,7 +9,9 @@ fleet is checked continuously while it lasts.
 from __future__ import annotations
 
 import signal
+import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -31,13 +33,11 @@ def wait_status(lab: Lab, hosts: tuple[str, ...], code: int, what: str, timeout:
     """Poll ``neti status`` until every host exits with ``code``; the reports."""
 
     def check() -> dict[str, dict] | None:
-        out = {}
-        for h in hosts:
-            rc, report = lab.status(h)
-            if rc != code:
-                return None
-            out[h] = report
-        return out
+        with ThreadPoolExecutor(len(hosts)) as pool:
+            results = dict(zip(hosts, pool.map(lab.status, hosts), strict=True))
+        if any(rc != code for rc, _ in results.values()):
+            return None
+        return {h: report for h, (_, report) in results.items()}
 
     return wait_for(f"{what} (neti status exit {code} on {', '.join(hosts)})", check, timeout)
 
@@ -104,9 +104,19 @@ def test_killed_agent_is_removed_after_session_timeout_and_returns_with_same_ip(
     assert fleet.full_mesh(m, ("ec2a", "vpc1"))
     wait_status(fleet, ("ec2a", "vpc1"), OK, "peers healthy without ec2b")
 
-    fleet.start_agent("ec2b")
-    took = fleet.wait_converged(timeout=30)
-    print(f"restart -> full mesh: {took:.2f}s")
+    # Restart it as systemd would (Type=notify, WatchdogSec=2): READY=1, then watchdog pings.
+    path = str(fleet.workdir / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(path)
+        sock.settimeout(30)
+        fleet.start_agent("ec2b", env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "2000000"})
+        took = fleet.wait_converged(timeout=30)
+        print(f"restart -> full mesh: {took:.2f}s")
+        seen: list[bytes] = []
+        while not (any(b"READY=1" in m for m in seen) and b"WATCHDOG=1" in seen):
+            seen.append(sock.recv(4096))  # raises socket.timeout after 30 s
+    ready = next(m for m in seen if b"READY=1" in m)
+    assert b"STATUS=overlay " in ready
     assert fleet.overlay_ip("ec2b") == ip
     wait_status(fleet, ALL, OK, "all healthy again")
 
@@ -156,6 +166,17 @@ def test_zookeeper_outage_changes_no_rule_and_fleet_recovers(fleet: Lab) -> None
             assert fleet.outsider_blocked(m)
             for h in ALL:
                 assert fleet_ids(fleet, h) == before[h]
+        # A "reboot" of ec2a while ZooKeeper is still down: the agent stops (bounded, even
+        # though it cannot leave), the kernel loses its rules, the agent starts again and
+        # restores them from its state file.
+        assert fleet.stop_agent("ec2a", signal.SIGTERM, timeout=20) == 0
+        fleet.neti("ec2a", "uninstall", check=True)
+        assert fleet.matrix()["ec2a"]["vpc1"] is None
+        fleet.start_agent("ec2a")
+        fleet.wait_converged(timeout=30)
+        rc, report = fleet.status("ec2a")
+        assert rc == WARNING and report["last_reconcile"]["result"] == "restored"
+        assert report["kernel"]["matches"] is True
     finally:
         fleet.zk.start()
     wait_status(fleet, ALL, OK, "recovery after ZooKeeper returned", timeout=45)
