@@ -25,11 +25,13 @@ lint: venv
 	$(BIN)/ruff check neti tests bench
 	$(BIN)/ruff format --check neti tests bench
 
+# Needs root (network namespaces). Stays up until Ctrl-C; runs once and exits when stdin is
+# not a terminal (CI). `python -m neti.lab.demo --once` always runs once.
 demo: deps venv
-	@echo "neti demo: coming with the agent"
+	$(BIN)/python -m neti.lab.demo $(DEMO_ARGS)
 
 demo-down: venv
-	@echo "neti demo-down: coming with the agent"
+	$(BIN)/python -m neti.lab.demo --down
 
 bench: deps venv
 	mkdir -p bench/bin
