@@ -178,6 +178,10 @@ class Config(BaseModel):
     legacy_networks: dict[Literal[0, 1], Label] = {0: "ec2", 1: "vpc"}
     publish_legacy: bool = False
     backend: Literal["auto", "iptables"] = "auto"
+    # accept: Neti's chain ACCEPTs members, open ports and the SSH whitelist (the original's
+    # behaviour). return: it RETURNs them to INPUT so the host firewall and fail2ban still
+    # judge them; Neti then only ever adds DROPs.
+    allow_verdict: Literal["accept", "return"] = "accept"
     forward: bool = False  # also DNAT forwarded traffic (containers behind this host)
     conntrack: ConntrackConfig = ConntrackConfig()
     metrics: MetricsConfig = MetricsConfig()

@@ -66,6 +66,7 @@ default['neti']['config']['identity']['network'] = nil
 default['neti']['config']['legacy_networks'] = { '0' => 'ec2', '1' => 'vpc' }
 default['neti']['config']['publish_legacy'] = false
 default['neti']['config']['backend'] = 'auto'
+default['neti']['config']['allow_verdict'] = 'accept'
 default['neti']['config']['forward'] = false
 default['neti']['config']['conntrack']['max'] = 262_144     # also applied before the first start
 default['neti']['config']['conntrack']['hashsize'] = 65_536

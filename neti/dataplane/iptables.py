@@ -3,9 +3,9 @@
 Layout (docs/dataplane.md has the full picture):
 
 * ``filter``: chain ``NETI-INPUT``, jumped to from the top of ``INPUT``. Traffic Neti allows
-  (loopback, established, the ``neti-allow`` set, ssh_whitelist to tcp/22, open_ports)
-  RETURNs to ``INPUT`` so other software's rules (fail2ban bans, the host firewall) still
-  apply; Neti only ever adds a DROP (``reject_all``). Everything else is recorded per source
+  (loopback, established, the ``neti-allow`` set, ssh_whitelist to tcp/22, open_ports) is
+  ACCEPTed, or with ``allow_verdict: return`` RETURNs to ``INPUT`` so other software's rules
+  (fail2ban bans, the host firewall) still judge it. Everything else is recorded per source
   in the ``neti-audit`` set and dropped (reject_all) or let through (audit mode).
 * ``nat``: chain ``NETI-DNAT`` with one DNAT per overlay IP, jumped to from ``OUTPUT`` (and
   ``PREROUTING`` with ``forward``) for destinations in the overlay subnet.
@@ -140,24 +140,25 @@ def parse_save(text: str) -> dict[str, TableState]:
 
 def filter_rules(d: DesiredState) -> list[str]:
     """NETI-INPUT's rules, spelled exactly as iptables-save prints them (so diffs are exact)."""
+    ok = d.allow_verdict
     rules = [
-        "-i lo -j RETURN",
-        "-m conntrack --ctstate RELATED,ESTABLISHED -j RETURN",
-        f"-m set --match-set {ipset.ALLOW_SET} src -j RETURN",
+        f"-i lo -j {ok}",
+        f"-m conntrack --ctstate RELATED,ESTABLISHED -j {ok}",
+        f"-m set --match-set {ipset.ALLOW_SET} src -j {ok}",
     ]
     for net in d.ssh_whitelist:
         src = f"-s {net} " if net.prefixlen else ""
-        rules.append(f"{src}-p tcp -m tcp --dport 22 -j RETURN")
+        rules.append(f"{src}-p tcp -m tcp --dport 22 -j {ok}")
     for p in d.open_ports:
         ports = str(p.first) if p.first == p.last else f"{p.first}:{p.last}"
-        rules.append(f"-p {p.proto} -m {p.proto} --dport {ports} -j RETURN")
+        rules.append(f"-p {p.proto} -m {p.proto} --dport {ports} -j {ok}")
     # Record every source reject_all is (or would be) dropping; the match keeps counters.
     rules.append(f"-j SET --add-set {ipset.AUDIT_SET} src --exist")
     if d.reject_all:
         rules.append(f"-m set --match-set {ipset.AUDIT_SET} src -j DROP")
         rules.append("-j DROP")  # also when the audit set is full
     else:
-        rules.append(f"-m set --match-set {ipset.AUDIT_SET} src -j RETURN")
+        rules.append(f"-m set --match-set {ipset.AUDIT_SET} src -j {ok}")
     return rules
 
 

@@ -84,6 +84,9 @@ class DesiredState:
     ssh_whitelist: tuple[IPv4Network, ...] = ()
     reject_all: bool = False
     forward: bool = False
+    # What Neti's chain does with traffic it allows: ACCEPT, or RETURN to INPUT so the host's
+    # own firewall and fail2ban still judge members (config key allow_verdict).
+    allow_verdict: str = "ACCEPT"
     conntrack_max: int = 0
     conntrack_hashsize: int = 0
     # Human-readable "instance: reason" lines for members left out (fully or from DNAT).
@@ -102,6 +105,7 @@ class DesiredState:
             "ssh_whitelist": [str(n) for n in self.ssh_whitelist],
             "reject_all": self.reject_all,
             "forward": self.forward,
+            "allow_verdict": self.allow_verdict,
             "conntrack_max": self.conntrack_max,
             "conntrack_hashsize": self.conntrack_hashsize,
             "skipped": list(self.skipped),
@@ -125,6 +129,7 @@ class DesiredState:
             ssh_whitelist=[str(n) for n in d.get("ssh_whitelist", [])],
             reject_all=bool(d.get("reject_all", False)),
             forward=bool(d.get("forward", False)),
+            allow_verdict=str(d.get("allow_verdict", "ACCEPT")),
             conntrack_max=int(d.get("conntrack_max", 0)),
             conntrack_hashsize=int(d.get("conntrack_hashsize", 0)),
             skipped=[str(s) for s in d.get("skipped", [])],
@@ -143,6 +148,7 @@ def build(
     ssh_whitelist: Any = (),
     reject_all: bool = False,
     forward: bool = False,
+    allow_verdict: str = "ACCEPT",
     conntrack_max: int = 0,
     conntrack_hashsize: int = 0,
     skipped: Any = (),
@@ -152,6 +158,8 @@ def build(
     Accepts typed values or their text forms (``"10.0.0.1"``, ``"udp/53"``, ``8080``,
     ``"10.0.0.0/8"``) so tests and benchmarks can build states directly.
     """
+    if allow_verdict.upper() not in ("ACCEPT", "RETURN"):
+        raise ValueError(f"allow_verdict must be ACCEPT or RETURN, not {allow_verdict!r}")
     by_overlay: dict[IPv4Address, Dnat] = {}
     for d in dnat:
         by_overlay.setdefault(d.overlay_ip, d)
@@ -164,6 +172,7 @@ def build(
         ssh_whitelist=tuple(sorted({IPv4Network(n) for n in ssh_whitelist})),
         reject_all=reject_all,
         forward=forward,
+        allow_verdict=allow_verdict.upper(),
         conntrack_max=conntrack_max,
         conntrack_hashsize=conntrack_hashsize,
         skipped=tuple(skipped),
@@ -269,6 +278,7 @@ def compute(
         ssh_whitelist=cfg.ssh_whitelist,
         reject_all=cfg.reject_all,
         forward=cfg.forward,
+        allow_verdict=cfg.allow_verdict.upper(),
         conntrack_max=cfg.conntrack.max,
         conntrack_hashsize=cfg.conntrack.hashsize,
         skipped=skipped,

@@ -44,6 +44,24 @@ COMMIT
 """
 
 
+def test_accept_verdict_lets_members_past_a_default_drop_policy(
+    lab: Topology, backends: Backends
+) -> None:
+    """A host firewall with policy DROP: members still get in, others are still dropped."""
+    lab.run("vpc1", ["iptables", "-P", "INPUT", "DROP"])
+    try:
+        b = backends("vpc1")
+        b.apply(desired_for(lab, "vpc1", reject_all=True))
+        member = lab.host("ec2a")  # other network: arrives by its public address
+        assert lab.probe("ec2a", [(lab.host("vpc1").public_ip, SERVICE)], 2.0) != [None]
+        assert member.network != lab.host("vpc1").network
+        b.apply(desired_for(lab, "vpc1", reject_all=True, allow_verdict="return"))
+        assert lab.probe("ec2a", [(lab.host("vpc1").public_ip, SERVICE)], 0.5) == [None]
+    finally:
+        lab.run("vpc1", ["iptables", "-P", "INPUT", "ACCEPT"])
+        backends("vpc1").uninstall()
+
+
 def test_foreign_rules_survive_apply_and_uninstall(lab: Topology, backends: Backends) -> None:
     lab.run("ec2b", ["iptables-restore", "--noflush"], input=FOREIGN)
     lab.run("ec2b", ["ipset", "create", "f2b-sshd-set", "hash:ip"])
@@ -56,8 +74,13 @@ def test_foreign_rules_survive_apply_and_uninstall(lab: Topology, backends: Back
         foreign = [line for line in during if "NETI" not in line]
         assert foreign == before  # every foreign chain and rule, in order
         assert b.status().jumps == {"filter/INPUT": 1, "nat/PREROUTING": 1, "nat/OUTPUT": 1}
-        # fail2ban's ban of ec2a still holds: Neti only RETURNs, it never ACCEPTs over it.
-        assert lab.probe("ec2a", [(lab.host("ec2b").private_ip, SERVICE)], 0.5) == [None]
+        # allow_verdict accept (the default): Neti's ACCEPT comes first, the member gets in.
+        target = [(lab.host("ec2b").private_ip, SERVICE)]
+        assert lab.probe("ec2a", target, 2.0) != [None]
+        # allow_verdict return: fail2ban's ban of ec2a still holds, Neti never overrules it.
+        b.apply(desired_for(lab, "ec2b", reject_all=True, forward=True, allow_verdict="return"))
+        assert lab.probe("ec2a", target, 0.5) == [None]
+        assert [line for line in save(lab, "ec2b") if "NETI" not in line] == before
         assert b.uninstall().changed
         assert save(lab, "ec2b") == before
         assert "f2b-sshd-set" in lab.run("ec2b", ["ipset", "list", "-n"]).stdout

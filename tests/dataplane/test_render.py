@@ -96,12 +96,19 @@ def test_nat_jumps_follow_forward_and_subnet() -> None:
 
 def test_filter_rules_modes() -> None:
     audit = filter_rules(desired(ssh_whitelist=[N("0.0.0.0/0"), N("10.0.0.0/8")]))
-    assert audit[-1] == "-m set --match-set neti-audit src -j RETURN"
-    assert "-p tcp -m tcp --dport 22 -j RETURN" in audit  # 0.0.0.0/0 is printed without -s
-    assert "-s 10.0.0.0/8 -p tcp -m tcp --dport 22 -j RETURN" in audit
-    assert not any("ACCEPT" in r for r in audit)  # Neti never accepts on others' behalf
+    assert audit[-1] == "-m set --match-set neti-audit src -j ACCEPT"
+    assert "-p tcp -m tcp --dport 22 -j ACCEPT" in audit  # 0.0.0.0/0 is printed without -s
+    assert "-s 10.0.0.0/8 -p tcp -m tcp --dport 22 -j ACCEPT" in audit
     reject = filter_rules(desired(reject_all=True))
     assert reject[-2:] == ["-m set --match-set neti-audit src -j DROP", "-j DROP"]
+
+
+def test_return_verdict_never_accepts() -> None:
+    """allow_verdict return: Neti never accepts on others' behalf, it only drops."""
+    for reject_all in (False, True):
+        rules = filter_rules(desired(reject_all=reject_all, allow_verdict="RETURN"))
+        assert not any("ACCEPT" in r for r in rules)
+        assert "-m set --match-set neti-allow src -j RETURN" in rules
 
 
 def test_uninstall_lines() -> None:
