@@ -70,17 +70,31 @@ def kernel_view(cfg: Config, state: state_mod.AgentState | None) -> KernelView:
     return view
 
 
-def gather(cfg: Config, now: float | None = None) -> Report:
-    now = time.time() if now is None else now
-    state_error = ""
+def _read_state(cfg: Config) -> tuple[state_mod.AgentState | None, str]:
     try:
-        state = state_mod.read(cfg.state_dir)
+        st = state_mod.read(cfg.state_dir)
     except state_mod.StateFileError as exc:
-        state, state_error = None, str(exc)
-    if state is None and not state_error:
-        state_error = f"no state file {state_mod.path_for(cfg.state_dir)}: the agent has never run"
-    alive = pid_alive(state.pid) if state else False
+        return None, str(exc)
+    if st is None:
+        return None, f"no state file {state_mod.path_for(cfg.state_dir)}: the agent has never run"
+    return st, ""
+
+
+def gather(cfg: Config, now: float | None = None) -> Report:
+    state, state_error = _read_state(cfg)
     kernel = kernel_view(cfg, state)
+    # The agent writes its state file just after an apply: a kernel newer than the state we
+    # read is not drift. Look again while the state file keeps changing under us.
+    for _ in range(3):
+        if not (kernel.drift or kernel.chains_missing) or state is None:
+            break
+        fresh, fresh_error = _read_state(cfg)
+        if fresh is None or fresh.updated_at == state.updated_at:
+            break
+        state, state_error = fresh, fresh_error
+        kernel = kernel_view(cfg, state)
+    alive = pid_alive(state.pid) if state else False
+    now = time.time() if now is None else now
     return evaluate(state, kernel, alive, now, cfg.resync_interval, state_error)
 
 
@@ -145,6 +159,7 @@ def to_dict(r: Report) -> dict[str, Any]:
                 "matches": not (k.error or k.chains_missing or k.drift),
                 "chains_missing": k.chains_missing,
                 "drift": k.drift,
+                "diff": k.diff if k.drift else [],
                 "set_size": k.set_size,
                 "expected_set_size": k.expected_set_size,
                 "mode": k.mode,
@@ -214,6 +229,7 @@ def render_text(r: Report) -> str:
                 "kernel:         DRIFTED: "
                 + "; ".join([f"missing {c}" for c in k.chains_missing] + k.drift)
             )
+            lines.extend(f"  {d}" for d in k.diff[:12])
         else:
             size = f", {k.set_size} allowed sources" if k.set_size is not None else ""
             mode = f", {k.mode} mode" if k.mode else ""

@@ -7,6 +7,7 @@ flushed a chain, a reboot without the agent, another tool rewrote the set).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -20,7 +21,21 @@ MAX_DRIFT_LINES = 5
 
 
 def compare(view: KernelView, backend: Any, cfg: Config, state: AgentState | None) -> None:
-    """Fill ``view`` from the backend's status, audit counters and plan."""
+    """Fill ``view`` from the backend's status, audit counters and plan.
+
+    Reads under the dataplane's per-namespace lock, so it never sees half of an apply.
+    """
+    with contextlib.ExitStack() as stack:
+        system = getattr(backend, "system", None)
+        if system is not None:
+            try:
+                stack.enter_context(system.lock())
+            except (OSError, NetiError) as exc:  # e.g. not root: read without the lock
+                log.debug("reading the kernel without the dataplane lock: %s", exc)
+        _compare(view, backend, cfg, state)
+
+
+def _compare(view: KernelView, backend: Any, cfg: Config, state: AgentState | None) -> None:
     try:
         kstat = backend.status()
     except NetiError as exc:
@@ -54,6 +69,7 @@ def compare(view: KernelView, backend: Any, cfg: Config, state: AgentState | Non
         view.error = str(exc)
         return
     changes = list(plan.changes)
+    view.diff = list(plan.diff)[:40]
     if changes:
         view.drift = changes[:MAX_DRIFT_LINES] + (
             [f"... {len(changes) - MAX_DRIFT_LINES} more"] if len(changes) > MAX_DRIFT_LINES else []

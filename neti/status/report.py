@@ -26,6 +26,7 @@ class KernelView:
     error: str = ""  # the backend could not read the kernel
     chains_missing: list[str] = field(default_factory=list)
     drift: list[str] = field(default_factory=list)  # differences from the applied state
+    diff: list[str] = field(default_factory=list)  # the backend's diff, kernel -> applied
     set_size: int | None = None
     expected_set_size: int | None = None
     drops_by_source: dict[str, int] = field(default_factory=dict)
