@@ -340,28 +340,32 @@ class Lab:
 
 # ---------------------------------------------------------------------------- the command
 def _print(msg: str = "") -> None:
-    print(msg, flush=True)
+    """Print, but never let a closed stdout (``make demo | tee`` and Ctrl-C) stop teardown."""
+    try:
+        print(msg, flush=True)
+    except (BrokenPipeError, OSError):
+        pass
 
 
-def demo(once: bool) -> int:
+def demo(once: bool, prefix: str = DEMO_PREFIX, workdir: Path = DEMO_DIR) -> int:
     if os.geteuid() != 0:
         _print("neti demo: needs root (network namespaces, netfilter inside them)")
         return 2
-    stale = [ns for ns in netns.list_ns() if ns.startswith(DEMO_PREFIX)]
+    stale = [ns for ns in netns.list_ns() if ns.startswith(prefix)]
     if stale:
         _print(
             f"neti demo: a demo is running or crashed ({len(stale)} namespaces "
-            f"{DEMO_PREFIX}*): run 'make demo-down' first"
+            f"{prefix}*): run 'make demo-down' first"
         )
         return 2
-    shutil.rmtree(DEMO_DIR, ignore_errors=True)
+    shutil.rmtree(workdir, ignore_errors=True)
     interrupted = False
 
     def on_term(_sig: int, _frame: object) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
-    lab = Lab(workdir=DEMO_DIR, prefix=DEMO_PREFIX)
+    lab = Lab(workdir=workdir, prefix=prefix)
     try:
         _print(
             "neti demo: building two networks behind 1:1 NAT edges, an internet and an outsider ..."
@@ -411,6 +415,9 @@ def demo(once: bool) -> int:
         _print(f"neti demo: {exc}")
         return 1
     finally:
+        # A second Ctrl-C must not leave half a lab behind: teardown takes a second or two.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         _print(
             "\nneti demo: "
             + ("interrupted; " if interrupted else "")
@@ -437,9 +444,9 @@ def _show(lab: Lab) -> bool:
     return ok and mesh and blocked
 
 
-def down() -> int:
-    gone = cleanup(DEMO_PREFIX)
-    shutil.rmtree(DEMO_DIR, ignore_errors=True)
+def down(prefix: str = DEMO_PREFIX, workdir: Path = DEMO_DIR) -> int:
+    gone = cleanup(prefix)
+    shutil.rmtree(workdir, ignore_errors=True)
     print(
         f"neti demo-down: removed {len(gone)} namespaces"
         + (f" ({', '.join(gone)})" if gone else "")
@@ -452,10 +459,13 @@ def main(argv: list[str] | None = None) -> int:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--once", action="store_true", help="print once, tear down, exit")
     g.add_argument("--down", action="store_true", help="remove leftovers of a crashed demo")
+    # For tests that must not collide with a developer's running demo.
+    p.add_argument("--prefix", default=DEMO_PREFIX, help=argparse.SUPPRESS)
+    p.add_argument("--workdir", type=Path, default=DEMO_DIR, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.down:
-        return down()
-    return demo(args.once)
+        return down(args.prefix, args.workdir)
+    return demo(args.once, args.prefix, args.workdir)
 
 
 if __name__ == "__main__":
