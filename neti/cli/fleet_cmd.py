@@ -257,7 +257,7 @@ def run_ips(args: argparse.Namespace) -> int:
     print()
     print(f"claims without a live member: {len(report.stale)}")
     for ip, iid in report.stale:
-        print(f"  {ip}  {iid}")
+        print(f"  {ip!s:<15}  {iid}")
     for ip, iid in report.outside:
         print(f"claim outside {report.subnet}: {ip} {iid}")
     for m in report.unclaimed:

@@ -1,1 +1,347 @@
-"""zkproxy."""
+"""ZooKeeper proxies for the far network: DNAT of the ZooKeeper port to one ensemble member.
+
+Hosts in a network that cannot reach the ensemble privately list the proxies in their
+network's ``zk_hosts`` entry; kazoo fails over between the hosts of that list, and a session
+lives on the ensemble, not on a connection, so it survives the loss of one proxy.
+
+On the proxy host (all in Neti's own chains, nothing else touched):
+
+* ``nat`` ``NETI-ZKPROXY-PRE`` (from ``PREROUTING``): TCP to ``listen_port`` *addressed to this
+  host* (``addrtype LOCAL``), optionally only from ``allow`` sources, is DNATed to the target;
+* ``nat`` ``NETI-ZKPROXY-POST`` (from ``POSTROUTING``): those DNATed connections are
+  MASQUERADEd, so the target answers the proxy (and its firewall needs to admit only it);
+* ``filter`` ``NETI-ZKPROXY-FWD`` (from ``FORWARD``): exactly those connections are accepted,
+  so a ``FORWARD`` policy of DROP (Docker's) does not break the proxy;
+* ``net.ipv4.ip_forward=1`` in this network namespace.
+
+One ``iptables-restore --noflush`` writes all of it (the dataplane's variant detection and
+conventions: declaring a chain flushes only that chain; jumps are added only when missing).
+``remove`` deletes the chains and their jumps and ends the proxied connections (conntrack),
+so clients fail over at once instead of waiting for a timeout; ip_forward is left as is.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import socket
+from dataclasses import dataclass, field
+from ipaddress import AddressValueError, IPv4Address, IPv4Network
+from typing import Any
+
+from neti.dataplane.iptables import (
+    LOCK_WAIT,
+    TableState,
+    available_variants,
+    detect,
+    parse_save,
+    tool,
+    wrap,
+)
+from neti.dataplane.system import System
+from neti.errors import DataplaneError, NetiError
+
+log = logging.getLogger(__name__)
+
+PRE_CHAIN = "NETI-ZKPROXY-PRE"
+POST_CHAIN = "NETI-ZKPROXY-POST"
+FWD_CHAIN = "NETI-ZKPROXY-FWD"
+# table -> [(built-in chain, our chain)]
+HOOKS: dict[str, list[tuple[str, str]]] = {
+    "nat": [("PREROUTING", PRE_CHAIN), ("POSTROUTING", POST_CHAIN)],
+    "filter": [("FORWARD", FWD_CHAIN)],
+}
+IP_FORWARD = "net.ipv4.ip_forward"
+DEFAULT_PORT = 2181
+
+_DNAT_RE = re.compile(
+    r"^(?:-s (?P<src>\S+) )?-p tcp -m tcp --dport (?P<port>\d+) -m addrtype --dst-type LOCAL "
+    r"-j DNAT --to-destination (?P<ip>[\d.]+):(?P<tport>\d+)$"
+)
+
+
+class ZkProxyError(NetiError):
+    """Bad proxy arguments, or the kernel refused the proxy's rules."""
+
+
+@dataclass(frozen=True)
+class ProxySpec:
+    """What one proxy forwards: ``listen_port`` on this host to ``target_ip:target_port``."""
+
+    target_ip: IPv4Address
+    target_port: int
+    listen_port: int = DEFAULT_PORT
+    allow: tuple[IPv4Network, ...] = ()
+
+    @property
+    def target(self) -> str:
+        return f"{self.target_ip}:{self.target_port}"
+
+    def rules(self) -> dict[str, list[str]]:
+        """Each chain's rules, spelled exactly as iptables-save prints them (exact diffs)."""
+        t, tp, lp = self.target_ip, self.target_port, self.listen_port
+        sources = [f"-s {n} " for n in self.allow] or [""]
+        return {
+            PRE_CHAIN: [
+                f"{s}-p tcp -m tcp --dport {lp} -m addrtype --dst-type LOCAL "
+                f"-j DNAT --to-destination {t}:{tp}"
+                for s in sources
+            ],
+            POST_CHAIN: [
+                f"-d {t}/32 -p tcp -m tcp --dport {tp} -m conntrack --ctstate DNAT -j MASQUERADE"
+            ],
+            FWD_CHAIN: [
+                f"-d {t}/32 -p tcp -m tcp --dport {tp} -m conntrack --ctstate DNAT -j ACCEPT",
+                f"-s {t}/32 -p tcp -m tcp --sport {tp} -m conntrack --ctstate RELATED,ESTABLISHED "
+                "-j ACCEPT",
+            ],
+        }
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "listen_port": self.listen_port,
+            "target": self.target,
+            "allow": [str(n) for n in self.allow],
+        }
+
+
+def _port(text: str, what: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise ZkProxyError(f"{what} {text!r} is not a port (1-65535)")
+    return int(text)
+
+
+def parse_target(text: str, resolve: bool = True) -> tuple[IPv4Address, int]:
+    """``HOST:PORT`` -> (IPv4 address, port). A host name is resolved once, to IPv4."""
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not host:
+        raise ZkProxyError(f"--target {text!r} is not HOST:PORT")
+    tport = _port(port, f"--target {text!r}: port")
+    try:
+        return IPv4Address(host), tport
+    except AddressValueError:
+        pass
+    if not re.match(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,252})$", host) or not resolve:
+        raise ZkProxyError(f"--target {text!r}: {host!r} is not an IPv4 address or host name")
+    try:
+        infos = socket.getaddrinfo(host, tport, socket.AF_INET, socket.SOCK_STREAM)
+    except OSError as exc:
+        raise ZkProxyError(f"--target {text!r}: cannot resolve {host!r}: {exc}") from None
+    return IPv4Address(infos[0][4][0]), tport
+
+
+def make_spec(
+    target: str, listen_port: int = DEFAULT_PORT, allow: list[str] | None = None
+) -> ProxySpec:
+    ip, port = parse_target(target)
+    _port(str(listen_port), "--listen-port")
+    nets = []
+    for a in allow or []:
+        try:
+            nets.append(IPv4Network(a, strict=False))
+        except ValueError:
+            raise ZkProxyError(f"--allow {a!r} is not an IPv4 network") from None
+    return ProxySpec(ip, port, listen_port, tuple(nets))
+
+
+# --------------------------------------------------------------------------- kernel
+
+
+@dataclass
+class ProxyStatus:
+    backend: str
+    installed: bool
+    spec: ProxySpec | None
+    chains: dict[str, bool]
+    jumps: dict[str, int]
+    ip_forward: str | None
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def healthy(self) -> bool:
+        return self.installed and not self.problems
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "installed": self.installed,
+            "healthy": self.healthy,
+            "backend": self.backend,
+            **(
+                self.spec.as_dict()
+                if self.spec
+                else {"listen_port": None, "target": None, "allow": []}
+            ),
+            "ip_forward": self.ip_forward == "1",
+            "chains": self.chains,
+            "jumps": self.jumps,
+            "problems": self.problems,
+        }
+
+
+@dataclass
+class Result:
+    changes: list[str]
+    warnings: list[str]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"changed": bool(self.changes), "changes": self.changes, "warnings": self.warnings}
+
+
+class ZkProxy:
+    """The proxy's rules in one network namespace (``System``), with the dataplane's tools."""
+
+    def __init__(self, system: System | None = None, variant: str | None = None):
+        self.system = system or System()
+        self.variant = detect(self.system) if variant is None else variant
+
+    @property
+    def label(self) -> str:
+        return tool(self.variant, "")
+
+    def _tables(self, variant: str | None = None) -> dict[str, TableState]:
+        v = self.variant if variant is None else variant
+        tables = parse_save(self.system.run([tool(v, "save")]).stdout)
+        return {t: tables.get(t, TableState()) for t in HOOKS}
+
+    def _restore(self, payload: str, variant: str | None = None) -> None:
+        v = self.variant if variant is None else variant
+        self.system.run([tool(v, "restore"), "-w", LOCK_WAIT, "--noflush"], input=payload)
+
+    def plan(self, spec: ProxySpec) -> tuple[str, list[str]]:
+        """The restore payload that makes the kernel match ``spec``, and what it changes."""
+        tables = self._tables()
+        rules = spec.rules()
+        payload, changes = "", []
+        for table, hooks in HOOKS.items():
+            state, lines = tables[table], []
+            for builtin, chain in hooks:
+                have = state.rules.get(chain) if state.has(chain) else None
+                if have != rules[chain]:
+                    lines.append(f":{chain} - [0:0]")
+                    lines += [f"-A {chain} {r}" for r in rules[chain]]
+                    verb = "created" if have is None else "rewrote"
+                    changes.append(f"{table}: {verb} {chain} ({len(rules[chain])} rules)")
+                want, kept = f"-j {chain}", False
+                for jump in state.jumps(builtin, chain):
+                    if jump == want and not kept:
+                        kept = True  # the first copy stays where it is
+                        continue
+                    lines.append(f"-D {builtin} {jump}")
+                    changes.append(f"{table}: removed extra jump {builtin} {jump}")
+                if not kept:
+                    lines.append(f"-I {builtin} 1 {want}")
+                    changes.append(f"{table}: added jump {builtin} {want}")
+            payload += wrap(table, lines)
+        return payload, changes
+
+    def apply(self, spec: ProxySpec) -> Result:
+        """Program the proxy (idempotent); ip_forward first, then one atomic restore."""
+        self.system.guard_writes()
+        warnings: list[str] = []
+        changes: list[str] = []
+        with self.system.lock():
+            if self.system.read_sysctl(IP_FORWARD) != "1":
+                refused = self.system.write_sysctl(IP_FORWARD, "1")
+                if refused:
+                    warnings.append(
+                        f"could not enable {IP_FORWARD} ({refused}): this host will not forward "
+                        "until it is set (sysctl, or docker run --sysctl net.ipv4.ip_forward=1)"
+                    )
+                else:
+                    changes.append(f"set {IP_FORWARD}=1")
+            payload, rule_changes = self.plan(spec)
+            if payload:
+                self._restore(payload)
+            changes += rule_changes
+        return Result(changes, warnings)
+
+    def remove(self) -> Result:
+        """Delete the proxy's chains and jumps (every iptables variant); end its connections."""
+        self.system.guard_writes()
+        changes: list[str] = []
+        warnings: list[str] = []
+        with self.system.lock():
+            spec = self.status().spec
+            for v in available_variants(self.system):
+                tables = self._tables(v)
+                payload = ""
+                for table, hooks in HOOKS.items():
+                    state, lines = tables[table], []
+                    for builtin, chain in hooks:
+                        lines += [f"-D {builtin} {j}" for j in state.jumps(builtin, chain)]
+                    for _, chain in hooks:
+                        if state.has(chain):
+                            lines += [f"-F {chain}", f"-X {chain}"]
+                            changes.append(f"{tool(v, '')} {table}: removed {chain}")
+                    payload += wrap(table, lines)
+                if payload:
+                    self._restore(payload, v)
+            if spec is not None:
+                warnings += self._end_connections(spec, changes)
+        return Result(changes, warnings)
+
+    def _end_connections(self, spec: ProxySpec, changes: list[str]) -> list[str]:
+        """Forget the live proxied connections: both ends get a reset on their next packet."""
+        if not self.system.has("conntrack"):
+            return ["conntrack is not installed: proxied connections last until they close"]
+        proc = self.system.run(
+            [
+                "conntrack", "-D", "-p", "tcp", "--state", "ESTABLISHED",
+                "--orig-port-dst", str(spec.listen_port),
+                "--reply-src", str(spec.target_ip),
+                "--reply-port-src", str(spec.target_port),
+            ],
+            check=False,
+        )  # fmt: skip
+        # conntrack exits 1 with "0 flow entries have been deleted" when there were none.
+        m = re.search(r"(\d+) flow entries have been deleted", proc.stderr + proc.stdout)
+        if m:
+            if int(m[1]):
+                changes.append(f"ended {m[1]} proxied connections")
+            return []
+        return [f"could not end proxied connections: {(proc.stderr or proc.stdout).strip()}"]
+
+    def status(self) -> ProxyStatus:
+        tables = self._tables()
+        chains = {f"{t}/{c}": tables[t].has(c) for t, hooks in HOOKS.items() for _, c in hooks}
+        jumps = {
+            f"{t}/{b}": len(tables[t].jumps(b, c)) for t, hooks in HOOKS.items() for b, c in hooks
+        }
+        spec = _spec_from(tables["nat"].rules.get(PRE_CHAIN, []))
+        forward = self.system.read_sysctl(IP_FORWARD)
+        installed = any(chains.values())
+        problems = []
+        if installed:
+            problems += [f"chain {c} is missing" for c, ok in chains.items() if not ok]
+            problems += [f"no jump from {h}" for h, n in jumps.items() if n == 0]
+            if spec is None:
+                problems.append(f"{PRE_CHAIN} holds no DNAT rule Neti understands")
+            elif any(
+                tables[t].rules.get(c) != spec.rules()[c]
+                for t, hooks in HOOKS.items()
+                for _, c in hooks
+            ):
+                problems.append("rules differ from what `neti zkproxy apply` writes (re-apply)")
+            if forward != "1":
+                problems.append(f"{IP_FORWARD} is {forward!r}, not 1: nothing is forwarded")
+        return ProxyStatus(self.label, installed, spec, chains, jumps, forward, problems)
+
+
+def _spec_from(rules: list[str]) -> ProxySpec | None:
+    """Read the spec back from NETI-ZKPROXY-PRE (every rule must agree)."""
+    found: set[tuple[str, int, int]] = set()
+    allow: list[IPv4Network] = []
+    for r in rules:
+        m = _DNAT_RE.match(r)
+        if not m:
+            return None
+        found.add((m["ip"], int(m["tport"]), int(m["port"])))
+        if m["src"]:
+            allow.append(IPv4Network(m["src"], strict=False))
+    if len(found) != 1:
+        return None
+    ip, tport, lport = found.pop()
+    return ProxySpec(IPv4Address(ip), tport, lport, tuple(allow))
+
+
+__all__ = ["DataplaneError", "ProxySpec", "ProxyStatus", "ZkProxy", "ZkProxyError", "make_spec"]

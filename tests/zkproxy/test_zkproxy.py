@@ -1,0 +1,166 @@
+"""ZooKeeper proxies in network namespaces: a far host registers through them and keeps its
+session when the proxy it uses goes away."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from neti.lab import netns
+from tests.support import opsdoc
+from tests.zkproxy.conftest import MEMBER_ADDRESSES, PROXIES, SESSION_TIMEOUT, ProxyLab
+
+ZKCLIENT = str(Path(__file__).with_name("zkclient.py"))
+
+
+def _ruok(px: ProxyLab, host: str, ip: str, timeout: float = 2.0) -> str:
+    probe = (
+        "import socket,sys\n"
+        "try:\n"
+        "  s=socket.create_connection((sys.argv[1],2181),float(sys.argv[2]))\n"
+        "  s.sendall(b'ruok'); print(s.recv(4).decode())\n"
+        "except OSError as e: print(type(e).__name__)\n"
+    )
+    return px.lab.run(host, [sys.executable, "-c", probe, ip, str(timeout)]).stdout.strip()
+
+
+class Client:
+    def __init__(self, proc: subprocess.Popen[str]):
+        self.proc = proc
+        self.joined = self._line()
+
+    def _line(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise AssertionError(f"zkclient died: {self.proc.stderr.read()}")
+        return json.loads(line)
+
+    def ask(self) -> dict:
+        self.proc.stdin.write("?\n")
+        self.proc.stdin.flush()
+        return self._line()
+
+
+def _until(pred, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"not reached in {timeout}s: {what}"
+        time.sleep(0.1)
+
+
+def _label(px: ProxyLab) -> str:
+    return json.loads(px.neti("px1", "zkproxy", "status", "--json").stdout)["backend"]
+
+
+def _fresh(px: ProxyLab) -> None:
+    """Proxies as a new host has them: no rules, ip_forward off, links up."""
+    for host in PROXIES:
+        netns.ip(px.lab.ns(host), "link", "set", "eth0", "up")
+        px.neti(host, "zkproxy", "remove", check=True)
+        px.lab.run(host, ["sysctl", "-q", "-w", "net.ipv4.ip_forward=0"])
+
+
+def test_the_proxy_commands_do_what_the_doc_shows(proxy_lab: ProxyLab):
+    """docs/operations.md, "An operator's day": run on the lab host each prompt names."""
+    px = proxy_lab
+    _fresh(px)
+    docs = [c for c in opsdoc.commands() if c.host]
+    assert {c.host for c in docs} == set(opsdoc.LAB_HOSTS)
+    for doc in docs:
+        r = px.neti(opsdoc.LAB_HOSTS[doc.host], *shlex.split(doc.command)[1:])
+        assert (r.returncode != 0) == doc.fails, f"{doc.command}: {r.returncode} {r.stderr}"
+        assert opsdoc.same_output(doc.output, r.stdout + r.stderr), (
+            f"{doc.host}$ {doc.command}: the doc shows\n"
+            + "\n".join(doc.output)
+            + f"\nbut it printed\n{r.stdout}{r.stderr}"
+        )
+    # The doc ends by removing zkproxy-a; its status then says so, and fails as a check.
+    r = px.neti("px1", "zkproxy", "status", "-c", "/etc/neti/neti.yml")
+    assert (r.returncode, r.stdout) == (1, f"zkproxy NOT INSTALLED ({_label(px)})\n")
+    data = json.loads(px.neti("px2", "zkproxy", "status", "--json").stdout)
+    assert data["healthy"] and data["target"] == f"{MEMBER_ADDRESSES[1]}:2181"
+
+
+def test_far_host_uses_either_proxy_and_keeps_its_session(proxy_lab: ProxyLab):
+    px = proxy_lab
+    _fresh(px)
+    for host, target in zip(PROXIES, MEMBER_ADDRESSES, strict=True):
+        r = px.neti(
+            host, "zkproxy", "apply", "-c", "/etc/neti/neti.yml", "--target", f"{target}:2181"
+        )
+        assert r.returncode == 0, r.stderr
+    # No way in but through a proxy.
+    assert _ruok(px, "ec2a", MEMBER_ADDRESSES[0]) == "TimeoutError"
+    assert _ruok(px, "ec2a", PROXIES["px1"]) == "imok"
+    assert _ruok(px, "ec2a", PROXIES["px2"]) == "imok"
+
+    proc = px.lab.spawn(
+        "ec2a", [sys.executable, ZKCLIENT, str(px.configs["ec2a"]), "ec2"], stdin=subprocess.PIPE
+    )
+    client = Client(proc)
+    session = client.joined["session"]
+    first = _until(lambda: px.peers("ec2a"), 10, "a connection through a proxy")
+    assert len(first) == 1 and first[0] in PROXIES.values()
+    active = next(h for h, ip in PROXIES.items() if ip == first[0])
+    other = next(h for h in PROXIES if h != active)
+
+    # 1. The active proxy is retired: its connections are reset, the client moves at once.
+    t0 = time.monotonic()
+    r = px.neti(active, "zkproxy", "remove", "-c", "/etc/neti/neti.yml")
+    assert r.returncode == 0, r.stderr
+    _until(lambda: px.peers("ec2a") == [PROXIES[other]], SESSION_TIMEOUT, "failover to " + other)
+    state = _until(lambda: (s := client.ask())["state"] == "CONNECTED" and s, 10, "connected")
+    print(f"failover after remove: {time.monotonic() - t0:.1f}s")
+    assert state["session"] == session and state["member"] and "LOST" not in state["states"]
+
+    # 2. It comes back; then the other proxy host dies outright: its link goes down, so the
+    #    client's packets vanish (no reset) and only the ping timeout notices. kazoo's connect
+    #    is bounded (neti/registry/client.py), so even trying the dead proxy first leaves time
+    #    to reach the live one before the session expires.
+    apply = ["zkproxy", "apply", "-c", "/etc/neti/neti.yml"]
+    r = px.neti(active, *apply, "--target", f"{MEMBER_ADDRESSES[0]}:2181")
+    assert r.returncode == 0, r.stderr
+    assert _ruok(px, "ec2a", PROXIES[active]) == "imok"
+    t0 = time.monotonic()
+    netns.ip(px.lab.ns(other), "link", "set", "eth0", "down")
+    try:
+        _until(lambda: px.peers("ec2a") == [PROXIES[active]], 3 * SESSION_TIMEOUT, "failover")
+        state = _until(lambda: (s := client.ask())["state"] == "CONNECTED" and s, 10, "connected")
+        print(f"failover after the proxy died: {time.monotonic() - t0:.1f}s")
+        assert state["member"]
+        if state["session"] != session or "LOST" in state["states"]:
+            client.proc.stdin.close()
+            client.proc.wait(10)
+            raise AssertionError(f"session lost; the client's log:\n{client.proc.stderr.read()}")
+
+        # 3. Whether kazoo tried the dead proxy first above was chance; here it must: the
+        #    dead one first in the list costs a bounded connect, not the session timeout.
+        took = _connect_time(px, [PROXIES[other], PROXIES[active]])
+        print(f"connect past a dead proxy: {took:.2f}s")
+        assert took < SESSION_TIMEOUT / 2, f"connecting past a dead proxy took {took:.1f}s"
+    finally:
+        netns.ip(px.lab.ns(other), "link", "set", "eth0", "up")
+        client.proc.kill()
+
+
+def _connect_time(px: ProxyLab, hosts: list[str]) -> float:
+    """Seconds for the registry's client in ec2a to connect, trying ``hosts`` in order."""
+    code = (
+        "import sys,time\n"
+        "from neti import config\n"
+        "from neti.registry.client import make_client\n"
+        "c = make_client(config.load(sys.argv[1]), 'ec2')\n"
+        "c.set_hosts(sys.argv[2], randomize_hosts=False)\n"
+        "t = time.monotonic(); c.start(timeout=30); print(time.monotonic() - t)\n"
+        "c.stop(); c.close()\n"
+    )
+    hosts_arg = ",".join(f"{h}:2181" for h in hosts)
+    r = px.lab.run("ec2a", [sys.executable, "-c", code, str(px.configs["ec2a"]), hosts_arg])
+    return float(r.stdout)
