@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from kazoo.client import KazooClient
-from kazoo.handlers.threading import KazooTimeoutError
+from kazoo.handlers.threading import KazooTimeoutError, SequentialThreadingHandler
 from kazoo.retry import KazooRetry
 
 from neti.config import Config
@@ -22,11 +22,30 @@ def _quiet_kazoo() -> None:
         kz.setLevel(logging.WARNING)
 
 
+class BoundedConnectHandler(SequentialThreadingHandler):
+    """kazoo's TCP connect waits up to the whole session timeout. With a dead host next in
+    zk_hosts (a ZooKeeper proxy that died), the session would expire before the next host is
+    tried; a bounded connect lets a failover fit in the session timeout (docs/operations.md).
+    """
+
+    def __init__(self, connect_timeout: float):
+        super().__init__()
+        self.connect_timeout = connect_timeout
+
+    def create_connection(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if kwargs.get("timeout") is not None:
+            kwargs["timeout"] = min(kwargs["timeout"], self.connect_timeout)
+        return super().create_connection(*args, **kwargs)
+
+
 def make_client(cfg: Config, network: str) -> KazooClient:
     hosts = ",".join(cfg.zk_hosts_for(network))
     return KazooClient(
         hosts=hosts,
         timeout=cfg.zk_session_timeout,
+        # Dropped connections are noticed after 2/3 of the session timeout; one dead host at
+        # T/5 still leaves time to reach a live one before the session expires.
+        handler=BoundedConnectHandler(max(1.0, cfg.zk_session_timeout / 5)),
         # Reconnect forever (an agent must outlive any ZooKeeper outage), backing off to 10 s.
         connection_retry=KazooRetry(max_tries=-1, delay=0.2, backoff=2, max_delay=10),
         command_retry=KazooRetry(max_tries=5, delay=0.2, backoff=2, max_delay=5),
