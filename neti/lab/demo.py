@@ -17,6 +17,7 @@ The ``Lab`` class is also what the end-to-end tests drive (tests/e2e/).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -32,7 +33,14 @@ from typing import Any, TypeVar
 from neti.dataplane.system import GUARD_ENV
 from neti.lab import netns
 from neti.lab.netns import LabError
-from neti.lab.topology import DEFAULT_SPEC, Topology, TopologySpec, cleanup, new_prefix
+from neti.lab.topology import (
+    DEFAULT_SPEC,
+    HostSpec,
+    Topology,
+    TopologySpec,
+    cleanup,
+    new_prefix,
+)
 
 T = TypeVar("T")
 
@@ -44,6 +52,27 @@ ZK_PORT = 2181
 SERVICE_PORT = 7000  # every member host runs a name server here
 AGENT_HOSTS = ("ec2a", "ec2b", "vpc1")
 OUTSIDER = "outsider"
+# The demo's "ec2" hosts reach ZooKeeper through a proxy in their own network (neti zkproxy).
+ZKPROXY = HostSpec("zkpx", "10.0.0.5", "198.51.100.5")
+
+
+def demo_spec(spec: TopologySpec = DEFAULT_SPEC) -> TopologySpec:
+    """``spec`` plus the ZooKeeper proxy host in the "ec2" network."""
+    nets = tuple(
+        dataclasses.replace(n, hosts=(*n.hosts, ZKPROXY)) if n.name == "ec2" else n
+        for n in spec.networks
+    )
+    return dataclasses.replace(spec, networks=nets)
+
+
+def demo_zk_hosts(spec: TopologySpec) -> dict[str, list[str]]:
+    """ZooKeeper itself in its own network, the proxy for the "ec2" network."""
+    zk = next(h for n in spec.networks for h in n.hosts if h.name == ZK_HOST)
+    zk_net = next(n.name for n in spec.networks if zk in n.hosts)
+    return {
+        n.name: [f"{zk.private_ip if n.name == zk_net else ZKPROXY.private_ip}:{ZK_PORT}"]
+        for n in spec.networks
+    }
 
 
 def wait_for(what: str, fn: Callable[[], T | None], timeout: float, interval: float = 0.1) -> T:
@@ -365,7 +394,8 @@ def demo(once: bool, prefix: str = DEMO_PREFIX, workdir: Path = DEMO_DIR) -> int
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
-    lab = Lab(workdir=workdir, prefix=prefix)
+    spec = demo_spec()
+    lab = Lab(workdir=workdir, prefix=prefix, spec=spec, zk_hosts=demo_zk_hosts(spec))
     try:
         _print(
             "neti demo: building two networks behind 1:1 NAT edges, an internet and an outsider ..."
@@ -375,6 +405,13 @@ def demo(once: bool, prefix: str = DEMO_PREFIX, workdir: Path = DEMO_DIR) -> int
         _print(
             f"neti demo: ZooKeeper up in {zk.netns} ({zk.private_ip}:{ZK_PORT}, public "
             f"{zk.public_ip})"
+        )
+        lab.write_config(ZKPROXY.name)
+        lab.neti(ZKPROXY.name, "zkproxy", "apply", "--target", f"{zk.public_ip}:{ZK_PORT}",
+                 check=True)  # fmt: skip
+        _print(
+            f"neti demo: {ZKPROXY.name} proxies ZooKeeper for the ec2 network "
+            f"({ZKPROXY.private_ip}:{ZK_PORT} -> {zk.public_ip}:{ZK_PORT}, neti zkproxy)"
         )
         for h in lab.topo.describe():
             _print(

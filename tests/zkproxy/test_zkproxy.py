@@ -164,3 +164,21 @@ def _connect_time(px: ProxyLab, hosts: list[str]) -> float:
     hosts_arg = ",".join(f"{h}:2181" for h in hosts)
     r = px.lab.run("ec2a", [sys.executable, "-c", code, str(px.configs["ec2a"]), hosts_arg])
     return float(r.stdout)
+
+
+def test_apply_reports_when_ip_forward_cannot_be_set(proxy_lab: ProxyLab):
+    """Like a container with a read-only /proc/sys: rules go in, the refusal is reported."""
+    px = proxy_lab
+    _fresh(px)
+    script = (
+        "mount --bind /proc/sys /proc/sys && mount -o remount,bind,ro /proc/sys && "
+        'exec "$0" zkproxy apply --target 203.0.113.20:2181'
+    )
+    neti = str(Path(sys.executable).with_name("neti"))
+    r = px.lab.run("px1", ["unshare", "-m", "sh", "-c", script, neti], check=False)
+    assert r.returncode == 1
+    assert "neti: warning: could not enable net.ipv4.ip_forward" in r.stderr
+    assert "nat: created NETI-ZKPROXY-PRE" in r.stdout
+    status = px.neti("px1", "zkproxy", "status")
+    assert status.returncode == 1
+    assert "problem: net.ipv4.ip_forward is '0', not 1: nothing is forwarded" in status.stdout
