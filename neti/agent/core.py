@@ -108,23 +108,9 @@ def setup_logging(cfg: Config, verbose: bool = False) -> None:
 
 
 def _summary(result: Any) -> dict[str, Any]:
-    """A backend ApplyResult (or status) as JSON-able data for the state file."""
-    if result is None:
-        return {}
-    for attr in ("as_dict", "to_dict"):
-        fn = getattr(result, attr, None)
-        if callable(fn):
-            return dict(fn())
-    if isinstance(result, dict):
-        return dict(result)
-    try:
-        from dataclasses import asdict, is_dataclass
-
-        if is_dataclass(result):
-            return asdict(result)  # type: ignore[arg-type]
-    except TypeError:
-        pass
-    return {"result": str(result)}
+    """A backend ApplyResult as JSON-able data for the state file."""
+    fn = getattr(result, "as_dict", None)
+    return dict(fn()) if callable(fn) else {}
 
 
 class Agent:
@@ -158,6 +144,7 @@ class Agent:
         self._watches_for: Any = None
         self._lock = threading.Lock()
         self._backoff = _Backoff()
+        self._last_warnings: tuple[str, ...] = ()
         self._apply_backoff = _Backoff()
 
     # ------------------------------------------------------------------ lifecycle
@@ -266,6 +253,7 @@ class Agent:
                 exc,
             )
             return
+        self._note_warnings(result)
         self.applied = saved.fleet
         self.state.fleet = saved.fleet
         self.state.applied = _summary(result)
@@ -517,6 +505,7 @@ class Agent:
             self._save()
             return
         self._apply_backoff.reset()
+        self._note_warnings(result)
         duration = time.monotonic() - t0
         self.applied = decision.fleet
         self.state.fleet = decision.fleet
@@ -543,6 +532,14 @@ class Agent:
         )
         self._save()
         self._ready(self._status_line())
+
+    def _note_warnings(self, result: Any) -> None:
+        """Log the backend's warnings when they change (not on every reconcile)."""
+        warnings = tuple(getattr(result, "warnings", ()) or ())
+        if warnings != self._last_warnings:
+            for w in warnings:
+                log.warning("dataplane: %s", w)
+            self._last_warnings = warnings
 
     def _note_guard(self, d: guard_mod.GuardDecision) -> None:
         g = self.state.guard
