@@ -46,8 +46,16 @@ def make_client(cfg: Config, network: str) -> KazooClient:
         # Dropped connections are noticed after 2/3 of the session timeout; one dead host at
         # T/5 still leaves time to reach a live one before the session expires.
         handler=BoundedConnectHandler(max(1.0, cfg.zk_session_timeout / 5)),
-        # Reconnect forever (an agent must outlive any ZooKeeper outage), backing off to 10 s.
-        connection_retry=KazooRetry(max_tries=-1, delay=0.2, backoff=2, max_delay=10),
+        # Reconnect forever (an agent must outlive any ZooKeeper outage). The back-off stays
+        # well under the session timeout: a server that comes back after a short outage still
+        # holds our session, and a client that slept through its return would lose it, and
+        # briefly vanish from every peer's rules.
+        connection_retry=KazooRetry(
+            max_tries=-1,
+            delay=0.2,
+            backoff=2,
+            max_delay=max(0.5, min(10.0, cfg.zk_session_timeout / 3)),
+        ),
         command_retry=KazooRetry(max_tries=5, delay=0.2, backoff=2, max_delay=5),
     )
 
