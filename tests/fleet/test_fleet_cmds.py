@@ -8,12 +8,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from neti import aws
 from neti.registry import Registry
 from tests.fleet.conftest import GHOST_ID, UNKNOWN_ID, World
 from tests.support.zkserver import free_port
 
 NETI = str(Path(sys.executable).with_name("neti"))
+
+pytestmark = [pytest.mark.zk]
 
 
 def js(world: World, command: str) -> dict:

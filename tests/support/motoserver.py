@@ -61,12 +61,17 @@ def ec2(region: str = "us-east-1") -> Any:
 
 
 def run_instances(client: Any, names: list[str]) -> dict[str, str]:
-    """Start one running instance per name (Name tag); returns name -> instance ID."""
-    if not names:
-        return {}
-    r = client.run_instances(ImageId=AMI, MinCount=len(names), MaxCount=len(names))
+    """Launch one running instance per name (Name tag), each its own reservation as separate
+    launches are; returns name -> instance ID."""
     out: dict[str, str] = {}
-    for name, inst in zip(names, r["Instances"], strict=True):
-        out[name] = inst["InstanceId"]
-        client.create_tags(Resources=[inst["InstanceId"]], Tags=[{"Key": "Name", "Value": name}])
+    for name in names:
+        r = client.run_instances(
+            ImageId=AMI,
+            MinCount=1,
+            MaxCount=1,
+            TagSpecifications=[
+                {"ResourceType": "instance", "Tags": [{"Key": "Name", "Value": name}]}
+            ],
+        )
+        out[name] = r["Instances"][0]["InstanceId"]
     return out

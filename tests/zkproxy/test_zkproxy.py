@@ -10,9 +10,13 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from neti.lab import netns
 from tests.support import opsdoc
 from tests.zkproxy.conftest import MEMBER_ADDRESSES, PROXIES, SESSION_TIMEOUT, ProxyLab
+
+pytestmark = [pytest.mark.root, pytest.mark.zk, pytest.mark.timeout(180)]
 
 ZKCLIENT = str(Path(__file__).with_name("zkclient.py"))
 
