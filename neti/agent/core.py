@@ -146,6 +146,7 @@ class Agent:
         self._backoff = _Backoff()
         self._last_warnings: tuple[str, ...] = ()
         self._apply_backoff = _Backoff()
+        self._tagger: Any = None  # neti.aws.tagger.InstanceTagger, started after the claim
 
     # ------------------------------------------------------------------ lifecycle
     def run(self) -> int:
@@ -315,6 +316,18 @@ class Agent:
         self.state.overlay_ip = ip
         self.reg.join(self.identity, ip, version=__version__)
         log.info("joined as %s with overlay IP %s", self.identity.instance_id, ip)
+        self._tag(ip)
+
+    def _tag(self, ip: IPv4Address) -> None:
+        """Tag this instance (overlay_ip, neti_version) in the background; never blocks."""
+        if self._tagger is not None and self._tagger.tags.get("overlay_ip") == str(ip):
+            return
+        if self._tagger is not None:
+            self._tagger.stop(timeout=1)
+        from neti.aws.tagger import tag_self
+
+        assert self.identity is not None
+        self._tagger = tag_self(self.cfg, self.identity, ip)
 
     def _watch(self) -> None:
         from kazoo.recipe.watchers import ChildrenWatch, DataWatch
@@ -595,6 +608,8 @@ class Agent:
 
     def _save(self) -> None:
         self.state.updated_at = time.time()
+        if self._tagger is not None:
+            self.state.tagging = self._tagger.state
         try:
             state_mod.write(self.cfg.state_dir, self.state)
         except OSError as exc:
@@ -647,6 +662,8 @@ class Agent:
         if self.reg is not None:
             log.info("leaving the fleet; the kernel keeps its rules")
         self._disconnect(leave=True)
+        if self._tagger is not None:
+            self._tagger.stop(timeout=1)
         self.state.zookeeper.state = "closed"
         self.state.zookeeper.since = time.time()
         self._save()

@@ -74,6 +74,7 @@ class AgentState:
     skipped: int = 0
     skipped_reasons: list[str] = field(default_factory=list)
     apply_errors: int = 0
+    tagging: str = ""  # EC2 tagging of this instance: pending, ok, failed: …, skipped: …
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -94,6 +95,7 @@ class AgentState:
             "skipped": self.skipped,
             "skipped_reasons": self.skipped_reasons[:50],
             "apply_errors": self.apply_errors,
+            "tagging": self.tagging,
         }
 
     @classmethod
@@ -128,6 +130,7 @@ class AgentState:
             zookeeper=ZkState(**(d.get("zookeeper") or {})),
             skipped=int(d.get("skipped") or 0),
             skipped_reasons=list(d.get("skipped_reasons") or []),
+            tagging=str(d.get("tagging") or ""),
             apply_errors=int(d.get("apply_errors") or 0),
         )
 

@@ -127,6 +127,7 @@ def to_dict(r: Report) -> dict[str, Any]:
         ),
         "members_by_network": s.fleet.by_network() if s and s.fleet else {},
         "members": len(s.fleet.members) if s and s.fleet else 0,
+        "tagging": s.tagging if s else None,
         "last_reconcile": (
             {
                 "at": lr.at,
@@ -221,6 +222,8 @@ def render_text(r: Report) -> str:
             lines.append(f"guard:          ok (maxchange {mc})")
         if s.skipped:
             lines.append(f"skipped:        {s.skipped} malformed registry entries")
+        if s.tagging:
+            lines.append(f"ec2 tags:       {s.tagging}")
     if k:
         if k.error:
             lines.append(f"kernel:         cannot read: {k.error}")

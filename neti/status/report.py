@@ -149,6 +149,9 @@ def evaluate(
                     f"guard holding {g.would_remove} removals (maxchange {g.max_change})",
                 )
             )
+        if state.tagging.startswith("failed"):
+            # Tags feed fleet audits, not the dataplane: shown, but not worth a page.
+            checks.append(Check("tagging", OK, f"EC2 tagging {state.tagging}"))
         lr = state.last_reconcile
         if lr.result == "error":
             checks.append(Check("apply", WARNING, f"last apply failed: {lr.error}"))

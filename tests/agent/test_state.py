@@ -38,6 +38,7 @@ def sample() -> st.AgentState:
         zookeeper=st.ZkState(state="connected", since=1.5, hosts=["10.0.0.9:2181"]),
         skipped=1,
         skipped_reasons=["bad entry"],
+        tagging="ok",
     )
 
 
@@ -53,6 +54,7 @@ def test_round_trip(tmp_path: Path) -> None:
     assert back.guard == s.guard
     assert back.zookeeper == s.zookeeper
     assert back.last_reconcile == s.last_reconcile
+    assert back.tagging == s.tagging
     data = json.loads(p.read_text())
     assert data["members_by_network"] == {"ec2": 1}
     assert oct(p.stat().st_mode & 0o777) == "0o644"

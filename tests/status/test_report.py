@@ -129,3 +129,13 @@ def test_failed_apply_and_stale_reconcile_are_warnings() -> None:
     s.last_success = NOW - 1000
     r = run(s)
     assert r.code == WARNING and "last successful reconcile" in r.summary
+
+
+def test_failed_ec2_tagging_is_shown_but_not_a_problem() -> None:
+    """Tags feed fleet audits, not the dataplane: visible in status, never a page."""
+    s = healthy()
+    s.tagging = "failed: AccessDenied (ec2:CreateTags)"
+    r = run(s)
+    assert r.code == OK
+    assert "ec2 tags:       failed: AccessDenied" in render_text(r)
+    assert to_dict(r)["tagging"] == s.tagging
