@@ -434,6 +434,12 @@ def apply_table(b: Bench, sizes: list[int]) -> list[str]:
         top = row.get(largest, {})
         cells += [ms(top, "add_s"), ms(top, "remove_s")]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    row = b.apply["neti"]
+    if row and all("compute_s" in row[n] for n in big if n in row):
+        cells = [ms(row[n], "compute_s") if n in row else "" for n in big] + ["", ""]
+        lines.append(
+            "| Neti `compute()` alone (pure Python, before apply) | " + " | ".join(cells) + " |"
+        )
     top = b.apply["neti"].get(largest, {})
     if "delta_add_s" in top:
         cells = [""] * len(big) + [ms(top, "delta_add_s"), ms(top, "delta_remove_s")]
@@ -543,6 +549,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--skip-apply", action="store_true")
     p.add_argument("--out", default=str(RESULTS), help="directory for results")
     p.add_argument(
+        "--render", metavar="JSON", help="print the Markdown of an earlier results file; no runs"
+    )
+    p.add_argument(
         "--wait-quiet",
         type=float,
         default=0,
@@ -560,8 +569,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def render(path: str) -> str:
+    """The Markdown of a results file written by an earlier run."""
+    data = json.loads(Path(path).read_text())
+    args = argparse.Namespace(**data["params"])
+    b = Bench(args, data["neti_missing"])
+    for kind, table in (("rates", b.rates), ("apply", b.apply)):
+        for key, row in data[kind].items():
+            table[key] = {int(n): r for n, r in row.items()}
+    return markdown(b, data["machine"])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.render:
+        print(render(args.render), end="")
+        return 0
     if os.geteuid() != 0:
         log("bench: needs root (network namespaces); run as root or via sudo")
         return 2
