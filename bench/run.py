@@ -512,14 +512,18 @@ def markdown(b: Bench, m: dict[str, Any]) -> str:
             f"Conntrack: on in both namespaces for every run; largest table seen {ct_peak} "
             f"entries; drops/early drops/insert failures: {ct_drops}.",
         ]
-    positions = [
-        f"{key} N={n}: {r['pos']}"
-        for key in ("dnat-last-neti", "dnat-mid-neti", "dnat-last-orig")
-        for n, r in b.rates[key].items()
-        if "pos" in r
-    ]
+    positions = []
+    for key, what in (
+        ("dnat-last-neti", "Neti, server's rule last"),
+        ("dnat-mid-neti", "Neti, server's rule in the middle"),
+        ("dnat-last-orig", "original, server's rule last"),
+    ):
+        places = [f"{b.rates[key][n]['pos']}" for n in sizes if "pos" in b.rates[key].get(n, {})]
+        if places:
+            positions.append(f"- {what}: " + ", ".join(places))
     if positions:
-        lines += ["", "Target's place among the kernel's DNAT rules: " + "; ".join(positions) + "."]
+        lines += ["", "The target's place among the kernel's DNAT rules, by fleet size:", ""]
+        lines += positions
     if any(b.apply.values()):
         lines += [
             "",
