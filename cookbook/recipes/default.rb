@@ -53,7 +53,9 @@ template neti['config_path'] do
     Chef::Log.error("neti config check #{path}:\n#{out}") unless status.success?
     status.success?
   end
-  notifies :restart, 'service[neti]', :delayed
+  # A reload (SIGHUP) applies the new config without leaving the fleet; a restart would make
+  # every peer drop this host for a moment.
+  notifies :reload, 'service[neti]', :delayed
 end
 
 # --- conntrack: loaded and sized before the service first starts ---
