@@ -88,15 +88,19 @@ def run_apply(args: argparse.Namespace) -> int:
         print_json({**info, **result.as_dict()})
         return 0
     _print_info(info)
+    _print_result(result, "no changes: the kernel already matched")
+    print(f"done in {result.duration:.2f}s ({result.backend})")
+    return 0
+
+
+def _print_result(result: Any, unchanged: str) -> None:
     for w in result.warnings:
         print(f"neti: warning: {w}", file=sys.stderr)
     if result.changed:
         for c in result.changes:
             print(c)
     else:
-        print("no changes: the kernel already matched")
-    print(f"done in {result.duration:.2f}s ({result.backend})")
-    return 0
+        print(unchanged)
 
 
 def _print_info(info: dict[str, Any]) -> None:
@@ -115,11 +119,5 @@ def run_uninstall(args: argparse.Namespace) -> int:
     if args.json:
         print_json(result.as_dict())
         return 0
-    for w in result.warnings:
-        print(f"neti: warning: {w}", file=sys.stderr)
-    if result.changed:
-        for c in result.changes:
-            print(c)
-    else:
-        print("nothing to remove: Neti owns nothing in this kernel")
+    _print_result(result, "nothing to remove: Neti owns nothing in this kernel")
     return 0
