@@ -222,7 +222,7 @@ def render_text(r: Report) -> str:
             lines.append(f"guard:          ok (maxchange {mc})")
         if s.skipped:
             lines.append(f"skipped:        {s.skipped} malformed registry entries")
-        if s.tagging:
+        if s.tagging and not s.tagging.startswith("skipped"):
             lines.append(f"ec2 tags:       {s.tagging}")
     if k:
         if k.error:
