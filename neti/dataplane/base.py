@@ -63,7 +63,9 @@ class DataplaneStatus:
     """Kernel truth, read back rather than remembered.
 
     ``chains``: ``"table/CHAIN" -> present``; ``jumps``: ``"table/BUILTIN" -> number of jump
-    rules into Neti's chain`` (more than one means someone duplicated them); ``mode`` is
+    rules into Neti's chain`` (more than one means someone duplicated them); ``dnat_rules``
+    counts DNAT rules across Neti's whole nat tree, ``dnat_chains`` the chains below
+    ``NETI-DNAT`` (0 while the fleet is small enough for one flat chain); ``mode`` is
     ``reject`` / ``audit`` from the installed filter chain, None when not installed.
     """
 
@@ -75,6 +77,7 @@ class DataplaneStatus:
     dnat_rules: int
     mode: str | None
     audit: dict[str, int] = field(default_factory=dict)
+    dnat_chains: int = 0
     conntrack_count: int | None = None
     conntrack_max: int | None = None
     conntrack_hashsize: int | None = None

@@ -7,26 +7,32 @@ Layout (docs/dataplane.md has the full picture):
   ACCEPTed, or with ``allow_verdict: return`` RETURNs to ``INPUT`` so other software's rules
   (fail2ban bans, the host firewall) still judge it. Everything else is recorded per source
   in the ``neti-audit`` set and dropped (reject_all) or let through (audit mode).
-* ``nat``: chain ``NETI-DNAT`` with one DNAT per overlay IP, jumped to from ``OUTPUT`` (and
-  ``PREROUTING`` with ``forward``) for destinations in the overlay subnet.
+* ``nat``: chain ``NETI-DNAT``, jumped to from ``OUTPUT`` (and ``PREROUTING`` with
+  ``forward``) for destinations in the overlay subnet. Up to 64 mappings it holds one DNAT
+  per overlay IP; above that it is the root of a tree of chains keyed on the overlay address
+  (``NETI-DNAT-C0A80400-22`` holds 192.168.4.0/22), so a new connection passes at most ~100
+  rules instead of one per member.
 
-Both tables go into ONE ``iptables-restore --noflush`` run: declaring ``:NETI-X - [0:0]``
-flushes only Neti's chain, other chains are never named, and with iptables-nft the whole
-payload is a single kernel transaction. Jump rules are read back first and only added when
-missing, so repeated applies never duplicate them.
+Both tables go into ONE ``iptables-restore --noflush`` run that names only chains whose rules
+differ from the kernel's: declaring ``:NETI-X - [0:0]`` creates or flushes only that chain,
+other software's chains are never named, sub-chains no longer wanted are deleted at the end,
+and with iptables-nft the whole payload is a single kernel transaction. Jump rules are read
+back first and only added when missing, so repeated applies never duplicate them.
 """
 
 from __future__ import annotations
 
 import difflib
 import logging
+import re
 import time
 from dataclasses import dataclass, field
+from ipaddress import IPv4Address
 
 from neti.dataplane import conntrack, ipset, route
 from neti.dataplane.base import ApplyResult, Backend, DataplaneStatus, Plan
 from neti.dataplane.system import System
-from neti.desired import DesiredState
+from neti.desired import DesiredState, Dnat
 from neti.errors import DataplaneError
 
 log = logging.getLogger(__name__)
@@ -162,11 +168,116 @@ def filter_rules(d: DesiredState) -> list[str]:
     return rules
 
 
-def nat_rules(d: DesiredState) -> list[str]:
+# --------------------------------------------------------------------------- the DNAT tree
+
+# The first packet of every new connection to an overlay IP walks Neti's nat rules one by
+# one, so a flat chain of one DNAT per member costs a big fleet dearly (docs/performance.md).
+# Above LEAF_MAX mappings the chain becomes a tree keyed on the overlay address: each inner
+# chain holds at most 2**FANOUT_BITS `-d <prefix> -g <child>` jumps, each leaf at most
+# LEAF_MAX DNAT rules. Why this shape: docs/decisions.md ("Dataplane").
+LEAF_MAX = 64  # DNAT rules per chain before it is split (fewer mappings: one flat chain)
+FANOUT_BITS = 4  # each split looks 4 address bits further: at most 16 jumps per chain
+# NETI-DNAT-<network address, 8 hex digits>-<prefix length>: at most 21 of iptables' 28.
+SUB_CHAIN = re.compile(r"^NETI-DNAT-[0-9A-F]{8}-[0-9]{1,2}$")
+
+
+def sub_chain_name(network: int, prefixlen: int) -> str:
+    """``sub_chain_name(0xC0A80400, 22) -> "NETI-DNAT-C0A80400-22"``."""
+    return f"{NAT_CHAIN}-{network:08X}-{prefixlen}"
+
+
+def is_sub_chain(table: str, name: str) -> bool:
+    """A chain of Neti's DNAT tree (below ``NETI-DNAT``)."""
+    return table == "nat" and SUB_CHAIN.match(name) is not None
+
+
+def owned_chains(table: str, state: TableState) -> list[str]:
+    """Neti's chains of ``table`` present in the kernel: the root first, then sub-chains sorted."""
+    root = OUR_CHAINS[table]
+    subs = sorted(c for c in state.chains if is_sub_chain(table, c))
+    return ([root] if state.has(root) else []) + subs
+
+
+def _dnat_rule(x: Dnat) -> str:
     # str() + concatenation: f-string formatting of 16k addresses costs a quarter second.
-    return [
-        "-d " + str(x.overlay_ip) + "/32 -j DNAT --to-destination " + str(x.target) for x in d.dnat
-    ]
+    return "-d " + str(x.overlay_ip) + "/32 -j DNAT --to-destination " + str(x.target)
+
+
+def nat_chains(d: DesiredState) -> dict[str, list[str]]:
+    """Neti's nat chains and their rules: ``NETI-DNAT`` first, then the tree in pre-order.
+
+    A pure function of the desired state, so renders are byte-stable. Up to LEAF_MAX mappings
+    it is the single flat ``NETI-DNAT``. Mappings outside the overlay subnet (only possible in
+    hand-built states; ``compute`` drops them) stay flat in ``NETI-DNAT``, after the tree.
+    """
+    subnet = d.overlay_subnet
+    lo, hi = int(subnet.network_address), int(subnet.broadcast_address)
+    inside: list[tuple[int, Dnat]] = []
+    outside: list[Dnat] = []
+    for x in d.dnat:
+        ip = int(x.overlay_ip)
+        if lo <= ip <= hi:
+            inside.append((ip, x))
+        else:
+            outside.append(x)
+    chains: dict[str, list[str]] = {NAT_CHAIN: []}
+    root = _node(chains, subnet.prefixlen, inside)
+    chains[NAT_CHAIN] = root + [_dnat_rule(x) for x in outside]
+    return chains
+
+
+def _node(chains: dict[str, list[str]], prefixlen: int, items: list[tuple[int, Dnat]]) -> list[str]:
+    """The rules of the chain for one prefix holding ``items`` (sorted by address).
+
+    Adds the chains below it to ``chains``, each parent before its children.
+    """
+    if len(items) <= LEAF_MAX or prefixlen >= 32:
+        return [_dnat_rule(x) for _, x in items]
+    while True:
+        prefixlen = min(32, prefixlen + FANOUT_BITS)
+        shift = 32 - prefixlen
+        groups: dict[int, list[tuple[int, Dnat]]] = {}
+        for item in items:
+            groups.setdefault(item[0] >> shift << shift, []).append(item)
+        # All under one child (a fleet filling the bottom of a big subnet): skip that level
+        # rather than add a chain holding one jump.
+        if len(groups) > 1 or prefixlen >= 32:
+            break
+    rules = []
+    for net, members in groups.items():  # insertion order is address order
+        name = sub_chain_name(net, prefixlen)
+        rules.append(f"-d {IPv4Address(net)}/{prefixlen} -g {name}")
+        chains[name] = []  # reserve its place before its children's
+        chains[name] = _node(chains, prefixlen, members)
+    return rules
+
+
+def lookup_costs(chains: dict[str, list[str]], root: str = NAT_CHAIN) -> dict[str, int]:
+    """Overlay IP -> how many rules the first packet to it passes from the top of ``root``.
+
+    For the tree Neti renders (``nat_chains``): jumps and DNAT rules only, disjoint prefixes.
+    Used by tests and the benchmark to find the worst case.
+    """
+    out: dict[str, int] = {}
+
+    def walk(chain: str, before: int) -> None:
+        for i, rule in enumerate(chains.get(chain, ()), 1):
+            tokens = rule.split()
+            if "-g" in tokens:
+                walk(tokens[tokens.index("-g") + 1], before + i)
+            elif "DNAT" in tokens:
+                out[tokens[1].split("/")[0]] = before + i
+
+    walk(root, 0)
+    return out
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def desired_chains(d: DesiredState) -> dict[str, dict[str, list[str]]]:
+    """Per table: Neti's chains and their rules, the root chain first."""
+    return {"filter": {FILTER_CHAIN: filter_rules(d)}, "nat": nat_chains(d)}
 
 
 def jump_specs(d: DesiredState) -> dict[str, dict[str, str | None]]:
@@ -185,21 +296,84 @@ class TablePlan:
     diff: list[str]
 
 
+# More sub-chain changes than this are summed up in one sentence instead of one each.
+MAX_CHAIN_SENTENCES = 5
+
+
+def _jump_target(spec: str) -> str | None:
+    tokens = spec.split()
+    for i, t in enumerate(tokens[:-1]):
+        if t in ("-j", "-g"):
+            return tokens[i + 1]
+    return None
+
+
+def _references(state: TableState, table: str, targets: set[str]) -> list[tuple[str, str]]:
+    """(chain, rule) of every rule outside Neti's chains that jumps into ``targets``.
+
+    Built-in hooks first, then other chains by name: a deterministic order for payloads.
+    """
+    hooks = HOOKS[table]
+    others = sorted(
+        c
+        for c in state.rules
+        if c not in hooks and c != OUR_CHAINS[table] and not is_sub_chain(table, c)
+    )
+    return [
+        (chain, spec)
+        for chain in (*hooks, *others)
+        for spec in state.rules.get(chain, [])
+        if _jump_target(spec) in targets
+    ]
+
+
 def plan_table(
-    table: str, state: TableState, rules: list[str], jumps: dict[str, str | None]
+    table: str,
+    state: TableState,
+    chains: dict[str, list[str]],
+    jumps: dict[str, str | None],
 ) -> TablePlan:
-    chain = OUR_CHAINS[table]
-    lines: list[str] = []
+    """The restore lines (without ``*table``/COMMIT) that make ``table`` right, per chain.
+
+    Only chains whose rules differ from the kernel's are declared (``:C - [0:0]`` creates or
+    flushes one) and refilled; Neti's sub-chains that are no longer wanted are unreferenced,
+    flushed and deleted at the end, after every parent has been rewritten. Jumps in built-in
+    chains are only added when missing, duplicates deleted.
+    """
+    root = OUR_CHAINS[table]
+    write = [
+        c
+        for c, rules in chains.items()
+        if (state.rules.get(c, []) if state.has(c) else None) != rules
+    ]
+    obsolete = [c for c in owned_chains(table, state) if c not in chains]
+    lines = [f":{c} - [0:0]" for c in write]
+    for c in write:
+        lines.extend(f"-A {c} {r}" for r in chains[c])
     changes: list[str] = []
-    have = state.rules.get(chain, []) if state.has(chain) else None
-    if have != rules:
-        lines.append(f":{chain} - [0:0]")
-        lines.extend(f"-A {chain} {r}" for r in rules)
-        verb = "created" if have is None else "rewrote"
-        changes.append(f"{table}: {verb} chain {chain} ({len(rules)} rules)")
+    sub_sentences: list[str] = []
+    counts = {"created": 0, "rewritten": 0, "deleted": 0}
+    for c in write:
+        verb = "rewrote" if state.has(c) else "created"
+        sentence = f"{table}: {verb} chain {c} ({len(chains[c])} rules)"
+        if c == root:
+            changes.append(sentence)
+        else:
+            counts["rewritten" if verb == "rewrote" else verb] += 1
+            sub_sentences.append(sentence)
+    for c in obsolete:
+        counts["deleted"] += 1
+        sub_sentences.append(f"{table}: deleted chain {c}")
+    old: list[str] = []
+    new: list[str] = []
+    for c in write:
+        if not state.has(c):
+            new.append(f":{c}")
+        old += [f"-A {c} {r}" for r in state.rules.get(c, [])]
+        new += [f"-A {c} {r}" for r in chains[c]]
     for builtin in HOOKS[table]:
         want = jumps.get(builtin)
-        existing = state.jumps(builtin, chain)
+        existing = state.jumps(builtin, root)
         keep_one = want is not None and want in existing
         for spec in existing:
             if keep_one and spec == want:
@@ -210,25 +384,27 @@ def plan_table(
         if want is not None and want not in existing:
             lines.append(f"-I {builtin} 1 {want}")
             changes.append(f"{table}: added jump {builtin} {want}")
-    old = _table_lines(state, chain)
-    new = [f"-A {chain} {r}" for r in rules] + [
-        f"-A {b} {w}" for b in HOOKS[table] if (w := jumps.get(b)) is not None
-    ]
+        old += [f"-A {builtin} {r}" for r in existing]
+        new += [f"-A {builtin} {want}"] if want is not None else []
+    if obsolete:
+        # Nothing may reference a chain being deleted: a jump someone added from elsewhere
+        # goes first; Neti's own parents were rewritten above, obsolete ones are flushed.
+        for chain, spec in _references(state, table, set(obsolete)):
+            lines.append(f"-D {chain} {spec}")
+            changes.append(f"{table}: removed jump {chain} {spec}")
+            old.append(f"-A {chain} {spec}")
+        lines += [f"-F {c}" for c in obsolete] + [f"-X {c}" for c in obsolete]
+        for c in obsolete:
+            old += [f":{c}"] + [f"-A {c} {r}" for r in state.rules.get(c, [])]
+    if len(sub_sentences) <= MAX_CHAIN_SENTENCES:
+        changes += sub_sentences
+    else:
+        done = ", ".join(f"{n} {what}" for what, n in counts.items() if n)
+        changes.append(f"{table}: DNAT tree: sub-chains {done} ({len(chains) - 1} in all)")
     diff = list(
         difflib.unified_diff(old, new, f"kernel/{table}", f"desired/{table}", lineterm="", n=1)
     )
     return TablePlan(lines, changes, diff)
-
-
-def _table_lines(state: TableState, chain: str) -> list[str]:
-    out = [f"-A {chain} {r}" for r in state.rules.get(chain, [])]
-    for builtin in HOOKS.get(_table_of(chain), ()):
-        out += [f"-A {builtin} {r}" for r in state.jumps(builtin, chain)]
-    return out
-
-
-def _table_of(chain: str) -> str:
-    return next(t for t, c in OUR_CHAINS.items() if c == chain)
 
 
 def wrap(table: str, lines: list[str]) -> str:
@@ -236,16 +412,10 @@ def wrap(table: str, lines: list[str]) -> str:
 
 
 def uninstall_lines(table: str, state: TableState) -> list[str]:
-    chain = OUR_CHAINS[table]
-    lines = [f"-D {b} {spec}" for b in HOOKS[table] for spec in state.jumps(b, chain)]
-    # Also drop jumps someone added from other chains, or -X fails (chain still referenced).
-    for other, rules in sorted(state.rules.items()):
-        if other in HOOKS[table] or other == chain:
-            continue
-        lines += [f"-D {other} {spec}" for spec in rules if _jumps_to(spec, chain)]
-    if state.has(chain):
-        lines += [f"-F {chain}", f"-X {chain}"]
-    return lines
+    """Remove every jump into Neti's chains (also ones someone added elsewhere), then them."""
+    ours = owned_chains(table, state)
+    lines = [f"-D {chain} {spec}" for chain, spec in _references(state, table, set(ours))]
+    return lines + [f"-F {c}" for c in ours] + [f"-X {c}" for c in ours]
 
 
 # --------------------------------------------------------------------------- backend
@@ -283,8 +453,9 @@ class IptablesBackend(Backend):
         sets = ipset.read(self.system)
         set_script, set_changes = ipset.render(sets, desired.allow)
         jumps = jump_specs(desired)
-        fp = plan_table("filter", tables["filter"], filter_rules(desired), jumps["filter"])
-        np_ = plan_table("nat", tables["nat"], nat_rules(desired), jumps["nat"])
+        chains = desired_chains(desired)
+        fp = plan_table("filter", tables["filter"], chains["filter"], jumps["filter"])
+        np_ = plan_table("nat", tables["nat"], chains["nat"], jumps["nat"])
         payloads = {}
         if set_script:
             payloads["ipset"] = set_script
@@ -357,7 +528,13 @@ class IptablesBackend(Backend):
                     if lines:
                         payload += wrap(table, lines)
                         changes.append(
-                            f"{tool(v, '')} {table}: removed {OUR_CHAINS[table]} and its jumps"
+                            f"{tool(v, '')} {table}: removed {OUR_CHAINS[table]}"
+                            + (
+                                " and its sub-chains"
+                                if len(owned_chains(table, tables[table])) > 1
+                                else ""
+                            )
+                            + " and its jumps"
                         )
                 if payload:
                     self.system.run(
@@ -393,6 +570,9 @@ class IptablesBackend(Backend):
         }
         filt = tables["filter"].rules.get(FILTER_CHAIN) if chains["filter/NETI-INPUT"] else None
         mode = None if filt is None else ("reject" if filt and filt[-1] == "-j DROP" else "audit")
+        nat = tables["nat"]
+        tree = owned_chains("nat", nat)
+        dnat = sum(1 for c in tree for r in nat.rules.get(c, []) if " -j DNAT " in f" {r} ")
         usage = conntrack.usage(self.system)
         routes = route.current(self.system)
         return DataplaneStatus(
@@ -401,7 +581,8 @@ class IptablesBackend(Backend):
             chains=chains,
             jumps=jumps,
             allow_set=None if sets.allow is None else len(sets.allow),
-            dnat_rules=len(tables["nat"].rules.get(NAT_CHAIN, [])),
+            dnat_rules=dnat,
+            dnat_chains=len([c for c in tree if c != NAT_CHAIN]),
             mode=mode,
             audit=sets.audit,
             conntrack_count=usage.count,

@@ -39,14 +39,16 @@ def desired_for(
 def kernel_view(b: IptablesBackend) -> dict[str, Any]:
     """Neti's part of the kernel, component by component."""
     from neti.dataplane import ipset
-    from neti.dataplane.iptables import FILTER_CHAIN, NAT_CHAIN
+    from neti.dataplane.iptables import FILTER_CHAIN, NAT_CHAIN, owned_chains
 
     tables = b.read_tables()
     sets = ipset.read(b.system)
+    nat = tables["nat"]
     return {
         "allow": None if sets.allow is None else tuple(sorted(sets.allow)),
         "filter": tuple(tables["filter"].rules.get(FILTER_CHAIN, ["<missing>"])),
-        "nat": tuple(tables["nat"].rules.get(NAT_CHAIN, ["<missing>"])),
+        # The whole DNAT tree: every Neti nat chain with its rules.
+        "nat": tuple((c, tuple(nat.rules[c])) for c in owned_chains("nat", nat)) or ("<missing>",),
         "jumps": (
             len(tables["filter"].jumps("INPUT", FILTER_CHAIN)),
             len(tables["nat"].jumps("OUTPUT", NAT_CHAIN)),
