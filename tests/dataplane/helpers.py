@@ -36,6 +36,34 @@ def desired_for(
     return compute(lab.host(host).identity, fleet_of(lab, members), c)
 
 
+def with_fillers(
+    lab: Topology, host: str, fillers: int, moved: int = -1, **cfg: object
+) -> DesiredState:
+    """``host``'s state for the lab's members plus synthetic ones nobody answers for.
+
+    Fillers fill 192.168.0.13 upwards (dense, like the registry's claims) and every 97th
+    address of the rest of the /18 (sparse), so the DNAT tree has leaves at two depths. The
+    filler ``moved`` gets another address (one member's change).
+    """
+    base = int(IPv4Address("192.168.0.13"))
+    members = []
+    for i in range(fillers):
+        overlay = base + i if i < fillers // 2 else base + 1024 + (i - fillers // 2) * 97
+        public = int(IPv4Address("100.64.0.1")) + i + (5000 if i == moved else 0)
+        members.append(
+            Member(
+                f"i-fill{i:04d}",
+                "filler",
+                IPv4Address(public),
+                IPv4Address(int(IPv4Address("10.64.0.1")) + i),
+                IPv4Address(overlay),
+            )
+        )
+    c = config.parse(lab.config(host, **cfg))
+    fleet = Fleet(members=fleet_of(lab).members + tuple(members))
+    return compute(lab.host(host).identity, fleet, c)
+
+
 def kernel_view(b: IptablesBackend) -> dict[str, Any]:
     """Neti's part of the kernel, component by component."""
     from neti.dataplane import ipset

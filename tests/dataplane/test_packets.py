@@ -6,9 +6,9 @@ from collections.abc import Callable
 
 import pytest
 
-from neti.dataplane.iptables import IptablesBackend
+from neti.dataplane.iptables import IptablesBackend, nat_chains
 from neti.lab import Topology
-from tests.dataplane.helpers import OVERLAY, desired_for
+from tests.dataplane.helpers import OVERLAY, desired_for, with_fillers
 from tests.lab.fixtures import CLOSED, OPEN, SERVICE, SSH
 
 pytestmark = pytest.mark.root
@@ -84,3 +84,50 @@ def test_route_only_when_needed(lab: Topology, backends: Backends) -> None:
     b = backends("ec2a")
     b.apply(desired_for(lab, "ec2a"))
     assert b.status().route is None
+
+
+def counters(lab: Topology, host: str) -> dict[str, int]:
+    """Packets per Neti nat rule (``CHAIN rule``), from ``iptables-save -c``."""
+    out = {}
+    for line in lab.run(host, ["iptables-save", "-c"]).stdout.splitlines():
+        if line.startswith("[") and " -A NETI-DNAT" in line:
+            packets = int(line[1:].split(":")[0])
+            out[line.split(" -A ", 1)[1]] = packets
+    return out
+
+
+def test_overlay_ips_reach_members_through_the_dnat_tree(lab: Topology, backends: Backends) -> None:
+    """300 synthetic members beside the lab's: the DNAT tree is in use and still maps right."""
+    overrides = {"192.168.40.7": str(lab.host("ec2b").private_ip)}
+    d = with_fillers(lab, "ec2a", 300, nat_overrides=overrides)
+    chains = nat_chains(d)
+    assert len(chains) > 5 and any(" -g " in r for r in chains["NETI-DNAT"])
+    b = backends("ec2a")
+    b.apply(d)
+    st = b.status()
+    assert st.dnat_rules == 3 + 300 + 1 and st.dnat_chains == len(chains) - 1
+    targets = [OVERLAY[h] for h in ("ec2a", "ec2b", "vpc1")] + ["192.168.40.7"]
+    got = lab.probe("ec2a", [(t, SERVICE) for t in targets])
+    assert got == ["ec2a 10.0.0.10", "ec2b 10.0.0.10", "vpc1 198.51.100.10", "ec2b 10.0.0.10"]
+    before = counters(lab, "ec2a")
+    used = {rule for rule, packets in before.items() if packets}
+    assert any(" -g " in rule for rule in used)  # the first packets went through jumps
+    # One filler's address changes: only its leaf is rewritten, so every other rule keeps
+    # its counters (a rewritten chain starts again from zero).
+    r = b.apply(with_fillers(lab, "ec2a", 300, moved=290, nat_overrides=overrides))
+    assert len(r.changes) == 2 and r.changes[1].startswith("nat: rewrote chain NETI-DNAT-")
+    leaf = r.changes[1].split()[3]
+    after = counters(lab, "ec2a")
+    assert {k: v for k, v in after.items() if not k.startswith(leaf + " ")} == {
+        k: v for k, v in before.items() if not k.startswith(leaf + " ")
+    }
+    assert lab.probe("ec2a", [(t, SERVICE) for t in targets]) == got
+    # Back to the lab's three members: one flat chain again, every sub-chain gone.
+    b.apply(desired_for(lab, "ec2a"))
+    assert b.status().dnat_chains == 0
+    assert not [
+        line
+        for line in lab.run("ec2a", ["iptables-save"]).stdout.splitlines()
+        if line.startswith(":NETI-DNAT-")
+    ]
+    assert lab.probe("ec2a", [(t, SERVICE) for t in targets[:3]]) == got[:3]

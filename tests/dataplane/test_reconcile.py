@@ -12,7 +12,7 @@ from neti.dataplane import ipset
 from neti.dataplane.iptables import IptablesBackend
 from neti.lab import Topology, netns
 from neti.lab.topology import NAMESERVER, new_prefix
-from tests.dataplane.helpers import OVERLAY, desired_for, kernel_view, save
+from tests.dataplane.helpers import OVERLAY, desired_for, kernel_view, save, with_fillers
 from tests.lab.fixtures import SERVICE
 
 pytestmark = pytest.mark.root
@@ -140,6 +140,50 @@ def test_drift_is_repaired(lab: Topology, backends: Backends) -> None:
     pub = lab.host("ec2a").public_ip
     assert lab.probe("outsider", [(pub, SERVICE)], 0.5) == [None]
     assert lab.reach("vpc1", pub, SERVICE) == "ec2a"
+
+
+def test_drift_in_the_dnat_tree_is_repaired(lab: Topology, backends: Backends) -> None:
+    """Vandalism anywhere in the tree of DNAT chains is found by plan() and repaired."""
+    b = backends("ec2a")
+    before = save(lab, "ec2a")
+    d = with_fillers(lab, "ec2a", 400)
+    b.apply(d)
+    good = kernel_view(b)
+    chains = [c for c, _ in good["nat"]]
+    root_rules = dict(good["nat"])["NETI-DNAT"]
+    leaf = next(
+        c for c, rules in good["nat"] if rules and " -j DNAT " in rules[0] and c != "NETI-DNAT"
+    )
+    jump = next(r for r in root_rules if r.endswith(" -g " + chains[1])).split()
+    nat = ["iptables", "-t", "nat"]
+    vandalism = [
+        [[*nat, "-F", leaf]],
+        [[*nat, "-D", "NETI-DNAT", *jump]],
+        [[*nat, "-A", leaf, "-j", "ACCEPT"]],
+        [[*nat, "-N", "NETI-DNAT-C0A83F00-24"]],  # a stray sub-chain
+        # A leaf taken out completely: unreferenced, flushed and deleted.
+        [
+            [*nat, "-D", "NETI-DNAT", *jump],
+            [*nat, "-F", chains[1]],
+            [*nat, "-X", chains[1]],
+        ],
+    ]
+    for steps in vandalism:
+        for argv in steps:
+            lab.run("ec2a", argv)
+        assert kernel_view(b) != good, steps
+        plan = b.plan(d)
+        assert plan.changed and plan.diff, steps
+        assert len(plan.payloads["nat"].splitlines()) < 100, steps  # not the whole tree
+        assert b.apply(d).changed, steps
+        assert kernel_view(b) == good, steps
+        assert not b.apply(d).changed, steps
+    assert lab.probe("ec2a", [(OVERLAY["vpc1"], SERVICE)]) == ["vpc1 198.51.100.10"]
+    assert b.uninstall().changed
+    after = save(lab, "ec2a")
+    assert not [line for line in after if "NETI" in line]
+    # The same rules as before (the tables themselves may now exist, empty).
+    assert [x for x in after if x.startswith("-")] == [x for x in before if x.startswith("-")]
 
 
 def test_dry_run_changes_nothing(lab: Topology, backends: Backends) -> None:
