@@ -28,6 +28,20 @@ def overlay_ip(position: int) -> IPv4Address:
     return OVERLAY.network_address + 1 + position
 
 
+def worst_position(n: int) -> int:
+    """The position whose DNAT mapping the most rules come before, in Neti's nat chains.
+
+    With a linear chain that is the last one; with Neti's tree of chains it is the last rule
+    of the fullest leaf under the last jumps. Ties go to the higher position.
+    """
+    from neti.dataplane.iptables import lookup_costs, nat_chains
+    from neti.desired import Dnat, build
+
+    state = build(OVERLAY, dnat=[Dnat(overlay_ip(p), FILLER_PRIVATE + 1 + p) for p in range(n)])
+    costs = lookup_costs(nat_chains(state))
+    return max(range(n), key=lambda p: (costs[str(overlay_ip(p))], p))
+
+
 def member(position: int, private: IPv4Address | None = None) -> Member:
     """The member at ``position``; ``private`` makes it a real lab host instead of a filler."""
     return Member(

@@ -56,9 +56,10 @@ def neti_job(job: dict[str, Any]) -> dict[str, Any]:
 def delta_floor(backend: Any, fleet: Any) -> dict[str, float]:
     """What one member's change costs at the least: one set element, one DNAT rule.
 
-    Not what Neti does (it rewrites its chain and swaps the set); a reference for how far a
-    delta-writing backend could go, and the cost of the ``iptables-save`` read Neti's apply
-    starts with. Written into Neti's own chain and set inside the bench namespace.
+    Not what Neti does (it rewrites the one leaf chain holding the member's rule and swaps
+    the set); a reference for how far a rule-level delta could go, and the cost of the
+    ``iptables-save`` read Neti's apply starts with. Written into Neti's root nat chain and
+    its set inside the bench namespace, and taken out again.
     """
     from neti.dataplane import ipset as neti_ipset
     from neti.dataplane import iptables as neti_iptables
@@ -105,8 +106,8 @@ def original_job(job: dict[str, Any]) -> dict[str, Any]:
 def main() -> int:
     job = json.load(sys.stdin)
     # The runner passes its own namespace's inode: never program that one. (Neti's
-    # NETI_REFUSE_INIT_NETNS guard compares with /proc/1/ns/net, which some sandboxes make
-    # unreadable, and then refuses every namespace, so the bench checks for itself.)
+    # NETI_REFUSE_INIT_NETNS guard compares with /proc/1/ns/net, falling back to kthreadd's
+    # where sandboxes make that unreadable; the bench checks for itself all the same.)
     if os.stat("/proc/self/ns/net").st_ino == job["parent_netns"]:
         raise SystemExit("bench.worker: refusing to run in the runner's network namespace")
     if job["op"] == "neti":

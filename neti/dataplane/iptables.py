@@ -26,6 +26,7 @@ import difflib
 import logging
 import re
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 
@@ -252,21 +253,25 @@ def _node(chains: dict[str, list[str]], prefixlen: int, items: list[tuple[int, D
     return rules
 
 
-def lookup_costs(chains: dict[str, list[str]], root: str = NAT_CHAIN) -> dict[str, int]:
+def lookup_costs(chains: Mapping[str, list[str]], root: str = NAT_CHAIN) -> dict[str, int]:
     """Overlay IP -> how many rules the first packet to it passes from the top of ``root``.
 
-    For the tree Neti renders (``nat_chains``): jumps and DNAT rules only, disjoint prefixes.
-    Used by tests and the benchmark to find the worst case.
+    For trees like the one Neti renders (``nat_chains``; also a kernel's chains from
+    ``parse_save``): jumps into other chains of ``chains`` and ``-d <ip>/32 -j DNAT`` rules,
+    with disjoint prefixes, so a packet only enters the chain that holds its rule. Used by
+    tests and the benchmark to find the worst case.
     """
     out: dict[str, int] = {}
 
     def walk(chain: str, before: int) -> None:
         for i, rule in enumerate(chains.get(chain, ()), 1):
-            tokens = rule.split()
-            if "-g" in tokens:
-                walk(tokens[tokens.index("-g") + 1], before + i)
-            elif "DNAT" in tokens:
-                out[tokens[1].split("/")[0]] = before + i
+            target = _jump_target(rule)
+            if target == "DNAT":
+                tokens = rule.split()
+                if "-d" in tokens:
+                    out.setdefault(tokens[tokens.index("-d") + 1].split("/")[0], before + i)
+            elif target in chains and target != chain:
+                walk(target, before + i)
 
     walk(root, 0)
     return out
