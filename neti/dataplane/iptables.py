@@ -25,6 +25,7 @@ from __future__ import annotations
 import difflib
 import logging
 import re
+import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -180,6 +181,7 @@ LEAF_MAX = 64  # DNAT rules per chain before it is split (fewer mappings: one fl
 FANOUT_BITS = 4  # each split looks 4 address bits further: at most 16 jumps per chain
 # NETI-DNAT-<network address, 8 hex digits>-<prefix length>: at most 21 of iptables' 28.
 SUB_CHAIN = re.compile(r"^NETI-DNAT-[0-9A-F]{8}-[0-9]{1,2}$")
+_ntoa = socket.inet_ntoa
 
 
 def sub_chain_name(network: int, prefixlen: int) -> str:
@@ -200,8 +202,8 @@ def owned_chains(table: str, state: TableState) -> list[str]:
 
 
 def _dnat_rule(x: Dnat) -> str:
-    # str() + concatenation: f-string formatting of 16k addresses costs a quarter second.
-    return "-d " + str(x.overlay_ip) + "/32 -j DNAT --to-destination " + str(x.target)
+    # inet_ntoa is twice as fast as str(IPv4Address); at 16k members it shows.
+    return f"-d {_ntoa(x.overlay_ip.packed)}/32 -j DNAT --to-destination {_ntoa(x.target.packed)}"
 
 
 def nat_chains(d: DesiredState) -> dict[str, list[str]]:
@@ -337,13 +339,15 @@ def plan_table(
     state: TableState,
     chains: dict[str, list[str]],
     jumps: dict[str, str | None],
+    with_diff: bool = True,
 ) -> TablePlan:
     """The restore lines (without ``*table``/COMMIT) that make ``table`` right, per chain.
 
     Only chains whose rules differ from the kernel's are declared (``:C - [0:0]`` creates or
     flushes one) and refilled; Neti's sub-chains that are no longer wanted are unreferenced,
     flushed and deleted at the end, after every parent has been rewritten. Jumps in built-in
-    chains are only added when missing, duplicates deleted.
+    chains are only added when missing, duplicates deleted. ``with_diff=False`` skips the
+    human-readable diff (apply does not show it).
     """
     root = OUR_CHAINS[table]
     write = [
@@ -406,8 +410,12 @@ def plan_table(
     else:
         done = ", ".join(f"{n} {what}" for what, n in counts.items() if n)
         changes.append(f"{table}: DNAT tree: sub-chains {done} ({len(chains) - 1} in all)")
-    diff = list(
-        difflib.unified_diff(old, new, f"kernel/{table}", f"desired/{table}", lineterm="", n=1)
+    diff = (
+        list(
+            difflib.unified_diff(old, new, f"kernel/{table}", f"desired/{table}", lineterm="", n=1)
+        )
+        if with_diff
+        else []
     )
     return TablePlan(lines, changes, diff)
 
@@ -453,14 +461,15 @@ class IptablesBackend(Backend):
         tables = parse_save(proc.stdout)
         return {t: tables.get(t, TableState()) for t in TABLES}
 
-    def _plan(self, desired: DesiredState) -> tuple[Plan, str, str]:
+    def _plan(self, desired: DesiredState, with_diff: bool = True) -> tuple[Plan, str, str]:
         tables = self.read_tables()
         sets = ipset.read(self.system)
-        set_script, set_changes = ipset.render(sets, desired.allow)
+        allow = tuple(map(str, desired.allow))  # once: formatting 16k addresses takes a while
+        set_script, set_changes = ipset.render(sets, allow)
         jumps = jump_specs(desired)
         chains = desired_chains(desired)
-        fp = plan_table("filter", tables["filter"], chains["filter"], jumps["filter"])
-        np_ = plan_table("nat", tables["nat"], chains["nat"], jumps["nat"])
+        fp = plan_table("filter", tables["filter"], chains["filter"], jumps["filter"], with_diff)
+        np_ = plan_table("nat", tables["nat"], chains["nat"], jumps["nat"], with_diff)
         payloads = {}
         if set_script:
             payloads["ipset"] = set_script
@@ -468,7 +477,7 @@ class IptablesBackend(Backend):
             payloads["filter"] = wrap("filter", fp.lines)
         if np_.lines:
             payloads["nat"] = wrap("nat", np_.lines)
-        diff = ipset.diff(sets, desired.allow) + fp.diff + np_.diff
+        diff = (ipset.diff(sets, allow) if with_diff else []) + fp.diff + np_.diff
         plan = Plan(
             backend=self.label,
             payloads=payloads,
@@ -497,7 +506,7 @@ class IptablesBackend(Backend):
             changes, warnings = conntrack.ensure(
                 self.system, desired.conntrack_max, desired.conntrack_hashsize
             )
-            plan, set_script, tables_payload = self._plan(desired)
+            plan, set_script, tables_payload = self._plan(desired, with_diff=False)
             # Sets before rules: a rule may only name a set that exists, and a new
             # reject_all must never meet an allowlist that is not filled yet.
             if set_script:
