@@ -1,0 +1,79 @@
+"""The guard against programming the machine's own firewall (NETI_REFUSE_INIT_NETNS=1).
+
+Some sandboxes make /proc/1/ns/net unreadable (EACCES, also for root); the check then falls
+back to kthreadd's namespace, and refuses when it cannot tell at all.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from neti.dataplane import System, system
+from neti.errors import DataplaneError
+from neti.lab import netns
+from neti.lab.topology import new_prefix
+
+ROOT_NETNS = os.stat("/proc/self/ns/net").st_ino
+
+
+@pytest.fixture
+def own_ns(netns_guard: None) -> Iterator[str]:
+    name = f"{new_prefix()}g"
+    netns.add_ns(name)
+    try:
+        yield name
+    finally:
+        netns.del_ns(name)
+
+
+@pytest.mark.root
+def test_root_namespace_is_recognised_and_refused(netns_guard: None) -> None:
+    assert system.in_init_netns()
+    with pytest.raises(DataplaneError, match="refusing to change the initial network namespace"):
+        System().guard_writes()
+
+
+@pytest.mark.root
+def test_a_process_inside_another_namespace_may_write(own_ns: str) -> None:
+    code = "from neti.dataplane import System; System().guard_writes(); print('allowed')"
+    out = subprocess.run(
+        netns.exec_argv(own_ns, [sys.executable, "-c", code]),
+        capture_output=True,
+        text=True,
+        env={**os.environ, system.GUARD_ENV: "1"},
+        check=True,
+    )
+    assert out.stdout.strip() == "allowed"
+    assert not System(own_ns).in_init_netns()
+
+
+def _stat_failing(paths: set[str]):  # noqa: ANN202 - a stand-in for os.stat
+    real = os.stat
+
+    def fake(path: str, *a: object, **kw: object) -> os.stat_result:
+        if path in paths:
+            raise PermissionError(13, "Permission denied", path)
+        return real(path, *a, **kw)  # type: ignore[arg-type]
+
+    return fake
+
+
+def test_unreadable_pid1_falls_back_to_kthreadd(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pure fallback logic: PID 1's namespace unreadable, kthreadd's decides."""
+    comm = Path("/proc/2/comm")
+    if not comm.exists() or comm.read_text().strip() != "kthreadd":
+        pytest.skip("no kthreadd visible (a PID namespace)")
+    monkeypatch.setattr(system.os, "stat", _stat_failing({"/proc/1/ns/net"}))
+    kthreadd = os.stat("/proc/2/ns/net").st_ino
+    assert system.in_init_netns() == (ROOT_NETNS == kthreadd)
+
+
+def test_cannot_tell_means_refuse(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(system.os, "stat", _stat_failing({"/proc/1/ns/net", "/proc/2/ns/net"}))
+    assert system.in_init_netns()
