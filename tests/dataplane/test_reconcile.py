@@ -248,6 +248,17 @@ def test_legacy_variant_is_detected_and_used(lab: Topology, backends: Backends) 
         b2 = dataplane.select(None, netns=lab.ns("ec2b"))
         assert isinstance(b2, IptablesBackend) and b2.variant == "legacy"
         assert not b2.apply(desired_for(lab, "ec2b", reject_all=True)).changed
+        # The DNAT tree works the same in legacy: one transaction per table, -X included.
+        b2.apply(with_fillers(lab, "ec2b", 300, reject_all=True))
+        legacy = save(lab, "ec2b", "iptables-legacy-save")
+        assert sum(line.startswith(":NETI-DNAT-") for line in legacy) == b2.status().dnat_chains > 1
+        assert lab.probe("ec2b", [(OVERLAY["vpc1"], SERVICE)]) == ["vpc1 198.51.100.11"]
+        assert not b2.apply(with_fillers(lab, "ec2b", 300, reject_all=True)).changed
+        b2.apply(desired_for(lab, "ec2b", reject_all=True))
+        assert not any(
+            x.startswith(":NETI-DNAT-") for x in save(lab, "ec2b", "iptables-legacy-save")
+        )
+        b2.apply(with_fillers(lab, "ec2b", 300, reject_all=True))
         assert b2.uninstall().changed
         assert not any("NETI" in line for line in save(lab, "ec2b", "iptables-legacy-save"))
     finally:
