@@ -3,7 +3,8 @@
 The tests share one lab fleet and run in file order; each leaves the fleet converged for
 the next. Everything is polled with deadlines (``wait_for``); the only fixed wait is the
 ZooKeeper outage, which must last longer than the session timeout by definition, and the
-fleet is checked continuously while it lasts.
+fleet is checked continuously while it lasts. Deadlines are generous on purpose: they cost
+nothing when things work, and a loaded machine must not turn a slow poll into a failure.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ def test_killed_agent_is_removed_after_session_timeout_and_returns_with_same_ip(
     wait_for(
         "peers to remove ec2b",
         lambda: all("i-ec2b" not in fleet_ids(fleet, h) for h in ("ec2a", "vpc1")),
-        timeout=SESSION_TIMEOUT * 3 + 10,
+        timeout=SESSION_TIMEOUT * 3 + 30,
     )
     removed_after = time.monotonic() - t0
     print(
@@ -152,9 +153,7 @@ def test_zookeeper_outage_changes_no_rule_and_fleet_recovers(fleet: Lab) -> None
     fleet.zk.stop()
     t0 = time.monotonic()
     try:
-        reports = wait_status(
-            fleet, ALL, WARNING, "agents to notice ZooKeeper is gone", timeout=SESSION_TIMEOUT * 3
-        )
+        reports = wait_status(fleet, ALL, WARNING, "agents to notice ZooKeeper is gone", timeout=45)
         for r in reports.values():
             assert r["zookeeper"]["state"] in ("suspended", "lost")
             assert r["kernel"]["matches"] is True
@@ -214,7 +213,7 @@ def test_sighup_reloads_config_and_reconnects_when_registry_settings_change(flee
     wait_for(
         "the bad config to be refused",
         lambda: "keeping the running config" in fleet.agent_log("vpc1"),
-        timeout=15,
+        timeout=30,
     )
     assert fleet.agents["vpc1"].poll() is None
     path.write_text(good)
@@ -223,7 +222,7 @@ def test_sighup_reloads_config_and_reconnects_when_registry_settings_change(flee
     wait_for(
         "vpc1 to reconnect",
         lambda: "registry settings changed; reconnecting" in fleet.agent_log("vpc1"),
-        timeout=15,
+        timeout=30,
     )
     fleet.wait_converged(timeout=30)
     assert fleet.overlay_ip("vpc1") == ip
