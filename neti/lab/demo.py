@@ -294,10 +294,18 @@ class Lab:
     def set_max_change(self, n: int) -> None:
         self.neti(ZK_HOST, "fleet", "set", "max-change", str(n), check=True)
 
-    def matrix(self, hosts: Iterable[str] | None = None, timeout: float = 0.5) -> dict[str, Any]:
+    def matrix(
+        self,
+        hosts: Iterable[str] | None = None,
+        timeout: float = 2.0,
+        outsider_timeout: float = 0.5,
+    ) -> dict[str, Any]:
         """Who reaches whom: by overlay IP between members, by public IP from the outsider.
 
-        ``result[src][dst]`` is the name that answered (``dst`` when right) or None.
+        ``result[src][dst]`` is the name that answered (``dst`` when right) or None. Members
+        get a generous ``timeout`` (an answer arrives in milliseconds; only a busy machine
+        needs more, and a slow answer must not read as "unreachable"); the outsider's probes
+        are expected to be dropped, so they wait only ``outsider_timeout``.
         """
         hosts = tuple(hosts or self.agent_hosts)
         overlay = {h: self.overlay_ip(h) for h in hosts}
@@ -311,7 +319,7 @@ class Lab:
                 row[d] = a.split()[0] if a else None
             out[src] = row
         pub = [(self.topo.host(d).public_ip, SERVICE_PORT) for d in hosts]
-        answers = self.topo.probe(OUTSIDER, pub, timeout)
+        answers = self.topo.probe(OUTSIDER, pub, outsider_timeout)
         out[OUTSIDER] = {
             d: (a.split()[0] if a else None) for d, a in zip(hosts, answers, strict=True)
         }
