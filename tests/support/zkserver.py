@@ -55,8 +55,9 @@ class ZooKeeperServer:
         if self.netns:
             cmd = ["ip", "netns", "exec", self.netns, *cmd]
         out = open(self.log, "wb")  # noqa: SIM115 - lives as long as the process
-        self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -75,8 +76,12 @@ class ZooKeeperServer:
             "s.sendall(b'ruok'); print(s.recv(4).decode())\n"
         )
         try:
-            r = subprocess.run([*cmd, "python3", "-c", probe, self.host, str(self.port)],
-                               capture_output=True, text=True, timeout=5)
+            r = subprocess.run(
+                [*cmd, "python3", "-c", probe, self.host, str(self.port)],
+                capture_output=True,
+                text=True,
+                timeout=5,
+            )
         except subprocess.TimeoutExpired:
             return False
         return r.stdout.strip() == "imok"
