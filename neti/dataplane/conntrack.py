@@ -63,10 +63,13 @@ def ensure(system: System, want_max: int, want_hashsize: int) -> tuple[list[str]
     """Load nf_conntrack and raise its limits; returns (changes, warnings). Never raises."""
     changes: list[str] = []
     warnings: list[str] = []
-    if system.read_sysctl(MAX_KEY) is None:
+    # One read serves both checks: inside a namespace every read is a subprocess.
+    raw_max = system.read_sysctl(MAX_KEY)
+    if raw_max is None:
         # Built-in or already loaded modules make modprobe fail harmlessly; check the result.
         system.run(["modprobe", "nf_conntrack"], check=False)
-        if system.read_sysctl(MAX_KEY) is None:
+        raw_max = system.read_sysctl(MAX_KEY)
+        if raw_max is None:
             warnings.append(
                 "nf_conntrack is not available (modprobe nf_conntrack failed); "
                 "conntrack limits were not checked"
@@ -74,7 +77,7 @@ def ensure(system: System, want_max: int, want_hashsize: int) -> tuple[list[str]
             return changes, warnings
         changes.append("loaded nf_conntrack")
 
-    cur_max = _int(system.read_sysctl(MAX_KEY))
+    cur_max = _int(raw_max)
     if want_max and (cur_max is None or cur_max < want_max):
         err = system.write_sysctl(MAX_KEY, str(want_max))
         if err is None and _int(system.read_sysctl(MAX_KEY)) == want_max:
