@@ -470,13 +470,14 @@ class IptablesBackend(Backend):
         chains = desired_chains(desired)
         fp = plan_table("filter", tables["filter"], chains["filter"], jumps["filter"], with_diff)
         np_ = plan_table("nat", tables["nat"], chains["nat"], jumps["nat"], with_diff)
+        filter_payload, nat_payload = wrap("filter", fp.lines), wrap("nat", np_.lines)
         payloads = {}
         if set_script:
             payloads["ipset"] = set_script
-        if fp.lines:
-            payloads["filter"] = wrap("filter", fp.lines)
-        if np_.lines:
-            payloads["nat"] = wrap("nat", np_.lines)
+        if filter_payload:
+            payloads["filter"] = filter_payload
+        if nat_payload:
+            payloads["nat"] = nat_payload
         diff = (ipset.diff(sets, allow) if with_diff else []) + fp.diff + np_.diff
         plan = Plan(
             backend=self.label,
@@ -484,7 +485,7 @@ class IptablesBackend(Backend):
             diff=tuple(diff),
             changes=tuple(set_changes + np_.changes + fp.changes),
         )
-        return plan, set_script, wrap("nat", np_.lines) + wrap("filter", fp.lines)
+        return plan, set_script, nat_payload + filter_payload
 
     def plan(self, desired: DesiredState) -> Plan:
         plan, _, _ = self._plan(desired)
