@@ -43,7 +43,9 @@ def test_docs_show_commands() -> None:
 
 
 @pytest.mark.parametrize(("doc", "command"), CASES, ids=[f"{d}:{c}" for d, c in CASES])
-def test_documented_command_parses(doc: Path, command: str) -> None:
+def test_documented_command_parses(
+    doc: Path, command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     parser = build_parser()
     argv = argv_of(command)
     try:
@@ -51,7 +53,10 @@ def test_documented_command_parses(doc: Path, command: str) -> None:
     except SystemExit as exc:
         if exc.code == 0:  # --help / --version
             return
-        # A bare command group (`neti fleet`) is a name, not an invocation.
+        # A bare command group (`neti fleet`) is a name, not an invocation. Only that error
+        # may fall back to --help: `--help` would also hide an unknown option.
+        if "the following arguments are required: SUBCOMMAND" not in capsys.readouterr().err:
+            raise AssertionError(f"{doc}: `{command}` is not a valid neti command line") from None
         try:
             parser.parse_args([*argv, "--help"])
         except SystemExit as again:
