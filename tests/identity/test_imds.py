@@ -37,14 +37,14 @@ def test_server_rejects_get_without_valid_token(imds: ImdsServer) -> None:
 
 
 def test_directory_listing_and_404(imds: ImdsServer) -> None:
-    client = ImdsClient(imds.endpoint, timeout=1, retries=0)
+    client = ImdsClient(imds.endpoint, timeout=5, retries=0)
     assert client.listing("network/interfaces/macs/") == ["0e:12:34:56:78:9a"]
     assert "placement" in (client.listing("") or [])
     assert client.get("no/such/path") is None
 
 
 def test_expired_token_is_refreshed_once(imds: ImdsServer) -> None:
-    client = ImdsClient(imds.endpoint, timeout=1, retries=0)
+    client = ImdsClient(imds.endpoint, timeout=5, retries=0)
     assert client.get("instance-id") == "i-0123456789abcdef0"
     imds.expire_tokens()
     assert client.get("instance-id") == "i-0123456789abcdef0"
@@ -53,7 +53,7 @@ def test_expired_token_is_refreshed_once(imds: ImdsServer) -> None:
 
 
 def test_persistent_401_is_an_error(imds: ImdsServer) -> None:
-    client = ImdsClient(imds.endpoint, timeout=1, retries=0)
+    client = ImdsClient(imds.endpoint, timeout=5, retries=0)
     imds.fail_next(10, status=401, path="/latest/meta-data/")
     with pytest.raises(IdentityError, match=r"instance-id: HTTP 401"):
         client.get("instance-id")
@@ -62,7 +62,7 @@ def test_persistent_401_is_an_error(imds: ImdsServer) -> None:
 
 def test_backoff_grows_between_retries(imds: ImdsServer) -> None:
     slept: list[float] = []
-    client = ImdsClient(imds.endpoint, timeout=1, retries=3, backoff=0.5, sleep=slept.append)
+    client = ImdsClient(imds.endpoint, timeout=5, retries=3, backoff=0.5, sleep=slept.append)
     imds.fail_next(3, status=502)
     assert client.get("instance-id") == "i-0123456789abcdef0"
     assert slept == [0.5, 1.0, 2.0]
@@ -120,7 +120,7 @@ def test_standalone_server_for_the_lab() -> None:
         line = proc.stdout.readline()
         endpoint = line.split()[-1]
         assert endpoint.startswith("http://127.0.0.1:"), line
-        client = ImdsClient(endpoint, timeout=2, retries=0)
+        client = ImdsClient(endpoint, timeout=5, retries=0)
         assert client.get("network/interfaces/macs/0e:12:34:56:78:9a/vpc-id") == "vpc-77"
         assert client.get("public-ipv4") is None
     finally:
