@@ -494,10 +494,9 @@ class IptablesBackend(Backend):
         return Plan(plan.backend, plan.payloads, plan.diff, plan.changes, tuple(actions))
 
     # --- writing ---
-    def _restore(self, payload: str) -> None:
-        self.system.run(
-            [tool(self.variant, "restore"), "-w", LOCK_WAIT, "--noflush"], input=payload
-        )
+    def _restore(self, payload: str, variant: str | None = None) -> None:
+        v = self.variant if variant is None else variant
+        self.system.run([tool(v, "restore"), "-w", LOCK_WAIT, "--noflush"], input=payload)
 
     def apply(self, desired: DesiredState) -> ApplyResult:
         start = time.monotonic()
@@ -552,9 +551,7 @@ class IptablesBackend(Backend):
                             + " and its jumps"
                         )
                 if payload:
-                    self.system.run(
-                        [tool(v, "restore"), "-w", LOCK_WAIT, "--noflush"], input=payload
-                    )
+                    self._restore(payload, v)
             names = ipset.read(self.system).names
             script = ipset.render_uninstall(names)
             if script:
