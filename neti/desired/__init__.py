@@ -166,7 +166,8 @@ def build(
     ports = {p if isinstance(p, PortSpec) else PortSpec.model_validate(p) for p in open_ports}
     return DesiredState(
         overlay_subnet=IPv4Network(overlay_subnet),
-        allow=tuple(sorted({IPv4Address(a) for a in allow})),
+        # IPv4Address(an IPv4Address) formats and re-parses it: ~0.1 s per apply at 16k members.
+        allow=tuple(sorted({a if isinstance(a, IPv4Address) else IPv4Address(a) for a in allow})),
         dnat=tuple(sorted(by_overlay.values())),
         open_ports=tuple(sorted(ports, key=_port_key)),
         ssh_whitelist=tuple(sorted({IPv4Network(n) for n in ssh_whitelist})),
