@@ -144,30 +144,32 @@ def test_far_host_uses_either_proxy_and_keeps_its_session(proxy_lab: ProxyLab):
             client.proc.wait(10)
             raise AssertionError(f"session lost; the client's log:\n{client.proc.stderr.read()}")
 
-        # 3. Whether kazoo tried the dead proxy first above was chance; here it must: the
-        #    dead one first in the list costs a bounded connect, not the session timeout.
-        took = _connect_time(px, [PROXIES[other], PROXIES[active]])
-        print(f"connect past a dead proxy: {took:.2f}s")
-        assert took < SESSION_TIMEOUT / 2, f"connecting past a dead proxy took {took:.1f}s"
+        # 3. Whether kazoo tried the dead proxy first above was chance; here it must. The
+        #    requirement is a deadline, not a speed: a fresh client with the dead proxy first
+        #    must be connected within half the session timeout (kazoo's unbounded connect
+        #    spends that much on the dead host alone), leaving the other half for failover.
+        assert _connects_within(px, [PROXIES[other], PROXIES[active]], SESSION_TIMEOUT / 2), (
+            f"no connection past a dead proxy within {SESSION_TIMEOUT / 2:g}s"
+        )
     finally:
         netns.ip(px.lab.ns(other), "link", "set", "eth0", "up")
         client.proc.kill()
 
 
-def _connect_time(px: ProxyLab, hosts: list[str]) -> float:
-    """Seconds for the registry's client in ec2a to connect, trying ``hosts`` in order."""
+def _connects_within(px: ProxyLab, hosts: list[str], deadline: float) -> bool:
+    """Does the registry's client in ec2a connect by ``deadline``, trying ``hosts`` in order?"""
     code = (
-        "import sys,time\n"
+        "import sys\n"
         "from neti import config\n"
         "from neti.registry.client import make_client\n"
         "c = make_client(config.load(sys.argv[1]), 'ec2')\n"
         "c.set_hosts(sys.argv[2], randomize_hosts=False)\n"
-        "t = time.monotonic(); c.start(timeout=30); print(time.monotonic() - t)\n"
+        "c.start(timeout=float(sys.argv[3]))\n"
         "c.stop(); c.close()\n"
     )
     hosts_arg = ",".join(f"{h}:2181" for h in hosts)
-    r = px.lab.run("ec2a", [sys.executable, "-c", code, str(px.configs["ec2a"]), hosts_arg])
-    return float(r.stdout)
+    argv = [sys.executable, "-c", code, str(px.configs["ec2a"]), hosts_arg, str(deadline)]
+    return px.lab.run("ec2a", argv, check=False).returncode == 0
 
 
 def test_apply_reports_when_ip_forward_cannot_be_set(proxy_lab: ProxyLab):
