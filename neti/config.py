@@ -143,6 +143,30 @@ class MetricsConfig(BaseModel):
     port: int = Field(default=9437, ge=1, le=65535)
 
 
+class ZkTlsConfig(BaseModel):
+    """TLS to ZooKeeper's ``secureClientPort``; with cert/key the host is identified by x509."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    ca: str  # PEM bundle that signed the ZooKeeper servers' certificates
+    cert: str | None = None  # this host's client certificate (PEM)
+    key: str | None = None  # its private key (PEM)
+    check_hostname: bool = False  # servers are often reached by IP or through a proxy
+
+    @model_validator(mode="after")
+    def _pair(self) -> ZkTlsConfig:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("cert and key go together: give both or neither")
+        return self
+
+
+class ZkAuthConfig(BaseModel):
+    """ZooKeeper authentication; ``digest`` reads ``user:password`` from credentials_file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    scheme: Literal["digest"] = "digest"
+    credentials_file: str
+
+
 class Config(BaseModel):
     """The whole of neti.yml. Field docs live in docs/configuration.md."""
 
@@ -189,6 +213,12 @@ class Config(BaseModel):
     max_change_default: int = Field(default=20, ge=0)
     # Tag this instance with overlay_ip/neti_version in EC2: "auto" only with an ec2 identity.
     tag_instance: Literal["auto", "always", "never"] = "auto"
+    # Trust (docs/security.md): TLS and/or authentication to ZooKeeper, and per-host ACLs.
+    zk_tls: ZkTlsConfig | None = None
+    zk_auth: ZkAuthConfig | None = None
+    # Read the original's ip-map party nodes. Turn off once no original agent is left: those
+    # nodes cannot be authenticated, so while read they let anyone who can write ip-map in.
+    read_legacy: bool = True
 
     @field_validator("zk_prefix")
     @classmethod
