@@ -1,43 +1,312 @@
 """The mass-removal guard: a ZooKeeper hiccup must not firewall half the fleet off.
 
-The original Neti refused to touch iptables when more than ``maxchange`` hosts changed at
-once. We keep the idea, narrowed to what is dangerous: *removals*. Additions are always
-applied (a new host must become reachable even while the guard holds), and this host itself
-is never removed from its own view. While held, the applied fleet is the previous one plus
-the additions, so the next reconcile compares against the same baseline and the guard stays
-tripped until the fleet recovers or an operator raises the threshold.
+The original Neti refused to touch iptables when more than ``maxchange`` hosts changed in
+one update. That compared each update with the previous one only, so removals that
+arrived a second apart (sessions expiring one by one) all went through, and a default of
+20 could never protect a fleet of 20 or fewer. This guard keeps the idea, narrowed to what
+is dangerous (*removals*), and counts them over time:
+
+* **window**: removals applied within the last ``window`` seconds are summed with the ones
+  a fresh read asks for. The limit is ``max(maxchange, floor(fraction x baseline))``, where
+  the baseline is the fleet before those removals. Over the limit, every removal of the
+  window is held: the applied fleet is the baseline again (plus any additions).
+* **grace**: after this agent's own (re)connect, after the guard released by itself and
+  after a vanished fleet came back, removals wait ``grace`` seconds, so peers that are
+  still re-joining are not cut off for the second it takes them.
+* **fleet-vanished**: a missing members container, or a read without a single member
+  while we had peers, is a ZooKeeper accident, never a partition: held until peers are
+  listed again (then grace).
+* Additions are always applied; this host is never removed from its own view.
+* An operator lets held removals through once (``neti fleet release-guard``).
+
+Pure: no ZooKeeper, an injectable clock. ``decide`` never changes the guard; ``commit``
+records a decision once the kernel took it, so a failed apply is decided again.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 from neti.fleet import Fleet, Member
+
+# Reason codes (state file, ``neti status``, logs).
+WINDOW = "window"  # removals summed over the window exceed the limit
+LIMIT = "limit"  # this read alone removes more than the limit
+GRACE = "grace"  # a grace period after a (re)connect or a recovery
+VANISHED = "fleet-vanished"  # the members container is gone / the read is empty
+REASONS = (WINDOW, LIMIT, GRACE, VANISHED)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """The guard's knobs: ``max_change`` from ZooKeeper, the rest from neti.yml."""
+
+    max_change: int
+    window: float = 0.0  # seconds over which removals are summed (0: this read only)
+    fraction: float = 0.0  # share of the baseline fleet that may go within the window
+    grace: float = 0.0  # seconds removals wait after a (re)connect or a recovery
+
+    def limit(self, baseline: int) -> int:
+        return max(self.max_change, math.floor(self.fraction * baseline + 1e-9))
 
 
 @dataclass(frozen=True, slots=True)
 class GuardDecision:
-    """What to apply, and why."""
+    """What to apply, and why (``as_dict`` goes into the state file)."""
 
     fleet: Fleet  # the fleet to hand to desired.compute()
-    held: bool  # True: removals were refused
-    removed: tuple[str, ...]  # instance IDs the new fleet lacks (applied unless held)
-    added: tuple[str, ...]  # instance IDs new in this fleet (always applied)
+    held: bool  # True: some removals were refused
+    removed: tuple[str, ...]  # instance IDs the read lacks (applied unless held)
+    added: tuple[str, ...]  # instance IDs new in this read (always applied)
     max_change: int
+    reason: str = ""  # one of REASONS when held
+    held_ids: tuple[str, ...] = ()  # every member kept although the read lacks it
+    limit: int = 0
+    window_removals: int = 0  # removals counted in the window, this read's included
+    baseline: int = 0  # the fleet's size before the window's removals
+    grace_left: float = 0.0  # seconds until the grace period ends (0: none)
+    released: bool = False  # an operator's release let this decision through
+    self_listed: bool = True  # this host was in the read
+    _next: _Memory | None = field(default=None, repr=False, compare=False)
 
     def as_dict(self) -> dict[str, object]:
         return {
             "held": self.held,
-            "would_remove": len(self.removed) if self.held else 0,
-            "removed": list(self.removed),
+            "reason": self.reason,
+            "would_remove": len(self.held_ids) if self.held else 0,
+            "removed": list(self.held_ids if self.held else self.removed),
             "added": list(self.added),
             "max_change": self.max_change,
+            "limit": self.limit,
+            "window_removals": self.window_removals,
+            "baseline": self.baseline,
+            "grace_left": round(self.grace_left, 3),
+            "released": self.released,
+            "self_listed": self.self_listed,
         }
+
+
+@dataclass(slots=True)
+class _Memory:
+    """What the guard remembers between decisions."""
+
+    applied: dict[str, Member] | None = None
+    recent: dict[str, tuple[float, Member]] = field(default_factory=dict)  # id -> (t, member)
+    grace_until: float | None = None
+    grace_why: str = ""
+    vanished: bool = False
+    held_reason: str = ""
+
+    def copy(self) -> _Memory:
+        return _Memory(
+            applied=dict(self.applied) if self.applied is not None else None,
+            recent=dict(self.recent),
+            grace_until=self.grace_until,
+            grace_why=self.grace_why,
+            vanished=self.vanished,
+            held_reason=self.held_reason,
+        )
 
 
 def _index(members: Iterable[Member]) -> dict[str, Member]:
     return {m.instance_id: m for m in members}
+
+
+class Guard:
+    """The guard's memory across reconciles, and the decision for each new read."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self.clock = clock
+        self._mem = _Memory()
+        self._release = False
+
+    # --- inputs other than a read ---
+    def restore(self, fleet: Fleet) -> None:
+        """Start from a fleet applied earlier (the state file): its members are the baseline."""
+        self._mem.applied = _index(fleet.members)
+
+    def start_grace(self, seconds: float, why: str) -> None:
+        """Removals wait ``seconds`` from now (extends, never shortens, a running grace)."""
+        if seconds <= 0:
+            return
+        until = self.clock() + seconds
+        if self._mem.grace_until is None or until > self._mem.grace_until:
+            self._mem.grace_until = until
+            self._mem.grace_why = why
+
+    def release(self) -> None:
+        """An operator's one-shot release: the next decision applies the read as it is."""
+        self._release = True
+
+    @property
+    def holding(self) -> str:
+        """The reason of the last committed hold ('' when not holding)."""
+        return self._mem.held_reason
+
+    # --- the decision ---
+    def decide(
+        self,
+        new: Fleet,
+        settings: Settings,
+        self_member: Member | None = None,
+        container_missing: bool = False,
+    ) -> GuardDecision:
+        """What to apply for the fleet just read; call ``commit`` once it is applied."""
+        now = self.clock()
+        mem = self._mem.copy()
+        read = _index(new.members)
+        self_id = self_member.instance_id if self_member else None
+        self_listed = self_id is None or self_id in read
+        cur = dict(read)
+        if self_member is not None and self_id not in cur:
+            cur[self_id] = self_member  # never drop ourselves (our node is being re-created)
+        released = self._release
+        if released:
+            mem.recent.clear()
+            mem.grace_until = None
+            mem.vanished = False
+        prev = mem.applied
+        if prev is None:  # nothing applied yet: nothing to protect
+            mem.applied = dict(cur)
+            mem.held_reason = ""
+            return self._result(
+                new,
+                cur,
+                (),
+                tuple(sorted(cur)),
+                settings,
+                mem,
+                released,
+                self_listed,
+                limit=settings.limit(len(cur)),
+            )
+        # Forget removals older than the window, and those that came back.
+        for i, (t, _m) in list(mem.recent.items()):
+            if now - t > settings.window or i in cur:
+                del mem.recent[i]
+        removed = tuple(sorted(i for i in prev if i not in cur and i != self_id))
+        added = tuple(sorted(i for i in cur if i not in prev))
+        baseline_ids = set(prev) | set(mem.recent)
+        baseline = len(baseline_ids)
+        limit = settings.limit(baseline)
+        counted = sorted(set(removed) | set(mem.recent))
+        others_prev = any(i != self_id for i in prev)
+        others_read = any(i != self_id for i in read)
+
+        was_held = mem.held_reason
+        if container_missing or (others_prev and not read):
+            mem.vanished = True
+        elif mem.vanished and others_read:
+            mem.vanished = False  # peers are listed again: let stragglers re-join first
+            mem.grace_until = max(mem.grace_until or 0.0, now + settings.grace)
+            mem.grace_why = "recovery"
+
+        reason = ""
+        held_ids: tuple[str, ...] = ()
+        grace_left = 0.0
+        if not released:
+            if mem.vanished:
+                reason = VANISHED if removed else ""
+            elif len(removed) > limit:
+                reason = LIMIT
+            elif len(counted) > limit:
+                reason = WINDOW
+            elif removed and was_held in (LIMIT, WINDOW, VANISHED):
+                # The guard releases by itself: the fleet recovered to within the limit.
+                # Whoever is still missing may be re-joining: wait a grace period first.
+                mem.grace_until = max(mem.grace_until or 0.0, now + settings.grace)
+                mem.grace_why = "recovery"
+            if mem.grace_until is not None:
+                grace_left = max(0.0, mem.grace_until - now)
+                if grace_left <= 0:
+                    mem.grace_until = None
+            if not reason and removed and grace_left > 0:
+                reason = GRACE
+
+        members = dict(cur)
+        if reason:
+            # Keep what the read lacks; a held-over member yields to a live one that now
+            # owns its overlay IP. Over the limit, the window's earlier removals come back too.
+            keep = {i: prev[i] for i in removed}
+            if reason in (LIMIT, WINDOW, VANISHED):
+                keep.update({i: m for i, (_t, m) in mem.recent.items() if i not in cur})
+            overlays = {m.overlay_ip for m in cur.values()}
+            for i in sorted(keep):
+                if keep[i].overlay_ip not in overlays:
+                    members[i] = keep[i]
+                    overlays.add(keep[i].overlay_ip)
+            held_ids = tuple(sorted(i for i in members if i not in cur))
+        elif not released:  # what an operator let through does not count against later ones
+            for i in removed:
+                mem.recent[i] = (now, prev[i])
+        mem.applied = dict(members)
+        mem.held_reason = reason if held_ids else ""
+        return self._result(
+            new,
+            members,
+            removed,
+            added,
+            settings,
+            mem,
+            released,
+            self_listed,
+            reason=reason if held_ids else "",
+            held_ids=held_ids,
+            limit=limit,
+            window_removals=len(counted),
+            baseline=baseline,
+            grace_left=grace_left,
+        )
+
+    @staticmethod
+    def _result(
+        new: Fleet,
+        members: dict[str, Member],
+        removed: tuple[str, ...],
+        added: tuple[str, ...],
+        settings: Settings,
+        mem: _Memory,
+        released: bool,
+        self_listed: bool,
+        reason: str = "",
+        held_ids: tuple[str, ...] = (),
+        limit: int = 0,
+        window_removals: int = 0,
+        baseline: int = 0,
+        grace_left: float = 0.0,
+    ) -> GuardDecision:
+        fleet = Fleet(
+            members=tuple(sorted(members.values())),
+            skipped=new.skipped,
+            skipped_reasons=new.skipped_reasons,
+            skipped_by_reason=dict(new.skipped_by_reason),
+        )
+        return GuardDecision(
+            fleet=fleet,
+            held=bool(held_ids),
+            removed=removed,
+            added=added,
+            max_change=settings.max_change,
+            reason=reason,
+            held_ids=held_ids,
+            limit=limit,
+            window_removals=window_removals,
+            baseline=baseline,
+            grace_left=grace_left,
+            released=released,
+            self_listed=self_listed,
+            _next=mem,
+        )
+
+    def commit(self, decision: GuardDecision) -> None:
+        """The kernel took ``decision``: remember it (and consume an operator's release)."""
+        if decision._next is not None:
+            self._mem = decision._next
+        if decision.released:
+            self._release = False
 
 
 def decide(
@@ -46,35 +315,8 @@ def decide(
     max_change: int,
     self_member: Member | None = None,
 ) -> GuardDecision:
-    """Compare the last applied fleet with a freshly read one.
-
-    ``previous`` is None on the very first reconcile (nothing applied yet: nothing to
-    protect). ``self_member`` is this host; it is always part of the result.
-    """
-    prev = _index(previous.members) if previous is not None else {}
-    cur = _index(new.members)
-    self_id = self_member.instance_id if self_member else None
-    if self_member is not None and self_id not in cur:
-        # Our own node is briefly absent after a session expiry: never drop ourselves.
-        cur[self_id] = self_member
-    removed = tuple(sorted(i for i in prev if i not in cur and i != self_id))
-    added = tuple(sorted(i for i in cur if i not in prev))
-    held = len(removed) > max_change
-    if not held:
-        members = cur
-    else:
-        # Keep every member the new fleet still has (with its fresh data) plus the ones it
-        # lost; a held-over member yields to a live one that now owns its overlay IP.
-        members = dict(cur)
-        live_overlays = {m.overlay_ip for m in cur.values()}
-        for i in removed:
-            if prev[i].overlay_ip not in live_overlays:
-                members[i] = prev[i]
-    fleet = Fleet(
-        members=tuple(sorted(members.values())),
-        skipped=new.skipped,
-        skipped_reasons=new.skipped_reasons,
-    )
-    return GuardDecision(
-        fleet=fleet, held=held, removed=removed, added=added, max_change=max_change
-    )
+    """One decision with no memory beyond ``previous`` (no window, fraction or grace)."""
+    g = Guard()
+    if previous is not None:
+        g.restore(previous)
+    return g.decide(new, Settings(max_change=max_change), self_member)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from ipaddress import IPv4Address
 
-from neti.agent.guard import decide
+from hypothesis import given
+from hypothesis import strategies as st
+
+from neti.agent.guard import GRACE, LIMIT, VANISHED, WINDOW, Guard, GuardDecision, Settings, decide
 from neti.fleet import Fleet, Member
 
 
@@ -98,3 +102,208 @@ def test_skipped_counts_pass_through() -> None:
     new = Fleet(members=(m(1),), skipped=2, skipped_reasons=("a", "b"))
     d = decide(None, new, max_change=0)
     assert d.fleet.skipped == 2 and d.fleet.skipped_reasons == ("a", "b")
+
+
+# --- the guard over time (window, fraction, grace, vanished fleet, release) ---------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+DEFAULTS = Settings(max_change=2, window=60.0, fraction=0.1, grace=15.0)
+
+
+def guard_with(clock: Clock, *start: int) -> Guard:
+    g = Guard(clock=clock)
+    g.restore(fleet(*start))
+    return g
+
+
+def step(g: Guard, f: Fleet, s: Settings = DEFAULTS, **kw: object) -> GuardDecision:
+    d = g.decide(f, s, **kw)  # type: ignore[arg-type]
+    g.commit(d)
+    return d
+
+
+def test_staggered_removals_within_the_window_are_held() -> None:
+    clock = Clock()
+    s = Settings(max_change=1, window=60.0, fraction=0.1, grace=15.0)
+    g = guard_with(clock, 1, 2, 3, 4)
+    first = step(g, fleet(1, 2, 3), s)
+    assert not first.held and first.removed == ("i-0004",)
+    clock.t += 1.8
+    second = step(g, fleet(1, 2), s)
+    assert second.held and second.reason == WINDOW
+    # The window's earlier removal comes back too: the fleet as it was before the window.
+    assert ids(second.fleet) == ["i-0001", "i-0002", "i-0003", "i-0004"]
+    assert second.held_ids == ("i-0003", "i-0004")
+    assert second.window_removals == 2 and second.limit == 1
+    # Still held long after the window: the missing members are still counted.
+    clock.t += 600
+    later = step(g, fleet(1, 2), s)
+    assert later.held and ids(later.fleet) == ["i-0001", "i-0002", "i-0003", "i-0004"]
+
+
+def test_removals_spread_wider_than_the_window_go_through() -> None:
+    clock = Clock()
+    s = Settings(max_change=1, window=60.0)
+    g = guard_with(clock, 1, 2, 3, 4)
+    assert not step(g, fleet(1, 2, 3), s).held
+    clock.t += 61
+    d = step(g, fleet(1, 2), s)
+    assert not d.held and ids(d.fleet) == ["i-0001", "i-0002"]
+
+
+def test_default_settings_hold_half_of_a_small_fleet() -> None:
+    g = guard_with(Clock(), *range(1, 11))
+    d = step(g, fleet(1, 2, 3, 4, 5))
+    assert d.held and d.reason == LIMIT and d.limit == 2 and len(d.held_ids) == 5
+    assert len(d.fleet.members) == 10
+
+
+def test_fraction_scales_the_limit_with_the_fleet() -> None:
+    g = guard_with(Clock(), *range(1, 101))
+    d = step(g, fleet(*range(11, 101)))  # 10 of 100 at once: 10 % allowed
+    assert not d.held and d.limit == 10
+    d = step(g, fleet(*range(12, 101)))  # an 11th within the window: over
+    assert d.held and d.reason == WINDOW and d.window_removals == 11
+
+
+def test_a_member_that_comes_back_no_longer_counts() -> None:
+    clock = Clock()
+    s = Settings(max_change=1, window=60.0)
+    g = guard_with(clock, 1, 2, 3)
+    assert not step(g, fleet(1, 2), s).held
+    assert not step(g, fleet(1, 2, 3), s).held
+    assert not step(g, fleet(1, 3), s).held
+
+
+def test_grace_after_reconnect_holds_removals_but_not_additions() -> None:
+    clock = Clock()
+    g = guard_with(clock, 1, 2, 3)
+    g.start_grace(15.0, "reconnect")
+    d = step(g, fleet(1, 2, 4), self_member=m(1))
+    assert d.held and d.reason == GRACE and d.held_ids == ("i-0003",)
+    assert ids(d.fleet) == ["i-0001", "i-0002", "i-0003", "i-0004"]
+    assert d.grace_left == 15.0
+    clock.t += 5
+    d = step(g, fleet(1, 2, 3, 4), self_member=m(1))  # it re-joined in time: nothing lost
+    assert not d.held and d.removed == ()
+    clock.t += 11
+    d = step(g, fleet(1, 2, 4), self_member=m(1))
+    assert not d.held and d.removed == ("i-0003",)
+
+
+def test_grace_expires_and_removals_apply() -> None:
+    clock = Clock()
+    g = guard_with(clock, 1, 2, 3)
+    g.start_grace(15.0, "reconnect")
+    assert step(g, fleet(1, 2)).reason == GRACE
+    clock.t += 15.5
+    d = step(g, fleet(1, 2))
+    assert not d.held and ids(d.fleet) == ["i-0001", "i-0002"]
+
+
+def test_guard_releasing_by_itself_waits_a_grace_for_stragglers() -> None:
+    clock = Clock()
+    g = guard_with(clock, *range(1, 11))
+    assert step(g, fleet(1, 2, 3)).reason == LIMIT
+    clock.t += 2
+    d = step(g, fleet(*range(1, 10)))  # nine are back; the tenth is still re-joining
+    assert d.held and d.reason == GRACE and d.held_ids == ("i-0010",)
+    clock.t += 3
+    d = step(g, fleet(*range(1, 11)))
+    assert not d.held and d.removed == ()
+
+
+def test_members_container_missing_is_held_until_peers_return() -> None:
+    clock = Clock()
+    g = guard_with(clock, 1, 2, 3)
+    me = m(1)
+    d = step(g, Fleet(), self_member=me, container_missing=True)
+    assert d.held and d.reason == VANISHED and not d.self_listed
+    assert ids(d.fleet) == ["i-0001", "i-0002", "i-0003"]
+    d = step(g, fleet(1), self_member=me)  # we re-created ourselves; nobody else yet
+    assert d.held and d.reason == VANISHED and d.self_listed
+    clock.t += 1
+    d = step(g, fleet(1, 2), self_member=me)  # a peer is back: grace for the others
+    assert d.held and d.reason == GRACE and d.held_ids == ("i-0003",)
+    clock.t += 1
+    d = step(g, fleet(1, 2, 3), self_member=me)
+    assert not d.held and ids(d.fleet) == ["i-0001", "i-0002", "i-0003"]
+
+
+def test_empty_read_while_we_had_peers_is_a_vanished_fleet() -> None:
+    g = guard_with(Clock(), 1, 2)
+    d = step(g, Fleet(), Settings(max_change=100))
+    assert d.held and d.reason == VANISHED
+
+
+def test_a_two_host_fleet_may_lose_its_peer() -> None:
+    g = guard_with(Clock(), 1, 2)
+    d = step(g, fleet(1), self_member=m(1))
+    assert not d.held and ids(d.fleet) == ["i-0001"]
+
+
+def test_release_lets_held_removals_through_once() -> None:
+    clock = Clock()
+    g = guard_with(clock, *range(1, 11))
+    assert step(g, fleet(1, 2, 3)).held
+    g.release()
+    d = step(g, fleet(1, 2, 3))
+    assert d.released and not d.held and ids(d.fleet) == ["i-0001", "i-0002", "i-0003"]
+    # One-shot, and the released removals do not count against the next ones.
+    d = step(g, fleet(1, 2))
+    assert not d.released and not d.held
+    d = step(g, Fleet(), self_member=m(1), container_missing=True)
+    assert d.held and d.reason == VANISHED
+
+
+def test_release_is_not_consumed_by_a_failed_apply() -> None:
+    g = guard_with(Clock(), *range(1, 11))
+    g.release()
+    d = g.decide(fleet(1), DEFAULTS)  # not committed: the apply failed
+    assert d.released and not d.held
+    d = step(g, fleet(1))
+    assert d.released and not d.held
+
+
+def test_decision_is_json_serialisable() -> None:
+    g = guard_with(Clock(), *range(1, 11))
+    d = step(g, fleet(1, 2))
+    data = json.loads(json.dumps(d.as_dict()))
+    assert data["held"] is True and data["reason"] == LIMIT and data["would_remove"] == 8
+    assert data["limit"] == 2 and data["baseline"] == 10
+
+
+@given(
+    reads=st.lists(
+        st.tuples(st.sets(st.integers(1, 12), max_size=12), st.floats(0, 100), st.booleans()),
+        max_size=25,
+    ),
+    max_change=st.integers(0, 5),
+)
+def test_never_drops_self_and_never_exceeds_the_limit_within_a_window(
+    reads: list[tuple[set[int], float, bool]], max_change: int
+) -> None:
+    clock = Clock()
+    s = Settings(max_change=max_change, window=60.0, fraction=0.1, grace=15.0)
+    g = guard_with(clock, *range(1, 13))
+    me = m(1)
+    applied: list[tuple[float, set[str]]] = [(clock.t, set(ids(fleet(*range(1, 13)))))]
+    for members, dt, missing in reads:
+        clock.t += dt
+        d = step(g, fleet(*members), s, self_member=me, container_missing=missing)
+        now = set(ids(d.fleet))
+        assert me.instance_id in now
+        assert {f"i-{i:04d}" for i in members} <= now  # additions always go in
+        # Within any window, at most the limit went missing compared with what was applied.
+        for t, before in applied:
+            if clock.t - t <= s.window:
+                assert len(before - now) <= s.limit(len(before)) or d.released
+        applied.append((clock.t, now))
