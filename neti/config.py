@@ -25,20 +25,37 @@ from pydantic import (
 )
 
 from neti.errors import ConfigError
+from neti.identity import address_problem
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PATH = "/etc/neti/neti.yml"
 
 # Labels and instance IDs end up in ZooKeeper node names and kernel comments: keep them tame.
-LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-HOSTPORT_RE = re.compile(r"^(?P<host>[A-Za-z0-9_.-]+|\[[0-9A-Fa-f:]+\]):(?P<port>\d{1,5})$")
+# \A...\Z, not ^...$: '$' also matches before a trailing newline ("t-1\n" would pass).
+LABEL_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")
+HOSTPORT_RE = re.compile(r"\A(?P<host>[A-Za-z0-9_.-]+|\[[0-9A-Fa-f:]+\]):(?P<port>\d{1,5})\Z")
+
+# Limits on the file itself, checked before any Python object is built from it: a Neti config
+# is a few kilobytes and four levels deep; anything far beyond that is a mistake or an attack
+# (a 567-byte alias bomb expands to hundreds of millions of nodes).
+MAX_FILE_BYTES = 1024 * 1024
+MAX_DEPTH = 32  # nested collections
+MAX_NODES = 20_000  # YAML values, counting every alias as the values it stands for
+MAX_ERRORS = 30  # problems listed; the rest are counted
+MAX_ERROR_CHARS = 300  # per problem line
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """repr() cut to ``limit`` characters: a bad value must not make a huge error line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _label(value: Any) -> str:
     value = str(value)
     if not LABEL_RE.match(value):
-        raise ValueError(f"{value!r} is not a network label (letters, digits, '_', '.', '-')")
+        raise ValueError(f"{_short(value)} is not a label (1-63 letters, digits, '_', '.', '-')")
     return value
 
 
@@ -46,12 +63,15 @@ def _hostport(value: Any) -> str:
     value = str(value).strip()
     m = HOSTPORT_RE.match(value)
     if not m or not 0 < int(m["port"]) < 65536:
-        raise ValueError(f"{value!r} is not host:port")
+        raise ValueError(f"{_short(value)} is not host:port")
     return value
 
 
 def _network(value: Any) -> Any:
     # pydantic's own message ("not a valid IPv4 network") hides the usual mistake: host bits.
+    if isinstance(value, (bool, int, float)):
+        # pydantic would read 5 as 0.0.0.5/32 and true as 0.0.0.1/32.
+        raise ValueError(f"{_short(value)} is not an IPv4 network such as 10.0.0.0/8")
     if isinstance(value, str):
         try:
             ipaddress.IPv4Network(value.strip())
@@ -59,8 +79,8 @@ def _network(value: Any) -> Any:
             try:
                 fixed = ipaddress.IPv4Network(value.strip(), strict=False)
             except ValueError:
-                raise ValueError(f"{value!r} is not an IPv4 network: {exc}") from None
-            raise ValueError(f"{value!r} has host bits set; did you mean {fixed}?") from None
+                raise ValueError(f"{_short(value)} is not an IPv4 network: {exc}") from None
+            raise ValueError(f"{_short(value)} has host bits set; did you mean {fixed}?") from None
         return value.strip()
     return value
 
@@ -91,10 +111,10 @@ class PortSpec(BaseModel):
             proto, text = text.split("/", 1)
         parts = re.split(r"[-:]", text)
         if len(parts) not in (1, 2) or not all(p.isdigit() for p in parts):
-            raise ValueError(f"{value!r} is not a port, a range 'A-B' or 'udp/PORT'")
+            raise ValueError(f"{_short(value)} is not a port, a range 'A-B' or 'udp/PORT'")
         first, last = int(parts[0]), int(parts[-1])
         if first > last:
-            raise ValueError(f"{value!r}: range start is above its end")
+            raise ValueError(f"{_short(value)}: range start is above its end")
         return {"proto": proto, "first": first, "last": last}
 
     def __str__(self) -> str:
@@ -110,30 +130,54 @@ class StaticIdentity(BaseModel):
     public_ip: ipaddress.IPv4Address
     network: Label
 
+    @field_validator("private_ip", "public_ip", mode="before")
+    @classmethod
+    def _dotted(cls, v: Any) -> Any:
+        if not isinstance(v, str):  # pydantic would read 5 as 0.0.0.5
+            raise ValueError(f"{_short(v)} is not a dotted IPv4 address")
+        return v
+
+    @field_validator("private_ip", "public_ip")
+    @classmethod
+    def _host(cls, v: ipaddress.IPv4Address) -> ipaddress.IPv4Address:
+        problem = address_problem(v)
+        if problem:
+            raise ValueError(f"{v} cannot identify a host: {problem}")
+        return v
+
 
 class Ec2Identity(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     source: Literal["ec2"] = "ec2"
     endpoint: str = "http://169.254.169.254"
-    timeout: float = Field(default=2.0, gt=0)
-    retries: int = Field(default=3, ge=0)
+    timeout: float = Field(default=2.0, gt=0, le=60)
+    retries: int = Field(default=3, ge=0, le=10)
     # Used when the primary interface has no vpc-id (EC2-Classic).
     classic_network: Label = "ec2-classic"
 
     @field_validator("endpoint")
     @classmethod
     def _endpoint(cls, v: str) -> str:
-        m = re.match(r"^https?://[^/?#\s]+/?$", v)
+        m = re.fullmatch(r"https?://[^/?#\s]+/?", v)
         if not m:
-            raise ValueError(f"{v!r} must be a base URL such as http://169.254.169.254")
+            raise ValueError(f"{_short(v)} must be a base URL such as http://169.254.169.254")
         return v.rstrip("/")
+
+
+MAX_CONNTRACK = 1 << 26  # 67,108,864 entries (~20 GB of kernel memory when full)
+MAX_HASHSIZE = 1 << 24  # 16,777,216 buckets (128 MiB)
+MAX_DELAY = 600.0  # seconds: watch delays
+MAX_RESYNC = 86400.0  # seconds: a day
+MAX_MAX_CHANGE = 1_000_000  # the same bound the registry applies to the maxchange node
 
 
 class ConntrackConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     # The original's outage: the default 65536 filled in seconds on a busy memcached host.
-    max: int = Field(default=262144, ge=0)
-    hashsize: int = Field(default=65536, ge=0)
+    # Upper bounds: hashsize buckets are allocated at once (8 bytes each), and a max far
+    # above what memory can hold only hides a typo.
+    max: int = Field(default=262144, ge=0, le=MAX_CONNTRACK)
+    hashsize: int = Field(default=65536, ge=0, le=MAX_HASHSIZE)
 
 
 class MetricsConfig(BaseModel):
@@ -170,7 +214,7 @@ class ZkAuthConfig(BaseModel):
 class Config(BaseModel):
     """The whole of neti.yml. Field docs live in docs/configuration.md."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     # --- keys of the original Neti (same names, same meaning) ---
     zk_hosts: dict[Label, list[HostPort]]
@@ -194,9 +238,9 @@ class Config(BaseModel):
     # --- new keys ---
     zk_members_node: str = "members"
     zk_session_timeout: float = Field(default=10.0, ge=2, le=600)
-    watch_delay_min: float = Field(default=0.2, ge=0)
-    watch_delay_max: float = Field(default=1.0, ge=0, validate_default=True)
-    resync_interval: float = Field(default=60.0, gt=0)
+    watch_delay_min: float = Field(default=0.2, ge=0, le=MAX_DELAY)
+    watch_delay_max: float = Field(default=1.0, ge=0, le=MAX_DELAY, validate_default=True)
+    resync_interval: float = Field(default=60.0, ge=1, le=MAX_RESYNC)
     state_dir: str = "/var/lib/neti"
     identity: Annotated[StaticIdentity | Ec2Identity, Field(discriminator="source")] = Ec2Identity()
     legacy_networks: dict[Literal[0, 1], Label] = {0: "ec2", 1: "vpc"}
@@ -210,7 +254,7 @@ class Config(BaseModel):
     conntrack: ConntrackConfig = ConntrackConfig()
     metrics: MetricsConfig = MetricsConfig()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    max_change_default: int = Field(default=20, ge=0)
+    max_change_default: int = Field(default=20, ge=0, le=MAX_MAX_CHANGE)
     # Tag this instance with overlay_ip/neti_version in EC2: "auto" only with an ec2 identity.
     tag_instance: Literal["auto", "always", "never"] = "auto"
     # Trust (docs/security.md): TLS and/or authentication to ZooKeeper, and per-host ACLs.
@@ -255,8 +299,12 @@ class Config(BaseModel):
     @field_validator("overlay_subnet")
     @classmethod
     def _subnet(cls, v: ipaddress.IPv4Network) -> ipaddress.IPv4Network:
+        # Claims pick random addresses, so size costs nothing there; but every host of a
+        # fleet lives in this range, and anything wider than a /8 swallows routable space.
         if v.prefixlen > 30:
-            raise ValueError("needs at least a /30 so it has host addresses")
+            raise ValueError(f"{v} is too small: needs at least a /30 so it has host addresses")
+        if v.prefixlen < 8:
+            raise ValueError(f"{v} is too large: use a /8 to /30 (e.g. 192.168.0.0/18)")
         return v
 
     @field_validator("reject_all", "publish_legacy", "forward", mode="before")
@@ -350,23 +398,139 @@ def parse(data: Any, source: str = "<config>") -> Config:
         return Config.model_validate(data)
     except ValidationError as exc:
         errors = list(dict.fromkeys(_format_error(e) for e in exc.errors()))
-        raise ConfigError(source, errors) from None
+        raise ConfigError(source, _capped(errors)) from None
+
+
+def _capped(errors: list[str]) -> list[str]:
+    """At most MAX_ERRORS lines of at most MAX_ERROR_CHARS: the output stays readable."""
+    out = [e if len(e) <= MAX_ERROR_CHARS else e[: MAX_ERROR_CHARS - 3] + "..." for e in errors]
+    if len(out) > MAX_ERRORS:
+        more = len(out) - MAX_ERRORS
+        out = [*out[:MAX_ERRORS], f"... and {more} more problem{'s' * (more > 1)}"]
+    return out
+
+
+class _Refused(yaml.MarkedYAMLError):
+    """YAML that is well-formed but beyond what a config may be (too deep, too big, ...)."""
+
+    def __init__(self, problem: str, mark: yaml.Mark | None):
+        super().__init__(problem=problem, problem_mark=mark)
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader that enforces MAX_DEPTH, MAX_NODES and unique keys while composing.
+
+    The checks run on the node graph, before any Python object exists, so an alias bomb or a
+    20,000-deep nesting costs a few kilobytes, not gigabytes or a RecursionError. Aliases
+    stay allowed (``vpc: *zk`` is a fair way to repeat a list) but count as what they expand
+    to; an alias inside its own anchor (a cycle) is refused.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._expanded = 0  # nodes so far, aliases expanded
+        self._anchor_size: dict[str, int] = {}
+
+    def _count(self, n: int, mark: yaml.Mark | None) -> None:
+        self._expanded += n
+        if self._expanded > MAX_NODES:
+            raise _Refused(
+                f"more than {MAX_NODES:,} values once aliases are expanded (an alias bomb?)",
+                mark,
+            )
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            size = self._anchor_size.get(event.anchor)
+            if size is None and event.anchor in self.anchors:
+                raise _Refused(f"alias *{event.anchor} refers to itself", event.start_mark)
+            self._count(size or 0, event.start_mark)
+            return super().compose_node(parent, index)
+        if self._depth >= MAX_DEPTH:
+            raise _Refused(f"nested more than {MAX_DEPTH} levels deep", event.start_mark)
+        before = self._expanded
+        self._count(1, event.start_mark)
+        self._depth += 1
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        if event.anchor is not None:
+            self._anchor_size[event.anchor] = self._expanded - before
+        return node
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        # Last-one-wins duplicates hide mistakes: two reject_all lines, and the wrong one counts.
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[tuple[str, Any], int] = {}
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
+                    continue
+                key = self.construct_object(key_node)
+                ident = (type(key).__name__, key)
+                line = key_node.start_mark.line + 1
+                if ident in seen:
+                    raise _Refused(
+                        f"duplicate key {_short(key)} (first on line {seen[ident]})",
+                        key_node.start_mark,
+                    )
+                seen[ident] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line: where and what, without PyYAML's multi-line snippet."""
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark or exc.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        what = exc.problem or exc.context or "malformed"
+        if exc.context and exc.problem and not isinstance(exc, _Refused):
+            what = f"{exc.context}: {exc.problem}"
+        return f"{where}{what}"
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def loads(text: str, source: str = "<config>") -> Config:
+    """Parse YAML text (bounded: size, depth, alias expansion, unique keys) and validate it."""
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_FILE_BYTES:
+        raise ConfigError(source, [f"larger than {MAX_FILE_BYTES // 1024} KiB; not a config"])
+    loader = _BoundedLoader(text)
+    try:
+        data = loader.get_single_data()
+    except _Refused as exc:
+        raise ConfigError(source, [f"refused YAML: {_short_line(_yaml_problem(exc))}"]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(source, [f"not valid YAML: {_short_line(_yaml_problem(exc))}"]) from None
+    except RecursionError:  # belt and braces: MAX_DEPTH should make this unreachable
+        raise ConfigError(source, ["refused YAML: nested too deeply"]) from None
+    finally:
+        loader.dispose()
+    return parse(data, source)
+
+
+def _short_line(text: str) -> str:
+    return _capped([text])[0]
 
 
 def load(path: str | Path = DEFAULT_PATH) -> Config:
-    """Read and validate a YAML config file."""
+    """Read and validate a YAML config file (at most MAX_FILE_BYTES of it)."""
     path = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with open(path, "rb") as f:
+            raw = f.read(MAX_FILE_BYTES + 1)
     except OSError as exc:
         raise ConfigError(path, [f"cannot read file: {exc.strerror or exc}"]) from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise ConfigError(
+            path, [f"larger than {MAX_FILE_BYTES // 1024} KiB; a Neti config is a few KiB"]
+        )
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(path, [f"not UTF-8 text (byte {exc.start})"]) from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(path, [f"not valid YAML: {exc}"]) from None
-    cfg = parse(data, path)
+    cfg = loads(text, path)
     for w in cfg.warnings():
         log.warning("%s: %s", path, w)
     return cfg

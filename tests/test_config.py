@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from neti import config
 from neti.config import Config, ConfigError, Ec2Identity, StaticIdentity
@@ -328,3 +330,265 @@ def test_cli_check_bad_files_without_traceback(
 def test_cli_check_directory(tmp_path: Path) -> None:
     r = neti("config", "check", "-c", str(tmp_path))
     assert r.returncode == 2 and "cannot read file" in r.stderr and "Traceback" not in r.stderr
+
+
+# --- hostile input: the file itself (bounded before any Python object is built) ---
+
+
+def _bomb(levels: int = 9) -> str:
+    """The billion laughs: each level lists the previous one nine times."""
+    lines = ['zk_hosts: {a: ["h:1"]}', 'l0: &l0 ["x","x","x","x","x","x","x","x","x"]']
+    for n in range(1, levels):
+        lines.append(f"l{n}: &l{n} [" + ",".join([f"*l{n - 1}"] * 9) + "]")
+    lines.append("open_ports: [" + ",".join([f"*l{levels - 1}"] * 9) + "]")
+    return "\n".join(lines) + "\n"
+
+
+def refused(text: str) -> list[str]:
+    with pytest.raises(ConfigError) as err:
+        config.loads(text, "t.yml")
+    return err.value.errors
+
+
+def test_alias_bomb_is_refused_in_bounded_memory_and_output() -> None:
+    import tracemalloc
+
+    text = _bomb()
+    assert len(text) < 600  # 9**10 values once expanded
+    tracemalloc.start()
+    try:
+        errors = refused(text)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 10 * 1024 * 1024, peak
+    assert len(errors) == 1 and len(errors[0]) < 200, errors
+    assert "alias" in errors[0] and "20,000 values" in errors[0]
+
+
+def test_aliases_within_the_limit_still_work() -> None:
+    cfg = config.loads("zk_hosts:\n  ec2: &zk [a:1, b:2]\n  vpc: *zk\nopen_ports: [80]\n")
+    assert cfg.zk_hosts == {"ec2": ["a:1", "b:2"], "vpc": ["a:1", "b:2"]}
+
+
+def test_alias_cycle_is_refused() -> None:
+    (err,) = refused('zk_hosts: {a: ["h:1"]}\nopen_ports: &p [80, *p]\n')
+    assert "refers to itself" in err and err.startswith("refused YAML: line 2")
+
+
+@pytest.mark.parametrize("depth", [33, 20_000, 200_000])
+def test_deep_nesting_is_one_clear_line(depth: int) -> None:
+    (err,) = refused('zk_hosts: {a: ["h:1"]}\nopen_ports: ' + "[" * depth + "]" * depth)
+    assert err == "refused YAML: line 2, column 44: nested more than 32 levels deep"
+    block = "".join(f"{'  ' * n}k{n}:\n" for n in range(40))
+    assert "nested more than 32" in refused(block)[0]
+
+
+def test_nesting_within_the_limit_is_judged_by_the_schema() -> None:
+    errs = refused('zk_hosts: {a: ["h:1"]}\nopen_ports: ' + "[" * 30 + "]" * 30)
+    assert errs and all(e.startswith("open_ports") for e in errs)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            'zk_hosts: {a: ["h:1"]}\nreject_all: true\nreject_all: false\n',
+            "line 3, column 1: duplicate key 'reject_all' (first on line 2)",
+        ),
+        (
+            'zk_hosts: {a: ["h:1"]}\nconntrack:\n  max: 5\n  max: 6\n',
+            "line 4, column 3: duplicate key 'max' (first on line 3)",
+        ),
+        ('zk_hosts: {a: ["h:1"], a: ["h:2"]}\n', "duplicate key 'a'"),
+    ],
+    ids=["top-level", "nested", "flow"],
+)
+def test_duplicate_keys_are_refused_with_the_key_and_lines(text: str, message: str) -> None:
+    (err,) = refused(text)
+    assert message in err
+
+
+def test_different_types_are_not_duplicates_and_merge_keys_may_override() -> None:
+    cfg = config.loads(
+        'zk_hosts: {a: ["h:1"]}\nlegacy_networks: {0: x, "1": y}\n'
+        "conntrack:\n  <<: {max: 5, hashsize: 7}\n  max: 9\n"
+    )
+    assert cfg.legacy_networks == {0: "x", 1: "y"}
+    assert (cfg.conntrack.max, cfg.conntrack.hashsize) == (9, 7)
+
+
+def test_oversized_file_is_refused_without_reading_it_all(tmp_path: Path) -> None:
+    path = write(tmp_path, 'zk_hosts: {a: ["h:1"]}\n# ' + "x" * config.MAX_FILE_BYTES + "\n")
+    with pytest.raises(ConfigError, match="larger than 1024 KiB"):
+        config.load(path)
+    with pytest.raises(ConfigError, match="larger than 1024 KiB"):
+        config.loads(path.read_text())
+
+
+@pytest.mark.parametrize(
+    "text",
+    [_bomb(), 'zk_hosts: {a: ["h:1"]}\nopen_ports: ' + "[" * 20_000 + "]" * 20_000],
+    ids=["alias-bomb", "deep"],
+)
+def test_cli_refuses_hostile_yaml_with_exit_2_and_one_line(tmp_path: Path, text: str) -> None:
+    path = write(tmp_path, text)
+    r = neti("config", "check", "-c", str(path))
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and "internal error" not in r.stderr
+    assert r.stderr.count("\n") == 2 and len(r.stderr) < 300, r.stderr
+
+
+def test_error_list_and_lines_are_capped() -> None:
+    errs = refused('zk_hosts: {a: ["h:1"]}\nopen_ports: [' + ",".join(["zz"] * 5000) + "]\n")
+    assert len(errs) == config.MAX_ERRORS + 1 and errs[-1] == "... and 4970 more problems"
+    (err,) = refused('zk_hosts: {a: ["h:1"]}\nidentity: {classic_network: "' + "x" * 5000 + '"}')
+    assert len(err) < 160 and "..." in err
+
+
+# --- hostile input: values ---
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("identity.instance_id", "t-1\n"),
+        ("identity.network", "vpc\n"),
+        ("identity.instance_id", "\nt-1"),
+        ("identity.instance_id", "t-1\r"),
+        ("identity.network", "x" * 64),
+    ],
+)
+def test_labels_refuse_newlines_anywhere(key: str, value: str) -> None:
+    ident = {"source": "static", "instance_id": "t-1", "private_ip": "10.0.0.1"}
+    ident |= {"public_ip": "10.0.0.1", "network": "vpc", key.split(".")[1]: value}
+    with pytest.raises(ConfigError, match=re.escape(key) + ": .* is not a label"):
+        config.parse({"zk_hosts": {"a": ["h:1"]}, "identity": ident})
+
+
+def test_trailing_newline_in_other_patterns() -> None:
+    with pytest.raises(ConfigError, match="zk_hosts: bad key 'a\\\\n'"):
+        config.parse({"zk_hosts": {"a\n": ["h:1"]}})
+    with pytest.raises(ConfigError, match="identity.endpoint"):
+        config.parse({"zk_hosts": {"a": ["h:1"]}, "identity": {"endpoint": "http://x\n"}})
+    with pytest.raises(ConfigError, match="classic_network"):
+        config.parse({"zk_hosts": {"a": ["h:1"]}, "identity": {"classic_network": "x\n"}})
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["resync_interval", "watch_delay_min", "watch_delay_max", "zk_session_timeout", "timeout"],
+)
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan"])
+def test_non_finite_numbers_are_refused(key: str, value: str) -> None:
+    line = f"identity: {{timeout: {value}}}" if key == "timeout" else f"{key}: {value}"
+    errs = refused(f'zk_hosts: {{a: ["h:1"]}}\n{line}\n')
+    name = "identity.timeout" if key == "timeout" else key
+    assert f"{name}: Input should be a finite number" in errs, errs
+
+
+# (key, largest accepted, smallest refused); nested keys written with a dot.
+BOUNDS = [
+    ("zk_session_timeout", 600, 601),
+    ("watch_delay_min", 600, 600.5),
+    ("watch_delay_max", 600, 601),
+    ("resync_interval", 86400, 86401),
+    ("identity.timeout", 60, 61),
+    ("identity.retries", 10, 11),
+    ("conntrack.max", 2**26, 2**26 + 1),
+    ("conntrack.hashsize", 2**24, 2**24 + 1),
+    ("max_change_default", 1_000_000, 1_000_001),
+    ("metrics.port", 65535, 65536),
+]
+
+
+def _with(key: str, value: object) -> dict[str, object]:
+    data: dict[str, object] = {"zk_hosts": {"a": ["h:1"]}}
+    if key == "watch_delay_min":
+        data["watch_delay_max"] = 600  # must not be below the minimum
+    if "." in key:
+        outer, inner = key.split(".")
+        data[outer] = {inner: value}
+    else:
+        data[key] = value
+    return data
+
+
+@pytest.mark.parametrize(("key", "ok", "bad"), BOUNDS, ids=[b[0] for b in BOUNDS])
+def test_every_duration_and_size_has_an_upper_bound(key: str, ok: float, bad: float) -> None:
+    cfg = config.parse(_with(key, ok))
+    obj: object = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    assert obj == ok
+    with pytest.raises(ConfigError, match=re.escape(key) + ": Input should be less than"):
+        config.parse(_with(key, bad))
+    with pytest.raises(ConfigError, match=re.escape(key) + ": "):
+        config.parse(_with(key, 10**400))  # a huge int must not become an OverflowError
+
+
+def test_resync_interval_has_a_floor() -> None:
+    with pytest.raises(ConfigError, match="resync_interval: Input should be greater than"):
+        config.parse(_with("resync_interval", 0.01))
+
+
+@pytest.mark.parametrize(
+    ("subnet", "message"),
+    [
+        ("0.0.0.0/0", "0.0.0.0/0 is too large: use a /8 to /30"),
+        ("10.0.0.0/7", "10.0.0.0/7 is too large"),
+        ("10.9.0.0/31", "10.9.0.0/31 is too small"),
+        ("10.9.0.1/32", "10.9.0.1/32 is too small"),
+    ],
+)
+def test_overlay_subnet_between_8_and_30(subnet: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(f"overlay_subnet: {message}")):
+        config.parse({"zk_hosts": {"a": ["h:1"]}, "overlay_subnet": subnet})
+
+
+@pytest.mark.parametrize("subnet", ["10.0.0.0/8", "10.9.0.0/30"])
+def test_overlay_subnet_limits_are_inclusive(subnet: str) -> None:
+    cfg = config.parse({"zk_hosts": {"a": ["h:1"]}, "overlay_subnet": subnet})
+    assert str(cfg.overlay_subnet) == subnet
+
+
+# --- property: whatever the file holds, a Config or one ConfigError with bounded output ---
+
+_KEYS = st.sampled_from(
+    ["zk_hosts", "open_ports", "reject_all", "overlay_subnet", "identity", "conntrack", "a"]
+)
+_SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(),
+    st.text(max_size=20),
+    st.sampled_from([".inf", ".nan", "t-1\n", "0.0.0.0/0", "10.0.0.0/8", "h:1"]),
+)
+_VALUES = st.recursive(
+    _SCALARS,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=5), st.dictionaries(st.one_of(_KEYS, _SCALARS), inner, max_size=5)
+    ),
+    max_leaves=40,
+)
+
+
+def _judge(text: str) -> None:
+    try:
+        config.loads(text, "h.yml")
+    except ConfigError as exc:
+        assert 1 <= len(exc.errors) <= config.MAX_ERRORS + 1
+        assert all(len(e) <= config.MAX_ERROR_CHARS for e in exc.errors)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.text(alphabet=st.sampled_from(list("ab:-[]{}&*!|>'\"#%@ \n\t0.,<")), max_size=200))
+def test_any_text_is_a_config_or_a_config_error(text: str) -> None:
+    _judge(text)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.dictionaries(_KEYS, _VALUES, max_size=6))
+def test_any_structure_is_a_config_or_a_config_error(data: dict[object, object]) -> None:
+    _judge(yaml.safe_dump(data, allow_unicode=True))

@@ -7,11 +7,33 @@ Resolved once at start-up from the config's ``identity`` section: EC2 instance m
 from __future__ import annotations
 
 from dataclasses import dataclass
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Network
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from neti.config import Config
+
+
+_THIS_NETWORK = IPv4Network("0.0.0.0/8")
+
+
+def address_problem(ip: IPv4Address) -> str | None:
+    """Why ``ip`` cannot be a host's own private or public address; None when it can.
+
+    Peers DNAT this host's overlay IP to it, so a loopback or metadata-service address here
+    would point every peer at itself or at its own metadata service.
+    """
+    if ip.is_unspecified or ip in _THIS_NETWORK:
+        return "unspecified (0.0.0.0/8)"
+    if ip.is_loopback:
+        return "loopback"
+    if ip.is_link_local:
+        return "link-local (169.254.0.0/16, where the metadata service lives)"
+    if ip.is_multicast:
+        return "multicast"
+    if ip.is_reserved:  # 240.0.0.0/4, including the broadcast 255.255.255.255
+        return "reserved or broadcast"
+    return None
 
 
 @dataclass(frozen=True, slots=True)
