@@ -255,6 +255,13 @@ class Config(BaseModel):
     metrics: MetricsConfig = MetricsConfig()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     max_change_default: int = Field(default=20, ge=0, le=MAX_MAX_CHANGE)
+    # The mass-removal guard (neti/agent/guard.py, docs/operations.md): removals summed over
+    # guard_window seconds may not exceed maxchange nor guard_fraction of the fleet; after a
+    # (re)connect or a recovery they wait guard_grace seconds (null: 1.5 x zk_session_timeout;
+    # never less than zk_session_timeout).
+    guard_window: float = Field(default=60.0, ge=0, le=MAX_RESYNC, allow_inf_nan=False)
+    guard_fraction: float = Field(default=0.1, ge=0, le=1, allow_inf_nan=False)
+    guard_grace: float | None = Field(default=None, ge=0, le=3600, allow_inf_nan=False)
     # Tag this instance with overlay_ip/neti_version in EC2: "auto" only with an ec2 identity.
     tag_instance: Literal["auto", "always", "never"] = "auto"
     # Trust (docs/security.md): TLS and/or authentication to ZooKeeper, and per-host ACLs.
@@ -334,6 +341,11 @@ class Config(BaseModel):
         if lo is not None and v < lo:
             raise ValueError(f"must not be below watch_delay_min ({lo:g})")
         return v
+
+    def guard_grace_seconds(self) -> float:
+        """How long removals wait after a (re)connect: peers need a session timeout to return."""
+        grace = self.guard_grace if self.guard_grace is not None else 1.5 * self.zk_session_timeout
+        return max(grace, self.zk_session_timeout)
 
     # --- derived paths ---
     def path(self, node: str) -> str:
