@@ -40,11 +40,29 @@ class Reconcile:
 
 @dataclass
 class GuardState:
+    """The mass-removal guard as ``neti status`` shows it (neti/agent/guard.py decides)."""
+
     held: bool = False
     since: float | None = None  # epoch seconds the guard tripped
     would_remove: int = 0
-    removed: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)  # the held instance IDs
     max_change: int | None = None
+    reason: str = ""  # window | limit | grace | fleet-vanished (guard.REASONS) while held
+    limit: int | None = None  # removals allowed within the window, for the last baseline
+    window_removals: int = 0  # removals counted in the window at the last reconcile
+    baseline: int = 0  # the fleet's size before the window's removals
+    grace_until: float | None = None  # epoch seconds a running grace period ends
+    last_held_size: int | None = None  # members applied while the guard last held
+    self_listed: bool = True  # this host was in the fleet it last read
+    released_at: float | None = None  # epoch seconds of the last operator release
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GuardState:
+        """Known keys only: a newer agent's extra keys must not break an older reader."""
+        if not isinstance(d, dict):
+            raise TypeError("guard is not a JSON object")
+        known = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 @dataclass
@@ -126,7 +144,7 @@ class AgentState:
             applied=dict(d.get("applied") or {}),
             last_reconcile=Reconcile(**(d.get("last_reconcile") or {})),
             last_success=d.get("last_success"),
-            guard=GuardState(**(d.get("guard") or {})),
+            guard=GuardState.from_dict(d.get("guard") or {}),
             zookeeper=ZkState(**(d.get("zookeeper") or {})),
             skipped=int(d.get("skipped") or 0),
             skipped_reasons=list(d.get("skipped_reasons") or []),
