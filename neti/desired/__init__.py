@@ -16,33 +16,31 @@ from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
 from neti.config import Config, PortSpec
-from neti.fleet import Fleet, Member
+from neti.fleet import Fleet, Member, SkipTally
 from neti.identity import Identity
+from neti.registry import addr
 
-# Addresses that are never a real host's unicast address; a member carrying one is left out
-# rather than written into an ipset or a DNAT target. Order matters only for the reason shown.
-_BAD_NETS: tuple[tuple[IPv4Network, str], ...] = (
-    (IPv4Network("0.0.0.0/8"), "is in 0.0.0.0/8 ('this network', not a host)"),
-    (IPv4Network("127.0.0.0/8"), "is a loopback address"),
-    (IPv4Network("169.254.0.0/16"), "is a link-local address"),
-    (IPv4Network("224.0.0.0/4"), "is a multicast address"),
-    (IPv4Network("255.255.255.255/32"), "is the limited broadcast address"),
-    (IPv4Network("240.0.0.0/4"), "is in the reserved range 240.0.0.0/4"),
-)
+
+def host_context(
+    identity: Identity, cfg: Config, lan: IPv4Network | None = None
+) -> addr.HostContext:
+    """The one host-address predicate's context for ``identity`` (registry/addr.py)."""
+    return addr.HostContext(
+        overlay_subnet=cfg.overlay_subnet,
+        own=frozenset({identity.private_ip, identity.public_ip}),
+        zookeeper=addr.zookeeper_ips_for(cfg, identity.network),
+        lan=lan,
+    )
 
 
 def address_problem(ip: IPv4Address, overlay_subnet: IPv4Network) -> str | None:
     """Why ``ip`` cannot be a real (private or public) host address here, or None if it can.
 
-    An address inside the overlay subnet is refused because a DNAT to it would loop back into
-    Neti's own rules.
+    The context-free part of addr.HostContext.target_problem. An address inside the overlay
+    subnet is refused because a DNAT to it would loop back into Neti's own rules.
     """
-    for net, reason in _BAD_NETS:
-        if ip in net:
-            return reason
-    if ip in overlay_subnet:
-        return f"is inside the overlay subnet {overlay_subnet}"
-    return None
+    problem = addr.HostContext(overlay_subnet).target_problem(ip)
+    return problem[1] if problem else None
 
 
 def overlay_problem(ip: IPv4Address, overlay_subnet: IPv4Network) -> str | None:
@@ -89,12 +87,14 @@ class DesiredState:
     allow_verdict: str = "ACCEPT"
     conntrack_max: int = 0
     conntrack_hashsize: int = 0
-    # Human-readable "instance: reason" lines for members left out (fully or from DNAT).
+    # Human-readable "instance: reason" lines for members left out (fully or from DNAT),
+    # at most neti.fleet.MAX_SKIP_SAMPLES of them; the counts by reason code are complete.
     skipped: tuple[str, ...] = field(default=(), compare=False)
+    skipped_by_reason: dict[str, int] = field(default_factory=dict, compare=False)
 
     @property
     def skipped_count(self) -> int:
-        return len(self.skipped)
+        return sum(self.skipped_by_reason.values()) if self.skipped_by_reason else len(self.skipped)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -109,6 +109,7 @@ class DesiredState:
             "conntrack_max": self.conntrack_max,
             "conntrack_hashsize": self.conntrack_hashsize,
             "skipped": list(self.skipped),
+            "skipped_by_reason": dict(self.skipped_by_reason),
         }
 
     @classmethod
@@ -152,6 +153,7 @@ def build(
     conntrack_max: int = 0,
     conntrack_hashsize: int = 0,
     skipped: Any = (),
+    skipped_by_reason: dict[str, int] | None = None,
 ) -> DesiredState:
     """A DesiredState in canonical form (sorted, deduplicated); one overlay IP, one target.
 
@@ -177,6 +179,7 @@ def build(
         conntrack_max=conntrack_max,
         conntrack_hashsize=conntrack_hashsize,
         skipped=tuple(skipped),
+        skipped_by_reason=dict(skipped_by_reason or {}),
     )
 
 
@@ -190,15 +193,19 @@ def compute(
     fleet: Fleet,
     cfg: Config,
     self_overlay: IPv4Address | None = None,
+    host: addr.HostContext | None = None,
 ) -> DesiredState:
     """The desired kernel state for ``identity`` given the live ``fleet``.
 
     ``self_overlay`` is this host's claimed overlay IP; pass it so the host reaches itself by
     its overlay IP even before it appears in the fleet. A fleet entry with this host's
     instance ID is otherwise used, with this host's own (authoritative) addresses.
+    ``host`` is the address predicate's context (default: ``host_context(identity, cfg)``,
+    which knows no LAN); every member target passes it or the member is left out.
     """
     subnet = cfg.overlay_subnet
-    skipped: list[str] = []
+    ctx = host if host is not None else host_context(identity, cfg)
+    tally = SkipTally()
     allow: set[IPv4Address] = set()
     # overlay IP -> (rank, instance_id, target): the lowest rank wins a duplicated overlay IP.
     owners: dict[IPv4Address, tuple[tuple[int, str], Dnat]] = {}
@@ -208,16 +215,17 @@ def compute(
         cur = owners.get(d.overlay_ip)
         if cur is None or key < cur[0]:
             if cur is not None:
-                skipped.append(_dup_reason(cur[0][1], d.overlay_ip, iid))
+                tally.add("duplicate_overlay", _dup_reason(cur[0][1], d.overlay_ip, iid))
             owners[d.overlay_ip] = (key, d)
         else:
-            skipped.append(_dup_reason(iid, d.overlay_ip, cur[0][1]))
+            tally.add("duplicate_overlay", _dup_reason(iid, d.overlay_ip, cur[0][1]))
 
-    own_private_problem = address_problem(identity.private_ip, subnet)
-    if own_private_problem:
-        skipped.append(
+    own_problem = addr.HostContext(subnet).target_problem(identity.private_ip)
+    if own_problem:
+        tally.add(
+            own_problem[0],
             f"{identity.instance_id} (this host): private_ip "
-            f"{identity.private_ip} {own_private_problem}"
+            f"{identity.private_ip} {own_problem[1]}",
         )
     else:
         allow.add(identity.private_ip)
@@ -231,43 +239,50 @@ def compute(
             continue
         members.append(m)
 
-    if mine is not None and not own_private_problem:
+    if mine is not None and not own_problem:
         problem = overlay_problem(mine, subnet)
         if problem:
-            skipped.append(f"{identity.instance_id} (this host): overlay_ip {mine} {problem}")
+            tally.add(
+                "overlay_outside",
+                f"{identity.instance_id} (this host): overlay_ip {mine} {problem}",
+            )
         else:
             offer(0, identity.instance_id, Dnat(mine, identity.private_ip, "self"))
 
     seen_ids: set[str] = set()
     for m in members:
         if m.instance_id in seen_ids:
-            skipped.append(f"{m.instance_id}: listed more than once; first entry kept")
+            tally.add(
+                "duplicate_instance", f"{m.instance_id}: listed more than once; first entry kept"
+            )
             continue
         seen_ids.add(m.instance_id)
-        target = reach_address(identity, m)
-        which = "private_ip" if m.network == identity.network else "public_ip"
-        problem = address_problem(target, subnet)
-        if problem:
-            skipped.append(f"{m.instance_id}: {which} {target} {problem}")
+        same = m.network == identity.network
+        target = m.private_ip if same else m.public_ip
+        which = "private_ip" if same else "public_ip"
+        bad = ctx.target_problem(target, same_network=same)
+        if bad:
+            tally.add(bad[0], f"{m.instance_id}: {which} {target} {bad[1]}")
             continue
         problem = overlay_problem(m.overlay_ip, subnet)
         if problem:
-            skipped.append(f"{m.instance_id}: overlay_ip {m.overlay_ip} {problem}")
+            tally.add("overlay_outside", f"{m.instance_id}: overlay_ip {m.overlay_ip} {problem}")
             continue
         allow.add(target)
         # Members published by Neti itself win a duplicated overlay IP over legacy entries,
-        # then the smallest instance ID: deterministic on every host.
+        # then the smallest instance ID: deterministic on every host. (The registry reader
+        # has already dropped every conflict it saw; this only guards other inputs.)
         offer(2 if m.legacy else 1, m.instance_id, Dnat(m.overlay_ip, target, m.instance_id))
 
     dnat = {ip: d for ip, (_, d) in owners.items()}
     for overlay, target in sorted(cfg.nat_overrides.items()):
         problem = overlay_problem(overlay, subnet)
         if problem:
-            skipped.append(f"nat_overrides {overlay}: overlay address {problem}")
+            tally.add("override", f"nat_overrides {overlay}: overlay address {problem}")
             continue
         problem = address_problem(target, subnet)
         if problem:
-            skipped.append(f"nat_overrides {overlay}: target {target} {problem}")
+            tally.add("override", f"nat_overrides {overlay}: target {target} {problem}")
             continue
         dnat[overlay] = Dnat(overlay, target, "override")
 
@@ -282,7 +297,8 @@ def compute(
         allow_verdict=cfg.allow_verdict.upper(),
         conntrack_max=cfg.conntrack.max,
         conntrack_hashsize=cfg.conntrack.hashsize,
-        skipped=skipped,
+        skipped=tally.samples,
+        skipped_by_reason=tally.counts(),
     )
 
 

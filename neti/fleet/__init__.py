@@ -5,6 +5,53 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 
+# Why an entry was left out: a small fixed set, so counts by reason (metrics labels, status,
+# ``neti members --json``) stay bounded whatever the registry holds.
+SKIP_REASONS: tuple[str, ...] = (
+    "malformed",  # the node name does not parse (format, fields, labels, not an address)
+    "overlay_outside",  # overlay IP not a host address of overlay_subnet
+    "unclaimed",  # no ip-to-id/<overlay> claim
+    "claim_mismatch",  # ip-to-id/<overlay> names another instance
+    "persistent",  # a member node that is not ephemeral (would never expire)
+    "attestation",  # the record-signature check refused it
+    "duplicate_instance",  # two different verified entries for one instance ID
+    "duplicate_overlay",  # two different entries for one overlay IP
+    "unspecified",  # 0.0.0.0
+    "this_network",  # 0.0.0.0/8
+    "loopback",  # 127.0.0.0/8
+    "link_local",  # 169.254.0.0/16, incl. the metadata service 169.254.169.254
+    "multicast",  # 224.0.0.0/4
+    "broadcast",  # 255.255.255.255, or the first/last address of this host's own LAN
+    "reserved",  # 240.0.0.0/4
+    "in_overlay",  # a real address inside the overlay subnet (a DNAT would loop)
+    "self_address",  # another member naming one of this host's own addresses
+    "zookeeper",  # a ZooKeeper server's address (from zk_hosts)
+    "override",  # a nat_overrides entry that cannot be used
+)
+# Reason texts kept per snapshot (the counts are always complete).
+MAX_SKIP_SAMPLES = 50
+
+
+class SkipTally:
+    """Counts skipped entries by reason code and keeps the first few texts; bounded memory."""
+
+    def __init__(self, samples: int = MAX_SKIP_SAMPLES):
+        self.total = 0
+        self.by_reason: dict[str, int] = {}
+        self.samples: list[str] = []
+        self._max = samples
+
+    def add(self, code: str, text: str) -> None:
+        if code not in SKIP_REASONS:
+            code = "malformed"
+        self.total += 1
+        self.by_reason[code] = self.by_reason.get(code, 0) + 1
+        if len(self.samples) < self._max:
+            self.samples.append(text)
+
+    def counts(self) -> dict[str, int]:
+        return dict(sorted(self.by_reason.items()))
+
 
 @dataclass(frozen=True, slots=True, order=True)
 class Member:
@@ -44,11 +91,16 @@ class Member:
 
 @dataclass(frozen=True, slots=True)
 class Fleet:
-    """A snapshot of the live fleet plus what was skipped while reading it."""
+    """A snapshot of the live fleet plus what was skipped while reading it.
+
+    ``skipped`` counts every entry left out; ``skipped_by_reason`` splits that count by
+    reason code (SKIP_REASONS); ``skipped_reasons`` holds at most MAX_SKIP_SAMPLES texts.
+    """
 
     members: tuple[Member, ...] = ()
     skipped: int = 0
     skipped_reasons: tuple[str, ...] = field(default=(), compare=False)
+    skipped_by_reason: dict[str, int] = field(default_factory=dict, compare=False)
 
     def by_network(self) -> dict[str, int]:
         out: dict[str, int] = {}

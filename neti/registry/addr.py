@@ -7,29 +7,158 @@ host's address or a tame label is refused here, before it can reach a kernel rul
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
+from dataclasses import dataclass
 from ipaddress import AddressValueError, IPv4Address, IPv4Network
+from pathlib import Path
 
-from neti.config import LABEL_RE
+from neti.config import LABEL_RE, Config
+from neti.errors import ConfigError
 
 # An agent version ends up in a node name: no '|' (field separator) and no '/' (path).
 VERSION_RE = re.compile(r"^[A-Za-z0-9_.+-]{0,64}$")
 
 
 class MalformedEntry(ValueError):
-    """A registry entry that must be skipped; ``str(self)`` says why."""
+    """A registry entry that must be skipped; ``str(self)`` says why, ``code`` the reason code."""
+
+    def __init__(self, message: str, code: str = "malformed"):
+        super().__init__(message)
+        self.code = code
+
+
+# The one host-address predicate (used by the registry readers and by desired.compute):
+# addresses that are never a real host's unicast address, with a reason code
+# (neti.fleet.SKIP_REASONS) and a text. Checked in this order.
+_NEVER_HOSTS: tuple[tuple[IPv4Network, str, str], ...] = (
+    (IPv4Network("0.0.0.0/32"), "unspecified", "is unspecified (0.0.0.0/8, not a host)"),
+    (IPv4Network("0.0.0.0/8"), "this_network", "is in 0.0.0.0/8 ('this network', not a host)"),
+    (IPv4Network("127.0.0.0/8"), "loopback", "is a loopback address"),
+    (IPv4Network("169.254.0.0/16"), "link_local", "is a link-local address"),
+    (IPv4Network("224.0.0.0/4"), "multicast", "is a multicast address"),
+    (IPv4Network("255.255.255.255/32"), "broadcast", "is the limited broadcast address"),
+    (IPv4Network("240.0.0.0/4"), "reserved", "is in the reserved range 240.0.0.0/4"),
+)
+
+
+def host_problem(ip: IPv4Address) -> tuple[str, str] | None:
+    """(code, text) when ``ip`` can never be a host's unicast address, else None."""
+    for net, code, text in _NEVER_HOSTS:
+        if ip in net:
+            return code, text
+    return None
+
+
+def parse_ip(text: str, what: str = "address") -> IPv4Address:
+    """A canonical dotted quad, else MalformedEntry (no host check)."""
+    # IPv4Address accepts only canonical dotted quads (no leading zeros, no ints): good.
+    try:
+        return IPv4Address(text)
+    except (AddressValueError, ValueError):
+        raise MalformedEntry(f"{what} {text!r} is not an IPv4 address") from None
 
 
 def host_ip(text: str, what: str = "address") -> IPv4Address:
     """Parse a dotted quad that can be a unicast host address, else raise MalformedEntry."""
-    # IPv4Address accepts only canonical dotted quads (no leading zeros, no ints): good.
-    try:
-        ip = IPv4Address(text)
-    except (AddressValueError, ValueError):
-        raise MalformedEntry(f"{what} {text!r} is not an IPv4 address") from None
-    if ip.is_unspecified or ip.is_loopback or ip.is_multicast or ip.is_reserved:
-        # is_reserved covers 240.0.0.0/4 and so the limited broadcast 255.255.255.255.
-        raise MalformedEntry(f"{what} {ip} cannot be a host address")
+    ip = parse_ip(text, what)
+    problem = host_problem(ip)
+    if problem:
+        raise MalformedEntry(f"{what} {ip} cannot be a host address: it {problem[1]}", problem[0])
     return ip
+
+
+@dataclass(frozen=True, slots=True)
+class HostContext:
+    """What this host knows that makes an otherwise fine address a bad member target.
+
+    ``own`` are this host's own private and public IPs (another member naming one would take
+    this host's traffic or its allowlist slot), ``zookeeper`` the ZooKeeper servers' IPs (from
+    zk_hosts entries that are IP literals), ``lan`` this host's own private network when known
+    (its first and last addresses are not hosts; only members in this host's network, which
+    are reached by private IP, are checked against it).
+    """
+
+    overlay_subnet: IPv4Network
+    own: frozenset[IPv4Address] = frozenset()
+    zookeeper: frozenset[IPv4Address] = frozenset()
+    lan: IPv4Network | None = None
+
+    def target_problem(self, ip: IPv4Address, same_network: bool = True) -> tuple[str, str] | None:
+        """(code, text) when a member must not be reached at ``ip``, else None."""
+        problem = host_problem(ip)
+        if problem:
+            return problem
+        if ip in self.overlay_subnet:
+            return "in_overlay", f"is inside the overlay subnet {self.overlay_subnet}"
+        if ip in self.own:
+            return "self_address", "is one of this host's own addresses"
+        if ip in self.zookeeper:
+            return "zookeeper", "is a ZooKeeper server's address"
+        lan = self.lan
+        if (
+            same_network
+            and lan is not None
+            and lan.prefixlen <= 30
+            and ip in (lan.network_address, lan.broadcast_address)
+        ):
+            return "broadcast", f"is the network or broadcast address of this LAN {lan}"
+        return None
+
+
+def zookeeper_ips(hosts: Iterable[str]) -> frozenset[IPv4Address]:
+    """The IP literals among ``host:port`` strings (names are not resolved)."""
+    out: set[IPv4Address] = set()
+    for hp in hosts:
+        host = hp.rsplit(":", 1)[0] if ":" in hp else hp
+        try:
+            out.add(IPv4Address(host))
+        except ValueError:
+            continue
+    return frozenset(out)
+
+
+def zookeeper_ips_for(cfg: Config, network: str) -> frozenset[IPv4Address]:
+    """ZooKeeper server IPs as a host in ``network`` sees them.
+
+    Its own network's zk_hosts (private addresses only mean something inside one network,
+    and networks may overlap) plus every network's public (global) ones.
+    """
+    try:
+        mine = cfg.zk_hosts_for(network)
+    except ConfigError:
+        mine = []
+    others = [hp for hosts in cfg.zk_hosts.values() for hp in hosts]
+    return zookeeper_ips(mine) | frozenset(ip for ip in zookeeper_ips(others) if ip.is_global)
+
+
+def lan_of(ip: IPv4Address, route_file: str | Path = "/proc/net/route") -> IPv4Network | None:
+    """The directly connected IPv4 network holding ``ip`` (longest prefix), or None.
+
+    Read from this network namespace's routing table: a link route (no gateway) whose
+    destination contains ``ip``. None when nothing matches or the file cannot be read.
+    """
+    try:
+        text = Path(route_file).read_text(errors="replace")[:1_000_000]
+    except OSError:
+        return None
+    best: IPv4Network | None = None
+    for line in text.splitlines()[1:]:
+        f = line.split()
+        if len(f) < 8:
+            continue
+        try:
+            dest, gw, mask = (int(x, 16) for x in (f[1], f[2], f[7]))
+            # /proc/net/route prints little-endian hex of network-order values.
+            dest_ip = IPv4Address(int.from_bytes(dest.to_bytes(4, "little"), "big"))
+            mask_ip = IPv4Address(int.from_bytes(mask.to_bytes(4, "little"), "big"))
+            net = IPv4Network(f"{dest_ip}/{mask_ip}")
+        except (ValueError, OverflowError):
+            continue
+        if gw != 0 or net.prefixlen == 0 or ip not in net:
+            continue
+        if best is None or net.prefixlen > best.prefixlen:
+            best = net
+    return best
 
 
 def label(text: str, what: str = "label") -> str:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
+import time
 from collections.abc import Callable
-from ipaddress import IPv4Address
-from typing import ParamSpec, TypeVar
+from ipaddress import IPv4Address, IPv4Network
+from typing import ParamSpec, Protocol, TypeVar
 
 from kazoo.client import KazooClient
 from kazoo.exceptions import KazooException, NoNodeError
@@ -17,11 +19,13 @@ from neti.config import Config
 from neti.errors import RegistryError
 from neti.fleet import Fleet
 from neti.identity import Identity
+from neti.registry import addr
 from neti.registry.claims import OverlayClaims
 from neti.registry.guard import MaxChange
 from neti.registry.membership import Membership
 from neti.registry.paths import Paths
 from neti.registry.snapshot import build_fleet
+from neti.registry.verify import AttestCheck, Verifier
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +50,86 @@ def _zk_errors(what: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
     return deco
 
 
+class SkipLog:
+    """Log skipped entries once per distinct text, with bounded memory and a rate limit.
+
+    Remembers at most ``remember`` texts (least recently seen forgotten first) and writes at
+    most ``per_minute`` warning lines a minute; what the limit held back is summed up in one
+    "N more suppressed" line when the next minute starts (or at ``flush``).
+    """
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        remember: int = 1024,
+        per_minute: int = 20,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.log = logger
+        self.remember = remember
+        self.per_minute = per_minute
+        self.clock = clock
+        self._seen: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._window = clock()
+        self._lines = 0
+        self.suppressed = 0
+
+    def note(self, code: str, text: str) -> None:
+        if text in self._seen:
+            self._seen.move_to_end(text)
+            return
+        self._seen[text] = None
+        if len(self._seen) > self.remember:
+            self._seen.popitem(last=False)
+        self._roll()
+        if self._lines < self.per_minute:
+            self._lines += 1
+            self.log.warning("skipped registry entry (%s): %s", code, text)
+        else:
+            self.suppressed += 1
+
+    def _roll(self) -> None:
+        now = self.clock()
+        if now - self._window < 60:
+            return
+        self._window, self._lines = now, 0
+        if self.suppressed:
+            self.log.warning(
+                "%d more skipped-entry warnings suppressed in the last minute "
+                "(neti members --json counts them by reason)",
+                self.suppressed,
+            )
+            self.suppressed = 0
+
+    def flush(self) -> None:
+        """Write the suppressed-lines summary if its minute is over."""
+        self._roll()
+
+
+class _Host(Protocol):
+    @property
+    def instance_id(self) -> str: ...
+    @property
+    def network(self) -> str: ...
+    @property
+    def private_ip(self) -> IPv4Address: ...
+    @property
+    def public_ip(self) -> IPv4Address: ...
+
+
 class Registry:
     """Claims, membership, fleet reads and the max-change guard over one KazooClient."""
 
-    def __init__(self, client: KazooClient, cfg: Config, owns_client: bool = True):
+    # Re-verify a cached member entry after this many resync intervals (verify.py).
+    RECHECK_RESYNCS = 10
+
+    def __init__(
+        self,
+        client: KazooClient,
+        cfg: Config,
+        owns_client: bool = True,
+        attest_check: AttestCheck | None = None,
+    ):
         self.client = client
         self.cfg = cfg
         self.paths = Paths.from_config(cfg)
@@ -59,7 +139,26 @@ class Registry:
         )
         self.membership = Membership(client, cfg, self.paths.members, self.paths.legacy)
         self._guard = MaxChange(client, self.paths.max_change, cfg.max_change_default)
-        self._warned: set[str] = set()
+        self._deadline = float(cfg.zk_session_timeout)
+        self.verifier = Verifier(
+            client,
+            self.paths.ip_to_id,
+            deadline=self._deadline,
+            attest_check=attest_check,
+            recheck_after=self.RECHECK_RESYNCS * cfg.resync_interval,
+            recheck_share=self.RECHECK_RESYNCS,
+        )
+        self.skip_log = SkipLog(log)
+        self._lans: dict[IPv4Address, IPv4Network | None] = {}
+
+    @property
+    def attest_check(self) -> AttestCheck | None:
+        return self.verifier.attest_check
+
+    @attest_check.setter
+    def attest_check(self, fn: AttestCheck | None) -> None:
+        self.verifier.attest_check = fn
+        self.verifier.forget()
 
     # Paths the agent watches.
     @property
@@ -100,21 +199,51 @@ class Registry:
         self.membership.leave()
 
     @_zk_errors("reading the fleet")
-    def read_fleet(self) -> Fleet:
-        """The live fleet from exactly two children reads (members and ip-map)."""
+    def read_fleet(self, identity: _Host | None = None) -> Fleet:
+        """The live, verified fleet as this host may program it.
+
+        Two children reads (members and, unless ``read_legacy`` is off, ip-map), then reads
+        only for entries not verified before (verify.py). ``identity`` (default: the member
+        this registry joined as) enables the checks that depend on who reads: this host's own
+        addresses, its LAN's broadcast, the reach address by network. Skips are logged
+        through a rate-limited, bounded SkipLog.
+        """
         names = self._children(self.paths.members)
-        legacy = self._children(self.paths.legacy)
-        fleet = build_fleet(names, legacy, self.cfg.legacy_networks, self.cfg.overlay_subnet)
-        for reason in fleet.skipped_reasons:
-            # Warn once per distinct problem: the agent re-reads on every change.
-            level = logging.DEBUG if reason in self._warned else logging.WARNING
-            self._warned.add(reason)
-            log.log(level, "skipped registry entry: %s", reason)
+        legacy = self._children(self.paths.legacy) if self.cfg.read_legacy else []
+        me = identity if identity is not None else self.membership.member
+        fleet = build_fleet(
+            names,
+            legacy,
+            self.cfg.legacy_networks,
+            self.cfg.overlay_subnet,
+            members_parent=self.paths.members,
+            legacy_parent=self.paths.legacy,
+            verify=self.verifier.verify,
+            host=self.host_context(me) if me is not None else None,
+            self_id=me.instance_id if me is not None else None,
+            self_network=me.network if me is not None else None,
+            on_skip=self.skip_log.note,
+        )
+        self.skip_log.flush()
         return fleet
 
+    def host_context(self, me: _Host) -> addr.HostContext:
+        """What makes a member target bad for ``me`` (addr.HostContext); LAN read once."""
+        if me.private_ip not in self._lans:
+            self._lans = {me.private_ip: addr.lan_of(me.private_ip)}
+        return addr.HostContext(
+            overlay_subnet=self.cfg.overlay_subnet,
+            own=frozenset({me.private_ip, me.public_ip}),
+            zookeeper=addr.zookeeper_ips_for(self.cfg, me.network),
+            lan=self._lans[me.private_ip],
+        )
+
     def _children(self, path: str) -> list[str]:
+        def read() -> list[str]:
+            return self.client.get_children_async(path).get(timeout=self._deadline)
+
         try:
-            return self.client.retry(self.client.get_children, path)
+            return self.client.retry(read)
         except NoNodeError:
             return []
 
@@ -122,6 +251,11 @@ class Registry:
     @_zk_errors("reading the max-change guard")
     def max_change(self) -> int:
         return self._guard.get()
+
+    @property
+    def max_change_problem(self) -> str | None:
+        """Why the last max_change() read fell back to the default, or None."""
+        return getattr(self._guard, "problem", None)
 
     @_zk_errors("setting the max-change guard")
     def set_max_change(self, n: int) -> None:

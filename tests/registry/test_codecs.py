@@ -178,14 +178,18 @@ def test_fleet_merges_dedupes_and_counts_skipped() -> None:
     new = [
         encode_member(member("i-a", "192.168.0.10")),
         encode_member(member("i-b", "192.168.0.11")),
+        encode_member(member("i-g", "192.168.0.30")),
     ]
     legacy = [
-        # the same host as i-a, still published by an original agent: counted once, as new
-        "0123456789abcdef0123456789abcdef-9.9.9.9|10.0.0.9|192.168.0.10|1",
+        # the same host as i-g, still published by an original agent: counted once, as new
+        "0123456789abcdef0123456789abcdef-203.0.113.5|10.0.0.5|192.168.0.30|1",
         # an original-only host
         "1123456789abcdef0123456789abcdef-54.0.0.1|10.0.0.1|192.168.0.20|0",
         # the same original host twice (an old session's node lingering): once, silently
         "2123456789abcdef0123456789abcdef-54.0.0.1|10.0.0.1|192.168.0.20|0",
+        # a different host on an original host's overlay IP: neither is used
+        "4123456789abcdef0123456789abcdef-54.0.0.9|10.0.0.9|192.168.0.21|0",
+        "5123456789abcdef0123456789abcdef-54.0.0.8|10.0.0.8|192.168.0.21|0",
         # junk
         "not-a-party-node",
         "3123456789abcdef0123456789abcdef-54.0.0.1|10.0.0.1|192.168.0.21|7",
@@ -193,24 +197,29 @@ def test_fleet_merges_dedupes_and_counts_skipped() -> None:
     junk_new = [
         "v1|i-c|vpc|1.2.3.4|10.0.0.1|192.168.0.300|2",
         encode_member(member("i-d", "10.10.10.10")),  # outside the overlay subnet
-        encode_member(member("i-e", "192.168.0.11")),  # i-b's overlay IP
-        "v1|i-a|vpc|203.0.113.5|10.0.0.5|192.168.0.12|2.0.0",  # i-a listed twice
+        encode_member(member("i-e", "192.168.0.11")),  # i-b's overlay IP: neither wins
+        "v1|i-a|vpc|203.0.113.5|10.0.0.5|192.168.0.12|2.0.0",  # i-a twice, differing: none
         encode_member(member("i-f", "192.168.0.0")),  # the subnet's network address
     ]
     fleet = build_fleet(new + junk_new, legacy, NETS, SUBNET)
     assert [(m.instance_id, m.legacy) for m in fleet.members] == [
-        ("i-a", False),
-        ("i-b", False),
+        ("i-g", False),
         ("legacy-192.168.0.20", True),
     ]
-    assert fleet.members[2].network == "ec2"
-    assert fleet.skipped == 7 == len(fleet.skipped_reasons)
+    assert fleet.members[1].network == "ec2"
+    assert fleet.skipped == 11 == len(fleet.skipped_reasons)
+    assert fleet.skipped_by_reason == {
+        "duplicate_instance": 2,
+        "duplicate_overlay": 4,
+        "malformed": 3,
+        "overlay_outside": 2,
+    }
     reasons = "\n".join(fleet.skipped_reasons)
     for text in (
         "192.168.0.300",
         "not a host address of 192.168.0.0/18",
         "also held by i-b",
-        "listed twice",
+        "different entries for one instance ID",
         "not-a-party-node",
         "flag '7'",
     ):

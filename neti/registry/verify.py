@@ -1,0 +1,205 @@
+"""Verify member entries against ZooKeeper itself: ephemeral, claimed by their own instance.
+
+A member node's name says who it is; only ZooKeeper's metadata and the claims say whether to
+believe it. An entry is programmed only when
+
+- its node is ephemeral (``Stat.ephemeralOwner != 0``): a persistent node would outlive any
+  host and never leave the fleet;
+- ``ip-to-id/<overlay>`` exists and, for a ``members/`` entry, names the entry's own instance
+  ID (claims are authoritative: a member cannot take another host's overlay IP by sorting
+  first). The original's ``ip-map`` entries carry no instance ID; they need a claim by *some*
+  valid instance ID, the most that can be checked for them;
+- the optional ``attest_check(name, data)`` hook (a record-signature check) returns None.
+
+Cost: each entry is verified once, when its name first appears (two reads issued together
+with every other new name's, each awaited with a deadline), and the verdict is cached by node
+name; names that disappear leave the cache. A cached verdict can go stale only if the claim
+behind it changes, which needs the claim's owner (or an operator) to release it; so each
+call also re-verifies the entries verified longest ago, at most ``1/recheck_share`` of the
+cache (and at least RECHECK_MIN), once they are older than ``recheck_after`` seconds. With
+the agent's defaults (resync every 60 s, ``recheck_after`` = 10 resyncs) every entry is
+re-verified within about ten minutes of its claim changing, for a few reads per resync.
+
+Pure bookkeeping plus kazoo async reads; no logging here (the caller rate-limits that).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from kazoo.exceptions import NoNodeError
+from kazoo.handlers.threading import KazooTimeoutError
+
+from neti.fleet import Member
+from neti.registry import addr
+from neti.registry.addr import MalformedEntry
+
+AttestCheck = Callable[[str, bytes], "str | None"]
+
+# Reads in flight at once; each batch is awaited with the deadline.
+BATCH = 1024
+RECHECK_MIN = 32
+# Longest reason text kept from the attestation hook.
+_MAX_HOOK_TEXT = 200
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A parsed entry to verify: ``parent`` is the members or ip-map path it was listed under."""
+
+    parent: str
+    name: str
+    member: Member
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.parent, self.name)
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """None ``code``: the entry may be programmed; else a reason code and its text."""
+
+    code: str | None = None
+    text: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.code is None
+
+
+OK = Verdict()
+
+
+class Verifier:
+    """Caches verdicts by node; verifies new (and aging) entries with concurrent reads."""
+
+    def __init__(
+        self,
+        client: Any,
+        ip_to_id: str,
+        *,
+        deadline: float = 10.0,
+        attest_check: AttestCheck | None = None,
+        recheck_after: float = 600.0,
+        recheck_share: int = 10,
+        clock: Callable[[], float] = time.monotonic,
+        batch: int = BATCH,
+    ):
+        self.client = client
+        self.ip_to_id = ip_to_id
+        self.deadline = deadline
+        self.attest_check = attest_check
+        self.recheck_after = recheck_after
+        self.recheck_share = max(1, recheck_share)
+        self.clock = clock
+        self.batch = max(1, batch)
+        # (parent, name) -> (verdict, when verified)
+        self._cache: dict[tuple[str, str], tuple[Verdict, float]] = {}
+        self.reads = 0  # entries read from ZooKeeper so far (tests and benchmarks)
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    def forget(self) -> None:
+        """Drop every verdict (a new session, or a change of settings)."""
+        self._cache.clear()
+
+    def verify(self, candidates: Iterable[Candidate]) -> dict[tuple[str, str], Verdict]:
+        """A verdict per candidate key; raises KazooTimeoutError / kazoo errors on failure.
+
+        Entries that vanished between the listing and the read get no verdict (they are gone;
+        the next listing will not have them).
+        """
+        now = self.clock()
+        cands = {c.key: c for c in candidates}
+        for key in [k for k in self._cache if k not in cands]:
+            del self._cache[key]
+        todo = [c for k, c in cands.items() if k not in self._cache]
+        todo.extend(cands[k] for k in self._due(now))
+        for i in range(0, len(todo), self.batch):
+            self._read(todo[i : i + self.batch])
+        out: dict[tuple[str, str], Verdict] = {}
+        for key in cands:
+            hit = self._cache.get(key)
+            if hit is not None:
+                out[key] = hit[0]
+        return out
+
+    def _due(self, now: float) -> list[tuple[str, str]]:
+        """Cached keys to re-verify now: the oldest, past recheck_after, within the budget."""
+        if not self._cache:
+            return []
+        limit = max(RECHECK_MIN, math.ceil(len(self._cache) / self.recheck_share))
+        old = [(at, k) for k, (_, at) in self._cache.items() if now - at >= self.recheck_after]
+        old.sort()
+        return [k for _, k in old[:limit]]
+
+    def _read(self, batch: list[Candidate]) -> None:
+        client = self.client
+        claims: dict[str, Any] = {}
+        nodes = []
+        for c in batch:
+            ip = str(c.member.overlay_ip)
+            if ip not in claims:
+                claims[ip] = client.get_async(f"{self.ip_to_id}/{ip}")
+            nodes.append((c, client.get_async(f"{c.parent}/{c.name}")))
+        end = self.clock() + self.deadline
+        holders: dict[str, str | None] = {}
+        for ip, result in claims.items():
+            try:
+                data, _ = self._wait(result, end)
+            except NoNodeError:
+                holders[ip] = None
+            else:
+                holders[ip] = bytes(data or b"").decode("ascii", "replace").strip()
+        for c, result in nodes:
+            try:
+                data, stat = self._wait(result, end)
+            except NoNodeError:
+                self._cache.pop(c.key, None)
+                continue
+            self.reads += 1
+            verdict = self._judge(c, bytes(data or b""), stat, holders[str(c.member.overlay_ip)])
+            self._cache[c.key] = (verdict, self.clock())
+
+    def _wait(self, result: Any, end: float) -> Any:
+        left = end - self.clock()
+        if left <= 0:
+            raise KazooTimeoutError("verifying member entries took longer than the deadline")
+        return result.get(timeout=left)
+
+    def _judge(self, c: Candidate, data: bytes, stat: Any, holder: str | None) -> Verdict:
+        m = c.member
+        what = f"{'legacy node' if m.legacy else 'member'} {c.name!r}"
+        if getattr(stat, "ephemeralOwner", 0) == 0:
+            return Verdict(
+                "persistent", f"{what}: the node is persistent (members must be ephemeral)"
+            )
+        if holder is None:
+            return Verdict("unclaimed", f"{what}: overlay IP {m.overlay_ip} is not claimed")
+        if m.legacy:
+            try:
+                addr.label(holder, "claim holder")
+            except MalformedEntry:
+                return Verdict(
+                    "claim_mismatch",
+                    f"{what}: the claim of overlay IP {m.overlay_ip} names no valid instance",
+                )
+        elif holder != m.instance_id:
+            return Verdict(
+                "claim_mismatch",
+                f"{what}: overlay IP {m.overlay_ip} is claimed by another instance",
+            )
+        if self.attest_check is not None:
+            try:
+                why = self.attest_check(c.name, data)
+            except Exception as exc:  # noqa: BLE001 - a broken hook refuses, never crashes
+                why = f"the check failed: {type(exc).__name__}"
+            if why is not None:
+                return Verdict("attestation", f"{what}: {str(why)[:_MAX_HOOK_TEXT]}")
+        return OK
