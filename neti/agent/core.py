@@ -496,6 +496,8 @@ class Agent:
         try:
             fleet = self.reg.read_fleet()
             max_change = self.reg.max_change()
+            # Why maxchange fell back to its default (status shows it), or None.
+            self.state.guard.max_change_problem = getattr(self.reg, "max_change_problem", None)
         except RegistryError as exc:
             log.warning("cannot read the fleet: %s; rules unchanged", exc)
             self.sched.retry_in(self._backoff.next())
@@ -525,12 +527,13 @@ class Agent:
         self.state.applied = _summary(result)
         self.state.skipped = fleet.skipped
         self.state.skipped_reasons = list(fleet.skipped_reasons)
+        self.state.skipped_by_reason = dict(fleet.skipped_by_reason)
         self.state.last_success = time.time()
         self._record("held" if decision.held else "ok", reason, duration)
         self.metrics.reconcile_duration.observe(duration)
         self.metrics.last_success.set(self.state.last_success)
         self.metrics.set_members(decision.fleet.by_network())
-        self.metrics.skipped.set(fleet.skipped)
+        self.metrics.set_skipped(fleet.skipped_by_reason)
         self._update_conntrack()
         if decision.held:
             self.sched.retry_in(GUARD_RETRY)

@@ -7,6 +7,8 @@ metrics nobody asked for (the default collectors are added back explicitly).
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Mapping
 from typing import Any
 
 from prometheus_client import (
@@ -20,7 +22,24 @@ from prometheus_client import (
     start_http_server,
 )
 
+from neti.fleet import SKIP_REASONS
+
 log = logging.getLogger(__name__)
+
+# Gauges are exported as floats: keep every value finite and within what a float holds.
+GAUGE_MAX = 2.0**53
+
+
+def _finite(value: float) -> float:
+    """``value`` as a finite gauge value (an int too big for a float, NaN or inf clamp)."""
+    try:
+        f = float(value)
+    except (OverflowError, ValueError, TypeError):
+        return GAUGE_MAX
+    if math.isnan(f):
+        return 0.0
+    return max(-GAUGE_MAX, min(GAUGE_MAX, f))
+
 
 ZK_STATES = ("connecting", "connected", "suspended", "lost", "closed")
 
@@ -66,13 +85,17 @@ class Metrics:
             "neti_zookeeper_session_expiries", "ZooKeeper sessions lost", registry=r
         )
         self.skipped = Gauge(
-            "neti_skipped_entries", "Registry entries skipped as malformed", registry=r
+            "neti_skipped_entries",
+            "Registry entries left out of the applied fleet, by reason (neti.fleet.SKIP_REASONS)",
+            ["reason"],
+            registry=r,
         )
         self.conntrack_count = Gauge(
             "neti_conntrack_entries", "Entries in the conntrack table", registry=r
         )
         self.conntrack_max = Gauge("neti_conntrack_max", "nf_conntrack_max", registry=r)
         self.set_zk_state("connecting")
+        self.set_skipped({})
         self._server: Any = None
 
     def set_zk_state(self, state: str) -> None:
@@ -83,6 +106,11 @@ class Metrics:
         self.members.clear()
         for net, n in by_network.items():
             self.members.labels(network=net).set(n)
+
+    def set_skipped(self, by_reason: Mapping[str, int]) -> None:
+        """One series per known reason (0 when none), so alerts see a steady set of labels."""
+        for reason in SKIP_REASONS:
+            self.skipped.labels(reason=reason).set(_finite(by_reason.get(reason, 0)))
 
     def set_conntrack(self, count: int | None, maximum: int | None) -> None:
         if count is not None:

@@ -47,6 +47,7 @@ class GuardState:
     would_remove: int = 0
     removed: list[str] = field(default_factory=list)  # the held instance IDs
     max_change: int | None = None
+    max_change_problem: str | None = None  # why maxchange's value was refused (default used)
     reason: str = ""  # window | limit | grace | fleet-vanished (guard.REASONS) while held
     limit: int | None = None  # removals allowed within the window, for the last baseline
     window_removals: int = 0  # removals counted in the window at the last reconcile
@@ -91,6 +92,7 @@ class AgentState:
     zookeeper: ZkState = field(default_factory=ZkState)
     skipped: int = 0
     skipped_reasons: list[str] = field(default_factory=list)
+    skipped_by_reason: dict[str, int] = field(default_factory=dict)  # neti.fleet.SKIP_REASONS
     apply_errors: int = 0
     tagging: str = ""  # EC2 tagging of this instance: pending, ok, failed: …, skipped: …
 
@@ -112,6 +114,7 @@ class AgentState:
             "zookeeper": asdict(self.zookeeper),
             "skipped": self.skipped,
             "skipped_reasons": self.skipped_reasons[:50],
+            "skipped_by_reason": dict(self.skipped_by_reason),
             "apply_errors": self.apply_errors,
             "tagging": self.tagging,
         }
@@ -148,9 +151,23 @@ class AgentState:
             zookeeper=ZkState(**(d.get("zookeeper") or {})),
             skipped=int(d.get("skipped") or 0),
             skipped_reasons=list(d.get("skipped_reasons") or []),
+            skipped_by_reason=_counts(d.get("skipped_by_reason")),
             tagging=str(d.get("tagging") or ""),
             apply_errors=int(d.get("apply_errors") or 0),
         )
+
+
+def _counts(value: Any) -> dict[str, int]:
+    """Skip counts by reason from the file: known reason codes with integer counts only."""
+    from neti.fleet import SKIP_REASONS
+
+    if not isinstance(value, dict):
+        return {}
+    return {
+        k: v
+        for k, v in value.items()
+        if k in SKIP_REASONS and isinstance(v, int) and not isinstance(v, bool) and v >= 0
+    }
 
 
 class StateFileError(Exception):

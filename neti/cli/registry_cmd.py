@@ -93,14 +93,18 @@ def run_overlay_ip(args: argparse.Namespace) -> int:
 
 def run_members(args: argparse.Namespace) -> int:
     cfg = load_config(args)
-    with _open(cfg, args.network) as reg:
-        fleet = reg.read_fleet()
+    # Without --network this host's identity is known: the fleet is then filtered exactly as
+    # this host's agent filters it (its own addresses, its LAN, the reach address).
+    me = identity_mod.resolve(cfg) if args.network is None else None
+    with _open(cfg, args.network or (me.network if me else None)) as reg:
+        fleet = reg.read_fleet(identity=me)
     if args.json:
         print_json(
             {
                 "members": [m.as_dict() for m in fleet.members],
                 "count": len(fleet.members),
                 "skipped": fleet.skipped,
+                "skipped_by_reason": dict(fleet.skipped_by_reason),
                 "skipped_reasons": list(fleet.skipped_reasons),
             }
         )
@@ -119,9 +123,10 @@ def run_members(args: argparse.Namespace) -> int:
     ]
     print_table(rows, ["INSTANCE", "NETWORK", "PUBLIC", "PRIVATE", "OVERLAY", "VERSION", "LEGACY"])
     if fleet.skipped:
+        by = ", ".join(f"{k} {v}" for k, v in sorted(fleet.skipped_by_reason.items()))
         print(
-            f"neti: skipped {fleet.skipped} malformed or conflicting registry entries "
-            "(the warnings above, or --json, say why)",
+            f"neti: skipped {fleet.skipped} registry entries ({by}); the warnings above, "
+            "or --json, say why",
             file=sys.stderr,
         )
     return 0

@@ -148,12 +148,14 @@ def to_dict(r: Report) -> dict[str, Any]:
                 "would_remove": s.guard.would_remove,
                 "removed": s.guard.removed,
                 "max_change": s.guard.max_change,
+                "max_change_problem": s.guard.max_change_problem,
             }
             if s
             else None
         ),
         "skipped": s.skipped if s else 0,
         "skipped_reasons": s.skipped_reasons if s else [],
+        "skipped_by_reason": dict(s.skipped_by_reason) if s else {},
         "kernel": (
             {
                 "error": k.error or None,
@@ -220,8 +222,13 @@ def render_text(r: Report) -> str:
         else:
             mc = g.max_change if g.max_change is not None else "?"
             lines.append(f"guard:          ok (maxchange {mc})")
+        if g.max_change_problem:
+            lines.append(f"maxchange:      refused ({g.max_change_problem}); default in use")
         if s.skipped:
-            lines.append(f"skipped:        {s.skipped} malformed registry entries")
+            by = " ".join(f"{k}={v}" for k, v in sorted(s.skipped_by_reason.items()))
+            lines.append(
+                f"skipped:        {s.skipped} registry entries" + (f" ({by})" if by else "")
+            )
         if s.tagging and not s.tagging.startswith("skipped"):
             lines.append(f"ec2 tags:       {s.tagging}")
     if k:

@@ -149,6 +149,14 @@ def evaluate(
                     f"guard holding {g.would_remove} removals (maxchange {g.max_change})",
                 )
             )
+        if g.max_change_problem:
+            checks.append(
+                Check(
+                    "maxchange",
+                    WARNING,
+                    f"maxchange refused ({g.max_change_problem}); using the default {g.max_change}",
+                )
+            )
         if state.tagging.startswith("failed"):
             # Tags feed fleet audits, not the dataplane: shown, but not worth a page.
             checks.append(Check("tagging", OK, f"EC2 tagging {state.tagging}"))
