@@ -16,11 +16,11 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from ipaddress import AddressValueError, IPv4Address
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from neti.config import LABEL_RE, Ec2Identity
 from neti.errors import IdentityError
-from neti.identity import Identity
+from neti.identity import Identity, address_problem
 
 if TYPE_CHECKING:
     from neti.config import Config
@@ -31,11 +31,20 @@ TOKEN_PATH = "/latest/api/token"
 META = "/latest/meta-data/"
 TOKEN_TTL = 21600  # seconds; the maximum IMDS allows, the agent resolves once at start-up
 MAX_BODY = 64 * 1024  # metadata values are tiny; never buffer an unbounded answer
+MAX_TOKEN = 512  # EC2's tokens are ~56 characters
+READ_CHUNK = 4096
+MAX_ASSOCIATIONS = 64
 BACKOFF_BASE = 0.1
 BACKOFF_CAP = 2.0
 
-MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
-REGION_RE = re.compile(r"^[a-z]{2,}(-[a-z0-9]+)+-\d+$")
+MAC_RE = re.compile(r"\A[0-9a-f]{2}(:[0-9a-f]{2}){5}\Z")
+REGION_RE = re.compile(r"\A[a-z]{2,}(-[a-z0-9]+)+-\d+\Z")
+# A token goes back into a request header: visible ASCII only (no CR/LF, spaces, controls).
+TOKEN_RE = re.compile(r"\A[\x21-\x7e]+\Z")
+
+
+class _TooLarge(Exception):
+    """The answer is longer than MAX_BODY: refused, not retried (it will not shrink)."""
 
 
 class _Transient(Exception):
@@ -77,7 +86,7 @@ class ImdsClient:
         """One HTTP exchange: (status, body). Raises _Transient for retryable failures."""
         try:
             with self._opener.open(req, timeout=self.timeout) as resp:
-                return resp.status, resp.read(MAX_BODY).decode("utf-8", "replace")
+                return resp.status, self._read(resp)
         except urllib.error.HTTPError as exc:
             with exc:
                 if exc.code >= 500:
@@ -90,6 +99,23 @@ class ImdsClient:
         except OSError as exc:
             raise _Transient(str(exc) or type(exc).__name__) from None
 
+    def _read(self, resp: Any) -> str:
+        """The body, at most MAX_BODY bytes, within one ``timeout`` however slowly it drips."""
+        deadline = time.monotonic() + self.timeout
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            chunk = resp.read1(READ_CHUNK)
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > MAX_BODY:
+                raise _TooLarge()
+            chunks.append(chunk)
+            if time.monotonic() > deadline:
+                raise _Transient(f"answer not complete within {self.timeout:g}s")
+        return b"".join(chunks).decode("utf-8", "replace")
+
     def _with_retries(self, path: str, req_factory: Callable[[], urllib.request.Request]):
         last = ""
         for attempt in range(self.retries + 1):
@@ -97,6 +123,8 @@ class ImdsClient:
                 self._sleep(min(self.backoff * 2 ** (attempt - 1), BACKOFF_CAP))
             try:
                 return self._once(req_factory())
+            except _TooLarge:
+                raise self._fail(path, f"answer larger than {MAX_BODY // 1024} KiB") from None
             except _Transient as exc:
                 last = str(exc)
                 log.debug("IMDS %s attempt %d failed: %s", path, attempt + 1, last)
@@ -117,6 +145,15 @@ class ImdsClient:
                 TOKEN_PATH,
                 f"IMDSv2 token request refused (HTTP {status}); is IMDSv2 enabled and the "
                 "metadata hop limit high enough for this host?",
+            )
+        # It is sent back as a header: CR/LF would inject headers (and make urllib raise).
+        # The token itself is a secret, so the message describes it without showing it.
+        if len(token) > MAX_TOKEN:
+            raise self._fail(TOKEN_PATH, f"IMDSv2 token is {len(token)} characters long; refused")
+        if not TOKEN_RE.match(token):
+            raise self._fail(
+                TOKEN_PATH,
+                "IMDSv2 token has spaces, control characters (CR/LF) or non-ASCII; refused",
             )
         return token
 
@@ -159,10 +196,15 @@ class ImdsClient:
 
 
 def _ipv4(client: ImdsClient, path: str, value: str) -> IPv4Address:
+    """An address this host can be reached by: not loopback, link-local, 0.x, multicast."""
     try:
-        return IPv4Address(value)
+        ip = IPv4Address(value)
     except AddressValueError:
         raise client._fail(META + path, f"{value[:60]!r} is not an IPv4 address") from None
+    problem = address_problem(ip)
+    if problem:
+        raise client._fail(META + path, f"{ip} cannot identify this host: {problem}")
+    return ip
 
 
 def _label(client: ImdsClient, path: str, value: str) -> str:
@@ -180,15 +222,16 @@ def _public_ip(client: ImdsClient, mac: str, private_ip: IPv4Address) -> IPv4Add
     keys = client.listing(assoc_path) or []
     if not keys:
         return None
+    # Each key is a public IP and becomes part of the next request's path: validated first,
+    # and only the first MAX_ASSOCIATIONS are looked at (EC2 allows a few dozen per interface).
+    ips = [_ipv4(client, assoc_path, key) for key in keys[:MAX_ASSOCIATIONS]]
     # An interface can carry several associations (secondary private IPs): prefer the one
     # mapped to the primary private address, fall back to the first.
-    choice = keys[0]
-    if len(keys) > 1:
-        for key in keys:
-            if client.get(assoc_path + key) == str(private_ip):
-                choice = key
-                break
-    return _ipv4(client, assoc_path, choice)
+    if len(ips) > 1:
+        for ip in ips:
+            if client.get(f"{assoc_path}{ip}") == str(private_ip):
+                return ip
+    return ips[0]
 
 
 def fetch_identity(icfg: Ec2Identity, client: ImdsClient | None = None) -> Identity:

@@ -169,6 +169,7 @@ class ImdsServer:
         self._lock = threading.Lock()
         self._tokens: dict[str, float] = {}
         self._faults: list[_Fault] = []
+        self._next_tokens: list[str] = []
         self._stopping = threading.Event()
         self._httpd: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -216,6 +217,11 @@ class ImdsServer:
         with self._lock:
             self._faults.append(_Fault(count, delay=seconds, path=path))
 
+    def issue_next(self, *tokens: str) -> None:
+        """Hand out these tokens (valid, whatever they hold) before random ones again."""
+        with self._lock:
+            self._next_tokens.extend(tokens)
+
     def expire_tokens(self) -> None:
         """Invalidate every issued token, as if their TTL ran out."""
         with self._lock:
@@ -255,8 +261,8 @@ class ImdsServer:
             return str(node)
 
     def _issue(self, ttl: int) -> str:
-        token = secrets.token_urlsafe(32)
         with self._lock:
+            token = self._next_tokens.pop(0) if self._next_tokens else secrets.token_urlsafe(32)
             self._tokens[token] = time.monotonic() + ttl
         return token
 
