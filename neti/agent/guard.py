@@ -7,9 +7,12 @@ arrived a second apart (sessions expiring one by one) all went through, and a de
 is dangerous (*removals*), and counts them over time:
 
 * **window**: removals applied within the last ``window`` seconds are summed with the ones
-  a fresh read asks for. The limit is ``max(maxchange, floor(fraction x baseline))``, where
-  the baseline is the fleet before those removals. Over the limit, every removal of the
-  window is held: the applied fleet is the baseline again (plus any additions).
+  a fresh read asks for. The limit is ``min(maxchange, max(1, floor(fraction x baseline)))``
+  where the baseline is the fleet before those removals: never more than ``maxchange``
+  hosts, never more than ``fraction`` of the fleet (but one host may always go, unless
+  ``maxchange`` is 0). Over the limit, every removal of the window is held: the applied
+  fleet is the baseline again (plus any additions). A fraction, not only an absolute
+  number, is what lets one default protect a fleet of 5 and a fleet of 5,000.
 * **grace**: after this agent's own (re)connect, after the guard released by itself and
   after a vanished fleet came back, removals wait ``grace`` seconds, so peers that are
   still re-joining are not cut off for the second it takes them.
@@ -38,6 +41,9 @@ LIMIT = "limit"  # this read alone removes more than the limit
 GRACE = "grace"  # a grace period after a (re)connect or a recovery
 VANISHED = "fleet-vanished"  # the members container is gone / the read is empty
 REASONS = (WINDOW, LIMIT, GRACE, VANISHED)
+# However small the fleet, one host may leave per window (a terminated instance in a fleet
+# of five must not need an operator); maxchange 0 still holds every removal.
+MIN_LIMIT = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,11 +52,12 @@ class Settings:
 
     max_change: int
     window: float = 0.0  # seconds over which removals are summed (0: this read only)
-    fraction: float = 0.0  # share of the baseline fleet that may go within the window
+    fraction: float = 1.0  # share of the baseline fleet that may go within the window
     grace: float = 0.0  # seconds removals wait after a (re)connect or a recovery
 
     def limit(self, baseline: int) -> int:
-        return max(self.max_change, math.floor(self.fraction * baseline + 1e-9))
+        share = max(MIN_LIMIT, math.floor(self.fraction * baseline + 1e-9))
+        return min(self.max_change, share)
 
 
 @dataclass(frozen=True, slots=True)

@@ -115,7 +115,7 @@ class Clock:
         return self.t
 
 
-DEFAULTS = Settings(max_change=2, window=60.0, fraction=0.1, grace=15.0)
+DEFAULTS = Settings(max_change=20, window=60.0, fraction=0.1, grace=15.0)  # neti.yml's
 
 
 def guard_with(clock: Clock, *start: int) -> Guard:
@@ -162,7 +162,7 @@ def test_removals_spread_wider_than_the_window_go_through() -> None:
 def test_default_settings_hold_half_of_a_small_fleet() -> None:
     g = guard_with(Clock(), *range(1, 11))
     d = step(g, fleet(1, 2, 3, 4, 5))
-    assert d.held and d.reason == LIMIT and d.limit == 2 and len(d.held_ids) == 5
+    assert d.held and d.reason == LIMIT and d.limit == 1 and len(d.held_ids) == 5
     assert len(d.fleet.members) == 10
 
 
@@ -244,6 +244,15 @@ def test_empty_read_while_we_had_peers_is_a_vanished_fleet() -> None:
     assert d.held and d.reason == VANISHED
 
 
+def test_maxchange_caps_the_share_of_a_large_fleet() -> None:
+    g = guard_with(Clock(), *range(1, 251))
+    s = Settings(max_change=20, window=60.0, fraction=0.1)
+    assert s.limit(1000) == 20 and s.limit(100) == 10 and s.limit(5) == 1
+    assert Settings(max_change=0, fraction=0.1).limit(1000) == 0
+    d = step(g, fleet(*range(1, 230)), s)  # 21 of 250 (25 would be 10 %)
+    assert d.held and d.reason == LIMIT
+
+
 def test_a_two_host_fleet_may_lose_its_peer() -> None:
     g = guard_with(Clock(), 1, 2)
     d = step(g, fleet(1), self_member=m(1))
@@ -278,7 +287,7 @@ def test_decision_is_json_serialisable() -> None:
     d = step(g, fleet(1, 2))
     data = json.loads(json.dumps(d.as_dict()))
     assert data["held"] is True and data["reason"] == LIMIT and data["would_remove"] == 8
-    assert data["limit"] == 2 and data["baseline"] == 10
+    assert data["limit"] == 1 and data["baseline"] == 10
 
 
 @given(
