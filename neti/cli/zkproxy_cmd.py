@@ -20,7 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "zkproxy",
         help="make this host a ZooKeeper proxy (DNAT to one ensemble member)",
         description="Forward the ZooKeeper port of this host to one ensemble member, for "
-        "hosts in networks that cannot reach the ensemble privately.",
+        "the hosts of the --allow networks only (clients in networks that cannot reach the "
+        "ensemble privately). It forwards TCP: ZooKeeper's TLS runs end to end through it.",
     )
     zsub = p.add_subparsers(dest="zkproxy_command", metavar="SUBCOMMAND", required=True)
 
@@ -39,8 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--allow",
         action="append",
         metavar="CIDR",
-        help="only proxy clients from this network (repeatable; default: anyone who can "
-        "reach the port)",
+        help="proxy clients from this IPv4 network or address (repeatable; required: with "
+        "none, apply refuses and changes nothing)",
     )
     a.set_defaults(func=run_apply)
 
@@ -74,7 +75,10 @@ def run_apply(args: argparse.Namespace) -> int:
         print_json({**spec.as_dict(), "backend": proxy.label, **result.as_dict()})
     else:
         state = "" if result.changes else ": unchanged"
-        print(f"zkproxy tcp/{spec.listen_port} -> {spec.target} ({proxy.label}){state}")
+        sources = ", ".join(map(str, spec.allow))
+        print(
+            f"zkproxy tcp/{spec.listen_port} from {sources} -> {spec.target} ({proxy.label}){state}"
+        )
         for c in result.changes:
             print(f"  {c}")
     _warn(result.warnings)
@@ -94,7 +98,7 @@ def run_status(args: argparse.Namespace) -> int:
     what = f"tcp/{st.spec.listen_port} -> {st.spec.target}" if st.spec else "unreadable rules"
     print(f"zkproxy {level} - {what} ({st.backend})")
     if st.spec:
-        print(f"allowed sources: {', '.join(map(str, st.spec.allow)) or 'any'}")
+        print(f"allowed sources: {', '.join(map(str, st.spec.allow))}")
     print(f"ip_forward: {st.ip_forward}")
     for p in st.problems:
         print(f"problem: {p}")

@@ -7,12 +7,20 @@ lives on the ensemble, not on a connection, so it survives the loss of one proxy
 On the proxy host (all in Neti's own chains, nothing else touched):
 
 * ``nat`` ``NETI-ZKPROXY-PRE`` (from ``PREROUTING``): TCP to ``listen_port`` *addressed to this
-  host* (``addrtype LOCAL``), optionally only from ``allow`` sources, is DNATed to the target;
+  host* (``addrtype LOCAL``) from one of the ``allow`` sources is DNATed to the target. The
+  proxy is closed by default: there is no spec without at least one allowed source, and a
+  packet from anyone else is not DNATed, so it never reaches ZooKeeper through the proxy;
 * ``nat`` ``NETI-ZKPROXY-POST`` (from ``POSTROUTING``): those DNATed connections are
-  MASQUERADEd, so the target answers the proxy (and its firewall needs to admit only it);
-* ``filter`` ``NETI-ZKPROXY-FWD`` (from ``FORWARD``): exactly those connections are accepted,
-  so a ``FORWARD`` policy of DROP (Docker's) does not break the proxy;
+  MASQUERADEd. The replies must come back through the proxy to be un-DNATed, and across
+  the networks' NAT edges nothing else routes them here (docs/operations.md, "ZooKeeper for
+  the far network"), so ZooKeeper sees the proxy, not the client;
+* ``filter`` ``NETI-ZKPROXY-FWD`` (from ``FORWARD``): exactly those connections (DNATed, from
+  an allowed source) are accepted, so a ``FORWARD`` policy of DROP (Docker's) does not break
+  the proxy;
 * ``net.ipv4.ip_forward=1`` in this network namespace.
+
+The proxy forwards TCP and nothing more: a TLS session to ZooKeeper's ``secureClientPort``
+runs end to end between the client and the server (the proxy never holds a key).
 
 One ``iptables-restore --noflush`` writes all of it (the dataplane's variant detection and
 conventions: declaring a chain flushes only that chain; jumps are added only when missing).
@@ -54,6 +62,10 @@ HOOKS: dict[str, list[tuple[str, str]]] = {
 IP_FORWARD = "net.ipv4.ip_forward"
 DEFAULT_PORT = 2181
 
+MAX_ALLOW = 256  # allowed source networks per proxy (one DNAT and one FORWARD rule each)
+ANY = IPv4Network("0.0.0.0/0")  # iptables-save prints no ``-s`` for it
+_CIDR_RE = re.compile(r"[0-9]{1,3}(?:\.[0-9]{1,3}){3}(?:/[0-9]{1,2})?")
+
 _DNAT_RE = re.compile(
     r"^(?:-s (?P<src>\S+) )?-p tcp -m tcp --dport (?P<port>\d+) -m addrtype --dst-type LOCAL "
     r"-j DNAT --to-destination (?P<ip>[\d.]+):(?P<tport>\d+)$"
@@ -64,9 +76,16 @@ class ZkProxyError(NetiError):
     """Bad proxy arguments, or the kernel refused the proxy's rules."""
 
 
+class ZkProxyUsageError(ZkProxyError):
+    """Bad or missing arguments: nothing was changed (exit 2, like argparse and bad config)."""
+
+    exit_code = 2
+
+
 @dataclass(frozen=True)
 class ProxySpec:
-    """What one proxy forwards: ``listen_port`` on this host to ``target_ip:target_port``."""
+    """What one proxy forwards: ``listen_port`` on this host to ``target_ip:target_port``,
+    for clients in ``allow`` only (an empty ``allow`` forwards nothing; make_spec refuses it)."""
 
     target_ip: IPv4Address
     target_port: int
@@ -80,7 +99,7 @@ class ProxySpec:
     def rules(self) -> dict[str, list[str]]:
         """Each chain's rules, spelled exactly as iptables-save prints them (exact diffs)."""
         t, tp, lp = self.target_ip, self.target_port, self.listen_port
-        sources = [f"-s {n} " for n in self.allow] or [""]
+        sources = ["" if n == ANY else f"-s {n} " for n in self.allow]
         return {
             PRE_CHAIN: [
                 f"{s}-p tcp -m tcp --dport {lp} -m addrtype --dst-type LOCAL "
@@ -91,7 +110,10 @@ class ProxySpec:
                 f"-d {t}/32 -p tcp -m tcp --dport {tp} -m conntrack --ctstate DNAT -j MASQUERADE"
             ],
             FWD_CHAIN: [
-                f"-d {t}/32 -p tcp -m tcp --dport {tp} -m conntrack --ctstate DNAT -j ACCEPT",
+                *(
+                    f"{s}-d {t}/32 -p tcp -m tcp --dport {tp} -m conntrack --ctstate DNAT -j ACCEPT"
+                    for s in sources
+                ),
                 f"-s {t}/32 -p tcp -m tcp --sport {tp} -m conntrack --ctstate RELATED,ESTABLISHED "
                 "-j ACCEPT",
             ],
@@ -106,8 +128,8 @@ class ProxySpec:
 
 
 def _port(text: str, what: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
-        raise ZkProxyError(f"{what} {text!r} is not a port (1-65535)")
+    if not (text.isascii() and text.isdigit()) or len(text) > 5 or not 0 < int(text) < 65536:
+        raise ZkProxyUsageError(f"{what} {text!r} is not a port (1-65535)")
     return int(text)
 
 
@@ -115,32 +137,61 @@ def parse_target(text: str, resolve: bool = True) -> tuple[IPv4Address, int]:
     """``HOST:PORT`` -> (IPv4 address, port). A host name is resolved once, to IPv4."""
     host, sep, port = text.strip().rpartition(":")
     if not sep or not host:
-        raise ZkProxyError(f"--target {text!r} is not HOST:PORT")
+        raise ZkProxyUsageError(f"--target {text!r} is not HOST:PORT")
     tport = _port(port, f"--target {text!r}: port")
     try:
         return IPv4Address(host), tport
     except AddressValueError:
         pass
-    if not re.match(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,252})$", host) or not resolve:
-        raise ZkProxyError(f"--target {text!r}: {host!r} is not an IPv4 address or host name")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.-]{0,252}", host) or not resolve:
+        raise ZkProxyUsageError(f"--target {text!r}: {host!r} is not an IPv4 address or host name")
     try:
         infos = socket.getaddrinfo(host, tport, socket.AF_INET, socket.SOCK_STREAM)
     except OSError as exc:
-        raise ZkProxyError(f"--target {text!r}: cannot resolve {host!r}: {exc}") from None
+        raise ZkProxyUsageError(f"--target {text!r}: cannot resolve {host!r}: {exc}") from None
     return IPv4Address(infos[0][4][0]), tport
+
+
+def parse_allow(text: str) -> IPv4Network:
+    """One ``--allow``: an IPv4 address or ``ADDRESS/PREFIX`` network, nothing looser."""
+    if not isinstance(text, str) or not _CIDR_RE.fullmatch(text):
+        raise ZkProxyUsageError(f"--allow {text!r} is not an IPv4 network (such as 10.0.0.0/24)")
+    try:
+        net = IPv4Network(text)
+    except ValueError as exc:
+        try:
+            fixed = IPv4Network(text, strict=False)
+        except ValueError:
+            raise ZkProxyUsageError(f"--allow {text!r} is not an IPv4 network: {exc}") from None
+        raise ZkProxyUsageError(
+            f"--allow {text!r} has host bits set; did you mean {fixed}?"
+        ) from None
+    if net.prefixlen == 0:
+        # Closed by default means an open proxy is never one flag away.
+        raise ZkProxyUsageError(
+            f"--allow {text!r} would admit every source; list the clients' networks"
+        )
+    return net
 
 
 def make_spec(
     target: str, listen_port: int = DEFAULT_PORT, allow: list[str] | None = None
 ) -> ProxySpec:
-    ip, port = parse_target(target)
-    _port(str(listen_port), "--listen-port")
-    nets = []
+    """Validate everything before the kernel is touched; no allowed source is a refusal."""
+    nets: list[IPv4Network] = []
     for a in allow or []:
-        try:
-            nets.append(IPv4Network(a, strict=False))
-        except ValueError:
-            raise ZkProxyError(f"--allow {a!r} is not an IPv4 network") from None
+        net = parse_allow(a)
+        if net not in nets:
+            nets.append(net)
+    if not nets:
+        raise ZkProxyUsageError(
+            "zkproxy apply needs --allow CIDR (repeatable): the clients that may use this "
+            "proxy; it forwards no one by default"
+        )
+    if len(nets) > MAX_ALLOW:
+        raise ZkProxyUsageError(f"--allow: {len(nets)} networks, more than {MAX_ALLOW}")
+    _port(str(listen_port), "--listen-port")
+    ip, port = parse_target(target)
     return ProxySpec(ip, port, listen_port, tuple(nets))
 
 
@@ -316,6 +367,10 @@ class ZkProxy:
             problems += [f"no jump from {h}" for h, n in jumps.items() if n == 0]
             if spec is None:
                 problems.append(f"{PRE_CHAIN} holds no DNAT rule Neti understands")
+            elif ANY in spec.allow:
+                problems.append(
+                    "forwards from any source (an older neti's rules): re-apply with --allow"
+                )
             elif any(
                 tables[t].rules.get(c) != spec.rules()[c]
                 for t, hooks in HOOKS.items()
@@ -336,12 +391,20 @@ def _spec_from(rules: list[str]) -> ProxySpec | None:
         if not m:
             return None
         found.add((m["ip"], int(m["tport"]), int(m["port"])))
-        if m["src"]:
-            allow.append(IPv4Network(m["src"], strict=False))
+        allow.append(IPv4Network(m["src"], strict=False) if m["src"] else ANY)
     if len(found) != 1:
         return None
     ip, tport, lport = found.pop()
     return ProxySpec(IPv4Address(ip), tport, lport, tuple(allow))
 
 
-__all__ = ["DataplaneError", "ProxySpec", "ProxyStatus", "ZkProxy", "ZkProxyError", "make_spec"]
+__all__ = [
+    "DataplaneError",
+    "ProxySpec",
+    "ProxyStatus",
+    "ZkProxy",
+    "ZkProxyError",
+    "ZkProxyUsageError",
+    "make_spec",
+    "parse_allow",
+]

@@ -4,12 +4,14 @@
 
     network "ec2" (10.0.0.0/24)                      network "vpc" (10.1.0.0/24)
       ec2a 10.0.0.10  --> px1 10.0.0.5 --DNAT-->       zk 10.1.0.20, public 203.0.113.20
-                      --> px2 10.0.0.6 --DNAT-->          and 203.0.113.21 (a second
+      ec2b 10.0.0.11  --> px2 10.0.0.6 --DNAT-->          and 203.0.113.21 (a second
                                                          "member" address, same server)
+    outsider 192.0.2.10 on the internet (reaches the proxies by their public addresses)
 
 Networks meet only over public addresses (neti/lab/topology.py). zk's firewall admits the
 ZooKeeper port only from the proxies' public addresses, like an ensemble security group, so
-ec2a has no direct way in. Everything is torn down after the module, even on failure.
+ec2a has no direct way in. ec2b and the outsider are the clients a proxy must not forward
+unless they are allowed. Everything is torn down after the module, even on failure.
 """
 
 from __future__ import annotations
@@ -25,7 +27,14 @@ import pytest
 import yaml
 
 from neti.lab import netns
-from neti.lab.topology import HostSpec, NetworkSpec, Topology, TopologySpec, new_prefix
+from neti.lab.topology import (
+    HostSpec,
+    NetworkSpec,
+    OutsiderSpec,
+    Topology,
+    TopologySpec,
+    new_prefix,
+)
 from tests.support.zkserver import ZooKeeperServer
 
 NETI = str(Path(sys.executable).with_name("neti"))
@@ -40,6 +49,7 @@ SPEC = TopologySpec(
             uplink="198.51.100.1/24",
             hosts=(
                 HostSpec("ec2a", "10.0.0.10", "198.51.100.10", "i-0ec2a000000000001"),
+                HostSpec("ec2b", "10.0.0.11", "198.51.100.11", "i-0ec2b000000000001"),
                 HostSpec("px1", "10.0.0.5", "198.51.100.5"),
                 HostSpec("px2", "10.0.0.6", "198.51.100.6"),
             ),
@@ -52,7 +62,9 @@ SPEC = TopologySpec(
             hosts=(HostSpec("zk", "10.1.0.20", "203.0.113.20"),),
         ),
     ),
+    outsiders=(OutsiderSpec("outsider", "192.0.2.10/24"),),
 )
+EC2_NET = "10.0.0.0/24"
 ZK_PRIVATE = "10.1.0.20"
 MEMBER_ADDRESSES = ("203.0.113.20", "203.0.113.21")
 PROXIES = {"px1": "10.0.0.5", "px2": "10.0.0.6"}

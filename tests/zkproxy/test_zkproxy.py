@@ -14,11 +14,18 @@ import pytest
 
 from neti.lab import netns
 from tests.support import opsdoc
-from tests.zkproxy.conftest import MEMBER_ADDRESSES, PROXIES, SESSION_TIMEOUT, ProxyLab
+from tests.zkproxy.conftest import (
+    EC2_NET,
+    MEMBER_ADDRESSES,
+    PROXIES,
+    SESSION_TIMEOUT,
+    ProxyLab,
+)
 
 pytestmark = [pytest.mark.root, pytest.mark.zk, pytest.mark.timeout(180)]
 
 ZKCLIENT = str(Path(__file__).with_name("zkclient.py"))
+APPLY = ("zkproxy", "apply", "-c", "/etc/neti/neti.yml", "--allow", EC2_NET)
 
 
 def _ruok(px: ProxyLab, host: str, ip: str, timeout: float = 2.0) -> str:
@@ -96,9 +103,7 @@ def test_far_host_uses_either_proxy_and_keeps_its_session(proxy_lab: ProxyLab):
     px = proxy_lab
     _fresh(px)
     for host, target in zip(PROXIES, MEMBER_ADDRESSES, strict=True):
-        r = px.neti(
-            host, "zkproxy", "apply", "-c", "/etc/neti/neti.yml", "--target", f"{target}:2181"
-        )
+        r = px.neti(host, *APPLY, "--target", f"{target}:2181")
         assert r.returncode == 0, r.stderr
     # No way in but through a proxy.
     assert _ruok(px, "ec2a", MEMBER_ADDRESSES[0]) == "TimeoutError"
@@ -128,8 +133,7 @@ def test_far_host_uses_either_proxy_and_keeps_its_session(proxy_lab: ProxyLab):
     #    client's packets vanish (no reset) and only the ping timeout notices. kazoo's connect
     #    is bounded (neti/registry/client.py), so even trying the dead proxy first leaves time
     #    to reach the live one before the session expires.
-    apply = ["zkproxy", "apply", "-c", "/etc/neti/neti.yml"]
-    r = px.neti(active, *apply, "--target", f"{MEMBER_ADDRESSES[0]}:2181")
+    r = px.neti(active, *APPLY, "--target", f"{MEMBER_ADDRESSES[0]}:2181")
     assert r.returncode == 0, r.stderr
     assert _ruok(px, "ec2a", PROXIES[active]) == "imok"
     t0 = time.monotonic()
@@ -178,7 +182,7 @@ def test_apply_reports_when_ip_forward_cannot_be_set(proxy_lab: ProxyLab):
     _fresh(px)
     script = (
         "mount --bind /proc/sys /proc/sys && mount -o remount,bind,ro /proc/sys && "
-        'exec "$0" zkproxy apply --target 203.0.113.20:2181'
+        f'exec "$0" zkproxy apply --target 203.0.113.20:2181 --allow {EC2_NET}'
     )
     neti = str(Path(sys.executable).with_name("neti"))
     r = px.lab.run("px1", ["unshare", "-m", "sh", "-c", script, neti], check=False)
@@ -188,3 +192,128 @@ def test_apply_reports_when_ip_forward_cannot_be_set(proxy_lab: ProxyLab):
     status = px.neti("px1", "zkproxy", "status")
     assert status.returncode == 1
     assert "problem: net.ipv4.ip_forward is '0', not 1: nothing is forwarded" in status.stdout
+
+
+def _kernel(px: ProxyLab, host: str) -> tuple[str, str]:
+    """``host``'s whole netfilter ruleset and ip_forward, counters left out."""
+    rules = px.lab.run(host, ["iptables-save"]).stdout
+    rules = "\n".join(x for x in rules.splitlines() if not x.startswith("#"))
+    forward = px.lab.run(host, ["sysctl", "-n", "net.ipv4.ip_forward"]).stdout.strip()
+    return rules, forward
+
+
+def test_apply_without_allow_refuses_and_changes_nothing(proxy_lab: ProxyLab):
+    px = proxy_lab
+    _fresh(px)
+    before = _kernel(px, "px1")
+    r = px.neti(
+        "px1", "zkproxy", "apply", "-c", "/etc/neti/neti.yml", "--target", "203.0.113.20:2181"
+    )
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and "needs --allow CIDR" in r.stderr
+    r = px.neti("px1", *APPLY[:-1], "10.0.0.0/33", "--target", "203.0.113.20:2181")
+    assert (r.returncode, r.stderr) == (
+        2,
+        "neti: --allow '10.0.0.0/33' is not an IPv4 network: '33' is not a valid netmask\n",
+    )
+    assert _kernel(px, "px1") == before and before[1] == "0"
+    assert _ruok(px, "ec2a", PROXIES["px1"]) == "ConnectionRefusedError"
+
+
+def test_only_allowed_sources_reach_zookeeper_through_the_proxy(proxy_lab: ProxyLab):
+    """ec2a alone, then the ec2 network: ec2b only then; the outsider, over px1's public
+    address, never unless named. A refused client is not DNATed, so it meets the proxy's own
+    closed port: ZooKeeper never sees it."""
+    px = proxy_lab
+    _fresh(px)
+    target = f"{MEMBER_ADDRESSES[0]}:2181"
+    public = str(px.lab.host("px1").public_ip)
+    apply = ("zkproxy", "apply", "--target", target)
+
+    r = px.neti("px1", *apply, "--allow", f"{px.lab.host('ec2a').private_ip}")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[0].startswith(f"zkproxy tcp/2181 from 10.0.0.10/32 -> {target}")
+    assert _ruok(px, "ec2a", PROXIES["px1"]) == "imok"
+    assert _ruok(px, "ec2b", PROXIES["px1"]) == "ConnectionRefusedError"
+    assert _ruok(px, "outsider", public) == "ConnectionRefusedError"
+
+    r = px.neti("px1", *apply, "--allow", EC2_NET, "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["allow"] == [EC2_NET]
+    assert _ruok(px, "ec2a", PROXIES["px1"]) == "imok"
+    assert _ruok(px, "ec2b", PROXIES["px1"]) == "imok"
+    assert _ruok(px, "outsider", public) == "ConnectionRefusedError"
+    st = json.loads(px.neti("px1", "zkproxy", "status", "--json").stdout)
+    assert st["healthy"] and st["allow"] == [EC2_NET] and st["target"] == target
+    text = px.neti("px1", "zkproxy", "status").stdout
+    assert f"allowed sources: {EC2_NET}\n" in text
+
+    # The outsider's own address, named: its packets arrive with their source intact.
+    r = px.neti("px1", *apply, "--allow", EC2_NET, "--allow", "192.0.2.10")
+    assert r.returncode == 0, r.stderr
+    assert _ruok(px, "outsider", public) == "imok"
+    st = json.loads(px.neti("px1", "zkproxy", "status", "--json").stdout)
+    assert st["healthy"] and st["allow"] == [EC2_NET, "192.0.2.10/32"]
+
+
+def test_other_rules_survive_apply_and_remove(proxy_lab: ProxyLab):
+    px = proxy_lab
+    _fresh(px)
+    foreign = (
+        "*nat\n-A PREROUTING -p udp --dport 5353 -j RETURN\nCOMMIT\n"
+        "*filter\n-A FORWARD -p udp --dport 5353 -j ACCEPT\nCOMMIT\n"
+    )
+    px.lab.run("px1", ["iptables-restore", "--noflush"], input=foreign)
+    try:
+        r = px.neti("px1", *APPLY, "--target", f"{MEMBER_ADDRESSES[0]}:2181")
+        assert r.returncode == 0, r.stderr
+        rules = _kernel(px, "px1")[0]
+        assert "-A PREROUTING -p udp -m udp --dport 5353 -j RETURN" in rules
+        assert "-A FORWARD -p udp -m udp --dport 5353 -j ACCEPT" in rules
+        px.neti("px1", "zkproxy", "remove", check=True)
+        rules = _kernel(px, "px1")[0]
+        assert "-A PREROUTING -p udp -m udp --dport 5353 -j RETURN" in rules
+        assert "-A FORWARD -p udp -m udp --dport 5353 -j ACCEPT" in rules
+        assert "NETI-ZKPROXY" not in rules
+    finally:
+        cleanup = (
+            "*nat\n-D PREROUTING -p udp --dport 5353 -j RETURN\nCOMMIT\n"
+            "*filter\n-D FORWARD -p udp --dport 5353 -j ACCEPT\nCOMMIT\n"
+        )
+        px.lab.run("px1", ["iptables-restore", "--noflush"], input=cleanup, check=False)
+
+
+def _zk_peers(px: ProxyLab) -> list[str]:
+    """The source addresses ZooKeeper sees on its established client connections."""
+    out = px.lab.run("zk", ["ss", "-Htn", "state", "established", "( sport = :2181 )"])
+    peers = {line.split()[-1].rsplit(":", 1)[0] for line in out.stdout.splitlines()}
+    return sorted(p.removeprefix("[::ffff:").removesuffix("]") for p in peers)  # Java: v6 socket
+
+
+def test_zookeeper_sees_the_proxy_and_needs_the_masquerade(proxy_lab: ProxyLab):
+    """Why the proxy MASQUERADEs (docs/operations.md): without it the answers bypass it."""
+    px = proxy_lab
+    _fresh(px)
+    r = px.neti("px1", *APPLY, "--target", f"{MEMBER_ADDRESSES[0]}:2181")
+    assert r.returncode == 0, r.stderr
+    hold = (
+        "import socket,sys,time\n"
+        "s=socket.create_connection((sys.argv[1],2181),5)\n"
+        "print('connected',flush=True); time.sleep(30)\n"
+    )
+    proc = px.lab.spawn("ec2a", [sys.executable, "-c", hold, PROXIES["px1"]])
+    try:
+        assert proc.stdout.readline().strip() == "connected"
+        seen = _until(lambda: _zk_peers(px), 10, "ZooKeeper sees the connection")
+        assert seen == [str(px.lab.host("px1").public_ip)]  # the proxy, not ec2a
+    finally:
+        proc.kill()
+        proc.wait()
+    # Without the MASQUERADE, ec2a's packets leave with its own source; its network's edge
+    # SNATs them to ec2a's public address, and ZooKeeper's answer goes from the edge straight
+    # to ec2a, which never wrote to ZooKeeper's address: no connection.
+    px.lab.run("px1", ["iptables", "-t", "nat", "-F", "NETI-ZKPROXY-POST"])
+    assert _ruok(px, "ec2a", PROXIES["px1"]) == "TimeoutError"
+    r = px.neti("px1", *APPLY, "--target", f"{MEMBER_ADDRESSES[0]}:2181")
+    assert r.returncode == 0 and "rewrote NETI-ZKPROXY-POST" in r.stdout
+    assert _ruok(px, "ec2a", PROXIES["px1"]) == "imok"
