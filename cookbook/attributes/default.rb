@@ -27,6 +27,7 @@ default['neti']['kernel_modules'] = %w(nf_conntrack)
 # --- the zkproxy recipe (one ZooKeeper ensemble member reachable from other networks) ---
 default['neti']['zkproxy']['target'] = nil           # host:port of this proxy's ensemble member
 default['neti']['zkproxy']['listen_port'] = 2181
+default['neti']['zkproxy']['allow'] = []             # required: CIDRs of the clients it serves
 
 # --- neti.yml: keys of the original Neti ---
 default['neti']['config']['zk_hosts'] = {}           # required: { 'network' => ['host:port', ...] }

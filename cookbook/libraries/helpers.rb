@@ -91,7 +91,14 @@ module NetiCookbook
     unless port.to_s =~ /\A\d{1,5}\z/ && port.to_i.between?(1, 65_535)
       raise ArgumentError, "node['neti']['zkproxy']['listen_port'] must be a port, not #{port.inspect}"
     end
+    allow = node['neti']['zkproxy']['allow']
+    # Closed by default: no allowed source fails the run here, as `neti zkproxy apply` would.
+    unless allow.is_a?(Array) && !allow.empty? &&
+           allow.all? { |a| a.is_a?(String) && a =~ %r{\A\d{1,3}(\.\d{1,3}){3}(/\d{1,2})?\z} }
+      raise ArgumentError, "node['neti']['zkproxy']['allow'] must list the networks (CIDR) " \
+                           "whose clients may use this proxy, not #{allow.inspect}"
+    end
     [node['neti']['bin'], 'zkproxy', 'apply', '-c', node['neti']['config_path'],
-     '--target', target, '--listen-port', port.to_s]
+     '--target', target, '--listen-port', port.to_s] + allow.flat_map { |a| ['--allow', a] }
   end
 end

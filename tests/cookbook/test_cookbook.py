@@ -19,6 +19,7 @@ import yaml
 import neti
 from neti import config
 from neti.config import Config, ConntrackConfig, Ec2Identity, MetricsConfig, StaticIdentity
+from neti.zkproxy import make_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 COOKBOOK = ROOT / "cookbook"
@@ -265,7 +266,13 @@ def test_overlay_ip_helper_refuses_failures_and_junk(
 
 
 def test_zkproxy_command(tmp_path: Path) -> None:
-    overrides = {"zkproxy": {"target": "10.0.1.10:2181", "listen_port": 2182}}
+    overrides = {
+        "zkproxy": {
+            "target": "10.0.1.10:2181",
+            "listen_port": 2182,
+            "allow": ["10.0.0.0/24", "192.0.2.7"],
+        }
+    }
     argv = json.loads(harness(tmp_path, "call", "zkproxy_command", overrides=overrides))
     assert argv == [
         "/usr/local/bin/neti",
@@ -277,16 +284,30 @@ def test_zkproxy_command(tmp_path: Path) -> None:
         "10.0.1.10:2181",
         "--listen-port",
         "2182",
+        "--allow",
+        "10.0.0.0/24",
+        "--allow",
+        "192.0.2.7",
     ]
+    # What the recipe renders is what neti accepts.
+    spec = make_spec(argv[6], int(argv[8]), argv[10::2])
+    assert [str(n) for n in spec.allow] == ["10.0.0.0/24", "192.0.2.7/32"]
 
 
 @pytest.mark.parametrize(
     "zkproxy",
     [
         {},
-        {"target": "10.0.1.10"},
-        {"target": "x:2181; reboot"},
-        {"target": "h:1", "listen_port": 0},
+        {"target": "10.0.1.10", "allow": ["10.0.0.0/24"]},
+        {"target": "x:2181; reboot", "allow": ["10.0.0.0/24"]},
+        {"target": "h:1", "listen_port": 0, "allow": ["10.0.0.0/24"]},
+        {"target": "h:1"},  # closed by default: no allowed source fails the run
+        {"target": "h:1", "allow": []},
+        {"target": "h:1", "allow": "10.0.0.0/24"},
+        {"target": "h:1", "allow": ["10.0.0.0/24; reboot"]},
+        {"target": "h:1", "allow": ["10.0.0.0/24\n-j ACCEPT"]},
+        {"target": "h:1", "allow": [["10.0.0.0/24"]]},
+        {"target": "h:1", "allow": [24]},
     ],
 )
 def test_zkproxy_command_validates(tmp_path: Path, zkproxy: dict[str, Any]) -> None:
