@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 import yaml
 
 from neti import config
+from neti.zkproxy import make_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -61,3 +63,17 @@ def test_agent_configs_load_and_match_their_container(host):
     hosts = {h.split(":")[0] for h in cfg.zk_hosts_for(ident.network)}
     if ident.network == "ec2":
         assert hosts == proxies and len(proxies) == 2
+
+
+def test_zkproxies_forward_only_the_ec2_network():
+    """Closed by default: each proxy names the far network it serves, and nothing wider."""
+    compose = _compose()
+    subnet = compose["networks"]["ec2"]["ipam"]["config"][0]["subnet"]
+    proxies = {n: s for n, s in compose["services"].items() if "zkproxy" in str(s.get("command"))}
+    assert len(proxies) == 2
+    for name, svc in proxies.items():
+        argv = shlex.split(" ".join(svc["command"]).split("&&")[0])
+        allow = [argv[i + 1] for i, a in enumerate(argv) if a == "--allow"]
+        assert allow == [subnet], name
+        spec = make_spec(argv[argv.index("--target") + 1], allow=allow)
+        assert [str(n) for n in spec.allow] == [subnet]
