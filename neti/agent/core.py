@@ -23,6 +23,9 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address
 from typing import Any
 
+from kazoo.exceptions import KazooException
+from kazoo.handlers.threading import KazooTimeoutError
+
 from neti import __version__
 from neti import config as config_mod
 from neti.agent import guard as guard_mod
@@ -45,6 +48,12 @@ RETRY_MAX = 10.0
 GUARD_RETRY = 10.0
 # Longest wait for leave + close on shutdown or reconnect.
 DISCONNECT_TIMEOUT = 10.0
+# Longest wait for one ZooKeeper call the agent makes itself (own-node check, re-arming
+# watches): kazoo queues requests while disconnected, and the loop must never wait on that.
+ZK_CALL_TIMEOUT = 5.0
+# The node an operator bumps to let held removals through once (neti fleet release-guard).
+RELEASE_NODE = "guard-release"
+_UNSET: Any = object()
 
 # Config keys whose change needs a new ZooKeeper session (and a re-join) on SIGHUP.
 RECONNECT_KEYS = (
@@ -147,6 +156,14 @@ class Agent:
         self._last_warnings: tuple[str, ...] = ()
         self._apply_backoff = _Backoff()
         self._tagger: Any = None  # neti.aws.tagger.InstanceTagger, started after the claim
+        self.guard = guard_mod.Guard(clock=time.monotonic)
+        self._watches: dict[str, Any] = {}  # path -> kazoo watch of the current session
+        self._on_children: Any = None
+        # The release node as last seen by its watch, and as of the last release applied:
+        # they differ when an operator ran `neti fleet release-guard` since.
+        self._release_seen: Any = _UNSET
+        self._release_base: Any = _UNSET
+        self._self_missing_logged = False
 
     # ------------------------------------------------------------------ lifecycle
     def run(self) -> int:
@@ -256,6 +273,7 @@ class Agent:
             return
         self._note_warnings(result)
         self.applied = saved.fleet
+        self.guard.restore(saved.fleet)
         self.state.fleet = saved.fleet
         self.state.applied = _summary(result)
         self.state.last_success = saved.last_success
@@ -300,6 +318,9 @@ class Agent:
                 continue
             self._set_zk_state("connected")
             reg.client.add_listener(self._on_zk_state)
+            # Peers may be re-joining too (an ensemble-wide outage): give them a session
+            # timeout before removing any of them.
+            self.guard.start_grace(self.cfg.guard_grace_seconds(), "connect")
             self._watch()
             self.sched.resync_now()
             log.info("connected to ZooKeeper at %s", ",".join(hosts))
@@ -352,9 +373,85 @@ class Agent:
         def on_data(_data: bytes | None, _stat: object) -> bool:
             return on_children([])
 
-        ChildrenWatch(client, reg.members_path, on_children)
-        ChildrenWatch(client, reg.legacy_path, on_children)
+        def on_release(_data: bytes | None, stat: Any) -> bool:
+            if self.reg is not watched_reg:
+                return False
+            token = (stat.czxid, stat.mzxid) if stat is not None else None
+            self._release_seen = token
+            if self._release_base is _UNSET:
+                self._release_base = token  # as it was when this agent started: no release
+            elif token != self._release_base:
+                self._fleet_changed = True
+                self.waker.wake()
+            return True
+
+        self._on_children = on_children
+        self._watches = {
+            reg.members_path: ChildrenWatch(client, reg.members_path, on_children),
+            reg.legacy_path: ChildrenWatch(client, reg.legacy_path, on_children),
+            # The prefix's children: a deleted (or re-created) members container wakes us;
+            # the members watch itself stops for good when its node goes.
+            self.cfg.zk_prefix: ChildrenWatch(client, self.cfg.zk_prefix, on_children),
+        }
         DataWatch(client, self.cfg.path(self.cfg.zk_max_change_threshold_path), on_data)
+        DataWatch(client, self.cfg.path(RELEASE_NODE), on_release)
+
+    def _zk_wait(self, async_result: Any) -> Any:
+        """The result of one kazoo async call, within ZK_CALL_TIMEOUT (KazooTimeoutError)."""
+        return async_result.get(timeout=min(ZK_CALL_TIMEOUT, self.cfg.zk_session_timeout))
+
+    def _check_self(self) -> bool:
+        """Is the members container there? Re-create our own member node if it is gone.
+
+        Cheap in the common case: one exists() for the container and one per node we own.
+        Someone deleting our node (or the whole container) must not cut us off from every
+        peer until our next session change. Returns True if the container was missing.
+        """
+        reg = self.reg
+        client = reg.client
+        container_missing = self._zk_wait(client.exists_async(reg.members_path)) is None
+        membership = reg.membership
+        session = client.client_id[0] if client.client_id else None
+        ours = True
+        for seat in list(membership.seats):
+            stat = self._zk_wait(client.exists_async(seat.path))
+            if stat is None or stat.ephemeralOwner != session:
+                ours = False
+        if not ours:
+            log.warning(
+                "this host's member node was gone%s; re-creating it",
+                " (the members container too)" if container_missing else "",
+            )
+            membership.ensure()
+        self._rearm_watches()
+        return container_missing
+
+    def _rearm_watches(self) -> None:
+        """A children watch stops for good when its node is deleted: start a new one."""
+        from kazoo.recipe.watchers import ChildrenWatch
+
+        client = self.reg.client
+        for path, w in list(self._watches.items()):
+            if not getattr(w, "_stopped", False):
+                continue
+            if self._zk_wait(client.exists_async(path)) is None:
+                if path == self.cfg.zk_prefix:
+                    continue
+                self._zk_wait(client.ensure_path_async(path))
+            log.info("watching %s again", path)
+            self._watches[path] = ChildrenWatch(client, path, self._on_children)
+
+    def _release_requested(self) -> bool:
+        seen, base = self._release_seen, self._release_base
+        return seen is not _UNSET and base is not _UNSET and seen != base
+
+    def _guard_settings(self, max_change: int) -> guard_mod.Settings:
+        return guard_mod.Settings(
+            max_change=max_change,
+            window=self.cfg.guard_window,
+            fraction=self.cfg.guard_fraction,
+            grace=self.cfg.guard_grace_seconds(),
+        )
 
     def _on_zk_state(self, state: str) -> None:
         """kazoo's thread: record and wake; never block here."""
@@ -376,6 +473,8 @@ class Agent:
             elif ev == "CONNECTED":
                 log.info("ZooKeeper connection back (was %s); full resync", prev)
                 self._set_zk_state("connected")
+                if prev != "connected":
+                    self.guard.start_grace(self.cfg.guard_grace_seconds(), "reconnect")
                 if prev == "lost":
                     try:
                         self._join()  # same instance ID -> the same claim, a new session node
@@ -494,18 +593,27 @@ class Agent:
             return
         t0 = time.monotonic()
         try:
+            container_missing = self._check_self()
             fleet = self.reg.read_fleet()
             max_change = self.reg.max_change()
             # Why maxchange fell back to its default (status shows it), or None.
             self.state.guard.max_change_problem = getattr(self.reg, "max_change_problem", None)
-        except RegistryError as exc:
-            log.warning("cannot read the fleet: %s; rules unchanged", exc)
+        except (RegistryError, KazooException, KazooTimeoutError) as exc:
+            detail = str(exc) or type(exc).__name__
+            log.warning("cannot read the fleet: %s; rules unchanged", detail)
             self.sched.retry_in(self._backoff.next())
             self._save()
             return
         self._backoff.reset()
-        decision = guard_mod.decide(self.applied, fleet, max_change, self._self_member())
-        self._note_guard(decision)
+        release_token = self._release_seen
+        if self._release_requested():
+            self.guard.release()
+        decision = self.guard.decide(
+            fleet,
+            self._guard_settings(max_change),
+            self._self_member(),
+            container_missing=container_missing,
+        )
         try:
             result = self._apply(decision.fleet)
         except Exception as exc:  # noqa: BLE001 - keep running; the kernel keeps old rules
@@ -520,6 +628,10 @@ class Agent:
             self._save()
             return
         self._apply_backoff.reset()
+        self.guard.commit(decision)
+        if decision.released:
+            self._release_base = release_token
+        self._note_guard(decision)
         self._note_warnings(result)
         duration = time.monotonic() - t0
         self.applied = decision.fleet
@@ -536,7 +648,10 @@ class Agent:
         self.metrics.set_skipped(fleet.skipped_by_reason)
         self._update_conntrack()
         if decision.held:
-            self.sched.retry_in(GUARD_RETRY)
+            wait = GUARD_RETRY
+            if decision.reason == guard_mod.GRACE:
+                wait = min(wait, decision.grace_left + 0.1)
+            self.sched.retry_in(wait)
         log.log(
             logging.INFO if decision.added or decision.removed else logging.DEBUG,
             "reconciled (%s) in %.3fs: %d members%s%s",
@@ -558,27 +673,75 @@ class Agent:
             self._last_warnings = warnings
 
     def _note_guard(self, d: guard_mod.GuardDecision) -> None:
+        """Log what the guard holds (when that changes) and record it for status/metrics."""
         g = self.state.guard
-        g.max_change = d.max_change
+        now = time.time()
+        g.max_change, g.limit = d.max_change, d.limit
+        g.window_removals, g.baseline = d.window_removals, d.baseline
+        g.grace_until = now + d.grace_left if d.grace_left > 0 else None
         self.metrics.max_change.set(d.max_change)
+        if d.released:
+            log.warning(
+                "guard: released by an operator (%s); applying the fleet as read%s",
+                self.cfg.path(RELEASE_NODE),
+                f", removing {len(d.removed)}" if d.removed else "",
+            )
+            g.released_at, g.last_held_size = now, None
         if d.held:
-            if not g.held or g.removed != list(d.removed):
-                log.warning(
-                    "guard: %d members would be removed, above maxchange %d; holding them "
-                    "(additions still applied) until the fleet recovers or %s is raised: %s",
-                    len(d.removed),
-                    d.max_change,
-                    self.cfg.path(self.cfg.zk_max_change_threshold_path),
-                    ", ".join(d.removed[:10]) + (" ..." if len(d.removed) > 10 else ""),
-                )
+            if not g.held or g.removed != list(d.held_ids) or g.reason != d.reason:
+                self._log_hold(d)
             if not g.held:
-                g.since = time.time()
-            g.held, g.would_remove, g.removed = True, len(d.removed), list(d.removed)
+                g.since = now
+            g.held, g.reason = True, d.reason
+            g.would_remove, g.removed = len(d.held_ids), list(d.held_ids)
+            if d.reason != guard_mod.GRACE:
+                g.last_held_size = len(d.fleet.members)
         elif g.held:
             log.warning("guard released: applying the fleet as it is now")
-            g.held, g.since, g.would_remove, g.removed = False, None, 0, []
+            g.held, g.since, g.reason, g.would_remove, g.removed = False, None, "", 0, []
+        if g.last_held_size is not None and len(d.fleet.members) >= g.last_held_size:
+            g.last_held_size = None  # back to (at least) what the guard protected
+        if not d.self_listed and not self._self_missing_logged:
+            log.warning("this host is not in the fleet read from ZooKeeper (kept in its own view)")
+        self._self_missing_logged = not d.self_listed
+        g.self_listed = d.self_listed
         self.metrics.guard_held.set(1 if g.held else 0)
         self.metrics.guard_would_remove.set(g.would_remove)
+
+    def _log_hold(self, d: guard_mod.GuardDecision) -> None:
+        ids = ", ".join(d.held_ids[:10]) + (" ..." if len(d.held_ids) > 10 else "")
+        how = "until they return or an operator runs `neti fleet release-guard`"
+        if d.reason == guard_mod.GRACE:
+            log.info(
+                "guard: %d removals wait %.1fs (grace after a reconnect or recovery, so peers "
+                "can re-join first): %s",
+                len(d.held_ids),
+                d.grace_left,
+                ids,
+            )
+        elif d.reason == guard_mod.VANISHED:
+            log.warning(
+                "guard: the fleet vanished from ZooKeeper (%s missing or empty); holding all "
+                "%d members %s: %s",
+                self.reg.members_path if self.reg else "members",
+                len(d.held_ids),
+                how,
+                ids,
+            )
+        else:
+            log.warning(
+                "guard: %d members would be removed within %gs, above the limit %d "
+                "(maxchange %d, guard_fraction %g of %d); holding them (additions still "
+                "applied) %s: %s",
+                d.window_removals,
+                self.cfg.guard_window,
+                d.limit,
+                d.max_change,
+                self.cfg.guard_fraction,
+                d.baseline,
+                how,
+                ids,
+            )
 
     def _record(self, result: str, reason: str, duration: float, error: str = "") -> None:
         self.state.last_reconcile = state_mod.Reconcile(
@@ -604,7 +767,7 @@ class Agent:
         if s.overlay_ip:
             parts.insert(0, f"overlay {s.overlay_ip}")
         if s.guard.held:
-            parts.append(f"guard holding {s.guard.would_remove} removals")
+            parts.append(f"guard holding {s.guard.would_remove} removals ({s.guard.reason})")
         if s.last_reconcile.result == "error":
             parts.append("last apply failed")
         return ", ".join(parts)

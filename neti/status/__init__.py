@@ -148,6 +148,14 @@ def to_dict(r: Report) -> dict[str, Any]:
                 "would_remove": s.guard.would_remove,
                 "removed": s.guard.removed,
                 "max_change": s.guard.max_change,
+                "reason": s.guard.reason,
+                "limit": s.guard.limit,
+                "window_removals": s.guard.window_removals,
+                "baseline": s.guard.baseline,
+                "grace_until": s.guard.grace_until,
+                "last_held_size": s.guard.last_held_size,
+                "self_listed": s.guard.self_listed,
+                "released_at": s.guard.released_at,
                 "max_change_problem": s.guard.max_change_problem,
             }
             if s
@@ -212,16 +220,17 @@ def render_text(r: Report) -> str:
         else:
             lines.append("last reconcile: never")
         g = s.guard
+        mc = g.max_change if g.max_change is not None else "?"
+        lim = f", limit {g.limit} in window" if g.limit is not None else ""
         if g.held:
             lines.append(
-                f"guard:          HOLDING {g.would_remove} removals since "
-                f"{ago(r.now - (g.since or r.now))} (maxchange {g.max_change}): "
+                f"guard:          HOLDING {g.would_remove} removals ({g.reason or 'held'}) "
+                f"since {ago(r.now - (g.since or r.now))} (maxchange {mc}{lim}): "
                 + ", ".join(g.removed[:5])
                 + (" ..." if len(g.removed) > 5 else "")
             )
         else:
-            mc = g.max_change if g.max_change is not None else "?"
-            lines.append(f"guard:          ok (maxchange {mc})")
+            lines.append(f"guard:          ok (maxchange {mc}{lim})")
         if g.max_change_problem:
             lines.append(f"maxchange:      refused ({g.max_change_problem}); default in use")
         if s.skipped:

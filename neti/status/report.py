@@ -141,14 +141,7 @@ def evaluate(
                 )
             )
         g = state.guard
-        if g.held:
-            checks.append(
-                Check(
-                    "guard",
-                    WARNING,
-                    f"guard holding {g.would_remove} removals (maxchange {g.max_change})",
-                )
-            )
+        checks.extend(_guard_checks(state, now))
         if g.max_change_problem:
             checks.append(
                 Check(
@@ -189,6 +182,66 @@ def evaluate(
         agent_alive=agent_alive,
         now=now,
     )
+
+
+GUARD_WHY = {
+    "window": "removals within the guard window above the limit",
+    "limit": "one read removes more than the limit",
+    "grace": "grace period after a reconnect or recovery",
+    "fleet-vanished": "the fleet vanished from ZooKeeper",
+}
+
+
+def _guard_checks(state: AgentState, now: float) -> list[Check]:
+    """WARNING whenever the guard or the registry says this host's view may be wrong.
+
+    The guard holding; this host missing from the fleet it read (peers may have dropped it);
+    the fleet smaller than what the guard last protected (a hold that ended in removals);
+    registry entries left out as malformed or hostile.
+    """
+    out: list[Check] = []
+    g = state.guard
+    if g.held:
+        why = GUARD_WHY.get(g.reason, g.reason or "removals above maxchange")
+        limit = f", limit {g.limit}" if g.limit is not None else ""
+        grace = ""
+        if g.reason == "grace" and g.grace_until:
+            grace = f", {max(0.0, g.grace_until - now):.0f}s left"
+        out.append(
+            Check(
+                "guard",
+                WARNING,
+                f"guard holding {g.would_remove} removals ({g.reason or 'held'}: {why}; "
+                f"maxchange {g.max_change}{limit}{grace})",
+            )
+        )
+    n = len(state.fleet.members) if state.fleet else 0
+    if g.last_held_size is not None and not g.held and n < g.last_held_size:
+        out.append(
+            Check(
+                "guard",
+                WARNING,
+                f"fleet shrank to {n} members after the guard held {g.last_held_size} "
+                "(check the removals; `neti fleet release-guard` acknowledges)",
+            )
+        )
+    if not g.self_listed:
+        out.append(
+            Check(
+                "membership",
+                WARNING,
+                "this host is not in the fleet it last read: peers may not reach it",
+            )
+        )
+    if state.skipped:
+        out.append(
+            Check(
+                "registry",
+                WARNING,
+                f"{state.skipped} registry entries skipped (see skipped_reasons)",
+            )
+        )
+    return out
 
 
 def _summary(code: int, checks: list[Check], state: AgentState | None) -> str:

@@ -94,8 +94,63 @@ def test_guard_is_warning() -> None:
     )
     r = run(s)
     assert r.code == WARNING
-    assert r.summary == "guard holding 5 removals (maxchange 2)"
+    assert r.summary == "guard holding 5 removals (held: removals above maxchange; maxchange 2)"
     assert "HOLDING 5 removals" in render_text(r)
+
+
+def test_guard_reasons_are_named() -> None:
+    s = healthy()
+    s.guard = GuardState(
+        held=True,
+        since=NOW - 3,
+        reason="window",
+        would_remove=2,
+        removed=["i-3", "i-4"],
+        max_change=20,
+        limit=1,
+        window_removals=2,
+        baseline=10,
+    )
+    r = run(s)
+    assert r.code == WARNING
+    assert "guard holding 2 removals (window: removals within the guard window" in r.summary
+    assert "limit 1" in r.summary
+    assert "HOLDING 2 removals (window)" in render_text(r)
+    assert to_dict(r)["guard"]["reason"] == "window"
+    s.guard = GuardState(
+        held=True, reason="grace", would_remove=1, max_change=20, grace_until=NOW + 4.2
+    )
+    r = run(s)
+    assert r.code == WARNING and "grace period" in r.summary and "4s left" in r.summary
+    s.guard = GuardState(held=True, reason="fleet-vanished", would_remove=1, max_change=20)
+    r = run(s)
+    assert r.code == WARNING and "the fleet vanished from ZooKeeper" in r.summary
+
+
+def test_fleet_below_what_the_guard_last_held_is_warning() -> None:
+    s = healthy()
+    s.guard = GuardState(max_change=20, last_held_size=5)
+    r = run(s)
+    assert r.code == WARNING
+    assert "fleet shrank to 2 members after the guard held 5" in r.summary
+    assert to_dict(r)["guard"]["last_held_size"] == 5
+    s.guard = GuardState(max_change=20, last_held_size=2)
+    assert run(s).code == OK
+
+
+def test_this_host_missing_from_the_fleet_is_warning() -> None:
+    s = healthy()
+    s.guard = GuardState(max_change=20, self_listed=False)
+    r = run(s)
+    assert r.code == WARNING and "not in the fleet it last read" in r.summary
+    assert to_dict(r)["guard"]["self_listed"] is False
+
+
+def test_skipped_entries_are_warning() -> None:
+    s = healthy()
+    s.skipped = 3
+    r = run(s)
+    assert r.code == WARNING and "3 registry entries skipped" in r.summary
 
 
 def test_zookeeper_away_is_warning() -> None:
