@@ -415,11 +415,14 @@ def demo(once: bool, prefix: str = DEMO_PREFIX, workdir: Path = DEMO_DIR) -> int
             f"{zk.public_ip})"
         )
         lab.write_config(ZKPROXY.name)
+        # Closed by default: the proxy forwards its own network's hosts and no one else.
+        ec2_subnet = next(n.subnet for n in spec.networks if ZKPROXY in n.hosts)
         lab.neti(ZKPROXY.name, "zkproxy", "apply", "--target", f"{zk.public_ip}:{ZK_PORT}",
-                 check=True)  # fmt: skip
+                 "--allow", ec2_subnet, check=True)  # fmt: skip
         _print(
-            f"neti demo: {ZKPROXY.name} proxies ZooKeeper for the ec2 network "
-            f"({ZKPROXY.private_ip}:{ZK_PORT} -> {zk.public_ip}:{ZK_PORT}, neti zkproxy)"
+            f"neti demo: {ZKPROXY.name} proxies ZooKeeper for the ec2 network only "
+            f"({ec2_subnet} -> {ZKPROXY.private_ip}:{ZK_PORT} -> {zk.public_ip}:{ZK_PORT}, "
+            "neti zkproxy)"
         )
         for h in lab.topo.describe():
             _print(
