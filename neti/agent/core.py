@@ -52,7 +52,7 @@ DISCONNECT_TIMEOUT = 10.0
 # watches): kazoo queues requests while disconnected, and the loop must never wait on that.
 ZK_CALL_TIMEOUT = 5.0
 # The node an operator bumps to let held removals through once (neti fleet release-guard).
-RELEASE_NODE = "guard-release"
+RELEASE_NODE = guard_mod.RELEASE_NODE
 _UNSET: Any = object()
 
 # Config keys whose change needs a new ZooKeeper session (and a re-join) on SIGHUP.

@@ -41,6 +41,9 @@ LIMIT = "limit"  # this read alone removes more than the limit
 GRACE = "grace"  # a grace period after a (re)connect or a recovery
 VANISHED = "fleet-vanished"  # the members container is gone / the read is empty
 REASONS = (WINDOW, LIMIT, GRACE, VANISHED)
+# Child of zk_prefix an operator bumps (``neti fleet release-guard``): every agent that sees
+# it change lets what its guard holds at that moment through, once.
+RELEASE_NODE = "guard-release"
 # However small the fleet, one host may leave per window (a terminated instance in a fleet
 # of five must not need an operator); maxchange 0 still holds every removal.
 MIN_LIMIT = 1

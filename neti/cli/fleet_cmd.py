@@ -76,6 +76,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     g = cmd("get", "show a fleet-wide setting", run_get)
     g.add_argument("key", choices=["max-change"])
 
+    cmd(
+        "release-guard",
+        "let the removals every agent's guard holds right now through, once",
+        run_release_guard,
+    )
+
     r = cmd("release", "remove an instance's overlay IP claim", run_release)
     r.add_argument("instance_id", metavar="INSTANCE-ID")
     r.add_argument(
@@ -331,6 +337,52 @@ def run_get(args: argparse.Namespace) -> int:
         print_json({"max_change": value})
     else:
         print(f"max-change {value}")
+    return 0
+
+
+# --- release-guard ------------------------------------------------------------------------
+
+
+def run_release_guard(args: argparse.Namespace) -> int:
+    """Bump ``<prefix>/guard-release``: each agent applies the fleet it reads, once.
+
+    A one-shot token rather than a raised maxchange: nothing to remember to set back, and
+    removals after this moment are guarded as before.
+    """
+    import json
+    import socket
+    import time
+
+    from kazoo.exceptions import KazooException, NodeExistsError, NoNodeError
+    from kazoo.handlers.threading import KazooTimeoutError
+
+    from neti.agent.guard import RELEASE_NODE
+
+    cfg = load_config(args)
+    path = cfg.path(RELEASE_NODE)
+    data = json.dumps({"at": round(time.time(), 3), "by": socket.gethostname()[:255]}).encode()
+    with _registry(cfg, args) as reg:
+        client = reg.client
+        try:
+            try:
+                stat = client.retry(client.set, path, data)
+            except NoNodeError:
+                try:
+                    client.retry(client.create, path, data, makepath=True)
+                except NodeExistsError:
+                    client.retry(client.set, path, data)
+                stat = client.retry(client.exists, path)
+        except (KazooException, KazooTimeoutError) as exc:  # one clear line, no traceback
+            detail = str(exc) or type(exc).__name__
+            raise NetiError(f"cannot write {path}: {detail}") from None
+    version = stat.version if stat is not None else 0
+    if args.json:
+        print_json({"path": path, "version": version, "released": True})
+    else:
+        print(
+            f"guard release requested ({path}, version {version}): every agent lets what its "
+            "guard holds now through, once; watch `neti status` on the hosts"
+        )
     return 0
 
 

@@ -93,6 +93,21 @@ def test_max_change(fleet_world, zk_client):
     assert bad.rc == 2 and "-3" in bad.err
 
 
+def test_release_guard_bumps_the_token_node(fleet_world, zk_client):
+    path = fleet_world.cfg.path("guard-release")
+    if zk_client.exists(path):
+        zk_client.delete(path)
+    first = js(fleet_world, "neti fleet release-guard -c neti.yml")
+    assert first["path"] == path and first["released"] is True
+    _data, stat1 = zk_client.get(path)
+    second = js(fleet_world, "neti fleet release-guard -c neti.yml")
+    data, stat2 = zk_client.get(path)
+    assert stat2.mzxid > stat1.mzxid and second["version"] == first["version"] + 1
+    assert set(json.loads(data)) == {"at", "by"}
+    text = fleet_world.neti("neti fleet release-guard -c neti.yml")
+    assert text.rc == 0 and text.out.startswith("guard release requested (")
+
+
 def test_release_refuses_a_live_member_unless_forced(fleet_world, zk_client):
     live = fleet_world.ids["web1"]
     r = fleet_world.neti(f"neti fleet release {live} -c neti.yml")
