@@ -61,7 +61,7 @@ def decode_member(name: str) -> Member:
             legacy=False,
         )
     except MalformedEntry as exc:
-        raise MalformedEntry(f"member {name!r}: {exc}") from None
+        raise MalformedEntry(f"member {name!r}: {exc}", exc.code) from None
 
 
 def member_prefix(instance_id: str) -> str:

@@ -64,7 +64,7 @@ def decode_legacy(name: str, legacy_networks: Mapping[int, str]) -> Member:
             legacy=True,
         )
     except MalformedEntry as exc:
-        raise MalformedEntry(f"legacy node {name!r}: {exc}") from None
+        raise MalformedEntry(f"legacy node {name!r}: {exc}", exc.code) from None
 
 
 def flag_for(network: str, legacy_networks: Mapping[int, str]) -> int | None:

@@ -71,7 +71,12 @@ def build_fleet(
                 f"{overlay_subnet}",
             )
             return
-        if host is not None and m.instance_id != self_id:
+        # This host's own entries (its member, and its ip-map node under publish_legacy,
+        # which carries both of its addresses) are not judged as other members.
+        mine = m.instance_id == self_id or (
+            host is not None and m.legacy and {m.private_ip, m.public_ip} <= host.own
+        )
+        if host is not None and not mine:
             same = m.network == self_network
             target = m.private_ip if same else m.public_ip
             problem = host.target_problem(target, same_network=same)

@@ -41,6 +41,7 @@ def test_members_json_and_table(
     reg = open_registry()
     ip = reg.claim("i-m1")
     reg.join(identity_of(static("i-m1", "vpc", 4)), ip, version="2.0.0")
+    reg.client.create(f"{reg.paths.ip_to_id}/10.9.0.200", b"i-orig", makepath=True)
     ShallowParty(reg.client, reg.legacy_path, "54.0.0.1|10.1.0.1|10.9.0.200|0").join()
     reg.client.create(
         f"{reg.members_path}/v1|i-bad|vpc|1.2.3.4|10.0.0.1|10.9.0.999|2", ephemeral=True
@@ -50,6 +51,7 @@ def test_members_json_and_table(
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["count"] == 2 and out["skipped"] == 1 and "10.9.0.999" in out["skipped_reasons"][0]
+    assert out["skipped_by_reason"] == {"malformed": 1}
     assert out["members"] == [
         {
             "instance_id": "i-m1",

@@ -122,11 +122,14 @@ def test_session_expiry_recreates_membership(
 def test_original_party_nodes_are_members(open_registry: Callable[..., Registry]) -> None:
     new, original, watcher = open_registry(), open_registry(), open_registry()
     ip_new = join(new, "i-new", 1)
-    # Original agents, through the very kazoo recipe they used.
+    # Original agents claim their address (ip-to-id names them), then join their party
+    # through the very kazoo recipe they used.
+    for iid, ip in (("i-orig0", "10.9.0.200"), ("i-orig1", "10.9.0.201")):
+        original.client.create(f"{original.paths.ip_to_id}/{ip}", iid.encode(), makepath=True)
     ShallowParty(original.client, original.legacy_path, "54.0.0.1|10.1.0.1|10.9.0.200|0").join()
     ShallowParty(original.client, original.legacy_path, "54.0.0.2|10.1.0.2|10.9.0.201|1").join()
-    # An original agent on the same host as i-new would be a duplicate by overlay IP.
-    ShallowParty(original.client, original.legacy_path, f"54.0.0.3|10.1.0.3|{ip_new}|1").join()
+    # An original agent on the same host as i-new is the same host: counted once, silently.
+    ShallowParty(original.client, original.legacy_path, f"203.0.0.2|10.0.0.2|{ip_new}|1").join()
     # And junk, skipped and counted.
     ShallowParty(original.client, original.legacy_path, "54.0.0.4|10.1.0.4|nope|1").join()
     fleet = watcher.read_fleet()

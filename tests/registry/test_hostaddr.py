@@ -1,0 +1,147 @@
+"""The one host-address predicate (addr.HostContext) as the reader and compute() apply it."""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address as IP
+from ipaddress import IPv4Network as Net
+from pathlib import Path
+
+import pytest
+
+from neti import config
+from neti.desired import compute, host_context
+from neti.fleet import SKIP_REASONS, Fleet, Member
+from neti.identity import Identity
+from neti.registry import addr
+from neti.registry.snapshot import build_fleet
+
+SUBNET = Net("192.168.0.0/18")
+ME = Identity("i-me", IP("10.0.0.10"), IP("198.51.100.10"), "ec2")
+CTX = addr.HostContext(
+    overlay_subnet=SUBNET,
+    own=frozenset({ME.private_ip, ME.public_ip}),
+    zookeeper=frozenset({IP("10.0.0.20"), IP("203.0.113.20")}),
+    lan=Net("10.0.0.0/24"),
+)
+
+
+@pytest.mark.parametrize(
+    ("ip", "same", "code"),
+    [
+        ("0.0.0.0", True, "unspecified"),
+        ("0.1.2.3", True, "this_network"),
+        ("127.0.0.1", True, "loopback"),
+        ("169.254.169.254", False, "link_local"),
+        ("224.0.0.251", False, "multicast"),
+        ("255.255.255.255", False, "broadcast"),
+        ("240.0.0.1", False, "reserved"),
+        ("192.168.0.77", False, "in_overlay"),
+        ("10.0.0.10", True, "self_address"),
+        ("198.51.100.10", False, "self_address"),
+        ("10.0.0.20", True, "zookeeper"),
+        ("203.0.113.20", False, "zookeeper"),
+        ("10.0.0.255", True, "broadcast"),
+        ("10.0.0.0", True, "broadcast"),
+        ("10.0.0.11", True, None),
+        ("8.8.8.8", False, None),
+        # Another network's private range may overlap ours: our LAN says nothing about it.
+        ("10.0.0.255", False, None),
+    ],
+)
+def test_target_problem(ip: str, same: bool, code: str | None) -> None:
+    got = CTX.target_problem(IP(ip), same_network=same)
+    assert (got[0] if got else None) == code
+    assert got is None or got[0] in SKIP_REASONS
+
+
+def test_lan_of_reads_the_link_route(tmp_path: Path) -> None:
+    route = tmp_path / "route"
+    route.write_text(
+        "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n"
+        "eth0\t00000000\t0100000A\t0003\t0\t0\t0\t00000000\t0\t0\t0\n"  # default via 10.0.0.1
+        "eth0\t0000000A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n"  # 10.0.0.0/24
+        "eth0\t0000000A\t00000000\t0001\t0\t0\t0\t000000FF\t0\t0\t0\n"  # 10.0.0.0/8
+        "junk line\n"
+        "eth1\tZZ\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n"
+    )
+    assert addr.lan_of(IP("10.0.0.10"), route) == Net("10.0.0.0/24")
+    assert addr.lan_of(IP("172.16.0.1"), route) is None
+    assert addr.lan_of(IP("10.0.0.10"), tmp_path / "missing") is None
+
+
+def test_zookeeper_ips_for_own_network_and_public_elsewhere() -> None:
+    cfg = config.parse(
+        {
+            "zk_hosts": {
+                "ec2": ["10.0.0.5:2181", "zk.example.net:2181"],
+                "vpc": ["10.0.0.20:2181", "54.1.2.3:2181"],
+            }
+        }
+    )
+    assert addr.zookeeper_ips_for(cfg, "ec2") == {IP("10.0.0.5"), IP("54.1.2.3")}
+    assert addr.zookeeper_ips_for(cfg, "vpc") == {IP("10.0.0.20"), IP("54.1.2.3")}
+    assert addr.zookeeper_ips_for(cfg, "nowhere") == {IP("54.1.2.3")}
+
+
+def _m(iid: str, net: str, priv: str, pub: str, overlay: str) -> Member:
+    return Member(iid, net, IP(pub), IP(priv), IP(overlay), "2.0.0")
+
+
+HOSTILE = [
+    _m("i-self-priv", "ec2", "10.0.0.10", "192.0.2.1", "192.168.0.21"),
+    _m("i-self-pub", "vpc", "10.1.0.1", "198.51.100.10", "192.168.0.22"),
+    _m("i-zk", "ec2", "10.0.0.20", "192.0.2.2", "192.168.0.23"),
+    _m("i-bcast", "ec2", "10.0.0.255", "192.0.2.3", "192.168.0.24"),
+    _m("i-imds", "vpc", "10.1.0.2", "169.254.169.254", "192.168.0.25"),
+    _m("i-overlay", "vpc", "10.1.0.3", "192.168.1.1", "192.168.0.26"),
+    _m("i-this-net", "ec2", "0.1.2.3", "192.0.2.4", "192.168.0.27"),
+]
+GOOD = _m("i-good", "ec2", "10.0.0.11", "192.0.2.9", "192.168.0.30")
+
+
+def test_reader_refuses_hostile_targets_and_counts_them_by_reason() -> None:
+    # Built by hand: encode_member itself refuses to publish link-local or 0/8 addresses.
+    names = [
+        "|".join(
+            ["v1", m.instance_id, m.network, str(m.public_ip), str(m.private_ip)]
+            + [str(m.overlay_ip), m.version]
+        )
+        for m in [*HOSTILE, GOOD]
+    ]
+    fleet = build_fleet(
+        names, [], {}, SUBNET, host=CTX, self_id=ME.instance_id, self_network=ME.network
+    )
+    assert [m.instance_id for m in fleet.members] == ["i-good"]
+    assert fleet.skipped_by_reason == {
+        "self_address": 2,
+        "zookeeper": 1,
+        "broadcast": 1,
+        "link_local": 1,
+        "in_overlay": 1,
+        "this_network": 1,
+    }
+
+
+def test_compute_refuses_the_same_targets() -> None:
+    cfg = config.parse({"zk_hosts": {"ec2": ["10.0.0.20:2181"], "vpc": ["203.0.113.20:2181"]}})
+    ctx = host_context(ME, cfg, lan=Net("10.0.0.0/24"))
+    d = compute(ME, Fleet(members=(*HOSTILE, GOOD)), cfg, self_overlay=IP("192.168.0.2"), host=ctx)
+    assert d.allow == (IP("10.0.0.10"), IP("10.0.0.11"))
+    assert {str(x.overlay_ip) for x in d.dnat} == {"192.168.0.2", "192.168.0.30"}
+    assert d.skipped_by_reason == {
+        "self_address": 2,
+        "zookeeper": 1,
+        "broadcast": 1,
+        "link_local": 1,
+        "in_overlay": 1,
+        "this_network": 1,
+    }
+    assert d.skipped_count == 7
+
+
+def test_own_legacy_node_is_not_judged_as_another_member() -> None:
+    mine = "0123456789abcdef0123456789abcdef-198.51.100.10|10.0.0.10|192.168.0.2|0"
+    fleet = build_fleet(
+        [], [mine], {0: "ec2"}, SUBNET, host=CTX, self_id="i-me", self_network="ec2"
+    )
+    assert len(fleet.members) == 1 and fleet.skipped == 0

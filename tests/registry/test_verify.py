@@ -1,0 +1,210 @@
+"""The member verifier (registry/verify.py) and the snapshot rules around it, with a fake client."""
+
+from __future__ import annotations
+
+import logging
+from ipaddress import IPv4Address as IP
+from ipaddress import IPv4Network
+
+import pytest
+from kazoo.handlers.threading import KazooTimeoutError
+
+from neti.fleet import Member
+from neti.registry.codec import encode_member
+from neti.registry.facade import SkipLog
+from neti.registry.snapshot import build_fleet
+from neti.registry.verify import Candidate, Verifier
+from tests.registry.fakezk import FakeClient
+
+SUBNET = IPv4Network("192.168.0.0/18")
+NETS = {0: "ec2", 1: "vpc"}
+MEMBERS, LEGACY, CLAIMS = "/n/members", "/n/ip-map", "/n/ip-to-id"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def member(iid: str, overlay: str, pub: str = "203.0.113.5", priv: str = "10.0.0.5") -> Member:
+    return Member(iid, "vpc", IP(pub), IP(priv), IP(overlay), "2.0.0")
+
+
+def publish(zk: FakeClient, m: Member, claim: str | None = None, ephemeral: bool = True) -> str:
+    """Put ``m``'s member node (and its claim, naming ``claim`` or m itself) into ``zk``."""
+    name = encode_member(m)
+    zk.put(f"{MEMBERS}/{name}", ephemeral=ephemeral)
+    zk.put(f"{CLAIMS}/{m.overlay_ip}", (claim or m.instance_id).encode(), ephemeral=False)
+    return name
+
+
+def read(zk: FakeClient, v: Verifier, names: list[str], legacy: list[str] = ()) -> object:
+    return build_fleet(
+        names,
+        legacy,
+        NETS,
+        SUBNET,
+        members_parent=MEMBERS,
+        legacy_parent=LEGACY,
+        verify=v.verify,
+    )
+
+
+def verifier(zk: FakeClient, **kw: object) -> Verifier:
+    return Verifier(zk, CLAIMS, **kw)  # type: ignore[arg-type]
+
+
+def test_attacker_sorting_first_on_a_victims_overlay_is_skipped_and_the_victim_stays() -> None:
+    zk = FakeClient()
+    victim = publish(zk, member("i-victim", "192.168.0.10"))
+    # The attacker publishes the victim's overlay IP; the claim still names the victim.
+    evil = encode_member(member("a-evil", "192.168.0.10", pub="192.0.2.10", priv="192.0.2.10"))
+    zk.put(f"{MEMBERS}/{evil}")
+    fleet = read(zk, verifier(zk), [evil, victim])
+    assert [m.instance_id for m in fleet.members] == ["i-victim"]
+    assert fleet.skipped_by_reason == {"claim_mismatch": 1}
+    assert "claimed by another instance" in fleet.skipped_reasons[0]
+
+
+def test_persistent_and_unclaimed_members_are_skipped() -> None:
+    zk = FakeClient()
+    persistent = publish(zk, member("i-p", "192.168.0.11"), ephemeral=False)
+    unclaimed = encode_member(member("i-u", "192.168.0.12"))
+    zk.put(f"{MEMBERS}/{unclaimed}")
+    fleet = read(zk, verifier(zk), [persistent, unclaimed])
+    assert fleet.members == ()
+    assert fleet.skipped_by_reason == {"persistent": 1, "unclaimed": 1}
+
+
+def test_same_instance_twice_neither_wins_by_sort_order() -> None:
+    zk = FakeClient()
+    real = publish(zk, member("i-a", "192.168.0.20"))
+    # Stolen credentials: a second ephemeral, claimed entry for i-a with other addresses.
+    stolen = publish(zk, member("i-a", "192.168.0.20", pub="192.0.2.66", priv="10.0.0.66"))
+    fleet = read(zk, verifier(zk), [real, stolen])
+    assert fleet.members == () and fleet.skipped_by_reason == {"duplicate_instance": 2}
+    # Only one of them verifies: that one is used, whatever the order.
+    zk.put(f"{MEMBERS}/{stolen}", ephemeral=False)
+    fleet = read(zk, verifier(zk), [stolen, real])
+    assert [m.public_ip for m in fleet.members] == [IP("203.0.113.5")]
+    # Identical entries (an old session's node of the same host): once, silently.
+    fleet = read(zk, verifier(zk), [real, real])
+    assert len(fleet.members) == 1 and fleet.skipped == 0
+
+
+def test_legacy_entries_need_a_claim_and_ephemeral_nodes() -> None:
+    zk = FakeClient()
+    ok = "0123456789abcdef0123456789abcdef-54.0.0.1|10.0.0.1|192.168.0.30|0"
+    bad_claim = "1123456789abcdef0123456789abcdef-54.0.0.2|10.0.0.2|192.168.0.31|0"
+    unclaimed = "2123456789abcdef0123456789abcdef-54.0.0.3|10.0.0.3|192.168.0.32|0"
+    persistent = "3123456789abcdef0123456789abcdef-54.0.0.4|10.0.0.4|192.168.0.33|0"
+    for name in (ok, bad_claim, unclaimed):
+        zk.put(f"{LEGACY}/{name}")
+    zk.put(f"{LEGACY}/{persistent}", ephemeral=False)
+    zk.put(f"{CLAIMS}/192.168.0.30", b"i-orig")
+    zk.put(f"{CLAIMS}/192.168.0.31", b"not a | label")
+    zk.put(f"{CLAIMS}/192.168.0.33", b"i-orig4")
+    fleet = read(zk, verifier(zk), [], [ok, bad_claim, unclaimed, persistent])
+    assert [m.instance_id for m in fleet.members] == ["legacy-192.168.0.30"]
+    assert fleet.skipped_by_reason == {"claim_mismatch": 1, "persistent": 1, "unclaimed": 1}
+
+
+def test_only_new_names_are_read_and_gone_names_leave_the_cache() -> None:
+    zk, clock = FakeClient(), Clock()
+    v = verifier(zk, clock=clock, recheck_after=600)
+    names = [publish(zk, member(f"i-{n}", f"192.168.0.{n}")) for n in range(1, 41)]
+    read(zk, v, names)
+    assert zk.total_gets() == 80 and len(v) == 40  # one member read + one claim read each
+    read(zk, v, names)
+    assert zk.total_gets() == 80  # nothing new: no reads
+    extra = publish(zk, member("i-99", "192.168.0.99"))
+    read(zk, v, [*names[5:], extra])
+    assert zk.total_gets() == 82 and len(v) == 36  # one new name; five forgotten
+
+
+def test_cached_verdicts_age_out_a_share_at_a_time() -> None:
+    zk, clock = FakeClient(), Clock()
+    v = verifier(zk, clock=clock, recheck_after=600, recheck_share=10)
+    names = [publish(zk, member(f"i-{n}", f"192.168.{n // 200}.{n % 200 + 1}")) for n in range(400)]
+    read(zk, v, names)
+    before = zk.total_gets()
+    clock.now += 601
+    read(zk, v, names)
+    assert zk.total_gets() - before == 2 * 40  # a tenth of the cache per call
+    # A claim handed to another instance is noticed when its entry's turn comes.
+    victim = names[0]
+    zk.put(f"{CLAIMS}/192.168.0.1", b"i-someone-else")
+    for _ in range(10):
+        fleet = read(zk, v, names)
+        clock.now += 601
+    assert "i-0" not in {m.instance_id for m in fleet.members}
+    assert fleet.skipped_by_reason == {"claim_mismatch": 1}
+    assert victim in fleet.skipped_reasons[0]
+
+
+def test_reads_have_a_deadline_and_a_timeout_is_an_error_not_a_verdict() -> None:
+    zk = FakeClient()
+    name = publish(zk, member("i-a", "192.168.0.10"))
+    zk.hang = True
+    v = verifier(zk, deadline=3.0)
+    with pytest.raises(KazooTimeoutError):
+        read(zk, v, [name])
+    assert all(t is not None and 0 < t <= 3.0 for r in zk.issued for t in r.timeouts)
+    assert len(v) == 0  # nothing cached: the next read tries again
+    zk.hang = False
+    assert [m.instance_id for m in read(zk, v, [name]).members] == ["i-a"]
+
+
+def test_a_node_gone_between_listing_and_read_is_dropped_silently() -> None:
+    zk = FakeClient()
+    name = encode_member(member("i-a", "192.168.0.10"))
+    zk.put(f"{CLAIMS}/192.168.0.10", b"i-a")
+    fleet = read(zk, verifier(zk), [name])
+    assert fleet.members == () and fleet.skipped == 0
+
+
+def test_attestation_hook_sees_name_and_data_and_can_refuse() -> None:
+    zk = FakeClient()
+    good = publish(zk, member("i-good", "192.168.0.10"))
+    bad = publish(zk, member("i-bad", "192.168.0.11"))
+    broken = publish(zk, member("i-broken", "192.168.0.12"))
+    zk.put(f"{MEMBERS}/{good}", b"sig-ok")
+    seen: list[tuple[str, bytes]] = []
+
+    def check(name: str, data: bytes) -> str | None:
+        seen.append((name, data))
+        if "i-broken" in name:
+            raise RuntimeError("boom")
+        return None if data == b"sig-ok" else "signature does not verify" + "x" * 1000
+
+    fleet = read(zk, verifier(zk, attest_check=check), [good, bad, broken])
+    assert [m.instance_id for m in fleet.members] == ["i-good"]
+    assert fleet.skipped_by_reason == {"attestation": 2}
+    assert (good, b"sig-ok") in seen
+    assert all(len(r) <= 300 for r in fleet.skipped_reasons)
+
+
+def test_candidate_key_is_parent_and_name() -> None:
+    c = Candidate(MEMBERS, "x", member("i-a", "192.168.0.10"))
+    assert c.key == (MEMBERS, "x")
+
+
+def test_skip_log_once_per_text_rate_limited_and_bounded(caplog: pytest.LogCaptureFixture) -> None:
+    clock = Clock()
+    logger = logging.getLogger("test.skiplog")
+    sl = SkipLog(logger, remember=100, per_minute=5, clock=clock)
+    with caplog.at_level(logging.WARNING, logger="test.skiplog"):
+        for _round in range(3):
+            for n in range(1000):
+                sl.note("malformed", f"junk {n}")
+        sl.note("malformed", "junk 999")  # recently seen: silent
+    assert len(caplog.records) == 5 and sl.suppressed == 2995
+    assert len(sl._seen) == 100
+    caplog.clear()
+    clock.now += 61
+    with caplog.at_level(logging.WARNING, logger="test.skiplog"):
+        sl.flush()
+    assert len(caplog.records) == 1 and "2995 more" in caplog.records[0].getMessage()
