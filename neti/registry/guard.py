@@ -7,6 +7,7 @@ update (a half-empty fleet listing is more likely a ZooKeeper problem than a mas
 from __future__ import annotations
 
 import logging
+import re
 
 from kazoo.client import KazooClient
 from kazoo.exceptions import NodeExistsError, NoNodeError
@@ -14,17 +15,30 @@ from kazoo.exceptions import NodeExistsError, NoNodeError
 log = logging.getLogger(__name__)
 
 
+# Beyond this a threshold means "never hold": refuse it rather than switch the guard off.
+MAX_CHANGE_LIMIT = 1_000_000
+_DIGITS = re.compile(r"[0-9]{1,7}")
+
+
 def parse_max_change(data: bytes, default: int) -> tuple[int, str | None]:
-    """(value, problem): empty means default as in the original; junk means default + why."""
-    text = data.decode("ascii", "replace").strip()
+    """(value, problem): empty means default as in the original; junk means default + why.
+
+    Only plain ASCII digits up to MAX_CHANGE_LIMIT are a value (no sign, '_', or Unicode
+    digits, which ``int()`` would take); anything else gives the default and a short reason,
+    never an exception or a huge integer.
+    """
+    raw = bytes(data or b"")
+    text = raw[:64].decode("ascii", "replace").strip()
     if not text:
         return default, None
-    try:
-        value = int(text)
-    except ValueError:
-        return default, f"{text!r} is not an integer"
-    if value < 0:
-        return default, f"{value} is negative"
+    shown = repr(text[:20] + ("..." if len(text) > 20 or len(raw) > 64 else ""))
+    if not _DIGITS.fullmatch(text) or len(raw) > 64:
+        if re.fullmatch(r"-?[0-9]+", text):
+            return default, f"{shown} is outside 0..{MAX_CHANGE_LIMIT}"
+        return default, f"{shown} is not an integer"
+    value = int(text)
+    if value > MAX_CHANGE_LIMIT:
+        return default, f"{shown} is outside 0..{MAX_CHANGE_LIMIT}"
     return value, None
 
 
@@ -33,6 +47,7 @@ class MaxChange:
         self.client = client
         self.path = path
         self.default = default
+        self.problem: str | None = None  # why the last read used the default (for status)
 
     def get(self) -> int:
         """The current value; creates the node with the default when it is missing."""
@@ -43,12 +58,14 @@ class MaxChange:
                 self.client.retry(
                     self.client.create, self.path, str(self.default).encode(), makepath=True
                 )
+                self.problem = None
                 return self.default
             except NodeExistsError:
                 data, _ = self.client.retry(self.client.get, self.path)
         value, problem = parse_max_change(data, self.default)
-        if problem:
+        if problem and problem != self.problem:
             log.warning("%s: %s; using the default %d", self.path, problem, self.default)
+        self.problem = problem
         return value
 
     def set(self, value: int) -> None:
