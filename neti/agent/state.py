@@ -12,12 +12,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import stat
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
+from neti.config import LABEL_RE
 from neti.fleet import Fleet, Member
 from neti.identity import Identity
 
@@ -25,6 +28,14 @@ log = logging.getLogger(__name__)
 
 FILENAME = "state.json"
 FORMAT = 1
+# Reading limits: the file is written by the agent, but a damaged or planted file must give
+# a clear StateFileError (and a CRITICAL status), never a RecursionError or a memory blow-up.
+# A 50,000-member fleet is about 10 MiB; the agent nests four levels.
+MAX_BYTES = 32 * 1024 * 1024
+MAX_DEPTH = 16
+MAX_INT = 2**53
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_JSON_BRACKET = re.compile(r"[\[\]{}]")
 
 
 @dataclass
@@ -121,53 +132,119 @@ class AgentState:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AgentState:
+        """Typed values from the file's JSON; ValueError/TypeError/KeyError when malformed.
+
+        Every value is checked against its field's type here, so ``neti status`` and the
+        agent's restore never meet a string where a number belongs.
+        """
         ident = d.get("identity")
         fleet = d.get("fleet")
+        if ident is not None and not isinstance(ident, dict):
+            raise TypeError("identity is not an object")
+        if fleet is not None and not isinstance(fleet, list):
+            raise TypeError("fleet is not a list")
+        overlay = _opt(d.get("overlay_ip"), str, "overlay_ip")
         return cls(
-            pid=int(d.get("pid") or 0),
-            started_at=float(d.get("started_at") or 0),
-            updated_at=float(d.get("updated_at") or 0),
-            version=str(d.get("version") or ""),
+            pid=_typed(int, d.get("pid") or 0, "pid"),
+            started_at=_typed(float, d.get("started_at") or 0, "started_at"),
+            updated_at=_typed(float, d.get("updated_at") or 0, "updated_at"),
+            version=_typed(str, d.get("version") or "", "version"),
             identity=(
                 Identity(
-                    instance_id=str(ident["instance_id"]),
-                    private_ip=IPv4Address(ident["private_ip"]),
-                    public_ip=IPv4Address(ident["public_ip"]),
-                    network=str(ident["network"]),
+                    instance_id=_typed(str, ident["instance_id"], "identity.instance_id"),
+                    private_ip=IPv4Address(_typed(str, ident["private_ip"], "private_ip")),
+                    public_ip=IPv4Address(_typed(str, ident["public_ip"], "public_ip")),
+                    network=_typed(str, ident["network"], "identity.network"),
                 )
                 if ident
                 else None
             ),
-            overlay_ip=IPv4Address(d["overlay_ip"]) if d.get("overlay_ip") else None,
+            overlay_ip=IPv4Address(overlay) if overlay else None,
             fleet=(
-                Fleet(members=tuple(sorted(Member.from_dict(m) for m in fleet)))
+                Fleet(members=tuple(sorted(_member(m) for m in fleet)))
                 if fleet is not None
                 else None
             ),
-            applied=dict(d.get("applied") or {}),
-            last_reconcile=Reconcile(**(d.get("last_reconcile") or {})),
-            last_success=d.get("last_success"),
-            guard=GuardState.from_dict(d.get("guard") or {}),
-            zookeeper=ZkState(**(d.get("zookeeper") or {})),
-            skipped=int(d.get("skipped") or 0),
-            skipped_reasons=list(d.get("skipped_reasons") or []),
-            skipped_by_reason=_counts(d.get("skipped_by_reason")),
-            tagging=str(d.get("tagging") or ""),
-            apply_errors=int(d.get("apply_errors") or 0),
+            applied=_typed(dict, d.get("applied") or {}, "applied"),
+            last_reconcile=_record(Reconcile, d.get("last_reconcile"), "last_reconcile"),
+            last_success=_opt(d.get("last_success"), float, "last_success"),
+            guard=_record(GuardState, d.get("guard"), "guard"),
+            zookeeper=_record(ZkState, d.get("zookeeper"), "zookeeper"),
+            skipped=_typed(int, d.get("skipped") or 0, "skipped"),
+            skipped_reasons=_strings(d.get("skipped_reasons") or [], "skipped_reasons"),
+            tagging=_typed(str, d.get("tagging") or "", "tagging"),
+            apply_errors=_typed(int, d.get("apply_errors") or 0, "apply_errors"),
         )
 
 
-def _counts(value: Any) -> dict[str, int]:
-    """Skip counts by reason from the file: known reason codes with integer counts only."""
-    from neti.fleet import SKIP_REASONS
+# --- strict conversion of the file's JSON values (the file may be damaged or hand-edited) ---
 
+
+def _typed(kind: type, value: Any, what: str) -> Any:
+    """``value`` as ``kind`` (int, float, str, bool, dict, list), refusing anything else."""
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise TypeError(f"{what} is {type(value).__name__}, not {kind.__name__}")
+    if kind is int and not -MAX_INT <= value <= MAX_INT:
+        raise ValueError(f"{what} is out of range")  # os.kill(10**100, 0) is an OverflowError
+    return value
+
+
+def _opt(value: Any, kind: type, what: str) -> Any:
+    return None if value is None else _typed(kind, value, what)
+
+
+def _strings(value: Any, what: str) -> list[str]:
+    return [_typed(str, v, what) for v in _typed(list, value, what)]
+
+
+_KINDS: dict[str, tuple[type, bool]] = {
+    "float": (float, False),
+    "float | None": (float, True),
+    "int": (int, False),
+    "int | None": (int, True),
+    "bool": (bool, False),
+    "str": (str, False),
+    "str | None": (str, True),
+}
+
+
+def _record(cls: type, value: Any, what: str) -> Any:
+    """A dataclass from a JSON object, each known field type-checked; unknown keys ignored.
+
+    Driven by the dataclass's own annotations, so a field added later is checked too.
+    """
+    if value is None:
+        return cls()
+    value = _typed(dict, value, what)
+    kwargs: dict[str, Any] = {}
+    for f in fields(cls):
+        if f.name not in value:
+            continue
+        v, name = value[f.name], f"{what}.{f.name}"
+        kind = str(f.type)
+        if kind in _KINDS:
+            typ, optional = _KINDS[kind]
+            kwargs[f.name] = _opt(v, typ, name) if optional else _typed(typ, v, name)
+        elif kind == "list[str]":
+            kwargs[f.name] = _strings(v, name)
+        elif isinstance(v, (str, int, float, bool)) or v is None:
+            kwargs[f.name] = v  # a type this reader does not know: scalars only
+    return cls(**kwargs)
+
+
+def _member(value: Any) -> Member:
     if not isinstance(value, dict):
-        return {}
-    return {
-        k: v
-        for k, v in value.items()
-        if k in SKIP_REASONS and isinstance(v, int) and not isinstance(v, bool) and v >= 0
-    }
+        raise TypeError("a fleet member is not an object")
+    for key in ("instance_id", "network", "public_ip", "private_ip", "overlay_ip", "version"):
+        if key in value and not isinstance(value[key], str):
+            raise TypeError(f"fleet member {key} is not a string")
+    for key in ("instance_id", "network"):
+        # These reach kernel rule comments on a restore: the registry's rules apply here too.
+        if key in value and not LABEL_RE.match(value[key]):
+            raise ValueError(f"fleet member {key} {value[key][:40]!r} is not a label")
+    return Member.from_dict(value)
 
 
 class StateFileError(Exception):
@@ -206,19 +283,71 @@ def write(state_dir: str | os.PathLike[str], state: AgentState) -> Path:
     return target
 
 
+def _depth_over(text: str, limit: int) -> bool:
+    """True when JSON ``text`` nests deeper than ``limit``; cheap, and stops at the limit."""
+    depth = 0
+    for m in _JSON_BRACKET.finditer(_JSON_STRING.sub('""', text)):
+        if m.group() in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        else:
+            depth -= 1
+    return False
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"number {text[:20]} is out of range")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number a state file holds")
+
+
 def read(state_dir: str | os.PathLike[str]) -> AgentState | None:
-    """The saved state, or None if there is none; StateFileError if it is unreadable."""
+    """The saved state, or None if there is none; StateFileError if it is unreadable.
+
+    Bounded: at most MAX_BYTES are read and nesting beyond MAX_DEPTH is refused before the
+    JSON is parsed; every problem is one StateFileError line naming the file.
+    """
     p = path_for(state_dir)
+    bad = f"{p}: not a Neti state file"
     try:
-        raw = p.read_text()
+        # O_NONBLOCK: a FIFO planted as state.json must not hang a monitoring check.
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
     except OSError as exc:
-        raise StateFileError(f"{p}: cannot read: {exc.strerror}") from None
+        raise StateFileError(f"{p}: cannot read: {exc.strerror or exc}") from None
     try:
-        data = json.loads(raw)
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise StateFileError(f"{bad}: not a regular file")
+            raw = f.read(MAX_BYTES + 1)
+    except OSError as exc:
+        raise StateFileError(f"{p}: cannot read: {exc.strerror or exc}") from None
+    if len(raw) > MAX_BYTES:
+        raise StateFileError(f"{bad}: larger than {MAX_BYTES // (1024 * 1024)} MiB")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise StateFileError(f"{bad}: not UTF-8 text (byte {exc.start})") from None
+    if _depth_over(text, MAX_DEPTH):
+        raise StateFileError(f"{bad}: nested more than {MAX_DEPTH} levels deep")
+    try:
+        data = json.loads(text, parse_float=_finite, parse_constant=_no_constant)
         if not isinstance(data, dict):
             raise ValueError("not a JSON object")
         return AgentState.from_dict(data)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise StateFileError(f"{p}: not a Neti state file: {exc}") from None
+    except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
+        raise StateFileError(f"{bad}: {_one_line(exc)}") from None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, KeyError):
+        text = f"missing {text}"
+    return text if len(text) <= 200 else text[:197] + "..."

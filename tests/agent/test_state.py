@@ -8,6 +8,8 @@ from ipaddress import IPv4Address
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st_
 
 from neti.agent import state as st
 from neti.fleet import Fleet, Member
@@ -79,4 +81,132 @@ def test_garbage_is_a_clear_error(tmp_path: Path) -> None:
         st.read(tmp_path)
     (tmp_path / "state.json").write_text("[]")
     with pytest.raises(st.StateFileError, match="not a Neti state file"):
+        st.read(tmp_path)
+
+
+# --- hostile or damaged files: always one StateFileError line, never another exception ---
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        (b"\xff\xfe{}", "not UTF-8 text (byte 0)"),
+        (b"[" * 200_000 + b"]" * 200_000, "nested more than 16 levels deep"),
+        (b'{"a": ' * 20_000 + b"1" + b"}" * 20_000, "nested more than 16 levels deep"),
+        (b'{"pid": 1e400}', "out of range"),
+        (b'{"pid": Infinity}', "Infinity is not a number"),
+        (b'{"started_at": NaN}', "NaN is not a number"),
+        (b'{"pid": 1' + b"0" * 100 + b"}", "pid is out of range"),
+        (b'{"pid": ' + b"9" * 5000 + b"}", "Exceeds the limit"),
+        (b'{"pid": "12"}', "pid is str, not int"),
+        (b'{"last_reconcile": {"at": "x"}}', "last_reconcile.at is str, not float"),
+        (b'{"guard": {"held": 1}}', "guard.held is int, not bool"),
+        (b'{"guard": {"removed": [1]}}', "guard.removed is int, not str"),
+        (b'{"guard": []}', "guard is list, not dict"),
+        (b'{"zookeeper": {"hosts": "h:1"}}', "zookeeper.hosts is str, not list"),
+        (b'{"fleet": [1]}', "a fleet member is not an object"),
+        (b'{"fleet": {}}', "fleet is not a list"),
+        (b'{"fleet": [{"instance_id": 5}]}', "instance_id is not a string"),
+        (b'{"identity": {"instance_id": "a"}}', "missing 'private_ip'"),
+        (b'{"identity": "i-1"}', "identity is not an object"),
+        (b'{"overlay_ip": "300.1.1.1"}', "300.1.1.1"),
+        (b'{"applied": [1]}', "applied is list, not dict"),
+        (b'{"skipped_reasons": "x"}', "skipped_reasons is str, not list"),
+        (b"{", "Expecting property name"),
+    ],
+)
+def test_damaged_files_are_one_clear_line(tmp_path: Path, content: bytes, why: str) -> None:
+    (tmp_path / "state.json").write_bytes(content)
+    with pytest.raises(st.StateFileError) as err:
+        st.read(tmp_path)
+    msg = str(err.value)
+    assert msg.startswith(f"{tmp_path / 'state.json'}: not a Neti state file: "), msg
+    assert why in msg and "\n" not in msg and len(msg) < 400, msg
+
+
+def test_oversized_file_is_refused_without_reading_it_all(tmp_path: Path) -> None:
+    with open(tmp_path / "state.json", "wb") as f:
+        f.truncate(st.MAX_BYTES + 1)  # sparse: no disk used
+    with pytest.raises(st.StateFileError, match="larger than 32 MiB"):
+        st.read(tmp_path)
+
+
+def test_brackets_inside_strings_do_not_count_as_nesting(tmp_path: Path) -> None:
+    s = sample()
+    s.skipped_reasons = ["[" * 100 + '"\\' + "{" * 100]
+    st.write(tmp_path, s)
+    assert st.read(tmp_path).skipped_reasons == s.skipped_reasons  # type: ignore[union-attr]
+
+
+def test_unknown_keys_are_ignored_for_compatibility(tmp_path: Path) -> None:
+    data = sample().to_dict()
+    data["future"] = {"x": [1]}
+    data["guard"]["future_field"] = 3
+    (tmp_path / "state.json").write_text(json.dumps(data))
+    assert st.read(tmp_path).guard == sample().guard  # type: ignore[union-attr]
+
+
+_JSON = st_.recursive(
+    st_.none()
+    | st_.booleans()
+    | st_.integers()
+    | st_.floats(allow_nan=False, allow_infinity=False)
+    | st_.text(max_size=10),
+    lambda inner: (
+        st_.lists(inner, max_size=4) | st_.dictionaries(st_.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+_KEYS = list(sample().to_dict())
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    changes=st_.dictionaries(st_.sampled_from(_KEYS), _JSON, max_size=4),
+    nested=st_.sampled_from(["guard", "zookeeper", "last_reconcile", "identity"]),
+    inner=st_.dictionaries(st_.text(max_size=12), _JSON, max_size=3),
+)
+def test_any_json_is_a_state_or_a_state_file_error(
+    changes: dict[str, object], nested: str, inner: dict[str, object]
+) -> None:
+    import tempfile
+
+    data = sample().to_dict()
+    data.update(changes)
+    if isinstance(data.get(nested), dict):
+        data[nested] = {**data[nested], **inner}
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "state.json").write_text(json.dumps(data))
+        try:
+            got = st.read(d)
+        except st.StateFileError as exc:
+            assert "\n" not in str(exc)
+            return
+    assert got is not None
+    # What was read has the declared types: consumers can rely on them.
+    assert isinstance(got.pid, int) and isinstance(got.last_reconcile.at, float)
+    assert isinstance(got.guard.held, bool) and all(isinstance(r, str) for r in got.guard.removed)
+    assert isinstance(got.zookeeper.state, str) and isinstance(got.skipped_reasons, list)
+
+
+def test_fifo_directory_and_symlinked_device_are_errors_not_hangs(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    fifo.mkdir()
+    os.mkfifo(fifo / "state.json")  # nobody writes: a blocking open would hang forever
+    with pytest.raises(st.StateFileError, match="not a regular file"):
+        st.read(fifo)
+    (tmp_path / "dir" / "state.json").mkdir(parents=True)
+    with pytest.raises(st.StateFileError, match="state.json"):
+        st.read(tmp_path / "dir")
+    (tmp_path / "dev").mkdir()
+    (tmp_path / "dev" / "state.json").symlink_to("/dev/zero")
+    with pytest.raises(st.StateFileError, match="not a regular file"):
+        st.read(tmp_path / "dev")
+
+
+def test_member_labels_are_checked(tmp_path: Path) -> None:
+    data = sample().to_dict()
+    data["fleet"][0]["instance_id"] = "i-1\n-A INPUT -j ACCEPT"
+    (tmp_path / "state.json").write_text(json.dumps(data))
+    with pytest.raises(st.StateFileError, match="fleet member instance_id .* is not a label"):
         st.read(tmp_path)
