@@ -24,6 +24,10 @@ log = logging.getLogger(__name__)
 # Conflicts need another client to win a race for the same random address; with a random
 # choice among the free ones even a crowd of hosts settles in a handful of rounds.
 MAX_ATTEMPTS = 64
+# Subnets with at most this many host addresses are scanned for a free one (a /20); larger
+# ones are sampled (see OverlayClaims._free).
+SCAN_LIMIT = 4096
+RANDOM_TRIES = 64  # random candidates per pick before a nearly full subnet is scanned
 
 
 class OverlayClaims:
@@ -35,6 +39,10 @@ class OverlayClaims:
         self.ip_to_id = ip_to_id
         self.subnet = subnet
         self._rng = random.SystemRandom()
+        # Seams for tests: how many candidate addresses were tested against the used set, and
+        # up to which size a subnet is scanned rather than sampled.
+        self.candidates_tried = 0
+        self.scan_limit = SCAN_LIMIT
 
     # --- paths ---
     def _id_path(self, instance_id: str) -> str:
@@ -113,18 +121,41 @@ class OverlayClaims:
                 log.warning("ignoring malformed overlay address %r in the claims", text)
         return used
 
-    def _free(self) -> list[IPv4Address]:
-        used = self._used()
-        free = [ip for ip in self.subnet.hosts() if ip not in used]
-        if not free:
-            total = self.subnet.num_addresses - 2
-            in_use = sum(1 for ip in used if addr.usable(self.subnet, ip))
-            raise SubnetFullError(
-                f"overlay subnet {self.subnet} is full: {in_use} of {total} usable addresses "
-                "are claimed; release stale claims (neti overlay-ip --release on the host, or "
-                f"delete {self.id_to_ip}/<id> and {self.ip_to_id}/<ip>) or use a larger subnet"
-            )
-        return free
+    def _free(self) -> IPv4Address:
+        """A random free host address, without ever listing the subnet.
+
+        Small subnets (at most SCAN_LIMIT hosts) are scanned, so the choice is uniform among
+        the free addresses. Large ones (up to a /8, 16.7M hosts) are sampled: random host
+        addresses tested against the used set, RANDOM_TRIES of them; only if all are taken
+        (the subnet is nearly full) does a scan from a random start take over, and that scan
+        stops at the first free address, so it costs at most one step per used address.
+        Memory and work are bounded by the number of claims, never by the subnet's size.
+        """
+        used = {int(ip) for ip in self._used() if addr.usable(self.subnet, ip)}
+        first = int(self.subnet.network_address) + 1
+        last = int(self.subnet.broadcast_address) - 1
+        total = max(last - first + 1, 0)  # a /31 or /32 has no host addresses here
+        if len(used) < total:
+            if total <= self.scan_limit:
+                free = [n for n in range(first, last + 1) if n not in used]
+                self.candidates_tried += total
+                return IPv4Address(self._rng.choice(free))
+            for _ in range(RANDOM_TRIES):
+                self.candidates_tried += 1
+                n = self._rng.randint(first, last)
+                if n not in used:
+                    return IPv4Address(n)
+            start = self._rng.randint(first, last)
+            for step in range(len(used) + 1):
+                self.candidates_tried += 1
+                n = first + (start - first + step) % total
+                if n not in used:
+                    return IPv4Address(n)
+        raise SubnetFullError(
+            f"overlay subnet {self.subnet} is full: {len(used)} of {total} usable addresses "
+            "are claimed; release stale claims (neti overlay-ip --release on the host, or "
+            f"delete {self.id_to_ip}/<id> and {self.ip_to_id}/<ip>) or use a larger subnet"
+        )
 
     # --- writes ---
     def claim(self, instance_id: str) -> IPv4Address:
@@ -155,7 +186,7 @@ class OverlayClaims:
                 if self._complete(instance_id, ip):
                     return ip
                 continue
-            ip = self._rng.choice(self._free())
+            ip = self._free()
             txn = self.client.transaction()
             txn.create(id_path, str(ip).encode("ascii"))
             txn.create(self._ip_path(ip), instance_id.encode("ascii"))

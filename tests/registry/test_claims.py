@@ -8,7 +8,8 @@ from ipaddress import IPv4Address, IPv4Network
 import pytest
 
 from neti.errors import RegistryError, SubnetFullError
-from neti.registry import Registry
+from neti.registry import Registry, addr
+from neti.registry.claims import RANDOM_TRIES, OverlayClaims
 
 IP = IPv4Address
 
@@ -129,3 +130,46 @@ def test_claim_outside_a_changed_subnet_is_loud_and_releasable(
         new.claim("i-1")
     assert new.release("i-1") is not None
     assert new.claim("i-1") in IPv4Network("10.8.0.0/24")
+
+
+def test_a_slash_8_is_sampled_never_enumerated(open_registry: Callable[..., Registry]) -> None:
+    import tracemalloc
+
+    reg = open_registry(overlay_subnet="10.0.0.0/8")
+    claims = reg._claims
+    tracemalloc.start()
+    try:
+        got = {reg.claim(f"i-{n}") for n in range(5)}
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(got) == 5 and all(addr.usable(IPv4Network("10.0.0.0/8"), ip) for ip in got)
+    # Listing the /8 took 1.5 GB; a pick now tests a candidate or two against five claims.
+    assert claims.candidates_tried <= 5 * 3, claims.candidates_tried
+    assert peak < 8 * 1024 * 1024, peak
+
+
+def test_a_nearly_full_sampled_subnet_still_finds_the_last_address(
+    open_registry: Callable[..., Registry],
+) -> None:
+    reg = open_registry(overlay_subnet="10.9.0.16/28")  # 14 hosts: .17 - .30
+    reg._claims.scan_limit = 4  # sample it as if it were large
+    got = {reg.claim(f"i-{n}") for n in range(14)}
+    assert got == set(IPv4Network("10.9.0.16/28").hosts())
+    with pytest.raises(SubnetFullError, match=r"10\.9\.0\.16/28 is full: 14 of 14"):
+        reg.claim("i-15")
+
+
+def test_the_fallback_scan_is_bounded_by_the_claims() -> None:
+    # Pure logic: a /16 with one free address. Random tries all but surely miss it; the scan
+    # from a random start finds it within (claims + 1) steps, never listing the subnet.
+    subnet = IPv4Network("10.7.0.0/16")
+    free = IP("10.7.200.9")
+    used = {ip for ip in subnet.hosts() if ip != free}
+    claims = OverlayClaims(None, "/a", "/b", subnet)  # type: ignore[arg-type]
+    claims._used = lambda: used  # type: ignore[method-assign]
+    assert claims._free() == free
+    assert claims.candidates_tried <= RANDOM_TRIES + len(used) + 1
+    used.add(free)
+    with pytest.raises(SubnetFullError, match=r"10\.7\.0\.0/16 is full: 65534 of 65534"):
+        claims._free()
