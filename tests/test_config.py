@@ -592,3 +592,40 @@ def test_any_text_is_a_config_or_a_config_error(text: str) -> None:
 @given(st.dictionaries(_KEYS, _VALUES, max_size=6))
 def test_any_structure_is_a_config_or_a_config_error(data: dict[object, object]) -> None:
     _judge(yaml.safe_dump(data, allow_unicode=True))
+
+
+# --- every whole-string pattern in neti/ refuses a trailing newline ('$' would not) ---
+
+
+def test_whole_string_patterns_refuse_a_trailing_newline() -> None:
+    from neti import aws
+    from neti.dataplane import iptables
+    from neti.identity import imds
+    from neti.lab import topology
+    from neti.registry import addr
+
+    cases = [
+        (config.LABEL_RE, "t-1"),
+        (config.HOSTPORT_RE, "h:2181"),
+        (addr.VERSION_RE, "2.0.0"),
+        (aws.EC2_ID_RE, "i-0123456789abcdef0"),
+        (aws.STATE_RE, "running"),
+        (topology.NAME_RE, "ec2a"),
+        (iptables.SUB_CHAIN, "NETI-DNAT-0A0B0C0D-1"),
+        (imds.MAC_RE, "0e:12:34:56:78:9a"),
+        (imds.REGION_RE, "us-east-1"),
+    ]
+    for pattern, good in cases:
+        assert pattern.match(good), pattern.pattern
+        assert not pattern.match(good + "\n"), pattern.pattern
+
+
+def test_no_caret_dollar_patterns_are_left() -> None:
+    # '^...$' with match() lets "x\n" through; \A...\Z or fullmatch() do not.
+    found = [
+        f"{path.relative_to(ROOT)}:{n}"
+        for path in (ROOT / "neti").rglob("*.py")
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if re.search(r"""re\.(compile|match)\(\s*r?["']\^.*\$["']""", line)
+    ]
+    assert not found, found

@@ -28,11 +28,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # Old (8 hex digits) and current (17 hex digits) instance ID formats.
-EC2_ID_RE = re.compile(r"^i-(?:[0-9a-f]{8}|[0-9a-f]{17})$")
+EC2_ID_RE = re.compile(r"\Ai-(?:[0-9a-f]{8}|[0-9a-f]{17})\Z")
 # describe_instances accepts at most 200 values in one filter.
 FILTER_CHUNK = 200
 PAGE_SIZE = 1000
-STATE_RE = re.compile(r"^[a-z][a-z-]{0,30}$")
+STATE_RE = re.compile(r"\A[a-z][a-z-]{0,30}\Z")
 
 Progress = Callable[[int, int | None], None]
 

@@ -180,7 +180,7 @@ def filter_rules(d: DesiredState) -> list[str]:
 LEAF_MAX = 64  # DNAT rules per chain before it is split (fewer mappings: one flat chain)
 FANOUT_BITS = 4  # each split looks 4 address bits further: at most 16 jumps per chain
 # NETI-DNAT-<network address, 8 hex digits>-<prefix length>: at most 21 of iptables' 28.
-SUB_CHAIN = re.compile(r"^NETI-DNAT-[0-9A-F]{8}-[0-9]{1,2}$")
+SUB_CHAIN = re.compile(r"\ANETI-DNAT-[0-9A-F]{8}-[0-9]{1,2}\Z")
 _ntoa = socket.inet_ntoa
 
 

@@ -37,7 +37,7 @@ from neti.lab import netns
 from neti.lab.netns import LabError
 
 NAMESERVER = str(Path(__file__).with_name("nameserver.py"))
-NAME_RE = re.compile(r"^[a-z][a-z0-9]{0,9}$")  # short: it ends up in interface names
+NAME_RE = re.compile(r"\A[a-z][a-z0-9]{0,9}\Z")  # short: it ends up in interface names
 
 
 @dataclass(frozen=True)

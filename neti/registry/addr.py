@@ -16,7 +16,7 @@ from neti.config import LABEL_RE, Config
 from neti.errors import ConfigError
 
 # An agent version ends up in a node name: no '|' (field separator) and no '/' (path).
-VERSION_RE = re.compile(r"^[A-Za-z0-9_.+-]{0,64}$")
+VERSION_RE = re.compile(r"\A[A-Za-z0-9_.+-]{0,64}\Z")
 
 
 class MalformedEntry(ValueError):

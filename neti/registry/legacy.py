@@ -18,7 +18,7 @@ from neti.fleet import Member
 from neti.registry import addr
 from neti.registry.addr import MalformedEntry
 
-_NAME_RE = re.compile(r"^(?P<uuid>[0-9a-f]{32})-(?P<ident>.*)$", re.DOTALL)
+_NAME_RE = re.compile(r"\A(?P<uuid>[0-9a-f]{32})-(?P<ident>.*)\Z", re.DOTALL)
 LEGACY_ID_PREFIX = "legacy-"
 
 
