@@ -423,6 +423,9 @@ class Agent:
                 " (the members container too)" if container_missing else "",
             )
             membership.ensure()
+            # Someone deleted member nodes (ours, maybe the whole container): peers are
+            # re-creating theirs too, so give them a grace period before removing any.
+            self.guard.start_grace(self.cfg.guard_grace_seconds(), "member node re-created")
         self._rearm_watches()
         return container_missing
 

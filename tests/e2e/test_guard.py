@@ -1,0 +1,190 @@
+"""End to end: the guard and self-healing against a real ZooKeeper and real agents.
+
+Someone (an operator's mistake, an attacker with write access) deletes member nodes: one
+host's, or the whole members container. The agents must put themselves back within one
+resync (in practice at once: they watch the prefix), and while they do, no host may lose
+another from its rules.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from neti.lab.demo import ZK_HOST, Lab, wait_for
+from tests.e2e.conftest import SESSION_TIMEOUT
+from tests.lab.fixtures import netns_guard  # noqa: F401 - fixture
+
+pytestmark = [pytest.mark.root, pytest.mark.zk, pytest.mark.timeout(180)]
+
+ALL = ("ec2a", "ec2b", "vpc1")
+IDS = {f"i-{h}" for h in ALL}
+OK, WARNING = 0, 1
+GRACE = 12.0  # long enough for a status poll to see the grace hold on a loaded machine
+RESYNC = 60.0
+
+
+@pytest.fixture(scope="module")
+def lab(netns_guard: None) -> Iterator[Lab]:  # noqa: F811
+    lab = Lab(
+        zk_session_timeout=SESSION_TIMEOUT,
+        watch_delay_min=0.05,
+        watch_delay_max=0.3,
+        resync_interval=RESYNC,
+        guard_grace=GRACE,
+    )
+    with lab:
+        for host in lab.agent_hosts:
+            lab.start_agent(host)
+        lab.wait_converged(timeout=45)
+        yield lab
+
+
+def zk(lab: Lab, code: str) -> str:
+    """Run kazoo code (``zk`` is a started client) in ZooKeeper's namespace; its stdout."""
+    assert lab.zk is not None
+    script = (
+        "from kazoo.client import KazooClient\n"
+        f"zk = KazooClient(hosts='{lab.zk.ip}:{lab.zk.port}', timeout=10)\n"
+        "zk.start(timeout=20)\n"
+        f"{code}\n"
+        "zk.stop()\n"
+    )
+    return lab.topo.run(ZK_HOST, [sys.executable, "-c", script]).stdout
+
+
+def fleet_ids(lab: Lab, host: str) -> set[str]:
+    st = lab.state(host) or {}
+    return {m["instance_id"] for m in st.get("fleet") or []}
+
+
+def members(lab: Lab) -> list[str]:
+    out = zk(lab, "print('\\n'.join(zk.get_children('/neti/members')))")
+    return [line for line in out.splitlines() if line]
+
+
+def status_codes(lab: Lab) -> dict[str, int]:
+    return {h: lab.status(h)[0] for h in ALL}
+
+
+def test_a_deleted_member_node_is_back_within_one_resync(lab: Lab) -> None:
+    wait_for("all healthy", lambda: set(status_codes(lab).values()) == {OK}, timeout=60)
+    mine = next(n for n in members(lab) if "i-ec2a" in n)
+    t0 = time.monotonic()
+    zk(lab, f"zk.delete('/neti/members/{mine}')")
+    wait_for(
+        "ec2a's member node to come back",
+        lambda: any("i-ec2a" in n for n in members(lab)),
+        timeout=RESYNC + 10,
+    )
+    took = time.monotonic() - t0
+    print(f"\nmember node deleted -> re-created by its agent: {took:.2f}s (resync {RESYNC:g}s)")
+    assert took < RESYNC
+    assert "member node was gone" in lab.agent_log("ec2a")
+    wait_for(
+        "every peer to list ec2a again",
+        lambda: all(fleet_ids(lab, h) == IDS for h in ALL),
+        timeout=30,
+    )
+    assert lab.full_mesh(lab.matrix(), ALL)
+    wait_for("all healthy again", lambda: set(status_codes(lab).values()) == {OK}, timeout=60)
+
+
+def test_members_container_deleted_heals_without_a_partition(lab: Lab) -> None:
+    wait_for("all healthy", lambda: set(status_codes(lab).values()) == {OK}, timeout=60)
+    zk(lab, "zk.delete('/neti/members', recursive=True)")
+    t0 = time.monotonic()
+    # Every agent is woken (it watches the prefix), puts the container and itself back, and
+    # holds removals (fleet-vanished, then grace) while the others do the same.
+    wait_for("every member back in ZooKeeper", lambda: len(members(lab)) == 3, timeout=RESYNC)
+    took = time.monotonic() - t0
+    print(f"\nmembers container deleted -> every member back: {took:.2f}s")
+    while time.monotonic() - t0 < 3:
+        for h in ALL:
+            assert fleet_ids(lab, h) == IDS, h
+    logs = "".join(lab.agent_log(h) for h in ALL)
+    assert "member node was gone (the members container too)" in logs
+    assert lab.full_mesh(lab.matrix(), ALL)
+    wait_for("all healthy again", lambda: set(status_codes(lab).values()) == {OK}, timeout=60)
+
+
+def test_members_container_deleted_is_a_held_guard_event(lab: Lab) -> None:
+    """With its peers frozen (so nobody else re-joins), one agent shows the held event."""
+    wait_for("all healthy", lambda: set(status_codes(lab).values()) == {OK}, timeout=60)
+    peers = ("ec2b", "vpc1")
+    for h in peers:
+        lab.signal_agent(h, signal.SIGSTOP)
+    try:
+        zk(lab, "zk.delete('/neti/members', recursive=True)")
+        wait_for(
+            "ec2a's guard to hold a vanished fleet",
+            lambda: (lab.state("ec2a") or {}).get("guard", {}).get("reason") == "fleet-vanished",
+            timeout=30,
+        )
+        rc, report = lab.status("ec2a")
+        assert rc == WARNING, report["summary"]
+        assert report["guard"]["held"] is True
+        assert report["guard"]["removed"] == ["i-ec2b", "i-vpc1"]
+        assert "the fleet vanished from ZooKeeper" in report["summary"]
+        code, text = lab.status_text("ec2a")
+        assert code == WARNING and "HOLDING 2 removals (fleet-vanished)" in text
+        # Rules unchanged: ec2a still reaches its frozen peers (their kernels keep theirs).
+        assert fleet_ids(lab, "ec2a") == IDS
+        assert lab.full_mesh(lab.matrix(), ALL)
+        assert members(lab) and all("i-ec2a" in n for n in members(lab))
+    finally:
+        for h in peers:
+            lab.signal_agent(h, signal.SIGCONT)
+    # The peers wake up (their sessions may have expired meanwhile), put themselves back, and
+    # the guard lets go once the fleet is back.
+    wait_for("every member back in ZooKeeper", lambda: len(members(lab)) == 3, timeout=RESYNC)
+    wait_for(
+        "the guard to release (all healthy)",
+        lambda: set(status_codes(lab).values()) == {OK},
+        timeout=GRACE + 60,
+    )
+    for h in ALL:
+        assert fleet_ids(lab, h) == IDS
+    assert lab.full_mesh(lab.matrix(), ALL)
+
+
+def test_release_guard_lets_a_held_removal_through(lab: Lab) -> None:
+    lab.set_max_change(0)
+    try:
+        lab.stop_agent("ec2b")  # SIGTERM: leaves the fleet at once
+        held = wait_for(
+            "peers to hold ec2b",
+            lambda: (
+                all(
+                    (lab.state(h) or {}).get("guard", {}).get("removed") == ["i-ec2b"]
+                    for h in ("ec2a", "vpc1")
+                )
+                or None
+            ),
+            timeout=30,
+        )
+        assert held
+        for h in ("ec2a", "vpc1"):
+            rc, report = lab.status(h)
+            assert rc == WARNING and report["guard"]["reason"] == "limit"
+        r = lab.neti(ZK_HOST, "fleet", "release-guard", "--json", check=True)
+        assert '"released": true' in r.stdout
+        wait_for(
+            "peers to drop ec2b after the release",
+            lambda: all(fleet_ids(lab, h) == IDS - {"i-ec2b"} for h in ("ec2a", "vpc1")),
+            timeout=30,
+        )
+        for h in ("ec2a", "vpc1"):
+            assert "guard: released by an operator" in lab.agent_log(h)
+            rc, report = lab.status(h)
+            assert rc == OK, report["summary"]
+            assert report["guard"]["released_at"]
+    finally:
+        lab.set_max_change(20)
+        if "ec2b" not in lab.agents:
+            lab.start_agent("ec2b")
+    lab.wait_converged(timeout=30)
