@@ -473,6 +473,17 @@ class _BoundedLoader(yaml.SafeLoader):
             self._anchor_size[event.anchor] = self._expanded - before
         return node
 
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        # A scalar that resolves to a type but does not convert (2020-99-99, !!int x, a
+        # 5000-digit number) raises ValueError inside PyYAML: make it a YAML error with a line.
+        try:
+            return super().construct_object(node, deep=deep)
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise yaml.constructor.ConstructorError(
+                problem=f"cannot read {_short(node.value)} as {node.tag.rsplit(':', 1)[-1]}: {exc}",
+                problem_mark=node.start_mark,
+            ) from None
+
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         # Last-one-wins duplicates hide mistakes: two reject_all lines, and the wrong one counts.
         if isinstance(node, yaml.MappingNode):
@@ -506,7 +517,7 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
 
 def loads(text: str, source: str = "<config>") -> Config:
     """Parse YAML text (bounded: size, depth, alias expansion, unique keys) and validate it."""
-    if len(text.encode("utf-8", "surrogatepass")) > MAX_FILE_BYTES:
+    if len(text) > MAX_FILE_BYTES or len(text.encode("utf-8", "surrogatepass")) > MAX_FILE_BYTES:
         raise ConfigError(source, [f"larger than {MAX_FILE_BYTES // 1024} KiB; not a config"])
     loader = _BoundedLoader(text)
     try:
