@@ -211,6 +211,63 @@ class ZkAuthConfig(BaseModel):
     credentials_file: str
 
 
+# --- ZooKeeper ACL ids (docs/security.md) ---
+ZK_ID_SCHEMES = ("world", "x509", "digest", "ip", "sasl")
+MAX_ZK_ID_CHARS = 1024
+_DIGEST_USER_RE = re.compile(r"\A[^:\s]{1,256}\Z")
+_DIGEST_HASH_RE = re.compile(r"\A[A-Za-z0-9+/]{27}=\Z")  # base64 of a 20-byte SHA-1
+
+
+def zk_acl_id(value: Any) -> str:
+    """A ZooKeeper ACL id ``scheme:id`` checked strictly: it ends up on every node we create."""
+    if not isinstance(value, str):
+        raise ValueError(f"{_short(value)} is not a ZooKeeper id such as x509:CN=neti-operator")
+    if len(value) > MAX_ZK_ID_CHARS:
+        raise ValueError(f"ZooKeeper id longer than {MAX_ZK_ID_CHARS} characters")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value) or value != value.strip():
+        raise ValueError(f"{_short(value)}: control characters or surrounding spaces")
+    scheme, sep, ident = value.partition(":")
+    if not sep or scheme not in ZK_ID_SCHEMES:
+        raise ValueError(
+            f"{_short(value)} is not scheme:id with a scheme of {', '.join(ZK_ID_SCHEMES)}"
+        )
+    if scheme == "world" and ident != "anyone":
+        raise ValueError(f"{_short(value)}: the world scheme has only world:anyone")
+    if scheme == "digest":
+        user, sep, digest = ident.partition(":")
+        if not sep or not _DIGEST_USER_RE.match(user) or not _DIGEST_HASH_RE.match(digest):
+            raise ValueError(
+                f"{_short(value)} is not digest:USER:BASE64-SHA1 (see docs/security.md for "
+                "how to compute it)"
+            )
+    if scheme == "x509" and ("=" not in ident or ident != ident.strip()):
+        raise ValueError(f"{_short(value)} is not x509:<subject DN> such as x509:CN=host")
+    if scheme == "ip":
+        try:
+            ipaddress.ip_network(ident, strict=False)
+        except ValueError:
+            raise ValueError(f"{_short(value)} is not ip:<address or network>") from None
+    if scheme == "sasl" and (not ident or any(c.isspace() for c in ident)):
+        raise ValueError(f"{_short(value)} is not sasl:<principal>")
+    return value
+
+
+ZkId = Annotated[str, BeforeValidator(zk_acl_id)]
+
+
+class ZkAclConfig(BaseModel):
+    """Who may do what under zk_prefix once the registry is secured (docs/security.md)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    # ALL on every node Neti creates: maxchange, gc/release, neti fleet secure.
+    operators: list[ZkId] = Field(default=[], max_length=64)
+    # May CREATE children in the containers. Default world:anyone only with a client
+    # certificate (a TLS ensemble requiring client auth admits certificate holders only).
+    fleet: list[ZkId] | None = Field(default=None, max_length=64)
+    # x509: the agent refuses to start unless its certificate's CN is its instance ID.
+    match_instance_id: bool = True
+
+
 class Config(BaseModel):
     """The whole of neti.yml. Field docs live in docs/configuration.md."""
 
@@ -267,9 +324,25 @@ class Config(BaseModel):
     # Trust (docs/security.md): TLS and/or authentication to ZooKeeper, and per-host ACLs.
     zk_tls: ZkTlsConfig | None = None
     zk_auth: ZkAuthConfig | None = None
+    zk_acl: ZkAclConfig | None = Field(default=None, validate_default=True)
     # Read the original's ip-map party nodes. Turn off once no original agent is left: those
     # nodes cannot be authenticated, so while read they let anyone who can write ip-map in.
     read_legacy: bool = True
+
+    @field_validator("zk_acl")
+    @classmethod
+    def _acl(cls, v: ZkAclConfig | None, info: ValidationInfo) -> ZkAclConfig | None:
+        # A field validator placed after zk_tls/zk_auth so the error names zk_acl.
+        tls, auth = info.data.get("zk_tls"), info.data.get("zk_auth")
+        cert = tls is not None and tls.cert is not None
+        if v is not None and not cert and auth is None:
+            raise ValueError("ACLs need an identity for this host: set zk_tls.cert/key or zk_auth")
+        if (v is not None or auth is not None) and not cert and (v is None or v.fleet is None):
+            raise ValueError(
+                "zk_acl.fleet is required without a client certificate (zk_tls.cert): list "
+                "the ids that may add hosts, e.g. the hosts' digest ids"
+            )
+        return v
 
     @field_validator("zk_prefix")
     @classmethod
@@ -370,6 +443,12 @@ class Config(BaseModel):
             "zk_hosts",
             [f"zk_hosts: no entry for network {network!r} and no 'default' entry"],
         )
+
+    @property
+    def secured(self) -> bool:
+        """Per-host identity and ACLs are on (docs/security.md); else the open original."""
+        cert = self.zk_tls is not None and self.zk_tls.cert is not None
+        return cert or self.zk_auth is not None or self.zk_acl is not None
 
     def warnings(self) -> list[str]:
         out = []

@@ -33,3 +33,10 @@ class SubnetFullError(RegistryError):
 
 class DataplaneError(NetiError):
     """The kernel refused a change (iptables-restore, ipset, nft)."""
+
+
+class RegistryAccessError(RegistryError):
+    """ZooKeeper refused our credentials, or our TLS/auth files are unusable: retrying the
+    same thing cannot help, so the agent exits instead of looping (docs/security.md)."""
+
+    exit_code = 2

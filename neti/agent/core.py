@@ -35,7 +35,13 @@ from neti.agent.scheduler import Scheduler
 from neti.agent.sdnotify import Notifier
 from neti.agent.waker import Waker
 from neti.config import Config
-from neti.errors import ConfigError, NetiError, RegistryError, SubnetFullError
+from neti.errors import (
+    ConfigError,
+    NetiError,
+    RegistryAccessError,
+    RegistryError,
+    SubnetFullError,
+)
 from neti.fleet import Fleet, Member
 from neti.identity import Identity
 
@@ -69,6 +75,9 @@ RECONNECT_KEYS = (
     "identity",
     "legacy_networks",
     "publish_legacy",
+    "zk_tls",
+    "zk_auth",
+    "zk_acl",
 )
 
 
@@ -186,6 +195,7 @@ class Agent:
         setup_logging(self.cfg, self.verbose)
         log.info("neti %s starting (config %s)", __version__, self.config_path)
         self._resolve_identity()
+        self._check_trust()
         from neti import dataplane
 
         self.backend = dataplane.select(self.cfg)
@@ -202,6 +212,14 @@ class Agent:
                     exc.strerror,
                 )
         self._save()
+
+    def _check_trust(self) -> None:
+        """TLS/credential files usable and the certificate naming this instance, before the
+        kernel is touched: RegistryAccessError ends the agent (docs/security.md)."""
+        from neti.registry.client import check_trust
+
+        assert self.identity is not None
+        check_trust(self.cfg, self.identity.instance_id)
 
     def _resolve_identity(self) -> None:
         from neti.identity import resolve
@@ -299,6 +317,8 @@ class Agent:
             self._watchdog()
             try:
                 reg = connect(self.cfg, self.identity.network, timeout=self.cfg.zk_session_timeout)
+            except RegistryAccessError:
+                raise  # refused credentials or unusable TLS files: retrying cannot help
             except RegistryError as exc:
                 attempts += 1
                 (log.warning if attempts == 1 or attempts % 10 == 0 else log.info)(

@@ -22,6 +22,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_check(args: argparse.Namespace) -> int:
     cfg = config_mod.load(args.config)  # logs cfg.warnings() to stderr itself
+    if not cfg.secured:
+        print(
+            "neti: warning: the registry is open: no zk_tls.cert, zk_auth or zk_acl, so anyone "
+            "who reaches ZooKeeper can change every host's firewall (docs/security.md)",
+            file=sys.stderr,
+        )
     data = config_mod.normalized(cfg)
     if args.json:
         print_json(data)

@@ -13,10 +13,11 @@ import random
 from ipaddress import IPv4Address, IPv4Network
 
 from kazoo.client import KazooClient
-from kazoo.exceptions import NodeExistsError, NoNodeError
+from kazoo.exceptions import NoAuthError, NodeExistsError, NoNodeError
 
 from neti.errors import RegistryError, SubnetFullError
 from neti.registry import addr
+from neti.registry.acl import AclPolicy
 from neti.registry.addr import MalformedEntry
 
 log = logging.getLogger(__name__)
@@ -33,11 +34,22 @@ RANDOM_TRIES = 64  # random candidates per pick before a nearly full subnet is s
 class OverlayClaims:
     """Claim, look up and release overlay addresses in one subnet."""
 
-    def __init__(self, client: KazooClient, id_to_ip: str, ip_to_id: str, subnet: IPv4Network):
+    def __init__(
+        self,
+        client: KazooClient,
+        id_to_ip: str,
+        ip_to_id: str,
+        subnet: IPv4Network,
+        acl: AclPolicy | None = None,
+    ):
         self.client = client
         self.id_to_ip = id_to_ip
         self.ip_to_id = ip_to_id
         self.subnet = subnet
+        # Containers: the fleet adds, operators delete; a claim pair: its host and operators.
+        acl = acl or AclPolicy()
+        self.container_acl = acl.container()
+        self.own_acl = acl.own()
         self._rng = random.SystemRandom()
         # Seams for tests: how many candidate addresses were tested against the used set, and
         # up to which size a subnet is scanned rather than sampled.
@@ -162,7 +174,7 @@ class OverlayClaims:
         """This instance's address: its existing claim, else a new random free one."""
         id_path = self._id_path(instance_id)
         for path in (self.id_to_ip, self.ip_to_id):
-            self.client.retry(self.client.ensure_path, path)
+            self.client.retry(self.client.ensure_path, path, acl=self.container_acl)
         # The whole loop is idempotent (it starts by reading our claim), so a connection loss
         # mid-commit is retried safely: an applied transaction is simply found next round.
         return self.client.retry(self._claim, instance_id, id_path)
@@ -188,17 +200,19 @@ class OverlayClaims:
                 continue
             ip = self._free()
             txn = self.client.transaction()
-            txn.create(id_path, str(ip).encode("ascii"))
-            txn.create(self._ip_path(ip), instance_id.encode("ascii"))
+            txn.create(id_path, str(ip).encode("ascii"), acl=self.own_acl)
+            txn.create(self._ip_path(ip), instance_id.encode("ascii"), acl=self.own_acl)
             results = txn.commit()
             failures = [r for r in results if isinstance(r, Exception)]
+            if any(isinstance(r, NoAuthError) for r in failures):
+                raise NoAuthError()  # not a race: retrying cannot help
             if not failures:
                 log.info("claimed overlay IP %s for %s", ip, instance_id)
                 return ip
             if isinstance(results[0], NoNodeError) or isinstance(results[1], NoNodeError):
                 # Someone removed a parent between ensure_path and commit.
-                self.client.ensure_path(self.id_to_ip)
-                self.client.ensure_path(self.ip_to_id)
+                self.client.ensure_path(self.id_to_ip, acl=self.container_acl)
+                self.client.ensure_path(self.ip_to_id, acl=self.container_acl)
             log.debug(
                 "claim of %s for %s lost a race (%s); retrying",
                 ip,
@@ -220,8 +234,10 @@ class OverlayClaims:
             # id-to-ip node makes the whole thing fail rather than leave an orphan.
             txn = self.client.transaction()
             txn.check(self._id_path(instance_id), version=-1)
-            txn.create(ip_path, instance_id.encode("ascii"))
+            txn.create(ip_path, instance_id.encode("ascii"), acl=self.own_acl)
             results = txn.commit()
+            if any(isinstance(r, NoAuthError) for r in results):
+                raise NoAuthError() from None
             if not any(isinstance(r, Exception) for r in results):
                 log.warning("completed half-written claim of %s for %s", ip, instance_id)
                 return True
@@ -263,6 +279,8 @@ class OverlayClaims:
                     if owner.decode("ascii", "replace").strip() == instance_id:
                         txn.delete(self._ip_path(ip), version=ip_stat.version)
             results = txn.commit()
+            if any(isinstance(r, NoAuthError) for r in results):
+                raise NoAuthError()  # releasing needs DELETE on the containers: operators
             if not any(isinstance(r, Exception) for r in results):
                 log.info("released overlay IP %s of %s", text, instance_id)
                 return ip

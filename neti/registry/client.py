@@ -1,18 +1,63 @@
-"""Connecting to ZooKeeper: the network's hosts, a bounded start, quiet logs."""
+"""Connecting to ZooKeeper: the network's hosts, TLS and credentials, a bounded start.
+
+A start that fails is one of two things, and the agent treats them differently:
+"cannot reach" (RegistryError: retried forever, the network may come back) and "refused our
+credentials / our TLS files are unusable" (RegistryAccessError: retrying cannot help, so the
+agent exits non-zero before touching anything). See docs/security.md.
+"""
 
 from __future__ import annotations
 
 import logging
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Sequence
 
 from kazoo.client import KazooClient
-from kazoo.handlers.threading import KazooTimeoutError, SequentialThreadingHandler
+from kazoo.handlers.threading import SequentialThreadingHandler
+from kazoo.protocol.states import KeeperState
 from kazoo.retry import KazooRetry
 
 from neti.config import Config
-from neti.errors import RegistryError
+from neti.errors import RegistryAccessError, RegistryError
+from neti.registry.acl import (
+    AclPolicy,
+    check_instance_cn,
+    load_certificate,
+    load_credentials,
+    read_pem_key_ok,
+)
 from neti.registry.facade import Registry
 
 log = logging.getLogger(__name__)
+
+# How long the post-mortem probe waits for a server's verdict on our certificate: with
+# TLS 1.3 the server checks it after the handshake and answers with an alert at once.
+PROBE_TIMEOUT = 2.0
+PROBE_MAX_HOSTS = 5
+
+# OpenSSL reasons meaning "the server refused our certificate" (an alert it sent us).
+_CLIENT_CERT_REFUSED = (
+    "CERTIFICATE_REQUIRED",
+    "BAD_CERTIFICATE",
+    "UNKNOWN_CA",
+    "CERTIFICATE_UNKNOWN",
+    "CERTIFICATE_EXPIRED",
+    "CERTIFICATE_REVOKED",
+    "UNSUPPORTED_CERTIFICATE",
+    "ACCESS_DENIED",
+    "HANDSHAKE_FAILURE",
+)
+_NOT_TLS = ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG")
+
+
+def _transient(exc: ssl.SSLError) -> bool:
+    """A handshake cut short (EOF, reset) says nothing about our credentials: a ZooKeeper
+    proxy with no live server behind it does exactly that. Only "cannot reach"."""
+    text = f"{exc.reason or ''} {exc}".upper()
+    return isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError) or "EOF" in text
 
 
 def _quiet_kazoo() -> None:
@@ -22,30 +67,112 @@ def _quiet_kazoo() -> None:
         kz.setLevel(logging.WARNING)
 
 
+def tls_context(cfg: Config) -> ssl.SSLContext | None:
+    """The client's TLS context from zk_tls, or None; RegistryAccessError naming the key.
+
+    Only zk_tls.ca is trusted (kazoo's own context would add the system's public CAs, so
+    any publicly certified server would pass when hostnames are not checked).
+    """
+    tls = cfg.zk_tls
+    if tls is None:
+        return None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.check_hostname = tls.check_hostname
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    try:
+        ctx.load_verify_locations(cafile=tls.ca)
+    except ssl.SSLError as exc:
+        raise RegistryAccessError(
+            f"zk_tls.ca {tls.ca}: no usable PEM CA certificate in it ({exc.reason or exc})"
+        ) from None
+    except OSError as exc:
+        raise RegistryAccessError(
+            f"zk_tls.ca {tls.ca}: cannot read: {exc.strerror or exc}"
+        ) from None
+    if tls.cert is not None and tls.key is not None:
+        load_certificate(tls.cert)  # names zk_tls.cert on unreadable or non-PEM files
+        read_pem_key_ok(tls.key)
+        try:
+            ctx.load_cert_chain(certfile=tls.cert, keyfile=tls.key)
+        except ssl.SSLError as exc:
+            if "KEY_VALUES_MISMATCH" in str(exc):
+                raise RegistryAccessError(
+                    f"zk_tls.key {tls.key}: not the private key of zk_tls.cert {tls.cert}"
+                ) from None
+            raise RegistryAccessError(
+                f"zk_tls.cert {tls.cert} / zk_tls.key {tls.key}: unusable ({exc.reason or exc})"
+            ) from None
+        except OSError as exc:
+            raise RegistryAccessError(
+                f"zk_tls.cert {tls.cert}: cannot read: {exc.strerror or exc}"
+            ) from None
+    return ctx
+
+
+def auth_data(cfg: Config) -> list[tuple[str, str]]:
+    """kazoo's auth_data: every credentials_file line, as digest user:password."""
+    if cfg.zk_auth is None:
+        return []
+    users = load_credentials(cfg.zk_auth.credentials_file)
+    return [(cfg.zk_auth.scheme, f"{user}:{password}") for user, password in users]
+
+
 class BoundedConnectHandler(SequentialThreadingHandler):
     """kazoo's TCP connect waits up to the whole session timeout. With a dead host next in
     zk_hosts (a ZooKeeper proxy that died), the session would expire before the next host is
     tried; a bounded connect lets a failover fit in the session timeout (docs/operations.md).
+
+    With ``ssl_context`` it also does the TLS handshake itself (with our strict context) and
+    remembers handshake failures, so a refused certificate is told apart from a dead host.
     """
 
-    def __init__(self, connect_timeout: float):
+    def __init__(self, connect_timeout: float, ssl_context: ssl.SSLContext | None = None):
         super().__init__()
         self.connect_timeout = connect_timeout
+        self.ssl_context = ssl_context
+        self.tls_failures: dict[str, ssl.SSLError] = {}
+        self.tls_cut_short: set[str] = set()  # handshakes that ended in EOF (see _transient)
+        self._tls_lock = threading.Lock()
 
     def create_connection(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         if kwargs.get("timeout") is not None:
             kwargs["timeout"] = min(kwargs["timeout"], self.connect_timeout)
-        return super().create_connection(*args, **kwargs)
+        if self.ssl_context is None:
+            return super().create_connection(*args, **kwargs)
+        address = kwargs.get("address") or args[0]
+        hostname = kwargs.get("hostname")
+        sock = socket.create_connection(address, kwargs.get("timeout"))
+        try:
+            conn = self.ssl_context.wrap_socket(sock, server_hostname=hostname or address[0])
+        except ssl.SSLError as exc:
+            sock.close()
+            with self._tls_lock:
+                if _transient(exc):
+                    self.tls_cut_short.add(f"{address[0]}:{address[1]}")
+                else:
+                    self.tls_failures[f"{address[0]}:{address[1]}"] = exc
+            raise
+        except OSError:
+            sock.close()
+            raise
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return conn
 
 
-def make_client(cfg: Config, network: str) -> KazooClient:
+def make_client(
+    cfg: Config,
+    network: str,
+    ssl_context: ssl.SSLContext | None = None,
+    auth: Sequence[tuple[str, str]] = (),
+) -> KazooClient:
     hosts = ",".join(cfg.zk_hosts_for(network))
     return KazooClient(
         hosts=hosts,
         timeout=cfg.zk_session_timeout,
         # Dropped connections are noticed after 2/3 of the session timeout; one dead host at
         # T/5 still leaves time to reach a live one before the session expires.
-        handler=BoundedConnectHandler(max(1.0, cfg.zk_session_timeout / 5)),
+        handler=BoundedConnectHandler(max(1.0, cfg.zk_session_timeout / 5), ssl_context),
         # Reconnect forever (an agent must outlive any ZooKeeper outage). The back-off stays
         # well under the session timeout: a server that comes back after a short outage still
         # holds our session, and a client that slept through its return would lose it, and
@@ -57,22 +184,140 @@ def make_client(cfg: Config, network: str) -> KazooClient:
             max_delay=max(0.5, min(10.0, cfg.zk_session_timeout / 3)),
         ),
         command_retry=KazooRetry(max_tries=5, delay=0.2, backoff=2, max_delay=5),
+        auth_data=list(auth) or None,
     )
 
 
-def connect(cfg: Config, network: str, timeout: float | None = None) -> Registry:
-    """A started Registry for ``network``'s ZooKeeper; RegistryError naming the hosts if not."""
+def _tls_verdict(cfg: Config, where: str, exc: ssl.SSLError) -> RegistryAccessError:
+    """One line naming the key a handshake failure points at."""
+    assert cfg.zk_tls is not None
+    text = f"{exc.reason or ''} {exc}".upper()
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        detail = exc.verify_message or str(exc)
+        if "hostname" in detail.lower() or "IP address mismatch" in detail:
+            return RegistryAccessError(
+                f"zk_tls.check_hostname: the certificate of ZooKeeper at {where} does not "
+                f"name that host ({detail})"
+            )
+        return RegistryAccessError(
+            f"zk_tls.ca {cfg.zk_tls.ca}: the certificate of ZooKeeper at {where} is not "
+            f"signed by it ({detail})"
+        )
+    if any(r in text for r in _NOT_TLS):
+        return RegistryAccessError(
+            f"zk_hosts: {where} does not speak TLS ({exc.reason}); with zk_tls, zk_hosts must "
+            "name the servers' secureClientPort"
+        )
+    if any(r in text for r in _CLIENT_CERT_REFUSED):
+        if cfg.zk_tls.cert is None:
+            return RegistryAccessError(
+                f"zk_tls.cert: ZooKeeper at {where} requires a client certificate "
+                f"({exc.reason}); set zk_tls.cert and zk_tls.key"
+            )
+        return RegistryAccessError(
+            f"zk_tls.cert {cfg.zk_tls.cert}: ZooKeeper at {where} refused this certificate "
+            f"({exc.reason}); is it signed by the CA the servers trust, and still valid?"
+        )
+    return RegistryAccessError(
+        f"zk_tls: TLS with ZooKeeper at {where} failed ({exc.reason or exc})"
+    )
+
+
+def _probe(ctx: ssl.SSLContext, host: str, port: int, timeout: float) -> ssl.SSLError | None:
+    """Handshake and wait briefly: the SSLError the server answered with, or None if it
+    accepted us (or could not be reached at all, which is a different story)."""
+    try:
+        sock = socket.create_connection((host, port), timeout)
+    except OSError:
+        return None
+    try:
+        conn = ctx.wrap_socket(sock, server_hostname=host)
+    except ssl.SSLError as exc:
+        sock.close()
+        return None if _transient(exc) else exc
+    except OSError:
+        sock.close()
+        return None
+    try:
+        conn.settimeout(timeout)
+        conn.recv(1)  # a TLS 1.3 server sends its verdict on our certificate now
+    except ssl.SSLError as exc:
+        return None if _transient(exc) else exc
+    except OSError:
+        return None
+    finally:
+        conn.close()
+    return None
+
+
+def _diagnose(cfg: Config, client: KazooClient, ctx: ssl.SSLContext | None, state: str) -> None:
+    """After a failed start: raise RegistryAccessError if we were refused, else return."""
+    if state == KeeperState.AUTH_FAILED:
+        key = "zk_auth.credentials_file" if cfg.zk_auth else "zk_tls.cert"
+        raise RegistryAccessError(f"{key}: ZooKeeper refused our authentication (AUTH_FAILED)")
+    if ctx is None:
+        return
+    handler = client.handler
+    failures = dict(getattr(handler, "tls_failures", {}))
+    for where, exc in failures.items():
+        raise _tls_verdict(cfg, where, exc)
+    for host, port in client.hosts[:PROBE_MAX_HOSTS]:
+        exc = _probe(ctx, host, port, PROBE_TIMEOUT)
+        if exc is not None:
+            raise _tls_verdict(cfg, f"{host}:{port}", exc)
+
+
+def check_trust(cfg: Config, instance_id: str | None = None) -> AclPolicy:
+    """Every TLS and credential file usable, and (x509) the certificate naming
+    ``instance_id``; the policy it yields. RegistryAccessError naming the key otherwise."""
+    tls_context(cfg)
+    auth_data(cfg)
+    policy = AclPolicy.from_config(cfg)
+    if instance_id is not None:
+        check_instance_cn(cfg, instance_id)
+    return policy
+
+
+def connect(
+    cfg: Config, network: str, timeout: float | None = None, acl: AclPolicy | None = None
+) -> Registry:
+    """A started Registry for ``network``'s ZooKeeper.
+
+    RegistryAccessError (exit 2, not retried by the agent) for unusable TLS/credential files
+    and refused credentials; RegistryError naming the hosts when they cannot be reached.
+    """
     _quiet_kazoo()
     hosts = ",".join(cfg.zk_hosts_for(network))
-    client = make_client(cfg, network)
+    policy = acl if acl is not None else AclPolicy.from_config(cfg)
+    ctx = tls_context(cfg)
+    client = make_client(cfg, network, ctx, auth_data(cfg))
     wait = timeout if timeout is not None else cfg.zk_session_timeout
-    try:
-        client.start(timeout=wait)
-    except KazooTimeoutError:
+    handler = client.handler
+    event = client.start_async()
+    deadline = time.monotonic() + wait
+    while not event.wait(0.1):
+        if client.client_state == KeeperState.AUTH_FAILED:
+            break
+        if isinstance(handler, BoundedConnectHandler) and handler.tls_failures:
+            # Every host refused the handshake: no need to wait out the whole timeout.
+            if len(handler.tls_failures) >= len(client.hosts):
+                break
+        if time.monotonic() >= deadline:
+            break
+    if not client.connected:
+        state = client.client_state
         client.stop()
         client.close()
+        _diagnose(cfg, client, ctx, state)
+        hint = ""
+        if isinstance(handler, BoundedConnectHandler) and handler.tls_cut_short:
+            hint = (
+                "; TLS handshakes with "
+                + ",".join(sorted(handler.tls_cut_short))
+                + " were cut short: a plaintext clientPort, or a proxy with no server behind it?"
+            )
         raise RegistryError(
             f"cannot reach ZooKeeper at {hosts} within {wait:g}s (network {network!r}; "
-            "check zk_hosts and that the servers are up)"
-        ) from None
-    return Registry(client, cfg)
+            f"check zk_hosts and that the servers are up){hint}"
+        )
+    return Registry(client, cfg, acl=policy)

@@ -11,7 +11,7 @@ from ipaddress import IPv4Address, IPv4Network
 from typing import ParamSpec, Protocol, TypeVar
 
 from kazoo.client import KazooClient
-from kazoo.exceptions import KazooException, NoNodeError
+from kazoo.exceptions import KazooException, NoAuthError, NoNodeError
 from kazoo.handlers.threading import KazooTimeoutError
 
 from neti import __version__
@@ -20,6 +20,7 @@ from neti.errors import RegistryError
 from neti.fleet import Fleet
 from neti.identity import Identity
 from neti.registry import addr
+from neti.registry.acl import AclPolicy, acl_key, acl_text
 from neti.registry.claims import OverlayClaims
 from neti.registry.guard import MaxChange
 from neti.registry.membership import Membership
@@ -33,14 +34,23 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
-def _zk_errors(what: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
-    """Turn kazoo's exceptions into one clear RegistryError line."""
+def _zk_errors(what: str, path: str | None = None) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Turn kazoo's exceptions into one clear RegistryError line.
+
+    ``path`` names the Paths field a NoAuth answer is reported on ("ZooKeeper refused ...
+    on /neti/maxchange: not allowed for x509:CN=i-1").
+    """
 
     def deco(fn: Callable[P, R]) -> Callable[P, R]:
         @functools.wraps(fn)
         def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
             try:
                 return fn(*args, **kwargs)
+            except NoAuthError as exc:
+                reg = args[0]
+                policy = getattr(reg, "acl", None) or AclPolicy()
+                where = getattr(reg.paths, path) if path else None  # type: ignore[attr-defined]
+                raise policy.denied(what, where) from exc
             except (KazooException, KazooTimeoutError) as exc:
                 detail = str(exc) or type(exc).__name__
                 raise RegistryError(f"ZooKeeper error while {what}: {detail}") from exc
@@ -129,16 +139,21 @@ class Registry:
         cfg: Config,
         owns_client: bool = True,
         attest_check: AttestCheck | None = None,
+        acl: AclPolicy | None = None,
     ):
         self.client = client
         self.cfg = cfg
         self.paths = Paths.from_config(cfg)
         self.owns_client = owns_client
+        # Who we are and the ACL of each kind of node (acl.py); open unless cfg.secured.
+        self.acl = acl if acl is not None else AclPolicy.from_config(cfg)
         self._claims = OverlayClaims(
-            client, self.paths.id_to_ip, self.paths.ip_to_id, cfg.overlay_subnet
+            client, self.paths.id_to_ip, self.paths.ip_to_id, cfg.overlay_subnet, acl=self.acl
         )
-        self.membership = Membership(client, cfg, self.paths.members, self.paths.legacy)
-        self._guard = MaxChange(client, self.paths.max_change, cfg.max_change_default)
+        self.membership = Membership(
+            client, cfg, self.paths.members, self.paths.legacy, acl=self.acl
+        )
+        self._guard = MaxChange(client, self.paths.max_change, cfg.max_change_default, acl=self.acl)
         self._deadline = float(cfg.zk_session_timeout)
         self.verifier = Verifier(
             client,
@@ -170,9 +185,35 @@ class Registry:
         return self.paths.legacy
 
     # --- claims ---
-    @_zk_errors("claiming an overlay IP")
+    @_zk_errors("claiming an overlay IP", "id_to_ip")
     def claim(self, instance_id: str) -> IPv4Address:
-        return self._claims.claim(instance_id)
+        ip = self._claims.claim(instance_id)
+        if self.acl.secured:
+            self._own_claim_acls(instance_id, ip)
+        return ip
+
+    def _own_claim_acls(self, instance_id: str, ip: IPv4Address) -> None:
+        """A claim from the open days still has world ALL: give it our ACL (we may, while it
+        is open). One where it differs and we may not is left alone, with a warning."""
+        want = self.acl.own()
+        assert want is not None
+        for path in (f"{self.paths.id_to_ip}/{instance_id}", f"{self.paths.ip_to_id}/{ip}"):
+            try:
+                have, _ = self.client.retry(self.client.get_acls, path)
+                if acl_key(have) == acl_key(want):
+                    continue
+                self.client.retry(self.client.set_acls, path, want)
+                log.info("secured %s: %s", path, acl_text(want))
+            except NoAuthError:
+                log.warning(
+                    "%s has ACL %s, not ours (%s) and we may not change it; an operator can "
+                    "fix it with neti fleet secure",
+                    path,
+                    acl_text(have),
+                    acl_text(want),
+                )
+            except NoNodeError:
+                continue
 
     @_zk_errors("reading an overlay IP claim")
     def claim_of(self, instance_id: str) -> IPv4Address | None:
@@ -182,12 +223,12 @@ class Registry:
     def claims(self) -> dict[str, IPv4Address]:
         return self._claims.claims()
 
-    @_zk_errors("releasing an overlay IP claim")
+    @_zk_errors("releasing an overlay IP claim", "id_to_ip")
     def release(self, instance_id: str) -> IPv4Address | None:
         return self._claims.release(instance_id)
 
     # --- membership ---
-    @_zk_errors("joining the fleet")
+    @_zk_errors("joining the fleet", "members")
     def join(self, identity: Identity, overlay_ip: IPv4Address, version: str = __version__) -> None:
         try:
             self.membership.join(identity, overlay_ip, version)
@@ -196,6 +237,13 @@ class Registry:
 
     @_zk_errors("leaving the fleet")
     def leave(self) -> None:
+        """Delete our nodes; under a secured registry we may not (DELETE on the containers
+        is the operators'), so end the session instead and they go with it."""
+        if self.acl.secured and not self.acl.is_operator:
+            self.membership.leave(delete=False)
+            if self.owns_client:
+                self.client.stop()
+            return
         self.membership.leave()
 
     @_zk_errors("reading the fleet")
@@ -248,7 +296,7 @@ class Registry:
             return []
 
     # --- guard ---
-    @_zk_errors("reading the max-change guard")
+    @_zk_errors("reading the max-change guard", "max_change")
     def max_change(self) -> int:
         return self._guard.get()
 
@@ -257,7 +305,7 @@ class Registry:
         """Why the last max_change() read fell back to the default, or None."""
         return getattr(self._guard, "problem", None)
 
-    @_zk_errors("setting the max-change guard")
+    @_zk_errors("setting the max-change guard", "max_change")
     def set_max_change(self, n: int) -> None:
         try:
             self._guard.set(n)
@@ -268,7 +316,7 @@ class Registry:
     def close(self) -> None:
         """Leave (if joined) and, when we own the client, end the session."""
         try:
-            self.membership.leave()
+            self.membership.leave(delete=not self.acl.secured or self.acl.is_operator)
         except (KazooException, KazooTimeoutError) as exc:
             log.debug("leave on close failed: %s", exc)
         if self.owns_client:

@@ -12,6 +12,8 @@ import re
 from kazoo.client import KazooClient
 from kazoo.exceptions import NodeExistsError, NoNodeError
 
+from neti.registry.acl import AclPolicy
+
 log = logging.getLogger(__name__)
 
 
@@ -43,10 +45,14 @@ def parse_max_change(data: bytes, default: int) -> tuple[int, str | None]:
 
 
 class MaxChange:
-    def __init__(self, client: KazooClient, path: str, default: int):
+    def __init__(self, client: KazooClient, path: str, default: int, acl: AclPolicy | None = None):
         self.client = client
         self.path = path
         self.default = default
+        # Secured: every agent reads it, operators alone set it; its parent is a container.
+        policy = acl or AclPolicy()
+        self.acl = policy.guard()
+        self.parent_acl = policy.container()
         self.problem: str | None = None  # why the last read used the default (for status)
 
     def get(self) -> int:
@@ -55,9 +61,7 @@ class MaxChange:
             data, _ = self.client.retry(self.client.get, self.path)
         except NoNodeError:
             try:
-                self.client.retry(
-                    self.client.create, self.path, str(self.default).encode(), makepath=True
-                )
+                self._create(str(self.default).encode())
                 self.problem = None
                 return self.default
             except NodeExistsError:
@@ -68,6 +72,26 @@ class MaxChange:
         self.problem = problem
         return value
 
+    def _create(self, data: bytes) -> None:
+        if self.acl is None:
+            self.client.retry(self.client.create, self.path, data, makepath=True)
+            return
+        # Not makepath: kazoo would give the parents maxchange's operator-only ACL.
+        parent = self.path.rsplit("/", 1)[0]
+        if parent:
+            self.client.retry(self.client.ensure_path, parent, acl=self.parent_acl)
+        self.client.retry(self.client.create, self.path, data, acl=self.acl)
+
+    def _create(self, data: bytes) -> None:
+        if self.acl is None:
+            self.client.retry(self.client.create, self.path, data, makepath=True)
+            return
+        # Not makepath: kazoo would give the parents maxchange's operator-only ACL.
+        parent = self.path.rsplit("/", 1)[0]
+        if parent:
+            self.client.retry(self.client.ensure_path, parent, acl=self.parent_acl)
+        self.client.retry(self.client.create, self.path, data, acl=self.acl)
+
     def set(self, value: int) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"max change must be a non-negative integer, not {value!r}")
@@ -76,6 +100,6 @@ class MaxChange:
             self.client.retry(self.client.set, self.path, data)
         except NoNodeError:
             try:
-                self.client.retry(self.client.create, self.path, data, makepath=True)
+                self._create(data)
             except NodeExistsError:
                 self.client.retry(self.client.set, self.path, data)

@@ -10,16 +10,20 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from ipaddress import IPv4Address
 
 from kazoo.client import KazooClient, KazooState
-from kazoo.exceptions import KazooException, NodeExistsError, NoNodeError
+from kazoo.exceptions import KazooException, NoAuthError, NodeExistsError, NoNodeError
+from kazoo.security import ACL
 
 from neti.config import Config
+from neti.errors import RegistryError
 from neti.fleet import Member
 from neti.identity import Identity
 from neti.registry import legacy as legacy_codec
+from neti.registry.acl import AclPolicy
 from neti.registry.addr import MalformedEntry
 from neti.registry.codec import encode_member, member_prefix
 
@@ -36,6 +40,9 @@ class EphemeralSeat:
         name: str,
         is_mine: Callable[[str], bool],
         data: bytes = b"",
+        acl: list[ACL] | None = None,
+        parent_acl: list[ACL] | None = None,
+        stale_wait: float = 0.0,
     ):
         if "/" in name or name in ("", ".", ".."):
             raise ValueError(f"{name!r} is not a ZooKeeper node name")
@@ -45,6 +52,12 @@ class EphemeralSeat:
         self.path = f"{parent}/{name}"
         self.is_mine = is_mine
         self.data = data
+        # Secured registry (acl.py): our node's and its container's ACLs; a stale node of
+        # ours cannot be deleted there (DELETE on the container is the operators'), so we
+        # wait up to ``stale_wait`` seconds for its session to expire instead.
+        self.acl = acl
+        self.parent_acl = parent_acl
+        self.stale_wait = stale_wait
 
     def _session(self) -> int | None:
         cid = self.client.client_id
@@ -56,7 +69,7 @@ class EphemeralSeat:
         stat = self.client.retry(self.client.exists, self.path)
         if stat is not None and stat.ephemeralOwner == session:
             return False  # the common case after a brief disconnection: one cheap read
-        self.client.retry(self.client.ensure_path, self.parent)
+        self.client.retry(self.client.ensure_path, self.parent, acl=self.parent_acl)
         for child in self.client.retry(self.client.get_children, self.parent):
             if not self.is_mine(child):
                 continue
@@ -70,17 +83,51 @@ class EphemeralSeat:
             log.info("removing stale membership node %s (owner %#x)", path, stat.ephemeralOwner)
             try:
                 self.client.retry(self.client.delete, path, version=stat.version)
+            except NoAuthError:
+                self._await_expiry(path, stat.ephemeralOwner)
             except (NoNodeError, KazooException) as exc:
                 if not isinstance(exc, NoNodeError):
                     log.warning("could not remove stale node %s: %s", path, exc)
         try:
-            self.client.retry(self.client.create, self.path, self.data, ephemeral=True)
+            self.client.retry(
+                self.client.create, self.path, self.data, ephemeral=True, acl=self.acl
+            )
         except NodeExistsError:
             # A connection loss after the server created it: ours if the owner matches.
             stat = self.client.retry(self.client.exists, self.path)
             if stat is None or stat.ephemeralOwner != self._session():
                 raise
         return True
+
+    def _await_expiry(self, path: str, owner: int) -> None:
+        """A node of ours we may not delete (secured registry): wait, bounded, for an older
+        session's node to go with its session when it blocks our name; otherwise leave it
+        (peers check claims) and say so."""
+        if owner == 0 or not path.endswith("/" + self.name):
+            log.warning(
+                "stale membership node %s (%s) cannot be deleted under the secured "
+                "registry: an operator must remove it (zkCli delete)",
+                path,
+                "persistent" if owner == 0 else f"session {owner:#x}",
+            )
+            return
+        log.warning(
+            "stale membership node %s (session %#x) cannot be deleted under the secured "
+            "registry; waiting up to %gs for that session to expire",
+            path,
+            owner,
+            self.stale_wait,
+        )
+        deadline = time.monotonic() + self.stale_wait
+        while time.monotonic() < deadline:
+            if self.client.retry(self.client.exists, path) is None:
+                log.info("stale membership node %s expired", path)
+                return
+            time.sleep(0.25)
+        raise RegistryError(
+            f"stale membership node {path} of session {owner:#x} did not expire within "
+            f"{self.stale_wait:g}s; will try again"
+        )
 
     def remove(self) -> None:
         stat = self.client.retry(self.client.exists, self.path)
@@ -94,9 +141,19 @@ class EphemeralSeat:
 class Membership:
     """This host's presence in ``members`` (and, optionally, the original's ``ip-map``)."""
 
-    def __init__(self, client: KazooClient, cfg: Config, members_path: str, legacy_path: str):
+    def __init__(
+        self,
+        client: KazooClient,
+        cfg: Config,
+        members_path: str,
+        legacy_path: str,
+        acl: AclPolicy | None = None,
+    ):
         self.client = client
         self.cfg = cfg
+        self.acl = acl or AclPolicy()
+        # An older session of ours expires within its timeout (the server may round it up).
+        self.stale_wait = 2 * cfg.zk_session_timeout + 2
         self.members_path = members_path
         self.legacy_path = legacy_path
         self.seats: list[EphemeralSeat] = []
@@ -124,7 +181,11 @@ class Membership:
         prefix = member_prefix(member.instance_id)
         seats = [
             EphemeralSeat(
-                self.client, self.members_path, name, lambda child: child.startswith(prefix)
+                self.client,
+                self.members_path,
+                name,
+                lambda child: child.startswith(prefix),
+                **self._seat_acls(),
             )
         ]
         if self.cfg.publish_legacy:
@@ -140,6 +201,13 @@ class Membership:
                 self.client.add_listener(self._on_state)
                 self._listening = True
         return member
+
+    def _seat_acls(self) -> dict[str, object]:
+        return {
+            "acl": self.acl.own(),
+            "parent_acl": self.acl.container(),
+            "stale_wait": self.stale_wait if self.acl.secured else 0.0,
+        }
 
     def _legacy_seat(self, m: Member) -> EphemeralSeat | None:
         flag = legacy_codec.flag_for(m.network, self.cfg.legacy_networks)
@@ -167,14 +235,19 @@ class Membership:
             legacy_codec.node_name(ident),
             is_mine,
             data=ident.encode("ascii"),
+            **self._seat_acls(),
         )
 
-    def leave(self) -> None:
+    def leave(self, delete: bool = True) -> None:
+        """Forget our nodes and delete them (``delete``); without it they go with the
+        session, which is how a host leaves a secured registry (it may not delete)."""
         with self._lock:
             if self._listening:
                 self.client.remove_listener(self._on_state)
                 self._listening = False
             seats, self.seats, self.member = self.seats, [], None
+        if not delete:
+            return
         for seat in seats:
             try:
                 seat.remove()

@@ -1,0 +1,434 @@
+"""Who may touch which registry node: the ACLs Neti puts on what it creates.
+
+The model (docs/security.md has the table): containers let the fleet add children but only
+operators delete them; a host's own nodes (member, claim pair, ip-map seat) are writable by
+that host alone; ``maxchange`` by operators alone; everyone may read. Without zk_tls.cert,
+zk_auth or zk_acl nothing here applies and nodes keep the original's world ALL (``None``
+below means "kazoo's default", i.e. exactly what Neti did before).
+
+Identities are ZooKeeper ids: ``x509:<subject DN>`` (the x509 provider names a TLS client by
+its certificate's subject, as Java's X500Principal.getName() prints it) or
+``digest:<user>:<base64 sha1(user:password)>``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+from kazoo.exceptions import NoNodeError
+from kazoo.security import ACL, Id, Permissions, make_digest_acl_credential
+
+from neti.errors import RegistryAccessError, RegistryError
+
+if TYPE_CHECKING:
+    from kazoo.client import KazooClient
+
+    from neti.config import Config
+    from neti.registry.paths import Paths
+
+log = logging.getLogger(__name__)
+
+READ = Permissions.READ
+WRITE = Permissions.WRITE
+CREATE = Permissions.CREATE
+DELETE = Permissions.DELETE
+ADMIN = Permissions.ADMIN
+ALL = Permissions.ALL
+
+WORLD = "world:anyone"
+# A credentials file is a handful of lines; a huge one is a mistake (or /dev/zero).
+MAX_CREDENTIALS_BYTES = 64 * 1024
+MAX_CREDENTIALS_LINES = 64
+MAX_PEM_BYTES = 1024 * 1024
+
+# zkCli's letters, in its order.
+_PERM_LETTERS = ((CREATE, "c"), (DELETE, "d"), (READ, "r"), (WRITE, "w"), (ADMIN, "a"))
+
+
+def perms_text(perms: int) -> str:
+    """``cdrwa`` letters as zkCli's getAcl/setAcl write them."""
+    return "".join(ch for bit, ch in _PERM_LETTERS if perms & bit)
+
+
+# --- reading identities -------------------------------------------------------------------
+
+
+def _read_bounded(path: str, key: str, limit: int) -> bytes:
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(limit + 1)
+    except OSError as exc:
+        raise RegistryAccessError(f"{key} {path}: cannot read: {exc.strerror or exc}") from None
+    if len(data) > limit:
+        raise RegistryAccessError(f"{key} {path}: larger than {limit} bytes; not a {key} file")
+    return data
+
+
+def load_credentials(path: str) -> list[tuple[str, str]]:
+    """``user:password`` lines (blank lines and ``#`` comments skipped), at least one.
+
+    Errors name the key and the line number, never the password.
+    """
+    key = "zk_auth.credentials_file"
+    data = _read_bounded(path, key, MAX_CREDENTIALS_BYTES)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RegistryAccessError(f"{key} {path}: not UTF-8 text (byte {exc.start})") from None
+    out: list[tuple[str, str]] = []
+    for n, raw in enumerate(text.split("\n"), 1):
+        line = raw.rstrip("\r")
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        user, sep, password = line.partition(":")
+        if not sep or not user or not password:
+            raise RegistryAccessError(f"{key} {path}: line {n} is not user:password")
+        if any(c.isspace() for c in user) or any(ord(c) < 0x20 or ord(c) == 0x7F for c in line):
+            raise RegistryAccessError(
+                f"{key} {path}: line {n}: spaces in the user or control characters"
+            )
+        if len(user) > 256 or len(password) > 1024:
+            raise RegistryAccessError(f"{key} {path}: line {n} is too long")
+        out.append((user, password))
+        if len(out) > MAX_CREDENTIALS_LINES:
+            raise RegistryAccessError(f"{key} {path}: more than {MAX_CREDENTIALS_LINES} users")
+    if not out:
+        raise RegistryAccessError(f"{key} {path}: no user:password line")
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        mode = 0
+    if mode & 0o077:
+        log.warning(
+            "%s %s is readable by group or others (mode %o); use 0600", key, path, mode & 0o777
+        )
+    return out
+
+
+def digest_id(user: str, password: str) -> str:
+    """The id ZooKeeper's digest provider gives a client authenticated as user:password."""
+    return "digest:" + make_digest_acl_credential(user, password)
+
+
+def load_certificate(path: str, key: str = "zk_tls.cert") -> x509.Certificate:
+    data = _read_bounded(path, key, MAX_PEM_BYTES)
+    try:
+        return x509.load_pem_x509_certificate(data)
+    except ValueError as exc:
+        raise RegistryAccessError(f"{key} {path}: not a PEM certificate ({exc})") from None
+
+
+def x509_id(cert: x509.Certificate) -> str:
+    """``x509:`` plus the subject as RFC 4514 (what X500Principal.getName() prints for the
+    usual attributes: CN, O, OU, C...)."""
+    return "x509:" + cert.subject.rfc4514_string()
+
+
+def cert_cn(cert: x509.Certificate) -> str | None:
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if not names:
+        return None
+    value = names[0].value
+    return value if isinstance(value, str) else value.decode("utf-8", "replace")
+
+
+def instance_x509_id(instance_id: str) -> str:
+    """The convention: a host's certificate subject is exactly CN=<its instance ID>."""
+    return f"x509:CN={instance_id}"
+
+
+def check_instance_cn(cfg: Config, instance_id: str) -> None:
+    """x509 mode: the certificate must name this instance (else its claim's ACL, written by
+    convention for CN=<instance ID>, would not be its own). Escape: zk_acl.match_instance_id."""
+    if cfg.zk_tls is None or cfg.zk_tls.cert is None:
+        return
+    if cfg.zk_acl is not None and not cfg.zk_acl.match_instance_id:
+        return
+    cert = load_certificate(cfg.zk_tls.cert)
+    cn = cert_cn(cert)
+    if cn != instance_id:
+        raise RegistryAccessError(
+            f"zk_tls.cert {cfg.zk_tls.cert}: its CN is {cn!r} but this host's instance ID is "
+            f"{instance_id!r}; issue the host a certificate with CN={instance_id} (or set "
+            "zk_acl.match_instance_id: false, docs/security.md)"
+        )
+
+
+# --- ACL lists ----------------------------------------------------------------------------
+
+
+def to_id(zk_id: str) -> Id:
+    scheme, _, ident = zk_id.partition(":")
+    return Id(scheme, ident)
+
+
+def acl_list(entries: list[tuple[str, int]]) -> list[ACL]:
+    """ACLs from (id, perms), one entry per id with the union of its perms, in first order."""
+    merged: dict[str, int] = {}
+    for zk_id, perms in entries:
+        merged[zk_id] = merged.get(zk_id, 0) | perms
+    return [ACL(perms, to_id(zk_id)) for zk_id, perms in merged.items()]
+
+
+def acl_key(acls: list[ACL]) -> frozenset[tuple[int, str, str]]:
+    """An order-free form, to compare what a node has with what it should have."""
+    return frozenset((a.perms, a.id.scheme, a.id.id) for a in acls)
+
+
+def acl_text(acls: list[ACL]) -> str:
+    """zkCli's setAcl syntax: ``world:anyone:r,x509:CN=op:cdrwa``."""
+    return ",".join(f"{a.id.scheme}:{a.id.id}:{perms_text(a.perms)}" for a in acls)
+
+
+@dataclass(frozen=True)
+class AclPolicy:
+    """The ACL of each kind of node, for one client; ``secured=False`` is the open original."""
+
+    secured: bool = False
+    self_id: str | None = None
+    operators: tuple[str, ...] = ()
+    fleet: tuple[str, ...] = ()
+    x509: bool = False  # our identity comes from a client certificate
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> AclPolicy:
+        """Read this client's identity from its certificate or credentials file."""
+        if not cfg.secured:
+            return cls()
+        self_id: str | None = None
+        x509_mode = cfg.zk_tls is not None and cfg.zk_tls.cert is not None
+        if cfg.zk_tls is not None and cfg.zk_tls.cert is not None:
+            self_id = x509_id(load_certificate(cfg.zk_tls.cert))
+        elif cfg.zk_auth is not None:
+            user, password = load_credentials(cfg.zk_auth.credentials_file)[0]
+            self_id = digest_id(user, password)
+        operators = tuple(cfg.zk_acl.operators) if cfg.zk_acl else ()
+        if cfg.zk_acl is not None and cfg.zk_acl.fleet is not None:
+            fleet = tuple(cfg.zk_acl.fleet)
+        else:
+            fleet = (WORLD,)  # only reachable with a client certificate (config validates)
+        return cls(True, self_id, operators, fleet, x509_mode)
+
+    @property
+    def identity(self) -> str:
+        return self.self_id or "an unauthenticated client"
+
+    @property
+    def is_operator(self) -> bool:
+        return self.self_id is not None and self.self_id in self.operators
+
+    def container(self) -> list[ACL] | None:
+        """prefix, members/, id-to-ip/, ip-to-id/, ip-map/: fleet adds, operators remove."""
+        if not self.secured:
+            return None
+        return acl_list(
+            [(WORLD, READ)]
+            + [(f, CREATE | READ) for f in self.fleet]
+            + [(o, ALL) for o in self.operators]
+        )
+
+    def owned_by(self, zk_id: str | None) -> list[ACL] | None:
+        """A host's member, claim pair and ip-map seat: that host and operators write."""
+        if not self.secured:
+            return None
+        owner = [(zk_id, ALL)] if zk_id else []
+        return acl_list([(WORLD, READ), *owner] + [(o, ALL) for o in self.operators])
+
+    def own(self) -> list[ACL] | None:
+        return self.owned_by(self.self_id)
+
+    def guard(self) -> list[ACL] | None:
+        """maxchange: every agent reads it, operators alone set it."""
+        if not self.secured:
+            return None
+        return acl_list([(WORLD, READ)] + [(o, ALL) for o in self.operators])
+
+    def denied(self, what: str, path: str | None = None) -> RegistryError:
+        """The one line for a NoAuth answer."""
+        where = f" on {path}" if path else ""
+        hint = ""
+        if not self.is_operator and any(w in what for w in ("releas", "max-change", "secur")):
+            hint = "; this needs an operator identity (zk_acl.operators, docs/security.md)"
+        return RegistryError(
+            f"ZooKeeper refused {what}{where}: not allowed for {self.identity}{hint}"
+        )
+
+
+def read_pem_key_ok(path: str) -> None:
+    """zk_tls.key must be a readable, unencrypted PEM private key."""
+    from cryptography.hazmat.primitives import serialization
+
+    data = _read_bounded(path, "zk_tls.key", MAX_PEM_BYTES)
+    try:
+        serialization.load_pem_private_key(data, password=None)
+    except TypeError:
+        raise RegistryAccessError(
+            f"zk_tls.key {path}: the key is encrypted; Neti needs it unencrypted (mode 0600)"
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - cryptography's errors vary by key type
+        raise RegistryAccessError(f"zk_tls.key {path}: not a PEM private key ({exc})") from None
+
+
+# --- securing an existing open tree (neti fleet secure) -----------------------------------
+
+
+@dataclass(frozen=True)
+class AclChange:
+    """One node whose ACL is not what the model says."""
+
+    path: str
+    kind: str  # container | member | claim | ip-map | guard | other
+    have: tuple[ACL, ...]
+    want: tuple[ACL, ...]
+    note: str = ""
+
+    def as_dict(self) -> dict[str, str]:
+        out = {
+            "path": self.path,
+            "kind": self.kind,
+            "from": acl_text(list(self.have)),
+            "to": acl_text(list(self.want)),
+        }
+        if self.note:
+            out["note"] = self.note
+        return out
+
+
+MAX_IDENTITIES_BYTES = 4 * 1024 * 1024
+
+
+def load_identities(path: str) -> dict[str, str]:
+    """``INSTANCE-ID SCHEME:ID`` lines: whose ZooKeeper id owns each instance's nodes."""
+    from neti.config import LABEL_RE, zk_acl_id
+
+    data = _read_bounded(path, "--identities", MAX_IDENTITIES_BYTES)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RegistryError(f"--identities {path}: not UTF-8 text (byte {exc.start})") from None
+    out: dict[str, str] = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        parts = line.split()
+        if len(parts) != 2 or not LABEL_RE.match(parts[0]):
+            raise RegistryError(f"--identities {path}: line {n} is not 'INSTANCE-ID SCHEME:ID'")
+        try:
+            out[parts[0]] = zk_acl_id(parts[1])
+        except ValueError as exc:
+            raise RegistryError(f"--identities {path}: line {n}: {exc}") from None
+    return out
+
+
+def plan_secure(
+    client: KazooClient,
+    paths: Paths,
+    policy: AclPolicy,
+    owner_of: Callable[[str], str | None],
+    legacy_networks: Mapping[int, str],
+    progress: Callable[[int, int | None], None] | None = None,
+) -> tuple[list[AclChange], int]:
+    """Walk the tree under the prefix: (changes needed, nodes already right).
+
+    Claims are owned by the instance they name (``owner_of`` maps an instance ID to its
+    ZooKeeper id, or None when unknown: then operators only); members by the instance in
+    their name; ip-map nodes by the instance that claims their overlay IP.
+    """
+    from neti.registry import legacy as legacy_codec
+    from neti.registry.addr import MalformedEntry
+    from neti.registry.codec import decode_member
+
+    containers = {paths.prefix, paths.members, paths.id_to_ip, paths.ip_to_id, paths.legacy}
+    todo: list[tuple[str, str, list[ACL], str]] = []
+
+    def children(path: str) -> list[str]:
+        try:
+            return sorted(client.get_children(path))
+        except NoNodeError:
+            return []
+
+    def owned(iid: str | None, why: str) -> tuple[list[ACL], str]:
+        zk_id = owner_of(iid) if iid else None
+        note = "" if zk_id else f"{why}: no owner known, operators only"
+        acls = policy.owned_by(zk_id)
+        assert acls is not None
+        return acls, note
+
+    container_acl, guard_acl = policy.container(), policy.guard()
+    assert container_acl is not None and guard_acl is not None
+    if client.exists(paths.prefix) is None:
+        return [], 0
+    for name in children(paths.prefix):
+        path = f"{paths.prefix}/{name}"
+        if path in containers:
+            todo.append((path, "container", container_acl, ""))
+        elif path == paths.max_change:
+            todo.append((path, "guard", guard_acl, ""))
+        else:
+            todo.append((path, "other", guard_acl, "not Neti's: operators only"))
+    todo.insert(0, (paths.prefix, "container", container_acl, ""))
+
+    owner_of_ip: dict[str, str] = {}
+    for name in children(paths.ip_to_id):
+        path = f"{paths.ip_to_id}/{name}"
+        try:
+            data, _ = client.get(path)
+        except NoNodeError:
+            continue
+        iid = data.decode("ascii", "replace").strip()
+        owner_of_ip[name] = iid
+        todo.append((path, "claim", *owned(iid, f"claim of {iid!r}")))
+    for name in children(paths.id_to_ip):
+        todo.append((f"{paths.id_to_ip}/{name}", "claim", *owned(name, f"claim of {name!r}")))
+    for name in children(paths.members):
+        try:
+            iid: str | None = decode_member(name).instance_id
+        except (MalformedEntry, ValueError):
+            iid = None
+        todo.append((f"{paths.members}/{name}", "member", *owned(iid, "malformed member")))
+    for name in children(paths.legacy):
+        try:
+            overlay = str(legacy_codec.decode_legacy(name, legacy_networks).overlay_ip)
+        except (MalformedEntry, ValueError):
+            overlay = ""
+        iid = owner_of_ip.get(overlay)
+        todo.append((f"{paths.legacy}/{name}", "ip-map", *owned(iid, "ip-map node")))
+
+    changes: list[AclChange] = []
+    right = 0
+    for n, (path, kind, want, note) in enumerate(todo, 1):
+        if progress is not None:
+            progress(n, len(todo))
+        try:
+            have, _ = client.get_acls(path)
+        except NoNodeError:
+            continue  # gone meanwhile (an ephemeral member)
+        if acl_key(have) == acl_key(want):
+            right += 1
+        else:
+            changes.append(AclChange(path, kind, tuple(have), tuple(want), note))
+    return changes, right
+
+
+def apply_secure(
+    client: KazooClient,
+    changes: list[AclChange],
+    progress: Callable[[int, int | None], None] | None = None,
+) -> list[AclChange]:
+    """Set each planned ACL; the ones applied (nodes gone meanwhile are skipped)."""
+    done = []
+    for n, change in enumerate(changes, 1):
+        if progress is not None:
+            progress(n, len(changes))
+        try:
+            client.set_acls(change.path, list(change.want))
+        except NoNodeError:
+            continue
+        done.append(change)
+    return done
