@@ -328,6 +328,20 @@ class Config(BaseModel):
     # Read the original's ip-map party nodes. Turn off once no original agent is left: those
     # nodes cannot be authenticated, so while read they let anyone who can write ip-map in.
     read_legacy: bool = True
+    # Members must carry a record signed with a certificate the fleet's CA (zk_tls.ca) issued
+    # to CN=<their instance ID> (neti/registry/attest.py). None: on with zk_tls.cert.
+    require_signed_members: bool | None = None
+
+    @field_validator("require_signed_members")
+    @classmethod
+    def _signed(cls, v: bool | None, info: ValidationInfo) -> bool | None:
+        tls = info.data.get("zk_tls")
+        if v and (tls is None or tls.cert is None):
+            raise ValueError(
+                "needs zk_tls with cert and key: this host signs its own member record with "
+                "its certificate's key, and checks others against zk_tls.ca"
+            )
+        return v
 
     @field_validator("zk_acl")
     @classmethod
