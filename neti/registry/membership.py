@@ -22,6 +22,7 @@ from neti.config import Config
 from neti.errors import RegistryError
 from neti.fleet import Member
 from neti.identity import Identity
+from neti.registry import attest
 from neti.registry import legacy as legacy_codec
 from neti.registry.acl import AclPolicy
 from neti.registry.addr import MalformedEntry
@@ -159,6 +160,7 @@ class Membership:
         self.seats: list[EphemeralSeat] = []
         self.member: Member | None = None
         self.rejoins = 0  # how many times the nodes were re-created after a session change
+        self._signer: attest.Signer | None = None  # loaded at the first join
         self._lock = threading.RLock()
         self._listening = False
 
@@ -178,6 +180,7 @@ class Membership:
                 self.ensure()
                 return member
         name = encode_member(member)
+        data = self._record(name)
         prefix = member_prefix(member.instance_id)
         seats = [
             EphemeralSeat(
@@ -185,6 +188,7 @@ class Membership:
                 self.members_path,
                 name,
                 lambda child: child.startswith(prefix),
+                data=data,
                 **self._seat_acls(),
             )
         ]
@@ -208,6 +212,15 @@ class Membership:
             "parent_acl": self.acl.container(),
             "stale_wait": self.stale_wait if self.acl.secured else 0.0,
         }
+
+    def _record(self, name: str) -> bytes:
+        """The member node's data: our signed record (attest.py), so peers can tell this
+        name is ours; empty without a client certificate (zk_tls.cert)."""
+        if self._signer is None:
+            self._signer = attest.signer_for(self.cfg)
+            if self._signer is None:
+                return b""
+        return self._signer.sign(name)
 
     def _legacy_seat(self, m: Member) -> EphemeralSeat | None:
         flag = legacy_codec.flag_for(m.network, self.cfg.legacy_networks)

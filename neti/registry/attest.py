@@ -1,0 +1,422 @@
+"""Signed member records: a host can vouch only for itself (docs/security.md).
+
+ZooKeeper's ACLs cannot say *which* child a host may create under ``members/`` (CREATE is a
+permission on the container), so with ACLs alone a host with valid credentials could publish
+a member named for another instance. Nebula's answer, applied here: every host signs its own
+member record with the private key of its client certificate (``zk_tls.cert``/``key``), and
+peers program a member only if the signature verifies with a certificate that the fleet's CA
+(``zk_tls.ca``) issued to ``CN=<the member's instance ID>``.
+
+The record is the member node's data (the fields stay in the name; see codec.py)::
+
+    neti-sig1\\n<base64 DER certificate>\\n<base64 signature>
+
+The signature covers ``b"neti-sig1\\n" + name.encode("utf-8")`` (the exact node name with a
+context prefix, so the signature means nothing elsewhere): ECDSA with SHA-256 for EC keys
+(P-256 in the lab), Ed25519, or RSA PKCS#1 v1.5 with SHA-256. A P-256 record is about 700
+bytes; anything over MAX_RECORD bytes is refused unread.
+
+Certificates that passed the CA checks are cached by SHA-256 fingerprint (bounded LRU), so a
+record seen again costs one signature verification, not two. Validity dates are checked on
+every call against an injectable clock.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import collections
+import datetime
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from neti.errors import RegistryAccessError
+from neti.registry.addr import MalformedEntry
+from neti.registry.codec import decode_member
+
+if TYPE_CHECKING:
+    from neti.config import Config
+
+MAGIC = b"neti-sig1"
+SEP = b"\n"
+MAX_RECORD = 4096  # bytes of node data; a P-256 record is ~700, RSA-3072 ~2,500
+MAX_CERT_DER = 2800  # bytes of DER certificate inside a record
+MAX_SIG = 520  # bytes of signature (RSA-4096 is 512; ECDSA P-521 DER ~139)
+MAX_NAME = 1024  # characters of a node name worth looking at (a v1 name is < 200)
+MAX_PEM_BYTES = 1024 * 1024
+CACHE_SIZE = 65536  # verified certificates remembered (a fleet of 16k needs 16k)
+
+Clock = Callable[[], datetime.datetime]
+
+# The reason codes ``Attestor.check`` answers with (the text after ``<code>: `` varies).
+REASONS = (
+    "bad_name",  # not a v1 member node name
+    "no_record",  # empty node data: an unsigned member
+    "bad_record",  # not a well-formed neti-sig1 record within the size limits
+    "bad_cert",  # the certificate does not parse, or has an unsupported key
+    "untrusted",  # not issued (signed) by a CA in zk_tls.ca
+    "ca_cert",  # a CA certificate used as a host's
+    "key_usage",  # keyUsage without digitalSignature, or extendedKeyUsage without clientAuth
+    "wrong_cn",  # the certificate's CN is not the member's instance ID (or it has none)
+    "not_yet_valid",  # before the certificate's (or its CA's) notBefore
+    "expired",  # after the certificate's (or its CA's) notAfter
+    "bad_signature",  # the signature does not cover this node name with this certificate
+    "error",  # anything unexpected while checking (refused, never raised)
+)
+
+# The key types a record may be signed with.
+_PublicKey = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | rsa.RSAPublicKey
+_PrivateKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey
+
+
+def _utcnow() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+def message(name: str) -> bytes:
+    """The bytes a record's signature covers."""
+    return MAGIC + SEP + name.encode("utf-8")
+
+
+def _read_bounded(path: str, key: str) -> bytes:
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_PEM_BYTES + 1)
+    except OSError as exc:
+        raise RegistryAccessError(f"{key} {path}: cannot read: {exc.strerror or exc}") from None
+    if len(data) > MAX_PEM_BYTES:
+        raise RegistryAccessError(f"{key} {path}: larger than {MAX_PEM_BYTES} bytes")
+    return data
+
+
+def _cn(cert: x509.Certificate) -> str | None:
+    """The subject's one CN, or None when there is none or several."""
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if len(names) != 1 or not isinstance(names[0].value, str):
+        return None
+    return names[0].value
+
+
+def _raw_sign(key: _PrivateKey, data: bytes) -> bytes:
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return key.sign(data, ec.ECDSA(hashes.SHA256()))
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        return key.sign(data)
+    return key.sign(data, padding.PKCS1v15(), hashes.SHA256())
+
+
+def _raw_verify(key: _PublicKey, sig: bytes, data: bytes) -> None:
+    """InvalidSignature (or ValueError on a malformed one) unless ``sig`` is good."""
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        key.verify(sig, data, ec.ECDSA(hashes.SHA256()))
+    elif isinstance(key, ed25519.Ed25519PublicKey):
+        key.verify(sig, data)
+    else:
+        key.verify(sig, data, padding.PKCS1v15(), hashes.SHA256())
+
+
+def _public_der(key: Any) -> bytes:
+    return bytes(
+        key.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+
+
+# --- signing (this host) ------------------------------------------------------------------
+
+
+class Signer:
+    """Signs this host's member names with the key of its client certificate."""
+
+    def __init__(self, cert: x509.Certificate, key: _PrivateKey):
+        self.cert = cert
+        self.key = key
+        self._der_b64 = base64.b64encode(cert.public_bytes(serialization.Encoding.DER))
+        self.cn = _cn(cert)
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> Signer:
+        """Load zk_tls.cert and zk_tls.key once; RegistryAccessError naming the key."""
+        tls = cfg.zk_tls
+        if tls is None or tls.cert is None or tls.key is None:
+            raise RegistryAccessError(
+                "signed member records need this host's certificate: set zk_tls.cert and "
+                "zk_tls.key (or require_signed_members: false)"
+            )
+        return cls.from_files(tls.cert, tls.key)
+
+    @classmethod
+    def from_files(cls, cert_path: str, key_path: str) -> Signer:
+        try:
+            cert = x509.load_pem_x509_certificate(_read_bounded(cert_path, "zk_tls.cert"))
+        except ValueError as exc:
+            raise RegistryAccessError(
+                f"zk_tls.cert {cert_path}: not a PEM certificate ({exc})"
+            ) from None
+        try:
+            key = serialization.load_pem_private_key(
+                _read_bounded(key_path, "zk_tls.key"), password=None
+            )
+        except TypeError:
+            raise RegistryAccessError(
+                f"zk_tls.key {key_path}: the key is encrypted; Neti needs it unencrypted"
+            ) from None
+        except (ValueError, UnsupportedAlgorithm) as exc:
+            raise RegistryAccessError(
+                f"zk_tls.key {key_path}: not a PEM private key ({exc})"
+            ) from None
+        if not isinstance(
+            key, ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey
+        ):
+            raise RegistryAccessError(
+                f"zk_tls.key {key_path}: a {type(key).__name__}; member records are signed "
+                "with EC, Ed25519 or RSA keys"
+            )
+        if _public_der(key.public_key()) != _public_der(cert.public_key()):
+            raise RegistryAccessError(
+                f"zk_tls.key {key_path}: not the private key of zk_tls.cert {cert_path}"
+            )
+        signer = cls(cert, key)
+        probe = signer.sign("v1|probe|net|192.0.2.1|192.0.2.1|192.0.2.1|" + "9" * 64)
+        der = len(cert.public_bytes(serialization.Encoding.DER))
+        if len(probe) > MAX_RECORD or der > MAX_CERT_DER:
+            raise RegistryAccessError(
+                f"zk_tls.cert {cert_path}: too big for a member record ({der} bytes of DER, "
+                f"a {len(probe)}-byte record; peers accept {MAX_CERT_DER} and {MAX_RECORD}): "
+                "use a smaller certificate, e.g. with an EC P-256 key"
+            )
+        return signer
+
+    def sign(self, name: str) -> bytes:
+        """The member node's data for node ``name``."""
+        sig = _raw_sign(self.key, message(name))
+        return SEP.join((MAGIC, self._der_b64, base64.b64encode(sig)))
+
+
+def signer_for(cfg: Config) -> Signer | None:
+    """This host's Signer when it has a client certificate (records are then always
+    signed, whether or not this host requires signatures of others); else None."""
+    tls = cfg.zk_tls
+    if tls is None or tls.cert is None or tls.key is None:
+        return None
+    return Signer.from_config(cfg)
+
+
+def required(cfg: Config) -> bool:
+    """Whether peers' records must be signed: require_signed_members, by default on when
+    zk_tls has a client certificate."""
+    flag = getattr(cfg, "require_signed_members", None)
+    if flag is not None:
+        return bool(flag)
+    return cfg.zk_tls is not None and cfg.zk_tls.cert is not None
+
+
+# --- checking (every peer) ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Vetted:
+    """What the CA checks established about one certificate (or why it failed them)."""
+
+    reason: str | None
+    cn: str | None = None
+    key: _PublicKey | None = None
+    not_before: datetime.datetime | None = None
+    not_after: datetime.datetime | None = None
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        return False
+    return bool(bc.ca)
+
+
+def load_cas(path: str, key: str = "zk_tls.ca") -> list[x509.Certificate]:
+    """The CA certificates (basicConstraints CA) of a PEM bundle; RegistryAccessError
+    naming ``key`` when there is none. Several are allowed: that is how a CA is rotated."""
+    data = _read_bounded(path, key)
+    try:
+        certs = x509.load_pem_x509_certificates(data)
+    except ValueError as exc:
+        raise RegistryAccessError(f"{key} {path}: not a PEM certificate bundle ({exc})") from None
+    try:
+        cas = [c for c in certs if _is_ca(c)]
+    except ValueError as exc:
+        raise RegistryAccessError(f"{key} {path}: malformed certificate ({exc})") from None
+    if not cas:
+        raise RegistryAccessError(
+            f"{key} {path}: no CA certificate (basicConstraints CA:TRUE) to check member "
+            "records with"
+        )
+    return cas
+
+
+class Attestor:
+    """Checks member records against the fleet's CA; ``check`` never raises."""
+
+    def __init__(
+        self,
+        cas: list[x509.Certificate],
+        clock: Clock = _utcnow,
+        cache_size: int = CACHE_SIZE,
+    ):
+        if not cas:
+            raise ValueError("no CA certificate")
+        self.cas = list(cas)
+        self.clock = clock
+        self.cache_size = max(1, cache_size)
+        self._cache: collections.OrderedDict[bytes, _Vetted] = collections.OrderedDict()
+        self.cert_checks = 0  # certificates checked against the CA (cache misses)
+        self.sig_checks = 0  # record signatures verified
+
+    @classmethod
+    def from_path(cls, ca_pem_path: str, **kwargs: Any) -> Attestor:
+        return cls(load_cas(ca_pem_path), **kwargs)
+
+    @classmethod
+    def from_config(cls, cfg: Config, **kwargs: Any) -> Attestor | None:
+        """The attestor this host's config asks for (see ``required``), or None."""
+        if not required(cfg):
+            return None
+        if cfg.zk_tls is None:
+            raise RegistryAccessError("require_signed_members needs zk_tls.ca (the fleet's CA)")
+        return cls.from_path(cfg.zk_tls.ca, **kwargs)
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    def check(self, name: str, data: bytes) -> str | None:
+        """None if ``data`` is a valid signed record for node ``name``; else
+        ``"<reason>: <text>"``. Never raises."""
+        try:
+            return self._check(name, data)
+        except Exception as exc:  # noqa: BLE001 - hostile input must not escape as a crash
+            return f"error: the record could not be checked ({type(exc).__name__})"
+
+    def _check(self, name: str, data: bytes) -> str | None:
+        if not isinstance(name, str) or len(name) > MAX_NAME:
+            return "bad_name: not a member node name"
+        try:
+            instance_id = decode_member(name).instance_id
+        except MalformedEntry:
+            return "bad_name: not a member node name"
+        if not isinstance(data, bytes | bytearray | memoryview):
+            return "no_record: the node holds no signed record"
+        data = bytes(data)
+        if not data:
+            return "no_record: the node holds no signed record (unsigned member)"
+        if len(data) > MAX_RECORD:
+            return f"bad_record: {len(data)} bytes, more than {MAX_RECORD}"
+        parts = data.split(SEP)
+        if parts[0] != MAGIC:
+            return "bad_record: not a neti-sig1 record"
+        if len(parts) != 3:
+            return "bad_record: expected 3 lines"
+        der = _b64(parts[1], MAX_CERT_DER)
+        sig = _b64(parts[2], MAX_SIG)
+        if der is None or sig is None:
+            return "bad_record: bad base64 or too long"
+        vetted = self._vet(der)
+        if vetted.reason is not None:
+            return vetted.reason
+        assert vetted.key is not None and vetted.not_before and vetted.not_after
+        now = self.clock()
+        if now < vetted.not_before:
+            return f"not_yet_valid: certificate valid from {vetted.not_before:%Y-%m-%dT%H:%MZ}"
+        if now > vetted.not_after:
+            return f"expired: certificate (or its CA) expired {vetted.not_after:%Y-%m-%dT%H:%MZ}"
+        if vetted.cn != instance_id:
+            return f"wrong_cn: certificate is for {vetted.cn!r}, not {instance_id!r}"
+        self.sig_checks += 1
+        try:
+            _raw_verify(vetted.key, sig, message(name))
+        except (InvalidSignature, ValueError):
+            return "bad_signature: the signature does not match the node name"
+        return None
+
+    def _vet(self, der: bytes) -> _Vetted:
+        fp = hashlib.sha256(der).digest()
+        hit = self._cache.get(fp)
+        if hit is not None:
+            self._cache.move_to_end(fp)
+            return hit
+        vetted = self._vet_uncached(der)
+        self._cache[fp] = vetted
+        if len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return vetted
+
+    def _vet_uncached(self, der: bytes) -> _Vetted:
+        self.cert_checks += 1
+        try:
+            cert = x509.load_der_x509_certificate(der)
+        except ValueError:
+            return _Vetted("bad_cert: not a DER certificate")
+        try:
+            return self._vet_cert(cert)
+        except (ValueError, TypeError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType):
+            return _Vetted("bad_cert: malformed certificate")
+
+    def _vet_cert(self, cert: x509.Certificate) -> _Vetted:
+        issuers = [ca for ca in self.cas if self._issued_by(cert, ca)]
+        if not issuers:
+            return _Vetted("untrusted: certificate not issued by the fleet's CA")
+        exts = cert.extensions  # ValueError on malformed or duplicate extensions
+        if _is_ca(cert):
+            return _Vetted("ca_cert: a CA certificate cannot sign member records")
+        try:
+            ku = exts.get_extension_for_class(x509.KeyUsage).value
+        except x509.ExtensionNotFound:
+            pass
+        else:
+            if not ku.digital_signature:
+                return _Vetted("key_usage: certificate lacks digitalSignature key usage")
+        try:
+            eku = exts.get_extension_for_class(x509.ExtendedKeyUsage).value
+        except x509.ExtensionNotFound:
+            pass
+        else:
+            if ExtendedKeyUsageOID.CLIENT_AUTH not in eku:
+                return _Vetted("key_usage: certificate is not for client authentication")
+        key = cert.public_key()
+        if not isinstance(
+            key, ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | rsa.RSAPublicKey
+        ):
+            return _Vetted(f"bad_cert: unsupported key type {type(key).__name__}")
+        cn = _cn(cert)
+        if cn is None:
+            return _Vetted("wrong_cn: certificate has no single CN")
+        # Valid while the certificate and (one of) its issuing CA certificates both are.
+        ca = max(issuers, key=lambda c: c.not_valid_after_utc)
+        start = max(cert.not_valid_before_utc, ca.not_valid_before_utc)
+        end = min(cert.not_valid_after_utc, ca.not_valid_after_utc)
+        return _Vetted(None, cn, key, start, end)
+
+    @staticmethod
+    def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+        try:
+            cert.verify_directly_issued_by(ca)
+        except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
+            return False
+        return True
+
+
+def _b64(text: bytes, limit: int) -> bytes | None:
+    """Strict base64 (no whitespace, no junk) of at most ``limit`` decoded bytes."""
+    if not text or len(text) > (limit + 2) // 3 * 4:
+        return None
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return None

@@ -1,0 +1,644 @@
+"""Signed member records (neti/registry/attest.py): a host can vouch only for itself.
+
+Pure checks use certificates made here with ``cryptography`` (so each can be wrong in one
+chosen way); the end-to-end case runs against a real ZooKeeper with TLS and x509 ACLs, where
+host A has valid credentials and publishes a member named for host B.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from neti import config
+from neti.errors import ConfigError, RegistryAccessError
+from neti.registry import attest
+from neti.registry.attest import MAX_RECORD, Attestor, Signer
+
+NOW = datetime.datetime(2026, 6, 1, tzinfo=datetime.UTC)
+DAY = datetime.timedelta(days=1)
+NAME_B = "v1|i-b|vpc|203.0.0.2|10.0.0.2|10.9.0.2|2.0.0"
+
+
+def clock() -> datetime.datetime:
+    return NOW
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _ku(digital_signature: bool, cert_sign: bool) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=digital_signature,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=cert_sign,
+        crl_sign=cert_sign,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+class CA:
+    """A CA whose leaves can be wrong in one chosen way at a time."""
+
+    def __init__(self, name: str = "fleet-ca", start: datetime.datetime = NOW - DAY):
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        self.cert = (
+            x509.CertificateBuilder()
+            .subject_name(_name(name))
+            .issuer_name(_name(name))
+            .public_key(self.key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(start)
+            .not_valid_after(start + 365 * DAY)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(_ku(True, True), critical=True)
+            .sign(self.key, hashes.SHA256())
+        )
+
+    def issue(
+        self,
+        cn: str | None,
+        key: Any = None,
+        start: datetime.datetime = NOW - DAY,
+        end: datetime.datetime = NOW + 30 * DAY,
+        is_ca: bool | None = False,
+        ku: x509.KeyUsage | None = None,
+        eku: list[x509.ObjectIdentifier] | None = None,
+        sans: int = 0,
+    ) -> tuple[x509.Certificate, Any]:
+        key = key or ec.generate_private_key(ec.SECP256R1())
+        subject = _name(cn) if cn is not None else x509.Name([])
+        b = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(self.cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(start)
+            .not_valid_after(end)
+        )
+        if is_ca is not None:
+            b = b.add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True)
+        if ku is not None:
+            b = b.add_extension(ku, critical=True)
+        if eku is not None:
+            b = b.add_extension(x509.ExtendedKeyUsage(eku), critical=False)
+        if sans:
+            names = [x509.DNSName(f"host-{n}.example.internal") for n in range(sans)]
+            b = b.add_extension(x509.SubjectAlternativeName(names), critical=False)
+        return b.sign(self.key, hashes.SHA256()), key
+
+    def signer(self, cn: str | None = "i-b", **kw: Any) -> Signer:
+        cert, key = self.issue(cn, **kw)
+        return Signer(cert, key)
+
+
+def pem(tmp: Path, name: str, *certs: x509.Certificate) -> str:
+    path = tmp / name
+    path.write_bytes(b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs))
+    return str(path)
+
+
+def key_pem(tmp: Path, name: str, key: Any, password: bytes | None = None) -> str:
+    enc: Any = (
+        serialization.BestAvailableEncryption(password)
+        if password
+        else serialization.NoEncryption()
+    )
+    path = tmp / name
+    path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, enc)
+    )
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def ca() -> CA:
+    return CA()
+
+
+@pytest.fixture
+def attestor(ca: CA) -> Attestor:
+    return Attestor([ca.cert], clock=clock)
+
+
+def reason(why: str | None) -> str | None:
+    return None if why is None else why.split(":", 1)[0]
+
+
+# --- the good case -------------------------------------------------------------------------
+
+
+def test_a_valid_record_is_accepted_and_small(ca: CA, attestor: Attestor) -> None:
+    data = ca.signer().sign(NAME_B)
+    assert attestor.check(NAME_B, data) is None
+    assert len(data) < 2048
+    magic, cert, sig = data.split(b"\n")
+    assert magic == b"neti-sig1"
+    assert x509.load_der_x509_certificate(base64.b64decode(cert)).subject == _name("i-b")
+    assert len(base64.b64decode(sig)) <= 72  # DER ECDSA P-256
+
+
+@pytest.mark.parametrize(
+    "key",
+    [ed25519.Ed25519PrivateKey.generate, lambda: rsa.generate_private_key(65537, 2048)],
+    ids=["ed25519", "rsa2048"],
+)
+def test_other_key_types_sign_and_verify(ca: CA, attestor: Attestor, key: Any) -> None:
+    data = ca.signer(key=key()).sign(NAME_B)
+    assert len(data) <= MAX_RECORD
+    assert attestor.check(NAME_B, data) is None
+
+
+def test_the_lab_pki_issues_usable_certificates(tmp_path: Path) -> None:
+    from neti.lab.pki import CertificateAuthority
+
+    lab = CertificateAuthority(tmp_path)
+    host = lab.issue("i-b")
+    signer = Signer.from_files(str(host.cert), str(host.key))
+    assert Attestor.from_path(str(lab.cert_path)).check(NAME_B, signer.sign(NAME_B)) is None
+
+
+def test_a_rotated_ca_bundle_accepts_both_cas(ca: CA, tmp_path: Path) -> None:
+    new = CA("fleet-ca-2027")
+    both = Attestor.from_path(pem(tmp_path, "cas.pem", ca.cert, new.cert), clock=clock)
+    assert both.check(NAME_B, ca.signer().sign(NAME_B)) is None
+    assert both.check(NAME_B, new.signer().sign(NAME_B)) is None
+
+
+def test_a_verified_certificate_is_cached(ca: CA) -> None:
+    """A record seen again costs one signature verification, not two."""
+    att = Attestor([ca.cert], clock=clock, cache_size=2)
+    signers = [ca.signer(f"i-{n}") for n in range(3)]
+    names = [NAME_B.replace("i-b", f"i-{n}") for n in range(3)]
+    records = [s.sign(n) for s, n in zip(signers, names, strict=True)]
+    for _ in range(3):
+        assert att.check(names[0], records[0]) is None
+    assert (att.cert_checks, att.sig_checks) == (1, 3)
+    for name, data in zip(names, records, strict=True):
+        assert att.check(name, data) is None
+    assert len(att) == 2  # bounded: the least recently used went
+    assert att.check(names[0], records[0]) is None
+    assert att.cert_checks == 4
+
+
+# --- refusals ------------------------------------------------------------------------------
+
+
+def test_a_record_from_another_ca_is_untrusted(attestor: Attestor) -> None:
+    assert reason(attestor.check(NAME_B, CA("rogue").signer().sign(NAME_B))) == "untrusted"
+
+
+def test_same_name_different_ca_key_is_untrusted(attestor: Attestor) -> None:
+    """A rogue CA that copies the fleet CA's name is still refused (signature check)."""
+    rogue = CA("fleet-ca")
+    assert reason(attestor.check(NAME_B, rogue.signer().sign(NAME_B))) == "untrusted"
+
+
+def test_a_certificate_of_another_instance_is_refused(ca: CA, attestor: Attestor) -> None:
+    """Host A signs a member named for B with its own valid certificate."""
+    forged = NAME_B.replace("203.0.0.2", "203.0.0.1").replace("10.0.0.2", "10.0.0.1")
+    why = attestor.check(forged, ca.signer("i-a").sign(forged))
+    assert reason(why) == "wrong_cn"
+    assert "'i-a'" in str(why) and "'i-b'" in str(why)
+
+
+def test_a_tampered_name_is_refused(ca: CA, attestor: Attestor) -> None:
+    data = ca.signer().sign(NAME_B)
+    moved = NAME_B.replace("10.0.0.2", "10.0.0.66")  # B's record replayed with other addresses
+    assert reason(attestor.check(moved, data)) == "bad_signature"
+
+
+def test_a_tampered_signature_is_refused(ca: CA, attestor: Attestor) -> None:
+    magic, cert, sig = ca.signer().sign(NAME_B).split(b"\n")
+    raw = bytearray(base64.b64decode(sig))
+    raw[-1] ^= 1
+    bad = b"\n".join((magic, cert, base64.b64encode(bytes(raw))))
+    assert reason(attestor.check(NAME_B, bad)) == "bad_signature"
+    other = ca.signer().sign(NAME_B).split(b"\n")[2]  # a valid signature by another key
+    assert reason(attestor.check(NAME_B, b"\n".join((magic, cert, other)))) == "bad_signature"
+
+
+def test_validity_period_uses_the_clock(ca: CA) -> None:
+    data = ca.signer(end=NOW + DAY).sign(NAME_B)
+    later = Attestor([ca.cert], clock=lambda: NOW + 2 * DAY)
+    assert reason(later.check(NAME_B, data)) == "expired"
+    early = Attestor([ca.cert], clock=lambda: NOW - 2 * DAY)
+    why = early.check(NAME_B, ca.signer(start=NOW - DAY).sign(NAME_B))
+    assert reason(why) == "not_yet_valid"
+    assert Attestor([ca.cert], clock=clock).check(NAME_B, data) is None
+
+
+def test_an_expired_ca_expires_its_leaves() -> None:
+    old = CA("old-ca", start=NOW - 400 * DAY)  # expired 35 days before NOW
+    data = old.signer(start=NOW - 390 * DAY, end=NOW + 30 * DAY).sign(NAME_B)
+    assert reason(Attestor([old.cert], clock=clock).check(NAME_B, data)) == "expired"
+
+
+def test_ca_certificates_cannot_sign_records(ca: CA, attestor: Attestor) -> None:
+    # The fleet CA's own certificate and key (it is "issued by" itself).
+    ca_named_b = CA("i-b")
+    own = Signer(ca_named_b.cert, ca_named_b.key)
+    assert reason(Attestor([ca_named_b.cert], clock=clock).check(NAME_B, own.sign(NAME_B))) == (
+        "ca_cert"
+    )
+    # An intermediate CA certificate the fleet CA issued, with the right CN.
+    assert reason(attestor.check(NAME_B, ca.signer(is_ca=True).sign(NAME_B))) == "ca_cert"
+
+
+def test_key_usage_is_honoured(ca: CA, attestor: Attestor) -> None:
+    no_sig = ca.signer(ku=_ku(False, False)).sign(NAME_B)
+    assert reason(attestor.check(NAME_B, no_sig)) == "key_usage"
+    server_only = ca.signer(eku=[ExtendedKeyUsageOID.SERVER_AUTH]).sign(NAME_B)
+    assert reason(attestor.check(NAME_B, server_only)) == "key_usage"
+    ok = ca.signer(ku=_ku(True, False), eku=[ExtendedKeyUsageOID.CLIENT_AUTH], is_ca=None)
+    assert attestor.check(NAME_B, ok.sign(NAME_B)) is None
+
+
+def test_a_certificate_without_cn_is_refused(ca: CA, attestor: Attestor) -> None:
+    assert reason(attestor.check(NAME_B, ca.signer(None).sign(NAME_B))) == "wrong_cn"
+
+
+@pytest.mark.parametrize(
+    ("data", "code"),
+    [
+        (b"", "no_record"),
+        (b"neti-sig1", "bad_record"),
+        (b"neti-sig2\nAAAA\nAAAA", "bad_record"),
+        (b"neti-sig1\nAAAA\nAAAA\n", "bad_record"),
+        (b"neti-sig1\nAA AA\nAAAA", "bad_record"),
+        (b"neti-sig1\n\nAAAA", "bad_record"),
+        (b"neti-sig1\n!!!!\nAAAA", "bad_record"),
+        (b"neti-sig1\nAAAA\nAAAA", "bad_cert"),
+        (b"neti-sig1\n" + b"A" * 5000 + b"\nAAAA", "bad_record"),
+        (b"\x00\xff" * 100, "bad_record"),
+        (os.urandom(MAX_RECORD + 1), "bad_record"),
+        (b"x" * 10_000_000, "bad_record"),
+        (b"10.9.0.2", "bad_record"),  # an ip-map style payload
+    ],
+    ids=lambda v: repr(v)[:30] if isinstance(v, bytes) else v,
+)
+def test_garbage_is_refused(attestor: Attestor, data: bytes, code: str) -> None:
+    assert reason(attestor.check(NAME_B, data)) == code
+
+
+def test_a_huge_signature_or_certificate_field_is_refused_unparsed(
+    ca: CA, attestor: Attestor
+) -> None:
+    magic, cert, _ = ca.signer().sign(NAME_B).split(b"\n")
+    big_sig = base64.b64encode(b"\x30" * 600)
+    assert reason(attestor.check(NAME_B, b"\n".join((magic, cert, big_sig)))) == "bad_record"
+    assert attestor.cert_checks == 0
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["", "v2|i-b|vpc|203.0.0.2|10.0.0.2|10.9.0.2|2.0.0", "x" * 5000, "uuid-1.2.3.4|ip-map"],
+)
+def test_a_name_that_is_not_a_member_is_refused(ca: CA, attestor: Attestor, name: str) -> None:
+    assert reason(attestor.check(name, ca.signer().sign(NAME_B))) == "bad_name"
+
+
+def test_not_bytes_is_refused(attestor: Attestor) -> None:
+    assert reason(attestor.check(NAME_B, None)) == "no_record"  # type: ignore[arg-type]
+    assert reason(attestor.check(None, b"")) == "bad_name"  # type: ignore[arg-type]
+
+
+# --- hostile input, property-based ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def good(ca: CA) -> bytes:
+    return ca.signer().sign(NAME_B)
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(name=st.text(max_size=300), data=st.binary(max_size=6000))
+def test_arbitrary_input_never_raises(attestor: Attestor, name: str, data: bytes) -> None:
+    why = attestor.check(name, data)
+    assert why is not None and why.split(":", 1)[0] in attest.REASONS
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    pos=st.integers(min_value=0, max_value=2000),
+    byte=st.integers(min_value=0, max_value=255),
+    cut=st.integers(min_value=0, max_value=2000),
+)
+def test_mutated_records_never_raise(
+    attestor: Attestor, good: bytes, pos: int, byte: int, cut: int
+) -> None:
+    mutated = bytearray(good)
+    mutated[pos % len(good)] = byte
+    for data in (bytes(mutated), good[: cut % len(good)], good + bytes([byte])):
+        why = attestor.check(NAME_B, data)
+        assert why is None or why.split(":", 1)[0] in attest.REASONS
+
+
+@settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    field=st.integers(min_value=1, max_value=6),
+    value=st.text(st.characters(codec="utf-8"), max_size=40),
+)
+def test_a_record_never_vouches_for_another_name(
+    attestor: Attestor, good: bytes, field: int, value: str
+) -> None:
+    parts = NAME_B.split("|")
+    parts[field] = value
+    name = "|".join(parts)
+    why = attestor.check(name, good)
+    assert (why is None) == (name == NAME_B)
+
+
+# --- loading keys and CAs ------------------------------------------------------------------
+
+
+def test_signer_from_files_and_its_errors(ca: CA, tmp_path: Path) -> None:
+    cert, key = ca.issue("i-b")
+    cert_path = pem(tmp_path, "host.pem", cert)
+    key_path = key_pem(tmp_path, "host.key", key)
+    signer = Signer.from_files(cert_path, key_path)
+    assert Attestor([ca.cert], clock=clock).check(NAME_B, signer.sign(NAME_B)) is None
+
+    def refused(c: str, k: str) -> str:
+        with pytest.raises(RegistryAccessError) as exc:
+            Signer.from_files(c, k)
+        return str(exc.value)
+
+    assert refused(str(tmp_path / "none.pem"), key_path).startswith("zk_tls.cert ")
+    assert "cannot read" in refused(str(tmp_path / "none.pem"), key_path)
+    assert "not a PEM certificate" in refused(key_path, key_path)
+    assert refused(cert_path, str(tmp_path / "none.key")).startswith("zk_tls.key ")
+    assert "not a PEM private key" in refused(cert_path, cert_path)
+    other = key_pem(tmp_path, "other.key", ec.generate_private_key(ec.SECP256R1()))
+    assert "not the private key of zk_tls.cert" in refused(cert_path, other)
+    locked = key_pem(tmp_path, "locked.key", key, password=b"secret")
+    assert "encrypted" in refused(cert_path, locked)
+    assert "\n" not in refused(cert_path, other)
+
+
+def test_a_certificate_too_big_for_a_record_is_refused_at_load(ca: CA, tmp_path: Path) -> None:
+    cert, key = ca.issue("i-b", sans=200)
+    with pytest.raises(RegistryAccessError, match="too big for a member record"):
+        Signer.from_files(pem(tmp_path, "big.pem", cert), key_pem(tmp_path, "big.key", key))
+
+
+def test_load_cas_errors(ca: CA, tmp_path: Path) -> None:
+    leaf, _ = ca.issue("i-b")
+    with pytest.raises(RegistryAccessError, match=r"^zk_tls.ca .*no CA certificate"):
+        attest.load_cas(pem(tmp_path, "leaf.pem", leaf))
+    with pytest.raises(RegistryAccessError, match=r"^zk_tls.ca .*cannot read"):
+        attest.load_cas(str(tmp_path / "missing.pem"))
+    (tmp_path / "junk.pem").write_bytes(b"not pem")
+    with pytest.raises(RegistryAccessError, match=r"^zk_tls.ca .*not a PEM"):
+        attest.load_cas(str(tmp_path / "junk.pem"))
+    # A bundle with a leaf next to the CA: only the CA is trusted to issue.
+    cas = attest.load_cas(pem(tmp_path, "mixed.pem", leaf, ca.cert))
+    assert cas == [ca.cert]
+
+
+# --- config --------------------------------------------------------------------------------
+
+
+def _cfg(tmp: Path, ca: CA, **extra: Any) -> config.Config:
+    cert, key = ca.issue("i-b")
+    data: dict[str, Any] = {
+        "zk_hosts": {"default": ["127.0.0.1:2181"]},
+        "identity": {
+            "source": "static",
+            "instance_id": "i-b",
+            "private_ip": "10.0.0.2",
+            "public_ip": "203.0.0.2",
+            "network": "vpc",
+        },
+    }
+    data.update(extra)
+    if data.get("zk_tls") == "full":
+        data["zk_tls"] = {
+            "ca": pem(tmp, "ca.pem", ca.cert),
+            "cert": pem(tmp, "host.pem", cert),
+            "key": key_pem(tmp, "host.key", key),
+        }
+    elif data.get("zk_tls") == "ca-only":
+        data["zk_tls"] = {"ca": pem(tmp, "ca.pem", ca.cert)}
+    return config.parse(data)
+
+
+def test_config_defaults_follow_the_client_certificate(ca: CA, tmp_path: Path) -> None:
+    plain = _cfg(tmp_path, ca)
+    assert plain.require_signed_members is None
+    assert not attest.required(plain)
+    assert attest.signer_for(plain) is None and Attestor.from_config(plain) is None
+
+    full = _cfg(tmp_path, ca, zk_tls="full")
+    assert attest.required(full)
+    signer = attest.signer_for(full)
+    att = Attestor.from_config(full, clock=clock)
+    assert signer is not None and att is not None
+    assert att.check(NAME_B, signer.sign(NAME_B)) is None
+
+    off = _cfg(tmp_path, ca, zk_tls="full", require_signed_members=False)
+    assert not attest.required(off) and Attestor.from_config(off) is None
+    assert attest.signer_for(off) is not None  # still signs: others may require it
+
+    assert not attest.required(_cfg(tmp_path, ca, zk_tls="ca-only"))
+
+
+def test_config_requiring_signatures_needs_a_certificate(ca: CA, tmp_path: Path) -> None:
+    for tls in (None, "ca-only"):
+        with pytest.raises(ConfigError, match="require_signed_members.*zk_tls with cert"):
+            _cfg(tmp_path, ca, zk_tls=tls, require_signed_members=True)
+
+
+# --- membership publishes a signed record --------------------------------------------------
+
+
+class _Stat:
+    ephemeralOwner = 0
+    version = 0
+
+
+class _RecordingClient:
+    """Just enough of KazooClient for EphemeralSeat.ensure on an empty registry."""
+
+    client_id = (7, b"")
+
+    def __init__(self) -> None:
+        self.created: dict[str, bytes] = {}
+
+    def retry(self, fn: Callable[..., Any], *a: Any, **kw: Any) -> Any:
+        return fn(*a, **kw)
+
+    def exists(self, path: str) -> None:
+        return None
+
+    def ensure_path(self, path: str, acl: Any = None) -> None:
+        return None
+
+    def get_children(self, path: str) -> list[str]:
+        return []
+
+    def create(self, path: str, value: bytes = b"", **kw: Any) -> str:
+        self.created[path] = value
+        return path
+
+    def add_listener(self, fn: Any) -> None:
+        return None
+
+
+def test_membership_publishes_a_signed_record(ca: CA, tmp_path: Path) -> None:
+    from ipaddress import IPv4Address
+
+    from neti.identity import Identity
+    from neti.registry.membership import Membership
+
+    cfg = _cfg(tmp_path, ca, zk_tls="full")
+    client = _RecordingClient()
+    m = Membership(client, cfg, "/neti/members", "/neti/ip-map")  # type: ignore[arg-type]
+    ident = Identity("i-b", IPv4Address("10.0.0.2"), IPv4Address("203.0.0.2"), "vpc")
+    m.join(ident, IPv4Address("10.9.0.2"), "2.0.0")
+    ((path, data),) = client.created.items()
+    name = path.rsplit("/", 1)[1]
+    assert name == NAME_B
+    assert Attestor.from_config(cfg, clock=clock).check(name, data) is None  # type: ignore[union-attr]
+
+    unsigned = _RecordingClient()
+    plain = Membership(unsigned, _cfg(tmp_path, ca), "/n/members", "/n/ip-map")  # type: ignore[arg-type]
+    plain.join(ident, IPv4Address("10.9.0.2"), "2.0.0")
+    assert list(unsigned.created.values()) == [b""]
+
+
+# --- end to end: a real ZooKeeper with TLS and x509 ACLs ----------------------------------
+
+
+@pytest.fixture(scope="module")
+def lab_pki(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from neti.lab.pki import CertificateAuthority
+
+    return CertificateAuthority(tmp_path_factory.mktemp("attest-pki"))
+
+
+@pytest.fixture(scope="module")
+def tls_zk(lab_pki: Any) -> Iterator[Any]:
+    from tests.support.zkserver import ZooKeeperServer
+
+    server = ZooKeeperServer(tls=lab_pki).start()
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
+def test_a_member_forged_by_a_credentialed_host_is_not_programmed(
+    tls_zk: Any, lab_pki: Any
+) -> None:
+    """Host A (valid certificate) publishes a member named for B, with A's addresses and B's
+    claimed overlay IP. ACLs and the claim check both let it through; the signature does
+    not."""
+    from neti.registry import connect
+    from tests.registry.conftest import identity_of, static
+
+    prefix = f"/neti-attest-{uuid.uuid4().hex[:10]}"
+
+    def cfg_for(cn: str, n: int) -> config.Config:
+        c = lab_pki.issue(cn)
+        return config.parse(
+            {
+                "zk_hosts": {"default": [tls_zk.hosts]},
+                "zk_prefix": prefix,
+                "overlay_subnet": "10.9.0.0/24",
+                "zk_session_timeout": 4,
+                "identity": static(cn, n=n),
+                "zk_tls": {"ca": str(lab_pki.cert_path), "cert": str(c.cert), "key": str(c.key)},
+            }
+        )
+
+    regs = []
+    try:
+        for cn, n in (("i-a", 1), ("i-b", 2), ("i-c", 3)):
+            cfg = cfg_for(cn, n)
+            reg = connect(cfg, "vpc", timeout=15)
+            regs.append(reg)
+            reg.attest_check = Attestor.from_config(cfg).check  # type: ignore[union-attr]
+            ident = identity_of(static(cn, n=n))
+            reg.join(ident, reg.claim(cn))
+        a, b, c = regs
+        b_ip = b.claim_of("i-b")
+        fleet = c.read_fleet()
+        assert sorted(m.instance_id for m in fleet.members) == ["i-a", "i-b", "i-c"]
+
+        # A, with its own valid certificate, writes a member named for B (A's own session,
+        # so ephemeral; B's claim, so the claim check passes): first unsigned, then signed
+        # with A's key.
+        me_a = identity_of(static("i-a", n=1))
+        forged = f"v1|i-b|vpc|{me_a.public_ip}|{me_a.private_ip}|{b_ip}|2.0.0"
+        signer_a = attest.signer_for(a.cfg)
+        assert signer_a is not None
+        a.client.create(f"{prefix}/members/{forged}", b"", ephemeral=True)
+        forged2 = forged.replace("2.0.0", "2.0.1")
+        a.client.create(f"{prefix}/members/{forged2}", signer_a.sign(forged2), ephemeral=True)
+        # ... and replays B's own record on a name with A's addresses.
+        b_name = b.membership.seats[0].name
+        b_record, _ = a.client.get(f"{prefix}/members/{b_name}")
+        forged3 = forged.replace("2.0.0", "2.0.2")
+        a.client.create(f"{prefix}/members/{forged3}", b_record, ephemeral=True)
+
+        fleet = c.read_fleet()
+        by_id = {m.instance_id: m for m in fleet.members}
+        assert sorted(by_id) == ["i-a", "i-b", "i-c"]
+        assert by_id["i-b"].private_ip == identity_of(static("i-b", n=2)).private_ip
+        assert fleet.skipped_by_reason.get("attestation") == 3
+
+        # Without the check, B's name is contested (what the signature adds).
+        c.attest_check = None
+        loose = c.read_fleet()
+        assert "attestation" not in loose.skipped_by_reason
+        assert loose.skipped_by_reason.get("duplicate_instance")
+    finally:
+        for reg in regs:  # the nodes go with the sessions; the server with the module
+            reg.close()
+
+
+def test_timing_16k_records_is_reported(ca: CA) -> None:
+    """Not an assertion on time: prints what verifying a 16,000-host fleet costs here."""
+    n = int(os.environ.get("NETI_ATTEST_BENCH", "500"))
+    att = Attestor([ca.cert], clock=clock, cache_size=max(n, 1))
+    records = []
+    for i in range(n):
+        cn = f"i-{i:05d}"
+        host = f"{i // 250}.{i % 250 + 1}"
+        name = f"v1|{cn}|vpc|203.0.{host}|10.0.{host}|10.9.0.1|2.0.0"
+        records.append((name, ca.signer(cn).sign(name)))
+    t0 = time.perf_counter()
+    assert all(att.check(nm, d) is None for nm, d in records)
+    cold = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    assert all(att.check(nm, d) is None for nm, d in records)
+    warm = time.perf_counter() - t0
+    assert (att.cert_checks, att.sig_checks) == (n, 2 * n)
+    print(f"\nattest: {n} records: cold {cold:.2f}s, cached certificates {warm:.2f}s")
