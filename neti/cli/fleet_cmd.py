@@ -98,6 +98,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     gc.add_argument("--dry-run", action="store_true", help="show what would be released")
 
+    sec = cmd(
+        "secure",
+        "set Neti's ACLs on an existing open registry tree (operator identity needed; "
+        "docs/security.md)",
+        run_secure,
+    )
+    sec.add_argument("--dry-run", action="store_true", help="show what would change")
+    sec.add_argument(
+        "--identities",
+        metavar="FILE",
+        help="whose ZooKeeper id owns each instance's nodes: 'INSTANCE-ID SCHEME:ID' lines "
+        "(default with a client certificate: x509:CN=<instance ID>; required for digest)",
+    )
+
 
 def _non_negative(text: str) -> int:
     try:
@@ -409,6 +423,69 @@ def run_release(args: argparse.Namespace) -> int:
         print_json({"instance_id": iid, "overlay_ip": str(ip), "was_live": bool(live)})
     else:
         print(f"released {ip} ({iid})")
+    return 0
+
+
+# --- secure -------------------------------------------------------------------------------
+
+
+def run_secure(args: argparse.Namespace) -> int:
+    from neti.registry import acl as acl_mod
+    from neti.registry.client import check_trust
+
+    cfg = load_config(args)
+    if not cfg.secured or cfg.zk_acl is None:
+        raise NetiError(
+            "neti fleet secure needs an operator identity: zk_tls.cert/key or zk_auth, and "
+            "zk_acl.operators listing it, in this config (docs/security.md)"
+        )
+    policy = check_trust(cfg)
+    if not policy.is_operator:
+        raise NetiError(
+            f"this config authenticates as {policy.identity}, which is not in "
+            "zk_acl.operators: only an operator may set ACLs (and keep the right to undo them)"
+        )
+    if args.identities:
+        mapping = acl_mod.load_identities(args.identities)
+        owner_of = mapping.get
+    elif policy.x509:
+        owner_of = acl_mod.instance_x509_id
+    else:
+        raise NetiError(
+            "digest identities cannot be derived from instance IDs: give --identities FILE "
+            "('INSTANCE-ID digest:USER:HASH' lines)"
+        )
+    with _registry(cfg, args) as reg:
+        progress = Progress("reading ACLs")
+        try:
+            changes, right = acl_mod.plan_secure(
+                reg.client, reg.paths, policy, owner_of, cfg.legacy_networks, progress
+            )
+        finally:
+            progress.done()
+        done = changes
+        if changes and not args.dry_run:
+            progress = Progress("setting ACLs")
+            try:
+                done = acl_mod.apply_secure(reg.client, changes, progress)
+            finally:
+                progress.done()
+    if args.json:
+        print_json(
+            {
+                "dry_run": bool(args.dry_run),
+                "operator": policy.identity,
+                "changes": [c.as_dict() for c in done],
+                "unchanged": right,
+            }
+        )
+        return 0
+    verb = "would set" if args.dry_run else "set"
+    for c in done:
+        note = f"  ({c.note})" if c.note else ""
+        print(f"{verb} {c.path}: {acl_mod.acl_text(list(c.want))}{note}")
+        print(f"    was {acl_mod.acl_text(list(c.have))}")
+    print(f"{verb} {len(done)} ACLs; {right} nodes already right")
     return 0
 
 
