@@ -172,6 +172,7 @@ class AgentState:
             zookeeper=_record(ZkState, d.get("zookeeper"), "zookeeper"),
             skipped=_typed(int, d.get("skipped") or 0, "skipped"),
             skipped_reasons=_strings(d.get("skipped_reasons") or [], "skipped_reasons"),
+            skipped_by_reason=_counts(d.get("skipped_by_reason")),
             tagging=_typed(str, d.get("tagging") or "", "tagging"),
             apply_errors=_typed(int, d.get("apply_errors") or 0, "apply_errors"),
         )
@@ -189,6 +190,17 @@ def _typed(kind: type, value: Any, what: str) -> Any:
     if kind is int and not -MAX_INT <= value <= MAX_INT:
         raise ValueError(f"{what} is out of range")  # os.kill(10**100, 0) is an OverflowError
     return value
+
+
+def _counts(value: Any) -> dict[str, int]:
+    """Skip counts by reason: known reason codes with non-negative integer counts only."""
+    from neti.fleet import SKIP_REASONS
+
+    if not isinstance(value, dict):
+        return {}
+    return {
+        k: v for k, v in value.items() if k in SKIP_REASONS and type(v) is int and 0 <= v <= MAX_INT
+    }
 
 
 def _opt(value: Any, kind: type, what: str) -> Any:
