@@ -153,8 +153,9 @@ class Membership:
         self.client = client
         self.cfg = cfg
         self.acl = acl or AclPolicy()
-        # An older session of ours expires within its timeout (the server may round it up).
-        self.stale_wait = 2 * cfg.zk_session_timeout + 2
+        # An older session of ours expires within its timeout (the server may round it up);
+        # capped so a join never outlasts the systemd watchdog (the agent retries later).
+        self.stale_wait = min(cfg.zk_session_timeout + 2, 20.0)
         self.members_path = members_path
         self.legacy_path = legacy_path
         self.seats: list[EphemeralSeat] = []

@@ -568,3 +568,30 @@ def test_zk_acl_block_parses_or_errors(block: dict[str, Any]) -> None:
         assert all(len(e) < 400 for e in exc.errors)
         return
     assert cfg.zk_acl is not None and cfg.zk_acl.fleet is not None
+
+
+def test_agent_stops_when_the_server_refuses_its_certificate(
+    tls_data: Callable[..., dict[str, Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refused certificate ends `neti agent` (exit 2 via the CLI) instead of an endless
+    retry; the dataplane (a recording stand-in here: this is the root namespace) gets
+    nothing to apply."""
+    from neti import dataplane
+    from neti.agent.core import Agent
+
+    applied: list[object] = []
+
+    class Recorder:
+        system = None
+
+        def apply(self, *a: object, **k: object) -> None:
+            applied.append(a)
+
+    monkeypatch.setattr(dataplane, "select", lambda *a, **k: Recorder())
+    other = CertificateAuthority(tmp_path / "other").issue("i-a")
+    data = tls_data(state_dir=str(tmp_path / "state"))
+    data["zk_tls"].update(cert=str(other.cert), key=str(other.key))
+    agent = Agent(str(tmp_path / "neti.yml"), config.parse(data))
+    with pytest.raises(RegistryAccessError, match=r"^zk_tls.cert .*refused this certificate"):
+        agent.run()
+    assert applied == []
