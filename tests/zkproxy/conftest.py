@@ -65,6 +65,7 @@ SPEC = TopologySpec(
     outsiders=(OutsiderSpec("outsider", "192.0.2.10/24"),),
 )
 EC2_NET = "10.0.0.0/24"
+EC2_GATEWAY = "10.0.0.1"
 ZK_PRIVATE = "10.1.0.20"
 MEMBER_ADDRESSES = ("203.0.113.20", "203.0.113.21")
 PROXIES = {"px1": "10.0.0.5", "px2": "10.0.0.6"}

@@ -15,6 +15,7 @@ import pytest
 from neti.lab import netns
 from tests.support import opsdoc
 from tests.zkproxy.conftest import (
+    EC2_GATEWAY,
     EC2_NET,
     MEMBER_ADDRESSES,
     PROXIES,
@@ -70,10 +71,16 @@ def _label(px: ProxyLab) -> str:
     return json.loads(px.neti("px1", "zkproxy", "status", "--json").stdout)["backend"]
 
 
+def _link_up(px: ProxyLab, host: str) -> None:
+    """Up, with its default route back: taking a link down deletes the routes through it."""
+    netns.ip(px.lab.ns(host), "link", "set", "eth0", "up")
+    netns.ip(px.lab.ns(host), "route", "replace", "default", "via", EC2_GATEWAY)
+
+
 def _fresh(px: ProxyLab) -> None:
-    """Proxies as a new host has them: no rules, ip_forward off, links up."""
+    """Proxies as a new host has them: no rules, ip_forward off, links and routes up."""
     for host in PROXIES:
-        netns.ip(px.lab.ns(host), "link", "set", "eth0", "up")
+        _link_up(px, host)
         px.neti(host, "zkproxy", "remove", check=True)
         px.lab.run(host, ["sysctl", "-q", "-w", "net.ipv4.ip_forward=0"])
 
@@ -156,7 +163,7 @@ def test_far_host_uses_either_proxy_and_keeps_its_session(proxy_lab: ProxyLab):
             f"no connection past a dead proxy within {SESSION_TIMEOUT / 2:g}s"
         )
     finally:
-        netns.ip(px.lab.ns(other), "link", "set", "eth0", "up")
+        _link_up(px, other)
         client.proc.kill()
 
 
