@@ -28,6 +28,7 @@ import binascii
 import collections
 import datetime
 import hashlib
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -220,6 +221,13 @@ def required(cfg: Config) -> bool:
     return cfg.zk_tls is not None and cfg.zk_tls.cert is not None
 
 
+def attest_check_for(cfg: Config) -> Callable[[str, bytes], str | None] | None:
+    """The ``attest_check`` hook for Registry/Verifier this config asks for, or None.
+    RegistryAccessError naming zk_tls.ca when the CA bundle is unusable."""
+    attestor = Attestor.from_config(cfg)
+    return attestor.check if attestor is not None else None
+
+
 # --- checking (every peer) ----------------------------------------------------------------
 
 
@@ -277,6 +285,7 @@ class Attestor:
         self.clock = clock
         self.cache_size = max(1, cache_size)
         self._cache: collections.OrderedDict[bytes, _Vetted] = collections.OrderedDict()
+        self._lock = threading.Lock()  # the agent's reads and the CLI may share one
         self.cert_checks = 0  # certificates checked against the CA (cache misses)
         self.sig_checks = 0  # record signatures verified
 
@@ -347,14 +356,16 @@ class Attestor:
 
     def _vet(self, der: bytes) -> _Vetted:
         fp = hashlib.sha256(der).digest()
-        hit = self._cache.get(fp)
-        if hit is not None:
-            self._cache.move_to_end(fp)
-            return hit
+        with self._lock:
+            hit = self._cache.get(fp)
+            if hit is not None:
+                self._cache.move_to_end(fp)
+                return hit
         vetted = self._vet_uncached(der)
-        self._cache[fp] = vetted
-        if len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
+        with self._lock:
+            self._cache[fp] = vetted
+            if len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
         return vetted
 
     def _vet_uncached(self, der: bytes) -> _Vetted:

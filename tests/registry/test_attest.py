@@ -29,7 +29,7 @@ from neti.errors import ConfigError, RegistryAccessError
 from neti.registry import attest
 from neti.registry.attest import MAX_RECORD, Attestor, Signer
 
-NOW = datetime.datetime(2026, 6, 1, tzinfo=datetime.UTC)
+NOW = datetime.datetime.now(datetime.UTC).replace(microsecond=0)  # some paths use the real clock
 DAY = datetime.timedelta(days=1)
 NAME_B = "v1|i-b|vpc|203.0.0.2|10.0.0.2|10.9.0.2|2.0.0"
 
@@ -467,6 +467,15 @@ def test_config_defaults_follow_the_client_certificate(ca: CA, tmp_path: Path) -
     assert attest.signer_for(off) is not None  # still signs: others may require it
 
     assert not attest.required(_cfg(tmp_path, ca, zk_tls="ca-only"))
+    assert attest.attest_check_for(plain) is None and attest.attest_check_for(off) is None
+    hook = attest.attest_check_for(full)
+    assert hook is not None and hook(NAME_B, signer.sign(NAME_B)) is None
+
+    broken = full.model_copy(
+        update={"zk_tls": full.zk_tls.model_copy(update={"ca": str(tmp_path / "gone.pem")})}  # type: ignore[union-attr]
+    )
+    with pytest.raises(RegistryAccessError, match=r"^zk_tls.ca .*gone.pem: cannot read"):
+        attest.attest_check_for(broken)
 
 
 def test_config_requiring_signatures_needs_a_certificate(ca: CA, tmp_path: Path) -> None:
