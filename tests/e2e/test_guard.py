@@ -63,7 +63,14 @@ def fleet_ids(lab: Lab, host: str) -> set[str]:
 
 
 def members(lab: Lab) -> list[str]:
-    out = zk(lab, "print('\\n'.join(zk.get_children('/neti/members')))")
+    code = (
+        "from kazoo.exceptions import NoNodeError\n"
+        "try:\n"
+        "    print('\\n'.join(zk.get_children('/neti/members')))\n"
+        "except NoNodeError:\n"
+        "    pass"
+    )
+    out = zk(lab, code)
     return [line for line in out.splitlines() if line]
 
 
@@ -188,3 +195,34 @@ def test_release_guard_lets_a_held_removal_through(lab: Lab) -> None:
         if "ec2b" not in lab.agents:
             lab.start_agent("ec2b")
     lab.wait_converged(timeout=30)
+
+
+def test_staggered_expiries_are_held_over_the_window(lab: Lab) -> None:
+    """Two hosts cut off together whose sessions expire 1.8 s apart, with max-change 1."""
+    wait_for("all healthy", lambda: set(status_codes(lab).values()) == {OK}, timeout=60)
+    lab.set_max_change(1)
+    try:
+        lab.stop_agent("ec2b", signal.SIGKILL)
+        time.sleep(1.8)  # the stagger under test, not a wait for something
+        lab.stop_agent("vpc1", signal.SIGKILL)
+        state = wait_for(
+            "ec2a to hold both removals",
+            lambda: (
+                (st := lab.state("ec2a") or {}).get("guard", {}).get("would_remove") == 2 and st
+            ),
+            timeout=SESSION_TIMEOUT * 3 + 30,
+        )
+        assert state["guard"]["reason"] == "window"
+        assert state["guard"]["removed"] == ["i-ec2b", "i-vpc1"]
+        assert fleet_ids(lab, "ec2a") == IDS  # the first removal was put back too
+        log = lab.agent_log("ec2a")
+        assert "guard: 2 members would be removed within 60s, above the limit 1" in log
+        rc, report = lab.status("ec2a")
+        assert rc == WARNING and "window" in report["summary"]
+    finally:
+        lab.set_max_change(20)
+        for h in ("ec2b", "vpc1"):
+            if h not in lab.agents:
+                lab.start_agent(h)
+    lab.wait_converged(timeout=45)
+    wait_for("all healthy again", lambda: set(status_codes(lab).values()) == {OK}, timeout=60)
