@@ -27,6 +27,7 @@ import pytest
 import yaml
 
 from neti.lab import netns
+from neti.lab.pki import CertificateAuthority
 from neti.lab.topology import (
     HostSpec,
     NetworkSpec,
@@ -144,3 +145,37 @@ def proxy_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyLab]:
             zk.cleanup()
             lab.down()
     assert not [ns for ns in netns.list_ns() if ns.startswith(ours)], "namespaces left behind"
+
+
+TLS_PORT = 2281
+
+
+@dataclass
+class TlsZk:
+    """A second ZooKeeper in zk, TLS only (secureClientPort 2281, client certificates
+    required, x509 identities), and ec2a's config reaching it through px1."""
+
+    zk: ZooKeeperServer
+    ca: CertificateAuthority
+    config: Path  # ec2a's neti.yml with zk_tls, zk_hosts ec2 -> px1:2281
+
+
+@pytest.fixture(scope="module")
+def tls_zk(proxy_lab: ProxyLab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsZk]:
+    tmp = tmp_path_factory.mktemp("zkproxy-tls")
+    ca = CertificateAuthority(tmp / "ca")
+    zk = ZooKeeperServer(host=ZK_PRIVATE, port=TLS_PORT, netns=proxy_lab.lab.ns("zk"), tls=ca)
+    try:
+        zk.start()
+        host = ca.issue(proxy_lab.lab.host("ec2a").instance_id, name="ec2a")
+        data = proxy_lab.lab.config(
+            "ec2a",
+            zk_hosts={"ec2": [f"{PROXIES['px1']}:{TLS_PORT}"]},
+            zk_session_timeout=SESSION_TIMEOUT,
+            zk_tls={"ca": str(ca.cert_path), "cert": str(host.cert), "key": str(host.key)},
+        )
+        path = tmp / "neti-ec2a-tls.yml"
+        path.write_text(yaml.safe_dump(data))
+        yield TlsZk(zk, ca, path)
+    finally:
+        zk.cleanup()

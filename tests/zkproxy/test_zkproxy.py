@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 
 from neti.lab import netns
 from tests.support import opsdoc
@@ -20,7 +22,9 @@ from tests.zkproxy.conftest import (
     MEMBER_ADDRESSES,
     PROXIES,
     SESSION_TIMEOUT,
+    TLS_PORT,
     ProxyLab,
+    TlsZk,
 )
 
 pytestmark = [pytest.mark.root, pytest.mark.zk, pytest.mark.timeout(180)]
@@ -324,3 +328,43 @@ def test_zookeeper_sees_the_proxy_and_needs_the_masquerade(proxy_lab: ProxyLab):
     r = px.neti("px1", *APPLY, "--target", f"{MEMBER_ADDRESSES[0]}:2181")
     assert r.returncode == 0 and "rewrote NETI-ZKPROXY-POST" in r.stdout
     assert _ruok(px, "ec2a", PROXIES["px1"]) == "imok"
+
+
+TLS_PROBE = """
+import hashlib, json, socket, sys
+from kazoo.security import ACL, Id, Permissions
+from neti import config
+from neti.registry.client import make_client, tls_context
+cfg = config.load(sys.argv[1])
+ctx = tls_context(cfg)
+host, port = cfg.zk_hosts_for("ec2")[0].rsplit(":", 1)
+with ctx.wrap_socket(socket.create_connection((host, int(port)), 5)) as s:
+    der = s.getpeercert(binary_form=True)
+zk = make_client(cfg, "ec2", ctx)
+zk.start(timeout=20)
+path = zk.create("/tls-through-proxy", b"", acl=[ACL(Permissions.ALL, Id("auth", ""))],
+                 ephemeral=True)
+acl = [f"{a.id.scheme}:{a.id.id}" for a in zk.get_acls(path)[0]]
+zk.stop(); zk.close()
+print(json.dumps({"server_cert_sha256": hashlib.sha256(der).hexdigest(), "acl": acl}))
+"""
+
+
+def test_tls_is_end_to_end_through_the_proxy(proxy_lab: ProxyLab, tls_zk: TlsZk):
+    """The proxy forwards TCP: ec2a's TLS session is with ZooKeeper itself (it gets the
+    server's own certificate) and ZooKeeper names ec2a by ec2a's certificate, not by the
+    address it sees (px1's)."""
+    px = proxy_lab
+    _fresh(px)
+    r = px.neti("px1", "zkproxy", "apply", "--allow", EC2_NET, "--listen-port", str(TLS_PORT),
+                "--target", f"{MEMBER_ADDRESSES[0]}:{TLS_PORT}")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    argv = [sys.executable, "-c", TLS_PROBE, str(tls_zk.config)]
+    r = px.lab.run("ec2a", argv, check=False, timeout=60)
+    assert r.returncode == 0, r.stderr
+    seen = json.loads(r.stdout)
+    assert tls_zk.zk.server_cert is not None
+    server = x509.load_pem_x509_certificate(tls_zk.zk.server_cert.cert.read_bytes())
+    assert seen["server_cert_sha256"] == server.fingerprint(hashes.SHA256()).hex()
+    instance = px.lab.host("ec2a").instance_id
+    assert seen["acl"] == [f"x509:CN={instance}"]
