@@ -368,3 +368,30 @@ def test_tls_is_end_to_end_through_the_proxy(proxy_lab: ProxyLab, tls_zk: TlsZk)
     assert seen["server_cert_sha256"] == server.fingerprint(hashes.SHA256()).hex()
     instance = px.lab.host("ec2a").instance_id
     assert seen["acl"] == [f"x509:CN={instance}"]
+
+
+def test_an_open_proxy_from_an_older_neti_is_a_problem_until_reapplied(proxy_lab: ProxyLab):
+    """Rules without ``-s`` (what ``apply`` wrote before --allow was required)."""
+    px = proxy_lab
+    _fresh(px)
+    r = px.neti("px1", *APPLY, "--target", f"{MEMBER_ADDRESSES[0]}:2181")
+    assert r.returncode == 0, r.stderr
+    old = (
+        "*nat\n:NETI-ZKPROXY-PRE - [0:0]\n-A NETI-ZKPROXY-PRE -p tcp -m tcp --dport 2181 "
+        f"-m addrtype --dst-type LOCAL -j DNAT --to-destination {MEMBER_ADDRESSES[0]}:2181\n"
+        "COMMIT\n*filter\n:NETI-ZKPROXY-FWD - [0:0]\n"
+        f"-A NETI-ZKPROXY-FWD -d {MEMBER_ADDRESSES[0]}/32 -p tcp -m tcp --dport 2181 "
+        "-m conntrack --ctstate DNAT -j ACCEPT\n"
+        f"-A NETI-ZKPROXY-FWD -s {MEMBER_ADDRESSES[0]}/32 -p tcp -m tcp --sport 2181 "
+        "-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\nCOMMIT\n"
+    )
+    px.lab.run("px1", ["iptables-restore", "--noflush"], input=old)
+    assert _ruok(px, "outsider", str(px.lab.host("px1").public_ip)) == "imok"
+    r = px.neti("px1", "zkproxy", "status")
+    assert r.returncode == 1
+    assert "allowed sources: 0.0.0.0/0\n" in r.stdout
+    assert "problem: forwards from any source (an older neti's rules): re-apply" in r.stdout
+    r = px.neti("px1", *APPLY, "--target", f"{MEMBER_ADDRESSES[0]}:2181")
+    assert r.returncode == 0 and "rewrote NETI-ZKPROXY-PRE" in r.stdout
+    assert _ruok(px, "outsider", str(px.lab.host("px1").public_ip)) == "ConnectionRefusedError"
+    assert px.neti("px1", "zkproxy", "status").returncode == 0
