@@ -643,11 +643,15 @@ def test_timing_16k_records_is_reported(ca: CA) -> None:
         host = f"{i // 250}.{i % 250 + 1}"
         name = f"v1|{cn}|vpc|203.0.{host}|10.0.{host}|10.9.0.1|2.0.0"
         records.append((name, ca.signer(cn).sign(name)))
-    t0 = time.perf_counter()
-    assert all(att.check(nm, d) is None for nm, d in records)
-    cold = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    assert all(att.check(nm, d) is None for nm, d in records)
-    warm = time.perf_counter() - t0
+
+    def run() -> tuple[float, float]:
+        w, c = time.perf_counter(), time.process_time()
+        assert all(att.check(nm, d) is None for nm, d in records)
+        return time.perf_counter() - w, time.process_time() - c
+
+    cold, warm = run(), run()
     assert (att.cert_checks, att.sig_checks) == (n, 2 * n)
-    print(f"\nattest: {n} records: cold {cold:.2f}s, cached certificates {warm:.2f}s")
+    print(
+        f"\nattest: {n} records: new certificates {cold[0]:.2f}s wall / {cold[1]:.2f}s CPU, "
+        f"cached certificates {warm[0]:.2f}s wall / {warm[1]:.2f}s CPU"
+    )
