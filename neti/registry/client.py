@@ -19,6 +19,7 @@ from kazoo.client import KazooClient
 from kazoo.handlers.threading import SequentialThreadingHandler
 from kazoo.protocol.states import KeeperState
 from kazoo.retry import KazooRetry
+from kazoo.security import ACL
 
 from neti.config import Config
 from neti.errors import RegistryAccessError, RegistryError
@@ -165,7 +166,10 @@ def make_client(
     network: str,
     ssl_context: ssl.SSLContext | None = None,
     auth: Sequence[tuple[str, str]] = (),
+    default_acl: list[ACL] | None = None,
 ) -> KazooClient:
+    """``default_acl``: what a node created without an explicit ACL gets (the agent's own
+    ensure_path calls for the containers it watches): the container ACL when secured."""
     hosts = ",".join(cfg.zk_hosts_for(network))
     return KazooClient(
         hosts=hosts,
@@ -185,6 +189,7 @@ def make_client(
         ),
         command_retry=KazooRetry(max_tries=5, delay=0.2, backoff=2, max_delay=5),
         auth_data=list(auth) or None,
+        default_acl=default_acl,
     )
 
 
@@ -290,7 +295,7 @@ def connect(
     hosts = ",".join(cfg.zk_hosts_for(network))
     policy = acl if acl is not None else AclPolicy.from_config(cfg)
     ctx = tls_context(cfg)
-    client = make_client(cfg, network, ctx, auth_data(cfg))
+    client = make_client(cfg, network, ctx, auth_data(cfg), policy.container())
     wait = timeout if timeout is not None else cfg.zk_session_timeout
     handler = client.handler
     event = client.start_async()

@@ -82,16 +82,6 @@ class MaxChange:
             self.client.retry(self.client.ensure_path, parent, acl=self.parent_acl)
         self.client.retry(self.client.create, self.path, data, acl=self.acl)
 
-    def _create(self, data: bytes) -> None:
-        if self.acl is None:
-            self.client.retry(self.client.create, self.path, data, makepath=True)
-            return
-        # Not makepath: kazoo would give the parents maxchange's operator-only ACL.
-        parent = self.path.rsplit("/", 1)[0]
-        if parent:
-            self.client.retry(self.client.ensure_path, parent, acl=self.parent_acl)
-        self.client.retry(self.client.create, self.path, data, acl=self.acl)
-
     def set(self, value: int) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"max change must be a non-negative integer, not {value!r}")

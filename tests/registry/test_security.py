@@ -164,11 +164,12 @@ def test_nodes_get_the_table_acls(
     a = host("i-a")
     joined(a)
     assert a.max_change() == 20  # creates maxchange
+    a.client.ensure_path(a.paths.legacy)  # as the agent does for the containers it watches
     op = raw_tls(tls_zk, pki, cert(OPERATOR))
     op.start(timeout=10)
     try:
         p = a.paths
-        for container in (p.prefix, p.members, p.id_to_ip, p.ip_to_id):
+        for container in (p.prefix, p.members, p.id_to_ip, p.ip_to_id, p.legacy):
             assert acl_of(op, container) == expected("container"), container
         ip = a.claim_of("i-a")
         own = expected("own", "x509:CN=i-a")
