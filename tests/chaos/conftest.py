@@ -18,7 +18,7 @@ import pytest
 
 from neti.lab.ensemble import EnsembleLab
 from neti.lab.netns import LabError
-from tests.chaos.harness import Harness, Report, wait_settled
+from tests.chaos.harness import Harness, Report, wait_settled, wait_steady
 from tests.lab.fixtures import netns_guard  # noqa: F401 - fixture
 
 SESSION_TIMEOUT = 6.0
@@ -88,6 +88,7 @@ class FleetBox:
             lab.down()
             self.lab = None
             lab = self.get()
+            _repair(lab)
         return lab
 
     def close(self) -> None:
@@ -109,6 +110,7 @@ def _repair(lab: EnsembleLab) -> None:
             lab.start_agent(h)
     wait_settled(lab, "the chaos fleet to recover before the next scenario", timeout=45)
     lab.wait_converged(timeout=30)
+    wait_steady(lab, "the chaos fleet to be steady before the next scenario")
 
 
 @pytest.fixture(scope="session")

@@ -348,6 +348,27 @@ def settled(lab: EnsembleLab, hosts: Iterable[str] | None = None) -> bool:
     return True
 
 
+def grace_running(lab: EnsembleLab, host: str) -> bool:
+    """The agent's guard is in a grace period (after its (re)connect or a recovery)."""
+    until = ((lab.state(host) or {}).get("guard") or {}).get("grace_until")
+    return until is not None and float(until) > time.time()
+
+
+def wait_steady(lab: EnsembleLab, what: str, timeout: float = 60.0) -> None:
+    """Settled, and no agent's guard in a grace period: the fleet as it runs for days.
+
+    A grace period holds every removal, so a scenario started inside one would pass
+    without showing what a long-running fleet does.
+    """
+    wait_settled(lab, what, timeout)
+    wait_for(
+        f"{what} (no guard grace period running)",
+        lambda: settled(lab) and not any(grace_running(lab, h) for h in lab.agent_hosts),
+        timeout,
+        interval=0.2,
+    )
+
+
 def wait_settled(lab: EnsembleLab, what: str, timeout: float = 60.0) -> None:
     try:
         wait_for(what, lambda: settled(lab), timeout, interval=0.2)
