@@ -494,7 +494,16 @@ def test_trailing_newline_in_other_patterns() -> None:
 
 @pytest.mark.parametrize(
     "key",
-    ["resync_interval", "watch_delay_min", "watch_delay_max", "zk_session_timeout", "timeout"],
+    [
+        "resync_interval",
+        "watch_delay_min",
+        "watch_delay_max",
+        "zk_session_timeout",
+        "timeout",
+        "guard_window",
+        "guard_fraction",
+        "guard_grace",
+    ],
 )
 @pytest.mark.parametrize("value", [".inf", "-.inf", ".nan"])
 def test_non_finite_numbers_are_refused(key: str, value: str) -> None:
@@ -516,6 +525,9 @@ BOUNDS = [
     ("conntrack.hashsize", 2**24, 2**24 + 1),
     ("max_change_default", 1_000_000, 1_000_001),
     ("metrics.port", 65535, 65536),
+    ("guard_window", 86400, 86401),
+    ("guard_fraction", 1, 1.01),
+    ("guard_grace", 3600, 3601),
 ]
 
 

@@ -70,11 +70,48 @@ class GuardState:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GuardState:
-        """Known keys only: a newer agent's extra keys must not break an older reader."""
+        """Known keys only (a newer agent's extra keys must not break an older reader), each
+        of its type: a damaged file is a TypeError (CRITICAL in status), never a crash later."""
         if not isinstance(d, dict):
             raise TypeError("guard is not a JSON object")
-        known = cls.__dataclass_fields__
-        return cls(**{k: v for k, v in d.items() if k in known})
+        out = cls()
+        for name, kinds in _GUARD_KINDS.items():
+            if name not in d:
+                continue
+            v = d[name]
+            ok = any(
+                v is None
+                if k is None
+                else isinstance(v, k) and (k is bool or not isinstance(v, bool))
+                for k in kinds
+            )
+            if name == "removed":
+                ok = isinstance(v, list) and all(isinstance(x, str) for x in v)
+            if not ok:
+                raise TypeError(f"guard.{name} has the wrong type")
+            if isinstance(v, int) and not isinstance(v, bool) and float in kinds:
+                v = float(v)
+            setattr(out, name, list(v) if name == "removed" else v)
+        return out
+
+
+# Accepted JSON types per GuardState field (None: null allowed); ints may stand for floats.
+_GUARD_KINDS: dict[str, tuple[Any, ...]] = {
+    "held": (bool,),
+    "since": (float, int, None),
+    "would_remove": (int,),
+    "removed": (list,),
+    "max_change": (int, None),
+    "max_change_problem": (str, None),
+    "reason": (str,),
+    "limit": (int, None),
+    "window_removals": (int,),
+    "baseline": (int,),
+    "grace_until": (float, int, None),
+    "last_held_size": (int, None),
+    "self_listed": (bool,),
+    "released_at": (float, int, None),
+}
 
 
 @dataclass

@@ -316,3 +316,77 @@ def test_never_drops_self_and_never_exceeds_the_limit_within_a_window(
             if clock.t - t <= s.window:
                 assert len(before - now) <= s.limit(len(before)) or d.released
         applied.append((clock.t, now))
+
+
+# --- config keys and the state file's guard object (hostile input) ------------------------
+
+
+def test_guard_config_keys_and_grace_floor() -> None:
+    import pytest
+
+    from neti import config
+    from neti.errors import ConfigError
+
+    base = {"zk_hosts": {"a": ["h:1"]}}
+    cfg = config.parse(base)
+    assert (cfg.guard_window, cfg.guard_fraction, cfg.guard_grace) == (60.0, 0.1, None)
+    assert cfg.guard_grace_seconds() == 15.0  # 1.5 x the 10 s session timeout
+    assert config.parse({**base, "guard_grace": 1}).guard_grace_seconds() == 10.0
+    assert config.parse({**base, "guard_grace": 30}).guard_grace_seconds() == 30.0
+    for key, bad in (("guard_window", -1), ("guard_fraction", -0.1), ("guard_grace", -1)):
+        with pytest.raises(ConfigError, match=key):
+            config.parse({**base, key: bad})
+
+
+def test_guard_state_from_hostile_json() -> None:
+    import pytest
+
+    from neti.agent.state import AgentState, GuardState
+
+    g = GuardState.from_dict({"held": True, "reason": "window", "from_the_future": [1, 2]})
+    assert g.held and g.reason == "window" and g.self_listed is True
+    with pytest.raises(TypeError):
+        GuardState.from_dict(["not", "an", "object"])  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        AgentState.from_dict({"guard": "junk"})
+    round_trip = AgentState.from_dict(
+        json.loads(json.dumps(AgentState(guard=GuardState(held=True, reason="grace")).to_dict()))
+    )
+    assert round_trip.guard.reason == "grace"
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner),
+    max_leaves=8,
+)
+
+
+@given(
+    st.dictionaries(
+        st.sampled_from(["held", "since", "removed", "limit", "reason", "self_listed", "x"]),
+        JSON,
+    )
+)
+def test_guard_state_from_arbitrary_json_is_typed_or_refused(data: dict) -> None:
+    import dataclasses
+
+    import pytest
+
+    from neti.agent.state import _GUARD_KINDS, GuardState
+    from neti.status.report import evaluate
+
+    assert set(_GUARD_KINDS) == {f.name for f in dataclasses.fields(GuardState)}
+    try:
+        g = GuardState.from_dict(data)
+    except TypeError:
+        return  # the state file is damaged: status says CRITICAL
+    assert isinstance(g.held, bool) and isinstance(g.self_listed, bool)
+    assert isinstance(g.reason, str) and all(isinstance(x, str) for x in g.removed)
+    assert g.limit is None or (isinstance(g.limit, int) and not isinstance(g.limit, bool))
+    from neti.agent.state import AgentState
+
+    r = evaluate(AgentState(guard=g, fleet=fleet(1)), None, True, 1e9, 60.0)
+    assert r.code in (0, 1, 2)
+    with pytest.raises(TypeError):
+        GuardState.from_dict({"removed": [1]})
