@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: test demo demo-down deps venv lint bench clean
+.PHONY: test demo demo-down deps venv lint bench clean chaos
 
 deps:
 	@scripts/install-deps.sh
@@ -20,6 +20,11 @@ venv: $(STAMP)
 test: deps venv
 	$(BIN)/ruff check neti tests bench
 	$(BIN)/pytest -q
+
+# Needs root. The chaos suite (tests/chaos/): a 3-server ZooKeeper ensemble, four agents and
+# faults, a few minutes; `make test` skips it (its tests run only under -m chaos).
+chaos: deps venv
+	$(BIN)/pytest -q -m chaos tests/chaos $(CHAOS_ARGS)
 
 lint: venv
 	$(BIN)/ruff check neti tests bench
