@@ -347,6 +347,8 @@ def test_fleet_secure_dry_run_then_apply(
             ephemeral=True,
             makepath=True,
         )
+        legacy_name = f"{uuid.uuid4().hex}-203.0.0.3|10.0.0.3|10.9.0.6|1"  # an original agent
+        old.create(f"{prefix}/ip-map/{legacy_name}", b"", ephemeral=True, makepath=True)
         cfg_path = tmp_path / "op.yml"
         cfg_path.write_text(yaml.safe_dump(tls_data(OPERATOR, n=9)))
         before = {p: acl_of(old, p) for p in _walk(old, prefix)}
@@ -372,6 +374,8 @@ def test_fleet_secure_dry_run_then_apply(
                 assert acl_of(op, f"{prefix}/ip-to-id/{ip}") == own
             (member,) = op.get_children(f"{prefix}/members")
             assert acl_of(op, f"{prefix}/members/{member}") == expected("own", "x509:CN=i-a")
+            assert acl_of(op, f"{prefix}/ip-map") == expected("container")
+            assert acl_of(op, f"{prefix}/ip-map/{legacy_name}") == expected("own", "x509:CN=i-b")
         finally:
             op.stop()
             op.close()
@@ -596,3 +600,10 @@ def test_agent_stops_when_the_server_refuses_its_certificate(
     with pytest.raises(RegistryAccessError, match=r"^zk_tls.cert .*refused this certificate"):
         agent.run()
     assert applied == []
+
+
+def test_pki_keys_are_private(pki: CertificateAuthority, cert: Callable[[str], Issued]) -> None:
+    issued = cert("i-keys")
+    for key in (pki.key_path, issued.key):
+        assert key.stat().st_mode & 0o777 == 0o600
+    assert acl.cert_cn(acl.load_certificate(str(issued.cert))) == "i-keys"
