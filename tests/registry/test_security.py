@@ -607,3 +607,27 @@ def test_pki_keys_are_private(pki: CertificateAuthority, cert: Callable[[str], I
     for key in (pki.key_path, issued.key):
         assert key.stat().st_mode & 0o777 == 0o600
     assert acl.cert_cn(acl.load_certificate(str(issued.cert))) == "i-keys"
+
+
+@settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    st.one_of(
+        st.binary(max_size=1024),
+        st.lists(st.tuples(st.text(max_size=20), st.text(max_size=40)), max_size=5).map(
+            lambda rows: "\n".join(f"{a} {b}" for a, b in rows).encode("utf-8", "replace")
+        ),
+    )
+)
+def test_identities_file_never_crashes(tmp_path: Path, data: bytes) -> None:
+    path = tmp_path / "ids"
+    path.write_bytes(data)
+    try:
+        mapping = acl.load_identities(str(path))
+    except RegistryError as exc:
+        assert str(exc).startswith("--identities ") and "\n" not in str(exc)
+        return
+    for iid, zk_id in mapping.items():
+        assert config.LABEL_RE.match(iid)
+        assert config.zk_acl_id(zk_id) == zk_id
