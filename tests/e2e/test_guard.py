@@ -8,6 +8,7 @@ another from its rules.
 
 from __future__ import annotations
 
+import re
 import signal
 import sys
 import time
@@ -226,3 +227,41 @@ def test_staggered_expiries_are_held_over_the_window(lab: Lab) -> None:
                 lab.start_agent(h)
     lab.wait_converged(timeout=45)
     wait_for("all healthy again", lambda: set(status_codes(lab).values()) == {OK}, timeout=60)
+
+
+def test_recovery_after_an_outage_removes_nobody(lab: Lab) -> None:
+    """ZooKeeper goes away; one host (vpc1, frozen) comes back later than the others, so its
+    session expires after ZooKeeper returned. The hosts that reconnected first must not
+    remove it while it re-joins (grace), and nobody removes anybody when the guard lets go."""
+    assert lab.zk is not None
+    wait_for("all healthy", lambda: set(status_codes(lab).values()) == {OK}, timeout=60)
+    before = {h: len(lab.agent_log(h)) for h in ALL}
+    lab.zk.stop()
+    lab.signal_agent("vpc1", signal.SIGSTOP)
+    try:
+        time.sleep(SESSION_TIMEOUT)  # an outage: the agents notice and keep their rules
+        lab.zk.start()
+        # vpc1 stays away past its session timeout: its member node expires meanwhile.
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < SESSION_TIMEOUT + 3:
+            for h in ("ec2a", "ec2b"):
+                assert fleet_ids(lab, h) == IDS, h
+            time.sleep(0.1)
+    finally:
+        lab.signal_agent("vpc1", signal.SIGCONT)
+    deadline = time.monotonic() + GRACE + 60
+    while set(status_codes(lab).values()) != {OK}:
+        assert time.monotonic() < deadline, "no recovery"
+        for h in ALL:
+            assert fleet_ids(lab, h) == IDS, h
+    removals = re.compile(r"reconciled \([a-z]+\) in [0-9.]+s: \d+ members(, \+\d+)?, -\d+")
+    held = 0
+    for h in ALL:
+        assert fleet_ids(lab, h) == IDS
+        new_log = lab.agent_log(h)[before[h] :]
+        assert not removals.search(new_log), new_log
+        held += sum("removals wait" in line for line in new_log.splitlines())
+    assert "session expired" in lab.agent_log("vpc1")[before["vpc1"] :]
+    print(f"\noutage with a late host: {held} grace holds, no removal")
+    assert held >= 1
+    assert lab.full_mesh(lab.matrix(), ALL)
