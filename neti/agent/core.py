@@ -78,6 +78,8 @@ RECONNECT_KEYS = (
     "zk_tls",
     "zk_auth",
     "zk_acl",
+    "require_signed_members",
+    "read_legacy",
 )
 
 

@@ -23,6 +23,7 @@ from kazoo.security import ACL
 
 from neti.config import Config
 from neti.errors import RegistryAccessError, RegistryError
+from neti.registry import attest
 from neti.registry.acl import (
     AclPolicy,
     check_instance_cn,
@@ -278,6 +279,10 @@ def check_trust(cfg: Config, instance_id: str | None = None) -> AclPolicy:
     tls_context(cfg)
     auth_data(cfg)
     policy = AclPolicy.from_config(cfg)
+    # Signing key and the CA that vets peers' records: a bad file stops the agent here,
+    # before the kernel is touched, instead of failing every join.
+    attest.signer_for(cfg)
+    attest.attest_check_for(cfg)
     if instance_id is not None:
         check_instance_cn(cfg, instance_id)
     return policy
@@ -295,6 +300,7 @@ def connect(
     hosts = ",".join(cfg.zk_hosts_for(network))
     policy = acl if acl is not None else AclPolicy.from_config(cfg)
     ctx = tls_context(cfg)
+    hook = attest.attest_check_for(cfg)
     client = make_client(cfg, network, ctx, auth_data(cfg), policy.container())
     wait = timeout if timeout is not None else cfg.zk_session_timeout
     handler = client.handler
@@ -325,4 +331,4 @@ def connect(
             f"cannot reach ZooKeeper at {hosts} within {wait:g}s (network {network!r}; "
             f"check zk_hosts and that the servers are up){hint}"
         )
-    return Registry(client, cfg, acl=policy)
+    return Registry(client, cfg, acl=policy, attest_check=hook)
