@@ -319,6 +319,9 @@ class Config(BaseModel):
     guard_window: float = Field(default=60.0, ge=0, le=MAX_RESYNC, allow_inf_nan=False)
     guard_fraction: float = Field(default=0.1, ge=0, le=1, allow_inf_nan=False)
     guard_grace: float | None = Field(default=None, ge=0, le=3600, allow_inf_nan=False)
+    # A removal applies once asked for this long (null: 0.5 x zk_session_timeout), so hosts
+    # cut off together, whose sessions expire seconds apart, are counted together.
+    guard_settle: float | None = Field(default=None, ge=0, le=600, allow_inf_nan=False)
     # Tag this instance with overlay_ip/neti_version in EC2: "auto" only with an ec2 identity.
     tag_instance: Literal["auto", "always", "never"] = "auto"
     # Trust (docs/security.md): TLS and/or authentication to ZooKeeper, and per-host ACLs.
@@ -433,6 +436,10 @@ class Config(BaseModel):
         """How long removals wait after a (re)connect: peers need a session timeout to return."""
         grace = self.guard_grace if self.guard_grace is not None else 1.5 * self.zk_session_timeout
         return max(grace, self.zk_session_timeout)
+
+    def guard_settle_seconds(self) -> float:
+        """How long a removal must be asked for before it applies (staggered expiries)."""
+        return self.guard_settle if self.guard_settle is not None else 0.5 * self.zk_session_timeout
 
     # --- derived paths ---
     def path(self, node: str) -> str:

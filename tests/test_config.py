@@ -503,6 +503,7 @@ def test_trailing_newline_in_other_patterns() -> None:
         "guard_window",
         "guard_fraction",
         "guard_grace",
+        "guard_settle",
     ],
 )
 @pytest.mark.parametrize("value", [".inf", "-.inf", ".nan"])
@@ -528,6 +529,7 @@ BOUNDS = [
     ("guard_window", 86400, 86401),
     ("guard_fraction", 1, 1.01),
     ("guard_grace", 3600, 3601),
+    ("guard_settle", 600, 601),
 ]
 
 

@@ -476,6 +476,7 @@ class Agent:
             window=self.cfg.guard_window,
             fraction=self.cfg.guard_fraction,
             grace=self.cfg.guard_grace_seconds(),
+            settle=self.cfg.guard_settle_seconds(),
         )
 
     def _on_zk_state(self, state: str) -> None:
@@ -666,7 +667,8 @@ class Agent:
         self.state.skipped_reasons = list(fleet.skipped_reasons)
         self.state.skipped_by_reason = dict(fleet.skipped_by_reason)
         self.state.last_success = time.time()
-        self._record("held" if decision.held else "ok", reason, duration)
+        holding = decision.held and decision.reason != guard_mod.SETTLE
+        self._record("held" if holding else "ok", reason, duration)
         self.metrics.reconcile_duration.observe(duration)
         self.metrics.last_success.set(self.state.last_success)
         self.metrics.set_members(decision.fleet.by_network())
@@ -676,6 +678,8 @@ class Agent:
             wait = GUARD_RETRY
             if decision.reason == guard_mod.GRACE:
                 wait = min(wait, decision.grace_left + 0.1)
+            elif decision.reason == guard_mod.SETTLE:
+                wait = min(wait, decision.settle_left + 0.05)
             self.sched.retry_in(wait)
         log.log(
             logging.INFO if decision.added or decision.removed else logging.DEBUG,
@@ -684,7 +688,7 @@ class Agent:
             duration,
             len(decision.fleet.members),
             f", +{len(decision.added)}" if decision.added else "",
-            f", -{len(decision.removed)}" if decision.removed and not decision.held else "",
+            f", -{len(decision.applied_removals)}" if decision.applied_removals else "",
         )
         self._save()
         self._ready(self._status_line())
@@ -712,7 +716,16 @@ class Agent:
                 f", removing {len(d.removed)}" if d.removed else "",
             )
             g.released_at, g.last_held_size = now, None
-        if d.held:
+        settling = d.held and d.reason == guard_mod.SETTLE
+        if settling and g.settling != len(d.held_ids):
+            log.info(
+                "guard: %d removals settle for %.1fs before they apply: %s",
+                len(d.held_ids),
+                d.settle_left,
+                ", ".join(d.held_ids[:10]) + (" ..." if len(d.held_ids) > 10 else ""),
+            )
+        g.settling = len(d.held_ids) if settling else 0
+        if d.held and not settling:
             if not g.held or g.removed != list(d.held_ids) or g.reason != d.reason:
                 self._log_hold(d)
             if not g.held:

@@ -19,6 +19,10 @@ is dangerous (*removals*), and counts them over time:
 * **fleet-vanished**: a missing members container, or a read without a single member
   while we had peers, is a ZooKeeper accident, never a partition: held until peers are
   listed again (then grace).
+* **settle**: a removal is applied once it has been asked for during ``settle`` seconds,
+  so hosts cut off together, whose sessions expire seconds apart, are counted together and
+  held before any of them reaches the kernel (and an agent restarted within that time is
+  never removed at all). Routine: not a hold an operator needs to see.
 * Additions are always applied; this host is never removed from its own view.
 * An operator lets held removals through once (``neti fleet release-guard``).
 
@@ -40,7 +44,8 @@ WINDOW = "window"  # removals summed over the window exceed the limit
 LIMIT = "limit"  # this read alone removes more than the limit
 GRACE = "grace"  # a grace period after a (re)connect or a recovery
 VANISHED = "fleet-vanished"  # the members container is gone / the read is empty
-REASONS = (WINDOW, LIMIT, GRACE, VANISHED)
+SETTLE = "settle"  # a removal waits to be asked for during `settle` seconds (routine)
+REASONS = (WINDOW, LIMIT, GRACE, VANISHED, SETTLE)
 # Child of zk_prefix an operator bumps (``neti fleet release-guard``): every agent that sees
 # it change lets what its guard holds at that moment through, once.
 RELEASE_NODE = "guard-release"
@@ -57,6 +62,7 @@ class Settings:
     window: float = 0.0  # seconds over which removals are summed (0: this read only)
     fraction: float = 1.0  # share of the baseline fleet that may go within the window
     grace: float = 0.0  # seconds removals wait after a (re)connect or a recovery
+    settle: float = 0.0  # seconds a removal must be asked for before it is applied
 
     def limit(self, baseline: int) -> int:
         share = max(MIN_LIMIT, math.floor(self.fraction * baseline + 1e-9))
@@ -78,6 +84,8 @@ class GuardDecision:
     window_removals: int = 0  # removals counted in the window, this read's included
     baseline: int = 0  # the fleet's size before the window's removals
     grace_left: float = 0.0  # seconds until the grace period ends (0: none)
+    settle_left: float = 0.0  # seconds until the next settling removal is due (0: none)
+    applied_removals: tuple[str, ...] = ()  # what this decision removes from the kernel
     released: bool = False  # an operator's release let this decision through
     self_listed: bool = True  # this host was in the read
     _next: _Memory | None = field(default=None, repr=False, compare=False)
@@ -94,6 +102,8 @@ class GuardDecision:
             "window_removals": self.window_removals,
             "baseline": self.baseline,
             "grace_left": round(self.grace_left, 3),
+            "settle_left": round(self.settle_left, 3),
+            "applied_removals": list(self.applied_removals),
             "released": self.released,
             "self_listed": self.self_listed,
         }
@@ -109,6 +119,7 @@ class _Memory:
     grace_why: str = ""
     vanished: bool = False
     held_reason: str = ""
+    pending: dict[str, float] = field(default_factory=dict)  # id -> first asked for (settle)
 
     def copy(self) -> _Memory:
         return _Memory(
@@ -118,6 +129,7 @@ class _Memory:
             grace_why=self.grace_why,
             vanished=self.vanished,
             held_reason=self.held_reason,
+            pending=dict(self.pending),
         )
 
 
@@ -176,6 +188,7 @@ class Guard:
         released = self._release
         if released:
             mem.recent.clear()
+            mem.pending.clear()
             mem.grace_until = None
             mem.vanished = False
         prev = mem.applied
@@ -199,6 +212,7 @@ class Guard:
                 del mem.recent[i]
         removed = tuple(sorted(i for i in prev if i not in cur and i != self_id))
         added = tuple(sorted(i for i in cur if i not in prev))
+        mem.pending = {i: mem.pending.get(i, now) for i in removed}
         baseline_ids = set(prev) | set(mem.recent)
         baseline = len(baseline_ids)
         limit = settings.limit(baseline)
@@ -235,12 +249,20 @@ class Guard:
                     mem.grace_until = None
             if not reason and removed and grace_left > 0:
                 reason = GRACE
+        settling: tuple[str, ...] = ()
+        settle_left = 0.0
+        if not reason and not released and settings.settle > 0:
+            waits = {i: settings.settle - (now - mem.pending[i]) for i in removed}
+            settling = tuple(i for i in removed if waits[i] > 0)
+            if settling:
+                reason = SETTLE
+                settle_left = min(waits[i] for i in settling)
 
         members = dict(cur)
         if reason:
             # Keep what the read lacks; a held-over member yields to a live one that now
             # owns its overlay IP. Over the limit, the window's earlier removals come back too.
-            keep = {i: prev[i] for i in removed}
+            keep = {i: prev[i] for i in (settling if reason == SETTLE else removed)}
             if reason in (LIMIT, WINDOW, VANISHED):
                 keep.update({i: m for i, (_t, m) in mem.recent.items() if i not in cur})
             overlays = {m.overlay_ip for m in cur.values()}
@@ -249,8 +271,9 @@ class Guard:
                     members[i] = keep[i]
                     overlays.add(keep[i].overlay_ip)
             held_ids = tuple(sorted(i for i in members if i not in cur))
-        elif not released:  # what an operator let through does not count against later ones
-            for i in removed:
+        gone = tuple(i for i in removed if i not in members)
+        if not released:  # what an operator let through does not count against later ones
+            for i in gone:
                 mem.recent[i] = (now, prev[i])
         mem.applied = dict(members)
         mem.held_reason = reason if held_ids else ""
@@ -269,6 +292,8 @@ class Guard:
             window_removals=len(counted),
             baseline=baseline,
             grace_left=grace_left,
+            settle_left=settle_left,
+            applied_removals=gone,
         )
 
     @staticmethod
@@ -287,6 +312,8 @@ class Guard:
         window_removals: int = 0,
         baseline: int = 0,
         grace_left: float = 0.0,
+        settle_left: float = 0.0,
+        applied_removals: tuple[str, ...] = (),
     ) -> GuardDecision:
         fleet = Fleet(
             members=tuple(sorted(members.values())),
@@ -306,6 +333,8 @@ class Guard:
             window_removals=window_removals,
             baseline=baseline,
             grace_left=grace_left,
+            settle_left=settle_left,
+            applied_removals=applied_removals,
             released=released,
             self_listed=self_listed,
             _next=mem,

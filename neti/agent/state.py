@@ -67,6 +67,7 @@ class GuardState:
     last_held_size: int | None = None  # members applied while the guard last held
     self_listed: bool = True  # this host was in the fleet it last read
     released_at: float | None = None  # epoch seconds of the last operator release
+    settling: int = 0  # removals waiting out guard_settle (routine, not a hold)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GuardState:
@@ -111,6 +112,7 @@ _GUARD_KINDS: dict[str, tuple[Any, ...]] = {
     "last_held_size": (int, None),
     "self_listed": (bool,),
     "released_at": (float, int, None),
+    "settling": (int,),
 }
 
 

@@ -156,6 +156,7 @@ def to_dict(r: Report) -> dict[str, Any]:
                 "last_held_size": s.guard.last_held_size,
                 "self_listed": s.guard.self_listed,
                 "released_at": s.guard.released_at,
+                "settling": s.guard.settling,
                 "max_change_problem": s.guard.max_change_problem,
             }
             if s
@@ -230,7 +231,8 @@ def render_text(r: Report) -> str:
                 + (" ..." if len(g.removed) > 5 else "")
             )
         else:
-            lines.append(f"guard:          ok (maxchange {mc}{lim})")
+            settling = f", {g.settling} removals settling" if g.settling else ""
+            lines.append(f"guard:          ok (maxchange {mc}{lim}{settling})")
         if g.max_change_problem:
             lines.append(f"maxchange:      refused ({g.max_change_problem}); default in use")
         if s.skipped:

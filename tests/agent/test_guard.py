@@ -8,7 +8,17 @@ from ipaddress import IPv4Address
 from hypothesis import given
 from hypothesis import strategies as st
 
-from neti.agent.guard import GRACE, LIMIT, VANISHED, WINDOW, Guard, GuardDecision, Settings, decide
+from neti.agent.guard import (
+    GRACE,
+    LIMIT,
+    SETTLE,
+    VANISHED,
+    WINDOW,
+    Guard,
+    GuardDecision,
+    Settings,
+    decide,
+)
 from neti.fleet import Fleet, Member
 
 
@@ -296,12 +306,13 @@ def test_decision_is_json_serialisable() -> None:
         max_size=25,
     ),
     max_change=st.integers(0, 5),
+    settle=st.sampled_from([0.0, 5.0]),
 )
 def test_never_drops_self_and_never_exceeds_the_limit_within_a_window(
-    reads: list[tuple[set[int], float, bool]], max_change: int
+    reads: list[tuple[set[int], float, bool]], max_change: int, settle: float
 ) -> None:
     clock = Clock()
-    s = Settings(max_change=max_change, window=60.0, fraction=0.1, grace=15.0)
+    s = Settings(max_change=max_change, window=60.0, fraction=0.1, grace=15.0, settle=settle)
     g = guard_with(clock, *range(1, 13))
     me = m(1)
     applied: list[tuple[float, set[str]]] = [(clock.t, set(ids(fleet(*range(1, 13)))))]
@@ -333,7 +344,10 @@ def test_guard_config_keys_and_grace_floor() -> None:
     assert cfg.guard_grace_seconds() == 15.0  # 1.5 x the 10 s session timeout
     assert config.parse({**base, "guard_grace": 1}).guard_grace_seconds() == 10.0
     assert config.parse({**base, "guard_grace": 30}).guard_grace_seconds() == 30.0
-    for key, bad in (("guard_window", -1), ("guard_fraction", -0.1), ("guard_grace", -1)):
+    assert cfg.guard_settle_seconds() == 5.0  # half the session timeout
+    assert config.parse({**base, "guard_settle": 0}).guard_settle_seconds() == 0.0
+    bad_values = (("guard_window", -1), ("guard_fraction", -0.1), ("guard_grace", -1))
+    for key, bad in (*bad_values, ("guard_settle", -1)):
         with pytest.raises(ConfigError, match=key):
             config.parse({**base, key: bad})
 
@@ -390,3 +404,51 @@ def test_guard_state_from_arbitrary_json_is_typed_or_refused(data: dict) -> None
     assert r.code in (0, 1, 2)
     with pytest.raises(TypeError):
         GuardState.from_dict({"removed": [1]})
+
+
+# --- settle: removals wait to be asked for a while, so staggered ones are counted together
+
+
+def test_settle_holds_staggered_removals_before_any_reaches_the_kernel() -> None:
+    clock = Clock()
+    s = Settings(max_change=1, window=60.0, fraction=0.1, grace=15.0, settle=5.0)
+    g = guard_with(clock, 1, 2, 3, 4)
+    d = step(g, fleet(1, 2, 3), s)
+    assert d.held and d.reason == SETTLE and d.settle_left == 5.0
+    assert d.applied_removals == () and ids(d.fleet) == ["i-0001", "i-0002", "i-0003", "i-0004"]
+    clock.t += 1.8
+    d = step(g, fleet(1, 2), s)  # the first never went: this read alone asks for both
+    assert d.held and d.reason == LIMIT and d.held_ids == ("i-0003", "i-0004")
+    clock.t += 10
+    d = step(g, fleet(1, 2), s)
+    assert d.reason == LIMIT and len(d.fleet.members) == 4  # never applied
+
+
+def test_settle_applies_each_removal_once_due() -> None:
+    clock = Clock()
+    s = Settings(max_change=20, window=60.0, fraction=1.0, settle=5.0)
+    g = guard_with(clock, 1, 2, 3, 4)
+    assert step(g, fleet(1, 2, 3), s).reason == SETTLE
+    clock.t += 3
+    d = step(g, fleet(1, 2), s)  # i-0004 asked for 3 s, i-0003 just now
+    assert d.reason == SETTLE and d.held_ids == ("i-0003", "i-0004") and d.settle_left == 2.0
+    clock.t += 2
+    d = step(g, fleet(1, 2), s)
+    assert d.applied_removals == ("i-0004",) and d.held_ids == ("i-0003",)
+    assert ids(d.fleet) == ["i-0001", "i-0002", "i-0003"]
+    clock.t += 3
+    d = step(g, fleet(1, 2), s)
+    assert not d.held and d.applied_removals == ("i-0003",)
+
+
+def test_a_host_back_within_the_settle_time_is_never_removed() -> None:
+    clock = Clock()
+    s = Settings(max_change=20, window=60.0, fraction=1.0, settle=5.0)
+    g = guard_with(clock, 1, 2)
+    assert step(g, fleet(1), s).reason == SETTLE  # a restart: it left the fleet
+    clock.t += 2
+    d = step(g, fleet(1, 2), s)  # and is back
+    assert not d.held and d.applied_removals == () and d.added == ()
+    clock.t += 10
+    d = step(g, fleet(1), s)  # a later removal settles afresh
+    assert d.reason == SETTLE and d.settle_left == 5.0

@@ -213,13 +213,15 @@ def test_staggered_expiries_are_held_over_the_window(lab: Lab) -> None:
             ),
             timeout=SESSION_TIMEOUT * 3 + 30,
         )
-        assert state["guard"]["reason"] == "window"
+        # "limit" when the first expiry was still settling (none reached the kernel),
+        # "window" when it had applied and was put back.
+        assert state["guard"]["reason"] in ("limit", "window")
         assert state["guard"]["removed"] == ["i-ec2b", "i-vpc1"]
         assert fleet_ids(lab, "ec2a") == IDS  # the first removal was put back too
         log = lab.agent_log("ec2a")
         assert "guard: 2 members would be removed within 60s, above the limit 1" in log
         rc, report = lab.status("ec2a")
-        assert rc == WARNING and "window" in report["summary"]
+        assert rc == WARNING and state["guard"]["reason"] in report["summary"]
     finally:
         lab.set_max_change(20)
         for h in ("ec2b", "vpc1"):

@@ -146,6 +146,15 @@ def test_this_host_missing_from_the_fleet_is_warning() -> None:
     assert to_dict(r)["guard"]["self_listed"] is False
 
 
+def test_settling_removals_are_ok_and_shown() -> None:
+    s = healthy()
+    s.guard = GuardState(max_change=20, limit=1, settling=1)
+    r = run(s)
+    assert r.code == OK
+    assert "1 removals settling" in render_text(r)
+    assert to_dict(r)["guard"]["settling"] == 1
+
+
 def test_skipped_entries_are_warning() -> None:
     s = healthy()
     s.skipped = 3
