@@ -382,7 +382,8 @@ def run_release_guard(args: argparse.Namespace) -> int:
                 stat = client.retry(client.set, path, data)
             except NoNodeError:
                 try:
-                    client.retry(client.create, path, data, makepath=True)
+                    # Operators alone may bump it (the maxchange ACL), whatever kazoo's default.
+                    client.retry(client.create, path, data, acl=reg.acl.guard(), makepath=True)
                 except NodeExistsError:
                     client.retry(client.set, path, data)
                 stat = client.retry(client.exists, path)
