@@ -11,6 +11,7 @@ ready (after a warm-up proving each stream works) to ``finish()``.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -151,6 +152,80 @@ def _items(snap: dict[str, Any]) -> set[str]:
     return out
 
 
+def parse_line(line: str) -> dict[str, Any] | None:
+    """One probe.py line, or None when it is not one (a stray print, a cut-off line).
+
+    A reading has a finite "t" and "dnat"/"allow" lists of strings or null; an attempt has a
+    finite "t", a boolean "ok" and "err" (string or null).
+    """
+    try:
+        item = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(item, dict):
+        return None
+    t = item.get("t")
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
+        return None
+    if "ok" in item:
+        if not isinstance(item["ok"], bool) or not isinstance(item.get("err"), (str, type(None))):
+            return None
+        return {"t": float(t), "ok": item["ok"], "err": item.get("err")}
+    out: dict[str, Any] = {"t": float(t)}
+    for key in ("dnat", "allow"):
+        value = item.get(key)
+        if value is not None and not (
+            isinstance(value, list) and all(isinstance(v, str) for v in value)
+        ):
+            return None
+        out[key] = value
+    return out
+
+
+def build_report(
+    scenario: str,
+    t0: float,
+    t1: float,
+    readings: dict[str, list[dict[str, Any]]],
+    attempts: dict[tuple[str, str, str], list[dict[str, Any]]],
+) -> Report:
+    """The report of the window (t0, t1] from watcher readings and stream attempts.
+
+    ``readings[host]``: the watcher's lines in order (each printed because it differed from
+    the one before); the last one at or before t0 is the baseline, every later one in the
+    window is a change. ``attempts[(src, dst, target)]``: the stream's lines.
+    """
+    changes: list[Change] = []
+    baseline: dict[str, dict[str, Any]] = {}
+    final: dict[str, dict[str, Any]] = {}
+    for h, lines in readings.items():
+        prev: dict[str, Any] | None = None
+        for r in lines:
+            if r["t"] > t1:
+                break
+            if r["t"] > t0 and prev is not None:
+                a, b = _items(prev), _items(r)
+                changes.append(Change(r["t"], h, sorted(b - a), sorted(a - b)))
+            else:
+                baseline[h] = {k: r.get(k) for k in ("dnat", "allow")}
+            prev = r
+        final[h] = {k: (prev or {}).get(k) for k in ("dnat", "allow")}
+    changes.sort(key=lambda c: c.t)
+    stats = []
+    for (src, dst, target), lines in attempts.items():
+        s = StreamStats(src, dst, target)
+        for x in lines:
+            if not t0 < x["t"] <= t1:
+                continue
+            if x["ok"]:
+                s.ok += 1
+            else:
+                s.failed += 1
+                s.failures.append((x["t"], x["err"]))
+        stats.append(s)
+    return Report(scenario, t0, t1, changes, stats, baseline, final)
+
+
 class _Reader:
     """A probe process in a lab host and the JSON lines it printed, with a reader thread."""
 
@@ -166,9 +241,8 @@ class _Reader:
     def _read(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
-            try:
-                item = json.loads(line)
-            except ValueError:
+            item = parse_line(line)
+            if item is None:
                 continue
             with self.lock:
                 self.lines.append(item)
@@ -261,39 +335,13 @@ class Harness:
         t1 = time.time()
         time.sleep(2 * POLL_INTERVAL + 0.1)  # let lines printed before t1 arrive
         self.stop()
-        changes: list[Change] = []
-        baseline: dict[str, dict[str, Any]] = {}
-        final: dict[str, dict[str, Any]] = {}
-        for h, w in self.watchers.items():
-            readings = w.snapshot()
-            prev: dict[str, Any] | None = None
-            for r in readings:
-                if r["t"] <= self.t0:
-                    prev = r
-                    continue
-                if r["t"] > t1:
-                    break
-                if prev is not None:
-                    a, b = _items(prev), _items(r)
-                    changes.append(Change(r["t"], h, sorted(b - a), sorted(a - b)))
-                prev = r
-            first = next((r for r in reversed(readings) if r["t"] <= self.t0), None)
-            baseline[h] = {k: (first or {}).get(k) for k in ("dnat", "allow")}
-            final[h] = {k: (prev or {}).get(k) for k in ("dnat", "allow")}
-        changes.sort(key=lambda c: c.t)
-        stats = []
-        for (src, dst), (r, target) in self.streams.items():
-            s = StreamStats(src, dst, target)
-            for x in r.snapshot():
-                if not self.t0 < x["t"] <= t1:
-                    continue
-                if x["ok"]:
-                    s.ok += 1
-                else:
-                    s.failed += 1
-                    s.failures.append((x["t"], x["err"]))
-            stats.append(s)
-        self.report = Report(self.scenario, self.t0, t1, changes, stats, baseline, final)
+        self.report = build_report(
+            self.scenario,
+            self.t0,
+            t1,
+            {h: w.snapshot() for h, w in self.watchers.items()},
+            {(src, dst, target): r.snapshot() for (src, dst), (r, target) in self.streams.items()},
+        )
         for n in self._notes:
             self.report.note(n)
         if self.on_finish is not None:
