@@ -417,6 +417,21 @@ def wait_steady(lab: EnsembleLab, what: str, timeout: float = 60.0) -> None:
     )
 
 
+def wait_disconnected(lab: EnsembleLab, what: str, timeout: float = 30.0) -> None:
+    """Until no agent's status says "connected"; the states and log tails otherwise."""
+    try:
+        wait_for(
+            what,
+            lambda: all(zk_state(lab, h) != "connected" for h in lab.agent_hosts),
+            timeout,
+            interval=0.1,
+        )
+    except LabError as exc:
+        states = {h: zk_state(lab, h) for h in lab.agent_hosts}
+        logs = "\n".join(f"--- {h}\n{lab.agent_log(h)[-1500:]}" for h in lab.agent_hosts)
+        raise LabError(f"{exc}: states {states}\n{logs}") from None
+
+
 def wait_settled(lab: EnsembleLab, what: str, timeout: float = 60.0) -> None:
     try:
         wait_for(what, lambda: settled(lab), timeout, interval=0.2)

@@ -17,7 +17,7 @@ import pytest
 from neti.lab.demo import wait_for
 from neti.lab.ensemble import EnsembleLab
 from tests.chaos.conftest import SESSION_TIMEOUT
-from tests.chaos.harness import Report, felt, wait_settled, zk_since, zk_state
+from tests.chaos.harness import Report, felt, wait_disconnected, wait_settled, zk_since
 
 pytestmark = [pytest.mark.chaos, pytest.mark.root, pytest.mark.zk, pytest.mark.timeout(240)]
 
@@ -39,10 +39,6 @@ def sessions_moved(lab: EnsembleLab) -> None:
         lambda: lab.ensemble.total_connections() >= want,
         SESSION_TIMEOUT * 3,
     )
-
-
-def disconnected(lab: EnsembleLab) -> bool:
-    return all(zk_state(lab, h) != "connected" for h in lab.agent_hosts)
 
 
 def test_leader_kill(fleet: EnsembleLab, harness) -> None:
@@ -83,7 +79,7 @@ def test_quorum_loss_longer_than_the_session_timeout(fleet: EnsembleLab, harness
     ens.kill(leader)
     ens.kill(other)
     t0 = time.monotonic()
-    wait_for("agents to notice the lost quorum", lambda: disconnected(fleet), SESSION_TIMEOUT * 3)
+    wait_disconnected(fleet, "agents to notice the lost quorum", SESSION_TIMEOUT * 3)
     time.sleep(max(0.0, SESSION_TIMEOUT * 2 - (time.monotonic() - t0)))  # the outage itself
     h.note(f"quorum lost for {time.monotonic() - t0:.1f}s (zk{leader}, zk{other} down)")
     ens.start(leader)
@@ -97,7 +93,7 @@ def test_full_restart_with_data(fleet: EnsembleLab, harness) -> None:
     ens = fleet.ensemble
     h = harness()
     ens.stop_all()
-    wait_for("agents to notice the ensemble is gone", lambda: disconnected(fleet), 30)
+    wait_disconnected(fleet, "agents to notice the ensemble is gone")
     ens.start_all()
     wait_settled(fleet, "the fleet to recover after a full restart")
     assert_untouched(fleet, h.finish())
@@ -109,7 +105,7 @@ def test_agent_kill9_with_zookeeper_down_restores_from_state(fleet: EnsembleLab,
     ip = fleet.overlay_ip(host)
     h = harness()
     ens.stop_all()
-    wait_for("agents to notice the ensemble is gone", lambda: disconnected(fleet), 30)
+    wait_disconnected(fleet, "agents to notice the ensemble is gone")
     fleet.stop_agent(host, signal.SIGKILL)
     proc = fleet.start_agent(host)
 

@@ -10,11 +10,10 @@ import signal
 
 import pytest
 
-from neti.lab.demo import wait_for
 from neti.lab.ensemble import EnsembleLab
 from neti.lab.netns import LabError
 from tests.chaos.conftest import SESSION_TIMEOUT
-from tests.chaos.harness import wait_settled, zk_state
+from tests.chaos.harness import wait_disconnected, wait_settled, zk_state
 
 pytestmark = [pytest.mark.chaos, pytest.mark.root, pytest.mark.zk, pytest.mark.timeout(300)]
 
@@ -25,11 +24,7 @@ def test_wiped_ensemble_keeps_every_overlay_ip(fleet: EnsembleLab, harness) -> N
     ips = {x: fleet.overlay_ip(x) for x in fleet.agent_hosts}
     h = harness()
     ens.stop_all()
-    wait_for(
-        "agents to notice the ensemble is gone",
-        lambda: all(zk_state(fleet, x) != "connected" for x in fleet.agent_hosts),
-        30,
-    )
+    wait_disconnected(fleet, "agents to notice the ensemble is gone")
     for n in ens.ids:
         ens.wipe(n)
     ens.start_all()
