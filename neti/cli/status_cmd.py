@@ -22,12 +22,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from neti.status import gather, render_text, to_dict
+    from neti.status import gather, render_text, to_dict, trust, trust_text
 
     cfg = load_config(args)
     report = gather(cfg)
     if args.json:
-        print_json(to_dict(report))
+        print_json({**to_dict(report), "trust": trust(cfg)})
     else:
-        print(render_text(report))
+        lines = render_text(report).split("\n")
+        # The trust line goes after the zookeeper line (or last when there is none).
+        at = next((i + 1 for i, ln in enumerate(lines) if ln.startswith("zookeeper:")), len(lines))
+        lines.insert(at, trust_text(trust(cfg)))
+        print("\n".join(lines))
     return report.code

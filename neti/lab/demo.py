@@ -10,6 +10,13 @@ who reaches whom by overlay IP, then waits for Ctrl-C and removes everything.
                                        # and exits when stdin is not a terminal, e.g. CI)
     python -m neti.lab.demo --once     # print, tear down, exit (0 if the fleet converged)
     python -m neti.lab.demo --down     # make demo-down: remove leftovers of a crashed run
+    python -m neti.lab.demo --keep --describe lab.json
+                                       # stay up until SIGTERM, describe it (to attack it)
+    python -m neti.lab.demo --open     # the original's open registry (no TLS, no ACLs)
+
+Secured by default: a CA made for the lab, ZooKeeper with TLS (secure port only) and x509
+authentication, a certificate per host (CN = its instance ID), ACL'd nodes and signed member
+records (docs/security.md).
 
 The ``Lab`` class is also what the end-to-end tests drive (tests/e2e/).
 """
@@ -33,6 +40,7 @@ from typing import Any, TypeVar
 from neti.dataplane.system import GUARD_ENV
 from neti.lab import netns
 from neti.lab.netns import LabError
+from neti.lab.pki import CertificateAuthority, Issued
 from neti.lab.topology import (
     DEFAULT_SPEC,
     HostSpec,
@@ -48,7 +56,16 @@ DEMO_PREFIX = "ntdemo-"
 DEMO_DIR = Path(tempfile.gettempdir()) / "neti-demo"
 ZK_JAR = "/usr/share/java/zookeeper.jar"
 ZK_HOST = "zk"
-ZK_PORT = 2181
+ZK_PORT = 2181  # the plaintext port (``Lab(secure=False)``)
+ZK_TLS_PORT = 2281  # the secureClientPort (the default, secured lab)
+# The Netty server (needed for TLS) uses jars Debian's zookeeper.jar manifest does not name.
+NETTY_JARS = (
+    "/usr/share/java/netty-codec.jar",
+    "/usr/share/java/netty-resolver.jar",
+    "/usr/share/java/netty-transport-native-unix-common.jar",
+)
+OPERATOR_CN = "neti-operator"
+OPERATOR_ID = f"x509:CN={OPERATOR_CN}"  # zk_acl.operators in every lab config
 SERVICE_PORT = 7000  # every member host runs a name server here
 AGENT_HOSTS = ("ec2a", "ec2b", "vpc1")
 OUTSIDER = "outsider"
@@ -65,12 +82,12 @@ def demo_spec(spec: TopologySpec = DEFAULT_SPEC) -> TopologySpec:
     return dataclasses.replace(spec, networks=nets)
 
 
-def demo_zk_hosts(spec: TopologySpec) -> dict[str, list[str]]:
+def demo_zk_hosts(spec: TopologySpec, port: int = ZK_TLS_PORT) -> dict[str, list[str]]:
     """ZooKeeper itself in its own network, the proxy for the "ec2" network."""
     zk = next(h for n in spec.networks for h in n.hosts if h.name == ZK_HOST)
     zk_net = next(n.name for n in spec.networks if zk in n.hosts)
     return {
-        n.name: [f"{zk.private_ip if n.name == zk_net else ZKPROXY.private_ip}:{ZK_PORT}"]
+        n.name: [f"{zk.private_ip if n.name == zk_net else ZKPROXY.private_ip}:{port}"]
         for n in spec.networks
     }
 
@@ -89,29 +106,82 @@ def wait_for(what: str, fn: Callable[[], T | None], timeout: float, interval: fl
 
 
 class ZooKeeper:
-    """Debian's ZooKeeper, standalone, inside a lab host; data survives stop/start."""
+    """Debian's ZooKeeper, standalone, inside a lab host; data survives stop/start.
 
-    def __init__(self, lab: Topology, host: str, port: int, datadir: Path):
+    ``tls``: the lab's CA. ZooKeeper then listens on a secureClientPort only (``port``),
+    requires a client certificate the CA signed and names clients by it (x509 provider),
+    as docs/security.md describes for a real ensemble.
+    """
+
+    def __init__(
+        self,
+        lab: Topology,
+        host: str,
+        port: int,
+        datadir: Path,
+        tls: CertificateAuthority | None = None,
+    ):
         self.lab = lab
         self.host = host
         self.port = port
         self.datadir = datadir
         self.ip = str(lab.host(host).private_ip)
         self.proc: subprocess.Popen[str] | None = None
+        self.tls = tls
+        self.server_cert: Issued | None = None
+        self.probe_cert: Issued | None = None
+        if tls is not None:
+            h = lab.host(host)
+            self.server_cert = tls.issue(
+                "zookeeper", name="zk-server", ips=[str(h.private_ip), str(h.public_ip)]
+            )
+            # The four-letter-word probe needs a certificate too (clientAuth=need).
+            self.probe_cert = tls.issue("zk-probe", name="zk-probe")
+
+    @property
+    def secure(self) -> bool:
+        return self.tls is not None
+
+    def _write_config(self) -> Path:
+        self.datadir.mkdir(parents=True, exist_ok=True)
+        cfg = self.datadir / "zoo.cfg"
+        common = (
+            f"tickTime=500\ndataDir={self.datadir}/data\nminSessionTimeout=1000\n"
+            "maxSessionTimeout=60000\nadmin.enableServer=false\n4lw.commands.whitelist=ruok\n"
+        )
+        if self.tls is None:
+            cfg.write_text(f"{common}clientPort={self.port}\nclientPortAddress={self.ip}\n")
+            return cfg
+        assert self.server_cert is not None
+        # ZooKeeper's PEM key store is one file holding the key and its certificate.
+        keystore = self.datadir / "keystore.pem"
+        keystore.write_bytes(self.server_cert.key.read_bytes() + self.server_cert.cert.read_bytes())
+        keystore.chmod(0o600)
+        cfg.write_text(
+            f"{common}secureClientPort={self.port}\nsecureClientPortAddress={self.ip}\n"
+            "serverCnxnFactory=org.apache.zookeeper.server.NettyServerCnxnFactory\n"
+            "authProvider.x509=org.apache.zookeeper.server.auth.X509AuthenticationProvider\n"
+            f"ssl.keyStore.location={keystore}\nssl.keyStore.type=PEM\n"
+            f"ssl.trustStore.location={self.tls.cert_path}\nssl.trustStore.type=PEM\n"
+            "ssl.clientAuth=need\n"
+            # Clients come through NAT and the proxy, by IP: no reverse-DNS checks.
+            "ssl.hostnameVerification=false\n"
+        )
+        return cfg
 
     def start(self, timeout: float = 60.0) -> None:
         if not Path(ZK_JAR).exists():
             raise LabError(f"{ZK_JAR} is missing: run 'make deps' (Debian package zookeeper)")
-        self.datadir.mkdir(parents=True, exist_ok=True)
-        cfg = self.datadir / "zoo.cfg"
-        cfg.write_text(
-            f"tickTime=500\ndataDir={self.datadir}/data\nclientPort={self.port}\n"
-            f"clientPortAddress={self.ip}\nminSessionTimeout=1000\nmaxSessionTimeout=60000\n"
-            "admin.enableServer=false\n4lw.commands.whitelist=ruok\n"
-        )
+        classpath = ZK_JAR
+        if self.tls is not None:
+            missing = [j for j in NETTY_JARS if not Path(j).exists()]
+            if missing:
+                raise LabError(f"{missing[0]} is missing (ZooKeeper's TLS server): run 'make deps'")
+            classpath = ":".join([ZK_JAR, *NETTY_JARS])
+        cfg = self._write_config()
         log = open(self.datadir / "zookeeper.log", "a")  # noqa: SIM115 - owned by the process
         argv = [
-            "java", "-Xmx256m", "-XX:+UseSerialGC", "-cp", ZK_JAR,
+            "java", "-Xmx256m", "-XX:+UseSerialGC", "-cp", classpath,
             "-Dzookeeper.admin.enableServer=false", f"-Dzookeeper.log.dir={self.datadir}",
             "org.apache.zookeeper.server.ZooKeeperServerMain", str(cfg),
         ]  # fmt: skip
@@ -128,16 +198,30 @@ class ZooKeeper:
         raise LabError(f"ZooKeeper did not start in {timeout:g}s in {self.host}")
 
     def ruok(self) -> bool:
-        probe = (
-            "import socket,sys\n"
-            "try:\n"
-            "  s=socket.create_connection((sys.argv[1],int(sys.argv[2])),1)\n"
-            "  s.sendall(b'ruok'); print(s.recv(4).decode())\n"
-            "except OSError: pass\n"
-        )
-        r = self.lab.run(
-            self.host, [sys.executable, "-I", "-c", probe, self.ip, str(self.port)], check=False
-        )
+        args = [self.ip, str(self.port)]
+        if self.tls is None:
+            probe = (
+                "import socket,sys\n"
+                "try:\n"
+                "  s=socket.create_connection((sys.argv[1],int(sys.argv[2])),1)\n"
+                "  s.sendall(b'ruok'); print(s.recv(4).decode())\n"
+                "except OSError: pass\n"
+            )
+        else:
+            assert self.probe_cert is not None
+            # The same four-letter word over TLS, with a client certificate.
+            probe = (
+                "import socket,ssl,sys\n"
+                "c=ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT); c.check_hostname=False\n"
+                "c.load_verify_locations(sys.argv[3])\n"
+                "c.load_cert_chain(sys.argv[4],sys.argv[5])\n"
+                "try:\n"
+                "  s=c.wrap_socket(socket.create_connection((sys.argv[1],int(sys.argv[2])),1))\n"
+                "  s.sendall(b'ruok'); print(s.recv(4).decode())\n"
+                "except OSError: pass\n"
+            )
+            args += [str(self.tls.cert_path), str(self.probe_cert.cert), str(self.probe_cert.key)]
+        r = self.lab.run(self.host, [sys.executable, "-I", "-c", probe, *args], check=False)
         return r.stdout.strip() == "imok"
 
     def stop(self) -> None:
@@ -148,7 +232,15 @@ class ZooKeeper:
 
 
 class Lab:
-    """The demo fleet: topology + ZooKeeper + name servers + agents, torn down by ``down()``."""
+    """The demo fleet: topology + ZooKeeper + name servers + agents, torn down by ``down()``.
+
+    ``secure`` (the default): a CA made for the lab (``workdir/pki``), ZooKeeper with TLS on
+    its secureClientPort only and x509 authentication, a certificate per host whose config
+    is written (CN = its instance ID; CN=neti-operator for ZooKeeper's own host, where
+    operator commands run) and every config with ``zk_tls`` and ``zk_acl``: agents create
+    ACL'd nodes and sign their member records (docs/security.md). ``secure=False`` is the
+    original's open registry on the plaintext port.
+    """
 
     def __init__(
         self,
@@ -156,12 +248,18 @@ class Lab:
         prefix: str | None = None,
         spec: TopologySpec = DEFAULT_SPEC,
         agent_hosts: Iterable[str] = AGENT_HOSTS,
+        secure: bool = True,
         **config: Any,
     ):
         self.prefix = prefix or new_prefix("nte")
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="neti-lab-"))
         self.topo = Topology(spec, prefix=self.prefix)
         self.agent_hosts = tuple(agent_hosts)
+        self.secure = secure
+        # Made in up(): a subclass with its own up() (EnsembleLab) stays open unless it
+        # makes one; write_config secures a host's config only when there is a CA.
+        self.pki: CertificateAuthority | None = None
+        self.certs: dict[str, Issued] = {}  # by CN
         self.config = {
             "reject_all": True,
             "zk_session_timeout": 4.0,
@@ -187,11 +285,15 @@ class Lab:
     def up(self) -> Lab:
         try:
             self.topo.up()
+            if self.secure:
+                self.pki = CertificateAuthority(self.workdir / "pki")
             for host in self.agent_hosts:
                 self.write_config(host)
                 self.topo.start_name_server(host, SERVICE_PORT)
             self.topo.start_name_server(OUTSIDER, SERVICE_PORT)
-            self.zk = ZooKeeper(self.topo, ZK_HOST, ZK_PORT, self.workdir / "zookeeper")
+            self.zk = ZooKeeper(
+                self.topo, ZK_HOST, self.zk_port, self.workdir / "zookeeper", tls=self.pki
+            )
             self.zk.start()
             self.write_config(ZK_HOST)  # for operator commands (neti fleet ...) run there
         except BaseException:
@@ -223,9 +325,93 @@ class Lab:
     def log_path(self, host: str) -> Path:
         return self.workdir / "log" / f"{host}.log"
 
+    @property
+    def zk_port(self) -> int:
+        """The port clients use: the secureClientPort when secured."""
+        return ZK_TLS_PORT if self.secure else ZK_PORT
+
+    def cert(self, cn: str) -> Issued:
+        """The lab CA's certificate for subject ``CN=<cn>`` (issued on first use)."""
+        if self.pki is None:
+            raise LabError("this lab is not secured: it has no CA")
+        if cn not in self.certs:
+            self.certs[cn] = self.pki.issue(cn, name=f"cn-{cn}")
+        return self.certs[cn]
+
+    def trust_config(self, host: str, instance_id: str) -> dict[str, Any]:
+        """zk_tls/zk_acl for ``host``: its own certificate, or the operator's in ZooKeeper's
+        host (neti fleet ... runs there). Empty for an open lab."""
+        if self.pki is None:
+            return {}
+        operator = host == ZK_HOST
+        issued = self.cert(OPERATOR_CN if operator else instance_id)
+        acl: dict[str, Any] = {"operators": [OPERATOR_ID]}
+        if operator:
+            acl["match_instance_id"] = False  # CN=neti-operator names no instance
+        return {
+            "zk_hosts": self.topo.zk_hosts(ZK_HOST, self.zk_port),
+            "zk_tls": {
+                "ca": str(self.pki.cert_path),
+                "cert": str(issued.cert),
+                "key": str(issued.key),
+            },
+            "zk_acl": acl,
+            # No original agent in the lab: nothing needs ip-map, so do not read it.
+            "read_legacy": False,
+        }
+
     def write_config(self, host: str, **overrides: Any) -> Path:
-        cfg = {**self.config, "state_dir": str(self.state_dir(host)), **overrides}
+        merged = {**self.config, **overrides}
+        ident = merged.get("identity")
+        iid = (
+            ident.get("instance_id")
+            if isinstance(ident, dict) and ident.get("instance_id")
+            else self.topo.host(host).instance_id
+        )
+        cfg = {
+            **self.trust_config(host, str(iid)),
+            **self.config,
+            "state_dir": str(self.state_dir(host)),
+            **overrides,
+        }
         return self.topo.write_config(host, self.config_path(host), **cfg)
+
+    def kazoo(
+        self,
+        code: str,
+        host: str = ZK_HOST,
+        cert: Issued | str | None = OPERATOR_CN,
+        hosts: str | None = None,
+        check: bool = True,
+        timeout: float = 60.0,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run kazoo ``code`` inside ``host`` with ``zk``, a started client, in scope.
+
+        ``cert``: the client certificate (an Issued, or a CN the lab issues; None: none)
+        when the lab is secured. ``hosts``: host:port to connect to (default: ZooKeeper's
+        private address from its own network, its public address from anywhere else).
+        """
+        if hosts is None:
+            zk = self.topo.host(ZK_HOST)
+            ip = zk.private_ip if self.topo.host(host).network == zk.network else zk.public_ip
+            hosts = f"{ip}:{self.zk_port}"
+        tls = ""
+        if self.pki is not None:
+            issued = self.cert(cert) if isinstance(cert, str) else cert
+            files = (
+                f", certfile={str(issued.cert)!r}, keyfile={str(issued.key)!r}" if issued else ""
+            )
+            tls = f", use_ssl=True, verify_certs=True, ca={str(self.pki.cert_path)!r}{files}"
+        script = (
+            "from kazoo.client import KazooClient\n"
+            f"zk = KazooClient(hosts={hosts!r}, timeout=10, connection_retry={{'max_tries': 3}}"
+            f"{tls})\n"
+            "zk.start(timeout=15)\n"
+            "try:\n" + "".join(f"    {line}\n" for line in code.splitlines()) + "finally:\n"
+            "    zk.stop()\n"
+        )
+        argv = [sys.executable, "-c", script]
+        return self.topo.run(host, argv, check=check, timeout=timeout)
 
     # --- agents ---
     def neti_argv(self, *args: str) -> list[str]:
@@ -384,7 +570,68 @@ def _print(msg: str = "") -> None:
         pass
 
 
-def demo(once: bool, prefix: str = DEMO_PREFIX, workdir: Path = DEMO_DIR) -> int:
+def describe(lab: Lab) -> dict[str, Any]:
+    """What an attacker (or a curious operator) needs to reach a running lab.
+
+    ``hosts``: the agent hosts; ``config`` is the host's neti.yml, which names its
+    credential files (zk_tls). The ``operator`` config (ZooKeeper's host) holds the
+    operator's certificate.
+    """
+    zk = lab.topo.host(ZK_HOST)
+    out = lab.topo.host(OUTSIDER)
+    hosts = {}
+    for name in lab.agent_hosts:
+        h = lab.topo.host(name)
+        hosts[name] = {
+            "netns": h.netns,
+            "network": h.network,
+            "instance_id": h.instance_id,
+            "private_ip": str(h.private_ip),
+            "public_ip": str(h.public_ip),
+            "overlay_ip": lab.overlay_ip(name),
+            "config": str(lab.config_path(name)),
+        }
+    return {
+        "zookeeper": {
+            "netns": zk.netns,
+            "address": f"{zk.private_ip}:{lab.zk_port}",
+            "public_address": f"{zk.public_ip}:{lab.zk_port}",
+            "tls": lab.pki is not None,
+            "ca": str(lab.pki.cert_path) if lab.pki else None,
+        },
+        "operator": {"netns": zk.netns, "config": str(lab.config_path(ZK_HOST))},
+        "outsider": {"netns": out.netns, "address": str(out.public_ip)},
+        "hosts": hosts,
+    }
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    """Atomically: a reader polling for the file never sees half of it."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def trust_line(lab: Lab) -> str:
+    if lab.pki is None:
+        return (
+            f"ZooKeeper: plaintext port {lab.zk_port}, no authentication, open ACLs "
+            "(the original's registry; --open)"
+        )
+    return (
+        f"ZooKeeper: TLS on port {lab.zk_port}, client certificates required, x509 ACLs "
+        f"(operators: {OPERATOR_ID}; hosts: x509:CN=<instance ID>; CA {lab.pki.cert_path})"
+    )
+
+
+def demo(
+    once: bool,
+    prefix: str = DEMO_PREFIX,
+    workdir: Path = DEMO_DIR,
+    keep: bool = False,
+    describe_path: Path | None = None,
+    secure: bool = True,
+) -> int:
     if os.geteuid() != 0:
         _print("neti demo: needs root (network namespaces, netfilter inside them)")
         return 2
@@ -403,26 +650,29 @@ def demo(once: bool, prefix: str = DEMO_PREFIX, workdir: Path = DEMO_DIR) -> int
 
     signal.signal(signal.SIGTERM, on_term)
     spec = demo_spec()
-    lab = Lab(workdir=workdir, prefix=prefix, spec=spec, zk_hosts=demo_zk_hosts(spec))
+    lab = Lab(workdir=workdir, prefix=prefix, spec=spec, secure=secure)
+    lab.config["zk_hosts"] = demo_zk_hosts(spec, lab.zk_port)
     try:
         _print(
             "neti demo: building two networks behind 1:1 NAT edges, an internet and an outsider ..."
         )
         lab.up()
         zk = lab.topo.host(ZK_HOST)
+        port = lab.zk_port
         _print(
-            f"neti demo: ZooKeeper up in {zk.netns} ({zk.private_ip}:{ZK_PORT}, public "
-            f"{zk.public_ip})"
+            f"neti demo: ZooKeeper up in {zk.netns} ({zk.private_ip}:{port}, public {zk.public_ip})"
         )
+        _print(f"neti demo: {trust_line(lab)}")
         lab.write_config(ZKPROXY.name)
         # Closed by default: the proxy forwards its own network's hosts and no one else.
         ec2_subnet = next(n.subnet for n in spec.networks if ZKPROXY in n.hosts)
-        lab.neti(ZKPROXY.name, "zkproxy", "apply", "--target", f"{zk.public_ip}:{ZK_PORT}",
+        lab.neti(ZKPROXY.name, "zkproxy", "apply", "--target", f"{zk.public_ip}:{port}",
+                 "--listen-port", str(port),
                  "--allow", ec2_subnet, check=True)  # fmt: skip
         _print(
             f"neti demo: {ZKPROXY.name} proxies ZooKeeper for the ec2 network only "
-            f"({ec2_subnet} -> {ZKPROXY.private_ip}:{ZK_PORT} -> {zk.public_ip}:{ZK_PORT}, "
-            "neti zkproxy)"
+            f"({ec2_subnet} -> {ZKPROXY.private_ip}:{port} -> {zk.public_ip}:{port}, "
+            "neti zkproxy; TLS goes end to end through it)"
         )
         for h in lab.topo.describe():
             _print(
@@ -443,6 +693,13 @@ def demo(once: bool, prefix: str = DEMO_PREFIX, workdir: Path = DEMO_DIR) -> int
             f"(mesh check {took:.1f}s)"
         )
         ok = _show(lab)
+        if describe_path is not None:
+            _write_json(describe_path, describe(lab))
+            _print(f"neti demo: described the lab in {describe_path}")
+        if keep:
+            _print(f"neti demo: kept up (pid {os.getpid()}) until SIGTERM or Ctrl-C")
+            while True:
+                signal.pause()
         if once or not sys.stdin.isatty():
             if not once:
                 _print("neti demo: stdin is not a terminal: ran once, tearing down")
@@ -472,6 +729,8 @@ def demo(once: bool, prefix: str = DEMO_PREFIX, workdir: Path = DEMO_DIR) -> int
             + "removing namespaces, agents, ZooKeeper ..."
         )
         lab.down()
+        if describe_path is not None:
+            describe_path.unlink(missing_ok=True)  # it described a lab that is gone
         _print("neti demo: clean")
 
 
@@ -507,13 +766,37 @@ def main(argv: list[str] | None = None) -> int:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--once", action="store_true", help="print once, tear down, exit")
     g.add_argument("--down", action="store_true", help="remove leftovers of a crashed demo")
+    g.add_argument(
+        "--keep",
+        action="store_true",
+        help="stay up without a terminal until SIGTERM/Ctrl-C (to attack or inspect the lab)",
+    )
+    p.add_argument(
+        "--describe",
+        type=Path,
+        metavar="FILE",
+        help="once the fleet converged, write a JSON description of the lab to FILE "
+        "(namespaces, addresses, each host's config); removed at teardown",
+    )
+    p.add_argument(
+        "--open",
+        action="store_true",
+        help="the original's open registry: no TLS, no authentication, world-writable nodes",
+    )
     # For tests that must not collide with a developer's running demo.
     p.add_argument("--prefix", default=DEMO_PREFIX, help=argparse.SUPPRESS)
     p.add_argument("--workdir", type=Path, default=DEMO_DIR, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.down:
         return down(args.prefix, args.workdir)
-    return demo(args.once, args.prefix, args.workdir)
+    return demo(
+        args.once,
+        args.prefix,
+        args.workdir,
+        keep=args.keep,
+        describe_path=args.describe.absolute() if args.describe else None,
+        secure=not args.open,
+    )
 
 
 if __name__ == "__main__":

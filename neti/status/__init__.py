@@ -268,3 +268,44 @@ def render_text(r: Report) -> str:
         lines.append("problems:")
         lines.extend(f"  {c.as_dict()['status']}: {c.message}" for c in bad)
     return "\n".join(lines)
+
+
+def trust(cfg: Config) -> dict[str, Any]:
+    """How this host's config talks to ZooKeeper (TLS, authentication, ACLs), from the
+    config alone: an open registry is worth seeing in every status (docs/security.md)."""
+    from neti.registry import attest
+
+    tls = cfg.zk_tls
+    identity = None
+    if tls is not None and tls.cert:
+        identity = "x509"
+    elif cfg.zk_auth is not None:
+        identity = cfg.zk_auth.scheme
+    return {
+        "tls": tls is not None,
+        "client_certificate": bool(tls is not None and tls.cert),
+        "auth": identity,
+        "acl": cfg.zk_acl is not None or identity is not None,
+        "operators": list(cfg.zk_acl.operators) if cfg.zk_acl else [],
+        "signed_members": attest.required(cfg),
+        "read_legacy": cfg.read_legacy,
+    }
+
+
+def trust_text(t: dict[str, Any]) -> str:
+    """One line for ``neti status``: ``trust:          TLS, x509 client certificate, ...``."""
+    if not (t["tls"] or t["auth"] or t["acl"]):
+        return "trust:          OPEN registry (no TLS, no authentication, world-writable ACLs)"
+    parts = ["TLS" if t["tls"] else "no TLS"]
+    if t["auth"] == "x509":
+        parts.append("x509 client certificate")
+    elif t["auth"]:
+        parts.append(f"{t['auth']} authentication")
+    else:
+        parts.append("no authentication")
+    parts.append("per-host ACLs" if t["acl"] else "open ACLs")
+    if t["signed_members"]:
+        parts.append("signed members required")
+    if t["read_legacy"]:
+        parts.append("reads ip-map")
+    return "trust:          " + ", ".join(parts)

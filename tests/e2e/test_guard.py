@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 import signal
-import sys
 import time
 from collections.abc import Iterator
 
@@ -48,14 +47,7 @@ def lab(netns_guard: None) -> Iterator[Lab]:  # noqa: F811
 def zk(lab: Lab, code: str) -> str:
     """Run kazoo code (``zk`` is a started client) in ZooKeeper's namespace; its stdout."""
     assert lab.zk is not None
-    script = (
-        "from kazoo.client import KazooClient\n"
-        f"zk = KazooClient(hosts='{lab.zk.ip}:{lab.zk.port}', timeout=10)\n"
-        "zk.start(timeout=20)\n"
-        f"{code}\n"
-        "zk.stop()\n"
-    )
-    return lab.topo.run(ZK_HOST, [sys.executable, "-c", script]).stdout
+    return lab.kazoo(code, host=ZK_HOST).stdout  # as the operator (the lab is secured)
 
 
 def fleet_ids(lab: Lab, host: str) -> set[str]:
