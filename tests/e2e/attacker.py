@@ -1,0 +1,98 @@
+"""A hostile ZooKeeper client for tests/e2e/test_attacks.py, run inside a lab namespace.
+
+    python attacker.py HOSTS CA CERT KEY     # CA/CERT/KEY "-": none (CA "-": no TLS at all)
+
+Connects (kazoo, TLS with the given client certificate), prints one JSON line
+``{"event": "connected"}`` or ``{"event": "refused", "error": ...}`` (and exits 3), then runs
+one JSON command per stdin line and answers one JSON line each, keeping its session (and so
+its ephemeral nodes) until stdin closes. Commands: ``create`` (path, data, ephemeral,
+``sign``: data is a member record signed with KEY), ``bulk`` (parent, names: ephemeral
+children created concurrently), ``claim`` (instance_id, ip: both claim nodes), ``set``,
+``delete`` (recursive), ``children``. Errors are answered as ``{"error": "NoAuthError"}``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from kazoo.client import KazooClient
+
+
+def connect(argv: list[str]) -> KazooClient:
+    hosts, ca, cert, key = argv
+    kw: dict[str, Any] = {}
+    if ca != "-":
+        kw = {"use_ssl": True, "verify_certs": True, "ca": ca}
+        if cert != "-":
+            kw.update(certfile=cert, keyfile=key)
+    zk = KazooClient(hosts=hosts, timeout=10, connection_retry={"max_tries": 2, "delay": 0.5}, **kw)
+    zk.start(timeout=8)
+    return zk
+
+
+def run(zk: KazooClient, cmd: dict[str, Any], key: str, cert: str) -> dict[str, Any]:
+    op = cmd["op"]
+    if op == "create":
+        data = cmd.get("data", "").encode()
+        if cmd.get("sign"):
+            from neti.registry.attest import Signer
+
+            data = Signer.from_files(cert, key).sign(cmd["path"].rsplit("/", 1)[1])
+        path = zk.create(
+            cmd["path"],
+            data,
+            ephemeral=cmd.get("ephemeral", False),
+            makepath=cmd.get("makepath", False),
+        )
+        return {"path": path}
+    if op == "bulk":
+        parent = cmd["parent"]
+        results = [zk.create_async(f"{parent}/{n}", b"", ephemeral=True) for n in cmd["names"]]
+        errors = 0
+        for r in results:
+            try:
+                r.get(timeout=60)
+            except Exception:  # noqa: BLE001 - counted for the test
+                errors += 1
+        return {"created": len(results) - errors, "errors": errors}
+    if op == "claim":
+        iid, ip = cmd["instance_id"], cmd["ip"]
+        txn = zk.transaction()
+        txn.create(f"/neti/id-to-ip/{iid}", ip.encode())
+        txn.create(f"/neti/ip-to-id/{ip}", iid.encode())
+        failed = [type(r).__name__ for r in txn.commit() if isinstance(r, Exception)]
+        if failed:
+            return {"error": failed[0]}
+        return {}
+    if op == "set":
+        zk.set(cmd["path"], cmd["data"].encode())
+        return {}
+    if op == "delete":
+        zk.delete(cmd["path"], recursive=cmd.get("recursive", False))
+        return {}
+    if op == "children":
+        return {"children": zk.get_children(cmd["path"])}
+    return {"error": f"unknown op {op!r}"}
+
+
+def main() -> int:
+    try:
+        zk = connect(sys.argv[1:5])
+    except Exception as exc:  # noqa: BLE001 - the refusal is the result
+        print(json.dumps({"event": "refused", "error": f"{type(exc).__name__}: {exc}"}))
+        return 3
+    print(json.dumps({"event": "connected"}), flush=True)
+    for line in sys.stdin:
+        try:
+            out = run(zk, json.loads(line), sys.argv[4], sys.argv[3])
+        except Exception as exc:  # noqa: BLE001 - reported to the test
+            out = {"error": type(exc).__name__, "text": str(exc)[:300]}
+        print(json.dumps(out), flush=True)
+    zk.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
