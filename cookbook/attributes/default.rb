@@ -76,4 +76,29 @@ default['neti']['config']['metrics']['listen'] = '127.0.0.1'
 default['neti']['config']['metrics']['port'] = 9437
 default['neti']['config']['log_level'] = 'INFO'
 default['neti']['config']['max_change_default'] = 20
+# The mass-removal guard (docs/operations.md); nil: derived from zk_session_timeout.
+default['neti']['config']['guard_window'] = 60.0
+default['neti']['config']['guard_fraction'] = 0.1
+default['neti']['config']['guard_grace'] = nil
+default['neti']['config']['guard_settle'] = nil
 default['neti']['config']['tag_instance'] = 'auto'
+# Trust (docs/security.md). nil: the original's open registry. A secured host sets, e.g.
+#   zk_tls: { 'ca' => '/etc/neti/zk-ca.pem', 'cert' => '/etc/neti/host.pem',
+#             'key' => '/etc/neti/host.key' }
+#   zk_acl: { 'operators' => ['x509:CN=neti-operator'] }
+# and the files come from node['neti']['credentials'] below (or are put there by other means).
+default['neti']['config']['zk_tls'] = nil
+default['neti']['config']['zk_auth'] = nil             # { 'scheme' => 'digest', 'credentials_file' => path }
+default['neti']['config']['zk_acl'] = nil
+default['neti']['config']['read_legacy'] = true        # false once no original agent is left
+default['neti']['config']['require_signed_members'] = nil # nil: on with zk_tls.cert
+
+# --- credential files (written before neti.yml, owner root; the key 0600) ---
+# PEM text for the files zk_tls names, and the digest lines for zk_auth's credentials_file.
+# Set them from a vault or an encrypted data bag in a wrapper cookbook (node.run_state is not
+# an attribute; use override attributes there, never a role in plain text). nil: the recipe
+# leaves that file alone (the operator's own tooling installs it; neti.yml only names it).
+default['neti']['credentials']['ca_pem'] = nil         # -> zk_tls.ca (the fleet's CA bundle)
+default['neti']['credentials']['cert_pem'] = nil       # -> zk_tls.cert (CN = instance ID)
+default['neti']['credentials']['key_pem'] = nil        # -> zk_tls.key (unencrypted PEM)
+default['neti']['credentials']['digest'] = nil         # -> zk_auth.credentials_file

@@ -81,6 +81,66 @@ module NetiCookbook
     ip
   end
 
+  PEM_BLOCK = /\A-----BEGIN ([A-Z0-9 ]+)-----\r?\n[A-Za-z0-9+\/=\r\n]+?-----END \1-----\s*/.freeze
+  CREDENTIALS = [
+    # attribute, the config key naming its path, mode, the PEM labels it may hold
+    ['ca_pem', %w(zk_tls ca), '0644', ['CERTIFICATE']],
+    ['cert_pem', %w(zk_tls cert), '0644', ['CERTIFICATE']],
+    ['key_pem', %w(zk_tls key), '0600', ['PRIVATE KEY', 'EC PRIVATE KEY', 'RSA PRIVATE KEY']],
+    ['digest', %w(zk_auth credentials_file), '0600', nil],
+  ].freeze
+
+  # The credential files to write: [{path, content, mode, attribute}], each path taken from
+  # the config key it serves (one source of truth). Content that is not what the key needs
+  # (a certificate as the key, an encrypted key, junk) fails the run naming the attribute.
+  def self.credential_files(node)
+    creds = plain(node['neti']['credentials']) || {}
+    config = plain(node['neti']['config'])
+    CREDENTIALS.filter_map do |attr, (section, key), mode, labels|
+      content = creds[attr]
+      next if content.nil?
+
+      name = "node['neti']['credentials']['#{attr}']"
+      path = (config[section] || {})[key] if config[section].is_a?(Hash)
+      unless path.is_a?(String) && path.start_with?('/') && !path.include?("\0")
+        raise ArgumentError, "#{name} is set, but node['neti']['config']['#{section}']['#{key}'] " \
+                             'names no absolute path to write it to'
+      end
+      raise ArgumentError, "#{name} must be a string" unless content.is_a?(String)
+
+      content = "#{content}\n" unless content.end_with?("\n")
+      if labels
+        found = pem_labels(content)
+        unless found && !found.empty? && found.all? { |l| labels.include?(l) } &&
+               (attr == 'ca_pem' || found.size == 1)
+          want = attr == 'ca_pem' ? 'PEM certificates' : "one PEM #{labels.first}"
+          got = found.nil? || found.empty? ? 'not PEM' : found.uniq.join(', ')
+          raise ArgumentError, "#{name} must be #{want} (got #{got})"
+        end
+      else
+        lines = content.split("\n")
+        unless !lines.empty? && lines.all? { |l| l.match?(/\A[^:\s]{1,256}:[^\r\n]{1,1024}\z/) }
+          raise ArgumentError, "#{name} must be 'user:password' lines"
+        end
+      end
+      { 'path' => path, 'content' => content, 'mode' => mode, 'attribute' => attr }
+    end
+  end
+
+  # The labels of the PEM blocks ``text`` consists of (nothing else around them), or nil.
+  def self.pem_labels(text)
+    rest = text.strip
+    found = []
+    until rest.empty?
+      m = rest.match(PEM_BLOCK)
+      return nil unless m
+
+      found << m[1]
+      rest = m.post_match
+    end
+    found
+  end
+
   def self.zkproxy_command(node)
     target = node['neti']['zkproxy']['target'].to_s
     port = node['neti']['zkproxy']['listen_port']

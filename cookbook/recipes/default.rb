@@ -42,6 +42,28 @@ directory ::File.dirname(neti['config_path']) do
   mode '0755'
 end
 
+# --- ZooKeeper credentials (docs/security.md), before the config that names them ---
+# Written only for the attributes set (PEM text from a vault or encrypted data bag); a path
+# in zk_tls/zk_auth whose content is not given is left to the operator's own tooling.
+NetiCookbook.credential_files(node).each do |f|
+  directory ::File.dirname(f['path']) do
+    owner 'root'
+    group 'root'
+    mode '0755'
+    recursive true
+  end
+
+  file f['path'] do
+    content f['content']
+    owner 'root'
+    group 'root'
+    mode f['mode']
+    sensitive true
+    # The agent loads its certificate and key when it connects: a new one needs a restart.
+    notifies :restart, 'service[neti]', :delayed
+  end
+end
+
 template neti['config_path'] do
   source 'neti.yml.erb'
   owner 'root'

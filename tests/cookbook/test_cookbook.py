@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import neti
 from neti import config
@@ -336,3 +338,170 @@ def test_installed_version(tmp_path: Path) -> None:
     venv = str(tmp_path / "venv")
     assert json.loads(harness(tmp_path, "call", "installed_version", venv, "neti")) == "1.9.0"
     assert json.loads(harness(tmp_path, "call", "installed_version", venv, "other")) is None
+
+
+# --- trust: zk_tls / zk_auth / zk_acl and the credential files ---
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """PEM text as a vault would hand it over: the fleet CA, a host certificate and key."""
+    from neti.lab.pki import CertificateAuthority
+
+    ca = CertificateAuthority(tmp_path_factory.mktemp("pki"))
+    host = ca.issue("i-0a1b2c3d")
+    return {
+        "ca_pem": ca.cert_path.read_text(),
+        "cert_pem": host.cert.read_text(),
+        "key_pem": host.key.read_text(),
+    }
+
+
+def _tls_overrides(tmp_path: Path, creds: dict[str, Any]) -> dict[str, Any]:
+    etc = tmp_path / "etc"
+    return {
+        "config": {
+            "zk_hosts": {"default": ["10.0.1.10:2281"]},
+            "zk_tls": {
+                "ca": str(etc / "zk-ca.pem"),
+                "cert": str(etc / "host.pem"),
+                "key": str(etc / "host.key"),
+            },
+            "zk_acl": {"operators": ["x509:CN=neti-operator"]},
+            "read_legacy": False,
+            "guard_grace": 15.0,
+        },
+        "credentials": creds,
+    }
+
+
+def _install(tmp_path: Path, overrides: dict[str, Any]) -> list[dict[str, str]]:
+    """What the recipe's file resources would write, written."""
+    files = json.loads(harness(tmp_path, "call", "credential_files", overrides=overrides))
+    for f in files:
+        p = Path(f["path"])
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(f["content"])
+        p.chmod(int(f["mode"], 8))
+    return files
+
+
+def test_tls_attributes_render_and_the_agent_accepts_them(
+    tmp_path: Path, pki: dict[str, str]
+) -> None:
+    overrides = _tls_overrides(tmp_path, pki)
+    files = _install(tmp_path, overrides)
+    assert [(Path(f["path"]).name, f["mode"]) for f in files] == [
+        ("zk-ca.pem", "0644"),
+        ("host.pem", "0644"),
+        ("host.key", "0600"),
+    ]
+    assert Path(files[2]["path"]).read_text() == pki["key_pem"]
+    path = rendered_config(tmp_path, overrides)
+    cfg = config.load(path)
+    assert cfg.zk_tls is not None and cfg.zk_tls.key == files[2]["path"]
+    assert cfg.zk_acl is not None and cfg.zk_acl.operators == ["x509:CN=neti-operator"]
+    assert cfg.read_legacy is False and cfg.guard_grace == 15.0
+    r = subprocess.run([*NETI, "config", "check", "-c", str(path)],
+                       capture_output=True, text=True, timeout=60, cwd=ROOT)  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_digest_attributes_render_and_install(tmp_path: Path) -> None:
+    creds_path = str(tmp_path / "etc" / "zk-digest")
+    overrides = {
+        "config": {
+            "zk_hosts": ZK,
+            "zk_auth": {"scheme": "digest", "credentials_file": creds_path},
+            "zk_acl": {
+                "operators": ["digest:ops:Pt3JHY2wEh5ChyWeFa7rB+b40X4="],
+                "fleet": ["digest:i-0a1b:Pt3JHY2wEh5ChyWeFa7rB+b40X4="],
+            },
+        },
+        "credentials": {"digest": "i-0a1b:s3cret"},
+    }
+    files = _install(tmp_path, overrides)
+    assert files == [{"path": creds_path, "content": "i-0a1b:s3cret\n", "mode": "0600",
+                      "attribute": "digest"}]  # fmt: skip
+    cfg = config.load(rendered_config(tmp_path, overrides))
+    assert cfg.zk_auth is not None and cfg.zk_auth.credentials_file == creds_path
+
+
+def test_credentials_not_given_are_left_to_the_operator(tmp_path: Path) -> None:
+    """Paths only (the files come from other tooling): nothing to write, the config names them."""
+    overrides = _tls_overrides(tmp_path, {})
+    assert json.loads(harness(tmp_path, "call", "credential_files", overrides=overrides)) == []
+    assert "host.key" in rendered_config(tmp_path, overrides).read_text()
+
+
+@pytest.mark.parametrize(
+    ("creds", "config_patch", "message"),
+    [
+        ({"key_pem": "cert_pem"}, {}, "key_pem'] must be one PEM PRIVATE KEY (got CERTIFICATE)"),
+        ({"cert_pem": "key_pem"}, {}, "cert_pem'] must be one PEM CERTIFICATE (got PRIVATE KEY)"),
+        ({"cert_pem": "junk"}, {}, "(got not PEM)"),
+        ({"ca_pem": "cert_pem+junk"}, {}, "(got not PEM)"),
+        ({"cert_pem": "cert_pem*2"}, {}, "must be one PEM CERTIFICATE"),
+        ({"key_pem": "encrypted"}, {}, "(got ENCRYPTED PRIVATE KEY)"),
+        ({"key_pem": 42}, {}, "must be a string"),
+        ({"key_pem": "key_pem"}, {"zk_tls": None}, "names no absolute path"),
+        (
+            {"key_pem": "key_pem"},
+            {"zk_tls": {"ca": "/c", "cert": "/a", "key": "rel.key"}},
+            "names no absolute path",
+        ),  # fmt: skip
+        (
+            {"digest": "no colon here"},
+            {"zk_auth": {"credentials_file": "/etc/neti/d"}},
+            "must be 'user:password' lines",
+        ),  # fmt: skip
+        ({"digest": "u:p"}, {}, "['zk_auth']['credentials_file'] names no absolute path"),
+    ],
+)
+def test_credential_attributes_are_checked(
+    tmp_path: Path,
+    pki: dict[str, str],
+    creds: dict[str, Any],
+    config_patch: dict[str, Any],
+    message: str,
+) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    encrypted = (
+        ec.generate_private_key(ec.SECP256R1())
+        .private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"pw"),
+        )
+        .decode()
+    )
+    values = {**pki, "encrypted": encrypted, "junk": "not a certificate\n"}
+    values["cert_pem+junk"] = pki["cert_pem"] + "rm -rf /\n"
+    values["cert_pem*2"] = pki["cert_pem"] * 2
+    overrides = _tls_overrides(tmp_path, {})
+    overrides["credentials"] = {k: values.get(v, v) for k, v in creds.items()}
+    overrides["config"].update(config_patch)
+    err = harness_fails(tmp_path, "call", "credential_files", overrides=overrides)
+    assert message in err
+    assert len(err.strip().splitlines()) == 1
+
+
+@given(text=st.text(max_size=300))
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+def test_hostile_key_text_is_refused_in_one_line_or_installed_verbatim(
+    tmp_path: Path, text: str
+) -> None:
+    overrides = _tls_overrides(tmp_path, {"key_pem": text})
+    r = ruby(*_argv(tmp_path, "call", ("credential_files",), overrides))
+    assert "Traceback" not in r.stderr and "from " not in r.stderr
+    if r.returncode == 0:
+        (f,) = json.loads(r.stdout)
+        assert f["mode"] == "0600" and f["content"].rstrip("\n") == text.rstrip("\n")
+        assert "-----BEGIN" in text
+    else:
+        assert r.stderr.startswith("render.rb: ArgumentError: node['neti']['credentials']")
+        assert len(r.stderr.strip().splitlines()) == 1
