@@ -353,6 +353,34 @@ def test_maxchange_overflow(lab: Lab) -> None:
     assert alive(lab)
 
 
+def test_a_host_cannot_change_the_operator_nodes(lab: Lab) -> None:
+    """maxchange and guard-release exist (the lab's bootstrap): only operators change them."""
+    with Attacker(lab, "ec2b", stolen(lab), hosts=f"{ZKPROXY.private_ip}:{lab.zk_port}") as a:
+        for path in ("/neti/maxchange", "/neti/guard-release"):
+            assert a("set", path=path, data="0")["error"] == "NoAuthError", path
+            assert a("delete", path=path)["error"] == "NoAuthError", path
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="gap (neti/registry/acl.py): the prefix grants fleet identities CREATE (for the "
+    "containers), so an operator node that does not exist yet (maxchange, guard-release) can "
+    "be created, and owned, by any host; operators must create both when securing a fleet "
+    "(the lab's bootstrap, docs/security.md) until agents refuse nodes not owned by operators",
+)
+def test_a_host_cannot_create_a_missing_operator_node(lab: Lab) -> None:
+    with operator(lab) as op:
+        assert op("delete", path="/neti/guard-release") == {}
+    try:
+        with Attacker(lab, "ec2b", stolen(lab), hosts=f"{ZKPROXY.private_ip}:{lab.zk_port}") as a:
+            created = a("create", path="/neti/guard-release", data="x")
+        assert created.get("error") == "NoAuthError", created
+    finally:
+        with operator(lab) as op:
+            op("delete", path="/neti/guard-release")
+        lab.bootstrap()
+
+
 # --- rows 6 and 7: hostile addresses ---
 def test_hostile_addresses_are_skipped_and_counted_by_reason(lab: Lab) -> None:
     all_ok(lab)
