@@ -44,6 +44,7 @@ from neti.errors import (
 )
 from neti.fleet import Fleet, Member
 from neti.identity import Identity
+from neti.registry.claims import ClaimConflictError
 
 log = logging.getLogger("neti.agent")
 
@@ -52,8 +53,14 @@ RETRY_MIN = 1.0
 RETRY_MAX = 10.0
 # While the guard holds, look again this often even without a watch event.
 GUARD_RETRY = 10.0
-# Longest wait for leave + close on shutdown or reconnect.
-DISCONNECT_TIMEOUT = 10.0
+# Longest wait for leave + close on a reconnect.
+DISCONNECT_TIMEOUT = 5.0
+# A stop signal ends the process within this (docs/operations.md promises 5 s): kazoo's
+# threads are daemons and whatever is still waiting on the network is abandoned.
+STOP_BUDGET = 4.0
+# Suspended (or reconnecting) this long past the session timeout while a fresh session
+# works: our session is gone (a wiped or replaced ensemble refuses it forever); start anew.
+FRESH_SESSION_MARGIN = 2.0
 # Longest wait for one ZooKeeper call the agent makes itself (own-node check, re-arming
 # watches): kazoo queues requests while disconnected, and the loop must never wait on that.
 ZK_CALL_TIMEOUT = 5.0
@@ -155,6 +162,8 @@ class Agent:
         )
         self.applied: Fleet | None = None  # last fleet handed to the kernel (after the guard)
         self._stop = False
+        self._leave_on_stop = False  # SIGINT/SIGUSR1: leave now; SIGTERM: keep the session
+        self._stop_at: float | None = None
         self._hup = False
         self._reconnect = False
         self._fleet_changed = False
@@ -175,6 +184,14 @@ class Agent:
         self._release_seen: Any = _UNSET
         self._release_base: Any = _UNSET
         self._self_missing_logged = False
+        # One-shot raw watches: their callbacks only set this and wake the loop; the next
+        # reconcile's reads re-arm them (so kazoo never has a blocked callback to join).
+        self._watch_token: object | None = None
+        # A fresh session tried in the background while ours looks refused (issue 11).
+        self._fresh_probe: threading.Thread | None = None
+        self._fresh_reg: Any = None
+        self._fresh_checked = 0.0
+        self.claim_conflict: str | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def run(self) -> int:
@@ -318,7 +335,15 @@ class Agent:
         while not self._stop:
             self._watchdog()
             try:
-                reg = connect(self.cfg, self.identity.network, timeout=self.cfg.zk_session_timeout)
+                reg, self._fresh_reg = self._fresh_reg, None
+                if reg is None:
+                    reg = connect(
+                        self.cfg,
+                        self.identity.network,
+                        timeout=self.cfg.zk_session_timeout,
+                        client_id=self._resumable(hosts),
+                        cancel=lambda: self._stop,
+                    )
             except RegistryAccessError:
                 raise  # refused credentials or unusable TLS files: retrying cannot help
             except RegistryError as exc:
@@ -333,12 +358,18 @@ class Agent:
             try:
                 self._join()
             except NetiError as exc:
-                level = log.error if isinstance(exc, SubnetFullError) else log.warning
-                level("%s; retrying", exc)
+                level = (
+                    log.error
+                    if isinstance(exc, SubnetFullError | ClaimConflictError)
+                    else log.warning
+                )
+                level("%s; keeping the current rules, retrying", exc)
+                self._save()
                 self._disconnect(leave=False)
                 self._sleep(self._backoff.next())
                 continue
             self._set_zk_state("connected")
+            self._save_session()
             reg.client.add_listener(self._on_zk_state)
             # Peers may be re-joining too (an ensemble-wide outage): give them a session
             # timeout before removing any of them.
@@ -352,7 +383,15 @@ class Agent:
     def _join(self) -> None:
         """Claim (or re-confirm) the overlay IP and put our membership node in place."""
         assert self.identity is not None and self.reg is not None
-        ip = self.reg.claim(self.identity.instance_id)
+        prefer = self.overlay_ip or self._tagged_ip()
+        try:
+            ip = self.reg.claim(self.identity.instance_id, prefer=prefer)
+        except ClaimConflictError as exc:
+            self.claim_conflict = str(exc)
+            self.state.claim_conflict = str(exc)
+            raise
+        self.claim_conflict = None
+        self.state.claim_conflict = None
         if self.overlay_ip is not None and ip != self.overlay_ip:
             log.warning("overlay IP changed from %s to %s (claim was lost)", self.overlay_ip, ip)
         self.overlay_ip = ip
@@ -372,55 +411,100 @@ class Agent:
         assert self.identity is not None
         self._tagger = tag_self(self.cfg, self.identity, ip)
 
-    def _watch(self) -> None:
-        from kazoo.recipe.watchers import ChildrenWatch, DataWatch
+    def _tagged_ip(self) -> IPv4Address | None:
+        """The overlay IP this instance's EC2 tag records, where tagging is on (no state
+        file, e.g. a replaced root volume): bounded, and None on any failure."""
+        assert self.identity is not None
+        mode = getattr(self.cfg, "tag_instance", "auto")
+        if mode == "never" or (mode == "auto" and self.cfg.identity.source != "ec2"):
+            return None
+        try:
+            from neti.aws import ec2_client
+            from neti.aws.tags import overlay_tags
+
+            tags, _ = overlay_tags(ec2_client(self.cfg, timeout=3), [self.identity.instance_id])
+        except Exception as exc:  # noqa: BLE001 - a courtesy: never blocks the claim
+            log.info("cannot read this instance's overlay_ip tag: %s", exc)
+            return None
+        ip = tags.get(self.identity.instance_id)
+        if ip is not None:
+            log.info("no saved overlay IP; the EC2 tag says %s", ip)
+        return ip
+
+    def _resumable(self, hosts: list[str]) -> tuple[int, bytes] | None:
+        """The session a SIGTERM'd agent left (session.py), if it may still be alive."""
+        from neti.agent import session as session_mod
+
+        saved = session_mod.load(self.cfg.state_dir)
+        if saved is None or saved.hosts != ",".join(hosts) or not saved.fresh():
+            return None
+        log.info("resuming ZooKeeper session %#x (kept across the restart)", saved.session_id)
+        return saved.session_id, saved.password
+
+    def _hosts_text(self) -> str:
+        assert self.identity is not None
+        return ",".join(self.cfg.zk_hosts_for(self.identity.network))
+
+    def _save_session(self) -> None:
+        """Keep the session id + password (0600) so a restart resumes it."""
+        from neti.agent import session as session_mod
 
         reg = self.reg
+        cid = reg.client.client_id if reg is not None else None
+        if not cid or not cid[0]:
+            return
+        timeout = getattr(reg.client, "_session_timeout", 0) / 1000 or self.cfg.zk_session_timeout
+        try:
+            session_mod.save(
+                self.cfg.state_dir,
+                session_mod.SavedSession(
+                    cid[0], bytes(cid[1]), self._hosts_text(), time.time(), float(timeout)
+                ),
+            )
+        except OSError as exc:
+            log.warning("cannot save the ZooKeeper session in %s: %s", self.cfg.state_dir, exc)
+
+    def _watch(self) -> None:
+        """Watches are armed by each reconcile's reads (one-shot, raw): see _on_watch."""
+        self._watch_token = object()
+        self._watches_for = self.reg
+
+    def _on_watch(self, _event: object = None) -> None:
+        """kazoo's callback thread: set a flag and wake the loop; never block or read."""
+        self._fleet_changed = True
+        self.waker.wake()
+
+    def _arm_watches(self) -> None:
+        """Re-arm the one-shot watches on maxchange and the release node (their reads
+        pipelined, each bounded); the release node's stat is the release token."""
+        reg = self.reg
         client = reg.client
-        # ChildrenWatch stops for good on a missing node; the legacy node may not exist yet.
-        for path in (reg.members_path, reg.legacy_path):
-            try:
-                client.retry(client.ensure_path, path)
-            except Exception as exc:  # noqa: BLE001 - the periodic resync still covers it
-                log.warning("cannot create %s: %s", path, exc)
-        watched_reg = reg
-
-        def on_children(_children: list[str]) -> bool:
-            if self.reg is not watched_reg:
-                return False  # an old session's watch: stop it
-            self._fleet_changed = True
-            self.waker.wake()
-            return True
-
-        def on_data(_data: bytes | None, _stat: object) -> bool:
-            return on_children([])
-
-        def on_release(_data: bytes | None, stat: Any) -> bool:
-            if self.reg is not watched_reg:
-                return False
-            token = (stat.czxid, stat.mzxid) if stat is not None else None
-            self._release_seen = token
-            if self._release_base is _UNSET:
-                self._release_base = token  # as it was when this agent started: no release
-            elif token != self._release_base:
-                self._fleet_changed = True
-                self.waker.wake()
-            return True
-
-        self._on_children = on_children
-        self._watches = {
-            reg.members_path: ChildrenWatch(client, reg.members_path, on_children),
-            reg.legacy_path: ChildrenWatch(client, reg.legacy_path, on_children),
-            # The prefix's children: a deleted (or re-created) members container wakes us;
-            # the members watch itself stops for good when its node goes.
-            self.cfg.zk_prefix: ChildrenWatch(client, self.cfg.zk_prefix, on_children),
-        }
-        DataWatch(client, self.cfg.path(self.cfg.zk_max_change_threshold_path), on_data)
-        DataWatch(client, self.cfg.path(RELEASE_NODE), on_release)
+        mc = client.exists_async(
+            self.cfg.path(self.cfg.zk_max_change_threshold_path), watch=self._on_watch
+        )
+        rel = client.exists_async(self.cfg.path(RELEASE_NODE), watch=self._on_watch)
+        self._zk_wait(mc)
+        stat = self._zk_wait(rel)
+        token = (stat.czxid, stat.mzxid) if stat is not None else None
+        self._release_seen = token
+        if self._release_base is _UNSET:
+            self._release_base = token  # as it was when this agent started: no release
 
     def _zk_wait(self, async_result: Any) -> Any:
-        """The result of one kazoo async call, within ZK_CALL_TIMEOUT (KazooTimeoutError)."""
-        return async_result.get(timeout=min(ZK_CALL_TIMEOUT, self.cfg.zk_session_timeout))
+        """The result of one kazoo async call, within ZK_CALL_TIMEOUT (KazooTimeoutError),
+        abandoned at once when a stop signal arrives (DeadlineClient.aborted)."""
+        client = self.reg.client if self.reg is not None else None
+        limit = min(ZK_CALL_TIMEOUT, self.cfg.zk_session_timeout)
+        deadline = time.monotonic() + limit
+        while True:
+            if self._stop or getattr(client, "aborted", False):
+                raise KazooTimeoutError("stopping: ZooKeeper call abandoned")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise KazooTimeoutError(f"no answer from ZooKeeper within {limit:g}s")
+            async_result.wait(min(0.1, left))
+            if async_result.ready():
+                return async_result.get()
 
     def _check_self(self) -> bool:
         """Is the members container there? Re-create our own member node if it is gone.
@@ -448,23 +532,8 @@ class Agent:
             # Someone deleted member nodes (ours, maybe the whole container): peers are
             # re-creating theirs too, so give them a grace period before removing any.
             self.guard.start_grace(self.cfg.guard_grace_seconds(), "member node re-created")
-        self._rearm_watches()
+        self._arm_watches()
         return container_missing
-
-    def _rearm_watches(self) -> None:
-        """A children watch stops for good when its node is deleted: start a new one."""
-        from kazoo.recipe.watchers import ChildrenWatch
-
-        client = self.reg.client
-        for path, w in list(self._watches.items()):
-            if not getattr(w, "_stopped", False):
-                continue
-            if self._zk_wait(client.exists_async(path)) is None:
-                if path == self.cfg.zk_prefix:
-                    continue
-                self._zk_wait(client.ensure_path_async(path))
-            log.info("watching %s again", path)
-            self._watches[path] = ChildrenWatch(client, path, self._on_children)
 
     def _release_requested(self) -> bool:
         seen, base = self._release_seen, self._release_base
@@ -490,6 +559,8 @@ class Agent:
             prev = self.state.zookeeper.state
             if ev == "SUSPENDED":
                 log.warning("ZooKeeper connection suspended; keeping every rule (fail static)")
+                if prev == "connected":
+                    self._save_session()  # last heard now: a restart may resume it
                 self._set_zk_state("suspended")
             elif ev == "LOST":
                 log.warning("ZooKeeper session expired; keeping every rule, will re-join")
@@ -517,13 +588,11 @@ class Agent:
         self.metrics.set_zk_state(state)
         self.notifier.status(self._status_line())
 
-    def _disconnect(self, leave: bool) -> None:
-        """Leave (if asked and connected) and end the session, within a bounded time.
+    def _disconnect(self, leave: bool, timeout: float = DISCONNECT_TIMEOUT) -> None:
+        """Leave (if asked and connected) and end the session, waiting at most ``timeout``.
 
-        kazoo queues requests while disconnected and waits for the connection to return,
-        so leaving during an outage would block shutdown indefinitely. Only leave when
-        connected, and give the whole thing a deadline: an unfinished leave is harmless
-        (the node goes with the session).
+        Every call has a deadline (DeadlineClient) and the whole thing runs in a daemon
+        thread: an unfinished leave is harmless (the node goes with the session).
         """
         reg, self.reg = self.reg, None
         if reg is None:
@@ -533,6 +602,10 @@ class Agent:
         except Exception:  # noqa: BLE001
             pass
         connected = self.state.zookeeper.state == "connected"
+        client = reg.client
+        if hasattr(client, "aborted"):
+            client.aborted = False  # a stop signal abandoned the loop's calls, not this one
+            client.call_timeout = max(0.5, min(client.call_timeout or timeout, timeout - 0.5))
 
         def work() -> None:
             try:
@@ -541,21 +614,86 @@ class Agent:
                 if connected:
                     reg.close()
                 else:
-                    reg.client.stop()
-                    reg.client.close()
+                    client.stop()
+                    client.close()
             except Exception as exc:  # noqa: BLE001 - closing must not fail shutdown
                 log.warning("leaving the fleet: %s (the node goes with the session)", exc)
 
         t = threading.Thread(target=work, name="neti-leave", daemon=True)
         t.start()
-        t.join(min(self.cfg.zk_session_timeout, DISCONNECT_TIMEOUT))
+        t.join(max(0.0, min(self.cfg.zk_session_timeout, timeout)))
         if t.is_alive():
             log.warning("ZooKeeper did not confirm leaving in time; the session expiry will")
+
+    def _check_session(self) -> None:
+        """Start a fresh session when ours cannot have survived (issue 11).
+
+        A wiped or replaced ensemble refuses a client that has seen a later zxid, forever:
+        kazoo stays SUSPENDED. When we have been away longer than the session timeout plus
+        a margin, a fresh session is tried in the background; if it works while ours still
+        does not (after one more of kazoo's reconnect rounds), ours is gone: adopt the new
+        one. During a quorum loss the fresh one fails too, and ours is kept (it survives).
+        """
+        zk = self.state.zookeeper
+        fresh = self._fresh_reg
+        if fresh is not None:
+            if zk.state == "connected" or self._stop:
+                self._fresh_reg = None
+                from neti.registry.client import stop_client
+
+                stop_client(fresh.client, 0)
+                return
+            if time.monotonic() - self._fresh_checked < self._reconnect_round() + 1.0:
+                return
+            log.warning(
+                "ZooKeeper accepts new sessions but has refused ours for %.0fs (a wiped or "
+                "replaced ensemble?); starting a fresh session, keeping every rule",
+                time.time() - zk.since,
+            )
+            self._reconnect = True
+            return
+        if zk.state not in ("suspended", "lost", "connecting") or self.reg is None:
+            return
+        if time.time() - zk.since < self.cfg.zk_session_timeout + FRESH_SESSION_MARGIN:
+            return
+        if self._fresh_probe is not None and self._fresh_probe.is_alive():
+            return
+        if time.monotonic() - self._fresh_checked < self.cfg.zk_session_timeout:
+            return
+        self._fresh_checked = time.monotonic()
+        network = self.identity.network if self.identity else ""
+
+        def probe() -> None:
+            from neti.registry import connect
+
+            try:
+                reg = connect(
+                    self.cfg,
+                    network,
+                    timeout=self.cfg.zk_session_timeout,
+                    cancel=lambda: self._stop,
+                )
+            except NetiError as exc:
+                log.debug("fresh-session probe: %s", exc)
+                return
+            self._fresh_checked = time.monotonic()
+            self._fresh_reg = reg
+            self.waker.wake()
+
+        self._fresh_probe = threading.Thread(target=probe, name="neti-fresh", daemon=True)
+        self._fresh_probe.start()
+
+    def _reconnect_round(self) -> float:
+        """kazoo's longest back-off between reconnect attempts (client.make_client)."""
+        return max(0.5, min(10.0, self.cfg.zk_session_timeout / 3))
 
     # ------------------------------------------------------------------ main loop
     def _loop(self) -> None:
         while not self._stop and not self._reconnect:
             self._handle_zk_events()
+            self._check_session()
+            if self._reconnect:
+                break
             if self._hup:
                 self._hup = False
                 self._reload()
@@ -620,7 +758,7 @@ class Agent:
         t0 = time.monotonic()
         try:
             container_missing = self._check_self()
-            fleet = self.reg.read_fleet()
+            fleet = self.reg.read_fleet(watch=self._on_watch)
             max_change = self.reg.max_change()
             # Why maxchange fell back to its default (status shows it), or None.
             self.state.guard.max_change_problem = getattr(self.reg, "max_change_problem", None)
@@ -821,8 +959,18 @@ class Agent:
 
     # ------------------------------------------------------------------ signals
     def _install_signals(self) -> None:
+        """SIGTERM: exit keeping the session (a restart resumes it, peers see nothing);
+        SIGINT/SIGUSR1: leave the fleet now and exit. Both exit within STOP_BUDGET."""
+
         def stop(signum: int, _frame: object) -> None:
+            if self._stop_at is None:
+                self._stop_at = time.monotonic()
             self._stop = True
+            if signum != signal.SIGTERM:
+                self._leave_on_stop = True
+            reg = self.reg
+            if reg is not None and hasattr(reg.client, "aborted"):
+                reg.client.aborted = True  # calls in flight give up within 0.1 s
             self.waker.wake()
 
         def hup(_signum: int, _frame: object) -> None:
@@ -831,6 +979,7 @@ class Agent:
 
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGUSR1, stop)
         signal.signal(signal.SIGHUP, hup)
 
     def _reload(self) -> None:
@@ -861,15 +1010,47 @@ class Agent:
         self.notifier.ready(self._status_line())
 
     def _shutdown(self) -> None:
-        """Leave the fleet (peers drop us now, not after the session timeout); keep the rules."""
+        """Exit within STOP_BUDGET of the signal, keeping the rules.
+
+        SIGTERM keeps the ZooKeeper session open (saved in state_dir) so a restart within
+        zk_session_timeout resumes it and peers never see this host go; SIGINT/SIGUSR1 (and
+        an error exit) leave the fleet now, so peers drop this host at once.
+        """
+        start = self._stop_at if self._stop_at is not None else time.monotonic()
+        end = start + STOP_BUDGET
+
+        def left() -> float:
+            return max(0.0, end - time.monotonic())
+
         self.notifier.stopping()
-        if self.reg is not None:
-            log.info("leaving the fleet; the kernel keeps its rules")
-        self._disconnect(leave=True)
+        from neti.agent import session as session_mod
+
+        keep = self._stop and not self._leave_on_stop and self.reg is not None
+        fresh, self._fresh_reg = self._fresh_reg, None
+        if fresh is not None:
+            from neti.registry.client import stop_client
+
+            stop_client(fresh.client, 0)
+        if keep:
+            if self.state.zookeeper.state == "connected":
+                self._save_session()
+            log.info(
+                "stopping; the kernel keeps its rules and the ZooKeeper session stays open "
+                "for up to %gs, so a restart resumes it (SIGINT/SIGUSR1 leave the fleet)",
+                self.cfg.zk_session_timeout,
+            )
+            self.reg = None  # kazoo's daemon threads end with the process; no closeSession
+        else:
+            if self.reg is not None:
+                log.info("leaving the fleet; the kernel keeps its rules")
+            self._disconnect(leave=True, timeout=left() * 0.7)
+            session_mod.clear(self.cfg.state_dir)
         if self._tagger is not None:
-            self._tagger.stop(timeout=1)
+            self._tagger.stop(timeout=min(1.0, left() / 2))
         self.state.zookeeper.state = "closed"
         self.state.zookeeper.since = time.time()
         self._save()
-        self.metrics.shutdown()
+        t = threading.Thread(target=self.metrics.shutdown, name="neti-metrics-stop", daemon=True)
+        t.start()
+        t.join(min(1.0, left()))
         self.waker.close()

@@ -145,6 +145,7 @@ class AgentState:
     skipped_by_reason: dict[str, int] = field(default_factory=dict)  # neti.fleet.SKIP_REASONS
     apply_errors: int = 0
     tagging: str = ""  # EC2 tagging of this instance: pending, ok, failed: …, skipped: …
+    claim_conflict: str | None = None  # our saved overlay IP is claimed by another instance
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -167,6 +168,7 @@ class AgentState:
             "skipped_by_reason": dict(self.skipped_by_reason),
             "apply_errors": self.apply_errors,
             "tagging": self.tagging,
+            "claim_conflict": self.claim_conflict,
         }
 
     @classmethod
@@ -213,6 +215,7 @@ class AgentState:
             skipped_reasons=_strings(d.get("skipped_reasons") or [], "skipped_reasons"),
             skipped_by_reason=_counts(d.get("skipped_by_reason")),
             tagging=_typed(str, d.get("tagging") or "", "tagging"),
+            claim_conflict=_opt(d.get("claim_conflict"), str, "claim_conflict"),
             apply_errors=_typed(int, d.get("apply_errors") or 0, "apply_errors"),
         )
 

@@ -31,6 +31,11 @@ SCAN_LIMIT = 4096
 RANDOM_TRIES = 64  # random candidates per pick before a nearly full subnet is scanned
 
 
+class ClaimConflictError(RegistryError):
+    """The address this host held (state file, EC2 tag) is claimed by another instance:
+    reported, never resolved by handing this host a new address (issue 11)."""
+
+
 class OverlayClaims:
     """Claim, look up and release overlay addresses in one subnet."""
 
@@ -170,16 +175,31 @@ class OverlayClaims:
         )
 
     # --- writes ---
-    def claim(self, instance_id: str) -> IPv4Address:
-        """This instance's address: its existing claim, else a new random free one."""
+    def claim(self, instance_id: str, prefer: IPv4Address | None = None) -> IPv4Address:
+        """This instance's address: its existing claim, else ``prefer`` (the address it held
+        before the registry lost its claims) if free, else a new random free one.
+
+        ClaimConflictError when ``prefer`` is claimed by another instance: a host that had an
+        address must keep it or be looked at, never be renumbered silently.
+        """
         id_path = self._id_path(instance_id)
+        if prefer is not None and not addr.usable(self.subnet, prefer):
+            log.warning(
+                "previous overlay IP %s of %s is not a host address of %s; not reusing it",
+                prefer,
+                instance_id,
+                self.subnet,
+            )
+            prefer = None
         for path in (self.id_to_ip, self.ip_to_id):
             self.client.retry(self.client.ensure_path, path, acl=self.container_acl)
         # The whole loop is idempotent (it starts by reading our claim), so a connection loss
         # mid-commit is retried safely: an applied transaction is simply found next round.
-        return self.client.retry(self._claim, instance_id, id_path)
+        return self.client.retry(self._claim, instance_id, id_path, prefer)
 
-    def _claim(self, instance_id: str, id_path: str) -> IPv4Address:
+    def _claim(
+        self, instance_id: str, id_path: str, prefer: IPv4Address | None = None
+    ) -> IPv4Address:
         for _ in range(MAX_ATTEMPTS):
             try:
                 data, _ = self.client.get(id_path)
@@ -198,7 +218,17 @@ class OverlayClaims:
                 if self._complete(instance_id, ip):
                     return ip
                 continue
-            ip = self._free()
+            if prefer is not None:
+                holder = self._holder(prefer)
+                if holder is not None and holder != instance_id:
+                    raise ClaimConflictError(
+                        f"overlay IP conflict: {instance_id} held {prefer} (state file or EC2 "
+                        f"tag) but {self._ip_path(prefer)} now names {holder!r}; not taking a "
+                        f"new address. Decide which host keeps {prefer}: release the other's "
+                        "claim (neti overlay-ip --release on it, or delete its id-to-ip and "
+                        "ip-to-id nodes)"
+                    )
+            ip = prefer if prefer is not None else self._free()
             txn = self.client.transaction()
             txn.create(id_path, str(ip).encode("ascii"), acl=self.own_acl)
             txn.create(self._ip_path(ip), instance_id.encode("ascii"), acl=self.own_acl)
@@ -207,7 +237,12 @@ class OverlayClaims:
             if any(isinstance(r, NoAuthError) for r in failures):
                 raise NoAuthError()  # not a race: retrying cannot help
             if not failures:
-                log.info("claimed overlay IP %s for %s", ip, instance_id)
+                if prefer is not None:
+                    log.warning(
+                        "re-created the claim of %s on its previous overlay IP %s", instance_id, ip
+                    )
+                else:
+                    log.info("claimed overlay IP %s for %s", ip, instance_id)
                 return ip
             if isinstance(results[0], NoNodeError) or isinstance(results[1], NoNodeError):
                 # Someone removed a parent between ensure_path and commit.
@@ -223,6 +258,18 @@ class OverlayClaims:
             f"could not claim an overlay IP for {instance_id} in {MAX_ATTEMPTS} attempts "
             "(heavy contention?); try again"
         )
+
+    def _holder(self, ip: IPv4Address) -> str | None:
+        """Who claims ``ip``: ip-to-id's owner, else a (half-written) id-to-ip naming it."""
+        try:
+            owner, _ = self.client.get(self._ip_path(ip))
+            return owner.decode("ascii", "replace").strip()
+        except NoNodeError:
+            pass
+        for iid, text in self._read_id_to_ip().items():
+            if text == str(ip):
+                return iid
+        return None
 
     def _complete(self, instance_id: str, ip: IPv4Address) -> bool:
         """Make sure ip-to-id/<ip> names us. False: our claim vanished, look again."""

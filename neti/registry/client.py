@@ -13,10 +13,12 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from kazoo.client import KazooClient
-from kazoo.handlers.threading import SequentialThreadingHandler
+from kazoo.client import KazooClient, TransactionRequest
+from kazoo.exceptions import KazooException
+from kazoo.handlers.threading import KazooTimeoutError, SequentialThreadingHandler
 from kazoo.protocol.states import KeeperState
 from kazoo.retry import KazooRetry
 from kazoo.security import ACL
@@ -162,17 +164,154 @@ class BoundedConnectHandler(SequentialThreadingHandler):
         return conn
 
 
+class NotConnectedError(KazooException):
+    """A call made while the connection is down: failed at once instead of queued (kazoo
+    would queue it until the connection returns). Not retried by kazoo's retry helper."""
+
+
+class CallAbortedError(KazooTimeoutError):
+    """A call given up because the process is stopping (DeadlineClient.aborted)."""
+
+
+class _DeadlineTransaction(TransactionRequest):
+    def commit(self):  # type: ignore[no-untyped-def]
+        return self.client._wait(self.commit_async())
+
+
+class DeadlineClient(KazooClient):
+    """A KazooClient whose blocking calls all have a deadline.
+
+    kazoo queues requests while disconnected and its blocking calls wait forever, so an
+    agent asking during an outage would hang (issue 11). Here every blocking call waits at
+    most ``call_timeout`` seconds (KazooTimeoutError), fails at once with NotConnectedError
+    while the connection is down (``fail_fast``), and gives up within 0.1 s once
+    ``aborted`` is set (a signal handler may set it: a plain attribute, no lock).
+    """
+
+    STEP = 0.1
+
+    def __init__(self, *args: Any, call_timeout: float | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.call_timeout = call_timeout
+        self.fail_fast = True
+        self.aborted = False
+
+    def _call(self, request, async_object):  # type: ignore[no-untyped-def]
+        if self.fail_fast and self._state in (KeeperState.CONNECTING,):
+            async_object.set_exception(
+                NotConnectedError("not connected to ZooKeeper (the call was not sent)")
+            )
+            return False
+        return super()._call(request, async_object)
+
+    def _wait(self, result: Any) -> Any:
+        """``result.get()`` within call_timeout, abortable."""
+        limit = self.call_timeout
+        deadline = None if limit is None else time.monotonic() + limit
+        while True:
+            if self.aborted:
+                raise CallAbortedError("stopping: ZooKeeper call abandoned")
+            step = self.STEP
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise KazooTimeoutError(f"no answer from ZooKeeper within {limit:g}s")
+                step = min(step, left)
+            result.wait(step)
+            if result.ready():
+                return result.get()
+
+    # Every blocking call kazoo offers that the registry uses, as async + bounded wait.
+    def get(self, path, watch=None):  # type: ignore[no-untyped-def]
+        return self._wait(self.get_async(path, watch=watch))
+
+    def exists(self, path, watch=None):  # type: ignore[no-untyped-def]
+        return self._wait(self.exists_async(path, watch=watch))
+
+    def get_children(self, path, watch=None, include_data=False):  # type: ignore[no-untyped-def]
+        return self._wait(self.get_children_async(path, watch=watch, include_data=include_data))
+
+    def create(
+        self,
+        path,
+        value=b"",
+        acl=None,
+        ephemeral=False,
+        sequence=False,
+        makepath=False,
+        include_data=False,
+    ):  # type: ignore[no-untyped-def] # noqa: E501
+        return self._wait(
+            self.create_async(
+                path,
+                value,
+                acl=acl,
+                ephemeral=ephemeral,
+                sequence=sequence,
+                makepath=makepath,
+                include_data=include_data,
+            )
+        )
+
+    def set(self, path, value, version=-1):  # type: ignore[no-untyped-def]
+        return self._wait(self.set_async(path, value, version))
+
+    def delete(self, path, version=-1, recursive=False):  # type: ignore[no-untyped-def]
+        if recursive:
+            return super().delete(path, version, recursive)
+        return self._wait(self.delete_async(path, version))
+
+    def ensure_path(self, path, acl=None):  # type: ignore[no-untyped-def]
+        return self._wait(self.ensure_path_async(path, acl))
+
+    def get_acls(self, path):  # type: ignore[no-untyped-def]
+        return self._wait(self.get_acls_async(path))
+
+    def set_acls(self, path, acls, version=-1):  # type: ignore[no-untyped-def]
+        return self._wait(self.set_acls_async(path, acls, version))
+
+    def sync(self, path):  # type: ignore[no-untyped-def]
+        return self._wait(self.sync_async(path))
+
+    def transaction(self):  # type: ignore[no-untyped-def]
+        return _DeadlineTransaction(self)
+
+
+def stop_client(client: KazooClient, timeout: float) -> bool:
+    """Stop and close ``client`` from a daemon thread, waiting at most ``timeout``.
+
+    kazoo's stop() joins its callback thread, which can wait on the network; the caller
+    must never wait past its own bound. True if it finished in time.
+    """
+    if isinstance(client, DeadlineClient):
+        client.aborted = True
+
+    def work() -> None:
+        try:
+            client.stop()
+            client.close()
+        except Exception as exc:  # noqa: BLE001 - closing must never fail the caller
+            log.debug("closing the ZooKeeper client: %s", exc)
+
+    t = threading.Thread(target=work, name="neti-zk-stop", daemon=True)
+    t.start()
+    t.join(max(0.0, timeout))
+    return not t.is_alive()
+
+
 def make_client(
     cfg: Config,
     network: str,
     ssl_context: ssl.SSLContext | None = None,
     auth: Sequence[tuple[str, str]] = (),
     default_acl: list[ACL] | None = None,
-) -> KazooClient:
+    client_id: tuple[int, bytes] | None = None,
+) -> DeadlineClient:
     """``default_acl``: what a node created without an explicit ACL gets (the agent's own
-    ensure_path calls for the containers it watches): the container ACL when secured."""
+    ensure_path calls for the containers it watches): the container ACL when secured.
+    ``client_id``: (session id, password) of a session to resume (a restarted agent)."""
     hosts = ",".join(cfg.zk_hosts_for(network))
-    return KazooClient(
+    return DeadlineClient(
         hosts=hosts,
         timeout=cfg.zk_session_timeout,
         # Dropped connections are noticed after 2/3 of the session timeout; one dead host at
@@ -188,9 +327,14 @@ def make_client(
             backoff=2,
             max_delay=max(0.5, min(10.0, cfg.zk_session_timeout / 3)),
         ),
-        command_retry=KazooRetry(max_tries=5, delay=0.2, backoff=2, max_delay=5),
+        command_retry=KazooRetry(
+            max_tries=5, delay=0.2, backoff=2, max_delay=5, deadline=cfg.zk_session_timeout
+        ),
         auth_data=list(auth) or None,
         default_acl=default_acl,
+        client_id=client_id,
+        # No blocking call waits longer than a session timeout: by then the answer is moot.
+        call_timeout=float(cfg.zk_session_timeout),
     )
 
 
@@ -288,20 +432,31 @@ def check_trust(cfg: Config, instance_id: str | None = None) -> AclPolicy:
     return policy
 
 
+# Longest a failed start waits for kazoo's threads to stop (they finish in the background).
+STOP_WAIT = 1.0
+
+
 def connect(
-    cfg: Config, network: str, timeout: float | None = None, acl: AclPolicy | None = None
+    cfg: Config,
+    network: str,
+    timeout: float | None = None,
+    acl: AclPolicy | None = None,
+    client_id: tuple[int, bytes] | None = None,
+    cancel: Callable[[], bool] | None = None,
 ) -> Registry:
     """A started Registry for ``network``'s ZooKeeper.
 
     RegistryAccessError (exit 2, not retried by the agent) for unusable TLS/credential files
     and refused credentials; RegistryError naming the hosts when they cannot be reached.
+    ``client_id`` resumes that session (kazoo starts a fresh one if the server refuses it);
+    ``cancel`` is polled every 0.1 s: when it returns True the attempt ends (RegistryError).
     """
     _quiet_kazoo()
     hosts = ",".join(cfg.zk_hosts_for(network))
     policy = acl if acl is not None else AclPolicy.from_config(cfg)
     ctx = tls_context(cfg)
     hook = attest.attest_check_for(cfg)
-    client = make_client(cfg, network, ctx, auth_data(cfg), policy.container())
+    client = make_client(cfg, network, ctx, auth_data(cfg), policy.container(), client_id)
     wait = timeout if timeout is not None else cfg.zk_session_timeout
     handler = client.handler
     event = client.start_async()
@@ -315,10 +470,12 @@ def connect(
                 break
         if time.monotonic() >= deadline:
             break
+        if cancel is not None and cancel():
+            stop_client(client, STOP_WAIT)
+            raise RegistryError("connecting to ZooKeeper cancelled: stopping")
     if not client.connected:
         state = client.client_state
-        client.stop()
-        client.close()
+        stop_client(client, STOP_WAIT)
         _diagnose(cfg, client, ctx, state)
         hint = ""
         if isinstance(handler, BoundedConnectHandler) and handler.tls_cut_short:

@@ -8,7 +8,7 @@ import logging
 import time
 from collections.abc import Callable
 from ipaddress import IPv4Address, IPv4Network
-from typing import ParamSpec, Protocol, TypeVar
+from typing import Any, ParamSpec, Protocol, TypeVar
 
 from kazoo.client import KazooClient
 from kazoo.exceptions import KazooException, NoAuthError, NoNodeError
@@ -186,8 +186,9 @@ class Registry:
 
     # --- claims ---
     @_zk_errors("claiming an overlay IP", "id_to_ip")
-    def claim(self, instance_id: str) -> IPv4Address:
-        ip = self._claims.claim(instance_id)
+    def claim(self, instance_id: str, prefer: IPv4Address | None = None) -> IPv4Address:
+        """Our claim; ``prefer``: the address held before (claims.py: ClaimConflictError)."""
+        ip = self._claims.claim(instance_id, prefer=prefer)
         if self.acl.secured:
             self._own_claim_acls(instance_id, ip)
         return ip
@@ -247,17 +248,20 @@ class Registry:
         self.membership.leave()
 
     @_zk_errors("reading the fleet")
-    def read_fleet(self, identity: _Host | None = None) -> Fleet:
+    def read_fleet(
+        self, identity: _Host | None = None, watch: Callable[..., object] | None = None
+    ) -> Fleet:
         """The live, verified fleet as this host may program it.
 
         Two children reads (members and, unless ``read_legacy`` is off, ip-map), then reads
         only for entries not verified before (verify.py). ``identity`` (default: the member
         this registry joined as) enables the checks that depend on who reads: this host's own
         addresses, its LAN's broadcast, the reach address by network. Skips are logged
-        through a rate-limited, bounded SkipLog.
+        through a rate-limited, bounded SkipLog. ``watch``: a one-shot kazoo watcher armed on
+        both containers by these reads (on their creation, when missing).
         """
-        names = self._children(self.paths.members)
-        legacy = self._children(self.paths.legacy) if self.cfg.read_legacy else []
+        names = self._children(self.paths.members, watch)
+        legacy = self._children(self.paths.legacy, watch) if self.cfg.read_legacy else []
         me = identity if identity is not None else self.membership.member
         fleet = build_fleet(
             names,
@@ -286,14 +290,24 @@ class Registry:
             lan=self._lans[me.private_ip],
         )
 
-    def _children(self, path: str) -> list[str]:
+    def _children(self, path: str, watch: Callable[..., object] | None = None) -> list[str]:
         def read() -> list[str]:
-            return self.client.get_children_async(path).get(timeout=self._deadline)
+            return self._bounded(self.client.get_children_async(path, watch=watch))
 
         try:
             return self.client.retry(read)
         except NoNodeError:
+            if watch is not None:
+                # A missing container gets no children watch: watch for its creation.
+                self._bounded(self.client.exists_async(path, watch=watch))
             return []
+
+    def _bounded(self, result: Any) -> Any:
+        """An async call's result within the deadline (abortable on a DeadlineClient)."""
+        wait = getattr(self.client, "_wait", None)
+        if wait is not None:
+            return wait(result)
+        return result.get(timeout=self._deadline)
 
     # --- guard ---
     @_zk_errors("reading the max-change guard", "max_change")

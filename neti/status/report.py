@@ -150,6 +150,8 @@ def evaluate(
                     f"maxchange refused ({g.max_change_problem}); using the default {g.max_change}",
                 )
             )
+        if state.claim_conflict:
+            checks.append(Check("claim", CRITICAL, state.claim_conflict[:300]))
         if state.tagging.startswith("failed"):
             # Tags feed fleet audits, not the dataplane: shown, but not worth a page.
             checks.append(Check("tagging", OK, f"EC2 tagging {state.tagging}"))
