@@ -98,6 +98,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     gc.add_argument("--dry-run", action="store_true", help="show what would be released")
 
+    rc = cmd(
+        "restore-claims",
+        "re-create overlay IP claims from EC2 overlay_ip tags (after ZooKeeper lost its data "
+        "and the hosts' state files are gone too; docs/operations.md)",
+        run_restore_claims,
+        ec2=True,
+    )
+    rc.add_argument(
+        "--from-tags", action="store_true", required=True, help="read EC2 overlay_ip tags"
+    )
+    rc.add_argument("--dry-run", action="store_true", help="show what would be created")
+
     sec = cmd(
         "secure",
         "set Neti's ACLs on an existing open registry tree (operator identity needed; "
@@ -544,3 +556,84 @@ def run_gc(args: argparse.Namespace) -> int:
     verb = "would release" if args.dry_run else "released"
     print(f"{verb} {count} claims; {plan.live} claims of live members untouched")
     return 0
+
+
+# --- restore-claims -------------------------------------------------------------------------
+
+
+def restore_plan(
+    tags: dict[str, Any], claims: dict[str, Any], subnet: Any
+) -> dict[str, list[tuple[str, str, str]]]:
+    """Pure: what restoring claims from tags does. Lists of (instance, ip, why) under
+    create / present / conflict / skipped."""
+    from neti.registry import addr
+
+    holder = {str(ip): iid for iid, ip in claims.items()}
+    plan: dict[str, list[tuple[str, str, str]]] = {
+        "create": [],
+        "present": [],
+        "conflict": [],
+        "skipped": [],
+    }
+    seen: dict[str, str] = {}
+    for iid in sorted(tags, key=fleetops.id_key):
+        ip = tags[iid]
+        if not addr.usable(subnet, ip):
+            plan["skipped"].append((iid, str(ip), f"not a host address of {subnet}"))
+        elif iid in claims:
+            why = "already claimed" if claims[iid] == ip else f"holds {claims[iid]} instead"
+            plan["present"].append((iid, str(ip), why))
+        elif str(ip) in holder:
+            plan["conflict"].append((iid, str(ip), f"claimed by {holder[str(ip)]}"))
+        elif str(ip) in seen:
+            plan["conflict"].append((iid, str(ip), f"also tagged on {seen[str(ip)]}"))
+        else:
+            seen[str(ip)] = iid
+            plan["create"].append((iid, str(ip), "from its tag"))
+    return plan
+
+
+def run_restore_claims(args: argparse.Namespace) -> int:
+    from neti.aws.tags import overlay_tags
+    from neti.registry.claims import ClaimConflictError
+
+    cfg = load_config(args)
+    tags, problems = overlay_tags(aws_mod.ec2_client(cfg, args.region))
+    for p in problems:
+        _warn(p)
+    created: list[tuple[str, str, str]] = []
+    with _registry(cfg, args) as reg:
+        plan = restore_plan(tags, reg.claims(), cfg.overlay_subnet)
+        if not args.dry_run:
+            for iid, ip, _why in plan["create"]:
+                try:
+                    got = reg.claim(iid, prefer=tags[iid])
+                except ClaimConflictError as exc:
+                    plan["conflict"].append((iid, ip, str(exc)))
+                    continue
+                created.append((iid, str(got), "created"))
+    if args.json:
+        out: dict[str, Any] = {
+            k: [{"instance_id": i, "overlay_ip": ip, "reason": w} for i, ip, w in v]
+            for k, v in plan.items()
+        }
+        out["dry_run"] = bool(args.dry_run)
+        out["created"] = [{"instance_id": i, "overlay_ip": ip} for i, ip, _ in created]
+        out["problems"] = problems
+        print_json(out)
+        return 1 if plan["conflict"] else 0
+    if args.dry_run:
+        for iid, ip, _why in plan["create"]:
+            print(f"would create {ip} {iid}")
+    for iid, ip, _why in created:
+        print(f"created {ip} {iid}")
+    for iid, ip, why in plan["conflict"]:
+        print(f"conflict {ip} {iid}: {why}")
+    for iid, ip, why in plan["skipped"]:
+        print(f"skipped {ip} {iid}: {why}")
+    n = len(plan["create"]) if args.dry_run else len(created)
+    print(
+        f"{'would create' if args.dry_run else 'created'} {n} claims; "
+        f"{len(plan['present'])} already present, {len(plan['conflict'])} conflicts"
+    )
+    return 1 if plan["conflict"] else 0
