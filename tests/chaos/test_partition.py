@@ -105,18 +105,9 @@ STATES = {
     "mid-reconcile": _mid_reconcile,
     "ensemble-gone": _ensemble_gone,
 }
-# Today these hang after "ZooKeeper did not confirm leaving in time" (ensemble-gone: not
-# always); the others exit (connecting: in about 6 s, over the 5 s bound; see the reports).
-HANGS = pytest.mark.xfail(strict=False, reason="needs issue 11 item 1 (bounded SIGTERM)")
 
 
-@pytest.mark.parametrize(
-    "state",
-    [
-        pytest.param(s, marks=HANGS) if s in ("mid-reconcile", "ensemble-gone") else s
-        for s in STATES
-    ],
-)
+@pytest.mark.parametrize("state", list(STATES))
 def test_sigterm_exits_within_the_bound(fleet: EnsembleLab, harness, state: str) -> None:
     host = "ec2b"
     h = harness()
