@@ -124,7 +124,7 @@ def test_killed_agent_is_removed_after_session_timeout_and_returns_with_same_ip(
 def test_mass_removal_is_held_until_threshold_raised(fleet: Lab) -> None:
     fleet.set_max_change(0)
     try:
-        assert fleet.stop_agent("ec2b", signal.SIGTERM) == 0  # leaves the fleet at once
+        assert fleet.stop_agent("ec2b", signal.SIGUSR1) == 0  # leaves the fleet at once
         reports = wait_status(fleet, ("ec2a", "vpc1"), WARNING, "the guard to hold ec2b")
         for r in reports.values():
             assert r["guard"]["held"] is True

@@ -155,7 +155,7 @@ def test_members_container_deleted_is_a_held_guard_event(lab: Lab) -> None:
 def test_release_guard_lets_a_held_removal_through(lab: Lab) -> None:
     lab.set_max_change(0)
     try:
-        lab.stop_agent("ec2b")  # SIGTERM: leaves the fleet at once
+        lab.stop_agent("ec2b", signal.SIGUSR1)  # leaves the fleet at once
         held = wait_for(
             "peers to hold ec2b",
             lambda: (
