@@ -3,7 +3,7 @@
 # what is missing, so a second run costs a few dpkg queries.
 set -euo pipefail
 
-PKGS=(zookeeper default-jre-headless iptables ipset conntrack iproute2 kmod procps ruby
+PKGS=(zookeeper libnetty-java default-jre-headless iptables ipset conntrack iproute2 kmod procps ruby
       docker-compose gcc make)
 missing=()
 for p in "${PKGS[@]}"; do
