@@ -706,7 +706,10 @@ class Agent:
                 self.reconcile(reason)
                 continue
             self._watchdog()
-            self._sleep(self.sched.timeout())
+            timeout = self.sched.timeout()
+            if self.state.zookeeper.state != "connected":
+                timeout = min(timeout, 1.0)  # _check_session watches how long we are away
+            self._sleep(timeout)
 
     def _sleep(self, seconds: float) -> None:
         """Sleep, waking for signals and events, and ping the watchdog on the way."""

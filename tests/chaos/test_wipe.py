@@ -18,7 +18,6 @@ from tests.chaos.harness import wait_disconnected, wait_settled, zk_state
 pytestmark = [pytest.mark.chaos, pytest.mark.root, pytest.mark.zk, pytest.mark.timeout(300)]
 
 
-@pytest.mark.xfail(strict=False, reason="needs issue 11 item 2 (stable overlay IPs after a wipe)")
 def test_wiped_ensemble_keeps_every_overlay_ip(fleet: EnsembleLab, harness) -> None:
     ens = fleet.ensemble
     ips = {x: fleet.overlay_ip(x) for x in fleet.agent_hosts}
