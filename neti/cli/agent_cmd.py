@@ -12,7 +12,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "agent",
         help="run the agent: register, watch the fleet, keep the kernel in step",
         description=(
-            "Run until SIGTERM (leaves the fleet, keeps the rules). SIGHUP reloads the config. "
+            "Run until a signal: SIGTERM exits keeping the ZooKeeper session for a restart, "
+            "SIGINT/SIGUSR1 leave the fleet; both keep the rules. SIGHUP reloads the config. "
             "Logs to stderr; see docs/operations.md."
         ),
     )
