@@ -192,6 +192,7 @@ class Agent:
         self._fresh_reg: Any = None
         self._fresh_checked = 0.0
         self.claim_conflict: str | None = None
+        self._session_touched = 0.0  # monotonic time session.json was last marked alive
 
     # ------------------------------------------------------------------ lifecycle
     def run(self) -> int:
@@ -463,6 +464,21 @@ class Agent:
             )
         except OSError as exc:
             log.warning("cannot save the ZooKeeper session in %s: %s", self.cfg.state_dir, exc)
+            return
+        self._session_touched = time.monotonic()
+
+    def _touch_session(self) -> None:
+        """While connected, mark session.json alive every third of a session timeout, so a
+        restart after a crash (kill -9, OOM) still finds it fresh and resumes it."""
+        if self.state.zookeeper.state != "connected" or self.reg is None:
+            return
+        now = time.monotonic()
+        if now - self._session_touched < self.cfg.zk_session_timeout / 3:
+            return
+        from neti.agent import session as session_mod
+
+        self._session_touched = now
+        session_mod.touch(self.cfg.state_dir)
 
     def _watch(self) -> None:
         """Watches are armed by each reconcile's reads (one-shot, raw): see _on_watch."""
@@ -691,6 +707,7 @@ class Agent:
     def _loop(self) -> None:
         while not self._stop and not self._reconnect:
             self._handle_zk_events()
+            self._touch_session()
             self._check_session()
             if self._reconnect:
                 break
@@ -709,6 +726,8 @@ class Agent:
             timeout = self.sched.timeout()
             if self.state.zookeeper.state != "connected":
                 timeout = min(timeout, 1.0)  # _check_session watches how long we are away
+            else:
+                timeout = min(timeout, self.cfg.zk_session_timeout / 3)  # _touch_session
             self._sleep(timeout)
 
     def _sleep(self, seconds: float) -> None:
@@ -1047,7 +1066,10 @@ class Agent:
             if self.reg is not None:
                 log.info("leaving the fleet; the kernel keeps its rules")
             self._disconnect(leave=True, timeout=left() * 0.7)
-            session_mod.clear(self.cfg.state_dir)
+            if self._leave_on_stop or not self._stop:
+                # Left (or exiting on an error): nothing to resume. A SIGTERM while still
+                # connecting keeps the file: the session may still be alive on the servers.
+                session_mod.clear(self.cfg.state_dir)
         if self._tagger is not None:
             self._tagger.stop(timeout=min(1.0, left() / 2))
         self.state.zookeeper.state = "closed"

@@ -25,7 +25,7 @@ class SavedSession:
     session_id: int
     password: bytes
     hosts: str  # the zk_hosts it belongs to: another ensemble never sees it
-    saved_at: float  # epoch seconds the agent last held it
+    saved_at: float  # epoch seconds the agent last held it (the file's mtime if later)
     timeout: float  # the session timeout it was negotiated with, in seconds
 
     def fresh(self, now: float | None = None) -> bool:
@@ -99,7 +99,18 @@ def load(state_dir: str | os.PathLike[str]) -> SavedSession | None:
         return None
     if not (0 < float(timeout) <= 3600) or float(saved_at) != float(saved_at):  # type: ignore[arg-type]
         return None
-    return SavedSession(sid, password, hosts, float(saved_at), float(timeout))  # type: ignore[arg-type]
+    # The running agent touches the file while connected (touch()): its mtime is the last
+    # time the session was known alive, so a kill -9 after hours of uptime still resumes.
+    held = max(float(saved_at), st.st_mtime)  # type: ignore[arg-type]
+    return SavedSession(sid, password, hosts, held, float(timeout))  # type: ignore[arg-type]
+
+
+def touch(state_dir: str | os.PathLike[str]) -> None:
+    """Record "the session is alive now" cheaply (mtime only, no rewrite, no fsync)."""
+    try:
+        os.utime(path_for(state_dir))
+    except OSError:
+        pass
 
 
 def clear(state_dir: str | os.PathLike[str]) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import random
 from ipaddress import IPv4Address, IPv4Network
+from typing import Any
 
 from kazoo.client import KazooClient
 from kazoo.exceptions import NoAuthError, NodeExistsError, NoNodeError
@@ -114,11 +115,20 @@ class OverlayClaims:
         out: dict[str, str] = {}
         for child, result in pending.items():
             try:
-                data, _ = result.get()
+                data, _ = self._bounded(result)
             except NoNodeError:
                 continue  # released meanwhile
             out[child] = data.decode("ascii", "replace").strip()
         return out
+
+    def _bounded(self, result: Any) -> Any:
+        """An async read's answer within a deadline (DeadlineClient: its call_timeout,
+        abortable; a plain KazooClient: its session timeout). Never waits for ever."""
+        wait = getattr(self.client, "_wait", None)
+        if wait is not None:
+            return wait(result)
+        timeout = getattr(self.client, "_session_timeout", 10000) / 1000
+        return result.get(timeout=max(1.0, timeout))
 
     def _used(self) -> set[IPv4Address]:
         """Addresses taken: ip-to-id children plus the values of id-to-ip.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -17,7 +18,9 @@ def test_round_trip_and_mode(tmp_path) -> None:
     session.save(tmp_path, s)
     p = session.path_for(tmp_path)
     assert p.stat().st_mode & 0o777 == 0o600
-    assert session.load(tmp_path) == s
+    got = session.load(tmp_path)
+    assert got is not None and got.saved_at >= s.saved_at  # the file's mtime if later
+    assert dataclasses.replace(got, saved_at=s.saved_at) == s
     assert s.fresh()
     assert not s.fresh(time.time() + 11)
     session.clear(tmp_path)
@@ -46,3 +49,15 @@ def test_hostile_content_never_raises(tmp_path_factory, value: object) -> None:
     os.chmod(p, 0o600)
     got = session.load(d)
     assert got is None or isinstance(got, session.SavedSession)
+
+
+def test_touch_keeps_an_old_session_fresh(tmp_path) -> None:
+    """A crash hours after connecting still resumes: the running agent touches the file."""
+    old = time.time() - 3600
+    session.save(tmp_path, session.SavedSession(9, b"\x03" * 16, "h:1", old, 10.0))
+    os.utime(session.path_for(tmp_path), (old, old))
+    assert not session.load(tmp_path).fresh()  # type: ignore[union-attr]
+    session.touch(tmp_path)
+    got = session.load(tmp_path)
+    assert got is not None and got.fresh() and got.session_id == 9
+    session.touch(tmp_path / "missing")  # never raises
