@@ -3,8 +3,8 @@
 # what is missing, so a second run costs a few dpkg queries.
 set -euo pipefail
 
-PKGS=(zookeeper libnetty-java default-jre-headless iptables ipset conntrack iproute2 kmod procps ruby
-      docker-compose gcc make)
+PKGS=(zookeeper libnetty-java default-jre-headless iptables ipset nftables conntrack iproute2 kmod procps
+      ruby docker-compose gcc make)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

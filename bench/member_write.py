@@ -1,0 +1,193 @@
+"""One member's kernel write at a big fleet, per backend: ``python -m bench.member_write``.
+
+Needs root. Creates one fresh network namespace (unique name, removed even on failure), runs
+itself inside it (so no ``ip netns exec`` is timed), and for each backend applies a state of
+N members (default 16,000), then times one member's change (a member moving to another
+address, moving back, one joining, one leaving) through ``backend.apply``. Every command the
+backend runs is timed: commands fed a payload (``nft -f``, ``ipset restore``,
+``iptables-restore``) are the **kernel write**, the rest are reads. Prints one JSON object;
+``--markdown`` adds a table row per backend. Short: a few seconds of one core per backend
+(``make bench`` is the full comparison).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from ipaddress import IPv4Address, IPv4Network
+from typing import Any
+
+from neti.dataplane.system import System
+
+OVERLAY = IPv4Network("192.168.0.0/18")
+FIRST_TARGET = int(IPv4Address("10.64.0.1"))
+MOVED_BASE = int(IPv4Address("10.200.0.1"))
+
+
+def _state(n: int, moved: int = -1, extra: int = 0) -> Any:
+    """N members (plus ``extra`` joiners); member ``moved`` has another address."""
+    from neti.desired import Dnat, build
+
+    allow = []
+    dnat = []
+    for i in range(n + extra):
+        target = IPv4Address((MOVED_BASE if i == moved else FIRST_TARGET) + i)
+        allow.append(target)
+        dnat.append(Dnat(OVERLAY.network_address + 1 + i, target, f"i-{i:05d}"))
+    return build(OVERLAY, allow=allow, dnat=dnat, reject_all=True, open_ports=["8080"])
+
+
+class TimedSystem(System):
+    """A ``System`` in this namespace that times every command it runs."""
+
+    def __init__(self) -> None:
+        super().__init__(None)
+        self.calls: list[tuple[str, bool, float]] = []
+
+    def run(
+        self,
+        argv: Sequence[str],
+        input: str | None = None,
+        check: bool = True,
+        timeout: float = 120.0,
+    ) -> subprocess.CompletedProcess[str]:
+        t0 = time.perf_counter()
+        try:
+            return super().run(argv, input=input, check=check, timeout=timeout)
+        finally:
+            self.calls.append((" ".join(argv[:2]), input is not None, time.perf_counter() - t0))
+
+
+def _one(backend: Any, system: TimedSystem, desired: Any) -> dict[str, Any]:
+    system.calls.clear()
+    t0 = time.perf_counter()
+    result = backend.apply(desired)
+    total = time.perf_counter() - t0
+    writes = [(c, s) for c, fed, s in system.calls if fed]
+    return {
+        "apply_s": total,
+        "write_s": sum(s for _, s in writes),
+        "read_s": sum(s for _, fed, s in system.calls if not fed),
+        "writes": [c for c, _ in writes],
+        "changes": list(result.changes),
+    }
+
+
+def inside(names: list[str], n: int, rounds: int, parent_netns: int) -> dict[str, Any]:
+    """Run in the bench namespace: every backend in turn, each uninstalled afterwards."""
+    if os.stat("/proc/self/ns/net").st_ino == parent_netns:
+        raise SystemExit("bench.member_write: refusing to run in the caller's namespace")
+    from neti import dataplane
+
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    base, moved = _state(n), _state(n, moved=n // 2)
+    joined = _state(n, extra=1)
+    unknown = [x for x in names if x not in dataplane.BACKENDS]
+    if unknown:
+        raise SystemExit(
+            f"bench.member_write: unknown backend(s) {unknown} ({list(dataplane.BACKENDS)})"
+        )
+    out: dict[str, Any] = {}
+    for name in names:
+        system = TimedSystem()
+        backend = dataplane._load(name)(system)
+        full = _one(backend, system, base)
+        samples: dict[str, list[dict[str, Any]]] = {"move": [], "join": [], "leave": []}
+        for _ in range(rounds):
+            samples["move"].append(_one(backend, system, moved))
+            samples["move"].append(_one(backend, system, base))
+            samples["join"].append(_one(backend, system, joined))
+            samples["leave"].append(_one(backend, system, base))
+        backend.uninstall()
+        out[name] = {
+            "label": getattr(backend, "label", name),
+            "full_apply_s": full["apply_s"],
+            "full_write_s": full["write_s"],
+            **{
+                kind: {
+                    key: _summary([x[key] for x in xs]) for key in ("apply_s", "write_s", "read_s")
+                }
+                | {"writes": xs[0]["writes"], "changes": xs[0]["changes"]}
+                for kind, xs in samples.items()
+            },
+        }
+    return out
+
+
+def _summary(xs: list[float]) -> dict[str, float]:
+    return {
+        "median_ms": round(statistics.median(xs) * 1000, 1),
+        "min_ms": round(min(xs) * 1000, 1),
+        "max_ms": round(max(xs) * 1000, 1),
+    }
+
+
+def markdown(n: int, res: dict[str, Any]) -> str:
+    lines = [
+        f"| backend | full apply, {n} | one member's kernel write (move / join / leave) "
+        "| one member's whole apply (move / join / leave) |",
+        "|---|---|---|---|",
+    ]
+    for r in res.values():
+
+        def cell(key: str, r: dict[str, Any] = r) -> str:
+            return " / ".join(
+                f"{r[k][key]['median_ms']:g} ms ({r[k][key]['min_ms']:g}–{r[k][key]['max_ms']:g})"
+                for k in ("move", "join", "leave")
+            )
+
+        lines.append(
+            f"| {r['label']} | {r['full_apply_s']:.2f} s | {cell('write_s')} | {cell('apply_s')} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.member_write", description=__doc__)
+    p.add_argument("--members", type=int, default=16000)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--backends", default="iptables,nftables")
+    p.add_argument("--markdown", action="store_true")
+    p.add_argument("--inside", type=int, help=argparse.SUPPRESS)  # the parent's netns inode
+    args = p.parse_args(argv)
+    if not 1 <= args.members <= OVERLAY.num_addresses - 4:
+        p.error(f"--members must be 1..{OVERLAY.num_addresses - 4}")
+    names = [x for x in args.backends.split(",") if x]
+    if args.inside is not None:
+        print(json.dumps(inside(names, args.members, args.rounds, args.inside)))
+        return 0
+    if os.geteuid() != 0:
+        p.error("needs root (creates a network namespace)")
+    from neti.lab import netns
+    from neti.lab.topology import new_prefix
+
+    ns = new_prefix("bm") + "w"
+    netns.add_ns(ns)
+    try:
+        env = {**os.environ, "NETI_REFUSE_INIT_NETNS": "1"}
+        inner = [sys.executable, "-m", "bench.member_write", "--members", str(args.members)]
+        inner += ["--rounds", str(args.rounds), "--backends", ",".join(names)]
+        inner += ["--inside", str(os.stat("/proc/self/ns/net").st_ino)]
+        proc = subprocess.run(
+            netns.exec_argv(ns, inner), capture_output=True, text=True, env=env, check=False
+        )
+        if proc.returncode != 0:
+            sys.stderr.write(proc.stderr)
+            return proc.returncode
+        res = json.loads(proc.stdout)
+    finally:
+        netns.del_ns(ns)
+    print(json.dumps({"members": args.members, "rounds": args.rounds, "results": res}, indent=2))
+    if args.markdown:
+        print(markdown(args.members, res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
