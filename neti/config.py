@@ -24,6 +24,7 @@ from pydantic import (
     model_validator,
 )
 
+from neti.dataplane.registry import CHOICES as BACKEND_CHOICES
 from neti.errors import ConfigError
 from neti.identity import address_problem
 
@@ -302,7 +303,8 @@ class Config(BaseModel):
     identity: Annotated[StaticIdentity | Ec2Identity, Field(discriminator="source")] = Ec2Identity()
     legacy_networks: dict[Literal[0, 1], Label] = {0: "ec2", 1: "vpc"}
     publish_legacy: bool = False
-    backend: Literal["auto", "iptables"] = "auto"
+    # auto, or a name from the registry of backends (neti/dataplane/registry.py).
+    backend: Literal[BACKEND_CHOICES] = "auto"  # type: ignore[valid-type]
     # accept: Neti's chain ACCEPTs members, open ports and the SSH whitelist (the original's
     # behaviour). return: it RETURNs them to INPUT so the host firewall and fail2ban still
     # judge them; Neti then only ever adds DROPs.

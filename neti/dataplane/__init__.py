@@ -1,26 +1,34 @@
 """Programming the kernel: a small backend interface, backends as modules, auto-selected.
 
-``select(cfg)`` returns the first supported backend (only ``iptables`` today; an nftables
-backend can be added as another module without touching callers). Every backend offers
+``select(cfg)`` returns the backend ``cfg.backend`` names; ``auto`` picks iptables (the rule
+and when it should change: docs/decisions.md, "Choosing a backend"). Every backend offers
 ``plan(desired)``, ``apply(desired)``, ``status()``, ``audit_drops()`` and ``uninstall()``.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from neti.dataplane.base import ApplyResult, Backend, DataplaneStatus, Plan
+from neti.dataplane.registry import AUTO_ORDER, BACKENDS, NEEDS
 from neti.dataplane.system import System
 from neti.errors import DataplaneError
 
 if TYPE_CHECKING:
     from neti.config import Config
+    from neti.dataplane.base import ApplyResult, Backend, DataplaneStatus, Plan
 
-# name -> "module:Class", in order of preference for backend "auto".
-BACKENDS = {
-    "iptables": "neti.dataplane.iptables:IptablesBackend",
-}
+_LAZY = ("ApplyResult", "Backend", "DataplaneStatus", "Plan")
+
+
+def __getattr__(name: str) -> Any:
+    """base's names on first use: neti.config imports neti.dataplane.registry, and base
+    imports neti.desired, which imports neti.config."""
+    if name in _LAZY:
+        from neti.dataplane import base
+
+        return getattr(base, name)
+    raise AttributeError(name)
 
 
 def _load(name: str) -> type[Backend]:
@@ -36,16 +44,26 @@ def select(cfg: Config | None = None, netns: str | None = None) -> Backend:
     """
     system = System(netns)
     wanted = cfg.backend if cfg is not None else "auto"
-    names = list(BACKENDS) if wanted == "auto" else [wanted]
+    if wanted != "auto" and wanted not in BACKENDS:
+        raise DataplaneError(f"unknown dataplane backend {wanted!r} (known: {', '.join(BACKENDS)})")
+    names = list(AUTO_ORDER) if wanted == "auto" else [wanted]
     for name in names:
         cls = _load(name)
         if cls.is_supported(system):
             return cls(system)
     if wanted == "auto":
-        raise DataplaneError(
-            "no dataplane backend is supported here (need iptables-restore and ipset)"
-        )
-    raise DataplaneError(f"backend {wanted!r} is not supported here (need iptables and ipset)")
+        need = "; ".join(f"{n} needs {NEEDS[n]}" for n in AUTO_ORDER)
+        raise DataplaneError(f"no dataplane backend is supported here ({need})")
+    raise DataplaneError(f"backend {wanted!r} is not supported here (need {NEEDS[wanted]})")
 
 
-__all__ = ["ApplyResult", "Backend", "DataplaneStatus", "Plan", "System", "select"]
+__all__ = [
+    "AUTO_ORDER",
+    "BACKENDS",
+    "ApplyResult",
+    "Backend",
+    "DataplaneStatus",
+    "Plan",
+    "System",
+    "select",
+]

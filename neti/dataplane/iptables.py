@@ -440,6 +440,7 @@ class IptablesBackend(Backend):
     def __init__(self, system: System, variant: str | None = None):
         super().__init__(system)
         self.variant = detect(system) if variant is None else variant
+        self._swept = False  # the nftables backend's table was looked for (first apply)
 
     @property
     def label(self) -> str:
@@ -518,6 +519,12 @@ class IptablesBackend(Backend):
                 warnings.append(str(exc))
             if tables_payload:
                 self._restore(tables_payload)
+            if not self._swept:
+                # Switching backends: the nftables backend's table goes once ours is in place.
+                from neti.dataplane import nftables
+
+                changes += nftables.remove_table(self.system)
+                self._swept = True
         changes += plan.changes
         return ApplyResult(
             backend=self.label,
@@ -530,36 +537,9 @@ class IptablesBackend(Backend):
     def uninstall(self) -> ApplyResult:
         start = time.monotonic()
         self.system.guard_writes()
-        changes: list[str] = []
         warnings: list[str] = []
         with self.system.lock():
-            # Both variants: whatever Neti left anywhere is Neti's to remove.
-            for v in available_variants(self.system):
-                tables = self.read_tables(v)
-                payload = ""
-                for table in TABLES:
-                    lines = uninstall_lines(table, tables[table])
-                    if lines:
-                        payload += wrap(table, lines)
-                        changes.append(
-                            f"{tool(v, '')} {table}: removed {OUR_CHAINS[table]}"
-                            + (
-                                " and its sub-chains"
-                                if len(owned_chains(table, tables[table])) > 1
-                                else ""
-                            )
-                            + " and its jumps"
-                        )
-                if payload:
-                    self._restore(payload, v)
-            names = ipset.read(self.system).names
-            script = ipset.render_uninstall(names)
-            if script:
-                proc = self.system.run(["ipset", "restore"], input=script, check=False)
-                if proc.returncode != 0:
-                    warnings.append(f"could not destroy Neti's ipsets: {proc.stderr.strip()}")
-                else:
-                    changes += [f"destroyed set {n}" for n in ipset.OUR_SETS if n in names]
+            changes = remove_objects(self.system, warnings)
             changes += route.remove(self.system)
         return ApplyResult(
             backend=self.label,
@@ -602,3 +582,59 @@ class IptablesBackend(Backend):
             conntrack_hashsize=usage.hashsize,
             route=routes[0] if routes else None,
         )
+
+
+# --------------------------------------------------------------------------- leftovers
+
+
+def leftovers(system: System) -> list[str]:
+    """Neti's iptables chains and ipsets present here, by name (for another backend's plan)."""
+    found: list[str] = []
+    for v in available_variants(system):
+        proc = system.run([tool(v, "save")], check=False)
+        tables = parse_save(proc.stdout)
+        for table in TABLES:
+            state = tables.get(table, TableState())
+            found += [f"{tool(v, '')} {table}/{c}" for c in owned_chains(table, state)]
+    if system.has("ipset"):
+        names = ipset.read(system).names
+        found += [f"ipset {n}" for n in ipset.OUR_SETS if n in names]
+    return found
+
+
+def remove_objects(system: System, warnings: list[str] | None = None) -> list[str]:
+    """Remove Neti's chains (both variants), their jumps and Neti's ipsets; nothing else.
+
+    Used by uninstall and by another backend taking over. Caller holds the lock.
+    """
+    changes: list[str] = []
+    for v in available_variants(system):
+        proc = system.run([tool(v, "save")], check=False)
+        parsed = parse_save(proc.stdout)
+        tables = {t: parsed.get(t, TableState()) for t in TABLES}
+        payload = ""
+        for table in TABLES:
+            lines = uninstall_lines(table, tables[table])
+            if lines:
+                payload += wrap(table, lines)
+                changes.append(
+                    f"{tool(v, '')} {table}: removed {OUR_CHAINS[table]}"
+                    + (" and its sub-chains" if len(owned_chains(table, tables[table])) > 1 else "")
+                    + " and its jumps"
+                )
+        if payload:
+            system.run([tool(v, "restore"), "-w", LOCK_WAIT, "--noflush"], input=payload)
+    if not system.has("ipset"):
+        return changes
+    names = ipset.read(system).names
+    script = ipset.render_uninstall(names)
+    if script:
+        proc = system.run(["ipset", "restore"], input=script, check=False)
+        if proc.returncode != 0:
+            msg = f"could not destroy Neti's ipsets: {proc.stderr.strip()}"
+            if warnings is None:
+                raise DataplaneError(msg)
+            warnings.append(msg)
+        else:
+            changes += [f"destroyed set {n}" for n in ipset.OUR_SETS if n in names]
+    return changes

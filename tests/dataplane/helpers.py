@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from neti import config, dataplane
+from neti.dataplane.base import Backend
 from neti.dataplane.iptables import IptablesBackend
 from neti.desired import DesiredState, compute
 from neti.fleet import Fleet, Member
@@ -103,6 +104,29 @@ def backends(lab: Topology) -> Iterator[Callable[[str], IptablesBackend]]:
         if host not in made:
             b = dataplane.select(None, netns=lab.ns(host))
             assert isinstance(b, IptablesBackend)
+            made[host] = b
+        return made[host]
+
+    yield get
+    for b in made.values():
+        b.uninstall()
+
+
+BACKEND_NAMES = ("iptables", "nftables")
+
+
+@pytest.fixture(params=BACKEND_NAMES)
+def any_backends(
+    lab: Topology, request: pytest.FixtureRequest
+) -> Iterator[Callable[[str], Backend]]:
+    """Like ``backends``, once per backend (the same packet tests for both)."""
+    made: dict[str, Backend] = {}
+    cfg = config.parse({**lab.config("ec2a"), "backend": request.param})
+
+    def get(host: str) -> Backend:
+        if host not in made:
+            b = dataplane.select(cfg, netns=lab.ns(host))
+            assert b.name == request.param
             made[host] = b
         return made[host]
 

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import pytest
 
+from neti.dataplane.base import Backend
 from neti.dataplane.iptables import IptablesBackend, nat_chains
 from neti.lab import Topology
 from tests.dataplane.helpers import OVERLAY, desired_for, with_fillers
@@ -14,14 +15,16 @@ from tests.lab.fixtures import CLOSED, OPEN, SERVICE, SSH
 pytestmark = pytest.mark.root
 
 Backends = Callable[[str], IptablesBackend]
+# Tests taking ``any_backends`` run once per backend (iptables, nftables).
+AnyBackends = Callable[[str], Backend]
 
 
 def test_reject_all_allows_members_drops_and_counts_outsider(
-    lab: Topology, backends: Backends
+    lab: Topology, any_backends: AnyBackends
 ) -> None:
-    b = backends("ec2a")
+    b = any_backends("ec2a")
     result = b.apply(desired_for(lab, "ec2a", reject_all=True))
-    assert result.changed and result.backend == "iptables-nft"
+    assert result.changed and result.backend in ("iptables-nft", "nft")
     ec2a = lab.host("ec2a")
     # Same network: allowed by private IP (the server sees the private source).
     assert lab.probe("ec2b", [(ec2a.private_ip, SERVICE)]) == ["ec2a 10.0.0.11"]
@@ -38,8 +41,8 @@ def test_reject_all_allows_members_drops_and_counts_outsider(
     assert st.audit == drops
 
 
-def test_audit_mode_counts_but_lets_through(lab: Topology, backends: Backends) -> None:
-    b = backends("ec2a")
+def test_audit_mode_counts_but_lets_through(lab: Topology, any_backends: AnyBackends) -> None:
+    b = any_backends("ec2a")
     b.apply(desired_for(lab, "ec2a", reject_all=False))
     ec2a = lab.host("ec2a")
     assert lab.probe("outsider", [(ec2a.public_ip, SERVICE)]) == ["ec2a 192.0.2.10"]
@@ -50,27 +53,29 @@ def test_audit_mode_counts_but_lets_through(lab: Topology, backends: Backends) -
     assert b.status().mode == "audit"
 
 
-def test_overlay_ips_reach_members_in_both_networks(lab: Topology, backends: Backends) -> None:
-    backends("ec2a").apply(desired_for(lab, "ec2a"))
+def test_overlay_ips_reach_members_in_both_networks(
+    lab: Topology, any_backends: AnyBackends
+) -> None:
+    any_backends("ec2a").apply(desired_for(lab, "ec2a"))
     # vpc1 rejects everything but members: ec2a must arrive from its public IP.
-    backends("vpc1").apply(desired_for(lab, "vpc1", reject_all=True))
+    any_backends("vpc1").apply(desired_for(lab, "vpc1", reject_all=True))
     got = lab.probe("ec2a", [(OVERLAY[h], SERVICE) for h in ("ec2a", "ec2b", "vpc1")])
     # ec2a and vpc1 share the private IP 10.0.0.10: the overlay IP still finds vpc1.
     assert got == ["ec2a 10.0.0.10", "ec2b 10.0.0.10", "vpc1 198.51.100.10"]
     # And the other way round, from the VPC into EC2.
-    backends("vpc1").apply(desired_for(lab, "vpc1", reject_all=True))
+    any_backends("vpc1").apply(desired_for(lab, "vpc1", reject_all=True))
     assert lab.probe("vpc1", [(OVERLAY["ec2a"], SERVICE)]) == ["ec2a 203.0.113.10"]
 
 
-def test_nat_overrides(lab: Topology, backends: Backends) -> None:
+def test_nat_overrides(lab: Topology, any_backends: AnyBackends) -> None:
     d = desired_for(lab, "ec2a", nat_overrides={OVERLAY["ec2b"]: "203.0.113.10"})
-    backends("ec2a").apply(d)
+    any_backends("ec2a").apply(d)
     assert lab.reach("ec2a", OVERLAY["ec2b"], SERVICE) == "vpc1"
 
 
-def test_ssh_whitelist_and_open_ports(lab: Topology, backends: Backends) -> None:
+def test_ssh_whitelist_and_open_ports(lab: Topology, any_backends: AnyBackends) -> None:
     d = desired_for(lab, "ec2a", reject_all=True, ssh_whitelist=["192.0.2.0/28"], open_ports=[OPEN])
-    backends("ec2a").apply(d)
+    any_backends("ec2a").apply(d)
     pub = lab.host("ec2a").public_ip
     got = lab.probe("outsider", [(pub, p) for p in (SSH, OPEN, CLOSED, SERVICE)], 0.5)
     assert [g.split()[0] if g else None for g in got] == ["ec2a", "ec2a", None, None]
@@ -79,9 +84,9 @@ def test_ssh_whitelist_and_open_ports(lab: Topology, backends: Backends) -> None
     assert [g.split()[0] if g else None for g in got] == [None, "ec2a"]
 
 
-def test_route_only_when_needed(lab: Topology, backends: Backends) -> None:
+def test_route_only_when_needed(lab: Topology, any_backends: AnyBackends) -> None:
     # Lab hosts have a default route: no Neti route is added.
-    b = backends("ec2a")
+    b = any_backends("ec2a")
     b.apply(desired_for(lab, "ec2a"))
     assert b.status().route is None
 

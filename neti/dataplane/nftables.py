@@ -1,0 +1,402 @@
+"""The nftables backend: Neti's own table ``ip neti``, written with ``nft -f``.
+
+Layout (docs/dataplane.md, "What the kernel holds (nftables backend)"):
+
+* set ``allow`` (members' addresses), set ``audit`` (dynamic, per-element counters: sources
+  reject_all drops or, in audit mode, would drop), map ``overlay`` (overlay IP -> target).
+* chain ``input`` (filter hook input, priority 0): loopback, established, ``@allow``,
+  ssh_whitelist to tcp/22 and open_ports get Neti's allow verdict; the rest is counted in
+  ``@audit`` and dropped (reject_all) or allowed (audit mode).
+* chains ``output`` and, with ``forward``, ``prerouting`` (nat, priority -100):
+  ``ip daddr <overlay_subnet> dnat to ip daddr map @overlay`` - one hash lookup per new
+  connection whatever the fleet's size.
+
+A full apply is ONE ``nft -f`` transaction that deletes and re-creates Neti's table (nothing
+else is named, so other tables are never touched). When only members changed, the
+transaction holds element additions and deletions only. Every rule carries its own text as
+its comment, so ``nft -j list table ip neti`` shows whether the chains are exactly Neti's.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from neti.dataplane import conntrack, route
+from neti.dataplane.base import ApplyResult, Backend, DataplaneStatus, Plan
+from neti.dataplane.system import System
+from neti.desired import DesiredState
+from neti.errors import DataplaneError
+
+log = logging.getLogger(__name__)
+
+FAMILY = "ip"
+TABLE = "neti"
+ALLOW_SET = "allow"
+AUDIT_SET = "audit"
+DNAT_MAP = "overlay"
+AUDIT_SIZE = 65536
+AUDIT_TIMEOUT = "1d"  # like the ipset audit set: a source is forgotten after a quiet day
+NAT_PRIORITY = -100  # dstnat, where iptables' nat PREROUTING/OUTPUT also sit
+FILTER_PRIORITY = 0
+VERDICTS = {"ACCEPT": "accept", "RETURN": "return"}
+# Chain -> (type, hook, priority).
+HOOKS = {
+    "input": ("filter", "input", FILTER_PRIORITY),
+    "output": ("nat", "output", NAT_PRIORITY),
+    "prerouting": ("nat", "prerouting", NAT_PRIORITY),
+}
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def chain_rules(d: DesiredState) -> dict[str, list[str]]:
+    """Neti's chains and their rules, as nft text (also each rule's comment).
+
+    Every value comes from the typed desired state (IPv4Address/IPv4Network/ints), never
+    from a raw registry string.
+    """
+    try:
+        ok = VERDICTS[d.allow_verdict]
+    except KeyError:
+        raise DataplaneError(f"allow_verdict {d.allow_verdict!r} is not ACCEPT or RETURN") from None
+    rules = [
+        f"iif lo {ok}",
+        f"ct state established,related {ok}",
+        f"ip saddr @{ALLOW_SET} {ok}",
+    ]
+    for net in d.ssh_whitelist:
+        src = f"ip saddr {net} " if net.prefixlen else ""
+        rules.append(f"{src}tcp dport 22 {ok}")
+    for p in d.open_ports:
+        if p.proto not in ("tcp", "udp"):
+            raise DataplaneError(f"open port protocol {p.proto!r} is not tcp or udp")
+        ports = str(int(p.first)) if p.first == p.last else f"{int(p.first)}-{int(p.last)}"
+        rules.append(f"{p.proto} dport {ports} {ok}")
+    # Per-source counters of what reject_all drops (or would drop); the set counts packets.
+    rules.append(f"update @{AUDIT_SET} {{ ip saddr }}")
+    rules.append("drop" if d.reject_all else ok)
+    dnat = [f"ip daddr {d.overlay_subnet} dnat to ip daddr map @{DNAT_MAP}"]
+    chains = {"input": rules, "output": dnat}
+    if d.forward:
+        chains["prerouting"] = list(dnat)
+    return chains
+
+
+def allow_elements(d: DesiredState) -> set[str]:
+    return {str(a) for a in d.allow}
+
+
+def dnat_elements(d: DesiredState) -> dict[str, str]:
+    return {str(x.overlay_ip): str(x.target) for x in d.dnat}
+
+
+def _elements(items: list[str]) -> str:
+    return "{ " + ", ".join(items) + " }"
+
+
+def render_table(d: DesiredState) -> str:
+    """The whole of ``table ip neti`` as an ``nft -f`` definition."""
+    allow = sorted(allow_elements(d), key=_ip_key)
+    dnat = sorted(dnat_elements(d).items(), key=lambda kv: _ip_key(kv[0]))
+    out = [f"table {FAMILY} {TABLE} {{"]
+    out.append(f"  set {ALLOW_SET} {{ type ipv4_addr;")
+    if allow:
+        out.append(f"    elements = {_elements(allow)}")
+    out.append("  }")
+    out.append(
+        f"  set {AUDIT_SET} {{ type ipv4_addr; size {AUDIT_SIZE}; flags dynamic,timeout; "
+        f"timeout {AUDIT_TIMEOUT}; counter; }}"
+    )
+    out.append(f"  map {DNAT_MAP} {{ type ipv4_addr : ipv4_addr;")
+    if dnat:
+        out.append(f"    elements = {_elements([f'{k} : {v}' for k, v in dnat])}")
+    out.append("  }")
+    for name, rules in chain_rules(d).items():
+        kind, hook, prio = HOOKS[name]
+        out.append(f"  chain {name} {{")
+        out.append(f"    type {kind} hook {hook} priority {prio}; policy accept;")
+        out += [f'    {r} comment "{r}"' for r in rules]
+        out.append("  }")
+    out.append("}")
+    return "\n".join(out) + "\n"
+
+
+def full_script(d: DesiredState) -> str:
+    """Replace Neti's table in one transaction (creating it first makes the delete safe)."""
+    return f"table {FAMILY} {TABLE} {{}}\ndelete table {FAMILY} {TABLE}\n" + render_table(d)
+
+
+def _ip_key(s: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in s.split("."))
+
+
+# --------------------------------------------------------------------------- kernel state
+
+
+@dataclass
+class TableState:
+    """Neti's table as ``nft -j list table ip neti`` shows it (exists False: no table)."""
+
+    exists: bool = False
+    sets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    allow: set[str] | None = None
+    dnat: dict[str, str] | None = None
+    audit: dict[str, int] = field(default_factory=dict)
+    chains: dict[str, tuple[str, str, int, str]] = field(default_factory=dict)
+    rules: dict[str, list[str | None]] = field(default_factory=dict)  # comments (None: none)
+
+
+def _d(x: Any) -> dict[str, Any]:
+    return x if isinstance(x, dict) else {}
+
+
+def _elem_value(e: Any) -> str:
+    if isinstance(e, dict):
+        return str(_d(e.get("elem")).get("val"))
+    return str(e)
+
+
+def parse_json(text: str) -> TableState:
+    """Parse ``nft -j list table`` output (the ``nftables`` array) into a TableState.
+
+    Items of a shape nft does not print are ignored (and then show up as drift).
+    """
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        raise DataplaneError("nft -j printed something that is not JSON") from None
+    items = _d(doc).get("nftables")
+    st = TableState()
+    for item in items if isinstance(items, list) else []:
+        item = _d(item)
+        if "table" in item:
+            st.exists = True
+        elif "set" in item or "map" in item:
+            s = _d(item.get("set") or item.get("map"))
+            name = s.get("name")
+            elems = s.get("elem") if isinstance(s.get("elem"), list) else []
+            if not isinstance(name, str):
+                continue
+            st.sets[name] = s
+            if name == ALLOW_SET and "set" in item:
+                st.allow = {_elem_value(e) for e in elems}
+            elif name == DNAT_MAP and "map" in item:
+                st.dnat = {
+                    _elem_value(e[0]): str(e[1])
+                    for e in elems
+                    if isinstance(e, list) and len(e) == 2
+                }
+            elif name == AUDIT_SET:
+                for e in elems:
+                    inner = _d(_d(e).get("elem"))
+                    packets = _d(inner.get("counter")).get("packets", 0)
+                    if inner.get("val") is not None and isinstance(packets, int):
+                        st.audit[str(inner["val"])] = packets
+        elif "chain" in item:
+            c = _d(item["chain"])
+            if isinstance(c.get("name"), str):
+                hook = (c.get("type"), c.get("hook"), c.get("prio"), c.get("policy"))
+                st.chains[c["name"]] = hook  # type: ignore[assignment]
+                st.rules.setdefault(c["name"], [])
+        elif "rule" in item:
+            r = _d(item["rule"])
+            comment = r.get("comment")
+            if isinstance(r.get("chain"), str):
+                st.rules.setdefault(r["chain"], []).append(
+                    comment if isinstance(comment, str) else None
+                )
+    return st
+
+
+def structure_matches(st: TableState, d: DesiredState) -> bool:
+    """Chains, hooks and rules (by their comments) and the sets are exactly Neti's."""
+    if not st.exists or st.allow is None or st.dnat is None or AUDIT_SET not in st.sets:
+        return False
+    want = chain_rules(d)
+    if set(st.chains) != set(want):
+        return False
+    for name, rules in want.items():
+        kind, hook, prio = HOOKS[name]
+        if st.chains[name] != (kind, hook, prio, "accept") or st.rules.get(name) != rules:
+            return False
+    return True
+
+
+def remove_table(system: System) -> list[str]:
+    """Delete ``table ip neti`` if present (switching to another backend, uninstall)."""
+    if not system.has("nft"):
+        return []
+    tables = system.run(["nft", "list", "tables", FAMILY], check=False).stdout.split("\n")
+    if f"table {FAMILY} {TABLE}" not in (t.strip() for t in tables):
+        return []
+    system.run(["nft", "-f", "-"], input=f"delete table {FAMILY} {TABLE}\n")
+    return [f"nft: deleted table {FAMILY} {TABLE}"]
+
+
+# --------------------------------------------------------------------------- backend
+
+
+class NftablesBackend(Backend):
+    name = "nftables"
+
+    def __init__(self, system: System):
+        super().__init__(system)
+        self._swept = False  # the iptables backend's objects were looked for (first apply)
+
+    @classmethod
+    def is_supported(cls, system: System) -> bool:
+        return system.has("nft")
+
+    def read_table(self) -> TableState:
+        proc = self.system.run(["nft", "-j", "list", "table", FAMILY, TABLE], check=False)
+        if proc.returncode != 0:
+            if "No such file or directory" in proc.stderr or "does not exist" in proc.stderr:
+                return TableState()
+            msg = proc.stderr.strip().splitlines()
+            raise DataplaneError(f"nft -j list table {FAMILY} {TABLE} failed: {'; '.join(msg[:3])}")
+        return parse_json(proc.stdout)
+
+    def _plan(self, d: DesiredState, with_diff: bool = True) -> Plan:
+        st = self.read_table()
+        allow, dnat = allow_elements(d), dnat_elements(d)
+        old: list[str] = []
+        new: list[str] = []
+        if structure_matches(st, d):
+            assert st.allow is not None and st.dnat is not None
+            add_a = sorted(allow - st.allow, key=_ip_key)
+            del_a = sorted(st.allow - allow, key=_ip_key)
+            del_d = sorted((k for k, v in st.dnat.items() if dnat.get(k) != v), key=_ip_key)
+            add_d = sorted((k for k, v in dnat.items() if st.dnat.get(k) != v), key=_ip_key)
+            lines = []
+            ref = f"{FAMILY} {TABLE}"
+            if del_a:
+                lines.append(f"delete element {ref} {ALLOW_SET} {_elements(del_a)}")
+            if add_a:
+                lines.append(f"add element {ref} {ALLOW_SET} {_elements(add_a)}")
+            if del_d:
+                lines.append(f"delete element {ref} {DNAT_MAP} {_elements(del_d)}")
+            if add_d:
+                items = [f"{k} : {dnat[k]}" for k in add_d]
+                lines.append(f"add element {ref} {DNAT_MAP} {_elements(items)}")
+            changes = []
+            if add_a or del_a:
+                changes.append(f"nft: set {ALLOW_SET}: +{len(add_a)} -{len(del_a)} members")
+            if add_d or del_d:
+                changes.append(f"nft: map {DNAT_MAP}: {len(add_d)} set, {len(del_d)} removed")
+            if with_diff:
+                old = [f"allow {a}" for a in del_a] + [f"dnat {k} {st.dnat[k]}" for k in del_d]
+                new = [f"allow {a}" for a in add_a] + [f"dnat {k} {dnat[k]}" for k in add_d]
+            script = "\n".join(lines) + "\n" if lines else ""
+        else:
+            script = full_script(d)
+            verb = "rewrote" if st.exists else "created"
+            changes = [
+                f"nft: {verb} table {FAMILY} {TABLE} "
+                f"({len(allow)} members, {len(dnat)} DNAT mappings)"
+            ]
+            if with_diff:
+                for name, rules in sorted(st.rules.items()):
+                    old += [f"chain {name}: {r}" for r in rules]
+                for name, want in chain_rules(d).items():
+                    new += [f"chain {name}: {r}" for r in want]
+                old += [f"allow {a}" for a in sorted(st.allow or (), key=_ip_key)]
+                new += [f"allow {a}" for a in sorted(allow, key=_ip_key)]
+                old += [f"dnat {k} {v}" for k, v in sorted((st.dnat or {}).items())]
+                new += [f"dnat {k} {v}" for k, v in sorted(dnat.items())]
+        diff = (
+            list(difflib.unified_diff(old, new, "kernel/neti", "desired/neti", lineterm="", n=1))
+            if with_diff
+            else []
+        )
+        return Plan(
+            backend="nft",
+            payloads={"nft": script} if script else {},
+            diff=tuple(diff),
+            changes=tuple(changes),
+        )
+
+    def _leftovers(self) -> list[str]:
+        """What the iptables backend left here (switching backends removes it)."""
+        from neti.dataplane import iptables
+
+        return iptables.leftovers(self.system)
+
+    def plan(self, desired: DesiredState) -> Plan:
+        plan = self._plan(desired)
+        actions = conntrack.planned(self.system, desired.conntrack_max, desired.conntrack_hashsize)
+        actions += route.plan(self.system, desired.overlay_subnet)
+        actions += [f"remove the iptables backend's {x}" for x in self._leftovers()]
+        return Plan(plan.backend, plan.payloads, plan.diff, plan.changes, tuple(actions))
+
+    def apply(self, desired: DesiredState) -> ApplyResult:
+        start = time.monotonic()
+        self.system.guard_writes()
+        with self.system.lock():
+            changes, warnings = conntrack.ensure(
+                self.system, desired.conntrack_max, desired.conntrack_hashsize
+            )
+            plan = self._plan(desired, with_diff=False)
+            try:
+                changes += route.ensure(self.system, desired.overlay_subnet)
+            except DataplaneError as exc:
+                warnings.append(str(exc))
+            if plan.payloads:
+                self.system.run(["nft", "-f", "-"], input=plan.payloads["nft"])
+            changes += plan.changes
+            if not self._swept:
+                # After Neti's table is in place: the host is never without Neti's rules.
+                from neti.dataplane import iptables
+
+                changes += iptables.remove_objects(self.system)
+                self._swept = True
+        return ApplyResult(
+            backend="nft",
+            changed=bool(changes),
+            changes=tuple(changes),
+            warnings=tuple(warnings),
+            duration=time.monotonic() - start,
+        )
+
+    def uninstall(self) -> ApplyResult:
+        start = time.monotonic()
+        self.system.guard_writes()
+        with self.system.lock():
+            changes = remove_table(self.system)
+            changes += route.remove(self.system)
+        return ApplyResult(
+            backend="nft",
+            changed=bool(changes),
+            changes=tuple(changes),
+            duration=time.monotonic() - start,
+        )
+
+    def audit_drops(self) -> dict[str, int]:
+        return self.read_table().audit
+
+    def status(self) -> DataplaneStatus:
+        st = self.read_table()
+        chains = {f"{TABLE}/{c}": c in st.chains for c in HOOKS}
+        rules = st.rules.get("input")
+        mode = None if not rules else ("reject" if rules[-1] == "drop" else "audit")
+        usage = conntrack.usage(self.system)
+        routes = route.current(self.system)
+        return DataplaneStatus(
+            backend="nft",
+            installed=st.exists and "input" in st.chains and "output" in st.chains,
+            chains=chains,
+            jumps={},  # base chains hook into the kernel directly: there are no jumps
+            allow_set=None if st.allow is None else len(st.allow),
+            dnat_rules=len(st.dnat or {}),
+            mode=mode,
+            audit=st.audit,
+            conntrack_count=usage.count,
+            conntrack_max=usage.max,
+            conntrack_hashsize=usage.hashsize,
+            route=routes[0] if routes else None,
+        )
