@@ -117,7 +117,71 @@ def inside(names: list[str], n: int, rounds: int, parent_netns: int) -> dict[str
                 for kind, xs in samples.items()
             },
         }
+    if "nftables" in names:
+        out["reference"] = reference(n, rounds)
     return out
+
+
+SCRATCH = "neti_bench"  # the reference's own table, never Neti's
+
+
+def reference(n: int, rounds: int) -> dict[str, Any]:
+    """Not Neti: one member's elements in a scratch table of N, via ``nft -f`` and libnftables.
+
+    Shows where the ``nft -f`` write goes: a process per write, and (for deletions) the wait
+    in ``close()`` of nft's netlink socket. libnftables is the library ``nft`` is built on,
+    called through ctypes with one long-lived context; skipped when it cannot be loaded.
+    """
+    targets = [str(IPv4Address(FIRST_TARGET + i)) for i in range(n)]
+    overlays = [str(OVERLAY.network_address + 1 + i) for i in range(n)]
+    setup = f"add table ip {SCRATCH}\nadd set ip {SCRATCH} s {{ type ipv4_addr; }}\n"
+    setup += f"add map ip {SCRATCH} m {{ type ipv4_addr : ipv4_addr; }}\n"
+    setup += f"add element ip {SCRATCH} s {{ {', '.join(targets)} }}\n"
+    pairs = ", ".join(f"{o} : {t}" for o, t in zip(overlays, targets, strict=True))
+    setup += f"add element ip {SCRATCH} m {{ {pairs} }}\n"
+    subprocess.run(["nft", "-f", "-"], input=setup, text=True, check=True)
+    new = f"{OVERLAY.network_address + n + 1}"
+    add = f"add element ip {SCRATCH} s {{ 10.250.0.1 }}\n"
+    add += f"add element ip {SCRATCH} m {{ {new} : 10.250.0.1 }}\n"
+    delete = f"delete element ip {SCRATCH} s {{ 10.250.0.1 }}\n"
+    delete += f"delete element ip {SCRATCH} m {{ {new} }}\n"
+
+    def cli(payload: str) -> None:
+        subprocess.run(["nft", "-f", "-"], input=payload, text=True, check=True)
+
+    out: dict[str, Any] = {}
+    try:
+        for label, fn in [("nft -f", cli), *_libnftables()]:
+            adds, dels = [], []
+            for _ in range(rounds * 2):
+                t0 = time.perf_counter()
+                fn(add)
+                t1 = time.perf_counter()
+                fn(delete)
+                adds.append(t1 - t0)
+                dels.append(time.perf_counter() - t1)
+            out[label] = {"join": _summary(adds), "leave": _summary(dels)}
+    finally:
+        subprocess.run(["nft", "delete", "table", "ip", SCRATCH], check=False)
+    return out
+
+
+def _libnftables() -> list[tuple[str, Any]]:
+    import ctypes
+
+    try:
+        lib = ctypes.CDLL("libnftables.so.1")
+    except OSError:
+        return []
+    lib.nft_ctx_new.restype = ctypes.c_void_p
+    lib.nft_run_cmd_from_buffer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    ctx = lib.nft_ctx_new(0)
+
+    def run(payload: str) -> None:
+        if lib.nft_run_cmd_from_buffer(ctx, payload.encode()) != 0:
+            raise RuntimeError(f"libnftables refused: {payload!r}")
+
+    return [("libnftables, one context", run)]
 
 
 def _summary(xs: list[float]) -> dict[str, float]:
@@ -134,7 +198,9 @@ def markdown(n: int, res: dict[str, Any]) -> str:
         "| one member's whole apply (move / join / leave) |",
         "|---|---|---|---|",
     ]
-    for r in res.values():
+    for name, r in res.items():
+        if name == "reference":
+            continue
 
         def cell(key: str, r: dict[str, Any] = r) -> str:
             return " / ".join(
@@ -144,6 +210,13 @@ def markdown(n: int, res: dict[str, Any]) -> str:
 
         lines.append(
             f"| {r['label']} | {r['full_apply_s']:.2f} s | {cell('write_s')} | {cell('apply_s')} |"
+        )
+    for label, r in res.get("reference", {}).items():
+        join, leave = r["join"], r["leave"]
+        lines.append(
+            f"| reference, not Neti: {label}, 2 elements | | "
+            f"join {join['median_ms']:g} ms ({join['min_ms']:g}–{join['max_ms']:g}) / "
+            f"leave {leave['median_ms']:g} ms ({leave['min_ms']:g}–{leave['max_ms']:g}) | |"
         )
     return "\n".join(lines)
 
