@@ -10,15 +10,15 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from neti.dataplane.registry import AUTO_ORDER, BACKENDS, NEEDS
+from neti.dataplane.registry import AUTO_ORDER, BACKENDS
 from neti.dataplane.system import System
 from neti.errors import DataplaneError
 
 if TYPE_CHECKING:
     from neti.config import Config
-    from neti.dataplane.base import ApplyResult, Backend, DataplaneStatus, Plan
+    from neti.dataplane.base import ApplyResult, Backend, DataplaneStatus, Feature, Plan
 
-_LAZY = ("ApplyResult", "Backend", "DataplaneStatus", "Plan")
+_LAZY = ("ApplyResult", "Backend", "DataplaneStatus", "Feature", "Plan")
 
 
 def __getattr__(name: str) -> Any:
@@ -47,14 +47,18 @@ def select(cfg: Config | None = None, netns: str | None = None) -> Backend:
     if wanted != "auto" and wanted not in BACKENDS:
         raise DataplaneError(f"unknown dataplane backend {wanted!r} (known: {', '.join(BACKENDS)})")
     names = list(AUTO_ORDER) if wanted == "auto" else [wanted]
+    missing: dict[str, list[str]] = {}
     for name in names:
         cls = _load(name)
         if cls.is_supported(system):
             return cls(system)
+        missing[name] = cls.missing_tools(system)
     if wanted == "auto":
-        need = "; ".join(f"{n} needs {NEEDS[n]}" for n in AUTO_ORDER)
+        need = "; ".join(f"{n} needs {', '.join(m)}" for n, m in missing.items())
         raise DataplaneError(f"no dataplane backend is supported here ({need})")
-    raise DataplaneError(f"backend {wanted!r} is not supported here (need {NEEDS[wanted]})")
+    raise DataplaneError(
+        f"backend {wanted!r} is not supported here (missing {', '.join(missing[wanted])})"
+    )
 
 
 __all__ = [
@@ -63,6 +67,7 @@ __all__ = [
     "ApplyResult",
     "Backend",
     "DataplaneStatus",
+    "Feature",
     "Plan",
     "System",
     "select",

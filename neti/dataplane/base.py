@@ -1,22 +1,50 @@
-"""The backend interface and its result types (kept small so nftables can slot in later)."""
+"""The backend contract: what every backend does, in what order, and what it reports.
+
+``Backend`` owns the order of an apply (conntrack -> allowlist -> route -> rules, then the
+other backends' leftovers) as a template; a backend fills in how it reads the kernel, what it
+writes at each step and how it removes its own objects. ``DataplaneStatus`` speaks of
+allowlists, DNAT mappings, objects and hooks, never of one backend's chains or sets, so
+``neti status`` reads every backend the same way. Each backend declares its name, the tools
+it runs (``is_supported`` checks them, errors name them) and its features, so callers ask
+``backend.has(feature)`` instead of probing attributes.
+"""
 
 from __future__ import annotations
 
 import abc
-from dataclasses import asdict, dataclass, field
+import importlib
+import time
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, ClassVar
 
+from neti.dataplane import conntrack, route
 from neti.dataplane.system import System
 from neti.desired import DesiredState
+from neti.errors import DataplaneError
+
+
+class Feature:
+    """Features a backend may declare (``Backend.features``); docs/dataplane.md explains each."""
+
+    ATOMIC_APPLY = "atomic-apply"  # allowlist and rules change in one kernel transaction
+    ELEMENT_UPDATES = "element-updates"  # one member's change writes only its own entries
+    DNAT_MAP = "dnat-map"  # DNAT is one hash lookup per new connection, whatever the fleet
+    # allow_verdict accept lets members past the host's own iptables INPUT rules (an
+    # nftables base chain's accept cannot: docs/dataplane.md, "How verdicts combine").
+    ACCEPT_OVERRIDES_HOST = "accept-overrides-host"
+    AUDIT_COUNTERS = "audit-counters"  # per-source packet counters of what reject_all drops
+    ALL = frozenset(
+        {ATOMIC_APPLY, ELEMENT_UPDATES, DNAT_MAP, ACCEPT_OVERRIDES_HOST, AUDIT_COUNTERS}
+    )
 
 
 @dataclass(frozen=True)
 class Plan:
     """What ``apply`` would do: the exact payloads and a diff against the kernel.
 
-    ``payloads`` maps a name (``ipset``, ``filter``, ``nat``) to the exact text that would be
-    fed to ``ipset restore`` / ``iptables-restore``; unchanged parts are absent. ``actions``
-    lists the other effects (route, conntrack sysctls) as plain sentences.
+    ``payloads`` maps a name (``ipset``, ``filter``, ``nat``; ``nft``) to the exact text that
+    would be fed to that backend's tool; unchanged parts are absent. ``actions`` lists the
+    other effects (route, conntrack sysctls, another backend's leftovers) as sentences.
     """
 
     backend: str
@@ -60,62 +88,210 @@ class ApplyResult:
 
 @dataclass(frozen=True)
 class DataplaneStatus:
-    """Kernel truth, read back rather than remembered.
+    """Kernel truth, read back rather than remembered, in terms every backend shares.
 
-    ``chains``: ``"table/CHAIN" -> present``; ``jumps``: ``"table/BUILTIN" -> number of jump
-    rules into Neti's chain`` (more than one means someone duplicated them); ``dnat_rules``
-    counts DNAT rules across Neti's whole nat tree, ``dnat_chains`` the chains below
-    ``NETI-DNAT`` (0 while the fleet is small enough for one flat chain); ``mode`` is
-    ``reject`` / ``audit`` from the installed filter chain, None when not installed.
+    ``objects``: Neti's kernel objects this backend always needs, by name -> present (an
+    optional one, such as the forward hook, is only listed while present). ``hooks``: kernel
+    hook -> how many entry points into Neti's objects it has (jump rules or base chains;
+    more than one means someone copied them). ``drift``: what is visibly wrong without
+    knowing the desired state (a missing object, a duplicated or missing hook); comparing
+    with the desired state is ``plan``'s job. ``mode``: ``reject`` / ``audit``, None when
+    not installed. ``details``: backend-specific facts (the iptables variant, DNAT sub-chains).
     """
 
     backend: str
     installed: bool
-    chains: dict[str, bool]
-    jumps: dict[str, int]
-    allow_set: int | None
-    dnat_rules: int
     mode: str | None
+    allow_size: int | None
+    dnat_mappings: int
+    objects: dict[str, bool]
+    hooks: dict[str, int] = field(default_factory=dict)
+    drift: tuple[str, ...] = ()
     audit: dict[str, int] = field(default_factory=dict)
-    dnat_chains: int = 0
     conntrack_count: int | None = None
     conntrack_max: int | None = None
     conntrack_hashsize: int | None = None
     route: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d["drift"] = list(self.drift)
+        return d
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One read of the kernel turned into what to write: the plan and the two payloads.
+
+    ``allowlist`` is written before the route and ``rules`` after it; a backend that writes
+    both in one transaction (feature ``atomic-apply``) leaves ``allowlist`` empty.
+    """
+
+    plan: Plan
+    allowlist: str = ""
+    rules: str = ""
 
 
 class Backend(abc.ABC):
     """One way of programming the kernel. Subclasses live in their own module."""
 
     name: ClassVar[str]
+    tools: ClassVar[tuple[str, ...]]  # programs it runs: is_supported checks, errors name them
+    features: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, system: System):
         self.system = system
+        self._swept = False  # other backends' leftovers were looked for (first apply)
+
+    @property
+    def label(self) -> str:
+        """The name results and status report (a backend may add its variant)."""
+        return self.name
+
+    # --- what it is ---
+    @classmethod
+    def missing_tools(cls, system: System) -> list[str]:
+        return [t for t in cls.tools if not system.has(t)]
 
     @classmethod
-    @abc.abstractmethod
     def is_supported(cls, system: System) -> bool:
         """True when this backend's tools exist on this machine."""
+        return not cls.missing_tools(system)
+
+    @classmethod
+    def needs(cls) -> str:
+        """The tools, as an error message names them."""
+        return ", ".join(cls.tools)
+
+    def has(self, feature: str) -> bool:
+        if feature not in Feature.ALL:
+            raise ValueError(f"unknown dataplane feature {feature!r}")
+        return feature in self.features
+
+    # --- what a backend fills in ---
+    @abc.abstractmethod
+    def _prepare(self, desired: DesiredState, with_diff: bool) -> Prepared:
+        """Read the kernel once; return the plan and the payloads; change nothing."""
 
     @abc.abstractmethod
-    def plan(self, desired: DesiredState) -> Plan:
-        """Read the kernel, return what apply would write; change nothing."""
+    def _write_allowlist(self, payload: str) -> None:
+        """Write the allowlist payload of ``_prepare`` (the sets a rule may name)."""
 
     @abc.abstractmethod
-    def apply(self, desired: DesiredState) -> ApplyResult:
-        """Make the kernel equal ``desired``; write only what differs."""
+    def _write_rules(self, payload: str) -> None:
+        """Write the rules payload of ``_prepare``."""
 
     @abc.abstractmethod
-    def status(self) -> DataplaneStatus:
-        """What the kernel holds now."""
+    def leftovers(self) -> list[str]:
+        """This backend's objects present in the kernel, by name (empty: none)."""
+
+    @abc.abstractmethod
+    def _remove_objects(self) -> tuple[list[str], list[str]]:
+        """Remove this backend's objects (not the route); returns (changes, warnings)."""
+
+    @abc.abstractmethod
+    def _kernel_status(self) -> DataplaneStatus:
+        """Status of this backend's objects (conntrack and route are filled in by status)."""
 
     @abc.abstractmethod
     def audit_drops(self) -> dict[str, int]:
         """Packets per source address that reject_all drops (or would drop in audit mode)."""
 
-    @abc.abstractmethod
+    # --- the template ---
+    def plan(self, desired: DesiredState) -> Plan:
+        """Read the kernel, return what apply would write; change nothing."""
+        plan = self._prepare(desired, with_diff=True).plan
+        actions = conntrack.planned(self.system, desired.conntrack_max, desired.conntrack_hashsize)
+        actions += route.plan(self.system, desired.overlay_subnet)
+        for other in self._others():
+            actions += [f"remove the {other.name} backend's {x}" for x in other.leftovers()]
+        return replace(plan, actions=tuple(actions))
+
+    def apply(self, desired: DesiredState) -> ApplyResult:
+        """Make the kernel equal ``desired``; write only what differs.
+
+        Order: conntrack first (the rules' ctstate and DNAT switch it on); the allowlist
+        before the rules (a rule may only name a set that exists, and a new reject_all must
+        never meet an allowlist that is not filled yet); the route (a failure is a warning:
+        the firewall matters more than reachability); the rules; then, once per backend
+        object, another backend's leftovers, after Neti's own rules are in place so the
+        host is never without them.
+        """
+        start = time.monotonic()
+        self.system.guard_writes()
+        with self.system.lock():
+            changes, warnings = conntrack.ensure(
+                self.system, desired.conntrack_max, desired.conntrack_hashsize
+            )
+            prepared = self._prepare(desired, with_diff=False)
+            if prepared.allowlist:
+                self._write_allowlist(prepared.allowlist)
+            try:
+                changes += route.ensure(self.system, desired.overlay_subnet)
+            except DataplaneError as exc:
+                warnings.append(str(exc))
+            if prepared.rules:
+                self._write_rules(prepared.rules)
+            changes += prepared.plan.changes
+            if not self._swept:
+                for other in self._others():
+                    if other.leftovers():
+                        done, warned = other._remove_objects()
+                        changes += done
+                        warnings += warned
+                self._swept = True
+        return ApplyResult(
+            backend=self.label,
+            changed=bool(changes),
+            changes=tuple(changes),
+            warnings=tuple(warnings),
+            duration=time.monotonic() - start,
+        )
+
     def uninstall(self) -> ApplyResult:
-        """Remove everything Neti owns and nothing else; idempotent."""
+        """Remove everything Neti owns (also another backend's leftovers) and nothing else."""
+        start = time.monotonic()
+        self.system.guard_writes()
+        with self.system.lock():
+            changes, warnings = self._remove_objects()
+            for other in self._others():
+                if other.leftovers():
+                    done, warned = other._remove_objects()
+                    changes += done
+                    warnings += warned
+            changes += route.remove(self.system)
+        return ApplyResult(
+            backend=self.label,
+            changed=bool(changes),
+            changes=tuple(changes),
+            warnings=tuple(warnings),
+            duration=time.monotonic() - start,
+        )
+
+    def status(self) -> DataplaneStatus:
+        """What the kernel holds now."""
+        st = self._kernel_status()
+        usage = conntrack.usage(self.system)
+        routes = route.current(self.system)
+        return replace(
+            st,
+            conntrack_count=usage.count,
+            conntrack_max=usage.max,
+            conntrack_hashsize=usage.hashsize,
+            route=routes[0] if routes else None,
+        )
+
+    def _others(self) -> list[Backend]:
+        """The other registered backends whose tools exist here, bound to our system."""
+        from neti.dataplane.registry import BACKENDS
+
+        out = []
+        for name, where in BACKENDS.items():
+            if name == self.name:
+                continue
+            module, cls_name = where.split(":")
+            cls: type[Backend] = getattr(importlib.import_module(module), cls_name)
+            if cls.is_supported(self.system):
+                out.append(cls(self.system))
+        return out

@@ -26,13 +26,18 @@ import difflib
 import logging
 import re
 import socket
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 
-from neti.dataplane import conntrack, ipset, route
-from neti.dataplane.base import ApplyResult, Backend, DataplaneStatus, Plan
+from neti.dataplane import ipset
+from neti.dataplane.base import (
+    Backend,
+    DataplaneStatus,
+    Feature,
+    Plan,
+    Prepared,
+)
 from neti.dataplane.system import System
 from neti.desired import DesiredState, Dnat
 from neti.errors import DataplaneError
@@ -435,20 +440,25 @@ def uninstall_lines(table: str, state: TableState) -> list[str]:
 
 
 class IptablesBackend(Backend):
+    """Neti's chains via iptables-restore (nft or legacy variant) and its ipsets."""
+
     name = "iptables"
+    tools = ("iptables-restore", "iptables-save", "ipset")
+    features = frozenset({Feature.ACCEPT_OVERRIDES_HOST, Feature.AUDIT_COUNTERS})
 
     def __init__(self, system: System, variant: str | None = None):
         super().__init__(system)
         self.variant = detect(system) if variant is None else variant
-        self._swept = False  # the nftables backend's table was looked for (first apply)
 
     @property
     def label(self) -> str:
         return tool(self.variant, "")
 
     @classmethod
-    def is_supported(cls, system: System) -> bool:
-        return bool(available_variants(system)) and system.has("ipset")
+    def missing_tools(cls, system: System) -> list[str]:
+        # Either variant's restore/save pair will do (iptables-nft-restore, ...-legacy-...).
+        missing = [] if available_variants(system) else ["iptables-restore", "iptables-save"]
+        return missing + ([] if system.has("ipset") else ["ipset"])
 
     # --- reading ---
     def read_tables(self, variant: str | None = None) -> dict[str, TableState]:
@@ -462,7 +472,7 @@ class IptablesBackend(Backend):
         tables = parse_save(proc.stdout)
         return {t: tables.get(t, TableState()) for t in TABLES}
 
-    def _plan(self, desired: DesiredState, with_diff: bool = True) -> tuple[Plan, str, str]:
+    def _prepare(self, desired: DesiredState, with_diff: bool) -> Prepared:
         tables = self.read_tables()
         sets = ipset.read(self.system)
         allow = tuple(map(str, desired.allow))  # once: formatting 16k addresses takes a while
@@ -486,101 +496,64 @@ class IptablesBackend(Backend):
             diff=tuple(diff),
             changes=tuple(set_changes + np_.changes + fp.changes),
         )
-        return plan, set_script, nat_payload + filter_payload
-
-    def plan(self, desired: DesiredState) -> Plan:
-        plan, _, _ = self._plan(desired)
-        actions = conntrack.planned(self.system, desired.conntrack_max, desired.conntrack_hashsize)
-        actions += route.plan(self.system, desired.overlay_subnet)
-        return Plan(plan.backend, plan.payloads, plan.diff, plan.changes, tuple(actions))
+        return Prepared(plan, allowlist=set_script, rules=nat_payload + filter_payload)
 
     # --- writing ---
     def _restore(self, payload: str, variant: str | None = None) -> None:
         v = self.variant if variant is None else variant
         self.system.run([tool(v, "restore"), "-w", LOCK_WAIT, "--noflush"], input=payload)
 
-    def apply(self, desired: DesiredState) -> ApplyResult:
-        start = time.monotonic()
-        self.system.guard_writes()
-        with self.system.lock():
-            # Conntrack first: the rules below (ctstate, DNAT) switch connection tracking on.
-            changes, warnings = conntrack.ensure(
-                self.system, desired.conntrack_max, desired.conntrack_hashsize
-            )
-            plan, set_script, tables_payload = self._plan(desired, with_diff=False)
-            # Sets before rules: a rule may only name a set that exists, and a new
-            # reject_all must never meet an allowlist that is not filled yet.
-            if set_script:
-                self.system.run(["ipset", "restore"], input=set_script)
-            try:
-                changes += route.ensure(self.system, desired.overlay_subnet)
-            except DataplaneError as exc:
-                # The firewall matters more than reachability: keep going, say why.
-                warnings.append(str(exc))
-            if tables_payload:
-                self._restore(tables_payload)
-            if not self._swept:
-                # Switching backends: the nftables backend's table goes once ours is in place.
-                from neti.dataplane import nftables
+    def _write_allowlist(self, payload: str) -> None:
+        self.system.run(["ipset", "restore"], input=payload)
 
-                changes += nftables.remove_table(self.system)
-                self._swept = True
-        changes += plan.changes
-        return ApplyResult(
-            backend=self.label,
-            changed=bool(changes),
-            changes=tuple(changes),
-            warnings=tuple(warnings),
-            duration=time.monotonic() - start,
-        )
+    def _write_rules(self, payload: str) -> None:
+        self._restore(payload)
 
-    def uninstall(self) -> ApplyResult:
-        start = time.monotonic()
-        self.system.guard_writes()
+    def leftovers(self) -> list[str]:
+        return leftovers(self.system)
+
+    def _remove_objects(self) -> tuple[list[str], list[str]]:
         warnings: list[str] = []
-        with self.system.lock():
-            changes = remove_objects(self.system, warnings)
-            changes += route.remove(self.system)
-        return ApplyResult(
-            backend=self.label,
-            changed=bool(changes),
-            changes=tuple(changes),
-            warnings=tuple(warnings),
-            duration=time.monotonic() - start,
-        )
+        changes = remove_objects(self.system, warnings)
+        return changes, warnings
 
     # --- status ---
     def audit_drops(self) -> dict[str, int]:
         return ipset.read_audit(self.system)
 
-    def status(self) -> DataplaneStatus:
+    def _kernel_status(self) -> DataplaneStatus:
         tables = self.read_tables()
         sets = ipset.read(self.system, with_audit=True)
-        chains = {f"{t}/{c}": tables[t].has(c) for t, c in OUR_CHAINS.items()}
-        jumps = {
+        objects = {f"{t}/{c}": tables[t].has(c) for t, c in OUR_CHAINS.items()}
+        objects |= {f"ipset {n}": n in sets.names for n in (ipset.ALLOW_SET, ipset.AUDIT_SET)}
+        hooks = {
             f"{t}/{b}": len(tables[t].jumps(b, OUR_CHAINS[t])) for t in TABLES for b in HOOKS[t]
         }
-        filt = tables["filter"].rules.get(FILTER_CHAIN) if chains["filter/NETI-INPUT"] else None
+        drift = [f"missing {name}" for name, present in objects.items() if not present]
+        drift += [f"{n} jumps in {h} (one expected)" for h, n in hooks.items() if n > 1]
+        if all(objects.values()):
+            drift += [f"no jump in {h}" for h in ("filter/INPUT", "nat/OUTPUT") if not hooks[h]]
+        filt = tables["filter"].rules.get(FILTER_CHAIN) if objects["filter/NETI-INPUT"] else None
         mode = None if filt is None else ("reject" if filt and filt[-1] == "-j DROP" else "audit")
         nat = tables["nat"]
         tree = owned_chains("nat", nat)
         dnat = sum(1 for c in tree for r in nat.rules.get(c, []) if " -j DNAT " in f" {r} ")
-        usage = conntrack.usage(self.system)
-        routes = route.current(self.system)
         return DataplaneStatus(
             backend=self.label,
-            installed=all(chains.values()) and ipset.ALLOW_SET in sets.names,
-            chains=chains,
-            jumps=jumps,
-            allow_set=None if sets.allow is None else len(sets.allow),
-            dnat_rules=dnat,
-            dnat_chains=len([c for c in tree if c != NAT_CHAIN]),
+            installed=objects["filter/NETI-INPUT"]
+            and objects["nat/NETI-DNAT"]
+            and objects[f"ipset {ipset.ALLOW_SET}"],
             mode=mode,
+            allow_size=None if sets.allow is None else len(sets.allow),
+            dnat_mappings=dnat,
+            objects=objects,
+            hooks=hooks,
+            drift=tuple(drift),
             audit=sets.audit,
-            conntrack_count=usage.count,
-            conntrack_max=usage.max,
-            conntrack_hashsize=usage.hashsize,
-            route=routes[0] if routes else None,
+            details={
+                "variant": self.variant,
+                "dnat_chains": len([c for c in tree if c != NAT_CHAIN]),
+            },
         )
 
 

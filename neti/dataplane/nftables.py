@@ -22,12 +22,16 @@ from __future__ import annotations
 import difflib
 import json
 import logging
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from neti.dataplane import conntrack, route
-from neti.dataplane.base import ApplyResult, Backend, DataplaneStatus, Plan
+from neti.dataplane.base import (
+    Backend,
+    DataplaneStatus,
+    Feature,
+    Plan,
+    Prepared,
+)
 from neti.dataplane.system import System
 from neti.desired import DesiredState
 from neti.errors import DataplaneError
@@ -228,12 +232,16 @@ def structure_matches(st: TableState, d: DesiredState) -> bool:
     return True
 
 
+def table_exists(system: System) -> bool:
+    if not system.has("nft"):
+        return False
+    tables = system.run(["nft", "list", "tables", FAMILY], check=False).stdout.split("\n")
+    return f"table {FAMILY} {TABLE}" in (t.strip() for t in tables)
+
+
 def remove_table(system: System) -> list[str]:
     """Delete ``table ip neti`` if present (switching to another backend, uninstall)."""
-    if not system.has("nft"):
-        return []
-    tables = system.run(["nft", "list", "tables", FAMILY], check=False).stdout.split("\n")
-    if f"table {FAMILY} {TABLE}" not in (t.strip() for t in tables):
+    if not table_exists(system):
         return []
     system.run(["nft", "-f", "-"], input=f"delete table {FAMILY} {TABLE}\n")
     return [f"nft: deleted table {FAMILY} {TABLE}"]
@@ -243,15 +251,13 @@ def remove_table(system: System) -> list[str]:
 
 
 class NftablesBackend(Backend):
+    """Neti's own table ``ip neti``, written with ``nft -f``, read back with ``nft -j``."""
+
     name = "nftables"
-
-    def __init__(self, system: System):
-        super().__init__(system)
-        self._swept = False  # the iptables backend's objects were looked for (first apply)
-
-    @classmethod
-    def is_supported(cls, system: System) -> bool:
-        return system.has("nft")
+    tools = ("nft",)
+    features = frozenset(
+        {Feature.ATOMIC_APPLY, Feature.ELEMENT_UPDATES, Feature.DNAT_MAP, Feature.AUDIT_COUNTERS}
+    )
 
     def read_table(self) -> TableState:
         proc = self.system.run(["nft", "-j", "list", "table", FAMILY, TABLE], check=False)
@@ -262,7 +268,7 @@ class NftablesBackend(Backend):
             raise DataplaneError(f"nft -j list table {FAMILY} {TABLE} failed: {'; '.join(msg[:3])}")
         return parse_json(proc.stdout)
 
-    def _plan(self, d: DesiredState, with_diff: bool = True) -> Plan:
+    def _prepare(self, d: DesiredState, with_diff: bool) -> Prepared:
         st = self.read_table()
         allow, dnat = allow_elements(d), dnat_elements(d)
         old: list[str] = []
@@ -314,89 +320,60 @@ class NftablesBackend(Backend):
             if with_diff
             else []
         )
-        return Plan(
-            backend="nft",
+        plan = Plan(
+            backend=self.label,
             payloads={"nft": script} if script else {},
             diff=tuple(diff),
             changes=tuple(changes),
         )
+        # Allowlist and rules are one transaction: everything is written at the rules step.
+        return Prepared(plan, rules=script)
 
-    def _leftovers(self) -> list[str]:
-        """What the iptables backend left here (switching backends removes it)."""
-        from neti.dataplane import iptables
+    def _write_allowlist(self, payload: str) -> None:
+        raise AssertionError("the nftables backend writes its allowlist with the rules")
 
-        return iptables.leftovers(self.system)
+    def _write_rules(self, payload: str) -> None:
+        self.system.run(["nft", "-f", "-"], input=payload)
 
-    def plan(self, desired: DesiredState) -> Plan:
-        plan = self._plan(desired)
-        actions = conntrack.planned(self.system, desired.conntrack_max, desired.conntrack_hashsize)
-        actions += route.plan(self.system, desired.overlay_subnet)
-        actions += [f"remove the iptables backend's {x}" for x in self._leftovers()]
-        return Plan(plan.backend, plan.payloads, plan.diff, plan.changes, tuple(actions))
+    def leftovers(self) -> list[str]:
+        return [f"table {FAMILY} {TABLE}"] if table_exists(self.system) else []
 
-    def apply(self, desired: DesiredState) -> ApplyResult:
-        start = time.monotonic()
-        self.system.guard_writes()
-        with self.system.lock():
-            changes, warnings = conntrack.ensure(
-                self.system, desired.conntrack_max, desired.conntrack_hashsize
-            )
-            plan = self._plan(desired, with_diff=False)
-            try:
-                changes += route.ensure(self.system, desired.overlay_subnet)
-            except DataplaneError as exc:
-                warnings.append(str(exc))
-            if plan.payloads:
-                self.system.run(["nft", "-f", "-"], input=plan.payloads["nft"])
-            changes += plan.changes
-            if not self._swept:
-                # After Neti's table is in place: the host is never without Neti's rules.
-                from neti.dataplane import iptables
-
-                changes += iptables.remove_objects(self.system)
-                self._swept = True
-        return ApplyResult(
-            backend="nft",
-            changed=bool(changes),
-            changes=tuple(changes),
-            warnings=tuple(warnings),
-            duration=time.monotonic() - start,
-        )
-
-    def uninstall(self) -> ApplyResult:
-        start = time.monotonic()
-        self.system.guard_writes()
-        with self.system.lock():
-            changes = remove_table(self.system)
-            changes += route.remove(self.system)
-        return ApplyResult(
-            backend="nft",
-            changed=bool(changes),
-            changes=tuple(changes),
-            duration=time.monotonic() - start,
-        )
+    def _remove_objects(self) -> tuple[list[str], list[str]]:
+        return remove_table(self.system), []
 
     def audit_drops(self) -> dict[str, int]:
         return self.read_table().audit
 
-    def status(self) -> DataplaneStatus:
+    def _kernel_status(self) -> DataplaneStatus:
         st = self.read_table()
-        chains = {f"{TABLE}/{c}": c in st.chains for c in HOOKS}
+        objects = {f"table {FAMILY} {TABLE}": st.exists}
+        objects |= {f"set {n}": n in st.sets for n in (ALLOW_SET, AUDIT_SET)}
+        objects[f"map {DNAT_MAP}"] = DNAT_MAP in st.sets
+        # The forward hook is optional: listed only while present, so never "missing".
+        wanted = [c for c in HOOKS if c != "prerouting" or c in st.chains]
+        objects |= {f"chain {c}": c in st.chains for c in wanted}
+        hooks = {HOOKS[c][1]: 0 for c in HOOKS}
+        for _kind, hook, _prio, _policy in st.chains.values():
+            if hook in hooks:
+                hooks[hook] += 1
+        drift = [f"missing {name}" for name, present in objects.items() if not present]
+        for c, (kind, hook, prio, policy) in st.chains.items():
+            want = HOOKS.get(c)
+            if want is None:
+                drift.append(f"chain {c} is not Neti's")
+            elif (kind, hook, prio, policy) != (*want, "accept"):
+                drift.append(f"chain {c} is hooked as {kind}/{hook}/{prio}/{policy}")
         rules = st.rules.get("input")
         mode = None if not rules else ("reject" if rules[-1] == "drop" else "audit")
-        usage = conntrack.usage(self.system)
-        routes = route.current(self.system)
         return DataplaneStatus(
-            backend="nft",
+            backend=self.label,
             installed=st.exists and "input" in st.chains and "output" in st.chains,
-            chains=chains,
-            jumps={},  # base chains hook into the kernel directly: there are no jumps
-            allow_set=None if st.allow is None else len(st.allow),
-            dnat_rules=len(st.dnat or {}),
             mode=mode,
+            allow_size=None if st.allow is None else len(st.allow),
+            dnat_mappings=len(st.dnat or {}),
+            objects=objects,
+            hooks=hooks,
+            drift=tuple(drift),
             audit=st.audit,
-            conntrack_count=usage.count,
-            conntrack_max=usage.max,
-            conntrack_hashsize=usage.hashsize,
-            route=routes[0] if routes else None,
+            details={"forward": "prerouting" in st.chains},
         )

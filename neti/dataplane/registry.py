@@ -14,6 +14,4 @@ BACKENDS = {
 # Which backends ``auto`` tries, in order: nftables is selectable, not automatic yet
 # (docs/decisions.md, "Choosing a backend").
 AUTO_ORDER = ("iptables",)
-# The tools each backend needs, named in errors.
-NEEDS = {"iptables": "iptables-restore and ipset", "nftables": "nft (the nftables package)"}
 CHOICES = ("auto", *BACKENDS)

@@ -9,40 +9,41 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any
+from typing import TYPE_CHECKING
 
 from neti.agent.state import AgentState
 from neti.config import Config
 from neti.errors import NetiError
 from neti.status.report import KernelView
 
+if TYPE_CHECKING:
+    from neti.dataplane.base import Backend
+
 log = logging.getLogger(__name__)
 MAX_DRIFT_LINES = 5
 
 
-def compare(view: KernelView, backend: Any, cfg: Config, state: AgentState | None) -> None:
+def compare(view: KernelView, backend: Backend, cfg: Config, state: AgentState | None) -> None:
     """Fill ``view`` from the backend's status, audit counters and plan.
 
     Reads under the dataplane's per-namespace lock, so it never sees half of an apply.
     """
     with contextlib.ExitStack() as stack:
-        system = getattr(backend, "system", None)
-        if system is not None:
-            try:
-                stack.enter_context(system.lock())
-            except (OSError, NetiError) as exc:  # e.g. not root: read without the lock
-                log.debug("reading the kernel without the dataplane lock: %s", exc)
+        try:
+            stack.enter_context(backend.system.lock())
+        except (OSError, NetiError) as exc:  # e.g. not root: read without the lock
+            log.debug("reading the kernel without the dataplane lock: %s", exc)
         _compare(view, backend, cfg, state)
 
 
-def _compare(view: KernelView, backend: Any, cfg: Config, state: AgentState | None) -> None:
+def _compare(view: KernelView, backend: Backend, cfg: Config, state: AgentState | None) -> None:
     try:
         kstat = backend.status()
     except NetiError as exc:
         view.error = str(exc)
         return
-    view.raw = kstat.as_dict() if hasattr(kstat, "as_dict") else {}
-    view.set_size = kstat.allow_set
+    view.raw = kstat.as_dict()
+    view.set_size = kstat.allow_size
     view.mode = kstat.mode
     if kstat.conntrack_count is not None:
         view.conntrack_count = kstat.conntrack_count
@@ -54,9 +55,9 @@ def _compare(view: KernelView, backend: Any, cfg: Config, state: AgentState | No
         log.debug("audit counters: %s", exc)
     if state is None or state.fleet is None or state.identity is None:
         return  # nothing applied: nothing to compare
-    view.chains_missing = sorted(name for name, present in kstat.chains.items() if not present)
+    view.chains_missing = sorted(name for name, present in kstat.objects.items() if not present)
     if not kstat.installed and not view.chains_missing:
-        view.chains_missing = ["Neti's chains"]
+        view.chains_missing = ["Neti's objects"]
     if view.chains_missing:
         return
     from neti import desired

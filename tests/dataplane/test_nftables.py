@@ -233,7 +233,7 @@ def test_repeated_apply_is_a_no_op(lab: Topology, nft: Getter) -> None:
     b = nft("ec2a")
     d = desired_for(lab, "ec2a", reject_all=True, open_ports=["8000-8100", "udp/53"], forward=True)
     r = b.apply(d)
-    assert r.changed and r.backend == "nft"
+    assert r.changed and r.backend == "nftables"
     good = view(b)
     for _ in range(2):
         again = b.apply(d)
@@ -242,8 +242,23 @@ def test_repeated_apply_is_a_no_op(lab: Topology, nft: Getter) -> None:
     plan = b.plan(d)
     assert not plan.changed and plan.payloads == {} and plan.diff == ()
     st_ = b.status()
-    assert st_.installed and st_.mode == "reject" and st_.allow_set == 3 and st_.dnat_rules == 3
-    assert st_.chains == {"neti/input": True, "neti/output": True, "neti/prerouting": True}
+    assert st_.installed and st_.mode == "reject" and st_.allow_size == 3
+    assert st_.dnat_mappings == 3 and st_.drift == () and st_.details == {"forward": True}
+    assert st_.objects == {
+        "table ip neti": True,
+        "set allow": True,
+        "set audit": True,
+        "map overlay": True,
+        "chain input": True,
+        "chain output": True,
+        "chain prerouting": True,
+    }
+    assert st_.hooks == {"input": 1, "output": 1, "prerouting": 1}
+    # Without forward the prerouting chain is not wanted, so it is not "missing" either.
+    b.apply(desired_for(lab, "ec2a", reject_all=True))
+    st_ = b.status()
+    assert "chain prerouting" not in st_.objects and st_.drift == ()
+    assert all(st_.objects.values()) and st_.hooks["prerouting"] == 0
 
 
 @pytest.mark.root
@@ -373,7 +388,8 @@ def test_uninstall_is_complete_and_idempotent(lab: Topology, nft: Getter) -> Non
     assert r.changed and r.changes[0] == "nft: deleted table ip neti"
     assert ruleset(lab, "ec2a") == before
     st_ = b.status()
-    assert not st_.installed and st_.allow_set is None and st_.mode is None
+    assert not st_.installed and st_.allow_size is None and st_.mode is None
+    assert "missing table ip neti" in st_.drift
     assert not b.uninstall().changed
 
 

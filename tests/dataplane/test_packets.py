@@ -24,7 +24,7 @@ def test_reject_all_allows_members_drops_and_counts_outsider(
 ) -> None:
     b = any_backends("ec2a")
     result = b.apply(desired_for(lab, "ec2a", reject_all=True))
-    assert result.changed and result.backend in ("iptables-nft", "nft")
+    assert result.changed and result.backend in ("iptables-nft", "nftables")
     ec2a = lab.host("ec2a")
     # Same network: allowed by private IP (the server sees the private source).
     assert lab.probe("ec2b", [(ec2a.private_ip, SERVICE)]) == ["ec2a 10.0.0.11"]
@@ -37,7 +37,7 @@ def test_reject_all_allows_members_drops_and_counts_outsider(
     assert drops.get("192.0.2.10", 0) >= 1 and drops.get("203.0.113.20", 0) >= 1
     assert "10.0.0.11" not in drops and "203.0.113.10" not in drops
     st = b.status()
-    assert st.mode == "reject" and st.installed and st.allow_set == 3 and st.dnat_rules == 3
+    assert st.mode == "reject" and st.installed and st.allow_size == 3 and st.dnat_mappings == 3
     assert st.audit == drops
 
 
@@ -110,7 +110,7 @@ def test_overlay_ips_reach_members_through_the_dnat_tree(lab: Topology, backends
     b = backends("ec2a")
     b.apply(d)
     st = b.status()
-    assert st.dnat_rules == 3 + 300 + 1 and st.dnat_chains == len(chains) - 1
+    assert st.dnat_mappings == 3 + 300 + 1 and st.details["dnat_chains"] == len(chains) - 1
     targets = [OVERLAY[h] for h in ("ec2a", "ec2b", "vpc1")] + ["192.168.40.7"]
     got = lab.probe("ec2a", [(t, SERVICE) for t in targets])
     assert got == ["ec2a 10.0.0.10", "ec2b 10.0.0.10", "vpc1 198.51.100.10", "ec2b 10.0.0.10"]
@@ -129,7 +129,7 @@ def test_overlay_ips_reach_members_through_the_dnat_tree(lab: Topology, backends
     assert lab.probe("ec2a", [(t, SERVICE) for t in targets]) == got
     # Back to the lab's three members: one flat chain again, every sub-chain gone.
     b.apply(desired_for(lab, "ec2a"))
-    assert b.status().dnat_chains == 0
+    assert b.status().details["dnat_chains"] == 0
     assert not [
         line
         for line in lab.run("ec2a", ["iptables-save"]).stdout.splitlines()

@@ -73,7 +73,7 @@ def test_foreign_rules_survive_apply_and_uninstall(lab: Topology, backends: Back
         during = save(lab, "ec2b")
         foreign = [line for line in during if "NETI" not in line]
         assert foreign == before  # every foreign chain and rule, in order
-        assert b.status().jumps == {"filter/INPUT": 1, "nat/PREROUTING": 1, "nat/OUTPUT": 1}
+        assert b.status().hooks == {"filter/INPUT": 1, "nat/PREROUTING": 1, "nat/OUTPUT": 1}
         # allow_verdict accept (the default): Neti's ACCEPT comes first, the member gets in.
         target = [(lab.host("ec2b").private_ip, SERVICE)]
         assert lab.probe("ec2a", target, 2.0) != [None]
@@ -209,7 +209,7 @@ def test_uninstall_is_complete_and_idempotent(lab: Topology, backends: Backends)
     assert save(lab, "ec2a") == before
     assert lab.run("ec2a", ["ipset", "list", "-n"]).stdout.strip() == ""
     st = b.status()
-    assert not st.installed and st.allow_set is None and st.mode is None
+    assert not st.installed and st.allow_size is None and st.mode is None
     again = b.uninstall()
     assert not again.changed and again.changes == ()
     # Legacy tables were not created just by looking at them.
@@ -251,7 +251,11 @@ def test_legacy_variant_is_detected_and_used(lab: Topology, backends: Backends) 
         # The DNAT tree works the same in legacy: one transaction per table, -X included.
         b2.apply(with_fillers(lab, "ec2b", 300, reject_all=True))
         legacy = save(lab, "ec2b", "iptables-legacy-save")
-        assert sum(line.startswith(":NETI-DNAT-") for line in legacy) == b2.status().dnat_chains > 1
+        assert (
+            sum(line.startswith(":NETI-DNAT-") for line in legacy)
+            == b2.status().details["dnat_chains"]
+            > 1
+        )
         assert lab.probe("ec2b", [(OVERLAY["vpc1"], SERVICE)]) == ["vpc1 198.51.100.11"]
         assert not b2.apply(with_fillers(lab, "ec2b", 300, reject_all=True)).changed
         b2.apply(desired_for(lab, "ec2b", reject_all=True))
