@@ -36,14 +36,14 @@ def _load(name: str) -> type[Backend]:
     return getattr(importlib.import_module(module), cls)
 
 
-def select(cfg: Config | None = None, netns: str | None = None) -> Backend:
-    """The backend ``cfg.backend`` names (``auto``: the first supported one).
+def select(cfg: Config | None = None, netns: str | None = None, name: str | None = None) -> Backend:
+    """The backend ``name`` (default: ``cfg.backend``) names (``auto``: the first supported).
 
     ``netns`` runs every command inside that named network namespace (tests, the lab,
     benchmarks); None means this process's own namespace.
     """
     system = System(netns)
-    wanted = cfg.backend if cfg is not None else "auto"
+    wanted = name or (cfg.backend if cfg is not None else "auto")
     if wanted != "auto" and wanted not in BACKENDS:
         raise DataplaneError(f"unknown dataplane backend {wanted!r} (known: {', '.join(BACKENDS)})")
     names = list(AUTO_ORDER) if wanted == "auto" else [wanted]

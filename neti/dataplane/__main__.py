@@ -3,7 +3,7 @@
 For the lab, tests and benchmarks: apply a DesiredState saved as JSON (``DesiredState.as_dict``)
 inside a network namespace (``--netns NAME`` or run under ``ip netns exec``). Prints JSON.
 
-    python -m neti.dataplane apply STATE.json [--netns NS]
+    python -m neti.dataplane apply STATE.json [--netns NS] [--backend NAME]
     python -m neti.dataplane plan STATE.json [--netns NS]
     python -m neti.dataplane status [--netns NS]
     python -m neti.dataplane uninstall [--netns NS]
@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from neti.dataplane import select
+from neti.dataplane.registry import CHOICES
 from neti.desired import DesiredState
 from neti.errors import NetiError
 
@@ -26,9 +27,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("command", choices=["apply", "plan", "status", "uninstall"])
     p.add_argument("state", nargs="?", help="DesiredState JSON file (apply, plan)")
     p.add_argument("--netns", help="run inside this named network namespace")
+    p.add_argument("--backend", choices=CHOICES, default="auto", help="default: auto")
     args = p.parse_args(argv)
     try:
-        backend = select(None, netns=args.netns)
+        backend = select(None, netns=args.netns, name=args.backend)
         if args.command in ("apply", "plan"):
             if not args.state:
                 p.error(f"{args.command} needs a STATE file")

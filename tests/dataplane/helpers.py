@@ -65,11 +65,21 @@ def with_fillers(
     return compute(lab.host(host).identity, fleet, c)
 
 
-def kernel_view(b: IptablesBackend) -> dict[str, Any]:
-    """Neti's part of the kernel, component by component."""
+def kernel_view(b: Backend) -> dict[str, Any]:
+    """Neti's part of the kernel, component by component (allow, filter, nat, jumps)."""
     from neti.dataplane import ipset
     from neti.dataplane.iptables import FILTER_CHAIN, NAT_CHAIN, owned_chains
+    from neti.dataplane.nftables import NftablesBackend
 
+    if isinstance(b, NftablesBackend):
+        t = b.read_table()
+        return {
+            "allow": None if t.allow is None else tuple(sorted(t.allow)),
+            "filter": tuple(t.rules.get("input", ["<missing>"])),
+            "nat": (tuple(sorted((t.dnat or {}).items())), tuple(t.rules.get("output", []))),
+            "jumps": tuple(sum(1 for c in t.chains.values() if c[1] == h) for h in HOOK_NAMES),
+        }
+    assert isinstance(b, IptablesBackend)
     tables = b.read_tables()
     sets = ipset.read(b.system)
     nat = tables["nat"]
@@ -83,6 +93,9 @@ def kernel_view(b: IptablesBackend) -> dict[str, Any]:
             len(tables["nat"].jumps("OUTPUT", NAT_CHAIN)),
         ),
     }
+
+
+HOOK_NAMES = ("input", "output")
 
 
 def save(lab: Topology, host: str, cmd: str = "iptables-save") -> list[str]:

@@ -1,7 +1,8 @@
 """``kill -9`` at any point of an apply leaves each part of Neti's state old or new.
 
-The allowlist is swapped in whole, and both tables go in one iptables-restore transaction, so a
-writer killed at a random moment (or its iptables-restore child killed mid-transaction) never
+iptables: the allowlist is swapped in whole, and both tables go in one iptables-restore
+transaction; nftables: everything is one ``nft -f`` transaction. So a writer killed at a
+random moment (or its iptables-restore / ipset / nft child killed mid-transaction) never
 leaves a half-written chain or set behind; the next apply finishes the job.
 """
 
@@ -21,10 +22,10 @@ from pathlib import Path
 import pytest
 
 from neti import dataplane
-from neti.dataplane.iptables import IptablesBackend
+from neti.dataplane.base import Feature
 from neti.desired import DesiredState, Dnat, build
 from neti.lab import Topology, netns
-from tests.dataplane.helpers import kernel_view
+from tests.dataplane.helpers import BACKEND_NAMES, kernel_view
 
 pytestmark = pytest.mark.root
 
@@ -42,9 +43,14 @@ def state(base: str, n: int, reject_all: bool) -> DesiredState:
     )
 
 
-def spawn_apply(ns: str, path: Path) -> subprocess.Popen[bytes]:
+# The programs an apply's kernel writes run as (killed mid-transaction in some rounds).
+WRITERS = {"iptables": ("iptables", "ipset"), "nftables": ("nft",)}
+
+
+def spawn_apply(ns: str, path: Path, backend: str) -> subprocess.Popen[bytes]:
+    argv = [sys.executable, "-m", "neti.dataplane", "apply", str(path), "--backend", backend]
     return subprocess.Popen(
-        netns.exec_argv(ns, [sys.executable, "-m", "neti.dataplane", "apply", str(path)]),
+        netns.exec_argv(ns, argv),
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -60,10 +66,11 @@ def kill_group(proc: subprocess.Popen[bytes]) -> None:
     proc.wait(10)
 
 
-def test_kill9_leaves_old_or_new(lab: Topology, tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+def test_kill9_leaves_old_or_new(lab: Topology, tmp_path: Path, backend: str) -> None:
     ns = lab.ns("ec2b")
-    b = dataplane.select(None, netns=ns)
-    assert isinstance(b, IptablesBackend)
+    b = dataplane.select(None, netns=ns, name=backend)
+    writers = WRITERS[backend]
     states = {"A": state("10.1.0.1", 2000, False), "B": state("10.2.0.1", 2000, True)}
     files = {}
     views = {}
@@ -74,7 +81,7 @@ def test_kill9_leaves_old_or_new(lab: Topology, tmp_path: Path) -> None:
         # Learn both end states and how long a full apply takes from process start.
         for k in ("A", "B"):
             t0 = time.monotonic()
-            proc = spawn_apply(ns, files[k])
+            proc = spawn_apply(ns, files[k], backend)
             assert proc.wait(60) == 0
             took = time.monotonic() - t0
             views[k] = kernel_view(b)
@@ -87,16 +94,16 @@ def test_kill9_leaves_old_or_new(lab: Topology, tmp_path: Path) -> None:
         rounds = 10
         for i in range(rounds):
             t_start = time.monotonic()
-            proc = spawn_apply(ns, files[target])
+            proc = spawn_apply(ns, files[target], backend)
             if i % 3 == 2:
                 # Kill the restore child itself as soon as it shows up (mid-transaction).
                 deadline = time.monotonic() + took * 2
                 while time.monotonic() < deadline and proc.poll() is None:
                     names = [_comm(p) for p in netns.pids(ns)]
-                    if any(n.startswith(("iptables", "ipset")) for n in names):
+                    if any(n.startswith(writers) for n in names):
                         break
                 for pid in netns.pids(ns):
-                    if _comm(pid).startswith(("iptables", "ipset")):
+                    if _comm(pid).startswith(writers):
                         os.kill(pid, signal.SIGKILL)
             else:
                 # Stratified random moments from process start to (just past) completion.
@@ -106,6 +113,9 @@ def test_kill9_leaves_old_or_new(lab: Topology, tmp_path: Path) -> None:
             for part in ("allow", "filter", "nat"):
                 assert now[part] in (views["A"][part], views["B"][part]), (seed, i, part)
                 outcomes.add(now[part] == views[target][part])
+            if b.has(Feature.ATOMIC_APPLY):
+                # One transaction for everything: the parts are never from different states.
+                assert len({now[p] == views[target][p] for p in ("allow", "filter", "nat")}) == 1
             print(
                 f"round {i}: killed after {time.monotonic() - t_start:.2f}s -> "
                 + " ".join(

@@ -351,23 +351,6 @@ def test_foreign_tables_survive_apply_and_uninstall(lab: Topology, nft: Getter) 
 
 
 @pytest.mark.root
-def test_a_drop_elsewhere_wins_over_netis_accept(lab: Topology, nft: Getter) -> None:
-    """Unlike the iptables backend (test_reconcile: ACCEPT beats INPUT's DROP policy), Neti's
-    accept ends only its own base chain: a drop in another table or chain still holds, for
-    allow_verdict accept and return alike (docs/dataplane.md)."""
-    target = [(lab.host("vpc1").public_ip, SERVICE)]
-    lab.run("vpc1", ["iptables", "-P", "INPUT", "DROP"])
-    try:
-        b = nft("vpc1")
-        for verdict in ("accept", "return"):
-            b.apply(desired_for(lab, "vpc1", reject_all=True, allow_verdict=verdict))
-            assert lab.probe("ec2a", target, 0.5) == [None], verdict
-    finally:
-        lab.run("vpc1", ["iptables", "-P", "INPUT", "ACCEPT"])
-    assert lab.probe("ec2a", target, 2.0) != [None]  # the member gets in again
-
-
-@pytest.mark.root
 def test_dry_run_changes_nothing(lab: Topology, nft: Getter) -> None:
     b = nft("ec2a")
     before = ruleset(lab, "ec2a")
