@@ -160,3 +160,9 @@ def test_every_registered_backend_names_its_tools(monkeypatch: pytest.MonkeyPatc
         dataplane.select(cfg)
     with pytest.raises(DataplaneError, match="iptables needs iptables-restore"):
         dataplane.select(None)
+
+
+def test_unknown_backend_names_are_refused() -> None:
+    for bad in ("nft; rm -rf /", "IPTABLES", "../iptables", "neti.dataplane.iptables"):
+        with pytest.raises(DataplaneError, match="unknown dataplane backend"):
+            dataplane.select(None, name=bad)

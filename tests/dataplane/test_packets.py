@@ -6,10 +6,15 @@ from collections.abc import Callable
 
 import pytest
 
+from neti import config
+from neti.agent.state import AgentState
 from neti.dataplane.base import Backend
 from neti.dataplane.iptables import IptablesBackend, nat_chains
+from neti.desired import compute
 from neti.lab import Topology
-from tests.dataplane.helpers import OVERLAY, desired_for, with_fillers
+from neti.status.kernel import compare
+from neti.status.report import KernelView
+from tests.dataplane.helpers import OVERLAY, desired_for, fleet_of, with_fillers
 from tests.lab.fixtures import CLOSED, OPEN, SERVICE, SSH
 
 pytestmark = pytest.mark.root
@@ -136,3 +141,25 @@ def test_overlay_ips_reach_members_through_the_dnat_tree(lab: Topology, backends
         if line.startswith(":NETI-DNAT-")
     ]
     assert lab.probe("ec2a", [(t, SERVICE) for t in targets[:3]]) == got[:3]
+
+
+@pytest.mark.parametrize("forward", [False, True])
+def test_status_compare_sees_a_match_then_drift(
+    lab: Topology, any_backends: AnyBackends, forward: bool
+) -> None:
+    """``neti status``'s kernel check reads every backend the same way (neutral status)."""
+    b = any_backends("ec2a")
+    cfg = config.parse(lab.config("ec2a", reject_all=True, forward=forward))
+    host = lab.host("ec2a")
+    state = AgentState(identity=host.identity, fleet=fleet_of(lab))
+    b.apply(compute(host.identity, fleet_of(lab), cfg))
+    view = KernelView()
+    compare(view, b, cfg, state)
+    assert (view.error, view.chains_missing, view.drift) == ("", [], [])
+    assert view.set_size == view.expected_set_size == 3 and view.mode == "reject"
+    assert view.raw["drift"] == [] and view.raw["backend"] == b.label
+    # A member leaves the kernel's allowlist behind the agent's back: drift, named.
+    b.apply(compute(host.identity, fleet_of(lab, ("ec2a", "ec2b")), cfg))
+    view = KernelView()
+    compare(view, b, cfg, state)
+    assert view.drift and not view.chains_missing and view.set_size == 2
