@@ -35,6 +35,7 @@ from neti.agent.scheduler import Scheduler
 from neti.agent.sdnotify import Notifier
 from neti.agent.waker import Waker
 from neti.config import Config
+from neti.dataplane.base import ApplyResult
 from neti.errors import (
     ConfigError,
     NetiError,
@@ -134,10 +135,9 @@ def setup_logging(cfg: Config, verbose: bool = False) -> None:
     logging.getLogger("kazoo").setLevel(kz)
 
 
-def _summary(result: Any) -> dict[str, Any]:
+def _summary(result: ApplyResult) -> dict[str, Any]:
     """A backend ApplyResult as JSON-able data for the state file."""
-    fn = getattr(result, "as_dict", None)
-    return dict(fn()) if callable(fn) else {}
+    return result.as_dict()
 
 
 class Agent:
@@ -262,7 +262,7 @@ class Agent:
         """Load conntrack and size its table before any rule needs it."""
         from neti.dataplane import conntrack
 
-        system = getattr(self.backend, "system", None)
+        system = self.backend.system  # Backend declares it; None: a kernel-free test backend
         if system is None:
             return
         try:
@@ -853,9 +853,9 @@ class Agent:
         self._save()
         self._ready(self._status_line())
 
-    def _note_warnings(self, result: Any) -> None:
+    def _note_warnings(self, result: ApplyResult) -> None:
         """Log the backend's warnings when they change (not on every reconcile)."""
-        warnings = tuple(getattr(result, "warnings", ()) or ())
+        warnings = tuple(result.warnings)
         if warnings != self._last_warnings:
             for w in warnings:
                 log.warning("dataplane: %s", w)
