@@ -148,6 +148,8 @@ class TableState:
     """Neti's table as ``nft -j list table ip neti`` shows it (exists False: no table)."""
 
     exists: bool = False
+    # Any table flag is drift: ``flags dormant`` switches every chain of the table off.
+    flags: bool = False
     sets: dict[str, dict[str, Any]] = field(default_factory=dict)
     allow: set[str] | None = None
     dnat: dict[str, str] | None = None
@@ -181,6 +183,7 @@ def parse_json(text: str) -> TableState:
         item = _d(item)
         if "table" in item:
             st.exists = True
+            st.flags = bool(_d(item["table"]).get("flags"))
         elif "set" in item or "map" in item:
             s = _d(item.get("set") or item.get("map"))
             name = s.get("name")
@@ -220,7 +223,9 @@ def parse_json(text: str) -> TableState:
 
 def structure_matches(st: TableState, d: DesiredState) -> bool:
     """Chains, hooks and rules (by their comments) and the sets are exactly Neti's."""
-    if not st.exists or st.allow is None or st.dnat is None or AUDIT_SET not in st.sets:
+    if not st.exists or st.flags:
+        return False
+    if st.allow is None or st.dnat is None or AUDIT_SET not in st.sets:
         return False
     want = chain_rules(d)
     if set(st.chains) != set(want):
@@ -307,6 +312,8 @@ class NftablesBackend(Backend):
                 f"({len(allow)} members, {len(dnat)} DNAT mappings)"
             ]
             if with_diff:
+                if st.flags:
+                    old.append(f"table {FAMILY} {TABLE} flags (dormant: no rule runs)")
                 for name, rules in sorted(st.rules.items()):
                     old += [f"chain {name}: {r}" for r in rules]
                 for name, want in chain_rules(d).items():
@@ -357,6 +364,8 @@ class NftablesBackend(Backend):
             if hook in hooks:
                 hooks[hook] += 1
         drift = [f"missing {name}" for name, present in objects.items() if not present]
+        if st.flags:
+            drift.append(f"table {FAMILY} {TABLE} has flags (dormant: none of its rules run)")
         for c, (kind, hook, prio, policy) in st.chains.items():
             want = HOOKS.get(c)
             if want is None:
@@ -367,7 +376,7 @@ class NftablesBackend(Backend):
         mode = None if not rules else ("reject" if rules[-1] == "drop" else "audit")
         return DataplaneStatus(
             backend=self.label,
-            installed=st.exists and "input" in st.chains and "output" in st.chains,
+            installed=st.exists and not st.flags and "input" in st.chains and "output" in st.chains,
             mode=mode,
             allow_size=None if st.allow is None else len(st.allow),
             dnat_mappings=len(st.dnat or {}),
