@@ -23,6 +23,7 @@ import difflib
 import json
 import logging
 from dataclasses import dataclass, field
+from ipaddress import IPv4Address
 from typing import Any
 
 from neti.dataplane.base import (
@@ -45,6 +46,7 @@ AUDIT_SET = "audit"
 DNAT_MAP = "overlay"
 AUDIT_SIZE = 65536
 AUDIT_TIMEOUT = "1d"  # like the ipset audit set: a source is forgotten after a quiet day
+AUDIT_TIMEOUT_S = 86400
 NAT_PRIORITY = -100  # dstnat, where iptables' nat PREROUTING/OUTPUT also sit
 FILTER_PRIORITY = 0
 VERDICTS = {"ACCEPT": "accept", "RETURN": "return"}
@@ -104,8 +106,33 @@ def _elements(items: list[str]) -> str:
     return "{ " + ", ".join(items) + " }"
 
 
-def render_table(d: DesiredState) -> str:
-    """The whole of ``table ip neti`` as an ``nft -f`` definition."""
+@dataclass(frozen=True)
+class AuditEntry:
+    """One source in the audit set, as read back: carried over by a full replacement."""
+
+    packets: int
+    bytes: int
+    expires: int  # seconds left before the kernel forgets the source
+
+
+def _audit_elements(audit: dict[str, AuditEntry]) -> list[str]:
+    """Audit set elements with their counters and remaining lifetime (strictly formatted)."""
+    out = []
+    for ip, e in sorted(audit.items(), key=lambda kv: _ip_key(kv[0])):
+        if 0 < e.expires <= AUDIT_TIMEOUT_S and e.packets >= 0 and e.bytes >= 0:
+            out.append(
+                f"{IPv4Address(ip)} counter packets {e.packets} bytes {e.bytes} "
+                f"timeout {AUDIT_TIMEOUT} expires {e.expires}s"
+            )
+    return out
+
+
+def render_table(d: DesiredState, audit: dict[str, AuditEntry] | None = None) -> str:
+    """The whole of ``table ip neti`` as an ``nft -f`` definition.
+
+    ``audit``: sources to carry over into the new audit set, so replacing the table (a
+    config change, drift) does not reset what audit mode has counted.
+    """
     allow = sorted(allow_elements(d), key=_ip_key)
     dnat = sorted(dnat_elements(d).items(), key=lambda kv: _ip_key(kv[0]))
     out = [f"table {FAMILY} {TABLE} {{"]
@@ -113,9 +140,12 @@ def render_table(d: DesiredState) -> str:
     if allow:
         out.append(f"    elements = {_elements(allow)}")
     out.append("  }")
+    audit_elems = _audit_elements(audit or {})
     out.append(
         f"  set {AUDIT_SET} {{ type ipv4_addr; size {AUDIT_SIZE}; flags dynamic,timeout; "
-        f"timeout {AUDIT_TIMEOUT}; counter; }}"
+        f"timeout {AUDIT_TIMEOUT}; counter;"
+        + (f" elements = {_elements(audit_elems)}" if audit_elems else "")
+        + " }"
     )
     out.append(f"  map {DNAT_MAP} {{ type ipv4_addr : ipv4_addr;")
     if dnat:
@@ -131,9 +161,9 @@ def render_table(d: DesiredState) -> str:
     return "\n".join(out) + "\n"
 
 
-def full_script(d: DesiredState) -> str:
+def full_script(d: DesiredState, audit: dict[str, AuditEntry] | None = None) -> str:
     """Replace Neti's table in one transaction (creating it first makes the delete safe)."""
-    return f"table {FAMILY} {TABLE} {{}}\ndelete table {FAMILY} {TABLE}\n" + render_table(d)
+    return f"table {FAMILY} {TABLE} {{}}\ndelete table {FAMILY} {TABLE}\n" + render_table(d, audit)
 
 
 def _ip_key(s: str) -> tuple[int, ...]:
@@ -154,6 +184,7 @@ class TableState:
     allow: set[str] | None = None
     dnat: dict[str, str] | None = None
     audit: dict[str, int] = field(default_factory=dict)
+    audit_entries: dict[str, AuditEntry] = field(default_factory=dict)
     chains: dict[str, tuple[str, str, int, str]] = field(default_factory=dict)
     rules: dict[str, list[str | None]] = field(default_factory=dict)  # comments (None: none)
 
@@ -202,9 +233,17 @@ def parse_json(text: str) -> TableState:
             elif name == AUDIT_SET:
                 for e in elems:
                     inner = _d(_d(e).get("elem"))
-                    packets = _d(inner.get("counter")).get("packets", 0)
+                    counter = _d(inner.get("counter"))
+                    packets, nbytes = counter.get("packets", 0), counter.get("bytes", 0)
+                    expires = inner.get("expires", 0)
                     if inner.get("val") is not None and isinstance(packets, int):
                         st.audit[str(inner["val"])] = packets
+                        if isinstance(nbytes, int) and isinstance(expires, int):
+                            try:
+                                key = str(IPv4Address(str(inner["val"])))
+                            except ValueError:
+                                continue
+                            st.audit_entries[key] = AuditEntry(packets, nbytes, expires)
         elif "chain" in item:
             c = _d(item["chain"])
             if isinstance(c.get("name"), str):
@@ -305,7 +344,7 @@ class NftablesBackend(Backend):
                 new = [f"allow {a}" for a in add_a] + [f"dnat {k} {dnat[k]}" for k in add_d]
             script = "\n".join(lines) + "\n" if lines else ""
         else:
-            script = full_script(d)
+            script = full_script(d, st.audit_entries)
             verb = "rewrote" if st.exists else "created"
             changes = [
                 f"nft: {verb} table {FAMILY} {TABLE} "

@@ -417,3 +417,31 @@ def test_switching_backends_removes_the_others_objects(lab: Topology, nft: Gette
         assert lab.probe("outsider", [(pub, SERVICE)], 0.5) == [None]
     finally:
         ipt.uninstall()
+
+
+@pytest.mark.root
+def test_a_full_replacement_keeps_the_audit_counters(lab: Topology, nft: Getter) -> None:
+    """Like the iptables backend's neti-audit ipset, which a chain rewrite never touches."""
+    b = nft("ec2a")
+    b.apply(desired_for(lab, "ec2a", reject_all=False))
+    assert lab.probe("outsider", [(lab.host("ec2a").public_ip, SERVICE)]) != [None]
+    before = b.audit_drops()
+    assert before.get("192.0.2.10", 0) >= 1
+    r = b.apply(desired_for(lab, "ec2a", reject_all=False, open_ports=["9999"]))
+    assert r.changes[0].startswith("nft: rewrote table ip neti"), r.changes
+    assert b.audit_drops() == before
+    assert (
+        "192.0.2.10 counter packets"
+        in lab.run("ec2a", ["nft", "list", "set", "ip", "neti", "audit"]).stdout
+    )
+
+
+def test_audit_entries_render_strictly() -> None:
+    entries = {
+        "192.0.2.10": nftables.AuditEntry(3, 180, 3600),
+        "192.0.2.11": nftables.AuditEntry(1, 60, 0),  # expiring: not carried over
+        "192.0.2.12": nftables.AuditEntry(1, 60, 10**9),  # longer than the timeout: refused
+    }
+    text = render_table(STATE, entries)
+    assert "192.0.2.10 counter packets 3 bytes 180 timeout 1d expires 3600s" in text
+    assert "192.0.2.11" not in text and "192.0.2.12" not in text
