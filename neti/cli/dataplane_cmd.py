@@ -75,8 +75,7 @@ def run_apply(args: argparse.Namespace) -> int:
         for action in plan.actions:
             print(f"would: {action}")
         for name, payload in plan.payloads.items():
-            tool = "ipset restore" if name == "ipset" else "iptables-restore --noflush"
-            print(f"--- payload {name} ({tool}) ---")
+            print(f"--- payload {name} ({backend.payload_tool(name)}) ---")
             sys.stdout.write(payload)
         if plan.diff:
             print("--- diff (kernel -> desired) ---")

@@ -164,6 +164,10 @@ class Backend(abc.ABC):
         """The tools, as an error message names them."""
         return ", ".join(cls.tools)
 
+    def payload_tool(self, payload: str) -> str:
+        """The command a plan's payload of that name is fed to (for ``--dry-run`` output)."""
+        return payload
+
     def has(self, feature: str) -> bool:
         if feature not in Feature.ALL:
             raise ValueError(f"unknown dataplane feature {feature!r}")

@@ -460,6 +460,11 @@ class IptablesBackend(Backend):
         missing = [] if available_variants(system) else ["iptables-restore", "iptables-save"]
         return missing + ([] if system.has("ipset") else ["ipset"])
 
+    def payload_tool(self, payload: str) -> str:
+        if payload == "ipset":
+            return "ipset restore"
+        return f"{tool(self.variant, 'restore')} -w {LOCK_WAIT} --noflush"
+
     # --- reading ---
     def read_tables(self, variant: str | None = None) -> dict[str, TableState]:
         """Neti's tables as the kernel has them.

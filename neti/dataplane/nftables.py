@@ -375,6 +375,9 @@ class NftablesBackend(Backend):
         # Allowlist and rules are one transaction: everything is written at the rules step.
         return Prepared(plan, rules=script)
 
+    def payload_tool(self, payload: str) -> str:
+        return "nft -f -"
+
     def _write_allowlist(self, payload: str) -> None:
         raise AssertionError("the nftables backend writes its allowlist with the rules")
 

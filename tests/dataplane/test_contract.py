@@ -166,3 +166,10 @@ def test_unknown_backend_names_are_refused() -> None:
     for bad in ("nft; rm -rf /", "IPTABLES", "../iptables", "neti.dataplane.iptables"):
         with pytest.raises(DataplaneError, match="unknown dataplane backend"):
             dataplane.select(None, name=bad)
+
+
+def test_dry_run_names_the_tool_each_payload_is_fed_to() -> None:
+    ipt = IptablesBackend(System(), variant="legacy")
+    assert ipt.payload_tool("ipset") == "ipset restore"
+    assert ipt.payload_tool("nat") == "iptables-legacy-restore -w 10 --noflush"
+    assert NftablesBackend(System()).payload_tool("nft") == "nft -f -"
