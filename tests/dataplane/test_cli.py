@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from neti.lab import Topology
+from tests.dataplane.helpers import BACKEND_NAMES
 from tests.lab.fixtures import SERVICE
 from tests.support.zkserver import ZooKeeperServer
 
@@ -43,12 +44,19 @@ def neti_json(lab: Topology, host: str, *args: str) -> dict[str, Any]:
     return json.loads(neti(lab, host, *args, "--json").stdout)
 
 
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
 def test_apply_dry_run_and_uninstall(
-    lab: Topology, lab_zk: ZooKeeperServer, tmp_path: Path
+    lab: Topology, lab_zk: ZooKeeperServer, tmp_path: Path, backend: str
 ) -> None:
-    prefix = f"/neti-{lab.prefix.rstrip('-')}"
+    prefix = f"/neti-{lab.prefix.rstrip('-')}-{backend}"
     cfgs = {
-        h: lab.write_config(h, tmp_path / f"{h}.yml", zk_prefix=prefix, reject_all=True)
+        h: lab.write_config(
+            h,
+            tmp_path / f"{h}.yml",
+            zk_prefix=prefix,
+            reject_all=True,
+            **({"backend": backend} if h == "ec2a" else {}),
+        )
         for h in ("ec2a", "ec2b", "vpc1")
     }
     members = {}
@@ -69,12 +77,22 @@ def test_apply_dry_run_and_uninstall(
         dry = neti_json(lab, "ec2a", "apply", "-c", ec2a, "--dry-run")
         assert dry["overlay_ip"] is None  # a dry run claims nothing
         assert dry["members"] == 2 and dry["changed"]
-        assert set(dry["payloads"]) == {"ipset", "filter", "nat"}
-        assert f"--to-destination {lab.host('vpc1').public_ip}" in dry["payloads"]["nat"]
+        vpc1_public = lab.host("vpc1").public_ip
+        if backend == "iptables":
+            assert set(dry["payloads"]) == {"ipset", "filter", "nat"}
+            assert f"--to-destination {vpc1_public}" in dry["payloads"]["nat"]
+        else:
+            assert set(dry["payloads"]) == {"nft"}
+            assert f" : {vpc1_public}" in dry["payloads"]["nft"]
+        human_dry = neti(lab, "ec2a", "apply", "-c", ec2a, "--dry-run").stdout
+        tool = "nft -f -" if backend == "nftables" else "ipset restore"
+        assert f"({tool}) ---" in human_dry
         assert "neti" not in lab.run("ec2a", ["ipset", "list", "-n"]).stdout
+        assert "neti" not in lab.run("ec2a", ["nft", "list", "tables"]).stdout
 
         res = neti_json(lab, "ec2a", "apply", "-c", ec2a)
-        assert res["changed"] and res["backend"] == "iptables-nft" and res["overlay_ip"]
+        label = {"iptables": "iptables-nft", "nftables": "nftables"}[backend]
+        assert res["changed"] and res["backend"] == label and res["overlay_ip"]
         own = res["overlay_ip"]
         got = lab.probe(
             "ec2a", [(members["vpc1"][1], SERVICE), (members["ec2b"][1], SERVICE), (own, SERVICE)]
@@ -99,6 +117,7 @@ def test_apply_dry_run_and_uninstall(
         out = neti_json(lab, "ec2a", "uninstall", "-c", ec2a)
         assert out["changed"]
         assert "NETI" not in lab.run("ec2a", ["iptables-save"]).stdout
+        assert "neti" not in lab.run("ec2a", ["nft", "list", "tables"]).stdout
         assert "nothing to remove" in neti(lab, "ec2a", "uninstall", "-c", ec2a).stdout
     finally:
         for p, _ in members.values():
