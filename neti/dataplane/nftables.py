@@ -187,6 +187,9 @@ class TableState:
     audit_entries: dict[str, AuditEntry] = field(default_factory=dict)
     chains: dict[str, tuple[str, str, int, str]] = field(default_factory=dict)
     rules: dict[str, list[str | None]] = field(default_factory=dict)  # comments (None: none)
+    # Per chain, each rule's last statement as nft -j names it (accept, drop, return, set,
+    # dnat): a rule whose verdict was changed while keeping Neti's comment is still drift.
+    verdicts: dict[str, list[str | None]] = field(default_factory=dict)
 
 
 def _d(x: Any) -> dict[str, Any]:
@@ -257,11 +260,25 @@ def parse_json(text: str) -> TableState:
                 st.rules.setdefault(r["chain"], []).append(
                     comment if isinstance(comment, str) else None
                 )
+                expr = r.get("expr")
+                last = _d(expr[-1]) if isinstance(expr, list) and expr else {}
+                st.verdicts.setdefault(r["chain"], []).append(
+                    next(iter(last)) if len(last) == 1 else None
+                )
     return st
 
 
+def last_statement(rule: str) -> str:
+    """What ``nft -j`` calls the last statement of one of Neti's rules (see chain_rules)."""
+    if rule.startswith("update @"):
+        return "set"
+    if " dnat to " in f" {rule}":
+        return "dnat"
+    return rule.split()[-1]
+
+
 def structure_matches(st: TableState, d: DesiredState) -> bool:
-    """Chains, hooks and rules (by their comments) and the sets are exactly Neti's."""
+    """Chains, hooks, rules (comments and last statements) and the sets are exactly Neti's."""
     if not st.exists or st.flags:
         return False
     if st.allow is None or st.dnat is None or AUDIT_SET not in st.sets:
@@ -272,6 +289,8 @@ def structure_matches(st: TableState, d: DesiredState) -> bool:
     for name, rules in want.items():
         kind, hook, prio = HOOKS[name]
         if st.chains[name] != (kind, hook, prio, "accept") or st.rules.get(name) != rules:
+            return False
+        if st.verdicts.get(name) != [last_statement(r) for r in rules]:
             return False
     return True
 

@@ -445,3 +445,37 @@ def test_audit_entries_render_strictly() -> None:
     text = render_table(STATE, entries)
     assert "192.0.2.10 counter packets 3 bytes 180 timeout 1d expires 3600s" in text
     assert "192.0.2.11" not in text and "192.0.2.12" not in text
+
+
+@pytest.mark.root
+def test_a_verdict_changed_under_netis_comment_is_drift(lab: Topology, nft: Getter) -> None:
+    """The final drop replaced by an accept that keeps the comment "drop": found, repaired."""
+    b = nft("ec2a")
+    d = desired_for(lab, "ec2a", reject_all=True)
+    b.apply(d)
+    pub = lab.host("ec2a").public_ip
+    assert lab.probe("outsider", [(pub, SERVICE)], 0.5) == [None]
+    listing = json.loads(
+        lab.run("ec2a", ["nft", "-a", "-j", "list", "chain", "ip", "neti", "input"]).stdout
+    )
+    handle = next(
+        x["rule"]["handle"]
+        for x in listing["nftables"]
+        if "rule" in x and x["rule"].get("comment") == "drop"
+    )
+    replace = ["nft", "replace", "rule", "ip", "neti", "input", "handle", str(handle)]
+    lab.run("ec2a", [*replace, "accept", "comment", '"drop"'])
+    assert lab.probe("outsider", [(pub, SERVICE)], 2.0) != [None]  # reject_all is off now
+    plan = b.plan(d)
+    assert plan.changed and plan.payloads["nft"].startswith("table ip neti {}\ndelete table")
+    assert b.apply(d).changed
+    assert lab.probe("outsider", [(pub, SERVICE)], 0.5) == [None]
+    assert not b.apply(d).changed
+
+
+def test_last_statements_match_what_nft_prints() -> None:
+    rules = chain_rules(STATE)
+    assert [nftables.last_statement(r) for r in rules["input"]][-2:] == ["set", "drop"]
+    assert {nftables.last_statement(r) for r in rules["output"]} == {"dnat"}
+    st_ = parse_json(json.dumps(KERNEL_JSON))
+    assert st_.verdicts["input"] == [None, None]  # empty expressions name no statement
