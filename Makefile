@@ -19,6 +19,7 @@ venv: $(STAMP)
 
 test: deps venv
 	$(BIN)/ruff check neti tests bench
+	$(BIN)/mypy neti
 	$(BIN)/pytest -q
 
 # Needs root. The chaos suite (tests/chaos/): a 3-server ZooKeeper ensemble, four agents and
@@ -29,6 +30,7 @@ chaos: deps venv
 lint: venv
 	$(BIN)/ruff check neti tests bench
 	$(BIN)/ruff format --check neti tests bench
+	$(BIN)/mypy neti
 
 # Needs root (network namespaces). Stays up until Ctrl-C; runs once and exits when stdin is
 # not a terminal (CI). `python -m neti.lab.demo --once` always runs once.

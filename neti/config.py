@@ -511,7 +511,7 @@ def parse(data: Any, source: str = "<config>") -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        errors = list(dict.fromkeys(_format_error(e) for e in exc.errors()))
+        errors = list(dict.fromkeys(_format_error(dict(e)) for e in exc.errors()))
         raise ConfigError(source, _capped(errors)) from None
 
 
@@ -527,7 +527,7 @@ def _capped(errors: list[str]) -> list[str]:
 class _Refused(yaml.MarkedYAMLError):
     """YAML that is well-formed but beyond what a config may be (too deep, too big, ...)."""
 
-    def __init__(self, problem: str, mark: yaml.Mark | None):
+    def __init__(self, problem: str, mark: Any):
         super().__init__(problem=problem, problem_mark=mark)
 
 
@@ -546,7 +546,7 @@ class _BoundedLoader(yaml.SafeLoader):
         self._expanded = 0  # nodes so far, aliases expanded
         self._anchor_size: dict[str, int] = {}
 
-    def _count(self, n: int, mark: yaml.Mark | None) -> None:
+    def _count(self, n: int, mark: Any) -> None:
         self._expanded += n
         if self._expanded > MAX_NODES:
             raise _Refused(
@@ -557,11 +557,11 @@ class _BoundedLoader(yaml.SafeLoader):
     def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
         event = self.peek_event()
         if isinstance(event, yaml.AliasEvent):
-            size = self._anchor_size.get(event.anchor)
+            size = self._anchor_size.get(event.anchor) if event.anchor else None
             if size is None and event.anchor in self.anchors:
                 raise _Refused(f"alias *{event.anchor} refers to itself", event.start_mark)
             self._count(size or 0, event.start_mark)
-            return super().compose_node(parent, index)
+            return super().compose_node(parent, index)  # type: ignore[return-value]
         if self._depth >= MAX_DEPTH:
             raise _Refused(f"nested more than {MAX_DEPTH} levels deep", event.start_mark)
         before = self._expanded
@@ -573,7 +573,7 @@ class _BoundedLoader(yaml.SafeLoader):
             self._depth -= 1
         if event.anchor is not None:
             self._anchor_size[event.anchor] = self._expanded - before
-        return node
+        return node  # type: ignore[return-value]
 
     def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
         # A scalar that resolves to a type but does not convert (2020-99-99, !!int x, a

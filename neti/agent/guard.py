@@ -183,8 +183,10 @@ class Guard:
         self_id = self_member.instance_id if self_member else None
         self_listed = self_id is None or self_id in read
         cur = dict(read)
-        if self_member is not None and self_id not in cur:
-            cur[self_id] = self_member  # never drop ourselves (our node is being re-created)
+        if self_member is not None and self_member.instance_id not in cur:
+            cur[self_member.instance_id] = (
+                self_member  # never drop ourselves (our node is being re-created)
+            )
         released = self._release
         if released:
             mem.recent.clear()

@@ -229,7 +229,7 @@ def _typed(kind: type, value: Any, what: str) -> Any:
         value = float(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise TypeError(f"{what} is {type(value).__name__}, not {kind.__name__}")
-    if kind is int and not -MAX_INT <= value <= MAX_INT:
+    if isinstance(value, int) and not -MAX_INT <= value <= MAX_INT:
         raise ValueError(f"{what} is out of range")  # os.kill(10**100, 0) is an OverflowError
     return value
 

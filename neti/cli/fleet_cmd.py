@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import io
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, redirect_stdout
 from typing import Any, TextIO
 
@@ -458,6 +458,7 @@ def run_secure(args: argparse.Namespace) -> int:
             f"this config authenticates as {policy.identity}, which is not in "
             "zk_acl.operators: only an operator may set ACLs (and keep the right to undo them)"
         )
+    owner_of: Callable[[str], str | None]
     if args.identities:
         mapping = acl_mod.load_identities(args.identities)
         owner_of = mapping.get

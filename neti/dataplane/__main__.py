@@ -15,6 +15,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from neti.dataplane import select
 from neti.dataplane.registry import CHOICES
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
             if not args.state:
                 p.error(f"{args.command} needs a STATE file")
             desired = DesiredState.from_dict(json.loads(Path(args.state).read_text()))
-            out = backend.apply(desired) if args.command == "apply" else backend.plan(desired)
+            out: Any = backend.apply(desired) if args.command == "apply" else backend.plan(desired)
         elif args.command == "status":
             out = backend.status()
         else:

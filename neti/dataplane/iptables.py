@@ -277,7 +277,7 @@ def lookup_costs(chains: Mapping[str, list[str]], root: str = NAT_CHAIN) -> dict
                 tokens = rule.split()
                 if "-d" in tokens:
                     out.setdefault(tokens[tokens.index("-d") + 1].split("/")[0], before + i)
-            elif target in chains and target != chain:
+            elif target is not None and target in chains and target != chain:
                 walk(target, before + i)
 
     walk(root, 0)

@@ -221,7 +221,8 @@ def parse_json(text: str) -> TableState:
         elif "set" in item or "map" in item:
             s = _d(item.get("set") or item.get("map"))
             name = s.get("name")
-            elems = s.get("elem") if isinstance(s.get("elem"), list) else []
+            raw = s.get("elem")
+            elems: list[Any] = raw if isinstance(raw, list) else []
             if not isinstance(name, str):
                 continue
             st.sets[name] = s

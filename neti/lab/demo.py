@@ -34,6 +34,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable
+from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -517,10 +518,12 @@ class Lab:
         overlay = {h: self.overlay_ip(h) for h in hosts}
         out: dict[str, Any] = {}
         for src in hosts:
-            targets = [(overlay[d], SERVICE_PORT) for d in hosts if overlay[d]]
             names = [d for d in hosts if overlay[d]]
+            targets: list[tuple[str | IPv4Address, int]] = [
+                (str(overlay[d]), SERVICE_PORT) for d in names
+            ]
             answers = self.topo.probe(src, targets, timeout) if targets else []
-            row = {d: None for d in hosts}
+            row: dict[str, str | None] = {d: None for d in hosts}
             for d, a in zip(names, answers, strict=True):
                 row[d] = a.split()[0] if a else None
             out[src] = row

@@ -17,7 +17,7 @@ import logging
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
@@ -331,7 +331,7 @@ def plan_secure(
     paths: Paths,
     policy: AclPolicy,
     owner_of: Callable[[str], str | None],
-    legacy_networks: Mapping[int, str],
+    legacy_networks: Mapping[Any, str],
     progress: Callable[[int, int | None], None] | None = None,
 ) -> tuple[list[AclChange], int]:
     """Walk the tree under the prefix: (changes needed, nodes already right).
@@ -388,10 +388,10 @@ def plan_secure(
         todo.append((f"{paths.id_to_ip}/{name}", "claim", *owned(name, f"claim of {name!r}")))
     for name in children(paths.members):
         try:
-            iid: str | None = decode_member(name).instance_id
+            member_id: str | None = decode_member(name).instance_id
         except (MalformedEntry, ValueError):
-            iid = None
-        todo.append((f"{paths.members}/{name}", "member", *owned(iid, "malformed member")))
+            member_id = None
+        todo.append((f"{paths.members}/{name}", "member", *owned(member_id, "malformed member")))
     for name in children(paths.legacy):
         try:
             overlay = str(legacy_codec.decode_legacy(name, legacy_networks).overlay_ip)

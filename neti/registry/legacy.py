@@ -13,6 +13,7 @@ import re
 import uuid
 from collections.abc import Mapping
 from ipaddress import IPv4Address
+from typing import Any
 
 from neti.fleet import Member
 from neti.registry import addr
@@ -38,7 +39,7 @@ def node_name(ident: str) -> str:
     return "-".join([uuid.uuid4().hex, ident])
 
 
-def decode_legacy(name: str, legacy_networks: Mapping[int, str]) -> Member:
+def decode_legacy(name: str, legacy_networks: Mapping[Any, str]) -> Member:
     """Parse a party node name into a legacy Member; MalformedEntry if it is not one."""
     m = _NAME_RE.match(name)
     if not m:
@@ -67,7 +68,7 @@ def decode_legacy(name: str, legacy_networks: Mapping[int, str]) -> Member:
         raise MalformedEntry(f"legacy node {name!r}: {exc}", exc.code) from None
 
 
-def flag_for(network: str, legacy_networks: Mapping[int, str]) -> int | None:
+def flag_for(network: str, legacy_networks: Mapping[Any, str]) -> int | None:
     """The original's 0/1 flag for ``network``, or None if it has none."""
     for flag, net in sorted(legacy_networks.items()):
         if net == network:

@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from ipaddress import IPv4Address
+from typing import Any
 
 from kazoo.client import KazooClient, KazooState
 from kazoo.exceptions import KazooException, NoAuthError, NodeExistsError, NoNodeError
@@ -207,7 +208,7 @@ class Membership:
                 self._listening = True
         return member
 
-    def _seat_acls(self) -> dict[str, object]:
+    def _seat_acls(self) -> dict[str, Any]:
         return {
             "acl": self.acl.own(),
             "parent_acl": self.acl.container(),

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from ipaddress import IPv4Address, IPv4Network
+from typing import Any
 
 from neti.fleet import Fleet, Member, SkipTally
 from neti.registry import addr
@@ -41,7 +42,7 @@ def _addrs(m: Member) -> tuple[str, IPv4Address, IPv4Address, IPv4Address]:
 def build_fleet(
     member_names: Iterable[str],
     legacy_names: Iterable[str],
-    legacy_networks: Mapping[int, str],
+    legacy_networks: Mapping[Any, str],
     overlay_subnet: IPv4Network,
     *,
     members_parent: str = "members",
