@@ -44,12 +44,8 @@ def address_problem(ip: IPv4Address, overlay_subnet: IPv4Network) -> str | None:
 
 
 def overlay_problem(ip: IPv4Address, overlay_subnet: IPv4Network) -> str | None:
-    """Why ``ip`` cannot be an overlay address, or None if it can."""
-    if ip not in overlay_subnet:
-        return f"is outside the overlay subnet {overlay_subnet}"
-    if ip in (overlay_subnet.network_address, overlay_subnet.broadcast_address):
-        return f"is the network or broadcast address of {overlay_subnet}"
-    return None
+    """Why ``ip`` cannot be an overlay address, or None if it can (addr.overlay_problem)."""
+    return addr.overlay_problem(overlay_subnet, ip)
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -188,6 +184,35 @@ def reach_address(identity: Identity, member: Member) -> IPv4Address:
     return member.private_ip if member.network == identity.network else member.public_ip
 
 
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """What one member adds to the desired state: an allowlist source and one DNAT mapping."""
+
+    allow: IPv4Address
+    dnat: Dnat
+    rank: int  # who wins a duplicated overlay IP: lowest (rank, instance_id); see compute
+
+
+def member_entry(
+    identity: Identity, m: Member, subnet: IPv4Network, ctx: addr.HostContext
+) -> Entry | tuple[str, str]:
+    """One other member's part of the desired state, or (reason code, text) when it is left
+    out. Pure: ``compute`` is the fold of this over the fleet (tests/desired check it)."""
+    same = m.network == identity.network
+    target = m.private_ip if same else m.public_ip
+    bad = ctx.target_problem(target, same_network=same)
+    if bad:
+        which = "private_ip" if same else "public_ip"
+        return bad[0], f"{m.instance_id}: {which} {target} {bad[1]}"
+    problem = overlay_problem(m.overlay_ip, subnet)
+    if problem:
+        return "overlay_outside", f"{m.instance_id}: overlay_ip {m.overlay_ip} {problem}"
+    # Members published by Neti itself win a duplicated overlay IP over legacy entries,
+    # then the smallest instance ID: deterministic on every host. (The registry reader has
+    # already dropped every conflict it saw; this only guards other inputs.)
+    return Entry(target, Dnat(m.overlay_ip, target, m.instance_id), 2 if m.legacy else 1)
+
+
 def compute(
     identity: Identity,
     fleet: Fleet,
@@ -257,34 +282,18 @@ def compute(
             )
             continue
         seen_ids.add(m.instance_id)
-        same = m.network == identity.network
-        target = m.private_ip if same else m.public_ip
-        which = "private_ip" if same else "public_ip"
-        bad = ctx.target_problem(target, same_network=same)
-        if bad:
-            tally.add(bad[0], f"{m.instance_id}: {which} {target} {bad[1]}")
+        e = member_entry(identity, m, subnet, ctx)
+        if isinstance(e, tuple):
+            tally.add(*e)
             continue
-        problem = overlay_problem(m.overlay_ip, subnet)
-        if problem:
-            tally.add("overlay_outside", f"{m.instance_id}: overlay_ip {m.overlay_ip} {problem}")
-            continue
-        allow.add(target)
-        # Members published by Neti itself win a duplicated overlay IP over legacy entries,
-        # then the smallest instance ID: deterministic on every host. (The registry reader
-        # has already dropped every conflict it saw; this only guards other inputs.)
-        offer(2 if m.legacy else 1, m.instance_id, Dnat(m.overlay_ip, target, m.instance_id))
+        allow.add(e.allow)
+        offer(e.rank, m.instance_id, e.dnat)
 
     dnat = {ip: d for ip, (_, d) in owners.items()}
-    for overlay, target in sorted(cfg.nat_overrides.items()):
-        problem = overlay_problem(overlay, subnet)
-        if problem:
-            tally.add("override", f"nat_overrides {overlay}: overlay address {problem}")
-            continue
-        problem = address_problem(target, subnet)
-        if problem:
-            tally.add("override", f"nat_overrides {overlay}: target {target} {problem}")
-            continue
-        dnat[overlay] = Dnat(overlay, target, "override")
+    found, problems = overrides(cfg)
+    for text in problems:
+        tally.add("override", text)
+    dnat.update(found)
 
     return build(
         overlay_subnet=subnet,
@@ -300,6 +309,24 @@ def compute(
         skipped=tally.samples,
         skipped_by_reason=tally.counts(),
     )
+
+
+def overrides(cfg: Config) -> tuple[dict[IPv4Address, Dnat], list[str]]:
+    """The usable nat_overrides (they win over members) and a text for each unusable one."""
+    subnet = cfg.overlay_subnet
+    found: dict[IPv4Address, Dnat] = {}
+    problems: list[str] = []
+    for overlay, target in sorted(cfg.nat_overrides.items()):
+        problem = overlay_problem(overlay, subnet)
+        if problem:
+            problems.append(f"nat_overrides {overlay}: overlay address {problem}")
+            continue
+        problem = address_problem(target, subnet)
+        if problem:
+            problems.append(f"nat_overrides {overlay}: target {target} {problem}")
+            continue
+        found[overlay] = Dnat(overlay, target, "override")
+    return found, problems
 
 
 def _dup_reason(loser: str, overlay: IPv4Address, winner: str) -> str:

@@ -173,6 +173,18 @@ def version(text: str) -> str:
     return text
 
 
+def overlay_problem(subnet: IPv4Network, ip: IPv4Address) -> str | None:
+    """Why ``ip`` cannot be an overlay address of ``subnet`` (a text), or None if it can.
+
+    The one overlay-address rule: the registry readers and desired.compute both use it.
+    """
+    if ip not in subnet:
+        return f"is outside the overlay subnet {subnet}"
+    if ip == subnet.network_address or ip == subnet.broadcast_address:
+        return f"is the network or broadcast address of {subnet}"
+    return None
+
+
 def usable(subnet: IPv4Network, ip: IPv4Address) -> bool:
     """True when ``ip`` is a host address of ``subnet`` (not its network or broadcast)."""
-    return ip in subnet and ip != subnet.network_address and ip != subnet.broadcast_address
+    return overlay_problem(subnet, ip) is None
