@@ -39,6 +39,10 @@ from dataclasses import dataclass, field
 
 from neti.fleet import Fleet, Member
 
+# Child of zk_prefix an operator bumps (``neti fleet release-guard``): every agent that sees
+# it change lets what its guard holds at that moment through, once.
+from neti.registry.paths import RELEASE_NODE as RELEASE_NODE
+
 # Reason codes (state file, ``neti status``, logs).
 WINDOW = "window"  # removals summed over the window exceed the limit
 LIMIT = "limit"  # this read alone removes more than the limit
@@ -46,9 +50,6 @@ GRACE = "grace"  # a grace period after a (re)connect or a recovery
 VANISHED = "fleet-vanished"  # the members container is gone / the read is empty
 SETTLE = "settle"  # a removal waits to be asked for during `settle` seconds (routine)
 REASONS = (WINDOW, LIMIT, GRACE, VANISHED, SETTLE)
-# Child of zk_prefix an operator bumps (``neti fleet release-guard``): every agent that sees
-# it change lets what its guard holds at that moment through, once.
-RELEASE_NODE = "guard-release"
 # However small the fleet, one host may leave per window (a terminated instance in a fleet
 # of five must not need an operator); maxchange 0 still holds every removal.
 MIN_LIMIT = 1

@@ -484,22 +484,12 @@ class Lab:
         self.neti(ZK_HOST, "fleet", "set", "max-change", str(n), check=True)
 
     def bootstrap(self) -> None:
-        """What an operator does once for a secured fleet (docs/security.md): create the
-        operator-only nodes ``maxchange`` and ``guard-release`` before any agent runs. The
-        prefix lets fleet identities create children (the containers), so a node that does
-        not exist yet could otherwise be created, and then owned, by any host."""
+        """What an operator does once for a secured fleet (docs/security.md): set maxchange,
+        then ``neti fleet secure``, which creates the containers and the operator-only nodes
+        (``maxchange``, ``guard-release``) and locks the prefix (fleet identities may add to
+        the containers, never create a node beside them)."""
         self.set_max_change(int(self.config.get("max_change_default", 20)))
-        self.kazoo(
-            "from kazoo.security import ACL, Id, Permissions\n"
-            "from kazoo.exceptions import NodeExistsError\n"
-            "acl = [ACL(Permissions.READ, Id('world', 'anyone')),\n"
-            f"       ACL(Permissions.ALL, Id('x509', 'CN={OPERATOR_CN}'))]\n"
-            "try:\n"
-            f"    zk.create({self.config.get('zk_prefix', '/neti') + '/guard-release'!r}, b'',"
-            " acl=acl, makepath=True)\n"
-            "except NodeExistsError:\n"
-            "    pass\n"
-        )
+        self.neti(ZK_HOST, "fleet", "secure", check=True)
 
     def matrix(
         self,

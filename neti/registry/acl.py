@@ -21,10 +21,11 @@ from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
-from kazoo.exceptions import NoNodeError
+from kazoo.exceptions import NodeExistsError, NoNodeError
 from kazoo.security import ACL, Id, Permissions, make_digest_acl_credential
 
 from neti.errors import RegistryAccessError, RegistryError
+from neti.registry.paths import RELEASE_NODE
 
 if TYPE_CHECKING:
     from kazoo.client import KazooClient
@@ -223,8 +224,19 @@ class AclPolicy:
     def is_operator(self) -> bool:
         return self.self_id is not None and self.self_id in self.operators
 
+    def prefix(self) -> list[ACL] | None:
+        """The prefix itself once secured: readable by all, written by operators only.
+
+        No fleet CREATE here: a host could otherwise create an operator node that is missing
+        (``maxchange``, ``guard-release``) and choose its value and ACL. ``neti fleet secure``
+        creates the containers and those nodes first, so agents never need to."""
+        if not self.secured:
+            return None
+        return acl_list([(WORLD, READ)] + [(o, ALL) for o in self.operators])
+
     def container(self) -> list[ACL] | None:
-        """prefix, members/, id-to-ip/, ip-to-id/, ip-map/: fleet adds, operators remove."""
+        """members/, id-to-ip/, ip-to-id/, ip-map/ (and an unsecured prefix an agent creates):
+        fleet adds, operators remove."""
         if not self.secured:
             return None
         return acl_list(
@@ -283,10 +295,11 @@ class AclChange:
     """One node whose ACL is not what the model says."""
 
     path: str
-    kind: str  # container | member | claim | ip-map | guard | other
+    kind: str  # prefix | container | member | claim | ip-map | guard | other
     have: tuple[ACL, ...]
     want: tuple[ACL, ...]
     note: str = ""
+    create: bool = False  # missing: created with ``want`` (secure makes what agents may not)
 
     def as_dict(self) -> dict[str, str]:
         out = {
@@ -297,6 +310,8 @@ class AclChange:
         }
         if self.note:
             out["note"] = self.note
+        if self.create:
+            out["create"] = "yes"
         return out
 
 
@@ -361,18 +376,35 @@ def plan_secure(
         return acls, note
 
     container_acl, guard_acl = policy.container(), policy.guard()
-    assert container_acl is not None and guard_acl is not None
+    prefix_acl = policy.prefix()
+    assert container_acl is not None and guard_acl is not None and prefix_acl is not None
+    release = f"{paths.prefix}/{RELEASE_NODE}"
+    # What agents need to exist and, under the locked prefix, may not create themselves:
+    # made first (kind order below), the prefix's own ACL is set last.
+    needed = {
+        paths.members: "container",
+        paths.id_to_ip: "container",
+        paths.ip_to_id: "container",
+        paths.legacy: "container",
+        paths.max_change: "guard",
+        release: "guard",
+    }
+    creates: list[AclChange] = []
     if client.exists(paths.prefix) is None:
-        return [], 0
-    for name in children(paths.prefix):
+        creates.append(AclChange(paths.prefix, "container", (), tuple(container_acl), "", True))
+    present = set(children(paths.prefix)) if not creates else set()
+    for path, kind in needed.items():
+        if path.rsplit("/", 1)[-1] not in present:
+            acl = container_acl if kind == "container" else guard_acl
+            creates.append(AclChange(path, kind, (), tuple(acl), "missing: created", True))
+    for name in sorted(present):
         path = f"{paths.prefix}/{name}"
         if path in containers:
             todo.append((path, "container", container_acl, ""))
-        elif path == paths.max_change:
+        elif path in (paths.max_change, release):
             todo.append((path, "guard", guard_acl, ""))
         else:
             todo.append((path, "other", guard_acl, "not Neti's: operators only"))
-    todo.insert(0, (paths.prefix, "container", container_acl, ""))
 
     owner_of_ip: dict[str, str] = {}
     for name in children(paths.ip_to_id):
@@ -400,7 +432,8 @@ def plan_secure(
         iid = owner_of_ip.get(overlay)
         todo.append((f"{paths.legacy}/{name}", "ip-map", *owned(iid, "ip-map node")))
 
-    changes: list[AclChange] = []
+    todo.append((paths.prefix, "prefix", prefix_acl, ""))
+    changes: list[AclChange] = list(creates)
     right = 0
     for n, (path, kind, want, note) in enumerate(todo, 1):
         if progress is not None:
@@ -408,6 +441,8 @@ def plan_secure(
         try:
             have, _ = client.get_acls(path)
         except NoNodeError:
+            if path == paths.prefix:  # created by this plan
+                changes.append(AclChange(path, kind, tuple(container_acl), tuple(want), ""))
             continue  # gone meanwhile (an ephemeral member)
         if acl_key(have) == acl_key(want):
             right += 1
@@ -421,13 +456,20 @@ def apply_secure(
     changes: list[AclChange],
     progress: Callable[[int, int | None], None] | None = None,
 ) -> list[AclChange]:
-    """Set each planned ACL; the ones applied (nodes gone meanwhile are skipped)."""
+    """Create what is missing, then set each planned ACL (the prefix's last); the changes
+    applied (nodes gone meanwhile are skipped)."""
     done = []
     for n, change in enumerate(changes, 1):
         if progress is not None:
             progress(n, len(changes))
         try:
-            client.set_acls(change.path, list(change.want))
+            if change.create:
+                try:
+                    client.create(change.path, b"", acl=list(change.want))
+                except NodeExistsError:
+                    client.set_acls(change.path, list(change.want))
+            else:
+                client.set_acls(change.path, list(change.want))
         except NoNodeError:
             continue
         done.append(change)

@@ -10,7 +10,7 @@ import logging
 import re
 
 from kazoo.client import KazooClient
-from kazoo.exceptions import NodeExistsError, NoNodeError
+from kazoo.exceptions import NoAuthError, NodeExistsError, NoNodeError
 
 from neti.registry.acl import AclPolicy
 
@@ -63,6 +63,13 @@ class MaxChange:
             try:
                 self._create(str(self.default).encode())
                 self.problem = None
+                return self.default
+            except NoAuthError:
+                # A secured prefix: only operators create it (neti fleet secure).
+                locked = "missing, and only an operator may create it (neti fleet secure)"
+                if locked != self.problem:
+                    log.warning("%s: %s; using the default %d", self.path, locked, self.default)
+                self.problem = locked
                 return self.default
             except NodeExistsError:
                 data, _ = self.client.retry(self.client.get, self.path)

@@ -274,7 +274,18 @@ class Membership:
         with self._lock:
             redone = False
             for seat in self.seats:
-                redone = seat.ensure() or redone
+                try:
+                    redone = seat.ensure() or redone
+                except NoAuthError:
+                    if self.client.retry(self.client.exists, seat.parent) is not None:
+                        raise
+                    # A secured prefix: only operators create the containers (neti fleet
+                    # secure). Peers' rules stay; our guard holds the vanished fleet.
+                    log.warning(
+                        "%s is gone and this host may not re-create it (a secured prefix): "
+                        "an operator runs `neti fleet secure`",
+                        seat.parent,
+                    )
             if redone:
                 self.rejoins += 1
                 log.warning("re-joined the fleet as %s after a session change", self.member)

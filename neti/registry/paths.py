@@ -6,6 +6,9 @@ from dataclasses import dataclass
 
 from neti.config import Config
 
+# Operators create or touch it to let held removals through (neti fleet release-guard).
+RELEASE_NODE = "guard-release"
+
 
 @dataclass(frozen=True, slots=True)
 class Paths:

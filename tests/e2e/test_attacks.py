@@ -323,6 +323,9 @@ def test_deleting_the_members_container(lab: Lab) -> None:
     finally:
         for h in ("ec2b", "vpc1"):
             lab.signal_agent(h, signal.SIGCONT)
+    # Under the locked prefix only an operator re-creates the container (the documented
+    # procedure: neti fleet secure); the agents then re-create their own nodes.
+    lab.bootstrap()
     wait_for("every peer lists all", lambda: all(fleet_ids(lab, h) == IDS for h in ALL), 60)
     all_ok(lab, timeout=90)
 
@@ -361,20 +364,16 @@ def test_a_host_cannot_change_the_operator_nodes(lab: Lab) -> None:
             assert a("delete", path=path)["error"] == "NoAuthError", path
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gap (neti/registry/acl.py): the prefix grants fleet identities CREATE (for the "
-    "containers), so an operator node that does not exist yet (maxchange, guard-release) can "
-    "be created, and owned, by any host; operators must create both when securing a fleet "
-    "(the lab's bootstrap, docs/security.md) until agents refuse nodes not owned by operators",
-)
 def test_a_host_cannot_create_a_missing_operator_node(lab: Lab) -> None:
     with operator(lab) as op:
         assert op("delete", path="/neti/guard-release") == {}
     try:
+        # The prefix is locked (neti fleet secure): a fleet identity adds to the containers
+        # only, so it can neither release every guard nor pick a maxchange.
         with Attacker(lab, "ec2b", stolen(lab), hosts=f"{ZKPROXY.private_ip}:{lab.zk_port}") as a:
-            created = a("create", path="/neti/guard-release", data="x")
-        assert created.get("error") == "NoAuthError", created
+            for path in ("/neti/guard-release", "/neti/maxchange-new", "/neti/x"):
+                created = a("create", path=path, data="x")
+                assert created.get("error") == "NoAuthError", (path, created)
     finally:
         with operator(lab) as op:
             op("delete", path="/neti/guard-release")

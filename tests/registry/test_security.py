@@ -130,6 +130,7 @@ def expected(kind: str, owner: str | None = None, fleet: str = acl.WORLD) -> fro
         "container": policy.container(),
         "own": policy.owned_by(owner),
         "guard": policy.guard(),
+        "prefix": policy.prefix(),
     }[kind]
     assert acls is not None
     return acl.acl_key(acls)
@@ -181,6 +182,40 @@ def test_nodes_get_the_table_acls(
     finally:
         op.stop()
         op.close()
+
+
+def test_locked_prefix_without_maxchange_uses_the_default(
+    host: Callable[..., Registry],
+    tls_zk: ZooKeeperServer,
+    pki: CertificateAuthority,
+    cert: Callable[[str], Issued],
+) -> None:
+    """After neti fleet secure an agent cannot create a missing maxchange: default + why."""
+    a = host("i-a")
+    joined(a)
+    op = raw_tls(tls_zk, pki, cert(OPERATOR))
+    op.start(timeout=10)
+    try:
+        op.set_acls(
+            a.paths.prefix, acl.AclPolicy(True, None, (OPERATOR_ID,), (acl.WORLD,)).prefix()
+        )
+        assert op.exists(a.paths.max_change) is None
+        assert a.max_change() == 20
+        assert "only an operator may create it" in (a.max_change_problem or "")
+        assert op.exists(a.paths.max_change) is None
+        op.create(a.paths.max_change, b"7", acl=expected_list("guard"))
+        assert a.max_change() == 7
+        assert a.max_change_problem is None
+    finally:
+        op.stop()
+        op.close()
+
+
+def expected_list(kind: str) -> list:
+    policy = acl.AclPolicy(True, None, (OPERATOR_ID,), (acl.WORLD,), True)
+    out = {"guard": policy.guard(), "prefix": policy.prefix()}[kind]
+    assert out is not None
+    return out
 
 
 def test_other_host_cannot_touch_a(
@@ -356,7 +391,10 @@ def test_fleet_secure_dry_run_then_apply(
         assert r.returncode == 0, r.stderr
         plan = json.loads(r.stdout)
         assert plan["dry_run"] is True
-        assert {c["path"] for c in plan["changes"]} == set(before)
+        release = f"{prefix}/guard-release"
+        assert {c["path"] for c in plan["changes"]} == set(before) | {release}
+        assert [c["path"] for c in plan["changes"] if c.get("create")] == [release]
+        assert plan["changes"][-1]["path"] == prefix  # locked last, after the creates
         assert {p: acl_of(old, p) for p in _walk(old, prefix)} == before  # nothing changed
 
         r = run_neti("fleet", "secure", "-c", str(cfg_path))
@@ -365,9 +403,11 @@ def test_fleet_secure_dry_run_then_apply(
         op = raw_tls(tls_zk, pki, cert(OPERATOR))
         op.start(timeout=10)
         try:
-            for c in ("", "/members", "/id-to-ip", "/ip-to-id"):
+            assert acl_of(op, prefix) == expected("prefix")
+            for c in ("/members", "/id-to-ip", "/ip-to-id"):
                 assert acl_of(op, prefix + c) == expected("container")
             assert acl_of(op, f"{prefix}/maxchange") == expected("guard")
+            assert acl_of(op, f"{prefix}/guard-release") == expected("guard")
             for iid, ip in (("i-a", "10.9.0.5"), ("i-b", "10.9.0.6")):
                 own = expected("own", f"x509:CN={iid}")
                 assert acl_of(op, f"{prefix}/id-to-ip/{iid}") == own
@@ -382,6 +422,28 @@ def test_fleet_secure_dry_run_then_apply(
         # The old open client is now an outsider: it can read but not write.
         with pytest.raises(NoAuthError):
             old.set(f"{prefix}/maxchange", b"0")
+        # A fleet host may add to the containers but not create a missing operator node
+        # (the locked prefix): it cannot release guards or pick maxchange.
+        op = raw_tls(tls_zk, pki, cert(OPERATOR))
+        host = raw_tls(tls_zk, pki, cert("i-c"))
+        op.start(timeout=10)
+        host.start(timeout=10)
+        try:
+            op.delete(f"{prefix}/guard-release")
+            for name in ("guard-release", "maxchange2", "anything"):
+                with pytest.raises(NoAuthError):
+                    host.create(f"{prefix}/{name}", b"1")
+            host.create(f"{prefix}/id-to-ip/i-c", b"10.9.0.7")
+        finally:
+            for c in (host, op):
+                c.stop()
+                c.close()
+        r = run_neti("fleet", "secure", "--json", "-c", str(cfg_path))
+        out = json.loads(r.stdout)["changes"]
+        assert [(c["path"], c.get("create")) for c in out] == [
+            (f"{prefix}/guard-release", "yes"),
+            (f"{prefix}/id-to-ip/i-c", None),
+        ]
         r = run_neti("fleet", "secure", "--json", "-c", str(cfg_path))
         assert json.loads(r.stdout)["changes"] == []
     finally:
