@@ -20,7 +20,11 @@ from typing import Any, ClassVar
 from neti.dataplane import conntrack, route
 from neti.dataplane.system import System
 from neti.desired import DesiredState
+from neti.desired.model import Delta
 from neti.errors import DataplaneError
+
+# Larger changes go through a full apply (the allowlist's staged swap, one read and compare).
+DELTA_MAX = 64
 
 
 class Feature:
@@ -143,6 +147,11 @@ class Backend(abc.ABC):
     def __init__(self, system: System):
         self.system = system
         self._swept = False  # other backends' leftovers were looked for (first apply)
+        # What the last full apply made the kernel equal (None: unknown, e.g. it failed);
+        # apply_delta writes changes relative to it and refuses without it.
+        self.applied: DesiredState | None = None
+        self.allow_size = 0  # allowlist entries the kernel holds, as far as we wrote them
+        self.generation = 0  # full applies so far: state a backend derives from ``applied``
 
     @property
     def label(self) -> str:
@@ -224,6 +233,7 @@ class Backend(abc.ABC):
         """
         start = time.monotonic()
         self.system.guard_writes()
+        self.applied = None
         with self.system.lock():
             changes, warnings = conntrack.ensure(
                 self.system, desired.conntrack_max, desired.conntrack_hashsize
@@ -245,6 +255,8 @@ class Backend(abc.ABC):
                         changes += done
                         warnings += warned
                 self._swept = True
+        self.applied, self.allow_size = desired, len(desired.allow)
+        self.generation += 1
         return ApplyResult(
             backend=self.label,
             changed=bool(changes),
@@ -253,10 +265,46 @@ class Backend(abc.ABC):
             duration=time.monotonic() - start,
         )
 
+    def apply_delta(self, delta: Delta) -> ApplyResult | None:
+        """Write one change of the desired state (``DesiredModel.update``) without reading
+        the kernel: the allowlist elements and DNAT entries it names, nothing else.
+
+        Relative to what this backend last wrote (a full ``apply``, then deltas). None when
+        it cannot (no full apply yet, more than DELTA_MAX elements, a backend without element
+        updates): the caller runs ``apply``. A DataplaneError means the kernel was not what
+        was last written (drift): the caller runs ``apply`` too, which reads and repairs.
+        """
+        if self.applied is None or delta.size > DELTA_MAX:
+            return None
+        if delta.empty:
+            return ApplyResult(backend=self.label, changed=False)
+        start = time.monotonic()
+        self.system.guard_writes()
+        with self.system.lock():
+            try:
+                changes = self._write_delta(delta)
+            except BaseException:
+                self.applied = None  # half-written: only a full apply knows the kernel now
+                raise
+        if changes is None:
+            return None
+        self.allow_size += len(delta.allow_add) - len(delta.allow_del)
+        return ApplyResult(
+            backend=self.label,
+            changed=bool(changes),
+            changes=tuple(changes),
+            duration=time.monotonic() - start,
+        )
+
+    def _write_delta(self, delta: Delta) -> list[str] | None:
+        """Write ``delta``; None when this backend does not do element updates."""
+        return None
+
     def uninstall(self) -> ApplyResult:
         """Remove everything Neti owns (also another backend's leftovers) and nothing else."""
         start = time.monotonic()
         self.system.guard_writes()
+        self.applied = None
         with self.system.lock():
             changes, warnings = self._remove_objects()
             for other in self._others():

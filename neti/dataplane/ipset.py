@@ -149,3 +149,22 @@ def diff(current: SetsState, allow: Sequence[IPv4Address] | Sequence[str]) -> li
 def render_uninstall(current_names: frozenset[str]) -> str:
     lines = [f"destroy {n}" for n in OUR_SETS if n in current_names]
     return "\n".join(lines) + "\n" if lines else ""
+
+
+def write_delta(
+    system: System, add: Sequence[IPv4Address], remove: Sequence[IPv4Address]
+) -> list[str]:
+    """Add and remove allowlist elements in place (one member's change); no read.
+
+    One element is one ``ipset add/del -exist`` (atomic on its own); a few go through one
+    ``ipset -exist restore``. Large changes use ``render``'s staged swap instead.
+    """
+    if not add and not remove:
+        return []
+    if len(add) + len(remove) == 1:
+        verb, ip = ("add", add[0]) if add else ("del", remove[0])
+        system.run(["ipset", verb, "-exist", ALLOW_SET, str(ip)])
+    else:
+        lines = [f"del {ALLOW_SET} {ip}" for ip in remove] + [f"add {ALLOW_SET} {ip}" for ip in add]
+        system.run(["ipset", "-exist", "restore"], input="\n".join(lines) + "\n")
+    return [f"set {ALLOW_SET}: +{len(add)} -{len(remove)} members (in place)"]

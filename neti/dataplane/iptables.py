@@ -40,6 +40,7 @@ from neti.dataplane.base import (
 )
 from neti.dataplane.system import System
 from neti.desired import DesiredState, Dnat
+from neti.desired.model import Delta
 from neti.errors import DataplaneError
 
 log = logging.getLogger(__name__)
@@ -560,6 +561,32 @@ class IptablesBackend(Backend):
                 "dnat_chains": len([c for c in tree if c != NAT_CHAIN]),
             },
         )
+
+    def _write_delta(self, delta: Delta) -> list[str] | None:
+        """One member's change without a read: ipset add/del in place, and only the DNAT
+        chains it touches (usually one leaf) rewritten in one ``iptables-restore --noflush``
+        (dnat_delta.DnatTree keeps the tree as last written)."""
+        from neti.dataplane import dnat_delta
+
+        if self.applied is None or self.allow_size + len(delta.allow_add) > ipset.MIN_MAXELEM:
+            return None
+        tree = getattr(self, "_dnat_tree", None)
+        if tree is None or tree.generation != self.generation:
+            tree = dnat_delta.DnatTree(self.applied, self.generation)
+            self._dnat_tree: dnat_delta.DnatTree | None = tree
+        changed = tree.change(list(delta.dnat_del), list(delta.dnat_set))
+        if changed is None:
+            self._dnat_tree = None
+            return None
+        changes = ipset.write_delta(self.system, delta.allow_add, delta.allow_del)
+        write, delete = changed
+        if write or delete:
+            self._restore(tree.payload(write, delete))
+            changes.append(
+                f"nat: rewrote {len(write)} DNAT chains"
+                + (f", deleted {len(delete)}" if delete else "")
+            )
+        return changes
 
 
 # --------------------------------------------------------------------------- leftovers

@@ -35,6 +35,7 @@ from neti.dataplane.base import (
 )
 from neti.dataplane.system import System
 from neti.desired import DesiredState
+from neti.desired.model import Delta
 from neti.errors import DataplaneError
 
 log = logging.getLogger(__name__)
@@ -168,6 +169,32 @@ def full_script(d: DesiredState, audit: dict[str, AuditEntry] | None = None) -> 
 
 def _ip_key(s: str) -> tuple[int, ...]:
     return tuple(int(x) for x in s.split("."))
+
+
+def delta_script(delta: Delta) -> str:
+    """One member's change as element updates in one ``nft -f`` transaction (no read).
+
+    Deletions first: a changed mapping is deleted and added again (adding a key that holds
+    another value fails). Deleting an element the kernel lacks fails the whole transaction:
+    the kernel was not what Neti wrote, and the caller repairs it with a full apply.
+    """
+    ref = f"{FAMILY} {TABLE}"
+    lines = []
+    if delta.allow_del:
+        lines.append(
+            f"delete element {ref} {ALLOW_SET} {_elements([str(a) for a in delta.allow_del])}"
+        )
+    if delta.dnat_del:
+        keys = [str(x.overlay_ip) for x in delta.dnat_del]
+        lines.append(f"delete element {ref} {DNAT_MAP} {_elements(keys)}")
+    if delta.allow_add:
+        lines.append(
+            f"add element {ref} {ALLOW_SET} {_elements([str(a) for a in delta.allow_add])}"
+        )
+    if delta.dnat_set:
+        items = [f"{x.overlay_ip} : {x.target}" for x in delta.dnat_set]
+        lines.append(f"add element {ref} {DNAT_MAP} {_elements(items)}")
+    return "\n".join(lines) + "\n" if lines else ""
 
 
 # --------------------------------------------------------------------------- kernel state
@@ -400,6 +427,21 @@ class NftablesBackend(Backend):
 
     def _write_allowlist(self, payload: str) -> None:
         raise AssertionError("the nftables backend writes its allowlist with the rules")
+
+    def _write_delta(self, delta: Delta) -> list[str] | None:
+        script = delta_script(delta)
+        if script:
+            self.system.run(["nft", "-f", "-"], input=script)
+        changes = []
+        if delta.allow_add or delta.allow_del:
+            changes.append(
+                f"nft: set {ALLOW_SET}: +{len(delta.allow_add)} -{len(delta.allow_del)} members"
+            )
+        if delta.dnat_set or delta.dnat_del:
+            changes.append(
+                f"nft: map {DNAT_MAP}: {len(delta.dnat_set)} set, {len(delta.dnat_del)} removed"
+            )
+        return changes
 
     def _write_rules(self, payload: str) -> None:
         self.system.run(["nft", "-f", "-"], input=payload)
