@@ -28,6 +28,7 @@ from kazoo.handlers.threading import KazooTimeoutError
 
 from neti import __version__
 from neti import config as config_mod
+from neti.agent import fleetsync
 from neti.agent import guard as guard_mod
 from neti.agent import state as state_mod
 from neti.agent.metrics import Metrics
@@ -35,9 +36,11 @@ from neti.agent.scheduler import Scheduler
 from neti.agent.sdnotify import Notifier
 from neti.agent.waker import Waker
 from neti.config import Config
-from neti.dataplane.base import ApplyResult
+from neti.dataplane.base import ApplyResult, Backend
+from neti.desired.model import DesiredModel
 from neti.errors import (
     ConfigError,
+    DataplaneError,
     NetiError,
     RegistryAccessError,
     RegistryError,
@@ -65,6 +68,9 @@ FRESH_SESSION_MARGIN = 2.0
 # Longest wait for one ZooKeeper call the agent makes itself (own-node check, re-arming
 # watches): kazoo queues requests while disconnected, and the loop must never wait on that.
 ZK_CALL_TIMEOUT = 5.0
+# The fleet part of the state file (16k members: ~0.1 s to write) is written at most this
+# often while members change; ZooKeeper state, guard holds and errors are written at once.
+STATE_FLEET_INTERVAL = 3.0
 # The node an operator bumps to let held removals through once (neti fleet release-guard).
 RELEASE_NODE = guard_mod.RELEASE_NODE
 _UNSET: Any = object()
@@ -155,12 +161,26 @@ class Agent:
         )
         self.identity: Identity | None = None
         self.overlay_ip: IPv4Address | None = None
-        self.backend: Any = None
+        self.backend: Backend | Any = None
         self.reg: Any = None
         self.state = state_mod.AgentState(
             pid=os.getpid(), started_at=time.time(), version=__version__
         )
         self.applied: Fleet | None = None  # last fleet handed to the kernel (after the guard)
+        # The delta path (issue 10): the registry's fleet as last read (instance ID ->
+        # member), its skip counts, what the kernel was given (after the guard), and the
+        # desired state kept one member at a time. None / empty: the next reconcile is full.
+        self._read: dict[str, Member] = {}
+        self._meta = Fleet()
+        self._applied_members: dict[str, Member] | None = None
+        self._model: DesiredModel | None = None
+        self._need_full = True
+        self._need_watch = True
+        self._by_network: collections.Counter[str] = collections.Counter()
+        self._last_decision: guard_mod.GuardDecision | None = None
+        self._fleet_saved = 0.0  # monotonic time the fleet was last written to the state file
+        self._save_due: float | None = None  # a debounced state write is pending
+        self._last_held = False
         self._stop = False
         self._leave_on_stop = False  # SIGINT/SIGUSR1: leave now; SIGTERM: keep the session
         self._stop_at: float | None = None
@@ -170,8 +190,6 @@ class Agent:
         self._zk_events: collections.deque[str] = collections.deque()
         self._ready_sent = False
         self._last_watchdog = 0.0
-        self._watches_for: Any = None
-        self._lock = threading.Lock()
         self._backoff = _Backoff()
         self._last_warnings: tuple[str, ...] = ()
         self._apply_backoff = _Backoff()
@@ -355,7 +373,7 @@ class Agent:
                 self._ready("fail static: cannot reach ZooKeeper at " + ",".join(hosts))
                 self._sleep(self._backoff.next())
                 continue
-            self.reg = reg
+            self.reg = reg = fleetsync.with_facade(reg, self._call_timeout())
             try:
                 self._join()
             except NetiError as exc:
@@ -371,7 +389,7 @@ class Agent:
                 continue
             self._set_zk_state("connected")
             self._save_session()
-            reg.client.add_listener(self._on_zk_state)
+            reg.add_state_listener(self._on_zk_state)
             # Peers may be re-joining too (an ensemble-wide outage): give them a session
             # timeout before removing any of them.
             self.guard.start_grace(self.cfg.guard_grace_seconds(), "connect")
@@ -481,9 +499,14 @@ class Agent:
         session_mod.touch(self.cfg.state_dir)
 
     def _watch(self) -> None:
-        """Watches are armed by each reconcile's reads (one-shot, raw): see _on_watch."""
+        """A new session: the next reconcile (re)starts the fleet watch (watch_fleet) and
+        applies in full. Other watches are one-shot, re-armed by each reconcile's reads."""
         self._watch_token = object()
-        self._watches_for = self.reg
+        self._need_watch = True
+        self._need_full = True
+
+    def _call_timeout(self) -> float:
+        return min(ZK_CALL_TIMEOUT, self.cfg.zk_session_timeout)
 
     def _on_watch(self, _event: object = None) -> None:
         """kazoo's callback thread: set a flag and wake the loop; never block or read."""
@@ -491,36 +514,15 @@ class Agent:
         self.waker.wake()
 
     def _arm_watches(self) -> None:
-        """Re-arm the one-shot watches on maxchange and the release node (their reads
-        pipelined, each bounded); the release node's stat is the release token."""
+        """Re-arm the one-shot watches on maxchange and the release node (each bounded);
+        the release node's stat is the release token."""
         reg = self.reg
-        client = reg.client
-        mc = client.exists_async(
-            self.cfg.path(self.cfg.zk_max_change_threshold_path), watch=self._on_watch
-        )
-        rel = client.exists_async(self.cfg.path(RELEASE_NODE), watch=self._on_watch)
-        self._zk_wait(mc)
-        stat = self._zk_wait(rel)
+        reg.watch_node(self.cfg.path(self.cfg.zk_max_change_threshold_path), self._on_watch)
+        stat = reg.watch_node(self.cfg.path(RELEASE_NODE), self._on_watch)
         token = (stat.czxid, stat.mzxid) if stat is not None else None
         self._release_seen = token
         if self._release_base is _UNSET:
             self._release_base = token  # as it was when this agent started: no release
-
-    def _zk_wait(self, async_result: Any) -> Any:
-        """The result of one kazoo async call, within ZK_CALL_TIMEOUT (KazooTimeoutError),
-        abandoned at once when a stop signal arrives (DeadlineClient.aborted)."""
-        client = self.reg.client if self.reg is not None else None
-        limit = min(ZK_CALL_TIMEOUT, self.cfg.zk_session_timeout)
-        deadline = time.monotonic() + limit
-        while True:
-            if self._stop or getattr(client, "aborted", False):
-                raise KazooTimeoutError("stopping: ZooKeeper call abandoned")
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise KazooTimeoutError(f"no answer from ZooKeeper within {limit:g}s")
-            async_result.wait(min(0.1, left))
-            if async_result.ready():
-                return async_result.get()
 
     def _check_self(self) -> bool:
         """Is the members container there? Re-create our own member node if it is gone.
@@ -530,13 +532,13 @@ class Agent:
         peer until our next session change. Returns True if the container was missing.
         """
         reg = self.reg
-        client = reg.client
-        container_missing = self._zk_wait(client.exists_async(reg.members_path)) is None
+        container_missing = reg.watch_node(reg.members_path, self._on_watch) is None
         membership = reg.membership
-        session = client.client_id[0] if client.client_id else None
+        client_id = reg.client.client_id
+        session = client_id[0] if client_id else None
         ours = True
         for seat in list(membership.seats):
-            stat = self._zk_wait(client.exists_async(seat.path))
+            stat = reg.watch_node(seat.path, self._on_watch)
             if stat is None or stat.ephemeralOwner != session:
                 ours = False
         if not ours:
@@ -613,8 +615,12 @@ class Agent:
         reg, self.reg = self.reg, None
         if reg is None:
             return
+        remove = getattr(reg, "remove_state_listener", None)
         try:
-            reg.client.remove_listener(self._on_zk_state)
+            if remove is not None:
+                remove(self._on_zk_state)
+            else:
+                reg.client.remove_listener(self._on_zk_state)
         except Exception:  # noqa: BLE001
             pass
         connected = self.state.zookeeper.state == "connected"
@@ -722,8 +728,12 @@ class Agent:
             if reason is not None:
                 self.reconcile(reason)
                 continue
+            if self._save_due is not None and time.monotonic() >= self._save_due:
+                self._save()
             self._watchdog()
             timeout = self.sched.timeout()
+            if self._save_due is not None:
+                timeout = min(timeout, max(0.0, self._save_due - time.monotonic()))
             if self.state.zookeeper.state != "connected":
                 timeout = min(timeout, 1.0)  # _check_session watches how long we are away
             else:
@@ -772,21 +782,50 @@ class Agent:
         return self.backend.apply(want)
 
     def reconcile(self, reason: str) -> None:
-        """Read the fleet, guard it, apply it. Never removes a rule on a ZooKeeper error."""
+        """Read the fleet (its changes), guard it, apply it. Never removes a rule on a
+        ZooKeeper error.
+
+        A watch event (or a retry) takes the registry's changes and writes only their
+        difference to the kernel (the delta path: O(change)); the resync timer, a relist, a
+        new session, an operator's release and any earlier failure take the full path: the
+        whole fleet, the whole desired state, the backend's read-compare-write (drift repair).
+        """
         zk = self.state.zookeeper.state
         if self.reg is None or zk != "connected":
             log.info("reconcile (%s) skipped: ZooKeeper %s; rules unchanged", reason, zk)
             return
         t0 = time.monotonic()
+        full = self._need_full or reason == "resync"
         try:
             container_missing = self._check_self()
-            fleet = self.reg.read_fleet(watch=self._on_watch)
+            if self._need_watch:
+                change = self.reg.watch_fleet(self._on_watch, self.identity)
+                self._need_watch = False
+                full = True
+            elif full:
+                change = self.reg.resync_fleet()
+            else:
+                change = self.reg.fleet_changes()
+                full = change.relisted
+            if full:
+                fleet = self.reg.fleet_snapshot()
+                self._read = fleetsync.index(fleet.members)
+                self._meta = fleet
+            else:
+                fleetsync.apply_change(self._read, change)
+                self._meta = Fleet(
+                    skipped=change.skipped,
+                    skipped_reasons=self._meta.skipped_reasons,
+                    skipped_by_reason=dict(change.skipped_by_reason),
+                )
+            container_missing = container_missing or change.container_missing
             max_change = self.reg.max_change()
             # Why maxchange fell back to its default (status shows it), or None.
-            self.state.guard.max_change_problem = getattr(self.reg, "max_change_problem", None)
+            self.state.guard.max_change_problem = self.reg.max_change_problem
         except (RegistryError, KazooException, KazooTimeoutError) as exc:
             detail = str(exc) or type(exc).__name__
             log.warning("cannot read the fleet: %s; rules unchanged", detail)
+            self._need_full = True  # what the registry held may have moved on meanwhile
             self.sched.retry_in(self._backoff.next())
             self._save()
             return
@@ -794,15 +833,20 @@ class Agent:
         release_token = self._release_seen
         if self._release_requested():
             self.guard.release()
-        decision = self.guard.decide(
-            fleet,
+            full = True
+        prev = self._applied_members
+        decision = self.guard.decide_read(
+            self._read,
             self._guard_settings(max_change),
             self._self_member(),
             container_missing=container_missing,
+            meta=self._meta,
         )
         try:
-            result = self._apply(decision.fleet)
+            result, how = self._write(decision, prev, change, full)
         except Exception as exc:  # noqa: BLE001 - keep running; the kernel keeps old rules
+            self._need_full = True
+            self._model = None
             self.state.apply_errors += 1
             self.metrics.apply_errors.inc()
             if isinstance(exc, NetiError):
@@ -813,6 +857,7 @@ class Agent:
             self.sched.retry_in(self._apply_backoff.next())
             self._save()
             return
+        self._need_full = False
         self._apply_backoff.reset()
         self.guard.commit(decision)
         if decision.released:
@@ -820,20 +865,21 @@ class Agent:
         self._note_guard(decision)
         self._note_warnings(result)
         duration = time.monotonic() - t0
-        self.applied = decision.fleet
-        self.state.fleet = decision.fleet
+        self._applied_members = dict(decision.members)
+        self._last_decision = decision
         self.state.applied = _summary(result)
-        self.state.skipped = fleet.skipped
-        self.state.skipped_reasons = list(fleet.skipped_reasons)
-        self.state.skipped_by_reason = dict(fleet.skipped_by_reason)
+        self.state.skipped = self._meta.skipped
+        self.state.skipped_reasons = list(self._meta.skipped_reasons)
+        self.state.skipped_by_reason = dict(self._meta.skipped_by_reason)
         self.state.last_success = time.time()
         holding = decision.held and decision.reason != guard_mod.SETTLE
         self._record("held" if holding else "ok", reason, duration)
         self.metrics.reconcile_duration.observe(duration)
         self.metrics.last_success.set(self.state.last_success)
-        self.metrics.set_members(decision.fleet.by_network())
-        self.metrics.set_skipped(fleet.skipped_by_reason)
-        self._update_conntrack()
+        self.metrics.set_members(dict(sorted(self._by_network.items())))
+        self.metrics.set_skipped(self._meta.skipped_by_reason)
+        if full:
+            self._update_conntrack()
         if decision.held:
             wait = GUARD_RETRY
             if decision.reason == guard_mod.GRACE:
@@ -843,15 +889,65 @@ class Agent:
             self.sched.retry_in(wait)
         log.log(
             logging.INFO if decision.added or decision.removed else logging.DEBUG,
-            "reconciled (%s) in %.3fs: %d members%s%s",
+            "reconciled (%s, %s) in %.3fs: %d members%s%s",
             reason,
+            how,
             duration,
-            len(decision.fleet.members),
+            len(decision.members),
             f", +{len(decision.added)}" if decision.added else "",
             f", -{len(decision.applied_removals)}" if decision.applied_removals else "",
         )
-        self._save()
+        if full or holding or holding != self._last_held:
+            self._save()
+        else:
+            self._save_soon()
+        self._last_held = holding
         self._ready(self._status_line())
+
+    def _write(
+        self,
+        decision: guard_mod.GuardDecision,
+        prev: dict[str, Member] | None,
+        change: fleetsync.FleetChangeLike,
+        full: bool,
+    ) -> tuple[ApplyResult, str]:
+        """Hand the guard's decision to the kernel: only its difference from ``prev`` when
+        the delta path is possible, else in full. Returns the result and which path."""
+        assert self.identity is not None
+        new = decision.members
+        model = self._model
+        if (
+            not full
+            and prev is not None
+            and model is not None
+            and model.self_overlay == self.overlay_ip
+        ):
+            ids = prev.keys() ^ new.keys()
+            ids.update(m.instance_id for m in change.added)
+            ids.update(m.instance_id for m in change.removed)
+            removed = [prev[i] for i in ids if i in prev and new.get(i) != prev[i]]
+            added = [new[i] for i in ids if i in new and prev.get(i) != new[i]]
+            self._by_network.subtract(m.network for m in removed)
+            self._by_network.update(m.network for m in added)
+            self._by_network = +self._by_network  # drop networks that emptied
+            delta = model.update(removed, added)
+            try:
+                result = self.backend.apply_delta(delta)
+            except DataplaneError as exc:
+                log.warning(
+                    "dataplane: a change could not be written in place (%s); full apply", exc
+                )
+                result = None
+            if result is not None:
+                return result, "delta"
+            return self.backend.apply(model.state()), "full"
+        model = DesiredModel(self.identity, self.cfg, self_overlay=self.overlay_ip)
+        model.reset(new.values())
+        self._model = None  # until the kernel took it
+        result = self.backend.apply(model.state())
+        self._model = model
+        self._by_network = collections.Counter(m.network for m in new.values())
+        return result, "full"
 
     def _note_warnings(self, result: ApplyResult) -> None:
         """Log the backend's warnings when they change (not on every reconcile)."""
@@ -960,7 +1056,10 @@ class Agent:
 
     def _status_line(self) -> str:
         s = self.state
-        n = len(s.fleet.members) if s.fleet else 0
+        if self._applied_members is not None:
+            n = len(self._applied_members)
+        else:
+            n = len(s.fleet.members) if s.fleet else 0
         parts = [f"{n} members", f"zookeeper {s.zookeeper.state}"]
         if s.overlay_ip:
             parts.insert(0, f"overlay {s.overlay_ip}")
@@ -970,7 +1069,21 @@ class Agent:
             parts.append("last apply failed")
         return ", ".join(parts)
 
+    def _save_soon(self) -> None:
+        """Write the state file now, or within STATE_FLEET_INTERVAL when it was just written
+        (members changing one by one at 16k: the fleet part is what costs)."""
+        if time.monotonic() - self._fleet_saved >= STATE_FLEET_INTERVAL:
+            self._save()
+        elif self._save_due is None:
+            self._save_due = self._fleet_saved + STATE_FLEET_INTERVAL
+
     def _save(self) -> None:
+        d = self._last_decision
+        if d is not None and self.state.fleet is not d.fleet:
+            self.state.fleet = d.fleet  # built once per decision, only when written
+            self.applied = d.fleet
+        self._fleet_saved = time.monotonic()
+        self._save_due = None
         self.state.updated_at = time.time()
         if self._tagger is not None:
             self.state.tagging = self._tagger.state
@@ -991,8 +1104,8 @@ class Agent:
             if signum != signal.SIGTERM:
                 self._leave_on_stop = True
             reg = self.reg
-            if reg is not None and hasattr(reg.client, "aborted"):
-                reg.client.aborted = True  # calls in flight give up within 0.1 s
+            if reg is not None:
+                reg.abort()  # calls in flight give up within 0.1 s
             self.waker.wake()
 
         def hup(_signum: int, _frame: object) -> None:

@@ -32,9 +32,10 @@ records a decision once the kernel took it, so a failed apply is decided again.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from neti.fleet import Fleet, Member
@@ -70,11 +71,12 @@ class Settings:
         return min(self.max_change, share)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class GuardDecision:
     """What to apply, and why (``as_dict`` goes into the state file)."""
 
-    fleet: Fleet  # the fleet to hand to desired.compute()
+    members: Mapping[str, Member]  # instance ID -> member: what to hand to the kernel
+    meta: Fleet  # the read's skip counts (its members are not used)
     held: bool  # True: some removals were refused
     removed: tuple[str, ...]  # instance IDs the read lacks (applied unless held)
     added: tuple[str, ...]  # instance IDs new in this read (always applied)
@@ -90,6 +92,17 @@ class GuardDecision:
     released: bool = False  # an operator's release let this decision through
     self_listed: bool = True  # this host was in the read
     _next: _Memory | None = field(default=None, repr=False, compare=False)
+
+    @functools.cached_property
+    def fleet(self) -> Fleet:
+        """The fleet to hand to desired.compute() (built on first use: O(N log N))."""
+        m = self.members
+        return Fleet(
+            members=tuple(m[i] for i in sorted(m)),
+            skipped=self.meta.skipped,
+            skipped_reasons=self.meta.skipped_reasons,
+            skipped_by_reason=dict(self.meta.skipped_by_reason),
+        )
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -178,9 +191,22 @@ class Guard:
         container_missing: bool = False,
     ) -> GuardDecision:
         """What to apply for the fleet just read; call ``commit`` once it is applied."""
+        return self.decide_read(_index(new.members), settings, self_member, container_missing, new)
+
+    def decide_read(
+        self,
+        read: Mapping[str, Member],
+        settings: Settings,
+        self_member: Member | None = None,
+        container_missing: bool = False,
+        meta: Fleet | None = None,
+    ) -> GuardDecision:
+        """``decide`` for a read given as instance ID -> member (the agent keeps it up to
+        date from the registry's changes). The work is dict and key-set operations (C
+        speed): no sort and no per-member Python loop unless something is held."""
+        new = meta if meta is not None else Fleet()
         now = self.clock()
         mem = self._mem.copy()
-        read = _index(new.members)
         self_id = self_member.instance_id if self_member else None
         self_listed = self_id is None or self_id in read
         cur = dict(read)
@@ -213,15 +239,14 @@ class Guard:
         for i, (t, _m) in list(mem.recent.items()):
             if now - t > settings.window or i in cur:
                 del mem.recent[i]
-        removed = tuple(sorted(i for i in prev if i not in cur and i != self_id))
-        added = tuple(sorted(i for i in cur if i not in prev))
+        removed = tuple(sorted(prev.keys() - cur.keys() - {self_id}))
+        added = tuple(sorted(cur.keys() - prev.keys()))
         mem.pending = {i: mem.pending.get(i, now) for i in removed}
-        baseline_ids = set(prev) | set(mem.recent)
-        baseline = len(baseline_ids)
+        baseline = len(prev.keys() | mem.recent.keys())
         limit = settings.limit(baseline)
         counted = sorted(set(removed) | set(mem.recent))
-        others_prev = any(i != self_id for i in prev)
-        others_read = any(i != self_id for i in read)
+        others_prev = len(prev) > (1 if self_id in prev else 0)
+        others_read = len(read) > (1 if self_id in read else 0)
 
         was_held = mem.held_reason
         if container_missing or (others_prev and not read):
@@ -278,7 +303,7 @@ class Guard:
         if not released:  # what an operator let through does not count against later ones
             for i in gone:
                 mem.recent[i] = (now, prev[i])
-        mem.applied = dict(members)
+        mem.applied = members
         mem.held_reason = reason if held_ids else ""
         return self._result(
             new,
@@ -318,14 +343,9 @@ class Guard:
         settle_left: float = 0.0,
         applied_removals: tuple[str, ...] = (),
     ) -> GuardDecision:
-        fleet = Fleet(
-            members=tuple(sorted(members.values())),
-            skipped=new.skipped,
-            skipped_reasons=new.skipped_reasons,
-            skipped_by_reason=dict(new.skipped_by_reason),
-        )
         return GuardDecision(
-            fleet=fleet,
+            members=members,
+            meta=new,
             held=bool(held_ids),
             removed=removed,
             added=added,

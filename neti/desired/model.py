@@ -155,6 +155,16 @@ class DesiredModel:
         return out
 
     # --- changes ---
+    def reset(self, members: Iterable[Member]) -> None:
+        """Start over from ``members`` (the full path): no delta is computed."""
+        for m in list(self._members.values()):
+            self._remove(m)
+        for m in list(self._self_entries):
+            self._remove(m)
+        for m in members:
+            self._add(m)
+        self._refresh_self()
+
     def set_self_overlay(self, ip: IPv4Address | None) -> Delta:
         return self.update((), (), self_overlay=ip)
 

@@ -30,6 +30,9 @@ class RecordingBackend:
             f.write(json.dumps({"at": time.time(), "dnat": dnat}) + "\n")
         return ApplyResult(backend=self.name, changed=True)
 
+    def apply_delta(self, delta: Any) -> ApplyResult | None:
+        return None  # no element updates: every change is recorded as a full apply
+
 
 def main(argv: list[str]) -> int:
     from neti import config, dataplane

@@ -47,6 +47,9 @@ class FakeReg:
     def leave(self) -> None:
         self.left = True
 
+    def abort(self) -> None:
+        self.client.aborted = True
+
     def close(self) -> None:
         self.client.stop()
 

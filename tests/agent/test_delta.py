@@ -1,0 +1,289 @@
+"""Agent.reconcile without root or ZooKeeper (issue 10.2, 12.4): a FakeRegistry with the
+delta facade, the real nftables backend on a FakeSystem. A watch event writes only the
+change (element updates, no kernel read, no fleet snapshot); resync, relist, release, a new
+session and failures take the full path; the guard's behaviour is unchanged; the kernel
+always ends equal to desired.compute of what the guard let through."""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address as A
+from pathlib import Path
+
+import pytest
+
+from neti import config
+from neti.agent import core
+from neti.agent import guard as guard_mod
+from neti.agent import state as state_mod
+from neti.dataplane.nftables import NftablesBackend
+from neti.desired import compute
+from neti.fleet import Fleet, Member
+from neti.identity import Identity
+from tests.support.fakeregistry import FakeRegistry, boom
+from tests.support.fakesystem import FakeSystem
+
+ME = Identity("i-me", A("10.0.0.1"), A("203.0.113.1"), "default")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def member(i: int, network: str = "other", public: int | None = None) -> Member:
+    return Member(
+        f"i-{i:05d}",
+        network,
+        A(int(A("100.64.0.1")) + (i if public is None else public)),
+        A(int(A("10.64.0.1")) + i),
+        A(int(A("192.168.1.1")) + i),
+        "1",
+    )
+
+
+def make_agent(tmp_path: Path, **extra: object) -> tuple[core.Agent, FakeRegistry, FakeSystem]:
+    cfg = config.parse(
+        {
+            "zk_hosts": {"default": ["127.0.0.1:1"]},
+            "state_dir": str(tmp_path),
+            "zk_session_timeout": 6,
+            "backend": "nftables",
+            "guard_settle": 0,
+            "guard_fraction": 1.0,
+            **extra,
+        }
+    )
+    a = core.Agent(str(tmp_path / "neti.yml"), cfg)
+    a.identity = ME
+    a.overlay_ip = A("192.168.0.2")
+    a.guard = guard_mod.Guard(clock=Clock())
+    system = FakeSystem()
+    a.backend = NftablesBackend(system)
+    reg = FakeRegistry()
+    a.reg = reg
+    a.state.zookeeper.state = "connected"
+    return a, reg, system
+
+
+def kernel_equals_desired(a: core.Agent, system: FakeSystem, members: list[Member]) -> None:
+    want = compute(ME, Fleet(members=tuple(members)), a.cfg, self_overlay=a.overlay_ip)
+    assert system.table is not None
+    assert system.table.allow == {str(x) for x in want.allow}
+    assert system.table.dnat == {str(x.overlay_ip): str(x.target) for x in want.dnat}
+
+
+def test_event_writes_only_the_change(tmp_path: Path) -> None:
+    a, reg, system = make_agent(tmp_path)
+    fleet = [member(i) for i in range(200)]
+    reg.add(*fleet)
+    a.reconcile("resync")  # first: watch_fleet + full apply
+    assert "watch_fleet" in reg.calls and "fleet_snapshot" in reg.calls
+    kernel_equals_desired(a, system, fleet)
+
+    reg.calls.clear()
+    system.calls.clear()
+    new = member(500)
+    reg.add(new)
+    a.reconcile("event")
+    assert "fleet_changes" in reg.calls and "fleet_snapshot" not in reg.calls
+    assert system.reads() == []
+    [call] = system.calls
+    assert call.argv == ["nft", "-f", "-"]
+    assert call.input is not None and "add element ip neti allow { 100.64.1.245 }" in call.input
+    assert "add element ip neti overlay { 192.168.2.245 : 100.64.1.245 }" in call.input
+    kernel_equals_desired(a, system, [*fleet, new])
+
+    system.calls.clear()
+    reg.remove(fleet[7])
+    a.reconcile("event")
+    assert system.reads() == [] and len(system.calls) == 1
+    assert a.state.last_reconcile.result == "ok"
+    kernel_equals_desired(a, system, [*fleet[:7], *fleet[8:], new])
+
+
+def test_shared_source_stays_while_another_member_uses_it(tmp_path: Path) -> None:
+    a, reg, system = make_agent(tmp_path)
+    one, two = member(1, public=9), member(2, public=9)
+    reg.add(one, two)
+    a.reconcile("resync")
+    system.calls.clear()
+    reg.remove(one)
+    a.reconcile("event")
+    [call] = system.calls
+    assert call.input is not None and "allow" not in call.input  # only the DNAT entry went
+    kernel_equals_desired(a, system, [two])
+
+
+def test_member_changing_its_address_is_one_transaction(tmp_path: Path) -> None:
+    a, reg, system = make_agent(tmp_path)
+    m = member(3)
+    reg.add(m)
+    a.reconcile("resync")
+    system.calls.clear()
+    moved = Member(m.instance_id, m.network, A("198.51.100.77"), m.private_ip, m.overlay_ip, "2")
+    reg.add(moved)
+    a.reconcile("event")
+    [call] = system.calls
+    assert call.input is not None
+    assert call.input.index("delete element ip neti overlay") < call.input.index(
+        "add element ip neti overlay"
+    )
+    kernel_equals_desired(a, system, [moved])
+
+
+@pytest.mark.parametrize("why", ["resync", "relist", "release", "error", "reconnect"])
+def test_full_path_when_it_must(tmp_path: Path, why: str) -> None:
+    a, reg, system = make_agent(tmp_path)
+    reg.add(*[member(i) for i in range(5)])
+    a.reconcile("resync")
+    reg.add(member(9))
+    reason = "event"
+    if why == "resync":
+        reason = "resync"
+    elif why == "relist":
+        reg.relist_next = True
+    elif why == "release":
+        a._release_seen, a._release_base = (1, 2), (1, 1)
+    elif why == "error":
+        reg.fail_next = boom()
+        a.reconcile("event")
+        assert a.state.last_reconcile.result != "error"  # a read error changes nothing
+    elif why == "reconnect":
+        a._watch()
+    reg.calls.clear()
+    system.calls.clear()
+    a.reconcile(reason)
+    if why != "release":  # a release applies the fleet as read (its changes) in full
+        assert "fleet_snapshot" in reg.calls
+    assert ["nft", "-j", "list", "table", "ip", "neti"] in system.argvs()  # read and compare
+    kernel_equals_desired(a, system, [member(i) for i in (0, 1, 2, 3, 4, 9)])
+
+
+def test_drift_found_by_a_delta_is_repaired_at_once(tmp_path: Path) -> None:
+    a, reg, system = make_agent(tmp_path)
+    fleet = [member(i) for i in range(4)]
+    reg.add(*fleet)
+    a.reconcile("resync")
+    assert system.table is not None
+    system.table.dnat.pop(str(fleet[1].overlay_ip))  # someone deleted an element
+    reg.remove(fleet[1])
+    a.reconcile("event")
+    assert a.state.last_reconcile.result == "ok"
+    kernel_equals_desired(a, system, [fleet[0], *fleet[2:]])
+
+
+def test_apply_error_makes_the_next_reconcile_full(tmp_path: Path) -> None:
+    a, reg, system = make_agent(tmp_path)
+    reg.add(member(1))
+    a.reconcile("resync")
+    system.fail[("nft", "-f")] = "Error: out of memory"
+    reg.add(member(2))
+    a.reconcile("event")
+    assert a.state.last_reconcile.result == "error"
+    del system.fail[("nft", "-f")]
+    reg.calls.clear()
+    a.reconcile("retry")
+    assert "fleet_snapshot" in reg.calls
+    kernel_equals_desired(a, system, [member(1), member(2)])
+
+
+def test_guard_holds_mass_removal_on_the_delta_path(tmp_path: Path) -> None:
+    a, reg, system = make_agent(tmp_path, guard_fraction=0.1)
+    fleet = [member(i) for i in range(50)]
+    reg.add(*fleet)
+    a.reconcile("resync")
+    reg.remove(*fleet[:20])  # 20 of 50 in one go: above 10 %
+    system.calls.clear()
+    a.reconcile("event")
+    assert a.state.guard.held and a.state.guard.reason == guard_mod.LIMIT
+    assert system.calls == []  # nothing to write: every removal is held
+    kernel_equals_desired(a, system, fleet)
+    # Additions still go through while it holds.
+    reg.add(member(77))
+    a.reconcile("event")
+    kernel_equals_desired(a, system, [*fleet, member(77)])
+    # They come back: the hold ends, nothing was ever removed.
+    reg.add(*fleet[:20])
+    a.reconcile("event")
+    assert not a.state.guard.held
+
+
+def test_guard_vanished_container_holds_everything(tmp_path: Path) -> None:
+    a, reg, system = make_agent(tmp_path)
+    fleet = [member(i) for i in range(5)]
+    reg.add(*fleet)
+    a.reconcile("resync")
+    reg.container = False
+    a.reconcile("event")
+    assert a.state.guard.reason == guard_mod.VANISHED
+    kernel_equals_desired(a, system, fleet)
+
+
+def test_guard_settle_delays_a_removal_then_applies_it(tmp_path: Path) -> None:
+    a, reg, system = make_agent(tmp_path, guard_settle=5)
+    clock = a.guard.clock
+    assert isinstance(clock, Clock)
+    fleet = [member(i) for i in range(5)]
+    reg.add(*fleet)
+    a.reconcile("resync")
+    reg.remove(fleet[0])
+    a.reconcile("event")
+    kernel_equals_desired(a, system, fleet)  # settling
+    clock.t += 6
+    a.reconcile("retry")
+    kernel_equals_desired(a, system, fleet[1:])
+
+
+def test_zookeeper_events_reach_the_loop_through_the_facade(tmp_path: Path) -> None:
+    a, reg, _system = make_agent(tmp_path)
+    a.reconcile("resync")
+    reg.calls.clear()
+    reg.add_state_listener(a._on_zk_state)
+    reg.state("SUSPENDED")
+    a._handle_zk_events()
+    assert a.state.zookeeper.state == "suspended"
+    saved = state_mod.read(a.cfg.state_dir)
+    assert saved is not None and saved.zookeeper.state == "suspended"  # written at once
+    a.reconcile("event")  # skipped while away: rules unchanged
+    assert "fleet_changes" not in reg.calls
+    reg.state("CONNECTED")
+    a._handle_zk_events()
+    assert a.state.zookeeper.state == "connected"
+    reg.fire()
+    assert a._fleet_changed
+
+
+def test_state_file_fleet_is_debounced_but_zookeeper_state_is_not(tmp_path: Path) -> None:
+    a, reg, _system = make_agent(tmp_path)
+    reg.add(member(1))
+    a.reconcile("resync")
+    first = state_mod.read(a.cfg.state_dir)
+    # This host is always in its own view: members are it plus the others.
+    assert first is not None and first.fleet is not None and len(first.fleet.members) == 2
+    reg.add(member(2))
+    a.reconcile("event")  # within STATE_FLEET_INTERVAL of the last write: not yet written
+    mid = state_mod.read(a.cfg.state_dir)
+    assert mid is not None and mid.fleet is not None and len(mid.fleet.members) == 2
+    assert a._save_due is not None
+    a._fleet_saved -= core.STATE_FLEET_INTERVAL
+    a._save_due = 0.0
+    a._save()  # what the loop does when it is due (and at shutdown)
+    last = state_mod.read(a.cfg.state_dir)
+    assert last is not None and last.fleet is not None and len(last.fleet.members) == 3
+
+
+def test_release_node_through_watch_node(tmp_path: Path) -> None:
+    a, reg, _system = make_agent(tmp_path, guard_fraction=0.1)
+    fleet = [member(i) for i in range(30)]
+    reg.add(*fleet)
+    a.reconcile("resync")
+    reg.remove(*fleet[:10])
+    a.reconcile("event")
+    assert a.state.guard.held
+    reg.bump(a.cfg.path(core.RELEASE_NODE))  # neti fleet release-guard
+    a.reconcile("event")
+    assert not a.state.guard.held
+    assert len(a._applied_members or {}) == 21  # 20 others and this host
