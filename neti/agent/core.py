@@ -68,9 +68,10 @@ FRESH_SESSION_MARGIN = 2.0
 # Longest wait for one ZooKeeper call the agent makes itself (own-node check, re-arming
 # watches): kazoo queues requests while disconnected, and the loop must never wait on that.
 ZK_CALL_TIMEOUT = 5.0
-# The fleet part of the state file (16k members: ~0.1 s to write) is written at most this
-# often while members change; ZooKeeper state, guard holds and errors are written at once.
-STATE_FLEET_INTERVAL = 3.0
+# While members change faster than this, the state file is written at most this often (a
+# burst of joins costs one write); an isolated change, ZooKeeper state, guard holds and
+# errors are written at once, so `neti status` compares the kernel with the fleet it holds.
+STATE_FLEET_INTERVAL = 1.0
 # The node an operator bumps to let held removals through once (neti fleet release-guard).
 RELEASE_NODE = guard_mod.RELEASE_NODE
 _UNSET: Any = object()
@@ -176,8 +177,8 @@ class Agent:
         self._model: DesiredModel | None = None
         self._need_full = True
         self._need_watch = True
-        self._by_network: collections.Counter[str] = collections.Counter()
         self._last_decision: guard_mod.GuardDecision | None = None
+        self._rows: state_mod.FleetRows | None = None  # the state file's fleet, per member
         self._fleet_saved = 0.0  # monotonic time the fleet was last written to the state file
         self._save_due: float | None = None  # a debounced state write is pending
         self._last_held = False
@@ -876,7 +877,8 @@ class Agent:
         self._record("held" if holding else "ok", reason, duration)
         self.metrics.reconcile_duration.observe(duration)
         self.metrics.last_success.set(self.state.last_success)
-        self.metrics.set_members(dict(sorted(self._by_network.items())))
+        if self._rows is not None:
+            self.metrics.set_members(dict(sorted(self._rows.by_network.items())))
         self.metrics.set_skipped(self._meta.skipped_by_reason)
         if full:
             self._update_conntrack()
@@ -927,9 +929,6 @@ class Agent:
             ids.update(m.instance_id for m in change.removed)
             removed = [prev[i] for i in ids if i in prev and new.get(i) != prev[i]]
             added = [new[i] for i in ids if i in new and prev.get(i) != new[i]]
-            self._by_network.subtract(m.network for m in removed)
-            self._by_network.update(m.network for m in added)
-            self._by_network = +self._by_network  # drop networks that emptied
             delta = model.update(removed, added)
             try:
                 result = self.backend.apply_delta(delta)
@@ -938,15 +937,20 @@ class Agent:
                     "dataplane: a change could not be written in place (%s); full apply", exc
                 )
                 result = None
-            if result is not None:
-                return result, "delta"
-            return self.backend.apply(model.state()), "full"
+            how = "delta"
+            if result is None:
+                result, how = self.backend.apply(model.state()), "full"
+            if self._rows is not None:
+                self._rows.update(removed, added)
+            return result, how
         model = DesiredModel(self.identity, self.cfg, self_overlay=self.overlay_ip)
         model.reset(new.values())
         self._model = None  # until the kernel took it
         result = self.backend.apply(model.state())
         self._model = model
-        self._by_network = collections.Counter(m.network for m in new.values())
+        if self._rows is None:
+            self._rows = state_mod.FleetRows()
+        self._rows.reset(new.values())
         return result, "full"
 
     def _note_warnings(self, result: ApplyResult) -> None:
@@ -1078,17 +1082,13 @@ class Agent:
             self._save_due = self._fleet_saved + STATE_FLEET_INTERVAL
 
     def _save(self) -> None:
-        d = self._last_decision
-        if d is not None and self.state.fleet is not d.fleet:
-            self.state.fleet = d.fleet  # built once per decision, only when written
-            self.applied = d.fleet
         self._fleet_saved = time.monotonic()
         self._save_due = None
         self.state.updated_at = time.time()
         if self._tagger is not None:
             self.state.tagging = self._tagger.state
         try:
-            state_mod.write(self.cfg.state_dir, self.state)
+            state_mod.write(self.cfg.state_dir, self.state, rows=self._rows)
         except OSError as exc:
             log.error("cannot write the state file in %s: %s", self.cfg.state_dir, exc)
 

@@ -15,6 +15,7 @@ import os
 import re
 import stat
 import tempfile
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -147,7 +148,9 @@ class AgentState:
     tagging: str = ""  # EC2 tagging of this instance: pending, ok, failed: …, skipped: …
     claim_conflict: str | None = None  # our saved overlay IP is claimed by another instance
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, with_fleet: bool = True) -> dict[str, Any]:
+        """JSON-able form; ``with_fleet`` False leaves the fleet out (FleetRows has it)."""
+        fleet = self.fleet if with_fleet else None
         return {
             "format": FORMAT,
             "pid": self.pid,
@@ -156,8 +159,8 @@ class AgentState:
             "version": self.version,
             "identity": self.identity.as_dict() if self.identity else None,
             "overlay_ip": str(self.overlay_ip) if self.overlay_ip else None,
-            "fleet": [m.as_dict() for m in self.fleet.members] if self.fleet else None,
-            "members_by_network": self.fleet.by_network() if self.fleet else {},
+            "fleet": [m.as_dict() for m in fleet.members] if fleet else None,
+            "members_by_network": fleet.by_network() if fleet else {},
             "applied": self.applied,
             "last_reconcile": asdict(self.last_reconcile),
             "last_success": self.last_success,
@@ -309,12 +312,68 @@ def path_for(state_dir: str | os.PathLike[str]) -> Path:
     return Path(state_dir) / FILENAME
 
 
-def write(state_dir: str | os.PathLike[str], state: AgentState) -> Path:
-    """Atomically replace the state file."""
+class FleetRows:
+    """The applied fleet as state-file rows, kept member by member.
+
+    Serializing 16,000 members takes ~0.12 s; the agent changes one at a time, so it keeps
+    each member's JSON row and a write only joins them (``write(..., rows=)``).
+    """
+
+    def __init__(self) -> None:
+        self._rows: dict[str, tuple[Member, str]] = {}
+        self.by_network: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def reset(self, members: Iterable[Member]) -> None:
+        old, self._rows, self.by_network = self._rows, {}, {}
+        for m in members:
+            kept = old.get(m.instance_id)
+            self._put(m, kept[1] if kept is not None and kept[0] == m else None)
+
+    def update(self, removed: Iterable[Member], added: Iterable[Member]) -> None:
+        for m in removed:
+            kept = self._rows.get(m.instance_id)
+            if kept is not None and kept[0] == m:
+                del self._rows[m.instance_id]
+                n = self.by_network.get(m.network, 0) - 1
+                if n > 0:
+                    self.by_network[m.network] = n
+                else:
+                    self.by_network.pop(m.network, None)
+        for m in added:
+            if m.instance_id in self._rows:
+                self.update([self._rows[m.instance_id][0]], [])
+            self._put(m, None)
+
+    def _put(self, m: Member, row: str | None) -> None:
+        self._rows[m.instance_id] = (m, row if row is not None else json.dumps(m.as_dict()))
+        self.by_network[m.network] = self.by_network.get(m.network, 0) + 1
+
+    def text(self) -> str:
+        """The fleet as a JSON array, members sorted by instance ID."""
+        rows = self._rows
+        return "[" + ",\n".join(rows[i][1] for i in sorted(rows)) + "]"
+
+
+def write(
+    state_dir: str | os.PathLike[str], state: AgentState, rows: FleetRows | None = None
+) -> Path:
+    """Atomically replace the state file. ``rows``: the fleet (instead of ``state.fleet``)."""
     d = Path(state_dir)
     d.mkdir(parents=True, exist_ok=True, mode=0o755)
     target = d / FILENAME
-    data = json.dumps(state.to_dict(), indent=1, sort_keys=False).encode() + b"\n"
+    if rows is None:
+        data = json.dumps(state.to_dict(), indent=1, sort_keys=False).encode() + b"\n"
+    else:
+        doc = state.to_dict(with_fleet=False)
+        doc["members_by_network"] = dict(sorted(rows.by_network.items()))
+        text = json.dumps(doc, indent=1, sort_keys=False)
+        # The first '"fleet": null' is the key (a string value would have its quotes
+        # escaped); splice the rows in there.
+        text = text.replace('"fleet": null', '"fleet": ' + rows.text(), 1)
+        data = text.encode() + b"\n"
     fd, tmp = tempfile.mkstemp(prefix=".state.", suffix=".tmp", dir=d)
     try:
         with os.fdopen(fd, "wb") as f:

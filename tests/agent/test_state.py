@@ -210,3 +210,32 @@ def test_member_labels_are_checked(tmp_path: Path) -> None:
     (tmp_path / "state.json").write_text(json.dumps(data))
     with pytest.raises(st.StateFileError, match="fleet member instance_id .* is not a label"):
         st.read(tmp_path)
+
+
+def test_fleet_rows_write_equals_a_full_write(tmp_path: Path) -> None:
+    """The agent's per-member rows (FleetRows) give the same file content as state.fleet."""
+    A = IPv4Address
+
+    def m(i: int, net: str = "a") -> Member:
+        return Member(f"i-{i}", net, A(f"100.64.0.{i}"), A(f"10.0.0.{i}"), A(f"192.168.0.{i}"))
+
+    rows = st.FleetRows()
+    rows.reset([m(1), m(2), m(3, "b")])
+    rows.update(
+        [m(2)], [m(4, "b"), Member("i-1", "a", A("100.64.9.9"), A("10.0.0.1"), A("192.168.0.1"))]
+    )
+    rows.update([m(9)], [])  # not there: nothing happens
+    s = st.AgentState(pid=1, started_at=1.0, version="t")
+    st.write(tmp_path, s, rows=rows)
+    got = st.read(tmp_path)
+    assert got is not None and got.fleet is not None
+    want = sorted(
+        [m(3, "b"), m(4, "b"), Member("i-1", "a", A("100.64.9.9"), A("10.0.0.1"), A("192.168.0.1"))]
+    )
+    assert list(got.fleet.members) == want
+    s.fleet = Fleet(members=tuple(want))
+    full = tmp_path / "full"
+    st.write(full, s)
+    a = json.loads(st.path_for(tmp_path).read_text())
+    b = json.loads(st.path_for(full).read_text())
+    assert a == b and a["members_by_network"] == {"a": 1, "b": 2}

@@ -68,15 +68,19 @@ class FakeRegistry:
         self.joined: list[tuple[str, IPv4Address]] = []
         self.claims: dict[str, IPv4Address] = {}
         self.lock = threading.Lock()
+        self.dirty: set[str] = set()  # instance IDs changed since the index caught up
+        self._was_missing = False
 
     # --- test drivers ---
     def add(self, *ms: Member) -> None:
         for m in ms:
             self.members[m.instance_id] = m
+            self.dirty.add(m.instance_id)
 
     def remove(self, *ms: Member) -> None:
         for m in ms:
             self.members.pop(m.instance_id, None)
+            self.dirty.add(m.instance_id)
 
     def fire(self) -> None:
         """A member node changed: the fleet watch's callback (kazoo's thread in real life)."""
@@ -100,7 +104,27 @@ class FakeRegistry:
             exc, self.fail_next = self.fail_next, None
             raise exc
 
+    def _events(self) -> Change:
+        """The change over the instance IDs touched since the last call: O(events)."""
+        if not self.container or self._was_missing:
+            self._was_missing = not self.container  # the container's return: all of it
+            return self._change(relisted=False)
+        removed, added = [], []
+        for i in sorted(self.dirty):
+            old, new = self.index.get(i), self.members.get(i)
+            if old == new:
+                continue
+            if old is not None:
+                removed.append(old)
+                del self.index[i]
+            if new is not None:
+                added.append(new)
+                self.index[i] = new
+        self.dirty.clear()
+        return Change(added=tuple(added), removed=tuple(removed), size=len(self.index))
+
     def _change(self, relisted: bool) -> Change:
+        self.dirty.clear()
         old, new = self.index, dict(self.members) if self.container else {}
         removed = tuple(old[i] for i in old if new.get(i) != old[i])
         added = tuple(new[i] for i in new if old.get(i) != new[i])
@@ -122,7 +146,7 @@ class FakeRegistry:
     def fleet_changes(self) -> Change:
         self._call("fleet_changes")
         relist, self.relist_next = self.relist_next, False
-        return self._change(relisted=relist)
+        return self._change(relisted=True) if relist else self._events()
 
     def resync_fleet(self) -> Change:
         self._call("resync_fleet")
