@@ -591,6 +591,7 @@ class Agent:
                 self._set_zk_state("connected")
                 if prev != "connected":
                     self.guard.start_grace(self.cfg.guard_grace_seconds(), "reconnect")
+                    self._watch()  # watch_fleet again (a new session has no watches), full
                 if prev == "lost":
                     try:
                         self._join()  # same instance ID -> the same claim, a new session node
@@ -1126,6 +1127,7 @@ class Agent:
             self.notifier.ready(self._status_line())
             return
         old, self.cfg = self.cfg, new
+        self._need_full = True  # desired state from the new config, compared in full
         setup_logging(new, self.verbose)
         self.sched.configure(new.watch_delay_min, new.watch_delay_max, new.resync_interval)
         if new.backend != old.backend:
