@@ -1,9 +1,10 @@
 """Neti's ipsets: the member allowlist and the audit set, read and written with ``ipset``.
 
-The allowlist is replaced as a whole: a staging set is filled and swapped in with one
-``ipset restore`` (``swap`` is atomic for the matching rule), so the rule always matches the
-complete old or the complete new list, also when the writer is killed half-way. See
-docs/decisions.md ("Dataplane") for the measurement behind swap over add/del deltas.
+A full apply replaces the allowlist as a whole: a staging set is filled and swapped in with
+one ``ipset restore`` (``swap`` is atomic for the matching rule), so the rule always matches
+the complete old or the complete new list, also when the writer is killed half-way. One
+member's change (``write_delta``) is an ``ipset add/del -exist`` of its element, atomic on
+its own. See docs/decisions.md ("Dataplane").
 """
 
 from __future__ import annotations
