@@ -133,6 +133,10 @@ class DesiredState:
         )
 
 
+def _dnat_key(d: Dnat) -> tuple[int, int]:
+    return int(d.overlay_ip), int(d.target)
+
+
 def _port_key(p: PortSpec) -> tuple[str, int, int]:
     return (p.proto, p.first, p.last)
 
@@ -165,8 +169,12 @@ def build(
     return DesiredState(
         overlay_subnet=IPv4Network(overlay_subnet),
         # IPv4Address(an IPv4Address) formats and re-parses it: ~0.1 s per apply at 16k members.
-        allow=tuple(sorted({a if isinstance(a, IPv4Address) else IPv4Address(a) for a in allow})),
-        dnat=tuple(sorted(by_overlay.values())),
+        # Sorting by int is the same order as IPv4Address's, without 200k Python-level
+        # comparisons at 16k members.
+        allow=tuple(
+            sorted({a if isinstance(a, IPv4Address) else IPv4Address(a) for a in allow}, key=int)
+        ),
+        dnat=tuple(sorted(by_overlay.values(), key=_dnat_key)),
         open_ports=tuple(sorted(ports, key=_port_key)),
         ssh_whitelist=tuple(sorted({IPv4Network(n) for n in ssh_whitelist})),
         reject_all=reject_all,

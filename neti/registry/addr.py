@@ -41,10 +41,18 @@ _NEVER_HOSTS: tuple[tuple[IPv4Network, str, str], ...] = (
 )
 
 
+# The same ranges as integers: checked for every member of every read (16k at a time).
+_NEVER_RANGES = tuple(
+    (int(net.network_address), int(net.broadcast_address), code, text)
+    for net, code, text in _NEVER_HOSTS
+)
+
+
 def host_problem(ip: IPv4Address) -> tuple[str, str] | None:
     """(code, text) when ``ip`` can never be a host's unicast address, else None."""
-    for net, code, text in _NEVER_HOSTS:
-        if ip in net:
+    i = int(ip)
+    for lo, hi, code, text in _NEVER_RANGES:
+        if lo <= i <= hi:
             return code, text
     return None
 
