@@ -32,7 +32,7 @@ from neti.agent import fleetsync
 from neti.agent import guard as guard_mod
 from neti.agent import state as state_mod
 from neti.agent.metrics import Metrics
-from neti.agent.scheduler import Scheduler
+from neti.agent.scheduler import RESYNC, Scheduler
 from neti.agent.sdnotify import Notifier
 from neti.agent.waker import Waker
 from neti.config import Config
@@ -797,7 +797,7 @@ class Agent:
             log.info("reconcile (%s) skipped: ZooKeeper %s; rules unchanged", reason, zk)
             return
         t0 = time.monotonic()
-        full = self._need_full or reason == "resync"
+        full = self._need_full or reason == RESYNC
         try:
             container_missing = self._check_self()
             if self._need_watch:
