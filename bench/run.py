@@ -25,22 +25,11 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
-from bench import lab, scenarios
+from bench import lab, report, scenarios
 
 RESULTS = lab.ROOT / "bench" / "results"
 SIZES = [1, 1000, 8000, 16000]
-
-# (key, label) in table order.
-ROWS = [
-    ("none", "no rules at all (conntrack on): the lab's ceiling"),
-    ("in-neti", "(a) inbound through Neti's allowlist (ipset)"),
-    ("in-orig", "(a) inbound, original design: `-s ip -j ACCEPT` per member, client last"),
-    ("dnat-last-neti", "(b) outbound to an overlay IP via DNAT, worst-case mapping"),
-    ("dnat-mid-neti", "(b) outbound to an overlay IP via DNAT, middle mapping"),
-    ("unrel-neti", "(c) unrelated outbound, Neti's state loaded"),
-    ("dnat-last-orig", "(b) outbound via DNAT, original design, last mapping"),
-    ("unrel-orig", "(c) unrelated outbound, original design's state loaded"),
-]
+BACKENDS = ["iptables", "nftables"]  # Neti's dataplane backends measured, in table order
 
 
 def _on_sigterm(signum: int, frame: object) -> None:
@@ -60,14 +49,21 @@ def machine() -> dict[str, Any]:
         if line.startswith("model name"):
             cpu = line.split(":", 1)[1].strip()
             break
-    ipt = subprocess.run(["iptables", "--version"], capture_output=True, text=True)
-    ipset = subprocess.run(["ipset", "--version"], capture_output=True, text=True)
+
+    def version(argv: list[str]) -> str:
+        try:
+            out = subprocess.run(argv, capture_output=True, text=True).stdout.strip()
+        except FileNotFoundError:
+            return ""
+        return out.splitlines()[0] if out else ""
+
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
         "kernel": platform.release(),
-        "iptables": ipt.stdout.strip(),
-        "ipset": ipset.stdout.strip().splitlines()[0] if ipset.stdout else "",
+        "iptables": version(["iptables", "--version"]),
+        "ipset": version(["ipset", "--version"]),
+        "nft": version(["nft", "--version"]),
         "python": platform.python_version(),
         "loadavg_start": loadavg(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
@@ -88,13 +84,17 @@ def wait_quiet(limit: float, max_wait: float) -> None:
         log(f"bench: load average {loadavg():.1f}: other work is running, numbers will be noisy")
 
 
-def neti_available() -> str | None:
-    """None if Neti's desired state and backend can be imported, else why not."""
+def neti_available(backends: list[str]) -> str | None:
+    """None if Neti's desired state and every backend asked for can be used, else why not."""
     try:
-        from neti.dataplane import select  # noqa: F401
+        from neti.dataplane import System, _load
         from neti.desired import compute  # noqa: F401
     except ImportError as exc:
-        return f"Neti's dataplane is not available yet ({exc})"
+        return f"Neti's dataplane is not available ({exc})"
+    for name in backends:
+        missing = _load(name).missing_tools(System(None))
+        if missing:
+            return f"the {name} backend needs {', '.join(missing)}"
     return None
 
 
@@ -107,7 +107,9 @@ def worker(pair: lab.Pair, ns: str, job: dict[str, Any]) -> dict[str, Any]:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def neti_state(pair: lab.Pair, host: str, n: int, special: str, position: int) -> dict[str, Any]:
+def neti_state(
+    pair: lab.Pair, backend: str, host: str, n: int, special: str, position: int
+) -> dict[str, Any]:
     ns = pair.client if host == "client" else pair.server
     with tempfile.TemporaryDirectory(prefix="neti-bench-") as state_dir:
         return worker(
@@ -115,6 +117,7 @@ def neti_state(pair: lab.Pair, host: str, n: int, special: str, position: int) -
             ns,
             {
                 "op": "neti",
+                "backend": backend,
                 "host": host,
                 "n": n,
                 "special": special,
@@ -152,6 +155,20 @@ def dnat_position(pair: lab.Pair, ns: str, overlay: IPv4Address) -> str:
     return "n/a"
 
 
+def nft_map_position(pair: lab.Pair, ns: str, overlay: IPv4Address) -> str:
+    """The nftables backend's path to ``overlay``'s mapping, read back from the kernel.
+
+    "k rules + map of m": the rules of Neti's nat ``output`` chain (the one that looks the
+    overlay IP up in the map) and the map's size; "n/a" if the mapping is not in the map.
+    """
+    from neti.dataplane.nftables import DNAT_MAP, FAMILY, TABLE, parse_json
+
+    st = parse_json(pair.exec(ns, ["nft", "-j", "list", "table", FAMILY, TABLE]))
+    if st.dnat is None or str(overlay) not in st.dnat:
+        return "n/a"
+    return f"{len(st.rules.get('output', []))} rule + map @{DNAT_MAP} of {len(st.dnat)}"
+
+
 # --- measuring ---
 
 
@@ -187,18 +204,23 @@ def setup_plain(pair: lab.Pair) -> dict[str, Any]:
     return {}
 
 
-def setup_neti(host: str, n: int, position: int, pair: lab.Pair) -> dict[str, Any]:
-    """Neti's state for ``n`` members on ``host``; the other side is the member at ``position``.
+def setup_neti(backend: str, host: str, n: int, position: int, pair: lab.Pair) -> dict[str, Any]:
+    """Neti's state for ``n`` members on ``host``, written by ``backend`` (as the agent writes
+    it); the other side is the member at ``position``.
 
     On the server, the client is that member (its allowlist entry); on the client, the server
     is (its DNAT mapping). The other namespace only gets conntrack.
     """
     if host == "server":
         pair.conntrack_on(pair.client)
-        return neti_state(pair, "server", n, lab.CLIENT_ADDR, position)
+        return neti_state(pair, backend, "server", n, lab.CLIENT_ADDR, position)
     pair.conntrack_on(pair.server)
-    info = neti_state(pair, "client", n, lab.SERVER_ADDR, position)
-    info["pos"] = dnat_position(pair, pair.client, scenarios.overlay_ip(position))
+    info = neti_state(pair, backend, "client", n, lab.SERVER_ADDR, position)
+    overlay = scenarios.overlay_ip(position)
+    if backend == "nftables":
+        info["pos"] = nft_map_position(pair, pair.client, overlay)
+    else:
+        info["pos"] = dnat_position(pair, pair.client, overlay)
     return info
 
 
@@ -228,7 +250,9 @@ class Family:
     measures: list[tuple[str, Callable[[int], str]]]
 
 
-def families(sizes: list[int], with_neti: bool) -> list[Family]:
+def families(sizes: list[int], backends: list[str]) -> list[Family]:
+    """Every kind of state measured: the lab ceiling, Neti's per backend, the original's."""
+
     def server(n: int) -> str:
         return lab.SERVER_ADDR
 
@@ -247,25 +271,30 @@ def families(sizes: list[int], with_neti: bool) -> list[Family]:
         return str(scenarios.overlay_ip(n // 2))
 
     out = [Family("lab ceiling", [1], lambda n: setup_plain, [("none", server)])]
-    if with_neti:
+    for b in backends:
+        # The same member positions for every backend: the iptables tree's worst place is
+        # just another address to the nftables map, which is what makes the rows comparable.
         out += [
             Family(
-                "Neti, inbound",
+                f"Neti ({b}), inbound",
                 sizes,
-                lambda n: partial(setup_neti, "server", n, n - 1),
-                [("in-neti", server)],
+                lambda n, b=b: partial(setup_neti, b, "server", n, n - 1),
+                [(report.key("in-neti", b), server)],
             ),
             Family(
-                "Neti, outbound (server = worst-case mapping)",
+                f"Neti ({b}), outbound (server = worst-case mapping)",
                 sizes,
-                lambda n: partial(setup_neti, "client", n, worst_at[n]),
-                [("dnat-last-neti", worst), ("unrel-neti", unrelated)],
+                lambda n, b=b: partial(setup_neti, b, "client", n, worst_at[n]),
+                [
+                    (report.key("dnat-last-neti", b), worst),
+                    (report.key("unrel-neti", b), unrelated),
+                ],
             ),
             Family(
-                "Neti, outbound (server = middle mapping)",
+                f"Neti ({b}), outbound (server = middle mapping)",
                 [n for n in sizes if n > 1],
-                lambda n: partial(setup_neti, "client", n, n // 2),
-                [("dnat-mid-neti", mid)],
+                lambda n, b=b: partial(setup_neti, b, "client", n, n // 2),
+                [(report.key("dnat-mid-neti", b), mid)],
             ),
         ]
     out += [
@@ -289,8 +318,9 @@ class Bench:
     def __init__(self, args: argparse.Namespace, neti_missing: str | None) -> None:
         self.args = args
         self.neti_missing = neti_missing
-        self.rates: dict[str, dict[int, dict[str, Any]]] = {k: {} for k, _ in ROWS}
-        self.apply: dict[str, dict[int, dict[str, Any]]] = {"neti": {}, "original": {}}
+        self.backends: list[str] = [] if neti_missing else list(args.backends)
+        self.rates: dict[str, dict[int, dict[str, Any]]] = {}
+        self.apply: dict[str, dict[int, dict[str, Any]]] = {}
 
     def run_family(self, fam: Family) -> None:
         a = self.args
@@ -315,254 +345,109 @@ class Bench:
                 pair, info = pairs[n]
                 res = summarize(rs, pair, dict(fam.measures)[key](n))
                 res.update(info)
-                self.rates[key][n] = res
+                self.rates.setdefault(key, {})[n] = res
                 log(
                     f"    {key:15} n={n:<6} {res['median']:9.0f} conn/s "
                     f"(min {res['min']:.0f}, max {res['max']:.0f}, errors {res['errors']}"
                     + (f": {res['first_error']}" if res["first_error"] else "")
                     + ")"
-                    + (f"  [DNAT rule {info['pos']}]" if key.startswith("dnat") else "")
+                    + (f"  [{info['pos']}]" if "pos" in info else "")
                 )
 
     def rate_runs(self) -> None:
-        for fam in families(self.args.sizes, not self.neti_missing):
+        for fam in families(self.args.sizes, self.backends):
             self.run_family(fam)
-        if 1 in self.rates["dnat-last-neti"]:  # with one member, last and middle coincide
-            self.rates["dnat-mid-neti"][1] = self.rates["dnat-last-neti"][1]
+        for b in self.backends:  # with one member, the worst and the middle place coincide
+            worst = self.rates.get(report.key("dnat-last-neti", b), {})
+            if 1 in worst:
+                self.rates.setdefault(report.key("dnat-mid-neti", b), {})[1] = worst[1]
 
     def apply_runs(self) -> None:
         """Full state from nothing (fresh namespace each time), and ±1 member on the largest."""
         a = self.args
         largest = max(a.sizes)
+        kinds = [(report.key("neti", b), "neti", b) for b in self.backends]
+        kinds.append(("original", "original", ""))
         for n in [s for s in a.sizes if s > 1]:
-            for kind in ("neti", "original"):
-                if kind == "neti" and self.neti_missing:
-                    continue
+            for name, op, backend in kinds:
                 reps = []
                 for _ in range(a.apply_reps):
                     with lab.Pair() as p, tempfile.TemporaryDirectory() as state_dir:
-                        reps.append(
-                            worker(
-                                p,
-                                p.client,
-                                {
-                                    "op": kind,
-                                    "host": "client",
-                                    "n": n,
-                                    "special": lab.SERVER_ADDR,
-                                    "position": n - 1,
-                                    "change": n == largest,
-                                    "state_dir": state_dir,
-                                },
-                            )
-                        )
+                        job = {
+                            "op": op,
+                            "backend": backend,
+                            "host": "client",
+                            "n": n,
+                            "special": lab.SERVER_ADDR,
+                            "position": n - 1,
+                            "change": n == largest,
+                            "state_dir": state_dir,
+                        }
+                        reps.append(worker(p, p.client, job))
                 summary: dict[str, Any] = {"backend": reps[0]["backend"], "runs": reps}
-                for field in (
-                    "apply_s",
-                    "add_s",
-                    "remove_s",
-                    "compute_s",
-                    "delta_add_s",
-                    "delta_remove_s",
-                    "save_s",
-                ):
+                for field in report.APPLY_FIELDS:
                     values = [r[field] for r in reps if field in r]
                     if values:
                         summary[field] = statistics.median(values)
                         summary[field + "_min"] = min(values)
                         summary[field + "_max"] = max(values)
-                self.apply[kind][n] = summary
+                self.apply.setdefault(name, {})[n] = summary
                 log(
-                    f"  apply {kind:8} n={n:<6} {summary['apply_s'] * 1000:8.0f} ms"
+                    f"  apply {name:15} n={n:<6} {summary['apply_s'] * 1000:8.0f} ms"
                     + (
                         f"  +1: {summary['add_s'] * 1000:.0f} ms, -1: "
                         f"{summary['remove_s'] * 1000:.0f} ms"
                         if "add_s" in summary
                         else ""
                     )
+                    + (
+                        f"  delta +1: {summary['delta_join_s'] * 1000:.1f} ms, -1: "
+                        f"{summary['delta_leave_s'] * 1000:.1f} ms"
+                        if "delta_join_s" in summary
+                        else ""
+                    )
                 )
 
-
-# --- reporting ---
-
-
-def _k(v: float) -> str:
-    return f"{v / 1000:.1f}k"
-
-
-def _ratio(row: dict[int, dict[str, Any]], top: int, f: str = "") -> float | None:
-    if 1 not in row or top not in row or not row[1][f + "median"]:
-        return None
-    return row[top][f + "median"] / row[1][f + "median"]
-
-
-def rate_table(b: Bench, sizes: list[int], f: str = "") -> list[str]:
-    """Medians (min–max) per size; ``f="cpu_"`` for connections per client CPU-second."""
-    head = "| path | " + " | ".join(f"N = {n}" for n in sizes) + f" | {max(sizes)} vs 1 |"
-    lines = [head, "|" + "---|" * (len(sizes) + 2)]
-    for key, label in ROWS:
-        row = b.rates[key]
-        if not row:
-            continue
-        cells = []
-        for n in sizes:
-            r = row.get(n)
-            if r is None:
-                cells.append("")
-                continue
-            cell = f"{_k(r[f + 'median'])} ({_k(r[f + 'min'])}–{_k(r[f + 'max'])})"
-            if r["errors"]:
-                cell += f" **{r['errors']} errors**"
-            cells.append(cell)
-        q = None if key == "none" else _ratio(row, max(sizes), f)
-        ratio = "" if q is None else f"{q:.2f}×" + (" ✗" if q < 0.9 else " ✓")
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {ratio} |")
-    return lines
+    def results(self, m: dict[str, Any], elapsed: float) -> dict[str, Any]:
+        """Everything measured, JSON-shaped (what report.markdown renders)."""
+        data = {
+            "machine": m,
+            "params": {k: v for k, v in vars(self.args).items() if k != "out"},
+            "elapsed_s": elapsed,
+            "neti_missing": self.neti_missing,
+            "rates": self.rates,
+            "apply": self.apply,
+        }
+        out: dict[str, Any] = json.loads(json.dumps(data, default=str))
+        return out
 
 
-def apply_table(b: Bench, sizes: list[int]) -> list[str]:
-    big = [n for n in sizes if n > 1]
-    largest = max(sizes)
-    head = (
-        "| approach | "
-        + " | ".join(f"full state, N = {n}" for n in big)
-        + f" | +1 member on {largest} | −1 member on {largest} |"
-    )
-    lines = [head, "|" + "---|" * (len(big) + 3)]
+def backend_list(text: str) -> list[str]:
+    """``--backend``'s comma-separated names: known backends, in the order given, no repeats."""
+    from neti.dataplane.registry import BACKENDS as KNOWN
 
-    def ms(s: dict[str, Any], f: str) -> str:
-        if f not in s:
-            return ""
-        return f"{s[f] * 1000:.0f} ms ({s[f + '_min'] * 1000:.0f}–{s[f + '_max'] * 1000:.0f})"
-
-    for kind, label in (
-        ("neti", "Neti backend `apply()`"),
-        ("original", "original: iptables-restore of N filter + N DNAT rules"),
-    ):
-        row = b.apply[kind]
-        if not row:
-            continue
-        backend = row[big[0]]["backend"] if kind == "neti" else ""
-        name = f"{label} ({backend})" if backend else label
-        cells = [ms(row[n], "apply_s") if n in row else "" for n in big]
-        top = row.get(largest, {})
-        cells += [ms(top, "add_s"), ms(top, "remove_s")]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    row = b.apply["neti"]
-    if row and all("compute_s" in row[n] for n in big if n in row):
-        cells = [ms(row[n], "compute_s") if n in row else "" for n in big] + ["", ""]
-        lines.append(
-            "| Neti `compute()` alone (pure Python, before apply) | " + " | ".join(cells) + " |"
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    unknown = [x for x in names if x not in KNOWN]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown backend {unknown[0]!r} (known: {', '.join(KNOWN)})"
         )
-    top = b.apply["neti"].get(largest, {})
-    if "delta_add_s" in top:
-        cells = [""] * len(big) + [ms(top, "delta_add_s"), ms(top, "delta_remove_s")]
-        lines.append(
-            "| reference, not Neti: one `ipset add`/`del` + one DNAT rule `-A`/`-D` "
-            "(`iptables-restore --noflush`) | " + " | ".join(cells) + " |"
-        )
-    if "save_s" in top:
-        lines += [
-            "",
-            f"`iptables-save` of Neti's {largest}-member state alone takes {ms(top, 'save_s')}.",
-        ]
-    return lines
-
-
-def shortfalls(b: Bench, sizes: list[int]) -> list[str]:
-    out = []
-    top = max(sizes)
-    for key, label in ROWS:
-        row = b.rates[key]
-        q, qc = _ratio(row, top), _ratio(row, top, "cpu_")
-        if key == "none" or q is None or qc is None:
-            continue
-        if q < 0.9 or qc < 0.9:
-            out.append(
-                f"- {label}: {_k(row[top]['median'])} conn/s at N = {top} vs "
-                f"{_k(row[1]['median'])} at N = 1, {q:.2f}× "
-                f"({qc:.2f}× per client CPU-second); goal ≥ 0.9×"
-            )
-    return out
-
-
-def markdown(b: Bench, m: dict[str, Any]) -> str:
-    a = b.args
-    sizes = a.sizes
-    ct_peak = max(
-        (
-            max(r["conntrack"]["client"]["count"], r["conntrack"]["server"]["count"])
-            for row in b.rates.values()
-            for r in row.values()
-        ),
-        default=0,
-    )
-    ct_drops = sum(
-        r["conntrack"][side][f]
-        for row in b.rates.values()
-        for r in row.values()
-        for side in ("client", "server")
-        for f in ("drop", "early_drop", "insert_failed")
-    )
-    lines = [
-        f"Machine: {m['cpu']}, {m['cores']} cores, kernel {m['kernel']}, {m['iptables']}, "
-        f"{m['ipset']}; {m['date']}; load average {m['loadavg_start']:.2f} at start, "
-        f"{m['loadavg_end']:.2f} at end.",
-    ]
-    measured_rates = any(b.rates.values())
-    if measured_rates:
-        lines += [
-            "",
-            f"New TCP connections per second (median of {a.reps} × {a.seconds:g} s runs, "
-            f"min–max in brackets; {a.threads} client threads, connect + RST close):",
-            "",
-            *rate_table(b, sizes),
-            "",
-            "The same runs as connections per CPU-second of the client process (steadier "
-            "when other work shares the cores):",
-            "",
-            *rate_table(b, sizes, "cpu_"),
-            "",
-            f"Conntrack: on in both namespaces for every run; largest table seen {ct_peak} "
-            f"entries; drops/early drops/insert failures: {ct_drops}.",
-        ]
-    positions = []
-    for key, what in (
-        ("dnat-last-neti", "Neti, server's rule in the worst place"),
-        ("dnat-mid-neti", "Neti, server's rule in the middle"),
-        ("dnat-last-orig", "original, server's rule last"),
-    ):
-        places = [f"{b.rates[key][n]['pos']}" for n in sizes if "pos" in b.rates[key].get(n, {})]
-        if places:
-            positions.append(f"- {what}: " + ", ".join(places))
-    if positions:
-        lines += [
-            "",
-            "Rules the first packet to the server passes (from the top of nat `OUTPUT`, "
-            "through the chains holding its DNAT rule) of all DNAT rules, by fleet size:",
-            "",
-        ]
-        lines += positions
-    if any(b.apply.values()):
-        lines += [
-            "",
-            f"Time to apply (median of {a.apply_reps}, min–max; each full state into a fresh "
-            "namespace):",
-            "",
-            *apply_table(b, sizes),
-        ]
-    if b.neti_missing:
-        lines += ["", f"**Neti rows missing:** {b.neti_missing}."]
-    if measured_rates:
-        short = shortfalls(b, sizes)
-        lines += ["", "Below the goal (rate at the largest N ≥ 0.9 × rate at N = 1):", ""]
-        lines += short or ["- nothing: every path meets the goal."]
-    return "\n".join(lines) + "\n"
+    if not names:
+        raise argparse.ArgumentTypeError("no backend named")
+    return list(dict.fromkeys(names))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
     p.add_argument("--sizes", default=",".join(map(str, SIZES)), help="fleet sizes, from 1")
+    p.add_argument(
+        "--backend",
+        dest="backends",
+        type=backend_list,
+        default=list(BACKENDS),
+        metavar="NAMES",
+        help=f"Neti's backends to measure, comma-separated (default {','.join(BACKENDS)})",
+    )
     p.add_argument("--reps", type=int, default=3, help="runs per rate measurement")
     p.add_argument("--seconds", type=float, default=3.0, help="length of one run")
     p.add_argument("--threads", type=int, default=2, help="client threads")
@@ -582,11 +467,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="first wait up to SECONDS for the 1-minute load average to drop below 1",
     )
     args = p.parse_args(argv)
-    args.sizes = sorted({int(s) for s in args.sizes.split(",")})
+    try:
+        args.sizes = sorted({int(s) for s in args.sizes.split(",")})
+    except ValueError:
+        p.error(f"--sizes must be comma-separated numbers, not {args.sizes!r}")
     if args.quick:
         args.sizes, args.reps, args.seconds, args.apply_reps = [1, 1000], 1, 1.0, 1
     if args.sizes[0] != 1:
         p.error("--sizes must include 1 (the reference)")
+    if args.sizes[-1] > scenarios.OVERLAY.num_addresses - 3:
+        p.error(f"--sizes: at most {scenarios.OVERLAY.num_addresses - 3} members fit the overlay")
     if not 1 <= args.reps <= 20 or not 0.2 <= args.seconds <= 30:
         p.error("--reps must be 1..20 and --seconds 0.2..30")
     return args
@@ -594,13 +484,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def render(path: str) -> str:
     """The Markdown of a results file written by an earlier run."""
-    data = json.loads(Path(path).read_text())
-    args = argparse.Namespace(**data["params"])
-    b = Bench(args, data["neti_missing"])
-    for kind, table in (("rates", b.rates), ("apply", b.apply)):
-        for key, row in data[kind].items():
-            table[key] = {int(n): r for n, r in row.items()}
-    return markdown(b, data["machine"])
+    try:
+        data = json.loads(Path(path).read_text())
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        return report.markdown(data)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise SystemExit(f"bench: cannot render {path}: {exc!r}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -615,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
     lab.build()
     wait_quiet(1.0, args.wait_quiet)
     m = machine()
-    neti_missing = neti_available()
+    neti_missing = neti_available(args.backends)
     if neti_missing:
         log(f"bench: {neti_missing}; measuring the original design and the lab only")
     b = Bench(args, neti_missing)
@@ -632,19 +522,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     elapsed = time.monotonic() - started
     m["loadavg_end"] = loadavg()
-    md = markdown(b, m)
+    data = b.results(m, elapsed)
+    md = report.markdown(data)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    data = {
-        "machine": m,
-        "params": {k: v for k, v in vars(args).items() if k != "out"},
-        "elapsed_s": elapsed,
-        "neti_missing": neti_missing,
-        "rates": b.rates,
-        "apply": b.apply,
-    }
-    (out / f"bench-{stamp}.json").write_text(json.dumps(data, indent=2, default=str))
+    (out / f"bench-{stamp}.json").write_text(json.dumps(data, indent=2))
     (out / f"bench-{stamp}.md").write_text(md)
     (out / "latest.md").write_text(md)
     print(md)

@@ -68,15 +68,16 @@ def grown(base: Fleet) -> Fleet:
     return Fleet(members=(*base.members, member(len(base.members))))
 
 
-def config(state_dir: str) -> dict[str, Any]:
-    """A neti.yml for the lab: allowlist only (no open ports), reject the rest."""
+def config(state_dir: str, backend: str = "auto") -> dict[str, Any]:
+    """A neti.yml for the lab: allowlist only (no open ports), reject the rest; ``backend``
+    is the config's ``backend`` key, so ``neti.dataplane.select`` picks what the agent would."""
     return {
         "zk_hosts": {NETWORK: ["127.0.0.1:2181"]},
         "overlay_subnet": str(OVERLAY),
         "open_ports": [],
         "reject_all": True,
         "state_dir": state_dir,
-        "backend": "auto",
+        "backend": backend,
         # 0 = leave conntrack limits alone: inside a namespace nf_conntrack_max is read-only and
         # the hash size is global to the machine, which the bench must never change.
         "conntrack": {"max": 0, "hashsize": 0},

@@ -5,10 +5,12 @@ original's iptables-restore) runs acts on that namespace only. A job arrives as 
 the result is one JSON line on stdout.
 
 Jobs:
-  {"op": "neti", "host": "client"|"server", "n": N, "special": IP, "position": P,
-   "change": bool, "state_dir": DIR}
-      compute() and apply() Neti's state for a fleet of N; with ``change``, then apply N+1
-      members (one joins) and N again (it leaves), each timed.
+  {"op": "neti", "backend": "iptables"|"nftables"|"auto", "host": "client"|"server", "n": N,
+   "special": IP, "position": P, "change": bool, "state_dir": DIR}
+      compute() and apply() Neti's state for a fleet of N with the backend the config names
+      (``neti.dataplane.select``, as the agent does); with ``change``, then apply N+1 members
+      (one joins) and N again (it leaves), each timed, and the same change as the agent
+      writes it for a member event (``apply_delta``: no kernel read).
   {"op": "original", "n": N, "special": IP, "position": P, "change": bool}
       iptables-restore of the original's rule-per-member state, same steps.
 """
@@ -37,11 +39,11 @@ def neti_job(job: dict[str, Any]) -> dict[str, Any]:
     from neti.dataplane import select
     from neti.desired import compute
 
-    cfg = config_mod.parse(scenarios.config(job["state_dir"]))
+    cfg = config_mod.parse(scenarios.config(job["state_dir"], job.get("backend") or "auto"))
     identity = scenarios.CLIENT if job["host"] == "client" else scenarios.SERVER
     fleet = scenarios.fleet(job["n"], IPv4Address(job["special"]), job["position"])
     backend = select(cfg)
-    out: dict[str, Any] = {"backend": getattr(backend, "label", type(backend).__name__)}
+    out: dict[str, Any] = {"backend": backend.label, "backend_name": backend.name}
     out["compute_s"], desired = _timed(compute, identity, fleet, cfg)
     out["apply_s"], result = _timed(backend.apply, desired)
     out["result"] = repr(result)[:300]
@@ -49,8 +51,31 @@ def neti_job(job: dict[str, Any]) -> dict[str, Any]:
         bigger = compute(identity, scenarios.grown(fleet), cfg)
         out["add_s"], _ = _timed(backend.apply, bigger)
         out["remove_s"], _ = _timed(backend.apply, desired)
-        out.update(delta_floor(backend, fleet))
+        # The agent's path for one member's event: the elements only, relative to the last
+        # full apply (``desired``); a join and the leave that undoes it.
+        join, leave = difference(desired, bigger), difference(bigger, desired)
+        out["delta_join_s"], joined = _timed(backend.apply_delta, join)
+        out["delta_leave_s"], left = _timed(backend.apply_delta, leave)
+        if joined is None or left is None:
+            raise SystemExit(f"bench.worker: {backend.name} refused a one-member apply_delta")
+        out["delta_changes"] = [*joined.changes, *left.changes]
+        if backend.name == "iptables":
+            out.update(delta_floor(backend, fleet))
     return out
+
+
+def difference(old: Any, new: Any) -> Any:
+    """The ``Delta`` from desired state ``old`` to ``new`` (what DesiredModel.update returns)."""
+    from neti.desired.model import Delta
+
+    before = {d.overlay_ip: d for d in old.dnat}
+    after = {d.overlay_ip: d for d in new.dnat}
+    return Delta(
+        allow_add=tuple(sorted(set(new.allow) - set(old.allow))),
+        allow_del=tuple(sorted(set(old.allow) - set(new.allow))),
+        dnat_set=tuple(sorted(d for k, d in after.items() if before.get(k) != d)),
+        dnat_del=tuple(sorted(d for k, d in before.items() if after.get(k) != d)),
+    )
 
 
 def delta_floor(backend: Any, fleet: Any) -> dict[str, float]:
