@@ -270,6 +270,10 @@ def families(sizes: list[int], backends: list[str]) -> list[Family]:
     def mid(n: int) -> str:
         return str(scenarios.overlay_ip(n // 2))
 
+    def neti(backend: str, host: str, place: Callable[[int], int]) -> Callable[[int], Setup]:
+        """Setups writing Neti's state with ``backend`` on ``host``, the peer at ``place(n)``."""
+        return lambda n: partial(setup_neti, backend, host, n, place(n))
+
     out = [Family("lab ceiling", [1], lambda n: setup_plain, [("none", server)])]
     for b in backends:
         # The same member positions for every backend: the iptables tree's worst place is
@@ -278,13 +282,13 @@ def families(sizes: list[int], backends: list[str]) -> list[Family]:
             Family(
                 f"Neti ({b}), inbound",
                 sizes,
-                lambda n, b=b: partial(setup_neti, b, "server", n, n - 1),
+                neti(b, "server", lambda n: n - 1),
                 [(report.key("in-neti", b), server)],
             ),
             Family(
                 f"Neti ({b}), outbound (server = worst-case mapping)",
                 sizes,
-                lambda n, b=b: partial(setup_neti, b, "client", n, worst_at[n]),
+                neti(b, "client", worst_at.__getitem__),
                 [
                     (report.key("dnat-last-neti", b), worst),
                     (report.key("unrel-neti", b), unrelated),
@@ -293,7 +297,7 @@ def families(sizes: list[int], backends: list[str]) -> list[Family]:
             Family(
                 f"Neti ({b}), outbound (server = middle mapping)",
                 [n for n in sizes if n > 1],
-                lambda n, b=b: partial(setup_neti, b, "client", n, n // 2),
+                neti(b, "client", lambda n: n // 2),
                 [(report.key("dnat-mid-neti", b), mid)],
             ),
         ]
