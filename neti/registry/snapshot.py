@@ -39,6 +39,94 @@ def _addrs(m: Member) -> tuple[str, IPv4Address, IPv4Address, IPv4Address]:
     return (m.network, m.public_ip, m.private_ip, m.overlay_ip)
 
 
+def clip(text: str) -> str:
+    """A reason text cut to MAX_TEXT (node names can be long)."""
+    return text if len(text) <= MAX_TEXT else text[: MAX_TEXT - 3] + "..."
+
+
+def screen(
+    parent: str,
+    name: str,
+    *,
+    legacy: bool,
+    legacy_networks: Mapping[Any, str],
+    overlay_subnet: IPv4Network,
+    host: HostContext | None = None,
+    self_id: str | None = None,
+    self_network: str | None = None,
+) -> Candidate | tuple[str, str]:
+    """Rules 1 and 2 for one listed name: a Candidate to verify, or (code, text) to skip it
+    for. Shared by build_fleet and the incremental index (index.py)."""
+    try:
+        m = decode_legacy(name, legacy_networks) if legacy else decode_member(name)
+    except MalformedEntry as exc:
+        return exc.code, str(exc)
+    if not addr.usable(overlay_subnet, m.overlay_ip):
+        return (
+            "overlay_outside",
+            f"{m.instance_id}: overlay IP {m.overlay_ip} is not a host address of {overlay_subnet}",
+        )
+    # This host's own entries (its member, and its ip-map node under publish_legacy,
+    # which carries both of its addresses) are not judged as other members.
+    mine = m.instance_id == self_id or (
+        host is not None and m.legacy and {m.private_ip, m.public_ip} <= host.own
+    )
+    if host is not None and not mine:
+        same = m.network == self_network
+        target = m.private_ip if same else m.public_ip
+        problem = host.target_problem(target, same_network=same)
+        if problem:
+            which = "private_ip" if same else "public_ip"
+            return problem[0], f"{m.instance_id}: {which} {target} {problem[1]}"
+    return Candidate(parent, name, m)
+
+
+def same_addrs(ms: Iterable[Member]) -> bool:
+    return len({_addrs(m) for m in ms}) == 1
+
+
+def duplicate_instance_text(iid: str, n: int, m: Member) -> str:
+    return (
+        f"{iid}: {n} different entries for one instance ID (overlay IP "
+        f"{m.overlay_ip}); none is used"
+    )
+
+
+def overlay_winner(
+    overlay: IPv4Address, ms: list[Member]
+) -> tuple[Member | None, list[tuple[str, str]]]:
+    """Rule 4 for one overlay IP: the member that keeps it (or None) and the skips.
+
+    ``ms``: the entries holding it, legacy ones first, each kind in node-name order.
+    """
+    new = [m for m in ms if not m.legacy]
+    old = [m for m in ms if m.legacy]
+    skips: list[tuple[str, str]] = []
+    if len(new) == 1:
+        for m in old:
+            if _addrs(m)[1:] != _addrs(new[0])[1:]:
+                skips.append(
+                    (
+                        "duplicate_overlay",
+                        f"{m.instance_id}: overlay IP {overlay} is also held by "
+                        f"{new[0].instance_id}",
+                    )
+                )
+        return new[0], skips
+    if not new and same_addrs(old):
+        return old[0], skips
+    for i, m in enumerate(ms):
+        others = sorted({o.instance_id for j, o in enumerate(ms) if j != i})
+        skips.append(
+            (
+                "duplicate_overlay",
+                f"{m.instance_id}: overlay IP {overlay} is also held by "
+                f"{', '.join(others[:3])}; none is used",
+            )
+        )
+    return None, skips
+
+
 def build_fleet(
     member_names: Iterable[str],
     legacy_names: Iterable[str],
@@ -57,50 +145,29 @@ def build_fleet(
     tally = SkipTally()
 
     def skip(code: str, text: str) -> None:
-        text = text if len(text) <= MAX_TEXT else text[: MAX_TEXT - 3] + "..."
+        text = clip(text)
         tally.add(code, text)
         if on_skip is not None:
             on_skip(code, text)
 
     cands: list[Candidate] = []
-
-    def consider(parent: str, name: str, m: Member) -> None:
-        if not addr.usable(overlay_subnet, m.overlay_ip):
-            skip(
-                "overlay_outside",
-                f"{m.instance_id}: overlay IP {m.overlay_ip} is not a host address of "
-                f"{overlay_subnet}",
+    lists = ((members_parent, member_names, False), (legacy_parent, legacy_names, True))
+    for parent, names, legacy in lists:
+        for name in sorted(names):
+            got = screen(
+                parent,
+                name,
+                legacy=legacy,
+                legacy_networks=legacy_networks,
+                overlay_subnet=overlay_subnet,
+                host=host,
+                self_id=self_id,
+                self_network=self_network,
             )
-            return
-        # This host's own entries (its member, and its ip-map node under publish_legacy,
-        # which carries both of its addresses) are not judged as other members.
-        mine = m.instance_id == self_id or (
-            host is not None and m.legacy and {m.private_ip, m.public_ip} <= host.own
-        )
-        if host is not None and not mine:
-            same = m.network == self_network
-            target = m.private_ip if same else m.public_ip
-            problem = host.target_problem(target, same_network=same)
-            if problem:
-                which = "private_ip" if same else "public_ip"
-                skip(problem[0], f"{m.instance_id}: {which} {target} {problem[1]}")
-                return
-        cands.append(Candidate(parent, name, m))
-
-    for name in sorted(member_names):
-        try:
-            m = decode_member(name)
-        except MalformedEntry as exc:
-            skip(exc.code, str(exc))
-            continue
-        consider(members_parent, name, m)
-    for name in sorted(legacy_names):
-        try:
-            m = decode_legacy(name, legacy_networks)
-        except MalformedEntry as exc:
-            skip(exc.code, str(exc))
-            continue
-        consider(legacy_parent, name, m)
+            if isinstance(got, Candidate):
+                cands.append(got)
+            else:
+                skip(*got)
 
     verdicts = verify(cands) if verify is not None else None
     passing: list[Member] = []
@@ -122,15 +189,11 @@ def build_fleet(
         if not m.legacy:
             by_id.setdefault(m.instance_id, []).append(m)
     for iid, ms in by_id.items():
-        if len({_addrs(m) for m in ms}) == 1:
+        if same_addrs(ms):
             kept.append(ms[0])
             continue
         for m in ms:
-            skip(
-                "duplicate_instance",
-                f"{iid}: {len(ms)} different entries for one instance ID (overlay IP "
-                f"{m.overlay_ip}); none is used",
-            )
+            skip("duplicate_instance", duplicate_instance_text(iid, len(ms), m))
 
     # One overlay IP: a single members entry wins; otherwise only identical entries survive.
     by_overlay: dict[IPv4Address, list[Member]] = {}
@@ -138,28 +201,11 @@ def build_fleet(
         by_overlay.setdefault(m.overlay_ip, []).append(m)
     members: list[Member] = []
     for overlay, ms in by_overlay.items():
-        new = [m for m in ms if not m.legacy]
-        old = [m for m in ms if m.legacy]
-        if len(new) == 1:
-            members.append(new[0])
-            for m in old:
-                if _addrs(m)[1:] != _addrs(new[0])[1:]:
-                    skip(
-                        "duplicate_overlay",
-                        f"{m.instance_id}: overlay IP {overlay} is also held by "
-                        f"{new[0].instance_id}",
-                    )
-            continue
-        if not new and len({_addrs(m) for m in old}) == 1:
-            members.append(old[0])
-            continue
-        for m in ms:
-            others = sorted({o.instance_id for o in ms if o is not m})
-            skip(
-                "duplicate_overlay",
-                f"{m.instance_id}: overlay IP {overlay} is also held by "
-                f"{', '.join(others[:3])}; none is used",
-            )
+        winner, skips = overlay_winner(overlay, ms)
+        if winner is not None:
+            members.append(winner)
+        for code, text in skips:
+            skip(code, text)
     return Fleet(
         members=tuple(sorted(members)),
         skipped=tally.total,

@@ -130,6 +130,31 @@ class Verifier:
                 out[key] = hit[0]
         return out
 
+    def check(
+        self, candidates: Iterable[Candidate], force: bool = False
+    ) -> dict[tuple[str, str], Verdict]:
+        """Verdicts for these candidates only, reading those not cached (all, with ``force``).
+
+        Unlike verify() it leaves every other cached verdict alone: the index (index.py)
+        asks about the names that changed, not the whole fleet.
+        """
+        cands = {c.key: c for c in candidates}
+        todo = (
+            list(cands.values()) if force else [c for k, c in cands.items() if k not in self._cache]
+        )
+        for i in range(0, len(todo), self.batch):
+            self._read(todo[i : i + self.batch])
+        return {k: self._cache[k][0] for k in cands if k in self._cache}
+
+    def drop(self, keys: Iterable[tuple[str, str]]) -> None:
+        """Forget these entries' verdicts (their names vanished)."""
+        for key in keys:
+            self._cache.pop(key, None)
+
+    def due(self) -> list[tuple[str, str]]:
+        """Cached entries to verify again now (see _due); the index rechecks them."""
+        return self._due(self.clock())
+
     def _due(self, now: float) -> list[tuple[str, str]]:
         """Cached keys to re-verify now: the oldest, past recheck_after, within the budget."""
         if not self._cache:
