@@ -23,10 +23,12 @@ from neti.registry import addr
 from neti.registry.acl import AclPolicy, acl_key, acl_text
 from neti.registry.claims import OverlayClaims
 from neti.registry.guard import MaxChange
+from neti.registry.index import FleetChange, FleetIndex
 from neti.registry.membership import Membership
 from neti.registry.paths import Paths
 from neti.registry.snapshot import build_fleet
 from neti.registry.verify import AttestCheck, Verifier
+from neti.registry.watch import FleetWatch, WatchStats
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +167,7 @@ class Registry:
         )
         self.skip_log = SkipLog(log)
         self._lans: dict[IPv4Address, IPv4Network | None] = {}
+        self._watch: FleetWatch | None = None
 
     @property
     def attest_check(self) -> AttestCheck | None:
@@ -279,6 +282,100 @@ class Registry:
         self.skip_log.flush()
         return fleet
 
+    # --- the fleet by its changes (watch.py, index.py; docs/decisions.md) ---
+    # Tests set this to exercise the path taken against servers without addWatch.
+    force_watch_fallback = False
+
+    def _fleet_watch(self, identity: _Host | None) -> FleetWatch:
+        me = identity if identity is not None else self.membership.member
+        host = self.host_context(me) if me is not None else None
+        self_id = me.instance_id if me is not None else None
+        self_network = me.network if me is not None else None
+        if self._watch is not None:
+            self._watch.index.rehost(host, self_id, self_network)
+            return self._watch
+        index = FleetIndex(
+            self.cfg.legacy_networks,
+            self.cfg.overlay_subnet,
+            members_parent=self.paths.members,
+            legacy_parent=self.paths.legacy,
+            verifier=self.verifier,
+            host=host,
+            self_id=self_id,
+            self_network=self_network,
+            on_skip=self.skip_log.note,
+        )
+        paths = [self.paths.members] + ([self.paths.legacy] if self.cfg.read_legacy else [])
+        self._watch = FleetWatch(
+            self.client, index, paths, self._bounded, force_fallback=self.force_watch_fallback
+        )
+        return self._watch
+
+    def _following(self) -> FleetWatch:
+        if self._watch is None:
+            raise RegistryError("the fleet is not watched yet (watch_fleet first)")
+        return self._watch
+
+    @_zk_errors("watching the fleet", "members")
+    def watch_fleet(
+        self, on_event: Callable[[], object], identity: _Host | None = None
+    ) -> FleetChange:
+        """Start (or restart after a reconnect or a new session) following the fleet.
+
+        Arms the persistent recursive watches (or the fallback), lists what the index does
+        not hold yet and Stat-checks the rest; the change relative to what the index held
+        (the first call: everything added). ``on_event`` runs on kazoo's threads whenever
+        changes are pending: it must only set a flag.
+        """
+        try:
+            return self._fleet_watch(identity).start(on_event)
+        finally:
+            self.skip_log.flush()
+
+    @_zk_errors("reading the fleet's changes")
+    def fleet_changes(self) -> FleetChange:
+        """The pending events applied: O(events), no list (unless a watch was lost)."""
+        try:
+            return self._following().changes()
+        finally:
+            self.skip_log.flush()
+
+    @_zk_errors("checking the fleet")
+    def resync_fleet(self) -> FleetChange:
+        """The containers' Stat compared with the index; a re-list only if they differ."""
+        try:
+            return self._following().resync()
+        finally:
+            self.skip_log.flush()
+
+    def fleet_snapshot(self) -> Fleet:
+        """The index as a Fleet (O(N): for the full path and status)."""
+        return self._watch.index.fleet() if self._watch is not None else Fleet()
+
+    @property
+    def watch_stats(self) -> WatchStats | None:
+        """What following the fleet cost so far (events, lists, stat checks, bytes)."""
+        return self._watch.stats if self._watch is not None else None
+
+    @_zk_errors("watching a node")
+    def watch_node(self, path: str, on_event: Callable[..., object]) -> Any:
+        """A one-shot exists watch on ``path``; its Stat, or None when it does not exist."""
+        return self._bounded(self.client.exists_async(path, watch=on_event))
+
+    def add_state_listener(self, fn: Callable[[str], object]) -> None:
+        self.client.add_listener(fn)
+
+    def remove_state_listener(self, fn: Callable[[str], object]) -> None:
+        try:
+            self.client.remove_listener(fn)
+        except (KeyError, ValueError):
+            pass
+
+    def abort(self) -> None:
+        """Calls in flight give up within 0.1 s (DeadlineClient); a signal handler may call it."""
+        if hasattr(self.client, "aborted"):
+            self.client.aborted = True
+
     def host_context(self, me: _Host) -> addr.HostContext:
         """What makes a member target bad for ``me`` (addr.HostContext); LAN read once."""
         if me.private_ip not in self._lans:
@@ -329,6 +426,8 @@ class Registry:
     # --- lifecycle ---
     def close(self) -> None:
         """Leave (if joined) and, when we own the client, end the session."""
+        if self._watch is not None:
+            self._watch.close()
         try:
             self.membership.leave(delete=not self.acl.secured or self.acl.is_operator)
         except (KazooException, KazooTimeoutError) as exc:

@@ -1,0 +1,480 @@
+"""Following members/ and ip-map/ by their changes: persistent recursive watches for kazoo.
+
+ZooKeeper >= 3.6 has ``addWatch`` (opcode 106; request: path, mode; reply: header and an
+error code): a watch that stays armed and, in PERSISTENT_RECURSIVE mode, reports every node
+created, deleted or changed under the path, one event per node. kazoo 2.11 has no API for
+it, and its connection reader hands events only to its own one-shot watchers by exact path.
+``WatchHub`` is the small extension: it sends AddWatch through kazoo's request queue and
+wraps the connection's event reader so that events under a registered root are queued, in
+the order the reader saw them, next to a sequence number; replies to our own list/stat
+calls record the sequence number they were read at (``marked``), so the agent's thread
+knows which queued events a list already reflects.
+
+``FleetWatch`` keeps a FleetIndex (index.py) equal to ZooKeeper from those events:
+
+- an event under a container: one name added, removed or re-verified; the container's
+  ``cversion`` (+1 per child created or deleted) and child count are tracked;
+- any dropped connection loses the server-side watch (kazoo re-registers only its own
+  watches): the next call re-adds it and compares the container's Stat (czxid, cversion,
+  numChildren) with what the index expects; only a difference costs a re-list. Changes made
+  while disconnected, deletions included, and a new session (our own and others' ephemeral
+  nodes gone) always move cversion;
+- a server without addWatch (UNIMPLEMENTED) or ``force_fallback``: a one-shot children
+  watch per container and a full list on each change (the cost before deltas), logged once.
+
+Costs are counted in ``WatchStats`` (events, full lists, stat checks, estimated bytes).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from kazoo.exceptions import NoNodeError, UnimplementedError
+from kazoo.protocol.connection import CHANGED_EVENT, CREATED_EVENT, DELETED_EVENT
+from kazoo.protocol.paths import _prefix_root
+from kazoo.protocol.serialization import Exists, GetChildren2, Watch, int_struct, write_string
+from kazoo.protocol.states import KazooState
+
+from neti.registry.index import FleetChange, FleetIndex
+
+log = logging.getLogger(__name__)
+
+ADD_WATCH = 106
+PERSISTENT = 0
+PERSISTENT_RECURSIVE = 1
+# Events kept before the agent drains them; beyond this the queue is dropped and the next
+# call re-lists (memory stays bounded whatever a writer does).
+MAX_QUEUE = 200_000
+# Rough wire sizes (bytes) for the cost estimate: reply header, Stat, string length prefix.
+_HDR, _STAT, _STR = 16, 68, 4
+
+
+class AddWatch:
+    """kazoo request object for addWatch (the shape of kazoo.protocol.serialization's)."""
+
+    type = ADD_WATCH
+
+    def __init__(self, path: str, mode: int):
+        self.path = path
+        self.mode = mode
+        self.watcher = None  # kazoo's reader looks for this attribute
+
+    def serialize(self) -> bytearray:
+        b = bytearray()
+        b.extend(write_string(self.path))
+        b.extend(int_struct.pack(self.mode))
+        return b
+
+    @classmethod
+    def deserialize(cls, buf: bytes, offset: int) -> bool:
+        return True  # an ErrorResponse(0): nothing to read
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    seq: int
+    type: int  # kazoo's CREATED_EVENT / DELETED_EVENT / CHANGED_EVENT
+    path: str
+
+
+class WatchHub:
+    """Per-client: queues watch events under registered roots, in reader order.
+
+    Installed once per KazooClient (``WatchHub.of``); the wrap of the connection's
+    ``_read_watch_event`` parses the event (kazoo's Watch), queues it when its path is a root
+    or under one, then lets kazoo's own dispatch run unchanged.
+    """
+
+    def __init__(self, client: Any):
+        self.client = client
+        self.lock = threading.Lock()
+        self.seq = 0  # events seen by the reader (written only in kazoo's reader thread)
+        self.queue: deque[Event] = deque()
+        self.overflow = False
+        self.roots: set[str] = set()
+        self.notify: Callable[[], object] | None = None
+        self._notified = False
+        conn = client._connection
+        original = conn._read_watch_event
+
+        def read_watch_event(buffer: bytes, offset: int) -> Any:
+            try:
+                self._see(buffer, offset)
+            except Exception:  # noqa: BLE001 - never break kazoo's reader
+                log.exception("persistent watch: cannot read an event")
+            return original(buffer, offset)
+
+        conn._read_watch_event = read_watch_event
+
+    @classmethod
+    def of(cls, client: Any) -> WatchHub:
+        hub = getattr(client, "_neti_watch_hub", None)
+        if hub is None:
+            hub = cls(client)
+            client._neti_watch_hub = hub
+        return hub
+
+    def _see(self, buffer: bytes, offset: int) -> None:
+        watch, _ = Watch.deserialize(buffer, offset)
+        if watch.type not in (CREATED_EVENT, DELETED_EVENT, CHANGED_EVENT):
+            return
+        path = self.client.unchroot(watch.path)
+        if not any(path == r or path.startswith(r + "/") for r in self.roots):
+            return
+        notify = None
+        with self.lock:
+            self.seq += 1
+            if len(self.queue) >= MAX_QUEUE:
+                self.queue.clear()
+                self.overflow = True
+            else:
+                self.queue.append(Event(self.seq, watch.type, path))
+            if not self._notified:
+                self._notified = True
+                notify = self.notify
+        if notify is not None:
+            notify()
+
+    def take(self, upto: int | None = None) -> tuple[list[Event], bool]:
+        """Queued events (those read at or before ``upto``), and whether some were lost."""
+        with self.lock:
+            if upto is None:
+                events = list(self.queue)
+                self.queue.clear()
+            else:
+                events = []
+                while self.queue and self.queue[0].seq <= upto:
+                    events.append(self.queue.popleft())
+            overflow, self.overflow = self.overflow, False
+            if not self.queue:
+                self._notified = False
+            return events, overflow
+
+    def discard(self, root: str, upto: int) -> None:
+        """Drop the queued events under ``root`` read at or before ``upto`` (a list read at
+        ``upto`` reflects them)."""
+        with self.lock:
+            keep = [
+                e
+                for e in self.queue
+                if e.seq > upto or not (e.path == root or e.path.startswith(root + "/"))
+            ]
+            self.queue = deque(keep)
+
+    def marked(self) -> Any:
+        """An AsyncResult that remembers ``seq`` when kazoo's reader sets its reply."""
+        result = self.client.handler.async_result()
+        set_value = result.set
+
+        def set_marked(value: Any = None) -> None:
+            result.mark = self.seq
+            set_value(value)
+
+        result.set = set_marked
+        result.mark = None
+        return result
+
+    def add_watch(self, path: str, mode: int = PERSISTENT_RECURSIVE) -> Any:
+        self.roots.add(path)
+        result = self.client.handler.async_result()
+        self.client._call(AddWatch(_prefix_root(self.client.chroot, path), mode), result)
+        return result
+
+    def children_stat(self, path: str) -> Any:
+        """getChildren2 (names + the container's Stat), marked."""
+        result = self.marked()
+        self.client._call(GetChildren2(_prefix_root(self.client.chroot, path), None), result)
+        return result
+
+    def stat(self, path: str) -> Any:
+        """exists (the container's Stat or None), marked."""
+        result = self.marked()
+        self.client._call(Exists(_prefix_root(self.client.chroot, path), None), result)
+        return result
+
+
+@dataclass
+class WatchStats:
+    """What following the fleet cost so far (the bench and metrics read it)."""
+
+    events: int = 0
+    full_lists: int = 0
+    listed_names: int = 0
+    stat_checks: int = 0
+    rearms: int = 0
+    est_bytes: int = 0
+    fallback: bool = False
+
+    def as_dict(self) -> dict[str, int | bool]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class _Dir:
+    """One watched container and what the index believes of it."""
+
+    path: str
+    known: bool = False  # the index holds a list of it (and the counts below)
+    missing: bool = False
+    czxid: int | None = None
+    cversion: int = 0
+    relist: bool = False
+
+
+Bounded = Callable[[Any], Any]
+
+
+class FleetWatch:
+    """A FleetIndex kept equal to ZooKeeper's members/ (and ip-map/) from watch events."""
+
+    def __init__(
+        self,
+        client: Any,
+        index: FleetIndex,
+        paths: list[str],
+        bounded: Bounded,
+        force_fallback: bool = False,
+    ):
+        self.client = client
+        self.index = index
+        self.dirs = [_Dir(p) for p in paths]
+        self.bounded = bounded
+        self.fallback = force_fallback
+        self.stats = WatchStats(fallback=force_fallback)
+        self.hub = WatchHub.of(client)
+        self.on_event: Callable[[], object] | None = None
+        self._armed = False  # the server holds our watches (no drop since they were added)
+        self._listener_on = False
+        self._fallback_logged = False
+        self._fallback_watchers = {d.path: self._fallback_watcher(d) for d in self.dirs}
+
+    # --- the facade's calls ---
+    def start(self, on_event: Callable[[], object]) -> FleetChange:
+        """Arm (or re-arm) the watches; list what the index does not know, Stat-check the
+        rest; the change relative to what the index held."""
+        self.on_event = on_event
+        self.hub.notify = self._notify
+        if not self._listener_on:
+            self.client.add_listener(self._on_state)
+            self._listener_on = True
+        self._arm()
+        return self._finish()
+
+    def changes(self) -> FleetChange:
+        """Pending events applied: O(events). Re-arms (and Stat-checks) after a drop."""
+        if not self._armed:
+            self._arm()
+        return self._finish()
+
+    def resync(self) -> FleetChange:
+        """The periodic check: the containers' Stat; a re-list only when it differs."""
+        if not self._armed:
+            self._arm()
+        else:
+            for d in self.dirs:
+                self._check(d)
+        verifier = self.index.verifier
+        due = getattr(verifier, "due", None)
+        if callable(due):
+            self.index.reverify(due())
+        return self._finish()
+
+    def close(self) -> None:
+        if self._listener_on:
+            try:
+                self.client.remove_listener(self._on_state)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+            self._listener_on = False
+        self.hub.roots.difference_update(d.path for d in self.dirs)
+        if self.hub.notify == self._notify:
+            self.hub.notify = None
+
+    # --- kazoo's threads ---
+    def _notify(self) -> None:
+        fn = self.on_event
+        if fn is not None:
+            fn()
+
+    def _on_state(self, state: str) -> None:
+        """Any drop loses the server-side watch: re-arm on the next call, and wake the
+        agent once connected again so that the call happens."""
+        if state != KazooState.CONNECTED:
+            self._armed = False
+        elif not self._armed:
+            self._notify()
+
+    def _fallback_watcher(self, d: _Dir) -> Callable[..., None]:
+        def fire(_event: object = None) -> None:
+            d.relist = True
+            self._notify()
+
+        return fire
+
+    # --- the agent's thread ---
+    def _arm(self) -> None:
+        self._armed = True  # before the calls: a drop during them clears it again
+        self.stats.rearms += 1
+        try:
+            self._arm_calls()
+        except BaseException:
+            self._armed = False
+            raise
+
+    def _arm_calls(self) -> None:
+        if not self.fallback:
+            pending = [(d, self.hub.add_watch(d.path)) for d in self.dirs]
+            for d, result in pending:
+                try:
+                    self.bounded(result)
+                    self.stats.est_bytes += _HDR + 4
+                except UnimplementedError:
+                    self._fall_back(d.path)
+                    break
+        for d in self.dirs:
+            if self.fallback:
+                self._list(d)  # arms kazoo's one-shot children watch
+            elif d.known:
+                self._check(d)
+            else:
+                self._list(d)
+
+    def _fall_back(self, path: str) -> None:
+        self.fallback = self.stats.fallback = True
+        self.hub.roots.difference_update(d.path for d in self.dirs)
+        if not self._fallback_logged:
+            self._fallback_logged = True
+            log.warning(
+                "ZooKeeper refused addWatch on %s (a server older than 3.6?): following the "
+                "fleet with one-shot watches, a full list per change",
+                path,
+            )
+
+    def _apply_events(self, upto: int | None = None, skip: _Dir | None = None) -> None:
+        events, overflow = self.hub.take(upto)
+        if overflow:
+            for each in self.dirs:
+                each.relist = True
+        if not events:
+            return
+        self.stats.events += len(events)
+        by_dir: dict[str, _Dir] = {d.path: d for d in self.dirs}
+        touched: dict[str, dict[str, tuple[bool, bool]]] = {}
+        for ev in events:
+            self.stats.est_bytes += _HDR + 8 + _STR + len(ev.path)
+            box = by_dir.get(ev.path)
+            if box is not None:  # the container itself
+                if box is skip:
+                    continue
+                if ev.type == DELETED_EVENT:
+                    self._gone(box)
+                    touched.pop(box.path, None)
+                elif ev.type == CREATED_EVENT:
+                    box.relist = True
+                continue
+            parent, _, name = ev.path.rpartition("/")
+            d = by_dir.get(parent)
+            if d is None or d is skip or not name:
+                continue  # deeper than a member node, or another root
+            names = touched.setdefault(parent, {})
+            present, _ = names.get(name, (self.index.has(parent, name), False))
+            if ev.type == CREATED_EVENT:
+                # Present already: deleted and created again; its node must be re-verified.
+                d.cversion += 1
+                names[name] = (True, True)
+            elif ev.type == DELETED_EVENT:
+                d.cversion += 1
+                names[name] = (False, True)
+            else:  # data changed: its verdict may have (an attestation, a re-join)
+                names[name] = (present, True)
+        for parent, names in touched.items():
+            has = self.index.has
+            added = [n for n, (p, _) in names.items() if p and not has(parent, n)]
+            removed = [n for n, (p, _) in names.items() if not p and has(parent, n)]
+            again = [n for n, (p, a) in names.items() if p and a and has(parent, n)]
+            self.index.update(parent, added=added, removed=removed, reverify=again)
+
+    def _gone(self, d: _Dir) -> None:
+        d.missing, d.czxid, d.cversion, d.known = True, None, 0, True
+        self.index.replace(d.path, [])
+        self._set_missing()
+
+    def _set_missing(self) -> None:
+        members = self.dirs[0]
+        self.index.container_missing = members.missing
+
+    def _check(self, d: _Dir) -> None:
+        """Stat the container; re-list it if the index's counts disagree."""
+        result = self.hub.stat(d.path)
+        stat = self.bounded(result)
+        self.stats.stat_checks += 1
+        self.stats.est_bytes += _HDR + _STAT
+        self._apply_events(upto=result.mark)
+        if stat is None:
+            if not d.missing:
+                self._gone(d)
+            return
+        same = (
+            not d.missing
+            and stat.czxid == d.czxid
+            and stat.cversion == d.cversion
+            and stat.numChildren == self.index.count(d.path)
+        )
+        if not same:
+            log.info(
+                "%s changed while not watched (cversion %s, index %s): re-listing",
+                d.path,
+                stat.cversion,
+                d.cversion,
+            )
+            self._list(d)
+
+    def _list(self, d: _Dir) -> None:
+        """A full children list of ``d`` (with kazoo's one-shot watch in fallback mode)."""
+        self.stats.full_lists += 1
+        if self.fallback:
+            names, stat = self._list_fallback(d)
+            mark = None
+        else:
+            result = self.hub.children_stat(d.path)
+            try:
+                names, stat = self.bounded(result)
+            except NoNodeError:
+                names, stat = [], None
+            mark = result.mark
+            # Events the list reflects are not applied again (other roots' are).
+            self._apply_events(upto=mark, skip=d)
+            self.hub.discard(d.path, mark if mark is not None else self.hub.seq)
+        self.stats.listed_names += len(names)
+        self.stats.est_bytes += _HDR + _STAT + 4 + sum(_STR + len(n) for n in names)
+        d.known, d.relist = True, False
+        if stat is None:
+            d.missing, d.czxid, d.cversion = True, None, 0
+        else:
+            d.missing, d.czxid, d.cversion = False, stat.czxid, stat.cversion
+        self.index.replace(d.path, names)
+        self._set_missing()
+
+    def _list_fallback(self, d: _Dir) -> tuple[list[str], Any]:
+        watcher = self._fallback_watchers[d.path]
+        try:
+            names, stat = self.bounded(
+                self.client.get_children_async(d.path, watch=watcher, include_data=True)
+            )
+            return list(names), stat
+        except NoNodeError:
+            # A missing container gets no children watch: watch for its creation.
+            self.bounded(self.client.exists_async(d.path, watch=watcher))
+            return [], None
+
+    def _finish(self) -> FleetChange:
+        self._apply_events()
+        for d in self.dirs:
+            if d.relist:
+                self._list(d)
+        return self.index.take_change()
