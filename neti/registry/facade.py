@@ -359,7 +359,15 @@ class Registry:
 
     @_zk_errors("watching a node")
     def watch_node(self, path: str, on_event: Callable[..., object]) -> Any:
-        """A one-shot exists watch on ``path``; its Stat, or None when it does not exist."""
+        """A one-shot exists watch on ``path``; its Stat, or None when it does not exist.
+
+        On a container the persistent watch holds, the watch is kept client-side (a server
+        exists watch there would end the persistent one: watch.WatchHub.local_watch).
+        """
+        fw = self._watch
+        if fw is not None and fw.covers(path):
+            fw.hub.local_watch(path, on_event)
+            return self._bounded(self.client.exists_async(path))
         return self._bounded(self.client.exists_async(path, watch=on_event))
 
     def add_state_listener(self, fn: Callable[[str], object]) -> None:

@@ -116,6 +116,9 @@ class FleetIndex:
     def names(self, parent: str) -> frozenset[str]:
         return frozenset(self._names[parent])
 
+    def has(self, parent: str, name: str) -> bool:
+        return name in self._names[parent]
+
     def count(self, parent: str) -> int:
         return len(self._names[parent])
 

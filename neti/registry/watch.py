@@ -38,7 +38,7 @@ from kazoo.exceptions import NoNodeError, UnimplementedError
 from kazoo.protocol.connection import CHANGED_EVENT, CREATED_EVENT, DELETED_EVENT
 from kazoo.protocol.paths import _prefix_root
 from kazoo.protocol.serialization import Exists, GetChildren2, Watch, int_struct, write_string
-from kazoo.protocol.states import KazooState
+from kazoo.protocol.states import EVENT_TYPE_MAP, Callback, KazooState, WatchedEvent
 
 from neti.registry.index import FleetChange, FleetIndex
 
@@ -97,6 +97,8 @@ class WatchHub:
         self.queue: deque[Event] = deque()
         self.overflow = False
         self.roots: set[str] = set()
+        # One-shot watchers on a root itself (see local_watch).
+        self.local: dict[str, list[Callable[..., object]]] = {}
         self.notify: Callable[[], object] | None = None
         self._notified = False
         conn = client._connection
@@ -128,6 +130,7 @@ class WatchHub:
             return
         notify = None
         with self.lock:
+            fire = self.local.pop(path, [])
             self.seq += 1
             if len(self.queue) >= MAX_QUEUE:
                 self.queue.clear()
@@ -139,6 +142,23 @@ class WatchHub:
                 notify = self.notify
         if notify is not None:
             notify()
+        if fire:
+            ev = WatchedEvent(EVENT_TYPE_MAP[watch.type], self.client._state, path)
+            for fn in fire:
+                self.client.handler.dispatch_callback(Callback("watch", fn, (ev,)))
+
+    def local_watch(self, path: str, fn: Callable[..., object]) -> None:
+        """A one-shot watcher on ``path``, a root our persistent watch covers.
+
+        ZooKeeper 3.6-3.8 keep one watch mode per (connection, path): a standard exists or
+        getData watch set on a root after addWatch turns the persistent recursive watch into
+        a one-shot one, and events under the root stop (ZOOKEEPER-4466). So watches on a
+        root are kept here, fired by the persistent watch's own events.
+        """
+        with self.lock:
+            fns = self.local.setdefault(path, [])
+            if fn not in fns:
+                fns.append(fn)
 
     def take(self, upto: int | None = None) -> tuple[list[Event], bool]:
         """Queued events (those read at or before ``upto``), and whether some were lost."""
@@ -284,6 +304,10 @@ class FleetWatch:
             self.index.reverify(due())
         return self._finish()
 
+    def covers(self, path: str) -> bool:
+        """Is ``path`` a container our persistent watch holds right now (watch_node)?"""
+        return self._armed and not self.fallback and any(d.path == path for d in self.dirs)
+
     def close(self) -> None:
         if self._listener_on:
             try:
@@ -327,6 +351,7 @@ class FleetWatch:
             raise
 
     def _arm_calls(self) -> None:
+        log.debug("arming watches on %s", ", ".join(d.path for d in self.dirs))
         if not self.fallback:
             pending = [(d, self.hub.add_watch(d.path)) for d in self.dirs]
             for d, result in pending:
@@ -397,6 +422,7 @@ class FleetWatch:
             added = [n for n, (p, _) in names.items() if p and not has(parent, n)]
             removed = [n for n, (p, _) in names.items() if not p and has(parent, n)]
             again = [n for n, (p, a) in names.items() if p and a and has(parent, n)]
+            log.debug("%s: +%d -%d ~%d", parent, len(added), len(removed), len(again))
             self.index.update(parent, added=added, removed=removed, reverify=again)
 
     def _gone(self, d: _Dir) -> None:
@@ -432,6 +458,10 @@ class FleetWatch:
                 stat.cversion,
                 d.cversion,
             )
+            if not self.fallback and self._armed:
+                # Events were missed while we thought the watch held: add it again (an
+                # idempotent request) before the list, in case the server dropped it.
+                self.bounded(self.hub.add_watch(d.path))
             self._list(d)
 
     def _list(self, d: _Dir) -> None:

@@ -236,6 +236,33 @@ def test_events_follow_creates_and_deletes_without_lists(
     assert stats.events == 3  # two creations, one deletion
 
 
+def test_watching_the_container_itself_keeps_the_persistent_watch(
+    fleet_env: Callable[..., tuple[Registry, Writer]],
+) -> None:
+    """ZooKeeper 3.8 keeps one mode per (connection, path): an exists watch on members/
+    after addWatch would silence the events under it. watch_node keeps it client-side."""
+    reg, writer = fleet_env()
+    f = Follower(reg)
+    fired = threading.Event()
+
+    def on_event(*_: object) -> None:
+        fired.set()
+
+    for _ in range(3):  # the agent re-arms it on every reconcile
+        assert reg.watch_node(reg.members_path, on_event) is not None
+    hub = reg._watch.hub  # type: ignore[union-attr]
+    assert len(hub.local[reg.members_path]) == 1
+    writer.add(1)
+    f.until({1})
+    writer.add(2)
+    f.until({1, 2})
+    stats = reg.watch_stats
+    assert stats is not None and stats.full_lists == 2 and stats.events == 2
+    # The container's own events fire the watcher (its data set, here).
+    writer.client.set(reg.members_path, b"x")
+    assert fired.wait(15)
+
+
 def test_hostile_and_unverified_names_are_skipped_by_events(
     fleet_env: Callable[..., tuple[Registry, Writer]],
 ) -> None:
