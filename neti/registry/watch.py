@@ -152,7 +152,7 @@ class WatchHub:
 
         ZooKeeper 3.6-3.8 keep one watch mode per (connection, path): a standard exists or
         getData watch set on a root after addWatch turns the persistent recursive watch into
-        a one-shot one, and events under the root stop (ZOOKEEPER-4466). So watches on a
+        a one-shot one, and events under the root stop (seen on 3.8.0). So watches on a
         root are kept here, fired by the persistent watch's own events.
         """
         with self.lock:
