@@ -175,17 +175,6 @@ class WatchHub:
                 self._notified = False
             return events, overflow
 
-    def discard(self, root: str, upto: int) -> None:
-        """Drop the queued events under ``root`` read at or before ``upto`` (a list read at
-        ``upto`` reflects them)."""
-        with self.lock:
-            keep = [
-                e
-                for e in self.queue
-                if e.seq > upto or not (e.path == root or e.path.startswith(root + "/"))
-            ]
-            self.queue = deque(keep)
-
     def marked(self) -> Any:
         """An AsyncResult that remembers ``seq`` when kazoo's reader sets its reply."""
         result = self.client.handler.async_result()
@@ -220,7 +209,9 @@ class WatchHub:
 
 @dataclass
 class WatchStats:
-    """What following the fleet cost so far (the bench and metrics read it)."""
+    """What following the fleet cost so far (the bench and metrics read it). ``est_bytes``:
+    the watch traffic from ZooKeeper, estimated from what was read (events, lists, stats;
+    not the verifier's reads of new nodes)."""
 
     events: int = 0
     full_lists: int = 0
@@ -479,7 +470,6 @@ class FleetWatch:
             mark = result.mark
             # Events the list reflects are not applied again (other roots' are).
             self._apply_events(upto=mark, skip=d)
-            self.hub.discard(d.path, mark if mark is not None else self.hub.seq)
         self.stats.listed_names += len(names)
         self.stats.est_bytes += _HDR + _STAT + 4 + sum(_STR + len(n) for n in names)
         d.known, d.relist = True, False

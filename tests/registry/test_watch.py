@@ -283,6 +283,52 @@ def test_hostile_and_unverified_names_are_skipped_by_events(
     assert reg.fleet_snapshot().skipped_by_reason == reg.read_fleet().skipped_by_reason
 
 
+def test_a_node_replaced_under_the_same_name_is_verified_again(
+    fleet_env: Callable[..., tuple[Registry, Writer]],
+) -> None:
+    """Persistent (skipped), then deleted and created again as a proper ephemeral node
+    between two looks: the same name, a new verdict."""
+    reg, writer = fleet_env()
+    f = Follower(reg)
+    m = member(1)
+    claim = f"{reg.paths.ip_to_id}/{m.overlay_ip}"
+    writer.client.create(claim, m.instance_id.encode())
+    writer.raw(encode_member(m), ephemeral=False)
+    end = time.monotonic() + 30
+    while f.changes[-1].skipped_by_reason != {"persistent": 1}:
+        assert time.monotonic() < end
+        f.flag.wait(0.5)
+        f.take(reg.fleet_changes())
+    path = f"{reg.members_path}/{encode_member(m)}"
+    writer.client.delete(path)
+    writer.raw(encode_member(m))
+    writer.nodes[1] = path
+    f.until({1})
+    assert f.changes[-1].skipped == 0
+
+
+def test_the_container_deleted_and_created_again(
+    fleet_env: Callable[..., tuple[Registry, Writer]],
+) -> None:
+    reg, writer = fleet_env()
+    writer.add(1)
+    f = Follower(reg)
+    f.until({1})
+    writer.remove(1)
+    writer.client.delete(reg.members_path)
+    end = time.monotonic() + 30
+    while not f.changes[-1].container_missing:
+        assert time.monotonic() < end
+        f.flag.wait(0.5)
+        f.take(reg.fleet_changes())
+    assert not f.fleet and reg.watch_node(reg.members_path, lambda *_: None) is None
+    writer.client.create(reg.members_path)
+    writer.add(2)
+    f.until({2})
+    assert not f.changes[-1].container_missing
+    f.until({2}, call="resync_fleet")
+
+
 def test_changes_while_disconnected_are_caught_by_the_stat(
     zk_server: ZooKeeperServer, fleet_env: Callable[..., tuple[Registry, Writer]]
 ) -> None:
