@@ -45,5 +45,12 @@ bench: deps venv
 	gcc -O2 -Wall -pthread -o bench/bin/connrate bench/connrate.c
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
+# Needs root. The control plane's cost of one member's change (docs/performance.md): ZooKeeper
+# and one real agent in network namespaces, 1,000 and 16,000 members, about 15 minutes.
+# BENCH_CONTROL_ARGS="--backend nftables --agent-tree /path/to/other/checkout" and so on.
+.PHONY: bench-control
+bench-control: deps venv
+	$(BIN)/python -m bench.control $(BENCH_CONTROL_ARGS)
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -215,3 +215,87 @@ def test_members_are_live_while_the_driver_runs(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _size(n: int, join_bytes: float) -> dict[str, object]:
+    change = {
+        "bytes_per_change": join_bytes,
+        "cpu_s_per_change": 0.5,
+        "write_to_kernel_median_s": 0.9,
+    }
+    return {
+        "join": change,
+        "leave": change,
+        "idle": {"bytes_per_minute": 1.08e6, "cpu_s_per_minute": 0.3},
+        "burst": {
+            "joins": 1000,
+            "bytes": 5e7,
+            "full_lists": 20.0,
+            "converge_s_from_first_write": 14.0,
+            "exact": True,
+            "missing": 0,
+            "extra": 0,
+            "cpu_s": 9.0,
+        },
+        "fleet": {
+            "bytes_per_change": n * join_bytes,
+            "bytes_per_idle_minute": n * 1.08e6,
+            "bytes_per_idle_second": n * 1.08e6 / 60,
+        },
+    }
+
+
+def test_control_report_and_side_by_side() -> None:
+    from bench import control
+
+    result = {
+        "sizes": {"1000": _size(1000, 131e3), "16000": _size(16000, 2.16e6)},
+        "machine": {
+            "cpu": "x",
+            "cores": 2,
+            "kernel": "k",
+            "zookeeper": "3.8",
+            "iptables": "i",
+            "loadavg": ["1", "1", "1"],
+        },
+        "config": {
+            "backend": "iptables",
+            "resync_interval": 60.0,
+            "watch_delay_min": 0.2,
+            "watch_delay_max": 1.0,
+            "zk_session_timeout": 10.0,
+        },
+        "agent_tree": "/t",
+        "agent_commit": "abc",
+        "changes": 10,
+        "idle_s": 180.0,
+    }
+    text = control.markdown(result)
+    assert "| bytes ZooKeeper sends the agent (join) | 131.0 KB | 2.16 MB |" in text
+    assert "34.6 GB" in text  # 16,000 agents x 2.16 MB
+    after = {**result, "agent_commit": "def", "sizes": {"16000": _size(16000, 4e3)}}
+    side = control.compare(result, after)
+    assert "| bytes ZooKeeper sends the agent (join) | 2.16 MB | 4.0 KB |" in side
+    assert "Before: abc; after: def." in side
+
+
+def test_control_expects_each_member_at_its_reachable_address() -> None:
+    from bench import control
+    from neti.fleet import Member
+    from neti.registry.codec import encode_member
+
+    def name(iid: str, network: str, overlay: str) -> str:
+        m = Member(iid, network, IPv4Address("52.1.1.1"), IPv4Address("10.16.0.1"),
+                   IPv4Address(overlay), "bench")  # fmt: skip
+        return encode_member(m)
+
+    names = [
+        name("i-near", control.NETWORK, "10.128.0.5"),
+        name("i-far", "bench-far", "10.128.0.6"),
+        name(control.AGENT_ID, control.NETWORK, "10.128.0.7"),
+    ]
+    assert control.expected_mappings(names, "10.128.0.7") == {
+        "10.128.0.5": "10.16.0.1",
+        "10.128.0.6": "52.1.1.1",
+        "10.128.0.7": control.AGENT_ADDR,
+    }
