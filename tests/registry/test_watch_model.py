@@ -13,6 +13,7 @@ from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kazoo.exceptions import UnimplementedError
 from kazoo.handlers.threading import SequentialThreadingHandler
 from kazoo.protocol.connection import CREATED_EVENT, DELETED_EVENT
 from kazoo.protocol.serialization import Exists, GetChildren2, int_int_struct, write_string
@@ -181,3 +182,58 @@ def test_the_reader_wrap_survives_garbage_and_bounds_its_queue() -> None:
     zk.children[M].add("n1")
     fw.changes()  # the overflow costs a list of both containers
     assert fw.index.names(M) == {"n1"} and fw.stats.full_lists == 4
+
+
+class OldZK(FakeZK):
+    """A server older than 3.6: addWatch is UNIMPLEMENTED; kazoo's one-shot children
+    watches fire on the next change of a container."""
+
+    def __init__(self, roots: list[str]) -> None:
+        super().__init__(roots)
+        self.child_watches: dict[str, list[Any]] = {}
+
+    def _call(self, request: Any, result: Any) -> None:
+        if isinstance(request, AddWatch):
+            result.set_exception(UnimplementedError())
+            return
+        super()._call(request, result)
+
+    def get_children_async(self, path: str, watch: Any = None, include_data: bool = False) -> Any:
+        result = self.handler.async_result()
+        self.calls.append("GetChildren2")
+        if watch is not None:
+            self.child_watches.setdefault(path, []).append(watch)
+        result.set((sorted(self.children[path]), self.stat(path)))
+        return result
+
+    def write(self, root: str, name: str) -> None:
+        super().write(root, name)
+        for fn in self.child_watches.pop(root, []):
+            fn(None)
+
+
+def test_a_server_without_addwatch_falls_back_to_lists(caplog: Any) -> None:
+    zk = OldZK([M, L])
+    index = FleetIndex(
+        {0: "ec2", 1: "vpc"}, IPv4Network("10.9.0.0/16"), members_parent=M, legacy_parent=L
+    )
+    fw = FleetWatch(zk, index, [M, L], lambda r: r.get(timeout=1))
+    woken: list[int] = []
+    fw.start(lambda: woken.append(1))
+    assert fw.fallback and fw.stats.fallback
+    assert sum("refused addWatch" in r.message for r in caplog.records) == 1
+    zk.write(M, "a")
+    zk.write(M, "b")  # no watch armed between the two: one list sees both
+    assert woken
+    fw.changes()
+    assert index.names(M) == {"a", "b"}
+    lists = fw.stats.full_lists
+    fw.changes()  # nothing fired: no list
+    assert fw.stats.full_lists == lists
+    zk.write(L, "x")
+    fw.changes()
+    assert index.names(L) == {"x"} and fw.stats.full_lists == lists + 1
+    zk.drop()
+    fw.changes()  # after a drop the fallback lists again (kazoo's watches may be gone)
+    assert index.names(M) == {"a", "b"} and fw.stats.events == 0
+    assert sum("refused addWatch" in r.message for r in caplog.records) == 1
