@@ -112,8 +112,9 @@ class World:
         if self.members:
             iid = sorted(self.members)[k % len(self.members)]
             reg, n = self.members[iid]
-            reg.join(self.identity(iid, n + 100), reg.claim(iid))
-            self.members[iid] = (reg, n + 100)
+            n = n + 100 if n < 100 else n - 100  # new addresses, and back again
+            reg.join(self.identity(iid, n), reg.claim(iid))
+            self.members[iid] = (reg, n)
 
     def expire(self) -> None:
         """End the agent's session from outside (another client takes it and closes it)."""
