@@ -522,7 +522,7 @@ def measure_size(args: argparse.Namespace, n: int) -> dict[str, Any]:
             "leaves": leaves,
             "burst": burst,
             "fleet": {
-                "bytes_per_change": n * summary(joins)["bytes_per_change"],
+                "bytes_per_change": n * summary(joins)["bytes_per_change_median"],
                 "bytes_per_idle_minute": n * idle["bytes_per_minute"],
                 "bytes_per_idle_second": n * idle["bytes_per_minute"] / 60,
             },
@@ -603,7 +603,8 @@ def _big(b: float) -> str:
 
 
 def rows(size: dict[str, Any]) -> list[tuple[str, str]]:
-    """(label, value) for one fleet size, in the issue's order."""
+    """(label, value) for one fleet size, in the issue's order. Per-change figures are
+    medians: a resync that happens to fall inside one change's window does not skew them."""
     j, lv, idle, burst, fleet = (
         size["join"],
         size["leave"],
@@ -623,15 +624,15 @@ def rows(size: dict[str, Any]) -> list[tuple[str, str]]:
         f"{_big(fleet['bytes_per_idle_minute'])} ({_big(fleet['bytes_per_idle_second'])}/s)"
     )
     return [
-        ("bytes ZooKeeper sends the agent (join)", _kb(j["bytes_per_change"])),
-        ("agent CPU (join)", f"{j['cpu_s_per_change']:.3f} s"),
+        ("bytes ZooKeeper sends the agent (join)", _kb(j["bytes_per_change_median"])),
+        ("agent CPU (join)", f"{j['cpu_s_per_change_median']:.3f} s"),
         (
             "ZooKeeper write → rule in the kernel (join, median)",
             f"{j['write_to_kernel_median_s']:.2f} s",
         ),
         (
             "bytes / agent CPU (leave)",
-            f"{_kb(lv['bytes_per_change'])} / {lv['cpu_s_per_change']:.3f} s",
+            f"{_kb(lv['bytes_per_change_median'])} / {lv['cpu_s_per_change_median']:.3f} s",
         ),
         ("ZooKeeper write → rule gone (leave, median)", f"{lv['write_to_kernel_median_s']:.2f} s"),
         ("idle, per minute (no change at all)", idle_cost),

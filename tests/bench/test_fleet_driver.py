@@ -219,8 +219,8 @@ def test_members_are_live_while_the_driver_runs(
 
 def _size(n: int, join_bytes: float) -> dict[str, object]:
     change = {
-        "bytes_per_change": join_bytes,
-        "cpu_s_per_change": 0.5,
+        "bytes_per_change_median": join_bytes,
+        "cpu_s_per_change_median": 0.5,
         "write_to_kernel_median_s": 0.9,
     }
     return {
