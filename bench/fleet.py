@@ -62,7 +62,7 @@ PUBLIC_POOLS = tuple(
 VERSION = "bench"
 
 USAGE = "expected: fill N | add | remove | quit"
-_NUMBER = re.compile(r"[0-9]{1,12}")
+_NUMBER = re.compile(r"[0-9]+")  # ASCII digits only (str.isdigit takes "²")
 
 
 class CommandError(ValueError):
@@ -94,7 +94,8 @@ def parse_command(line: str, max_fill: int = MAX_FILL) -> Command | None:
             raise CommandError(f"fill: {_show(args[0])} is not a whole number of members")
         n = int(args[0])
         if not 1 <= n <= max_fill:
-            raise CommandError(f"fill: {n} is out of range (1 to {max_fill} members)")
+            shown = args[0] if len(args[0]) <= 12 else _show(args[0])
+            raise CommandError(f"fill: {shown} is out of range (1 to {max_fill} members)")
         return Command("fill", n)
     if verb in ("add", "remove", "quit"):
         if args:
@@ -351,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        return 1  # whoever read our answers went away: nothing left to say
     finally:
         reg.close()
 
