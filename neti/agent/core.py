@@ -172,6 +172,7 @@ class Agent:
         # member), its skip counts, what the kernel was given (after the guard), and the
         # desired state kept one member at a time. None / empty: the next reconcile is full.
         self._read: dict[str, Member] = {}
+        self._read_overlays: collections.Counter[IPv4Address] = collections.Counter()
         self._meta = Fleet()
         self._applied_members: dict[str, Member] | None = None
         self._model: DesiredModel | None = None
@@ -812,9 +813,16 @@ class Agent:
             if full:
                 fleet = self.reg.fleet_snapshot()
                 self._read = fleetsync.index(fleet.members)
+                self._read_overlays = collections.Counter(m.overlay_ip for m in fleet.members)
                 self._meta = fleet
             else:
-                fleetsync.apply_change(self._read, change)
+                gone, new = fleetsync.apply_change(self._read, change)
+                overlays = self._read_overlays
+                overlays.subtract(m.overlay_ip for m in gone)
+                overlays.update(m.overlay_ip for m in new)
+                for m in gone:
+                    if overlays.get(m.overlay_ip, 1) <= 0:
+                        del overlays[m.overlay_ip]
                 self._meta = Fleet(
                     skipped=change.skipped,
                     skipped_reasons=self._meta.skipped_reasons,
@@ -843,6 +851,7 @@ class Agent:
             self._self_member(),
             container_missing=container_missing,
             meta=self._meta,
+            overlay_taken=self._overlay_taken,
         )
         try:
             result, how = self._write(decision, prev, change, full)
@@ -906,6 +915,10 @@ class Agent:
             self._save_soon()
         self._last_held = holding
         self._ready(self._status_line())
+
+    def _overlay_taken(self, ip: IPv4Address) -> bool:
+        """Does a member of the fleet as read hold ``ip`` (the guard's hold check)?"""
+        return self._read_overlays.get(ip, 0) > 0
 
     def _write(
         self,

@@ -80,13 +80,26 @@ def diff(old: Mapping[str, Member], fleet: Fleet, relisted: bool) -> Change:
     )
 
 
-def apply_change(read: dict[str, Member], change: FleetChangeLike) -> None:
-    """Bring ``read`` (instance ID -> member) in step with ``change``: removals first."""
+def apply_change(
+    read: dict[str, Member], change: FleetChangeLike
+) -> tuple[list[Member], list[Member]]:
+    """Bring ``read`` (instance ID -> member) in step with ``change``: removals first.
+    Returns the entries it took out and put in (a replaced entry is both)."""
+    gone: list[Member] = []
+    new: list[Member] = []
     for m in change.removed:
         if read.get(m.instance_id) == m:
             del read[m.instance_id]
+            gone.append(m)
     for m in change.added:
+        old = read.get(m.instance_id)
+        if old == m:
+            continue
+        if old is not None:
+            gone.append(old)
         read[m.instance_id] = m
+        new.append(m)
+    return gone, new
 
 
 class LegacyRegistry:

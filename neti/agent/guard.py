@@ -37,6 +37,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from ipaddress import IPv4Address
 
 from neti.fleet import Fleet, Member
 
@@ -200,10 +201,12 @@ class Guard:
         self_member: Member | None = None,
         container_missing: bool = False,
         meta: Fleet | None = None,
+        overlay_taken: Callable[[IPv4Address], bool] | None = None,
     ) -> GuardDecision:
         """``decide`` for a read given as instance ID -> member (the agent keeps it up to
         date from the registry's changes). The work is dict and key-set operations (C
-        speed): no sort and no per-member Python loop unless something is held."""
+        speed): no sort and no per-member Python loop. ``overlay_taken``: is an overlay IP
+        held by a member of ``read`` (the agent's index), so a hold needs no pass either."""
         new = meta if meta is not None else Fleet()
         now = self.clock()
         mem = self._mem.copy()
@@ -293,12 +296,22 @@ class Guard:
             keep = {i: prev[i] for i in (settling if reason == SETTLE else removed)}
             if reason in (LIMIT, WINDOW, VANISHED):
                 keep.update({i: m for i, (_t, m) in mem.recent.items() if i not in cur})
-            overlays = {m.overlay_ip for m in cur.values()}
+            if overlay_taken is None:
+                live = {m.overlay_ip for m in cur.values()}
+                taken: Callable[[IPv4Address], bool] = live.__contains__
+            else:
+                # The caller's index of the read's overlay IPs (no pass over 16k members);
+                # this host, added to the read above when it was missing, counts too.
+                mine = cur.get(self_id) if self_id is not None and self_id not in read else None
+                lookup = overlay_taken
+                taken = lambda ip: (mine is not None and ip == mine.overlay_ip) or lookup(ip)  # noqa: E731
+            used: set[IPv4Address] = set()
             for i in sorted(keep):
-                if keep[i].overlay_ip not in overlays:
+                ip = keep[i].overlay_ip
+                if ip not in used and not taken(ip):
                     members[i] = keep[i]
-                    overlays.add(keep[i].overlay_ip)
-            held_ids = tuple(sorted(i for i in members if i not in cur))
+                    used.add(ip)
+            held_ids = tuple(sorted(members.keys() - cur.keys()))
         gone = tuple(i for i in removed if i not in members)
         if not released:  # what an operator let through does not count against later ones
             for i in gone:
