@@ -13,8 +13,9 @@ ZooKeeper (Debian's package, tests/support/zkserver.py) and the synthetic-fleet 
   poll (every 50 ms) of the agent namespace's kernel that shows the DNAT rule (iptables: the
   rule in the DNAT tree; nftables: the element of the overlay map), or shows it gone;
 * idle: bytes and CPU over ``--idle`` seconds with no change at all, per minute;
-* a burst: 1,000 joins in 10 s; bytes, how many full member lists that is, time until the
-  kernel's DNAT mappings equal what the registry says (checked exactly), and CPU.
+* a burst: 1,000 joins in 10 s; bytes, and those bytes in full member lists (bytes / the size
+  of one list: an upper bound on the lists read, since events and reads count too), time
+  until the kernel's DNAT mappings equal what the registry says (checked exactly), and CPU.
 
 Fleet-wide figures multiply the per-agent bytes by the fleet size (every host runs an
 agent). Results: bench/results/control-<time>.json (or ``--json``) and Markdown on stdout.
@@ -637,7 +638,7 @@ def rows(size: dict[str, Any]) -> list[tuple[str, str]]:
         ("ZooKeeper write → rule gone (leave, median)", f"{lv['write_to_kernel_median_s']:.2f} s"),
         ("idle, per minute (no change at all)", idle_cost),
         (
-            f"burst ({burst['joins']:,} joins in {BURST_SECONDS:g} s): bytes / full lists",
+            f"burst ({burst['joins']:,} joins in {BURST_SECONDS:g} s): bytes / in full lists",
             f"{_kb(burst['bytes'])} / {burst['full_lists']:.1f}",
         ),
         ("burst: converged (from first write)", converged + exact),
