@@ -606,13 +606,13 @@ def _big(b: float) -> str:
 def rows(size: dict[str, Any]) -> list[tuple[str, str]]:
     """(label, value) for one fleet size, in the issue's order. Per-change figures are
     medians: a resync that happens to fall inside one change's window does not skew them."""
-    j, lv, idle, burst, fleet = (
-        size["join"],
-        size["leave"],
-        size["idle"],
-        size["burst"],
-        size["fleet"],
-    )
+    j, lv, idle, burst = size["join"], size["leave"], size["idle"], size["burst"]
+    n = int(size["members"])  # every host runs an agent and receives the same
+    fleet = {
+        "bytes_per_change": n * j["bytes_per_change_median"],
+        "bytes_per_idle_minute": n * idle["bytes_per_minute"],
+        "bytes_per_idle_second": n * idle["bytes_per_minute"] / 60,
+    }
     conv = burst["converge_s_from_first_write"]
     converged = f"{conv:.1f} s" if conv is not None else "no"
     exact = (

@@ -226,6 +226,7 @@ def _size(n: int, join_bytes: float) -> dict[str, object]:
         "write_to_kernel_median_s": 0.9,
     }
     return {
+        "members": n,
         "join": change,
         "leave": change,
         "idle": {"bytes_per_minute": 1.08e6, "cpu_s_per_minute": 0.3},
