@@ -72,6 +72,8 @@ ZK_CALL_TIMEOUT = 5.0
 # burst of joins costs one write); an isolated change, ZooKeeper state, guard holds and
 # errors are written at once, so `neti status` compares the kernel with the fleet it holds.
 STATE_FLEET_INTERVAL = 1.0
+# A reconcile that changed nothing in the kernel is written within this.
+STATE_QUIET_INTERVAL = 10.0
 # The node an operator bumps to let held removals through once (neti fleet release-guard).
 RELEASE_NODE = guard_mod.RELEASE_NODE
 _UNSET: Any = object()
@@ -911,6 +913,10 @@ class Agent:
         )
         if full or holding or holding != self._last_held:
             self._save()
+        elif not result.changed:
+            # The kernel and the fleet in the state file are as they were (a removal that
+            # settles, an event with nothing to change): the rest can wait a little.
+            self._save_within(STATE_QUIET_INTERVAL)
         else:
             self._save_soon()
         self._last_held = holding
@@ -1099,6 +1105,11 @@ class Agent:
         if s.last_reconcile.result == "error":
             parts.append("last apply failed")
         return ", ".join(parts)
+
+    def _save_within(self, seconds: float) -> None:
+        due = time.monotonic() + seconds
+        if self._save_due is None or due < self._save_due:
+            self._save_due = due
 
     def _save_soon(self) -> None:
         """Write the state file now, or within STATE_FLEET_INTERVAL when it was just written
