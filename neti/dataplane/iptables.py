@@ -17,7 +17,8 @@ Both tables go into ONE ``iptables-restore --noflush`` run that names only chain
 differ from the kernel's: declaring ``:NETI-X - [0:0]`` creates or flushes only that chain,
 other software's chains are never named, sub-chains no longer wanted are deleted at the end,
 and with iptables-nft the whole payload is a single kernel transaction. Jump rules are read
-back first and only added when missing, so repeated applies never duplicate them.
+back first and only added when missing, so repeated applies never duplicate them. Reading,
+restoring, variants and uninstall go through ``xtables.Runner``, shared with zkproxy.
 """
 
 from __future__ import annotations
@@ -27,10 +28,10 @@ import logging
 import re
 import socket
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from ipaddress import IPv4Address
 
-from neti.dataplane import ipset
+from neti.dataplane import ipset, xtables
 from neti.dataplane.base import (
     Backend,
     DataplaneStatus,
@@ -39,6 +40,16 @@ from neti.dataplane.base import (
     Prepared,
 )
 from neti.dataplane.system import System
+from neti.dataplane.xtables import LOCK_WAIT as LOCK_WAIT  # re-exports: older imports
+from neti.dataplane.xtables import VARIANTS as VARIANTS
+from neti.dataplane.xtables import Runner, TableState, available_variants, wrap
+from neti.dataplane.xtables import choose_variant as _choose_variant
+from neti.dataplane.xtables import detect as _detect
+from neti.dataplane.xtables import jump_target as _jump_target
+from neti.dataplane.xtables import parse_save as parse_save
+from neti.dataplane.xtables import references as _xt_references
+from neti.dataplane.xtables import tool as tool
+from neti.dataplane.xtables import uninstall_lines as _xt_uninstall_lines
 from neti.desired import DesiredState, Dnat
 from neti.desired.model import Delta
 from neti.errors import DataplaneError
@@ -51,102 +62,19 @@ OUR_CHAINS = {"filter": FILTER_CHAIN, "nat": NAT_CHAIN}
 # Built-in chains that may hold a jump into Neti's chain of that table.
 HOOKS = {"filter": ("INPUT",), "nat": ("PREROUTING", "OUTPUT")}
 TABLES = ("filter", "nat")
-VARIANTS = ("nft", "legacy")
-LOCK_WAIT = "10"  # seconds to wait for the xtables lock (-w)
 
 
 # --------------------------------------------------------------------------- variants
 
 
-def tool(variant: str, kind: str) -> str:
-    """``tool("nft", "restore") -> "iptables-nft-restore"``; variant "" is the plain name."""
-    base = f"iptables-{variant}" if variant else "iptables"
-    return f"{base}-{kind}" if kind else base
-
-
-def available_variants(system: System) -> list[str]:
-    found = [v for v in VARIANTS if system.has(tool(v, "restore")) and system.has(tool(v, "save"))]
-    if not found and system.has("iptables-restore") and system.has("iptables-save"):
-        found = [""]
-    return found
-
-
-def _save_all(system: System, variant: str) -> str:
-    out = system.run([tool(variant, "save")], check=False).stdout
-    six = f"ip6tables-{variant}-save" if variant else "ip6tables-save"
-    if system.has(six):
-        out += system.run([six], check=False).stdout
-    return out
-
-
 def detect(system: System) -> str:
-    """Which iptables this system uses, the way kube-proxy's iptables-wrapper decides.
-
-    A variant already holding Neti's chains wins (so Neti never splits itself across both);
-    otherwise the one with more rules, preferring nft when equal (also when both are empty).
-    """
-    variants = available_variants(system)
-    if not variants:
-        raise DataplaneError("no iptables found (install the iptables package)")
-    if len(variants) == 1:
-        return variants[0]
-    return choose_variant({v: _save_all(system, v) for v in variants})
+    """Which iptables this system uses (``xtables.detect``: Neti's chains pin a variant)."""
+    return _detect(system, OUR_CHAINS.values())
 
 
 def choose_variant(dumps: dict[str, str]) -> str:
     """The decision of ``detect`` from each variant's ``*-save`` output (pure)."""
-    with_neti = [v for v, d in dumps.items() if any(f":{c} " in d for c in OUR_CHAINS.values())]
-    if len(with_neti) == 1:
-        return with_neti[0]
-    counts = {
-        v: sum(1 for line in d.splitlines() if line.startswith("-")) for v, d in dumps.items()
-    }
-    log.debug("iptables rule counts: %s", counts)
-    return "legacy" if counts.get("legacy", 0) > counts.get("nft", 0) else "nft"
-
-
-# --------------------------------------------------------------------------- kernel state
-
-
-@dataclass
-class TableState:
-    """One table as ``iptables-save`` shows it: chain names and rule specs per chain."""
-
-    chains: set[str] = field(default_factory=set)
-    rules: dict[str, list[str]] = field(default_factory=dict)
-
-    def has(self, chain: str) -> bool:
-        return chain in self.chains
-
-    def jumps(self, builtin: str, target: str) -> list[str]:
-        return [r for r in self.rules.get(builtin, []) if _jumps_to(r, target)]
-
-
-def _jumps_to(spec: str, target: str) -> bool:
-    tokens = spec.split()
-    return any(
-        t in ("-j", "-g") and i + 1 < len(tokens) and tokens[i + 1] == target
-        for i, t in enumerate(tokens)
-    )
-
-
-def parse_save(text: str) -> dict[str, TableState]:
-    """Parse ``iptables-save`` output into tables."""
-    tables: dict[str, TableState] = {}
-    cur: TableState | None = None
-    for line in text.splitlines():
-        if line.startswith("*"):
-            cur = tables.setdefault(line[1:].strip(), TableState())
-        elif cur is None or not line or line.startswith("#"):
-            continue
-        elif line.startswith(":"):
-            name = line[1:].split()[0]
-            cur.chains.add(name)
-            cur.rules.setdefault(name, [])
-        elif line.startswith("-A "):
-            _, chain, *rest = line.split(" ", 2)
-            cur.rules.setdefault(chain, []).append(rest[0] if rest else "")
-    return tables
+    return _choose_variant(dumps, OUR_CHAINS.values())
 
 
 # --------------------------------------------------------------------------- rendering
@@ -313,31 +241,13 @@ class TablePlan:
 MAX_CHAIN_SENTENCES = 5
 
 
-def _jump_target(spec: str) -> str | None:
-    tokens = spec.split()
-    for i, t in enumerate(tokens[:-1]):
-        if t in ("-j", "-g"):
-            return tokens[i + 1]
-    return None
-
-
 def _references(state: TableState, table: str, targets: set[str]) -> list[tuple[str, str]]:
     """(chain, rule) of every rule outside Neti's chains that jumps into ``targets``.
 
     Built-in hooks first, then other chains by name: a deterministic order for payloads.
     """
-    hooks = HOOKS[table]
-    others = sorted(
-        c
-        for c in state.rules
-        if c not in hooks and c != OUR_CHAINS[table] and not is_sub_chain(table, c)
-    )
-    return [
-        (chain, spec)
-        for chain in (*hooks, *others)
-        for spec in state.rules.get(chain, [])
-        if _jump_target(spec) in targets
-    ]
+    ours = {c for c in state.rules if c == OUR_CHAINS[table] or is_sub_chain(table, c)}
+    return _xt_references(state, targets, HOOKS[table], skip=ours)
 
 
 def plan_table(
@@ -389,16 +299,9 @@ def plan_table(
     for builtin in HOOKS[table]:
         want = jumps.get(builtin)
         existing = state.jumps(builtin, root)
-        keep_one = want is not None and want in existing
-        for spec in existing:
-            if keep_one and spec == want:
-                keep_one = False  # the first copy of the wanted jump stays where it is
-                continue
-            lines.append(f"-D {builtin} {spec}")
-            changes.append(f"{table}: removed jump {builtin} {spec}")
-        if want is not None and want not in existing:
-            lines.append(f"-I {builtin} 1 {want}")
-            changes.append(f"{table}: added jump {builtin} {want}")
+        jump_lines, jump_changes = xtables.ensure_jump(table, state, builtin, root, want)
+        lines += jump_lines
+        changes += jump_changes
         old += [f"-A {builtin} {r}" for r in existing]
         new += [f"-A {builtin} {want}"] if want is not None else []
     if obsolete:
@@ -426,15 +329,13 @@ def plan_table(
     return TablePlan(lines, changes, diff)
 
 
-def wrap(table: str, lines: list[str]) -> str:
-    return f"*{table}\n" + "".join(f"{line}\n" for line in lines) + "COMMIT\n" if lines else ""
+# Neti's chains per table for the runner: the root, then every sub-chain of the DNAT tree.
+OWNED: dict[str, xtables.ChainSpec] = {"filter": (FILTER_CHAIN,), "nat": (NAT_CHAIN, SUB_CHAIN)}
 
 
 def uninstall_lines(table: str, state: TableState) -> list[str]:
     """Remove every jump into Neti's chains (also ones someone added elsewhere), then them."""
-    ours = owned_chains(table, state)
-    lines = [f"-D {chain} {spec}" for chain, spec in _references(state, table, set(ours))]
-    return lines + [f"-F {c}" for c in ours] + [f"-X {c}" for c in ours]
+    return _xt_uninstall_lines(state, owned_chains(table, state), HOOKS[table])
 
 
 # --------------------------------------------------------------------------- backend
@@ -449,11 +350,15 @@ class IptablesBackend(Backend):
 
     def __init__(self, system: System, variant: str | None = None):
         super().__init__(system)
-        self.variant = detect(system) if variant is None else variant
+        self.xt = Runner(system, variant, markers=OUR_CHAINS.values())
+
+    @property
+    def variant(self) -> str:
+        return self.xt.variant
 
     @property
     def label(self) -> str:
-        return tool(self.variant, "")
+        return self.xt.label
 
     @classmethod
     def missing_tools(cls, system: System) -> list[str]:
@@ -464,19 +369,13 @@ class IptablesBackend(Backend):
     def payload_tool(self, payload: str) -> str:
         if payload == "ipset":
             return "ipset restore"
-        return f"{tool(self.variant, 'restore')} -w {LOCK_WAIT} --noflush"
+        return " ".join(self.xt.restore_argv())
 
     # --- reading ---
     def read_tables(self, variant: str | None = None) -> dict[str, TableState]:
-        """Neti's tables as the kernel has them.
-
-        One ``iptables-save`` without ``-t``: it dumps only tables that exist, whereas
-        ``-t nat`` would create an empty legacy nat table just by looking.
-        """
-        v = self.variant if variant is None else variant
-        proc = self.system.run([tool(v, "save")])
-        tables = parse_save(proc.stdout)
-        return {t: tables.get(t, TableState()) for t in TABLES}
+        """Neti's tables as the kernel has them (one ``iptables-save``, ``Runner.save``)."""
+        xt = self.xt if variant is None else Runner(self.system, variant)
+        return xt.save(TABLES)
 
     def _prepare(self, desired: DesiredState, with_diff: bool) -> Prepared:
         tables = self.read_tables()
@@ -506,8 +405,8 @@ class IptablesBackend(Backend):
 
     # --- writing ---
     def _restore(self, payload: str, variant: str | None = None) -> None:
-        v = self.variant if variant is None else variant
-        self.system.run([tool(v, "restore"), "-w", LOCK_WAIT, "--noflush"], input=payload)
+        xt = self.xt if variant is None else Runner(self.system, variant)
+        xt.restore(payload)
 
     def _write_allowlist(self, payload: str) -> None:
         self.system.run(["ipset", "restore"], input=payload)
@@ -596,11 +495,8 @@ def leftovers(system: System) -> list[str]:
     """Neti's iptables chains and ipsets present here, by name (for another backend's plan)."""
     found: list[str] = []
     for v in available_variants(system):
-        proc = system.run([tool(v, "save")], check=False)
-        tables = parse_save(proc.stdout)
-        for table in TABLES:
-            state = tables.get(table, TableState())
-            found += [f"{tool(v, '')} {table}/{c}" for c in owned_chains(table, state)]
+        xt = Runner(system, v)
+        found += [f"{xt.label} {t}/{c}" for t, chains in xt.owned(OWNED).items() for c in chains]
     if system.has("ipset"):
         names = ipset.read(system).names
         found += [f"ipset {n}" for n in ipset.OUR_SETS if n in names]
@@ -612,23 +508,12 @@ def remove_objects(system: System, warnings: list[str] | None = None) -> list[st
 
     Used by uninstall and by another backend taking over. Caller holds the lock.
     """
-    changes: list[str] = []
-    for v in available_variants(system):
-        proc = system.run([tool(v, "save")], check=False)
-        parsed = parse_save(proc.stdout)
-        tables = {t: parsed.get(t, TableState()) for t in TABLES}
-        payload = ""
-        for table in TABLES:
-            lines = uninstall_lines(table, tables[table])
-            if lines:
-                payload += wrap(table, lines)
-                changes.append(
-                    f"{tool(v, '')} {table}: removed {OUR_CHAINS[table]}"
-                    + (" and its sub-chains" if len(owned_chains(table, tables[table])) > 1 else "")
-                    + " and its jumps"
-                )
-        if payload:
-            system.run([tool(v, "restore"), "-w", LOCK_WAIT, "--noflush"], input=payload)
+    changes = [
+        f"{r.label} {r.table}: removed {OUR_CHAINS[r.table]}"
+        + (" and its sub-chains" if len(r.chains) > 1 else "")
+        + " and its jumps"
+        for r in xtables.uninstall(system, OWNED, HOOKS)
+    ]
     if not system.has("ipset"):
         return changes
     names = ipset.read(system).names
