@@ -28,9 +28,9 @@ from kazoo.handlers.threading import KazooTimeoutError
 
 from neti import __version__
 from neti import config as config_mod
+from neti import state as state_mod
 from neti.agent import fleetsync
 from neti.agent import guard as guard_mod
-from neti.agent import state as state_mod
 from neti.agent.metrics import Metrics
 from neti.agent.scheduler import RESYNC, Scheduler
 from neti.agent.sdnotify import Notifier
@@ -1086,10 +1086,13 @@ class Agent:
         self.notifier.status(self._status_line())
 
     def _update_conntrack(self) -> None:
-        from neti.status import read_conntrack
+        from neti.dataplane import conntrack
 
-        count, maximum = read_conntrack()
-        self.metrics.set_conntrack(count, maximum)
+        system = self.backend.system  # None: a kernel-free test backend
+        if system is None:
+            return
+        usage = conntrack.usage(system)  # the backend's namespace, not the agent's
+        self.metrics.set_conntrack(usage.count, usage.max)
 
     def _status_line(self) -> str:
         s = self.state

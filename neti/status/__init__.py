@@ -13,26 +13,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from neti.agent import state as state_mod
+from neti import state as state_mod
 from neti.config import Config
 from neti.status.report import KernelView, Report, evaluate
 
 log = logging.getLogger(__name__)
 
-__all__ = ["KernelView", "Report", "gather", "pid_alive", "read_conntrack", "to_dict"]
-
-PROC_CONNTRACK = Path("/proc/sys/net/netfilter")
-
-
-def read_conntrack(proc: Path = PROC_CONNTRACK) -> tuple[int | None, int | None]:
-    """(entries, max) of this network namespace's conntrack table; None where unknown."""
-    out: list[int | None] = []
-    for name in ("nf_conntrack_count", "nf_conntrack_max"):
-        try:
-            out.append(int((proc / name).read_text().strip()))
-        except (OSError, ValueError):
-            out.append(None)
-    return out[0], out[1]
+__all__ = ["KernelView", "Report", "gather", "pid_alive", "to_dict"]
 
 
 def pid_alive(pid: int) -> bool:
@@ -55,14 +42,21 @@ def pid_alive(pid: int) -> bool:
 def kernel_view(cfg: Config, state: state_mod.AgentState | None) -> KernelView:
     """Ask the dataplane backend what the kernel holds and compare it with the saved state."""
     from neti import dataplane
+    from neti.dataplane import conntrack
+    from neti.dataplane.system import System
     from neti.errors import NetiError
 
-    count, maximum = read_conntrack()
-    view = KernelView(conntrack_count=count, conntrack_max=maximum)
+    view = KernelView()
+    backend = None
     try:
         backend = dataplane.select(cfg)
     except NetiError as exc:
         view.error = str(exc)
+    # The one conntrack reader (dataplane/conntrack.py), in the backend's namespace.
+    system = backend.system if backend is not None and backend.system is not None else System()
+    usage = conntrack.usage(system)
+    view.conntrack_count, view.conntrack_max = usage.count, usage.max
+    if backend is None:
         return view
     from neti.status.kernel import compare
 

@@ -11,9 +11,9 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING
 
-from neti.agent.state import AgentState
 from neti.config import Config
 from neti.errors import NetiError
+from neti.state import AgentState
 from neti.status.report import KernelView
 
 if TYPE_CHECKING:

@@ -1,0 +1,481 @@
+"""The agent's state file: what it last applied, and how it is doing.
+
+``<state_dir>/state.json`` serves two readers. The agent itself restores the last applied
+fleet from it at start-up, so a host rebooted while ZooKeeper is down still gets its rules
+(fail static across reboots). ``neti status`` reads it instead of ZooKeeper, so a monitoring
+check never depends on, or adds load to, the registry. Written atomically (tmp + fsync +
+rename + directory fsync): a reader sees the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import logging
+import os
+import re
+import stat
+import tempfile
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field, fields
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Any
+
+from neti.config import LABEL_RE
+from neti.fleet import Fleet, Member
+from neti.identity import Identity
+
+log = logging.getLogger(__name__)
+
+FILENAME = "state.json"
+FORMAT = 1
+# Reading limits: the file is written by the agent, but a damaged or planted file must give
+# a clear StateFileError (and a CRITICAL status), never a RecursionError or a memory blow-up.
+# A 50,000-member fleet is about 10 MiB; the agent nests four levels.
+MAX_BYTES = 32 * 1024 * 1024
+MAX_DEPTH = 16
+MAX_INT = 2**53
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_JSON_BRACKET = re.compile(r"[\[\]{}]")
+
+
+@dataclass
+class Reconcile:
+    """The outcome of one reconcile."""
+
+    at: float = 0.0  # wall-clock time (epoch seconds) it finished
+    duration: float = 0.0
+    result: str = ""  # ok | held | error | restored
+    reason: str = ""  # event | resync | retry | restore
+    error: str = ""
+
+
+@dataclass
+class GuardState:
+    """The mass-removal guard as ``neti status`` shows it (neti/agent/guard.py decides)."""
+
+    held: bool = False
+    since: float | None = None  # epoch seconds the guard tripped
+    would_remove: int = 0
+    removed: list[str] = field(default_factory=list)  # the held instance IDs
+    max_change: int | None = None
+    max_change_problem: str | None = None  # why maxchange's value was refused (default used)
+    reason: str = ""  # window | limit | grace | fleet-vanished (guard.REASONS) while held
+    limit: int | None = None  # removals allowed within the window, for the last baseline
+    window_removals: int = 0  # removals counted in the window at the last reconcile
+    baseline: int = 0  # the fleet's size before the window's removals
+    grace_until: float | None = None  # epoch seconds a running grace period ends
+    last_held_size: int | None = None  # members applied while the guard last held
+    self_listed: bool = True  # this host was in the fleet it last read
+    released_at: float | None = None  # epoch seconds of the last operator release
+    settling: int = 0  # removals waiting out guard_settle (routine, not a hold)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GuardState:
+        """Known keys only (a newer agent's extra keys must not break an older reader), each
+        of its type: a damaged file is a TypeError (CRITICAL in status), never a crash later."""
+        if not isinstance(d, dict):
+            raise TypeError("guard is not a JSON object")
+        out = cls()
+        for name, kinds in _GUARD_KINDS.items():
+            if name not in d:
+                continue
+            v = d[name]
+            ok = any(
+                v is None
+                if k is None
+                else isinstance(v, k) and (k is bool or not isinstance(v, bool))
+                for k in kinds
+            )
+            if name == "removed":
+                ok = isinstance(v, list) and all(isinstance(x, str) for x in v)
+            if not ok:
+                raise TypeError(f"guard.{name} has the wrong type")
+            if isinstance(v, int) and not isinstance(v, bool) and float in kinds:
+                v = float(v)
+            setattr(out, name, list(v) if name == "removed" else v)
+        return out
+
+
+# Accepted JSON types per GuardState field (None: null allowed); ints may stand for floats.
+_GUARD_KINDS: dict[str, tuple[Any, ...]] = {
+    "held": (bool,),
+    "since": (float, int, None),
+    "would_remove": (int,),
+    "removed": (list,),
+    "max_change": (int, None),
+    "max_change_problem": (str, None),
+    "reason": (str,),
+    "limit": (int, None),
+    "window_removals": (int,),
+    "baseline": (int,),
+    "grace_until": (float, int, None),
+    "last_held_size": (int, None),
+    "self_listed": (bool,),
+    "released_at": (float, int, None),
+    "settling": (int,),
+}
+
+
+@dataclass
+class ZkState:
+    state: str = "connecting"  # connecting | connected | suspended | lost | closed
+    since: float = 0.0
+    hosts: list[str] = field(default_factory=list)
+    session_expiries: int = 0
+
+
+@dataclass
+class AgentState:
+    """Everything the state file holds."""
+
+    pid: int = 0
+    started_at: float = 0.0
+    updated_at: float = 0.0
+    version: str = ""
+    identity: Identity | None = None
+    overlay_ip: IPv4Address | None = None
+    fleet: Fleet | None = None  # the last *applied* fleet (after the guard)
+    applied: dict[str, Any] = field(default_factory=dict)  # backend's summary of the apply
+    last_reconcile: Reconcile = field(default_factory=Reconcile)
+    last_success: float | None = None
+    guard: GuardState = field(default_factory=GuardState)
+    zookeeper: ZkState = field(default_factory=ZkState)
+    skipped: int = 0
+    skipped_reasons: list[str] = field(default_factory=list)
+    skipped_by_reason: dict[str, int] = field(default_factory=dict)  # neti.fleet.SKIP_REASONS
+    apply_errors: int = 0
+    tagging: str = ""  # EC2 tagging of this instance: pending, ok, failed: …, skipped: …
+    claim_conflict: str | None = None  # our saved overlay IP is claimed by another instance
+
+    def to_dict(self, with_fleet: bool = True) -> dict[str, Any]:
+        """JSON-able form; ``with_fleet`` False leaves the fleet out (FleetRows has it)."""
+        fleet = self.fleet if with_fleet else None
+        return {
+            "format": FORMAT,
+            "pid": self.pid,
+            "started_at": self.started_at,
+            "updated_at": self.updated_at,
+            "version": self.version,
+            "identity": self.identity.as_dict() if self.identity else None,
+            "overlay_ip": str(self.overlay_ip) if self.overlay_ip else None,
+            "fleet": [m.as_dict() for m in fleet.members] if fleet else None,
+            "members_by_network": fleet.by_network() if fleet else {},
+            "applied": self.applied,
+            "last_reconcile": asdict(self.last_reconcile),
+            "last_success": self.last_success,
+            "guard": asdict(self.guard),
+            "zookeeper": asdict(self.zookeeper),
+            "skipped": self.skipped,
+            "skipped_reasons": self.skipped_reasons[:50],
+            "skipped_by_reason": dict(self.skipped_by_reason),
+            "apply_errors": self.apply_errors,
+            "tagging": self.tagging,
+            "claim_conflict": self.claim_conflict,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AgentState:
+        """Typed values from the file's JSON; ValueError/TypeError/KeyError when malformed.
+
+        Every value is checked against its field's type here, so ``neti status`` and the
+        agent's restore never meet a string where a number belongs.
+        """
+        ident = d.get("identity")
+        fleet = d.get("fleet")
+        if ident is not None and not isinstance(ident, dict):
+            raise TypeError("identity is not an object")
+        if fleet is not None and not isinstance(fleet, list):
+            raise TypeError("fleet is not a list")
+        overlay = _opt(d.get("overlay_ip"), str, "overlay_ip")
+        return cls(
+            pid=_typed(int, d.get("pid") or 0, "pid"),
+            started_at=_typed(float, d.get("started_at") or 0, "started_at"),
+            updated_at=_typed(float, d.get("updated_at") or 0, "updated_at"),
+            version=_typed(str, d.get("version") or "", "version"),
+            identity=(
+                Identity(
+                    instance_id=_typed(str, ident["instance_id"], "identity.instance_id"),
+                    private_ip=IPv4Address(_typed(str, ident["private_ip"], "private_ip")),
+                    public_ip=IPv4Address(_typed(str, ident["public_ip"], "public_ip")),
+                    network=_typed(str, ident["network"], "identity.network"),
+                )
+                if ident
+                else None
+            ),
+            overlay_ip=IPv4Address(overlay) if overlay else None,
+            fleet=(
+                Fleet(members=tuple(sorted(_member(m) for m in fleet)))
+                if fleet is not None
+                else None
+            ),
+            applied=_typed(dict, d.get("applied") or {}, "applied"),
+            last_reconcile=_record(Reconcile, d.get("last_reconcile"), "last_reconcile"),
+            last_success=_opt(d.get("last_success"), float, "last_success"),
+            guard=_record(GuardState, d.get("guard"), "guard"),
+            zookeeper=_record(ZkState, d.get("zookeeper"), "zookeeper"),
+            skipped=_typed(int, d.get("skipped") or 0, "skipped"),
+            skipped_reasons=_strings(d.get("skipped_reasons") or [], "skipped_reasons"),
+            skipped_by_reason=_counts(d.get("skipped_by_reason")),
+            tagging=_typed(str, d.get("tagging") or "", "tagging"),
+            claim_conflict=_opt(d.get("claim_conflict"), str, "claim_conflict"),
+            apply_errors=_typed(int, d.get("apply_errors") or 0, "apply_errors"),
+        )
+
+
+# --- strict conversion of the file's JSON values (the file may be damaged or hand-edited) ---
+
+
+def _typed(kind: type, value: Any, what: str) -> Any:
+    """``value`` as ``kind`` (int, float, str, bool, dict, list), refusing anything else."""
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise TypeError(f"{what} is {type(value).__name__}, not {kind.__name__}")
+    if isinstance(value, int) and not -MAX_INT <= value <= MAX_INT:
+        raise ValueError(f"{what} is out of range")  # os.kill(10**100, 0) is an OverflowError
+    return value
+
+
+def _counts(value: Any) -> dict[str, int]:
+    """Skip counts by reason: known reason codes with non-negative integer counts only."""
+    from neti.fleet import SKIP_REASONS
+
+    if not isinstance(value, dict):
+        return {}
+    return {
+        k: v for k, v in value.items() if k in SKIP_REASONS and type(v) is int and 0 <= v <= MAX_INT
+    }
+
+
+def _opt(value: Any, kind: type, what: str) -> Any:
+    return None if value is None else _typed(kind, value, what)
+
+
+def _strings(value: Any, what: str) -> list[str]:
+    return [_typed(str, v, what) for v in _typed(list, value, what)]
+
+
+_KINDS: dict[str, tuple[type, bool]] = {
+    "float": (float, False),
+    "float | None": (float, True),
+    "int": (int, False),
+    "int | None": (int, True),
+    "bool": (bool, False),
+    "str": (str, False),
+    "str | None": (str, True),
+}
+
+
+def _record(cls: type, value: Any, what: str) -> Any:
+    """A dataclass from a JSON object, each known field type-checked; unknown keys ignored.
+
+    Driven by the dataclass's own annotations, so a field added later is checked too.
+    """
+    if value is None:
+        return cls()
+    value = _typed(dict, value, what)
+    kwargs: dict[str, Any] = {}
+    for f in fields(cls):
+        if f.name not in value:
+            continue
+        v, name = value[f.name], f"{what}.{f.name}"
+        kind = str(f.type)
+        if kind in _KINDS:
+            typ, optional = _KINDS[kind]
+            kwargs[f.name] = _opt(v, typ, name) if optional else _typed(typ, v, name)
+        elif kind == "list[str]":
+            kwargs[f.name] = _strings(v, name)
+        elif isinstance(v, (str, int, float, bool)) or v is None:
+            kwargs[f.name] = v  # a type this reader does not know: scalars only
+    return cls(**kwargs)
+
+
+def _member(value: Any) -> Member:
+    if not isinstance(value, dict):
+        raise TypeError("a fleet member is not an object")
+    for key in ("instance_id", "network", "public_ip", "private_ip", "overlay_ip", "version"):
+        if key in value and not isinstance(value[key], str):
+            raise TypeError(f"fleet member {key} is not a string")
+    for key in ("instance_id", "network"):
+        # These reach kernel rule comments on a restore: the registry's rules apply here too.
+        if key in value and not LABEL_RE.match(value[key]):
+            raise ValueError(f"fleet member {key} {value[key][:40]!r} is not a label")
+    return Member.from_dict(value)
+
+
+class StateFileError(Exception):
+    """The state file exists but cannot be read or parsed."""
+
+
+def path_for(state_dir: str | os.PathLike[str]) -> Path:
+    return Path(state_dir) / FILENAME
+
+
+class FleetRows:
+    """The applied fleet as state-file rows, kept member by member.
+
+    Serializing 16,000 members takes ~0.12 s; the agent changes one at a time, so it keeps
+    each member's JSON row (in instance-ID order) and a write only joins them
+    (``write(..., rows=)``).
+    """
+
+    def __init__(self) -> None:
+        self._members: dict[str, Member] = {}
+        self._keys: list[str] = []  # sorted instance IDs
+        self._texts: list[str] = []  # their rows, same order
+        self.by_network: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def reset(self, members: Iterable[Member]) -> None:
+        old = dict(zip(self._keys, self._texts, strict=True))
+        before = self._members
+        self._members = {m.instance_id: m for m in members}
+        self._keys = sorted(self._members)
+        self._texts = [
+            old[i] if before.get(i) == self._members[i] else json.dumps(self._members[i].as_dict())
+            for i in self._keys
+        ]
+        self.by_network = {}
+        for m in self._members.values():
+            self.by_network[m.network] = self.by_network.get(m.network, 0) + 1
+
+    def update(self, removed: Iterable[Member], added: Iterable[Member]) -> None:
+        for m in removed:
+            if self._members.get(m.instance_id) == m:
+                self._drop(m)
+        for m in added:
+            old = self._members.get(m.instance_id)
+            if old is not None:
+                self._drop(old)
+            i = bisect.bisect_left(self._keys, m.instance_id)
+            self._keys.insert(i, m.instance_id)
+            self._texts.insert(i, json.dumps(m.as_dict()))
+            self._members[m.instance_id] = m
+            self.by_network[m.network] = self.by_network.get(m.network, 0) + 1
+
+    def _drop(self, m: Member) -> None:
+        i = bisect.bisect_left(self._keys, m.instance_id)
+        del self._keys[i], self._texts[i]
+        del self._members[m.instance_id]
+        n = self.by_network.get(m.network, 0) - 1
+        if n > 0:
+            self.by_network[m.network] = n
+        else:
+            self.by_network.pop(m.network, None)
+
+    def text(self) -> str:
+        """The fleet as a JSON array, members sorted by instance ID."""
+        return "[" + ",\n".join(self._texts) + "]"
+
+
+def write(
+    state_dir: str | os.PathLike[str], state: AgentState, rows: FleetRows | None = None
+) -> Path:
+    """Atomically replace the state file. ``rows``: the fleet (instead of ``state.fleet``)."""
+    d = Path(state_dir)
+    d.mkdir(parents=True, exist_ok=True, mode=0o755)
+    target = d / FILENAME
+    if rows is None:
+        data = json.dumps(state.to_dict(), indent=1, sort_keys=False).encode() + b"\n"
+    else:
+        doc = state.to_dict(with_fleet=False)
+        doc["members_by_network"] = dict(sorted(rows.by_network.items()))
+        text = json.dumps(doc, indent=1, sort_keys=False)
+        # The first '"fleet": null' is the key (a string value would have its quotes
+        # escaped); splice the rows in there.
+        text = text.replace('"fleet": null', '"fleet": ' + rows.text(), 1)
+        data = text.encode() + b"\n"
+    fd, tmp = tempfile.mkstemp(prefix=".state.", suffix=".tmp", dir=d)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    return target
+
+
+def _depth_over(text: str, limit: int) -> bool:
+    """True when JSON ``text`` nests deeper than ``limit``; cheap, and stops at the limit."""
+    depth = 0
+    for m in _JSON_BRACKET.finditer(_JSON_STRING.sub('""', text)):
+        if m.group() in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        else:
+            depth -= 1
+    return False
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"number {text[:20]} is out of range")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number a state file holds")
+
+
+def read(state_dir: str | os.PathLike[str]) -> AgentState | None:
+    """The saved state, or None if there is none; StateFileError if it is unreadable.
+
+    Bounded: at most MAX_BYTES are read and nesting beyond MAX_DEPTH is refused before the
+    JSON is parsed; every problem is one StateFileError line naming the file.
+    """
+    p = path_for(state_dir)
+    bad = f"{p}: not a Neti state file"
+    try:
+        # O_NONBLOCK: a FIFO planted as state.json must not hang a monitoring check.
+        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StateFileError(f"{p}: cannot read: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise StateFileError(f"{bad}: not a regular file")
+            raw = f.read(MAX_BYTES + 1)
+    except OSError as exc:
+        raise StateFileError(f"{p}: cannot read: {exc.strerror or exc}") from None
+    if len(raw) > MAX_BYTES:
+        raise StateFileError(f"{bad}: larger than {MAX_BYTES // (1024 * 1024)} MiB")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise StateFileError(f"{bad}: not UTF-8 text (byte {exc.start})") from None
+    if _depth_over(text, MAX_DEPTH):
+        raise StateFileError(f"{bad}: nested more than {MAX_DEPTH} levels deep")
+    try:
+        data = json.loads(text, parse_float=_finite, parse_constant=_no_constant)
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        return AgentState.from_dict(data)
+    except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
+        raise StateFileError(f"{bad}: {_one_line(exc)}") from None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, KeyError):
+        text = f"missing {text}"
+    return text if len(text) <= 200 else text[:197] + "..."
