@@ -22,10 +22,11 @@ On the proxy host (all in Neti's own chains, nothing else touched):
 The proxy forwards TCP and nothing more: a TLS session to ZooKeeper's ``secureClientPort``
 runs end to end between the client and the server (the proxy never holds a key).
 
-One ``iptables-restore --noflush`` writes all of it (the dataplane's variant detection and
-conventions: declaring a chain flushes only that chain; jumps are added only when missing).
-``remove`` deletes the chains and their jumps and ends the proxied connections (conntrack),
-so clients fail over at once instead of waiting for a timeout; ip_forward is left as is.
+One ``iptables-restore --noflush`` writes all of it, through the dataplane's iptables runner
+(``neti.dataplane.xtables``: variant detection, declaring a chain flushes only that chain,
+jumps are added only when missing and de-duplicated). ``remove`` deletes the chains and
+every jump into them (both variants) and ends the proxied connections (conntrack), so
+clients fail over at once instead of waiting for a timeout; ip_forward is left as is.
 """
 
 from __future__ import annotations
@@ -37,16 +38,8 @@ from dataclasses import dataclass, field
 from ipaddress import AddressValueError, IPv4Address, IPv4Network
 from typing import Any
 
-from neti.dataplane.iptables import (
-    LOCK_WAIT,
-    TableState,
-    available_variants,
-    detect,
-    parse_save,
-    tool,
-    wrap,
-)
 from neti.dataplane.system import System
+from neti.dataplane.xtables import Runner, TableState, ensure_jump, wrap
 from neti.errors import DataplaneError, NetiError
 
 log = logging.getLogger(__name__)
@@ -59,6 +52,9 @@ HOOKS: dict[str, list[tuple[str, str]]] = {
     "nat": [("PREROUTING", PRE_CHAIN), ("POSTROUTING", POST_CHAIN)],
     "filter": [("FORWARD", FWD_CHAIN)],
 }
+# For the runner: the proxy's chains per table, and the built-in chains that jump to them.
+OWNED = {t: tuple(c for _, c in hooks) for t, hooks in HOOKS.items()}
+BUILTINS = {t: tuple(b for b, _ in hooks) for t, hooks in HOOKS.items()}
 IP_FORWARD = "net.ipv4.ip_forward"
 DEFAULT_PORT = 2181
 
@@ -243,20 +239,18 @@ class ZkProxy:
 
     def __init__(self, system: System | None = None, variant: str | None = None):
         self.system = system or System()
-        self.variant = detect(self.system) if variant is None else variant
+        self.xt = Runner(self.system, variant)
+
+    @property
+    def variant(self) -> str:
+        return self.xt.variant
 
     @property
     def label(self) -> str:
-        return tool(self.variant, "")
+        return self.xt.label
 
-    def _tables(self, variant: str | None = None) -> dict[str, TableState]:
-        v = self.variant if variant is None else variant
-        tables = parse_save(self.system.run([tool(v, "save")]).stdout)
-        return {t: tables.get(t, TableState()) for t in HOOKS}
-
-    def _restore(self, payload: str, variant: str | None = None) -> None:
-        v = self.variant if variant is None else variant
-        self.system.run([tool(v, "restore"), "-w", LOCK_WAIT, "--noflush"], input=payload)
+    def _tables(self) -> dict[str, TableState]:
+        return self.xt.save(HOOKS)
 
     def plan(self, spec: ProxySpec) -> tuple[str, list[str]]:
         """The restore payload that makes the kernel match ``spec``, and what it changes."""
@@ -272,16 +266,9 @@ class ZkProxy:
                     lines += [f"-A {chain} {r}" for r in rules[chain]]
                     verb = "created" if have is None else "rewrote"
                     changes.append(f"{table}: {verb} {chain} ({len(rules[chain])} rules)")
-                want, kept = f"-j {chain}", False
-                for jump in state.jumps(builtin, chain):
-                    if jump == want and not kept:
-                        kept = True  # the first copy stays where it is
-                        continue
-                    lines.append(f"-D {builtin} {jump}")
-                    changes.append(f"{table}: removed extra jump {builtin} {jump}")
-                if not kept:
-                    lines.append(f"-I {builtin} 1 {want}")
-                    changes.append(f"{table}: added jump {builtin} {want}")
+                jump_lines, jump_changes = ensure_jump(table, state, builtin, chain, f"-j {chain}")
+                lines += jump_lines
+                changes += jump_changes
             payload += wrap(table, lines)
         return payload, changes
 
@@ -301,8 +288,7 @@ class ZkProxy:
                 else:
                     changes.append(f"set {IP_FORWARD}=1")
             payload, rule_changes = self.plan(spec)
-            if payload:
-                self._restore(payload)
+            self.xt.restore(payload)
             changes += rule_changes
         return Result(changes, warnings)
 
@@ -313,20 +299,8 @@ class ZkProxy:
         warnings: list[str] = []
         with self.system.lock():
             spec = self.status().spec
-            for v in available_variants(self.system):
-                tables = self._tables(v)
-                payload = ""
-                for table, hooks in HOOKS.items():
-                    state, lines = tables[table], []
-                    for builtin, chain in hooks:
-                        lines += [f"-D {builtin} {j}" for j in state.jumps(builtin, chain)]
-                    for _, chain in hooks:
-                        if state.has(chain):
-                            lines += [f"-F {chain}", f"-X {chain}"]
-                            changes.append(f"{tool(v, '')} {table}: removed {chain}")
-                    payload += wrap(table, lines)
-                if payload:
-                    self._restore(payload, v)
+            for r in self.xt.uninstall(OWNED, BUILTINS):
+                changes += [f"{r.label} {r.table}: removed {c}" for c in r.chains]
             if spec is not None:
                 warnings += self._end_connections(spec, changes)
         return Result(changes, warnings)
