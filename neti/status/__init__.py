@@ -93,89 +93,60 @@ def gather(cfg: Config, now: float | None = None) -> Report:
 
 
 def to_dict(r: Report) -> dict[str, Any]:
+    """``neti status --json``: the state file's own serialisation (AgentState.to_dict)
+    plus the verdict, the kernel check and a few derived fields. Keys are only ever added."""
     s = r.state
     k = r.kernel
-    lr = s.last_reconcile if s else None
-    return {
+    saved = s.to_dict(with_fleet=False) if s else {}
+    saved.pop("fleet", None)  # the member list stays in the state file
+    if s and s.fleet:
+        saved["members_by_network"] = s.fleet.by_network()
+    lr = saved.get("last_reconcile")
+    if lr is not None:
+        lr["age_seconds"] = round(r.now - lr["at"], 3) if lr["at"] else None
+    out: dict[str, Any] = {
         "status": r.status,
         "code": r.code,
         "summary": r.summary,
         "checks": [c.as_dict() for c in r.checks],
-        "identity": s.identity.as_dict() if s and s.identity else None,
-        "overlay_ip": str(s.overlay_ip) if s and s.overlay_ip else None,
-        "network": s.identity.network if s and s.identity else None,
-        "agent": {
-            "pid": s.pid if s else None,
-            "running": r.agent_alive,
-            "version": s.version if s else None,
-        },
-        "zookeeper": (
-            {
-                "state": s.zookeeper.state,
-                "since": s.zookeeper.since,
-                "hosts": s.zookeeper.hosts,
-                "session_expiries": s.zookeeper.session_expiries,
-            }
-            if s
-            else None
-        ),
-        "members_by_network": s.fleet.by_network() if s and s.fleet else {},
-        "members": len(s.fleet.members) if s and s.fleet else 0,
-        "tagging": s.tagging if s else None,
-        "last_reconcile": (
-            {
-                "at": lr.at,
-                "age_seconds": round(r.now - lr.at, 3) if lr.at else None,
-                "duration": lr.duration,
-                "result": lr.result,
-                "reason": lr.reason,
-                "error": lr.error,
-            }
-            if lr
-            else None
-        ),
-        "last_success": s.last_success if s else None,
-        "guard": (
-            {
-                "held": s.guard.held,
-                "since": s.guard.since,
-                "would_remove": s.guard.would_remove,
-                "removed": s.guard.removed,
-                "max_change": s.guard.max_change,
-                "reason": s.guard.reason,
-                "limit": s.guard.limit,
-                "window_removals": s.guard.window_removals,
-                "baseline": s.guard.baseline,
-                "grace_until": s.guard.grace_until,
-                "last_held_size": s.guard.last_held_size,
-                "self_listed": s.guard.self_listed,
-                "released_at": s.guard.released_at,
-                "settling": s.guard.settling,
-                "max_change_problem": s.guard.max_change_problem,
-            }
-            if s
-            else None
-        ),
-        "skipped": s.skipped if s else 0,
-        "skipped_reasons": s.skipped_reasons if s else [],
-        "skipped_by_reason": dict(s.skipped_by_reason) if s else {},
-        "kernel": (
-            {
-                "error": k.error or None,
-                "matches": not (k.error or k.chains_missing or k.drift),
-                "chains_missing": k.chains_missing,
-                "drift": k.drift,
-                "diff": k.diff if k.drift else [],
-                "set_size": k.set_size,
-                "expected_set_size": k.expected_set_size,
-                "mode": k.mode,
-                "audit_drops_by_source": k.drops_by_source,
-            }
-            if k
-            else None
-        ),
-        "conntrack": {"count": k.conntrack_count, "max": k.conntrack_max} if k else None,
+        # Defaults for a missing state file; the saved state overrides them below.
+        "identity": None,
+        "overlay_ip": None,
+        "zookeeper": None,
+        "members_by_network": {},
+        "tagging": None,
+        "last_reconcile": None,
+        "last_success": None,
+        "guard": None,
+        "skipped": 0,
+        "skipped_reasons": [],
+        "skipped_by_reason": {},
     }
+    out.update(saved)
+    out["network"] = s.identity.network if s and s.identity else None
+    out["agent"] = {
+        "pid": s.pid if s else None,
+        "running": r.agent_alive,
+        "version": s.version if s else None,
+    }
+    out["members"] = len(s.fleet.members) if s and s.fleet else 0
+    out["kernel"] = (
+        {
+            "error": k.error or None,
+            "matches": not (k.error or k.chains_missing or k.drift),
+            "chains_missing": k.chains_missing,
+            "drift": k.drift,
+            "diff": k.diff if k.drift else [],
+            "set_size": k.set_size,
+            "expected_set_size": k.expected_set_size,
+            "mode": k.mode,
+            "audit_drops_by_source": k.drops_by_source,
+        }
+        if k
+        else None
+    )
+    out["conntrack"] = {"count": k.conntrack_count, "max": k.conntrack_max} if k else None
+    return out
 
 
 def render_text(r: Report) -> str:

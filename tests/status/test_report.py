@@ -203,3 +203,34 @@ def test_failed_ec2_tagging_is_shown_but_not_a_problem() -> None:
     assert r.code == OK
     assert "ec2 tags:       failed: AccessDenied" in render_text(r)
     assert to_dict(r)["tagging"] == s.tagging
+
+
+def test_json_is_the_state_files_serialisation_plus_the_verdict() -> None:
+    """One serialisation: every key the state file holds (but the member list) comes out of
+    ``status --json`` unchanged, and the keys scripts already read are all still there."""
+    st = healthy()
+    st.tagging, st.apply_errors, st.claim_conflict = "ok", 2, "i-9"
+    d = to_dict(run(st))
+    saved = st.to_dict(with_fleet=False)
+    del saved["fleet"]
+    saved["members_by_network"] = {"ec2": 1, "vpc": 1}
+    lr = d["last_reconcile"]
+    assert lr.pop("age_seconds") == 5.0
+    assert {key: d[key] for key in saved} == saved
+    stable = {
+        "status", "code", "summary", "checks", "identity", "overlay_ip", "network", "agent",
+        "zookeeper", "members_by_network", "members", "tagging", "last_reconcile",
+        "last_success", "guard", "skipped", "skipped_reasons", "skipped_by_reason", "kernel",
+        "conntrack",
+    }  # fmt: skip
+    assert stable <= d.keys()
+    assert "fleet" not in d
+    assert d["agent"] == {"pid": 123, "running": True, "version": ""}
+    assert d["members"] == 2 and d["network"] == "ec2"
+
+
+def test_json_without_a_state_file_keeps_its_shape() -> None:
+    d = to_dict(run(None, alive=False))
+    assert d["identity"] is None and d["guard"] is None and d["last_reconcile"] is None
+    assert d["members"] == 0 and d["members_by_network"] == {} and d["skipped"] == 0
+    assert d["agent"] == {"pid": None, "running": False, "version": None}
