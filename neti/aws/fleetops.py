@@ -13,17 +13,18 @@ Used by ``neti fleet``. Two subtleties run through all of it:
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
 from packaging.version import InvalidVersion, Version
 
-from neti.aws import Instance, is_ec2_instance_id
+from neti.aws import AwsError, Instance, is_ec2_instance_id
 from neti.fleet import Fleet, Member
 
 GONE_STATES = ("terminated",)
+GC_SAMPLE = 20  # live members gc asks EC2 about, to catch the wrong account or region
 
 
 def natural_key(text: str) -> tuple[tuple[int, int | str], ...]:
@@ -270,3 +271,47 @@ def gc_plan(
         else:
             plan.kept.append((iid, ip, f"EC2 state {inst.state}, agent not running"))
     return plan
+
+
+def gc_sample(fleet: Fleet, claims: Mapping[str, IPv4Address], limit: int = GC_SAMPLE) -> list[str]:
+    """Up to ``limit`` live members' EC2 IDs, asked about alongside gc's candidates: EC2
+    knowing none of them means the wrong account or region (see ``check_same_account``)."""
+    real = real_ids(fleet, claims).values()
+    return sorted(i for i in real if is_ec2_instance_id(i))[:limit]
+
+
+def check_same_account(sample: Collection[str], instances: Mapping[str, Instance]) -> None:
+    """Refuse (AwsError) when EC2 knows none of the live members in ``sample``.
+
+    In the wrong account or region every claim looks "unknown to EC2", so gc would release
+    the whole registry's claims; live members EC2 cannot see give that away first.
+    """
+    if sample and not any(i in instances for i in sample):
+        raise AwsError(
+            f"EC2 knows none of the {len(sample)} live members asked about: wrong region "
+            "or account? (use --region) Nothing was released"
+        )
+
+
+def gc_release(
+    plan: GcPlan,
+    live_now: Collection[str],
+    release: Callable[[str], IPv4Address | None],
+    progress: Callable[[int, int], None] | None = None,
+) -> list[tuple[str, IPv4Address, str]]:
+    """Release ``plan.release``'s claims, re-checked against ``live_now`` (``live_claims`` of a
+    fleet read after the plan): a member that appeared since is never touched, it moves to
+    ``plan.kept``. ``release(instance_id)`` returns the address freed, None if already gone.
+    Returns (instance, address, why) for each claim released."""
+    released: list[tuple[str, IPv4Address, str]] = []
+    total = len(plan.release)
+    for n, (iid, ip, why) in enumerate(plan.release, 1):
+        if iid in live_now:
+            plan.kept.append((iid, ip, "became a live member"))
+            continue
+        got = release(iid)
+        if got is not None:
+            released.append((iid, got, why))
+        if progress is not None:
+            progress(n, total)
+    return released

@@ -24,9 +24,6 @@ from neti.config import Config, StaticIdentity
 from neti.errors import NetiError
 from neti.registry import Registry, connect
 
-# How many live members gc asks EC2 about to prove it is looking at the right account/region.
-GC_SAMPLE = 20
-
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -512,29 +509,17 @@ def run_gc(args: argparse.Namespace) -> int:
         fleet = reg.read_fleet()
         claims = reg.claims()
         candidates = fleetops.gc_candidates(fleet, claims)
-        real = fleetops.real_ids(fleet, claims).values()
-        sample = sorted(i for i in real if aws_mod.is_ec2_instance_id(i))[:GC_SAMPLE]
+        sample = fleetops.gc_sample(fleet, claims) if candidates else []
         instances = _describe(cfg, args, [*candidates, *sample]) if candidates else {}
-        if sample and candidates and not any(i in instances for i in sample):
-            raise AwsError(
-                f"EC2 knows none of the {len(sample)} live members asked about: wrong region "
-                "or account? (use --region) Nothing was released"
-            )
+        fleetops.check_same_account(sample, instances)
         plan = fleetops.gc_plan(fleet, claims, instances)
-        released = []
+        released: list[tuple[str, Any, str]] = []
         if plan.release and not args.dry_run:
             # A member that appeared since the first read is never touched.
             now_live = fleetops.live_claims(reg.read_fleet(), reg.claims())
             progress = Progress("releasing")
             try:
-                for n, (iid, ip, why) in enumerate(plan.release, 1):
-                    if iid in now_live:
-                        plan.kept.append((iid, ip, "became a live member"))
-                        continue
-                    got = reg.release(iid)
-                    if got is not None:
-                        released.append((iid, got, why))
-                    progress(n, len(plan.release))
+                released = fleetops.gc_release(plan, now_live, reg.release, progress)
             finally:
                 progress.done()
     if args.json:
