@@ -870,6 +870,7 @@ class Agent:
             self.sched.retry_in(self._apply_backoff.next())
             self._save()
             return
+        self.metrics.observe_apply(self.backend.name, result.duration, True, result.objects, how)
         self._need_full = False
         self._apply_backoff.reset()
         self.guard.commit(decision)

@@ -22,6 +22,7 @@ from prometheus_client import (
     start_http_server,
 )
 
+from neti.dataplane.registry import BACKENDS
 from neti.fleet import SKIP_REASONS
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,8 @@ def _finite(value: float) -> float:
 
 
 ZK_STATES = ("connecting", "connected", "suspended", "lost", "closed")
+APPLY_KINDS = ("full", "delta")  # Backend.apply, Backend.apply_delta
+APPLY_RESULTS = ("ok", "error")
 
 
 class Metrics:
@@ -94,6 +97,27 @@ class Metrics:
             "neti_conntrack_entries", "Entries in the conntrack table", registry=r
         )
         self.conntrack_max = Gauge("neti_conntrack_max", "nf_conntrack_max", registry=r)
+        # Labels stay bounded: backend is a registered backend's name, kind and result fixed.
+        self.apply_duration = Histogram(
+            "neti_dataplane_apply_duration_seconds",
+            "Time one dataplane apply took (kernel read, write, read back), by backend and kind",
+            ["backend", "kind"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
+        )
+        self.applies = Counter(
+            "neti_dataplane_applies",
+            "Dataplane applies by backend, kind and result (error: the kernel refused)",
+            ["backend", "kind", "result"],
+            registry=r,
+        )
+        self.objects_written = Histogram(
+            "neti_dataplane_objects_written",
+            "Kernel objects (set elements, map entries, rules) one successful apply wrote",
+            ["backend", "kind"],
+            buckets=(0, 1, 2, 10, 100, 1000, 10000, 100000),
+            registry=r,
+        )
         self.set_zk_state("connecting")
         self.set_skipped({})
         self._server: Any = None
@@ -117,6 +141,23 @@ class Metrics:
             self.conntrack_count.set(count)
         if maximum is not None:
             self.conntrack_max.set(maximum)
+
+    def observe_apply(
+        self, backend: str, seconds: float, ok: bool, objects: int = 0, kind: str = "full"
+    ) -> None:
+        """One dataplane apply: its latency, whether the kernel took it, what it wrote.
+
+        ``backend`` is the backend's registered name (``Backend.name``); anything else is
+        counted as ``other`` so a label never grows without bound.
+        """
+        backend = backend if backend in BACKENDS else "other"
+        kind = kind if kind in APPLY_KINDS else "full"
+        self.apply_duration.labels(backend=backend, kind=kind).observe(max(0.0, _finite(seconds)))
+        self.applies.labels(backend=backend, kind=kind, result="ok" if ok else "error").inc()
+        if ok:
+            self.objects_written.labels(backend=backend, kind=kind).observe(
+                max(0.0, _finite(objects))
+            )
 
     def serve(self, addr: str, port: int) -> None:
         """Start the HTTP endpoint (a daemon thread); OSError if the port is taken."""

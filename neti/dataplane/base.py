@@ -81,6 +81,7 @@ class ApplyResult:
     changes: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
     duration: float = 0.0
+    objects: int = 0  # elements and rules written (metrics: neti_dataplane_objects_written)
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -135,6 +136,13 @@ class Prepared:
     plan: Plan
     allowlist: str = ""
     rules: str = ""
+    objects: int | None = None  # elements and rules the payloads write; None: count lines
+
+
+def payload_statements(payload: str) -> int:
+    """Statements in a restore/``-f`` payload: its non-blank, non-comment lines. The
+    fallback count of objects written when a backend does not count them itself."""
+    return sum(1 for line in payload.splitlines() if line.strip() and not line.startswith("#"))
 
 
 class Backend(abc.ABC):
@@ -257,12 +265,16 @@ class Backend(abc.ABC):
                 self._swept = True
         self.applied, self.allow_size = desired, len(desired.allow)
         self.generation += 1
+        objects = prepared.objects
+        if objects is None:
+            objects = payload_statements(prepared.allowlist) + payload_statements(prepared.rules)
         return ApplyResult(
             backend=self.label,
             changed=bool(changes),
             changes=tuple(changes),
             warnings=tuple(warnings),
             duration=time.monotonic() - start,
+            objects=objects,
         )
 
     def apply_delta(self, delta: Delta) -> ApplyResult | None:
@@ -294,6 +306,7 @@ class Backend(abc.ABC):
             changed=bool(changes),
             changes=tuple(changes),
             duration=time.monotonic() - start,
+            objects=delta.size if changes else 0,
         )
 
     def _write_delta(self, delta: Delta) -> list[str] | None:
