@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import re
+import shlex
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -105,18 +106,25 @@ class TableState:
         return [r for r in self.rules.get(builtin, []) if jumps_to(r, target)]
 
 
+def _tokens(spec: str) -> list[str]:
+    """A rule's words; quoted ones (comments, log prefixes) stay one word, so a comment
+    saying ``-j NETI-INPUT`` is not taken for a jump. Unbalanced quotes: plain split."""
+    if '"' not in spec:
+        return spec.split()  # the fast path: Neti's own rules never quote
+    try:
+        return shlex.split(spec)
+    except ValueError:
+        return spec.split()
+
+
 def jumps_to(spec: str, target: str) -> bool:
-    """Does the rule ``spec`` name ``target`` after any ``-j``/``-g``?"""
-    tokens = spec.split()
-    return any(
-        t in ("-j", "-g") and i + 1 < len(tokens) and tokens[i + 1] == target
-        for i, t in enumerate(tokens)
-    )
+    """Does the rule ``spec`` jump (``-j``/``-g``) to ``target``?"""
+    return jump_target(spec) == target
 
 
 def jump_target(spec: str) -> str | None:
-    """The chain or target after the rule's first ``-j``/``-g`` (None: it has none)."""
-    tokens = spec.split()
+    """The chain or target after the rule's ``-j``/``-g`` (None: it has none)."""
+    tokens = _tokens(spec)
     for i, t in enumerate(tokens[:-1]):
         if t in ("-j", "-g"):
             return tokens[i + 1]
