@@ -166,17 +166,18 @@ def ensure_jump(
 ) -> tuple[list[str], list[str]]:
     """Restore lines (and sentences) leaving exactly one ``want`` jump into ``target``.
 
-    The first copy of ``want`` stays where it is (another program may have put rules above
-    it on purpose); every other rule of ``builtin`` jumping to ``target`` (duplicates, an
-    older spec) is deleted; a missing ``want`` is inserted at the top. ``want=None`` deletes
-    every jump into ``target`` from ``builtin``.
+    An existing ``want`` is not moved (another program may have put rules above it on
+    purpose); every other rule of ``builtin`` jumping to ``target`` (an older spec) is
+    deleted, and so are extra copies of ``want``: ``-D`` by spec removes the first match, so
+    of identical copies the last one stays. A missing ``want`` is inserted at the top.
+    ``want=None`` deletes every jump into ``target`` from ``builtin``.
     """
     lines: list[str] = []
     changes: list[str] = []
     keep_one = want is not None and want in state.jumps(builtin, target)
     for spec in state.jumps(builtin, target):
         if keep_one and spec == want:
-            keep_one = False
+            keep_one = False  # one copy is not deleted (by spec: the first match goes)
             continue
         lines.append(f"-D {builtin} {spec}")
         changes.append(f"{table}: removed jump {builtin} {spec}")

@@ -27,6 +27,7 @@ from neti.dataplane.xtables import (
     uninstall,
     wrap,
 )
+from neti.desired import build
 from neti.errors import DataplaneError
 from neti.zkproxy import ProxySpec, ZkProxy
 
@@ -273,10 +274,10 @@ def test_variants_and_detect() -> None:
 # --------------------------------------------------------------------------- jumps
 
 
-def test_ensure_jump_keeps_the_first_copy_and_deletes_the_rest() -> None:
+def test_ensure_jump_leaves_one_copy_and_deletes_the_rest() -> None:
     state = parse_save(FOREIGN)["filter"]
     lines, changes = ensure_jump("filter", state, "INPUT", "NETI-INPUT", "-j NETI-INPUT")
-    assert lines == ["-D INPUT -j NETI-INPUT"]  # the second copy; the first stays in place
+    assert lines == ["-D INPUT -j NETI-INPUT"]  # one of two copies (-D: the first match)
     assert changes == ["filter: removed jump INPUT -j NETI-INPUT"]
 
 
@@ -337,6 +338,51 @@ def test_backend_leftovers_and_remove_objects_go_through_the_runner() -> None:
         "iptables-nft nat: removed NETI-DNAT and its sub-chains and its jumps",
     ]
     assert sys.save_text("nft").splitlines() == without_neti(FOREIGN)
+
+
+# --------------------------------------------------------------------------- the backend
+
+
+class FakeHost(FakeIptables):
+    """Also ipset, modprobe and the route: every other command succeeds with no output."""
+
+    def has(self, program: str) -> bool:
+        return program == "ipset" or super().has(program)
+
+    def run(
+        self,
+        argv: Sequence[str],
+        input: str | None = None,
+        check: bool = True,
+        timeout: float = 120.0,
+    ) -> subprocess.CompletedProcess[str]:
+        if not argv[0].startswith("iptables-"):
+            self.calls.append((list(argv), input))
+            return subprocess.CompletedProcess(list(argv), 0, "", "")
+        return super().run(argv, input, check, timeout)
+
+    def iproute(self) -> object:
+        from tests.support.fakesystem import FakeIPRoute
+
+        return FakeIPRoute()
+
+
+def test_backend_apply_is_one_restore_and_other_rules_survive() -> None:
+    sys = FakeHost({"nft": tables_from(FOREIGN), "legacy": {}})
+    before = sys.save_text("nft")
+    b = iptables.IptablesBackend(sys)
+    assert b.variant == "nft" and b.payload_tool("nat") == "iptables-nft-restore -w 10 --noflush"
+    d = build("10.0.0.0/8", allow=["10.0.0.11"], reject_all=True)
+    b.apply(d)
+    assert len(sys.restores()) == 1
+    after = sys.save_text("nft")
+    assert without_neti(after) == without_neti(before)
+    assert b.read_tables()["filter"].jumps("INPUT", "NETI-INPUT") == ["-j NETI-INPUT"]
+    sys.calls.clear()
+    b.apply(d)  # the fake keeps no ipsets, so only the rules are as written
+    assert sys.restores() == []
+    b.uninstall()
+    assert sys.save_text("nft").splitlines() == without_neti(before)
 
 
 # --------------------------------------------------------------------------- zkproxy
