@@ -107,6 +107,10 @@ class DnatTree:
                 if rules == old:
                     shift = 32 - level
                     net = k >> shift << shift
+                    if net not in groups:
+                        # k's group is gone and this node already says so (an earlier
+                        # key's walk re-rendered it): nothing below to write.
+                        return {}, set()
                     name = ipt.sub_chain_name(net, level)
                     prefixlen, lo, hi = level, net, net + (1 << shift) - 1
                     continue
