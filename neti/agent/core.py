@@ -855,6 +855,7 @@ class Agent:
             meta=self._meta,
             overlay_taken=self._overlay_taken,
         )
+        t_apply = time.monotonic()
         try:
             result, how = self._write(decision, prev, change, full)
         except Exception as exc:  # noqa: BLE001 - keep running; the kernel keeps old rules
@@ -862,6 +863,7 @@ class Agent:
             self._model = None
             self.state.apply_errors += 1
             self.metrics.apply_errors.inc()
+            self.metrics.observe_apply(self.backend.name, time.monotonic() - t_apply, False)
             if isinstance(exc, NetiError):
                 log.error("apply failed: %s; retrying", exc)
             else:

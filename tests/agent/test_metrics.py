@@ -98,3 +98,16 @@ def test_the_agent_observes_each_apply_by_backend_and_kind(tmp_path) -> None:
     assert sample(a.metrics, "neti_dataplane_applies_total", **delta, result="ok") == 1
     # One new member: its allowlist element and its DNAT entry.
     assert sample(a.metrics, "neti_dataplane_objects_written_sum", **delta) == 2
+
+
+def test_a_failed_apply_is_observed_as_an_error(tmp_path) -> None:
+    """A kernel that refuses the write: the agent keeps running and counts result="error"."""
+    from tests.agent.test_delta import make_agent, member
+
+    a, reg, system = make_agent(tmp_path)
+    reg.add(*[member(i) for i in range(5)])
+    system.fail[("nft", "-f")] = "Error: Could not process rule: Operation not permitted"
+    a.reconcile("resync")
+    full = {"backend": "nftables", "kind": "full"}
+    assert sample(a.metrics, "neti_dataplane_applies_total", **full, result="error") == 1
+    assert not sample(a.metrics, "neti_dataplane_applies_total", **full, result="ok")
