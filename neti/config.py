@@ -296,8 +296,8 @@ class Config(BaseModel):
     # --- new keys ---
     zk_members_node: str = "members"
     zk_session_timeout: float = Field(default=10.0, ge=2, le=600)
-    watch_delay_min: float = Field(default=0.2, ge=0, le=MAX_DELAY)
-    watch_delay_max: float = Field(default=1.0, ge=0, le=MAX_DELAY, validate_default=True)
+    watch_delay_min: float = Field(default=0.05, ge=0, le=MAX_DELAY)
+    watch_delay_max: float = Field(default=0.3, ge=0, le=MAX_DELAY, validate_default=True)
     resync_interval: float = Field(default=60.0, ge=1, le=MAX_RESYNC)
     state_dir: str = "/var/lib/neti"
     identity: Annotated[StaticIdentity | Ec2Identity, Field(discriminator="source")] = Ec2Identity()
