@@ -2,8 +2,9 @@
 
 Someone (an operator's mistake, an attacker with write access) deletes member nodes: one
 host's, or the whole members container. The agents must put themselves back within one
-resync (in practice at once: they watch the prefix), and while they do, no host may lose
-another from its rules.
+resync (in practice at once: they watch their nodes), and while they do, no host may lose
+another from its rules. The whole container is the operators' (the secured prefix): agents
+hold the vanished fleet until `neti fleet secure` re-creates it, then re-join at once.
 """
 
 from __future__ import annotations
@@ -98,16 +99,23 @@ def test_members_container_deleted_heals_without_a_partition(lab: Lab) -> None:
     wait_for("all healthy", lambda: set(status_codes(lab).values()) == {OK}, timeout=60)
     zk(lab, "zk.delete('/neti/members', recursive=True)")
     t0 = time.monotonic()
-    # Every agent is woken (it watches the prefix), puts the container and itself back, and
-    # holds removals (fleet-vanished, then grace) while the others do the same.
-    wait_for("every member back in ZooKeeper", lambda: len(members(lab)) == 3, timeout=RESYNC)
-    took = time.monotonic() - t0
-    print(f"\nmembers container deleted -> every member back: {took:.2f}s")
+    # Every agent is woken (it watches the container) and holds removals (fleet-vanished);
+    # under the locked prefix only an operator re-creates the container.
     while time.monotonic() - t0 < 3:
         for h in ALL:
             assert fleet_ids(lab, h) == IDS, h
+    assert lab.full_mesh(lab.matrix(), ALL)
+    lab.bootstrap()  # the documented procedure: neti fleet secure
+    t1 = time.monotonic()
+    # Then each puts itself back, holding removals (grace) while the others do the same.
+    wait_for("every member back in ZooKeeper", lambda: len(members(lab)) == 3, timeout=RESYNC)
+    took = time.monotonic() - t1
+    print(f"\nmembers container re-created -> every member back: {took:.2f}s")
+    for h in ALL:
+        assert fleet_ids(lab, h) == IDS, h
     logs = "".join(lab.agent_log(h) for h in ALL)
     assert "member node was gone (the members container too)" in logs
+    assert "may not re-create it (a secured prefix)" in logs
     assert lab.full_mesh(lab.matrix(), ALL)
     wait_for("all healthy again", lambda: set(status_codes(lab).values()) == {OK}, timeout=60)
 
@@ -135,10 +143,11 @@ def test_members_container_deleted_is_a_held_guard_event(lab: Lab) -> None:
         # Rules unchanged: ec2a still reaches its frozen peers (their kernels keep theirs).
         assert fleet_ids(lab, "ec2a") == IDS
         assert lab.full_mesh(lab.matrix(), ALL)
-        assert members(lab) and all("i-ec2a" in n for n in members(lab))
+        assert members(lab) == []  # no host may re-create the container (locked prefix)
     finally:
         for h in peers:
             lab.signal_agent(h, signal.SIGCONT)
+    lab.bootstrap()  # the operator re-creates the container (neti fleet secure)
     # The peers wake up (their sessions may have expired meanwhile), put themselves back, and
     # the guard lets go once the fleet is back.
     wait_for("every member back in ZooKeeper", lambda: len(members(lab)) == 3, timeout=RESYNC)
