@@ -49,6 +49,7 @@ from neti.errors import (
 from neti.fleet import Fleet, Member
 from neti.identity import Identity
 from neti.registry.claims import ClaimConflictError
+from neti.registry.facade import Registry
 
 log = logging.getLogger("neti.agent")
 
@@ -165,7 +166,7 @@ class Agent:
         self.identity: Identity | None = None
         self.overlay_ip: IPv4Address | None = None
         self.backend: Backend | Any = None
-        self.reg: Any = None
+        self.reg: Registry | None = None
         self.state = state_mod.AgentState(
             pid=os.getpid(), started_at=time.time(), version=__version__
         )
@@ -211,7 +212,7 @@ class Agent:
         self._watch_token: object | None = None
         # A fresh session tried in the background while ours looks refused (issue 11).
         self._fresh_probe: threading.Thread | None = None
-        self._fresh_reg: Any = None
+        self._fresh_reg: Registry | None = None
         self._fresh_checked = 0.0
         self.claim_conflict: str | None = None
         self._session_touched = 0.0  # monotonic time session.json was last marked alive
@@ -472,17 +473,14 @@ class Agent:
         """Keep the session id + password (0600) so a restart resumes it."""
         from neti.agent import session as session_mod
 
-        reg = self.reg
-        cid = reg.client.client_id if reg is not None else None
-        if not cid or not cid[0]:
+        live = self.reg.session() if self.reg is not None else None
+        if live is None:
             return
-        timeout = getattr(reg.client, "_session_timeout", 0) / 1000 or self.cfg.zk_session_timeout
+        sid, password, timeout = live
         try:
             session_mod.save(
                 self.cfg.state_dir,
-                session_mod.SavedSession(
-                    cid[0], bytes(cid[1]), self._hosts_text(), time.time(), float(timeout)
-                ),
+                session_mod.SavedSession(sid, password, self._hosts_text(), time.time(), timeout),
             )
         except OSError as exc:
             log.warning("cannot save the ZooKeeper session in %s: %s", self.cfg.state_dir, exc)
@@ -521,6 +519,7 @@ class Agent:
         """Re-arm the one-shot watches on maxchange and the release node (each bounded);
         the release node's stat is the release token."""
         reg = self.reg
+        assert reg is not None  # called from reconcile, connected
         reg.watch_node(self.cfg.path(self.cfg.zk_max_change_threshold_path), self._on_watch)
         stat = reg.watch_node(self.cfg.path(RELEASE_NODE), self._on_watch)
         token = (stat.czxid, stat.mzxid) if stat is not None else None
@@ -536,10 +535,10 @@ class Agent:
         peer until our next session change. Returns True if the container was missing.
         """
         reg = self.reg
+        assert reg is not None  # called from reconcile, connected
         container_missing = reg.watch_node(reg.members_path, self._on_watch) is None
         membership = reg.membership
-        client_id = reg.client.client_id
-        session = client_id[0] if client_id else None
+        session = reg.session_id
         ours = True
         for seat in list(membership.seats):
             stat = reg.watch_node(seat.path, self._on_watch)
@@ -620,19 +619,12 @@ class Agent:
         reg, self.reg = self.reg, None
         if reg is None:
             return
-        remove = getattr(reg, "remove_state_listener", None)
         try:
-            if remove is not None:
-                remove(self._on_zk_state)
-            else:
-                reg.client.remove_listener(self._on_zk_state)
+            reg.remove_state_listener(self._on_zk_state)
         except Exception:  # noqa: BLE001
             pass
         connected = self.state.zookeeper.state == "connected"
-        client = reg.client
-        if hasattr(client, "aborted"):
-            client.aborted = False  # a stop signal abandoned the loop's calls, not this one
-            client.call_timeout = max(0.5, min(client.call_timeout or timeout, timeout - 0.5))
+        reg.prepare_stop(timeout)  # a stop signal abandoned the loop's calls, not this one
 
         def work() -> None:
             try:
@@ -641,8 +633,7 @@ class Agent:
                 if connected:
                     reg.close()
                 else:
-                    client.stop()
-                    client.close()
+                    reg.drop(timeout)
             except Exception as exc:  # noqa: BLE001 - closing must not fail shutdown
                 log.warning("leaving the fleet: %s (the node goes with the session)", exc)
 
@@ -666,9 +657,7 @@ class Agent:
         if fresh is not None:
             if zk.state == "connected" or self._stop:
                 self._fresh_reg = None
-                from neti.registry.client import stop_client
-
-                stop_client(fresh.client, 0)
+                fresh.drop(0)
                 return
             if time.monotonic() - self._fresh_checked < self._reconnect_round() + 1.0:
                 return
@@ -1209,9 +1198,7 @@ class Agent:
         keep = self._stop and not self._leave_on_stop and self.reg is not None
         fresh, self._fresh_reg = self._fresh_reg, None
         if fresh is not None:
-            from neti.registry.client import stop_client
-
-            stop_client(fresh.client, 0)
+            fresh.drop(0)
         if keep:
             if self.state.zookeeper.state == "connected":
                 self._save_session()

@@ -379,6 +379,36 @@ class Registry:
         except (KeyError, ValueError):
             pass
 
+    # --- the session, so the agent never reaches for the client ---
+    @property
+    def session_id(self) -> int | None:
+        cid = self.client.client_id
+        return int(cid[0]) if cid and cid[0] else None
+
+    def session(self) -> tuple[int, bytes, float] | None:
+        """(id, password, negotiated timeout in seconds) of the live session, or None:
+        what a restart needs to resume it (agent/session.py)."""
+        cid = self.client.client_id
+        if not cid or not cid[0]:
+            return None
+        negotiated = getattr(self.client, "_session_timeout", 0) / 1000
+        return int(cid[0]), bytes(cid[1]), float(negotiated or self.cfg.zk_session_timeout)
+
+    def prepare_stop(self, timeout: float) -> None:
+        """After abort(): the leave/close that follows gets calls again, each bounded so
+        the whole stop fits in ``timeout``."""
+        client = self.client
+        if hasattr(client, "aborted"):
+            client.aborted = False
+            client.call_timeout = max(0.5, min(client.call_timeout or timeout, timeout - 0.5))
+
+    def drop(self, wait: float = 0.0) -> bool:
+        """End the connection without leaving (ephemeral nodes stay until the session expires
+        or is resumed), waiting at most ``wait``; True if it finished in time."""
+        from neti.registry.client import stop_client
+
+        return stop_client(self.client, wait)
+
     def abort(self) -> None:
         """Calls in flight give up within 0.1 s (DeadlineClient); a signal handler may call it."""
         if hasattr(self.client, "aborted"):

@@ -53,6 +53,27 @@ class FakeReg:
     def close(self) -> None:
         self.client.stop()
 
+    # The facade's session methods, over the fake client.
+    @property
+    def session_id(self) -> int | None:
+        return self.client.client_id[0]
+
+    def session(self) -> tuple[int, bytes, float] | None:
+        sid, password = self.client.client_id
+        return sid, password, self.client._session_timeout / 1000
+
+    def remove_state_listener(self, fn: Any) -> None:
+        self.client.remove_listener(fn)
+
+    def prepare_stop(self, timeout: float) -> None:
+        self.client.aborted = False
+        self.client.call_timeout = max(0.5, min(self.client.call_timeout, timeout - 0.5))
+
+    def drop(self, wait: float = 0.0) -> bool:
+        from neti.registry.client import stop_client
+
+        return stop_client(self.client, wait)  # type: ignore[arg-type]
+
 
 @pytest.fixture
 def agent(tmp_path: Path) -> core.Agent:

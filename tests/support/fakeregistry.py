@@ -37,7 +37,7 @@ class FakeMembership:
 
 
 class FakeClient:
-    """What the agent still reads from the client: the session id (session.json)."""
+    """Behind session()/session_id, as kazoo's client is behind the real facade."""
 
     def __init__(self) -> None:
         self.client_id = (0x1234, b"\x01" * 16)
@@ -172,6 +172,20 @@ class FakeRegistry:
 
     def abort(self) -> None:
         self.aborted = True
+
+    @property
+    def session_id(self) -> int | None:
+        return self.client.client_id[0]
+
+    def session(self) -> tuple[int, bytes, float] | None:
+        sid, password = self.client.client_id
+        return sid, password, self.client._session_timeout / 1000
+
+    def prepare_stop(self, timeout: float) -> None:
+        self.aborted = False
+
+    def drop(self, wait: float = 0.0) -> bool:
+        return True
 
     # --- the rest the agent uses ---
     def max_change(self) -> int:
