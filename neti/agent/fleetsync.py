@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from kazoo.handlers.threading import KazooTimeoutError
 
 from neti.fleet import Fleet, Member
+from neti.registry.index import FleetChange
 
 FACADE_METHODS = (
     "watch_fleet",
@@ -29,36 +29,9 @@ FACADE_METHODS = (
 )
 
 
-class FleetChangeLike(Protocol):
-    """neti.registry.index.FleetChange, as the agent reads it."""
-
-    @property
-    def added(self) -> tuple[Member, ...]: ...
-    @property
-    def removed(self) -> tuple[Member, ...]: ...
-    @property
-    def size(self) -> int: ...
-    @property
-    def relisted(self) -> bool: ...
-    @property
-    def skipped(self) -> int: ...
-    @property
-    def skipped_by_reason(self) -> dict[str, int]: ...
-    @property
-    def container_missing(self) -> bool: ...
-
-
-@dataclass(frozen=True, slots=True)
-class Change:
-    """A FleetChange made by diffing two reads (the adapter, tests)."""
-
-    added: tuple[Member, ...] = ()
-    removed: tuple[Member, ...] = ()
-    size: int = 0
-    relisted: bool = False
-    skipped: int = 0
-    skipped_by_reason: dict[str, int] = field(default_factory=dict)
-    container_missing: bool = False
+# The registry's own change type serves the adapter and the fakes too (one definition).
+Change = FleetChange
+FleetChangeLike = FleetChange
 
 
 def index(members: tuple[Member, ...] | list[Member]) -> dict[str, Member]:

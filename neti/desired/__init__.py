@@ -303,10 +303,22 @@ def compute(
         tally.add("override", text)
     dnat.update(found)
 
+    return build_for(cfg, subnet, allow, dnat.values(), tally.samples, tally.counts())
+
+
+def build_for(
+    cfg: Config,
+    subnet: IPv4Network,
+    allow: Any,
+    dnat: Any,
+    skipped: Any,
+    skipped_by_reason: dict[str, int],
+) -> DesiredState:
+    """build() with everything but the members taken from ``cfg`` (compute and the model)."""
     return build(
         overlay_subnet=subnet,
         allow=allow,
-        dnat=dnat.values(),
+        dnat=dnat,
         open_ports=cfg.open_ports,
         ssh_whitelist=cfg.ssh_whitelist,
         reject_all=cfg.reject_all,
@@ -314,8 +326,8 @@ def compute(
         allow_verdict=cfg.allow_verdict.upper(),
         conntrack_max=cfg.conntrack.max,
         conntrack_hashsize=cfg.conntrack.hashsize,
-        skipped=tally.samples,
-        skipped_by_reason=tally.counts(),
+        skipped=skipped,
+        skipped_by_reason=skipped_by_reason,
     )
 
 

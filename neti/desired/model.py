@@ -21,7 +21,7 @@ from neti.desired import (
     Dnat,
     Entry,
     _dup_reason,
-    build,
+    build_for,
     host_context,
     member_entry,
     overlay_problem,
@@ -132,19 +132,13 @@ class DesiredModel:
         counts: dict[str, int] = {}
         for code, _text in skips:
             counts[code] = counts.get(code, 0) + 1
-        return build(
-            overlay_subnet=self.subnet,
-            allow=self._allow.keys(),
-            dnat=dnat.values(),
-            open_ports=cfg.open_ports,
-            ssh_whitelist=cfg.ssh_whitelist,
-            reject_all=cfg.reject_all,
-            forward=cfg.forward,
-            allow_verdict=cfg.allow_verdict.upper(),
-            conntrack_max=cfg.conntrack.max,
-            conntrack_hashsize=cfg.conntrack.hashsize,
-            skipped=[t for _c, t in skips[:MAX_SKIP_SAMPLES]],
-            skipped_by_reason=dict(sorted(counts.items())),
+        return build_for(
+            cfg,
+            self.subnet,
+            self._allow.keys(),
+            dnat.values(),
+            [t for _c, t in skips[:MAX_SKIP_SAMPLES]],
+            dict(sorted(counts.items())),
         )
 
     def _all_skips(self) -> list[tuple[str, str]]:
