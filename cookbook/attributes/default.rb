@@ -51,8 +51,8 @@ default['neti']['config']['overlay_ip_cache_file_path'] = nil # unused: see node
 # --- neti.yml: new keys ---
 default['neti']['config']['zk_members_node'] = 'members'
 default['neti']['config']['zk_session_timeout'] = 10.0
-default['neti']['config']['watch_delay_min'] = 0.2
-default['neti']['config']['watch_delay_max'] = 1.0   # raise for fleets of thousands
+default['neti']['config']['watch_delay_min'] = 0.05
+default['neti']['config']['watch_delay_max'] = 0.3   # only batches bursts: see docs/configuration.md
 default['neti']['config']['resync_interval'] = 60.0
 default['neti']['config']['state_dir'] = '/var/lib/neti'
 default['neti']['config']['identity']['source'] = 'ec2'
