@@ -6,8 +6,16 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from tests.support.zkserver import ZooKeeperServer
+
+# Tests never assert on wall time: on a busy 2-core machine input generation can be slow,
+# which says nothing about the code under test.
+settings.register_profile(
+    "neti", suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
+settings.load_profile("neti")
 
 
 @pytest.fixture(scope="session")
