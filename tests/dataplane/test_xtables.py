@@ -5,10 +5,9 @@ checked for what they leave behind, byte for byte, without root."""
 
 from __future__ import annotations
 
-import contextlib
 import re
 import subprocess
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from ipaddress import IPv4Network
 
 import pytest
@@ -16,7 +15,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from neti.dataplane import iptables, xtables
-from neti.dataplane.system import System
 from neti.dataplane.xtables import (
     Runner,
     TableState,
@@ -30,6 +28,7 @@ from neti.dataplane.xtables import (
 from neti.desired import build
 from neti.errors import DataplaneError
 from neti.zkproxy import ProxySpec, ZkProxy
+from tests.support.fakesystem import KernelFreeSystem
 
 BUILTINS = {
     "filter": ["INPUT", "FORWARD", "OUTPUT"],
@@ -56,7 +55,7 @@ class Table:
         return "\n".join([*out, "COMMIT"]) + "\n"
 
 
-class FakeIptables(System):
+class FakeIptables(KernelFreeSystem):
     """``variants`` -> tables; only the tools of those variants are installed."""
 
     def __init__(self, variants: dict[str, dict[str, Table]], fail: str | None = None):
@@ -136,20 +135,6 @@ class FakeIptables(System):
                 return f"iptables-restore: line {n} failed: {op}"
         self.kernel[variant] = tables
         return ""
-
-    def guard_writes(self) -> None:
-        pass
-
-    @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
-        yield
-
-    def read_sysctl(self, key: str) -> str | None:
-        return self.sysctls.get(key)
-
-    def write_sysctl(self, key: str, value: str) -> str | None:
-        self.sysctls[key] = value
-        return None
 
 
 def tables_from(text: str) -> dict[str, Table]:

@@ -67,7 +67,28 @@ class FakeIPRoute:
         return [1]
 
 
-class FakeSystem(System):
+class KernelFreeSystem(System):
+    """A System that never touches a kernel: no write guard, no lock, sysctls in a dict.
+    Subclasses answer ``run``."""
+
+    sysctls: dict[str, str]
+
+    def guard_writes(self) -> None:
+        pass
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        yield
+
+    def read_sysctl(self, key: str) -> str | None:
+        return self.sysctls.get(key)
+
+    def write_sysctl(self, key: str, value: str) -> str | None:
+        self.sysctls[key] = value
+        return None
+
+
+class FakeSystem(KernelFreeSystem):
     def __init__(self, tools: Sequence[str] = ("nft",)):
         super().__init__(None)
         self.calls: list[Call] = []
@@ -128,20 +149,6 @@ class FakeSystem(System):
 
     def in_init_netns(self) -> bool:
         return False
-
-    def guard_writes(self) -> None:
-        pass
-
-    @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
-        yield
-
-    def read_sysctl(self, key: str) -> str | None:
-        return self.sysctls.get(key)
-
-    def write_sysctl(self, key: str, value: str) -> str | None:
-        self.sysctls[key] = value
-        return None
 
     def iproute(self) -> Any:
         return FakeIPRoute()
