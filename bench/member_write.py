@@ -3,11 +3,13 @@
 Needs root. Creates one fresh network namespace (unique name, removed even on failure), runs
 itself inside it (so no ``ip netns exec`` is timed), and for each backend applies a state of
 N members (default 16,000), then times one member's change (a member moving to another
-address, moving back, one joining, one leaving) through ``backend.apply``. Every command the
-backend runs is timed: commands fed a payload (``nft -f``, ``ipset restore``,
-``iptables-restore``) are the **kernel write**, the rest are reads. Prints one JSON object;
-``--markdown`` adds a table row per backend. Short: a few seconds of one core per backend
-(``make bench`` is the full comparison).
+address, moving back, one joining, one leaving) through ``backend.apply`` (read, compare,
+write) and through ``backend.apply_delta`` (the agent's path: the elements only, after
+``keep_open`` as the agent calls it). Every command the backend runs is timed, and every write
+through the nftables backend's libnftables session: what is fed a payload (``nft -f``, the
+session, ``ipset restore``, ``iptables-restore``) is the **kernel write**, the rest are
+reads. Prints one JSON object; ``--markdown`` adds a table row per backend. Short: a few
+seconds of one core per backend (``make bench`` is the full comparison).
 """
 
 from __future__ import annotations
@@ -64,11 +66,30 @@ class TimedSystem(System):
             self.calls.append((" ".join(argv[:2]), input is not None, time.perf_counter() - t0))
 
 
-def _one(backend: Any, system: TimedSystem, desired: Any) -> dict[str, Any]:
+def _time_sessions(system: TimedSystem) -> None:
+    """Time the writes the backend sends through its libnftables session like commands."""
+    from neti.dataplane import nftsession
+
+    plain = nftsession.NftSession.run
+
+    def run(self: Any, script: str, timeout: float = nftsession.WRITE_TIMEOUT) -> None:
+        t0 = time.perf_counter()
+        try:
+            plain(self, script, timeout)
+        finally:
+            system.calls.append(("nft session", True, time.perf_counter() - t0))
+
+    nftsession.NftSession.run = run  # type: ignore[method-assign]
+
+
+def _one(backend: Any, system: TimedSystem, desired: Any, delta: Any = None) -> dict[str, Any]:
+    """One ``apply(desired)``, or with ``delta`` the agent's ``apply_delta(delta)``."""
     system.calls.clear()
     t0 = time.perf_counter()
-    result = backend.apply(desired)
+    result = backend.apply(desired) if delta is None else backend.apply_delta(delta)
     total = time.perf_counter() - t0
+    if result is None:
+        raise SystemExit(f"bench.member_write: {backend.name} refused a one-member apply_delta")
     writes = [(c, s) for c, fed, s in system.calls if fed]
     return {
         "apply_s": total,
@@ -93,18 +114,26 @@ def inside(names: list[str], n: int, rounds: int, parent_netns: int) -> dict[str
         raise SystemExit(
             f"bench.member_write: unknown backend(s) {unknown} ({list(dataplane.BACKENDS)})"
         )
+    from bench.worker import difference
+
     out: dict[str, Any] = {}
     for name in names:
         system = TimedSystem()
+        _time_sessions(system)
         backend = dataplane._load(name)(system)
+        backend.keep_open()  # as the agent does
         full = _one(backend, system, base)
-        samples: dict[str, list[dict[str, Any]]] = {"move": [], "join": [], "leave": []}
+        samples: dict[str, list[dict[str, Any]]] = {k: [] for k in KINDS}
+        steps = [("move", base, moved), ("move", moved, base)]
+        steps += [("join", base, joined), ("leave", joined, base)]
         for _ in range(rounds):
-            samples["move"].append(_one(backend, system, moved))
-            samples["move"].append(_one(backend, system, base))
-            samples["join"].append(_one(backend, system, joined))
-            samples["leave"].append(_one(backend, system, base))
+            for kind, _old, new in steps:
+                samples[kind].append(_one(backend, system, new))
+            # The agent's path: the same changes as element updates, no read.
+            for kind, old, new in steps:
+                samples[f"delta {kind}"].append(_one(backend, system, new, difference(old, new)))
         backend.uninstall()
+        backend.close()
         out[name] = {
             "label": getattr(backend, "label", name),
             "full_apply_s": full["apply_s"],
@@ -122,6 +151,7 @@ def inside(names: list[str], n: int, rounds: int, parent_netns: int) -> dict[str
     return out
 
 
+KINDS = ("move", "join", "leave", "delta move", "delta join", "delta leave")
 SCRATCH = "neti_bench"  # the reference's own table, never Neti's
 
 
@@ -205,29 +235,31 @@ def _summary(xs: list[float]) -> dict[str, float]:
 
 def markdown(n: int, res: dict[str, Any]) -> str:
     lines = [
-        f"| backend | full apply, {n} | one member's kernel write (move / join / leave) "
-        "| one member's whole apply (move / join / leave) |",
-        "|---|---|---|---|",
+        f"| backend | full apply, {n} | one member's kernel write, `apply()` (move / join / leave) "
+        "| one member's kernel write, `apply_delta()` (move / join / leave) "
+        "| whole `apply_delta()` (move / join / leave) |",
+        "|---|---|---|---|---|",
     ]
     for name, r in res.items():
         if name == "reference":
             continue
 
-        def cell(key: str, r: dict[str, Any] = r) -> str:
+        def cell(key: str, prefix: str = "", r: dict[str, Any] = r) -> str:
             return " / ".join(
                 f"{r[k][key]['median_ms']:g} ms ({r[k][key]['min_ms']:g}–{r[k][key]['max_ms']:g})"
-                for k in ("move", "join", "leave")
+                for k in (f"{prefix}move", f"{prefix}join", f"{prefix}leave")
             )
 
         lines.append(
-            f"| {r['label']} | {r['full_apply_s']:.2f} s | {cell('write_s')} | {cell('apply_s')} |"
+            f"| {r['label']} | {r['full_apply_s']:.2f} s | {cell('write_s')} "
+            f"| {cell('write_s', 'delta ')} | {cell('apply_s', 'delta ')} |"
         )
     for label, r in res.get("reference", {}).items():
         join, leave = r["join"], r["leave"]
         lines.append(
             f"| reference, not Neti: {label}, 2 elements | | "
             f"join {join['median_ms']:g} ms ({join['min_ms']:g}–{join['max_ms']:g}) / "
-            f"leave {leave['median_ms']:g} ms ({leave['min_ms']:g}–{leave['max_ms']:g}) | |"
+            f"leave {leave['median_ms']:g} ms ({leave['min_ms']:g}–{leave['max_ms']:g}) | | |"
         )
     return "\n".join(lines)
 

@@ -43,6 +43,7 @@ def neti_job(job: dict[str, Any]) -> dict[str, Any]:
     identity = scenarios.CLIENT if job["host"] == "client" else scenarios.SERVER
     fleet = scenarios.fleet(job["n"], IPv4Address(job["special"]), job["position"])
     backend = select(cfg)
+    backend.keep_open()  # as the agent does: its element updates keep one nft context
     out: dict[str, Any] = {"backend": backend.label, "backend_name": backend.name}
     out["compute_s"], desired = _timed(compute, identity, fleet, cfg)
     out["apply_s"], result = _timed(backend.apply, desired)
@@ -61,6 +62,7 @@ def neti_job(job: dict[str, Any]) -> dict[str, Any]:
         out["delta_changes"] = [*joined.changes, *left.changes]
         if backend.name == "iptables":
             out.update(delta_floor(backend, fleet))
+    backend.close()
     return out
 
 

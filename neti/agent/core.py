@@ -242,6 +242,7 @@ class Agent:
         from neti import dataplane
 
         self.backend = dataplane.select(self.cfg)
+        self.backend.keep_open()
         self._prime_conntrack()
         self._restore()
         if self.cfg.metrics.enabled:
@@ -1166,7 +1167,9 @@ class Agent:
         if new.backend != old.backend:
             from neti import dataplane
 
+            self.backend.close()
             self.backend = dataplane.select(new)
+            self.backend.keep_open()
         if new.conntrack != old.conntrack:
             self._prime_conntrack()
         if new.metrics != old.metrics:
@@ -1224,4 +1227,6 @@ class Agent:
         t = threading.Thread(target=self.metrics.shutdown, name="neti-metrics-stop", daemon=True)
         t.start()
         t.join(min(1.0, left()))
+        if self.backend is not None:
+            self.backend.close()
         self.waker.close()

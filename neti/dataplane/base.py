@@ -313,6 +313,13 @@ class Backend(abc.ABC):
         """Write ``delta``; None when this backend does not do element updates."""
         return None
 
+    def keep_open(self) -> None:  # noqa: B027 - optional: most backends hold nothing
+        """The caller is long-running and will write many deltas: keep open whatever makes
+        them cheaper (nftables: a libnftables context). One-shot commands never call it."""
+
+    def close(self) -> None:  # noqa: B027 - optional, like keep_open
+        """Release what ``keep_open`` holds (the kernel keeps every rule)."""
+
     def uninstall(self) -> ApplyResult:
         """Remove everything Neti owns (also another backend's leftovers) and nothing else."""
         start = time.monotonic()

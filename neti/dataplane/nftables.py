@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from typing import Any
 
+from neti.dataplane import nftsession
 from neti.dataplane.base import (
     Backend,
     DataplaneStatus,
@@ -33,6 +34,7 @@ from neti.dataplane.base import (
     Plan,
     Prepared,
 )
+from neti.dataplane.nftsession import NftSession, SessionLost
 from neti.dataplane.system import System
 from neti.desired import DesiredState
 from neti.desired.model import Delta
@@ -48,6 +50,8 @@ DNAT_MAP = "overlay"
 AUDIT_SIZE = 65536
 AUDIT_TIMEOUT = "1d"  # like the ipset audit set: a source is forgotten after a quiet day
 AUDIT_TIMEOUT_S = 86400
+FULL_TIMEOUT = 120.0  # a whole table of a big fleet, on a busy host
+SESSION_RESTARTS = 3  # lost libnftables workers before element updates go back to nft -f
 NAT_PRIORITY = -100  # dstnat, where iptables' nat PREROUTING/OUTPUT also sit
 FILTER_PRIORITY = 0
 VERDICTS = {"ACCEPT": "accept", "RETURN": "return"}
@@ -350,6 +354,56 @@ class NftablesBackend(Backend):
         {Feature.ATOMIC_APPLY, Feature.ELEMENT_UPDATES, Feature.DNAT_MAP, Feature.AUDIT_COUNTERS}
     )
 
+    def __init__(self, system: System):
+        super().__init__(system)
+        self._session: NftSession | None = None
+        self._keep = False  # keep_open was called: writes go through a session
+        self._losses = 0  # sessions that ended under a write (SESSION_RESTARTS: give up)
+
+    # --- the long-running writer's libnftables session (nftsession.py says why) ---
+    def keep_open(self) -> None:
+        self._keep = True
+        self._open()
+
+    def _open(self) -> NftSession | None:
+        if self._session is not None or not self._keep or self._losses >= SESSION_RESTARTS:
+            return self._session
+        try:
+            self._session = NftSession(self.system.spawn(nftsession.command()))
+        except DataplaneError as exc:
+            log.info("nft session unavailable (%s); writes use nft -f", exc)
+            self._keep = False
+        return self._session
+
+    def close(self) -> None:
+        self._keep = False
+        if self._session is not None:
+            self._session.close()
+            self._session = None
+
+    def _nft_write(self, script: str, timeout: float = nftsession.WRITE_TIMEOUT) -> None:
+        """One transaction: through the session when one is open, else ``nft -f``."""
+        session = self._open()
+        if session is not None:
+            try:
+                session.run(script, timeout=timeout)
+                return
+            except SessionLost as exc:
+                self._session = None
+                if session.ready:  # the write's outcome is unknown: the caller repairs
+                    self._losses += 1
+                    log.warning("%s; the next write starts another", exc)
+                    raise
+                log.info("nft session did not start (%s); writes use nft -f", exc)
+                self._keep = False
+            except DataplaneError as exc:
+                if session.ready:  # nft refused the transaction: nothing was written
+                    raise
+                self._session = None
+                log.info("nft session did not start (%s); writes use nft -f", exc)
+                self._keep = False
+        self.system.run(["nft", "-f", "-"], input=script, timeout=timeout)
+
     def read_table(self) -> TableState:
         proc = self.system.run(["nft", "-j", "list", "table", FAMILY, TABLE], check=False)
         if proc.returncode != 0:
@@ -431,7 +485,7 @@ class NftablesBackend(Backend):
     def _write_delta(self, delta: Delta) -> list[str] | None:
         script = delta_script(delta)
         if script:
-            self.system.run(["nft", "-f", "-"], input=script)
+            self._nft_write(script)
         changes = []
         if delta.allow_add or delta.allow_del:
             changes.append(
@@ -444,7 +498,7 @@ class NftablesBackend(Backend):
         return changes
 
     def _write_rules(self, payload: str) -> None:
-        self.system.run(["nft", "-f", "-"], input=payload)
+        self._nft_write(payload, timeout=FULL_TIMEOUT)
 
     def leftovers(self) -> list[str]:
         return [f"table {FAMILY} {TABLE}"] if table_exists(self.system) else []

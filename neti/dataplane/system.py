@@ -90,6 +90,23 @@ class System:
             raise DataplaneError(f"{' '.join(argv)} failed: {detail}")
         return proc
 
+    def spawn(self, argv: Sequence[str]) -> subprocess.Popen[bytes]:
+        """Start a long-lived helper in the target namespace, talking over stdin/stdout.
+
+        It ends when its stdin closes (this process exiting closes it too)."""
+        full = self.argv(argv)
+        log.debug("spawn %s", " ".join(full))
+        try:
+            return subprocess.Popen(
+                full,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                close_fds=True,
+            )
+        except OSError as exc:
+            raise DataplaneError(f"cannot start {argv[0]}: {exc.strerror or exc}") from None
+
     # --- namespaces ---
     def netns_inode(self) -> int:
         """Inode of the target network namespace: a stable key for locks."""

@@ -33,6 +33,12 @@ class RecordingBackend:
     def apply_delta(self, delta: Any) -> ApplyResult | None:
         return None  # no element updates: every change is recorded as a full apply
 
+    def keep_open(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
 
 def main(argv: list[str]) -> int:
     from neti import config, dataplane

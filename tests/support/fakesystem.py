@@ -76,6 +76,10 @@ class KernelFreeSystem(System):
     def guard_writes(self) -> None:
         pass
 
+    def spawn(self, argv: Sequence[str]) -> subprocess.Popen[bytes]:
+        # No helper processes: a backend that wants one keeps its one-shot commands.
+        raise DataplaneError("a kernel-free system starts no processes")
+
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
         yield
