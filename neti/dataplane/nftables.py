@@ -171,6 +171,14 @@ def full_script(d: DesiredState, audit: dict[str, AuditEntry] | None = None) -> 
     return f"table {FAMILY} {TABLE} {{}}\ndelete table {FAMILY} {TABLE}\n" + render_table(d, audit)
 
 
+def full_objects(d: DesiredState, audit: dict[str, AuditEntry] | None = None) -> int:
+    """What a full replacement writes: the table, its sets, chains and rules, and every
+    element (allowlist, DNAT map, carried-over audit sources) - for the dataplane metrics."""
+    chains = chain_rules(d)
+    elements = len(allow_elements(d)) + len(dnat_elements(d)) + len(_audit_elements(audit or {}))
+    return 1 + 3 + len(chains) + sum(len(r) for r in chains.values()) + elements
+
+
 def _ip_key(s: str) -> tuple[int, ...]:
     return tuple(int(x) for x in s.split("."))
 
@@ -444,8 +452,10 @@ class NftablesBackend(Backend):
                 old = [f"allow {a}" for a in del_a] + [f"dnat {k} {st.dnat[k]}" for k in del_d]
                 new = [f"allow {a}" for a in add_a] + [f"dnat {k} {dnat[k]}" for k in add_d]
             script = "\n".join(lines) + "\n" if lines else ""
+            objects = len(add_a) + len(del_a) + len(add_d) + len(del_d)
         else:
             script = full_script(d, st.audit_entries)
+            objects = full_objects(d, st.audit_entries)
             verb = "rewrote" if st.exists else "created"
             changes = [
                 f"nft: {verb} table {FAMILY} {TABLE} "
@@ -474,7 +484,7 @@ class NftablesBackend(Backend):
             changes=tuple(changes),
         )
         # Allowlist and rules are one transaction: everything is written at the rules step.
-        return Prepared(plan, rules=script)
+        return Prepared(plan, rules=script, objects=objects)
 
     def payload_tool(self, payload: str) -> str:
         return "nft -f -"
