@@ -24,8 +24,8 @@ import pytest
 import yaml
 from kazoo.client import KazooClient
 
+from neti import state as state_mod
 from neti.agent import session as session_mod
-from neti.agent import state as state_mod
 from tests.support.zkserver import ZooKeeperServer
 
 pytestmark = [pytest.mark.zk, pytest.mark.timeout(180)]

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from neti import config
+from neti import state as state_mod
 from neti.agent import core
 from neti.agent import guard as guard_mod
-from neti.agent import state as state_mod
 from neti.dataplane.nftables import NftablesBackend
 from neti.desired import compute
 from neti.fleet import Fleet, Member

@@ -355,7 +355,7 @@ def test_guard_config_keys_and_grace_floor() -> None:
 def test_guard_state_from_hostile_json() -> None:
     import pytest
 
-    from neti.agent.state import AgentState, GuardState
+    from neti.state import AgentState, GuardState
 
     g = GuardState.from_dict({"held": True, "reason": "window", "from_the_future": [1, 2]})
     assert g.held and g.reason == "window" and g.self_listed is True
@@ -387,7 +387,7 @@ def test_guard_state_from_arbitrary_json_is_typed_or_refused(data: dict) -> None
 
     import pytest
 
-    from neti.agent.state import _GUARD_KINDS, GuardState
+    from neti.state import _GUARD_KINDS, GuardState
     from neti.status.report import evaluate
 
     assert set(_GUARD_KINDS) == {f.name for f in dataclasses.fields(GuardState)}
@@ -398,7 +398,7 @@ def test_guard_state_from_arbitrary_json_is_typed_or_refused(data: dict) -> None
     assert isinstance(g.held, bool) and isinstance(g.self_listed, bool)
     assert isinstance(g.reason, str) and all(isinstance(x, str) for x in g.removed)
     assert g.limit is None or (isinstance(g.limit, int) and not isinstance(g.limit, bool))
-    from neti.agent.state import AgentState
+    from neti.state import AgentState
 
     r = evaluate(AgentState(guard=g, fleet=fleet(1)), None, True, 1e9, 60.0)
     assert r.code in (0, 1, 2)

@@ -7,11 +7,11 @@ from collections.abc import Callable
 import pytest
 
 from neti import config
-from neti.agent.state import AgentState
 from neti.dataplane.base import Backend
 from neti.dataplane.iptables import IptablesBackend, nat_chains
 from neti.desired import compute
 from neti.lab import Topology
+from neti.state import AgentState
 from neti.status.kernel import compare
 from neti.status.report import KernelView
 from tests.dataplane.helpers import OVERLAY, desired_for, fleet_of, with_fillers

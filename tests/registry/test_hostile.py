@@ -20,10 +20,10 @@ from kazoo.recipe.party import ShallowParty
 
 from neti import config, desired
 from neti.agent.metrics import Metrics
-from neti.agent.state import AgentState, GuardState
 from neti.fleet import Fleet
 from neti.registry import Registry
 from neti.registry.facade import SkipLog
+from neti.state import AgentState, GuardState
 from neti.status.report import WARNING, evaluate
 from tests.registry.conftest import identity_of, static
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from ipaddress import IPv4Address
 
-from neti.agent.state import AgentState, GuardState, Reconcile, ZkState
 from neti.fleet import Fleet, Member
 from neti.identity import Identity
+from neti.state import AgentState, GuardState, Reconcile, ZkState
 from neti.status import render_text, to_dict
 from neti.status.report import CRITICAL, OK, WARNING, KernelView, evaluate
 

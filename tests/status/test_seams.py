@@ -33,10 +33,9 @@ def test_the_agent_reads_nothing_of_status() -> None:
     assert not hasattr(status, "read_conntrack")  # one reader: neti.dataplane.conntrack
 
 
-def test_old_state_import_is_the_same_module() -> None:
-    from neti.agent import state as old
-
-    assert old is state_mod and old.AgentState is state_mod.AgentState
+def test_the_state_lives_on_neutral_ground() -> None:
+    assert not (Path(core.__file__).parent / "state.py").exists()  # no second home
+    assert state_mod.__name__ == "neti.state"
 
 
 def test_conntrack_is_read_in_the_backends_namespace(monkeypatch: pytest.MonkeyPatch) -> None:

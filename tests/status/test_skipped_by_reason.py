@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from neti.agent import state as state_mod
+from neti import state as state_mod
 from neti.status import render_text, to_dict
 from tests.status.test_report import healthy, run
 

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st_
 
-from neti.agent import state as st
+from neti import state as st
 from neti.fleet import Fleet, Member
 from neti.identity import Identity
 
