@@ -791,6 +791,7 @@ class Agent:
             return
         t0 = time.monotonic()
         full = self._need_full or reason == RESYNC
+        shown = self._shown()
         try:
             container_missing = self._check_self()
             if self._need_watch:
@@ -906,7 +907,7 @@ class Agent:
         )
         if full or holding or holding != self._last_held:
             self._save()
-        elif not result.changed:
+        elif not result.changed and self._shown() == shown:
             # The kernel and the fleet in the state file are as they were (a removal that
             # settles, an event with nothing to change): the rest can wait a little.
             self._save_within(STATE_QUIET_INTERVAL)
@@ -914,6 +915,16 @@ class Agent:
             self._save_soon()
         self._last_held = holding
         self._ready(self._status_line())
+
+    def _shown(self) -> tuple[object, ...]:
+        """What ``neti status`` warns about besides the kernel: skipped entries and a refused
+        maxchange. A change there is saved soon even when the kernel is unchanged (an
+        operator who deletes a hostile entry sees the warning go within a second)."""
+        return (
+            self.state.skipped,
+            tuple(sorted(self.state.skipped_by_reason.items())),
+            self.state.guard.max_change_problem,
+        )
 
     def _overlay_taken(self, ip: IPv4Address) -> bool:
         """Does a member of the fleet as read hold ``ip`` (the guard's hold check)?"""

@@ -6,6 +6,7 @@ always ends equal to desired.compute of what the guard let through."""
 
 from __future__ import annotations
 
+import time
 from ipaddress import IPv4Address as A
 from pathlib import Path
 
@@ -287,3 +288,23 @@ def test_release_node_through_watch_node(tmp_path: Path) -> None:
     a.reconcile("event")
     assert not a.state.guard.held
     assert len(a._applied_members or {}) == 21  # 20 others and this host
+
+
+def test_a_cleared_warning_is_saved_soon_though_the_kernel_is_unchanged(tmp_path: Path) -> None:
+    """An operator fixes maxchange (or deletes a hostile entry): nothing changes in the
+    kernel, but ``neti status`` must stop warning within a second, not at the quiet save."""
+    a, reg, _system = make_agent(tmp_path)
+    reg.add(member(1))
+    reg.max_change_problem = "maxchange refused ('1000...' is outside 0..1000000)"
+    a.reconcile("resync")
+    saved = state_mod.read(a.cfg.state_dir)
+    assert saved is not None and saved.guard.max_change_problem
+    reg.max_change_problem = None
+    a._fleet_saved -= core.STATE_FLEET_INTERVAL  # the last write was a while ago
+    a.reconcile("event")
+    saved = state_mod.read(a.cfg.state_dir)
+    assert saved is not None and saved.guard.max_change_problem is None
+    # With nothing shown changing either, the write waits for the quiet interval.
+    a._fleet_saved -= core.STATE_FLEET_INTERVAL
+    a.reconcile("event")
+    assert a._save_due is not None and a._save_due > time.monotonic() + 1
