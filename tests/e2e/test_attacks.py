@@ -91,8 +91,16 @@ class Attacker:
         self.proc = lab.topo.spawn(host, [sys.executable, ATTACKER, hosts, ca, *files],
                                    stdin=subprocess.PIPE, stderr=err)  # fmt: skip
         err.close()
-        assert self.proc.stdout is not None
-        self.hello = json.loads(self.proc.stdout.readline() or '{"event": "died"}')
+        self._hello: dict[str, Any] | None = None
+
+    @property
+    def hello(self) -> dict[str, Any]:
+        """Its first line: connected or refused (read on first use, so several attackers
+        wait out their refusals - up to kazoo's start timeout - side by side)."""
+        if self._hello is None:
+            assert self.proc.stdout is not None
+            self._hello = json.loads(self.proc.stdout.readline() or '{"event": "died"}')
+        return self._hello
 
     @property
     def connected(self) -> bool:
@@ -187,23 +195,24 @@ def alive(lab: Lab) -> bool:
 def test_outsider_without_a_certificate_cannot_even_connect(lab: Lab) -> None:
     all_ok(lab)
     before = targets(lab)
-    # TLS without a client certificate: ZooKeeper refuses the handshake.
-    a = Attacker(lab, OUTSIDER, None)
-    a.close()
-    assert a.hello["event"] == "refused", a.hello
-    # Plaintext on the TLS port, and on the old plaintext port (nothing listens there).
-    zk = lab.topo.host(ZK_HOST).public_ip
-    for hosts in (f"{zk}:{lab.zk_port}", f"{zk}:2181"):
-        a = Attacker(lab, OUTSIDER, None, tls=False, hosts=hosts)
-        a.close()
-        assert a.hello["event"] == "refused", (hosts, a.hello)
-    # A certificate from another CA is refused too.
     from neti.lab.pki import CertificateAuthority
 
+    zk = lab.topo.host(ZK_HOST).public_ip
     rogue = CertificateAuthority(lab.workdir / "rogue-ca", name="rogue").issue("i-evil")
-    a = Attacker(lab, OUTSIDER, rogue)
-    a.close()
-    assert a.hello["event"] == "refused", a.hello
+    attempts = {
+        # TLS without a client certificate: ZooKeeper refuses the handshake.
+        "no certificate": Attacker(lab, OUTSIDER, None),
+        # Plaintext on the TLS port, and on the old plaintext port (nothing listens there).
+        "plaintext on the TLS port": Attacker(
+            lab, OUTSIDER, None, tls=False, hosts=f"{zk}:{lab.zk_port}"
+        ),
+        "plaintext port": Attacker(lab, OUTSIDER, None, tls=False, hosts=f"{zk}:2181"),
+        # A certificate from another CA is refused too.
+        "another CA": Attacker(lab, OUTSIDER, rogue),
+    }
+    for what, a in attempts.items():
+        a.close()
+        assert a.hello["event"] == "refused", (what, a.hello)
     assert targets(lab) == before
     assert "192.0.2.10" not in before
 
@@ -473,16 +482,16 @@ def test_junk_children_are_bounded(lab: Lab) -> None:
 # --- row 9: everything through the zkproxy, from a source it does not allow ---
 def test_the_proxy_refuses_sources_it_does_not_allow(lab: Lab) -> None:
     proxy = f"{ZKPROXY.public_ip}:{lab.zk_port}"
-    # The outsider and a host of another network, each even with a valid certificate.
-    for host in (OUTSIDER, "vpc1"):
-        a = Attacker(lab, host, stolen(lab), hosts=proxy)
+    # The outsider and a host of another network, each even with a valid certificate; and
+    # an allowed source through the proxy, but without a certificate: ZooKeeper's TLS is end
+    # to end, so it is refused all the same.
+    attempts = {host: Attacker(lab, host, stolen(lab), hosts=proxy) for host in (OUTSIDER, "vpc1")}
+    attempts["ec2a without a certificate"] = Attacker(
+        lab, "ec2a", None, hosts=f"{ZKPROXY.private_ip}:{lab.zk_port}"
+    )
+    for what, a in attempts.items():
         a.close()
-        assert a.hello["event"] == "refused", (host, a.hello)
-    # An allowed source gets through the proxy, but ZooKeeper's TLS is end to end: without
-    # a certificate it is refused all the same.
-    a = Attacker(lab, "ec2a", None, hosts=f"{ZKPROXY.private_ip}:{lab.zk_port}")
-    a.close()
-    assert a.hello["event"] == "refused", a.hello
+        assert a.hello["event"] == "refused", (what, a.hello)
     with Attacker(lab, "ec2a", lab.cert("i-ec2a"),
                   hosts=f"{ZKPROXY.private_ip}:{lab.zk_port}") as a:  # fmt: skip
         assert a.connected, a.hello
