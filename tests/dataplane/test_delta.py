@@ -6,7 +6,6 @@ finds nothing to change), with no kernel read per change."""
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 from ipaddress import IPv4Address as A
 from ipaddress import IPv4Network as N
 
@@ -24,8 +23,6 @@ from neti.desired.model import Delta, DesiredModel
 from neti.errors import DataplaneError
 from neti.fleet import Fleet, Member
 from neti.identity import Identity
-from neti.lab import netns
-from neti.lab.topology import new_prefix
 from tests.dataplane.helpers import kernel_view
 
 SUBNET = N("192.168.0.0/20")
@@ -94,16 +91,6 @@ class Recording(System):
         return super().run(argv, input=input, check=check, timeout=timeout)
 
 
-@pytest.fixture
-def ns(netns_guard: None) -> Iterator[str]:
-    name = new_prefix("nd") + "x"
-    netns.add_ns(name)
-    try:
-        yield name
-    finally:
-        netns.del_ns(name)
-
-
 # "nftables+session": element updates through the agent's libnftables session (keep_open).
 BACKENDS = ["iptables", "nftables", "nftables+session"]
 
@@ -126,9 +113,9 @@ def select(ns: str, backend: str) -> tuple[Backend, config.Config]:
 
 @pytest.mark.root
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_deltas_equal_full_apply(ns: str, backend: str) -> None:
-    b, cfg = select(ns, backend)
-    system = Recording(ns)
+def test_deltas_equal_full_apply(scratch_ns: str, backend: str) -> None:
+    b, cfg = select(scratch_ns, backend)
+    system = Recording(scratch_ns)
     b.system = system
     fleet = {m.instance_id: m for m in map(member, range(900))}
     model = DesiredModel(ME, cfg, self_overlay=A("192.168.0.5"))
@@ -168,8 +155,8 @@ def test_deltas_equal_full_apply(ns: str, backend: str) -> None:
 
 @pytest.mark.root
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_delta_refused_or_failing_leads_to_full_apply(ns: str, backend: str) -> None:
-    b, cfg = select(ns, backend)
+def test_delta_refused_or_failing_leads_to_full_apply(scratch_ns: str, backend: str) -> None:
+    b, cfg = select(scratch_ns, backend)
     model = DesiredModel(ME, cfg)
     assert b.apply_delta(Delta(allow_add=(A("10.1.1.1"),))) is None  # no full apply yet
     model.update([], map(member, range(10)))

@@ -18,8 +18,6 @@ from neti.dataplane.system import GUARD_ENV, System
 from neti.desired import build
 from neti.desired.model import Delta
 from neti.errors import DataplaneError
-from neti.lab import netns
-from neti.lab.topology import new_prefix
 from tests.support.fakesystem import FakeSystem
 
 # A worker that speaks the protocol as told by its first argument.
@@ -219,24 +217,14 @@ def test_the_worker_refuses_the_initial_namespace(
         s.wait_ready()
 
 
-@pytest.fixture
-def ns(netns_guard: None) -> Iterator[str]:
-    name = new_prefix("ns") + "s"
-    netns.add_ns(name)
-    try:
-        yield name
-    finally:
-        netns.del_ns(name)
-
-
 @pytest.mark.root
 @pytest.mark.parametrize(
     "request_bytes",
     [b"x\n", b"-1\n", b"99999999999\n", b"10\nshort", b"5\nab\0cd"],
     ids=["not-a-length", "negative", "huge", "short", "nul"],
 )
-def test_the_worker_refuses_bad_framing(ns: str, request_bytes: bytes) -> None:
-    proc = System(ns).spawn(nftsession.command())
+def test_the_worker_refuses_bad_framing(scratch_ns: str, request_bytes: bytes) -> None:
+    proc = System(scratch_ns).spawn(nftsession.command())
     try:
         assert proc.stdout is not None and proc.stdin is not None
         assert b'"ready": true' in proc.stdout.readline()
@@ -253,11 +241,11 @@ def test_the_worker_refuses_bad_framing(ns: str, request_bytes: bytes) -> None:
 
 
 @pytest.mark.root
-def test_the_worker_writes_in_its_namespace_only(ns: str) -> None:
-    s = NftSession(System(ns).spawn(nftsession.command()))
+def test_the_worker_writes_in_its_namespace_only(scratch_ns: str) -> None:
+    s = NftSession(System(scratch_ns).spawn(nftsession.command()))
     try:
         s.run("add table ip neti_session_test\n")
-        listed = System(ns).run(["nft", "list", "tables"]).stdout
+        listed = System(scratch_ns).run(["nft", "list", "tables"]).stdout
         assert "table ip neti_session_test" in listed
         with pytest.raises(DataplaneError, match="nft \\(session\\) failed"):
             s.run("delete table ip no_such_table\n")

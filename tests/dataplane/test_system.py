@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,19 +16,8 @@ import pytest
 from neti.dataplane import System, system
 from neti.errors import DataplaneError
 from neti.lab import netns
-from neti.lab.topology import new_prefix
 
 ROOT_NETNS = os.stat("/proc/self/ns/net").st_ino
-
-
-@pytest.fixture
-def own_ns(netns_guard: None) -> Iterator[str]:
-    name = f"{new_prefix()}g"
-    netns.add_ns(name)
-    try:
-        yield name
-    finally:
-        netns.del_ns(name)
 
 
 @pytest.mark.root
@@ -40,17 +28,17 @@ def test_root_namespace_is_recognised_and_refused(netns_guard: None) -> None:
 
 
 @pytest.mark.root
-def test_a_process_inside_another_namespace_may_write(own_ns: str) -> None:
+def test_a_process_inside_another_namespace_may_write(scratch_ns: str) -> None:
     code = "from neti.dataplane import System; System().guard_writes(); print('allowed')"
     out = subprocess.run(
-        netns.exec_argv(own_ns, [sys.executable, "-c", code]),
+        netns.exec_argv(scratch_ns, [sys.executable, "-c", code]),
         capture_output=True,
         text=True,
         env={**os.environ, system.GUARD_ENV: "1"},
         check=True,
     )
     assert out.stdout.strip() == "allowed"
-    assert not System(own_ns).in_init_netns()
+    assert not System(scratch_ns).in_init_netns()
 
 
 def _stat_failing(paths: set[str]):  # noqa: ANN202 - a stand-in for os.stat

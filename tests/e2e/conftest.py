@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -12,17 +13,22 @@ from tests.lab.fixtures import netns_guard  # noqa: F401 - fixture
 SESSION_TIMEOUT = 4.0
 
 
-@pytest.fixture(scope="module")
-def fleet(netns_guard: None) -> Iterator[Lab]:  # noqa: F811
-    """Agents with short timeouts; metrics on in every host (127.0.0.1 of its namespace)."""
+def running_fleet(**config: Any) -> Iterator[Lab]:
+    """The lab with an agent on every host, short timeouts, plus ``config``."""
     lab = Lab(
         zk_session_timeout=SESSION_TIMEOUT,
         watch_delay_min=0.05,
         watch_delay_max=0.3,
         resync_interval=60.0,
-        metrics={"enabled": True, "listen": "127.0.0.1", "port": 9437},
+        **config,
     )
     with lab:
         for host in lab.agent_hosts:
             lab.start_agent(host)
         yield lab
+
+
+@pytest.fixture(scope="module")
+def fleet(netns_guard: None) -> Iterator[Lab]:  # noqa: F811
+    """Agents with short timeouts; metrics on in every host (127.0.0.1 of its namespace)."""
+    yield from running_fleet(metrics={"enabled": True, "listen": "127.0.0.1", "port": 9437})

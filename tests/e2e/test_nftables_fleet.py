@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from neti.lab.demo import Lab, wait_for
-from tests.e2e.conftest import SESSION_TIMEOUT
+from tests.e2e.conftest import running_fleet
 from tests.lab.fixtures import netns_guard  # noqa: F401 - fixture
 
 pytestmark = [pytest.mark.root, pytest.mark.zk, pytest.mark.timeout(240)]
@@ -23,17 +23,7 @@ WORKER = b"neti.dataplane.nftsession"
 
 @pytest.fixture(scope="module")
 def lab(netns_guard: None) -> Iterator[Lab]:  # noqa: F811
-    lab = Lab(
-        zk_session_timeout=SESSION_TIMEOUT,
-        watch_delay_min=0.05,
-        watch_delay_max=0.3,
-        resync_interval=60.0,
-        backend="nftables",
-    )
-    with lab:
-        for host in lab.agent_hosts:
-            lab.start_agent(host)
-        yield lab
+    yield from running_fleet(backend="nftables")
 
 
 def workers(lab: Lab, host: str) -> list[tuple[int, int]]:
