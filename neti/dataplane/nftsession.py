@@ -71,14 +71,10 @@ class NftSession:
             self._buf += chunk
         line, _, self._buf = self._buf.partition(b"\n")
         try:
-            msg = json.loads(line)
-        except ValueError:
+            return parse_reply(line)
+        except SessionLost:
             self.close()
-            raise SessionLost("the nft session answered something that is not JSON") from None
-        if not isinstance(msg, dict):
-            self.close()
-            raise SessionLost("the nft session answered something that is not an object")
-        return msg
+            raise
 
     def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
         """Block until the worker has loaded libnftables; DataplaneError when it cannot."""
@@ -103,13 +99,11 @@ class NftSession:
             self.close()
             raise SessionLost("the nft session ended") from None
         msg = self._line(time.monotonic() + timeout)
-        rc, err = msg.get("rc"), msg.get("err")
-        if not isinstance(rc, int):
+        try:
+            check_result(msg)
+        except SessionLost:
             self.close()
-            raise SessionLost("the nft session answered without a result")
-        if rc != 0:
-            lines = (err if isinstance(err, str) else "").strip().splitlines()
-            raise DataplaneError(f"nft (session) failed: {'; '.join(lines[:5]) or f'rc {rc}'}")
+            raise
 
     @property
     def alive(self) -> bool:
@@ -129,6 +123,29 @@ class NftSession:
             self.proc.wait()
         if self.proc.stdout is not None:
             self.proc.stdout.close()
+
+
+def parse_reply(line: bytes) -> dict[str, Any]:
+    """One line from the worker as a JSON object; SessionLost for anything else."""
+    try:
+        msg = json.loads(line)
+    except ValueError:  # also UnicodeDecodeError
+        raise SessionLost("the nft session answered something that is not JSON") from None
+    if not isinstance(msg, dict):
+        raise SessionLost("the nft session answered something that is not an object")
+    return msg
+
+
+def check_result(msg: dict[str, Any]) -> None:
+    """A request's answer: nothing for success, DataplaneError with nft's first lines when
+    nft refused the script, SessionLost when the answer has no return code."""
+    rc, err = msg.get("rc"), msg.get("err")
+    if not isinstance(rc, int) or isinstance(rc, bool):
+        raise SessionLost("the nft session answered without a result")
+    if rc != 0:
+        lines = (err if isinstance(err, str) else "").strip().splitlines()
+        detail = "; ".join(line[:300] for line in lines[:5]) or f"rc {rc}"
+        raise DataplaneError(f"nft (session) failed: {detail}")
 
 
 def command() -> list[str]:

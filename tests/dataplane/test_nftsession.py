@@ -10,6 +10,8 @@ from collections.abc import Iterator, Sequence
 from ipaddress import IPv4Address
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from neti.dataplane import nftsession
 from neti.dataplane.nftables import SESSION_RESTARTS, NftablesBackend
@@ -108,6 +110,36 @@ def test_a_worker_that_does_not_start(mode: str, sessions: list[NftSession]) -> 
     with pytest.raises(DataplaneError):
         s.wait_ready(timeout=1.0)
     assert not s.ready
+
+
+@given(st.binary(max_size=200))
+def test_any_reply_line_is_an_object_or_a_lost_session(line: bytes) -> None:
+    try:
+        msg = nftsession.parse_reply(line)
+    except SessionLost:
+        return
+    assert isinstance(msg, dict)
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner),
+    max_leaves=8,
+)
+
+
+@given(st.dictionaries(st.sampled_from(["rc", "err", "out", "x"]), JSON, max_size=4))
+def test_any_answer_is_success_refusal_or_lost(msg: dict[str, object]) -> None:
+    rc = msg.get("rc")
+    try:
+        nftsession.check_result(msg)  # type: ignore[arg-type]
+    except SessionLost:
+        assert not isinstance(rc, int) or isinstance(rc, bool)
+    except DataplaneError as exc:
+        assert isinstance(rc, int) and rc != 0
+        assert str(exc).startswith("nft (session) failed: ") and len(str(exc)) < 2000
+    else:
+        assert rc == 0 and not isinstance(rc, bool)
 
 
 # --------------------------------------------------------------------------- the backend
