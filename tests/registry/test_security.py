@@ -654,6 +654,12 @@ def test_agent_stops_when_the_server_refuses_its_certificate(
         def apply(self, *a: object, **k: object) -> None:
             applied.append(a)
 
+        def keep_open(self) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
     monkeypatch.setattr(dataplane, "select", lambda *a, **k: Recorder())
     other = CertificateAuthority(tmp_path / "other").issue("i-a")
     data = tls_data(state_dir=str(tmp_path / "state"))
