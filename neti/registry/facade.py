@@ -27,6 +27,7 @@ from neti.registry.index import FleetChange, FleetIndex
 from neti.registry.membership import Membership
 from neti.registry.paths import Paths
 from neti.registry.snapshot import build_fleet
+from neti.registry.tree import LockedPrefix
 from neti.registry.verify import AttestCheck, Verifier
 from neti.registry.watch import FleetWatch, WatchStats
 
@@ -156,6 +157,7 @@ class Registry:
             client, cfg, self.paths.members, self.paths.legacy, acl=self.acl
         )
         self._guard = MaxChange(client, self.paths.max_change, cfg.max_change_default, acl=self.acl)
+        self._tree = LockedPrefix(client, self.paths, self.acl)
         self._deadline = float(cfg.zk_session_timeout)
         self.verifier = Verifier(
             client,
@@ -191,6 +193,8 @@ class Registry:
     @_zk_errors("claiming an overlay IP", "id_to_ip")
     def claim(self, instance_id: str, prefer: IPv4Address | None = None) -> IPv4Address:
         """Our claim; ``prefer``: the address held before (claims.py: ClaimConflictError)."""
+        if self.acl.secured:
+            self._tree.ensure()  # an empty ensemble: the prefix is created locked
         ip = self._claims.claim(instance_id, prefer=prefer)
         if self.acl.secured:
             self._own_claim_acls(instance_id, ip)

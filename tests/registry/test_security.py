@@ -7,7 +7,9 @@ named x509:CN=...) and, for the digest-only cases, on a plaintext port too.
 from __future__ import annotations
 
 import json
+import logging
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -162,23 +164,31 @@ def test_nodes_get_the_table_acls(
     cert: Callable[[str], Issued],
     prefix: str,
 ) -> None:
+    """The first agent on an empty ensemble creates the prefix already locked (tree.py)."""
     a = host("i-a")
     joined(a)
-    assert a.max_change() == 20  # creates maxchange
-    a.client.ensure_path(a.paths.legacy)  # as the agent does for the containers it watches
+    # maxchange is an operator's (neti fleet secure): the default, and status says why.
+    assert a.max_change() == 20 and "only an operator" in (a.max_change_problem or "")
+    b = host("i-b")
+    joined(b)  # a second host finds the containers and needs nothing else
     op = raw_tls(tls_zk, pki, cert(OPERATOR))
     op.start(timeout=10)
     try:
         p = a.paths
-        for container in (p.prefix, p.members, p.id_to_ip, p.ip_to_id, p.legacy):
+        assert acl_of(op, p.prefix) == expected("prefix")
+        for container in (p.members, p.id_to_ip, p.ip_to_id, p.legacy):
             assert acl_of(op, container) == expected("container"), container
         ip = a.claim_of("i-a")
         own = expected("own", "x509:CN=i-a")
         assert acl_of(op, f"{p.id_to_ip}/i-a") == own
         assert acl_of(op, f"{p.ip_to_id}/{ip}") == own
-        (member,) = op.get_children(p.members)
+        member = next(m for m in op.get_children(p.members) if "|i-a|" in m)
         assert acl_of(op, f"{p.members}/{member}") == own
-        assert acl_of(op, p.max_change) == expected("guard")
+        assert op.exists(p.max_change) is None
+        # Under the locked prefix no host can create an operator node.
+        for path in (p.max_change, f"{p.prefix}/guard-release"):
+            with pytest.raises(NoAuthError):
+                b.client.create(path, b"0")
     finally:
         op.stop()
         op.close()
@@ -226,10 +236,17 @@ def test_other_host_cannot_touch_a(
 ) -> None:
     a = host("i-a")
     joined(a)
-    a.max_change()
+    p = a.paths
+    op = raw_tls(tls_zk, pki, cert(OPERATOR))  # neti fleet secure creates maxchange
+    op.start(timeout=10)
+    try:
+        op.create(p.max_change, b"20", acl=expected_list("guard"))
+    finally:
+        op.stop()
+        op.close()
+    assert a.max_change() == 20 and a.max_change_problem is None
     b = host("i-b", n=2)
     joined(b, n=2)
-    p = a.paths
     ip = a.claim_of("i-a")
     (member,) = [m for m in a.client.get_children(p.members) if "|i-a|" in m]
     raw = raw_tls(tls_zk, pki, cert("i-b"))
@@ -293,7 +310,10 @@ def test_unauthenticated_digest_session_on_plain_port_cannot_write(
     a = connect(cfg("i-a", 1), "vpc", timeout=15)
     opened.append(a)
     joined(a)
-    a.max_change()
+    op = connect(cfg("op", 3), "vpc", timeout=15)
+    opened.append(op)
+    op.set_max_change(20)  # the operator's (neti fleet secure); a host may not create it
+    assert a.max_change() == 20
     assert acl_of(a.client, f"{a.paths.id_to_ip}/i-a") == acl.acl_key(
         acl.AclPolicy(True, None, (ids["op"],), ()).owned_by(ids["i-a"]) or []
     )
@@ -315,8 +335,6 @@ def test_unauthenticated_digest_session_on_plain_port_cannot_write(
                 client.create(f"{a.paths.members}/v1|i-evil|vpc|1.2.3.4|10.0.0.9|10.9.0.9|2")
             client.stop()
             client.close()
-    op = connect(cfg("op", 3), "vpc", timeout=15)
-    opened.append(op)
     op.set_max_change(3)
     assert a.max_change() == 3
 
@@ -699,3 +717,66 @@ def test_identities_file_never_crashes(tmp_path: Path, data: bytes) -> None:
     for iid, zk_id in mapping.items():
         assert config.LABEL_RE.match(iid)
         assert config.zk_acl_id(zk_id) == zk_id
+
+
+# --- an empty ensemble: the first agent creates the prefix locked (registry/tree.py) ---
+def test_hosts_racing_on_an_empty_ensemble_leave_it_locked(
+    host: Callable[..., Registry],
+    tls_zk: ZooKeeperServer,
+    pki: CertificateAuthority,
+    cert: Callable[[str], Issued],
+) -> None:
+    regs = [host(f"i-{n}", n=n) for n in range(1, 5)]
+    errors: list[BaseException] = []
+
+    def claim(reg: Registry) -> None:
+        for _ in range(20):  # a host that loses the race retries, as the agent does
+            try:
+                joined(reg, n=int(reg.cfg.identity.instance_id[2:]))  # type: ignore[union-attr]
+                return
+            except RegistryError:
+                time.sleep(0.1)
+        errors.append(AssertionError(f"{reg.cfg.identity} never joined"))
+
+    threads = [threading.Thread(target=claim, args=(r,)) for r in regs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    op = raw_tls(tls_zk, pki, cert(OPERATOR))
+    op.start(timeout=10)
+    try:
+        p = regs[0].paths
+        assert acl_of(op, p.prefix) == expected("prefix")  # nobody's ALL left behind
+        assert len(op.get_children(p.members)) == 4
+    finally:
+        op.stop()
+        op.close()
+
+
+def test_a_prefix_created_but_not_locked_is_finished_by_its_creator(
+    host: Callable[..., Registry], prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    a = host("i-a")
+    own = a.acl.own()
+    assert own is not None
+    a.client.create(prefix, b"", acl=own)  # the host died between create and lock
+    b = host("i-b", n=2)
+    with caplog.at_level(logging.WARNING, logger="neti.registry.tree"):
+        with pytest.raises(RegistryError, match="not allowed for x509:CN=i-b"):
+            joined(b, n=2)  # not b's to finish: it waits (the agent retries) for the creator
+    assert "an operator runs `neti fleet secure`" in caplog.text
+    joined(a)
+    assert acl.acl_key(a.client.get_acls(prefix)[0]) == expected("prefix")
+    joined(b, n=2)
+
+
+def test_without_operators_the_prefix_is_created_open_and_said(
+    host: Callable[..., Registry], caplog: pytest.LogCaptureFixture
+) -> None:
+    a = host("i-a", zk_acl={"operators": []})
+    with caplog.at_level(logging.WARNING, logger="neti.registry.tree"):
+        joined(a)
+    assert "no zk_acl.operators is configured" in caplog.text
+    assert acl.acl_key(a.client.get_acls(a.paths.prefix)[0]) == acl.acl_key(a.acl.container() or [])
