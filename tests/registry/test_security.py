@@ -162,7 +162,8 @@ def test_nodes_get_the_table_acls(
     tls_zk: ZooKeeperServer,
     pki: CertificateAuthority,
     cert: Callable[[str], Issued],
-    prefix: str,
+    tls_data: Callable[..., dict[str, Any]],
+    tmp_path: Path,
 ) -> None:
     """The first agent on an empty ensemble creates the prefix already locked (tree.py)."""
     a = host("i-a")
@@ -192,6 +193,14 @@ def test_nodes_get_the_table_acls(
     finally:
         op.stop()
         op.close()
+    # The operator's step: neti fleet secure creates only what is missing.
+    cfg_path = tmp_path / "op.yml"
+    cfg_path.write_text(yaml.safe_dump(tls_data(OPERATOR, n=9)))
+    r = run_neti("fleet", "secure", "--json", "-c", str(cfg_path))
+    assert r.returncode == 0, r.stderr
+    created = {c["path"] for c in json.loads(r.stdout)["changes"] if c.get("create")}
+    assert created == {p.max_change, f"{p.prefix}/guard-release"}
+    assert a.max_change() == 20 and a.max_change_problem is None
 
 
 def test_locked_prefix_without_maxchange_uses_the_default(
