@@ -50,6 +50,8 @@ class NftSession:
         self.proc = proc
         self._buf = b""
         self.ready = False
+        if proc.stdin is not None:
+            os.set_blocking(proc.stdin.fileno(), False)  # writes have a deadline too
 
     # --- lines with a deadline ---
     def _line(self, deadline: float) -> dict[str, Any]:
@@ -90,20 +92,37 @@ class NftSession:
         """Run ``script`` as one transaction; DataplaneError with nft's message on failure."""
         self.wait_ready()
         data = script.encode()
-        inp = self.proc.stdin
-        assert inp is not None
-        try:
-            inp.write(b"%d\n" % len(data) + data)
-            inp.flush()
-        except (BrokenPipeError, OSError):
-            self.close()
-            raise SessionLost("the nft session ended") from None
-        msg = self._line(time.monotonic() + timeout)
+        deadline = time.monotonic() + timeout
+        self._send(b"%d\n" % len(data) + data, deadline)
+        msg = self._line(deadline)
         try:
             check_result(msg)
         except SessionLost:
             self.close()
             raise
+
+    def _send(self, data: bytes, deadline: float) -> None:
+        """Write all of ``data`` to the worker's stdin by ``deadline`` (a worker that stops
+        reading must not hang the agent on a full pipe)."""
+        inp = self.proc.stdin
+        assert inp is not None
+        fd = inp.fileno()
+        view = memoryview(data)
+        while view:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.close()
+                raise SessionLost("the nft session did not take the script in time")
+            _, writable, _ = select.select([], [fd], [], left)
+            if not writable:
+                continue
+            try:
+                view = view[os.write(fd, view) :]
+            except BlockingIOError:
+                continue
+            except OSError:  # BrokenPipeError: the worker is gone
+                self.close()
+                raise SessionLost("the nft session ended") from None
 
     @property
     def alive(self) -> bool:

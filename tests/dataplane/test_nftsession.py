@@ -34,6 +34,8 @@ if mode == "refuse":
 if mode == "mute":
     sys.stdin.buffer.read(); sys.exit(0)
 say({"ready": True})
+if mode == "deaf":
+    import time; time.sleep(600)
 while True:
     header = sys.stdin.buffer.readline()
     if not header:
@@ -49,6 +51,7 @@ while True:
         sys.exit(3)
     elif mode == "hang":
         sys.stdin.buffer.read()
+
     elif "bad" in script:
         say({"rc": 1, "err": "Error: Could not process rule: No such file or directory\nbad\n"})
     else:
@@ -101,6 +104,14 @@ def test_a_worker_that_does_not_answer_is_killed(sessions: list[NftSession]) -> 
     s = session("hang", sessions)
     with pytest.raises(SessionLost, match="in time"):
         s.run("add element ip neti allow { 10.0.0.1 }\n", timeout=0.5)
+    assert not s.alive
+
+
+def test_a_worker_that_stops_reading_is_killed(sessions: list[NftSession]) -> None:
+    s = session("deaf", sessions)  # ready, then reads nothing
+    big = "add element ip neti allow { " + ", ".join(["10.0.0.1"] * 200_000) + " }\n"
+    with pytest.raises(SessionLost, match="did not take the script in time"):
+        s.run(big, timeout=1.0)  # far more than a pipe holds
     assert not s.alive
 
 
