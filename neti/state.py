@@ -70,6 +70,8 @@ class GuardState:
     self_listed: bool = True  # this host was in the fleet it last read
     released_at: float | None = None  # epoch seconds of the last operator release
     settling: int = 0  # removals waiting out guard_settle (routine, not a hold)
+    revoked: int = 0  # instance IDs on the operators' revoked list (registry/revoked.py)
+    revoked_problem: str | None = None  # why (part of) that list was not used
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GuardState:
@@ -115,6 +117,8 @@ _GUARD_KINDS: dict[str, tuple[Any, ...]] = {
     "self_listed": (bool,),
     "released_at": (float, int, None),
     "settling": (int,),
+    "revoked": (int,),
+    "revoked_problem": (str, None),
 }
 
 

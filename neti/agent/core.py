@@ -48,6 +48,7 @@ from neti.errors import (
 )
 from neti.fleet import Fleet, Member
 from neti.identity import Identity
+from neti.registry import paths
 from neti.registry.claims import ClaimConflictError
 from neti.registry.facade import Registry
 
@@ -77,6 +78,7 @@ STATE_FLEET_INTERVAL = 1.0
 STATE_QUIET_INTERVAL = 10.0
 # The node an operator bumps to let held removals through once (neti fleet release-guard).
 RELEASE_NODE = guard_mod.RELEASE_NODE
+REVOKED_NODE = paths.REVOKED_NODE
 _UNSET: Any = object()
 
 # Config keys whose change needs a new ZooKeeper session (and a re-join) on SIGHUP.
@@ -205,6 +207,10 @@ class Agent:
         # The release node as last seen by its watch, and as of the last release applied:
         # they differ when an operator ran `neti fleet release-guard` since.
         self._release_seen: Any = _UNSET
+        # The operators' revoked list (registry/revoked.py): its node's (czxid, mzxid) as
+        # the last watch saw it, and the IDs it held.
+        self._revoked_token: tuple[int, int] | None = None
+        self._revoked: frozenset[str] = frozenset()
         self._release_base: Any = _UNSET
         self._self_missing_logged = False
         # One-shot raw watches: their callbacks only set this and wake the loop; the next
@@ -522,6 +528,8 @@ class Agent:
         reg = self.reg
         assert reg is not None  # called from reconcile, connected
         reg.watch_node(self.cfg.path(self.cfg.zk_max_change_threshold_path), self._on_watch)
+        revoked = reg.watch_node(self.cfg.path(REVOKED_NODE), self._on_watch)
+        self._revoked_token = (revoked.czxid, revoked.mzxid) if revoked is not None else None
         stat = reg.watch_node(self.cfg.path(RELEASE_NODE), self._on_watch)
         token = (stat.czxid, stat.mzxid) if stat is not None else None
         self._release_seen = token
@@ -825,6 +833,7 @@ class Agent:
             max_change = self.reg.max_change()
             # Why maxchange fell back to its default (status shows it), or None.
             self.state.guard.max_change_problem = self.reg.max_change_problem
+            self._note_revoked(self.reg.revoked(self._revoked_token, known=True))
         except (RegistryError, KazooException, KazooTimeoutError) as exc:
             detail = str(exc) or type(exc).__name__
             log.warning("cannot read the fleet: %s; rules unchanged", detail)
@@ -839,7 +848,7 @@ class Agent:
             full = True
         prev = self._applied_members
         decision = self.guard.decide_read(
-            self._read,
+            self._visible(),
             self._guard_settings(max_change),
             self._self_member(),
             container_missing=container_missing,
@@ -878,6 +887,13 @@ class Agent:
         self.state.skipped = self._meta.skipped
         self.state.skipped_reasons = list(self._meta.skipped_reasons)
         self.state.skipped_by_reason = dict(self._meta.skipped_by_reason)
+        present = sorted(i for i in self._revoked if i in self._read)
+        if present:
+            self.state.skipped += len(present)
+            self.state.skipped_by_reason["revoked"] = len(present)
+            self.state.skipped_reasons += [
+                f"{i}: revoked by an operator (neti fleet revoke)" for i in present[:10]
+            ]
         self.state.last_success = time.time()
         holding = decision.held and decision.reason != guard_mod.SETTLE
         self._record("held" if holding else "ok", reason, duration)
@@ -916,6 +932,26 @@ class Agent:
         self._last_held = holding
         self._ready(self._status_line())
 
+    def _note_revoked(self, ids: frozenset[str]) -> None:
+        """Take the operators' revoked list: its members are left out from now on."""
+        assert self.identity is not None and self.reg is not None
+        self.state.guard.revoked = len(ids)
+        self.state.guard.revoked_problem = self.reg.revoked_problem
+        if ids == self._revoked:
+            return
+        if self.identity.instance_id in ids and self.identity.instance_id not in self._revoked:
+            log.error(
+                "this host (%s) is revoked by an operator: no peer programs it any more",
+                self.identity.instance_id,
+            )
+        self._revoked = ids
+
+    def _visible(self) -> dict[str, Member]:
+        """The fleet as read, less revoked instances (O(1) while none is revoked)."""
+        if not self._revoked:
+            return self._read
+        return {i: m for i, m in self._read.items() if i not in self._revoked}
+
     def _shown(self) -> tuple[object, ...]:
         """What ``neti status`` warns about besides the kernel: skipped entries and a refused
         maxchange. A change there is saved soon even when the kernel is unchanged (an
@@ -924,6 +960,8 @@ class Agent:
             self.state.skipped,
             tuple(sorted(self.state.skipped_by_reason.items())),
             self.state.guard.max_change_problem,
+            self.state.guard.revoked,
+            self.state.guard.revoked_problem,
         )
 
     def _overlay_taken(self, ip: IPv4Address) -> bool:

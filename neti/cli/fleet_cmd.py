@@ -79,6 +79,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         run_release_guard,
     )
 
+    rv = cmd(
+        "revoke",
+        "stop every agent programming these instances, whatever they publish (a compromised "
+        "host; operator identity needed; docs/security.md)",
+        run_revoke,
+    )
+    rv.add_argument("instance_ids", metavar="INSTANCE-ID", nargs="+")
+    ur = cmd("unrevoke", "take instances off the revoked list", run_unrevoke)
+    ur.add_argument("instance_ids", metavar="INSTANCE-ID", nargs="+")
+    cmd("revoked", "the revoked instances", run_revoked)
+
     r = cmd("release", "remove an instance's overlay IP claim", run_release)
     r.add_argument("instance_id", metavar="INSTANCE-ID")
     r.add_argument(
@@ -407,6 +418,62 @@ def run_release_guard(args: argparse.Namespace) -> int:
             f"guard release requested ({path}, version {version}): every agent lets what its "
             "guard holds now through, once; watch `neti status` on the hosts"
         )
+    return 0
+
+
+# --- revoke / unrevoke / revoked -----------------------------------------------------------
+
+
+def _valid_ids(ids: list[str]) -> list[str]:
+    from neti.registry.addr import MalformedEntry, label
+
+    try:
+        return [label(i, "instance ID") for i in ids]
+    except MalformedEntry as exc:
+        raise NetiError(str(exc)) from None
+
+
+def _print_revoked(args: argparse.Namespace, ids: frozenset[str], note: str) -> None:
+    if args.json:
+        print_json({"revoked": sorted(ids)})
+        return
+    print(note)
+    for i in sorted(ids):
+        print(i)
+
+
+def run_revoke(args: argparse.Namespace) -> int:
+    cfg = load_config(args)
+    ids = _valid_ids(args.instance_ids)
+    with _registry(cfg, args) as reg:
+        now = reg.change_revoked(ids, [])
+    _print_revoked(
+        args,
+        now,
+        f"revoked {', '.join(ids)}: every agent leaves them out at its next event "
+        f"(`neti status` on the hosts shows them as skipped, reason revoked); "
+        f"{len(now)} revoked in all:",
+    )
+    return 0
+
+
+def run_unrevoke(args: argparse.Namespace) -> int:
+    cfg = load_config(args)
+    ids = _valid_ids(args.instance_ids)
+    with _registry(cfg, args) as reg:
+        now = reg.change_revoked([], ids)
+    _print_revoked(args, now, f"unrevoked {', '.join(ids)}; {len(now)} revoked in all:")
+    return 0
+
+
+def run_revoked(args: argparse.Namespace) -> int:
+    cfg = load_config(args)
+    with _registry(cfg, args) as reg:
+        ids = reg.revoked()
+        problem = reg.revoked_problem
+    if problem:
+        print(f"warning: {problem}", file=sys.stderr)
+    _print_revoked(args, ids, f"{len(ids)} revoked instances:")
     return 0
 
 

@@ -14,6 +14,7 @@ SKIP_REASONS: tuple[str, ...] = (
     "claim_mismatch",  # ip-to-id/<overlay> names another instance
     "persistent",  # a member node that is not ephemeral (would never expire)
     "attestation",  # the record-signature check refused it
+    "revoked",  # an operator revoked the instance (neti fleet revoke; registry/revoked.py)
     "duplicate_instance",  # two different verified entries for one instance ID
     "duplicate_overlay",  # two different entries for one overlay IP
     "unspecified",  # 0.0.0.0

@@ -401,7 +401,7 @@ def plan_secure(
         path = f"{paths.prefix}/{name}"
         if path in containers:
             todo.append((path, "container", container_acl, ""))
-        elif path in (paths.max_change, release):
+        elif path in (paths.max_change, release, paths.revoked):
             todo.append((path, "guard", guard_acl, ""))
         else:
             todo.append((path, "other", guard_acl, "not Neti's: operators only"))

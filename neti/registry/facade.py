@@ -26,6 +26,7 @@ from neti.registry.guard import MaxChange
 from neti.registry.index import FleetChange, FleetIndex
 from neti.registry.membership import Membership
 from neti.registry.paths import Paths
+from neti.registry.revoked import RevokedList
 from neti.registry.snapshot import build_fleet
 from neti.registry.tree import LockedPrefix
 from neti.registry.verify import AttestCheck, Verifier
@@ -158,6 +159,7 @@ class Registry:
         )
         self._guard = MaxChange(client, self.paths.max_change, cfg.max_change_default, acl=self.acl)
         self._tree = LockedPrefix(client, self.paths, self.acl)
+        self._revoked = RevokedList(client, self.paths.revoked, acl=self.acl)
         self._deadline = float(cfg.zk_session_timeout)
         self.verifier = Verifier(
             client,
@@ -463,6 +465,23 @@ class Registry:
         try:
             self._guard.set(n)
         except ValueError as exc:
+            raise RegistryError(str(exc)) from None
+
+    # --- revoked instances (revoked.py) ---
+    @_zk_errors("reading the revoked instances", "revoked")
+    def revoked(self, token: tuple[int, int] | None = None, known: bool = False) -> frozenset[str]:
+        """Instance IDs no agent programs; ``token``/``known`` as in RevokedList.get."""
+        return self._revoked.get(token, known)
+
+    @property
+    def revoked_problem(self) -> str | None:
+        return self._revoked.problem
+
+    @_zk_errors("changing the revoked instances", "revoked")
+    def change_revoked(self, add: list[str], remove: list[str]) -> frozenset[str]:
+        try:
+            return self._revoked.change(add, remove)
+        except (ValueError, RuntimeError) as exc:
             raise RegistryError(str(exc)) from None
 
     # --- lifecycle ---

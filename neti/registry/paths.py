@@ -8,6 +8,8 @@ from neti.config import Config
 
 # Operators create or touch it to let held removals through (neti fleet release-guard).
 RELEASE_NODE = "guard-release"
+# Operators list instance IDs no agent programs any more (neti fleet revoke; revoked.py).
+REVOKED_NODE = "revoked"
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,6 +20,7 @@ class Paths:
     members: str
     legacy: str
     max_change: str
+    revoked: str
 
     @classmethod
     def from_config(cls, cfg: Config) -> Paths:
@@ -28,4 +31,5 @@ class Paths:
             members=cfg.path(cfg.zk_members_node),
             legacy=cfg.path(cfg.zk_ip_map_node),
             max_change=cfg.path(cfg.zk_max_change_threshold_path),
+            revoked=cfg.path(REVOKED_NODE),
         )

@@ -200,6 +200,8 @@ def render_text(r: Report) -> str:
             lines.append(f"guard:          ok (maxchange {mc}{lim}{settling})")
         if g.max_change_problem:
             lines.append(f"maxchange:      refused ({g.max_change_problem}); default in use")
+        if g.revoked:
+            lines.append(f"revoked:        {g.revoked} instance IDs (neti fleet revoked)")
         if s.skipped:
             by = " ".join(f"{k}={v}" for k, v in sorted(s.skipped_by_reason.items()))
             lines.append(

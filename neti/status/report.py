@@ -150,6 +150,8 @@ def evaluate(
                     f"maxchange refused ({g.max_change_problem}); using the default {g.max_change}",
                 )
             )
+        if g.revoked_problem:
+            checks.append(Check("revoked", WARNING, g.revoked_problem[:300]))
         if state.claim_conflict:
             checks.append(Check("claim", CRITICAL, state.claim_conflict[:300]))
         if state.tagging.startswith("failed"):

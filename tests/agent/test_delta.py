@@ -308,3 +308,29 @@ def test_a_cleared_warning_is_saved_soon_though_the_kernel_is_unchanged(tmp_path
     a._fleet_saved -= core.STATE_FLEET_INTERVAL
     a.reconcile("event")
     assert a._save_due is not None and a._save_due > time.monotonic() + 1
+
+
+def test_revoked_instances_are_left_out_whatever_they_publish(tmp_path: Path) -> None:
+    a, reg, system = make_agent(tmp_path)
+    fleet = [member(i) for i in range(20)]
+    reg.add(*fleet)
+    a.reconcile("resync")
+    kernel_equals_desired(a, system, fleet)
+    # An operator revokes i-00003 (neti fleet revoke): the watch fires, an event follows.
+    reg.revoked_ids = {"i-00003"}
+    a.reconcile("event")
+    kernel_equals_desired(a, system, fleet[:3] + fleet[4:])
+    assert a.state.skipped_by_reason == {"revoked": 1} and a.state.guard.revoked == 1
+    assert "i-00003: revoked by an operator" in a.state.skipped_reasons[0]
+    # Re-publishing under new addresses changes nothing: the ID is what is revoked.
+    again = Member("i-00003", "other", A("100.64.9.9"), A("10.64.9.9"), A("192.168.9.9"), "1")
+    reg.remove(fleet[3])
+    reg.add(again)
+    a.reconcile("event")
+    kernel_equals_desired(a, system, fleet[:3] + fleet[4:])
+    assert a.state.skipped_by_reason == {"revoked": 1}
+    # Taken off the list: it is programmed again.
+    reg.revoked_ids = set()
+    a.reconcile("event")
+    kernel_equals_desired(a, system, fleet[:3] + [again] + fleet[4:])
+    assert a.state.skipped == 0 and a.state.guard.revoked == 0

@@ -496,3 +496,31 @@ def test_the_proxy_refuses_sources_it_does_not_allow(lab: Lab) -> None:
                   hosts=f"{ZKPROXY.private_ip}:{lab.zk_port}") as a:  # fmt: skip
         assert a.connected, a.hello
         assert len(a("children", path=MEMBERS)["children"]) == 3
+
+
+# --- a compromised host, revoked: neti fleet revoke ---
+def test_a_revoked_host_is_dropped_by_every_peer(lab: Lab) -> None:
+    all_ok(lab)
+    victim = lab.overlay_ip("ec2b")
+    assert victim
+    lab.neti(ZK_HOST, "fleet", "revoke", "i-ec2b", check=True)
+    try:
+        wait_for(
+            "ec2a and vpc1 to drop ec2b",
+            lambda: all(victim not in dnat(lab, h) for h in ("ec2a", "vpc1")),
+            timeout=30,
+        )
+        for h in ("ec2a", "vpc1"):
+            rc, report = lab.status(h)
+            assert rc == WARNING and report["skipped_by_reason"].get("revoked") == 1, report
+        # Nothing else changed: ec2b's own agent still publishes its member, and it is
+        # still listed (the unit tests re-publish it under other addresses).
+        assert "i-ec2b" in fleet_ids(lab, "ec2b")
+    finally:
+        lab.neti(ZK_HOST, "fleet", "unrevoke", "i-ec2b", check=True)
+    wait_for(
+        "ec2b back in every peer's rules",
+        lambda: all(victim in dnat(lab, h) for h in ("ec2a", "vpc1")),
+        timeout=30,
+    )
+    all_ok(lab)

@@ -789,3 +789,46 @@ def test_without_operators_the_prefix_is_created_open_and_said(
         joined(a)
     assert "no zk_acl.operators is configured" in caplog.text
     assert acl.acl_key(a.client.get_acls(a.paths.prefix)[0]) == acl.acl_key(a.acl.container() or [])
+
+
+# --- revoked instances (registry/revoked.py) ---
+def test_operators_revoke_hosts_cannot_and_a_damaged_list_is_kept(
+    host: Callable[..., Registry],
+    tls_data: Callable[..., dict[str, Any]],
+    tls_zk: ZooKeeperServer,
+    pki: CertificateAuthority,
+    cert: Callable[[str], Issued],
+    tmp_path: Path,
+) -> None:
+    a = host("i-a")
+    joined(a)
+    assert a.revoked() == frozenset() and a.revoked_problem is None  # no node: nobody
+    op_cfg = tmp_path / "op.yml"
+    op_cfg.write_text(yaml.safe_dump(tls_data(OPERATOR, n=9)))
+    r = run_neti("fleet", "revoke", "i-b", "i-c", "--json", "-c", str(op_cfg))
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == {"revoked": ["i-b", "i-c"]}
+    assert a.revoked() == {"i-b", "i-c"}
+    # A host (even the revoked one) may read it, never change it.
+    b = host("i-b", n=2)
+    with pytest.raises(RegistryError, match="refused changing the revoked instances"):
+        b.change_revoked([], ["i-b"])
+    r = run_neti("fleet", "revoke", "i-b;reboot", "-c", str(op_cfg))
+    assert r.returncode != 0 and "instance ID 'i-b;reboot'" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = run_neti("fleet", "unrevoke", "i-c", "--json", "-c", str(op_cfg))
+    assert json.loads(r.stdout) == {"revoked": ["i-b"]}
+    # Damaged by hand: bad lines are skipped and said, the others still count; a node too
+    # large to be a list keeps the last good one (a revocation is never dropped by damage).
+    op = raw_tls(tls_zk, pki, cert(OPERATOR))
+    op.start(timeout=10)
+    try:
+        op.set(a.paths.revoked, b"i-b\n$(reboot)\n\xff\xfe\n")
+        assert a.revoked() == {"i-b"} and "not UTF-8" in (a.revoked_problem or "")
+        r = run_neti("fleet", "revoked", "-c", str(op_cfg))
+        assert r.returncode == 0 and "i-b" in r.stdout and "not UTF-8" in r.stderr
+        op.set(a.paths.revoked, "".join(f"i-{n}\n" for n in range(60_000)).encode())
+        assert a.revoked() == {"i-b"} and "unusable" in (a.revoked_problem or "")
+    finally:
+        op.stop()
+        op.close()

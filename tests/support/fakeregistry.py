@@ -56,6 +56,8 @@ class FakeRegistry:
         self.nodes: dict[str, Stat] = {}
         self.max_change_value = max_change
         self.max_change_problem: str | None = None
+        self.revoked_ids: set[str] = set()  # the operators' revoked list
+        self.revoked_problem: str | None = None
         self.on_event: Callable[..., object] | None = None
         self.node_watches: dict[str, list[Callable[..., object]]] = {}
         self.listeners: list[Callable[[str], object]] = []
@@ -191,6 +193,10 @@ class FakeRegistry:
     def max_change(self) -> int:
         self._call("max_change")
         return self.max_change_value
+
+    def revoked(self, token: tuple[int, int] | None = None, known: bool = False) -> frozenset[str]:
+        self._call("revoked")
+        return frozenset(self.revoked_ids)
 
     def claim(self, instance_id: str, prefer: IPv4Address | None = None) -> IPv4Address:
         ip = self.claims.setdefault(instance_id, prefer or IPv4Address("192.168.0.2"))

@@ -1,0 +1,48 @@
+"""The revoked list's text (pure): strict parsing of what an operator (or an attacker with
+an operator's mistake) wrote into ``<prefix>/revoked``."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from neti.registry import revoked
+
+
+def test_ids_comments_and_blank_lines() -> None:
+    ids, problems = revoked.parse(b"# header\n\ni-0abc  # stolen laptop key\n i-123 \ni-0abc\n")
+    assert ids == {"i-0abc", "i-123"} and problems == []
+
+
+def test_bad_lines_are_skipped_and_said() -> None:
+    ids, problems = revoked.parse(b"i-good\nnot an id\n$(reboot)\n")
+    assert ids == {"i-good"}
+    assert [p.split(":")[0] for p in problems] == ["line 2", "line 3"]
+
+
+def test_undecodable_lines_are_skipped_the_rest_counts() -> None:
+    ids, problems = revoked.parse(b"i-1\n\xff\xfe i-2\ni-3\n")
+    assert ids == {"i-1", "i-3"}
+    assert problems[0].startswith("not UTF-8") and problems[1].startswith("line 2")
+
+
+def test_a_node_too_large_is_an_error_not_an_empty_list() -> None:
+    with pytest.raises(ValueError):
+        revoked.parse(b"i-1\n" * (revoked.MAX_BYTES // 4 + 1))
+
+
+def test_render_round_trips() -> None:
+    ids = {"i-b", "i-a", "i-0123456789abcdef0"}
+    assert revoked.parse(revoked.render(ids)) == (frozenset(ids), [])
+
+
+@given(st.binary(max_size=2000))
+def test_any_bytes_parse_or_are_refused_whole(data: bytes) -> None:
+    try:
+        ids, problems = revoked.parse(data)
+    except ValueError:
+        return
+    for i in ids:
+        assert i.isascii() and i.strip() == i and "#" not in i and "\n" not in i
+    assert all(len(p) < 200 for p in problems)
