@@ -901,7 +901,7 @@ class Agent:
         self.metrics.last_success.set(self.state.last_success)
         if self._rows is not None:
             self.metrics.set_members(dict(sorted(self._rows.by_network.items())))
-        self.metrics.set_skipped(self._meta.skipped_by_reason)
+        self.metrics.set_skipped(self.state.skipped_by_reason)
         if full:
             self._update_conntrack()
         if decision.held:

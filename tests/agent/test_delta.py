@@ -322,6 +322,8 @@ def test_revoked_instances_are_left_out_whatever_they_publish(tmp_path: Path) ->
     kernel_equals_desired(a, system, fleet[:3] + fleet[4:])
     assert a.state.skipped_by_reason == {"revoked": 1} and a.state.guard.revoked == 1
     assert "i-00003: revoked by an operator" in a.state.skipped_reasons[0]
+    value = a.metrics.registry.get_sample_value("neti_skipped_entries", {"reason": "revoked"})
+    assert value == 1
     # Re-publishing under new addresses changes nothing: the ID is what is revoked.
     again = Member("i-00003", "other", A("100.64.9.9"), A("10.64.9.9"), A("192.168.9.9"), "1")
     reg.remove(fleet[3])
