@@ -265,7 +265,9 @@ class AclPolicy:
         """The one line for a NoAuth answer."""
         where = f" on {path}" if path else ""
         hint = ""
-        if not self.is_operator and any(w in what for w in ("releas", "max-change", "secur")):
+        if not self.is_operator and any(
+            w in what for w in ("releas", "max-change", "secur", "revoked")
+        ):
             hint = "; this needs an operator identity (zk_acl.operators, docs/security.md)"
         return RegistryError(
             f"ZooKeeper refused {what}{where}: not allowed for {self.identity}{hint}"

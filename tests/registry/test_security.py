@@ -811,7 +811,7 @@ def test_operators_revoke_hosts_cannot_and_a_damaged_list_is_kept(
     assert a.revoked() == {"i-b", "i-c"}
     # A host (even the revoked one) may read it, never change it.
     b = host("i-b", n=2)
-    with pytest.raises(RegistryError, match="refused changing the revoked instances"):
+    with pytest.raises(RegistryError, match="refused changing the revoked .*needs an operator"):
         b.change_revoked([], ["i-b"])
     r = run_neti("fleet", "revoke", "i-b;reboot", "-c", str(op_cfg))
     assert r.returncode != 0 and "instance ID 'i-b;reboot'" in r.stderr
