@@ -19,7 +19,7 @@ default['neti']['pip_index_url'] = nil               # e.g. an internal mirror
 default['neti']['venv'] = '/opt/neti'                # the package lives in its own venv
 default['neti']['bin'] = '/usr/local/bin/neti'       # symlink to the venv's entry point
 default['neti']['config_path'] = '/etc/neti/neti.yml'
-default['neti']['packages'] = %w(iptables ipset conntrack python3 python3-venv)
+default['neti']['packages'] = %w(iptables ipset nftables conntrack python3 python3-venv)
 # Loaded before the agent starts (and at boot via /etc/modules-load.d): the unit drops
 # CAP_SYS_MODULE, and nf_conntrack must exist so its limits can be raised first.
 default['neti']['kernel_modules'] = %w(nf_conntrack)
