@@ -82,7 +82,9 @@ class _NoZooKeeper:
 
 
 def test_serve_answers_each_bad_line_with_one_error_line() -> None:
-    paths = Paths("/p", "/p/id-to-ip", "/p/ip-to-id", "/p/members", "/p/ip-map", "/p/maxchange")
+    paths = Paths(
+        "/p", "/p/id-to-ip", "/p/ip-to-id", "/p/members", "/p/ip-map", "/p/maxchange", "/p/revoked"
+    )
     fleet = SyntheticFleet(_NoZooKeeper(), paths, IPv4Network("10.128.0.0/16"))  # type: ignore[arg-type]
     out = io.StringIO()
     lines = io.StringIO("bogus\nfill -1\nfill abc\nfill 10000000\n\nremove\nquit\nadd\n")
@@ -94,14 +96,18 @@ def test_serve_answers_each_bad_line_with_one_error_line() -> None:
 
 
 def test_fill_refuses_more_members_than_the_subnet_holds() -> None:
-    paths = Paths("/p", "/p/id-to-ip", "/p/ip-to-id", "/p/members", "/p/ip-map", "/p/maxchange")
+    paths = Paths(
+        "/p", "/p/id-to-ip", "/p/ip-to-id", "/p/members", "/p/ip-map", "/p/maxchange", "/p/revoked"
+    )
     fleet = SyntheticFleet(_NoZooKeeper(), paths, IPv4Network("10.128.0.0/24"))  # type: ignore[arg-type]
     with pytest.raises(CommandError, match="do not fit"):
         fleet.fill(300)
 
 
 def test_members_are_plausible_and_varied() -> None:
-    paths = Paths("/p", "/p/id-to-ip", "/p/ip-to-id", "/p/members", "/p/ip-map", "/p/maxchange")
+    paths = Paths(
+        "/p", "/p/id-to-ip", "/p/ip-to-id", "/p/members", "/p/ip-map", "/p/maxchange", "/p/revoked"
+    )
     subnet = IPv4Network("10.128.0.0/16")
     fleet = SyntheticFleet(_NoZooKeeper(), paths, subnet, network="near", seed=1)  # type: ignore[arg-type]
     members = [fleet.new_member() for _ in range(2000)]
