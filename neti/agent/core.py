@@ -46,7 +46,7 @@ from neti.errors import (
     RegistryError,
     SubnetFullError,
 )
-from neti.fleet import Fleet, Member
+from neti.fleet import Fleet, Member, revoked_text
 from neti.identity import Identity
 from neti.registry import paths
 from neti.registry.claims import ClaimConflictError
@@ -891,9 +891,7 @@ class Agent:
         if present:
             self.state.skipped += len(present)
             self.state.skipped_by_reason["revoked"] = len(present)
-            self.state.skipped_reasons += [
-                f"{i}: revoked by an operator (neti fleet revoke)" for i in present[:10]
-            ]
+            self.state.skipped_reasons += [revoked_text(i) for i in present[:10]]
         self.state.last_success = time.time()
         holding = decision.held and decision.reason != guard_mod.SETTLE
         self._record("held" if holding else "ok", reason, duration)

@@ -8,6 +8,7 @@ import sys
 from neti import identity as identity_mod
 from neti.cli.common import add_config, add_json, load_config, print_json, print_table
 from neti.config import Config
+from neti.fleet import without_revoked
 from neti.registry import Registry, connect
 
 
@@ -97,7 +98,7 @@ def run_members(args: argparse.Namespace) -> int:
     # this host's agent filters it (its own addresses, its LAN, the reach address).
     me = identity_mod.resolve(cfg) if args.network is None else None
     with _open(cfg, args.network or (me.network if me else None)) as reg:
-        fleet = reg.read_fleet(identity=me)
+        fleet = without_revoked(reg.read_fleet(identity=me), reg.revoked())
     if args.json:
         print_json(
             {

@@ -108,3 +108,25 @@ class Fleet:
         for m in self.members:
             out[m.network] = out.get(m.network, 0) + 1
         return dict(sorted(out.items()))
+
+
+def revoked_text(instance_id: str) -> str:
+    """The skip text of a member an operator revoked (registry/revoked.py)."""
+    return f"{instance_id}: revoked by an operator (neti fleet revoke)"
+
+
+def without_revoked(fleet: Fleet, revoked: frozenset[str]) -> Fleet:
+    """``fleet`` less the members of revoked instances, counted under ``revoked``, as the
+    agent leaves them out (``neti members`` shows what an agent programs)."""
+    gone = sorted({m.instance_id for m in fleet.members if m.instance_id in revoked})
+    if not gone:
+        return fleet
+    by_reason = dict(fleet.skipped_by_reason)
+    by_reason["revoked"] = by_reason.get("revoked", 0) + len(gone)
+    samples = fleet.skipped_reasons + tuple(revoked_text(i) for i in gone)
+    return Fleet(
+        members=tuple(m for m in fleet.members if m.instance_id not in revoked),
+        skipped=fleet.skipped + len(gone),
+        skipped_reasons=samples[:MAX_SKIP_SAMPLES],
+        skipped_by_reason=by_reason,
+    )

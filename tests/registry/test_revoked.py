@@ -46,3 +46,20 @@ def test_any_bytes_parse_or_are_refused_whole(data: bytes) -> None:
     for i in ids:
         assert i.isascii() and i.strip() == i and "#" not in i and "\n" not in i
     assert all(len(p) < 200 for p in problems)
+
+
+def test_without_revoked_leaves_them_out_and_counts_them() -> None:
+    from ipaddress import IPv4Address as A
+
+    from neti.fleet import Fleet, Member, without_revoked
+
+    ms = tuple(
+        Member(f"i-{n}", "vpc", A(f"203.0.113.{n}"), A(f"10.0.0.{n}"), A(f"10.9.0.{n}"))
+        for n in (1, 2, 3)
+    )
+    fleet = Fleet(members=ms, skipped=1, skipped_by_reason={"malformed": 1})
+    assert without_revoked(fleet, frozenset()) is fleet
+    out = without_revoked(fleet, frozenset({"i-2", "i-9"}))
+    assert [m.instance_id for m in out.members] == ["i-1", "i-3"]
+    assert out.skipped == 2 and out.skipped_by_reason == {"malformed": 1, "revoked": 1}
+    assert out.skipped_reasons[-1].startswith("i-2: revoked by an operator")

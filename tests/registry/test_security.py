@@ -813,6 +813,13 @@ def test_operators_revoke_hosts_cannot_and_a_damaged_list_is_kept(
     b = host("i-b", n=2)
     with pytest.raises(RegistryError, match="refused changing the revoked .*needs an operator"):
         b.change_revoked([], ["i-b"])
+    joined(b, n=2)
+    a_cfg = tmp_path / "a.yml"
+    a_cfg.write_text(yaml.safe_dump(tls_data("i-a")))
+    r = run_neti("members", "--json", "-c", str(a_cfg))  # what i-a's agent programs
+    listed = json.loads(r.stdout)
+    assert [m["instance_id"] for m in listed["members"]] == ["i-a"], r.stderr
+    assert listed["skipped_by_reason"] == {"revoked": 1}
     r = run_neti("fleet", "revoke", "i-b;reboot", "-c", str(op_cfg))
     assert r.returncode != 0 and "instance ID 'i-b;reboot'" in r.stderr
     assert "Traceback" not in r.stderr
