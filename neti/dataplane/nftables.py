@@ -400,7 +400,12 @@ class NftablesBackend(Backend):
                 self._session = None
                 if session.ready:  # the write's outcome is unknown: the caller repairs
                     self._losses += 1
-                    log.warning("%s; the next write starts another", exc)
+                    if self._losses < SESSION_RESTARTS:
+                        log.warning("%s; the next write starts another", exc)
+                    else:
+                        log.warning(
+                            "%s, %d times: writes use nft -f from now on", exc, self._losses
+                        )
                     raise
                 log.info("nft session did not start (%s); writes use nft -f", exc)
                 self._keep = False
