@@ -46,7 +46,7 @@ from neti.errors import (
     RegistryError,
     SubnetFullError,
 )
-from neti.fleet import Fleet, Member, revoked_text
+from neti.fleet import Fleet, Member, count_revoked
 from neti.identity import Identity
 from neti.registry import paths
 from neti.registry.claims import ClaimConflictError
@@ -884,14 +884,11 @@ class Agent:
         self._applied_members = dict(decision.members)
         self._last_decision = decision
         self.state.applied = _summary(result)
-        self.state.skipped = self._meta.skipped
-        self.state.skipped_reasons = list(self._meta.skipped_reasons)
-        self.state.skipped_by_reason = dict(self._meta.skipped_by_reason)
-        present = sorted(i for i in self._revoked if i in self._read)
-        if present:
-            self.state.skipped += len(present)
-            self.state.skipped_by_reason["revoked"] = len(present)
-            self.state.skipped_reasons += [revoked_text(i) for i in present[:10]]
+        # What was skipped reading the fleet, and the revoked members _visible() left out.
+        meta = count_revoked(self._meta, sorted(i for i in self._revoked if i in self._read))
+        self.state.skipped = meta.skipped
+        self.state.skipped_reasons = list(meta.skipped_reasons)
+        self.state.skipped_by_reason = dict(meta.skipped_by_reason)
         self.state.last_success = time.time()
         holding = decision.held and decision.reason != guard_mod.SETTLE
         self._record("held" if holding else "ok", reason, duration)
@@ -937,6 +934,8 @@ class Agent:
         self.state.guard.revoked_problem = self.reg.revoked_problem
         if ids == self._revoked:
             return
+        shown = ", ".join(sorted(ids)[:20]) + (" ..." if len(ids) > 20 else "")
+        log.warning("revoked instances (%d): %s", len(ids), shown or "none")
         if self.identity.instance_id in ids and self.identity.instance_id not in self._revoked:
             log.error(
                 "this host (%s) is revoked by an operator: no peer programs it any more",

@@ -176,7 +176,8 @@ def full_objects(d: DesiredState, audit: dict[str, AuditEntry] | None = None) ->
     element (allowlist, DNAT map, carried-over audit sources) - for the dataplane metrics."""
     chains = chain_rules(d)
     elements = len(allow_elements(d)) + len(dnat_elements(d)) + len(_audit_elements(audit or {}))
-    return 1 + 3 + len(chains) + sum(len(r) for r in chains.values()) + elements
+    table_and_sets = 1 + 3  # the table; sets allow and audit, map overlay
+    return table_and_sets + len(chains) + sum(len(r) for r in chains.values()) + elements
 
 
 def _ip_key(s: str) -> tuple[int, ...]:
@@ -396,23 +397,21 @@ class NftablesBackend(Backend):
             try:
                 session.run(script, timeout=timeout)
                 return
-            except SessionLost as exc:
-                self._session = None
-                if session.ready:  # the write's outcome is unknown: the caller repairs
-                    self._losses += 1
-                    if self._losses < SESSION_RESTARTS:
-                        log.warning("%s; the next write starts another", exc)
-                    else:
-                        log.warning(
-                            "%s, %d times: writes use nft -f from now on", exc, self._losses
-                        )
-                    raise
-                log.info("nft session did not start (%s); writes use nft -f", exc)
-                self._keep = False
             except DataplaneError as exc:
-                if session.ready:  # nft refused the transaction: nothing was written
-                    raise
+                if session.ready and not isinstance(exc, SessionLost):
+                    raise  # nft refused the transaction: nothing was written
                 self._session = None
+                if session.ready:  # lost under the write: its outcome is unknown
+                    self._losses += 1
+                    more = self._losses < SESSION_RESTARTS
+                    log.warning(
+                        "%s; %s",
+                        exc,
+                        "the next write starts another"
+                        if more
+                        else f"{self._losses} times: writes use nft -f from now on",
+                    )
+                    raise  # the caller repairs with a full apply
                 log.info("nft session did not start (%s); writes use nft -f", exc)
                 self._keep = False
         self.system.run(["nft", "-f", "-"], input=script, timeout=timeout)

@@ -13,9 +13,10 @@ worker refuses the initial namespace when ``NETI_REFUSE_INIT_NETNS=1``, as ``Sys
 
 Protocol (bytes on the worker's stdin/stdout): the worker first prints one JSON line,
 ``{"ready": true}`` or ``{"error": "..."}``; then per request the client writes
-``<length>\\n<script>`` and the worker answers ``{"rc": int, "err": str}``. Every read has a
-deadline; a worker that does not answer in time is killed and the write counts as failed
-(the caller repairs with a full apply, as after any failed element update).
+``<length>\\n<script>`` and the worker answers ``{"rc": int, "err": str}``. Every read and
+write has a deadline; a worker that does not take a script or answer in time is killed and
+the write counts as failed (the caller repairs with a full apply, as after any failed
+element update).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address
 
 # Why an entry was left out: a small fixed set, so counts by reason (metrics labels, status,
@@ -115,18 +115,27 @@ def revoked_text(instance_id: str) -> str:
     return f"{instance_id}: revoked by an operator (neti fleet revoke)"
 
 
-def without_revoked(fleet: Fleet, revoked: frozenset[str]) -> Fleet:
-    """``fleet`` less the members of revoked instances, counted under ``revoked``, as the
-    agent leaves them out (``neti members`` shows what an agent programs)."""
-    gone = sorted({m.instance_id for m in fleet.members if m.instance_id in revoked})
+def count_revoked(fleet: Fleet, gone: list[str]) -> Fleet:
+    """``fleet``'s skip counts plus the revoked instances ``gone`` (left out of its members
+    by the caller), under reason ``revoked``."""
     if not gone:
         return fleet
     by_reason = dict(fleet.skipped_by_reason)
     by_reason["revoked"] = by_reason.get("revoked", 0) + len(gone)
     samples = fleet.skipped_reasons + tuple(revoked_text(i) for i in gone)
     return Fleet(
-        members=tuple(m for m in fleet.members if m.instance_id not in revoked),
+        members=fleet.members,
         skipped=fleet.skipped + len(gone),
         skipped_reasons=samples[:MAX_SKIP_SAMPLES],
         skipped_by_reason=by_reason,
     )
+
+
+def without_revoked(fleet: Fleet, revoked: frozenset[str]) -> Fleet:
+    """``fleet`` less the members of revoked instances, counted under ``revoked``, as the
+    agent leaves them out (``neti members`` shows what an agent programs)."""
+    gone = sorted({m.instance_id for m in fleet.members if m.instance_id in revoked})
+    if not gone:
+        return fleet
+    kept = tuple(m for m in fleet.members if m.instance_id not in revoked)
+    return count_revoked(replace(fleet, members=kept), gone)

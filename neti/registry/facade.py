@@ -195,9 +195,12 @@ class Registry:
     @_zk_errors("claiming an overlay IP", "id_to_ip")
     def claim(self, instance_id: str, prefer: IPv4Address | None = None) -> IPv4Address:
         """Our claim; ``prefer``: the address held before (claims.py: ClaimConflictError)."""
-        if self.acl.secured:
-            self._tree.ensure()  # an empty ensemble: the prefix is created locked
-        ip = self._claims.claim(instance_id, prefer=prefer)
+        self._tree.ensure()  # an empty ensemble: the prefix is created locked
+        try:
+            ip = self._claims.claim(instance_id, prefer=prefer)
+        except NoAuthError:
+            self._tree.explain_refusal()
+            raise
         if self.acl.secured:
             self._own_claim_acls(instance_id, ip)
         return ip

@@ -98,9 +98,6 @@ class RevokedList:
             problem = f"{self.path}: {len(problems)} lines skipped ({problems[0]})"
             if problem != self.problem:
                 log.warning("%s", problem)
-        if ids != self.ids:
-            shown = ", ".join(sorted(ids)[:20]) + (" ..." if len(ids) > 20 else "")
-            log.warning("revoked instances (%d): %s", len(ids), shown or "none")
         self.ids, self.problem = ids, problem
         return ids
 

@@ -17,10 +17,10 @@ as before (the containers' ACL) and a warning says to configure ``zk_acl.operato
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from kazoo.client import KazooClient
-from kazoo.exceptions import NodeExistsError
+from kazoo.exceptions import KazooException, NodeExistsError
+from kazoo.handlers.threading import KazooTimeoutError
 
 from neti.registry.acl import AclPolicy, acl_key, acl_text
 from neti.registry.paths import Paths
@@ -67,7 +67,6 @@ class LockedPrefix:
                 return False
             have, _ = self.client.retry(self.client.get_acls, prefix)
             if acl_key(have) != acl_key(mine):
-                self._say_missing(have)
                 return False  # someone else's (or already locked): nothing of ours to finish
             log.info("finishing %s, which this host created but did not lock", prefix)
         else:
@@ -89,13 +88,16 @@ class LockedPrefix:
         )
         return True
 
-    def _say_missing(self, prefix_acl: list[Any]) -> None:
-        """A container missing under a prefix this host may not write: the claim that follows
-        is refused, so say what ends it (the agent retries meanwhile, rules unchanged)."""
-        if acl_key(prefix_acl) == acl_key(self.policy.container() or []):
-            return  # an open prefix: the claim creates what is missing itself
+    def explain_refusal(self) -> None:
+        """A claim was refused: when a container is missing under a prefix this host may not
+        write, say what ends it (the agent retries meanwhile, rules unchanged). Read only
+        after a refusal, never on the way of a claim that works."""
         for path in self.containers:
-            if self.client.retry(self.client.exists, path) is None:
+            try:
+                missing = self.client.retry(self.client.exists, path) is None
+            except (KazooException, KazooTimeoutError):
+                return  # the refusal itself is what the caller reports
+            if missing:
                 log.warning(
                     "%s is missing and this host may not create it under %s: another host is "
                     "creating the registry, or an operator runs `neti fleet secure`",
