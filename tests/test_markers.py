@@ -63,7 +63,7 @@ def test_a_declared_fixture_without_its_marker_stops_the_run(run) -> None:
     assert r.ret == pytest.ExitCode.USAGE_ERROR
     r.stderr.fnmatch_lines(
         [
-            "*1 tests lack the markers their fixtures need:",
+            "*tests lack the markers their fixtures need (1):",
             "*test_it.py::test_a starts or uses a real ZooKeeper (fixture 'server') but is not"
             " marked 'zk': add @pytest.mark.zk to the test, or pytestmark = pytest.mark.zk"
             " to its module",

@@ -1,11 +1,13 @@
-"""The ``zk`` and ``root`` markers, enforced: the fast tier (``make test-fast``, which runs
-``-m "not zk and not root and not chaos"``) may only leave out what says it needs more.
+"""The ``zk``, ``root`` and ``slow`` markers, enforced: the fast tier (``make test-fast``:
+``-m "not zk and not root and not chaos and not slow"``) may only leave out what says it
+needs more, and never runs what needs ZooKeeper or root.
 
 Two checks, both naming the marker to add:
 
 * at collection, every test whose fixtures include one declared with ``@needs(...)`` (a real
-  ZooKeeper, network namespaces), directly or through other fixtures, must carry those
-  markers; otherwise the run stops with a usage error listing every such test;
+  ZooKeeper, network namespaces, moto), directly or through other fixtures, must carry
+  those markers; otherwise the run stops with a usage error listing every such test (this
+  runs before ``-m`` deselects anything, so ``pytest --collect-only`` lists them all);
 * at run time, helpers that start a ZooKeeper or need root call ``require(...)``, which
   fails the running test when it lacks the marker (for helpers called from a test's body).
 
@@ -62,6 +64,8 @@ def advice(nodeid: str, marker: str, via: str) -> str:
 
 def _declared(item: pytest.Item) -> Iterator[tuple[str, str]]:
     """(marker, fixture name) for every declared need among the item's fixtures."""
+    # pytest's own record of which definition each fixture name resolves to for this item
+    # (overrides included); public API offers the names only.
     info = getattr(item, "_fixtureinfo", None)
     if info is None:
         return
@@ -104,7 +108,7 @@ def pytest_collection_modifyitems(
     problems = [line for item in items for line in missing(item)]
     if problems:
         raise pytest.UsageError(
-            f"{len(problems)} tests lack the markers their fixtures need:\n  "
+            f"tests lack the markers their fixtures need ({len(problems)}):\n  "
             + "\n  ".join(problems)
         )
 
