@@ -12,8 +12,11 @@ from tests.support.markers import (  # noqa: F401 - hooks
     needs,
     pytest_collection_modifyitems,
     pytest_runtest_protocol,
+    watch_namespaces,
 )
 from tests.support.zkserver import ZooKeeperServer
+
+watch_namespaces()
 
 # Tests never assert on wall time: on a busy 2-core machine input generation can be slow,
 # which says nothing about the code under test.

@@ -112,6 +112,14 @@ def test_a_helper_fails_the_running_test_without_its_marker(run) -> None:
     )
 
 
+def test_making_a_namespace_needs_the_root_marker(run) -> None:
+    """tests/conftest.py watches neti.lab's namespaces (in this process, for the inner run)."""
+    # An empty name: were the check to let it through, neti.lab refuses it and makes nothing.
+    r = run("from neti.lab import netns\n\ndef test_a(): netns.add_ns('')\n")
+    r.assert_outcomes(failed=1)
+    r.stdout.fnmatch_lines(["*test_a needs root*(neti.lab.netns.add_ns*add @pytest.mark.root*"])
+
+
 def test_outside_a_test_a_helper_is_not_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(markers, "_current", [])
     markers.require("zk", "the lab, a benchmark")  # does not fail

@@ -9,7 +9,8 @@ Two checks, both naming the marker to add:
   those markers; otherwise the run stops with a usage error listing every such test (this
   runs before ``-m`` deselects anything, so ``pytest --collect-only`` lists them all);
 * at run time, helpers that start a ZooKeeper or need root call ``require(...)``, which
-  fails the running test when it lacks the marker (for helpers called from a test's body).
+  fails the running test when it lacks the marker (for helpers called from a test's body);
+  so does making a network namespace with neti.lab (``watch_namespaces``).
 
 tests/conftest.py imports the hooks below; tests/test_markers.py checks the checks.
 """
@@ -20,6 +21,8 @@ from collections.abc import Callable, Generator, Iterator
 from typing import Any, TypeVar
 
 import pytest
+
+from neti.lab import netns
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -95,6 +98,21 @@ def require(marker: str, what: str) -> None:
     item = _current[-1]
     if item.get_closest_marker(marker) is None:
         pytest.fail(advice(item.nodeid, marker, what), pytrace=False)
+
+
+def watch_namespaces() -> None:
+    """Make neti.lab's ``add_ns`` (every lab and scratch namespace) require ``root`` of the
+    test that calls it, also from a test's body or a fixture not declared with ``needs``."""
+    real = netns.add_ns
+    if getattr(real, ATTR, None):
+        return  # already watched
+
+    def add_ns(ns: str) -> None:
+        require("root", "neti.lab.netns.add_ns makes a network namespace")
+        real(ns)
+
+    setattr(add_ns, ATTR, ("root",))
+    netns.add_ns = add_ns
 
 
 # --- hooks (imported by tests/conftest.py) ---
