@@ -606,6 +606,7 @@ def test_config_requires_fleet_for_digest_only(tmp_path: Path) -> None:
     assert not config.parse({"zk_hosts": {"default": ["h:1"]}}).secured
 
 
+@pytest.mark.slow
 def test_config_check_warns_when_open(tmp_path: Path) -> None:
     path = tmp_path / "open.yml"
     path.write_text(yaml.safe_dump({"zk_hosts": {"default": ["h:1"]}}))
