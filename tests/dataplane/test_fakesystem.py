@@ -142,10 +142,10 @@ def test_what_iptables_restore_does() -> None:
     t = fs.iptables().tables["filter"]
     assert t.rules["A"] == ["-j RETURN", "-j DROP"] and t.policy["INPUT"] == "DROP"
     assert ok(fs, XT, table("filter", ":A - [0:0]"))  # declaring a chain flushes it
-    assert t.rules["A"] == [] or fs.iptables().tables["filter"].rules["A"] == []
+    assert fs.iptables().tables["filter"].rules["A"] == []
     assert ok(fs, XT, table("filter", ":Z - [0:0]", ":B - [0:0]"))
     assert fs.iptables().save().startswith("*filter\n:INPUT DROP [0:0]\n:FORWARD ACCEPT")
-    assert [c for c in fs.iptables().tables["filter"].chains()][3:] == ["A", "B", "Z"]
+    assert fs.iptables().tables["filter"].chains()[3:] == ["A", "B", "Z"]
     # Without --noflush the table is emptied first (the other tables are not).
     assert ok(fs, XT, table("nat", ":N - [0:0]"))
     assert ok(fs, XT[:-1], table("filter", ":G - [0:0]"))
