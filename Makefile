@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: test demo demo-down deps venv lint bench clean chaos
+.PHONY: test test-fast demo demo-down deps venv lint bench clean chaos
 
 deps:
 	@scripts/install-deps.sh
@@ -21,6 +21,13 @@ test: deps venv
 	$(BIN)/ruff check neti tests bench
 	$(BIN)/mypy neti
 	$(BIN)/pytest -q
+
+# The fast tier: no root, no ZooKeeper, no servers or child processes that take seconds
+# (pytest markers root, zk, chaos and slow leave tests out; README.md, "Testing"). About half
+# a minute; `make test` runs everything.
+FAST := not zk and not root and not chaos and not slow
+test-fast: venv
+	$(BIN)/pytest -q -m "$(FAST)" $(FAST_ARGS)
 
 # Needs root. The chaos suite (tests/chaos/): a 3-server ZooKeeper ensemble, four agents and
 # faults, a few minutes; `make test` skips it (its tests run only under -m chaos).

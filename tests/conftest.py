@@ -8,7 +8,15 @@ from collections.abc import Iterator
 import pytest
 from hypothesis import HealthCheck, settings
 
+from tests.support.markers import (  # noqa: F401 - hooks
+    needs,
+    pytest_collection_modifyitems,
+    pytest_runtest_protocol,
+    watch_namespaces,
+)
 from tests.support.zkserver import ZooKeeperServer
+
+watch_namespaces()
 
 # Tests never assert on wall time: on a busy 2-core machine input generation can be slow,
 # which says nothing about the code under test.
@@ -19,6 +27,7 @@ settings.load_profile("neti")
 
 
 @pytest.fixture(scope="session")
+@needs("zk")
 def zk_server() -> Iterator[ZooKeeperServer]:
     server = ZooKeeperServer().start()
     try:
@@ -47,6 +56,7 @@ def zk_client(zk_server: ZooKeeperServer) -> Iterator[object]:
 
 
 @pytest.fixture(scope="session")
+@needs("slow")
 def moto_server() -> Iterator[object]:
     """moto in server mode over HTTP (tests/support/motoserver.py), one per session."""
     from tests.support.motoserver import MotoServer

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from neti import config
 from neti.config import Config, ConfigError, Ec2Identity, StaticIdentity
+from tests.support.markers import require
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -85,6 +86,7 @@ def write(tmp_path: Path, text: str | bytes, name: str = "neti.yml") -> Path:
 
 def neti(*args: str) -> subprocess.CompletedProcess[str]:
     """The real CLI in a child process: exit codes and stderr as an operator sees them."""
+    require("slow", "tests/test_config.py neti() runs the CLI in a child process")
     return subprocess.run(
         [sys.executable, "-m", "neti", *args],
         capture_output=True,
@@ -274,6 +276,7 @@ def test_every_key_is_documented() -> None:
 # --- the CLI ---
 
 
+@pytest.mark.slow
 def test_cli_check_prints_normalized_yaml(tmp_path: Path) -> None:
     r = neti("config", "check", "-c", str(write(tmp_path, ORIGINAL)))
     assert r.returncode == 0, r.stderr
@@ -285,6 +288,7 @@ def test_cli_check_prints_normalized_yaml(tmp_path: Path) -> None:
     assert r.stderr.count("aws_key/aws_secret_key are ignored") == 1
 
 
+@pytest.mark.slow
 def test_cli_check_json(tmp_path: Path) -> None:
     r = neti("config", "check", "--json", "-c", str(write(tmp_path, ORIGINAL)))
     assert r.returncode == 0, r.stderr
@@ -293,6 +297,7 @@ def test_cli_check_json(tmp_path: Path) -> None:
     assert data["overlay_subnet"] == "192.168.0.0/18"
 
 
+@pytest.mark.slow
 def test_cli_check_lists_every_bad_key(tmp_path: Path) -> None:
     path = write(tmp_path, SEVERAL_ERRORS)
     r = neti("config", "check", "-c", str(path))
@@ -305,6 +310,7 @@ def test_cli_check_lists_every_bad_key(tmp_path: Path) -> None:
     assert len(re.findall(r"^  - ", r.stderr, re.M)) == 8
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("content", "message"),
     [
@@ -327,6 +333,7 @@ def test_cli_check_bad_files_without_traceback(
     assert message in r.stderr and str(path) in r.stderr
 
 
+@pytest.mark.slow
 def test_cli_check_directory(tmp_path: Path) -> None:
     r = neti("config", "check", "-c", str(tmp_path))
     assert r.returncode == 2 and "cannot read file" in r.stderr and "Traceback" not in r.stderr
@@ -426,6 +433,7 @@ def test_oversized_file_is_refused_without_reading_it_all(tmp_path: Path) -> Non
         config.loads(path.read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "text",
     [_bomb(), 'zk_hosts: {a: ["h:1"]}\nopen_ports: ' + "[" * 20_000 + "]" * 20_000],

@@ -26,6 +26,7 @@ from kazoo.client import KazooClient
 
 from neti import state as state_mod
 from neti.agent import session as session_mod
+from tests.support.markers import needs
 from tests.support.zkserver import ZooKeeperServer
 
 pytestmark = [pytest.mark.zk, pytest.mark.timeout(180)]
@@ -50,6 +51,7 @@ def wait_for(what: str, pred: Callable[[], Any], timeout: float) -> Any:
 
 
 @pytest.fixture(scope="module")
+@needs("zk")
 def zk() -> Iterator[ZooKeeperServer]:
     """A server of this module's own: these tests stop and wipe it."""
     server = ZooKeeperServer().start()

@@ -29,6 +29,8 @@ from neti.registry import Registry, connect
 from tests.support.fakesystem import FakeSystem
 from tests.support.zkserver import ZooKeeperServer
 
+pytestmark = pytest.mark.zk
+
 OPS = st.lists(
     st.sampled_from(["join", "join", "leave", "move", "expire", "restart", "hold"]),
     min_size=1,

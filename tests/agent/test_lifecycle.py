@@ -122,6 +122,7 @@ def test_leave_signal_leaves_and_forgets_the_session(agent: core.Agent) -> None:
     assert session_mod.load(agent.cfg.state_dir) is None
 
 
+@pytest.mark.slow
 def test_shutdown_never_waits_for_a_stuck_close(agent: core.Agent) -> None:
     never = threading.Event()
     reg = FakeReg(FakeClient(block=never))

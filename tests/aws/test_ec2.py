@@ -22,12 +22,14 @@ STATIC = {
 }
 
 
+@pytest.mark.slow
 def test_client_uses_aws_endpoint_url(aws_env):
     client = aws.ec2_client()
     assert client.meta.endpoint_url == aws_env.endpoint
     assert client.meta.region_name == "us-east-1"
 
 
+@pytest.mark.slow
 def test_region_explicit_then_environment(aws_env, monkeypatch):
     assert aws.resolve_region(None, "eu-west-1") == "eu-west-1"
     assert aws.resolve_region(None) == "us-east-1"  # AWS_DEFAULT_REGION
@@ -36,6 +38,7 @@ def test_region_explicit_then_environment(aws_env, monkeypatch):
     assert aws.resolve_region(None) == "ap-south-1"
 
 
+@pytest.mark.slow
 def test_region_from_instance_metadata_when_boto3_has_none(aws_env, monkeypatch):
     monkeypatch.delenv("AWS_DEFAULT_REGION")
     with ImdsServer(metadata_tree(region="eu-central-1")) as imds:
@@ -49,12 +52,14 @@ def test_region_from_instance_metadata_when_boto3_has_none(aws_env, monkeypatch)
         assert aws.ec2_client(cfg).meta.region_name == "eu-central-1"
 
 
+@pytest.mark.slow
 def test_no_region_is_one_clear_error(aws_env, monkeypatch):
     monkeypatch.delenv("AWS_DEFAULT_REGION")
     with pytest.raises(AwsError, match="no AWS region: pass --region"):
         aws.resolve_region(config.parse(STATIC))
 
 
+@pytest.mark.slow
 def test_describe_paginates_through_every_page(aws_env, monkeypatch):
     ids = run_instances(ec2(), [f"web{i}" for i in range(7)])
     monkeypatch.setattr(aws, "PAGE_SIZE", 5)  # moto's minimum page size
@@ -67,6 +72,7 @@ def test_describe_paginates_through_every_page(aws_env, monkeypatch):
     assert web3.private_ip is not None
 
 
+@pytest.mark.slow
 def test_lookup_by_id_skips_unknown_and_non_ec2_ids(aws_env):
     client = ec2()
     ids = run_instances(client, ["a", "b"])
@@ -78,6 +84,7 @@ def test_lookup_by_id_skips_unknown_and_non_ec2_ids(aws_env):
     assert found[ids["b"]].state == "terminated"
 
 
+@pytest.mark.slow
 def test_unreachable_endpoint_is_one_clear_error(aws_env, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
     with pytest.raises(AwsError, match="DescribeInstances failed: Could not connect"):

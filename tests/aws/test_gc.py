@@ -51,6 +51,7 @@ def describe(ids: list[str]) -> dict[str, aws.Instance]:
     return aws.describe_instances(aws.ec2_client(), ids)
 
 
+@pytest.mark.slow
 def test_plan_releases_terminated_and_unknown_and_keeps_the_rest(world):
     ids, fleet, claims = world
     sample = gc_sample(fleet, claims)
@@ -65,6 +66,7 @@ def test_plan_releases_terminated_and_unknown_and_keeps_the_rest(world):
     assert [i for i, _, _ in plan.kept] == ["dc-web1"] and plan.live == 2
 
 
+@pytest.mark.slow
 def test_wrong_account_or_region_refuses_before_anything_is_released(world, monkeypatch):
     ids, fleet, claims = world
     sample = gc_sample(fleet, claims)
@@ -90,6 +92,7 @@ def test_sample_is_bounded_and_only_ec2_ids():
     assert len(sample) == GC_SAMPLE and "dc-web1" not in sample
 
 
+@pytest.mark.slow
 def test_release_rechecks_members_that_appeared_since_the_plan(world):
     ids, fleet, claims = world
     instances = describe([*gc_candidates(fleet, claims), *gc_sample(fleet, claims)])

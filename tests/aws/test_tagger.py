@@ -7,12 +7,15 @@ import time
 from ipaddress import IPv4Address
 
 import boto3
+import pytest
 
 from neti import aws, config
 from neti.aws import tag_self
 from neti.identity import Identity
 from tests.support.motoserver import ec2, run_instances
 from tests.support.zkserver import free_port
+
+pytestmark = pytest.mark.slow
 
 OVERLAY = IPv4Address("192.168.0.7")
 

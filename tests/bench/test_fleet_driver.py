@@ -121,6 +121,7 @@ def test_members_are_plausible_and_varied() -> None:
         assert decode_member(fleet.member_path(m).rsplit("/", 1)[1]) == m
 
 
+@pytest.mark.zk
 def test_driver_fills_adds_and_removes_in_a_real_zookeeper(
     zk_server: ZooKeeperServer, zk_prefix: str, zk_client: object, tmp_path: Path
 ) -> None:
@@ -170,6 +171,7 @@ def test_driver_fills_adds_and_removes_in_a_real_zookeeper(
     assert zk.get_children(f"{zk_prefix}/members") == []  # type: ignore[attr-defined]
 
 
+@pytest.mark.zk
 def test_members_are_live_while_the_driver_runs(
     zk_server: ZooKeeperServer, zk_prefix: str, zk_client: object, tmp_path: Path
 ) -> None:

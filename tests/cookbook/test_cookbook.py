@@ -29,7 +29,10 @@ RENDER = Path(__file__).with_name("render.rb")
 RUBY = shutil.which("ruby")
 NETI = [sys.executable, "-m", "neti"]
 
-pytestmark = pytest.mark.skipif(RUBY is None, reason="ruby is not installed (make deps)")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(RUBY is None, reason="ruby is not installed (make deps)"),
+]
 
 ZK = {"vpc-0a1b": ["10.0.1.10:2181"], "default": ["zkproxy-a:2181"]}
 

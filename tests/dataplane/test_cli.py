@@ -15,6 +15,7 @@ import pytest
 from neti.lab import Topology
 from tests.dataplane.helpers import BACKEND_NAMES
 from tests.lab.fixtures import SERVICE
+from tests.support.markers import needs
 from tests.support.zkserver import ZooKeeperServer
 
 pytestmark = [pytest.mark.root, pytest.mark.zk]
@@ -24,6 +25,7 @@ NETI = str(Path(sys.executable).with_name("neti"))
 
 
 @pytest.fixture(scope="module")
+@needs("zk")
 def lab_zk(lab: Topology) -> Iterator[ZooKeeperServer]:
     zk = lab.host("zk")
     server = ZooKeeperServer(host=str(zk.private_ip), port=2181, netns=zk.netns)

@@ -107,6 +107,7 @@ def test_a_worker_that_does_not_answer_is_killed(sessions: list[NftSession]) -> 
     assert not s.alive
 
 
+@pytest.mark.slow
 def test_a_worker_that_stops_reading_is_killed(sessions: list[NftSession]) -> None:
     s = session("deaf", sessions)  # ready, then reads nothing
     big = "add element ip neti allow { " + ", ".join(["10.0.0.1"] * 200_000) + " }\n"
@@ -115,6 +116,7 @@ def test_a_worker_that_stops_reading_is_killed(sessions: list[NftSession]) -> No
     assert not s.alive
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["refuse", "mute"])
 def test_a_worker_that_does_not_start(mode: str, sessions: list[NftSession]) -> None:
     s = session(mode, sessions)

@@ -17,8 +17,6 @@ from neti.dataplane import System, system
 from neti.errors import DataplaneError
 from neti.lab import netns
 
-ROOT_NETNS = os.stat("/proc/self/ns/net").st_ino
-
 
 @pytest.mark.root
 def test_root_namespace_is_recognised_and_refused(netns_guard: None) -> None:
@@ -41,25 +39,33 @@ def test_a_process_inside_another_namespace_may_write(scratch_ns: str) -> None:
     assert not System(scratch_ns).in_init_netns()
 
 
-def _stat_failing(paths: set[str]):  # noqa: ANN202 - a stand-in for os.stat
+def _stat_failing(paths: set[str], inodes: dict[str, int] | None = None):  # noqa: ANN202
+    """A stand-in for os.stat: ``paths`` are unreadable, ``inodes`` are made up (so the
+    logic is tested without reading other processes' namespaces, which needs root)."""
     real = os.stat
+    made_up = inodes or {}
 
     def fake(path: str, *a: object, **kw: object) -> os.stat_result:
         if path in paths:
             raise PermissionError(13, "Permission denied", path)
+        if path in made_up:
+            return os.stat_result((0, made_up[path], 0, 0, 0, 0, 0, 0, 0, 0))
         return real(path, *a, **kw)  # type: ignore[arg-type]
 
     return fake
 
 
-def test_unreadable_pid1_falls_back_to_kthreadd(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("kthreadd", "initial"), [(4026531840, True), (4026532999, False)])
+def test_unreadable_pid1_falls_back_to_kthreadd(
+    monkeypatch: pytest.MonkeyPatch, kthreadd: int, initial: bool
+) -> None:
     """Pure fallback logic: PID 1's namespace unreadable, kthreadd's decides."""
     comm = Path("/proc/2/comm")
     if not comm.exists() or comm.read_text().strip() != "kthreadd":
         pytest.skip("no kthreadd visible (a PID namespace)")
-    monkeypatch.setattr(system.os, "stat", _stat_failing({"/proc/1/ns/net"}))
-    kthreadd = os.stat("/proc/2/ns/net").st_ino
-    assert system.in_init_netns() == (ROOT_NETNS == kthreadd)
+    inodes = {"/proc/self/ns/net": 4026531840, "/proc/2/ns/net": kthreadd}
+    monkeypatch.setattr(system.os, "stat", _stat_failing({"/proc/1/ns/net"}, inodes))
+    assert system.in_init_netns() is initial
 
 
 def test_cannot_tell_means_refuse(monkeypatch: pytest.MonkeyPatch) -> None:

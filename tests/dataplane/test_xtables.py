@@ -1,13 +1,12 @@
-"""The iptables runner (neti.dataplane.xtables) against a fake System: argv and stdin are
-recorded, ``*-save`` prints a model of the tables and ``*-restore`` applies a payload to it
-the way iptables-restore does (all or nothing), so uninstall and jump de-duplication can be
-checked for what they leave behind, byte for byte, without root."""
+"""The iptables runner (neti.dataplane.xtables) against the fake kernel of
+tests/support/fakesystem.py: argv and stdin are recorded, ``*-save`` prints its tables and
+``*-restore`` applies a payload the way iptables-restore does (each table at its COMMIT),
+so uninstall and jump de-duplication can be checked for what they leave behind, byte for
+byte, without root."""
 
 from __future__ import annotations
 
 import re
-import subprocess
-from collections.abc import Sequence
 from ipaddress import IPv4Network
 
 import pytest
@@ -28,7 +27,7 @@ from neti.dataplane.xtables import (
 from neti.desired import build
 from neti.errors import DataplaneError
 from neti.zkproxy import ProxySpec, ZkProxy
-from tests.support.fakesystem import KernelFreeSystem
+from tests.support.fakesystem import Call, FakeSystem, Xtables, XtTable, iptables_tools
 
 BUILTINS = {
     "filter": ["INPUT", "FORWARD", "OUTPUT"],
@@ -36,122 +35,30 @@ BUILTINS = {
 }
 
 
-class Table:
-    """One table as iptables keeps it: chains in order (policy or "-"), rules per chain."""
+class FakeIptables(FakeSystem):
+    """The shared fake kernel with only these variants' iptables installed (and ipset with
+    ``ipset=True``): ``variants`` maps each to its tables."""
 
-    def __init__(self) -> None:
-        self.heads: dict[str, str] = {}  # chain -> ":C POLICY [0:0]" line as printed
-        self.rules: dict[str, list[str]] = {}
+    def __init__(self, variants: dict[str, dict[str, XtTable]], ipset: bool = False):
+        tools = [t for v in variants for t in iptables_tools(v) if t != "ipset"]
+        super().__init__(tools + (["ipset"] if ipset else []))
+        self.xtables = {v: Xtables(tables) for v, tables in variants.items()}
+        self.sysctls["net.ipv4.ip_forward"] = "1"
 
-    def copy(self) -> Table:
-        t = Table()
-        t.heads = dict(self.heads)
-        t.rules = {c: list(r) for c, r in self.rules.items()}
-        return t
+    @property
+    def kernel(self) -> dict[str, dict[str, XtTable]]:
+        return {v: xt.tables for v, xt in self.xtables.items()}
 
-    def save(self, name: str) -> str:
-        out = [f"*{name}", *self.heads.values()]
-        out += [f"-A {c} {r}" for c in self.heads for r in self.rules[c]]
-        return "\n".join([*out, "COMMIT"]) + "\n"
-
-
-class FakeIptables(KernelFreeSystem):
-    """``variants`` -> tables; only the tools of those variants are installed."""
-
-    def __init__(self, variants: dict[str, dict[str, Table]], fail: str | None = None):
-        super().__init__(None)
-        self.kernel = variants
-        self.fail = fail  # stderr of a restore that fails
-        self.calls: list[tuple[list[str], str | None]] = []
-        self.sysctls = {"net.ipv4.ip_forward": "1"}
-
-    # --- what tests look at ---
-    def restores(self) -> list[tuple[list[str], str | None]]:
-        return [c for c in self.calls if c[0][0].endswith("-restore")]
+    def restores(self) -> list[Call]:
+        return [c for c in self.calls if c.argv[0].endswith("-restore")]
 
     def save_text(self, variant: str) -> str:
-        return "".join(t.save(n) for n, t in self.kernel[variant].items())
-
-    # --- System ---
-    def has(self, program: str) -> bool:
-        return any(program in (f"iptables-{v}-save", f"iptables-{v}-restore") for v in self.kernel)
-
-    def run(
-        self,
-        argv: Sequence[str],
-        input: str | None = None,
-        check: bool = True,
-        timeout: float = 120.0,
-    ) -> subprocess.CompletedProcess[str]:
-        argv = list(argv)
-        self.calls.append((argv, input))
-        m = re.fullmatch(r"iptables-(\w+)-(save|restore)", argv[0])
-        assert m, argv
-        variant, kind = m[1], m[2]
-        if kind == "save":
-            return subprocess.CompletedProcess(argv, 0, self.save_text(variant), "")
-        err = self.fail or self._restore(variant, input or "")
-        if err and check:
-            raise DataplaneError(err)
-        return subprocess.CompletedProcess(argv, 1 if err else 0, "", err)
-
-    def _restore(self, variant: str, payload: str) -> str:
-        """Apply a --noflush payload; on any error nothing changes (like iptables-nft)."""
-        tables = {n: t.copy() for n, t in self.kernel[variant].items()}
-        cur: Table | None = None
-        for n, line in enumerate(payload.splitlines(), 1):
-            words = line.split(" ", 2)
-            if line.startswith("*"):
-                cur = tables.setdefault(line[1:], Table())
-                continue
-            if line == "COMMIT" or cur is None:
-                continue
-            if line.startswith(":"):
-                chain = line[1:].split()[0]
-                cur.heads.setdefault(chain, f":{chain} - [0:0]")
-                cur.rules[chain] = []
-                continue
-            op, chain = words[0], words[1]
-            if chain not in cur.heads:
-                return f"iptables-restore: line {n} failed: no chain {chain}"
-            rules = cur.rules[chain]
-            if op == "-A":
-                rules.append(words[2])
-            elif op == "-I":
-                pos, spec = words[2].split(" ", 1)
-                rules.insert(int(pos) - 1, spec)
-            elif op == "-D":
-                if words[2] not in rules:
-                    return f"iptables-restore: line {n} failed: no rule {words[2]}"
-                rules.remove(words[2])
-            elif op == "-F":
-                rules.clear()
-            elif op == "-X":
-                used = any(xtables.jump_target(r) == chain for rs in cur.rules.values() for r in rs)
-                if used or rules or chain in BUILTINS.get("filter", []) + BUILTINS["nat"]:
-                    return f"iptables-restore: line {n} failed: chain {chain} busy"
-                del cur.heads[chain], cur.rules[chain]
-            else:
-                return f"iptables-restore: line {n} failed: {op}"
-        self.kernel[variant] = tables
-        return ""
+        return self.xtables[variant].save()
 
 
-def tables_from(text: str) -> dict[str, Table]:
-    """A model from iptables-save text (well-formed text only)."""
-    out: dict[str, Table] = {}
-    cur = Table()
-    for line in text.splitlines():
-        if line.startswith("*"):
-            cur = out.setdefault(line[1:], Table())
-        elif line.startswith(":"):
-            chain = line[1:].split()[0]
-            cur.heads[chain] = line
-            cur.rules[chain] = []
-        elif line.startswith("-A "):
-            _, chain, spec = line.split(" ", 2)
-            cur.rules[chain].append(spec)
-    return out
+def tables_from(text: str) -> dict[str, XtTable]:
+    """A model from iptables-save text."""
+    return Xtables.load(text).tables
 
 
 FOREIGN = """*filter
@@ -227,7 +134,7 @@ def test_restore_error_names_the_tool_and_the_line() -> None:
     with pytest.raises(DataplaneError) as err:
         Runner(sys, "nft").restore(payload)
     msg = str(err.value)
-    assert msg.startswith("iptables-nft-restore failed: iptables-restore: line 3 failed")
+    assert msg.startswith("iptables-nft-restore failed: iptables-nft-restore: line 3 failed")
     assert "'-A NOPE -j RETURN'" in msg and "\n" not in msg
     assert sys.kernel["nft"] == {}  # all or nothing
 
@@ -287,7 +194,7 @@ def test_ensure_jump_replaces_a_stale_spec_and_adds_a_missing_one() -> None:
 
 def test_uninstall_removes_chains_and_every_jump_in_both_variants() -> None:
     sys = FakeIptables({"nft": tables_from(FOREIGN), "legacy": tables_from(FOREIGN)})
-    sys.kernel["legacy"]["nat"] = Table()  # legacy holds only filter chains
+    sys.kernel["legacy"]["nat"] = XtTable("nat")  # legacy holds only filter chains
     before = {v: sys.save_text(v) for v in sys.kernel}
     removed = uninstall(sys, iptables.OWNED, iptables.HOOKS)
     assert len(sys.restores()) == 2  # one per variant
@@ -328,32 +235,8 @@ def test_backend_leftovers_and_remove_objects_go_through_the_runner() -> None:
 # --------------------------------------------------------------------------- the backend
 
 
-class FakeHost(FakeIptables):
-    """Also ipset, modprobe and the route: every other command succeeds with no output."""
-
-    def has(self, program: str) -> bool:
-        return program == "ipset" or super().has(program)
-
-    def run(
-        self,
-        argv: Sequence[str],
-        input: str | None = None,
-        check: bool = True,
-        timeout: float = 120.0,
-    ) -> subprocess.CompletedProcess[str]:
-        if not argv[0].startswith("iptables-"):
-            self.calls.append((list(argv), input))
-            return subprocess.CompletedProcess(list(argv), 0, "", "")
-        return super().run(argv, input, check, timeout)
-
-    def iproute(self) -> object:
-        from tests.support.fakesystem import FakeIPRoute
-
-        return FakeIPRoute()
-
-
 def test_backend_apply_is_one_restore_and_other_rules_survive() -> None:
-    sys = FakeHost({"nft": tables_from(FOREIGN), "legacy": {}})
+    sys = FakeIptables({"nft": tables_from(FOREIGN), "legacy": {}}, ipset=True)
     before = sys.save_text("nft")
     b = iptables.IptablesBackend(sys)
     assert b.variant == "nft" and b.payload_tool("nat") == "iptables-nft-restore -w 10 --noflush"
@@ -364,8 +247,8 @@ def test_backend_apply_is_one_restore_and_other_rules_survive() -> None:
     assert without_neti(after) == without_neti(before)
     assert b.read_tables()["filter"].jumps("INPUT", "NETI-INPUT") == ["-j NETI-INPUT"]
     sys.calls.clear()
-    b.apply(d)  # the fake keeps no ipsets, so only the rules are as written
-    assert sys.restores() == []
+    assert not b.apply(d).changed
+    assert sys.restores() == [] and sys.reads() == sys.argvs()  # a read, nothing written
     b.uninstall()
     assert sys.save_text("nft").splitlines() == without_neti(before)
 
@@ -453,7 +336,8 @@ def _kernels(draw: st.DrawFn) -> str:
     names = _NAME.filter(lambda n: not n.startswith("NETI") and n not in BUILTINS["filter"])
     foreign = draw(st.lists(names, max_size=4, unique=True))
     ours = draw(st.booleans())
-    chains = [*BUILTINS["filter"], *foreign] + (["NETI-INPUT"] if ours else [])
+    # In iptables-save's order: built-in chains, then the others by name.
+    chains = [*BUILTINS["filter"], *sorted([*foreign, *(["NETI-INPUT"] if ours else [])])]
     heads = [f":{c} ACCEPT [0:0]" if c in BUILTINS["filter"] else f":{c} - [0:0]" for c in chains]
     rules = []
     for c in chains:

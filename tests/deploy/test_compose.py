@@ -21,6 +21,7 @@ def _compose() -> dict:
     return yaml.safe_load(COMPOSE.read_text())
 
 
+@pytest.mark.slow
 def test_docker_compose_accepts_the_file():
     exe = shutil.which("docker-compose")
     if exe is None:

@@ -15,6 +15,7 @@ import pytest
 
 from neti.lab.demo import ZK_HOST, Lab, wait_for
 from tests.lab.fixtures import netns_guard  # noqa: F401 - fixture
+from tests.support.markers import needs
 from tests.support.motoserver import AMI, FAKE_ENV
 
 pytestmark = [pytest.mark.root, pytest.mark.zk, pytest.mark.timeout(120)]
@@ -43,6 +44,7 @@ def aws(lab: Lab, *args: str) -> str:
 
 
 @pytest.fixture(scope="module")
+@needs("zk")
 def lab(netns_guard: None) -> Iterator[Lab]:  # noqa: F811
     with Lab(agent_hosts=(HOST,)) as lab:
         moto = Path(sys.executable).with_name("moto_server")

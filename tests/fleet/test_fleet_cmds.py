@@ -17,7 +17,7 @@ from tests.support.zkserver import free_port
 
 NETI = str(Path(sys.executable).with_name("neti"))
 
-pytestmark = [pytest.mark.zk]
+pytestmark = [pytest.mark.zk, pytest.mark.slow]
 
 
 def js(world: World, command: str) -> dict:

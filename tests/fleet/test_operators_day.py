@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from tests.support import opsdoc
 
 
@@ -15,6 +17,8 @@ def test_every_documented_command_is_run_by_a_test():
             assert c.host in opsdoc.LAB_HOSTS, c  # run by tests/zkproxy
 
 
+@pytest.mark.zk
+@pytest.mark.slow
 def test_the_fleet_commands_do_what_the_doc_shows(fleet_world):
     for doc in [c for c in opsdoc.commands() if c.host == ""]:
         r = fleet_world.neti(doc.command)

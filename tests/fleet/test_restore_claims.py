@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from neti.registry import Registry
 from tests.support.motoserver import ec2
+
+pytestmark = [pytest.mark.zk, pytest.mark.slow]
 
 
 def _tag(iid: str, value: str) -> None:

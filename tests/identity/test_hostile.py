@@ -84,6 +84,7 @@ def test_oversized_answer_is_refused_not_truncated(imds: ImdsServer, ec2_config)
     assert imds.count("GET", "/latest/meta-data/instance-id") == 1  # not retried
 
 
+@pytest.mark.slow
 def test_cli_reports_a_crlf_token_with_one_line(imds: ImdsServer, tmp_path: Path) -> None:
     # The whole path an operator sees: `neti overlay-ip` exits 1 with the reason, no traceback.
     cfg = tmp_path / "neti.yml"

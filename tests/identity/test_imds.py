@@ -106,6 +106,7 @@ def test_region_of_static_identity_is_none() -> None:
     assert imds_mod.region(cfg) is None
 
 
+@pytest.mark.slow
 def test_standalone_server_for_the_lab() -> None:
     """``python -m tests.support.imds`` serves until SIGTERM; the lab runs it in namespaces."""
     root = Path(__file__).resolve().parents[2]

@@ -91,6 +91,7 @@ def test_persistent_500s_name_endpoint_and_path(imds: ImdsServer, ec2_config) ->
     assert imds.count(path="/latest/meta-data/instance-id") == 2
 
 
+@pytest.mark.slow
 def test_slow_answer_times_out_and_is_retried(imds: ImdsServer, ec2_config) -> None:
     imds.delay_next(1, 30.0, path="/latest/meta-data/mac")
     ident = resolve(ec2_config(timeout=2.0, retries=1))

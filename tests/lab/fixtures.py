@@ -11,6 +11,7 @@ import pytest
 from neti.dataplane.system import GUARD_ENV
 from neti.lab import Topology, netns
 from neti.lab.topology import leftovers
+from tests.support.markers import needs, require
 
 # Ports every lab name server listens on: a generic service, ssh, an open port, a closed one.
 SERVICE, SSH, OPEN, CLOSED = 7000, 22, 8080, 9000
@@ -18,11 +19,13 @@ PORTS = (SERVICE, SSH, OPEN, CLOSED)
 
 
 def need_root() -> None:
+    require("root", "tests/lab/fixtures.py need_root")
     if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("ipset"):
         pytest.skip("needs root, iproute2 and ipset (network namespaces)")
 
 
 @pytest.fixture(scope="session")
+@needs("root")
 def netns_guard() -> Iterator[None]:
     """Refuse dataplane writes to the root namespace; check our namespaces do not leak.
 

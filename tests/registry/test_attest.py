@@ -28,6 +28,7 @@ from neti import config
 from neti.errors import ConfigError, RegistryAccessError
 from neti.registry import attest
 from neti.registry.attest import MAX_RECORD, Attestor, Signer
+from tests.support.markers import needs
 
 NOW = datetime.datetime.now(datetime.UTC).replace(microsecond=0)  # some paths use the real clock
 DAY = datetime.timedelta(days=1)
@@ -553,6 +554,7 @@ def lab_pki(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 
 @pytest.fixture(scope="module")
+@needs("zk")
 def tls_zk(lab_pki: Any) -> Iterator[Any]:
     from tests.support.zkserver import ZooKeeperServer
 
@@ -563,6 +565,7 @@ def tls_zk(lab_pki: Any) -> Iterator[Any]:
         server.cleanup()
 
 
+@pytest.mark.zk
 def test_a_member_forged_by_a_credentialed_host_is_not_programmed(
     tls_zk: Any, lab_pki: Any
 ) -> None:

@@ -14,6 +14,7 @@ from neti.registry.claims import RANDOM_TRIES, OverlayClaims
 IP = IPv4Address
 
 
+@pytest.mark.zk
 def test_claim_is_stable_and_writes_both_nodes(open_registry: Callable[..., Registry]) -> None:
     reg = open_registry()
     assert reg.claim_of("i-1") is None
@@ -31,11 +32,13 @@ def test_claim_is_stable_and_writes_both_nodes(open_registry: Callable[..., Regi
     assert reg.claims() == {"i-1": ip, "i-2": other}
 
 
+@pytest.mark.zk
 def test_claim_survives_a_new_session(open_registry: Callable[..., Registry]) -> None:
     ip = open_registry().claim("i-1")
     assert open_registry().claim("i-1") == ip
 
 
+@pytest.mark.zk
 def test_release_removes_both_nodes(open_registry: Callable[..., Registry]) -> None:
     reg = open_registry()
     ip = reg.claim("i-1")
@@ -45,6 +48,7 @@ def test_release_removes_both_nodes(open_registry: Callable[..., Registry]) -> N
     assert reg.claims() == {}
 
 
+@pytest.mark.zk
 def test_half_written_claim_is_completed_not_reused(
     open_registry: Callable[..., Registry],
 ) -> None:
@@ -61,6 +65,7 @@ def test_half_written_claim_is_completed_not_reused(
     assert reg.claims() == {"i-old": IP("10.9.0.1"), "i-new": IP("10.9.0.2")}
 
 
+@pytest.mark.zk
 def test_conflicting_claim_is_reported_and_left_alone(
     open_registry: Callable[..., Registry],
 ) -> None:
@@ -76,6 +81,7 @@ def test_conflicting_claim_is_reported_and_left_alone(
     assert all(reg.claim(f"i-{n}") != IP("10.9.0.7") for n in range(20))
 
 
+@pytest.mark.zk
 def test_malformed_claim_value_is_a_clear_error(open_registry: Callable[..., Registry]) -> None:
     reg = open_registry()
     reg.client.create(f"{reg.paths.id_to_ip}/i-bad", b"not-an-ip", makepath=True)
@@ -84,6 +90,7 @@ def test_malformed_claim_value_is_a_clear_error(open_registry: Callable[..., Reg
     assert reg.claims() == {}  # skipped with a warning, not fatal
 
 
+@pytest.mark.zk
 def test_bad_instance_id_never_becomes_a_path(open_registry: Callable[..., Registry]) -> None:
     reg = open_registry()
     for bad in ("../x", "a/b", "", "a|b"):
@@ -91,6 +98,7 @@ def test_bad_instance_id_never_becomes_a_path(open_registry: Callable[..., Regis
             reg.claim(bad)
 
 
+@pytest.mark.zk
 def test_full_subnet_names_the_subnet_and_the_count(
     open_registry: Callable[..., Registry],
 ) -> None:
@@ -102,6 +110,7 @@ def test_full_subnet_names_the_subnet_and_the_count(
     assert reg.claim("i-3") in got  # an existing claim still works in a full subnet
 
 
+@pytest.mark.zk
 def test_max_change_guard(open_registry: Callable[..., Registry], caplog) -> None:
     reg = open_registry()
     assert reg.max_change() == 20
@@ -120,6 +129,7 @@ def test_max_change_guard(open_registry: Callable[..., Registry], caplog) -> Non
     assert open_registry(max_change_default=3).max_change() == 9  # the node wins
 
 
+@pytest.mark.zk
 def test_claim_outside_a_changed_subnet_is_loud_and_releasable(
     open_registry: Callable[..., Registry],
 ) -> None:
@@ -132,6 +142,7 @@ def test_claim_outside_a_changed_subnet_is_loud_and_releasable(
     assert new.claim("i-1") in IPv4Network("10.8.0.0/24")
 
 
+@pytest.mark.zk
 def test_a_slash_8_is_sampled_never_enumerated(open_registry: Callable[..., Registry]) -> None:
     import tracemalloc
 
@@ -149,6 +160,7 @@ def test_a_slash_8_is_sampled_never_enumerated(open_registry: Callable[..., Regi
     assert peak < 8 * 1024 * 1024, peak
 
 
+@pytest.mark.zk
 def test_a_nearly_full_sampled_subnet_still_finds_the_last_address(
     open_registry: Callable[..., Registry],
 ) -> None:

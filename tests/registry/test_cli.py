@@ -8,11 +8,14 @@ from collections.abc import Callable
 from ipaddress import IPv4Address
 from pathlib import Path
 
+import pytest
 from kazoo.recipe.party import ShallowParty
 
 from neti.registry import Registry
 from tests.registry.conftest import NETI, identity_of, run_neti, static
 from tests.support.zkserver import free_port
+
+pytestmark = pytest.mark.zk
 
 
 def test_overlay_ip_prints_and_keeps_the_address(

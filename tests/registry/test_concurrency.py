@@ -8,8 +8,12 @@ from collections.abc import Callable
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
+import pytest
+
 from neti.registry import Registry
 from tests.registry.conftest import NETI, static
+
+pytestmark = pytest.mark.zk
 
 SUBNET = IPv4Network("10.9.0.32/27")  # 30 usable: .33 - .62
 

@@ -43,6 +43,7 @@ def member_name(iid: str, public: str, private: str, overlay: IP | str, net: str
     return f"v1|{iid}|{net}|{public}|{private}|{overlay}|2.0.0"
 
 
+@pytest.mark.zk
 def test_persistent_member_node_is_skipped_and_counted(
     zk_client: KazooClient, make_cfg: Callable[..., config.Config]
 ) -> None:
@@ -58,6 +59,7 @@ def test_persistent_member_node_is_skipped_and_counted(
     assert fleet.skipped_by_reason == {"persistent": 1}
 
 
+@pytest.mark.zk
 def test_attacker_on_a_victims_overlay_ip_is_skipped_and_the_victim_stays(
     zk_client: KazooClient, make_cfg: Callable[..., config.Config]
 ) -> None:
@@ -81,6 +83,7 @@ def test_attacker_on_a_victims_overlay_ip_is_skipped_and_the_victim_stays(
     assert IP("192.0.2.10") not in want.allow
 
 
+@pytest.mark.zk
 def test_two_verified_entries_for_one_instance_are_both_dropped(
     zk_client: KazooClient, make_cfg: Callable[..., config.Config]
 ) -> None:
@@ -93,6 +96,7 @@ def test_two_verified_entries_for_one_instance_are_both_dropped(
     assert fleet.members == () and fleet.skipped_by_reason == {"duplicate_instance": 2}
 
 
+@pytest.mark.zk
 def test_read_legacy_false_ignores_ip_map(
     zk_client: KazooClient, make_cfg: Callable[..., config.Config]
 ) -> None:
@@ -106,6 +110,7 @@ def test_read_legacy_false_ignores_ip_map(
     assert fleet.members == () and fleet.skipped == 0 and off.verifier.reads == 0
 
 
+@pytest.mark.zk
 def test_entries_are_read_once_then_served_from_the_cache(
     zk_client: KazooClient, make_cfg: Callable[..., config.Config]
 ) -> None:
@@ -134,6 +139,7 @@ JUNK = 18_000
 UNCLAIMED = 2_000
 
 
+@pytest.mark.zk
 def test_junk_children_keep_logs_and_memory_bounded(
     zk_client: KazooClient,
     make_cfg: Callable[..., config.Config],
@@ -175,6 +181,7 @@ def test_junk_children_keep_logs_and_memory_bounded(
     assert peak < 40_000_000, peak
 
 
+@pytest.mark.zk
 @pytest.mark.parametrize(
     ("data", "why"),
     [

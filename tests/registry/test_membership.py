@@ -18,6 +18,8 @@ from neti.registry.legacy import decode_legacy
 from tests.registry.conftest import identity_of, static
 from tests.support.zkserver import ZooKeeperServer
 
+pytestmark = pytest.mark.zk
+
 IP = IPv4Address
 
 

@@ -29,6 +29,7 @@ from neti.lab.pki import CertificateAuthority, Issued
 from neti.registry import Registry, acl, connect
 from neti.registry.client import check_trust
 from tests.registry.conftest import identity_of, run_neti, static
+from tests.support.markers import needs
 from tests.support.zkserver import ZooKeeperServer
 
 OPERATOR = "neti-operator"
@@ -41,6 +42,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> CertificateAuthority:
 
 
 @pytest.fixture(scope="module")
+@needs("zk")
 def tls_zk(pki: CertificateAuthority) -> Iterator[ZooKeeperServer]:
     server = ZooKeeperServer(tls=pki, plain_port=True).start()
     try:
@@ -141,6 +143,7 @@ def expected(kind: str, owner: str | None = None, fleet: str = acl.WORLD) -> fro
 # --- the ACL model on a fresh tree --------------------------------------------------------
 
 
+@pytest.mark.zk
 def test_client_without_certificate_cannot_connect(
     tls_zk: ZooKeeperServer, pki: CertificateAuthority, tls_data: Callable[..., dict[str, Any]]
 ) -> None:
@@ -157,6 +160,7 @@ def test_client_without_certificate_cannot_connect(
     plain.close()
 
 
+@pytest.mark.zk
 def test_nodes_get_the_table_acls(
     host: Callable[..., Registry],
     tls_zk: ZooKeeperServer,
@@ -203,6 +207,7 @@ def test_nodes_get_the_table_acls(
     assert a.max_change() == 20 and a.max_change_problem is None
 
 
+@pytest.mark.zk
 def test_locked_prefix_without_maxchange_uses_the_default(
     host: Callable[..., Registry],
     tls_zk: ZooKeeperServer,
@@ -237,6 +242,7 @@ def expected_list(kind: str) -> list:
     return out
 
 
+@pytest.mark.zk
 def test_other_host_cannot_touch_a(
     host: Callable[..., Registry],
     tls_zk: ZooKeeperServer,
@@ -288,6 +294,7 @@ def test_other_host_cannot_touch_a(
     assert a.claim_of("i-a") == ip
 
 
+@pytest.mark.zk
 def test_unauthenticated_digest_session_on_plain_port_cannot_write(
     tls_zk: ZooKeeperServer,
     tmp_path: Path,
@@ -348,6 +355,7 @@ def test_unauthenticated_digest_session_on_plain_port_cannot_write(
     assert a.max_change() == 3
 
 
+@pytest.mark.zk
 def test_operator_sets_max_change_and_releases(host: Callable[..., Registry]) -> None:
     a = host("i-a")
     joined(a)
@@ -359,6 +367,7 @@ def test_operator_sets_max_change_and_releases(host: Callable[..., Registry]) ->
     assert op.claim_of("i-a") is None
 
 
+@pytest.mark.zk
 def test_leave_ends_the_session_and_the_member_goes(
     host: Callable[..., Registry], tls_zk: ZooKeeperServer, pki, cert
 ) -> None:
@@ -370,6 +379,7 @@ def test_leave_ends_the_session_and_the_member_goes(
     assert not any("|i-a|" in m for m in b.client.get_children(a.paths.members))
 
 
+@pytest.mark.zk
 def test_rejoin_waits_for_the_older_session(host: Callable[..., Registry]) -> None:
     """A host may not delete its own stale node under a secured tree: it waits it out."""
     old = host("i-a")
@@ -388,6 +398,7 @@ def test_rejoin_waits_for_the_older_session(host: Callable[..., Registry]) -> No
 # --- neti fleet secure --------------------------------------------------------------------
 
 
+@pytest.mark.zk
 def test_fleet_secure_dry_run_then_apply(
     tls_zk: ZooKeeperServer,
     pki: CertificateAuthority,
@@ -486,6 +497,7 @@ def _walk(client: KazooClient, prefix: str) -> list[str]:
     return out
 
 
+@pytest.mark.zk
 def test_fleet_secure_refuses_without_operator(
     tls_data: Callable[..., dict[str, Any]], tmp_path: Path
 ) -> None:
@@ -500,6 +512,7 @@ def test_fleet_secure_refuses_without_operator(
 # --- clear errors -------------------------------------------------------------------------
 
 
+@pytest.mark.zk
 def test_missing_ca_file(tls_data: Callable[..., dict[str, Any]], tmp_path: Path) -> None:
     data = tls_data()
     data["zk_tls"]["ca"] = str(tmp_path / "nope.pem")
@@ -507,6 +520,7 @@ def test_missing_ca_file(tls_data: Callable[..., dict[str, Any]], tmp_path: Path
         connect(config.parse(data), "vpc", timeout=3)
 
 
+@pytest.mark.zk
 def test_wrong_key(tls_data: Callable[..., dict[str, Any]], cert: Callable[[str], Issued]) -> None:
     data = tls_data()
     data["zk_tls"]["key"] = str(cert("i-other").key)
@@ -514,6 +528,7 @@ def test_wrong_key(tls_data: Callable[..., dict[str, Any]], cert: Callable[[str]
         connect(config.parse(data), "vpc", timeout=3)
 
 
+@pytest.mark.zk
 def test_garbage_cert(tls_data: Callable[..., dict[str, Any]], tmp_path: Path) -> None:
     data = tls_data()
     bad = tmp_path / "bad.pem"
@@ -523,6 +538,7 @@ def test_garbage_cert(tls_data: Callable[..., dict[str, Any]], tmp_path: Path) -
         connect(config.parse(data), "vpc", timeout=3)
 
 
+@pytest.mark.zk
 def test_cert_from_another_ca_is_refused(
     tls_data: Callable[..., dict[str, Any]], tmp_path: Path
 ) -> None:
@@ -533,6 +549,7 @@ def test_cert_from_another_ca_is_refused(
         connect(config.parse(data), "vpc", timeout=3)
 
 
+@pytest.mark.zk
 def test_server_not_signed_by_our_ca(
     tls_data: Callable[..., dict[str, Any]], tmp_path: Path
 ) -> None:
@@ -543,6 +560,7 @@ def test_server_not_signed_by_our_ca(
         connect(config.parse(data), "vpc", timeout=10)
 
 
+@pytest.mark.zk
 def test_tls_to_the_plaintext_port(
     tls_data: Callable[..., dict[str, Any]], tls_zk: ZooKeeperServer
 ) -> None:
@@ -554,6 +572,7 @@ def test_tls_to_the_plaintext_port(
     assert not isinstance(info.value, RegistryAccessError)
 
 
+@pytest.mark.zk
 def test_certificate_must_name_the_instance(tls_data: Callable[..., dict[str, Any]]) -> None:
     cfg = config.parse(tls_data("i-a"))
     with pytest.raises(RegistryAccessError, match=r"zk_tls.cert .*CN is 'i-a'.*'i-zzz'"):
@@ -564,6 +583,7 @@ def test_certificate_must_name_the_instance(tls_data: Callable[..., dict[str, An
     check_trust(config.parse(loose), "i-zzz")
 
 
+@pytest.mark.zk
 def test_agent_exits_on_a_missing_ca(
     tls_data: Callable[..., dict[str, Any]], tmp_path: Path
 ) -> None:
@@ -586,6 +606,7 @@ def test_config_requires_fleet_for_digest_only(tmp_path: Path) -> None:
     assert not config.parse({"zk_hosts": {"default": ["h:1"]}}).secured
 
 
+@pytest.mark.slow
 def test_config_check_warns_when_open(tmp_path: Path) -> None:
     path = tmp_path / "open.yml"
     path.write_text(yaml.safe_dump({"zk_hosts": {"default": ["h:1"]}}))
@@ -664,6 +685,7 @@ def test_zk_acl_block_parses_or_errors(block: dict[str, Any]) -> None:
     assert cfg.zk_acl is not None and cfg.zk_acl.fleet is not None
 
 
+@pytest.mark.zk
 def test_agent_stops_when_the_server_refuses_its_certificate(
     tls_data: Callable[..., dict[str, Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -729,6 +751,7 @@ def test_identities_file_never_crashes(tmp_path: Path, data: bytes) -> None:
 
 
 # --- an empty ensemble: the first agent creates the prefix locked (registry/tree.py) ---
+@pytest.mark.zk
 def test_hosts_racing_on_an_empty_ensemble_leave_it_locked(
     host: Callable[..., Registry],
     tls_zk: ZooKeeperServer,
@@ -764,6 +787,7 @@ def test_hosts_racing_on_an_empty_ensemble_leave_it_locked(
         op.close()
 
 
+@pytest.mark.zk
 def test_a_prefix_created_but_not_locked_is_finished_by_its_creator(
     host: Callable[..., Registry], prefix: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -781,6 +805,7 @@ def test_a_prefix_created_but_not_locked_is_finished_by_its_creator(
     joined(b, n=2)
 
 
+@pytest.mark.zk
 def test_without_operators_the_prefix_is_created_open_and_said(
     host: Callable[..., Registry], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -792,6 +817,7 @@ def test_without_operators_the_prefix_is_created_open_and_said(
 
 
 # --- revoked instances (registry/revoked.py) ---
+@pytest.mark.zk
 def test_operators_revoke_hosts_cannot_and_a_damaged_list_is_kept(
     host: Callable[..., Registry],
     tls_data: Callable[..., dict[str, Any]],

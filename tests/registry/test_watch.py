@@ -212,6 +212,7 @@ def test_addwatch_request_shape() -> None:
     assert bytes(req.serialize()) == b"\x00\x00\x00\x0d/neti/members\x00\x00\x00\x01"
 
 
+@pytest.mark.zk
 def test_events_follow_creates_and_deletes_without_lists(
     fleet_env: Callable[..., tuple[Registry, Writer]],
 ) -> None:
@@ -236,6 +237,7 @@ def test_events_follow_creates_and_deletes_without_lists(
     assert stats.events == 3  # two creations, one deletion
 
 
+@pytest.mark.zk
 def test_watching_the_container_itself_keeps_the_persistent_watch(
     fleet_env: Callable[..., tuple[Registry, Writer]],
 ) -> None:
@@ -263,6 +265,7 @@ def test_watching_the_container_itself_keeps_the_persistent_watch(
     assert fired.wait(15)
 
 
+@pytest.mark.zk
 def test_hostile_and_unverified_names_are_skipped_by_events(
     fleet_env: Callable[..., tuple[Registry, Writer]],
 ) -> None:
@@ -283,6 +286,7 @@ def test_hostile_and_unverified_names_are_skipped_by_events(
     assert reg.fleet_snapshot().skipped_by_reason == reg.read_fleet().skipped_by_reason
 
 
+@pytest.mark.zk
 def test_a_node_replaced_under_the_same_name_is_verified_again(
     fleet_env: Callable[..., tuple[Registry, Writer]],
 ) -> None:
@@ -307,6 +311,7 @@ def test_a_node_replaced_under_the_same_name_is_verified_again(
     assert f.changes[-1].skipped == 0
 
 
+@pytest.mark.zk
 def test_the_container_deleted_and_created_again(
     fleet_env: Callable[..., tuple[Registry, Writer]],
 ) -> None:
@@ -329,6 +334,7 @@ def test_the_container_deleted_and_created_again(
     f.until({2}, call="resync_fleet")
 
 
+@pytest.mark.zk
 def test_changes_while_disconnected_are_caught_by_the_stat(
     zk_server: ZooKeeperServer, fleet_env: Callable[..., tuple[Registry, Writer]]
 ) -> None:
@@ -364,6 +370,7 @@ def test_changes_while_disconnected_are_caught_by_the_stat(
         proxy.stop()
 
 
+@pytest.mark.zk
 def test_session_expiry_then_equality(
     zk_server: ZooKeeperServer, fleet_env: Callable[..., tuple[Registry, Writer]]
 ) -> None:
@@ -392,6 +399,7 @@ def test_session_expiry_then_equality(
     f.until({2, 3, 4})
 
 
+@pytest.mark.zk
 def test_a_burst_of_1000_joins_costs_no_full_list(
     fleet_env: Callable[..., tuple[Registry, Writer]],
 ) -> None:
@@ -409,6 +417,7 @@ def test_a_burst_of_1000_joins_costs_no_full_list(
     assert stats.full_lists - lists <= 1
 
 
+@pytest.mark.zk
 def test_fallback_converges_with_full_lists(
     fleet_env: Callable[..., tuple[Registry, Writer]],
 ) -> None:
@@ -425,6 +434,7 @@ def test_fallback_converges_with_full_lists(
     f.until({2, 3}, call="resync_fleet")
 
 
+@pytest.mark.zk
 def test_watch_node_and_listeners(fleet_env: Callable[..., tuple[Registry, Writer]]) -> None:
     reg, writer = fleet_env()
     fired = threading.Event()

@@ -13,6 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.markers import require
+
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[2]
 
 DAMAGED = {
@@ -27,6 +31,7 @@ DAMAGED = {
 
 
 def status(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    require("slow", "tests/status/test_cli.py status() runs the CLI in a child process")
     cfg = tmp_path / "neti.yml"
     cfg.write_text(f'zk_hosts: {{a: ["h:1"]}}\nstate_dir: {tmp_path / "state"}\n')
     return subprocess.run(

@@ -19,6 +19,7 @@ from tests.support.fakesystem import FakeSystem
 CFG = {"zk_hosts": {"default": ["127.0.0.1:1"]}, "backend": "nftables"}
 
 
+@pytest.mark.slow
 def test_status_imports_nothing_of_the_agent() -> None:
     code = (
         "import sys, neti.status, neti.status.kernel, neti.status.report\n"

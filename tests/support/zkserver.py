@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tests.support.markers import require
+
 if TYPE_CHECKING:
     from neti.lab.pki import CertificateAuthority, Issued
 
@@ -81,6 +83,7 @@ class ZooKeeperServer:
         return f"{self.host}:{self.port}"
 
     def start(self, timeout: float = 60.0) -> ZooKeeperServer:
+        require("zk", "tests/support/zkserver.py starts a ZooKeeper")
         cfg = Path(self.datadir) / "zoo.cfg"
         common = (
             f"tickTime=500\ndataDir={self.datadir}/data\n"

@@ -36,6 +36,7 @@ from neti.lab.topology import (
     TopologySpec,
     new_prefix,
 )
+from tests.support.markers import needs
 from tests.support.zkserver import ZooKeeperServer
 
 NETI = str(Path(sys.executable).with_name("neti"))
@@ -108,6 +109,7 @@ def _second_member_address(lab: Topology) -> None:
 
 
 @pytest.fixture(scope="module")
+@needs("root", "zk")
 def proxy_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyLab]:
     if os.geteuid() != 0:
         pytest.fail("the zkproxy tests need root (network namespaces)")
