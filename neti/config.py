@@ -24,6 +24,7 @@ from pydantic import (
     model_validator,
 )
 
+from neti import files
 from neti.dataplane.registry import CHOICES as BACKEND_CHOICES
 from neti.errors import ConfigError
 from neti.identity import address_problem
@@ -605,8 +606,14 @@ class _BoundedLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def _yaml_problem(exc: yaml.YAMLError) -> str:
+def _yaml_problem(exc: yaml.YAMLError, text: str = "") -> str:
     """One line: where and what, without PyYAML's multi-line snippet."""
+    if isinstance(exc, yaml.reader.ReaderError):
+        # A character YAML does not allow (NUL, other control characters): say where.
+        before = text[: exc.position]
+        line, column = before.count("\n") + 1, len(before) - (before.rfind("\n") + 1) + 1
+        char = exc.character if isinstance(exc.character, int) else ord(exc.character)
+        return f"line {line}, column {column}: character U+{char:04X} is not allowed in YAML"
     if isinstance(exc, yaml.MarkedYAMLError):
         mark = exc.problem_mark or exc.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -621,17 +628,22 @@ def loads(text: str, source: str = "<config>") -> Config:
     """Parse YAML text (bounded: size, depth, alias expansion, unique keys) and validate it."""
     if len(text) > MAX_FILE_BYTES or len(text.encode("utf-8", "surrogatepass")) > MAX_FILE_BYTES:
         raise ConfigError(source, [f"larger than {MAX_FILE_BYTES // 1024} KiB; not a config"])
-    loader = _BoundedLoader(text)
+    loader: _BoundedLoader | None = None
     try:
+        # The reader checks the characters as it is built: a NUL byte or another
+        # non-printable character is refused here, as a YAML error with its position.
+        loader = _BoundedLoader(text)
         data = loader.get_single_data()
     except _Refused as exc:
         raise ConfigError(source, [f"refused YAML: {_short_line(_yaml_problem(exc))}"]) from None
     except yaml.YAMLError as exc:
-        raise ConfigError(source, [f"not valid YAML: {_short_line(_yaml_problem(exc))}"]) from None
+        problem = _short_line(_yaml_problem(exc, text))
+        raise ConfigError(source, [f"not valid YAML: {problem}"]) from None
     except RecursionError:  # belt and braces: MAX_DEPTH should make this unreachable
         raise ConfigError(source, ["refused YAML: nested too deeply"]) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     return parse(data, source)
 
 
@@ -643,8 +655,8 @@ def load(path: str | Path = DEFAULT_PATH) -> Config:
     """Read and validate a YAML config file (at most MAX_FILE_BYTES of it)."""
     path = str(path)
     try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_FILE_BYTES + 1)
+        # Never blocks: a FIFO, a directory or a device given as the config is refused.
+        raw = files.read_regular(path, MAX_FILE_BYTES)
     except OSError as exc:
         raise ConfigError(path, [f"cannot read file: {exc.strerror or exc}"]) from None
     if len(raw) > MAX_FILE_BYTES:

@@ -23,10 +23,12 @@ from kazoo.protocol.states import KeeperState
 from kazoo.retry import KazooRetry
 from kazoo.security import ACL
 
+from neti import files
 from neti.config import Config
 from neti.errors import RegistryAccessError, RegistryError
 from neti.registry import attest
 from neti.registry.acl import (
+    MAX_PEM_BYTES,
     AclPolicy,
     check_instance_cn,
     load_certificate,
@@ -85,14 +87,20 @@ def tls_context(cfg: Config) -> ssl.SSLContext | None:
     ctx.check_hostname = tls.check_hostname
     ctx.verify_mode = ssl.CERT_REQUIRED
     try:
-        ctx.load_verify_locations(cafile=tls.ca)
-    except ssl.SSLError as exc:
-        raise RegistryAccessError(
-            f"zk_tls.ca {tls.ca}: no usable PEM CA certificate in it ({exc.reason or exc})"
-        ) from None
+        # Read it ourselves: OpenSSL would block for ever on a FIFO.
+        pem = files.read_regular(tls.ca, MAX_PEM_BYTES)
     except OSError as exc:
         raise RegistryAccessError(
             f"zk_tls.ca {tls.ca}: cannot read: {exc.strerror or exc}"
+        ) from None
+    if len(pem) > MAX_PEM_BYTES:
+        raise RegistryAccessError(f"zk_tls.ca {tls.ca}: larger than {MAX_PEM_BYTES} bytes")
+    try:
+        ctx.load_verify_locations(cadata=pem.decode("ascii"))
+    except (ssl.SSLError, UnicodeDecodeError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise RegistryAccessError(
+            f"zk_tls.ca {tls.ca}: no usable PEM CA certificate in it ({reason})"
         ) from None
     if tls.cert is not None and tls.key is not None:
         load_certificate(tls.cert)  # names zk_tls.cert on unreadable or non-PEM files
