@@ -189,6 +189,24 @@ class MetricsConfig(BaseModel):
     port: int = Field(default=9437, ge=1, le=65535)
 
 
+def _server_name(value: Any) -> Any:
+    if not isinstance(value, str):
+        raise ValueError(f"{_short(value)} is not a DNS name or an IP address")
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        if not DNS_NAME_RE.match(value):
+            raise ValueError(f"{_short(value)} is not a DNS name or an IP address") from None
+    return value
+
+
+# A DNS name as a certificate's subjectAltName carries it: dot-separated labels.
+DNS_NAME_RE = re.compile(
+    r"\A(?=.{1,253}\Z)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\Z"
+)
+
+
 class ZkTlsConfig(BaseModel):
     """TLS to ZooKeeper's ``secureClientPort``; with cert/key the host is identified by x509."""
 
@@ -196,12 +214,20 @@ class ZkTlsConfig(BaseModel):
     ca: str  # PEM bundle that signed the ZooKeeper servers' certificates
     cert: str | None = None  # this host's client certificate (PEM)
     key: str | None = None  # its private key (PEM)
-    check_hostname: bool = False  # servers are often reached by IP or through a proxy
+    # The server's certificate must name what the client asked for (subjectAltName DNS or
+    # IP): the host of the zk_hosts entry, or server_name. Without this check any
+    # certificate the CA signed, a host's included, could play ZooKeeper.
+    check_hostname: bool = True
+    # One name every server's certificate carries, checked instead of the zk_hosts entry:
+    # for clients that reach the servers through neti zkproxy or NAT, by other addresses.
+    server_name: Annotated[str, BeforeValidator(_server_name)] | None = None
 
     @model_validator(mode="after")
     def _pair(self) -> ZkTlsConfig:
         if (self.cert is None) != (self.key is None):
             raise ValueError("cert and key go together: give both or neither")
+        if self.server_name is not None and not self.check_hostname:
+            raise ValueError("server_name is checked only with check_hostname: true")
         return self
 
 

@@ -139,10 +139,16 @@ class BoundedConnectHandler(SequentialThreadingHandler):
     remembers handshake failures, so a refused certificate is told apart from a dead host.
     """
 
-    def __init__(self, connect_timeout: float, ssl_context: ssl.SSLContext | None = None):
+    def __init__(
+        self,
+        connect_timeout: float,
+        ssl_context: ssl.SSLContext | None = None,
+        server_name: str | None = None,
+    ):
         super().__init__()
         self.connect_timeout = connect_timeout
         self.ssl_context = ssl_context
+        self.server_name = server_name  # zk_tls.server_name: checked instead of the host
         self.tls_failures: dict[str, ssl.SSLError] = {}
         self.tls_cut_short: set[str] = set()  # handshakes that ended in EOF (see _transient)
         self._tls_lock = threading.Lock()
@@ -156,7 +162,9 @@ class BoundedConnectHandler(SequentialThreadingHandler):
         hostname = kwargs.get("hostname")
         sock = socket.create_connection(address, kwargs.get("timeout"))
         try:
-            conn = self.ssl_context.wrap_socket(sock, server_hostname=hostname or address[0])
+            conn = self.ssl_context.wrap_socket(
+                sock, server_hostname=self.server_name or hostname or address[0]
+            )
         except ssl.SSLError as exc:
             sock.close()
             with self._tls_lock:
@@ -324,7 +332,11 @@ def make_client(
         timeout=cfg.zk_session_timeout,
         # Dropped connections are noticed after 2/3 of the session timeout; one dead host at
         # T/5 still leaves time to reach a live one before the session expires.
-        handler=BoundedConnectHandler(max(1.0, cfg.zk_session_timeout / 5), ssl_context),
+        handler=BoundedConnectHandler(
+            max(1.0, cfg.zk_session_timeout / 5),
+            ssl_context,
+            cfg.zk_tls.server_name if cfg.zk_tls else None,
+        ),
         # Reconnect forever (an agent must outlive any ZooKeeper outage). The back-off stays
         # well under the session timeout: a server that comes back after a short outage still
         # holds our session, and a client that slept through its return would lose it, and
@@ -353,9 +365,19 @@ def _tls_verdict(cfg: Config, where: str, exc: ssl.SSLError) -> RegistryAccessEr
     if isinstance(exc, ssl.SSLCertVerificationError):
         detail = exc.verify_message or str(exc)
         if "hostname" in detail.lower() or "IP address mismatch" in detail:
+            name = cfg.zk_tls.server_name or where.rsplit(":", 1)[0]
+            key = "zk_tls.server_name" if cfg.zk_tls.server_name else "zk_tls.check_hostname"
             return RegistryAccessError(
-                f"zk_tls.check_hostname: the certificate of ZooKeeper at {where} does not "
-                f"name that host ({detail})"
+                f"{key}: the certificate of ZooKeeper at {where} does not name {name} "
+                f"({detail}); give the servers' certificates subjectAltName entries for the "
+                "names and addresses clients use, or set zk_tls.server_name "
+                "(docs/security.md, Certificates)"
+            )
+        if "certificate purpose" in detail.lower():
+            return RegistryAccessError(
+                f"zk_tls.ca {cfg.zk_tls.ca}: ZooKeeper at {where} presented a certificate "
+                f"that is not for servers ({detail}): a client's certificate, not a "
+                "ZooKeeper server's (docs/security.md, Certificates)"
             )
         return RegistryAccessError(
             f"zk_tls.ca {cfg.zk_tls.ca}: the certificate of ZooKeeper at {where} is not "
@@ -381,7 +403,9 @@ def _tls_verdict(cfg: Config, where: str, exc: ssl.SSLError) -> RegistryAccessEr
     )
 
 
-def _probe(ctx: ssl.SSLContext, host: str, port: int, timeout: float) -> ssl.SSLError | None:
+def _probe(
+    ctx: ssl.SSLContext, host: str, port: int, timeout: float, server_name: str | None = None
+) -> ssl.SSLError | None:
     """Handshake and wait briefly: the SSLError the server answered with, or None if it
     accepted us (or could not be reached at all, which is a different story)."""
     try:
@@ -389,7 +413,7 @@ def _probe(ctx: ssl.SSLContext, host: str, port: int, timeout: float) -> ssl.SSL
     except OSError:
         return None
     try:
-        conn = ctx.wrap_socket(sock, server_hostname=host)
+        conn = ctx.wrap_socket(sock, server_hostname=server_name or host)
     except ssl.SSLError as exc:
         sock.close()
         return None if _transient(exc) else exc
@@ -419,8 +443,9 @@ def _diagnose(cfg: Config, client: KazooClient, ctx: ssl.SSLContext | None, stat
     failures = dict(getattr(handler, "tls_failures", {}))
     for where, exc in failures.items():
         raise _tls_verdict(cfg, where, exc)
+    server_name = cfg.zk_tls.server_name if cfg.zk_tls else None
     for host, port in client.hosts[:PROBE_MAX_HOSTS]:
-        exc = _probe(ctx, host, port, PROBE_TIMEOUT)
+        exc = _probe(ctx, host, port, PROBE_TIMEOUT, server_name)
         if exc is not None:
             raise _tls_verdict(cfg, f"{host}:{port}", exc)
 
