@@ -17,8 +17,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from kazoo.client import KazooClient, TransactionRequest
-from kazoo.exceptions import KazooException
+from kazoo.exceptions import ConnectionDropped, KazooException
 from kazoo.handlers.threading import KazooTimeoutError, SequentialThreadingHandler
+from kazoo.protocol.connection import ConnectionHandler
 from kazoo.protocol.states import KeeperState
 from kazoo.retry import KazooRetry
 from kazoo.security import ACL
@@ -180,6 +181,31 @@ class BoundedConnectHandler(SequentialThreadingHandler):
         return conn
 
 
+# The largest reply the client reads (kazoo has no limit of its own: it allocates whatever
+# length a reply's header claims, up to 2 GiB). A trusted server's replies are bounded by
+# what it holds: a node's data by its jute.maxbuffer, a child list by the count quota times
+# the names' length (docs/operations.md); 16,000 members list in about 2 MiB.
+MAX_REPLY_BYTES = 64 * 1024 * 1024
+
+
+class BoundedConnection(ConnectionHandler):
+    """kazoo's connection, refusing a reply longer than ``max_reply`` before reading it:
+    the connection is dropped (and retried) instead of the process allocating it."""
+
+    max_reply = MAX_REPLY_BYTES
+
+    def _read(self, length, timeout):  # type: ignore[no-untyped-def]
+        if length < 0 or length > self.max_reply:
+            log.error(
+                "ZooKeeper sent a reply of %d bytes, more than the %d this client reads; "
+                "dropping the connection (docs/operations.md, ZooKeeper for a fleet)",
+                length,
+                self.max_reply,
+            )
+            raise ConnectionDropped(f"reply of {length} bytes refused")
+        return super()._read(length, timeout)
+
+
 class NotConnectedError(KazooException):
     """A call made while the connection is down: failed at once instead of queued (kazoo
     would queue it until the connection returns). Not retried by kazoo's retry helper."""
@@ -208,6 +234,11 @@ class DeadlineClient(KazooClient):
 
     def __init__(self, *args: Any, call_timeout: float | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
+        # kazoo's connection, with every reply's length bounded (BoundedConnection).
+        old: ConnectionHandler = self._connection  # type: ignore[has-type]
+        self._connection = BoundedConnection(
+            self, old.retry_sleeper, logger=old.logger, sasl_options=old.sasl_options
+        )
         self.call_timeout = call_timeout
         self.fail_fast = True
         self.aborted = False
