@@ -50,6 +50,7 @@ from neti.lab.topology import (
     cleanup,
     new_prefix,
 )
+from neti.registry.quota import server_jvm_flags
 
 T = TypeVar("T")
 
@@ -71,6 +72,8 @@ ZK_SERVER_NAME = "zookeeper.neti.lab"
 OPERATOR_CN = "neti-operator"
 OPERATOR_ID = f"x509:CN={OPERATOR_CN}"  # zk_acl.operators in every lab config
 SERVICE_PORT = 7000  # every member host runs a name server here
+# The hosts the lab's ZooKeeper quota is sized for (neti fleet secure --max-hosts).
+LAB_MAX_HOSTS = 2000
 AGENT_HOSTS = ("ec2a", "ec2b", "vpc1")
 OUTSIDER = "outsider"
 # The demo's "ec2" hosts reach ZooKeeper through a proxy in their own network (neti zkproxy).
@@ -190,6 +193,7 @@ class ZooKeeper:
         argv = [
             "java", "-Xmx256m", "-XX:+UseSerialGC", "-cp", classpath,
             "-Dzookeeper.admin.enableServer=false", f"-Dzookeeper.log.dir={self.datadir}",
+            *server_jvm_flags(),  # the ensemble's own limits (docs/operations.md)
             "org.apache.zookeeper.server.ZooKeeperServerMain", str(cfg),
         ]  # fmt: skip
         self.proc = self.lab.spawn(self.host, argv, stdout=log, stderr=subprocess.STDOUT)
@@ -506,7 +510,10 @@ class Lab:
         (``maxchange``, ``guard-release``) and locks the prefix (fleet identities may add to
         the containers, never create a node beside them)."""
         self.set_max_change(int(self.config.get("max_change_default", 20)))
-        self.neti(ZK_HOST, "fleet", "secure", check=True)
+        # ZooKeeper here is Neti's own: nothing outside the prefix is for the fleet, and
+        # the quota is sized for a lab (the -Xmx256m server), not a /18.
+        self.neti(ZK_HOST, "fleet", "secure", "--max-hosts", str(LAB_MAX_HOSTS), "--lock-root",
+                  check=True)  # fmt: skip
 
     def matrix(
         self,

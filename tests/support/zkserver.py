@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from neti.registry.quota import server_jvm_flags
+
 if TYPE_CHECKING:
     from neti.lab.pki import CertificateAuthority, Issued
 
@@ -133,6 +135,7 @@ class ZooKeeperServer:
             classpath,
             "-Dzookeeper.admin.enableServer=false",
             "-Dzookeeper.log.dir=" + self.datadir,
+            *server_jvm_flags(),  # the ensemble's own limits, as docs/operations.md sets them
             *extra,
             "org.apache.zookeeper.server.ZooKeeperServerMain",
             str(cfg),
