@@ -47,9 +47,14 @@ def _pump(a: socket.socket, b: socket.socket, seen: bytearray, stop: threading.E
 
 @contextlib.contextmanager
 def tls_relay(
-    cert: str, key: str, upstream: tuple[str, int], ca: str, client_cert: tuple[str, str]
+    cert: str,
+    key: str,
+    upstream: tuple[str, int],
+    ca: str,
+    client_cert: tuple[str, str],
+    listen: tuple[str, int] = ("127.0.0.1", 0),
 ) -> Iterator[Relay]:
-    """Listen on 127.0.0.1 presenting ``cert``; forward to ``upstream`` over TLS with
+    """Listen on ``listen`` presenting ``cert``; forward to ``upstream`` over TLS with
     ``client_cert`` (cert, key), trusting ``ca``. Stops and closes everything on exit."""
     server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_ctx.load_cert_chain(cert, key)
@@ -59,7 +64,7 @@ def tls_relay(
     up_ctx.load_cert_chain(*client_cert)
     listener = socket.socket()
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind(("127.0.0.1", 0))
+    listener.bind(listen)
     listener.listen(16)
     listener.settimeout(0.2)
     relay = Relay(listener.getsockname())
