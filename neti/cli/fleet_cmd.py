@@ -629,13 +629,13 @@ def _print_limits(prefix: str, limits: LimitsPlan, changes: list[LimitChange], v
         f"quota on {prefix}: {limits.quota.describe()}{usage} (refused only by servers run "
         "with -Dzookeeper.enforceQuota=true; docs/operations.md)"
     )
-    for path in limits.open_outside:
-        if not any(c.path == path for c in changes):
-            _warn(
-                f"{path} lets fleet identities create nodes outside {prefix}, where no quota "
-                "applies: one host could fill the ensemble; on an ensemble of Neti's own run "
-                "neti fleet secure --lock-root"
-            )
+    still_open = [p for p in limits.open_outside if not any(c.path == p for c in changes)]
+    if still_open:
+        _warn(
+            f"{', '.join(still_open)}: fleet identities may create nodes there, outside "
+            f"{prefix}, where no quota applies: one host could fill the ensemble; on an "
+            "ensemble of Neti's own run neti fleet secure --lock-root"
+        )
 
 
 # --- gc -----------------------------------------------------------------------------------

@@ -396,13 +396,18 @@ def _tls_verdict(cfg: Config, where: str, exc: ssl.SSLError) -> RegistryAccessEr
     if isinstance(exc, ssl.SSLCertVerificationError):
         detail = exc.verify_message or str(exc)
         if "hostname" in detail.lower() or "IP address mismatch" in detail:
-            name = cfg.zk_tls.server_name or where.rsplit(":", 1)[0]
-            key = "zk_tls.server_name" if cfg.zk_tls.server_name else "zk_tls.check_hostname"
+            if cfg.zk_tls.server_name:
+                key, name = "zk_tls.server_name", cfg.zk_tls.server_name
+                fix = f"give every server's certificate the subjectAltName DNS:{name}"
+            else:
+                key, name = "zk_tls.check_hostname", where.rsplit(":", 1)[0]
+                fix = (
+                    "give the servers' certificates subjectAltName entries for the names and "
+                    "addresses clients use, or set zk_tls.server_name"
+                )
             return RegistryAccessError(
                 f"{key}: the certificate of ZooKeeper at {where} does not name {name} "
-                f"({detail}); give the servers' certificates subjectAltName entries for the "
-                "names and addresses clients use, or set zk_tls.server_name "
-                "(docs/security.md, Certificates)"
+                f"({detail}); {fix} (docs/security.md, Certificates)"
             )
         if "certificate purpose" in detail.lower():
             return RegistryAccessError(
