@@ -222,7 +222,8 @@ def plan(
         out.changes.append(LimitChange(qpath, "quota", was, quota.describe()))
     try:
         stats, _ = client.get(f"{qpath}/{STATS}")
-        counted = {k: int(v) for k, v in _PAIR.findall(stats[:MAX_LIMITS_BYTES].decode())}
+        text = stats[:MAX_LIMITS_BYTES].decode("ascii", "replace")
+        counted = {k: int(v) for k, v in _PAIR.findall(text)}
         if "count" in counted and "bytes" in counted:
             out.usage = (counted["count"], counted["bytes"])
     except NoNodeError:
@@ -233,7 +234,7 @@ def plan(
         f"{QUOTA_ROOT}/" + "/".join(parts[:i]) for i in range(1, len(parts) + 1)
     ]
     quota_nodes += [f"{qpath}/{LIMITS}", f"{qpath}/{STATS}"]
-    outside = [a for a in ancestors(prefix)] + [SYSTEM]
+    outside = [*ancestors(prefix), SYSTEM]
     for path in quota_nodes + outside:
         try:
             acls, _ = client.get_acls(path)

@@ -20,6 +20,7 @@ from kazoo.client import KazooClient
 from kazoo.exceptions import ConnectionLoss, NoAuthError, QuotaExceededError
 
 from neti import config
+from neti.errors import RegistryError
 from neti.lab.pki import CertificateAuthority
 from neti.registry import Registry, connect, quota
 from neti.registry.acl import WORLD, AclPolicy
@@ -168,6 +169,9 @@ def test_secure_sets_the_quota_and_the_server_enforces_it(
     with pytest.raises(QuotaExceededError):
         for i in range(100):
             a.client.create(f"{prefix}/members/junk-{i}", b"", ephemeral=True)
+    # A host that claims now is told why, in one line.
+    with pytest.raises(RegistryError, match="the quota on the registry is full"):
+        a.claim("i-late")
     # A write larger than jute.maxbuffer: the server drops the connection, nothing changes.
     mine = next(m for m in a.client.get_children(f"{prefix}/members") if "|i-a|" in m)
     with pytest.raises((ConnectionLoss, Exception)):  # noqa: PT011,B017 - loss or a deadline
