@@ -119,6 +119,7 @@ def neti(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", COMMANDS, ids=[" ".join(c) for c in COMMANDS])
 def test_every_command_refuses_a_config_that_is_not_a_file(
     not_files: dict[str, Path], command: list[str]

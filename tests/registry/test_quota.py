@@ -137,6 +137,7 @@ def fleet(
 
 
 @pytest.mark.zk
+@pytest.mark.slow
 def test_secure_sets_the_quota_and_the_server_enforces_it(
     fleet: Fleet, prefix: str, tls_zk: ZooKeeperServer
 ) -> None:
@@ -179,6 +180,7 @@ def test_secure_sets_the_quota_and_the_server_enforces_it(
 
 
 @pytest.mark.zk
+@pytest.mark.slow
 def test_outside_the_prefix_is_said_and_locked_on_request(fleet: Fleet, prefix: str) -> None:
     a = fleet.host("i-b")
     out = fleet.secure("--max-hosts", "3")
@@ -199,6 +201,7 @@ def test_outside_the_prefix_is_said_and_locked_on_request(fleet: Fleet, prefix: 
     a.client.create(f"{prefix}/id-to-ip/i-new", b"10.9.0.99")
 
 
+@pytest.mark.zk
 def test_a_nested_quota_is_refused(tls_zk: ZooKeeperServer, pki: CertificateAuthority) -> None:
     """ZooKeeper checks only the nearest quota: one set inside the prefix would shadow it."""
     prefix = f"/neti-q-{uuid.uuid4().hex[:8]}"

@@ -57,6 +57,7 @@ def liar() -> Iterator[str]:
         t.join(5)
 
 
+@pytest.mark.slow
 def test_a_reply_longer_than_the_bound_drops_the_connection(
     liar: str, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -102,6 +102,7 @@ def test_host_certificates_are_for_clients_only(attacker: Issued) -> None:
         cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
 
 
+@pytest.mark.zk
 def test_the_server_certificate_names_the_server(tls_zk: ZooKeeperServer) -> None:
     assert tls_zk.server_cert is not None
     cert = x509.load_pem_x509_certificate(tls_zk.server_cert.cert.read_bytes())
@@ -119,6 +120,7 @@ def test_check_hostname_is_on_by_default(pki: CertificateAuthority, victim: Issu
     assert ctx is not None and ctx.check_hostname and ctx.verify_mode == ssl.CERT_REQUIRED
 
 
+@pytest.mark.zk
 def test_the_real_server_is_accepted_by_address_and_by_name(
     tls_zk: ZooKeeperServer, pki: CertificateAuthority, victim: Issued
 ) -> None:
@@ -130,6 +132,7 @@ def test_the_real_server_is_accepted_by_address_and_by_name(
             reg.close()
 
 
+@pytest.mark.zk
 @pytest.mark.parametrize("check_hostname", [True, False], ids=["default", "check_hostname-off"])
 def test_an_on_path_relay_with_a_host_certificate_is_refused(
     relay_with: Any,
@@ -152,6 +155,7 @@ def test_an_on_path_relay_with_a_host_certificate_is_refused(
     assert relay.handshakes_refused
 
 
+@pytest.mark.zk
 def test_a_relay_with_a_legacy_host_certificate_is_refused_by_name(
     relay_with: Any, pki: CertificateAuthority, victim: Issued, legacy_attacker: Issued
 ) -> None:
@@ -164,6 +168,7 @@ def test_a_relay_with_a_legacy_host_certificate_is_refused_by_name(
     assert relay.sessions == 0 and not relay.plaintext
 
 
+@pytest.mark.zk
 def test_before_a_legacy_host_certificate_without_the_name_check_reads_the_session(
     relay_with: Any, pki: CertificateAuthority, victim: Issued, legacy_attacker: Issued
 ) -> None:
@@ -179,6 +184,8 @@ def test_before_a_legacy_host_certificate_without_the_name_check_reads_the_sessi
     assert relay.sessions >= 1 and len(relay.plaintext) > 0
 
 
+@pytest.mark.zk
+@pytest.mark.slow
 def test_a_server_certificate_without_names_is_a_one_line_error_naming_the_fix(
     relay_with: Any,
     pki: CertificateAuthority,
@@ -205,6 +212,7 @@ def test_a_server_certificate_without_names_is_a_one_line_error_naming_the_fix(
     reg.close()
 
 
+@pytest.mark.zk
 def test_server_name_must_be_in_the_certificate(
     tls_zk: ZooKeeperServer, pki: CertificateAuthority, victim: Issued
 ) -> None:
