@@ -24,6 +24,7 @@ from pydantic import (
     model_validator,
 )
 
+from neti import files
 from neti.dataplane.registry import CHOICES as BACKEND_CHOICES
 from neti.errors import ConfigError
 from neti.identity import address_problem
@@ -188,6 +189,24 @@ class MetricsConfig(BaseModel):
     port: int = Field(default=9437, ge=1, le=65535)
 
 
+def _server_name(value: Any) -> Any:
+    if not isinstance(value, str):
+        raise ValueError(f"{_short(value)} is not a DNS name or an IP address")
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        if not DNS_NAME_RE.match(value):
+            raise ValueError(f"{_short(value)} is not a DNS name or an IP address") from None
+    return value
+
+
+# A DNS name as a certificate's subjectAltName carries it: dot-separated labels.
+DNS_NAME_RE = re.compile(
+    r"\A(?=.{1,253}\Z)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\Z"
+)
+
+
 class ZkTlsConfig(BaseModel):
     """TLS to ZooKeeper's ``secureClientPort``; with cert/key the host is identified by x509."""
 
@@ -195,12 +214,20 @@ class ZkTlsConfig(BaseModel):
     ca: str  # PEM bundle that signed the ZooKeeper servers' certificates
     cert: str | None = None  # this host's client certificate (PEM)
     key: str | None = None  # its private key (PEM)
-    check_hostname: bool = False  # servers are often reached by IP or through a proxy
+    # The server's certificate must name what the client asked for (subjectAltName DNS or
+    # IP): the host of the zk_hosts entry, or server_name. Without this check any
+    # certificate the CA signed, a host's included, could play ZooKeeper.
+    check_hostname: bool = True
+    # One name every server's certificate carries, checked instead of the zk_hosts entry:
+    # for clients that reach the servers through neti zkproxy or NAT, by other addresses.
+    server_name: Annotated[str, BeforeValidator(_server_name)] | None = None
 
     @model_validator(mode="after")
     def _pair(self) -> ZkTlsConfig:
         if (self.cert is None) != (self.key is None):
             raise ValueError("cert and key go together: give both or neither")
+        if self.server_name is not None and not self.check_hostname:
+            raise ValueError("server_name is checked only with check_hostname: true")
         return self
 
 
@@ -605,8 +632,14 @@ class _BoundedLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def _yaml_problem(exc: yaml.YAMLError) -> str:
+def _yaml_problem(exc: yaml.YAMLError, text: str = "") -> str:
     """One line: where and what, without PyYAML's multi-line snippet."""
+    if isinstance(exc, yaml.reader.ReaderError):
+        # A character YAML does not allow (NUL, other control characters): say where.
+        before = text[: exc.position]
+        line, column = before.count("\n") + 1, len(before) - (before.rfind("\n") + 1) + 1
+        char = exc.character if isinstance(exc.character, int) else ord(exc.character)
+        return f"line {line}, column {column}: character U+{char:04X} is not allowed in YAML"
     if isinstance(exc, yaml.MarkedYAMLError):
         mark = exc.problem_mark or exc.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -621,17 +654,22 @@ def loads(text: str, source: str = "<config>") -> Config:
     """Parse YAML text (bounded: size, depth, alias expansion, unique keys) and validate it."""
     if len(text) > MAX_FILE_BYTES or len(text.encode("utf-8", "surrogatepass")) > MAX_FILE_BYTES:
         raise ConfigError(source, [f"larger than {MAX_FILE_BYTES // 1024} KiB; not a config"])
-    loader = _BoundedLoader(text)
+    loader: _BoundedLoader | None = None
     try:
+        # The reader checks the characters as it is built: a NUL byte or another
+        # non-printable character is refused here, as a YAML error with its position.
+        loader = _BoundedLoader(text)
         data = loader.get_single_data()
     except _Refused as exc:
         raise ConfigError(source, [f"refused YAML: {_short_line(_yaml_problem(exc))}"]) from None
     except yaml.YAMLError as exc:
-        raise ConfigError(source, [f"not valid YAML: {_short_line(_yaml_problem(exc))}"]) from None
+        problem = _short_line(_yaml_problem(exc, text))
+        raise ConfigError(source, [f"not valid YAML: {problem}"]) from None
     except RecursionError:  # belt and braces: MAX_DEPTH should make this unreachable
         raise ConfigError(source, ["refused YAML: nested too deeply"]) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     return parse(data, source)
 
 
@@ -643,8 +681,8 @@ def load(path: str | Path = DEFAULT_PATH) -> Config:
     """Read and validate a YAML config file (at most MAX_FILE_BYTES of it)."""
     path = str(path)
     try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_FILE_BYTES + 1)
+        # Never blocks: a FIFO, a directory or a device given as the config is refused.
+        raw = files.read_regular(path, MAX_FILE_BYTES)
     except OSError as exc:
         raise ConfigError(path, [f"cannot read file: {exc.strerror or exc}"]) from None
     if len(raw) > MAX_FILE_BYTES:

@@ -15,6 +15,9 @@ class ConfigError(NetiError):
     def __init__(self, path: str, errors: list[str]):
         self.path = path
         self.errors = errors
+        if len(errors) == 1:  # one problem, one line
+            super().__init__(f"invalid config {path}: {errors[0]}")
+            return
         lines = "\n".join(f"  - {e}" for e in errors)
         super().__init__(f"invalid config {path}:\n{lines}")
 

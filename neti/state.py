@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import re
-import stat
 import tempfile
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
@@ -22,6 +21,7 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
+from neti import files
 from neti.config import LABEL_RE
 from neti.fleet import Fleet, Member
 from neti.identity import Identity
@@ -448,17 +448,12 @@ def read(state_dir: str | os.PathLike[str]) -> AgentState | None:
     p = path_for(state_dir)
     bad = f"{p}: not a Neti state file"
     try:
-        # O_NONBLOCK: a FIFO planted as state.json must not hang a monitoring check.
-        fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        # Never blocks: a FIFO planted as state.json must not hang a monitoring check.
+        raw = files.read_regular(p, MAX_BYTES)
     except FileNotFoundError:
         return None
-    except OSError as exc:
-        raise StateFileError(f"{p}: cannot read: {exc.strerror or exc}") from None
-    try:
-        with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise StateFileError(f"{bad}: not a regular file")
-            raw = f.read(MAX_BYTES + 1)
+    except files.NotRegularFileError as exc:
+        raise StateFileError(f"{bad}: {exc.strerror}") from None
     except OSError as exc:
         raise StateFileError(f"{p}: cannot read: {exc.strerror or exc}") from None
     if len(raw) > MAX_BYTES:

@@ -320,8 +320,10 @@ def test_cli_check_lists_every_bad_key(tmp_path: Path) -> None:
         ("just a string\n", "must be a mapping"),
         (b"zk_hosts: \xff\xfe\n", "not UTF-8"),
         ("", "zk_hosts: required key is missing"),
+        (b'zk_hosts: {a: ["h:1"]}\x00\n', "line 1, column 23: character U+0000 is not allowed"),
+        ('zk_hosts: {a: ["h:1"]}\nlog_file: "a\x1bb"\n', "line 2, column 13: character U+001B"),
     ],
-    ids=["missing", "bad-yaml", "list", "scalar", "binary", "empty"],
+    ids=["missing", "bad-yaml", "list", "scalar", "binary", "empty", "nul", "escape"],
 )
 def test_cli_check_bad_files_without_traceback(
     tmp_path: Path, content: str | bytes | None, message: str
@@ -331,6 +333,7 @@ def test_cli_check_bad_files_without_traceback(
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr and "internal error" not in r.stderr
     assert message in r.stderr and str(path) in r.stderr
+    assert r.stderr.count("\n") == 1, r.stderr  # one problem, one line
 
 
 @pytest.mark.slow
@@ -444,7 +447,7 @@ def test_cli_refuses_hostile_yaml_with_exit_2_and_one_line(tmp_path: Path, text:
     r = neti("config", "check", "-c", str(path))
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr and "internal error" not in r.stderr
-    assert r.stderr.count("\n") == 2 and len(r.stderr) < 300, r.stderr
+    assert r.stderr.count("\n") == 1 and len(r.stderr) < 300, r.stderr
 
 
 @pytest.mark.parametrize(
@@ -625,6 +628,27 @@ def _judge(text: str) -> None:
 @given(st.text(alphabet=st.sampled_from(list("ab:-[]{}&*!|>'\"#%@ \n\t0129.,<x")), max_size=200))
 def test_any_text_is_a_config_or_a_config_error(text: str) -> None:
     _judge(text)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.text(max_size=200))
+def test_any_characters_are_a_config_or_a_config_error(text: str) -> None:
+    """NUL, other control characters, surrogates, anything unicode."""
+    _judge('zk_hosts: {a: ["h:1"]}\n' + text)
+    _judge(text)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=300))
+def test_any_bytes_in_the_file_are_a_config_or_a_config_error(
+    tmp_path_factory: pytest.TempPathFactory, raw: bytes
+) -> None:
+    path = tmp_path_factory.mktemp("b") / "neti.yml"
+    path.write_bytes(b'zk_hosts: {a: ["h:1"]}\n' + raw)
+    try:
+        config.load(path)
+    except ConfigError as exc:
+        assert len(exc.errors) >= 1 and str(path) in str(exc)
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -26,7 +26,7 @@ from typing import Any
 from kazoo.exceptions import KazooException
 from kazoo.handlers.threading import KazooTimeoutError
 
-from neti import __version__
+from neti import __version__, files
 from neti import config as config_mod
 from neti import state as state_mod
 from neti.agent import fleetsync
@@ -131,6 +131,7 @@ def setup_logging(cfg: Config, verbose: bool = False) -> None:
         root.addHandler(h)
     if cfg.log_file:
         try:
+            files.check_writable_target(cfg.log_file)  # a FIFO would block the open
             fh = logging.FileHandler(cfg.log_file)
         except OSError as exc:
             log.error("log_file %s: %s; logging to stderr only", cfg.log_file, exc.strerror)

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, redirect_stdout
 from typing import Any, TextIO
 
+from kazoo.exceptions import NoAuthError
 from packaging.version import InvalidVersion, Version
 
 from neti import __version__
@@ -23,6 +24,7 @@ from neti.cli.common import add_config, add_json, load_config, print_json, print
 from neti.config import Config, StaticIdentity
 from neti.errors import NetiError
 from neti.registry import Registry, connect
+from neti.registry.quota import LimitChange, LimitsPlan
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -131,6 +133,26 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="whose ZooKeeper id owns each instance's nodes: 'INSTANCE-ID SCHEME:ID' lines "
         "(default with a client certificate: x509:CN=<instance ID>; required for digest)",
     )
+    sec.add_argument(
+        "--max-hosts",
+        type=_positive,
+        metavar="N",
+        help="size the ZooKeeper quota on zk_prefix for N hosts (default: every address of "
+        "overlay_subnet; docs/operations.md)",
+    )
+    sec.add_argument(
+        "--lock-root",
+        action="store_true",
+        help="also take node creation outside zk_prefix (/, /zookeeper) away from all but "
+        "operators, where no quota applies: on an ensemble of Neti's own",
+    )
+
+
+def _positive(text: str) -> int:
+    value = _non_negative(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
 
 
 def _non_negative(text: str) -> int:
@@ -508,6 +530,7 @@ def run_release(args: argparse.Namespace) -> int:
 
 def run_secure(args: argparse.Namespace) -> int:
     from neti.registry import acl as acl_mod
+    from neti.registry import quota as quota_mod
     from neti.registry.client import check_trust
 
     cfg = load_config(args)
@@ -548,6 +571,19 @@ def run_secure(args: argparse.Namespace) -> int:
                 done = acl_mod.apply_secure(reg.client, changes, progress)
             finally:
                 progress.done()
+        # The ensemble's own limits: a quota on the prefix, its nodes locked.
+        want = quota_mod.for_fleet(cfg.overlay_subnet, args.max_hosts)
+        try:
+            limits = quota_mod.plan(reg.client, cfg.zk_prefix, policy, want, args.lock_root)
+            limit_changes = limits.changes
+            if limit_changes and not args.dry_run:
+                limit_changes = quota_mod.apply(reg.client, limits, policy)
+        except NoAuthError:
+            raise NetiError(
+                f"ZooKeeper refused setting the quota on {cfg.zk_prefix} or locking its nodes "
+                f"for {policy.identity}: another identity locked {quota_mod.QUOTA_ROOT}; "
+                "ZooKeeper's super user can reset it (docs/operations.md)"
+            ) from None
     if args.json:
         print_json(
             {
@@ -555,6 +591,16 @@ def run_secure(args: argparse.Namespace) -> int:
                 "operator": policy.identity,
                 "changes": [c.as_dict() for c in done],
                 "unchanged": right,
+                "limits": {
+                    "quota": {"nodes": want.nodes, "bytes": want.size},
+                    "usage": (
+                        {"nodes": limits.usage[0], "bytes": limits.usage[1]}
+                        if limits.usage
+                        else None
+                    ),
+                    "changes": [c.as_dict() for c in limit_changes],
+                    "open_outside": limits.open_outside,
+                },
             }
         )
         return 0
@@ -564,7 +610,32 @@ def run_secure(args: argparse.Namespace) -> int:
         print(f"{verb} {c.path}: {acl_mod.acl_text(list(c.want))}{note}")
         print(f"    was {acl_mod.acl_text(list(c.have))}")
     print(f"{verb} {len(done)} ACLs; {right} nodes already right")
+    _print_limits(cfg.zk_prefix, limits, limit_changes, verb)
     return 0
+
+
+def _print_limits(prefix: str, limits: LimitsPlan, changes: list[LimitChange], verb: str) -> None:
+    for c in changes:
+        if c.kind == "quota":
+            print(f"{verb} the quota on {prefix}: {c.want} (was {c.have})")
+        else:
+            note = f"  ({c.note})" if c.note else ""
+            print(f"{verb} {c.path}: {c.want}{note}")
+            print(f"    was {c.have}")
+    usage = (
+        f"; in use: {limits.usage[0]:,} nodes, {limits.usage[1]:,} bytes" if limits.usage else ""
+    )
+    print(
+        f"quota on {prefix}: {limits.quota.describe()}{usage} (refused only by servers run "
+        "with -Dzookeeper.enforceQuota=true; docs/operations.md)"
+    )
+    still_open = [p for p in limits.open_outside if not any(c.path == p for c in changes)]
+    if still_open:
+        _warn(
+            f"{', '.join(still_open)}: fleet identities may create nodes there, outside "
+            f"{prefix}, where no quota applies: one host could fill the ensemble; on an "
+            "ensemble of Neti's own run neti fleet secure --lock-root"
+        )
 
 
 # --- gc -----------------------------------------------------------------------------------

@@ -50,6 +50,7 @@ from neti.lab.topology import (
     cleanup,
     new_prefix,
 )
+from neti.registry.quota import server_jvm_flags
 
 T = TypeVar("T")
 
@@ -65,9 +66,14 @@ NETTY_JARS = (
     "/usr/share/java/netty-resolver.jar",
     "/usr/share/java/netty-transport-native-unix-common.jar",
 )
+# The DNS name the lab's ZooKeeper certificate carries besides its addresses: what clients
+# that reach it by another address (through the proxy) check it by (zk_tls.server_name).
+ZK_SERVER_NAME = "zookeeper.neti.lab"
 OPERATOR_CN = "neti-operator"
 OPERATOR_ID = f"x509:CN={OPERATOR_CN}"  # zk_acl.operators in every lab config
 SERVICE_PORT = 7000  # every member host runs a name server here
+# The hosts the lab's ZooKeeper quota is sized for (neti fleet secure --max-hosts).
+LAB_MAX_HOSTS = 2000
 AGENT_HOSTS = ("ec2a", "ec2b", "vpc1")
 OUTSIDER = "outsider"
 # The demo's "ec2" hosts reach ZooKeeper through a proxy in their own network (neti zkproxy).
@@ -133,8 +139,11 @@ class ZooKeeper:
         self.probe_cert: Issued | None = None
         if tls is not None:
             h = lab.host(host)
-            self.server_cert = tls.issue(
-                "zookeeper", name="zk-server", ips=[str(h.private_ip), str(h.public_ip)]
+            self.server_cert = tls.issue_server(
+                "zookeeper",
+                name="zk-server",
+                ips=[str(h.private_ip), str(h.public_ip)],
+                dns=[ZK_SERVER_NAME],
             )
             # The four-letter-word probe needs a certificate too (clientAuth=need).
             self.probe_cert = tls.issue("zk-probe", name="zk-probe")
@@ -184,6 +193,7 @@ class ZooKeeper:
         argv = [
             "java", "-Xmx256m", "-XX:+UseSerialGC", "-cp", classpath,
             "-Dzookeeper.admin.enableServer=false", f"-Dzookeeper.log.dir={self.datadir}",
+            *server_jvm_flags(),  # the ensemble's own limits (docs/operations.md)
             "org.apache.zookeeper.server.ZooKeeperServerMain", str(cfg),
         ]  # fmt: skip
         self.proc = self.lab.spawn(self.host, argv, stdout=log, stderr=subprocess.STDOUT)
@@ -377,7 +387,18 @@ class Lab:
             "state_dir": str(self.state_dir(host)),
             **overrides,
         }
+        tls = cfg.get("zk_tls")
+        if isinstance(tls, dict) and self._reaches_zk_by_another_address(host, cfg["zk_hosts"]):
+            # Through the proxy the address is the proxy's: check the server's name instead.
+            cfg["zk_tls"] = {"server_name": ZK_SERVER_NAME, **tls}
         return self.topo.write_config(host, self.config_path(host), **cfg)
+
+    def _reaches_zk_by_another_address(self, host: str, zk_hosts: dict[str, Any]) -> bool:
+        zk = self.topo.host(ZK_HOST)
+        own = {str(zk.private_ip), str(zk.public_ip)}
+        net = self.topo.host(host).network
+        entries = zk_hosts.get(net or "", zk_hosts.get("default", []))
+        return any(str(e).rsplit(":", 1)[0] not in own for e in entries)
 
     def kazoo(
         self,
@@ -489,7 +510,10 @@ class Lab:
         (``maxchange``, ``guard-release``) and locks the prefix (fleet identities may add to
         the containers, never create a node beside them)."""
         self.set_max_change(int(self.config.get("max_change_default", 20)))
-        self.neti(ZK_HOST, "fleet", "secure", check=True)
+        # ZooKeeper here is Neti's own: nothing outside the prefix is for the fleet, and
+        # the quota is sized for a lab (the -Xmx256m server), not a /18.
+        self.neti(ZK_HOST, "fleet", "secure", "--max-hosts", str(LAB_MAX_HOSTS), "--lock-root",
+                  check=True)  # fmt: skip
 
     def matrix(
         self,

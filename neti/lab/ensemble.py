@@ -38,6 +38,7 @@ from neti.lab.topology import (
     TopologySpec,
     new_prefix,
 )
+from neti.registry.quota import server_jvm_flags
 
 CLIENT_PORT = 2181
 PEER_PORT = 2888
@@ -170,6 +171,7 @@ class Ensemble:
         argv = [
             "java", "-Xmx128m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1", "-cp", ZK_JAR,
             "-Dzookeeper.admin.enableServer=false", f"-Dzookeeper.log.dir={d}",
+            *server_jvm_flags(),
             "org.apache.zookeeper.server.quorum.QuorumPeerMain", str(cfg),
         ]  # fmt: skip
         self.procs[n] = self.lab.spawn(self.host(n), argv, stdout=log, stderr=subprocess.STDOUT)

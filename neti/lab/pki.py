@@ -84,15 +84,36 @@ class CertificateAuthority:
         _write_cert(self.cert_path, self.cert)
         _write_key(self.key_path, self._key)
 
-    def issue(
+    def issue(self, cn: str, name: str | None = None) -> Issued:
+        """A host's (or an operator's) certificate, subject ``CN=<cn>``, for client
+        authentication only (extendedKeyUsage clientAuth): presented by a server, a client
+        refuses it. Written as ``<name>.pem`` / ``<name>.key`` (name defaults to the CN)."""
+        return self.issue_custom(cn, name, [ExtendedKeyUsageOID.CLIENT_AUTH], [])
+
+    def issue_server(
         self,
         cn: str,
         name: str | None = None,
         ips: list[str] | None = None,
         dns: list[str] | None = None,
     ) -> Issued:
-        """A certificate with subject ``CN=<cn>`` for client and server use, as
-        ``<name>.pem`` / ``<name>.key`` (name defaults to the CN)."""
+        """A ZooKeeper server's certificate (extendedKeyUsage serverAuth) naming the
+        server's DNS names and addresses in subjectAltName: what clients check it by."""
+        sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns or []]
+        sans += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips or []]
+        if not sans:
+            raise ValueError("a server certificate needs at least one DNS name or address")
+        return self.issue_custom(cn, name, [ExtendedKeyUsageOID.SERVER_AUTH], sans)
+
+    def issue_custom(
+        self,
+        cn: str,
+        name: str | None,
+        usages: list[x509.ObjectIdentifier],
+        sans: list[x509.GeneralName],
+    ) -> Issued:
+        """Any extendedKeyUsage and subjectAltName: also certificates Neti no longer issues
+        (a host's with serverAuth, a server's without names), for tests of upgrades."""
         name = name or cn
         if "/" in name or name in ("", ".", ".."):
             raise ValueError(f"{name!r} is not a file name")
@@ -108,14 +129,21 @@ class CertificateAuthority:
             .not_valid_after(now + VALIDITY)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
-                x509.ExtendedKeyUsage(
-                    [ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH]
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=False,
+                    crl_sign=False,
+                    encipher_only=False,
+                    decipher_only=False,
                 ),
-                critical=False,
+                critical=True,
             )
+            .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         )
-        sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns or []]
-        sans += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips or []]
         if sans:
             builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
         cert = builder.sign(self._key, hashes.SHA256())

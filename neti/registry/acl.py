@@ -24,6 +24,7 @@ from cryptography.x509.oid import NameOID
 from kazoo.exceptions import NodeExistsError, NoNodeError
 from kazoo.security import ACL, Id, Permissions, make_digest_acl_credential
 
+from neti import files
 from neti.errors import RegistryAccessError, RegistryError
 from neti.registry.paths import RELEASE_NODE
 
@@ -62,8 +63,7 @@ def perms_text(perms: int) -> str:
 
 def _read_bounded(path: str, key: str, limit: int) -> bytes:
     try:
-        with open(path, "rb") as fh:
-            data = fh.read(limit + 1)
+        data = files.read_regular(path, limit)  # never blocks on a FIFO or a device
     except OSError as exc:
         raise RegistryAccessError(f"{key} {path}: cannot read: {exc.strerror or exc}") from None
     if len(data) > limit:

@@ -39,6 +39,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from neti import files
 from neti.errors import RegistryAccessError
 from neti.registry.addr import MalformedEntry
 from neti.registry.codec import decode_member
@@ -89,8 +90,7 @@ def message(name: str) -> bytes:
 
 def _read_bounded(path: str, key: str) -> bytes:
     try:
-        with open(path, "rb") as fh:
-            data = fh.read(MAX_PEM_BYTES + 1)
+        data = files.read_regular(path, MAX_PEM_BYTES)  # never blocks on a FIFO or a device
     except OSError as exc:
         raise RegistryAccessError(f"{key} {path}: cannot read: {exc.strerror or exc}") from None
     if len(data) > MAX_PEM_BYTES:

@@ -14,7 +14,7 @@ from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
 from kazoo.client import KazooClient
-from kazoo.exceptions import NoAuthError, NodeExistsError, NoNodeError
+from kazoo.exceptions import NoAuthError, NodeExistsError, NoNodeError, QuotaExceededError
 
 from neti.errors import RegistryError, SubnetFullError
 from neti.registry import addr
@@ -246,6 +246,8 @@ class OverlayClaims:
             failures = [r for r in results if isinstance(r, Exception)]
             if any(isinstance(r, NoAuthError) for r in failures):
                 raise NoAuthError()  # not a race: retrying cannot help
+            if any(isinstance(r, QuotaExceededError) for r in failures):
+                raise QuotaExceededError()  # the registry's quota is full: nor here
             if not failures:
                 if prefer is not None:
                     log.warning(

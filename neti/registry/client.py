@@ -17,16 +17,19 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from kazoo.client import KazooClient, TransactionRequest
-from kazoo.exceptions import KazooException
+from kazoo.exceptions import ConnectionDropped, KazooException
 from kazoo.handlers.threading import KazooTimeoutError, SequentialThreadingHandler
+from kazoo.protocol.connection import ConnectionHandler
 from kazoo.protocol.states import KeeperState
 from kazoo.retry import KazooRetry
 from kazoo.security import ACL
 
+from neti import files
 from neti.config import Config
 from neti.errors import RegistryAccessError, RegistryError
 from neti.registry import attest
 from neti.registry.acl import (
+    MAX_PEM_BYTES,
     AclPolicy,
     check_instance_cn,
     load_certificate,
@@ -85,14 +88,20 @@ def tls_context(cfg: Config) -> ssl.SSLContext | None:
     ctx.check_hostname = tls.check_hostname
     ctx.verify_mode = ssl.CERT_REQUIRED
     try:
-        ctx.load_verify_locations(cafile=tls.ca)
-    except ssl.SSLError as exc:
-        raise RegistryAccessError(
-            f"zk_tls.ca {tls.ca}: no usable PEM CA certificate in it ({exc.reason or exc})"
-        ) from None
+        # Read it ourselves: OpenSSL would block for ever on a FIFO.
+        pem = files.read_regular(tls.ca, MAX_PEM_BYTES)
     except OSError as exc:
         raise RegistryAccessError(
             f"zk_tls.ca {tls.ca}: cannot read: {exc.strerror or exc}"
+        ) from None
+    if len(pem) > MAX_PEM_BYTES:
+        raise RegistryAccessError(f"zk_tls.ca {tls.ca}: larger than {MAX_PEM_BYTES} bytes")
+    try:
+        ctx.load_verify_locations(cadata=pem.decode("ascii"))
+    except (ssl.SSLError, UnicodeDecodeError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise RegistryAccessError(
+            f"zk_tls.ca {tls.ca}: no usable PEM CA certificate in it ({reason})"
         ) from None
     if tls.cert is not None and tls.key is not None:
         load_certificate(tls.cert)  # names zk_tls.cert on unreadable or non-PEM files
@@ -131,10 +140,16 @@ class BoundedConnectHandler(SequentialThreadingHandler):
     remembers handshake failures, so a refused certificate is told apart from a dead host.
     """
 
-    def __init__(self, connect_timeout: float, ssl_context: ssl.SSLContext | None = None):
+    def __init__(
+        self,
+        connect_timeout: float,
+        ssl_context: ssl.SSLContext | None = None,
+        server_name: str | None = None,
+    ):
         super().__init__()
         self.connect_timeout = connect_timeout
         self.ssl_context = ssl_context
+        self.server_name = server_name  # zk_tls.server_name: checked instead of the host
         self.tls_failures: dict[str, ssl.SSLError] = {}
         self.tls_cut_short: set[str] = set()  # handshakes that ended in EOF (see _transient)
         self._tls_lock = threading.Lock()
@@ -148,7 +163,9 @@ class BoundedConnectHandler(SequentialThreadingHandler):
         hostname = kwargs.get("hostname")
         sock = socket.create_connection(address, kwargs.get("timeout"))
         try:
-            conn = self.ssl_context.wrap_socket(sock, server_hostname=hostname or address[0])
+            conn = self.ssl_context.wrap_socket(
+                sock, server_hostname=self.server_name or hostname or address[0]
+            )
         except ssl.SSLError as exc:
             sock.close()
             with self._tls_lock:
@@ -162,6 +179,31 @@ class BoundedConnectHandler(SequentialThreadingHandler):
             raise
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return conn
+
+
+# The largest reply the client reads (kazoo has no limit of its own: it allocates whatever
+# length a reply's header claims, up to 2 GiB). A trusted server's replies are bounded by
+# what it holds: a node's data by its jute.maxbuffer, a child list by the count quota times
+# the names' length (docs/operations.md); 16,000 members list in about 2 MiB.
+MAX_REPLY_BYTES = 64 * 1024 * 1024
+
+
+class BoundedConnection(ConnectionHandler):
+    """kazoo's connection, refusing a reply longer than ``max_reply`` before reading it:
+    the connection is dropped (and retried) instead of the process allocating it."""
+
+    max_reply = MAX_REPLY_BYTES
+
+    def _read(self, length, timeout):  # type: ignore[no-untyped-def]
+        if length < 0 or length > self.max_reply:
+            log.error(
+                "ZooKeeper sent a reply of %d bytes, more than the %d this client reads; "
+                "dropping the connection (docs/operations.md, ZooKeeper for a fleet)",
+                length,
+                self.max_reply,
+            )
+            raise ConnectionDropped(f"reply of {length} bytes refused")
+        return super()._read(length, timeout)
 
 
 class NotConnectedError(KazooException):
@@ -192,6 +234,11 @@ class DeadlineClient(KazooClient):
 
     def __init__(self, *args: Any, call_timeout: float | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
+        # kazoo's connection, with every reply's length bounded (BoundedConnection).
+        old: ConnectionHandler = self._connection  # type: ignore[has-type]
+        self._connection = BoundedConnection(
+            self, old.retry_sleeper, logger=old.logger, sasl_options=old.sasl_options
+        )
         self.call_timeout = call_timeout
         self.fail_fast = True
         self.aborted = False
@@ -316,7 +363,11 @@ def make_client(
         timeout=cfg.zk_session_timeout,
         # Dropped connections are noticed after 2/3 of the session timeout; one dead host at
         # T/5 still leaves time to reach a live one before the session expires.
-        handler=BoundedConnectHandler(max(1.0, cfg.zk_session_timeout / 5), ssl_context),
+        handler=BoundedConnectHandler(
+            max(1.0, cfg.zk_session_timeout / 5),
+            ssl_context,
+            cfg.zk_tls.server_name if cfg.zk_tls else None,
+        ),
         # Reconnect forever (an agent must outlive any ZooKeeper outage). The back-off stays
         # well under the session timeout: a server that comes back after a short outage still
         # holds our session, and a client that slept through its return would lose it, and
@@ -345,9 +396,24 @@ def _tls_verdict(cfg: Config, where: str, exc: ssl.SSLError) -> RegistryAccessEr
     if isinstance(exc, ssl.SSLCertVerificationError):
         detail = exc.verify_message or str(exc)
         if "hostname" in detail.lower() or "IP address mismatch" in detail:
+            if cfg.zk_tls.server_name:
+                key, name = "zk_tls.server_name", cfg.zk_tls.server_name
+                fix = f"give every server's certificate the subjectAltName DNS:{name}"
+            else:
+                key, name = "zk_tls.check_hostname", where.rsplit(":", 1)[0]
+                fix = (
+                    "give the servers' certificates subjectAltName entries for the names and "
+                    "addresses clients use, or set zk_tls.server_name"
+                )
             return RegistryAccessError(
-                f"zk_tls.check_hostname: the certificate of ZooKeeper at {where} does not "
-                f"name that host ({detail})"
+                f"{key}: the certificate of ZooKeeper at {where} does not name {name} "
+                f"({detail}); {fix} (docs/security.md, Certificates)"
+            )
+        if "certificate purpose" in detail.lower():
+            return RegistryAccessError(
+                f"zk_tls.ca {cfg.zk_tls.ca}: ZooKeeper at {where} presented a certificate "
+                f"that is not for servers ({detail}): a client's certificate, not a "
+                "ZooKeeper server's (docs/security.md, Certificates)"
             )
         return RegistryAccessError(
             f"zk_tls.ca {cfg.zk_tls.ca}: the certificate of ZooKeeper at {where} is not "
@@ -373,7 +439,9 @@ def _tls_verdict(cfg: Config, where: str, exc: ssl.SSLError) -> RegistryAccessEr
     )
 
 
-def _probe(ctx: ssl.SSLContext, host: str, port: int, timeout: float) -> ssl.SSLError | None:
+def _probe(
+    ctx: ssl.SSLContext, host: str, port: int, timeout: float, server_name: str | None = None
+) -> ssl.SSLError | None:
     """Handshake and wait briefly: the SSLError the server answered with, or None if it
     accepted us (or could not be reached at all, which is a different story)."""
     try:
@@ -381,7 +449,7 @@ def _probe(ctx: ssl.SSLContext, host: str, port: int, timeout: float) -> ssl.SSL
     except OSError:
         return None
     try:
-        conn = ctx.wrap_socket(sock, server_hostname=host)
+        conn = ctx.wrap_socket(sock, server_hostname=server_name or host)
     except ssl.SSLError as exc:
         sock.close()
         return None if _transient(exc) else exc
@@ -411,8 +479,9 @@ def _diagnose(cfg: Config, client: KazooClient, ctx: ssl.SSLContext | None, stat
     failures = dict(getattr(handler, "tls_failures", {}))
     for where, exc in failures.items():
         raise _tls_verdict(cfg, where, exc)
+    server_name = cfg.zk_tls.server_name if cfg.zk_tls else None
     for host, port in client.hosts[:PROBE_MAX_HOSTS]:
-        exc = _probe(ctx, host, port, PROBE_TIMEOUT)
+        exc = _probe(ctx, host, port, PROBE_TIMEOUT, server_name)
         if exc is not None:
             raise _tls_verdict(cfg, f"{host}:{port}", exc)
 

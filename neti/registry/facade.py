@@ -11,7 +11,7 @@ from ipaddress import IPv4Address, IPv4Network
 from typing import Any, ParamSpec, Protocol, TypeVar
 
 from kazoo.client import KazooClient
-from kazoo.exceptions import KazooException, NoAuthError, NoNodeError
+from kazoo.exceptions import KazooException, NoAuthError, NoNodeError, QuotaExceededError
 from kazoo.handlers.threading import KazooTimeoutError
 
 from neti import __version__
@@ -55,6 +55,11 @@ def _zk_errors(what: str, path: str | None = None) -> Callable[[Callable[P, R]],
                 policy = getattr(reg, "acl", None) or AclPolicy()
                 where = getattr(reg.paths, path) if path else None  # type: ignore[attr-defined]
                 raise policy.denied(what, where) from exc
+            except QuotaExceededError as exc:
+                raise RegistryError(
+                    f"ZooKeeper refused {what}: the quota on the registry is full (an operator "
+                    "raises it with neti fleet secure --max-hosts; docs/operations.md)"
+                ) from exc
             except (KazooException, KazooTimeoutError) as exc:
                 detail = str(exc) or type(exc).__name__
                 raise RegistryError(f"ZooKeeper error while {what}: {detail}") from exc

@@ -22,11 +22,16 @@ from kazoo.exceptions import BadVersionError, NodeExistsError, NoNodeError
 
 from neti.registry import addr
 from neti.registry.acl import AclPolicy
+from neti.registry.quota import MAX_REQUEST_BYTES
 
 log = logging.getLogger(__name__)
 
 MAX_BYTES = 1024 * 1024
 MAX_ENTRIES = 50_000
+# What one node may hold on servers run as docs/operations.md says (jute.maxbuffer, less the
+# request's own framing): a longer list would be refused by ZooKeeper. Readers accept more,
+# for ensembles run with a larger jute.maxbuffer.
+MAX_WRITE_BYTES = MAX_REQUEST_BYTES - 1024
 HEADER = "# revoked instance IDs (neti fleet revoke); one per line\n"
 
 
@@ -59,6 +64,17 @@ def parse(data: bytes) -> tuple[frozenset[str], list[str]]:
 
 def render(ids: Iterable[str]) -> bytes:
     return (HEADER + "".join(f"{i}\n" for i in sorted(set(ids)))).encode()
+
+
+def _writable(ids: frozenset[str] | set[str]) -> bytes:
+    data = render(ids)
+    if len(data) > MAX_WRITE_BYTES:
+        raise ValueError(
+            f"{len(ids)} revoked instance IDs make {len(data)} bytes, more than the "
+            f"{MAX_WRITE_BYTES} one ZooKeeper node holds (jute.maxbuffer, docs/operations.md); "
+            "unrevoke terminated instances, or rotate the CA (docs/security.md)"
+        )
+    return data
 
 
 class RevokedList:
@@ -111,7 +127,7 @@ class RevokedList:
             except NoNodeError:
                 new = add_ids - remove_ids
                 try:
-                    self.client.retry(self.client.create, self.path, render(new), acl=self.acl)
+                    self.client.retry(self.client.create, self.path, _writable(new), acl=self.acl)
                 except NodeExistsError:
                     continue
                 return frozenset(new)
@@ -123,7 +139,9 @@ class RevokedList:
                 ) from None
             edited = (current | add_ids) - remove_ids
             try:
-                self.client.retry(self.client.set, self.path, render(edited), version=stat.version)
+                self.client.retry(
+                    self.client.set, self.path, _writable(edited), version=stat.version
+                )
             except BadVersionError:
                 continue
             return frozenset(edited)

@@ -250,6 +250,8 @@ def trust(cfg: Config) -> dict[str, Any]:
         identity = cfg.zk_auth.scheme
     return {
         "tls": tls is not None,
+        # Whether the servers' certificates must name them (zk_tls.check_hostname).
+        "server_names_checked": bool(tls is not None and tls.check_hostname),
         "client_certificate": bool(tls is not None and tls.cert),
         "auth": identity,
         "acl": cfg.zk_acl is not None or identity is not None,
@@ -264,6 +266,8 @@ def trust_text(t: dict[str, Any]) -> str:
     if not (t["tls"] or t["auth"] or t["acl"]):
         return "trust:          OPEN registry (no TLS, no authentication, world-writable ACLs)"
     parts = ["TLS" if t["tls"] else "no TLS"]
+    if t["tls"] and not t.get("server_names_checked", True):
+        parts.append("server names NOT checked")
     if t["auth"] == "x509":
         parts.append("x509 client certificate")
     elif t["auth"]:

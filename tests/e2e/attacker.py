@@ -8,13 +8,16 @@ one JSON command per stdin line and answers one JSON line each, keeping its sess
 its ephemeral nodes) until stdin closes. Commands: ``create`` (path, data, ephemeral,
 ``sign``: data is a member record signed with KEY), ``bulk`` (parent, names: ephemeral
 children created concurrently), ``claim`` (instance_id, ip: both claim nodes), ``set``,
-``delete`` (recursive), ``children``. Errors are answered as ``{"error": "NoAuthError"}``.
+``delete`` (recursive), ``children``, ``get`` (size and version), ``flood`` (path, size,
+rate, seconds: asynchronous sets, counted by outcome), ``fill`` (parent, size, max: ephemeral
+children until refused). Errors are answered as ``{"error": "NoAuthError"}``.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import time
 from typing import Any
 
 from kazoo.client import KazooClient
@@ -74,7 +77,55 @@ def run(zk: KazooClient, cmd: dict[str, Any], key: str, cert: str) -> dict[str, 
         return {}
     if op == "children":
         return {"children": zk.get_children(cmd["path"])}
+    if op == "get":
+        data, stat = zk.get(cmd["path"])
+        return {"size": len(data), "version": stat.version}
+    if op == "flood":
+        return flood(zk, cmd["path"], cmd["size"], cmd["rate"], cmd["seconds"])
+    if op == "fill":
+        return fill(zk, cmd["parent"], cmd["size"], cmd["max"])
     return {"error": f"unknown op {op!r}"}
+
+
+def _outcomes(results: list[Any], wait: float = 60.0) -> dict[str, int]:
+    """How many answers of each kind ("ok", an exception's name, "unanswered")."""
+    out: dict[str, int] = {}
+    deadline = time.monotonic() + wait
+    for r in results:
+        try:
+            r.get(timeout=max(0.01, deadline - time.monotonic()))
+            name = "ok"
+        except Exception as exc:  # noqa: BLE001 - counted for the test
+            name = "unanswered" if not r.ready() else type(exc).__name__
+        out[name] = out.get(name, 0) + 1
+    return out
+
+
+def flood(zk: KazooClient, path: str, size: int, rate: float, seconds: float) -> dict[str, Any]:
+    """Set ``path`` to ``size`` bytes ``rate`` times a second, without waiting for answers
+    (a hostile writer); then the outcome of every write, by exception name."""
+    data = b"x" * size
+    results = []
+    start = time.monotonic()
+    n = 0
+    while time.monotonic() - start < seconds:
+        results.append(zk.set_async(path, data))
+        n += 1
+        time.sleep(max(0.0, start + n / rate - time.monotonic()))
+    return {"sent": n, "results": _outcomes(results)}
+
+
+def fill(zk: KazooClient, parent: str, size: int, most: int) -> dict[str, Any]:
+    """Ephemeral children of ``size`` bytes under ``parent`` until refused (or ``most``)."""
+    data = b"x" * size
+    made = 0
+    for i in range(most):
+        try:
+            zk.create(f"{parent}/fill-{i:06d}", data, ephemeral=True)
+        except Exception as exc:  # noqa: BLE001 - the refusal is the result
+            return {"created": made, "refused": type(exc).__name__}
+        made += 1
+    return {"created": made, "refused": None}
 
 
 def main() -> int:

@@ -32,6 +32,15 @@ def test_a_node_too_large_is_an_error_not_an_empty_list() -> None:
         revoked.parse(b"i-1\n" * (revoked.MAX_BYTES // 4 + 1))
 
 
+def test_a_list_larger_than_one_node_is_refused_before_writing() -> None:
+    """ZooKeeper run as docs/operations.md says refuses a node over jute.maxbuffer; the
+    operator gets the reason and the way out instead of a dropped connection."""
+    fits = {f"i-{n:017x}" for n in range(6000)}
+    assert len(revoked._writable(fits)) <= revoked.MAX_WRITE_BYTES
+    with pytest.raises(ValueError, match=r"more than the \d+ one ZooKeeper node holds"):
+        revoked._writable({f"i-{n:017x}" for n in range(7000)})
+
+
 def test_render_round_trips() -> None:
     ids = {"i-b", "i-a", "i-0123456789abcdef0"}
     assert revoked.parse(revoked.render(ids)) == (frozenset(ids), [])

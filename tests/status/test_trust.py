@@ -15,6 +15,7 @@ def test_open_registry_says_so() -> None:
     t = trust(config.parse(ZK))
     assert t == {
         "tls": False,
+        "server_names_checked": False,
         "client_certificate": False,
         "auth": None,
         "acl": False,
@@ -61,3 +62,10 @@ def test_tls_without_a_client_certificate_and_digest(tmp_path: Path) -> None:
     assert trust_text(trust(cfg)) == (
         "trust:          TLS, digest authentication, per-host ACLs, reads ip-map"
     )
+
+
+def test_tls_without_the_server_name_check_says_so(tmp_path: Path) -> None:
+    cfg = config.parse({**ZK, "zk_tls": {"ca": "/etc/neti/zk-ca.pem", "check_hostname": False}})
+    t = trust(cfg)
+    assert t["tls"] and t["server_names_checked"] is False
+    assert trust_text(t).startswith("trust:          TLS, server names NOT checked, ")

@@ -11,12 +11,16 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from neti.registry.quota import server_jvm_flags
 from tests.support.markers import require
 
 if TYPE_CHECKING:
     from neti.lab.pki import CertificateAuthority, Issued
 
 ZK_JAR = "/usr/share/java/zookeeper.jar"
+# The DNS name a TLS server's certificate carries besides its address: what clients that
+# reach it through a proxy check it by (zk_tls.server_name).
+SERVER_NAME = "zookeeper.neti.test"
 # The Netty server (needed for TLS) uses jars Debian's zookeeper.jar manifest does not name.
 NETTY_JARS = [
     "/usr/share/java/netty-codec.jar",
@@ -61,8 +65,8 @@ class ZooKeeperServer:
         self.probe_cert: Issued | None = None
         self.plain_port: int | None = None
         if tls is not None:
-            self.server_cert = tls.issue(
-                "zookeeper", name="zk-server", ips=[host], dns=["localhost"]
+            self.server_cert = tls.issue_server(
+                "zookeeper", name="zk-server", ips=[host], dns=["localhost", SERVER_NAME]
             )
             self.probe_cert = tls.issue("zk-probe", name="zk-probe")
             if plain_port:
@@ -133,6 +137,7 @@ class ZooKeeperServer:
             classpath,
             "-Dzookeeper.admin.enableServer=false",
             "-Dzookeeper.log.dir=" + self.datadir,
+            *server_jvm_flags(),  # the ensemble's own limits, as docs/operations.md sets them
             *extra,
             "org.apache.zookeeper.server.ZooKeeperServerMain",
             str(cfg),

@@ -37,7 +37,7 @@ from neti.lab.topology import (
     new_prefix,
 )
 from tests.support.markers import needs
-from tests.support.zkserver import ZooKeeperServer
+from tests.support.zkserver import SERVER_NAME, ZooKeeperServer
 
 NETI = str(Path(sys.executable).with_name("neti"))
 SESSION_TIMEOUT = 6.0
@@ -174,7 +174,13 @@ def tls_zk(proxy_lab: ProxyLab, tmp_path_factory: pytest.TempPathFactory) -> Ite
             "ec2a",
             zk_hosts={"ec2": [f"{PROXIES['px1']}:{TLS_PORT}"]},
             zk_session_timeout=SESSION_TIMEOUT,
-            zk_tls={"ca": str(ca.cert_path), "cert": str(host.cert), "key": str(host.key)},
+            # Through the proxy the address is px1's: the client checks the server's name.
+            zk_tls={
+                "ca": str(ca.cert_path),
+                "cert": str(host.cert),
+                "key": str(host.key),
+                "server_name": SERVER_NAME,
+            },
         )
         path = tmp / "neti-ec2a-tls.yml"
         path.write_text(yaml.safe_dump(data))

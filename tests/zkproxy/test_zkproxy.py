@@ -349,7 +349,8 @@ from neti.registry.client import make_client, tls_context
 cfg = config.load(sys.argv[1])
 ctx = tls_context(cfg)
 host, port = cfg.zk_hosts_for("ec2")[0].rsplit(":", 1)
-with ctx.wrap_socket(socket.create_connection((host, int(port)), 5)) as s:
+name = cfg.zk_tls.server_name  # through the proxy: checked by the server's name
+with ctx.wrap_socket(socket.create_connection((host, int(port)), 5), server_hostname=name) as s:
     der = s.getpeercert(binary_form=True)
 zk = make_client(cfg, "ec2", ctx)
 zk.start(timeout=20)

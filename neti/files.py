@@ -1,0 +1,81 @@
+"""Reading the local files a config names, without ever blocking on one that is not a file.
+
+A FIFO, a directory or a device given where Neti expects a file (the config, a certificate,
+a key, a credentials file, the log file) must be refused at once: ``open()`` on a FIFO waits
+for a writer (or, to write, a reader) for ever, and ``/dev/zero`` never ends. So files are
+opened with ``O_NONBLOCK`` (which makes opening a FIFO return at once), checked with
+``fstat`` to be regular, and read up to a bound. The errors are ``OSError`` with a
+``strerror`` that names what the path is, so callers' existing "cannot read: ..." lines
+say it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+
+class NotRegularFileError(OSError):
+    """A path that exists but is a FIFO, directory, device or socket."""
+
+
+def kind(mode: int) -> str:
+    """What a non-regular file is, for an error line."""
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    if stat.S_ISBLK(mode):
+        return "a block device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file"
+
+
+def _refuse(mode: int) -> NotRegularFileError:
+    what = kind(mode)
+    text = "not a regular file" if what == "not a regular file" else f"not a regular file ({what})"
+    return NotRegularFileError(errno.EINVAL, text)
+
+
+def read_regular(path: str | os.PathLike[str], limit: int) -> bytes:
+    """At most ``limit + 1`` bytes of the regular file ``path`` (so a caller can tell "too
+    large" from "exactly ``limit``"). OSError (NotRegularFileError for a FIFO, directory,
+    device or socket) without blocking."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise _refuse(mode)
+        chunks: list[bytes] = []
+        left = limit + 1
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def check_regular(path: str | os.PathLike[str]) -> None:
+    """OSError unless ``path`` is a regular file (following symlinks); never blocks."""
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        raise _refuse(mode)
+
+
+def check_writable_target(path: str | os.PathLike[str]) -> None:
+    """For a file we append to (the log file): absent (it will be created) or regular.
+    NotRegularFileError otherwise: opening a FIFO to write waits for a reader for ever."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(mode):
+        raise _refuse(mode)
