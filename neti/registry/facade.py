@@ -20,8 +20,8 @@ from neti.errors import RegistryError
 from neti.fleet import Fleet
 from neti.identity import Identity
 from neti.registry import addr
-from neti.registry.acl import AclPolicy, acl_key, acl_text
-from neti.registry.claims import OverlayClaims
+from neti.registry.acl import AclPolicy, Ownership
+from neti.registry.claims import ClaimReport, OverlayClaims
 from neti.registry.guard import MaxChange
 from neti.registry.index import FleetChange, FleetIndex
 from neti.registry.membership import Membership
@@ -62,6 +62,10 @@ def _zk_errors(what: str, path: str | None = None) -> Callable[[Callable[P, R]],
         return wrapper
 
     return deco
+
+
+def _children(stat: Any) -> int:
+    return int(stat.numChildren) if stat is not None else 0
 
 
 class SkipLog:
@@ -151,8 +155,15 @@ class Registry:
         self.owns_client = owns_client
         # Who we are and the ACL of each kind of node (acl.py); open unless cfg.secured.
         self.acl = acl if acl is not None else AclPolicy.from_config(cfg)
+        # Whose node is whose by its ACL (acl.Ownership); None on an open registry.
+        self.ownership = Ownership.for_config(cfg, self.acl)
         self._claims = OverlayClaims(
-            client, self.paths.id_to_ip, self.paths.ip_to_id, cfg.overlay_subnet, acl=self.acl
+            client,
+            self.paths.id_to_ip,
+            self.paths.ip_to_id,
+            cfg.overlay_subnet,
+            acl=self.acl,
+            ownership=self.ownership,
         )
         self.membership = Membership(
             client, cfg, self.paths.members, self.paths.legacy, acl=self.acl
@@ -168,8 +179,12 @@ class Registry:
             attest_check=attest_check,
             recheck_after=self.RECHECK_RESYNCS * cfg.resync_interval,
             recheck_share=self.RECHECK_RESYNCS,
+            id_to_ip=self.paths.id_to_ip,
+            ownership=self.ownership,
         )
         self.skip_log = SkipLog(log)
+        # ip-to-id nodes beyond id-to-ip's count at the last resync: excess claims.
+        self.claims_excess = 0
         self._lans: dict[IPv4Address, IPv4Network | None] = {}
         self._watch: FleetWatch | None = None
 
@@ -193,40 +208,24 @@ class Registry:
 
     # --- claims ---
     @_zk_errors("claiming an overlay IP", "id_to_ip")
-    def claim(self, instance_id: str, prefer: IPv4Address | None = None) -> IPv4Address:
-        """Our claim; ``prefer``: the address held before (claims.py: ClaimConflictError)."""
+    def claim(
+        self, instance_id: str, prefer: IPv4Address | None = None, owner: str | None = None
+    ) -> IPv4Address:
+        """Our claim; ``prefer``: the address held before (claims.py: ClaimConflictError,
+        ForeignClaimError); ``owner``: the ZooKeeper id it is written for (an operator
+        restoring another host's claim), default ours. A claim from the open days (world
+        ALL) is given its owner's ACL on the way."""
         self._tree.ensure()  # an empty ensemble: the prefix is created locked
         try:
-            ip = self._claims.claim(instance_id, prefer=prefer)
+            return self._claims.claim(instance_id, prefer=prefer, owner=owner)
         except NoAuthError:
             self._tree.explain_refusal()
             raise
-        if self.acl.secured:
-            self._own_claim_acls(instance_id, ip)
-        return ip
 
-    def _own_claim_acls(self, instance_id: str, ip: IPv4Address) -> None:
-        """A claim from the open days still has world ALL: give it our ACL (we may, while it
-        is open). One where it differs and we may not is left alone, with a warning."""
-        want = self.acl.own()
-        assert want is not None
-        for path in (f"{self.paths.id_to_ip}/{instance_id}", f"{self.paths.ip_to_id}/{ip}"):
-            try:
-                have, _ = self.client.retry(self.client.get_acls, path)
-                if acl_key(have) == acl_key(want):
-                    continue
-                self.client.retry(self.client.set_acls, path, want)
-                log.info("secured %s: %s", path, acl_text(want))
-            except NoAuthError:
-                log.warning(
-                    "%s has ACL %s, not ours (%s) and we may not change it; an operator can "
-                    "fix it with neti fleet secure",
-                    path,
-                    acl_text(have),
-                    acl_text(want),
-                )
-            except NoNodeError:
-                continue
+    @property
+    def claim_report(self) -> ClaimReport | None:
+        """What the last choice of a new address saw in the pool (excess claims)."""
+        return self._claims.report
 
     @_zk_errors("reading an overlay IP claim")
     def claim_of(self, instance_id: str) -> IPv4Address | None:
@@ -287,6 +286,7 @@ class Registry:
             self_id=me.instance_id if me is not None else None,
             self_network=me.network if me is not None else None,
             on_skip=self.skip_log.note,
+            read_v1=self.cfg.v1_members != "off",
         )
         self.skip_log.flush()
         return fleet
@@ -313,6 +313,7 @@ class Registry:
             self_id=self_id,
             self_network=self_network,
             on_skip=self.skip_log.note,
+            read_v1=self.cfg.v1_members != "off",
         )
         paths = [self.paths.members] + ([self.paths.legacy] if self.cfg.read_legacy else [])
         self._watch = FleetWatch(
@@ -351,9 +352,16 @@ class Registry:
 
     @_zk_errors("checking the fleet")
     def resync_fleet(self) -> FleetChange:
-        """The containers' Stat compared with the index; a re-list only if they differ."""
+        """The containers' Stat compared with the index; a re-list only if they differ. The
+        claim containers' Stat too: ip-to-id nodes beyond id-to-ip's are excess claims."""
         try:
-            return self._following().resync()
+            counts = [
+                self.client.exists_async(p) for p in (self.paths.id_to_ip, self.paths.ip_to_id)
+            ]
+            change = self._following().resync()
+            ids, ips = (self._bounded(r) for r in counts)
+            self.claims_excess = max(0, _children(ips) - _children(ids))
+            return change
         finally:
             self.skip_log.flush()
 

@@ -533,8 +533,11 @@ def test_membership_publishes_a_signed_record(ca: CA, tmp_path: Path) -> None:
     m.join(ident, IPv4Address("10.9.0.2"), "2.0.0")
     ((path, data),) = client.created.items()
     name = path.rsplit("/", 1)[1]
-    assert name == NAME_B
-    assert Attestor.from_config(cfg, clock=clock).check(name, data) is None  # type: ignore[union-attr]
+    assert name.startswith("v2|i-b|vpc|203.0.0.2|10.0.0.2|10.9.0.2|2.0.0|")  # and a nonce
+    attestor = Attestor.from_config(cfg, clock=clock)
+    assert attestor is not None
+    assert attestor.check(name, data, 7) is None  # bound to the creating session (7)
+    assert reason(attestor.check(name, data, 8)) == "replayed"
 
     unsigned = _RecordingClient()
     plain = Membership(unsigned, _cfg(tmp_path, ca), "/n/members", "/n/ip-map")  # type: ignore[arg-type]
@@ -604,18 +607,26 @@ def test_a_member_forged_by_a_credentialed_host_is_not_programmed(
         # A, with its own valid certificate, writes a member named for B (A's own session,
         # so ephemeral; B's claim, so the claim check passes): first unsigned, then signed
         # with A's key.
+        # ZooKeeper lets A give the nodes an ACL naming B as their owner, so only the
+        # signature tells them apart.
         me_a = identity_of(static("i-a", n=1))
-        forged = f"v1|i-b|vpc|{me_a.public_ip}|{me_a.private_ip}|{b_ip}|2.0.0"
+        forged = f"v2|i-b|vpc|{me_a.public_ip}|{me_a.private_ip}|{b_ip}|2.0.0|{'a' * 24}"
         signer_a = attest.signer_for(a.cfg)
         assert signer_a is not None
-        a.client.create(f"{prefix}/members/{forged}", b"", ephemeral=True)
+        session_a = a.session_id
+        as_b = b.acl.own()
+
+        def create(name: str, data: bytes) -> None:
+            a.client.create(f"{prefix}/members/{name}", data, ephemeral=True, acl=as_b)
+
+        create(forged, b"")
         forged2 = forged.replace("2.0.0", "2.0.1")
-        a.client.create(f"{prefix}/members/{forged2}", signer_a.sign(forged2), ephemeral=True)
+        create(forged2, signer_a.sign(forged2, session_a))
         # ... and replays B's own record on a name with A's addresses.
         b_name = b.membership.seats[0].name
         b_record, _ = a.client.get(f"{prefix}/members/{b_name}")
         forged3 = forged.replace("2.0.0", "2.0.2")
-        a.client.create(f"{prefix}/members/{forged3}", b_record, ephemeral=True)
+        create(forged3, b_record)
 
         fleet = c.read_fleet()
         by_id = {m.instance_id: m for m in fleet.members}
