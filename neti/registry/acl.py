@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
-from kazoo.exceptions import NodeExistsError, NoNodeError
+from kazoo.exceptions import NoAuthError, NodeExistsError, NoNodeError
 from kazoo.security import ACL, Id, Permissions, make_digest_acl_credential
 
 from neti.errors import RegistryAccessError, RegistryError
@@ -530,7 +530,9 @@ def plan_secure(
             data, _ = client.get(path)
         except NoNodeError:
             continue
-        iid = data.decode("ascii", "replace").strip()
+        except NoAuthError:
+            data = b""  # not readable by the operator: its ACL leaves us out (listed below)
+        iid = data[:256].decode("ascii", "replace").strip()
         owner_of_ip[name] = iid
         todo.append((path, "claim", *owned(iid, f"claim of {iid!r}")))
     for name in children(paths.id_to_ip):
@@ -561,6 +563,10 @@ def plan_secure(
             if path == paths.prefix:  # created by this plan
                 changes.append(AclChange(path, kind, tuple(container_acl), tuple(want), ""))
             continue  # gone meanwhile (an ephemeral member)
+        except NoAuthError:
+            note = "unreadable: its ACL leaves the operators out (neti fleet prune)"
+            changes.append(AclChange(path, kind, (), tuple(want), note))
+            continue
         if acl_key(have) == acl_key(want):
             right += 1
         else:
@@ -572,10 +578,11 @@ def apply_secure(
     client: KazooClient,
     changes: list[AclChange],
     progress: Callable[[int, int | None], None] | None = None,
-) -> list[AclChange]:
+) -> tuple[list[AclChange], list[AclChange]]:
     """Create what is missing, then set each planned ACL (the prefix's last); the changes
-    applied (nodes gone meanwhile are skipped)."""
-    done = []
+    applied (nodes gone meanwhile are skipped) and those ZooKeeper refused (a node whose ACL
+    leaves the operators out: only deleting it helps, ``neti fleet prune``)."""
+    done, refused = [], []
     for n, change in enumerate(changes, 1):
         if progress is not None:
             progress(n, len(changes))
@@ -589,5 +596,8 @@ def apply_secure(
                 client.set_acls(change.path, list(change.want))
         except NoNodeError:
             continue
+        except NoAuthError:
+            refused.append(change)
+            continue
         done.append(change)
-    return done
+    return done, refused

@@ -28,6 +28,7 @@ from neti.registry.membership import Membership
 from neti.registry.paths import Paths
 from neti.registry.revoked import RevokedList
 from neti.registry.snapshot import build_fleet
+from neti.registry.survey import Finding, Pruned, Survey, prune, read_tree, survey
 from neti.registry.tree import LockedPrefix
 from neti.registry.verify import AttestCheck, Verifier
 from neti.registry.watch import FleetWatch, WatchStats
@@ -221,6 +222,22 @@ class Registry:
         except NoAuthError:
             self._tree.explain_refusal()
             raise
+
+    @_zk_errors("surveying the registry")
+    def survey(self, progress: Callable[[int, int | None], None] | None = None) -> Survey:
+        """Every child of the containers read once and judged (survey.py): forged and
+        excess claims, nodes of revoked instances, persistent and unreadable nodes."""
+        tree = read_tree(
+            self.client, self.paths, self._bounded, self.ownership is not None, progress=progress
+        )
+        return survey(tree, self.ownership, self._revoked.get())
+
+    @_zk_errors("pruning the registry", "members")
+    def prune(
+        self, findings: list[Finding], progress: Callable[[int, int | None], None] | None = None
+    ) -> list[Pruned]:
+        """Delete what a survey found prunable (operators: DELETE on the containers)."""
+        return prune(self.client, findings, progress)
 
     @property
     def claim_report(self) -> ClaimReport | None:
