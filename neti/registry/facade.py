@@ -237,7 +237,7 @@ class Registry:
         self, findings: list[Finding], progress: Callable[[int, int | None], None] | None = None
     ) -> list[Pruned]:
         """Delete what a survey found prunable (operators: DELETE on the containers)."""
-        return prune(self.client, findings, progress)
+        return prune(self.client, self._bounded, findings, progress)
 
     @property
     def claim_report(self) -> ClaimReport | None:

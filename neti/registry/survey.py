@@ -336,25 +336,32 @@ class Pruned:
 
 
 def prune(
-    client: Any, findings: Iterable[Finding], progress: Progress | None = None
+    client: Any, wait: Wait, findings: Iterable[Finding], progress: Progress | None = None
 ) -> list[Pruned]:
     """Delete each prunable finding at the version it was read at (a node changed since is
-    left alone: ``changed``). Needs DELETE on the containers: an operator identity."""
+    left alone: ``changed``), BATCH deletes in flight at a time, each answer awaited with a
+    deadline. Needs DELETE on the containers: an operator identity."""
     todo = [f for f in findings if f.kind in PRUNABLE]
     out: list[Pruned] = []
-    for n, f in enumerate(todo, 1):
-        try:
-            client.delete(f.path, version=f.version if f.version is not None else -1)
-            result = "deleted"
-        except NoNodeError:
-            result = "gone"
-        except BadVersionError:
-            result = "changed"
-        except NotEmptyError:
-            result = "not empty"
-        except NoAuthError:
-            result = "refused"
-        out.append(Pruned(f, result))
+    for i in range(0, len(todo), BATCH):
+        batch = todo[i : i + BATCH]
+        pending = [
+            (f, client.delete_async(f.path, version=f.version if f.version is not None else -1))
+            for f in batch
+        ]
+        for f, result in pending:
+            try:
+                wait(result)
+                outcome = "deleted"
+            except NoNodeError:
+                outcome = "gone"
+            except BadVersionError:
+                outcome = "changed"
+            except NotEmptyError:
+                outcome = "not empty"
+            except NoAuthError:
+                outcome = "refused"
+            out.append(Pruned(f, outcome))
         if progress is not None:
-            progress(n, len(todo))
+            progress(len(out), len(todo))
     return out
