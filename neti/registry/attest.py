@@ -39,7 +39,7 @@ import datetime
 import hashlib
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -263,16 +263,27 @@ class Signer:
             )
         return signer
 
-    def sign(self, name: str, session: int | None = None) -> bytes:
+    def sign(
+        self, name: str, session: int | None = None, fields: Mapping[str, str] | None = None
+    ) -> bytes:
         """The member node's data for node ``name``: for a v2 name a neti-rec2 record bound
-        to ``session`` (the ZooKeeper session that creates the node; required), for a v1
+        to ``session`` (the ZooKeeper session that creates the node; required) carrying any
+        further signed ``fields`` (keys and values as parse_record accepts them); for a v1
         name a neti-sig1 record."""
         if name_format(name) == V1:
             sig = _raw_sign(self.key, message(name))
             return SEP.join((MAGIC, self._der_b64, base64.b64encode(sig)))
         if session is None or not 0 < session < 1 << 64:
             raise ValueError("a v2 member record needs the creating session's ID")
-        body = SEP.join((MAGIC2, b"session=%016x" % session, b"cert=" + self._der_b64))
+        lines = [MAGIC2, b"session=%016x" % session, b"cert=" + self._der_b64]
+        for key, value in sorted((fields or {}).items()):
+            line = f"{key}={value}".encode("ascii")
+            if key in ("session", "cert", "sig", "name") or not (
+                _KEY_RE.match(key.encode("ascii")) and _VALUE_RE.match(value.encode("ascii"))
+            ):
+                raise ValueError(f"not a record field: {line[:80]!r}")
+            lines.append(line)
+        body = SEP.join(lines)
         sig = _raw_sign(self.key, message_v2(name, body))
         return body + SEP + b"sig=" + base64.b64encode(sig)
 

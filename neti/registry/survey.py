@@ -204,18 +204,17 @@ def survey(tree: Tree, ownership: Ownership | None, revoked: Collection[str] = (
     bad_ids: set[str] = set()
     reserving: set[str] = set()  # holders already keeping one reservation
     for node in tree.id_to_ip:
+        value = _address(node.data)
+        if value is not None:
+            out.used.add(value)  # as the allocator counts it, whoever's it is
         got = _claim_node(node, ownership, revoked, addr_value=True)
         if isinstance(got, Finding):
             add(got)
             bad_ids.add(node.name)
-            if got.kind != "open":
-                continue
-            ip = _address(node.data)
-            assert ip is not None  # an open node is judged only once it parsed
-            valid_ids[node.name] = ip
+            if got.kind == "open" and value is not None:
+                valid_ids[node.name] = value
         else:
             valid_ids[node.name] = got[1]
-        out.used.add(valid_ids[node.name])
     for node in tree.ip_to_id:
         ip = _address(node.name.encode())
         if ip is not None:
@@ -276,13 +275,13 @@ def _claim_node(
 
     if node.denied:
         return finding("unreadable", "ZooKeeper refuses reading it (its ACL leaves us out)")
+    if owner and id_name(owner) in revoked:
+        return finding("revoked", f"owned by {owner}, a revoked instance")
     data = node.data or b""
     if len(data) > MAX_CLAIM_DATA:
         return finding("forged", f"{len(data)} bytes: not a claim")
     text = data.decode("ascii", "replace").strip()
     iid, ip_text = (node.name, text) if addr_value else (text, node.name)
-    if owner and id_name(owner) in revoked:
-        return finding("revoked", f"owned by {owner}, a revoked instance")
     if iid in revoked:
         return finding("revoked", f"a claim of {iid}, a revoked instance")
     try:

@@ -375,6 +375,110 @@ def test_a_record_never_vouches_for_another_name(
     assert (why is None) == (name == NAME_B)
 
 
+# --- v2: a record bound to the session that creates the node ----------------------------
+
+NAME_V2 = NAME_B.replace("v1|", "v2|") + "|0123456789abcdef01234567"
+SESSION = 0x1000017F2A3B4C5D
+
+
+@pytest.fixture(scope="module")
+def good2(ca: CA) -> bytes:
+    return ca.signer().sign(NAME_V2, SESSION)
+
+
+def test_a_v2_record_is_bound_to_its_session(ca: CA, attestor: Attestor, good2: bytes) -> None:
+    lines = good2.split(b"\n")
+    assert lines[0] == b"neti-rec2" and lines[1] == b"session=1000017f2a3b4c5d"
+    assert lines[2].startswith(b"cert=") and lines[3].startswith(b"sig=")
+    assert len(good2) < 1024
+    assert attestor.check(NAME_V2, good2, SESSION) is None
+    # The same bytes under any other session (a copy, a replay after its host left): refused.
+    why = attestor.check(NAME_V2, good2, SESSION + 1)
+    assert reason(why) == "replayed" and "signed for session 0x1000017f2a3b4c5d" in (why or "")
+    with pytest.raises(ValueError, match="session"):
+        ca.signer().sign(NAME_V2)
+    # Formats do not mix: a v1 record on a v2 name and the reverse are refused.
+    assert reason(attestor.check(NAME_V2, ca.signer().sign(NAME_B), SESSION)) == "bad_record"
+    assert reason(attestor.check(NAME_B, good2)) == "bad_record"
+
+
+def test_later_fields_are_signed_and_readers_ignore_what_they_do_not_know(
+    ca: CA, attestor: Attestor
+) -> None:
+    """The record is versioned key=value lines: the WireGuard key and port of a later
+    version sign like any field, and a reader that does not know them still checks the
+    rest; changing one breaks the signature."""
+    fields = {"wg_key": base64.b64encode(b"k" * 32).decode(), "wg_port": "51820"}
+    data = ca.signer().sign(NAME_V2, SESSION, fields)
+    assert attestor.check(NAME_V2, data, SESSION) is None
+    parsed = attest.parse_record(data)
+    assert not isinstance(parsed, str) and parsed.fields["wg_port"] == "51820"
+    forged = data.replace(b"wg_port=51820", b"wg_port=51821")
+    assert reason(attestor.check(NAME_V2, forged, SESSION)) == "bad_signature"
+    for bad in ({"sig": "x"}, {"session": "1"}, {"WG": "x"}, {"wg": "a b"}):
+        with pytest.raises(ValueError, match="not a record field"):
+            ca.signer().sign(NAME_V2, SESSION, bad)
+
+
+@pytest.mark.parametrize(
+    ("edit", "why"),
+    [
+        (lambda r: r.replace(b"neti-rec2", b"neti-rec3"), "not a neti-rec2"),
+        (lambda r: r.replace(b"\nsig=", b"\nsignature="), "not a neti-rec2"),
+        (lambda r: r.replace(b"session=", b"session=x", 1), "no session"),
+        (lambda r: r.replace(b"session=", b"session =", 1), "a line is not key=value"),
+        (
+            lambda r: r.replace(b"session=1000017f2a3b4c5d", b"session=1000017F2A3B4C5D"),
+            "no session",
+        ),
+        (lambda r: r.replace(b"session=1000017f2a3b4c5d", b"session=17f2a3b4c5d"), "no session"),
+        (lambda r: r.replace(b"\ncert=", b"\nx=1\nx=2\ncert="), "twice or reserved"),
+        (lambda r: r.replace(b"\ncert=", b"\nname=v2\ncert="), "twice or reserved"),
+        (lambda r: r.replace(b"\ncert=", b"\nsig=AAAA\ncert="), "twice or reserved"),
+        (
+            lambda r: r.replace(
+                b"\ncert=", b"\n" + b"\n".join(b"f%d=1" % i for i in range(20)) + b"\ncert="
+            ),
+            "more than 16",
+        ),
+        (lambda r: r.replace(b"\ncert=", b"\n\ncert="), "a line is not key=value"),
+        (lambda r: r + b"\n", "bad base64"),
+        (lambda r: r + b"\nextra=1", "bad base64"),
+        (lambda r: r.replace(b"\ncert=", b"\ncert=!"), "a line is not key=value"),
+        (lambda r: r.replace(b"\ncert=", b"\nz=\xff\ncert="), "a line is not key=value"),
+        (lambda r: r + b"A" * MAX_RECORD, "more than 4096"),
+    ],
+)
+def test_v2_records_parse_strictly(
+    attestor: Attestor, good2: bytes, edit: Callable[[bytes], bytes], why: str
+) -> None:
+    got = attestor.check(NAME_V2, edit(good2), SESSION)
+    assert reason(got) == "bad_record" and why in (got or ""), got
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    pos=st.integers(min_value=0, max_value=2000),
+    byte=st.integers(min_value=0, max_value=255),
+    owner=st.integers(min_value=0, max_value=(1 << 64) - 1),
+    data=st.binary(max_size=5000),
+)
+def test_v2_mutations_and_junk_never_pass_nor_raise(
+    attestor: Attestor, good2: bytes, pos: int, byte: int, owner: int, data: bytes
+) -> None:
+    mutated = bytearray(good2)
+    mutated[pos % len(good2)] = byte
+    for payload in (bytes(mutated), data, b"neti-rec2\n" + data):
+        parsed = attest.parse_record(payload)
+        assert isinstance(parsed, str | attest.Record)
+        why = attestor.check(NAME_V2, payload, owner)
+        assert why is None or why.split(":", 1)[0] in attest.REASONS
+        if why is None:
+            assert payload == good2 and owner == SESSION
+
+
 # --- loading keys and CAs ------------------------------------------------------------------
 
 

@@ -253,3 +253,19 @@ def test_fleet_merges_dedupes_and_counts_skipped() -> None:
 def test_empty_fleet() -> None:
     fleet = build_fleet([], [], NETS, SUBNET)
     assert fleet.members == () and fleet.skipped == 0
+
+
+def test_a_v2_entry_supersedes_the_v1_ones_of_its_instance() -> None:
+    """An older agent's v1 node (or a replay of one) never makes a v2 host a duplicate."""
+    now = encode_member(member(), new_nonce())
+    old = encode_member(member(public_ip=IP("198.51.100.9")))  # other addresses
+    fleet = build_fleet([old, now], [], NETS, SUBNET)
+    assert fleet.members == (member(),) and fleet.skipped == 0
+    # Two v1 nodes that differ are still both dropped, as before.
+    older = encode_member(member(private_ip=IP("10.0.0.99")))
+    assert build_fleet([old, older], [], NETS, SUBNET).skipped_by_reason == {
+        "duplicate_instance": 2
+    }
+    # v1_members: off - v1 names are not read at all.
+    off = build_fleet([old, now], [], NETS, SUBNET, read_v1=False)
+    assert off.members == (member(),) and off.skipped_by_reason == {"old_format": 1}
