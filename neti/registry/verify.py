@@ -11,22 +11,24 @@ believe it. An entry is programmed only when
   ID (claims are authoritative: a member cannot take another host's overlay IP by sorting
   first). The original's ``ip-map`` entries carry no instance ID; they need a claim by *some*
   valid instance ID, the most that can be checked for them;
-- on a secured registry (``ownership``), for a ``members/`` entry: its node, ``ip-to-id/<ip>``
-  and ``id-to-ip/<instance>`` are owned by the instance by their ACLs (acl.Ownership:
-  ``bad_acl``, ``forged_claim``), and ``id-to-ip/<instance>`` names the same overlay IP
-  (``excess_claim``): a claim counts only when both of its nodes are the claimant's and agree;
+- on a secured registry (``ownership``), for a ``members/`` entry: ``ip-to-id/<ip>`` and
+  ``id-to-ip/<instance>`` are owned by the instance by their ACLs (acl.Ownership,
+  ``forged_claim``) and ``id-to-ip/<instance>`` names the same overlay IP (``excess_claim``):
+  a claim counts only when both of its nodes are the claimant's and agree. Without a record
+  check the member node itself must be owned by its instance too (``bad_acl``); with one,
+  the record bound to the node's session already says the instance created it;
 - the optional ``attest_check(name, data, ephemeral_owner)`` hook (a record-signature check)
   returns None (``attestation``; ``replayed`` for a record signed for another session).
 
-Cost: each entry is verified once, when its name first appears (two reads, six on a secured
-registry with the ACLs and id-to-ip, issued together with every other new name's, each
-awaited with a deadline), and the verdict is cached by node name; names that disappear leave
-the cache. A cached verdict can go stale only if the claim behind it changes, which needs the
-claim's owner (or an operator) to release it; so each call also re-verifies the entries
-verified longest ago, at most ``1/recheck_share`` of the cache (and at least RECHECK_MIN),
-once they are older than ``recheck_after`` seconds. With the agent's defaults (resync every
-60 s, ``recheck_after`` = 10 resyncs) every entry is re-verified within about ten minutes of
-its claim changing, for a few reads per resync.
+Cost: each entry is verified once, when its name first appears (two reads; on a secured
+registry five with the claims' ACLs and id-to-ip, six without records; issued together with
+every other new name's, each awaited with a deadline), and the verdict is cached by node
+name; names that disappear leave the cache. A cached verdict can go stale only if the claim
+behind it changes, which needs the claim's owner (or an operator) to release it; so each call
+also re-verifies the entries verified longest ago, at most ``1/recheck_share`` of the cache
+(and at least RECHECK_MIN), once they are older than ``recheck_after`` seconds. With the
+agent's defaults (resync every 60 s, ``recheck_after`` = 10 resyncs) every entry is
+re-verified within about ten minutes of its claim changing, for a few reads per resync.
 
 Pure bookkeeping plus kazoo async reads; no logging here (the caller rate-limits that).
 """
@@ -208,7 +210,8 @@ class Verifier:
                 claims[ip] = self._issue(f"{self.ip_to_id}/{ip}", owned)
             if owned and not m.legacy and m.instance_id not in ids:
                 ids[m.instance_id] = self._issue(f"{self.id_to_ip}/{m.instance_id}", True)
-            nodes.append((c, self._issue(f"{c.parent}/{c.name}", owned and not m.legacy)))
+            node_acl = owned and not m.legacy and self.attest_check is None
+            nodes.append((c, self._issue(f"{c.parent}/{c.name}", node_acl)))
         end = self.clock() + self.deadline
         claim_of = {ip: self._collect(p, end) for ip, p in claims.items()}
         id_of = {iid: self._collect(p, end) for iid, p in ids.items()}
