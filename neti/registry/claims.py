@@ -23,7 +23,7 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
-from typing import Any
+from typing import Any, NoReturn
 
 from kazoo.client import KazooClient
 from kazoo.exceptions import BadVersionError, NoAuthError, NodeExistsError, NoNodeError
@@ -32,6 +32,7 @@ from neti.errors import RegistryError, SubnetFullError
 from neti.registry import addr
 from neti.registry.acl import AclPolicy, Ownership, id_name, norm, takeable
 from neti.registry.addr import MalformedEntry
+from neti.registry.verify import MAX_CLAIM_DATA
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,6 @@ RANDOM_TRIES = 64  # random candidates per pick before a nearly full subnet is s
 # ip-to-id nodes without an id-to-ip partner read (data and ACL) when choosing an address, to
 # say who holds them and to find our own reservation; more are counted, not read.
 UNPAIRED_READS = 2048
-MAX_CLAIM_BYTES = 256  # a claim holds an address or an instance ID; more is not a claim
 
 
 class ClaimConflictError(RegistryError):
@@ -123,7 +123,7 @@ def _holder(node: _Node) -> str:
     """Whom an ip-to-id node names ("an unreadable node" when we may not read it)."""
     if node.stat is None:
         return "an unreadable node"
-    return node.data[:MAX_CLAIM_BYTES].decode("ascii", "replace").strip()
+    return node.data[:MAX_CLAIM_DATA].decode("ascii", "replace").strip()
 
 
 def _ip(text: str) -> IPv4Address | None:
@@ -218,11 +218,13 @@ class OverlayClaims:
         out: dict[str, str] = {}
         for child, reads in pending.items():
             node = self._collect(reads)
-            if node is None or len(node.data) > MAX_CLAIM_BYTES:
+            if node is None or len(node.data) > MAX_CLAIM_DATA:
                 continue  # released meanwhile, unreadable, or not a claim
             out[child] = node.data.decode("ascii", "replace").strip()
             if owners is not None and self.ownership is not None and node.acl is not None:
-                owners[child] = self.ownership.owner_or_none(node.acl)
+                # "" for a node from the open days (world ALL): its host secures it.
+                owned = "" if takeable(node.acl) else self.ownership.owner_or_none(node.acl)
+                owners[child] = owned
         return out
 
     def _issue(self, path: str, acl: bool) -> tuple[Any, Any]:
@@ -294,7 +296,7 @@ class OverlayClaims:
         own = self.ownership
         if own is not None:
             for iid, owner in owners.items():
-                if own.by_name and (owner is None or id_name(owner) != iid):
+                if own.by_name and owner != "" and (owner is None or id_name(owner) != iid):
                     report.foreign += 1
                     report.foreign_by[owner or "no owner"] += 1
         paired = set(values.values())
@@ -307,7 +309,7 @@ class OverlayClaims:
         }
         for name, pending in reads.items():
             node = self._collect(pending)
-            if node is None or len(node.data) > MAX_CLAIM_BYTES:
+            if node is None or len(node.data) > MAX_CLAIM_DATA:
                 continue
             holder = node.data.decode("ascii", "replace").strip()
             owner = (
@@ -397,12 +399,17 @@ class OverlayClaims:
         self, instance_id: str, id_path: str, prefer: IPv4Address | None, who: _Who
     ) -> IPv4Address:
         for _ in range(MAX_ATTEMPTS):
-            node = self._node(id_path)
+            try:
+                node = self._node(id_path)
+            except NoAuthError:  # someone's node we may not even read: never ours
+                self._refuse_foreign(instance_id, id_path, "an identity we may not see", who)
             if node is not None:
                 if not self._ours(id_path, node, who):
                     if takeable(node.acl or ()):
                         continue  # secured just now: read it again
-                    self._refuse_foreign(instance_id, id_path, node, who)
+                    assert self.ownership is not None
+                    owner = self.ownership.owner_or_none(node.acl) or "no single owner"
+                    self._refuse_foreign(instance_id, id_path, owner, who)
                 ip = self._parse_claim(id_path, node.data)
                 if not addr.usable(self.subnet, ip):
                     # Peers ignore members outside the subnet: better loud than unreachable.
@@ -490,11 +497,9 @@ class OverlayClaims:
                 pass
         return False
 
-    def _refuse_foreign(self, instance_id: str, id_path: str, node: _Node, who: _Who) -> None:
+    def _refuse_foreign(self, instance_id: str, id_path: str, owner: str, who: _Who) -> NoReturn:
         """Our id-to-ip node belongs to another identity: never adopt it. Reserve an address
         (an ip-to-id node of ours; the one reserved before, if any) and say so."""
-        assert self.ownership is not None and node.acl is not None
-        owner = self.ownership.owner_or_none(node.acl) or "no single owner"
         reserved: IPv4Address | None = None
         for _ in range(MAX_ATTEMPTS):
             ip, mine = self._free(instance_id, who.id)

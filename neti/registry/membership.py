@@ -138,6 +138,13 @@ class EphemeralSeat:
                 path,
             )
             return
+        if owner == self._session():
+            log.warning(
+                "our own outdated membership node %s cannot be deleted under the secured "
+                "registry; it stays until this session ends (restart the agent)",
+                path,
+            )
+            return
         if self.renew is not None or not path.endswith("/" + self.name):
             log.warning(
                 "membership node %s of session %#x cannot be deleted under the secured "

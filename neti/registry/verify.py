@@ -61,7 +61,7 @@ _MAX_HOOK_TEXT = 200
 # Node data worth parsing: a member's signed record (attest.MAX_RECORD), a claim's address or
 # instance ID. Anything larger is refused before it is looked at.
 MAX_DATA = MAX_RECORD
-MAX_CLAIM_DATA = 256
+MAX_CLAIM_DATA = 256  # a claim holds an address or an instance ID; more is not a claim
 
 
 @dataclass(frozen=True, slots=True)

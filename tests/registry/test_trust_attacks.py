@@ -199,6 +199,19 @@ def test_a_claim_made_for_another_host_is_never_adopted(
     assert fleet.skipped_by_reason == {"excess_claim": 1}
 
 
+def test_an_id_to_ip_we_may_not_even_read_is_not_ours_either(
+    host: Callable[..., Registry],  # noqa: F811
+    attacker: Callable[..., KazooClient],
+) -> None:
+    a = host("i-a", overlay_subnet=SUBNET)
+    joined(a)
+    attacker().create(f"{a.paths.id_to_ip}/i-victim", b"10.8.5.5", acl=EVIL_ONLY)
+    victim = host("i-victim", n=6, overlay_subnet=SUBNET)
+    with pytest.raises(ForeignClaimError, match="an identity we may not see") as refused:
+        victim.claim("i-victim")
+    assert refused.value.reserved is not None
+
+
 def test_an_ip_to_id_naming_us_that_is_not_ours_makes_us_move(
     host: Callable[..., Registry],  # noqa: F811
     attacker: Callable[..., KazooClient],
