@@ -21,12 +21,20 @@ from __future__ import annotations
 import logging
 import random
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any, NoReturn
 
 from kazoo.client import KazooClient
-from kazoo.exceptions import BadVersionError, NoAuthError, NodeExistsError, NoNodeError
+from kazoo.exceptions import (
+    BadVersionError,
+    KazooException,
+    NoAuthError,
+    NodeExistsError,
+    NoNodeError,
+)
+from kazoo.handlers.threading import KazooTimeoutError
 
 from neti.errors import RegistryError, SubnetFullError
 from neti.registry import addr
@@ -156,6 +164,8 @@ class OverlayClaims:
         # Secured registries: whose claim nodes are whose (None: the open original).
         self.ownership = ownership
         self.report: ClaimReport | None = None  # what the last choice of an address saw
+        # The revoked instances, read only when a report names owners (set by the facade).
+        self.revoked_ids: Callable[[], frozenset[str]] = frozenset
         self._rng = random.SystemRandom()
         # Seams for tests: how many candidate addresses were tested against the used set, and
         # up to which size a subnet is scanned rather than sampled.
@@ -322,11 +332,26 @@ class OverlayClaims:
                 report.unpaired -= 1
                 continue
             report.unpaired_by[owner or holder[:64] or "?"] += 1
+        if report.unpaired_by or report.foreign_by:
+            try:
+                revoked = self.revoked_ids()
+            except (KazooException, KazooTimeoutError):
+                revoked = frozenset()  # the report only names owners: never fail a claim
+            for counts in (report.unpaired_by, report.foreign_by):
+                named = Counter({self._who(k, revoked): n for k, n in counts.items()})
+                counts.clear()
+                counts.update(named)
         self.report = report
         text = report.text()
         if text:
             log.warning("%s", text)
         return used, mine
+
+    @staticmethod
+    def _who(owner: str, revoked: frozenset[str]) -> str:
+        """An owner as the report names it: revoked instances say so."""
+        name = id_name(owner) if ":" in owner else owner
+        return f"{owner} (revoked)" if name in revoked else owner
 
     def _pick(self, used: set[IPv4Address]) -> IPv4Address:
         """A random free host address, without ever listing the subnet.

@@ -172,6 +172,7 @@ class Registry:
         self._guard = MaxChange(client, self.paths.max_change, cfg.max_change_default, acl=self.acl)
         self._tree = LockedPrefix(client, self.paths, self.acl)
         self._revoked = RevokedList(client, self.paths.revoked, acl=self.acl)
+        self._claims.revoked_ids = self._revoked.get  # the pool's report names revoked owners
         self._deadline = float(cfg.zk_session_timeout)
         self.verifier = Verifier(
             client,

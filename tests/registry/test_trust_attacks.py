@@ -340,6 +340,7 @@ def test_a_revoked_hosts_claims_and_nodes_are_shown_and_pruned(
     operator_cfg: str,
     tls_data: Callable[..., dict[str, Any]],  # noqa: F811
     tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     a = host("i-a", overlay_subnet=SUBNET)
     joined(a)
@@ -367,8 +368,13 @@ def test_a_revoked_hosts_claims_and_nodes_are_shown_and_pruned(
         f"{p.ip_to_id}/{evil_ip}",
         f"{p.ip_to_id}/10.8.99.1",
     }
+    # A host choosing an address names the revoked owner of the excess claim.
+    c = host("i-c", n=4, overlay_subnet=SUBNET)
+    with caplog.at_level(logging.WARNING, logger="neti.registry.claims"):
+        c.claim("i-c")
+    assert "held by x509:CN=i-evil (revoked): 1" in caplog.text
     done = neti_json("fleet", "prune", "--only", "revoked", "-c", operator_cfg)
     assert {x["path"] for x in done["pruned"] if x["result"] == "deleted"} == revoked
     assert a.claim_of("i-evil") is None
-    # Nothing of a's was touched.
-    assert ids(a.read_fleet()) == {"i-a"}
+    # Nothing of a's or c's was touched.
+    assert ids(a.read_fleet()) == {"i-a"} and c.claim_of("i-c") is not None
