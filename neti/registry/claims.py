@@ -427,14 +427,17 @@ class OverlayClaims:
             try:
                 node = self._node(id_path)
             except NoAuthError:  # someone's node we may not even read: never ours
-                self._refuse_foreign(instance_id, id_path, "an identity we may not see", who)
+                self._refuse_foreign(instance_id, id_path, "ZooKeeper refuses us reading it", who)
             if node is not None:
                 if not self._ours(id_path, node, who):
                     if takeable(node.acl or ()):
                         continue  # secured just now: read it again
                     assert self.ownership is not None
-                    owner = self.ownership.owner_or_none(node.acl) or "no single owner"
-                    self._refuse_foreign(instance_id, id_path, owner, who)
+                    own = self.ownership
+                    why = own.problem(node.acl, instance_id) or (
+                        f"it is owned by {own.owner_or_none(node.acl)}"
+                    )
+                    self._refuse_foreign(instance_id, id_path, why, who)
                 ip = self._parse_claim(id_path, node.data)
                 if not addr.usable(self.subnet, ip):
                     # Peers ignore members outside the subnet: better loud than unreachable.
@@ -522,7 +525,7 @@ class OverlayClaims:
                 pass
         return False
 
-    def _refuse_foreign(self, instance_id: str, id_path: str, owner: str, who: _Who) -> NoReturn:
+    def _refuse_foreign(self, instance_id: str, id_path: str, why: str, who: _Who) -> NoReturn:
         """Our id-to-ip node belongs to another identity: never adopt it. Reserve an address
         (an ip-to-id node of ours; the one reserved before, if any) and say so."""
         reserved: IPv4Address | None = None
@@ -538,7 +541,7 @@ class OverlayClaims:
             reserved = ip
             break
         raise ForeignClaimError(
-            f"{id_path} exists but belongs to {owner}, not this host: not adopting it (a "
+            f"{id_path} exists but is not this host's ({why}): not adopting it (a "
             f"forged claim); reserved overlay IP {reserved} instead. Peers accept this host "
             "once an operator removes the forged node (neti fleet audit; neti fleet prune); "
             "then it completes its claim there",

@@ -169,7 +169,7 @@ def test_a_claim_made_for_another_host_is_never_adopted(
     evil.create(f"{p.id_to_ip}/i-victim", x.encode(), acl=mine)
     evil.create(f"{p.ip_to_id}/{x}", b"i-victim", acl=mine)
     victim = host("i-victim", n=6, overlay_subnet=SUBNET)
-    with pytest.raises(ForeignClaimError, match="belongs to x509:CN=i-evil") as first:
+    with pytest.raises(ForeignClaimError, match="owned by x509:CN=i-evil, not i-victim") as first:
         victim.claim("i-victim")
     reserved = first.value.reserved
     assert reserved is not None and str(reserved) != x
@@ -207,7 +207,7 @@ def test_an_id_to_ip_we_may_not_even_read_is_not_ours_either(
     joined(a)
     attacker().create(f"{a.paths.id_to_ip}/i-victim", b"10.8.5.5", acl=EVIL_ONLY)
     victim = host("i-victim", n=6, overlay_subnet=SUBNET)
-    with pytest.raises(ForeignClaimError, match="an identity we may not see") as refused:
+    with pytest.raises(ForeignClaimError, match="ZooKeeper refuses us reading it") as refused:
         victim.claim("i-victim")
     assert refused.value.reserved is not None
 
@@ -378,3 +378,20 @@ def test_a_revoked_hosts_claims_and_nodes_are_shown_and_pruned(
     assert a.claim_of("i-evil") is None
     # Nothing of a's or c's was touched.
     assert ids(a.read_fleet()) == {"i-a"} and c.claim_of("i-c") is not None
+
+
+def test_a_claim_an_operator_restores_for_a_host_is_that_hosts(
+    host: Callable[..., Registry],  # noqa: F811
+) -> None:
+    """neti fleet restore-claims writes each claim owned by its instance, so the host adopts
+    it (an operator-owned one it would refuse, like any claim another identity owns)."""
+    a = host("i-a", overlay_subnet=SUBNET)
+    joined(a)
+    op = host(OPERATOR, n=9, overlay_subnet=SUBNET)
+    restored = op.claim("i-back", owner="x509:CN=i-back")
+    assert op.claim_of("i-back") == restored
+    back = host("i-back", n=7, overlay_subnet=SUBNET)
+    assert back.claim("i-back") == restored
+    with pytest.raises(ForeignClaimError, match=r"it has no owner \(operators only\)"):
+        op.claim("i-other")  # written for the operator itself ...
+        host("i-other", n=8, overlay_subnet=SUBNET).claim("i-other")  # ... is not i-other's
