@@ -275,6 +275,7 @@ def run_members(args: argparse.Namespace) -> int:
                 "count": len(rows),
                 "by_network": fleet.by_network(),
                 "skipped": fleet.skipped,
+                "skipped_by_reason": dict(fleet.skipped_by_reason),
                 "skipped_reasons": list(fleet.skipped_reasons),
                 "ec2": ec2_note,
             }
@@ -298,7 +299,8 @@ def run_members(args: argparse.Namespace) -> int:
     nets = ", ".join(f"{n} {c}" for n, c in fleet.by_network().items())
     tail = f"{len(rows)} members" + (f" ({nets})" if nets else "")
     if fleet.skipped:
-        tail += f"; {fleet.skipped} malformed registry entries skipped"
+        why = ", ".join(f"{code} {n}" for code, n in fleet.skipped_by_reason.items())
+        tail += f"; {fleet.skipped} registry entries skipped ({why})"
     print(tail)
     return 0
 

@@ -129,6 +129,10 @@ def test_a_node_nobody_may_read_blocks_nothing_and_its_removal_heals(
     found = neti_json("fleet", "audit", "--no-ec2", "-c", operator_cfg)["registry"]
     assert found["counts"]["unreadable"] == 2
     assert len(neti_json("fleet", "ips", "-c", operator_cfg)["claims"]) == 3
+    listed = neti_json("fleet", "members", "--no-ec2", "-c", operator_cfg)
+    assert listed["count"] == 3 and listed["skipped_by_reason"] == {"unreadable": 1}
+    r = run_neti("fleet", "members", "--no-ec2", "-c", operator_cfg)
+    assert "1 registry entries skipped (unreadable 1)" in r.stdout
     a_cfg = tmp_path / "a.yml"
     a_cfg.write_text(yaml.safe_dump(tls_data("i-a", overlay_subnet=SUBNET)))
     assert neti_json("members", "-c", str(a_cfg))["skipped_by_reason"] == {"unreadable": 1}
