@@ -303,12 +303,10 @@ def test_excess_claims_are_counted_shown_and_pruned(
     p = a.paths
     n = 2000
     mine = bad.acl.own()
-    pending = [
-        bad.client.create_async(
-            f"{p.ip_to_id}/10.8.{200 + i // 250}.{i % 250 + 1}", b"i-evil", acl=mine
-        )
-        for i in range(n)
-    ]
+    taken = {str(a.claim_of("i-a")), str(bad.claim_of("i-evil"))}
+    spare = (f"10.8.{200 + i // 250}.{i % 250 + 1}" for i in range(n + 2))
+    addrs = [ip for ip in spare if ip not in taken][:n]
+    pending = [bad.client.create_async(f"{p.ip_to_id}/{ip}", b"i-evil", acl=mine) for ip in addrs]
     for r in pending:
         r.get(timeout=30)
     # Every agent counts them at its resync, O(1) (the containers' Stat).
