@@ -363,6 +363,10 @@ class Config(BaseModel):
     # Members must carry a record signed with a certificate the fleet's CA (zk_tls.ca) issued
     # to CN=<their instance ID> (neti/registry/attest.py). None: on with zk_tls.cert.
     require_signed_members: bool | None = None
+    # v1 member names (agents before per-node nonces and session-bound records): "read" them
+    # (a host's v2 node supersedes its v1 ones), also "publish" one for such agents during an
+    # upgrade, or "off": neither (v1 names are predictable and v1 records replayable).
+    v1_members: Literal["read", "publish", "off"] = "read"
 
     @field_validator("require_signed_members")
     @classmethod

@@ -152,6 +152,7 @@ class AgentState:
     apply_errors: int = 0
     tagging: str = ""  # EC2 tagging of this instance: pending, ok, failed: …, skipped: …
     claim_conflict: str | None = None  # our saved overlay IP is claimed by another instance
+    claims_excess: int = 0  # ip-to-id nodes beyond id-to-ip's at the last resync
 
     def to_dict(self, with_fleet: bool = True) -> dict[str, Any]:
         """JSON-able form; ``with_fleet`` False leaves the fleet out (FleetRows has it)."""
@@ -177,6 +178,7 @@ class AgentState:
             "apply_errors": self.apply_errors,
             "tagging": self.tagging,
             "claim_conflict": self.claim_conflict,
+            "claims_excess": self.claims_excess,
         }
 
     @classmethod
@@ -224,6 +226,7 @@ class AgentState:
             skipped_by_reason=_counts(d.get("skipped_by_reason")),
             tagging=_typed(str, d.get("tagging") or "", "tagging"),
             claim_conflict=_opt(d.get("claim_conflict"), str, "claim_conflict"),
+            claims_excess=_typed(int, d.get("claims_excess") or 0, "claims_excess"),
             apply_errors=_typed(int, d.get("apply_errors") or 0, "apply_errors"),
         )
 

@@ -92,6 +92,7 @@ default['neti']['config']['zk_auth'] = nil             # { 'scheme' => 'digest',
 default['neti']['config']['zk_acl'] = nil
 default['neti']['config']['read_legacy'] = true        # false once no original agent is left
 default['neti']['config']['require_signed_members'] = nil # nil: on with zk_tls.cert
+default['neti']['config']['v1_members'] = 'read'      # 'publish' during an upgrade from v1 agents; 'off' after
 
 # --- credential files (written before neti.yml, owner root; the key 0600) ---
 # PEM text for the files zk_tls names, and the digest lines for zk_auth's credentials_file.

@@ -835,6 +835,7 @@ class Agent:
             # Why maxchange fell back to its default (status shows it), or None.
             self.state.guard.max_change_problem = self.reg.max_change_problem
             self._note_revoked(self.reg.revoked(self._revoked_token, known=True))
+            self.state.claims_excess = int(getattr(self.reg, "claims_excess", 0))
         except (RegistryError, KazooException, KazooTimeoutError) as exc:
             detail = str(exc) or type(exc).__name__
             log.warning("cannot read the fleet: %s; rules unchanged", detail)
@@ -898,6 +899,7 @@ class Agent:
         if self._rows is not None:
             self.metrics.set_members(dict(sorted(self._rows.by_network.items())))
         self.metrics.set_skipped(self.state.skipped_by_reason)
+        self.metrics.claims_excess.set(self.state.claims_excess)
         if full:
             self._update_conntrack()
         if decision.held:
@@ -960,6 +962,7 @@ class Agent:
             self.state.guard.max_change_problem,
             self.state.guard.revoked,
             self.state.guard.revoked_problem,
+            self.state.claims_excess,
         )
 
     def _overlay_taken(self, ip: IPv4Address) -> bool:

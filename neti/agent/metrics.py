@@ -93,6 +93,11 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.claims_excess = Gauge(
+            "neti_claims_excess",
+            "ip-to-id claims beyond id-to-ip's at the last resync (excess claims drain the pool)",
+            registry=r,
+        )
         self.conntrack_count = Gauge(
             "neti_conntrack_entries", "Entries in the conntrack table", registry=r
         )

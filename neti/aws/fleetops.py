@@ -106,6 +106,7 @@ class IpReport:
     used: list[tuple[IPv4Address, str, bool]]  # address, owner, owner is a live member
     outside: list[tuple[IPv4Address, str]]  # claims not in the subnet (after a subnet change)
     unclaimed: list[Member]  # live members whose overlay IP nobody claims
+    taken: int = 0  # addresses of the subnet any claim node holds (id-to-ip or ip-to-id)
 
     @property
     def stale(self) -> list[tuple[IPv4Address, str]]:
@@ -113,13 +114,13 @@ class IpReport:
 
     @property
     def free(self) -> int:
-        return self.usable - len(self.used)
+        return self.usable - max(self.taken, len(self.used))
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "subnet": str(self.subnet),
             "usable": self.usable,
-            "used": len(self.used),
+            "used": max(self.taken, len(self.used)),
             "free": self.free,
             "claims": [
                 {"overlay_ip": str(ip), "instance_id": iid, "live": live}
@@ -140,7 +141,14 @@ def live_claims(fleet: Fleet, claims: Mapping[str, IPv4Address]) -> set[str]:
     return {iid for iid, ip in claims.items() if iid in live_ids or ip in live_ips}
 
 
-def ip_report(subnet: IPv4Network, claims: Mapping[str, IPv4Address], fleet: Fleet) -> IpReport:
+def ip_report(
+    subnet: IPv4Network,
+    claims: Mapping[str, IPv4Address],
+    fleet: Fleet,
+    taken: Collection[IPv4Address] = (),
+) -> IpReport:
+    """The pool as claims use it. ``taken``: every address a claim node holds, ip-to-id's
+    names included (an address is free only when neither container has it)."""
     live = live_claims(fleet, claims)
     used, outside = [], []
     for iid, ip in claims.items():
@@ -149,12 +157,15 @@ def ip_report(subnet: IPv4Network, claims: Mapping[str, IPv4Address], fleet: Fle
         else:
             outside.append((ip, iid))
     claimed_ips = set(claims.values())
+    hosts = (subnet.network_address, subnet.broadcast_address)
+    occupied = {ip for ip in [*claimed_ips, *taken] if ip in subnet and ip not in hosts}
     return IpReport(
         subnet=subnet,
         usable=max(subnet.num_addresses - 2, 0),
         used=sorted(used),
         outside=sorted(outside),
         unclaimed=sorted(m for m in fleet.members if m.overlay_ip not in claimed_ips),
+        taken=len(occupied),
     )
 
 

@@ -25,6 +25,7 @@ from neti.config import Config, StaticIdentity
 from neti.errors import NetiError
 from neti.registry import Registry, connect
 from neti.registry.quota import LimitChange, LimitsPlan
+from neti.registry.survey import PRUNABLE, Survey
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -53,13 +54,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     m = cmd("members", "the live fleet, naturally sorted by Name tag", run_members, ec2=True)
     m.add_argument("--no-ec2", action="store_true", help="do not ask EC2 for Name tags")
 
-    cmd("ips", "used and free overlay addresses; claims without a live member", run_ips)
+    cmd(
+        "ips",
+        "used and free overlay addresses; claims without a live member; forged and excess claims",
+        run_ips,
+    )
 
     a = cmd(
         "audit",
         "EC2 instances not in the fleet, outdated agents, members EC2 no longer knows",
         run_audit,
         ec2=True,
+    )
+    a.add_argument(
+        "--no-ec2",
+        action="store_true",
+        help="the registry only: forged and excess claims, revoked hosts' and junk nodes",
     )
     a.add_argument(
         "--below-version",
@@ -92,6 +102,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     ur.add_argument("instance_ids", metavar="INSTANCE-ID", nargs="+")
     cmd("revoked", "the revoked instances", run_revoked)
 
+    pr = cmd(
+        "prune",
+        "delete forged and excess claims, revoked hosts' nodes, persistent and unreadable "
+        "nodes (operator identity needed; docs/operations.md)",
+        run_prune,
+    )
+    pr.add_argument("--dry-run", action="store_true", help="show what would be deleted")
+    pr.add_argument(
+        "--only",
+        metavar="KIND",
+        action="append",
+        choices=list(PRUNABLE),
+        help=f"prune only this kind (repeatable): {', '.join(PRUNABLE)}",
+    )
+
     r = cmd("release", "remove an instance's overlay IP claim", run_release)
     r.add_argument("instance_id", metavar="INSTANCE-ID")
     r.add_argument(
@@ -119,6 +144,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--from-tags", action="store_true", required=True, help="read EC2 overlay_ip tags"
     )
     rc.add_argument("--dry-run", action="store_true", help="show what would be created")
+    rc.add_argument(
+        "--identities",
+        metavar="FILE",
+        help="whose ZooKeeper id owns each restored claim: 'INSTANCE-ID SCHEME:ID' lines "
+        "(default with a client certificate: x509:CN=<instance ID>)",
+    )
 
     sec = cmd(
         "secure",
@@ -266,6 +297,7 @@ def run_members(args: argparse.Namespace) -> int:
                 "count": len(rows),
                 "by_network": fleet.by_network(),
                 "skipped": fleet.skipped,
+                "skipped_by_reason": dict(fleet.skipped_by_reason),
                 "skipped_reasons": list(fleet.skipped_reasons),
                 "ec2": ec2_note,
             }
@@ -289,7 +321,8 @@ def run_members(args: argparse.Namespace) -> int:
     nets = ", ".join(f"{n} {c}" for n, c in fleet.by_network().items())
     tail = f"{len(rows)} members" + (f" ({nets})" if nets else "")
     if fleet.skipped:
-        tail += f"; {fleet.skipped} malformed registry entries skipped"
+        why = ", ".join(f"{code} {n}" for code, n in fleet.skipped_by_reason.items())
+        tail += f"; {fleet.skipped} registry entries skipped ({why})"
     print(tail)
     return 0
 
@@ -297,18 +330,45 @@ def run_members(args: argparse.Namespace) -> int:
 # --- ips ----------------------------------------------------------------------------------
 
 
+def _survey(reg: Registry) -> Survey:
+    progress = Progress("reading claims")
+    try:
+        return reg.survey(progress)
+    finally:
+        progress.done()
+
+
+def _who(counts: dict[str, int]) -> str:
+    top = list(counts.items())[:5]
+    more = ", ..." if len(counts) > 5 else ""
+    return f" (held by {', '.join(f'{w}: {n}' for w, n in top)}{more})" if top else ""
+
+
 def run_ips(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     with _registry(cfg, args) as reg:
         fleet = reg.read_fleet()
         claims = reg.claims()
-    report = fleetops.ip_report(cfg.overlay_subnet, claims, fleet)
+        found = _survey(reg)
+    report = fleetops.ip_report(cfg.overlay_subnet, claims, fleet, found.used)
+    excess = dict(found.by_owner("excess").most_common())
+    forged = dict(found.by_owner("forged").most_common())
     if args.json:
-        print_json(report.as_dict())
+        print_json(
+            {
+                **report.as_dict(),
+                "id_to_ip": found.id_to_ip,
+                "ip_to_id": found.ip_to_id,
+                "forged": found.count("forged"),
+                "excess": found.count("excess"),
+                "forged_by_owner": forged,
+                "excess_by_owner": excess,
+            }
+        )
         return 0
     print(
-        f"overlay subnet {report.subnet}: {report.usable} usable, {len(report.used)} used, "
-        f"{report.free} free"
+        f"overlay subnet {report.subnet}: {report.usable} usable, {report.usable - report.free} "
+        f"used, {report.free} free ({found.id_to_ip} id-to-ip, {found.ip_to_id} ip-to-id nodes)"
     )
     if report.used:
         print()
@@ -324,6 +384,11 @@ def run_ips(args: argparse.Namespace) -> int:
         print(f"claim outside {report.subnet}: {ip} {iid}")
     for m in report.unclaimed:
         print(f"live member without a claim: {m.instance_id} {m.overlay_ip}")
+    if forged or excess:
+        print()
+        print(f"forged claims: {found.count('forged')}{_who(forged)}")
+        print(f"excess claims: {found.count('excess')}{_who(excess)}")
+        print("(neti fleet audit --no-ec2 lists them; neti fleet prune removes them)")
     return 0
 
 
@@ -339,10 +404,27 @@ def run_audit(args: argparse.Namespace) -> int:
     with _registry(cfg, args) as reg:
         fleet = reg.read_fleet()
         claims = reg.claims()
+        found = _survey(reg)
+    if args.no_ec2:
+        rows = fleetops.member_rows(fleet, claims, None)
+        outdated = [r for r in rows if fleetops.older_than(r.member.version, below)]
+        if args.json:
+            print_json(
+                {
+                    "below_version": str(below),
+                    "outdated": [r.as_dict() for r in outdated],
+                    "registry": found.as_dict(),
+                    "ec2": "not asked (--no-ec2)",
+                }
+            )
+            return 0
+        _print_outdated(below, outdated)
+        _print_survey(found)
+        return 0
     instances = _describe(cfg, args)  # every instance, every page: the audit needs them all
     result = fleetops.audit(fleet, claims, instances, below)
     if args.json:
-        print_json(result.as_dict())
+        print_json({**result.as_dict(), "registry": found.as_dict()})
         return 0
     _section(
         "running EC2 instances not in the fleet",
@@ -352,21 +434,48 @@ def run_audit(args: argparse.Namespace) -> int:
         ],
         ["NAME", "INSTANCE", "PRIVATE", "VPC"],
     )
-    _section(
-        f"members below {below}",
-        [
-            (r.name or "-", r.instance_id, r.member.overlay_ip, r.member.version or "unknown")
-            for r in result.outdated
-        ],
-        ["NAME", "INSTANCE", "OVERLAY", "VERSION"],
-    )
+    _print_outdated(below, result.outdated)
     _section(
         "members EC2 no longer knows",
         [(r.instance_id, r.member.overlay_ip, why) for r, why in result.gone],
         ["INSTANCE", "OVERLAY", "EC2"],
     )
+    _print_survey(found)
     print(f"summary: {result.summary()}")
     return 0
+
+
+def _print_outdated(below: Version, rows: list[fleetops.Row]) -> None:
+    _section(
+        f"members below {below}",
+        [
+            (r.name or "-", r.instance_id, r.member.overlay_ip, r.member.version or "unknown")
+            for r in rows
+        ],
+        ["NAME", "INSTANCE", "OVERLAY", "VERSION"],
+    )
+
+
+SURVEY_TITLES = {
+    "forged": "forged claims (not owned by the instance they name, or not claims)",
+    "excess": "excess claims (one owner, more than one claim)",
+    "revoked": "nodes of revoked instances",
+    "persistent": "persistent member nodes",
+    "unreadable": "nodes ZooKeeper refuses to read",
+    "open": "claims from the open days (neti fleet secure gives them their owner)",
+    "reserved": "addresses held while the host's id-to-ip is forged",
+}
+
+
+def _print_survey(found: Survey) -> None:
+    """The registry's part of the audit: one section per kind that has findings."""
+    for kind, title in SURVEY_TITLES.items():
+        rows = [(f.path, f.owner or "-", f.why) for f in found.of(kind)]
+        if rows:
+            _section(title, rows[:200], ["NODE", "OWNER", "WHY"])
+            if len(rows) > 200:
+                print(f"  ... {len(rows) - 200} more (--json lists all)")
+    print(f"registry: {found.summary()}")
 
 
 # --- set / get ----------------------------------------------------------------------------
@@ -499,6 +608,54 @@ def run_revoked(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- prune --------------------------------------------------------------------------------
+
+
+def run_prune(args: argparse.Namespace) -> int:
+    """Delete what the survey finds prunable, each node at the version it was read at."""
+    cfg = load_config(args)
+    kinds = tuple(args.only or PRUNABLE)
+    with _registry(cfg, args) as reg:
+        found = _survey(reg)
+        todo = found.of(*kinds)
+        pruned = []
+        if todo and not args.dry_run:
+            progress = Progress("deleting")
+            try:
+                pruned = reg.prune(todo, progress)
+            finally:
+                progress.done()
+    refused = [p for p in pruned if p.result == "refused"]
+    if args.json:
+        print_json(
+            {
+                "dry_run": bool(args.dry_run),
+                "kinds": list(kinds),
+                "found": [f.as_dict() for f in todo],
+                "pruned": [p.as_dict() for p in pruned],
+                "counts": found.counts(),
+            }
+        )
+    elif args.dry_run:
+        for f in todo:
+            print(f"would delete {f.path} ({f.kind}: {f.why})")
+        print(f"would delete {len(todo)} nodes ({found.summary()})")
+    else:
+        for p in pruned:
+            print(f"{p.result} {p.finding.path} ({p.finding.kind}: {p.finding.why})")
+        deleted = sum(1 for p in pruned if p.result == "deleted")
+        changed = sum(1 for p in pruned if p.result == "changed")
+        tail = f"; {changed} changed since they were read (run it again)" if changed else ""
+        print(f"deleted {deleted} of {len(todo)} nodes{tail}")
+    if refused:
+        raise NetiError(
+            f"ZooKeeper refused deleting {len(refused)} nodes (e.g. {refused[0].finding.path}): "
+            f"not allowed for {reg.acl.identity}; this needs an operator identity "
+            "(zk_acl.operators, docs/security.md)"
+        )
+    return 0
+
+
 # --- release ------------------------------------------------------------------------------
 
 
@@ -565,10 +722,11 @@ def run_secure(args: argparse.Namespace) -> int:
         finally:
             progress.done()
         done = changes
+        refused: list[acl_mod.AclChange] = []
         if changes and not args.dry_run:
             progress = Progress("setting ACLs")
             try:
-                done = acl_mod.apply_secure(reg.client, changes, progress)
+                done, refused = acl_mod.apply_secure(reg.client, changes, progress)
             finally:
                 progress.done()
         # The ensemble's own limits: a quota on the prefix, its nodes locked.
@@ -590,6 +748,7 @@ def run_secure(args: argparse.Namespace) -> int:
                 "dry_run": bool(args.dry_run),
                 "operator": policy.identity,
                 "changes": [c.as_dict() for c in done],
+                "refused": [c.as_dict() for c in refused],
                 "unchanged": right,
                 "limits": {
                     "quota": {"nodes": want.nodes, "bytes": want.size},
@@ -609,6 +768,8 @@ def run_secure(args: argparse.Namespace) -> int:
         note = f"  ({c.note})" if c.note else ""
         print(f"{verb} {c.path}: {acl_mod.acl_text(list(c.want))}{note}")
         print(f"    was {acl_mod.acl_text(list(c.have))}")
+    for c in refused:
+        print(f"refused {c.path}: its ACL leaves the operators out (neti fleet prune removes it)")
     print(f"{verb} {len(done)} ACLs; {right} nodes already right")
     _print_limits(cfg.zk_prefix, limits, limit_changes, verb)
     return 0
@@ -717,11 +878,30 @@ def restore_plan(
     return plan
 
 
+def _owners(cfg: Config, identities: str | None) -> Callable[[str], str | None]:
+    """Whose ZooKeeper id a claim made for another instance is written for: its host must
+    own it, or the host will not adopt it. None: the caller's own (an open registry)."""
+    from neti.registry import acl as acl_mod
+
+    if identities:
+        mapping = acl_mod.load_identities(identities)
+        return mapping.get
+    if not cfg.secured:
+        return lambda _iid: None
+    if cfg.zk_tls is not None and cfg.zk_tls.cert is not None:
+        return acl_mod.instance_x509_id
+    raise NetiError(
+        "digest identities cannot be derived from instance IDs: give --identities FILE "
+        "('INSTANCE-ID digest:USER:HASH' lines), so each restored claim is its host's"
+    )
+
+
 def run_restore_claims(args: argparse.Namespace) -> int:
     from neti.aws.tags import overlay_tags
     from neti.registry.claims import ClaimConflictError
 
     cfg = load_config(args)
+    owner_of = _owners(cfg, args.identities)
     tags, problems = overlay_tags(aws_mod.ec2_client(cfg, args.region))
     for p in problems:
         _warn(p)
@@ -731,7 +911,7 @@ def run_restore_claims(args: argparse.Namespace) -> int:
         if not args.dry_run:
             for iid, ip, _why in plan["create"]:
                 try:
-                    got = reg.claim(iid, prefer=tags[iid])
+                    got = reg.claim(iid, prefer=tags[iid], owner=owner_of(iid))
                 except ClaimConflictError as exc:
                     plan["conflict"].append((iid, ip, str(exc)))
                     continue

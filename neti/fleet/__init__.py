@@ -14,6 +14,13 @@ SKIP_REASONS: tuple[str, ...] = (
     "claim_mismatch",  # ip-to-id/<overlay> names another instance
     "persistent",  # a member node that is not ephemeral (would never expire)
     "attestation",  # the record-signature check refused it
+    "replayed",  # a signed record bound to another session than the node's (a copy)
+    "unreadable",  # ZooKeeper refused reading the node (an ACL without READ for us)
+    "oversize",  # the node holds more data than a member can (refused unread)
+    "bad_acl",  # the node's ACL is not the shape Neti gives it (its owner, world READ)
+    "forged_claim",  # a claim node not owned by the claimant (or unreadable, or oversize)
+    "excess_claim",  # ip-to-id names the claimant, but its id-to-ip says another address
+    "old_format",  # a v1 member name while v1_members is off
     "revoked",  # an operator revoked the instance (neti fleet revoke; registry/revoked.py)
     "duplicate_instance",  # two different verified entries for one instance ID
     "duplicate_overlay",  # two different entries for one overlay IP

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
-from kazoo.exceptions import NodeExistsError, NoNodeError
+from kazoo.exceptions import NoAuthError, NodeExistsError, NoNodeError
 from kazoo.security import ACL, Id, Permissions, make_digest_acl_credential
 
 from neti import files
@@ -274,6 +274,121 @@ class AclPolicy:
         )
 
 
+# --- who owns a node: what its ACL says, the one thing the server vouches for -------------
+
+# More entries than Neti ever writes (world, an owner, up to 64 operators) is not its shape.
+MAX_ACL_ENTRIES = 80
+
+
+def norm_id(scheme: str, ident: str) -> str:
+    """An id as ownership compares it. Digest ids by user alone: ZooKeeper shows the hash
+    only to clients with ADMIN on the node (others read ``digest:<user>:x``)."""
+    if scheme == "digest":
+        return "digest:" + ident.split(":", 1)[0]
+    return f"{scheme}:{ident}"
+
+
+def norm(zk_id: str) -> str:
+    scheme, _, ident = zk_id.partition(":")
+    return norm_id(scheme, ident)
+
+
+def _rdn_values(subject: str, attr: str) -> list[str]:
+    """Values of ``attr`` in an RFC 2253 subject (X500Principal.getName()'s form)."""
+    out: list[str] = []
+    part, escaped = "", False
+    for ch in subject + ",":
+        if escaped:
+            part += ch
+            escaped = False
+        elif ch == "\\":
+            part += ch
+            escaped = True
+        elif ch in ",+":
+            key, sep, value = part.partition("=")
+            if sep and key.strip().upper() == attr:
+                out.append(value.replace("\\", ""))
+            part = ""
+        else:
+            part += ch
+    return out
+
+
+def id_name(zk_id: str) -> str | None:
+    """The host name an id carries: its x509 subject's one CN, or its digest user."""
+    scheme, _, ident = zk_id.partition(":")
+    if scheme == "digest":
+        return ident.split(":", 1)[0] or None
+    if scheme == "x509":
+        cns = _rdn_values(ident, "CN")
+        return cns[0] if len(cns) == 1 else None
+    return None
+
+
+class NotOwned(Exception):
+    """A node's ACL is not the shape Neti gives a host's node; the text says how."""
+
+
+@dataclass(frozen=True)
+class Ownership:
+    """Who owns a node by its ACL, as Neti writes it (AclPolicy.owned_by): world READ and
+    nothing more, exactly one other id (the owner), operators. ZooKeeper lets a creator put
+    any ids in a new node's ACL, so an owner is whoever may change the node now, not who made
+    it; that is the property that matters. ``by_name``: owners are named after instance IDs
+    (x509 ``CN=<id>``, digest user ``<id>``; zk_acl.match_instance_id)."""
+
+    operators: frozenset[str] = frozenset()
+    by_name: bool = True
+
+    @classmethod
+    def for_config(cls, cfg: Config, policy: AclPolicy) -> Ownership | None:
+        """None on an open registry: nothing is owned there, as in the original."""
+        if not policy.secured:
+            return None
+        by_name = cfg.zk_acl.match_instance_id if cfg.zk_acl is not None else True
+        return cls(frozenset(norm(o) for o in policy.operators), by_name)
+
+    def owner(self, acls: list[ACL] | tuple[ACL, ...]) -> str:
+        """The owner's (normalized) id; NotOwned when the ACL is not Neti's shape."""
+        if len(acls) > MAX_ACL_ENTRIES:
+            raise NotOwned(f"its ACL has {len(acls)} entries")
+        perms: dict[str, int] = {}
+        for a in acls:
+            key = norm_id(a.id.scheme, a.id.id)
+            perms[key] = perms.get(key, 0) | a.perms
+        world = perms.pop(WORLD, 0)
+        if world != READ:
+            raise NotOwned(f"world:anyone may {perms_text(world) or 'nothing'}, not r")
+        others = sorted(k for k, p in perms.items() if p and k not in self.operators)
+        if not others:
+            raise NotOwned("it has no owner (operators only)")
+        if len(others) > 1:
+            shown = ", ".join(others[:3]) + (" ..." if len(others) > 3 else "")
+            raise NotOwned(f"it has {len(others)} owners ({shown})")
+        return others[0]
+
+    def problem(self, acls: list[ACL] | tuple[ACL, ...], instance_id: str) -> str | None:
+        """None when ``instance_id`` owns a node with this ACL; else why not."""
+        try:
+            owner = self.owner(acls)
+        except NotOwned as exc:
+            return str(exc)
+        if self.by_name and id_name(owner) != instance_id:
+            return f"it is owned by {owner}, not {instance_id}"
+        return None
+
+    def owner_or_none(self, acls: list[ACL] | tuple[ACL, ...]) -> str | None:
+        try:
+            return self.owner(acls)
+        except NotOwned:
+            return None
+
+
+def takeable(acls: list[ACL] | tuple[ACL, ...]) -> bool:
+    """Anyone may set this node's ACL (the open original's world ALL): its host secures it."""
+    return any(a.id.scheme == "world" and a.id.id == "anyone" and a.perms & ADMIN for a in acls)
+
+
 def read_pem_key_ok(path: str) -> None:
     """zk_tls.key must be a readable, unencrypted PEM private key."""
     from cryptography.hazmat.primitives import serialization
@@ -415,7 +530,9 @@ def plan_secure(
             data, _ = client.get(path)
         except NoNodeError:
             continue
-        iid = data.decode("ascii", "replace").strip()
+        except NoAuthError:
+            data = b""  # not readable by the operator: its ACL leaves us out (listed below)
+        iid = data[:256].decode("ascii", "replace").strip()
         owner_of_ip[name] = iid
         todo.append((path, "claim", *owned(iid, f"claim of {iid!r}")))
     for name in children(paths.id_to_ip):
@@ -446,6 +563,10 @@ def plan_secure(
             if path == paths.prefix:  # created by this plan
                 changes.append(AclChange(path, kind, tuple(container_acl), tuple(want), ""))
             continue  # gone meanwhile (an ephemeral member)
+        except NoAuthError:
+            note = "unreadable: its ACL leaves the operators out (neti fleet prune)"
+            changes.append(AclChange(path, kind, (), tuple(want), note))
+            continue
         if acl_key(have) == acl_key(want):
             right += 1
         else:
@@ -457,10 +578,11 @@ def apply_secure(
     client: KazooClient,
     changes: list[AclChange],
     progress: Callable[[int, int | None], None] | None = None,
-) -> list[AclChange]:
+) -> tuple[list[AclChange], list[AclChange]]:
     """Create what is missing, then set each planned ACL (the prefix's last); the changes
-    applied (nodes gone meanwhile are skipped)."""
-    done = []
+    applied (nodes gone meanwhile are skipped) and those ZooKeeper refused (a node whose ACL
+    leaves the operators out: only deleting it helps, ``neti fleet prune``)."""
+    done, refused = [], []
     for n, change in enumerate(changes, 1):
         if progress is not None:
             progress(n, len(changes))
@@ -474,5 +596,8 @@ def apply_secure(
                 client.set_acls(change.path, list(change.want))
         except NoNodeError:
             continue
+        except NoAuthError:
+            refused.append(change)
+            continue
         done.append(change)
-    return done
+    return done, refused

@@ -7,14 +7,23 @@ member record with the private key of its client certificate (``zk_tls.cert``/``
 peers program a member only if the signature verifies with a certificate that the fleet's CA
 (``zk_tls.ca``) issued to ``CN=<the member's instance ID>``.
 
-The record is the member node's data (the fields stay in the name; see codec.py)::
+The record is the member node's data (the fields stay in the name; see codec.py). A v2 name
+carries a ``neti-rec2`` record: a versioned list of signed ``key=value`` lines, the signature
+last::
 
-    neti-sig1\\n<base64 DER certificate>\\n<base64 signature>
+    neti-rec2\\nsession=<16 hex digits>\\ncert=<base64 DER certificate>\\nsig=<base64 signature>
 
-The signature covers ``b"neti-sig1\\n" + name.encode("utf-8")`` (the exact node name with a
-context prefix, so the signature means nothing elsewhere): ECDSA with SHA-256 for EC keys
-(P-256 in the lab), Ed25519, or RSA PKCS#1 v1.5 with SHA-256. A P-256 record is about 700
-bytes; anything over MAX_RECORD bytes is refused unread.
+``session`` is the ZooKeeper session that creates the node: readers compare it with the
+node's ``Stat.ephemeralOwner`` (what the server vouches for), so a record copied under another
+session is refused (``replayed``). The signature covers every byte before ``\\nsig=`` plus
+``\\nname=<node name>``. Readers ignore keys they do not know (they are signed all the same),
+so later versions can add fields (e.g. a WireGuard key) without breaking older readers. A v1
+name (older agents) carries ``neti-sig1\\n<base64 DER certificate>\\n<base64 signature>``,
+the signature over ``b"neti-sig1\\n" + name``: no session, so such a record can be replayed.
+
+Signatures: ECDSA with SHA-256 for EC keys (P-256 in the lab), Ed25519, or RSA PKCS#1 v1.5
+with SHA-256. A P-256 record is about 700 bytes; anything over MAX_RECORD bytes is refused
+unread.
 
 Certificates that passed the CA checks are cached by SHA-256 fingerprint (bounded LRU), so a
 record seen again costs one signature verification, not two. Validity dates are checked on
@@ -28,8 +37,9 @@ import binascii
 import collections
 import datetime
 import hashlib
+import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -42,13 +52,18 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from neti import files
 from neti.errors import RegistryAccessError
 from neti.registry.addr import MalformedEntry
-from neti.registry.codec import decode_member
+from neti.registry.codec import V1, decode_member, name_format
 
 if TYPE_CHECKING:
     from neti.config import Config
 
 MAGIC = b"neti-sig1"
+MAGIC2 = b"neti-rec2"
 SEP = b"\n"
+MAX_FIELDS = 16  # key=value lines of a neti-rec2 record, the signature included
+_KEY_RE = re.compile(rb"[a-z][a-z0-9_]{0,15}\Z")
+_VALUE_RE = re.compile(rb"[A-Za-z0-9+/=._:-]*\Z")
+_SESSION_RE = re.compile(rb"[0-9a-f]{16}\Z")
 MAX_RECORD = 4096  # bytes of node data; a P-256 record is ~700, RSA-3072 ~2,500
 MAX_CERT_DER = 2800  # bytes of DER certificate inside a record
 MAX_SIG = 520  # bytes of signature (RSA-4096 is 512; ECDSA P-521 DER ~139)
@@ -71,6 +86,7 @@ REASONS = (
     "not_yet_valid",  # before the certificate's (or its CA's) notBefore
     "expired",  # after the certificate's (or its CA's) notAfter
     "bad_signature",  # the signature does not cover this node name with this certificate
+    "replayed",  # a good record, signed for another session than the one owning the node
     "error",  # anything unexpected while checking (refused, never raised)
 )
 
@@ -84,8 +100,56 @@ def _utcnow() -> datetime.datetime:
 
 
 def message(name: str) -> bytes:
-    """The bytes a record's signature covers."""
+    """The bytes a v1 record's signature covers."""
     return MAGIC + SEP + name.encode("utf-8")
+
+
+def message_v2(name: str, body: bytes) -> bytes:
+    """The bytes a neti-rec2 record's signature covers: its lines before ``sig=`` and the
+    node name (names never hold a newline, so the split is unambiguous)."""
+    return body + SEP + b"name=" + name.encode("utf-8")
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """A neti-rec2 record, parsed strictly (``parse_record``); not yet verified."""
+
+    body: bytes  # the signed lines (everything before "\nsig=")
+    fields: dict[str, str]  # every signed field, known or not
+    session: int
+    cert_der: bytes
+    sig: bytes
+
+
+def parse_record(data: bytes) -> Record | str:
+    """A neti-rec2 record, or ``"bad_record: <why>"``: ASCII ``key=value`` lines after the
+    magic, each key once, ``session`` and ``cert`` present, ``sig`` last; MAX_RECORD bytes at
+    most (checked before anything else), MAX_FIELDS lines."""
+    if len(data) > MAX_RECORD:
+        return f"bad_record: {len(data)} bytes, more than {MAX_RECORD}"
+    body, sep, sig_text = data.rpartition(SEP + b"sig=")
+    lines = body.split(SEP)
+    if not sep or lines[0] != MAGIC2:
+        return "bad_record: not a neti-rec2 record ending in sig="
+    if len(lines) > MAX_FIELDS:
+        return f"bad_record: more than {MAX_FIELDS} fields"
+    fields: dict[str, str] = {}
+    for line in lines[1:]:
+        key, eq, value = line.partition(b"=")
+        if not eq or not _KEY_RE.match(key) or not _VALUE_RE.match(value):
+            return "bad_record: a line is not key=value"
+        name = key.decode("ascii")
+        if name in fields or name in ("sig", "name"):
+            return f"bad_record: field {name!r} twice or reserved"
+        fields[name] = value.decode("ascii")
+    session = fields.get("session", "").encode("ascii")
+    if not _SESSION_RE.match(session):
+        return "bad_record: no session (16 hex digits)"
+    der = _b64(fields.get("cert", "").encode("ascii"), MAX_CERT_DER)
+    sig = _b64(sig_text, MAX_SIG)
+    if der is None or sig is None:
+        return "bad_record: bad base64 or too long"
+    return Record(body, fields, int(session, 16), der, sig)
 
 
 def _read_bounded(path: str, key: str) -> bytes:
@@ -187,7 +251,9 @@ class Signer:
                 f"zk_tls.key {key_path}: not the private key of zk_tls.cert {cert_path}"
             )
         signer = cls(cert, key)
-        probe = signer.sign("v1|probe|net|192.0.2.1|192.0.2.1|192.0.2.1|" + "9" * 64)
+        probe = signer.sign(
+            "v2|probe|net|192.0.2.1|192.0.2.1|192.0.2.1|" + "9" * 64 + "|" + "0" * 24, 1 << 63
+        )
         der = len(cert.public_bytes(serialization.Encoding.DER))
         if len(probe) > MAX_RECORD or der > MAX_CERT_DER:
             raise RegistryAccessError(
@@ -197,10 +263,29 @@ class Signer:
             )
         return signer
 
-    def sign(self, name: str) -> bytes:
-        """The member node's data for node ``name``."""
-        sig = _raw_sign(self.key, message(name))
-        return SEP.join((MAGIC, self._der_b64, base64.b64encode(sig)))
+    def sign(
+        self, name: str, session: int | None = None, fields: Mapping[str, str] | None = None
+    ) -> bytes:
+        """The member node's data for node ``name``: for a v2 name a neti-rec2 record bound
+        to ``session`` (the ZooKeeper session that creates the node; required) carrying any
+        further signed ``fields`` (keys and values as parse_record accepts them); for a v1
+        name a neti-sig1 record."""
+        if name_format(name) == V1:
+            sig = _raw_sign(self.key, message(name))
+            return SEP.join((MAGIC, self._der_b64, base64.b64encode(sig)))
+        if session is None or not 0 < session < 1 << 64:
+            raise ValueError("a v2 member record needs the creating session's ID")
+        lines = [MAGIC2, b"session=%016x" % session, b"cert=" + self._der_b64]
+        for key, value in sorted((fields or {}).items()):
+            line = f"{key}={value}".encode("ascii")
+            if key in ("session", "cert", "sig", "name") or not (
+                _KEY_RE.match(key.encode("ascii")) and _VALUE_RE.match(value.encode("ascii"))
+            ):
+                raise ValueError(f"not a record field: {line[:80]!r}")
+            lines.append(line)
+        body = SEP.join(lines)
+        sig = _raw_sign(self.key, message_v2(name, body))
+        return body + SEP + b"sig=" + base64.b64encode(sig)
 
 
 def signer_for(cfg: Config) -> Signer | None:
@@ -221,7 +306,7 @@ def required(cfg: Config) -> bool:
     return cfg.zk_tls is not None and cfg.zk_tls.cert is not None
 
 
-def attest_check_for(cfg: Config) -> Callable[[str, bytes], str | None] | None:
+def attest_check_for(cfg: Config) -> Callable[[str, bytes, int], str | None] | None:
     """The ``attest_check`` hook for Registry/Verifier this config asks for, or None.
     RegistryAccessError naming zk_tls.ca when the CA bundle is unusable."""
     attestor = Attestor.from_config(cfg)
@@ -305,15 +390,16 @@ class Attestor:
     def __len__(self) -> int:
         return len(self._cache)
 
-    def check(self, name: str, data: bytes) -> str | None:
-        """None if ``data`` is a valid signed record for node ``name``; else
-        ``"<reason>: <text>"``. Never raises."""
+    def check(self, name: str, data: bytes, owner: int | None = None) -> str | None:
+        """None if ``data`` is a valid signed record for node ``name`` (and, for a v2 name,
+        bound to session ``owner``: the node's ephemeralOwner); else ``"<reason>: <text>"``.
+        Never raises."""
         try:
-            return self._check(name, data)
+            return self._check(name, data, owner)
         except Exception as exc:  # noqa: BLE001 - hostile input must not escape as a crash
             return f"error: the record could not be checked ({type(exc).__name__})"
 
-    def _check(self, name: str, data: bytes) -> str | None:
+    def _check(self, name: str, data: bytes, owner: int | None) -> str | None:
         if not isinstance(name, str) or len(name) > MAX_NAME:
             return "bad_name: not a member node name"
         try:
@@ -327,15 +413,24 @@ class Attestor:
             return "no_record: the node holds no signed record (unsigned member)"
         if len(data) > MAX_RECORD:
             return f"bad_record: {len(data)} bytes, more than {MAX_RECORD}"
-        parts = data.split(SEP)
-        if parts[0] != MAGIC:
-            return "bad_record: not a neti-sig1 record"
-        if len(parts) != 3:
-            return "bad_record: expected 3 lines"
-        der = _b64(parts[1], MAX_CERT_DER)
-        sig = _b64(parts[2], MAX_SIG)
-        if der is None or sig is None:
-            return "bad_record: bad base64 or too long"
+        session: int | None = None
+        if name_format(name) == V1:
+            parts = data.split(SEP)
+            if parts[0] != MAGIC:
+                return "bad_record: not a neti-sig1 record"
+            if len(parts) != 3:
+                return "bad_record: expected 3 lines"
+            der = _b64(parts[1], MAX_CERT_DER)
+            sig = _b64(parts[2], MAX_SIG)
+            if der is None or sig is None:
+                return "bad_record: bad base64 or too long"
+            signed = message(name)
+        else:
+            record = parse_record(data)
+            if isinstance(record, str):
+                return record
+            der, sig, session = record.cert_der, record.sig, record.session
+            signed = message_v2(name, record.body)
         vetted = self._vet(der)
         if vetted.reason is not None:
             return vetted.reason
@@ -349,9 +444,14 @@ class Attestor:
             return f"wrong_cn: certificate is for {vetted.cn!r}, not {instance_id!r}"
         self.sig_checks += 1
         try:
-            _raw_verify(vetted.key, sig, message(name))
+            _raw_verify(vetted.key, sig, signed)
         except (InvalidSignature, ValueError):
             return "bad_signature: the signature does not match the node name"
+        if session is not None and owner is not None and session != owner:
+            return (
+                f"replayed: signed for session {session:#x}, but the node belongs to "
+                f"session {owner:#x} (a copied record)"
+            )
         return None
 
     def _vet(self, der: bytes) -> _Vetted:

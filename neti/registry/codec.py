@@ -1,23 +1,37 @@
 """Member node names: the whole member in the name, so one get_children reads the fleet.
 
-Format ``v1|<instance-id>|<network>|<public>|<private>|<overlay>|<version>``. The leading
-marker lets a later format coexist: readers skip (and count) names they do not understand.
-Pure functions; no ZooKeeper here.
+Format ``v2|<instance-id>|<network>|<public>|<private>|<overlay>|<version>|<nonce>``: the nonce
+(24 random hex digits, new for every node a host creates) makes a host's node name impossible
+to guess, so no one can create it first. The older ``v1|...|<version>`` (no nonce) is still
+read (``v1_members``). The leading marker lets formats coexist: readers skip (and count) names
+they do not understand. Pure functions; no ZooKeeper here.
 """
 
 from __future__ import annotations
+
+import re
+import secrets
 
 from neti.fleet import Member
 from neti.registry import addr
 from neti.registry.addr import MalformedEntry
 
-FORMAT = "v1"
+FORMAT = "v2"
+V1 = "v1"
 SEP = "|"
-_FIELDS = 7
+_FIELDS = {V1: 7, FORMAT: 8}
+NONCE_HEX = 24
+_NONCE_RE = re.compile(rf"[0-9a-f]{{{NONCE_HEX}}}\Z")
 
 
-def encode_member(m: Member) -> str:
-    """The node name for ``m``; ValueError if a field could not round-trip."""
+def new_nonce() -> str:
+    """A fresh nonce for a node name (96 random bits)."""
+    return secrets.token_hex(NONCE_HEX // 2)
+
+
+def encode_member(m: Member, nonce: str | None = None) -> str:
+    """The node name for ``m``: with ``nonce`` the v2 name agents publish, without it the v1
+    name (older agents; ``v1_members: publish``). ValueError if a field could not round-trip."""
     try:
         addr.label(m.instance_id, "instance ID")
         addr.label(m.network, "network")
@@ -30,8 +44,10 @@ def encode_member(m: Member) -> str:
             addr.host_ip(str(ip), f"{what} IP")
     except MalformedEntry as exc:
         raise ValueError(f"cannot publish member: {exc}") from None
+    if nonce is not None and not _NONCE_RE.match(nonce):
+        raise ValueError(f"cannot publish member: nonce {nonce!r} is not {NONCE_HEX} hex digits")
     fields = [
-        FORMAT,
+        FORMAT if nonce is not None else V1,
         m.instance_id,
         m.network,
         str(m.public_ip),
@@ -39,17 +55,29 @@ def encode_member(m: Member) -> str:
         str(m.overlay_ip),
         m.version,
     ]
+    if nonce is not None:
+        fields.append(nonce)
     return SEP.join(fields)
 
 
+def name_format(name: str) -> str:
+    """The marker a node name starts with (``v2``, ``v1``, or anything else)."""
+    return name.split(SEP, 1)[0]
+
+
 def decode_member(name: str) -> Member:
-    """Parse a member node name; MalformedEntry (with the reason) if it is not one."""
+    """Parse a v1 or v2 member node name; MalformedEntry (with the reason) if it is not one."""
     parts = name.split(SEP)
-    if parts[0] != FORMAT:
-        raise MalformedEntry(f"member {name!r}: unknown format {parts[0]!r} (expected {FORMAT})")
-    if len(parts) != _FIELDS:
-        raise MalformedEntry(f"member {name!r}: {len(parts)} fields, expected {_FIELDS}")
-    _, instance_id, network, public, private, overlay, version = parts
+    want = _FIELDS.get(parts[0])
+    if want is None:
+        raise MalformedEntry(
+            f"member {name!r}: unknown format {parts[0]!r} (expected {FORMAT} or {V1})"
+        )
+    if len(parts) != want:
+        raise MalformedEntry(f"member {name!r}: {len(parts)} fields, expected {want}")
+    instance_id, network, public, private, overlay, version = parts[1:7]
+    if want == 8 and not _NONCE_RE.match(parts[7]):
+        raise MalformedEntry(f"member {name!r}: the nonce is not {NONCE_HEX} hex digits")
     try:
         return Member(
             instance_id=addr.label(instance_id, "instance ID"),
@@ -64,6 +92,6 @@ def decode_member(name: str) -> Member:
         raise MalformedEntry(f"member {name!r}: {exc}", exc.code) from None
 
 
-def member_prefix(instance_id: str) -> str:
-    """Names of this instance's nodes start with this (used to find our stale nodes)."""
-    return f"{FORMAT}{SEP}{instance_id}{SEP}"
+def member_prefix(instance_id: str, fmt: str = FORMAT) -> str:
+    """Names of this instance's nodes in format ``fmt`` start with this (our stale nodes)."""
+    return f"{fmt}{SEP}{instance_id}{SEP}"

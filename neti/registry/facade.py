@@ -20,14 +20,15 @@ from neti.errors import RegistryError
 from neti.fleet import Fleet
 from neti.identity import Identity
 from neti.registry import addr
-from neti.registry.acl import AclPolicy, acl_key, acl_text
-from neti.registry.claims import OverlayClaims
+from neti.registry.acl import AclPolicy, Ownership
+from neti.registry.claims import ClaimReport, OverlayClaims
 from neti.registry.guard import MaxChange
 from neti.registry.index import FleetChange, FleetIndex
 from neti.registry.membership import Membership
 from neti.registry.paths import Paths
 from neti.registry.revoked import RevokedList
 from neti.registry.snapshot import build_fleet
+from neti.registry.survey import Finding, Pruned, Survey, prune, read_tree, survey
 from neti.registry.tree import LockedPrefix
 from neti.registry.verify import AttestCheck, Verifier
 from neti.registry.watch import FleetWatch, WatchStats
@@ -67,6 +68,10 @@ def _zk_errors(what: str, path: str | None = None) -> Callable[[Callable[P, R]],
         return wrapper
 
     return deco
+
+
+def _children(stat: Any) -> int:
+    return int(stat.numChildren) if stat is not None else 0
 
 
 class SkipLog:
@@ -156,8 +161,15 @@ class Registry:
         self.owns_client = owns_client
         # Who we are and the ACL of each kind of node (acl.py); open unless cfg.secured.
         self.acl = acl if acl is not None else AclPolicy.from_config(cfg)
+        # Whose node is whose by its ACL (acl.Ownership); None on an open registry.
+        self.ownership = Ownership.for_config(cfg, self.acl)
         self._claims = OverlayClaims(
-            client, self.paths.id_to_ip, self.paths.ip_to_id, cfg.overlay_subnet, acl=self.acl
+            client,
+            self.paths.id_to_ip,
+            self.paths.ip_to_id,
+            cfg.overlay_subnet,
+            acl=self.acl,
+            ownership=self.ownership,
         )
         self.membership = Membership(
             client, cfg, self.paths.members, self.paths.legacy, acl=self.acl
@@ -165,6 +177,7 @@ class Registry:
         self._guard = MaxChange(client, self.paths.max_change, cfg.max_change_default, acl=self.acl)
         self._tree = LockedPrefix(client, self.paths, self.acl)
         self._revoked = RevokedList(client, self.paths.revoked, acl=self.acl)
+        self._claims.revoked_ids = self._revoked.get  # the pool's report names revoked owners
         self._deadline = float(cfg.zk_session_timeout)
         self.verifier = Verifier(
             client,
@@ -173,8 +186,12 @@ class Registry:
             attest_check=attest_check,
             recheck_after=self.RECHECK_RESYNCS * cfg.resync_interval,
             recheck_share=self.RECHECK_RESYNCS,
+            id_to_ip=self.paths.id_to_ip,
+            ownership=self.ownership,
         )
         self.skip_log = SkipLog(log)
+        # ip-to-id nodes beyond id-to-ip's count at the last resync: excess claims.
+        self.claims_excess = 0
         self._lans: dict[IPv4Address, IPv4Network | None] = {}
         self._watch: FleetWatch | None = None
 
@@ -198,40 +215,40 @@ class Registry:
 
     # --- claims ---
     @_zk_errors("claiming an overlay IP", "id_to_ip")
-    def claim(self, instance_id: str, prefer: IPv4Address | None = None) -> IPv4Address:
-        """Our claim; ``prefer``: the address held before (claims.py: ClaimConflictError)."""
+    def claim(
+        self, instance_id: str, prefer: IPv4Address | None = None, owner: str | None = None
+    ) -> IPv4Address:
+        """Our claim; ``prefer``: the address held before (claims.py: ClaimConflictError,
+        ForeignClaimError); ``owner``: the ZooKeeper id it is written for (an operator
+        restoring another host's claim), default ours. A claim from the open days (world
+        ALL) is given its owner's ACL on the way."""
         self._tree.ensure()  # an empty ensemble: the prefix is created locked
         try:
-            ip = self._claims.claim(instance_id, prefer=prefer)
+            return self._claims.claim(instance_id, prefer=prefer, owner=owner)
         except NoAuthError:
             self._tree.explain_refusal()
             raise
-        if self.acl.secured:
-            self._own_claim_acls(instance_id, ip)
-        return ip
 
-    def _own_claim_acls(self, instance_id: str, ip: IPv4Address) -> None:
-        """A claim from the open days still has world ALL: give it our ACL (we may, while it
-        is open). One where it differs and we may not is left alone, with a warning."""
-        want = self.acl.own()
-        assert want is not None
-        for path in (f"{self.paths.id_to_ip}/{instance_id}", f"{self.paths.ip_to_id}/{ip}"):
-            try:
-                have, _ = self.client.retry(self.client.get_acls, path)
-                if acl_key(have) == acl_key(want):
-                    continue
-                self.client.retry(self.client.set_acls, path, want)
-                log.info("secured %s: %s", path, acl_text(want))
-            except NoAuthError:
-                log.warning(
-                    "%s has ACL %s, not ours (%s) and we may not change it; an operator can "
-                    "fix it with neti fleet secure",
-                    path,
-                    acl_text(have),
-                    acl_text(want),
-                )
-            except NoNodeError:
-                continue
+    @_zk_errors("surveying the registry")
+    def survey(self, progress: Callable[[int, int | None], None] | None = None) -> Survey:
+        """Every child of the containers read once and judged (survey.py): forged and
+        excess claims, nodes of revoked instances, persistent and unreadable nodes."""
+        tree = read_tree(
+            self.client, self.paths, self._bounded, self.ownership is not None, progress=progress
+        )
+        return survey(tree, self.ownership, self._revoked.get())
+
+    @_zk_errors("pruning the registry", "members")
+    def prune(
+        self, findings: list[Finding], progress: Callable[[int, int | None], None] | None = None
+    ) -> list[Pruned]:
+        """Delete what a survey found prunable (operators: DELETE on the containers)."""
+        return prune(self.client, self._bounded, findings, progress)
+
+    @property
+    def claim_report(self) -> ClaimReport | None:
+        """What the last choice of a new address saw in the pool (excess claims)."""
+        return self._claims.report
 
     @_zk_errors("reading an overlay IP claim")
     def claim_of(self, instance_id: str) -> IPv4Address | None:
@@ -292,6 +309,7 @@ class Registry:
             self_id=me.instance_id if me is not None else None,
             self_network=me.network if me is not None else None,
             on_skip=self.skip_log.note,
+            read_v1=self.cfg.v1_members != "off",
         )
         self.skip_log.flush()
         return fleet
@@ -318,6 +336,7 @@ class Registry:
             self_id=self_id,
             self_network=self_network,
             on_skip=self.skip_log.note,
+            read_v1=self.cfg.v1_members != "off",
         )
         paths = [self.paths.members] + ([self.paths.legacy] if self.cfg.read_legacy else [])
         self._watch = FleetWatch(
@@ -356,9 +375,16 @@ class Registry:
 
     @_zk_errors("checking the fleet")
     def resync_fleet(self) -> FleetChange:
-        """The containers' Stat compared with the index; a re-list only if they differ."""
+        """The containers' Stat compared with the index; a re-list only if they differ. The
+        claim containers' Stat too: ip-to-id nodes beyond id-to-ip's are excess claims."""
         try:
-            return self._following().resync()
+            counts = [
+                self.client.exists_async(p) for p in (self.paths.id_to_ip, self.paths.ip_to_id)
+            ]
+            change = self._following().resync()
+            ids, ips = (self._bounded(r) for r in counts)
+            self.claims_excess = max(0, _children(ips) - _children(ids))
+            return change
         finally:
             self.skip_log.flush()
 

@@ -23,6 +23,7 @@ from neti.fleet import MAX_SKIP_SAMPLES, SKIP_REASONS, Fleet, Member
 from neti.registry.addr import HostContext
 from neti.registry.snapshot import (
     clip,
+    current,
     duplicate_instance_text,
     overlay_winner,
     same_addrs,
@@ -87,8 +88,10 @@ class FleetIndex:
         self_id: str | None = None,
         self_network: str | None = None,
         on_skip: Callable[[str, str], None] | None = None,
+        read_v1: bool = True,
     ):
         self.legacy_networks = legacy_networks
+        self.read_v1 = read_v1
         self.overlay_subnet = overlay_subnet
         self.members_parent = members_parent
         self.legacy_parent = legacy_parent
@@ -124,6 +127,10 @@ class FleetIndex:
 
     def __len__(self) -> int:
         return len(self._final)
+
+    def skipped(self, code: str) -> int:
+        """How many listed names are skipped for reason ``code`` right now."""
+        return self._counts.get(code, 0)
 
     def members(self) -> dict[str, Member]:
         """Instance ID -> member: the verified fleet (O(N); for tests and status)."""
@@ -291,6 +298,7 @@ class FleetIndex:
                 host=self.host,
                 self_id=self.self_id,
                 self_network=self.self_network,
+                read_v1=self.read_v1,
             )
             if isinstance(got, Candidate):
                 self._entries[got.key] = _Entry(cand=got)
@@ -341,6 +349,7 @@ class FleetIndex:
             if not keys:
                 self._by_id.pop(iid, None)
                 continue
+            keys = current(keys, lambda k: k[1])
             ms = [self._member(k) for k in keys]
             if same_addrs(ms):
                 self._id_winner[iid] = (keys[0], ms[0].overlay_ip)

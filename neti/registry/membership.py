@@ -1,9 +1,11 @@
 """Live membership: one ephemeral node per host, kept alive across session expiry.
 
 The member's fields live in the node *name* (see codec.py) so a single get_children lists
-the whole fleet. Ephemeral nodes die with their session; when kazoo reports a new session
-(CONNECTED after LOST) we put ours back, from a separate thread because kazoo calls state
-listeners on its event thread, which must never block.
+the whole fleet. Every node we create gets a fresh nonce in its name (nobody can create it
+first) and, with a client certificate, a record signed for the session that creates it
+(attest.py: a copy under another session is refused). Ephemeral nodes die with their session;
+when kazoo reports a new session (CONNECTED after LOST) we put ours back, from a separate
+thread because kazoo calls state listeners on its event thread, which must never block.
 """
 
 from __future__ import annotations
@@ -27,13 +29,21 @@ from neti.registry import attest
 from neti.registry import legacy as legacy_codec
 from neti.registry.acl import AclPolicy
 from neti.registry.addr import MalformedEntry
-from neti.registry.codec import encode_member, member_prefix
+from neti.registry.codec import V1, decode_member, encode_member, member_prefix, new_nonce
 
 log = logging.getLogger(__name__)
 
 
+Data = bytes | Callable[[str, int], bytes]  # fixed, or made for (node name, session ID)
+
+
 class EphemeralSeat:
-    """One ephemeral node we own; stale copies of it from older sessions are replaced."""
+    """One ephemeral node we own; stale copies of it from older sessions are replaced.
+
+    ``renew``: a fresh name for every node created (a v2 member: a new nonce), else ``name``
+    is fixed; ``adopt``: a node of ours under another name this session already created that
+    is as good as a new one (a restarted agent that resumed its session finds it).
+    """
 
     def __init__(
         self,
@@ -41,25 +51,32 @@ class EphemeralSeat:
         parent: str,
         name: str,
         is_mine: Callable[[str], bool],
-        data: bytes = b"",
+        data: Data = b"",
         acl: list[ACL] | None = None,
         parent_acl: list[ACL] | None = None,
         stale_wait: float = 0.0,
+        renew: Callable[[], str] | None = None,
+        adopt: Callable[[str], bool] | None = None,
     ):
         if "/" in name or name in ("", ".", ".."):
             raise ValueError(f"{name!r} is not a ZooKeeper node name")
         self.client = client
         self.parent = parent
         self.name = name
-        self.path = f"{parent}/{name}"
         self.is_mine = is_mine
         self.data = data
+        self.renew = renew
+        self.adopt = adopt
         # Secured registry (acl.py): our node's and its container's ACLs; a stale node of
         # ours cannot be deleted there (DELETE on the container is the operators'), so we
         # wait up to ``stale_wait`` seconds for its session to expire instead.
         self.acl = acl
         self.parent_acl = parent_acl
         self.stale_wait = stale_wait
+
+    @property
+    def path(self) -> str:
+        return f"{self.parent}/{self.name}"
 
     def _session(self) -> int | None:
         cid = self.client.client_id
@@ -79,7 +96,10 @@ class EphemeralSeat:
             stat = self.client.retry(self.client.exists, path)
             if stat is None:
                 continue
-            if child == self.name and stat.ephemeralOwner == session:
+            if stat.ephemeralOwner == session and (
+                child == self.name or (self.adopt is not None and self.adopt(child))
+            ):
+                self.name = child
                 return False  # alive and ours
             # An older session's node (or ours under an outdated name): replace it.
             log.info("removing stale membership node %s (owner %#x)", path, stat.ephemeralOwner)
@@ -90,27 +110,48 @@ class EphemeralSeat:
             except (NoNodeError, KazooException) as exc:
                 if not isinstance(exc, NoNodeError):
                     log.warning("could not remove stale node %s: %s", path, exc)
-        try:
-            self.client.retry(
-                self.client.create, self.path, self.data, ephemeral=True, acl=self.acl
-            )
-        except NodeExistsError:
-            # A connection loss after the server created it: ours if the owner matches.
-            stat = self.client.retry(self.client.exists, self.path)
-            if stat is None or stat.ephemeralOwner != self._session():
-                raise
-        return True
+        for _ in range(3):
+            name = self.renew() if self.renew is not None else self.name
+            path = f"{self.parent}/{name}"
+            data = self.data(name, session or 0) if callable(self.data) else self.data
+            try:
+                self.client.retry(self.client.create, path, data, ephemeral=True, acl=self.acl)
+            except NodeExistsError:
+                # A connection loss after the server created it: ours if the owner matches.
+                stat = self.client.retry(self.client.exists, path)
+                if stat is None or stat.ephemeralOwner != self._session():
+                    if self.renew is None:
+                        raise
+                    continue  # a fresh nonce cannot collide but by a miracle: draw again
+            self.name = name
+            return True
+        raise NodeExistsError(f"{self.parent}: three fresh names were all taken")
 
     def _await_expiry(self, path: str, owner: int) -> None:
         """A node of ours we may not delete (secured registry): wait, bounded, for an older
         session's node to go with its session when it blocks our name; otherwise leave it
         (peers check claims) and say so."""
-        if owner == 0 or not path.endswith("/" + self.name):
+        if owner == 0:
             log.warning(
-                "stale membership node %s (%s) cannot be deleted under the secured "
-                "registry: an operator must remove it (zkCli delete)",
+                "stale membership node %s (persistent) cannot be deleted under the secured "
+                "registry: an operator must remove it (neti fleet prune)",
                 path,
-                "persistent" if owner == 0 else f"session {owner:#x}",
+            )
+            return
+        if owner == self._session():
+            log.warning(
+                "our own outdated membership node %s cannot be deleted under the secured "
+                "registry; it stays until this session ends (restart the agent)",
+                path,
+            )
+            return
+        if self.renew is not None or not path.endswith("/" + self.name):
+            log.warning(
+                "membership node %s of session %#x cannot be deleted under the secured "
+                "registry; it does not block ours and goes with that session (peers check "
+                "its record against its session)",
+                path,
+                owner,
             )
             return
         log.warning(
@@ -160,6 +201,8 @@ class Membership:
         self.members_path = members_path
         self.legacy_path = legacy_path
         self.seats: list[EphemeralSeat] = []
+        # Seats whose loss is only logged (a v1 node for older agents: its name can be taken).
+        self.optional: list[EphemeralSeat] = []
         self.member: Member | None = None
         self.rejoins = 0  # how many times the nodes were re-created after a session change
         self._signer: attest.Signer | None = None  # loaded at the first join
@@ -181,32 +224,70 @@ class Membership:
                 # keep our nodes, so watchers (and original agents) see no churn.
                 self.ensure()
                 return member
-        name = encode_member(member)
-        data = self._record(name)
         prefix = member_prefix(member.instance_id)
+
+        def fresh() -> str:
+            return encode_member(member, new_nonce())
+
+        def same(child: str) -> bool:
+            try:
+                return child.startswith(prefix) and decode_member(child) == member
+            except MalformedEntry:
+                return False
+
         seats = [
             EphemeralSeat(
                 self.client,
                 self.members_path,
-                name,
+                fresh(),
                 lambda child: child.startswith(prefix),
-                data=data,
+                data=self._record,
+                renew=fresh,
+                adopt=same,
                 **self._seat_acls(),
             )
         ]
+        optional = []
+        if self.cfg.v1_members == "publish":
+            v1 = encode_member(member)
+            v1_prefix = member_prefix(member.instance_id, V1)
+            optional.append(
+                EphemeralSeat(
+                    self.client,
+                    self.members_path,
+                    v1,
+                    lambda child: child.startswith(v1_prefix),
+                    data=self._record(v1, 0),
+                    **self._seat_acls(),
+                )
+            )
         if self.cfg.publish_legacy:
             seat = self._legacy_seat(member)
             if seat is not None:
                 seats.append(seat)
         with self._lock:
-            self.seats = seats
+            self.seats, self.optional = seats, optional
             self.member = member
             for seat in seats:
                 seat.ensure()
+            self._ensure_optional()
             if not self._listening:
                 self.client.add_listener(self._on_state)
                 self._listening = True
         return member
+
+    def _ensure_optional(self) -> None:
+        for seat in self.optional:
+            try:
+                seat.ensure()
+            except (KazooException, RegistryError) as exc:
+                log.warning(
+                    "could not publish %s for older agents (%s: %s); they may not see this "
+                    "host, v2 readers are not affected",
+                    seat.path,
+                    type(exc).__name__,
+                    exc,
+                )
 
     def _seat_acls(self) -> dict[str, Any]:
         return {
@@ -215,14 +296,15 @@ class Membership:
             "stale_wait": self.stale_wait if self.acl.secured else 0.0,
         }
 
-    def _record(self, name: str) -> bytes:
-        """The member node's data: our signed record (attest.py), so peers can tell this
-        name is ours; empty without a client certificate (zk_tls.cert)."""
+    def _record(self, name: str, session: int) -> bytes:
+        """The member node's data: our record (attest.py) signed for the session creating
+        the node, so peers can tell this name is ours and no copy of it passes under another
+        session; empty without a client certificate (zk_tls.cert)."""
         if self._signer is None:
             self._signer = attest.signer_for(self.cfg)
             if self._signer is None:
                 return b""
-        return self._signer.sign(name)
+        return self._signer.sign(name, session)
 
     def _legacy_seat(self, m: Member) -> EphemeralSeat | None:
         flag = legacy_codec.flag_for(m.network, self.cfg.legacy_networks)
@@ -260,7 +342,8 @@ class Membership:
             if self._listening:
                 self.client.remove_listener(self._on_state)
                 self._listening = False
-            seats, self.seats, self.member = self.seats, [], None
+            seats, self.seats, self.member = self.seats + self.optional, [], None
+            self.optional = []
         if not delete:
             return
         for seat in seats:
@@ -286,6 +369,7 @@ class Membership:
                         "an operator runs `neti fleet secure`",
                         seat.parent,
                     )
+            self._ensure_optional()
             if redone:
                 self.rejoins += 1
                 log.warning("re-joined the fleet as %s after a session change", self.member)

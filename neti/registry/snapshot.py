@@ -9,23 +9,24 @@ Rules, in order (docs/zookeeper-layout.md, "What a reader accepts"):
    own addresses, the ZooKeeper servers, the LAN's broadcast, the overlay subnet, ... .
 3. ``verify`` (registry/verify.py) checks what only ZooKeeper knows: the node is ephemeral and
    its overlay IP is claimed by its own instance ID. Failing entries are skipped and counted.
-4. Conflicts never resolve by sort order. Entries of one instance ID that differ are all
-   dropped (``duplicate_instance``); identical ones (an old session's node of the same host)
-   count once. For one overlay IP, a single ``members`` entry wins over ``ip-map`` entries
-   (the same host seen twice is silent, a different one is counted); several different
-   entries with no single ``members`` winner are all dropped (``duplicate_overlay``).
+4. Conflicts never resolve by sort order. A v2 entry of an instance supersedes its v1 ones
+   (codec.py). Entries of one instance ID that differ are all dropped (``duplicate_instance``);
+   identical ones (an old session's node of the same host) count once. For one overlay IP, a
+   single ``members`` entry wins over ``ip-map`` entries (the same host seen twice is silent,
+   a different one is counted); several different entries with no single ``members`` winner
+   are all dropped (``duplicate_overlay``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from ipaddress import IPv4Address, IPv4Network
-from typing import Any
+from typing import Any, TypeVar
 
 from neti.fleet import Fleet, Member, SkipTally
 from neti.registry import addr
 from neti.registry.addr import HostContext, MalformedEntry
-from neti.registry.codec import decode_member
+from neti.registry.codec import V1, decode_member, name_format
 from neti.registry.legacy import decode_legacy
 from neti.registry.verify import Candidate, Verdict
 
@@ -33,6 +34,7 @@ VerifyFn = Callable[[list[Candidate]], Mapping[tuple[str, str], Verdict]]
 OnSkip = Callable[[str, str], None]
 # Longest reason text kept or logged: node names can be long.
 MAX_TEXT = 300
+T = TypeVar("T")
 
 
 def _addrs(m: Member) -> tuple[str, IPv4Address, IPv4Address, IPv4Address]:
@@ -54,9 +56,13 @@ def screen(
     host: HostContext | None = None,
     self_id: str | None = None,
     self_network: str | None = None,
+    read_v1: bool = True,
 ) -> Candidate | tuple[str, str]:
     """Rules 1 and 2 for one listed name: a Candidate to verify, or (code, text) to skip it
-    for. Shared by build_fleet and the incremental index (index.py)."""
+    for. Shared by build_fleet and the incremental index (index.py). ``read_v1``: v1 member
+    names are read (``v1_members`` is not off)."""
+    if not legacy and not read_v1 and name_format(name) == V1:
+        return "old_format", f"member {name!r}: a v1 name, not read (v1_members: off)"
     try:
         m = decode_legacy(name, legacy_networks) if legacy else decode_member(name)
     except MalformedEntry as exc:
@@ -79,6 +85,14 @@ def screen(
             which = "private_ip" if same else "public_ip"
             return problem[0], f"{m.instance_id}: {which} {target} {problem[1]}"
     return Candidate(parent, name, m)
+
+
+def current(items: list[T], name: Callable[[T], str]) -> list[T]:
+    """One instance's passing entries that count: a v2 entry supersedes its v1 ones (an older
+    agent's, or those a host publishes for older agents), so only v2 entries count when there
+    is one; a copied v1 record then cannot make a v2 host a duplicate."""
+    new = [x for x in items if name_format(name(x)) != V1]
+    return new or items
 
 
 def same_addrs(ms: Iterable[Member]) -> bool:
@@ -140,6 +154,7 @@ def build_fleet(
     self_id: str | None = None,
     self_network: str | None = None,
     on_skip: OnSkip | None = None,
+    read_v1: bool = True,
 ) -> Fleet:
     """The fleet these names describe; ``verify`` None trusts every parsed entry (tests)."""
     tally = SkipTally()
@@ -163,6 +178,7 @@ def build_fleet(
                 host=host,
                 self_id=self_id,
                 self_network=self_network,
+                read_v1=read_v1,
             )
             if isinstance(got, Candidate):
                 cands.append(got)
@@ -170,7 +186,7 @@ def build_fleet(
                 skip(*got)
 
     verdicts = verify(cands) if verify is not None else None
-    passing: list[Member] = []
+    passing: list[Candidate] = []
     for c in cands:
         if verdicts is not None:
             v = verdicts.get(c.key)
@@ -179,16 +195,17 @@ def build_fleet(
             if not v.ok:
                 skip(v.code or "malformed", v.text)
                 continue
-        passing.append(c.member)
+        passing.append(c)
 
     # One instance ID: identical entries count once, different ones are all dropped.
     # (Legacy IDs are derived from the overlay IP: the overlay rule below covers them.)
-    by_id: dict[str, list[Member]] = {}
-    kept: list[Member] = [m for m in passing if m.legacy]
-    for m in passing:
-        if not m.legacy:
-            by_id.setdefault(m.instance_id, []).append(m)
-    for iid, ms in by_id.items():
+    by_id: dict[str, list[Candidate]] = {}
+    kept: list[Member] = [c.member for c in passing if c.member.legacy]
+    for c in passing:
+        if not c.member.legacy:
+            by_id.setdefault(c.member.instance_id, []).append(c)
+    for iid, group in by_id.items():
+        ms = [c.member for c in current(group, lambda c: c.name)]
         if same_addrs(ms):
             kept.append(ms[0])
             continue

@@ -3,21 +3,31 @@
 A member node's name says who it is; only ZooKeeper's metadata and the claims say whether to
 believe it. An entry is programmed only when
 
+- ZooKeeper lets us read it (``unreadable``: a node whose ACL denies us READ is skipped, never
+  fails the read) and it holds at most MAX_DATA bytes (``oversize``, refused unparsed);
 - its node is ephemeral (``Stat.ephemeralOwner != 0``): a persistent node would outlive any
   host and never leave the fleet;
 - ``ip-to-id/<overlay>`` exists and, for a ``members/`` entry, names the entry's own instance
   ID (claims are authoritative: a member cannot take another host's overlay IP by sorting
   first). The original's ``ip-map`` entries carry no instance ID; they need a claim by *some*
   valid instance ID, the most that can be checked for them;
-- the optional ``attest_check(name, data)`` hook (a record-signature check) returns None.
+- on a secured registry (``ownership``), for a ``members/`` entry: ``ip-to-id/<ip>`` and
+  ``id-to-ip/<instance>`` are owned by the instance by their ACLs (acl.Ownership,
+  ``forged_claim``) and ``id-to-ip/<instance>`` names the same overlay IP (``excess_claim``):
+  a claim counts only when both of its nodes are the claimant's and agree. Without a record
+  check the member node itself must be owned by its instance too (``bad_acl``); with one,
+  the record bound to the node's session already says the instance created it;
+- the optional ``attest_check(name, data, ephemeral_owner)`` hook (a record-signature check)
+  returns None (``attestation``; ``replayed`` for a record signed for another session).
 
-Cost: each entry is verified once, when its name first appears (two reads issued together
-with every other new name's, each awaited with a deadline), and the verdict is cached by node
+Cost: each entry is verified once, when its name first appears (two reads; on a secured
+registry five with the claims' ACLs and id-to-ip, six without records; issued together with
+every other new name's, each awaited with a deadline), and the verdict is cached by node
 name; names that disappear leave the cache. A cached verdict can go stale only if the claim
-behind it changes, which needs the claim's owner (or an operator) to release it; so each
-call also re-verifies the entries verified longest ago, at most ``1/recheck_share`` of the
-cache (and at least RECHECK_MIN), once they are older than ``recheck_after`` seconds. With
-the agent's defaults (resync every 60 s, ``recheck_after`` = 10 resyncs) every entry is
+behind it changes, which needs the claim's owner (or an operator) to release it; so each call
+also re-verifies the entries verified longest ago, at most ``1/recheck_share`` of the cache
+(and at least RECHECK_MIN), once they are older than ``recheck_after`` seconds. With the
+agent's defaults (resync every 60 s, ``recheck_after`` = 10 resyncs) every entry is
 re-verified within about ten minutes of its claim changing, for a few reads per resync.
 
 Pure bookkeeping plus kazoo async reads; no logging here (the caller rate-limits that).
@@ -31,20 +41,27 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from kazoo.exceptions import NoNodeError
+from kazoo.exceptions import NoAuthError, NoNodeError
 from kazoo.handlers.threading import KazooTimeoutError
 
 from neti.fleet import Member
 from neti.registry import addr
+from neti.registry.acl import Ownership
 from neti.registry.addr import MalformedEntry
+from neti.registry.attest import MAX_RECORD
 
-AttestCheck = Callable[[str, bytes], "str | None"]
+# (node name, node data, the node's ephemeralOwner) -> None, or "<reason>: <text>".
+AttestCheck = Callable[[str, bytes, int], "str | None"]
 
 # Reads in flight at once; each batch is awaited with the deadline.
 BATCH = 1024
 RECHECK_MIN = 32
 # Longest reason text kept from the attestation hook.
 _MAX_HOOK_TEXT = 200
+# Node data worth parsing: a member's signed record (attest.MAX_RECORD), a claim's address or
+# instance ID. Anything larger is refused before it is looked at.
+MAX_DATA = MAX_RECORD
+MAX_CLAIM_DATA = 256  # a claim holds an address or an instance ID; more is not a claim
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +92,17 @@ class Verdict:
 OK = Verdict()
 
 
+@dataclass(frozen=True, slots=True)
+class _Node:
+    """What one read of a node gave: gone, refused (NoAuth), or its data, Stat and ACL."""
+
+    found: bool = True
+    denied: bool = False
+    data: bytes = b""
+    stat: Any = None
+    acl: Any = None  # list[ACL] when read (secured registries)
+
+
 class Verifier:
     """Caches verdicts by node; verifies new (and aging) entries with concurrent reads."""
 
@@ -89,9 +117,15 @@ class Verifier:
         recheck_share: int = 10,
         clock: Callable[[], float] = time.monotonic,
         batch: int = BATCH,
+        id_to_ip: str | None = None,
+        ownership: Ownership | None = None,
     ):
         self.client = client
         self.ip_to_id = ip_to_id
+        # Secured registries: claims and member nodes must be owned (acl.Ownership), and a
+        # claim's two nodes agree (id-to-ip is read only then).
+        self.id_to_ip = id_to_ip
+        self.ownership = ownership if id_to_ip is not None else None
         self.deadline = deadline
         self.attest_check = attest_check
         self.recheck_after = recheck_after
@@ -165,32 +199,52 @@ class Verifier:
         return [k for _, k in old[:limit]]
 
     def _read(self, batch: list[Candidate]) -> None:
-        client = self.client
-        claims: dict[str, Any] = {}
+        owned = self.ownership is not None
+        claims: dict[str, tuple[Any, Any]] = {}
+        ids: dict[str, tuple[Any, Any]] = {}
         nodes = []
         for c in batch:
-            ip = str(c.member.overlay_ip)
+            m = c.member
+            ip = str(m.overlay_ip)
             if ip not in claims:
-                claims[ip] = client.get_async(f"{self.ip_to_id}/{ip}")
-            nodes.append((c, client.get_async(f"{c.parent}/{c.name}")))
+                claims[ip] = self._issue(f"{self.ip_to_id}/{ip}", owned)
+            if owned and not m.legacy and m.instance_id not in ids:
+                ids[m.instance_id] = self._issue(f"{self.id_to_ip}/{m.instance_id}", True)
+            node_acl = owned and not m.legacy and self.attest_check is None
+            nodes.append((c, self._issue(f"{c.parent}/{c.name}", node_acl)))
         end = self.clock() + self.deadline
-        holders: dict[str, str | None] = {}
-        for ip, result in claims.items():
-            try:
-                data, _ = self._wait(result, end)
-            except NoNodeError:
-                holders[ip] = None
-            else:
-                holders[ip] = bytes(data or b"").decode("ascii", "replace").strip()
-        for c, result in nodes:
-            try:
-                data, stat = self._wait(result, end)
-            except NoNodeError:
+        claim_of = {ip: self._collect(p, end) for ip, p in claims.items()}
+        id_of = {iid: self._collect(p, end) for iid, p in ids.items()}
+        for c, pending in nodes:
+            node = self._collect(pending, end)
+            if not node.found:
                 self._cache.pop(c.key, None)
                 continue
             self.reads += 1
-            verdict = self._judge(c, bytes(data or b""), stat, holders[str(c.member.overlay_ip)])
+            m = c.member
+            verdict = self._judge(c, node, claim_of[str(m.overlay_ip)], id_of.get(m.instance_id))
             self._cache[c.key] = (verdict, self.clock())
+
+    def _issue(self, path: str, acl: bool) -> tuple[Any, Any]:
+        """A node's get (and, when ``acl``, getACL) in flight."""
+        client = self.client
+        return client.get_async(path), client.get_acls_async(path) if acl else None
+
+    def _collect(self, pending: tuple[Any, Any], end: float) -> _Node:
+        """The answers of _issue's reads: NoNode and NoAuth are verdicts, not failures."""
+        out: list[Any] = []
+        for result in pending:
+            if result is None:
+                out.append(None)
+                continue
+            try:
+                out.append(self._wait(result, end))
+            except NoNodeError:
+                return _Node(found=False)
+            except NoAuthError:
+                return _Node(denied=True)
+        (data, stat), acl = out[0], out[1][0] if out[1] is not None else None
+        return _Node(data=bytes(data or b""), stat=stat, acl=acl)
 
     def _wait(self, result: Any, end: float) -> Any:
         left = end - self.clock()
@@ -198,15 +252,29 @@ class Verifier:
             raise KazooTimeoutError("verifying member entries took longer than the deadline")
         return result.get(timeout=left)
 
-    def _judge(self, c: Candidate, data: bytes, stat: Any, holder: str | None) -> Verdict:
+    def _judge(self, c: Candidate, node: _Node, claim: _Node, ident: _Node | None) -> Verdict:
         m = c.member
         what = f"{'legacy node' if m.legacy else 'member'} {c.name!r}"
+        if node.denied:
+            return Verdict("unreadable", f"{what}: ZooKeeper refused reading it (its ACL)")
+        if len(node.data) > MAX_DATA:
+            return Verdict("oversize", f"{what}: {len(node.data)} bytes, more than {MAX_DATA}")
+        stat = node.stat
         if getattr(stat, "ephemeralOwner", 0) == 0:
             return Verdict(
                 "persistent", f"{what}: the node is persistent (members must be ephemeral)"
             )
-        if holder is None:
+        own = self.ownership
+        if own is not None and node.acl is not None:
+            problem = own.problem(node.acl, m.instance_id)
+            if problem is not None:
+                return Verdict("bad_acl", f"{what}: {problem}")
+        ip_path = f"{self.ip_to_id}/{m.overlay_ip}"
+        if claim.denied or len(claim.data) > MAX_CLAIM_DATA:
+            return Verdict("forged_claim", f"{what}: {ip_path} cannot be read or is oversize")
+        if not claim.found:
             return Verdict("unclaimed", f"{what}: overlay IP {m.overlay_ip} is not claimed")
+        holder = claim.data.decode("ascii", "replace").strip()
         if m.legacy:
             try:
                 addr.label(holder, "claim holder")
@@ -220,11 +288,40 @@ class Verifier:
                 "claim_mismatch",
                 f"{what}: overlay IP {m.overlay_ip} is claimed by another instance",
             )
+        elif own is not None and ident is not None:
+            refused = self._owned_claim(m, ip_path, claim, ident, own)
+            if refused is not None:
+                return Verdict(refused.code, f"{what}: {refused.text}")
         if self.attest_check is not None and not m.legacy:
             try:
-                why = self.attest_check(c.name, data)
+                why = self.attest_check(c.name, node.data, int(stat.ephemeralOwner))
             except Exception as exc:  # noqa: BLE001 - a broken hook refuses, never crashes
                 why = f"the check failed: {type(exc).__name__}"
             if why is not None:
-                return Verdict("attestation", f"{what}: {str(why)[:_MAX_HOOK_TEXT]}")
+                why = str(why)
+                code = "replayed" if why.startswith("replayed:") else "attestation"
+                return Verdict(code, f"{what}: {why[:_MAX_HOOK_TEXT]}")
         return OK
+
+    def _owned_claim(
+        self, m: Member, ip_path: str, claim: _Node, ident: _Node, own: Ownership
+    ) -> Verdict | None:
+        """Both claim nodes owned by ``m``'s instance and agreeing, else why not."""
+        id_path = f"{self.id_to_ip}/{m.instance_id}"
+        problem = own.problem(claim.acl, m.instance_id) if claim.acl is not None else None
+        if problem is not None:
+            return Verdict("forged_claim", f"{ip_path}: {problem}")
+        if ident.denied or len(ident.data) > MAX_CLAIM_DATA:
+            return Verdict("forged_claim", f"{id_path} cannot be read or is oversize")
+        if not ident.found:
+            return Verdict("excess_claim", f"{id_path} is missing: the claim is not whole")
+        problem = own.problem(ident.acl, m.instance_id) if ident.acl is not None else None
+        if problem is not None:
+            return Verdict("forged_claim", f"{id_path}: {problem}")
+        said = ident.data.decode("ascii", "replace").strip()
+        if said != str(m.overlay_ip):
+            return Verdict(
+                "excess_claim",
+                f"{id_path} says {said[:40]!r}, not {m.overlay_ip}: {ip_path} is an excess claim",
+            )
+        return None

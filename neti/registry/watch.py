@@ -20,7 +20,10 @@ knows which queued events a list already reflects.
   while disconnected, deletions included, and a new session (our own and others' ephemeral
   nodes gone) always move cversion;
 - a server without addWatch (UNIMPLEMENTED) or ``force_fallback``: a one-shot children
-  watch per container and a full list on each change (the cost before deltas), logged once.
+  watch per container and a full list on each change (the cost before deltas), logged once;
+- ZooKeeper sends no event for a node the watcher may not read, not even its deletion (seen
+  on 3.8): while the index holds such a node (skipped as ``unreadable``), the containers'
+  Stat is checked every HIDDEN_POLL seconds, so removing it heals within seconds.
 
 Costs are counted in ``WatchStats`` (events, full lists, stat checks, estimated bytes).
 """
@@ -52,6 +55,9 @@ PERSISTENT_RECURSIVE = 1
 MAX_QUEUE = 200_000
 # Rough wire sizes (bytes) for the cost estimate: reply header, Stat, string length prefix.
 _HDR, _STAT, _STR = 16, 68, 4
+# Seconds between the containers' Stat checks while the index holds a node hidden from our
+# events (unreadable): what bounds how long one lingers after it is deleted.
+HIDDEN_POLL = 3.0
 
 
 class AddWatch:
@@ -263,6 +269,9 @@ class FleetWatch:
         self._listener_on = False
         self._fallback_logged = False
         self._fallback_watchers = {d.path: self._fallback_watcher(d) for d in self.dirs}
+        self.hidden_poll = HIDDEN_POLL
+        self._poll_timer: threading.Timer | None = None  # set and cleared on the agent's thread
+        self._poll_due = False  # set by the timer's thread
 
     # --- the facade's calls ---
     def start(self, on_event: Callable[[], object]) -> FleetChange:
@@ -277,9 +286,13 @@ class FleetWatch:
         return self._finish()
 
     def changes(self) -> FleetChange:
-        """Pending events applied: O(events). Re-arms (and Stat-checks) after a drop."""
+        """Pending events applied: O(events). Re-arms (and Stat-checks) after a drop, and
+        Stat-checks when the hidden-node poll is due."""
         if not self._armed:
             self._arm()
+        elif self._poll_due:
+            for d in self.dirs:
+                self._check(d)
         return self._finish()
 
     def resync(self) -> FleetChange:
@@ -300,6 +313,9 @@ class FleetWatch:
         return self._armed and not self.fallback and any(d.path == path for d in self.dirs)
 
     def close(self) -> None:
+        if self._poll_timer is not None:
+            self._poll_timer.cancel()
+            self._poll_timer = None
         if self._listener_on:
             try:
                 self.client.remove_listener(self._on_state)
@@ -323,6 +339,10 @@ class FleetWatch:
             self._armed = False
         elif not self._armed:
             self._notify()
+
+    def _poll_fire(self) -> None:
+        self._poll_due = True
+        self._notify()
 
     def _fallback_watcher(self, d: _Dir) -> Callable[..., None]:
         def fire(_event: object = None) -> None:
@@ -497,4 +517,10 @@ class FleetWatch:
         for d in self.dirs:
             if d.relist:
                 self._list(d)
+        if self._poll_due:  # every path here has just checked the containers' Stat
+            self._poll_due, self._poll_timer = False, None
+        if self._poll_timer is None and self.index.skipped("unreadable"):
+            self._poll_timer = threading.Timer(self.hidden_poll, self._poll_fire)
+            self._poll_timer.daemon = True
+            self._poll_timer.start()
         return self.index.take_change()

@@ -154,6 +154,15 @@ def evaluate(
             checks.append(Check("revoked", WARNING, g.revoked_problem[:300]))
         if state.claim_conflict:
             checks.append(Check("claim", CRITICAL, state.claim_conflict[:300]))
+        if state.claims_excess > 0:
+            checks.append(
+                Check(
+                    "claims",
+                    WARNING,
+                    f"{state.claims_excess} excess overlay IP claims (ip-to-id nodes without an "
+                    "id-to-ip partner) drain the pool: neti fleet audit, neti fleet prune",
+                )
+            )
         if state.tagging.startswith("failed"):
             # Tags feed fleet audits, not the dataplane: shown, but not worth a page.
             checks.append(Check("tagging", OK, f"EC2 tagging {state.tagging}"))

@@ -6,11 +6,14 @@ Connects (kazoo, TLS with the given client certificate), prints one JSON line
 ``{"event": "connected"}`` or ``{"event": "refused", "error": ...}`` (and exits 3), then runs
 one JSON command per stdin line and answers one JSON line each, keeping its session (and so
 its ephemeral nodes) until stdin closes. Commands: ``create`` (path, data, ephemeral,
-``sign``: data is a member record signed with KEY), ``bulk`` (parent, names: ephemeral
-children created concurrently), ``claim`` (instance_id, ip: both claim nodes), ``set``,
-``delete`` (recursive), ``children``, ``get`` (size and version), ``flood`` (path, size,
-rate, seconds: asynchronous sets, counted by outcome), ``fill`` (parent, size, max: ephemeral
-children until refused). Errors are answered as ``{"error": "NoAuthError"}``.
+``sign``: data is a member record signed with KEY for this session), ``bulk`` (parent,
+names: ephemeral children created concurrently), ``claim`` (instance_id, ip: both claim
+nodes), ``set``, ``delete`` (recursive), ``children``, ``get`` (size and version), ``flood``
+(path, size, rate, seconds: asynchronous sets, counted by outcome), ``fill`` (parent, size,
+max: ephemeral children until refused). ``create`` and ``claim`` take ``owner`` (an ACL
+naming x509:CN=<owner> as Neti writes a host's: ZooKeeper lets a creator name anyone) or
+``private`` (only this certificate may even read the node); otherwise the node is world ALL.
+Errors are answered as ``{"error": "NoAuthError"}``.
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ import time
 from typing import Any
 
 from kazoo.client import KazooClient
+from kazoo.security import ACL, Id, Permissions
+
+OPERATOR = "CN=neti-operator"
 
 
 def connect(argv: list[str]) -> KazooClient:
@@ -35,17 +41,35 @@ def connect(argv: list[str]) -> KazooClient:
     return zk
 
 
+def acl_for(cmd: dict[str, Any], cert: str) -> list[ACL] | None:
+    if cmd.get("private"):
+        from neti.registry.acl import load_certificate
+
+        subject = load_certificate(cert).subject.rfc4514_string()
+        return [ACL(Permissions.ALL, Id("x509", subject))]
+    if cmd.get("owner"):
+        return [
+            ACL(Permissions.READ, Id("world", "anyone")),
+            ACL(Permissions.ALL, Id("x509", f"CN={cmd['owner']}")),
+            ACL(Permissions.ALL, Id("x509", OPERATOR)),
+        ]
+    return None
+
+
 def run(zk: KazooClient, cmd: dict[str, Any], key: str, cert: str) -> dict[str, Any]:
     op = cmd["op"]
+    acl = acl_for(cmd, cert)
     if op == "create":
         data = cmd.get("data", "").encode()
         if cmd.get("sign"):
             from neti.registry.attest import Signer
 
-            data = Signer.from_files(cert, key).sign(cmd["path"].rsplit("/", 1)[1])
+            name = cmd["path"].rsplit("/", 1)[1]
+            data = Signer.from_files(cert, key).sign(name, zk.client_id[0])
         path = zk.create(
             cmd["path"],
             data,
+            acl=acl,
             ephemeral=cmd.get("ephemeral", False),
             makepath=cmd.get("makepath", False),
         )
@@ -63,8 +87,8 @@ def run(zk: KazooClient, cmd: dict[str, Any], key: str, cert: str) -> dict[str, 
     if op == "claim":
         iid, ip = cmd["instance_id"], cmd["ip"]
         txn = zk.transaction()
-        txn.create(f"/neti/id-to-ip/{iid}", ip.encode())
-        txn.create(f"/neti/ip-to-id/{ip}", iid.encode())
+        txn.create(f"/neti/id-to-ip/{iid}", ip.encode(), acl=acl)
+        txn.create(f"/neti/ip-to-id/{ip}", iid.encode(), acl=acl)
         failed = [type(r).__name__ for r in txn.commit() if isinstance(r, Exception)]
         if failed:
             return {"error": failed[0]}

@@ -1,16 +1,19 @@
-"""Issue 9's attack table, row by row, against the secured lab (what ``make demo`` runs).
+"""The attack tables, row by row, against the secured lab (what ``make demo`` runs).
 
 One lab for the module: ZooKeeper with TLS and x509 authentication, three agents in
 ``reject_all`` mode, the ec2 network reaching ZooKeeper through ``neti zkproxy``. The attacker
 is tests/e2e/attacker.py, a kazoo client run inside a lab namespace: the outsider without a
 certificate, the outsider with a stolen host certificate (ec2b's), a compromised host (ec2b
-itself), and the operator. Each test shows the outcome docs/security.md's table names.
+itself), and the operator. Each test shows the outcome docs/security.md's table names. The
+attacker gives what it creates the ACL a host's node has (``owner``: ZooKeeper lets a creator
+name anyone), so that what stops an entry is the check the row is about.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -141,7 +144,7 @@ def stolen(lab: Lab) -> Issued:
 
 
 def member(iid: str, net: str, public: str, private: str, overlay: str) -> str:
-    return f"v1|{iid}|{net}|{public}|{private}|{overlay}|2.0.0"
+    return f"v2|{iid}|{net}|{public}|{private}|{overlay}|2.0.0|{secrets.token_hex(12)}"
 
 
 def remove(lab: Lab, *paths: str) -> None:
@@ -233,11 +236,13 @@ def test_a_fleet_certificate_creates_but_its_entries_are_not_programmed(lab: Lab
         with Attacker(lab, OUTSIDER, stolen(lab)) as a:
             assert a.connected, a.hello
             for iid, ip in (("i-evil", FAKE[0]), ("i-evil2", FAKE[1]), ("legacy-x", FAKE[2])):
-                assert a("claim", instance_id=iid, ip=ip) == {}
+                assert a("claim", instance_id=iid, ip=ip, owner=iid) == {}
             # A persistent node (never expires), and an ephemeral one carrying a record
             # signed with the stolen key (its CN is i-ec2b, not i-evil2).
-            assert "path" in a("create", path=f"{MEMBERS}/{persistent}")
-            assert "path" in a("create", path=f"{MEMBERS}/{signed}", ephemeral=True, sign=True)
+            assert "path" in a("create", path=f"{MEMBERS}/{persistent}", owner="i-evil")
+            created = a("create", path=f"{MEMBERS}/{signed}", ephemeral=True, sign=True,
+                        owner="i-evil2")  # fmt: skip
+            assert "path" in created
             # ip-map: the original's nodes, unsigned; the lab has read_legacy off.
             ip_map = a("create", path=f"/neti/ip-map/{legacy}", ephemeral=True, makepath=True)
             assert "path" in ip_map, ip_map
@@ -271,8 +276,9 @@ def test_a_member_with_the_victims_overlay_ip_is_skipped(lab: Lab) -> None:
     forged = member("i-vpc1", "ec2", *own, victim)  # the victim's own instance ID
     with Attacker(lab, "ec2b", stolen(lab), hosts=f"{ZKPROXY.private_ip}:{lab.zk_port}") as a:
         assert a.connected, a.hello
-        assert "path" in a("create", path=f"{MEMBERS}/{hijack}", ephemeral=True, sign=True)
-        assert "path" in a("create", path=f"{MEMBERS}/{forged}", ephemeral=True, sign=True)
+        for name, owner in ((hijack, "a-evil"), (forged, "i-vpc1")):
+            created = a("create", path=f"{MEMBERS}/{name}", ephemeral=True, sign=True, owner=owner)
+            assert "path" in created
         wait_for(
             "ec2a to skip the hijack (claim) and the forgery (signature)",
             lambda: {"claim_mismatch", "attestation"} <= set(skipped(lab, "ec2a")),
@@ -409,9 +415,11 @@ def test_hostile_addresses_are_skipped_and_counted_by_reason(lab: Lab) -> None:
                FAKE[10], "8.8.8.8", "198.51.100.255"}  # fmt: skip
     with Attacker(lab, "ec2b", stolen(lab), hosts=f"{ZKPROXY.private_ip}:{lab.zk_port}") as a:
         # 8.8.8.8 gets a claim, so only its signature stops it.
-        assert a("claim", instance_id="i-dns", ip=FAKE[11]) == {}
+        assert a("claim", instance_id="i-dns", ip=FAKE[11], owner="i-dns") == {}
         for name in entries:
-            assert "path" in a("create", path=f"{MEMBERS}/{name}", ephemeral=True, sign=True)
+            owner = name.split("|")[1]
+            created = a("create", path=f"{MEMBERS}/{name}", ephemeral=True, sign=True, owner=owner)
+            assert "path" in created
         want = {
             "ec2a": {
                 "self_address",
@@ -498,6 +506,81 @@ def test_the_proxy_refuses_sources_it_does_not_allow(lab: Lab) -> None:
                   hosts=f"{ZKPROXY.private_ip}:{lab.zk_port}") as a:  # fmt: skip
         assert a.connected, a.hello
         assert len(a("children", path=MEMBERS)["children"]) == 3
+
+
+# --- one compromised host (ec2b, its own certificate): nodes no peer may read ---
+def test_a_node_no_peer_may_read_blocks_nothing_and_its_removal_heals(lab: Lab) -> None:
+    all_ok(lab)
+    before = {h: rules(lab, h) for h in ALL}
+    hidden = member("i-hid", "inet", "192.0.2.10", "192.0.2.10", FAKE[12])
+    left = [f"{MEMBERS}/{hidden}", "/neti/id-to-ip/i-hid"]
+    try:
+        with Attacker(lab, "ec2b", stolen(lab), hosts=f"{ZKPROXY.private_ip}:{lab.zk_port}") as a:
+            # Persistent, and only ec2b's certificate may even read them.
+            assert "path" in a("create", path=left[0], private=True)
+            assert "path" in a("create", path=left[1], data=FAKE[12], private=True)
+        wait_for(
+            "ec2a and vpc1 to count the unreadable member (ec2b, its owner, reads it)",
+            lambda: (
+                all(skipped(lab, h).get("unreadable") == 1 for h in ("ec2a", "vpc1"))
+                and skipped(lab, "ec2b").get("persistent") == 1
+            ),
+            timeout=3 * RESYNC,
+        )
+        for h in ALL:
+            assert fleet_ids(lab, h) == IDS
+            assert rules(lab, h) == before[h], h
+            rc, report = lab.status(h)
+            assert rc == WARNING and "skipped" in report["summary"], report["summary"]
+        assert lab.full_mesh(lab.matrix(), ALL)
+    finally:
+        # The operator cannot even list what it may not read (a recursive delete would):
+        # neti fleet prune deletes each node at the version it saw.
+        pruned = lab.neti(ZK_HOST, "fleet", "prune", "--json", check=True)
+        assert {p["path"] for p in json.loads(pruned.stdout)["pruned"]} == set(left)
+    # ZooKeeper sends no event for a node a reader may not read, not even its deletion:
+    # every agent polls while it holds one, so it heals within seconds, no restart.
+    all_ok(lab, timeout=20)
+    assert alive(lab)
+
+
+# --- one compromised host: one owner, two claims ---
+def test_an_excess_claim_is_not_programmed_and_counted(lab: Lab) -> None:
+    all_ok(lab)
+    ec2b = lab.topo.host("ec2b")
+    own = lab.overlay_ip("ec2b")
+    before = {h: dnat(lab, h) for h in ("ec2a", "vpc1")}
+    assert own and all(before[h][own] for h in before)
+    # ec2b claims a second address (ip-to-id only, its own ACL) and publishes a member
+    # there, signed with its own key for its own session: everything but the claim is right.
+    extra = member("i-ec2b", "ec2", str(ec2b.public_ip), str(ec2b.private_ip), FAKE[13])
+    left = [f"/neti/ip-to-id/{FAKE[13]}"]
+    try:
+        with Attacker(lab, "ec2b", stolen(lab), hosts=f"{ZKPROXY.private_ip}:{lab.zk_port}") as a:
+            assert "path" in a("create", path=left[0], data="i-ec2b", owner="i-ec2b")
+            created = a("create", path=f"{MEMBERS}/{extra}", ephemeral=True, sign=True,
+                        owner="i-ec2b")  # fmt: skip
+            assert "path" in created
+            wait_for(
+                "ec2a and vpc1 to skip it as an excess claim",
+                lambda: all(skipped(lab, h).get("excess_claim") == 1 for h in before),
+                timeout=30,
+            )
+            for h in before:
+                assert dnat(lab, h) == before[h], h  # FAKE[13] is nowhere, ec2b unchanged
+                assert fleet_ids(lab, h) == IDS
+            # Each agent's resync counts the excess in ip-to-id, O(1): status and metrics.
+            wait_for(
+                "every agent to count the excess claim",
+                lambda: all((lab.state(h) or {}).get("claims_excess") == 1 for h in ALL),
+                timeout=3 * RESYNC,
+            )
+            rc, report = lab.status("vpc1")
+            assert rc == WARNING and "1 excess overlay IP claims" in report["summary"]
+            assert lab.full_mesh(lab.matrix(), ALL)
+    finally:
+        remove(lab, *left)
+    all_ok(lab, timeout=3 * RESYNC)
 
 
 # --- a compromised host, revoked: neti fleet revoke ---

@@ -5,13 +5,28 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from kazoo.exceptions import NoNodeError
+from kazoo.exceptions import NoAuthError, NoNodeError
 from kazoo.handlers.threading import KazooTimeoutError
+from kazoo.security import ACL, Id
+
+WORLD_READ = ACL(1, Id("world", "anyone"))
+
+
+def owned(owner: str, *operators: str) -> list[ACL]:
+    """The ACL Neti gives a host's node: world READ, ``owner`` ALL, operators ALL."""
+    out = [WORLD_READ]
+    for zk_id in (owner, *operators):
+        scheme, _, ident = zk_id.partition(":")
+        out.append(ACL(31, Id(scheme, ident)))
+    return out
 
 
 @dataclass
 class Stat:
     ephemeralOwner: int = 0x1234  # noqa: N815 - kazoo's ZnodeStat field name
+    dataLength: int = 0  # noqa: N815
+    version: int = 0
+    aversion: int = 0
 
 
 class Result:
@@ -29,28 +44,59 @@ class Result:
 
 
 class FakeClient:
-    """Nodes as {path: (data, ephemeral)}; counts get_async calls per path."""
+    """Nodes as {path: (data, ephemeral)}, with optional ACLs and nodes refused to us
+    (NoAuth); counts get_async calls per path."""
 
     def __init__(self) -> None:
         self.nodes: dict[str, tuple[bytes, bool]] = {}
+        self.acls: dict[str, list[ACL]] = {}
+        self.owners: dict[str, int] = {}  # ephemeralOwner per path (default 0x99)
+        self.denied: set[str] = set()
         self.gets: dict[str, int] = {}
         self.hang = False
         self.issued: list[Result] = []
 
-    def put(self, path: str, data: bytes = b"", ephemeral: bool = True) -> None:
+    def put(
+        self,
+        path: str,
+        data: bytes = b"",
+        ephemeral: bool = True,
+        acl: list[ACL] | None = None,
+        denied: bool = False,
+        owner: int | None = None,
+    ) -> None:
         self.nodes[path] = (data, ephemeral)
+        if acl is not None:
+            self.acls[path] = acl
+        if owner is not None:
+            self.owners[path] = owner
+        (self.denied.add if denied else self.denied.discard)(path)
+
+    def _stat(self, path: str) -> Stat:
+        data, eph = self.nodes[path]
+        owner = self.owners.get(path, 0x99) if eph else 0
+        return Stat(owner, len(data))
+
+    def _answer(self, path: str, value: Any) -> Result:
+        if self.hang:
+            r = Result(hang=True)
+        elif path not in self.nodes:
+            r = Result(error=NoNodeError())
+        elif path in self.denied:
+            r = Result(error=NoAuthError())
+        else:
+            r = Result(value(path))
+        self.issued.append(r)
+        return r
 
     def get_async(self, path: str) -> Result:
         self.gets[path] = self.gets.get(path, 0) + 1
-        if self.hang:
-            r = Result(hang=True)
-        elif path in self.nodes:
-            data, eph = self.nodes[path]
-            r = Result((data, Stat(0x99 if eph else 0)))
-        else:
-            r = Result(error=NoNodeError())
-        self.issued.append(r)
-        return r
+        return self._answer(path, lambda p: (self.nodes[p][0], self._stat(p)))
+
+    def get_acls_async(self, path: str) -> Result:
+        return self._answer(
+            path, lambda p: (self.acls.get(p, [ACL(31, Id("world", "anyone"))]), self._stat(p))
+        )
 
     def total_gets(self) -> int:
         return sum(self.gets.values())

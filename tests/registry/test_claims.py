@@ -179,9 +179,8 @@ def test_the_fallback_scan_is_bounded_by_the_claims() -> None:
     free = IP("10.7.200.9")
     used = {ip for ip in subnet.hosts() if ip != free}
     claims = OverlayClaims(None, "/a", "/b", subnet)  # type: ignore[arg-type]
-    claims._used = lambda: used  # type: ignore[method-assign]
-    assert claims._free() == free
+    assert claims._pick(used) == free
     assert claims.candidates_tried <= RANDOM_TRIES + len(used) + 1
     used.add(free)
     with pytest.raises(SubnetFullError, match=r"10\.7\.0\.0/16 is full: 65534 of 65534"):
-        claims._free()
+        claims._pick(used)

@@ -8,7 +8,14 @@ import pytest
 
 from neti.fleet import Member
 from neti.registry.addr import MalformedEntry, host_ip, usable
-from neti.registry.codec import decode_member, encode_member, member_prefix
+from neti.registry.codec import (
+    V1,
+    decode_member,
+    encode_member,
+    member_prefix,
+    name_format,
+    new_nonce,
+)
 from neti.registry.guard import parse_max_change
 from neti.registry.legacy import decode_legacy, encode_ident, flag_for, node_name
 from neti.registry.snapshot import build_fleet
@@ -38,7 +45,20 @@ def test_member_name_round_trips() -> None:
     assert name == "v1|i-0abc|vpc|203.0.113.5|10.0.0.5|192.168.1.5|2.0.0"
     assert "/" not in name
     assert decode_member(name) == m
+    assert name.startswith(member_prefix("i-0abc", V1))
+
+
+def test_v2_names_carry_a_fresh_nonce_nobody_can_guess() -> None:
+    m = member()
+    nonces = {new_nonce() for _ in range(1000)}
+    assert len(nonces) == 1000 and all(len(n) == 24 for n in nonces)
+    nonce = nonces.pop()
+    name = encode_member(m, nonce)
+    assert name == f"v2|i-0abc|vpc|203.0.113.5|10.0.0.5|192.168.1.5|2.0.0|{nonce}"
+    assert decode_member(name) == m and name_format(name) == "v2"
     assert name.startswith(member_prefix("i-0abc"))
+    with pytest.raises(ValueError, match="nonce"):
+        encode_member(m, "ABC")
 
 
 def test_member_with_empty_version_round_trips() -> None:
@@ -68,7 +88,11 @@ def test_member_encode_refuses_fields_that_cannot_round_trip(kw: dict[str, objec
 @pytest.mark.parametrize(
     ("name", "why"),
     [
-        ("v2|i-1|vpc|1.2.3.4|10.0.0.1|192.168.0.9|2", "unknown format"),
+        ("v3|i-1|vpc|1.2.3.4|10.0.0.1|192.168.0.9|2", "unknown format"),
+        ("v2|i-1|vpc|1.2.3.4|10.0.0.1|192.168.0.9|2", "7 fields"),
+        ("v2|i-1|vpc|1.2.3.4|10.0.0.1|192.168.0.9|2|" + "A" * 24, "nonce"),
+        ("v2|i-1|vpc|1.2.3.4|10.0.0.1|192.168.0.9|2|" + "a" * 25, "nonce"),
+        ("v2|i-1|vpc|1.2.3.4|10.0.0.1|192.168.0.9|2|" + "a" * 23 + "\n", "nonce"),
         ("i-1|vpc|1.2.3.4|10.0.0.1|192.168.0.9|2", "unknown format"),
         ("v1|i-1|vpc|1.2.3.4|10.0.0.1|192.168.0.9", "6 fields"),
         ("v1|i-1|vpc|1.2.3.4|10.0.0.1|192.168.0.9|2|x", "8 fields"),
@@ -229,3 +253,19 @@ def test_fleet_merges_dedupes_and_counts_skipped() -> None:
 def test_empty_fleet() -> None:
     fleet = build_fleet([], [], NETS, SUBNET)
     assert fleet.members == () and fleet.skipped == 0
+
+
+def test_a_v2_entry_supersedes_the_v1_ones_of_its_instance() -> None:
+    """An older agent's v1 node (or a replay of one) never makes a v2 host a duplicate."""
+    now = encode_member(member(), new_nonce())
+    old = encode_member(member(public_ip=IP("198.51.100.9")))  # other addresses
+    fleet = build_fleet([old, now], [], NETS, SUBNET)
+    assert fleet.members == (member(),) and fleet.skipped == 0
+    # Two v1 nodes that differ are still both dropped, as before.
+    older = encode_member(member(private_ip=IP("10.0.0.99")))
+    assert build_fleet([old, older], [], NETS, SUBNET).skipped_by_reason == {
+        "duplicate_instance": 2
+    }
+    # v1_members: off - v1 names are not read at all.
+    off = build_fleet([old, now], [], NETS, SUBNET, read_v1=False)
+    assert off.members == (member(),) and off.skipped_by_reason == {"old_format": 1}

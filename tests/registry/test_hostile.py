@@ -22,6 +22,7 @@ from neti import config, desired
 from neti.agent.metrics import Metrics
 from neti.fleet import Fleet
 from neti.registry import Registry
+from neti.registry.codec import new_nonce
 from neti.registry.facade import SkipLog
 from neti.state import AgentState, GuardState
 from neti.status.report import WARNING, evaluate
@@ -40,7 +41,7 @@ def joined(zk_client: KazooClient, cfg: config.Config, iid: str, n: int) -> tupl
 
 
 def member_name(iid: str, public: str, private: str, overlay: IP | str, net: str = "vpc") -> str:
-    return f"v1|{iid}|{net}|{public}|{private}|{overlay}|2.0.0"
+    return f"v2|{iid}|{net}|{public}|{private}|{overlay}|2.0.0|{new_nonce()}"
 
 
 @pytest.mark.zk

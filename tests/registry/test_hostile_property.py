@@ -150,7 +150,7 @@ def test_nothing_refused_is_programmed(
     for name, eph in legacy:
         zk.put(f"{LEGACY}/{name}", name.encode("utf-8", "replace"), ephemeral=eph)
 
-    def attest(name: str, data: bytes) -> str | None:
+    def attest(name: str, data: bytes, owner: int) -> str | None:
         return "bad signature" if data.startswith(b"\x00") else None
 
     v = Verifier(zk, CLAIMS, attest_check=attest)

@@ -32,7 +32,9 @@ OVERLAY = ["10.9.0.5", "10.9.0.6", "10.9.0.7", "10.9.0.0", "10.8.0.1"]
 HEXES = ["a" * 32, "b" * 32, "c" * 32]
 
 member_names = st.builds(
-    lambda i, n, p, q, o, v: f"v1|{i}|{n}|{p}|{q}|{o}|{v}",
+    lambda f, i, n, p, q, o, v: f"{f[0]}|{i}|{n}|{p}|{q}|{o}|{v}{f[1]}",
+    # v1 names, and v2 names with one of two nonces (a v2 entry supersedes v1 ones)
+    st.sampled_from([("v1", ""), ("v2", "|" + "a" * 24), ("v2", "|" + "b" * 24)]),
     st.sampled_from(IDS),
     st.sampled_from(["vpc", "ec2"]),
     st.sampled_from(PUBLIC),
@@ -96,7 +98,7 @@ class FakeVerifier:
         return self.check(candidates)
 
 
-def reference(now: dict[str, set[str]], fv: FakeVerifier):  # type: ignore[no-untyped-def]
+def reference(now: dict[str, set[str]], fv: FakeVerifier, read_v1: bool):  # type: ignore[no-untyped-def]
     return build_fleet(
         now[M],
         now[L],
@@ -108,11 +110,12 @@ def reference(now: dict[str, set[str]], fv: FakeVerifier):  # type: ignore[no-un
         host=HOST,
         self_id="i-self",
         self_network="vpc",
+        read_v1=read_v1,
     )
 
 
 @settings(max_examples=300, deadline=None)
-@given(ops=st.lists(op, max_size=25))
+@given(ops=st.lists(op, max_size=25), read_v1=st.booleans())
 @example(
     ops=[
         ("add", M, ["v1|i-a|vpc|203.0.113.1|10.0.0.2|10.9.0.5|1"]),
@@ -120,9 +123,12 @@ def reference(now: dict[str, set[str]], fv: FakeVerifier):  # type: ignore[no-un
         ("add", L, ["a" * 32 + "-203.0.113.1|10.0.0.3|10.9.0.5|1"]),
         ("remove", M, ["v1|i-a|vpc|203.0.113.1|10.0.0.2|10.9.0.5|1"]),
         ("add", M, ["v1|i-a|vpc|203.0.113.1|10.0.0.3|10.9.0.6|1"]),
-    ]
+    ],
+    read_v1=True,
 )
-def test_index_equals_build_fleet_after_every_step(ops: list[tuple[str, str, list[str]]]) -> None:
+def test_index_equals_build_fleet_after_every_step(
+    ops: list[tuple[str, str, list[str]]], read_v1: bool
+) -> None:
     fv = FakeVerifier()
     index = FleetIndex(
         NETS,
@@ -133,6 +139,7 @@ def test_index_equals_build_fleet_after_every_step(ops: list[tuple[str, str, lis
         host=HOST,
         self_id="i-self",
         self_network="vpc",
+        read_v1=read_v1,
     )
     now: dict[str, set[str]] = {M: set(), L: set()}
     seen: set[Member] = set()
@@ -157,7 +164,7 @@ def test_index_equals_build_fleet_after_every_step(ops: list[tuple[str, str, lis
             for key in keys:
                 fv.salt[key] = fv.salt.get(key, 0) + 1
             index.reverify(keys)
-        want = reference(now, fv)
+        want = reference(now, fv, read_v1)
         got = index.fleet()
         assert got.members == want.members
         assert got.skipped == want.skipped

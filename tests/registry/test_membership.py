@@ -190,3 +190,53 @@ def test_joining_again_as_the_same_host_changes_nothing(
     assert after == before
     assert reg.client.exists(f"{reg.legacy_path}/{after[1][0]}").czxid == stats[0]
     assert reg.membership.rejoins == 0
+
+
+def test_every_node_gets_a_fresh_nonce_and_a_resumed_session_keeps_its_node(
+    zk_server: ZooKeeperServer, open_registry: Callable[..., Registry]
+) -> None:
+    from neti.registry.membership import Membership
+
+    reg = open_registry()
+    ip = join(reg, "i-a", 1)
+    (first,) = reg.client.get_children(reg.members_path)
+    assert first.startswith("v2|i-a|vpc|203.0.0.2|10.0.0.2|") and len(first.split("|")) == 8
+    # An agent restarted with its saved session (same session ID) finds its node and keeps
+    # it: peers see no churn, and no second node of its own lingers.
+    reg.membership.leave(delete=False)  # the old process is gone; its session lives on
+    again = Membership(reg.client, reg.cfg, reg.members_path, reg.legacy_path)
+    again.join(identity_of(static("i-a", "vpc", 1)), ip, "2.0.0")
+    assert reg.client.get_children(reg.members_path) == [first]
+    assert again.seats[0].name == first
+    # A new session (expiry) gets a new name: nobody could have taken it before.
+    expire(zk_server, reg)
+    wait_for(
+        "a node of the new session",
+        lambda: (c := reg.client.get_children(reg.members_path)) and c != [first] and len(c) == 1,
+    )
+    (second,) = reg.client.get_children(reg.members_path)
+    assert second.rsplit("|", 1)[0] == first.rsplit("|", 1)[0] and second != first
+
+
+def test_v1_members_publish_adds_a_best_effort_v1_node(
+    open_registry: Callable[..., Registry], caplog: pytest.LogCaptureFixture
+) -> None:
+    reg, watcher = open_registry(v1_members="publish"), open_registry()
+    ip = reg.claim("i-a")
+    v1 = f"v1|i-a|vpc|203.0.0.2|10.0.0.2|{ip}|2.0.0"
+    # Someone took the predictable v1 name first, where we cannot remove it (here: a node
+    # with a child; on a secured registry any node not ours): only older agents lose.
+    watcher.client.create(f"{reg.members_path}/{v1}/pin", b"", makepath=True)
+    with caplog.at_level(logging.WARNING, logger="neti.registry.membership"):
+        reg.join(identity_of(static("i-a", "vpc", 1)), ip)
+    assert "could not publish" in caplog.text and "v2 readers are not affected" in caplog.text
+    names = watcher.client.get_children(watcher.members_path)
+    assert len(names) == 2 and {n[:2] for n in names} == {"v1", "v2"}
+    watcher.client.delete(f"{reg.members_path}/{v1}", recursive=True)
+    reg.membership.ensure()  # the next check puts it back
+    v1_stat = watcher.client.exists(f"{reg.members_path}/{v1}")
+    assert v1_stat is not None and v1_stat.ephemeralOwner == reg.session_id
+    # Readers count the host once: its v2 node supersedes its v1 one.
+    fleet = watcher.read_fleet()
+    assert [(m.instance_id, m.overlay_ip) for m in fleet.members] == [("i-a", ip)]
+    assert fleet.skipped == 0

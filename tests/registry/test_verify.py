@@ -174,7 +174,8 @@ def test_attestation_hook_sees_name_and_data_and_can_refuse() -> None:
     zk.put(f"{MEMBERS}/{good}", b"sig-ok")
     seen: list[tuple[str, bytes]] = []
 
-    def check(name: str, data: bytes) -> str | None:
+    def check(name: str, data: bytes, owner: int) -> str | None:
+        assert owner == 0x99  # the node's ephemeralOwner
         seen.append((name, data))
         if "i-broken" in name:
             raise RuntimeError("boom")

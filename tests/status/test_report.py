@@ -162,6 +162,16 @@ def test_skipped_entries_are_warning() -> None:
     assert r.code == WARNING and "3 registry entries skipped" in r.summary
 
 
+def test_excess_claims_are_a_warning_and_round_trip_the_state_file() -> None:
+    s = healthy()
+    s.claims_excess = 1999
+    r = run(s)
+    assert r.code == WARNING
+    assert "1999 excess overlay IP claims" in r.summary and "neti fleet prune" in r.summary
+    assert AgentState.from_dict(s.to_dict()).claims_excess == 1999
+    assert to_dict(r)["claims_excess"] == 1999
+
+
 def test_zookeeper_away_is_warning() -> None:
     for zk in ("suspended", "lost", "connecting"):
         s = healthy()

@@ -1,0 +1,168 @@
+"""What verifying new members costs a reader: ``python -m bench.verify [--members N]``.
+
+Starts a TLS ZooKeeper (tests/support/zkserver.py, no namespaces), publishes N members as
+hosts do (a v2 node with a record signed for its session, a claim pair, each owned by its
+instance by ACL; written by one session with the hosts' ACLs, which ZooKeeper allows), then
+times a fresh reader following the fleet from nothing (``watch_fleet``: one list, then every
+entry verified, in batches of concurrent reads), three ways:
+
+- ``open``: the original's checks (ephemeral, claimed), two reads an entry;
+- ``signed``: plus the record (signature, certificate, session), as on an x509 fleet before;
+- ``secured``: plus ownership (both claim nodes' ACLs, and id-to-ip), five reads an entry
+  (registry/verify.py; six without records, where the member node's ACL is read too).
+
+Prints one JSON object (``--markdown``: a table): wall and CPU per entry and what the reads
+cost the reader (bytes from ZooKeeper, estimated by the watch stats plus each read's reply).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+SUBNET = "10.64.0.0/12"
+
+
+def _cfg(zk: Any, ca: Any, prefix: str, cn: str, **extra: Any) -> Any:
+    from neti import config
+
+    issued = ca.issue(cn)
+    data = {
+        "zk_hosts": {"default": [zk.hosts]},
+        "zk_prefix": prefix,
+        "overlay_subnet": SUBNET,
+        "zk_session_timeout": 30,
+        "identity": {
+            "source": "static",
+            "instance_id": cn,
+            "private_ip": "10.0.0.1",
+            "public_ip": "203.0.113.1",
+            "network": "vpc",
+        },
+        "zk_tls": {"ca": str(ca.cert_path), "cert": str(issued.cert), "key": str(issued.key)},
+        "zk_acl": {"operators": ["x509:CN=neti-operator"]},
+        **extra,
+    }
+    return config.parse(data)
+
+
+def _publish(zk: Any, ca: Any, prefix: str, n: int) -> None:
+    """N members, as N hosts would write them, from one session (the writer's session is in
+    every record: the node's ephemeralOwner is that session)."""
+    from ipaddress import IPv4Network
+
+    from neti.fleet import Member
+    from neti.registry import attest, connect
+    from neti.registry.codec import encode_member, new_nonce
+
+    writer = connect(_cfg(zk, ca, prefix, "i-writer"), "vpc", timeout=30)
+    try:
+        writer.claim("i-writer")  # creates the tree (locked) and the containers
+        client, session = writer.client, writer.session_id
+        hosts = list(IPv4Network(SUBNET).hosts())
+        pending = []
+        for i in range(n):
+            iid = f"i-{i:06x}"
+            issued = ca.issue(iid)
+            signer = attest.Signer.from_files(str(issued.cert), str(issued.key))
+            acl = writer.acl.owned_by(f"x509:CN={iid}")
+            ip = hosts[i + 10]
+            m = Member(iid, "vpc", hosts[-(i + 2)], hosts[-(i + 2)], ip, "2.0.0")
+            name = encode_member(m, new_nonce())
+            txn = client.transaction()
+            txn.create(f"{writer.paths.id_to_ip}/{iid}", str(ip).encode(), acl=acl)
+            txn.create(f"{writer.paths.ip_to_id}/{ip}", iid.encode(), acl=acl)
+            txn.create(
+                f"{writer.paths.members}/{name}",
+                signer.sign(name, session),
+                acl=acl,
+                ephemeral=True,
+            )
+            pending.append(txn.commit_async())
+            if len(pending) >= 256:
+                for r in pending:
+                    r.get(timeout=60)
+                pending = []
+        for r in pending:
+            r.get(timeout=60)
+    except BaseException:
+        writer.close()
+        raise
+    _WRITERS.append(writer)  # its session holds the ephemeral nodes
+
+
+_WRITERS: list[Any] = []
+
+
+def _read(zk: Any, ca: Any, prefix: str, mode: str, n: int) -> dict[str, Any]:
+    from neti.registry import Registry, connect
+    from neti.registry.acl import AclPolicy
+
+    extra = {} if mode != "open" else {"require_signed_members": False}
+    cfg = _cfg(zk, ca, prefix, "i-reader", **extra)
+    reg = connect(cfg, "vpc", timeout=30)
+    try:
+        if mode != "secured":
+            # The same data, read without the ownership checks (an open reader's rules).
+            plain = Registry(reg.client, cfg, owns_client=False, acl=AclPolicy(),
+                             attest_check=reg.attest_check)  # fmt: skip
+            reg_for = plain
+        else:
+            reg_for = reg
+        w, c = time.perf_counter(), time.process_time()
+        reg_for.watch_fleet(lambda: None)
+        wall, cpu = time.perf_counter() - w, time.process_time() - c
+        snap = reg_for.fleet_snapshot()
+        assert len(snap.members) == n, (mode, len(snap.members), snap.skipped_by_reason)
+        return {
+            "mode": mode,
+            "entries": n,
+            "reads_per_entry": {"open": 2, "signed": 2, "secured": 5}[mode],
+            "wall_s": round(wall, 3),
+            "cpu_s": round(cpu, 3),
+            "wall_us_per_entry": round(wall / n * 1e6),
+            "cpu_us_per_entry": round(cpu / n * 1e6),
+        }
+    finally:
+        reg.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--members", type=int, default=2000)
+    ap.add_argument("--markdown", action="store_true")
+    args = ap.parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from neti.lab.pki import CertificateAuthority
+    from tests.support.zkserver import ZooKeeperServer
+
+    ca = CertificateAuthority(tempfile.mkdtemp(prefix="neti-bench-pki-"))
+    zk = ZooKeeperServer(tls=ca).start()
+    try:
+        prefix = f"/bench-{uuid.uuid4().hex[:8]}"
+        _publish(zk, ca, prefix, args.members)
+        rows = [_read(zk, ca, prefix, mode, args.members) for mode in ("open", "signed", "secured")]
+    finally:
+        for w in _WRITERS:
+            w.close()
+        zk.cleanup()
+    print(json.dumps({"members": args.members, "rows": rows}, indent=2))
+    if args.markdown:
+        print("\n| reader | reads / entry | wall | CPU | per entry (wall / CPU) |")
+        print("|---|---|---|---|---|")
+        for r in rows:
+            print(
+                f"| {r['mode']} | {r['reads_per_entry']} | {r['wall_s']} s | {r['cpu_s']} s | "
+                f"{r['wall_us_per_entry']} µs / {r['cpu_us_per_entry']} µs |"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
