@@ -316,7 +316,12 @@ class Registry:
         )
         paths = [self.paths.members] + ([self.paths.legacy] if self.cfg.read_legacy else [])
         self._watch = FleetWatch(
-            self.client, index, paths, self._bounded, force_fallback=self.force_watch_fallback
+            self.client,
+            index,
+            paths,
+            self._bounded,
+            force_fallback=self.force_watch_fallback,
+            timeout=self._call_timeout(),
         )
         return self._watch
 
@@ -446,12 +451,18 @@ class Registry:
                 self._bounded(self.client.exists_async(path, watch=watch))
             return []
 
-    def _bounded(self, result: Any) -> Any:
-        """An async call's result within the deadline (abortable on a DeadlineClient)."""
-        wait = getattr(self.client, "_wait", None)
+    def _bounded(self, result: Any, end: float | None = None) -> Any:
+        """An async call's result within the deadline, and by ``end`` (time.monotonic())
+        when given (abortable on a DeadlineClient)."""
+        wait = getattr(self.client, "wait_until", None)
         if wait is not None:
-            return wait(result)
-        return result.get(timeout=self._deadline)
+            return wait(result, end)
+        left = self._deadline if end is None else max(0.0, end - time.monotonic())
+        return result.get(timeout=min(left, self._deadline))
+
+    def _call_timeout(self) -> float:
+        """How long one call (or one flight of calls sent together) may wait."""
+        return float(getattr(self.client, "call_timeout", None) or self._deadline)
 
     # --- guard ---
     @_zk_errors("reading the max-change guard", "max_change")
