@@ -18,6 +18,8 @@ delay or a dead connection, never a hole):
 ``--transparent``: no ``--target``; each connection goes where it was going before an
 ``iptables -t nat -A OUTPUT ... -j REDIRECT --to-ports PORT`` sent it here (SO_ORIGINAL_DST),
 so a lab host's every connection to ZooKeeper can be slowed without touching its config.
+``--mark N`` puts firewall mark N on the proxy's own connections to the target, so that
+redirect can leave them alone (``-m mark --mark N -j RETURN`` first).
 
 Settings change while it runs: one line on stdin, ``rtt 0.8``, ``jitter 0.2``, ``loss 0.1``,
 ``cut 0.01``, ``rto 2`` or ``heal`` (all of them 0), applies to chunks read from then on.
@@ -39,6 +41,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
 CHUNK = 65536
@@ -157,10 +160,32 @@ def original_dst(sock: socket.socket) -> tuple[str, int]:
     return socket.inet_ntoa(packed), port
 
 
+async def connect(target: tuple[str, int], mark: int | None) -> tuple[Any, Any]:
+    """A stream to ``target``; its packets carry firewall mark ``mark`` when given."""
+    if mark is None:
+        return await asyncio.open_connection(*target)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, target)
+    except BaseException:
+        sock.close()
+        raise
+    return await asyncio.open_connection(sock=sock)
+
+
 class Delayer:
-    def __init__(self, link: Link, target: tuple[str, int] | None, seed: int | None = None):
+    def __init__(
+        self,
+        link: Link,
+        target: tuple[str, int] | None,
+        seed: int | None = None,
+        mark: int | None = None,
+    ):
         self.link = link
         self.target = target
+        self.mark = mark
         self.rng = random.Random(seed)
         self.opened = 0
         self.cuts = 0
@@ -169,9 +194,7 @@ class Delayer:
         sock = writer.get_extra_info("socket")
         try:
             target = self.target or original_dst(sock)
-            up_reader, up_writer = await asyncio.wait_for(
-                asyncio.open_connection(*target), timeout=5
-            )
+            up_reader, up_writer = await asyncio.wait_for(connect(target, self.mark), timeout=5)
         except (TimeoutError, OSError) as exc:
             say(f"cannot reach the target: {exc}")
             writer.close()
@@ -223,7 +246,7 @@ def _control(link: Link, loop: asyncio.AbstractEventLoop) -> None:
 
 async def serve(args: argparse.Namespace) -> None:
     link = Link(args.rtt, args.jitter, args.loss, args.cut, args.rto)
-    delayer = Delayer(link, None if args.transparent else args.target, args.seed)
+    delayer = Delayer(link, None if args.transparent else args.target, args.seed, args.mark)
     server = await asyncio.start_server(delayer.handle, *args.listen)
     sockname = server.sockets[0].getsockname()
     say(f"listening {sockname[0]}:{sockname[1]}")
@@ -245,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cut", type=float, default=0.0, help="share of chunks cutting the link")
     ap.add_argument("--rto", type=float, default=None, help="seconds a lost chunk is late")
     ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--mark", type=int, default=None, help="firewall mark of our connections")
     ap.add_argument("--no-control", action="store_true", help="do not read stdin")
     args = ap.parse_args(argv)
     if (args.target is None) == (not args.transparent):

@@ -230,3 +230,58 @@ def test_a_loss_while_the_new_member_is_read_keeps_the_removal_for_the_next_call
     assert [m.instance_id for m in fw.index.fleet().members] == ["i-2"]
     assert fw.index.fleet().skipped_by_reason == {"claim_mismatch": 1}
     assert fw.index.audit() == []
+
+
+class Counting(FaultyZK):
+    """Logs each request sent and each reply awaited: a round trip is a wait that follows
+    a send (requests sent together and then awaited together cost one)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.log: list[str] = []
+
+    def _call(self, request: Any, result: Any) -> None:
+        self.log.append("send")
+        super()._call(request, result)
+
+    def get_async(self, path: str) -> Any:
+        self.log.append("send")
+        return super().get_async(path)
+
+    def wait_until(self, result: Any, end: float | None = None) -> Any:
+        self.log.append("wait")
+        return result.get(timeout=1)
+
+    def round_trips(self) -> int:
+        pairs = zip(self.log, self.log[1:], strict=False)
+        trips = sum(a == "send" and b == "wait" for a, b in pairs)
+        self.log.clear()
+        return trips
+
+
+def test_a_call_costs_one_round_trip_per_step_not_one_per_read() -> None:
+    zk = Counting()
+    verifier = Verifier(zk, CLAIMS, deadline=5)
+    index = FleetIndex(NETS, SUBNET, members_parent=M, legacy_parent=L, verifier=verifier)
+    fw = FleetWatch(zk, index, [M, L], zk.wait_until)
+    fw.start(lambda: None)
+    assert zk.round_trips() == 1  # addWatch and a list of both containers together
+    fw.resync()
+    assert zk.round_trips() == 1  # both Stats together
+    for name in [*POOL[M][:4], *POOL[L][:2]]:  # joins under both containers at once
+        zk.write(M if name in POOL[M] else L, name)
+    zk.deliver()
+    fw.changes()
+    assert zk.round_trips() == 1  # every new node and its claim read together
+    assert fw.index.fleet().members == reference(zk).members
+    zk.write(M, POOL[M][0])
+    zk.write(M, POOL[M][0])  # deleted and created again: its node is read again...
+    zk.write(M, POOL[M][4])  # ...with a new member's
+    zk.deliver()
+    fw.changes()
+    assert zk.round_trips() == 1
+    zk.drop()
+    fw.changes()
+    assert zk.round_trips() == 1  # re-armed: addWatch and both Stats together, no list
+    assert fw.stats.full_lists == 2
+    assert fw.index.fleet().members == reference(zk).members
