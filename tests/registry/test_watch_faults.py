@@ -19,9 +19,10 @@ from kazoo.exceptions import ConnectionLoss, NoAuthError, NoNodeError
 from kazoo.handlers.threading import KazooTimeoutError
 from kazoo.protocol.states import KazooState, ZnodeStat
 
+from neti.registry.codec import decode_member
 from neti.registry.index import FleetIndex
 from neti.registry.snapshot import build_fleet
-from neti.registry.verify import Verifier
+from neti.registry.verify import Verdict, Verifier
 from neti.registry.watch import FleetWatch
 from tests.registry.test_watch_model import FakeZK, L, M
 
@@ -285,3 +286,32 @@ def test_a_call_costs_one_round_trip_per_step_not_one_per_read() -> None:
     assert zk.round_trips() == 1  # re-armed: addWatch and both Stats together, no list
     assert fw.stats.full_lists == 2
     assert fw.index.fleet().members == reference(zk).members
+
+
+def test_the_resync_finds_a_fleet_that_disagrees_with_its_names_and_repairs_it(
+    caplog: Any,
+) -> None:
+    """What no Stat shows: the names agree with ZooKeeper, the fleet does not (the state a
+    half-done update left before the index was transactional)."""
+    zk, fw = make()
+    fw.start(lambda: None)
+    for name in POOL[M][:3]:
+        zk.write(M, name)
+    zk.deliver()
+    fw.changes()
+    zk.write(M, POOL[M][0])
+    zk.deliver()
+    fw.changes()
+    index = fw.index
+    assert index.audit() == []
+    # Damage it: the departed member put back in the fleet, a verdict of a name not listed.
+    gone = decode_member(POOL[M][0])
+    index._final[gone.overlay_ip] = gone
+    stray = (M, "v1|i-9|vpc|203.0.113.9|10.0.0.9|10.9.0.13|1")
+    index.verifier._cache[stray] = (Verdict(), 0.0)  # type: ignore[union-attr]
+    lists = fw.stats.full_lists
+    change = fw.resync()
+    assert "disagrees with its own names" in caplog.text
+    assert index.audit() == [] and fw.stats.full_lists == lists + 2
+    assert index.fleet().members == reference(zk).members
+    assert change.relisted and gone in change.removed
