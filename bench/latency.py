@@ -14,10 +14,12 @@ host at the far end of a slow link sees.
 After ``--members`` members are in the agent's kernel, each of ``--bursts`` bursts:
 
 1. ``burst / 2`` members join and reach the kernel (the ones the burst removes; not timed);
-2. the burst: those leave and ``burst / 2`` new members join, written back to back;
+2. the burst: those leave and ``burst / 2`` new members join, written back to back
+   (``--spread S``: evenly over S seconds, so changes arrive while the agent is busy);
 3. every change is timed from the driver's acknowledged write to the first poll (every 50 ms)
-   of the agent namespace's kernel that shows it (the DNAT rule there, or gone), and the
-   burst until the kernel's DNAT mappings equal what the registry holds.
+   of the agent namespace's kernel that shows it (the DNAT rule there, or gone), the burst
+   until its last change is there; at the end the kernel's DNAT mappings are compared with
+   what the registry holds.
 
 Results: bench/results/latency-<time>.json (or ``--json``) and Markdown on stdout;
 ``--compare before.json after.json`` prints two runs side by side.
@@ -114,22 +116,31 @@ def wait_present(kernel: Kernel, ips: list[str], timeout: float) -> None:
     raise RuntimeError(f"{len(ips)} new members did not reach the kernel in {timeout:g}s")
 
 
-def burst(lab: SlowLab, kernel: Kernel, size: int, timeout: float) -> dict[str, Any]:
-    """One burst: ``size // 2`` leaves then as many joins, written back to back."""
+def burst(
+    lab: SlowLab, kernel: Kernel, size: int, timeout: float, spread: float = 0.0
+) -> dict[str, Any]:
+    """One burst: ``size // 2`` leaves then as many joins, written back to back, or evenly
+    over ``spread`` seconds."""
     driver = lab.driver
     assert driver is not None
     half = max(1, size // 2)
     leaving = [driver.ask("add") for _ in range(half)]
     wait_present(kernel, leaving, timeout)
     time.sleep(1.0)  # the joins' reconcile is over: the burst starts from a quiet agent
-    for _ in range(half):
-        driver.send("remove")
-    for _ in range(half):
-        driver.send("add")
+    verbs = ["remove"] * half + ["add"] * half
     acked: list[tuple[str, bool, float]] = []  # (overlay IP, joined, ack time)
-    for i in range(2 * half):
-        ip = driver.reply()
-        acked.append((ip, i >= half, time.monotonic()))
+    if spread <= 0:
+        for verb in verbs:
+            driver.send(verb)
+        for verb in verbs:
+            acked.append((driver.reply(), verb == "add", time.monotonic()))
+    else:
+        start = time.monotonic()
+        for i, verb in enumerate(verbs):
+            pause = start + i * spread / (len(verbs) - 1) - time.monotonic()
+            if pause > 0:
+                time.sleep(pause)
+            acked.append((driver.ask(verb), verb == "add", time.monotonic()))
     first = acked[0][2]
     seen: dict[str, float] = {}
     deadline = time.monotonic() + timeout
@@ -177,7 +188,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         log(f"the agent programmed {args.members + 1} members in {time.monotonic() - t:.1f}s")
         bursts = []
         for i in range(args.bursts):
-            bursts.append(burst(lab, kernel, args.burst, args.timeout))
+            bursts.append(burst(lab, kernel, args.burst, args.timeout, args.spread))
             b = bursts[-1]
             log(
                 f"burst {i + 1}: {b['changes']} changes, median {b['median_s']:.2f}s, "
@@ -190,7 +201,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         overlay = str(decode_member(mine[0]).overlay_ip) if mine else None
         exact = kernel.mappings() == control.expected_mappings(names, overlay)
         every = [x for b in bursts for x in b["latency_s"]]
+        reconciles = [x for x in lab.agent_log(200_000).splitlines() if "reconciled (" in x]
         return {
+            "agent_reconciles": reconciles[-200:],
             "bursts": bursts,
             "median_s": statistics.median(every),
             "p90_s": statistics.quantiles(every, n=10)[-1] if len(every) > 1 else every[0],
@@ -217,7 +230,8 @@ def markdown(result: dict[str, Any]) -> str:
             "",
             f"Agent: {result['agent_tree']} at {result['agent_commit']}; link: rtt {a['rtt']:g} s "
             f"± {a['jitter']:g} s, loss {a['loss']:g}, cut {a['cut']:g}; {a['members']} members, "
-            f"{a['bursts']} bursts of {a['burst']} changes (half leaves, half joins).",
+            f"{a['bursts']} bursts of {a['burst']} changes (half leaves, half joins) "
+            + (f"spread over {a['spread']:g} s." if a.get("spread") else "back to back."),
             f"Machine: {m['cpu']}, {m['cores']} cores, kernel {m['kernel']}, ZooKeeper "
             f"{m['zookeeper']}; load average at start {' '.join(m['loadavg'])}.",
         ]
@@ -248,6 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--members", type=int, default=100)
     ap.add_argument("--burst", type=int, default=20, help="changes per burst (half leave)")
     ap.add_argument("--bursts", type=int, default=5)
+    ap.add_argument(
+        "--spread", type=float, default=0.0, help="seconds over which a burst's writes go"
+    )
     ap.add_argument("--timeout", type=float, default=180.0, help="seconds per burst")
     ap.add_argument("--agent-tree", default=str(control.ROOT), help="the neti tree the agent runs")
     ap.add_argument("--json", help="results file (default bench/results/latency-<time>.json)")
@@ -267,7 +284,13 @@ def main(argv: list[str] | None = None) -> int:
     if not (1 <= args.members <= 20_000 and 2 <= args.burst <= 1000 and 1 <= args.bursts <= 100):
         print("bench.latency: --members 1-20000, --burst 2-1000, --bursts 1-100", file=sys.stderr)
         return 2
-    for name, top in (("rtt", 30.0), ("jitter", 30.0), ("loss", 1.0), ("cut", 1.0)):
+    for name, top in (
+        ("rtt", 30.0),
+        ("jitter", 30.0),
+        ("loss", 1.0),
+        ("cut", 1.0),
+        ("spread", 600.0),
+    ):
         if not 0 <= getattr(args, name) <= top:
             print(f"bench.latency: --{name} must be 0 to {top:g}", file=sys.stderr)
             return 2
@@ -277,8 +300,10 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(),
         "agent_tree": str(tree),
         "agent_commit": git_commit(tree) if (tree / ".git").exists() else tree.name,
-        "args": {k: getattr(args, k) for k in ("rtt", "jitter", "loss", "cut", "members")}
-        | {"burst": args.burst, "bursts": args.bursts},
+        "args": {
+            k: getattr(args, k)
+            for k in ("rtt", "jitter", "loss", "cut", "members", "burst", "bursts", "spread")
+        },
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     try:
