@@ -343,7 +343,6 @@ class FleetIndex:
         out = set(gone)
         fresh = [n for n in dict.fromkeys(change.added) if n not in names or n in out]
         again = [n for n in dict.fromkeys(change.reverify) if n in names and n not in out]
-        again = [n for n in again if n not in set(fresh)]
         plan = _Plan(parent, gone, fresh, again, [n for n in rescreen if n in names])
         legacy = parent == self.legacy_parent
         for name in [*fresh, *again, *plan.rescreen]:
@@ -367,11 +366,10 @@ class FleetIndex:
         cands: list[Candidate] = []
         again: list[Candidate] = []
         for plan in plans:
-            out = set(plan.gone)
+            forced = {*plan.again, *plan.gone}
             for name, got in plan.screened.items():
                 if isinstance(got, Candidate):
-                    forced = name in plan.again or name in out
-                    (again if forced else cands).append(got)
+                    (again if name in forced else cands).append(got)
         if not cands and not again:
             return {}
         return self.verifier.check(cands, again=again)

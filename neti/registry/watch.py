@@ -498,6 +498,7 @@ class FleetWatch:
             if not d.known:
                 self._list(d, result, end)
             elif not self._same(d, result, end):
+                d.relist = True  # listed below; if that fails, by the next call
                 stale.append(d)
         for d in stale:
             self._relist(d)
