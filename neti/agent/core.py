@@ -48,7 +48,6 @@ from neti.errors import (
 )
 from neti.fleet import Fleet, Member, count_revoked
 from neti.identity import Identity
-from neti.registry import paths
 from neti.registry.claims import ClaimConflictError
 from neti.registry.context import FleetContext
 from neti.registry.facade import Registry
@@ -79,7 +78,6 @@ STATE_FLEET_INTERVAL = 1.0
 STATE_QUIET_INTERVAL = 10.0
 # The node an operator bumps to let held removals through once (neti fleet release-guard).
 RELEASE_NODE = guard_mod.RELEASE_NODE
-REVOKED_NODE = paths.REVOKED_NODE
 _UNSET: Any = object()
 
 # Config keys whose change needs a new ZooKeeper session (and a re-join) on SIGHUP.
