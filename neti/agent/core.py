@@ -48,8 +48,8 @@ from neti.errors import (
 )
 from neti.fleet import Fleet, Member, count_revoked
 from neti.identity import Identity
-from neti.registry import paths
 from neti.registry.claims import ClaimConflictError
+from neti.registry.context import FleetContext
 from neti.registry.facade import Registry
 
 log = logging.getLogger("neti.agent")
@@ -78,7 +78,6 @@ STATE_FLEET_INTERVAL = 1.0
 STATE_QUIET_INTERVAL = 10.0
 # The node an operator bumps to let held removals through once (neti fleet release-guard).
 RELEASE_NODE = guard_mod.RELEASE_NODE
-REVOKED_NODE = paths.REVOKED_NODE
 _UNSET: Any = object()
 
 # Config keys whose change needs a new ZooKeeper session (and a re-join) on SIGHUP.
@@ -208,9 +207,7 @@ class Agent:
         # The release node as last seen by its watch, and as of the last release applied:
         # they differ when an operator ran `neti fleet release-guard` since.
         self._release_seen: Any = _UNSET
-        # The operators' revoked list (registry/revoked.py): its node's (czxid, mzxid) as
-        # the last watch saw it, and the IDs it held.
-        self._revoked_token: tuple[int, int] | None = None
+        # The operators' revoked list (registry/revoked.py): the IDs it held.
         self._revoked: frozenset[str] = frozenset()
         self._release_base: Any = _UNSET
         self._self_missing_logged = False
@@ -523,38 +520,28 @@ class Agent:
         self._fleet_changed = True
         self.waker.wake()
 
-    def _arm_watches(self) -> None:
-        """Re-arm the one-shot watches on maxchange and the release node (each bounded);
-        the release node's stat is the release token."""
-        reg = self.reg
-        assert reg is not None  # called from reconcile, connected
-        reg.watch_node(self.cfg.path(self.cfg.zk_max_change_threshold_path), self._on_watch)
-        revoked = reg.watch_node(self.cfg.path(REVOKED_NODE), self._on_watch)
-        self._revoked_token = (revoked.czxid, revoked.mzxid) if revoked is not None else None
-        stat = reg.watch_node(self.cfg.path(RELEASE_NODE), self._on_watch)
-        token = (stat.czxid, stat.mzxid) if stat is not None else None
+    def _arm_watches(self, ctx: FleetContext) -> None:
+        """Take the release token from the context read, whose reads re-armed the one-shot
+        watches on maxchange, the revoked list and the release node."""
+        token = ctx.release_token
         self._release_seen = token
         if self._release_base is _UNSET:
             self._release_base = token  # as it was when this agent started: no release
 
-    def _check_self(self) -> bool:
+    def _check_self(self) -> FleetContext:
         """Is the members container there? Re-create our own member node if it is gone.
 
-        Cheap in the common case: one exists() for the container and one per node we own.
+        Cheap in the common case: one round trip for the container, the nodes we own and
+        what else the reconcile needs (Registry.fleet_context), all read together.
         Someone deleting our node (or the whole container) must not cut us off from every
-        peer until our next session change. Returns True if the container was missing.
+        peer until our next session change. Returns the context read.
         """
         reg = self.reg
         assert reg is not None  # called from reconcile, connected
-        container_missing = reg.watch_node(reg.members_path, self._on_watch) is None
+        ctx = reg.fleet_context(self._on_watch)
+        container_missing = ctx.container_missing
         membership = reg.membership
-        session = reg.session_id
-        ours = True
-        for seat in list(membership.seats):
-            stat = reg.watch_node(seat.path, self._on_watch)
-            if stat is None or stat.ephemeralOwner != session:
-                ours = False
-        if not ours:
+        if not ctx.own_nodes:
             log.warning(
                 "this host's member node was gone%s; re-creating it",
                 " (the members container too)" if container_missing else "",
@@ -563,8 +550,8 @@ class Agent:
             # Someone deleted member nodes (ours, maybe the whole container): peers are
             # re-creating theirs too, so give them a grace period before removing any.
             self.guard.start_grace(self.cfg.guard_grace_seconds(), "member node re-created")
-        self._arm_watches()
-        return container_missing
+        self._arm_watches(ctx)
+        return ctx
 
     def _release_requested(self) -> bool:
         seen, base = self._release_seen, self._release_base
@@ -802,7 +789,8 @@ class Agent:
         full = self._need_full or reason == RESYNC
         shown = self._shown()
         try:
-            container_missing = self._check_self()
+            ctx = self._check_self()
+            container_missing = ctx.container_missing
             if self._need_watch:
                 change = self.reg.watch_fleet(self._on_watch, self.identity)
                 self._need_watch = False
@@ -831,10 +819,10 @@ class Agent:
                     skipped_by_reason=dict(change.skipped_by_reason),
                 )
             container_missing = container_missing or change.container_missing
-            max_change = self.reg.max_change()
+            max_change = ctx.max_change
             # Why maxchange fell back to its default (status shows it), or None.
-            self.state.guard.max_change_problem = self.reg.max_change_problem
-            self._note_revoked(self.reg.revoked(self._revoked_token, known=True))
+            self.state.guard.max_change_problem = ctx.max_change_problem
+            self._note_revoked(ctx.revoked)
             self.state.claims_excess = int(getattr(self.reg, "claims_excess", 0))
         except (RegistryError, KazooException, KazooTimeoutError) as exc:
             detail = str(exc) or type(exc).__name__

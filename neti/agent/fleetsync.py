@@ -16,9 +16,12 @@ from typing import Any
 from kazoo.handlers.threading import KazooTimeoutError
 
 from neti.fleet import Fleet, Member
+from neti.registry.context import FleetContext, token
 from neti.registry.index import FleetChange
+from neti.registry.paths import RELEASE_NODE, REVOKED_NODE
 
 FACADE_METHODS = (
+    "fleet_context",
     "watch_fleet",
     "fleet_changes",
     "resync_fleet",
@@ -50,6 +53,31 @@ def diff(old: Mapping[str, Member], fleet: Fleet, relisted: bool) -> Change:
         relisted=relisted,
         skipped=fleet.skipped,
         skipped_by_reason=dict(fleet.skipped_by_reason),
+    )
+
+
+def context_by_node(
+    reg: Any, on_event: Callable[..., object], guard: str, revoked: str, release: str
+) -> FleetContext:
+    """FleetContext read one call (one round trip) at a time through ``watch_node``,
+    ``max_change`` and ``revoked``: for a registry without ``fleet_context``. ``guard``,
+    ``revoked``, ``release``: the paths of maxchange, the revoked list, the release node."""
+    missing = reg.watch_node(reg.members_path, on_event) is None
+    session = reg.session_id
+    own = True
+    for seat in list(reg.membership.seats):
+        stat = reg.watch_node(seat.path, on_event)
+        own = own and stat is not None and stat.ephemeralOwner == session
+    reg.watch_node(guard, on_event)
+    revoked_token = token(reg.watch_node(revoked, on_event))
+    release_token = token(reg.watch_node(release, on_event))
+    return FleetContext(
+        container_missing=missing,
+        own_nodes=own,
+        max_change=reg.max_change(),
+        max_change_problem=reg.max_change_problem,
+        revoked=reg.revoked(revoked_token, known=True),
+        release_token=release_token,
     )
 
 
@@ -111,6 +139,16 @@ class LegacyRegistry:
 
     def fleet_snapshot(self) -> Fleet:
         return self._fleet
+
+    def fleet_context(self, on_event: Callable[..., object]) -> FleetContext:
+        cfg = self._reg.cfg
+        return context_by_node(
+            self,
+            on_event,
+            cfg.path(cfg.zk_max_change_threshold_path),
+            cfg.path(REVOKED_NODE),
+            cfg.path(RELEASE_NODE),
+        )
 
     def watch_node(self, path: str, on_event: Callable[..., object]) -> Any:
         client = self._reg.client

@@ -253,20 +253,30 @@ class DeadlineClient(KazooClient):
 
     def _wait(self, result: Any) -> Any:
         """``result.get()`` within call_timeout, abortable."""
+        return self.wait_until(result, None)
+
+    def wait_until(self, result: Any, end: float | None) -> Any:
+        """``result.get()`` within call_timeout and by ``end`` (time.monotonic()), abortable:
+        replies to requests sent together are each awaited against one deadline."""
+        start = time.monotonic()
         limit = self.call_timeout
-        deadline = None if limit is None else time.monotonic() + limit
+        deadline = None if limit is None else start + limit
+        if end is not None:
+            deadline = end if deadline is None else min(deadline, end)
         while True:
             if self.aborted:
                 raise CallAbortedError("stopping: ZooKeeper call abandoned")
+            if result.ready():
+                return result.get()
             step = self.STEP
             if deadline is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise KazooTimeoutError(f"no answer from ZooKeeper within {limit:g}s")
+                    raise KazooTimeoutError(
+                        f"no answer from ZooKeeper within {max(0.0, deadline - start):.3g}s"
+                    )
                 step = min(step, left)
             result.wait(step)
-            if result.ready():
-                return result.get()
 
     # Every blocking call kazoo offers that the registry uses, as async + bounded wait.
     def get(self, path, watch=None):  # type: ignore[no-untyped-def]

@@ -22,10 +22,11 @@ from neti.identity import Identity
 from neti.registry import addr
 from neti.registry.acl import AclPolicy, Ownership
 from neti.registry.claims import ClaimReport, OverlayClaims
+from neti.registry.context import FleetContext, token
 from neti.registry.guard import MaxChange
 from neti.registry.index import FleetChange, FleetIndex
 from neti.registry.membership import Membership
-from neti.registry.paths import Paths
+from neti.registry.paths import RELEASE_NODE, Paths
 from neti.registry.revoked import RevokedList
 from neti.registry.snapshot import build_fleet
 from neti.registry.survey import Finding, Pruned, Survey, prune, read_tree, survey
@@ -340,7 +341,12 @@ class Registry:
         )
         paths = [self.paths.members] + ([self.paths.legacy] if self.cfg.read_legacy else [])
         self._watch = FleetWatch(
-            self.client, index, paths, self._bounded, force_fallback=self.force_watch_fallback
+            self.client,
+            index,
+            paths,
+            self._bounded,
+            force_fallback=self.force_watch_fallback,
+            timeout=self._call_timeout(),
         )
         return self._watch
 
@@ -399,16 +405,58 @@ class Registry:
 
     @_zk_errors("watching a node")
     def watch_node(self, path: str, on_event: Callable[..., object]) -> Any:
-        """A one-shot exists watch on ``path``; its Stat, or None when it does not exist.
+        """A one-shot exists watch on ``path``; its Stat, or None when it does not exist."""
+        return self._bounded(self._exists_watched(path, on_event))
 
-        On a container the persistent watch holds, the watch is kept client-side (a server
-        exists watch there would end the persistent one: watch.WatchHub.local_watch).
-        """
+    def _exists_watched(self, path: str, on_event: Callable[..., object]) -> Any:
+        """exists with a one-shot watch, sent (its reply to await). On a container the
+        persistent watch holds, the watch is kept client-side (a server exists watch there
+        would end the persistent one: watch.WatchHub.local_watch)."""
         fw = self._watch
         if fw is not None and fw.covers(path):
             fw.hub.local_watch(path, on_event)
-            return self._bounded(self.client.exists_async(path))
-        return self._bounded(self.client.exists_async(path, watch=on_event))
+            return self.client.exists_async(path)
+        return self.client.exists_async(path, watch=on_event)
+
+    @_zk_errors("checking this host's nodes and the guard's")
+    def fleet_context(self, on_event: Callable[..., object]) -> FleetContext:
+        """What a reconcile needs besides the fleet (context.py), in one round trip.
+
+        Every read is sent before any reply is awaited, and the replies are awaited against
+        one deadline (abortable): the members container, each node this host publishes,
+        ``maxchange`` (its Stat and data), the revoked list's and the release node's Stats.
+        Each read re-arms a one-shot watch calling ``on_event``. The revoked list itself is
+        read only when its node changed since the last read (one more round trip then); a
+        missing ``maxchange`` is created with the default (MaxChange.value_of).
+        """
+        end = time.monotonic() + self._call_timeout()
+        container = self._exists_watched(self.paths.members, on_event)
+        seats = [self._exists_watched(s.path, on_event) for s in self.membership.seats]
+        guard = self._exists_watched(self.paths.max_change, on_event)
+        guard_data = self.client.get_async(self.paths.max_change)
+        revoked = self._exists_watched(self.paths.revoked, on_event)
+        release = self._exists_watched(self.cfg.path(RELEASE_NODE), on_event)
+        session = self.session_id
+        missing = self._bounded(container, end) is None
+        own = True
+        for result in seats:
+            stat = self._bounded(result, end)
+            own = own and stat is not None and stat.ephemeralOwner == session
+        self._bounded(guard, end)
+        try:
+            data: bytes | None = self._bounded(guard_data, end)[0]
+        except NoNodeError:
+            data = None
+        revoked_token = token(self._bounded(revoked, end))
+        release_token = token(self._bounded(release, end))
+        return FleetContext(
+            container_missing=missing,
+            own_nodes=own,
+            max_change=self._guard.value_of(data),
+            max_change_problem=self._guard.problem,
+            revoked=self._revoked.get(revoked_token, known=True),
+            release_token=release_token,
+        )
 
     def add_state_listener(self, fn: Callable[[str], object]) -> None:
         self.client.add_listener(fn)
@@ -477,12 +525,18 @@ class Registry:
                 self._bounded(self.client.exists_async(path, watch=watch))
             return []
 
-    def _bounded(self, result: Any) -> Any:
-        """An async call's result within the deadline (abortable on a DeadlineClient)."""
-        wait = getattr(self.client, "_wait", None)
+    def _bounded(self, result: Any, end: float | None = None) -> Any:
+        """An async call's result within the deadline, and by ``end`` (time.monotonic())
+        when given (abortable on a DeadlineClient)."""
+        wait = getattr(self.client, "wait_until", None)
         if wait is not None:
-            return wait(result)
-        return result.get(timeout=self._deadline)
+            return wait(result, end)
+        left = self._deadline if end is None else max(0.0, end - time.monotonic())
+        return result.get(timeout=min(left, self._deadline))
+
+    def _call_timeout(self) -> float:
+        """How long one call (or one flight of calls sent together) may wait."""
+        return float(getattr(self.client, "call_timeout", None) or self._deadline)
 
     # --- guard ---
     @_zk_errors("reading the max-change guard", "max_change")

@@ -60,6 +60,13 @@ class MaxChange:
         try:
             data, _ = self.client.retry(self.client.get, self.path)
         except NoNodeError:
+            data = None
+        return self.value_of(data)
+
+    def value_of(self, data: bytes | None) -> int:
+        """The value from the node's data as read (None: the node is missing, so it is
+        created with the default), noting ``problem``."""
+        if data is None:
             try:
                 self._create(str(self.default).encode())
                 self.problem = None

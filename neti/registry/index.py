@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from neti.fleet import MAX_SKIP_SAMPLES, SKIP_REASONS, Fleet, Member
 from neti.registry.addr import HostContext
@@ -57,13 +57,35 @@ class FleetChange:
 
 
 class VerifierLike(Protocol):
-    """What the index needs from verify.Verifier."""
+    """What the index needs from verify.Verifier (and, optionally, ``keys()``: the entries
+    holding a verdict, which audit() compares with the names)."""
 
     def check(
-        self, candidates: list[Candidate], force: bool = False
+        self, candidates: list[Candidate], again: list[Candidate] = ...
     ) -> Mapping[tuple[str, str], Verdict]: ...
 
     def drop(self, keys: Iterable[tuple[str, str]]) -> None: ...
+
+
+class NameChange(NamedTuple):
+    """One container's names that appeared, vanished, or must be verified again."""
+
+    parent: str
+    added: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+    reverify: tuple[str, ...] = ()
+
+
+@dataclass(slots=True)
+class _Plan:
+    """What a NameChange does, worked out before anything changes."""
+
+    parent: str
+    gone: list[str]  # names leaving
+    fresh: list[str]  # names joining (or leaving and joining again: read again)
+    again: list[str]  # listed names whose node is read again
+    rescreen: list[str]  # listed names screened again, verdicts from the verifier's cache
+    screened: dict[str, Candidate | Skip] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -179,6 +201,9 @@ class FleetIndex:
         )
 
     # --- changing ---
+    # Each change reads first (the verifier's reads, issued together) and then updates the
+    # bookkeeping in a step that makes no call and cannot fail: an exception (connection
+    # loss, a deadline, a refused read) leaves the index exactly as it was before the call.
     def update(
         self,
         parent: str,
@@ -188,29 +213,22 @@ class FleetIndex:
     ) -> None:
         """Names that appeared, vanished, or whose node must be verified again (its data
         changed, or it was deleted and created again between two looks)."""
-        names = self._names[parent]
-        dirty_ids: set[str] = set()
-        dirty_ovs: set[IPv4Address] = set()
-        gone = [n for n in removed if n in names]
-        for name in gone:
-            names.discard(name)
-            self._drop((parent, name), dirty_ids, dirty_ovs)
-        if self.verifier is not None and gone:
-            self.verifier.drop((parent, n) for n in gone)
-        fresh = [n for n in dict.fromkeys(added) if n not in names]
-        again = [n for n in dict.fromkeys(reverify) if n in names and n not in fresh]
-        for name in again:
-            self._drop((parent, name), dirty_ids, dirty_ovs)
-        names.update(fresh)
-        self._admit(parent, fresh, again, dirty_ids, dirty_ovs)
-        self._settle(dirty_ids, dirty_ovs)
+        self.update_many([NameChange(parent, tuple(added), tuple(removed), tuple(reverify))])
+
+    def update_many(self, changes: Iterable[NameChange], relisted: bool = False) -> None:
+        """Several containers' changes at once, their reads in flight together.
+        ``relisted``: the change taken next is marked as a relist (the agent applies in full)."""
+        plans = [self._plan(c) for c in changes]
+        verdicts = self._read(plans)
+        self._commit(plans, verdicts)
+        self._relisted = self._relisted or relisted
 
     def replace(self, parent: str, names: Iterable[str]) -> None:
         """A full list of ``parent``: the difference with what the index holds is applied."""
         new = set(names)
         old = self._names[parent]
-        self._relisted = True
-        self.update(parent, added=sorted(new - old), removed=sorted(old - new))
+        change = NameChange(parent, tuple(sorted(new - old)), tuple(sorted(old - new)))
+        self.update_many([change], relisted=True)
 
     def reverify(self, keys: Iterable[Key]) -> None:
         """Verify these entries again now (the verifier's aging rechecks)."""
@@ -218,8 +236,7 @@ class FleetIndex:
         for parent, name in keys:
             if parent in self._names:
                 by_parent.setdefault(parent, []).append(name)
-        for parent, names in by_parent.items():
-            self.update(parent, reverify=names)
+        self.update_many(NameChange(p, reverify=tuple(ns)) for p, ns in by_parent.items())
 
     def rehost(
         self,
@@ -227,14 +244,163 @@ class FleetIndex:
         self_id: str | None,
         self_network: str | None,
     ) -> None:
-        """Another identity reads: every name is screened again (O(N), no reads)."""
-        if (host, self_id, self_network) == (self.host, self.self_id, self.self_network):
+        """Another identity reads: every name is screened again (O(N); verdicts come from
+        the verifier's cache, reads only for what it does not hold)."""
+        old = (self.host, self.self_id, self.self_network)
+        if (host, self_id, self_network) == old:
             return
         self.host, self.self_id, self.self_network = host, self_id, self_network
-        for parent in list(self._names):
-            names = sorted(self._names[parent])
-            self.update(parent, removed=names)
-            self.update(parent, added=names)
+        try:
+            plans = [self._plan(NameChange(p), rescreen=ns) for p, ns in self._names.items()]
+            verdicts = self._read(plans)
+        except BaseException:
+            self.host, self.self_id, self.self_network = old
+            raise
+        self._commit(plans, verdicts)
+
+    def audit(self) -> list[str]:
+        """What is wrong with the bookkeeping (O(N), for the periodic resync): every member
+        of the fleet must stand on a listed, verified entry, every listed name have an entry
+        and nothing else, the skip counts add up, and the verifier hold verdicts of listed
+        names only. Empty when all is well."""
+        problems: list[str] = []
+        listed = {(p, n) for p, names in self._names.items() for n in names}
+        extra, missing = self._entries.keys() - listed, listed - self._entries.keys()
+        if extra or missing:
+            problems.append(
+                f"{len(extra)} entries of names no longer listed, {len(missing)} listed "
+                "names without an entry"
+            )
+        for ov, m in sorted(self._final.items()):
+            if not any(self._backs(k, m) for k in self._kept.get(ov, ())):
+                problems.append(
+                    f"member {m.instance_id} ({ov}) is in the fleet without a listed, "
+                    "verified entry"
+                )
+        skips = sum(e.skip is not None for e in self._entries.values())
+        skips += sum(map(len, self._id_skips.values())) + sum(map(len, self._ov_skips.values()))
+        if skips != self._total or sum(self._counts.values()) != self._total:
+            problems.append(f"{self._total} skips counted, {skips} held")
+        stray = self._verified_keys() - listed
+        if stray:
+            problems.append(f"the verifier holds {len(stray)} verdicts of names not listed")
+        return problems[:10]
+
+    def rebuild(self) -> None:
+        """Every entry and group computed afresh from the listed names (the repair when
+        audit() finds fault): the verifier's verdicts of unlisted names are dropped, the
+        rest reused. Transactional like every change; the next change is a relist."""
+        listed = {(p, n) for p, names in self._names.items() for n in names}
+        stray = self._verified_keys() - listed
+        if stray and self.verifier is not None:
+            self.verifier.drop(stray)
+        fresh = FleetIndex(
+            self.legacy_networks,
+            self.overlay_subnet,
+            members_parent=self.members_parent,
+            legacy_parent=self.legacy_parent,
+            verifier=self.verifier,
+            host=self.host,
+            self_id=self.self_id,
+            self_network=self.self_network,
+            on_skip=self.on_skip,
+        )
+        fresh.update_many(NameChange(p, tuple(sorted(ns))) for p, ns in self._names.items())
+        for ov in self._final.keys() | fresh._final.keys():
+            old = self._final.get(ov)
+            if old != fresh._final.get(ov) and ov not in self._before:
+                self._before[ov] = old
+        for attr in self._STATE:
+            setattr(self, attr, getattr(fresh, attr))
+        self._relisted = True
+
+    # What rebuild() takes over from the index it built (everything but the pending change).
+    _STATE = (
+        "_names",
+        "_entries",
+        "_by_id",
+        "_id_winner",
+        "_id_skips",
+        "_kept",
+        "_ov_skips",
+        "_final",
+        "_counts",
+        "_total",
+    )
+
+    def _backs(self, key: Key, m: Member) -> bool:
+        entry = self._entries.get(key)
+        return (
+            entry is not None
+            and entry.passing
+            and entry.cand is not None
+            and entry.cand.member == m
+            and key[1] in self._names.get(key[0], ())
+        )
+
+    def _verified_keys(self) -> set[Key]:
+        keys = getattr(self.verifier, "keys", None)
+        return set(keys()) if callable(keys) else set()
+
+    def _plan(self, change: NameChange, rescreen: Iterable[str] = ()) -> _Plan:
+        """What ``change`` does to the names (pure: nothing changes yet)."""
+        parent = change.parent
+        names = self._names[parent]
+        gone = [n for n in dict.fromkeys(change.removed) if n in names]
+        out = set(gone)
+        fresh = [n for n in dict.fromkeys(change.added) if n not in names or n in out]
+        again = [n for n in dict.fromkeys(change.reverify) if n in names and n not in out]
+        plan = _Plan(parent, gone, fresh, again, [n for n in rescreen if n in names])
+        legacy = parent == self.legacy_parent
+        for name in [*fresh, *again, *plan.rescreen]:
+            plan.screened[name] = screen(
+                parent,
+                name,
+                legacy=legacy,
+                legacy_networks=self.legacy_networks,
+                overlay_subnet=self.overlay_subnet,
+                host=self.host,
+                self_id=self.self_id,
+                self_network=self.self_network,
+                read_v1=self.read_v1,
+            )
+        return plan
+
+    def _read(self, plans: list[_Plan]) -> Mapping[Key, Verdict]:
+        """The verifier's verdicts the plans need, one call (raises as the verifier does).
+        A name removed and added again in one change is read again, as one re-verified."""
+        if self.verifier is None:
+            return {}
+        cands: list[Candidate] = []
+        again: list[Candidate] = []
+        for plan in plans:
+            forced = {*plan.again, *plan.gone}
+            for name, got in plan.screened.items():
+                if isinstance(got, Candidate):
+                    (again if name in forced else cands).append(got)
+        if not cands and not again:
+            return {}
+        return self.verifier.check(cands, again=again)
+
+    def _commit(self, plans: list[_Plan], verdicts: Mapping[Key, Verdict]) -> None:
+        """Apply the plans with their verdicts: bookkeeping only, no call that can fail."""
+        dirty_ids: set[str] = set()
+        dirty_ovs: set[IPv4Address] = set()
+        dropped: list[Key] = []
+        for plan in plans:
+            names = self._names[plan.parent]
+            for name in plan.gone:
+                names.discard(name)
+                self._drop((plan.parent, name), dirty_ids, dirty_ovs)
+            for name in [*plan.again, *plan.rescreen]:
+                self._drop((plan.parent, name), dirty_ids, dirty_ovs)
+            names.update(plan.fresh)
+            dropped.extend((plan.parent, n) for n in plan.gone if n not in names)
+            for name, got in plan.screened.items():
+                self._enter(plan.parent, name, got, verdicts, dirty_ids, dirty_ovs)
+        if self.verifier is not None and dropped:
+            self.verifier.drop(dropped)
+        self._settle(dirty_ids, dirty_ovs)
 
     # --- internals ---
     def _count(self, skip: Skip, sign: int) -> None:
@@ -277,59 +443,35 @@ class FleetIndex:
             if not group:
                 del self._kept[ov]
 
-    def _admit(
+    def _enter(
         self,
         parent: str,
-        fresh: list[str],
-        again: list[str],
+        name: str,
+        got: Candidate | Skip,
+        verdicts: Mapping[Key, Verdict],
         dirty_ids: set[str],
         dirty_ovs: set[IPv4Address],
     ) -> None:
-        legacy = parent == self.legacy_parent
-        cands: list[Candidate] = []
-        force: list[Candidate] = []
-        for name in [*fresh, *again]:
-            got = screen(
-                parent,
-                name,
-                legacy=legacy,
-                legacy_networks=self.legacy_networks,
-                overlay_subnet=self.overlay_subnet,
-                host=self.host,
-                self_id=self.self_id,
-                self_network=self.self_network,
-                read_v1=self.read_v1,
-            )
-            if isinstance(got, Candidate):
-                self._entries[got.key] = _Entry(cand=got)
-                (cands if name in fresh else force).append(got)
-            else:
-                self._entries[(parent, name)] = _Entry(skip=self._skip(*got))
-        verdicts: dict[Key, Verdict | None] = {}
-        if self.verifier is None:
-            verdicts = {c.key: None for c in [*cands, *force]}
+        """A (re)screened name's entry, with its verdict (passing ones join their groups)."""
+        if not isinstance(got, Candidate):
+            self._entries[(parent, name)] = _Entry(skip=self._skip(*got))
+            return
+        entry = self._entries[got.key] = _Entry(cand=got)
+        if self.verifier is not None:
+            v = verdicts.get(got.key)
+            if v is None:
+                return  # gone between the event and the read: its deletion follows
+            if not v.ok:
+                entry.skip = self._skip(v.code or "malformed", v.text)
+                return
+        entry.passing = True
+        m = got.member
+        if m.legacy:
+            self._kept.setdefault(m.overlay_ip, set()).add(got.key)
+            dirty_ovs.add(m.overlay_ip)
         else:
-            if cands:
-                verdicts.update(self.verifier.check(cands))
-            if force:
-                verdicts.update(self.verifier.check(force, force=True))
-        for c in [*cands, *force]:
-            entry = self._entries[c.key]
-            if self.verifier is not None:
-                v = verdicts.get(c.key)
-                if v is None:
-                    continue  # gone between the event and the read: its deletion follows
-                if not v.ok:
-                    entry.skip = self._skip(v.code or "malformed", v.text)
-                    continue
-            entry.passing = True
-            m = c.member
-            if m.legacy:
-                self._kept.setdefault(m.overlay_ip, set()).add(c.key)
-                dirty_ovs.add(m.overlay_ip)
-            else:
-                self._by_id.setdefault(m.instance_id, set()).add(c.key)
-                dirty_ids.add(m.instance_id)
+            self._by_id.setdefault(m.instance_id, set()).add(got.key)
+            dirty_ids.add(m.instance_id)
 
     def _member(self, key: Key) -> Member:
         cand = self._entries[key].cand

@@ -155,8 +155,7 @@ class Verifier:
             del self._cache[key]
         todo = [c for k, c in cands.items() if k not in self._cache]
         todo.extend(cands[k] for k in self._due(now))
-        for i in range(0, len(todo), self.batch):
-            self._read(todo[i : i + self.batch])
+        self._keep(self._read_all(todo))
         out: dict[tuple[str, str], Verdict] = {}
         for key in cands:
             hit = self._cache.get(key)
@@ -165,20 +164,26 @@ class Verifier:
         return out
 
     def check(
-        self, candidates: Iterable[Candidate], force: bool = False
+        self, candidates: Iterable[Candidate], again: Iterable[Candidate] = ()
     ) -> dict[tuple[str, str], Verdict]:
-        """Verdicts for these candidates only, reading those not cached (all, with ``force``).
+        """Verdicts for these candidates, reading those not cached, and for ``again``, read
+        in any case (their node changed); all reads are issued together.
 
         Unlike verify() it leaves every other cached verdict alone: the index (index.py)
-        asks about the names that changed, not the whole fleet.
+        asks about the names that changed, not the whole fleet. Nothing is cached unless
+        every read answered, so a failure leaves the cache as it was (the index's
+        transaction relies on it).
         """
-        cands = {c.key: c for c in candidates}
-        todo = (
-            list(cands.values()) if force else [c for k, c in cands.items() if k not in self._cache]
-        )
-        for i in range(0, len(todo), self.batch):
-            self._read(todo[i : i + self.batch])
-        return {k: self._cache[k][0] for k in cands if k in self._cache}
+        forced = {c.key: c for c in again}
+        cands = {c.key: c for c in candidates if c.key not in forced}
+        todo = [c for k, c in cands.items() if k not in self._cache]
+        todo.extend(forced.values())
+        self._keep(self._read_all(todo))
+        return {k: self._cache[k][0] for k in (*cands, *forced) if k in self._cache}
+
+    def keys(self) -> set[tuple[str, str]]:
+        """The entries holding a verdict (the index's audit compares them with its names)."""
+        return set(self._cache)
 
     def drop(self, keys: Iterable[tuple[str, str]]) -> None:
         """Forget these entries' verdicts (their names vanished)."""
@@ -198,7 +203,22 @@ class Verifier:
         old.sort()
         return [k for _, k in old[:limit]]
 
-    def _read(self, batch: list[Candidate]) -> None:
+    def _read_all(self, todo: list[Candidate]) -> dict[tuple[str, str], Verdict | None]:
+        """Verdicts for ``todo`` read in batches of ``batch`` (None: the node is gone)."""
+        got: dict[tuple[str, str], Verdict | None] = {}
+        for i in range(0, len(todo), self.batch):
+            got.update(self._read(todo[i : i + self.batch]))
+        return got
+
+    def _keep(self, got: dict[tuple[str, str], Verdict | None]) -> None:
+        now = self.clock()
+        for key, verdict in got.items():
+            if verdict is None:
+                self._cache.pop(key, None)
+            else:
+                self._cache[key] = (verdict, now)
+
+    def _read(self, batch: list[Candidate]) -> dict[tuple[str, str], Verdict | None]:
         owned = self.ownership is not None
         claims: dict[str, tuple[Any, Any]] = {}
         ids: dict[str, tuple[Any, Any]] = {}
@@ -215,15 +235,16 @@ class Verifier:
         end = self.clock() + self.deadline
         claim_of = {ip: self._collect(p, end) for ip, p in claims.items()}
         id_of = {iid: self._collect(p, end) for iid, p in ids.items()}
+        got: dict[tuple[str, str], Verdict | None] = {}
         for c, pending in nodes:
             node = self._collect(pending, end)
             if not node.found:
-                self._cache.pop(c.key, None)
+                got[c.key] = None
                 continue
             self.reads += 1
             m = c.member
-            verdict = self._judge(c, node, claim_of[str(m.overlay_ip)], id_of.get(m.instance_id))
-            self._cache[c.key] = (verdict, self.clock())
+            got[c.key] = self._judge(c, node, claim_of[str(m.overlay_ip)], id_of.get(m.instance_id))
+        return got
 
     def _issue(self, path: str, acl: bool) -> tuple[Any, Any]:
         """A node's get (and, when ``acl``, getACL) in flight."""
@@ -250,6 +271,9 @@ class Verifier:
         left = end - self.clock()
         if left <= 0:
             raise KazooTimeoutError("verifying member entries took longer than the deadline")
+        wait = getattr(self.client, "wait_until", None)
+        if wait is not None:  # a DeadlineClient: abortable (a stop signal)
+            return wait(result, time.monotonic() + left)
         return result.get(timeout=left)
 
     def _judge(self, c: Candidate, node: _Node, claim: _Node, ident: _Node | None) -> Verdict:

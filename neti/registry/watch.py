@@ -32,10 +32,11 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from kazoo.exceptions import NoNodeError, UnimplementedError
 from kazoo.protocol.connection import CHANGED_EVENT, CREATED_EVENT, DELETED_EVENT
@@ -43,7 +44,7 @@ from kazoo.protocol.paths import _prefix_root
 from kazoo.protocol.serialization import Exists, GetChildren2, Watch, int_struct, write_string
 from kazoo.protocol.states import EVENT_TYPE_MAP, Callback, KazooState, WatchedEvent
 
-from neti.registry.index import FleetChange, FleetIndex
+from neti.registry.index import FleetChange, FleetIndex, NameChange
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +167,13 @@ class WatchHub:
             if fn not in fns:
                 fns.append(fn)
 
+    def put_back(self, events: list[Event]) -> None:
+        """Events taken but not applied (the call that took them failed): queued again in
+        front, in their order, so the next call applies them."""
+        if events:
+            with self.lock:
+                self.queue.extendleft(reversed(events))
+
     def take(self, upto: int | None = None) -> tuple[list[Event], bool]:
         """Queued events (those read at or before ``upto``), and whether some were lost."""
         with self.lock:
@@ -243,7 +251,11 @@ class _Dir:
     relist: bool = False
 
 
-Bounded = Callable[[Any], Any]
+class Bounded(Protocol):
+    """An async call's result by ``end`` (time.monotonic(); None: the call's own deadline),
+    abortable: the facade's wait."""
+
+    def __call__(self, result: Any, end: float | None = None) -> Any: ...
 
 
 class FleetWatch:
@@ -256,11 +268,13 @@ class FleetWatch:
         paths: list[str],
         bounded: Bounded,
         force_fallback: bool = False,
+        timeout: float = 10.0,
     ):
         self.client = client
         self.index = index
         self.dirs = [_Dir(p) for p in paths]
         self.bounded = bounded
+        self.timeout = timeout  # one deadline for the replies to requests sent together
         self.fallback = force_fallback
         self.stats = WatchStats(fallback=force_fallback)
         self.hub = WatchHub.of(client)
@@ -291,17 +305,26 @@ class FleetWatch:
         if not self._armed:
             self._arm()
         elif self._poll_due:
-            for d in self.dirs:
-                self._check(d)
+            self._settle_reads([(d, self.hub.stat(d.path)) for d in self.dirs])
         return self._finish()
 
     def resync(self) -> FleetChange:
-        """The periodic check: the containers' Stat; a re-list only when it differs."""
+        """The periodic check: the containers' Stat (a re-list only when it differs) and the
+        index's own bookkeeping against its names (FleetIndex.audit: rebuilt and re-listed
+        when wrong)."""
         if not self._armed:
             self._arm()
         else:
+            self._settle_reads([(d, self.hub.stat(d.path)) for d in self.dirs])
+        problems = self.index.audit()
+        if problems:
+            log.warning(
+                "the fleet index disagrees with its own names (%s): rebuilding and re-listing",
+                "; ".join(problems),
+            )
             for d in self.dirs:
-                self._check(d)
+                d.relist = True
+            self.index.rebuild()
         verifier = self.index.verifier
         due = getattr(verifier, "due", None)
         if callable(due):
@@ -362,23 +385,29 @@ class FleetWatch:
             raise
 
     def _arm_calls(self) -> None:
+        """addWatch on every container and, in the same flight, a Stat of those the index
+        knows (a list of the others): one round trip. ZooKeeper answers in order, so each
+        read sees the container after its watch was armed."""
         log.debug("arming watches on %s", ", ".join(d.path for d in self.dirs))
         if not self.fallback:
-            pending = [(d, self.hub.add_watch(d.path)) for d in self.dirs]
-            for d, result in pending:
+            end = self._end()
+            watches = [(d, self.hub.add_watch(d.path)) for d in self.dirs]
+            reads = [
+                (d, self.hub.stat(d.path) if d.known else self.hub.children_stat(d.path))
+                for d in self.dirs
+            ]
+            for d, result in watches:
                 try:
-                    self.bounded(result)
+                    self.bounded(result, end)
                     self.stats.est_bytes += _HDR + 4
                 except UnimplementedError:
                     self._fall_back(d.path)
                     break
+            if not self.fallback:
+                self._settle_reads(reads, end)
+                return
         for d in self.dirs:
-            if self.fallback:
-                self._list(d)  # arms kazoo's one-shot children watch
-            elif d.known:
-                self._check(d)
-            else:
-                self._list(d)
+            self._list(d)  # arms kazoo's one-shot children watch
 
     def _fall_back(self, path: str) -> None:
         self.fallback = self.stats.fallback = True
@@ -392,24 +421,38 @@ class FleetWatch:
             )
 
     def _apply_events(self, upto: int | None = None, skip: _Dir | None = None) -> None:
+        """Queued events (up to ``upto``) into the index; ``skip``: a container whose list
+        reflects them. Events a failure kept from the index are put back for the next call."""
         events, overflow = self.hub.take(upto)
         if overflow:
             for each in self.dirs:
                 each.relist = True
         if not events:
             return
+        try:
+            self._apply(events, skip)
+        except BaseException:
+            self.hub.put_back(events)
+            raise
         self.stats.events += len(events)
+        self.stats.est_bytes += sum(_HDR + 8 + _STR + len(ev.path) for ev in events)
+
+    def _apply(self, events: list[Event], skip: _Dir | None) -> None:
+        """One index change for all the events (its reads in flight together); the
+        containers' bookkeeping follows only once the index took it."""
         by_dir: dict[str, _Dir] = {d.path: d for d in self.dirs}
         touched: dict[str, dict[str, tuple[bool, bool]]] = {}
+        emptied: set[str] = set()  # containers deleted (their names all go)
+        bumps: dict[str, int] = {}  # children created or deleted (cversion moves by one each)
         for ev in events:
-            self.stats.est_bytes += _HDR + 8 + _STR + len(ev.path)
             box = by_dir.get(ev.path)
             if box is not None:  # the container itself
                 if box is skip:
                     continue
                 if ev.type == DELETED_EVENT:
-                    self._gone(box)
+                    emptied.add(box.path)
                     touched.pop(box.path, None)
+                    bumps[box.path] = 0
                 elif ev.type == CREATED_EVENT:
                     box.relist = True
                 continue
@@ -418,44 +461,77 @@ class FleetWatch:
             if d is None or d is skip or not name:
                 continue  # deeper than a member node, or another root
             names = touched.setdefault(parent, {})
-            present, _ = names.get(name, (self.index.has(parent, name), False))
+            held = parent not in emptied and self.index.has(parent, name)
+            present, _ = names.get(name, (held, False))
             if ev.type == CREATED_EVENT:
                 # Present already: deleted and created again; its node must be re-verified.
-                d.cversion += 1
+                bumps[parent] = bumps.get(parent, 0) + 1
                 names[name] = (True, True)
             elif ev.type == DELETED_EVENT:
-                d.cversion += 1
+                bumps[parent] = bumps.get(parent, 0) + 1
                 names[name] = (False, True)
             else:  # data changed: its verdict may have (an attestation, a re-join)
                 names[name] = (present, True)
-        for parent, names in touched.items():
-            has = self.index.has
+        changes: list[NameChange] = []
+        has = self.index.has
+        for parent in by_dir:
+            names = touched.get(parent, {})
+            if not names and parent not in emptied:
+                continue
             added = [n for n, (p, _) in names.items() if p and not has(parent, n)]
             removed = [n for n, (p, _) in names.items() if not p and has(parent, n)]
             again = [n for n, (p, a) in names.items() if p and a and has(parent, n)]
+            if parent in emptied:
+                removed += sorted(n for n in self.index.names(parent) if n not in names)
             log.debug("%s: +%d -%d ~%d", parent, len(added), len(removed), len(again))
-            self.index.update(parent, added=added, removed=removed, reverify=again)
+            changes.append(NameChange(parent, tuple(added), tuple(removed), tuple(again)))
+        self.index.update_many(changes, relisted=bool(emptied))
+        for parent in emptied:
+            self._mark_gone(by_dir[parent])
+        for parent, n in bumps.items():
+            by_dir[parent].cversion += n
 
     def _gone(self, d: _Dir) -> None:
-        d.missing, d.czxid, d.cversion, d.known = True, None, 0, True
+        """The container is gone: none of its names stay (no reads: this cannot fail)."""
         self.index.replace(d.path, [])
+        self._mark_gone(d)
+
+    def _mark_gone(self, d: _Dir) -> None:
+        d.missing, d.czxid, d.cversion, d.known = True, None, 0, True
         self._set_missing()
 
     def _set_missing(self) -> None:
         members = self.dirs[0]
         self.index.container_missing = members.missing
 
-    def _check(self, d: _Dir) -> None:
-        """Stat the container; re-list it if the index's counts disagree."""
-        result = self.hub.stat(d.path)
-        stat = self.bounded(result)
+    def _end(self) -> float:
+        return time.monotonic() + self.timeout
+
+    def _settle_reads(self, reads: list[tuple[_Dir, Any]], end: float | None = None) -> None:
+        """Replies to Stats (of containers the index knows) and lists (of the others) sent
+        together, taken in the order sent, each by one deadline; the containers whose Stat
+        disagrees with the index are re-listed after."""
+        end = self._end() if end is None else end
+        stale: list[_Dir] = []
+        for d, result in reads:
+            if not d.known:
+                self._list(d, result, end)
+            elif not self._same(d, result, end):
+                d.relist = True  # listed below; if that fails, by the next call
+                stale.append(d)
+        for d in stale:
+            self._relist(d)
+
+    def _same(self, d: _Dir, result: Any, end: float) -> bool:
+        """Does the container's Stat (``result``) agree with what the index holds?"""
+        stat = self.bounded(result, end)
         self.stats.stat_checks += 1
         self.stats.est_bytes += _HDR + _STAT
         self._apply_events(upto=result.mark)
         if stat is None:
             if not d.missing:
                 self._gone(d)
-            return
+            return True
         same = (
             not d.missing
             and stat.czxid == d.czxid
@@ -469,27 +545,37 @@ class FleetWatch:
                 stat.cversion,
                 d.cversion,
             )
-            if not self.fallback and self._armed:
-                # Events were missed while we thought the watch held: add it again (an
-                # idempotent request) before the list, in case the server dropped it.
-                self.bounded(self.hub.add_watch(d.path))
-            self._list(d)
+        return same
 
-    def _list(self, d: _Dir) -> None:
-        """A full children list of ``d`` (with kazoo's one-shot watch in fallback mode)."""
+    def _relist(self, d: _Dir) -> None:
+        """Events were missed while we thought the watch held: add it again (an idempotent
+        request, in case the server dropped it) with the list, in one round trip."""
+        if self.fallback or not self._armed:
+            self._list(d)
+            return
+        end = self._end()
+        watch = self.hub.add_watch(d.path)
+        listing = self.hub.children_stat(d.path)
+        self.bounded(watch, end)
+        self._list(d, listing, end)
+
+    def _list(self, d: _Dir, result: Any = None, end: float | None = None) -> None:
+        """A full children list of ``d`` (with kazoo's one-shot watch in fallback mode);
+        ``result``: its reply when the request was sent already."""
         self.stats.full_lists += 1
+        d.relist = True  # until the index holds the list: a failure lists again
         if self.fallback:
             names, stat = self._list_fallback(d)
-            mark = None
         else:
-            result = self.hub.children_stat(d.path)
+            if result is None:
+                result = self.hub.children_stat(d.path)
             try:
-                names, stat = self.bounded(result)
+                names, stat = self.bounded(result, end)
             except NoNodeError:
                 names, stat = [], None
-            mark = result.mark
             # Events the list reflects are not applied again (other roots' are).
-            self._apply_events(upto=mark, skip=d)
+            self._apply_events(upto=result.mark, skip=d)
+        self.index.replace(d.path, names)
         self.stats.listed_names += len(names)
         self.stats.est_bytes += _HDR + _STAT + 4 + sum(_STR + len(n) for n in names)
         d.known, d.relist = True, False
@@ -497,7 +583,6 @@ class FleetWatch:
             d.missing, d.czxid, d.cversion = True, None, 0
         else:
             d.missing, d.czxid, d.cversion = False, stat.czxid, stat.cversion
-        self.index.replace(d.path, names)
         self._set_missing()
 
     def _list_fallback(self, d: _Dir) -> tuple[list[str], Any]:

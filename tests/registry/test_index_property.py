@@ -81,10 +81,12 @@ class FakeVerifier:
         return VERDICTS[h % len(VERDICTS)]
 
     def check(
-        self, candidates: list[Candidate], force: bool = False
+        self,
+        candidates: list[Candidate],
+        again: list[Candidate] = (),  # type: ignore[assignment]
     ) -> Mapping[tuple[str, str], Verdict]:
         out = {}
-        for c in candidates:
+        for c in [*candidates, *again]:
             self.reads += 1
             v = self.verdict(c.key)
             if v is not None:

@@ -108,7 +108,7 @@ def make() -> tuple[FakeZK, FleetWatch]:
     index = FleetIndex(
         {0: "ec2", 1: "vpc"}, IPv4Network("10.9.0.0/16"), members_parent=M, legacy_parent=L
     )
-    fw = FleetWatch(zk, index, [M, L], lambda r: r.get(timeout=1))
+    fw = FleetWatch(zk, index, [M, L], lambda r, end=None: r.get(timeout=1))
     return zk, fw
 
 
@@ -217,7 +217,7 @@ def test_a_server_without_addwatch_falls_back_to_lists(caplog: Any) -> None:
     index = FleetIndex(
         {0: "ec2", 1: "vpc"}, IPv4Network("10.9.0.0/16"), members_parent=M, legacy_parent=L
     )
-    fw = FleetWatch(zk, index, [M, L], lambda r: r.get(timeout=1))
+    fw = FleetWatch(zk, index, [M, L], lambda r, end=None: r.get(timeout=1))
     woken: list[int] = []
     fw.start(lambda: woken.append(1))
     assert fw.fallback and fw.stats.fallback

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address
 from typing import Any
 
-from neti.agent.fleetsync import Change, index
+from neti.agent.fleetsync import Change, context_by_node, index
 from neti.errors import RegistryError
 from neti.fleet import Fleet, Member
+from neti.registry.context import FleetContext
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class FakeClient:
 
 class FakeRegistry:
     members_path = "/neti/members"
+    prefix = "/neti"  # the agent's default zk_prefix: maxchange, revoked, guard-release
 
     def __init__(self, max_change: int = 1000):
         self.members: dict[str, Member] = {}
@@ -188,6 +190,13 @@ class FakeRegistry:
 
     def drop(self, wait: float = 0.0) -> bool:
         return True
+
+    def fleet_context(self, on_event: Callable[..., object]) -> FleetContext:
+        self._call("fleet_context")
+        p = self.prefix
+        return context_by_node(
+            self, on_event, f"{p}/maxchange", f"{p}/revoked", f"{p}/guard-release"
+        )
 
     # --- the rest the agent uses ---
     def max_change(self) -> int:
