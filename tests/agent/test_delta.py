@@ -336,3 +336,56 @@ def test_revoked_instances_are_left_out_whatever_they_publish(tmp_path: Path) ->
     a.reconcile("event")
     kernel_equals_desired(a, system, fleet[:3] + [again] + fleet[4:])
     assert a.state.skipped == 0 and a.state.guard.revoked == 0
+
+
+def test_a_blip_reconnect_starts_no_grace_but_a_real_absence_does(tmp_path: Path) -> None:
+    a, reg, _system = make_agent(tmp_path)
+    a.reconcile("resync")
+    reg.add_state_listener(a._on_zk_state)
+    reg.state("SUSPENDED")
+    a._handle_zk_events()
+    reg.state("CONNECTED")  # back within a fraction of a second: the same session
+    a._handle_zk_events()
+    assert a.guard._mem.grace_until is None
+    reg.state("SUSPENDED")
+    a._handle_zk_events()
+    a.state.zookeeper.since -= core.ABSENCE * a.cfg.zk_session_timeout  # away that long
+    reg.state("CONNECTED")
+    a._handle_zk_events()
+    assert a.guard._mem.grace_until is not None
+    assert a.guard._mem.grace_why == "reconnect"
+
+
+def test_a_resumed_session_at_start_starts_no_grace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """kill -9 and a restart that resumes the session: nobody is re-joining, so removals
+    the first read finds apply at once (they do not settle again either)."""
+    from neti.agent import session as session_mod
+
+    a, reg, system = make_agent(tmp_path, guard_settle=5)
+    fleet = [member(i) for i in range(4)]
+    a.guard.restore(Fleet(members=tuple(fleet)))
+    sid, password = reg.client.client_id
+    session_mod.save(
+        a.cfg.state_dir, session_mod.SavedSession(sid, password, "127.0.0.1:1", time.time(), 6.0)
+    )
+    monkeypatch.setattr("neti.registry.connect", lambda *args, **kw: reg)
+    a.reg = None
+    a.state.zookeeper.state = "connecting"
+    assert a._connect()
+    assert a.guard._mem.grace_until is None
+    reg.add(*fleet[1:])  # fleet[0] left while the agent was down
+    a.reconcile("resync")
+    kernel_equals_desired(a, system, fleet[1:])
+
+
+def test_a_new_session_at_start_starts_the_grace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, reg, _system = make_agent(tmp_path)
+    monkeypatch.setattr("neti.registry.connect", lambda *args, **kw: reg)
+    a.reg = None
+    a.state.zookeeper.state = "connecting"
+    assert a._connect()
+    assert a.guard._mem.grace_why == "connect"
