@@ -242,6 +242,7 @@ def _hold_lock(lockfile: Path, seconds: float) -> subprocess.Popen[bytes]:
     p = subprocess.Popen(
         ["flock", "-x", str(lockfile), "sh", "-c", f"echo held; exec sleep {seconds:g}"],
         stdout=subprocess.PIPE,
+        start_new_session=True,  # killpg ends the sleep that holds the lock too
     )
     assert p.stdout is not None
     if p.stdout.readline().strip() != b"held":
@@ -283,16 +284,34 @@ def lock(args: argparse.Namespace, tree: Path) -> dict[str, Any]:
         t_hold = time.monotonic()
         ip = IPv4Address(driver.ask("add"))
         acked = time.monotonic()
-        t_allow = wait_until("the allowlist entry", lambda: _allow_size(lab) > allow0, hold + 60)
-        time.sleep(max(0.0, acked + 5.0 - time.monotonic()))
-        doc, took = lab.status()
-        status_during = {
-            "status": doc.get("status"),
-            "summary": doc.get("summary"),
-            "seconds": took,
-            "checks": [c for c in doc.get("checks", []) if c.get("status") != "OK"],
-        }
-        t_dnat = wait_until("the DNAT", lambda: kernel.target(ip) is not None, hold + 60)
+        seen: dict[str, float] = {}
+
+        def poll() -> None:  # both halves of the change, watched together
+            end = acked + hold + 60
+            while len(seen) < 2 and time.monotonic() < end:
+                if "allow" not in seen and _allow_size(lab) > allow0:
+                    seen["allow"] = time.monotonic()
+                if "dnat" not in seen and kernel.target(ip) is not None:
+                    seen["dnat"] = time.monotonic()
+                time.sleep(0.05)
+
+        watcher = threading.Thread(target=poll, daemon=True)
+        watcher.start()
+        samples = []
+        for at in (5.0, 15.0):  # during the hold: before and after the agent's first failure
+            time.sleep(max(0.0, acked + at - time.monotonic()))
+            doc, took = lab.status()
+            samples.append(
+                {
+                    "at_s": at,
+                    "status": doc.get("status"),
+                    "summary": doc.get("summary"),
+                    "seconds": took,
+                }
+            )
+        watcher.join(hold + 70)
+        if len(seen) < 2:
+            raise RuntimeError(f"the change did not reach the kernel: {seen}")
         holders[-1].wait(hold + 10)
         # SIGTERM while a write waits on the lock.
         time.sleep(2.0)
@@ -302,18 +321,20 @@ def lock(args: argparse.Namespace, tree: Path) -> dict[str, Any]:
         sigterm = lab.stop(signal.SIGTERM, timeout=60)
         return {
             "hold_s": hold,
-            "allow_after_s": t_allow - acked,
-            "dnat_after_s": t_dnat - acked,
+            "allow_after_s": seen["allow"] - acked,
+            "dnat_after_s": seen["dnat"] - acked,
             "lock_released_after_s": t_hold + hold - acked,
-            "status_during_hold": status_during,
+            "status_during_hold": samples,
             "sigterm_s": sigterm,
             "agent_log_tail": lab.agent_log(1200),
         }
     finally:
         for h in holders:
-            if h.poll() is None:
-                h.kill()
-                h.wait()
+            try:
+                os.killpg(h.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            h.wait()
         lab.close()
 
 
@@ -390,8 +411,8 @@ def diskfull(args: argparse.Namespace, tree: Path) -> dict[str, Any]:
         kernel = Kernel(lab.agent_ns, args.backend)
         wait_programmed(lab, kernel, args.small + 1, 120)
         wait_until("status OK", lambda: lab.status()[0].get("status") == "OK", 30, step=0.5)
-        filler = state / "filler"
-        lab.in_agent_ns(["dd", "if=/dev/zero", f"of={filler}", "bs=64k"], check=False)
+        for i, bs in enumerate(("64k", "4k", "512")):  # to the last page
+            lab.in_agent_ns(["dd", "if=/dev/zero", f"of={state}/filler{i}", f"bs={bs}"], False)
         ip = IPv4Address(driver.ask("add"))
         wait_until("the new member's DNAT", lambda: kernel.target(ip) is not None, 30)
         time.sleep(3.0)
@@ -400,7 +421,7 @@ def diskfull(args: argparse.Namespace, tree: Path) -> dict[str, Any]:
         lab.start_agent()
         time.sleep(6.0)
         after_restart, _ = lab.status()
-        lab.in_agent_ns(["rm", "-f", str(filler)])
+        lab.in_agent_ns(["sh", "-c", f"rm -f {state}/filler*"])
         freed = time.monotonic()
         try:
             ok = wait_until(
@@ -424,6 +445,7 @@ def diskfull(args: argparse.Namespace, tree: Path) -> dict[str, Any]:
             "after_change": brief(after_change),
             "after_restart": brief(after_restart),
             "ok_after_space_returned_s": to_ok,
+            "agent_log_tail": lab.agent_log(2000),
         }
     finally:
         if lab.agent is not None and lab.agent.poll() is None:
@@ -455,12 +477,15 @@ def render(result: dict[str, Any]) -> str:
         )
     if "lock" in r:
         lk = r["lock"]
-        d = lk["status_during_hold"]
         lines.append(
             f"lock ({lk['hold_s']:g} s): allowlist after {lk['allow_after_s']:.1f} s, DNAT after "
-            f"{lk['dnat_after_s']:.1f} s; status took {d['seconds']:.1f} s and said "
-            f"{d['status']}: {str(d['summary'])[:160]}; SIGTERM took {lk['sigterm_s']:.1f} s"
+            f"{lk['dnat_after_s']:.1f} s; SIGTERM took {lk['sigterm_s']:.1f} s"
         )
+        for d in lk["status_during_hold"]:
+            lines.append(
+                f"  status at +{d['at_s']:g} s took {d['seconds']:.1f} s and said "
+                f"{d['status']}: {str(d['summary'])[:200]}"
+            )
     if "kill9" in r:
         k = r["kill9"]
         lines.append(

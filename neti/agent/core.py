@@ -1054,6 +1054,8 @@ class Agent:
             except NotWritten:
                 raise  # nothing was written (a lock stayed taken): the whole change, later
             except DataplaneError as exc:
+                if self._stop:
+                    raise Aborted(f"stopping: {exc}") from None
                 log.warning(
                     "dataplane: a change could not be written in place (%s); full apply", exc
                 )

@@ -130,10 +130,13 @@ class DataplaneStatus:
     route: str | None = None
     details: dict[str, Any] = field(default_factory=dict)
     generation: int | None = None  # the apply generation written with the last change
+    # Other software's rules (or base chains) that decide before Neti's: each named.
+    ahead: tuple[str, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["drift"] = list(self.drift)
+        d["ahead"] = list(self.ahead)
         return d
 
 

@@ -37,7 +37,7 @@ import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Network
 
 from neti.dataplane import ipset, xtables
 from neti.dataplane.base import (
@@ -221,6 +221,104 @@ def lookup_costs(chains: Mapping[str, list[str]], root: str = NAT_CHAIN) -> dict
                 walk(target, before + i)
 
     walk(root, 0)
+    return out
+
+
+# --------------------------------------------------------------------------- rules ahead
+
+# What decides a packet for good in each table, as a target of a rule ahead of Neti's jump.
+_FILTER_FINAL = {"DROP", "REJECT", "ACCEPT"}
+_NAT_FINAL = {"DNAT", "REDIRECT", "ACCEPT", "NETMAP"}
+# Rules Neti's own chain decides the same way (it allows loopback and established first).
+_SAME_AS_NETI = re.compile(
+    r"\A(-i lo|-m (conntrack --ctstate|state --state) "
+    r"(RELATED,ESTABLISHED|ESTABLISHED,RELATED|ESTABLISHED))(?: -j ACCEPT)\Z"
+)
+_MAX_DEPTH = 8  # user chains followed from a rule ahead (a loop or a deep tree: stop there)
+
+
+def _verdicts(state: TableState, chain: str, depth: int = 0) -> set[str]:
+    """Targets that end a packet's way, reachable from ``chain`` (user chains followed)."""
+    out: set[str] = set()
+    if depth > _MAX_DEPTH:
+        return out
+    for rule in state.rules.get(chain, []):
+        target = _jump_target(rule)
+        if target in _FILTER_FINAL or target in _NAT_FINAL:
+            out.add(target)
+        elif target is not None and target in state.chains and target != chain:
+            out |= _verdicts(state, target, depth + 1)
+    return out
+
+
+def _disjoint(rule: str, subnet: IPv4Network) -> bool:
+    """Can ``rule`` (nat) never match a packet to the overlay subnet? (A destination outside
+    it, or only local addresses, which overlay addresses never are.)"""
+    words = xtables._tokens(rule)
+    for i, w in enumerate(words[:-1]):
+        if i > 0 and words[i - 1] == "!":
+            continue
+        if w == "--dst-type" and words[i + 1] == "LOCAL":
+            return True
+        if w in ("-d", "--destination"):
+            try:
+                if not IPv4Network(words[i + 1], strict=False).overlaps(subnet):
+                    return True
+            except ValueError:
+                continue
+    return False
+
+
+def rules_ahead(tables: Mapping[str, TableState]) -> list[str]:
+    """Other software's rules placed before Neti's jump that can decide traffic Neti's
+    chains would decide, each named with where it is and what it can do.
+
+    filter INPUT: a DROP/REJECT (or a jump into a chain that has one) can drop what Neti
+    allows; an ACCEPT can let in what Neti's reject_all would drop (not one for loopback or
+    established traffic, which Neti accepts too). nat OUTPUT/PREROUTING: a DNAT, REDIRECT
+    or ACCEPT ahead of Neti's DNAT takes the overlay traffic it matches, unless its
+    destination cannot be in the overlay subnet. Pure: from iptables-save's tables.
+    """
+    out: list[str] = []
+    filt = tables["filter"]
+    neti = filt.rules.get(FILTER_CHAIN, [])
+    rejects = bool(neti) and neti[-1] == "-j DROP"
+    for table, builtin, root in (
+        ("filter", "INPUT", FILTER_CHAIN),
+        ("nat", "PREROUTING", NAT_CHAIN),
+        ("nat", "OUTPUT", NAT_CHAIN),
+    ):
+        state = tables[table]
+        rules = state.rules.get(builtin, [])
+        at = next((i for i, r in enumerate(rules) if xtables.jumps_to(r, root)), None)
+        if at is None:
+            continue
+        subnet = None
+        if table == "nat":
+            words = rules[at].split()
+            try:
+                subnet = IPv4Network(words[words.index("-d") + 1], strict=False)
+            except (IndexError, ValueError):
+                subnet = None
+        for i, rule in enumerate(rules[:at]):
+            target = _jump_target(rule)
+            if target is None:
+                continue
+            found = {target} if target in _FILTER_FINAL | _NAT_FINAL else set()
+            if target == "RETURN":
+                found = {"RETURN"}  # a built-in chain's RETURN: its policy decides
+            elif not found and target in state.chains:
+                found = _verdicts(state, target)
+            what = ""
+            if table == "filter":
+                if found & {"DROP", "REJECT"}:
+                    what = "can drop what Neti allows"
+                elif found & {"ACCEPT", "RETURN"} and rejects and not _SAME_AS_NETI.match(rule):
+                    what = "can accept what Neti drops"
+            elif found & (_NAT_FINAL | {"RETURN"}) and not (subnet and _disjoint(rule, subnet)):
+                what = "can take overlay traffic before Neti's DNAT"
+            if what:
+                out.append(f'{table} {builtin} rule {i + 1} "{rule}" {what}')
     return out
 
 
@@ -518,6 +616,7 @@ class IptablesBackend(Backend):
                 "dnat_chains": len([c for c in tree if c != NAT_CHAIN]),
             },
             generation=read_generation(nat),
+            ahead=tuple(rules_ahead(tables)),
         )
 
     def _write_delta(self, delta: Delta, generation: int | None = None) -> list[str] | None:

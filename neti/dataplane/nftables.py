@@ -390,6 +390,96 @@ def remove_table(system: System) -> list[str]:
     return [f"nft: deleted table {FAMILY} {TABLE}"]
 
 
+# --------------------------------------------------------------------------- chains ahead
+
+# Statements of another table's rule that decide for good what Neti would decide: a drop on
+# the input hook (an accept there does not stop the next base chain, Neti's); a dnat or
+# redirect on a nat hook (the first address translation wins).
+_DECIDES = {"input": ("drop", "reject"), "output": ("dnat", "redirect")}
+_DECIDES["prerouting"] = _DECIDES["output"]
+_MAX_DEPTH = 8
+
+
+@dataclass(frozen=True)
+class BaseChain:
+    family: str
+    table: str
+    name: str
+    hook: str
+    prio: int
+    policy: str
+
+
+def base_chains(text: str) -> list[BaseChain]:
+    """Every base chain of ``nft -j list chains`` (other shapes are skipped)."""
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return []
+    out = []
+    items = _d(doc).get("nftables")
+    for item in items if isinstance(items, list) else []:
+        c = _d(_d(item).get("chain"))
+        fields = (c.get("family"), c.get("table"), c.get("name"), c.get("hook"))
+        prio = c.get("prio")
+        if all(isinstance(f, str) for f in fields) and type(prio) is int:
+            out.append(BaseChain(*fields, prio, str(c.get("policy", "accept"))))  # type: ignore[arg-type]
+    return out
+
+
+def _statements(expr: Any) -> list[tuple[str, Any]]:
+    return (
+        [next(iter(x.items())) for x in expr if isinstance(x, dict) and len(x) == 1]
+        if isinstance(expr, list)
+        else []
+    )
+
+
+def deciding_rules(table_json: str, chain: str, kinds: tuple[str, ...]) -> list[tuple[str, int]]:
+    """(chain, handle) of the rules of ``chain`` (jumps and gotos followed within the table)
+    with one of the statements ``kinds``, from ``nft -j list table``."""
+    try:
+        doc = json.loads(table_json)
+    except ValueError:
+        return []
+    rules: dict[str, list[tuple[int, list[tuple[str, Any]]]]] = {}
+    items = _d(doc).get("nftables")
+    for item in items if isinstance(items, list) else []:
+        r = _d(_d(item).get("rule"))
+        if isinstance(r.get("chain"), str) and type(r.get("handle")) is int:
+            rules.setdefault(r["chain"], []).append((r["handle"], _statements(r.get("expr"))))
+    found: list[tuple[str, int]] = []
+
+    def walk(name: str, depth: int, seen: frozenset[str]) -> bool:
+        hit = False
+        for handle, stmts in rules.get(name, []):
+            for kind, arg in stmts:
+                target = _d(arg).get("target") if kind in ("jump", "goto") else None
+                if kind in kinds or (
+                    isinstance(target, str)
+                    and target not in seen
+                    and depth < _MAX_DEPTH
+                    and walk(target, depth + 1, seen | {target})
+                ):
+                    if depth == 0:
+                        found.append((name, handle))
+                    hit = True
+                    break
+        return hit
+
+    walk(chain, 0, frozenset({chain}))
+    return found
+
+
+def rule_text(listing: str, handle: int) -> str:
+    """The rule with ``# handle N`` in ``nft -a list chain`` output, without the handle."""
+    for line in listing.splitlines():
+        text, sep, h = line.strip().rpartition(" # handle ")
+        if sep and h.strip() == str(handle):
+            return text
+    return f"handle {handle}"
+
+
 # --------------------------------------------------------------------------- backend
 
 
@@ -570,6 +660,37 @@ class NftablesBackend(Backend):
     def audit_drops(self) -> dict[str, int]:
         return self.read_table().audit
 
+    def chains_ahead(self, st: TableState) -> list[str]:
+        """Other tables' base chains that run before Neti's on its hooks and can decide what
+        Neti's would: a drop (or a drop policy) before its input chain, a dnat or redirect
+        before its nat chains; each rule named (``rules_ahead`` of the iptables backend)."""
+        out: list[str] = []
+        mine = {c[1]: c[2] for name, c in st.chains.items() if c[1] in _DECIDES}
+        proc = self.system.run(["nft", "-j", "list", "chains"], check=False)
+        tables: dict[tuple[str, str], str] = {}
+        for c in base_chains(proc.stdout):
+            if (c.family, c.table) == (FAMILY, TABLE) or c.family not in ("ip", "inet"):
+                continue
+            if c.hook not in mine or c.prio >= mine[c.hook]:
+                continue
+            where = f"table {c.family} {c.table} chain {c.name} ({c.hook}, priority {c.prio})"
+            if c.hook == "input" and c.policy == "drop":
+                out.append(f"{where} policy drop can drop what Neti allows")
+            key = (c.family, c.table)
+            if key not in tables:
+                listing = ["nft", "-j", "list", "table", c.family, c.table]
+                tables[key] = self.system.run(listing, check=False).stdout
+            hits = deciding_rules(tables[key], c.name, _DECIDES[c.hook])
+            if not hits:
+                continue
+            text = self.system.run(
+                ["nft", "-a", "list", "chain", c.family, c.table, c.name], check=False
+            ).stdout
+            what = "can drop what Neti allows" if c.hook == "input" else "can take overlay traffic"
+            for _chain, handle in hits:
+                out.append(f'{where} rule "{rule_text(text, handle)}" {what}')
+        return out
+
     def _kernel_status(self) -> DataplaneStatus:
         st = self.read_table()
         objects = {f"table {FAMILY} {TABLE}": st.exists}
@@ -608,4 +729,5 @@ class NftablesBackend(Backend):
             audit=st.audit,
             details={"forward": "prerouting" in st.chains},
             generation=st.generation,
+            ahead=tuple(self.chains_ahead(st)) if st.exists else (),
         )

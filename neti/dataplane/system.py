@@ -145,22 +145,27 @@ class System:
             )
         except FileNotFoundError:
             raise DataplaneError(f"{argv[0]} is not installed") from None
+        # communicate() in a helper thread (it cannot resume writing input after a timeout);
+        # this thread watches the deadline and the abort flag, and kills the child on either.
+        result: list[tuple[str, str]] = []
+        talk = threading.Thread(
+            target=lambda: result.append(child.communicate(input)), name="neti-run", daemon=True
+        )
+        talk.start()
         deadline = time.monotonic() + timeout
-        send = input
-        with child:
-            while True:
-                step = min(POLL, max(0.0, deadline - time.monotonic()))
-                try:
-                    out, err = child.communicate(send, timeout=step)
-                    break
-                except subprocess.TimeoutExpired:
-                    send = None  # communicate keeps writing what it was first given
-                if self.aborted or time.monotonic() >= deadline:
-                    child.kill()
-                    child.communicate()
-                    if self.aborted:
-                        raise Aborted(f"{' '.join(argv)} abandoned: stopping") from None
-                    raise DataplaneError(f"{' '.join(argv)} did not finish in {timeout:g}s")
+        while True:
+            talk.join(min(POLL, max(0.0, deadline - time.monotonic())))
+            if not talk.is_alive():
+                break
+            if self.aborted or time.monotonic() >= deadline:
+                child.kill()
+                talk.join()
+                if self.aborted:
+                    raise Aborted(f"{' '.join(argv)} abandoned: stopping")
+                raise DataplaneError(f"{' '.join(argv)} did not finish in {timeout:g}s")
+        if not result:  # communicate() itself failed (it never does on a live pipe)
+            raise DataplaneError(f"{' '.join(argv)}: no output could be read")
+        out, err = result[0]
         proc = subprocess.CompletedProcess(full, child.returncode, out, err)
         if check and proc.returncode != 0:
             msg = (proc.stderr or proc.stdout).strip().splitlines()

@@ -93,29 +93,33 @@ def _read_state(cfg: Config) -> tuple[state_mod.AgentState | None, str]:
 
 
 def gather(cfg: Config, now: float | None = None, catch_up: float = CATCH_UP) -> Report:
-    runtime = state_mod.read_runtime(state_mod.runtime_path(cfg.runtime_dir, cfg.state_dir))
+    runtime_file = state_mod.runtime_path(cfg.runtime_dir, cfg.state_dir)
+    runtime = state_mod.read_runtime(runtime_file)
     state, state_error = _read_state(cfg)
     pid, alive = agent_process(state, runtime)
     latest = [state, state_error]
+    runtime_now = [runtime]
 
     def refresh(generation: int | None) -> state_mod.AgentState | None:
         """The kernel holds another apply than the state file we read: the running agent
         writes the state that goes with it within a second or so (at once, when it wants
         the lock we hold). Not when it is gone or cannot write its state file."""
-        if not alive or (runtime is not None and runtime.state_error):
-            return latest[0]  # type: ignore[return-value]
         deadline = time.monotonic() + catch_up
-        while time.monotonic() < deadline:
+        while alive and time.monotonic() < deadline:
+            if runtime_now[0] is not None and runtime_now[0].state_error:
+                break  # it cannot write it: say so rather than wait
             time.sleep(CATCH_UP_POLL)
             fresh, error = _read_state(cfg)
             if fresh is not None:
                 latest[:] = [fresh, error]
                 if fresh.generation == generation:
                     break
+            runtime_now[0] = state_mod.read_runtime(runtime_file)
         return latest[0]  # type: ignore[return-value]
 
     kernel = kernel_view(cfg, state, refresh, agent_pid=pid)
     state, state_error = latest[0], latest[1]  # type: ignore[assignment]
+    runtime = runtime_now[0]
     now = time.time() if now is None else now
     return evaluate(
         state,  # type: ignore[arg-type]

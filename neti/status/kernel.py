@@ -83,6 +83,7 @@ def _compare(
         return state
     view.raw = kstat.as_dict()
     view.generation = kstat.generation
+    view.ahead = list(kstat.ahead)
     view.set_size = kstat.allow_size
     view.mode = kstat.mode
     if kstat.conntrack_count is not None:
