@@ -364,7 +364,7 @@ def test_a_resumed_session_at_start_starts_no_grace(
     the first read finds apply at once (they do not settle again either)."""
     from neti.agent import session as session_mod
 
-    a, reg, system = make_agent(tmp_path, guard_settle=5)
+    a, reg, system = make_agent(tmp_path, guard_settle=5, tag_instance="never")
     fleet = [member(i) for i in range(4)]
     a.guard.restore(Fleet(members=tuple(fleet)))
     sid, password = reg.client.client_id
@@ -384,7 +384,7 @@ def test_a_resumed_session_at_start_starts_no_grace(
 def test_a_new_session_at_start_starts_the_grace(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    a, reg, _system = make_agent(tmp_path)
+    a, reg, _system = make_agent(tmp_path, tag_instance="never")
     monkeypatch.setattr("neti.registry.connect", lambda *args, **kw: reg)
     a.reg = None
     a.state.zookeeper.state = "connecting"
