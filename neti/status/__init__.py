@@ -92,44 +92,48 @@ def _read_state(cfg: Config) -> tuple[state_mod.AgentState | None, str]:
     return st, ""
 
 
-def gather(cfg: Config, now: float | None = None, catch_up: float = CATCH_UP) -> Report:
-    runtime_file = state_mod.runtime_path(cfg.runtime_dir, cfg.state_dir)
-    runtime = state_mod.read_runtime(runtime_file)
-    state, state_error = _read_state(cfg)
-    pid, alive = agent_process(state, runtime)
-    latest = [state, state_error]
-    runtime_now = [runtime]
+class _Saved:
+    """What the agent wrote down (state file, runtime record), read again on request."""
 
-    def refresh(generation: int | None) -> state_mod.AgentState | None:
-        """The kernel holds another apply than the state file we read: the running agent
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.runtime_file = state_mod.runtime_path(cfg.runtime_dir, cfg.state_dir)
+        self.runtime = state_mod.read_runtime(self.runtime_file)
+        self.state, self.error = _read_state(cfg)
+        self.pid, self.alive = agent_process(self.state, self.runtime)
+
+    def catch_up(self, generation: int | None, seconds: float) -> state_mod.AgentState | None:
+        """The kernel holds another apply than the state file read: the running agent
         writes the state that goes with it within a second or so (at once, when it wants
-        the lock we hold). Not when it is gone or cannot write its state file."""
-        deadline = time.monotonic() + catch_up
-        while alive and time.monotonic() < deadline:
-            if runtime_now[0] is not None and runtime_now[0].state_error:
+        the lock status holds). Not waited for when it is gone or cannot write it."""
+        deadline = time.monotonic() + seconds
+        while self.alive and time.monotonic() < deadline:
+            if self.runtime is not None and self.runtime.state_error:
                 break  # it cannot write it: say so rather than wait
             time.sleep(CATCH_UP_POLL)
-            fresh, error = _read_state(cfg)
+            fresh, error = _read_state(self.cfg)
             if fresh is not None:
-                latest[:] = [fresh, error]
+                self.state, self.error = fresh, error
                 if fresh.generation == generation:
                     break
-            runtime_now[0] = state_mod.read_runtime(runtime_file)
-        return latest[0]  # type: ignore[return-value]
+            self.runtime = state_mod.read_runtime(self.runtime_file)
+        return self.state
 
-    kernel = kernel_view(cfg, state, refresh, agent_pid=pid)
-    state, state_error = latest[0], latest[1]  # type: ignore[assignment]
-    runtime = runtime_now[0]
-    now = time.time() if now is None else now
+
+def gather(cfg: Config, now: float | None = None, catch_up: float = CATCH_UP) -> Report:
+    saved = _Saved(cfg)
+    kernel = kernel_view(
+        cfg, saved.state, lambda gen: saved.catch_up(gen, catch_up), agent_pid=saved.pid
+    )
     return evaluate(
-        state,  # type: ignore[arg-type]
+        saved.state,
         kernel,
-        alive,
-        now,
+        saved.alive,
+        time.time() if now is None else now,
         cfg.resync_interval,
-        state_error,  # type: ignore[arg-type]
-        runtime=runtime,
-        agent_pid=pid,
+        saved.error,
+        runtime=saved.runtime,
+        agent_pid=saved.pid,
     )
 
 

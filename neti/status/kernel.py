@@ -33,8 +33,8 @@ log = logging.getLogger(__name__)
 MAX_DRIFT_LINES = 5
 LOCK_WAIT = 2.0  # longest wait for the dataplane lock (an apply in progress holds it)
 
-# Given the generation the kernel holds: the state file of that apply when it comes within a
-# short wait, else the newest one read.
+# Given the generation the kernel holds: the state of that apply when the state file catches
+# up within a short wait, else the newest one read.
 Refresh = Callable[[int | None], AgentState | None]
 
 
@@ -46,18 +46,18 @@ def compare(
     refresh: Refresh | None = None,
     lock_wait: float = LOCK_WAIT,
     agent_pid: int | None = None,
-) -> AgentState | None:
-    """Fill ``view`` from the backend's status, audit counters and plan; return the state
-    it was compared with (``refresh`` may have found a newer one)."""
+) -> None:
+    """Fill ``view`` from the backend's status, audit counters and plan (against the state
+    of the generation the kernel holds: ``refresh`` may find it newer than ``state``)."""
     with contextlib.ExitStack() as stack:
         try:
             stack.enter_context(backend.system.lock(timeout=lock_wait))
         except LockBusy as exc:
             view.not_compared = busy(exc, agent_pid)
-            return state
+            return
         except (OSError, NetiError) as exc:  # e.g. not root: read without the lock
             log.debug("reading the kernel without the dataplane lock: %s", exc)
-        return _compare(view, backend, cfg, state, refresh)
+        _compare(view, backend, cfg, state, refresh)
 
 
 def busy(exc: LockBusy, agent_pid: int | None) -> str:
@@ -75,12 +75,12 @@ def _compare(
     cfg: Config,
     state: AgentState | None,
     refresh: Refresh | None,
-) -> AgentState | None:
+) -> None:
     try:
         kstat = backend.status()
     except NetiError as exc:
         view.error = str(exc)
-        return state
+        return
     view.raw = kstat.as_dict()
     view.generation = kstat.generation
     view.ahead = list(kstat.ahead)
@@ -95,22 +95,22 @@ def _compare(
     except NetiError as exc:
         log.debug("audit counters: %s", exc)
     if state is None or state.fleet is None or state.identity is None:
-        return state  # nothing applied: nothing to compare
+        return  # nothing applied: nothing to compare
     view.chains_missing = sorted(name for name, present in kstat.objects.items() if not present)
     if not kstat.installed and not view.chains_missing:
         view.chains_missing = ["Neti's objects"]
     if view.chains_missing:
-        return state
+        return
     if state.generation != kstat.generation and refresh is not None:
         state = refresh(kstat.generation) or state
     if state.fleet is None or state.identity is None:
-        return state
+        return
     if state.generation != kstat.generation:
         view.not_compared = (
             f"the kernel holds apply {_gen(kstat.generation)}, the state file describes "
             f"apply {_gen(state.generation)}"
         )
-        return state
+        return
     from neti import desired
 
     want = desired.compute(state.identity, state.fleet, cfg, self_overlay=state.overlay_ip)
@@ -119,14 +119,13 @@ def _compare(
         plan = backend.plan(want)
     except NetiError as exc:
         view.error = str(exc)
-        return state
+        return
     changes = list(plan.changes)
     view.diff = list(plan.diff)[:40]
     if changes:
         view.drift = changes[:MAX_DRIFT_LINES] + (
             [f"... {len(changes) - MAX_DRIFT_LINES} more"] if len(changes) > MAX_DRIFT_LINES else []
         )
-    return state
 
 
 def _gen(g: int | None) -> str:
