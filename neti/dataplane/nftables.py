@@ -395,8 +395,11 @@ def remove_table(system: System) -> list[str]:
 # Statements of another table's rule that decide for good what Neti would decide: a drop on
 # the input hook (an accept there does not stop the next base chain, Neti's); a dnat or
 # redirect on a nat hook (the first address translation wins).
-_DECIDES = {"input": ("drop", "reject"), "output": ("dnat", "redirect")}
-_DECIDES["prerouting"] = _DECIDES["output"]
+_DECIDES = {
+    "input": ("drop", "reject"),
+    "output": ("dnat", "redirect"),
+    "prerouting": ("dnat", "redirect"),
+}
 _MAX_DEPTH = 8
 
 
@@ -435,9 +438,9 @@ def _statements(expr: Any) -> list[tuple[str, Any]]:
     )
 
 
-def deciding_rules(table_json: str, chain: str, kinds: tuple[str, ...]) -> list[tuple[str, int]]:
-    """(chain, handle) of the rules of ``chain`` (jumps and gotos followed within the table)
-    with one of the statements ``kinds``, from ``nft -j list table``."""
+def deciding_rules(table_json: str, chain: str, kinds: tuple[str, ...]) -> list[int]:
+    """Handles of the rules of ``chain`` with one of the statements ``kinds`` (or a jump or
+    goto into a chain of the table that has one), from ``nft -j list table``."""
     try:
         doc = json.loads(table_json)
     except ValueError:
@@ -448,7 +451,7 @@ def deciding_rules(table_json: str, chain: str, kinds: tuple[str, ...]) -> list[
         r = _d(_d(item).get("rule"))
         if isinstance(r.get("chain"), str) and type(r.get("handle")) is int:
             rules.setdefault(r["chain"], []).append((r["handle"], _statements(r.get("expr"))))
-    found: list[tuple[str, int]] = []
+    found: list[int] = []
 
     def walk(name: str, depth: int, seen: frozenset[str]) -> bool:
         hit = False
@@ -462,7 +465,7 @@ def deciding_rules(table_json: str, chain: str, kinds: tuple[str, ...]) -> list[
                     and walk(target, depth + 1, seen | {target})
                 ):
                     if depth == 0:
-                        found.append((name, handle))
+                        found.append(handle)
                     hit = True
                     break
         return hit
@@ -687,8 +690,7 @@ class NftablesBackend(Backend):
                 ["nft", "-a", "list", "chain", c.family, c.table, c.name], check=False
             ).stdout
             what = "can drop what Neti allows" if c.hook == "input" else "can take overlay traffic"
-            for _chain, handle in hits:
-                out.append(f'{where} rule "{rule_text(text, handle)}" {what}')
+            out += [f'{where} rule "{rule_text(text, handle)}" {what}' for handle in hits]
         return out
 
     def _kernel_status(self) -> DataplaneStatus:

@@ -317,11 +317,8 @@ def test_nftables_base_chains_and_deciding_rules_are_read_from_nft_json() -> Non
         ("fw", "dn", "output", -150),
         ("neti", "input", "input", 0),
     ]
-    assert nft.deciding_rules(NFT_TABLE, "early", ("drop", "reject")) == [
-        ("early", 5),
-        ("early", 6),
-    ]
-    assert nft.deciding_rules(NFT_TABLE, "dn", ("dnat", "redirect")) == [("dn", 9)]
+    assert nft.deciding_rules(NFT_TABLE, "early", ("drop", "reject")) == [5, 6]
+    assert nft.deciding_rules(NFT_TABLE, "dn", ("dnat", "redirect")) == [9]
     assert nft.rule_text(NFT_LISTING, 6) == "tcp dport 22 jump sshban"
     assert nft.rule_text(NFT_LISTING, 99) == "handle 99"
     for junk in ("", "[]", '{"nftables": 5}', '{"nftables": [{"chain": {"prio": "x"}}]}'):
