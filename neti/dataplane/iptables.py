@@ -232,7 +232,7 @@ _NAT_FINAL = {"DNAT", "REDIRECT", "ACCEPT", "NETMAP"}
 # Rules Neti's own chain decides the same way (it allows loopback and established first).
 _SAME_AS_NETI = re.compile(
     r"\A(-i lo|-m (conntrack --ctstate|state --state) "
-    r"(RELATED,ESTABLISHED|ESTABLISHED,RELATED|ESTABLISHED))(?: -j ACCEPT)\Z"
+    r"(RELATED,ESTABLISHED|ESTABLISHED,RELATED|ESTABLISHED)) -j ACCEPT\Z"
 )
 _MAX_DEPTH = 8  # user chains followed from a rule ahead (a loop or a deep tree: stop there)
 
