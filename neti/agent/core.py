@@ -615,8 +615,16 @@ class Agent:
         return container_missing
 
     def _release_requested(self) -> bool:
+        """Did an operator bump (or create) the release node since the last release? A node
+        that is gone (a wiped or replaced ensemble) is none: the guard matters most then. A
+        release-guard after that creates it again, and counts."""
         seen, base = self._release_seen, self._release_base
-        return seen is not _UNSET and base is not _UNSET and seen != base
+        if seen is _UNSET or base is _UNSET:
+            return False
+        if seen is None:
+            self._release_base = None
+            return False
+        return bool(seen != base)
 
     def _guard_settings(self, max_change: int) -> guard_mod.Settings:
         return guard_mod.Settings(

@@ -148,7 +148,7 @@ def test_full_path_when_it_must(tmp_path: Path, why: str) -> None:
     elif why == "relist":
         reg.relist_next = True
     elif why == "release":
-        a._release_seen, a._release_base = (1, 2), (1, 1)
+        reg.bump(a.cfg.path(core.RELEASE_NODE))  # neti fleet release-guard
     elif why == "error":
         reg.fail_next = boom()
         a.reconcile("event")
@@ -289,6 +289,24 @@ def test_release_node_through_watch_node(tmp_path: Path) -> None:
     a.reconcile("event")
     assert not a.state.guard.held
     assert len(a._applied_members or {}) == 21  # 20 others and this host
+
+
+def test_a_release_node_that_vanishes_is_no_release(tmp_path: Path) -> None:
+    """A wiped ensemble takes the release node with it: that must not let the guard go,
+    exactly when it matters; an operator's release-guard afterwards still does."""
+    a, reg, _system = make_agent(tmp_path, guard_fraction=0.1)
+    path = a.cfg.path(core.RELEASE_NODE)
+    reg.bump(path)  # released once, long ago
+    fleet = [member(i) for i in range(30)]
+    reg.add(*fleet)
+    a.reconcile("resync")
+    del reg.nodes[path]  # the ensemble was wiped
+    reg.remove(*fleet[:10])
+    a.reconcile("event")
+    assert a.state.guard.held
+    reg.bump(path)  # neti fleet release-guard
+    a.reconcile("event")
+    assert not a.state.guard.held
 
 
 def test_a_cleared_warning_is_saved_soon_though_the_kernel_is_unchanged(tmp_path: Path) -> None:
