@@ -25,6 +25,7 @@ agent). Results: bench/results/control-<time>.json (or ``--json``) and Markdown 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -369,6 +370,10 @@ class Lab:
         if self.agent is not None and self.agent.poll() is None:
             self.agent.kill()
             self.agent.wait(10)
+        # A killed agent leaves its runtime record (default runtime_dir; an older agent
+        # tree writes none).
+        key = hashlib.sha256(os.path.realpath(self.tmp / "state").encode()).hexdigest()[:16]
+        Path("/run/neti", f"agent-{key}.json").unlink(missing_ok=True)
         if self.zk is not None:
             self.zk.cleanup()
         for ns in (self.agent_ns, self.zk_ns):

@@ -327,6 +327,9 @@ class Config(BaseModel):
     watch_delay_max: float = Field(default=0.3, ge=0, le=MAX_DELAY, validate_default=True)
     resync_interval: float = Field(default=60.0, ge=1, le=MAX_RESYNC)
     state_dir: str = "/var/lib/neti"
+    # A second place the agent reports to `neti status` (tmpfs: writable when state_dir is
+    # full or read-only): its pid and start time, and why the state file was not written.
+    runtime_dir: str = "/run/neti"
     identity: Annotated[StaticIdentity | Ec2Identity, Field(discriminator="source")] = Ec2Identity()
     legacy_networks: dict[Literal[0, 1], Label] = {0: "ec2", 1: "vpc"}
     publish_legacy: bool = False
@@ -337,6 +340,11 @@ class Config(BaseModel):
     # judge them; Neti then only ever adds DROPs.
     allow_verdict: Literal["accept", "return"] = "accept"
     forward: bool = False  # also DNAT forwarded traffic (containers behind this host)
+    # keep: an existing jump into Neti's chains stays where it is (other software may have
+    # put rules above it on purpose; neti status names any that can decide first). first:
+    # every full apply puts Neti's jumps back at the top (nftables: Neti's base chains run
+    # before the standard priorities), as Calico's insert mode does.
+    chain_position: Literal["keep", "first"] = "keep"
     conntrack: ConntrackConfig = ConntrackConfig()
     metrics: MetricsConfig = MetricsConfig()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

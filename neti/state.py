@@ -5,11 +5,18 @@ fleet from it at start-up, so a host rebooted while ZooKeeper is down still gets
 (fail static across reboots). ``neti status`` reads it instead of ZooKeeper, so a monitoring
 check never depends on, or adds load to, the registry. Written atomically (tmp + fsync +
 rename + directory fsync): a reader sees the old file or the new one, never half of one.
+It records the apply generation of the fleet it holds (dataplane/base.py), so status
+compares it only with a kernel written by that same apply.
+
+``<runtime_dir>/agent-<key>.json``, the runtime record, is the agent's second channel to
+status, on tmpfs: its pid and process start time (written first thing, so a restarted agent
+is known even while state_dir takes no writes) and why the state file could not be written.
 """
 
 from __future__ import annotations
 
 import bisect
+import hashlib
 import json
 import logging
 import os
@@ -153,6 +160,8 @@ class AgentState:
     tagging: str = ""  # EC2 tagging of this instance: pending, ok, failed: …, skipped: …
     claim_conflict: str | None = None  # our saved overlay IP is claimed by another instance
     claims_excess: int = 0  # ip-to-id nodes beyond id-to-ip's at the last resync
+    generation: int | None = None  # the apply generation the kernel got with this fleet
+    pid_start: int | None = None  # the agent's process start time (proc_start)
 
     def to_dict(self, with_fleet: bool = True) -> dict[str, Any]:
         """JSON-able form; ``with_fleet`` False leaves the fleet out (FleetRows has it)."""
@@ -179,6 +188,8 @@ class AgentState:
             "tagging": self.tagging,
             "claim_conflict": self.claim_conflict,
             "claims_excess": self.claims_excess,
+            "generation": self.generation,
+            "pid_start": self.pid_start,
         }
 
     @classmethod
@@ -228,6 +239,8 @@ class AgentState:
             claim_conflict=_opt(d.get("claim_conflict"), str, "claim_conflict"),
             claims_excess=_typed(int, d.get("claims_excess") or 0, "claims_excess"),
             apply_errors=_typed(int, d.get("apply_errors") or 0, "apply_errors"),
+            generation=_counter(d.get("generation"), "generation"),
+            pid_start=_counter(d.get("pid_start"), "pid_start"),
         )
 
 
@@ -258,6 +271,14 @@ def _counts(value: Any) -> dict[str, int]:
 
 def _opt(value: Any, kind: type, what: str) -> Any:
     return None if value is None else _typed(kind, value, what)
+
+
+def _counter(value: Any, what: str) -> int | None:
+    """A non-negative integer or null (an apply generation, a process start time)."""
+    value = _opt(value, int, what)
+    if value is not None and value < 0:
+        raise ValueError(f"{what} is negative")
+    return value  # type: ignore[no-any-return]
 
 
 def _strings(value: Any, what: str) -> list[str]:
@@ -481,3 +502,107 @@ def _one_line(exc: BaseException) -> str:
     if isinstance(exc, KeyError):
         text = f"missing {text}"
     return text if len(text) <= 200 else text[:197] + "..."
+
+
+# --------------------------------------------------------------------------- the process
+
+
+def proc_start(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks after boot, /proc/PID/stat field 22); None
+    when there is no such process. With the pid it names one process for good: a pid the
+    kernel hands out again belongs to a process with another start time."""
+    if pid <= 0:
+        return None
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except (OSError, ValueError):
+        return None
+    fields = text[text.rfind(")") + 2 :].split()  # after the command name, which may hold ")"
+    try:
+        return int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def running(pid: int, started: int | None) -> bool:
+    """Is the process ``pid`` that started at ``started`` (proc_start) still running?
+    Without a start time (an older agent's file): the pid runs and is a neti process."""
+    if pid <= 0:
+        return False
+    if started is not None:
+        return proc_start(pid) == started
+    try:
+        return b"neti" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+# --------------------------------------------------------------------------- runtime record
+
+RUNTIME_MAX_BYTES = 16 * 1024
+
+
+@dataclass
+class RuntimeRecord:
+    """What the running agent tells ``neti status`` besides the state file (module doc)."""
+
+    pid: int = 0
+    pid_start: int | None = None
+    started_at: float = 0.0
+    state_dir: str = ""
+    state_error: str | None = None  # why the state file was not written (None: it was)
+    state_error_since: float | None = None  # epoch seconds of the first failed write
+    updated_at: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Any) -> RuntimeRecord:
+        rec: RuntimeRecord = _record(cls, d, "runtime")
+        if rec.pid_start is not None and rec.pid_start < 0:
+            raise ValueError("runtime.pid_start is negative")
+        if rec.state_error is not None:
+            rec.state_error = _one_line(ValueError(rec.state_error))
+        return rec
+
+
+def runtime_path(runtime_dir: str | os.PathLike[str], state_dir: str | os.PathLike[str]) -> Path:
+    """One record per state directory (one agent each), in ``runtime_dir``."""
+    key = hashlib.sha256(os.path.realpath(state_dir).encode()).hexdigest()[:16]
+    return Path(runtime_dir) / f"agent-{key}.json"
+
+
+def write_runtime(path: Path, rec: RuntimeRecord) -> None:
+    """Replace the record atomically (tmp + rename; tmpfs, so no fsync)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    fd, tmp = tempfile.mkstemp(prefix=".agent.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(rec.to_dict()) + "\n")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def read_runtime(path: Path) -> RuntimeRecord | None:
+    """The record, or None when there is none or it is not one (a planted or damaged file
+    is ignored: status then goes by the state file alone)."""
+    try:
+        raw = files.read_regular(path, RUNTIME_MAX_BYTES)
+    except OSError:  # absent, unreadable, or not a regular file
+        return None
+    if len(raw) > RUNTIME_MAX_BYTES:
+        return None
+    try:
+        data = json.loads(raw.decode("utf-8"), parse_float=_finite, parse_constant=_no_constant)
+        if not isinstance(data, dict):
+            return None
+        return RuntimeRecord.from_dict(data)
+    except (ValueError, TypeError, KeyError, OverflowError, RecursionError):
+        return None

@@ -113,6 +113,9 @@ def test_garbage_is_a_clear_error(tmp_path: Path) -> None:
         (b'{"applied": [1]}', "applied is list, not dict"),
         (b'{"skipped_reasons": "x"}', "skipped_reasons is str, not list"),
         (b"{", "Expecting property name"),
+        (b'{"generation": -1}', "generation is negative"),
+        (b'{"generation": "5"}', "generation is str, not int"),
+        (b'{"pid_start": true}', "pid_start is bool, not int"),
     ],
 )
 def test_damaged_files_are_one_clear_line(tmp_path: Path, content: bytes, why: str) -> None:
@@ -187,6 +190,8 @@ def test_any_json_is_a_state_or_a_state_file_error(
     assert isinstance(got.pid, int) and isinstance(got.last_reconcile.at, float)
     assert isinstance(got.guard.held, bool) and all(isinstance(r, str) for r in got.guard.removed)
     assert isinstance(got.zookeeper.state, str) and isinstance(got.skipped_reasons, list)
+    for counter in (got.generation, got.pid_start):
+        assert counter is None or (type(counter) is int and counter >= 0)
 
 
 def test_fifo_directory_and_symlinked_device_are_errors_not_hangs(tmp_path: Path) -> None:
@@ -239,3 +244,78 @@ def test_fleet_rows_write_equals_a_full_write(tmp_path: Path) -> None:
     a = json.loads(st.path_for(tmp_path).read_text())
     b = json.loads(st.path_for(full).read_text())
     assert a == b and a["members_by_network"] == {"a": 1, "b": 2}
+
+
+# --- the process, and the runtime record (the agent's second channel to status)
+
+
+def test_a_process_is_known_by_its_pid_and_start_time() -> None:
+    me = st.proc_start(os.getpid())
+    assert isinstance(me, int) and me > 0
+    assert st.running(os.getpid(), me)
+    assert not st.running(os.getpid(), me + 1)  # the pid, handed out again later
+    assert st.proc_start(0) is None and not st.running(0, None)
+    assert st.proc_start(2**22 + 12345) is None  # above pid_max: no such process
+
+
+def test_the_runtime_record_round_trips(tmp_path: Path) -> None:
+    rec = st.RuntimeRecord(
+        pid=os.getpid(),
+        pid_start=st.proc_start(os.getpid()),
+        started_at=5.0,
+        state_dir="/var/lib/neti",
+        state_error="No space left on device",
+        state_error_since=6.0,
+        updated_at=7.0,
+    )
+    path = st.runtime_path(tmp_path / "run", "/var/lib/neti")
+    assert path == st.runtime_path(tmp_path / "run", "/var/lib/neti/")  # one per directory
+    assert path != st.runtime_path(tmp_path / "run", "/var/lib/other")
+    st.write_runtime(path, rec)
+    assert st.read_runtime(path) == rec
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp file left
+
+
+def test_a_damaged_or_planted_runtime_record_is_ignored(tmp_path: Path) -> None:
+    path = tmp_path / "agent-x.json"
+    for content in (
+        b"",
+        b"[]",
+        b"{",
+        b'{"pid": "12"}',
+        b'{"pid_start": -4}',
+        b'{"state_error": 5}',
+        b'{"started_at": NaN}',
+        b"[" * 100_000,
+        b'{"state_error": "' + b"x" * 20_000 + b'"}',
+    ):
+        path.write_bytes(content)
+        assert st.read_runtime(path) is None, content
+    path.unlink()
+    os.mkfifo(path)
+    assert st.read_runtime(path) is None  # never waits on a FIFO
+    assert st.read_runtime(tmp_path / "missing.json") is None
+
+
+def test_a_long_error_in_the_runtime_record_is_one_short_line(tmp_path: Path) -> None:
+    path = tmp_path / "agent-x.json"
+    path.write_text(json.dumps({"pid": 1, "state_error": "bad\n" * 200}))
+    rec = st.read_runtime(path)
+    assert rec is not None and rec.state_error is not None
+    assert "\n" not in rec.state_error and len(rec.state_error) <= 200
+
+
+@settings(max_examples=200, deadline=None)
+@given(changes=st_.dictionaries(st_.sampled_from(list(st.RuntimeRecord().to_dict())), _JSON))
+def test_any_json_is_a_runtime_record_or_none(changes: dict[str, object]) -> None:
+    import tempfile
+
+    data = {**st.RuntimeRecord(pid=3, started_at=1.0).to_dict(), **changes}
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "agent.json"
+        path.write_text(json.dumps(data))
+        got = st.read_runtime(path)
+    if got is not None:
+        assert type(got.pid) is int and isinstance(got.started_at, float)
+        assert got.pid_start is None or (type(got.pid_start) is int and got.pid_start >= 0)
+        assert got.state_error is None or isinstance(got.state_error, str)

@@ -36,7 +36,8 @@ from neti.agent.scheduler import RESYNC, Scheduler
 from neti.agent.sdnotify import Notifier
 from neti.agent.waker import Waker
 from neti.config import Config
-from neti.dataplane.base import ApplyResult, Backend
+from neti.dataplane.base import GENERATION_MAX, ApplyResult, Backend
+from neti.dataplane.system import Aborted, NotWritten
 from neti.desired.model import DesiredModel
 from neti.errors import (
     ConfigError,
@@ -59,6 +60,9 @@ RETRY_MIN = 1.0
 RETRY_MAX = 10.0
 # While the guard holds, look again this often even without a watch event.
 GUARD_RETRY = 10.0
+# A reconnect of the same session after less than this share of zk_session_timeout away is
+# a blip: peers cut off by it kept their sessions, so the guard's grace does not start.
+ABSENCE = 0.5
 # Longest wait for leave + close on a reconnect.
 DISCONNECT_TIMEOUT = 5.0
 # A stop signal ends the process within this (docs/operations.md promises 5 s): kazoo's
@@ -76,6 +80,9 @@ ZK_CALL_TIMEOUT = 5.0
 STATE_FLEET_INTERVAL = 1.0
 # A reconcile that changed nothing in the kernel is written within this.
 STATE_QUIET_INTERVAL = 10.0
+# A state file write that failed (a full or read-only state_dir) is tried again this often,
+# so `neti status` is right within seconds of the space coming back.
+STATE_RETRY = 1.0
 # The node an operator bumps to let held removals through once (neti fleet release-guard).
 RELEASE_NODE = guard_mod.RELEASE_NODE
 _UNSET: Any = object()
@@ -170,8 +177,23 @@ class Agent:
         self.backend: Backend | Any = None
         self.reg: Registry | None = None
         self.state = state_mod.AgentState(
-            pid=os.getpid(), started_at=time.time(), version=__version__
+            pid=os.getpid(),
+            started_at=time.time(),
+            version=__version__,
+            pid_start=state_mod.proc_start(os.getpid()),
         )
+        # The runtime record (state.py): how status learns of this process and of a state
+        # file it could not write, when state_dir takes no writes.
+        self.runtime = state_mod.RuntimeRecord(
+            pid=self.state.pid,
+            pid_start=self.state.pid_start,
+            started_at=self.state.started_at,
+            state_dir=cfg.state_dir,
+        )
+        self._runtime_path = state_mod.runtime_path(cfg.runtime_dir, cfg.state_dir)
+        # The apply generation written with the next kernel change (dataplane/base.py):
+        # random per process, so a state file of an earlier run never names one of ours.
+        self._generation = random.getrandbits(32)
         self.applied: Fleet | None = None  # last fleet handed to the kernel (after the guard)
         # The delta path (issue 10): the registry's fleet as last read (instance ID ->
         # member), its skip counts, what the kernel was given (after the guard), and the
@@ -220,6 +242,7 @@ class Agent:
         self._fresh_checked = 0.0
         self.claim_conflict: str | None = None
         self._session_touched = 0.0  # monotonic time session.json was last marked alive
+        self._connected_once = False  # a session was established by this process
 
     # ------------------------------------------------------------------ lifecycle
     def run(self) -> int:
@@ -241,12 +264,10 @@ class Agent:
     def _start(self) -> None:
         setup_logging(self.cfg, self.verbose)
         log.info("neti %s starting (config %s)", __version__, self.config_path)
+        self._write_runtime()
         self._resolve_identity()
         self._check_trust()
-        from neti import dataplane
-
-        self.backend = dataplane.select(self.cfg)
-        self.backend.keep_open()
+        self._select_backend()
         self._prime_conntrack()
         self._restore()
         if self.cfg.metrics.enabled:
@@ -260,6 +281,23 @@ class Agent:
                     exc.strerror,
                 )
         self._save()
+
+    def _select_backend(self) -> None:
+        from neti import dataplane
+
+        self.backend = dataplane.select(self.cfg)
+        self.backend.keep_open()
+        system = self.backend.system  # None: a kernel-free test backend
+        if system is not None:
+            # Waiting for the dataplane lock (a `neti status` reading the kernel holds it):
+            # write the state file that goes with the kernel first.
+            system.on_busy = self._flush_save
+            if self._stop:
+                system.abort()
+
+    def _next_generation(self) -> int:
+        self._generation = self._generation % GENERATION_MAX + 1
+        return self._generation
 
     def _check_trust(self) -> None:
         """TLS/credential files usable and the certificate naming this instance, before the
@@ -341,6 +379,7 @@ class Agent:
         self.applied = saved.fleet
         self.guard.restore(saved.fleet)
         self.state.fleet = saved.fleet
+        self.state.generation = result.generation
         self.state.applied = _summary(result)
         self.state.last_success = saved.last_success
         self._record("restored", "restore", time.monotonic() - t0)
@@ -363,14 +402,16 @@ class Agent:
         attempts = 0
         while not self._stop:
             self._watchdog()
+            resume = None
             try:
                 reg, self._fresh_reg = self._fresh_reg, None
                 if reg is None:
+                    resume = self._resumable(hosts)
                     reg = connect(
                         self.cfg,
                         self.identity.network,
                         timeout=self.cfg.zk_session_timeout,
-                        client_id=self._resumable(hosts),
+                        client_id=resume,
                         cancel=lambda: self._stop,
                     )
             except RegistryAccessError:
@@ -400,9 +441,17 @@ class Agent:
             self._set_zk_state("connected")
             self._save_session()
             reg.add_state_listener(self._on_zk_state)
-            # Peers may be re-joining too (an ensemble-wide outage): give them a session
-            # timeout before removing any of them.
-            self.guard.start_grace(self.cfg.guard_grace_seconds(), "connect")
+            if resume is not None and reg.session_id == resume[0]:
+                # A restart that resumed the session: peers saw nothing, so nobody is
+                # re-joining; what the first read lacks left while we were away.
+                log.info("session resumed: no grace; removals found now apply at once")
+                if not self._connected_once:
+                    self.guard.resumed()
+            else:
+                # A new session: peers may be re-joining too (an ensemble-wide outage):
+                # give them a session timeout before removing any of them.
+                self.guard.start_grace(self.cfg.guard_grace_seconds(), "connect")
+            self._connected_once = True
             self._watch()
             self.sched.resync_now()
             log.info("connected to ZooKeeper at %s", ",".join(hosts))
@@ -554,8 +603,16 @@ class Agent:
         return ctx
 
     def _release_requested(self) -> bool:
+        """Did an operator bump (or create) the release node since the last release? A node
+        that is gone (a wiped or replaced ensemble) is none: the guard matters most then. A
+        release-guard after that creates it again, and counts."""
         seen, base = self._release_seen, self._release_base
-        return seen is not _UNSET and base is not _UNSET and seen != base
+        if seen is _UNSET or base is _UNSET:
+            return False
+        if seen is None:
+            self._release_base = None
+            return False
+        return bool(seen != base)
 
     def _guard_settings(self, max_change: int) -> guard_mod.Settings:
         return guard_mod.Settings(
@@ -586,10 +643,13 @@ class Agent:
                 self.metrics.zk_expiries.inc()
                 self._set_zk_state("lost")
             elif ev == "CONNECTED":
-                log.info("ZooKeeper connection back (was %s); full resync", prev)
+                away = time.time() - self.state.zookeeper.since
+                log.info("ZooKeeper connection back (was %s for %.1fs); full resync", prev, away)
                 self._set_zk_state("connected")
                 if prev != "connected":
-                    self.guard.start_grace(self.cfg.guard_grace_seconds(), "reconnect")
+                    if prev == "lost" or away >= ABSENCE * self.cfg.zk_session_timeout:
+                        # Peers cut off by the same outage may be re-joining.
+                        self.guard.start_grace(self.cfg.guard_grace_seconds(), "reconnect")
                     self._watch()  # watch_fleet again (a new session has no watches), full
                 if prev == "lost":
                     try:
@@ -770,7 +830,7 @@ class Agent:
 
         assert self.identity is not None
         want = desired.compute(self.identity, fleet, self.cfg, self_overlay=self.overlay_ip)
-        return self.backend.apply(want)
+        return self.backend.apply(want, generation=self._next_generation())
 
     def reconcile(self, reason: str) -> None:
         """Read the fleet (its changes), guard it, apply it. Never removes a rule on a
@@ -837,6 +897,7 @@ class Agent:
             self.guard.release()
             full = True
         prev = self._applied_members
+        prev_generation = self.state.generation
         decision = self.guard.decide_read(
             self._visible(),
             self._guard_settings(max_change),
@@ -851,6 +912,9 @@ class Agent:
         except Exception as exc:  # noqa: BLE001 - keep running; the kernel keeps old rules
             self._need_full = True
             self._model = None
+            if self._stop and isinstance(exc, Aborted):
+                log.info("apply abandoned: stopping (the kernel keeps its rules)")
+                return
             self.state.apply_errors += 1
             self.metrics.apply_errors.inc()
             self.metrics.observe_apply(self.backend.name, time.monotonic() - t_apply, False)
@@ -863,6 +927,7 @@ class Agent:
             self._save()
             return
         self.metrics.observe_apply(self.backend.name, result.duration, True, result.objects, how)
+        gen_changed = result.generation != prev_generation
         self._need_full = False
         self._apply_backoff.reset()
         self.guard.commit(decision)
@@ -896,7 +961,9 @@ class Agent:
                 wait = min(wait, decision.grace_left + 0.1)
             elif decision.reason == guard_mod.SETTLE:
                 wait = min(wait, decision.settle_left + 0.05)
-            self.sched.retry_in(wait)
+            self.sched.recheck_in(wait)  # on its own clock: events cannot postpone it
+        else:
+            self.sched.cancel_recheck()
         log.log(
             logging.INFO if decision.added or decision.removed else logging.DEBUG,
             "reconciled (%s, %s) in %.3fs: %d members%s%s",
@@ -909,7 +976,7 @@ class Agent:
         )
         if full or holding or holding != self._last_held:
             self._save()
-        elif not result.changed and self._shown() == shown:
+        elif not result.changed and self._shown() == shown and not gen_changed:
             # The kernel and the fleet in the state file are as they were (a removal that
             # settles, an event with nothing to change): the rest can wait a little.
             self._save_within(STATE_QUIET_INTERVAL)
@@ -981,18 +1048,24 @@ class Agent:
             removed = [prev[i] for i in ids if i in prev and new.get(i) != prev[i]]
             added = [new[i] for i in ids if i in new and prev.get(i) != new[i]]
             delta = model.update(removed, added)
+            gen = self._next_generation()
             try:
-                result = self.backend.apply_delta(delta)
+                result = self.backend.apply_delta(delta, generation=gen)
+            except NotWritten:
+                raise  # nothing was written (a lock stayed taken): the whole change, later
             except DataplaneError as exc:
+                if self._stop:
+                    raise Aborted(f"stopping: {exc}") from None
                 log.warning(
                     "dataplane: a change could not be written in place (%s); full apply", exc
                 )
                 result = None
             how = "delta"
             if result is None:
-                result, how = self.backend.apply(model.state()), "full"
+                result, how = self.backend.apply(model.state(), generation=gen), "full"
             if self._rows is not None:
                 self._rows.update(removed, added)
+            self.state.generation = result.generation
             return result, how
         if (
             model is not None
@@ -1010,11 +1083,12 @@ class Agent:
             model = DesiredModel(self.identity, self.cfg, self_overlay=self.overlay_ip)
             model.reset(new.values())
         self._model = None  # until the kernel took it
-        result = self.backend.apply(model.state())
+        result = self.backend.apply(model.state(), generation=self._next_generation())
         self._model = model
         if self._rows is None:
             self._rows = state_mod.FleetRows()
         self._rows.reset(new.values())
+        self.state.generation = result.generation
         return result, "full"
 
     def _note_warnings(self, result: ApplyResult) -> None:
@@ -1153,6 +1227,12 @@ class Agent:
         elif self._save_due is None:
             self._save_due = self._fleet_saved + STATE_FLEET_INTERVAL
 
+    def _flush_save(self) -> None:
+        """Write a pending state file now (the dataplane lock is taken: whoever holds it
+        may be a `neti status` waiting for the state that goes with the kernel)."""
+        if self._save_due is not None:
+            self._save()
+
     def _save(self) -> None:
         self._fleet_saved = time.monotonic()
         self._save_due = None
@@ -1162,7 +1242,31 @@ class Agent:
         try:
             state_mod.write(self.cfg.state_dir, self.state, rows=self._rows)
         except OSError as exc:
-            log.error("cannot write the state file in %s: %s", self.cfg.state_dir, exc)
+            error = exc.strerror or str(exc)
+            if self.runtime.state_error != error:
+                log.error(
+                    "cannot write the state file in %s: %s; trying again every %gs",
+                    self.cfg.state_dir,
+                    error,
+                    STATE_RETRY,
+                )
+                if self.runtime.state_error is None:
+                    self.runtime.state_error_since = time.time()
+                self.runtime.state_error = error
+                self._write_runtime()
+            self._save_within(STATE_RETRY)
+            return
+        if self.runtime.state_error is not None:
+            log.warning("state file written again in %s", self.cfg.state_dir)
+            self.runtime.state_error = self.runtime.state_error_since = None
+            self._write_runtime()
+
+    def _write_runtime(self) -> None:
+        self.runtime.updated_at = time.time()
+        try:
+            state_mod.write_runtime(self._runtime_path, self.runtime)
+        except OSError as exc:
+            log.warning("cannot write %s: %s", self._runtime_path, exc.strerror or exc)
 
     # ------------------------------------------------------------------ signals
     def _install_signals(self) -> None:
@@ -1178,6 +1282,9 @@ class Agent:
             reg = self.reg
             if reg is not None:
                 reg.abort()  # calls in flight give up within 0.1 s
+            system = getattr(self.backend, "system", None)
+            if system is not None:
+                system.abort()  # a kernel write waiting on a lock gives up within 0.05 s
             self.waker.wake()
 
         def hup(_signum: int, _frame: object) -> None:
@@ -1203,11 +1310,8 @@ class Agent:
         setup_logging(new, self.verbose)
         self.sched.configure(new.watch_delay_min, new.watch_delay_max, new.resync_interval)
         if new.backend != old.backend:
-            from neti import dataplane
-
             self.backend.close()
-            self.backend = dataplane.select(new)
-            self.backend.keep_open()
+            self._select_backend()
         if new.conntrack != old.conntrack:
             self._prime_conntrack()
         if new.metrics != old.metrics:
@@ -1267,4 +1371,8 @@ class Agent:
         t.join(min(1.0, left()))
         if self.backend is not None:
             self.backend.close()
+        try:
+            self._runtime_path.unlink()  # status goes by the state file: the agent stopped
+        except OSError:
+            pass
         self.waker.close()

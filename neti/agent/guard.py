@@ -22,7 +22,9 @@ is dangerous (*removals*), and counts them over time:
 * **settle**: a removal is applied once it has been asked for during ``settle`` seconds,
   so hosts cut off together, whose sessions expire seconds apart, are counted together and
   held before any of them reaches the kernel (and an agent restarted within that time is
-  never removed at all). Routine: not a hold an operator needs to see.
+  never removed at all). Routine: not a hold an operator needs to see. After this agent's
+  own restart resumed its session, the first read's removals happened while it was away and
+  are counted together in that one read: they do not settle again (``resumed``).
 * Additions are always applied; this host is never removed from its own view.
 * An operator lets held removals through once (``neti fleet release-guard``).
 
@@ -135,6 +137,7 @@ class _Memory:
     vanished: bool = False
     held_reason: str = ""
     pending: dict[str, float] = field(default_factory=dict)  # id -> first asked for (settle)
+    settled: bool = False  # the next read's removals count as settled (after a resume)
 
     def copy(self) -> _Memory:
         return _Memory(
@@ -145,6 +148,7 @@ class _Memory:
             vanished=self.vanished,
             held_reason=self.held_reason,
             pending=dict(self.pending),
+            settled=self.settled,
         )
 
 
@@ -173,6 +177,12 @@ class Guard:
         if self._mem.grace_until is None or until > self._mem.grace_until:
             self._mem.grace_until = until
             self._mem.grace_why = why
+
+    def resumed(self) -> None:
+        """This agent restarted and resumed its ZooKeeper session: peers saw nothing, so no
+        grace; the removals its next read finds happened while it was away, and that one read
+        counts them together, so they need not settle again (the limit still applies)."""
+        self._mem.settled = True
 
     def release(self) -> None:
         """An operator's one-shot release: the next decision applies the read as it is."""
@@ -227,6 +237,7 @@ class Guard:
         if prev is None:  # nothing applied yet: nothing to protect
             mem.applied = dict(cur)
             mem.held_reason = ""
+            mem.settled = False
             return self._result(
                 new,
                 cur,
@@ -244,7 +255,9 @@ class Guard:
                 del mem.recent[i]
         removed = tuple(sorted(prev.keys() - cur.keys() - {self_id}))
         added = tuple(sorted(cur.keys() - prev.keys()))
-        mem.pending = {i: mem.pending.get(i, now) for i in removed}
+        first_asked = now - settings.settle if mem.settled else now
+        mem.settled = False
+        mem.pending = {i: mem.pending.get(i, first_asked) for i in removed}
         baseline = len(prev.keys() | mem.recent.keys())
         limit = settings.limit(baseline)
         counted = sorted(set(removed) | set(mem.recent))

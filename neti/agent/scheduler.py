@@ -7,6 +7,10 @@ latest state once, spreads the fleet's reads out and folds the burst into one ap
 delay is not extended by later events, so the latency of a change is bounded by
 watch_delay_max (plus the reconcile itself).
 
+The periodic resync and the re-check of what the guard holds each run on their own clock: a
+reconcile for another reason does not postpone them, so no rate of events can starve the
+drift repair or the guard's second look.
+
 Pure: the clock and the random source are passed in, so tests drive it step by step.
 """
 
@@ -18,7 +22,7 @@ from dataclasses import dataclass
 
 EVENT = "event"  # a watch fired
 RESYNC = "resync"  # periodic full resync (also after reconnect)
-RETRY = "retry"  # the last reconcile failed or was held
+RETRY = "retry"  # the last reconcile failed, or the guard's held members are due a re-check
 
 
 @dataclass
@@ -29,7 +33,8 @@ class Scheduler:
     clock: Callable[[], float]
     rand: Callable[[float, float], float] = random.uniform
     _pending: float | None = None  # deadline of the coalesced event reconcile
-    _retry: float | None = None
+    _retry: float | None = None  # after a failure: any reconcile satisfies it
+    _recheck: float | None = None  # the guard's re-check: only its own deadline clears it
     _next_resync: float | None = None
     _force: bool = False
 
@@ -57,34 +62,57 @@ class Scheduler:
         t = self.clock() + delay
         self._retry = t if self._retry is None else min(self._retry, t)
 
+    def recheck_in(self, delay: float) -> None:
+        """Look at what the guard holds again after ``delay`` (or sooner, if already due
+        sooner), whatever else runs meanwhile."""
+        t = self.clock() + delay
+        self._recheck = t if self._recheck is None else min(self._recheck, t)
+
+    def cancel_recheck(self) -> None:
+        """The guard holds nothing any more."""
+        self._recheck = None
+
+    def _timers(self) -> list[float]:
+        return [
+            t
+            for t in (self._pending, self._retry, self._recheck, self._next_resync)
+            if t is not None
+        ]
+
     def next_deadline(self) -> float:
         """The monotonic time at which due() next returns something."""
         if self._force:
             return self.clock()
-        times = [t for t in (self._pending, self._retry, self._next_resync) if t is not None]
-        return min(times)
+        return min(self._timers())
 
     def timeout(self) -> float:
         """Seconds until next_deadline(), never negative."""
         return max(0.0, self.next_deadline() - self.clock())
 
     def due(self) -> str | None:
-        """If a reconcile is due now, return why and clear every pending reason.
+        """If a reconcile is due now, return why.
 
-        One reconcile reads the latest state, so it satisfies all reasons at once.
+        One reconcile reads the latest changes, so it satisfies a pending event and a retry
+        after failure whatever its reason. The resync and the guard's re-check are cleared
+        only by their own deadline: each keeps its period under any rate of events.
         """
         now = self.clock()
+        resync = self._force or (self._next_resync is not None and now >= self._next_resync)
+        recheck = self._recheck is not None and now >= self._recheck
         reason = None
-        if self._force or (self._next_resync is not None and now >= self._next_resync):
+        if resync:
             reason = RESYNC
         elif self._pending is not None and now >= self._pending:
             reason = EVENT
-        elif self._retry is not None and now >= self._retry:
+        elif (self._retry is not None and now >= self._retry) or recheck:
             reason = RETRY
         if reason is None:
             return None
-        self._force = False
         self._pending = None
         self._retry = None
-        self._next_resync = now + self.resync_interval
+        if recheck:
+            self._recheck = None
+        if resync:
+            self._force = False
+            self._next_resync = now + self.resync_interval
         return reason

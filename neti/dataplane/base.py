@@ -7,6 +7,14 @@ allowlists, DNAT mappings, objects and hooks, never of one backend's chains or s
 ``neti status`` reads every backend the same way. Each backend declares its name, the tools
 it runs (``is_supported`` checks them, errors name them) and its features, so callers ask
 ``backend.has(feature)`` instead of probing attributes.
+
+The apply generation: a writer may pass a number with each apply; the backend writes it into
+the kernel in the same step as the change it goes with (nftables: an element of Neti's own
+set, in the one transaction; iptables: a comment rule in Neti's ``NETI-GEN`` chain, in the
+``iptables-restore`` that is written last), and ``status`` reads it back. An apply that finds
+nothing to change writes nothing, not even the number: the kernel keeps the one of the same
+rules. So ``neti status`` knows which of the agent's applies the kernel holds, and compares
+it with the state file only when that holds the same one (docs/operations.md).
 """
 
 from __future__ import annotations
@@ -22,6 +30,8 @@ from neti.dataplane.system import System
 from neti.desired import DesiredState
 from neti.desired.model import Delta
 from neti.errors import DataplaneError
+
+GENERATION_MAX = 2**32 - 1  # what fits the marker of every backend (an nftables mark)
 
 # Larger changes go through a full apply (the allowlist's staged swap, one read and compare).
 DELTA_MAX = 64
@@ -82,6 +92,7 @@ class ApplyResult:
     warnings: tuple[str, ...] = ()
     duration: float = 0.0
     objects: int = 0  # elements and rules written (metrics: neti_dataplane_objects_written)
+    generation: int | None = None  # the apply generation the kernel holds afterwards
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -118,10 +129,14 @@ class DataplaneStatus:
     conntrack_hashsize: int | None = None
     route: str | None = None
     details: dict[str, Any] = field(default_factory=dict)
+    generation: int | None = None  # the apply generation written with the last change
+    # Other software's rules (or base chains) that decide before Neti's: each named.
+    ahead: tuple[str, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["drift"] = list(self.drift)
+        d["ahead"] = list(self.ahead)
         return d
 
 
@@ -129,14 +144,19 @@ class DataplaneStatus:
 class Prepared:
     """One read of the kernel turned into what to write: the plan and the two payloads.
 
-    ``allowlist`` is written before the route and ``rules`` after it; a backend that writes
-    both in one transaction (feature ``atomic-apply``) leaves ``allowlist`` empty.
+    A backend that writes both in one transaction (feature ``atomic-apply``) leaves
+    ``allowlist`` empty. Otherwise ``rules`` go first when the allowlist's sets already
+    exist (the step that may wait on another program's lock either writes all or nothing,
+    and the allowlist follows at once), and last when a rule needs a set that does not
+    exist yet (``allowlist_first``).
     """
 
     plan: Plan
     allowlist: str = ""
     rules: str = ""
     objects: int | None = None  # elements and rules the payloads write; None: count lines
+    allowlist_first: bool = True
+    generation: int | None = None  # the kernel's apply generation once the payloads are in
 
 
 def payload_statements(payload: str) -> int:
@@ -159,7 +179,8 @@ class Backend(abc.ABC):
         # apply_delta writes changes relative to it and refuses without it.
         self.applied: DesiredState | None = None
         self.allow_size = 0  # allowlist entries the kernel holds, as far as we wrote them
-        self.generation = 0  # full applies so far: state a backend derives from ``applied``
+        self.full_applies = 0  # state a backend derives from ``applied`` is from this one
+        self.kernel_generation: int | None = None  # the apply generation last written
 
     @property
     def label(self) -> str:
@@ -192,8 +213,13 @@ class Backend(abc.ABC):
 
     # --- what a backend fills in ---
     @abc.abstractmethod
-    def _prepare(self, desired: DesiredState, with_diff: bool) -> Prepared:
-        """Read the kernel once; return the plan and the payloads; change nothing."""
+    def _prepare(
+        self, desired: DesiredState, with_diff: bool, generation: int | None = None
+    ) -> Prepared:
+        """Read the kernel once; return the plan and the payloads; change nothing.
+
+        ``generation``: put into the payloads when they change anything (or the kernel has
+        none); never a change of its own in the plan."""
 
     @abc.abstractmethod
     def _write_allowlist(self, payload: str) -> None:
@@ -229,15 +255,16 @@ class Backend(abc.ABC):
             actions += [f"remove the {other.name} backend's {x}" for x in other.leftovers()]
         return replace(plan, actions=tuple(actions))
 
-    def apply(self, desired: DesiredState) -> ApplyResult:
+    def apply(self, desired: DesiredState, generation: int | None = None) -> ApplyResult:
         """Make the kernel equal ``desired``; write only what differs.
 
-        Order: conntrack first (the rules' ctstate and DNAT switch it on); the allowlist
-        before the rules (a rule may only name a set that exists, and a new reject_all must
-        never meet an allowlist that is not filled yet); the route (a failure is a warning:
-        the firewall matters more than reachability); the rules; then, once per backend
-        object, another backend's leftovers, after Neti's own rules are in place so the
-        host is never without them.
+        Order: conntrack first (the rules' ctstate and DNAT switch it on); the route (a
+        failure is a warning: the firewall matters more than reachability); the rules and
+        the allowlist in the order ``Prepared`` says (sets a rule names exist before it,
+        and a change is written whole or not at all where another program's lock can make
+        a step wait); then, once per backend object, another backend's leftovers, after
+        Neti's own rules are in place so the host is never without them. ``generation``
+        goes into the kernel with the change (module docstring).
         """
         start = time.monotonic()
         self.system.guard_writes()
@@ -246,8 +273,8 @@ class Backend(abc.ABC):
             changes, warnings = conntrack.ensure(
                 self.system, desired.conntrack_max, desired.conntrack_hashsize
             )
-            prepared = self._prepare(desired, with_diff=False)
-            if prepared.allowlist:
+            prepared = self._prepare(desired, with_diff=False, generation=generation)
+            if prepared.allowlist and prepared.allowlist_first:
                 self._write_allowlist(prepared.allowlist)
             try:
                 changes += route.ensure(self.system, desired.overlay_subnet)
@@ -255,6 +282,9 @@ class Backend(abc.ABC):
                 warnings.append(str(exc))
             if prepared.rules:
                 self._write_rules(prepared.rules)
+            if prepared.allowlist and not prepared.allowlist_first:
+                self._write_allowlist(prepared.allowlist)
+            self.kernel_generation = prepared.generation
             changes += prepared.plan.changes
             if not self._swept:
                 for other in self._others():
@@ -264,7 +294,7 @@ class Backend(abc.ABC):
                         warnings += warned
                 self._swept = True
         self.applied, self.allow_size = desired, len(desired.allow)
-        self.generation += 1
+        self.full_applies += 1
         objects = prepared.objects
         if objects is None:
             objects = payload_statements(prepared.allowlist) + payload_statements(prepared.rules)
@@ -275,11 +305,13 @@ class Backend(abc.ABC):
             warnings=tuple(warnings),
             duration=time.monotonic() - start,
             objects=objects,
+            generation=prepared.generation,
         )
 
-    def apply_delta(self, delta: Delta) -> ApplyResult | None:
+    def apply_delta(self, delta: Delta, generation: int | None = None) -> ApplyResult | None:
         """Write one change of the desired state (``DesiredModel.update``) without reading
-        the kernel: the allowlist elements and DNAT entries it names, nothing else.
+        the kernel: the allowlist elements and DNAT entries it names, nothing else, and
+        ``generation`` with them.
 
         Relative to what this backend last wrote (a full ``apply``, then deltas). None when
         it cannot (no full apply yet, more than DELTA_MAX elements, a backend without element
@@ -289,17 +321,19 @@ class Backend(abc.ABC):
         if self.applied is None or delta.size > DELTA_MAX:
             return None
         if delta.empty:
-            return ApplyResult(backend=self.label, changed=False)
+            return ApplyResult(backend=self.label, changed=False, generation=self.kernel_generation)
         start = time.monotonic()
         self.system.guard_writes()
         with self.system.lock():
             try:
-                changes = self._write_delta(delta)
+                changes = self._write_delta(delta, generation)
             except BaseException:
                 self.applied = None  # half-written: only a full apply knows the kernel now
                 raise
         if changes is None:
             return None
+        if generation is not None:
+            self.kernel_generation = generation
         self.allow_size += len(delta.allow_add) - len(delta.allow_del)
         return ApplyResult(
             backend=self.label,
@@ -307,10 +341,12 @@ class Backend(abc.ABC):
             changes=tuple(changes),
             duration=time.monotonic() - start,
             objects=delta.size if changes else 0,
+            generation=self.kernel_generation,
         )
 
-    def _write_delta(self, delta: Delta) -> list[str] | None:
-        """Write ``delta``; None when this backend does not do element updates."""
+    def _write_delta(self, delta: Delta, generation: int | None = None) -> list[str] | None:
+        """Write ``delta`` (and ``generation`` in the same step); None when this backend
+        does not do element updates."""
         return None
 
     def keep_open(self) -> None:  # noqa: B027 - optional: most backends hold nothing
@@ -342,7 +378,7 @@ class Backend(abc.ABC):
         )
 
     def status(self) -> DataplaneStatus:
-        """What the kernel holds now."""
+        """What the kernel holds now (with the apply generation it was written with)."""
         st = self._kernel_status()
         usage = conntrack.usage(self.system)
         routes = route.current(self.system)

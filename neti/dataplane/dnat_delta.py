@@ -22,8 +22,8 @@ from neti.desired import DesiredState, Dnat
 class DnatTree:
     """The DNAT tree as last written to the kernel, kept in step with each change."""
 
-    def __init__(self, d: DesiredState, generation: int = 0):
-        self.generation = generation  # the backend's full apply this tree starts from
+    def __init__(self, d: DesiredState, full_apply: int = 0):
+        self.full_apply = full_apply  # the backend's full apply this tree starts from
         subnet = d.overlay_subnet
         self.prefixlen = subnet.prefixlen
         self.lo, self.hi = int(subnet.network_address), int(subnet.broadcast_address)
@@ -121,10 +121,13 @@ class DnatTree:
             write = {c: r for c, r in chains.items() if self.chains.get(c) != r}
             return write, {c for c in before if c not in chains}
 
-    def payload(self, write: dict[str, list[str]], delete: list[str]) -> str:
-        """One ``iptables-restore --noflush`` payload for the nat table."""
+    def payload(
+        self, write: dict[str, list[str]], delete: list[str], extra: list[str] | None = None
+    ) -> str:
+        """One ``iptables-restore --noflush`` payload for the nat table; ``extra`` lines
+        (the generation) go last."""
         lines = [f":{c} - [0:0]" for c in write]
         for c, rules in write.items():
             lines += [f"-A {c} {r}" for r in rules]
         lines += [f"-F {c}" for c in delete] + [f"-X {c}" for c in delete]
-        return ipt.wrap("nat", lines)
+        return ipt.wrap("nat", lines + (extra or []))

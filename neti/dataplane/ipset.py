@@ -21,6 +21,8 @@ AUDIT_SET = "neti-audit"
 OUR_SETS = (ALLOW_SET, STAGING_SET, AUDIT_SET)
 
 MIN_MAXELEM = 65536
+WRITE_TIMEOUT = 30.0  # one member's add/del (ipset takes no lock another program holds)
+RESTORE_TIMEOUT = 120.0  # a staged swap of a whole allowlist, on a busy host
 AUDIT_TIMEOUT = 86400  # an audited source is forgotten after a day without packets
 
 
@@ -164,8 +166,10 @@ def write_delta(
         return []
     if len(add) + len(remove) == 1:
         verb, ip = ("add", add[0]) if add else ("del", remove[0])
-        system.run(["ipset", verb, "-exist", ALLOW_SET, str(ip)])
+        system.run(["ipset", verb, "-exist", ALLOW_SET, str(ip)], timeout=WRITE_TIMEOUT)
     else:
         lines = [f"del {ALLOW_SET} {ip}" for ip in remove] + [f"add {ALLOW_SET} {ip}" for ip in add]
-        system.run(["ipset", "-exist", "restore"], input="\n".join(lines) + "\n")
+        system.run(
+            ["ipset", "-exist", "restore"], input="\n".join(lines) + "\n", timeout=WRITE_TIMEOUT
+        )
     return [f"set {ALLOW_SET}: +{len(add)} -{len(remove)} members (in place)"]

@@ -13,12 +13,20 @@ Layout (docs/dataplane.md has the full picture):
   (``NETI-DNAT-C0A80400-22`` holds 192.168.4.0/22), so a new connection passes at most ~100
   rules instead of one per member.
 
+* ``nat``: chain ``NETI-GEN``, never jumped to, holds one comment rule with the apply
+  generation (base.py); it is written at the end of the restore that carries the change.
+
 Both tables go into ONE ``iptables-restore --noflush`` run that names only chains whose rules
 differ from the kernel's: declaring ``:NETI-X - [0:0]`` creates or flushes only that chain,
 other software's chains are never named, sub-chains no longer wanted are deleted at the end,
 and with iptables-nft the whole payload is a single kernel transaction. Jump rules are read
 back first and only added when missing, so repeated applies never duplicate them. Reading,
 restoring, variants and uninstall go through ``xtables.Runner``, shared with zkproxy.
+
+A change goes in whole or not at all: the restore, the step that can wait on another
+program's xtables lock (iptables-legacy), goes first and either writes everything or
+nothing; the ipset part (no lock) follows at once. Only a set that does not exist yet is
+written before the rules that name it. So a member is never allowed without its DNAT.
 """
 
 from __future__ import annotations
@@ -29,10 +37,11 @@ import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Network
 
 from neti.dataplane import ipset, xtables
 from neti.dataplane.base import (
+    GENERATION_MAX,
     Backend,
     DataplaneStatus,
     Feature,
@@ -58,6 +67,8 @@ log = logging.getLogger(__name__)
 
 FILTER_CHAIN = "NETI-INPUT"
 NAT_CHAIN = "NETI-DNAT"
+GEN_CHAIN = "NETI-GEN"  # nat: the apply generation, one comment rule (never jumped to)
+_GEN_RE = re.compile(r'\A-m comment --comment "?neti-generation ([0-9]{1,10})"?\Z')
 OUR_CHAINS = {"filter": FILTER_CHAIN, "nat": NAT_CHAIN}
 # Built-in chains that may hold a jump into Neti's chain of that table.
 HOOKS = {"filter": ("INPUT",), "nat": ("PREROUTING", "OUTPUT")}
@@ -213,6 +224,126 @@ def lookup_costs(chains: Mapping[str, list[str]], root: str = NAT_CHAIN) -> dict
     return out
 
 
+# --------------------------------------------------------------------------- rules ahead
+
+# What decides a packet for good in each table, as a target of a rule ahead of Neti's jump.
+_FILTER_FINAL = {"DROP", "REJECT", "ACCEPT"}
+_NAT_FINAL = {"DNAT", "REDIRECT", "ACCEPT", "NETMAP"}
+# Rules Neti's own chain decides the same way (it allows loopback and established first).
+_SAME_AS_NETI = re.compile(
+    r"\A(-i lo|-m (conntrack --ctstate|state --state) "
+    r"(RELATED,ESTABLISHED|ESTABLISHED,RELATED|ESTABLISHED)) -j ACCEPT\Z"
+)
+_MAX_DEPTH = 8  # user chains followed from a rule ahead (a loop or a deep tree: stop there)
+
+
+def _verdicts(state: TableState, chain: str, depth: int = 0) -> set[str]:
+    """Targets that end a packet's way, reachable from ``chain`` (user chains followed)."""
+    out: set[str] = set()
+    if depth > _MAX_DEPTH:
+        return out
+    for rule in state.rules.get(chain, []):
+        target = _jump_target(rule)
+        if target in _FILTER_FINAL or target in _NAT_FINAL:
+            out.add(target)
+        elif target is not None and target in state.chains and target != chain:
+            out |= _verdicts(state, target, depth + 1)
+    return out
+
+
+def _disjoint(rule: str, subnet: IPv4Network) -> bool:
+    """Can ``rule`` (nat) never match a packet to the overlay subnet? (A destination outside
+    it, or only local addresses, which overlay addresses never are.)"""
+    words = xtables._tokens(rule)
+    for i, w in enumerate(words[:-1]):
+        if i > 0 and words[i - 1] == "!":
+            continue
+        if w == "--dst-type" and words[i + 1] == "LOCAL":
+            return True
+        if w in ("-d", "--destination"):
+            try:
+                if not IPv4Network(words[i + 1], strict=False).overlaps(subnet):
+                    return True
+            except ValueError:
+                continue
+    return False
+
+
+def rules_ahead(tables: Mapping[str, TableState]) -> list[str]:
+    """Other software's rules placed before Neti's jump that can decide traffic Neti's
+    chains would decide, each named with where it is and what it can do.
+
+    filter INPUT: a DROP/REJECT (or a jump into a chain that has one) can drop what Neti
+    allows; an ACCEPT can let in what Neti's reject_all would drop (not one for loopback or
+    established traffic, which Neti accepts too). nat OUTPUT/PREROUTING: a DNAT, REDIRECT
+    or ACCEPT ahead of Neti's DNAT takes the overlay traffic it matches, unless its
+    destination cannot be in the overlay subnet. Pure: from iptables-save's tables.
+    """
+    out: list[str] = []
+    filt = tables["filter"]
+    neti = filt.rules.get(FILTER_CHAIN, [])
+    rejects = bool(neti) and neti[-1] == "-j DROP"
+    for table, builtin, root in (
+        ("filter", "INPUT", FILTER_CHAIN),
+        ("nat", "PREROUTING", NAT_CHAIN),
+        ("nat", "OUTPUT", NAT_CHAIN),
+    ):
+        state = tables[table]
+        rules = state.rules.get(builtin, [])
+        at = next((i for i, r in enumerate(rules) if xtables.jumps_to(r, root)), None)
+        if at is None:
+            continue
+        subnet = None
+        if table == "nat":
+            words = rules[at].split()
+            try:
+                subnet = IPv4Network(words[words.index("-d") + 1], strict=False)
+            except (IndexError, ValueError):
+                subnet = None
+        for i, rule in enumerate(rules[:at]):
+            target = _jump_target(rule)
+            if target is None:
+                continue
+            found = {target} if target in _FILTER_FINAL | _NAT_FINAL else set()
+            if target == "RETURN":
+                found = {"RETURN"}  # a built-in chain's RETURN: its policy decides
+            elif not found and target in state.chains:
+                found = _verdicts(state, target)
+            what = ""
+            if table == "filter":
+                if found & {"DROP", "REJECT"}:
+                    what = "can drop what Neti allows"
+                elif found & {"ACCEPT", "RETURN"} and rejects and not _SAME_AS_NETI.match(rule):
+                    what = "can accept what Neti drops"
+            elif found & (_NAT_FINAL | {"RETURN"}) and not (subnet and _disjoint(rule, subnet)):
+                what = "can take overlay traffic before Neti's DNAT"
+            if what:
+                out.append(f'{table} {builtin} rule {i + 1} "{rule}" {what}')
+    return out
+
+
+# --------------------------------------------------------------------------- generation
+
+
+def generation_rule(generation: int) -> str:
+    """NETI-GEN's one rule, spelled as iptables-save prints it."""
+    return f'-m comment --comment "neti-generation {int(generation)}"'
+
+
+def read_generation(nat: TableState) -> int | None:
+    """The apply generation NETI-GEN holds (None: no chain, or not exactly one such rule)."""
+    rules = nat.rules.get(GEN_CHAIN) if nat.has(GEN_CHAIN) else None
+    if not rules or len(rules) != 1:
+        return None
+    m = _GEN_RE.match(rules[0])
+    return int(m.group(1)) if m and int(m.group(1)) <= GENERATION_MAX else None
+
+
+def generation_lines(generation: int) -> list[str]:
+    """Restore lines (nat table) that set NETI-GEN to ``generation``."""
+    return [f":{GEN_CHAIN} - [0:0]", f"-A {GEN_CHAIN} {generation_rule(generation)}"]
+
+
 # --------------------------------------------------------------------------- planning
 
 
@@ -256,6 +387,7 @@ def plan_table(
     chains: dict[str, list[str]],
     jumps: dict[str, str | None],
     with_diff: bool = True,
+    first: bool = False,
 ) -> TablePlan:
     """The restore lines (without ``*table``/COMMIT) that make ``table`` right, per chain.
 
@@ -299,7 +431,7 @@ def plan_table(
     for builtin in HOOKS[table]:
         want = jumps.get(builtin)
         existing = state.jumps(builtin, root)
-        jump_lines, jump_changes = xtables.ensure_jump(table, state, builtin, root, want)
+        jump_lines, jump_changes = xtables.ensure_jump(table, state, builtin, root, want, first)
         lines += jump_lines
         changes += jump_changes
         old += [f"-A {builtin} {r}" for r in existing]
@@ -329,13 +461,19 @@ def plan_table(
     return TablePlan(lines, changes, diff)
 
 
-# Neti's chains per table for the runner: the root, then every sub-chain of the DNAT tree.
-OWNED: dict[str, xtables.ChainSpec] = {"filter": (FILTER_CHAIN,), "nat": (NAT_CHAIN, SUB_CHAIN)}
+# Neti's chains per table for the runner: the root, the generation, the DNAT tree's chains.
+OWNED: dict[str, xtables.ChainSpec] = {
+    "filter": (FILTER_CHAIN,),
+    "nat": (NAT_CHAIN, GEN_CHAIN, SUB_CHAIN),
+}
 
 
 def uninstall_lines(table: str, state: TableState) -> list[str]:
     """Remove every jump into Neti's chains (also ones someone added elsewhere), then them."""
-    return _xt_uninstall_lines(state, owned_chains(table, state), HOOKS[table])
+    chains = owned_chains(table, state)
+    if table == "nat" and state.has(GEN_CHAIN):
+        chains.append(GEN_CHAIN)
+    return _xt_uninstall_lines(state, chains, HOOKS[table])
 
 
 # --------------------------------------------------------------------------- backend
@@ -377,16 +515,26 @@ class IptablesBackend(Backend):
         xt = self.xt if variant is None else Runner(self.system, variant)
         return xt.save(TABLES)
 
-    def _prepare(self, desired: DesiredState, with_diff: bool) -> Prepared:
+    def _prepare(
+        self, desired: DesiredState, with_diff: bool, generation: int | None = None
+    ) -> Prepared:
         tables = self.read_tables()
         sets = ipset.read(self.system)
         allow = tuple(map(str, desired.allow))  # once: formatting 16k addresses takes a while
         set_script, set_changes = ipset.render(sets, allow)
         jumps = jump_specs(desired)
         chains = desired_chains(desired)
-        fp = plan_table("filter", tables["filter"], chains["filter"], jumps["filter"], with_diff)
-        np_ = plan_table("nat", tables["nat"], chains["nat"], jumps["nat"], with_diff)
-        filter_payload, nat_payload = wrap("filter", fp.lines), wrap("nat", np_.lines)
+        first = desired.chain_first
+        fp = plan_table(
+            "filter", tables["filter"], chains["filter"], jumps["filter"], with_diff, first
+        )
+        np_ = plan_table("nat", tables["nat"], chains["nat"], jumps["nat"], with_diff, first)
+        gen = read_generation(tables["nat"])
+        nat_lines = np_.lines
+        if generation is not None and (set_script or fp.lines or nat_lines or gen is None):
+            nat_lines = nat_lines + generation_lines(generation)  # last: it marks the change
+            gen = generation
+        filter_payload, nat_payload = wrap("filter", fp.lines), wrap("nat", nat_lines)
         payloads = {}
         if set_script:
             payloads["ipset"] = set_script
@@ -401,7 +549,15 @@ class IptablesBackend(Backend):
             diff=tuple(diff),
             changes=tuple(set_changes + np_.changes + fp.changes),
         )
-        return Prepared(plan, allowlist=set_script, rules=nat_payload + filter_payload)
+        # The sets a rule names must exist before it; otherwise the restore goes first.
+        missing = not {ipset.ALLOW_SET, ipset.AUDIT_SET} <= sets.names
+        return Prepared(
+            plan,
+            allowlist=set_script,
+            rules=filter_payload + nat_payload,
+            allowlist_first=missing,
+            generation=gen,
+        )
 
     # --- writing ---
     def _restore(self, payload: str, variant: str | None = None) -> None:
@@ -409,7 +565,7 @@ class IptablesBackend(Backend):
         xt.restore(payload)
 
     def _write_allowlist(self, payload: str) -> None:
-        self.system.run(["ipset", "restore"], input=payload)
+        self.system.run(["ipset", "restore"], input=payload, timeout=ipset.RESTORE_TIMEOUT)
 
     def _write_rules(self, payload: str) -> None:
         self._restore(payload)
@@ -459,28 +615,34 @@ class IptablesBackend(Backend):
                 "variant": self.variant,
                 "dnat_chains": len([c for c in tree if c != NAT_CHAIN]),
             },
+            generation=read_generation(nat),
+            ahead=tuple(rules_ahead(tables)),
         )
 
-    def _write_delta(self, delta: Delta) -> list[str] | None:
-        """One member's change without a read: ipset add/del in place, and only the DNAT
-        chains it touches (usually one leaf) rewritten in one ``iptables-restore --noflush``
-        (dnat_delta.DnatTree keeps the tree as last written)."""
+    def _write_delta(self, delta: Delta, generation: int | None = None) -> list[str] | None:
+        """One member's change without a read: only the DNAT chains it touches (usually one
+        leaf) and the generation rewritten in one ``iptables-restore --noflush``
+        (dnat_delta.DnatTree keeps the tree as last written), then ipset add/del in place.
+        The restore goes first: it may wait on the xtables lock, and if it gives up nothing
+        is written (module docstring)."""
         from neti.dataplane import dnat_delta
 
         if self.applied is None or self.allow_size + len(delta.allow_add) > ipset.MIN_MAXELEM:
             return None
         tree = getattr(self, "_dnat_tree", None)
-        if tree is None or tree.generation != self.generation:
-            tree = dnat_delta.DnatTree(self.applied, self.generation)
+        if tree is None or tree.full_apply != self.full_applies:
+            tree = dnat_delta.DnatTree(self.applied, self.full_applies)
             self._dnat_tree: dnat_delta.DnatTree | None = tree
         changed = tree.change(list(delta.dnat_del), list(delta.dnat_set))
         if changed is None:
             self._dnat_tree = None
             return None
-        changes = ipset.write_delta(self.system, delta.allow_add, delta.allow_del)
         write, delete = changed
+        extra = generation_lines(generation) if generation is not None else []
+        if write or delete or extra:
+            self._restore(tree.payload(write, delete, extra))
+        changes = ipset.write_delta(self.system, delta.allow_add, delta.allow_del)
         if write or delete:
-            self._restore(tree.payload(write, delete))
             changes.append(
                 f"nat: rewrote {len(write)} DNAT chains"
                 + (f", deleted {len(delete)}" if delete else "")

@@ -9,7 +9,10 @@ Layout (docs/dataplane.md, "What the kernel holds (nftables backend)"):
   ``@audit`` and dropped (reject_all) or allowed (audit mode).
 * chains ``output`` and, with ``forward``, ``prerouting`` (nat, priority -100):
   ``ip daddr <overlay_subnet> dnat to ip daddr map @overlay`` - one hash lookup per new
-  connection whatever the fleet's size.
+  connection whatever the fleet's size. With ``chain_position: first`` all of Neti's base
+  chains sit at priority -150, before the standard filter (0) and dstnat (-100) chains.
+* set ``generation`` (one mark): the apply generation, written in the same transaction as
+  the change it goes with (base.py).
 
 A full apply is ONE ``nft -f`` transaction that deletes and re-creates Neti's table (nothing
 else is named, so other tables are never touched). When only members changed, the
@@ -28,6 +31,7 @@ from typing import Any
 
 from neti.dataplane import nftsession
 from neti.dataplane.base import (
+    GENERATION_MAX,
     Backend,
     DataplaneStatus,
     Feature,
@@ -35,7 +39,7 @@ from neti.dataplane.base import (
     Prepared,
 )
 from neti.dataplane.nftsession import NftSession, SessionLost
-from neti.dataplane.system import System
+from neti.dataplane.system import Aborted, System
 from neti.desired import DesiredState
 from neti.desired.model import Delta
 from neti.errors import DataplaneError
@@ -47,6 +51,7 @@ TABLE = "neti"
 ALLOW_SET = "allow"
 AUDIT_SET = "audit"
 DNAT_MAP = "overlay"
+GEN_SET = "generation"
 AUDIT_SIZE = 65536
 AUDIT_TIMEOUT = "1d"  # like the ipset audit set: a source is forgotten after a quiet day
 AUDIT_TIMEOUT_S = 86400
@@ -55,12 +60,21 @@ SESSION_RESTARTS = 3  # lost libnftables workers before element updates go back 
 NAT_PRIORITY = -100  # dstnat, where iptables' nat PREROUTING/OUTPUT also sit
 FILTER_PRIORITY = 0
 VERDICTS = {"ACCEPT": "accept", "RETURN": "return"}
+# chain_position: first. Before the standard filter and dstnat priorities of other tables
+# (iptables-nft's among them); a nat chain may not go below conntrack's -200.
+FIRST_PRIORITY = -150
 # Chain -> (type, hook, priority).
 HOOKS = {
     "input": ("filter", "input", FILTER_PRIORITY),
     "output": ("nat", "output", NAT_PRIORITY),
     "prerouting": ("nat", "prerouting", NAT_PRIORITY),
 }
+FIRST_HOOKS = {c: (kind, hook, FIRST_PRIORITY) for c, (kind, hook, _p) in HOOKS.items()}
+
+
+def hooks_for(d: DesiredState) -> dict[str, tuple[str, str, int]]:
+    """Neti's base chains' (type, hook, priority) for ``d`` (its chain_position)."""
+    return FIRST_HOOKS if d.chain_first else HOOKS
 
 
 # --------------------------------------------------------------------------- rendering
@@ -132,11 +146,14 @@ def _audit_elements(audit: dict[str, AuditEntry]) -> list[str]:
     return out
 
 
-def render_table(d: DesiredState, audit: dict[str, AuditEntry] | None = None) -> str:
+def render_table(
+    d: DesiredState, audit: dict[str, AuditEntry] | None = None, generation: int | None = None
+) -> str:
     """The whole of ``table ip neti`` as an ``nft -f`` definition.
 
     ``audit``: sources to carry over into the new audit set, so replacing the table (a
-    config change, drift) does not reset what audit mode has counted.
+    config change, drift) does not reset what audit mode has counted. ``generation``: the
+    apply generation it is written with (None: the set stays empty).
     """
     allow = sorted(allow_elements(d), key=_ip_key)
     dnat = sorted(dnat_elements(d).items(), key=lambda kv: _ip_key(kv[0]))
@@ -156,8 +173,13 @@ def render_table(d: DesiredState, audit: dict[str, AuditEntry] | None = None) ->
     if dnat:
         out.append(f"    elements = {_elements([f'{k} : {v}' for k, v in dnat])}")
     out.append("  }")
+    out.append(f"  set {GEN_SET} {{ type mark;")
+    if generation is not None:
+        out.append(f"    elements = {{ {int(generation)} }}")
+    out.append("  }")
+    hooks = hooks_for(d)
     for name, rules in chain_rules(d).items():
-        kind, hook, prio = HOOKS[name]
+        kind, hook, prio = hooks[name]
         out.append(f"  chain {name} {{")
         out.append(f"    type {kind} hook {hook} priority {prio}; policy accept;")
         out += [f'    {r} comment "{r}"' for r in rules]
@@ -166,9 +188,13 @@ def render_table(d: DesiredState, audit: dict[str, AuditEntry] | None = None) ->
     return "\n".join(out) + "\n"
 
 
-def full_script(d: DesiredState, audit: dict[str, AuditEntry] | None = None) -> str:
+def full_script(
+    d: DesiredState, audit: dict[str, AuditEntry] | None = None, generation: int | None = None
+) -> str:
     """Replace Neti's table in one transaction (creating it first makes the delete safe)."""
-    return f"table {FAMILY} {TABLE} {{}}\ndelete table {FAMILY} {TABLE}\n" + render_table(d, audit)
+    return f"table {FAMILY} {TABLE} {{}}\ndelete table {FAMILY} {TABLE}\n" + render_table(
+        d, audit, generation
+    )
 
 
 def full_objects(d: DesiredState, audit: dict[str, AuditEntry] | None = None) -> int:
@@ -176,7 +202,7 @@ def full_objects(d: DesiredState, audit: dict[str, AuditEntry] | None = None) ->
     element (allowlist, DNAT map, carried-over audit sources) - for the dataplane metrics."""
     chains = chain_rules(d)
     elements = len(allow_elements(d)) + len(dnat_elements(d)) + len(_audit_elements(audit or {}))
-    table_and_sets = 1 + 3  # the table; sets allow and audit, map overlay
+    table_and_sets = 1 + 4  # the table; sets allow, audit and generation, map overlay
     return table_and_sets + len(chains) + sum(len(r) for r in chains.values()) + elements
 
 
@@ -184,7 +210,13 @@ def _ip_key(s: str) -> tuple[int, ...]:
     return tuple(int(x) for x in s.split("."))
 
 
-def delta_script(delta: Delta) -> str:
+def generation_lines(generation: int) -> list[str]:
+    """Set the apply generation (inside the transaction of the change it goes with)."""
+    ref = f"{FAMILY} {TABLE}"
+    return [f"flush set {ref} {GEN_SET}", f"add element {ref} {GEN_SET} {{ {int(generation)} }}"]
+
+
+def delta_script(delta: Delta, generation: int | None = None) -> str:
     """One member's change as element updates in one ``nft -f`` transaction (no read).
 
     Deletions first: a changed mapping is deleted and added again (adding a key that holds
@@ -207,6 +239,8 @@ def delta_script(delta: Delta) -> str:
     if delta.dnat_set:
         items = [f"{x.overlay_ip} : {x.target}" for x in delta.dnat_set]
         lines.append(f"add element {ref} {DNAT_MAP} {_elements(items)}")
+    if lines and generation is not None:
+        lines += generation_lines(generation)
     return "\n".join(lines) + "\n" if lines else ""
 
 
@@ -230,6 +264,7 @@ class TableState:
     # Per chain, each rule's last statement as nft -j names it (accept, drop, return, set,
     # dnat): a rule whose verdict was changed while keeping Neti's comment is still drift.
     verdicts: dict[str, list[str | None]] = field(default_factory=dict)
+    generation: int | None = None  # the apply generation (set GEN_SET), None: none
 
 
 def _d(x: Any) -> dict[str, Any]:
@@ -268,6 +303,9 @@ def parse_json(text: str) -> TableState:
             st.sets[name] = s
             if name == ALLOW_SET and "set" in item:
                 st.allow = {_elem_value(e) for e in elems}
+            elif name == GEN_SET and "set" in item:
+                gens = [e for e in elems if type(e) is int and 0 <= e <= GENERATION_MAX]
+                st.generation = gens[0] if len(gens) == 1 else None
             elif name == DNAT_MAP and "map" in item:
                 st.dnat = {
                     _elem_value(e[0]): str(e[1])
@@ -322,13 +360,14 @@ def structure_matches(st: TableState, d: DesiredState) -> bool:
     """Chains, hooks, rules (comments and last statements) and the sets are exactly Neti's."""
     if not st.exists or st.flags:
         return False
-    if st.allow is None or st.dnat is None or AUDIT_SET not in st.sets:
+    if st.allow is None or st.dnat is None or AUDIT_SET not in st.sets or GEN_SET not in st.sets:
         return False
     want = chain_rules(d)
     if set(st.chains) != set(want):
         return False
+    hooks = hooks_for(d)
     for name, rules in want.items():
-        kind, hook, prio = HOOKS[name]
+        kind, hook, prio = hooks[name]
         if st.chains[name] != (kind, hook, prio, "accept") or st.rules.get(name) != rules:
             return False
         if st.verdicts.get(name) != [last_statement(r) for r in rules]:
@@ -349,6 +388,99 @@ def remove_table(system: System) -> list[str]:
         return []
     system.run(["nft", "-f", "-"], input=f"delete table {FAMILY} {TABLE}\n")
     return [f"nft: deleted table {FAMILY} {TABLE}"]
+
+
+# --------------------------------------------------------------------------- chains ahead
+
+# Statements of another table's rule that decide for good what Neti would decide: a drop on
+# the input hook (an accept there does not stop the next base chain, Neti's); a dnat or
+# redirect on a nat hook (the first address translation wins).
+_DECIDES = {
+    "input": ("drop", "reject"),
+    "output": ("dnat", "redirect"),
+    "prerouting": ("dnat", "redirect"),
+}
+_MAX_DEPTH = 8
+
+
+@dataclass(frozen=True)
+class BaseChain:
+    family: str
+    table: str
+    name: str
+    hook: str
+    prio: int
+    policy: str
+
+
+def base_chains(text: str) -> list[BaseChain]:
+    """Every base chain of ``nft -j list chains`` (other shapes are skipped)."""
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return []
+    out = []
+    items = _d(doc).get("nftables")
+    for item in items if isinstance(items, list) else []:
+        c = _d(_d(item).get("chain"))
+        fields = (c.get("family"), c.get("table"), c.get("name"), c.get("hook"))
+        prio = c.get("prio")
+        if all(isinstance(f, str) for f in fields) and type(prio) is int:
+            out.append(BaseChain(*fields, prio, str(c.get("policy", "accept"))))  # type: ignore[arg-type]
+    return out
+
+
+def _statements(expr: Any) -> list[tuple[str, Any]]:
+    return (
+        [next(iter(x.items())) for x in expr if isinstance(x, dict) and len(x) == 1]
+        if isinstance(expr, list)
+        else []
+    )
+
+
+def deciding_rules(table_json: str, chain: str, kinds: tuple[str, ...]) -> list[int]:
+    """Handles of the rules of ``chain`` with one of the statements ``kinds`` (or a jump or
+    goto into a chain of the table that has one), from ``nft -j list table``."""
+    try:
+        doc = json.loads(table_json)
+    except ValueError:
+        return []
+    rules: dict[str, list[tuple[int, list[tuple[str, Any]]]]] = {}
+    items = _d(doc).get("nftables")
+    for item in items if isinstance(items, list) else []:
+        r = _d(_d(item).get("rule"))
+        if isinstance(r.get("chain"), str) and type(r.get("handle")) is int:
+            rules.setdefault(r["chain"], []).append((r["handle"], _statements(r.get("expr"))))
+    found: list[int] = []
+
+    def walk(name: str, depth: int, seen: frozenset[str]) -> bool:
+        hit = False
+        for handle, stmts in rules.get(name, []):
+            for kind, arg in stmts:
+                target = _d(arg).get("target") if kind in ("jump", "goto") else None
+                if kind in kinds or (
+                    isinstance(target, str)
+                    and target not in seen
+                    and depth < _MAX_DEPTH
+                    and walk(target, depth + 1, seen | {target})
+                ):
+                    if depth == 0:
+                        found.append(handle)
+                    hit = True
+                    break
+        return hit
+
+    walk(chain, 0, frozenset({chain}))
+    return found
+
+
+def rule_text(listing: str, handle: int) -> str:
+    """The rule with ``# handle N`` in ``nft -a list chain`` output, without the handle."""
+    for line in listing.splitlines():
+        text, sep, h = line.strip().rpartition(" # handle ")
+        if sep and h.strip() == str(handle):
+            return text
+    return f"handle {handle}"
 
 
 # --------------------------------------------------------------------------- backend
@@ -395,8 +527,11 @@ class NftablesBackend(Backend):
         session = self._open()
         if session is not None:
             try:
-                session.run(script, timeout=timeout)
+                session.run(script, timeout=timeout, cancel=lambda: self.system.aborted)
                 return
+            except Aborted:
+                self._session = None
+                raise
             except DataplaneError as exc:
                 if session.ready and not isinstance(exc, SessionLost):
                     raise  # nft refused the transaction: nothing was written
@@ -425,8 +560,9 @@ class NftablesBackend(Backend):
             raise DataplaneError(f"nft -j list table {FAMILY} {TABLE} failed: {'; '.join(msg[:3])}")
         return parse_json(proc.stdout)
 
-    def _prepare(self, d: DesiredState, with_diff: bool) -> Prepared:
+    def _prepare(self, d: DesiredState, with_diff: bool, generation: int | None = None) -> Prepared:
         st = self.read_table()
+        gen = st.generation
         allow, dnat = allow_elements(d), dnat_elements(d)
         old: list[str] = []
         new: list[str] = []
@@ -447,6 +583,9 @@ class NftablesBackend(Backend):
             if add_d:
                 items = [f"{k} : {dnat[k]}" for k in add_d]
                 lines.append(f"add element {ref} {DNAT_MAP} {_elements(items)}")
+            if generation is not None and (lines or gen is None):
+                lines += generation_lines(generation)
+                gen = generation
             changes = []
             if add_a or del_a:
                 changes.append(f"nft: set {ALLOW_SET}: +{len(add_a)} -{len(del_a)} members")
@@ -458,7 +597,8 @@ class NftablesBackend(Backend):
             script = "\n".join(lines) + "\n" if lines else ""
             objects = len(add_a) + len(del_a) + len(add_d) + len(del_d)
         else:
-            script = full_script(d, st.audit_entries)
+            gen = generation if generation is not None else gen
+            script = full_script(d, st.audit_entries, gen)
             objects = full_objects(d, st.audit_entries)
             verb = "rewrote" if st.exists else "created"
             changes = [
@@ -488,7 +628,7 @@ class NftablesBackend(Backend):
             changes=tuple(changes),
         )
         # Allowlist and rules are one transaction: everything is written at the rules step.
-        return Prepared(plan, rules=script, objects=objects)
+        return Prepared(plan, rules=script, objects=objects, generation=gen)
 
     def payload_tool(self, payload: str) -> str:
         return "nft -f -"
@@ -496,8 +636,8 @@ class NftablesBackend(Backend):
     def _write_allowlist(self, payload: str) -> None:
         raise AssertionError("the nftables backend writes its allowlist with the rules")
 
-    def _write_delta(self, delta: Delta) -> list[str] | None:
-        script = delta_script(delta)
+    def _write_delta(self, delta: Delta, generation: int | None = None) -> list[str] | None:
+        script = delta_script(delta, generation)
         if script:
             self._nft_write(script)
         changes = []
@@ -523,6 +663,36 @@ class NftablesBackend(Backend):
     def audit_drops(self) -> dict[str, int]:
         return self.read_table().audit
 
+    def chains_ahead(self, st: TableState) -> list[str]:
+        """Other tables' base chains that run before Neti's on its hooks and can decide what
+        Neti's would: a drop (or a drop policy) before its input chain, a dnat or redirect
+        before its nat chains; each rule named (``rules_ahead`` of the iptables backend)."""
+        out: list[str] = []
+        mine = {c[1]: c[2] for name, c in st.chains.items() if c[1] in _DECIDES}
+        proc = self.system.run(["nft", "-j", "list", "chains"], check=False)
+        tables: dict[tuple[str, str], str] = {}
+        for c in base_chains(proc.stdout):
+            if (c.family, c.table) == (FAMILY, TABLE) or c.family not in ("ip", "inet"):
+                continue
+            if c.hook not in mine or c.prio >= mine[c.hook]:
+                continue
+            where = f"table {c.family} {c.table} chain {c.name} ({c.hook}, priority {c.prio})"
+            if c.hook == "input" and c.policy == "drop":
+                out.append(f"{where} policy drop can drop what Neti allows")
+            key = (c.family, c.table)
+            if key not in tables:
+                listing = ["nft", "-j", "list", "table", c.family, c.table]
+                tables[key] = self.system.run(listing, check=False).stdout
+            hits = deciding_rules(tables[key], c.name, _DECIDES[c.hook])
+            if not hits:
+                continue
+            text = self.system.run(
+                ["nft", "-a", "list", "chain", c.family, c.table, c.name], check=False
+            ).stdout
+            what = "can drop what Neti allows" if c.hook == "input" else "can take overlay traffic"
+            out += [f'{where} rule "{rule_text(text, handle)}" {what}' for handle in hits]
+        return out
+
     def _kernel_status(self) -> DataplaneStatus:
         st = self.read_table()
         objects = {f"table {FAMILY} {TABLE}": st.exists}
@@ -542,7 +712,10 @@ class NftablesBackend(Backend):
             want = HOOKS.get(c)
             if want is None:
                 drift.append(f"chain {c} is not Neti's")
-            elif (kind, hook, prio, policy) != (*want, "accept"):
+            elif (kind, hook, policy) != (want[0], want[1], "accept") or prio not in (
+                want[2],
+                FIRST_PRIORITY,
+            ):
                 drift.append(f"chain {c} is hooked as {kind}/{hook}/{prio}/{policy}")
         rules = st.rules.get("input")
         mode = None if not rules else ("reject" if rules[-1] == "drop" else "audit")
@@ -557,4 +730,6 @@ class NftablesBackend(Backend):
             drift=tuple(drift),
             audit=st.audit,
             details={"forward": "prerouting" in st.chains},
+            generation=st.generation,
+            ahead=tuple(self.chains_ahead(st)) if st.exists else (),
         )

@@ -16,7 +16,7 @@ Protocol (bytes on the worker's stdin/stdout): the worker first prints one JSON 
 ``<length>\\n<script>`` and the worker answers ``{"rc": int, "err": str}``. Every read and
 write has a deadline; a worker that does not take a script or answer in time is killed and
 the write counts as failed (the caller repairs with a full apply, as after any failed
-element update).
+element update). A ``cancel`` callable (the System's abort flag) ends a wait early.
 """
 
 from __future__ import annotations
@@ -28,8 +28,10 @@ import select
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
+from neti.dataplane.system import POLL, Aborted
 from neti.errors import DataplaneError
 
 log = logging.getLogger(__name__)
@@ -55,16 +57,25 @@ class NftSession:
             os.set_blocking(proc.stdin.fileno(), False)  # writes have a deadline too
 
     # --- lines with a deadline ---
-    def _line(self, deadline: float) -> dict[str, Any]:
+    def _check(self, deadline: float, cancel: Callable[[], bool] | None, what: str) -> float:
+        """Seconds to wait next (at most POLL with ``cancel``); closes and raises when the
+        deadline passed or ``cancel()`` says stop."""
+        if cancel is not None and cancel():
+            self.close()
+            raise Aborted("nft session write abandoned: stopping")
+        left = deadline - time.monotonic()
+        if left <= 0:
+            self.close()
+            raise SessionLost(f"the nft session did not {what} in time")
+        return min(left, POLL) if cancel is not None else left
+
+    def _line(self, deadline: float, cancel: Callable[[], bool] | None = None) -> dict[str, Any]:
         out = self.proc.stdout
         assert out is not None
         fd = out.fileno()
         while b"\n" not in self._buf:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                self.close()
-                raise SessionLost("the nft session did not answer in time")
-            readable, _, _ = select.select([fd], [], [], left)
+            wait = self._check(deadline, cancel, "answer")
+            readable, _, _ = select.select([fd], [], [], wait)
             if not readable:
                 continue
             chunk = os.read(fd, 65536)
@@ -89,20 +100,26 @@ class NftSession:
             raise DataplaneError(f"nft session: {msg.get('error') or 'did not start'}")
         self.ready = True
 
-    def run(self, script: str, timeout: float = WRITE_TIMEOUT) -> None:
-        """Run ``script`` as one transaction; DataplaneError with nft's message on failure."""
+    def run(
+        self,
+        script: str,
+        timeout: float = WRITE_TIMEOUT,
+        cancel: Callable[[], bool] | None = None,
+    ) -> None:
+        """Run ``script`` as one transaction; DataplaneError with nft's message on failure
+        (Aborted when ``cancel()`` turned true while waiting)."""
         self.wait_ready()
         data = script.encode()
         deadline = time.monotonic() + timeout
-        self._send(b"%d\n" % len(data) + data, deadline)
-        msg = self._line(deadline)
+        self._send(b"%d\n" % len(data) + data, deadline, cancel)
+        msg = self._line(deadline, cancel)
         try:
             check_result(msg)
         except SessionLost:
             self.close()
             raise
 
-    def _send(self, data: bytes, deadline: float) -> None:
+    def _send(self, data: bytes, deadline: float, cancel: Callable[[], bool] | None = None) -> None:
         """Write all of ``data`` to the worker's stdin by ``deadline`` (a worker that stops
         reading must not hang the agent on a full pipe)."""
         inp = self.proc.stdin
@@ -110,11 +127,8 @@ class NftSession:
         fd = inp.fileno()
         view = memoryview(data)
         while view:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                self.close()
-                raise SessionLost("the nft session did not take the script in time")
-            _, writable, _ = select.select([], [fd], [], left)
+            wait = self._check(deadline, cancel, "take the script")
+            _, writable, _ = select.select([], [fd], [], wait)
             if not writable:
                 continue
             try:

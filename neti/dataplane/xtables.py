@@ -19,13 +19,24 @@ import shlex
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from neti.dataplane.system import System
+from neti.dataplane.system import NotWritten, System
 from neti.errors import DataplaneError
 
 log = logging.getLogger(__name__)
 
 VARIANTS = ("nft", "legacy")
-LOCK_WAIT = "10"  # seconds to wait for the xtables lock (-w)
+# Seconds iptables-restore waits for the xtables lock another program holds (-w); then it
+# fails having written nothing, and the caller tries the whole change again later. A stop
+# signal does not wait for it (System.abort kills the waiting restore).
+LOCK_WAIT = "10"
+RESTORE_TIMEOUT = 120.0  # the whole restore, lock wait included (a big table on a busy host)
+LOCKED = "holding the xtables lock"  # iptables' words when -w ran out
+
+
+class XtablesLocked(NotWritten):
+    """iptables-restore gave up waiting for the xtables lock: nothing was written."""
+
+
 # The iptables backend's root chains (iptables.OUR_CHAINS; a test keeps them equal): a
 # variant already holding them wins detection, so Neti never splits itself across both.
 MARKERS = ("NETI-INPUT", "NETI-DNAT")
@@ -162,28 +173,39 @@ def wrap(table: str, lines: list[str]) -> str:
 
 
 def ensure_jump(
-    table: str, state: TableState, builtin: str, target: str, want: str | None
+    table: str,
+    state: TableState,
+    builtin: str,
+    target: str,
+    want: str | None,
+    first: bool = False,
 ) -> tuple[list[str], list[str]]:
     """Restore lines (and sentences) leaving exactly one ``want`` jump into ``target``.
 
     An existing ``want`` is not moved (another program may have put rules above it on
-    purpose); every other rule of ``builtin`` jumping to ``target`` (an older spec) is
-    deleted, and so are extra copies of ``want``: ``-D`` by spec removes the first match, so
-    of identical copies the last one stays. A missing ``want`` is inserted at the top.
-    ``want=None`` deletes every jump into ``target`` from ``builtin``.
+    purpose) unless ``first`` (config ``chain_position: first``): then it must be the first
+    rule of ``builtin``, or every copy is deleted and it is inserted at the top again.
+    Every other rule of ``builtin`` jumping to ``target`` (an older spec) is deleted, and
+    so are extra copies of ``want``: ``-D`` by spec removes the first match, so of identical
+    copies the last one stays. A missing ``want`` is inserted at the top. ``want=None``
+    deletes every jump into ``target`` from ``builtin``.
     """
     lines: list[str] = []
     changes: list[str] = []
-    keep_one = want is not None and want in state.jumps(builtin, target)
-    for spec in state.jumps(builtin, target):
+    jumps = state.jumps(builtin, target)
+    moved = first and want in jumps and (state.rules[builtin][0] != want or jumps.count(want) > 1)
+    keep_one = want is not None and want in jumps and not moved
+    for spec in jumps:
         if keep_one and spec == want:
             keep_one = False  # one copy is not deleted (by spec: the first match goes)
             continue
         lines.append(f"-D {builtin} {spec}")
-        changes.append(f"{table}: removed jump {builtin} {spec}")
-    if want is not None and want not in state.jumps(builtin, target):
+        if not (moved and spec == want):
+            changes.append(f"{table}: removed jump {builtin} {spec}")
+    if want is not None and (want not in jumps or moved):
         lines.append(f"-I {builtin} 1 {want}")
-        changes.append(f"{table}: added jump {builtin} {want}")
+        verb = "moved jump to the top of" if moved else "added jump"
+        changes.append(f"{table}: {verb} {builtin} {want}")
     return lines, changes
 
 
@@ -295,9 +317,10 @@ class Runner:
         if not payload:
             return
         argv = self.restore_argv(noflush)
-        proc = self.system.run(argv, input=payload, check=False)
+        proc = self.system.run(argv, input=payload, check=False, timeout=RESTORE_TIMEOUT)
         if proc.returncode != 0:
-            raise DataplaneError(restore_error(argv[0], proc.returncode, proc.stderr, payload))
+            msg = restore_error(argv[0], proc.returncode, proc.stderr, payload)
+            raise (XtablesLocked if LOCKED in proc.stderr else DataplaneError)(msg)
 
     def uninstall(
         self, chains_by_table: Mapping[str, ChainSpec], hooks: Mapping[str, Sequence[str]]

@@ -81,6 +81,9 @@ class DesiredState:
     # What Neti's chain does with traffic it allows: ACCEPT, or RETURN to INPUT so the host's
     # own firewall and fail2ban still judge members (config key allow_verdict).
     allow_verdict: str = "ACCEPT"
+    # Keep Neti's jumps (nftables: its base chains) ahead of other software's rules (config
+    # key chain_position: first); False leaves an existing jump where it is.
+    chain_first: bool = False
     conntrack_max: int = 0
     conntrack_hashsize: int = 0
     # Human-readable "instance: reason" lines for members left out (fully or from DNAT),
@@ -102,6 +105,7 @@ class DesiredState:
             "reject_all": self.reject_all,
             "forward": self.forward,
             "allow_verdict": self.allow_verdict,
+            "chain_first": self.chain_first,
             "conntrack_max": self.conntrack_max,
             "conntrack_hashsize": self.conntrack_hashsize,
             "skipped": list(self.skipped),
@@ -127,6 +131,7 @@ class DesiredState:
             reject_all=bool(d.get("reject_all", False)),
             forward=bool(d.get("forward", False)),
             allow_verdict=str(d.get("allow_verdict", "ACCEPT")),
+            chain_first=bool(d.get("chain_first", False)),
             conntrack_max=int(d.get("conntrack_max", 0)),
             conntrack_hashsize=int(d.get("conntrack_hashsize", 0)),
             skipped=[str(s) for s in d.get("skipped", [])],
@@ -154,6 +159,7 @@ def build(
     conntrack_hashsize: int = 0,
     skipped: Any = (),
     skipped_by_reason: dict[str, int] | None = None,
+    chain_first: bool = False,
 ) -> DesiredState:
     """A DesiredState in canonical form (sorted, deduplicated); one overlay IP, one target.
 
@@ -180,6 +186,7 @@ def build(
         reject_all=reject_all,
         forward=forward,
         allow_verdict=allow_verdict.upper(),
+        chain_first=chain_first,
         conntrack_max=conntrack_max,
         conntrack_hashsize=conntrack_hashsize,
         skipped=tuple(skipped),
@@ -328,6 +335,7 @@ def build_for(
         conntrack_hashsize=cfg.conntrack.hashsize,
         skipped=skipped,
         skipped_by_reason=skipped_by_reason,
+        chain_first=cfg.chain_position == "first",
     )
 
 

@@ -385,6 +385,7 @@ class Lab:
             **self.trust_config(host, str(iid)),
             **self.config,
             "state_dir": str(self.state_dir(host)),
+            "runtime_dir": str(self.workdir / "run"),  # gone with the lab, not in /run/neti
             **overrides,
         }
         tls = cfg.get("zk_tls")

@@ -8,9 +8,8 @@ host every minute. What the agent last saw of ZooKeeper is in the state file.
 from __future__ import annotations
 
 import logging
-import os
 import time
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from neti import state as state_mod
@@ -22,25 +21,44 @@ log = logging.getLogger(__name__)
 __all__ = ["KernelView", "Report", "gather", "pid_alive", "to_dict"]
 
 
-def pid_alive(pid: int) -> bool:
-    """True if ``pid`` runs and is a neti process (a recycled pid does not count)."""
-    if pid <= 0:
-        return False
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return b"neti" in cmdline
+# How long status reads the state file again while it names another apply than the kernel
+# holds (the agent writes it within STATE_FLEET_INTERVAL, at once when status holds the lock).
+CATCH_UP = 3.0
+CATCH_UP_POLL = 0.05
 
 
-def kernel_view(cfg: Config, state: state_mod.AgentState | None) -> KernelView:
-    """Ask the dataplane backend what the kernel holds and compare it with the saved state."""
+def pid_alive(pid: int, started: int | None = None) -> bool:
+    """True if ``pid`` is the process that started at ``started`` (state.proc_start); a
+    recycled pid does not count. Without ``started``: ``pid`` runs and is a neti process."""
+    return state_mod.running(pid, started)
+
+
+def agent_process(
+    state: state_mod.AgentState | None, runtime: state_mod.RuntimeRecord | None
+) -> tuple[int, bool]:
+    """(pid, running) of the agent: the runtime record's process (written first thing at
+    start, also when state_dir takes no writes) or the state file's; the newer one's pid when
+    neither runs."""
+    found = []
+    if runtime is not None:
+        found.append((runtime.started_at, runtime.pid, runtime.pid_start))
+    if state is not None:
+        found.append((state.started_at, state.pid, state.pid_start))
+    found.sort(reverse=True)
+    for _started, pid, start in found:
+        if state_mod.running(pid, start):
+            return pid, True
+    return (found[0][1] if found else 0), False
+
+
+def kernel_view(
+    cfg: Config,
+    state: state_mod.AgentState | None,
+    refresh: Callable[[int | None], state_mod.AgentState | None] | None = None,
+    agent_pid: int | None = None,
+) -> KernelView:
+    """Ask the dataplane backend what the kernel holds and compare it with the saved state
+    (``refresh``: status/kernel.py)."""
     from neti import dataplane
     from neti.dataplane import conntrack
     from neti.dataplane.system import System
@@ -60,7 +78,7 @@ def kernel_view(cfg: Config, state: state_mod.AgentState | None) -> KernelView:
         return view
     from neti.status.kernel import compare
 
-    compare(view, backend, cfg, state)
+    compare(view, backend, cfg, state, refresh, agent_pid=agent_pid)
     return view
 
 
@@ -74,22 +92,49 @@ def _read_state(cfg: Config) -> tuple[state_mod.AgentState | None, str]:
     return st, ""
 
 
-def gather(cfg: Config, now: float | None = None) -> Report:
-    state, state_error = _read_state(cfg)
-    kernel = kernel_view(cfg, state)
-    # The agent writes its state file just after an apply: a kernel newer than the state we
-    # read is not drift. Look again while the state file keeps changing under us.
-    for _ in range(3):
-        if not (kernel.drift or kernel.chains_missing) or state is None:
-            break
-        fresh, fresh_error = _read_state(cfg)
-        if fresh is None or fresh.updated_at == state.updated_at:
-            break
-        state, state_error = fresh, fresh_error
-        kernel = kernel_view(cfg, state)
-    alive = pid_alive(state.pid) if state else False
-    now = time.time() if now is None else now
-    return evaluate(state, kernel, alive, now, cfg.resync_interval, state_error)
+class _Saved:
+    """What the agent wrote down (state file, runtime record), read again on request."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.runtime_file = state_mod.runtime_path(cfg.runtime_dir, cfg.state_dir)
+        self.runtime = state_mod.read_runtime(self.runtime_file)
+        self.state, self.error = _read_state(cfg)
+        self.pid, self.alive = agent_process(self.state, self.runtime)
+
+    def catch_up(self, generation: int | None, seconds: float) -> state_mod.AgentState | None:
+        """The kernel holds another apply than the state file read: the running agent
+        writes the state that goes with it within a second or so (at once, when it wants
+        the lock status holds). Not waited for when it is gone or cannot write it."""
+        deadline = time.monotonic() + seconds
+        while self.alive and time.monotonic() < deadline:
+            if self.runtime is not None and self.runtime.state_error:
+                break  # it cannot write it: say so rather than wait
+            time.sleep(CATCH_UP_POLL)
+            fresh, error = _read_state(self.cfg)
+            if fresh is not None:
+                self.state, self.error = fresh, error
+                if fresh.generation == generation:
+                    break
+            self.runtime = state_mod.read_runtime(self.runtime_file)
+        return self.state
+
+
+def gather(cfg: Config, now: float | None = None, catch_up: float = CATCH_UP) -> Report:
+    saved = _Saved(cfg)
+    kernel = kernel_view(
+        cfg, saved.state, lambda gen: saved.catch_up(gen, catch_up), agent_pid=saved.pid
+    )
+    return evaluate(
+        saved.state,
+        kernel,
+        saved.alive,
+        time.time() if now is None else now,
+        cfg.resync_interval,
+        saved.error,
+        runtime=saved.runtime,
+        agent_pid=saved.pid,
+    )
 
 
 def to_dict(r: Report) -> dict[str, Any]:
@@ -125,9 +170,10 @@ def to_dict(r: Report) -> dict[str, Any]:
     out.update(saved)
     out["network"] = s.identity.network if s and s.identity else None
     out["agent"] = {
-        "pid": s.pid if s else None,
+        "pid": r.agent_pid if r.agent_pid else (s.pid if s else None),
         "running": r.agent_alive,
         "version": s.version if s else None,
+        "state_file_error": r.runtime.state_error if r.runtime else None,
     }
     out["members"] = len(s.fleet.members) if s and s.fleet else 0
     out["kernel"] = (
@@ -137,6 +183,9 @@ def to_dict(r: Report) -> dict[str, Any]:
             "chains_missing": k.chains_missing,
             "drift": k.drift,
             "diff": k.diff if k.drift else [],
+            "generation": k.generation,
+            "not_compared": k.not_compared or None,
+            "rules_ahead": k.ahead,
             "set_size": k.set_size,
             "expected_set_size": k.expected_set_size,
             "mode": k.mode,
@@ -163,9 +212,11 @@ def render_text(r: Report) -> str:
     if s:
         lines.append(f"overlay ip:     {s.overlay_ip or '-'}")
         lines.append(
-            f"agent:          pid {s.pid} {'running' if r.agent_alive else 'NOT running'}"
-            f", neti {s.version}"
+            f"agent:          pid {r.agent_pid or s.pid} "
+            f"{'running' if r.agent_alive else 'NOT running'}, neti {s.version}"
         )
+        if r.runtime is not None and r.runtime.state_error:
+            lines.append(f"state file:     NOT written: {r.runtime.state_error}")
         zk = s.zookeeper
         since = f" since {ago(r.now - zk.since)}" if zk.since else ""
         lines.append(
@@ -218,10 +269,14 @@ def render_text(r: Report) -> str:
                 + "; ".join([f"missing {c}" for c in k.chains_missing] + k.drift)
             )
             lines.extend(f"  {d}" for d in k.diff[:12])
+        elif k.not_compared:
+            lines.append(f"kernel:         not compared: {k.not_compared}")
         else:
             size = f", {k.set_size} allowed sources" if k.set_size is not None else ""
             mode = f", {k.mode} mode" if k.mode else ""
             lines.append(f"kernel:         matches{size}{mode}")
+        for rule in k.ahead[:10]:
+            lines.append(f"ahead of neti:  {rule}")
         if k.drops_by_source:
             top = sorted(k.drops_by_source.items(), key=lambda kv: -kv[1])[:10]
             label = "dropped:      " if k.mode == "reject" else "audit drops:  "

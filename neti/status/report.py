@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from neti.state import AgentState
+from neti.state import AgentState, RuntimeRecord
 
 OK, WARNING, CRITICAL = 0, 1, 2
 LEVELS = {OK: "OK", WARNING: "WARNING", CRITICAL: "CRITICAL"}
@@ -34,6 +34,9 @@ class KernelView:
     conntrack_count: int | None = None
     conntrack_max: int | None = None
     raw: dict[str, Any] = field(default_factory=dict)
+    generation: int | None = None  # the apply generation the kernel holds
+    not_compared: str = ""  # why the kernel was not compared with the state file
+    ahead: list[str] = field(default_factory=list)  # other software's rules that decide first
 
 
 @dataclass
@@ -55,6 +58,8 @@ class Report:
     kernel: KernelView | None
     agent_alive: bool
     now: float
+    agent_pid: int = 0  # the agent process the liveness check looked at
+    runtime: RuntimeRecord | None = None
 
     @property
     def status(self) -> str:
@@ -82,14 +87,19 @@ def evaluate(
     now: float,
     resync_interval: float,
     state_error: str = "",
+    runtime: RuntimeRecord | None = None,
+    agent_pid: int | None = None,
 ) -> Report:
-    """Every check, the worst level, and a one-line summary naming the worst problems."""
+    """Every check, the worst level, and a one-line summary naming the worst problems.
+
+    ``runtime``: the agent's runtime record (state.py); ``agent_pid``: the agent process the
+    liveness check looked at (default: the state file's)."""
     checks: list[Check] = []
     if state is None:
         msg = state_error or "no state file: the agent has never run here"
         checks.append(Check("state", CRITICAL, msg))
+    pid = agent_pid if agent_pid is not None else (state.pid if state else 0)
     if not agent_alive:
-        pid = state.pid if state else 0
         checks.append(
             Check(
                 "agent",
@@ -98,7 +108,17 @@ def evaluate(
             )
         )
     else:
-        checks.append(Check("agent", OK, f"agent running (pid {state.pid if state else '?'})"))
+        checks.append(Check("agent", OK, f"agent running (pid {pid or '?'})"))
+    if runtime is not None and runtime.state_error:
+        failing = runtime.state_error_since
+        checks.append(
+            Check(
+                "statefile",
+                WARNING,
+                f"state file not written: {runtime.state_error}"
+                + (f" (since {ago(now - failing)})" if failing else ""),
+            )
+        )
 
     if kernel is not None:
         if kernel.error:
@@ -113,9 +133,21 @@ def evaluate(
             )
         elif kernel.drift:
             checks.append(Check("kernel", CRITICAL, "kernel drifted: " + "; ".join(kernel.drift)))
+        elif kernel.not_compared:
+            checks.append(Check("kernel", WARNING, f"kernel not compared: {kernel.not_compared}"))
         elif state is not None and state.fleet is not None:
             size = f" ({kernel.set_size} allowed sources)" if kernel.set_size is not None else ""
             checks.append(Check("kernel", OK, f"kernel matches the applied state{size}"))
+        if kernel.ahead:
+            checks.append(
+                Check(
+                    "ahead",
+                    WARNING,
+                    "rules ahead of Neti's decide first: "
+                    + "; ".join(kernel.ahead[:5])
+                    + (f"; ... {len(kernel.ahead) - 5} more" if len(kernel.ahead) > 5 else ""),
+                )
+            )
         if kernel.conntrack_count is not None and kernel.conntrack_max:
             ratio = kernel.conntrack_count / kernel.conntrack_max
             level = WARNING if ratio > CONNTRACK_WARN else OK
@@ -194,6 +226,8 @@ def evaluate(
         kernel=kernel,
         agent_alive=agent_alive,
         now=now,
+        agent_pid=pid,
+        runtime=runtime,
     )
 
 

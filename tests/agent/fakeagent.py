@@ -24,13 +24,13 @@ class RecordingBackend:
     def __init__(self, state_dir: str):
         self.out = Path(state_dir) / "applied.jsonl"
 
-    def apply(self, desired: Any) -> ApplyResult:
+    def apply(self, desired: Any, generation: int | None = None) -> ApplyResult:
         dnat = sorted(str(d.overlay_ip) for d in getattr(desired, "dnat", ()) or ())
         with self.out.open("a") as f:
             f.write(json.dumps({"at": time.time(), "dnat": dnat}) + "\n")
         return ApplyResult(backend=self.name, changed=True)
 
-    def apply_delta(self, delta: Any) -> ApplyResult | None:
+    def apply_delta(self, delta: Any, generation: int | None = None) -> ApplyResult | None:
         return None  # no element updates: every change is recorded as a full apply
 
     def keep_open(self) -> None:

@@ -86,6 +86,7 @@ class AgentRunner:
                     "zk_session_timeout": SESSION_TIMEOUT,
                     "overlay_subnet": SUBNET,
                     "state_dir": str(self.state_dir),
+                    "runtime_dir": str(tmp / "run"),  # not /run/neti: killed agents leave it
                     "watch_delay_min": 0.05,
                     "watch_delay_max": 0.2,
                     "tag_instance": "never",

@@ -6,6 +6,7 @@ always ends equal to desired.compute of what the guard let through."""
 
 from __future__ import annotations
 
+import os
 import time
 from ipaddress import IPv4Address as A
 from pathlib import Path
@@ -147,7 +148,7 @@ def test_full_path_when_it_must(tmp_path: Path, why: str) -> None:
     elif why == "relist":
         reg.relist_next = True
     elif why == "release":
-        a._release_seen, a._release_base = (1, 2), (1, 1)
+        reg.bump(a.cfg.path(core.RELEASE_NODE))  # neti fleet release-guard
     elif why == "error":
         reg.fail_next = boom()
         a.reconcile("event")
@@ -290,6 +291,24 @@ def test_release_node_through_watch_node(tmp_path: Path) -> None:
     assert len(a._applied_members or {}) == 21  # 20 others and this host
 
 
+def test_a_release_node_that_vanishes_is_no_release(tmp_path: Path) -> None:
+    """A wiped ensemble takes the release node with it: that must not let the guard go,
+    exactly when it matters; an operator's release-guard afterwards still does."""
+    a, reg, _system = make_agent(tmp_path, guard_fraction=0.1)
+    path = a.cfg.path(core.RELEASE_NODE)
+    reg.bump(path)  # released once, long ago
+    fleet = [member(i) for i in range(30)]
+    reg.add(*fleet)
+    a.reconcile("resync")
+    del reg.nodes[path]  # the ensemble was wiped
+    reg.remove(*fleet[:10])
+    a.reconcile("event")
+    assert a.state.guard.held
+    reg.bump(path)  # neti fleet release-guard
+    a.reconcile("event")
+    assert not a.state.guard.held
+
+
 def test_a_cleared_warning_is_saved_soon_though_the_kernel_is_unchanged(tmp_path: Path) -> None:
     """An operator fixes maxchange (or deletes a hostile entry): nothing changes in the
     kernel, but ``neti status`` must stop warning within a second, not at the quiet save."""
@@ -336,3 +355,156 @@ def test_revoked_instances_are_left_out_whatever_they_publish(tmp_path: Path) ->
     a.reconcile("event")
     kernel_equals_desired(a, system, fleet[:3] + [again] + fleet[4:])
     assert a.state.skipped == 0 and a.state.guard.revoked == 0
+
+
+def test_a_blip_reconnect_starts_no_grace_but_a_real_absence_does(tmp_path: Path) -> None:
+    a, reg, _system = make_agent(tmp_path)
+    a.reconcile("resync")
+    reg.add_state_listener(a._on_zk_state)
+    reg.state("SUSPENDED")
+    a._handle_zk_events()
+    reg.state("CONNECTED")  # back within a fraction of a second: the same session
+    a._handle_zk_events()
+    assert a.guard._mem.grace_until is None
+    reg.state("SUSPENDED")
+    a._handle_zk_events()
+    a.state.zookeeper.since -= core.ABSENCE * a.cfg.zk_session_timeout  # away that long
+    reg.state("CONNECTED")
+    a._handle_zk_events()
+    assert a.guard._mem.grace_until is not None
+    assert a.guard._mem.grace_why == "reconnect"
+
+
+def test_a_resumed_session_at_start_starts_no_grace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """kill -9 and a restart that resumes the session: nobody is re-joining, so removals
+    the first read finds apply at once (they do not settle again either)."""
+    from neti.agent import session as session_mod
+
+    a, reg, system = make_agent(tmp_path, guard_settle=5, tag_instance="never")
+    fleet = [member(i) for i in range(4)]
+    a.guard.restore(Fleet(members=tuple(fleet)))
+    sid, password = reg.client.client_id
+    session_mod.save(
+        a.cfg.state_dir, session_mod.SavedSession(sid, password, "127.0.0.1:1", time.time(), 6.0)
+    )
+    monkeypatch.setattr("neti.registry.connect", lambda *args, **kw: reg)
+    a.reg = None
+    a.state.zookeeper.state = "connecting"
+    assert a._connect()
+    assert a.guard._mem.grace_until is None
+    reg.add(*fleet[1:])  # fleet[0] left while the agent was down
+    a.reconcile("resync")
+    kernel_equals_desired(a, system, fleet[1:])
+
+
+def test_a_new_session_at_start_starts_the_grace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, reg, _system = make_agent(tmp_path, tag_instance="never")
+    monkeypatch.setattr("neti.registry.connect", lambda *args, **kw: reg)
+    a.reg = None
+    a.state.zookeeper.state = "connecting"
+    assert a._connect()
+    assert a.guard._mem.grace_why == "connect"
+
+
+# --- the apply generation, the state file that cannot be written, writes that wait
+
+
+def test_the_state_file_names_the_generation_the_kernel_holds(tmp_path: Path) -> None:
+    a, reg, system = make_agent(tmp_path)
+    fleet = [member(i) for i in range(5)]
+    reg.add(*fleet)
+    a.reconcile("resync")  # full
+    assert system.table is not None and system.table.generation == {a.state.generation}
+    reg.add(member(9))
+    a.reconcile("event")  # delta
+    assert system.table.generation == {a.state.generation}
+    before = a.state.generation
+    a.reconcile("resync")  # nothing to change: nothing written, the same generation
+    assert a.state.generation == before and system.table.generation == {before}
+    a._save()
+    saved = state_mod.read(a.cfg.state_dir)
+    assert saved is not None and saved.generation == before
+
+
+def test_a_state_file_that_cannot_be_written_is_told_through_the_runtime_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, reg, _system = make_agent(tmp_path, runtime_dir=str(tmp_path / "run"))
+    real = state_mod.write
+
+    def full(*args: object, **kw: object) -> Path:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(state_mod, "write", full)
+    a.reconcile("resync")
+    rec = state_mod.read_runtime(a._runtime_path)
+    assert rec is not None and rec.state_error == "No space left on device"
+    assert rec.pid == os.getpid() and rec.state_error_since is not None
+    assert a._save_due is not None and a._save_due - time.monotonic() <= core.STATE_RETRY
+    monkeypatch.setattr(state_mod, "write", real)  # space is back
+    a._save()
+    rec = state_mod.read_runtime(a._runtime_path)
+    assert rec is not None and rec.state_error is None
+    assert state_mod.read(a.cfg.state_dir) is not None
+
+
+def test_a_write_that_never_started_is_retried_whole_not_repaired(tmp_path: Path) -> None:
+    from neti.dataplane.system import NotWritten
+
+    a, reg, system = make_agent(tmp_path)
+    fleet = [member(i) for i in range(5)]
+    reg.add(*fleet)
+    a.reconcile("resync")
+    full: list[object] = []
+    real_apply = a.backend.apply
+
+    def locked(*args: object, **kw: object) -> None:
+        raise NotWritten("the xtables lock is held")
+
+    a.backend.apply_delta = locked  # type: ignore[method-assign]
+    a.backend.apply = lambda *x, **k: full.append(x) or real_apply(*x, **k)  # type: ignore[method-assign]
+    reg.add(member(9))
+    a.reconcile("event")
+    assert full == []  # no full apply after a write that never started
+    assert a.state.last_reconcile.result == "error"
+    assert "xtables lock" in a.state.last_reconcile.error
+    del a.backend.apply_delta
+    a.reconcile("retry")
+    kernel_equals_desired(a, system, [*fleet, member(9)])
+
+
+def test_an_apply_abandoned_at_a_stop_is_not_an_error(tmp_path: Path) -> None:
+    from neti.dataplane.system import Aborted
+
+    a, reg, _system = make_agent(tmp_path)
+    reg.add(member(1))
+    a.reconcile("resync")
+    errors = a.state.apply_errors
+
+    def stopping(*args: object, **kw: object) -> None:
+        raise Aborted("stopping")
+
+    a.backend.apply = stopping  # type: ignore[method-assign]
+    a.backend.apply_delta = stopping  # type: ignore[method-assign]
+    a._stop = True
+    reg.add(member(2))
+    a.reconcile("event")
+    assert a.state.apply_errors == errors and a.state.last_reconcile.result == "ok"
+
+
+def test_a_pending_state_file_is_written_when_the_lock_is_taken(tmp_path: Path) -> None:
+    a, reg, _system = make_agent(tmp_path)
+    reg.add(member(1))
+    a.reconcile("resync")
+    reg.add(member(2))
+    a.reconcile("event")  # debounced: not yet written
+    assert a._save_due is not None
+    a._flush_save()  # what System.lock calls before waiting
+    saved = state_mod.read(a.cfg.state_dir)
+    assert saved is not None and saved.generation == a.state.generation
+    assert saved.fleet is not None and len(saved.fleet.members) == 3
+    assert a._save_due is None

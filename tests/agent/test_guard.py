@@ -452,3 +452,36 @@ def test_a_host_back_within_the_settle_time_is_never_removed() -> None:
     clock.t += 10
     d = step(g, fleet(1), s)  # a later removal settles afresh
     assert d.reason == SETTLE and d.settle_left == 5.0
+
+
+def test_after_a_resumed_restart_the_first_read_does_not_settle_again() -> None:
+    """The removals a restarted agent finds happened while it was away: that one read counts
+    them together, so they apply at once (within the limit) and later ones settle again."""
+    clock = Clock()
+    s = Settings(max_change=20, window=60.0, fraction=1.0, grace=15.0, settle=5.0)
+    g = guard_with(clock, 1, 2, 3, 4)
+    g.resumed()
+    d = step(g, fleet(1, 2, 3), s)
+    assert not d.held and d.applied_removals == ("i-0004",)
+    clock.t += 1
+    d = step(g, fleet(1, 2), s)
+    assert d.reason == SETTLE and d.settle_left == 5.0
+
+
+def test_a_resume_keeps_the_limit() -> None:
+    clock = Clock()
+    s = Settings(max_change=1, window=60.0, fraction=1.0, grace=15.0, settle=5.0)
+    g = guard_with(clock, 1, 2, 3, 4)
+    g.resumed()
+    d = step(g, fleet(1, 2), s)
+    assert d.held and d.reason == LIMIT
+
+
+def test_a_resume_is_not_consumed_by_a_failed_apply() -> None:
+    clock = Clock()
+    s = Settings(max_change=20, window=60.0, fraction=1.0, settle=5.0)
+    g = guard_with(clock, 1, 2, 3)
+    g.resumed()
+    g.decide(fleet(1, 2), s)  # never committed: the kernel refused it
+    d = step(g, fleet(1, 2), s)
+    assert d.applied_removals == ("i-0003",)

@@ -52,17 +52,46 @@ def test_delay_drawn_within_configured_range() -> None:
     assert drawn == [(0.2, 1.0)]
 
 
-def test_any_reconcile_postpones_the_periodic_resync() -> None:
+def run(c: Clock, s: Scheduler, until: float, every: float, after: object = None) -> list:
+    """Drive ``s`` as the agent's loop does, with a watch event every ``every`` seconds:
+    sleep until the next deadline or event, reconcile when due. (time, reason) pairs."""
+    seen = []
+    next_event = c.t + every
+    end = c.t + until
+    while c.t < end:
+        c.t = min(next_event, s.next_deadline(), end)
+        if c.t >= next_event:
+            s.event()
+            next_event += every
+        while (reason := s.due()) is not None:
+            seen.append((round(c.t - 1000, 2), reason))
+            if callable(after):
+                after()
+    return seen
+
+
+def test_events_never_postpone_the_periodic_resync() -> None:
+    """One event every 8 s (faster than anything else) must not starve the resync."""
     c = Clock()
     s = make(c)
-    c.t += 30
-    s.event()
-    c.t += 0.5
-    assert s.due() == EVENT
-    c.t += 59
+    seen = run(c, s, 240, 8)
+    resyncs = [t for t, r in seen if r == RESYNC]
+    assert resyncs == [60, 120, 180, 240]
+    assert any(r == EVENT for _, r in seen)
+
+
+def test_guard_recheck_keeps_its_own_clock() -> None:
+    """Held members are looked at every 10 s even while events come every 4 s; the agent
+    re-arms the re-check after each reconcile (the sooner deadline stays)."""
+    c = Clock()
+    s = make(c)
+    s.recheck_in(10)
+    seen = run(c, s, 35, 4, after=lambda: s.recheck_in(10))
+    rechecks = [t for t, r in seen if r == RETRY]
+    assert rechecks == [10, 20, 30]
+    s.cancel_recheck()
+    c.t += 11
     assert s.due() is None
-    c.t += 1
-    assert s.due() == RESYNC
 
 
 def test_resync_now_is_immediate_and_clears_pending() -> None:
@@ -74,6 +103,8 @@ def test_resync_now_is_immediate_and_clears_pending() -> None:
     assert s.due() == RESYNC
     c.t += 1
     assert s.due() is None
+    c.t += 59
+    assert s.due() == RESYNC  # a forced resync restarts the period
 
 
 def test_retry() -> None:

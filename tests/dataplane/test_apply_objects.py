@@ -18,11 +18,13 @@ recorded = test_contract.recorded  # the contract tests' fixture: no kernel, a l
 class Counted(Fake):
     name = "counted"
 
-    def _prepare(self, desired: DesiredState, with_diff: bool) -> Prepared:
+    def _prepare(
+        self, desired: DesiredState, with_diff: bool, generation: int | None = None
+    ) -> Prepared:
         plan = Plan(self.name, {"x": "payload"}, ("+x",), ("wrote x",))
         return Prepared(plan, rules="add element { a, b, c }\n", objects=3)
 
-    def _write_delta(self, delta: Delta) -> list[str] | None:
+    def _write_delta(self, delta: Delta, generation: int | None = None) -> list[str] | None:
         return [f"wrote {delta.size}"]
 
 
@@ -72,6 +74,6 @@ def test_nftables_counts_elements_and_rules_not_lines() -> None:
     rules = sum(len(r) for r in chain_rules(state(50)).values())
     # One table, three sets, two chains, their rules, 50 + 50 elements (one line each in
     # nft -f: a line count would say 15).
-    assert b.apply(state(50)).objects == 1 + 3 + 2 + rules + 100
+    assert b.apply(state(50)).objects == 1 + 4 + 2 + rules + 100
     assert b.apply(state(51)).objects == 2  # one allowlist and one map element
     assert b.apply(state(51)).objects == 0

@@ -48,7 +48,9 @@ class Fake(Backend):
         self.log: list[str] = system.log  # type: ignore[attr-defined]
         self.leftover = leftover
 
-    def _prepare(self, desired: DesiredState, with_diff: bool) -> Prepared:
+    def _prepare(
+        self, desired: DesiredState, with_diff: bool, generation: int | None = None
+    ) -> Prepared:
         self.log.append(f"prepare diff={with_diff}")
         plan = Plan(self.name, {"x": "payload"}, ("+x",), ("wrote x",))
         return Prepared(plan, allowlist="sets", rules="rules")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -71,3 +72,54 @@ def test_unreadable_pid1_falls_back_to_kthreadd(
 def test_cannot_tell_means_refuse(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(system.os, "stat", _stat_failing({"/proc/1/ns/net", "/proc/2/ns/net"}))
     assert system.in_init_netns()
+
+
+# --- bounded, abandonable waits (no root: commands run here, the lock file in tmp_path)
+
+
+def test_abort_ends_a_command_in_flight_and_refuses_new_ones() -> None:
+    s = System()
+    threading.Timer(0.3, s.abort).start()
+    with pytest.raises(system.Aborted, match="sleep 60 abandoned: stopping"):
+        s.run(["sleep", "60"])
+    with pytest.raises(system.Aborted, match="not started"):
+        s.run(["true"])
+
+
+def test_a_command_past_its_deadline_is_killed() -> None:
+    with pytest.raises(DataplaneError, match="did not finish in 0.2s") as exc:
+        System().run(["sleep", "60"], timeout=0.2)
+    assert not isinstance(exc.value, system.Aborted)
+
+
+def test_input_reaches_a_slow_command() -> None:
+    out = System().run(["sh", "-c", "sleep 0.2; cat"], input="x" * 200_000)
+    assert len(out.stdout) == 200_000
+
+
+def test_the_dataplane_lock_has_a_deadline_and_names_its_holder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(system, "LOCK_DIR", str(tmp_path))
+    holder, waiter = System(), System()
+    called: list[str] = []
+    waiter.on_busy = lambda: called.append("busy")
+    with holder.lock():
+        with pytest.raises(system.LockBusy) as exc, waiter.lock(timeout=0.2):
+            pass
+        assert exc.value.holder == os.getpid() and exc.value.since is not None
+        assert "held by pid" in str(exc.value)
+        assert called == ["busy"]  # told before waiting
+        threading.Timer(0.2, waiter.abort).start()
+        with pytest.raises(system.Aborted), waiter.lock(timeout=60):
+            pass
+    with System().lock(timeout=0.2):
+        pass  # free again once its holder is done
+
+
+def test_a_damaged_lock_file_names_nobody() -> None:
+    assert system.lock_holder("") == (None, None)
+    assert system.lock_holder("12 x") == (None, None)
+    assert system.lock_holder("-3 5.0") == (None, None)
+    assert system.lock_holder("12 1e300") == (None, None)
+    assert system.lock_holder("12 1700000000.5\n") == (12, 1700000000.5)

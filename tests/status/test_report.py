@@ -235,7 +235,7 @@ def test_json_is_the_state_files_serialisation_plus_the_verdict() -> None:
     }  # fmt: skip
     assert stable <= d.keys()
     assert "fleet" not in d
-    assert d["agent"] == {"pid": 123, "running": True, "version": ""}
+    assert d["agent"] == {"pid": 123, "running": True, "version": "", "state_file_error": None}
     assert d["members"] == 2 and d["network"] == "ec2"
 
 
@@ -243,4 +243,9 @@ def test_json_without_a_state_file_keeps_its_shape() -> None:
     d = to_dict(run(None, alive=False))
     assert d["identity"] is None and d["guard"] is None and d["last_reconcile"] is None
     assert d["members"] == 0 and d["members_by_network"] == {} and d["skipped"] == 0
-    assert d["agent"] == {"pid": None, "running": False, "version": None}
+    assert d["agent"] == {
+        "pid": None,
+        "running": False,
+        "version": None,
+        "state_file_error": None,
+    }

@@ -52,9 +52,16 @@ class NftTable:
     dnat: dict[str, str] = field(default_factory=dict)
     chains: dict[str, tuple[str, str, int]] = field(default_factory=dict)
     rules: dict[str, list[str]] = field(default_factory=dict)
+    generation: set[int] = field(default_factory=set)  # the set of that name (one mark)
 
     def copy(self) -> NftTable:
-        return NftTable(set(self.allow), dict(self.dnat), dict(self.chains), dict(self.rules))
+        return NftTable(
+            set(self.allow),
+            dict(self.dnat),
+            dict(self.chains),
+            dict(self.rules),
+            set(self.generation),
+        )
 
 
 _ELEMS = re.compile(r"\{(.*)\}")
@@ -473,7 +480,7 @@ class KernelFreeSystem(System):
         raise DataplaneError("a kernel-free system starts no processes")
 
     @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
+    def lock(self, timeout: float = 0.0) -> Iterator[None]:
         yield
 
     def read_sysctl(self, key: str) -> str | None:
@@ -623,6 +630,8 @@ class FakeSystem(KernelFreeSystem):
                 elems = _elements(line)
                 if block == ("set", nft.ALLOW_SET):
                     table.allow = set(elems)
+                elif block == ("set", nft.GEN_SET):
+                    table.generation = {int(e) for e in elems}
                 elif block == ("map", nft.DNAT_MAP):
                     table.dnat = dict(tuple(x.strip() for x in e.split(":")) for e in elems)  # type: ignore[misc]
             elif line.startswith("type ") and block is not None and block[0] == "chain":
@@ -630,11 +639,15 @@ class FakeSystem(KernelFreeSystem):
                 table.chains[block[1]] = (w[1], w[3], int(w[5]))
             elif 'comment "' in line and block is not None and block[0] == "chain":
                 table.rules[block[1]].append(line.split('comment "', 1)[1].rstrip('"'))
+            elif line == f"flush set {ref} {nft.GEN_SET}":
+                table.generation = set()
             elif line.startswith(("add element", "delete element")):
                 verb, _, _fam, _tbl, name = line.split()[:5]
                 for e in _elements(line):
                     key, _, val = (x.strip() for x in e.partition(":"))
-                    if name == nft.ALLOW_SET:
+                    if name == nft.GEN_SET:
+                        table.generation.add(int(key))
+                    elif name == nft.ALLOW_SET:
                         if verb == "delete":
                             if key not in table.allow:
                                 return 1, "", "Error: Could not process rule: No such file"
@@ -660,6 +673,7 @@ class FakeSystem(KernelFreeSystem):
         items: list[dict[str, Any]] = [{"metainfo": {}}, {"table": {"name": nft.TABLE}}]
         items.append({"set": {"name": nft.ALLOW_SET, "elem": sorted(t.allow)}})
         items.append({"set": {"name": nft.AUDIT_SET, "elem": []}})
+        items.append({"set": {"name": nft.GEN_SET, "elem": sorted(t.generation)}})
         items.append({"map": {"name": nft.DNAT_MAP, "elem": [[k, v] for k, v in t.dnat.items()]}})
         for name, (kind, hook, prio) in t.chains.items():
             items.append(
