@@ -43,7 +43,7 @@ def test_an_event_writes_one_element_and_one_leaf(tmp_path: Path) -> None:
     a.reconcile("event")
     assert a.state.last_reconcile.result == "ok"
     assert system.reads() == []
-    assert [c.argv[:2] for c in system.calls] == [["ipset", "add"], ["iptables-nft-restore", "-w"]]
+    assert [c.argv[:2] for c in system.calls] == [["iptables-nft-restore", "-w"], ["ipset", "add"]]
     kernel_equals_desired(a, system, [*fleet, new])
 
 

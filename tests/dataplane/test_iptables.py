@@ -169,7 +169,7 @@ def test_plan_changes_nothing_and_says_what_apply_writes() -> None:
     b.apply(desired(3))
     written = {c.argv[0]: c.input for c in fs.writes()}
     assert written["ipset"] == plan.payloads["ipset"]
-    assert written["iptables-nft-restore"] == plan.payloads["nat"] + plan.payloads["filter"]
+    assert written["iptables-nft-restore"] == plan.payloads["filter"] + plan.payloads["nat"]
 
 
 def test_foreign_rules_and_sets_survive_apply_and_uninstall() -> None:
@@ -307,13 +307,13 @@ def test_one_members_change_is_written_without_a_read() -> None:
     result = b.apply_delta(model.update([fleet[moved.instance_id]], [moved]))
     assert result is not None and result.changed
     assert fs.reads() == []
-    # One element added in place (member 717 still has the old address), and the one DNAT
-    # leaf rewritten.
+    # The one DNAT leaf rewritten, then one element added in place (member 717 still has the
+    # old address): the restore first, so a refused restore leaves the set untouched too.
     assert [c.argv for c in fs.calls] == [
-        ["ipset", "add", "-exist", ipset.ALLOW_SET, "100.99.0.1"],
         ["iptables-nft-restore", "-w", "10", "--noflush"],
+        ["ipset", "add", "-exist", ipset.ALLOW_SET, "100.99.0.1"],
     ]
-    nat_payload = fs.calls[-1].input or ""
+    nat_payload = fs.calls[0].input or ""
     assert nat_payload.count(":NETI-DNAT-") == 1 and ":NETI-DNAT " not in nat_payload
     assert kernel(fs) == fresh(model.state())
 
