@@ -18,8 +18,10 @@ Layout (docs/dataplane.md has the full picture):
 
 Both tables go into ONE ``iptables-restore --noflush`` run that names only chains whose rules
 differ from the kernel's: declaring ``:NETI-X - [0:0]`` creates or flushes only that chain,
-other software's chains are never named, sub-chains no longer wanted are deleted at the end,
-and with iptables-nft the whole payload is a single kernel transaction. Jump rules are read
+other software's chains are never named, sub-chains no longer wanted are deleted at the end.
+Each table's block (up to its COMMIT) is one kernel transaction, with iptables-nft as with
+legacy: a nat block that fails leaves a filter block before it committed, which is why the
+generation goes last (status then sees the kernel hold the old apply). Jump rules are read
 back first and only added when missing, so repeated applies never duplicate them. Reading,
 restoring, variants and uninstall go through ``xtables.Runner``, shared with zkproxy.
 
