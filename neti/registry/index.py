@@ -29,7 +29,7 @@ from neti.registry.snapshot import (
     same_addrs,
     screen,
 )
-from neti.registry.verify import Candidate, Verdict
+from neti.registry.verify import Candidate, Verdict, keyed
 
 Key = tuple[str, str]  # (parent path, node name), as verify.Candidate.key
 Skip = tuple[str, str]  # (reason code, text)
@@ -464,6 +464,7 @@ class FleetIndex:
             if not v.ok:
                 entry.skip = self._skip(v.code or "malformed", v.text)
                 return
+            got = entry.cand = keyed(got, v)
         entry.passing = True
         m = got.member
         if m.legacy:

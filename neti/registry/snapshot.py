@@ -28,7 +28,7 @@ from neti.registry import addr
 from neti.registry.addr import HostContext, MalformedEntry
 from neti.registry.codec import V1, decode_member, name_format
 from neti.registry.legacy import decode_legacy
-from neti.registry.verify import Candidate, Verdict
+from neti.registry.verify import Candidate, Verdict, keyed
 
 VerifyFn = Callable[[list[Candidate]], Mapping[tuple[str, str], Verdict]]
 OnSkip = Callable[[str, str], None]
@@ -195,6 +195,7 @@ def build_fleet(
             if not v.ok:
                 skip(v.code or "malformed", v.text)
                 continue
+            c = keyed(c, v)
         passing.append(c)
 
     # One instance ID: identical entries count once, different ones are all dropped.

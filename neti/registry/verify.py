@@ -19,6 +19,10 @@ believe it. An entry is programmed only when
   the record bound to the node's session already says the instance created it;
 - the optional ``attest_check(name, data, ephemeral_owner)`` hook (a record-signature check)
   returns None (``attestation``; ``replayed`` for a record signed for another session).
+  Only then are the record's WireGuard key and port read (attest.wireguard_of) and carried
+  in the verdict, so a key is used only from a record the member's own certificate signed;
+  a malformed pair refuses the entry (``bad_wg_key``, ``bad_wg_port``). Without the hook
+  (an open registry) no key is ever read: every member is a cleartext one.
 
 Cost: each entry is verified once, when its name first appears (two reads; on a secured
 registry five with the claims' ACLs and id-to-ip, six without records; issued together with
@@ -38,14 +42,14 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from kazoo.exceptions import NoAuthError, NoNodeError
 from kazoo.handlers.threading import KazooTimeoutError
 
 from neti.fleet import Member
-from neti.registry import addr
+from neti.registry import addr, attest
 from neti.registry.acl import Ownership
 from neti.registry.addr import MalformedEntry
 from neti.registry.attest import MAX_RECORD
@@ -79,10 +83,13 @@ class Candidate:
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
-    """None ``code``: the entry may be programmed; else a reason code and its text."""
+    """None ``code``: the entry may be programmed; else a reason code and its text.
+    ``wg_key``/``wg_port``: the WireGuard key and port of a passing entry's signed record."""
 
     code: str | None = None
     text: str = ""
+    wg_key: str = ""
+    wg_port: int = 0
 
     @property
     def ok(self) -> bool:
@@ -90,6 +97,13 @@ class Verdict:
 
 
 OK = Verdict()
+
+
+def keyed(c: Candidate, v: Verdict | None) -> Candidate:
+    """``c`` with the WireGuard key and port its passing verdict verified (if any)."""
+    if v is None or not v.wg_key:
+        return c
+    return replace(c, member=replace(c.member, wg_key=v.wg_key, wg_port=v.wg_port))
 
 
 @dataclass(frozen=True, slots=True)
@@ -325,6 +339,7 @@ class Verifier:
                 why = str(why)
                 code = "replayed" if why.startswith("replayed:") else "attestation"
                 return Verdict(code, f"{what}: {why[:_MAX_HOOK_TEXT]}")
+            return _wireguard(what, node.data)
         return OK
 
     def _owned_claim(
@@ -349,3 +364,18 @@ class Verifier:
                 f"{id_path} says {said[:40]!r}, not {m.overlay_ip}: {ip_path} is an excess claim",
             )
         return None
+
+
+def _wireguard(what: str, data: bytes) -> Verdict:
+    """A passing verdict for a member whose record verified: with the record's WireGuard key
+    and port when it has them, or the refusal of a malformed pair."""
+    record = attest.parse_record(data)
+    if isinstance(record, str):
+        return OK  # a v1 record (or a hook's own format): no fields, no key
+    got = attest.wireguard_of(record.fields)
+    if got is None:
+        return OK
+    if isinstance(got, str):
+        code, _, text = got.partition(": ")
+        return Verdict(code, f"{what}: {text}")
+    return Verdict(wg_key=got[0], wg_port=got[1])
