@@ -7,6 +7,13 @@ nothing to change writes nothing.
 The address rule is the original Neti's: a member in this host's network is reached by (and
 seen as) its private IP, a member elsewhere by its public IP, because the networks cannot route
 to each other privately and their private ranges may even overlap.
+
+Encryption (``encryption.mode: wireguard`` and this host's WireGuard public key given): a
+member that published a verified key and, under ``scope: cross-network``, is in another
+network, is a tunnel ``Peer`` (its key, that same address as the endpoint, its overlay /32)
+instead of a DNAT mapping; its address is admitted to the WireGuard port only
+(``tunnel_allow``), not to everything (``allow``), so a packet forged with it as source meets
+reject_all. Every other member is exactly as without encryption.
 """
 
 from __future__ import annotations
@@ -67,6 +74,85 @@ class Dnat:
         }
 
 
+@dataclass(frozen=True, slots=True, order=True)
+class Peer:
+    """One member reached through the tunnel: WireGuard peer ``key`` at ``endpoint``:``port``
+    (the address this host reaches it by), carrying its overlay IP (allowed-ips, a /32)."""
+
+    overlay_ip: IPv4Address
+    key: str
+    endpoint: IPv4Address
+    port: int
+    origin: str = field(default="", compare=False)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "overlay_ip": str(self.overlay_ip),
+            "key": self.key,
+            "endpoint": str(self.endpoint),
+            "port": self.port,
+            "origin": self.origin,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Peer:
+        from neti.identity.wireguard import public_key
+
+        port = d.get("port")
+        if type(port) is not int or not 0 < port < 65536:
+            raise ValueError(f"peer port {port!r} is not 1-65535")
+        return cls(
+            IPv4Address(str(d["overlay_ip"])),
+            public_key(str(d["key"])),
+            IPv4Address(str(d["endpoint"])),
+            port,
+            str(d.get("origin", "")),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Tunnel:
+    """This host's WireGuard interface. The private key is never part of a desired state
+    (it stays in its file; the dataplane is handed it separately): ``public_key`` says which
+    key the interface must hold. ``address``: this host's overlay IP, on the interface.
+    ``source``: this host's private IP, the source the overlay route gives connections, so
+    DNAT'd (cleartext) ones leave as before; tunneled ones are SNATed to ``address``."""
+
+    interface: str
+    listen_port: int
+    public_key: str
+    address: IPv4Address | None
+    source: IPv4Address
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "interface": self.interface,
+            "listen_port": self.listen_port,
+            "public_key": self.public_key,
+            "address": None if self.address is None else str(self.address),
+            "source": str(self.source),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Tunnel:
+        from neti.config import IFNAME_RE
+        from neti.identity.wireguard import public_key
+
+        name, port = d.get("interface"), d.get("listen_port")
+        if not isinstance(name, str) or not IFNAME_RE.match(name):
+            raise ValueError(f"tunnel interface {name!r} is not an interface name")
+        if type(port) is not int or not 0 < port < 65536:
+            raise ValueError(f"tunnel listen_port {port!r} is not 1-65535")
+        address = d.get("address")
+        return cls(
+            name,
+            port,
+            public_key(str(d["public_key"])),
+            None if address is None else IPv4Address(str(address)),
+            IPv4Address(str(d["source"])),
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class DesiredState:
     """Everything a dataplane backend needs; tuples are sorted and free of duplicates."""
@@ -86,6 +172,11 @@ class DesiredState:
     chain_first: bool = False
     conntrack_max: int = 0
     conntrack_hashsize: int = 0
+    # Encryption (None: off, and the two tuples stay empty): the interface, the members
+    # reached through it, and their addresses, admitted to its UDP port only.
+    tunnel: Tunnel | None = None
+    peers: tuple[Peer, ...] = ()
+    tunnel_allow: tuple[IPv4Address, ...] = ()
     # Human-readable "instance: reason" lines for members left out (fully or from DNAT),
     # at most neti.fleet.MAX_SKIP_SAMPLES of them; the counts by reason code are complete.
     skipped: tuple[str, ...] = field(default=(), compare=False)
@@ -110,6 +201,16 @@ class DesiredState:
             "conntrack_hashsize": self.conntrack_hashsize,
             "skipped": list(self.skipped),
             "skipped_by_reason": dict(self.skipped_by_reason),
+        } | self._tunnel_dict()
+
+    def _tunnel_dict(self) -> dict[str, Any]:
+        """Present only with encryption on: a state without it reads as before."""
+        if self.tunnel is None:
+            return {}
+        return {
+            "tunnel": self.tunnel.as_dict(),
+            "peers": [p.as_dict() for p in self.peers],
+            "tunnel_allow": [str(a) for a in self.tunnel_allow],
         }
 
     @classmethod
@@ -135,6 +236,9 @@ class DesiredState:
             conntrack_max=int(d.get("conntrack_max", 0)),
             conntrack_hashsize=int(d.get("conntrack_hashsize", 0)),
             skipped=[str(s) for s in d.get("skipped", [])],
+            tunnel=Tunnel.from_dict(d["tunnel"]) if d.get("tunnel") is not None else None,
+            peers=[Peer.from_dict(p) for p in d.get("peers", [])],
+            tunnel_allow=[str(a) for a in d.get("tunnel_allow", [])],
         )
 
 
@@ -160,6 +264,9 @@ def build(
     skipped: Any = (),
     skipped_by_reason: dict[str, int] | None = None,
     chain_first: bool = False,
+    tunnel: Tunnel | None = None,
+    peers: Any = (),
+    tunnel_allow: Any = (),
 ) -> DesiredState:
     """A DesiredState in canonical form (sorted, deduplicated); one overlay IP, one target.
 
@@ -171,6 +278,12 @@ def build(
     by_overlay: dict[IPv4Address, Dnat] = {}
     for d in dnat:
         by_overlay.setdefault(d.overlay_ip, d)
+    if tunnel is None and (peers or tunnel_allow):
+        raise ValueError("peers and tunnel_allow need a tunnel")
+    by_peer: dict[IPv4Address, Peer] = {}
+    for p in peers:
+        if p.overlay_ip not in by_overlay:  # a DNAT mapping wins: it runs before routing
+            by_peer.setdefault(p.overlay_ip, p)
     ports = {p if isinstance(p, PortSpec) else PortSpec.model_validate(p) for p in open_ports}
     return DesiredState(
         overlay_subnet=IPv4Network(overlay_subnet),
@@ -191,6 +304,14 @@ def build(
         conntrack_hashsize=conntrack_hashsize,
         skipped=tuple(skipped),
         skipped_by_reason=dict(skipped_by_reason or {}),
+        tunnel=tunnel,
+        peers=tuple(sorted(by_peer.values(), key=lambda p: int(p.overlay_ip))),
+        tunnel_allow=tuple(
+            sorted(
+                {a if isinstance(a, IPv4Address) else IPv4Address(a) for a in tunnel_allow},
+                key=int,
+            )
+        ),
     )
 
 
@@ -199,20 +320,62 @@ def reach_address(identity: Identity, member: Member) -> IPv4Address:
     return member.private_ip if member.network == identity.network else member.public_ip
 
 
+Route = Dnat | Peer  # how an overlay IP is reached: rewritten to an address, or tunneled
+
+
 @dataclass(frozen=True, slots=True)
 class Entry:
-    """What one member adds to the desired state: an allowlist source and one DNAT mapping."""
+    """What one member adds to the desired state: a source address and how its overlay IP
+    is reached. A DNAT mapping's source goes to the allowlist; a tunnel peer's to the
+    WireGuard port's (``tunnel_allow``)."""
 
     allow: IPv4Address
-    dnat: Dnat
+    route: Route
     rank: int  # who wins a duplicated overlay IP: lowest (rank, instance_id); see compute
+
+    @property
+    def peer(self) -> Peer | None:
+        return self.route if isinstance(self.route, Peer) else None
+
+
+@dataclass(frozen=True, slots=True)
+class Encryption:
+    """This host's side of encryption, as member_entry needs it."""
+
+    network: str
+    scope_all: bool
+    key: str  # this host's own public key (a member publishing it gets no tunnel)
+
+
+def encryption_for(identity: Identity, cfg: Config, wg_key: str | None) -> Encryption | None:
+    """None unless ``encryption.mode`` is wireguard and this host's public key is known."""
+    if not cfg.encryption.on or not wg_key:
+        return None
+    return Encryption(identity.network, cfg.encryption.scope == "all", wg_key)
+
+
+def tunnel_for(identity: Identity, cfg: Config, wg_key: str, address: IPv4Address | None) -> Tunnel:
+    enc = cfg.encryption
+    return Tunnel(enc.interface, enc.listen_port, wg_key, address, identity.private_ip)
+
+
+def duplicate_key_text(iid: str, n: int) -> str:
+    if n == 0:
+        return f"{iid}: publishes this host's own WireGuard key; no tunnel, no DNAT"
+    return f"{iid}: its WireGuard key is published by {n} members; none gets a tunnel or DNAT"
 
 
 def member_entry(
-    identity: Identity, m: Member, subnet: IPv4Network, ctx: addr.HostContext
+    identity: Identity,
+    m: Member,
+    subnet: IPv4Network,
+    ctx: addr.HostContext,
+    enc: Encryption | None = None,
 ) -> Entry | tuple[str, str]:
     """One other member's part of the desired state, or (reason code, text) when it is left
-    out. Pure: ``compute`` is the fold of this over the fleet (tests/desired check it)."""
+    out. Pure: ``compute`` is the fold of this over the fleet (tests/desired check it).
+    With ``enc``, a member with a key in another network (any, under scope all) is a tunnel
+    peer; the duplicate-key rule (``compute``) may still leave it out."""
     same = m.network == identity.network
     target = m.private_ip if same else m.public_ip
     bad = ctx.target_problem(target, same_network=same)
@@ -225,7 +388,10 @@ def member_entry(
     # Members published by Neti itself win a duplicated overlay IP over legacy entries,
     # then the smallest instance ID: deterministic on every host. (The registry reader has
     # already dropped every conflict it saw; this only guards other inputs.)
-    return Entry(target, Dnat(m.overlay_ip, target, m.instance_id), 2 if m.legacy else 1)
+    rank = 2 if m.legacy else 1
+    if enc is not None and m.wg_key and (enc.scope_all or not same):
+        return Entry(target, Peer(m.overlay_ip, m.wg_key, target, m.wg_port, m.instance_id), rank)
+    return Entry(target, Dnat(m.overlay_ip, target, m.instance_id), rank)
 
 
 def compute(
@@ -234,6 +400,7 @@ def compute(
     cfg: Config,
     self_overlay: IPv4Address | None = None,
     host: addr.HostContext | None = None,
+    wg_key: str | None = None,
 ) -> DesiredState:
     """The desired kernel state for ``identity`` given the live ``fleet``.
 
@@ -242,15 +409,19 @@ def compute(
     instance ID is otherwise used, with this host's own (authoritative) addresses.
     ``host`` is the address predicate's context (default: ``host_context(identity, cfg)``,
     which knows no LAN); every member target passes it or the member is left out.
+    ``wg_key``: this host's WireGuard public key; with ``encryption.mode: wireguard`` it
+    turns the tunnel on (without it every member stays on DNAT).
     """
     subnet = cfg.overlay_subnet
     ctx = host if host is not None else host_context(identity, cfg)
+    enc = encryption_for(identity, cfg, wg_key)
     tally = SkipTally()
     allow: set[IPv4Address] = set()
-    # overlay IP -> (rank, instance_id, target): the lowest rank wins a duplicated overlay IP.
-    owners: dict[IPv4Address, tuple[tuple[int, str], Dnat]] = {}
+    tunnel_allow: set[IPv4Address] = set()
+    # overlay IP -> (rank, instance_id, route): the lowest rank wins a duplicated overlay IP.
+    owners: dict[IPv4Address, tuple[tuple[int, str], Route]] = {}
 
-    def offer(rank: int, iid: str, d: Dnat) -> None:
+    def offer(rank: int, iid: str, d: Route) -> None:
         key = (rank, iid)
         cur = owners.get(d.overlay_ip)
         if cur is None or key < cur[0]:
@@ -279,6 +450,7 @@ def compute(
             continue
         members.append(m)
 
+    address = None  # this host's overlay IP, on the tunnel interface
     if mine is not None and not own_problem:
         problem = overlay_problem(mine, subnet)
         if problem:
@@ -288,8 +460,11 @@ def compute(
             )
         else:
             offer(0, identity.instance_id, Dnat(mine, identity.private_ip, "self"))
+            address = mine
 
     seen_ids: set[str] = set()
+    entries: list[tuple[str, Entry]] = []
+    keys: dict[str, int] = {}  # tunnel peers' keys: a key two members publish is no one's
     for m in members:
         if m.instance_id in seen_ids:
             tally.add(
@@ -297,20 +472,43 @@ def compute(
             )
             continue
         seen_ids.add(m.instance_id)
-        e = member_entry(identity, m, subnet, ctx)
+        e = member_entry(identity, m, subnet, ctx, enc)
         if isinstance(e, tuple):
             tally.add(*e)
             continue
-        allow.add(e.allow)
-        offer(e.rank, m.instance_id, e.dnat)
+        entries.append((m.instance_id, e))
+        if e.peer is not None:
+            keys[e.peer.key] = keys.get(e.peer.key, 0) + 1
+    for iid, e in entries:
+        peer = e.peer
+        if peer is not None and enc is not None:
+            n = 0 if peer.key == enc.key else keys[peer.key]
+            if n != 1:
+                tally.add("duplicate_key", duplicate_key_text(iid, n))
+                continue
+            tunnel_allow.add(e.allow)
+        else:
+            allow.add(e.allow)
+        offer(e.rank, iid, e.route)
 
-    dnat = {ip: d for ip, (_, d) in owners.items()}
+    dnat = {ip: d for ip, (_, d) in owners.items() if isinstance(d, Dnat)}
     found, problems = overrides(cfg)
     for text in problems:
         tally.add("override", text)
     dnat.update(found)
-
-    return build_for(cfg, subnet, allow, dnat.values(), tally.samples, tally.counts())
+    peers = [p for _, p in owners.values() if isinstance(p, Peer) and p.overlay_ip not in found]
+    tunnel = tunnel_for(identity, cfg, enc.key, address) if enc is not None else None
+    return build_for(
+        cfg,
+        subnet,
+        allow,
+        dnat.values(),
+        tally.samples,
+        tally.counts(),
+        tunnel=tunnel,
+        peers=peers,
+        tunnel_allow=tunnel_allow,
+    )
 
 
 def build_for(
@@ -320,6 +518,9 @@ def build_for(
     dnat: Any,
     skipped: Any,
     skipped_by_reason: dict[str, int],
+    tunnel: Tunnel | None = None,
+    peers: Any = (),
+    tunnel_allow: Any = (),
 ) -> DesiredState:
     """build() with everything but the members taken from ``cfg`` (compute and the model)."""
     return build(
@@ -336,6 +537,9 @@ def build_for(
         skipped=skipped,
         skipped_by_reason=skipped_by_reason,
         chain_first=cfg.chain_position == "first",
+        tunnel=tunnel,
+        peers=peers,
+        tunnel_allow=tunnel_allow,
     )
 
 
