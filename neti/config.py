@@ -297,8 +297,9 @@ class ZkAclConfig(BaseModel):
 
 
 # A Linux interface name (IFNAMSIZ is 16 with the NUL): it ends up in `ip link`, iptables'
-# -i/-o, nft's iifname and, with wireguard-go, the path of its control socket.
-IFNAME_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,14}\Z")
+# -i/-o, nft's iifname (unquoted: so it starts with a letter) and, with wireguard-go, the
+# path of its control socket.
+IFNAME_RE = re.compile(r"\A[A-Za-z][A-Za-z0-9_.-]{0,14}\Z")
 # Names the kernel gives another meaning (net.ipv4.conf.all, .default) or that are taken.
 RESERVED_IFNAMES = frozenset({"lo", "all", "default"})
 
@@ -307,7 +308,7 @@ def _ifname(value: Any) -> Any:
     if not isinstance(value, str) or not IFNAME_RE.match(value) or value in RESERVED_IFNAMES:
         raise ValueError(
             f"{_short(value)} is not an interface name Neti can own (1-15 letters, digits, "
-            "'_', '.', '-', starting with a letter or digit; not lo, all or default)"
+            "'_', '.', '-', starting with a letter; not lo, all or default)"
         )
     return value
 

@@ -74,6 +74,7 @@ def test_on_is_not_a_mode() -> None:
         ("interface", "a/b", "is not an interface name"),
         ("interface", "'a:b'", "is not an interface name"),
         ("interface", "'-x'", "is not an interface name"),
+        ("interface", "'0neti'", "is not an interface name"),
         ("interface", "'.'", "is not an interface name"),
         ("interface", "lo", "is not an interface name"),
         ("interface", "all", "is not an interface name"),

@@ -17,6 +17,7 @@ from neti.errors import DataplaneError
 if TYPE_CHECKING:
     from neti.config import Config
     from neti.dataplane.base import ApplyResult, Backend, DataplaneStatus, Feature, Plan
+    from neti.dataplane.wireguard import KeySource
 
 _LAZY = ("ApplyResult", "Backend", "DataplaneStatus", "Feature", "Plan")
 
@@ -36,12 +37,36 @@ def _load(name: str) -> type[Backend]:
     return getattr(importlib.import_module(module), cls)
 
 
-def select(cfg: Config | None = None, netns: str | None = None, name: str | None = None) -> Backend:
+def select(
+    cfg: Config | None = None,
+    netns: str | None = None,
+    name: str | None = None,
+    keys: KeySource | None = None,
+) -> Backend:
     """The backend ``name`` (default: ``cfg.backend``) names (``auto``: the first supported).
 
     ``netns`` runs every command inside that named network namespace (tests, the lab,
-    benchmarks); None means this process's own namespace.
+    benchmarks); None means this process's own namespace. With ``encryption.mode:
+    wireguard`` the backend gets Neti's WireGuard interface; ``keys`` gives it this host's
+    key pair when it must write it (default: read from ``state_dir``).
     """
+    backend = _select(cfg, netns, name)
+    if cfg is not None and cfg.encryption.on:
+        from neti.dataplane.wireguard import WireGuardLink
+        from neti.identity import wireguard as wg
+
+        if keys is None:
+            path = wg.key_path(cfg.state_dir)
+
+            def keys() -> wg.KeyPair:
+                return wg.load(path)
+
+        enc = cfg.encryption
+        backend.wireguard = WireGuardLink(backend.system, enc.interface, enc.implementation, keys)
+    return backend
+
+
+def _select(cfg: Config | None, netns: str | None, name: str | None) -> Backend:
     system = System(netns)
     wanted = name or (cfg.backend if cfg is not None else "auto")
     if wanted != "auto" and wanted not in BACKENDS:
