@@ -48,9 +48,12 @@ def select(
     ``netns`` runs every command inside that named network namespace (tests, the lab,
     benchmarks); None means this process's own namespace. With ``encryption.mode:
     wireguard`` the backend gets Neti's WireGuard interface; ``keys`` gives it this host's
-    key pair when it must write it (default: read from ``state_dir``).
+    key pair when it must write it (default: read from ``state_dir``). With it off, an
+    interface of that name left from when it was on is removed on the first apply.
     """
     backend = _select(cfg, netns, name)
+    if cfg is not None and not cfg.encryption.on:
+        backend.wireguard_leftover = cfg.encryption.interface
     if cfg is not None and cfg.encryption.on:
         from neti.dataplane.wireguard import WireGuardLink
         from neti.identity import wireguard as wg

@@ -189,6 +189,9 @@ class Backend(abc.ABC):
         # Neti's WireGuard interface (encryption on; select() attaches it). None: the
         # backend never looks at one, and a desired state with a tunnel is refused.
         self.wireguard: WireGuardLink | None = None
+        # Encryption off: the interface name a host that had it on may have left behind,
+        # removed like another backend's leftovers (the first apply, uninstall).
+        self.wireguard_leftover: str | None = None
 
     @property
     def label(self) -> str:
@@ -306,6 +309,7 @@ class Backend(abc.ABC):
                         done, warned = other._remove_objects()
                         changes += done
                         warnings += warned
+                changes += self._remove_leftover_tunnel()
                 self._swept = True
         self.applied, self.allow_size = desired, len(desired.allow)
         self.full_applies += 1
@@ -397,6 +401,7 @@ class Backend(abc.ABC):
                     warnings += warned
             if self.wireguard is not None:
                 changes += self.wireguard.remove()
+            changes += self._remove_leftover_tunnel()
             changes += route.remove(self.system)
         return ApplyResult(
             backend=self.label,
@@ -419,6 +424,11 @@ class Backend(abc.ABC):
             route=routes[0] if routes else None,
             tunnel=self.wireguard.status() if self.wireguard is not None else None,
         )
+
+    def _remove_leftover_tunnel(self) -> list[str]:
+        if self.wireguard is not None or self.wireguard_leftover is None:
+            return []
+        return WireGuardLink(self.system, self.wireguard_leftover).remove()
 
     def _ensure_tunnel(self, desired: DesiredState) -> list[str]:
         """The WireGuard interface as ``desired`` says (removed when it has no tunnel)."""
