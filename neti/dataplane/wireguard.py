@@ -163,8 +163,16 @@ def parse_links(text: str, interface: str, source: IPv4Address | None = None) ->
         out.kind = info.get("info_kind") if isinstance(info, dict) else None
         out.up = isinstance(flags, list) and "UP" in flags
         out.mtu = mtu
-        out.addresses = tuple(sorted(f"{a.get('local')}/{a.get('prefixlen')}" for a in v4))
+        out.addresses = tuple(sorted(filter(None, (_address(a) for a in v4))))
     return out
+
+
+def _address(a: dict[str, Any]) -> str | None:
+    """``a.b.c.d/len`` of one ``addr_info`` entry, None when it is not one."""
+    try:
+        return str(IPv4Interface(f"{a.get('local')}/{a.get('prefixlen')}"))
+    except ValueError:
+        return None
 
 
 def tunnel_mtu(underlay: int | None) -> int:

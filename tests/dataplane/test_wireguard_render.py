@@ -130,6 +130,19 @@ def test_parse_links_survives_odd_json(text: str) -> None:
     assert not parse_links(text, "neti0").exists
 
 
+def test_parse_links_keeps_only_addresses() -> None:
+    odd = {
+        **WG,
+        "addr_info": [
+            {"family": "inet", "local": "192.168.0.10", "prefixlen": 32},
+            {"family": "inet"},
+            {"family": "inet", "local": "x", "prefixlen": 99},
+            "junk",
+        ],
+    }
+    assert parse_links(links(odd), "neti0").addresses == ("192.168.0.10/32",)
+
+
 def test_parse_links_refuses_non_json() -> None:
     with pytest.raises(DataplaneError, match="not JSON"):
         parse_links("<html>", "neti0")

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from neti import config
@@ -126,6 +126,41 @@ def test_any_fields_are_a_key_none_or_a_counted_refusal(fields: dict[str, str]) 
 
 
 # --- the verifier: a key only from a record the member's own certificate signed ------------
+
+
+@pytest.fixture(scope="module")
+def keyed_record(ca: CA) -> tuple[str, bytes, Attestor]:
+    name, data = signed(ca, "i-b", member("i-b", 2), attest.wireguard_fields(KEY_B, 4500))
+    return name, data, Attestor([ca.cert], clock=clock)
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    pos=st.integers(min_value=0, max_value=1200),
+    byte=st.integers(min_value=0, max_value=255),
+    extra=st.binary(max_size=40),
+)
+def test_a_mutated_record_never_yields_a_key_it_does_not_sign(
+    keyed_record: tuple[str, bytes, Attestor], pos: int, byte: int, extra: bytes
+) -> None:
+    """Flip a byte of a signed record carrying a key, or append junk: the member is either
+    refused, or (the bytes unchanged in effect) programmed with exactly the signed key."""
+    name, data, attestor = keyed_record
+    mutated = bytearray(data)
+    if pos < len(mutated):
+        mutated[pos] = byte
+    mutated += extra
+    zk = FakeClient()
+    m = member("i-b", 2)
+    put(zk, name, m, bytes(mutated))
+    fleet = fleet_of(zk, [name], attestor.check)
+    if fleet.members:
+        (got,) = fleet.members
+        assert (got.wg_key, got.wg_port) == (KEY_B, 4500)
+    else:
+        assert set(fleet.skipped_by_reason) <= {"attestation", "oversize"}
 
 
 def test_a_verified_key_reaches_the_member(ca: CA) -> None:
