@@ -309,7 +309,7 @@ class Backend(abc.ABC):
                         done, warned = other._remove_objects()
                         changes += done
                         warnings += warned
-                changes += self._remove_leftover_tunnel()
+                changes += self._remove_leftover_tunnel(warnings)
                 self._swept = True
         self.applied, self.allow_size = desired, len(desired.allow)
         self.full_applies += 1
@@ -401,7 +401,7 @@ class Backend(abc.ABC):
                     warnings += warned
             if self.wireguard is not None:
                 changes += self.wireguard.remove()
-            changes += self._remove_leftover_tunnel()
+            changes += self._remove_leftover_tunnel(warnings)
             changes += route.remove(self.system)
         return ApplyResult(
             backend=self.label,
@@ -425,10 +425,16 @@ class Backend(abc.ABC):
             tunnel=self.wireguard.status() if self.wireguard is not None else None,
         )
 
-    def _remove_leftover_tunnel(self) -> list[str]:
+    def _remove_leftover_tunnel(self, warnings: list[str]) -> list[str]:
+        """Encryption off: remove an interface it left (a failure is a warning: nothing of
+        encryption is in use, and the rules matter more)."""
         if self.wireguard is not None or self.wireguard_leftover is None:
             return []
-        return WireGuardLink(self.system, self.wireguard_leftover).remove()
+        try:
+            return WireGuardLink(self.system, self.wireguard_leftover).remove()
+        except DataplaneError as exc:
+            warnings.append(f"could not look for a WireGuard interface left over: {exc}")
+            return []
 
     def _ensure_tunnel(self, desired: DesiredState) -> list[str]:
         """The WireGuard interface as ``desired`` says (removed when it has no tunnel)."""

@@ -330,3 +330,19 @@ class _NoLink:
 
     def status(self) -> dict[str, Any]:
         return {}
+
+
+def test_a_leftover_check_that_fails_is_a_warning_not_a_failed_apply() -> None:
+    """Encryption off: looking for an interface left from when it was on must not stop the
+    apply (ip fails here), nor run at all after the first apply."""
+    from neti.dataplane.nftables import NftablesBackend
+
+    system = FakeSystem()
+    system.fail[("ip", "-j")] = "Error: something odd"
+    b = NftablesBackend(system)
+    b.wireguard_leftover = "neti0"
+    result = b.apply(state(tunnel=None))
+    assert any("left over" in w for w in result.warnings)
+    n = len(system.calls)
+    b.apply(state(tunnel=None))
+    assert not any(c.argv[:2] == ["ip", "-j"] for c in system.calls[n:])
