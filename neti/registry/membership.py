@@ -263,8 +263,15 @@ class Membership:
                 # Only the key changed (a rotation): the same node, its record rewritten in
                 # place. (A new node could not replace the old one on a secured registry,
                 # where a host may not delete its own nodes: peers would see both.)
+                old = self.member, self._fields
                 self.member, self._fields = member, fields
-                self.seats[0].refresh()
+                try:
+                    self.seats[0].refresh()
+                except BaseException:
+                    # Not written: the next join tries again (it would otherwise find itself
+                    # already joined with this key and only check that the node exists).
+                    self.member, self._fields = old
+                    raise
                 return member
         prefix = member_prefix(member.instance_id)
 

@@ -433,3 +433,45 @@ def test_keys_over_a_real_tls_registry(tls_zk: Any, lab_pki: Any) -> None:
     finally:
         for reg in regs:
             reg.close()
+
+
+class _FlakyClient(_RecordingClient):
+    """Refuses the first ``set`` (a connection loss), then records writes in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fail_next_set = True
+
+    def exists(self, path: str) -> Any:
+        if path in self.created:
+
+            class Stat:
+                ephemeralOwner = 7
+                version = 0
+
+            return Stat()
+        return None
+
+    def set(self, path: str, value: bytes) -> None:
+        if self.fail_next_set:
+            self.fail_next_set = False
+            from kazoo.exceptions import ConnectionLoss
+
+            raise ConnectionLoss()
+        self.created[path] = value
+
+
+def test_a_rotation_that_fails_half_way_is_written_by_the_next_join(ca: CA, tmp_path: Path) -> None:
+    from kazoo.exceptions import ConnectionLoss
+
+    cfg = _cfg(tmp_path, ca)
+    client = _FlakyClient()
+    ms = Membership(client, cfg, "/neti/members", "/neti/ip-map")  # type: ignore[arg-type]
+    ident = Identity("i-b", IP("10.0.0.2"), IP("203.0.0.2"), "vpc")
+    ms.join(ident, IP("10.9.0.2"), "2.0.0", KEY_A, 51820)
+    with pytest.raises(ConnectionLoss):
+        ms.join(ident, IP("10.9.0.2"), "2.0.0", KEY_B, 51820)
+    ms.join(ident, IP("10.9.0.2"), "2.0.0", KEY_B, 51820)  # the retry writes it
+    ((_path, data),) = client.created.items()
+    record = attest.parse_record(data)
+    assert not isinstance(record, str) and attest.wireguard_of(record.fields) == (KEY_B, 51820)
