@@ -27,7 +27,7 @@ from neti import config, dataplane
 from neti.agent import core
 from neti.agent import guard as guard_mod
 from neti.desired import model as model_mod
-from neti.fleet import Member
+from neti.fleet.model import Member
 from neti.identity import Identity
 from neti.lab import netns
 from tests.support.fakeregistry import FakeRegistry

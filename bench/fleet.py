@@ -40,10 +40,10 @@ from kazoo.exceptions import KazooException, NodeExistsError
 
 from neti.config import Config, StaticIdentity
 from neti.errors import NetiError
-from neti.fleet import Member
+from neti.fleet.model import Member
+from neti.fleet.names import encode_member
 from neti.registry.acl import AclPolicy
 from neti.registry.claims import OverlayClaims
-from neti.registry.codec import encode_member
 from neti.registry.paths import Paths
 
 BATCH = 100  # members per transaction: 300 creates, ~30 KB, far below jute.maxbuffer

@@ -428,7 +428,7 @@ class Bench:
 
 def backend_list(text: str) -> list[str]:
     """``--backend``'s comma-separated names: known backends, in the order given, no repeats."""
-    from neti.dataplane.registry import BACKENDS as KNOWN
+    from neti.backends import BACKENDS as KNOWN
 
     names = [x.strip() for x in text.split(",") if x.strip()]
     unknown = [x for x in names if x not in KNOWN]

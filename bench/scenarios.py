@@ -12,7 +12,7 @@ from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
 from bench import lab
-from neti.fleet import Fleet, Member
+from neti.fleet.model import Fleet, Member
 from neti.identity import Identity
 
 NETWORK = "bench"

@@ -21,7 +21,7 @@ from typing import Any
 from packaging.version import InvalidVersion, Version
 
 from neti.aws import AwsError, Instance, is_ec2_instance_id
-from neti.fleet import Fleet, Member
+from neti.fleet.model import Fleet, Member
 
 GONE_STATES = ("terminated",)
 GC_SAMPLE = 20  # live members gc asks EC2 about, to catch the wrong account or region

@@ -556,7 +556,7 @@ def run_release_guard(args: argparse.Namespace) -> int:
 
 
 def _valid_ids(ids: list[str]) -> list[str]:
-    from neti.registry.addr import MalformedEntry, label
+    from neti.fleet.addr import MalformedEntry, label
 
     try:
         return [label(i, "instance ID") for i in ids]
@@ -851,7 +851,7 @@ def restore_plan(
 ) -> dict[str, list[tuple[str, str, str]]]:
     """Pure: what restoring claims from tags does. Lists of (instance, ip, why) under
     create / present / conflict / skipped."""
-    from neti.registry import addr
+    from neti.fleet import addr
 
     holder = {str(ip): iid for iid, ip in claims.items()}
     plan: dict[str, list[tuple[str, str, str]]] = {
@@ -863,7 +863,7 @@ def restore_plan(
     seen: dict[str, str] = {}
     for iid in sorted(tags, key=fleetops.id_key):
         ip = tags[iid]
-        if not addr.usable(subnet, ip):
+        if not addr.usable(ip, subnet):
             plan["skipped"].append((iid, str(ip), f"not a host address of {subnet}"))
         elif iid in claims:
             why = "already claimed" if claims[iid] == ip else f"holds {claims[iid]} instead"

@@ -7,33 +7,17 @@ and when it should change: docs/decisions.md, "Choosing a backend"). Every backe
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
-
-from neti.dataplane.registry import AUTO_ORDER, BACKENDS
+from neti import backends
+from neti.backends import AUTO_ORDER, BACKENDS
+from neti.config import Config
+from neti.dataplane.base import ApplyResult, Backend, DataplaneStatus, Feature, Plan
 from neti.dataplane.system import System
 from neti.errors import DataplaneError
 
-if TYPE_CHECKING:
-    from neti.config import Config
-    from neti.dataplane.base import ApplyResult, Backend, DataplaneStatus, Feature, Plan
-
-_LAZY = ("ApplyResult", "Backend", "DataplaneStatus", "Feature", "Plan")
-
-
-def __getattr__(name: str) -> Any:
-    """base's names on first use: neti.config imports neti.dataplane.registry, and base
-    imports neti.desired, which imports neti.config."""
-    if name in _LAZY:
-        from neti.dataplane import base
-
-        return getattr(base, name)
-    raise AttributeError(name)
-
 
 def _load(name: str) -> type[Backend]:
-    module, cls = BACKENDS[name].split(":")
-    return getattr(importlib.import_module(module), cls)
+    cls: type[Backend] = backends.load(name)
+    return cls
 
 
 def select(cfg: Config | None = None, netns: str | None = None, name: str | None = None) -> Backend:

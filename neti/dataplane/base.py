@@ -20,11 +20,12 @@ it with the state file only when that holds the same one (docs/operations.md).
 from __future__ import annotations
 
 import abc
-import importlib
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, ClassVar
 
+from neti import backends
+from neti.backends import BACKENDS
 from neti.dataplane import conntrack, route
 from neti.dataplane.system import System
 from neti.desired import DesiredState
@@ -391,15 +392,12 @@ class Backend(abc.ABC):
         )
 
     def _others(self) -> list[Backend]:
-        """The other registered backends whose tools exist here, bound to our system."""
-        from neti.dataplane.registry import BACKENDS
-
+        """The other backends whose tools exist here, bound to our system."""
         out = []
-        for name, where in BACKENDS.items():
+        for name in BACKENDS:
             if name == self.name:
                 continue
-            module, cls_name = where.split(":")
-            cls: type[Backend] = getattr(importlib.import_module(module), cls_name)
+            cls: type[Backend] = backends.load(name)
             if cls.is_supported(self.system):
                 out.append(cls(self.system))
         return out

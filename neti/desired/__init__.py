@@ -16,36 +16,22 @@ from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
 from neti.config import Config, PortSpec
-from neti.fleet import Fleet, Member, SkipTally
+from neti.fleet import addr
+from neti.fleet.addr import address_problem, overlay_problem
+from neti.fleet.model import Fleet, Member, SkipTally
 from neti.identity import Identity
-from neti.registry import addr
 
 
 def host_context(
     identity: Identity, cfg: Config, lan: IPv4Network | None = None
 ) -> addr.HostContext:
-    """The one host-address predicate's context for ``identity`` (registry/addr.py)."""
+    """The one host-address predicate's context for ``identity`` (neti/fleet/addr.py)."""
     return addr.HostContext(
         overlay_subnet=cfg.overlay_subnet,
         own=frozenset({identity.private_ip, identity.public_ip}),
-        zookeeper=addr.zookeeper_ips_for(cfg, identity.network),
+        zookeeper=cfg.zookeeper_ips(identity.network),
         lan=lan,
     )
-
-
-def address_problem(ip: IPv4Address, overlay_subnet: IPv4Network) -> str | None:
-    """Why ``ip`` cannot be a real (private or public) host address here, or None if it can.
-
-    The context-free part of addr.HostContext.target_problem. An address inside the overlay
-    subnet is refused because a DNAT to it would loop back into Neti's own rules.
-    """
-    problem = addr.HostContext(overlay_subnet).target_problem(ip)
-    return problem[1] if problem else None
-
-
-def overlay_problem(ip: IPv4Address, overlay_subnet: IPv4Network) -> str | None:
-    """Why ``ip`` cannot be an overlay address, or None if it can (addr.overlay_problem)."""
-    return addr.overlay_problem(overlay_subnet, ip)
 
 
 @dataclass(frozen=True, slots=True, order=True)

@@ -472,9 +472,9 @@ def plan_secure(
     ZooKeeper id, or None when unknown: then operators only); members by the instance in
     their name; ip-map nodes by the instance that claims their overlay IP.
     """
-    from neti.registry import legacy as legacy_codec
-    from neti.registry.addr import MalformedEntry
-    from neti.registry.codec import decode_member
+    from neti.fleet import legacy as legacy_codec
+    from neti.fleet.addr import MalformedEntry
+    from neti.fleet.names import decode_member
 
     containers = {paths.prefix, paths.members, paths.id_to_ip, paths.ip_to_id, paths.legacy}
     todo: list[tuple[str, str, list[ACL], str]] = []

@@ -51,8 +51,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from neti import files
 from neti.errors import RegistryAccessError
-from neti.registry.addr import MalformedEntry
-from neti.registry.codec import V1, decode_member, name_format
+from neti.fleet.addr import MalformedEntry
+from neti.fleet.names import V1, decode_member, name_format
 
 if TYPE_CHECKING:
     from neti.config import Config

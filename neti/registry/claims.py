@@ -38,9 +38,9 @@ from kazoo.exceptions import (
 from kazoo.handlers.threading import KazooTimeoutError
 
 from neti.errors import RegistryError, SubnetFullError
-from neti.registry import addr
+from neti.fleet import addr
+from neti.fleet.addr import MalformedEntry
 from neti.registry.acl import AclPolicy, Ownership, id_name, norm, takeable
-from neti.registry.addr import MalformedEntry
 from neti.registry.verify import MAX_CLAIM_DATA
 
 log = logging.getLogger(__name__)
@@ -302,7 +302,7 @@ class OverlayClaims:
                 used.add(IPv4Address(text))
             except ValueError:
                 log.debug("ignoring malformed overlay address %r in the claims", text)
-        taken = sum(1 for ip in used if addr.usable(self.subnet, ip))
+        taken = sum(1 for ip in used if addr.usable(ip, self.subnet))
         report = ClaimReport(usable=max(self.subnet.num_addresses - 2, 0), used=taken)
         own = self.ownership
         if own is not None:
@@ -328,7 +328,7 @@ class OverlayClaims:
             )
             ip = _ip(name)
             ours = holder == instance_id and (own is None or owner == who)
-            if ours and mine is None and ip is not None and addr.usable(self.subnet, ip):
+            if ours and mine is None and ip is not None and addr.usable(ip, self.subnet):
                 mine = ip
                 report.unpaired -= 1
                 continue
@@ -364,7 +364,7 @@ class OverlayClaims:
         stops at the first free address, so it costs at most one step per used address.
         Memory and work are bounded by the number of claims, never by the subnet's size.
         """
-        used_ints = {int(ip) for ip in used if addr.usable(self.subnet, ip)}
+        used_ints = {int(ip) for ip in used if addr.usable(ip, self.subnet)}
         first = int(self.subnet.network_address) + 1
         last = int(self.subnet.broadcast_address) - 1
         total = max(last - first + 1, 0)  # a /31 or /32 has no host addresses here
@@ -403,7 +403,7 @@ class OverlayClaims:
         claim is written for (an operator restoring claims); default this client's own.
         """
         id_path = self._id_path(instance_id)
-        if prefer is not None and not addr.usable(self.subnet, prefer):
+        if prefer is not None and not addr.usable(prefer, self.subnet):
             log.warning(
                 "previous overlay IP %s of %s is not a host address of %s; not reusing it",
                 prefer,
@@ -440,7 +440,7 @@ class OverlayClaims:
                     )
                     self._refuse_foreign(instance_id, id_path, why, who)
                 ip = self._parse_claim(id_path, node.data)
-                if not addr.usable(self.subnet, ip):
+                if not addr.usable(ip, self.subnet):
                     # Peers ignore members outside the subnet: better loud than unreachable.
                     raise RegistryError(
                         f"{instance_id} holds overlay IP {ip}, which is not a host address "

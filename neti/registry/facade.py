@@ -17,18 +17,18 @@ from kazoo.handlers.threading import KazooTimeoutError
 from neti import __version__
 from neti.config import Config
 from neti.errors import RegistryError
-from neti.fleet import Fleet
-from neti.identity import Identity
-from neti.registry import addr
+from neti.fleet import addr
+from neti.fleet.index import FleetChange, FleetIndex
+from neti.fleet.model import Fleet
+from neti.fleet.screen import build_fleet
+from neti.identity import Identity, lan_of
 from neti.registry.acl import AclPolicy, Ownership
 from neti.registry.claims import ClaimReport, OverlayClaims
 from neti.registry.context import FleetContext, token
 from neti.registry.guard import MaxChange
-from neti.registry.index import FleetChange, FleetIndex
 from neti.registry.membership import Membership
 from neti.registry.paths import RELEASE_NODE, Paths
 from neti.registry.revoked import RevokedList
-from neti.registry.snapshot import build_fleet
 from neti.registry.survey import Finding, Pruned, Survey, prune, read_tree, survey
 from neti.registry.tree import LockedPrefix
 from neti.registry.verify import AttestCheck, Verifier
@@ -505,11 +505,11 @@ class Registry:
     def host_context(self, me: _Host) -> addr.HostContext:
         """What makes a member target bad for ``me`` (addr.HostContext); LAN read once."""
         if me.private_ip not in self._lans:
-            self._lans = {me.private_ip: addr.lan_of(me.private_ip)}
+            self._lans = {me.private_ip: lan_of(me.private_ip)}
         return addr.HostContext(
             overlay_subnet=self.cfg.overlay_subnet,
             own=frozenset({me.private_ip, me.public_ip}),
-            zookeeper=addr.zookeeper_ips_for(self.cfg, me.network),
+            zookeeper=self.cfg.zookeeper_ips(me.network),
             lan=self._lans[me.private_ip],
         )
 

@@ -23,13 +23,13 @@ from kazoo.security import ACL
 
 from neti.config import Config
 from neti.errors import RegistryError
-from neti.fleet import Member
+from neti.fleet import legacy as legacy_codec
+from neti.fleet.addr import MalformedEntry
+from neti.fleet.model import Member
+from neti.fleet.names import V1, decode_member, encode_member, member_prefix, new_nonce
 from neti.identity import Identity
 from neti.registry import attest
-from neti.registry import legacy as legacy_codec
 from neti.registry.acl import AclPolicy
-from neti.registry.addr import MalformedEntry
-from neti.registry.codec import V1, decode_member, encode_member, member_prefix, new_nonce
 
 log = logging.getLogger(__name__)
 

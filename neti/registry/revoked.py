@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from kazoo.client import KazooClient
 from kazoo.exceptions import BadVersionError, NodeExistsError, NoNodeError
 
-from neti.registry import addr
+from neti.fleet import addr
 from neti.registry.acl import AclPolicy
 from neti.registry.quota import MAX_REQUEST_BYTES
 

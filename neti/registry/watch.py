@@ -44,7 +44,7 @@ from kazoo.protocol.paths import _prefix_root
 from kazoo.protocol.serialization import Exists, GetChildren2, Watch, int_struct, write_string
 from kazoo.protocol.states import EVENT_TYPE_MAP, Callback, KazooState, WatchedEvent
 
-from neti.registry.index import FleetChange, FleetIndex, NameChange
+from neti.fleet.index import FleetChange, FleetIndex, NameChange
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from neti.aws.fleetops import (
     gc_sample,
     live_claims,
 )
-from neti.fleet import Fleet, Member
+from neti.fleet.model import Fleet, Member
 from tests.support.motoserver import ec2, run_instances
 
 NOT_IN_EC2 = "i-0123456789abcdef0"  # well formed, never launched

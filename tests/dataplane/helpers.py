@@ -12,7 +12,7 @@ from neti import config, dataplane
 from neti.dataplane.base import Backend
 from neti.dataplane.iptables import IptablesBackend
 from neti.desired import DesiredState, compute
-from neti.fleet import Fleet, Member
+from neti.fleet.model import Fleet, Member
 from neti.lab import Topology
 
 OVERLAY = {"ec2a": "192.168.0.10", "ec2b": "192.168.0.11", "vpc1": "192.168.0.12"}

@@ -21,7 +21,7 @@ from neti.dataplane.system import System
 from neti.desired import build, compute
 from neti.desired.model import Delta, DesiredModel
 from neti.errors import DataplaneError
-from neti.fleet import Fleet, Member
+from neti.fleet.model import Fleet, Member
 from neti.identity import Identity
 from tests.dataplane.helpers import kernel_view
 

@@ -26,7 +26,7 @@ from neti.dataplane.nftables import NftablesBackend
 from neti.desired import DesiredState, compute
 from neti.desired.model import Delta, DesiredModel
 from neti.errors import DataplaneError
-from neti.fleet import Fleet, Member
+from neti.fleet.model import Fleet, Member
 from neti.identity import Identity
 from tests.support.fakesystem import NFT, FakeSystem, iptables_tools
 

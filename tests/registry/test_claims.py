@@ -8,7 +8,8 @@ from ipaddress import IPv4Address, IPv4Network
 import pytest
 
 from neti.errors import RegistryError, SubnetFullError
-from neti.registry import Registry, addr
+from neti.fleet import addr
+from neti.registry import Registry
 from neti.registry.claims import RANDOM_TRIES, OverlayClaims
 
 IP = IPv4Address
@@ -154,7 +155,7 @@ def test_a_slash_8_is_sampled_never_enumerated(open_registry: Callable[..., Regi
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert len(got) == 5 and all(addr.usable(IPv4Network("10.0.0.0/8"), ip) for ip in got)
+    assert len(got) == 5 and all(addr.usable(ip, IPv4Network("10.0.0.0/8")) for ip in got)
     # Listing the /8 took 1.5 GB; a pick now tests a candidate or two against five claims.
     assert claims.candidates_tried <= 5 * 3, claims.candidates_tried
     assert peak < 8 * 1024 * 1024, peak

@@ -10,10 +10,10 @@ import pytest
 
 from neti import config
 from neti.desired import compute, host_context
-from neti.fleet import SKIP_REASONS, Fleet, Member
-from neti.identity import Identity
-from neti.registry import addr
-from neti.registry.snapshot import build_fleet
+from neti.fleet import addr
+from neti.fleet.model import SKIP_REASONS, Fleet, Member
+from neti.fleet.screen import build_fleet
+from neti.identity import Identity, lan_of
 
 SUBNET = Net("192.168.0.0/18")
 ME = Identity("i-me", IP("10.0.0.10"), IP("198.51.100.10"), "ec2")
@@ -64,9 +64,9 @@ def test_lan_of_reads_the_link_route(tmp_path: Path) -> None:
         "junk line\n"
         "eth1\tZZ\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n"
     )
-    assert addr.lan_of(IP("10.0.0.10"), route) == Net("10.0.0.0/24")
-    assert addr.lan_of(IP("172.16.0.1"), route) is None
-    assert addr.lan_of(IP("10.0.0.10"), tmp_path / "missing") is None
+    assert lan_of(IP("10.0.0.10"), route) == Net("10.0.0.0/24")
+    assert lan_of(IP("172.16.0.1"), route) is None
+    assert lan_of(IP("10.0.0.10"), tmp_path / "missing") is None
 
 
 def test_zookeeper_ips_for_own_network_and_public_elsewhere() -> None:
@@ -78,9 +78,9 @@ def test_zookeeper_ips_for_own_network_and_public_elsewhere() -> None:
             }
         }
     )
-    assert addr.zookeeper_ips_for(cfg, "ec2") == {IP("10.0.0.5"), IP("54.1.2.3")}
-    assert addr.zookeeper_ips_for(cfg, "vpc") == {IP("10.0.0.20"), IP("54.1.2.3")}
-    assert addr.zookeeper_ips_for(cfg, "nowhere") == {IP("54.1.2.3")}
+    assert cfg.zookeeper_ips("ec2") == {IP("10.0.0.5"), IP("54.1.2.3")}
+    assert cfg.zookeeper_ips("vpc") == {IP("10.0.0.20"), IP("54.1.2.3")}
+    assert cfg.zookeeper_ips("nowhere") == {IP("54.1.2.3")}
 
 
 def _m(iid: str, net: str, priv: str, pub: str, overlay: str) -> Member:

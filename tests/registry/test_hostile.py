@@ -20,9 +20,9 @@ from kazoo.recipe.party import ShallowParty
 
 from neti import config, desired
 from neti.agent.metrics import Metrics
-from neti.fleet import Fleet
+from neti.fleet.model import Fleet
+from neti.fleet.names import new_nonce
 from neti.registry import Registry
-from neti.registry.codec import new_nonce
 from neti.registry.facade import SkipLog
 from neti.state import AgentState, GuardState
 from neti.status.report import WARNING, evaluate

@@ -25,6 +25,7 @@ from kazoo.security import OPEN_ACL_UNSAFE, make_digest_acl_credential
 
 from neti import config
 from neti.errors import RegistryAccessError, RegistryError
+from neti.fleet.addr import LABEL_RE
 from neti.lab.pki import CertificateAuthority, Issued
 from neti.registry import Registry, acl, connect, revoked
 from neti.registry.client import check_trust
@@ -746,7 +747,7 @@ def test_identities_file_never_crashes(tmp_path: Path, data: bytes) -> None:
         assert str(exc).startswith("--identities ") and "\n" not in str(exc)
         return
     for iid, zk_id in mapping.items():
-        assert config.LABEL_RE.match(iid)
+        assert LABEL_RE.match(iid)
         assert config.zk_acl_id(zk_id) == zk_id
 
 

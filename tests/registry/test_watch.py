@@ -19,10 +19,10 @@ from typing import Any
 import pytest
 from kazoo.client import KazooClient
 
-from neti.fleet import Member
+from neti.fleet.index import FleetChange
+from neti.fleet.model import Member
+from neti.fleet.names import encode_member
 from neti.registry import Registry, connect
-from neti.registry.codec import encode_member
-from neti.registry.index import FleetChange
 from neti.registry.watch import ADD_WATCH, AddWatch
 from tests.support.zkserver import ZooKeeperServer
 

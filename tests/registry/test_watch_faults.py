@@ -19,10 +19,10 @@ from kazoo.exceptions import ConnectionLoss, NoAuthError, NoNodeError
 from kazoo.handlers.threading import KazooTimeoutError
 from kazoo.protocol.states import KazooState, ZnodeStat
 
-from neti.registry.codec import decode_member
-from neti.registry.index import FleetIndex
-from neti.registry.snapshot import build_fleet
-from neti.registry.verify import Verdict, Verifier
+from neti.fleet.index import FleetIndex
+from neti.fleet.names import decode_member
+from neti.fleet.screen import Verdict, build_fleet
+from neti.registry.verify import Verifier
 from neti.registry.watch import FleetWatch
 from tests.registry.test_watch_model import FakeZK, L, M
 
