@@ -25,7 +25,7 @@ from neti.identity import Identity, lan_of
 from neti.registry.acl import AclPolicy, Ownership
 from neti.registry.claims import ClaimReport, OverlayClaims
 from neti.registry.context import FleetContext, token
-from neti.registry.guard import MaxChange
+from neti.registry.maxchange import MaxChangeNode
 from neti.registry.membership import Membership
 from neti.registry.paths import RELEASE_NODE, Paths
 from neti.registry.revoked import RevokedList
@@ -143,7 +143,7 @@ class _Host(Protocol):
 
 
 class Registry:
-    """Claims, membership, fleet reads and the max-change guard over one KazooClient."""
+    """Claims, membership, fleet reads and the guard's maxchange node over one KazooClient."""
 
     # Re-verify a cached member entry after this many resync intervals (verify.py).
     RECHECK_RESYNCS = 10
@@ -175,7 +175,7 @@ class Registry:
         self.membership = Membership(
             client, cfg, self.paths.members, self.paths.legacy, acl=self.acl
         )
-        self._guard = MaxChange(client, self.paths.max_change, cfg.max_change_default, acl=self.acl)
+        self._max_change = MaxChangeNode(client, self.paths.max_change, cfg.max_change_default, acl=self.acl)
         self._tree = LockedPrefix(client, self.paths, self.acl)
         self._revoked = RevokedList(client, self.paths.revoked, acl=self.acl)
         self._claims.revoked_ids = self._revoked.get  # the pool's report names revoked owners
@@ -427,13 +427,13 @@ class Registry:
         ``maxchange`` (its Stat and data), the revoked list's and the release node's Stats.
         Each read re-arms a one-shot watch calling ``on_event``. The revoked list itself is
         read only when its node changed since the last read (one more round trip then); a
-        missing ``maxchange`` is created with the default (MaxChange.value_of).
+        missing ``maxchange`` is created with the default (MaxChangeNode.value_of).
         """
         end = time.monotonic() + self._call_timeout()
         container = self._exists_watched(self.paths.members, on_event)
         seats = [self._exists_watched(s.path, on_event) for s in self.membership.seats]
-        guard = self._exists_watched(self.paths.max_change, on_event)
-        guard_data = self.client.get_async(self.paths.max_change)
+        limit = self._exists_watched(self.paths.max_change, on_event)
+        limit_data = self.client.get_async(self.paths.max_change)
         revoked = self._exists_watched(self.paths.revoked, on_event)
         release = self._exists_watched(self.cfg.path(RELEASE_NODE), on_event)
         session = self.session_id
@@ -442,9 +442,9 @@ class Registry:
         for result in seats:
             stat = self._bounded(result, end)
             own = own and stat is not None and stat.ephemeralOwner == session
-        self._bounded(guard, end)
+        self._bounded(limit, end)
         try:
-            data: bytes | None = self._bounded(guard_data, end)[0]
+            data: bytes | None = self._bounded(limit_data, end)[0]
         except NoNodeError:
             data = None
         revoked_token = token(self._bounded(revoked, end))
@@ -452,8 +452,8 @@ class Registry:
         return FleetContext(
             container_missing=missing,
             own_nodes=own,
-            max_change=self._guard.value_of(data),
-            max_change_problem=self._guard.problem,
+            max_change=self._max_change.value_of(data),
+            max_change_problem=self._max_change.problem,
             revoked=self._revoked.get(revoked_token, known=True),
             release_token=release_token,
         )
@@ -538,20 +538,20 @@ class Registry:
         """How long one call (or one flight of calls sent together) may wait."""
         return float(getattr(self.client, "call_timeout", None) or self._deadline)
 
-    # --- guard ---
+    # --- the guard's maxchange node (maxchange.py) ---
     @_zk_errors("reading the max-change guard", "max_change")
     def max_change(self) -> int:
-        return self._guard.get()
+        return self._max_change.get()
 
     @property
     def max_change_problem(self) -> str | None:
         """Why the last max_change() read fell back to the default, or None."""
-        return getattr(self._guard, "problem", None)
+        return getattr(self._max_change, "problem", None)
 
     @_zk_errors("setting the max-change guard", "max_change")
     def set_max_change(self, n: int) -> None:
         try:
-            self._guard.set(n)
+            self._max_change.set(n)
         except ValueError as exc:
             raise RegistryError(str(exc)) from None
 

@@ -24,7 +24,7 @@ from neti.fleet.model import MAX_SKIP_SAMPLES, SKIP_REASONS
 from neti.fleet.screen import build_fleet
 from neti.identity import Identity
 from neti.registry.facade import SkipLog
-from neti.registry.guard import MAX_CHANGE_LIMIT, parse_max_change
+from neti.registry.maxchange import MAX_CHANGE_LIMIT, parse_max_change
 from neti.registry.verify import Verifier
 from tests.registry.fakezk import FakeClient
 

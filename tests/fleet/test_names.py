@@ -1,4 +1,4 @@
-"""Pure codecs: member node names, the original's party nodes, maxchange, fleet merging."""
+"""Pure codecs: member node names, the original's party nodes, fleet merging."""
 
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ from neti.fleet.names import (
     new_nonce,
 )
 from neti.fleet.screen import build_fleet
-from neti.registry.guard import parse_max_change
 
 NETS = {0: "ec2", 1: "vpc"}
 SUBNET = IPv4Network("192.168.0.0/18")
@@ -177,24 +176,6 @@ def test_host_ip_and_usable() -> None:
     net = IPv4Network("10.9.0.0/27")
     assert not usable(IP("10.9.0.0"), net) and not usable(IP("10.9.0.31"), net)
     assert usable(IP("10.9.0.1"), net) and not usable(IP("10.9.0.32"), net)
-
-
-# --- maxchange ---
-@pytest.mark.parametrize(
-    ("data", "value", "problem"),
-    [
-        (b"20", 20, False),
-        (b" 5\n", 5, False),
-        (b"", 7, False),
-        (b"0", 0, False),
-        (b"abc", 7, True),
-        (b"-3", 7, True),
-        (b"1.5", 7, True),
-    ],
-)
-def test_parse_max_change(data: bytes, value: int, problem: bool) -> None:
-    got, why = parse_max_change(data, 7)
-    assert got == value and (why is not None) == problem
 
 
 # --- merging the two lists ---

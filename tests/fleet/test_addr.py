@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from ipaddress import IPv4Address as IP
 from ipaddress import IPv4Network as Net
-from pathlib import Path
 
 import pytest
 
@@ -13,7 +12,7 @@ from neti.desired import compute, host_context
 from neti.fleet import addr
 from neti.fleet.model import SKIP_REASONS, Fleet, Member
 from neti.fleet.screen import build_fleet
-from neti.identity import Identity, lan_of
+from neti.identity import Identity
 
 SUBNET = Net("192.168.0.0/18")
 ME = Identity("i-me", IP("10.0.0.10"), IP("198.51.100.10"), "ec2")
@@ -52,21 +51,6 @@ def test_target_problem(ip: str, same: bool, code: str | None) -> None:
     got = CTX.target_problem(IP(ip), same_network=same)
     assert (got[0] if got else None) == code
     assert got is None or got[0] in SKIP_REASONS
-
-
-def test_lan_of_reads_the_link_route(tmp_path: Path) -> None:
-    route = tmp_path / "route"
-    route.write_text(
-        "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n"
-        "eth0\t00000000\t0100000A\t0003\t0\t0\t0\t00000000\t0\t0\t0\n"  # default via 10.0.0.1
-        "eth0\t0000000A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n"  # 10.0.0.0/24
-        "eth0\t0000000A\t00000000\t0001\t0\t0\t0\t000000FF\t0\t0\t0\n"  # 10.0.0.0/8
-        "junk line\n"
-        "eth1\tZZ\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n"
-    )
-    assert lan_of(IP("10.0.0.10"), route) == Net("10.0.0.0/24")
-    assert lan_of(IP("172.16.0.1"), route) is None
-    assert lan_of(IP("10.0.0.10"), tmp_path / "missing") is None
 
 
 def test_zookeeper_ips_for_own_network_and_public_elsewhere() -> None:

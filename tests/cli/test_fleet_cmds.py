@@ -12,7 +12,7 @@ import pytest
 
 from neti import aws
 from neti.registry import Registry
-from tests.fleet.conftest import GHOST_ID, UNKNOWN_ID, World
+from tests.cli.conftest import GHOST_ID, UNKNOWN_ID, World
 from tests.support.zkserver import free_port
 
 NETI = str(Path(sys.executable).with_name("neti"))
