@@ -312,7 +312,7 @@ def default_network(cfg: Config) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from neti import config as config_mod
-    from neti.registry.client import connect
+    from neti.registry import connect
 
     ap = argparse.ArgumentParser(prog="python -m bench.fleet", description=__doc__.split("\n")[0])
     ap.add_argument("-c", "--config", required=True, help="a neti.yml (zk_hosts, prefix, TLS)")

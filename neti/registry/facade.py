@@ -1,4 +1,8 @@
-"""Registry: the one object the agent and the CLI talk to; each idea lives in its own module."""
+"""Registry: the one object the agent and the CLI talk to, and ``connect``, which starts one.
+
+Each idea lives in its own module (the package docstring lists them); the Registry holds one
+of each over one KazooClient and turns kazoo's exceptions into one clear RegistryError line.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from typing import Any, ParamSpec, Protocol, TypeVar
 from kazoo.client import KazooClient
 from kazoo.exceptions import KazooException, NoAuthError, NoNodeError, QuotaExceededError
 from kazoo.handlers.threading import KazooTimeoutError
+from kazoo.protocol.states import KeeperState
 
 from neti import __version__
 from neti.config import Config
@@ -22,8 +27,18 @@ from neti.fleet.index import FleetChange, FleetIndex
 from neti.fleet.model import Fleet
 from neti.fleet.screen import build_fleet
 from neti.identity import Identity, lan_of
+from neti.registry import attest, kazooext
 from neti.registry.acl import AclPolicy, Ownership
 from neti.registry.claims import ClaimReport, OverlayClaims
+from neti.registry.client import (
+    BoundedConnectHandler,
+    auth_data,
+    diagnose,
+    make_client,
+    quiet_kazoo,
+    stop_client,
+    tls_context,
+)
 from neti.registry.context import FleetContext, token
 from neti.registry.maxchange import MaxChangeNode
 from neti.registry.membership import Membership
@@ -175,7 +190,9 @@ class Registry:
         self.membership = Membership(
             client, cfg, self.paths.members, self.paths.legacy, acl=self.acl
         )
-        self._max_change = MaxChangeNode(client, self.paths.max_change, cfg.max_change_default, acl=self.acl)
+        self._max_change = MaxChangeNode(
+            client, self.paths.max_change, cfg.max_change_default, acl=self.acl
+        )
         self._tree = LockedPrefix(client, self.paths, self.acl)
         self._revoked = RevokedList(client, self.paths.revoked, acl=self.acl)
         self._claims.revoked_ids = self._revoked.get  # the pool's report names revoked owners
@@ -479,8 +496,8 @@ class Registry:
         cid = self.client.client_id
         if not cid or not cid[0]:
             return None
-        negotiated = getattr(self.client, "_session_timeout", 0) / 1000
-        return int(cid[0]), bytes(cid[1]), float(negotiated or self.cfg.zk_session_timeout)
+        negotiated = kazooext.session_timeout(self.client)
+        return int(cid[0]), bytes(cid[1]), negotiated or float(self.cfg.zk_session_timeout)
 
     def prepare_stop(self, timeout: float) -> None:
         """After abort(): the leave/close that follows gets calls again, each bounded so
@@ -493,8 +510,6 @@ class Registry:
     def drop(self, wait: float = 0.0) -> bool:
         """End the connection without leaving (ephemeral nodes stay until the session expires
         or is resumed), waiting at most ``wait``; True if it finished in time."""
-        from neti.registry.client import stop_client
-
         return stop_client(self.client, wait)
 
     def abort(self) -> None:
@@ -592,3 +607,62 @@ class Registry:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# Longest a failed start waits for kazoo's threads to stop (they finish in the background).
+STOP_WAIT = 1.0
+
+
+def connect(
+    cfg: Config,
+    network: str,
+    timeout: float | None = None,
+    acl: AclPolicy | None = None,
+    client_id: tuple[int, bytes] | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> Registry:
+    """A started Registry for ``network``'s ZooKeeper.
+
+    RegistryAccessError (exit 2, not retried by the agent) for unusable TLS/credential files
+    and refused credentials; RegistryError naming the hosts when they cannot be reached.
+    ``client_id`` resumes that session (kazoo starts a fresh one if the server refuses it);
+    ``cancel`` is polled every 0.1 s: when it returns True the attempt ends (RegistryError).
+    """
+    quiet_kazoo()
+    hosts = ",".join(cfg.zk_hosts_for(network))
+    policy = acl if acl is not None else AclPolicy.from_config(cfg)
+    ctx = tls_context(cfg)
+    hook = attest.attest_check_for(cfg)
+    client = make_client(cfg, network, ctx, auth_data(cfg), policy.container(), client_id)
+    wait = timeout if timeout is not None else cfg.zk_session_timeout
+    handler = client.handler
+    event = client.start_async()
+    deadline = time.monotonic() + wait
+    while not event.wait(0.1):
+        if client.client_state == KeeperState.AUTH_FAILED:
+            break
+        if isinstance(handler, BoundedConnectHandler) and handler.tls_failures:
+            # Every host refused the handshake: no need to wait out the whole timeout.
+            if len(handler.tls_failures) >= len(client.hosts):
+                break
+        if time.monotonic() >= deadline:
+            break
+        if cancel is not None and cancel():
+            stop_client(client, STOP_WAIT)
+            raise RegistryError("connecting to ZooKeeper cancelled: stopping")
+    if not client.connected:
+        state = client.client_state
+        stop_client(client, STOP_WAIT)
+        diagnose(cfg, client, ctx, state)
+        hint = ""
+        if isinstance(handler, BoundedConnectHandler) and handler.tls_cut_short:
+            hint = (
+                "; TLS handshakes with "
+                + ",".join(sorted(handler.tls_cut_short))
+                + " were cut short: a plaintext clientPort, or a proxy with no server behind it?"
+            )
+        raise RegistryError(
+            f"cannot reach ZooKeeper at {hosts} within {wait:g}s (network {network!r}; "
+            f"check zk_hosts and that the servers are up){hint}"
+        )
+    return Registry(client, cfg, acl=policy, attest_check=hook)

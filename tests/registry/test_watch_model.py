@@ -20,7 +20,8 @@ from kazoo.protocol.serialization import Exists, GetChildren2, int_int_struct, w
 from kazoo.protocol.states import KazooState, ZnodeStat
 
 from neti.fleet.index import FleetIndex
-from neti.registry.watch import MAX_QUEUE, AddWatch, FleetWatch, WatchHub
+from neti.registry.kazooext import AddWatch
+from neti.registry.watch import MAX_QUEUE, FleetWatch, WatchHub
 
 M, L = "/p/members", "/p/ip-map"
 
