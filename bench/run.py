@@ -138,7 +138,8 @@ def dnat_position(pair: lab.Pair, ns: str, overlay: IPv4Address) -> str:
     "k of m": k rules from the top of nat ``OUTPUT`` down to (and including) its DNAT rule,
     following jumps into the chains that hold it; m DNAT rules in all. "n/a" if not found.
     """
-    from neti.dataplane.iptables import lookup_costs, parse_save
+    from neti.dataplane.dnat_tree import lookup_costs
+    from neti.dataplane.xtables import parse_save
 
     for save in ("iptables-save", "iptables-legacy-save"):
         try:

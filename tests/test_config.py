@@ -662,7 +662,7 @@ def test_any_structure_is_a_config_or_a_config_error(data: dict[object, object])
 
 def test_whole_string_patterns_refuse_a_trailing_newline() -> None:
     from neti import aws
-    from neti.dataplane import iptables
+    from neti.dataplane import dnat_tree
     from neti.fleet import addr
     from neti.identity import imds
     from neti.lab import topology
@@ -674,7 +674,7 @@ def test_whole_string_patterns_refuse_a_trailing_newline() -> None:
         (aws.EC2_ID_RE, "i-0123456789abcdef0"),
         (aws.STATE_RE, "running"),
         (topology.NAME_RE, "ec2a"),
-        (iptables.SUB_CHAIN, "NETI-DNAT-0A0B0C0D-1"),
+        (dnat_tree.SUB_CHAIN, "NETI-DNAT-0A0B0C0D-1"),
         (imds.MAC_RE, "0e:12:34:56:78:9a"),
         (imds.REGION_RE, "us-east-1"),
     ]

@@ -68,7 +68,8 @@ def with_fillers(
 def kernel_view(b: Backend) -> dict[str, Any]:
     """Neti's part of the kernel, component by component (allow, filter, nat, jumps)."""
     from neti.dataplane import ipset
-    from neti.dataplane.iptables import FILTER_CHAIN, NAT_CHAIN, owned_chains
+    from neti.dataplane.dnat_tree import NAT_CHAIN
+    from neti.dataplane.iptables import FILTER_CHAIN, owned_chains
     from neti.dataplane.nftables import NftablesBackend
 
     if isinstance(b, NftablesBackend):

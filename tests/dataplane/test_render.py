@@ -9,21 +9,17 @@ from ipaddress import IPv4Network as N
 from neti import config
 from neti.config import PortSpec
 from neti.dataplane import ipset
+from neti.dataplane.dnat_tree import LEAF_MAX, SUB_CHAIN, lookup_costs, nat_chains
 from neti.dataplane.iptables import (
-    LEAF_MAX,
-    SUB_CHAIN,
     choose_variant,
     desired_chains,
     filter_rules,
     jump_specs,
-    lookup_costs,
-    nat_chains,
     owned_chains,
-    parse_save,
     plan_table,
     uninstall_lines,
-    wrap,
 )
+from neti.dataplane.xtables import parse_save, wrap
 from neti.desired import Dnat, build, compute
 from neti.fleet.model import Fleet, Member
 from neti.identity import Identity

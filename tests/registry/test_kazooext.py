@@ -134,7 +134,7 @@ def test_kazoo_private_part_keeps_its_shape(part: str) -> None:
     except Exception as exc:  # noqa: BLE001 - any change of shape is the finding
         pytest.fail(
             f"kazoo {KAZOO} changed {part}, which neti/registry/kazooext.py relies on "
-            f"({type(exc).__name__}: {exc}); see docs/decisions.md, \"Persistent watches "
+            f'({type(exc).__name__}: {exc}); see docs/decisions.md, "Persistent watches '
             "through kazoo's internals\"",
             pytrace=False,
         )
