@@ -497,7 +497,7 @@ class Agent:
         if mode == "never" or (mode == "auto" and self.cfg.identity.source != "ec2"):
             return None
         try:
-            from neti.aws import ec2_client
+            from neti.aws.ec2 import ec2_client
             from neti.aws.tags import overlay_tags
 
             tags, _ = overlay_tags(ec2_client(self.cfg, timeout=3), [self.identity.instance_id])

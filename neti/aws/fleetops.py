@@ -20,7 +20,7 @@ from typing import Any
 
 from packaging.version import InvalidVersion, Version
 
-from neti.aws import AwsError, Instance, is_ec2_instance_id
+from neti.aws.ec2 import AwsError, Instance, is_ec2_instance_id
 from neti.fleet.model import Fleet, Member
 
 GONE_STATES = ("terminated",)

@@ -2,7 +2,7 @@
 
 When ZooKeeper loses its data and a host's state file is gone too, the tag is the last
 record of which overlay IP an instance held: the agent prefers it when it claims, and
-``neti fleet restore-claims --from-tags`` re-creates every claim from it (issue 11).
+``neti fleet restore-claims --from-tags`` re-creates every claim from it.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from ipaddress import IPv4Address
 from typing import Any
 
-from neti.aws import AwsError, is_ec2_instance_id
+from neti.aws.ec2 import AwsError, is_ec2_instance_id
 from neti.aws.tagger import TAG_OVERLAY_IP
 
 log = logging.getLogger(__name__)

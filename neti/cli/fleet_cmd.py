@@ -18,8 +18,8 @@ from kazoo.exceptions import NoAuthError
 from packaging.version import InvalidVersion, Version
 
 from neti import __version__
-from neti import aws as aws_mod
-from neti.aws import AwsError, fleetops
+from neti.aws import ec2, fleetops
+from neti.aws.ec2 import AwsError
 from neti.cli.common import add_config, add_json, load_config, print_json, print_table
 from neti.config import Config, StaticIdentity
 from neti.errors import NetiError
@@ -247,10 +247,10 @@ class Progress:
 
 
 def _describe(cfg: Config, args: argparse.Namespace, ids: list[str] | None = None) -> Any:
-    client = aws_mod.ec2_client(cfg, args.region)
+    client = ec2.ec2_client(cfg, args.region)
     progress = Progress("EC2 instances")
     try:
-        return aws_mod.describe_instances(client, ids, progress=progress)
+        return ec2.describe_instances(client, ids, progress=progress)
     finally:
         progress.done()
 
@@ -902,7 +902,7 @@ def run_restore_claims(args: argparse.Namespace) -> int:
 
     cfg = load_config(args)
     owner_of = _owners(cfg, args.identities)
-    tags, problems = overlay_tags(aws_mod.ec2_client(cfg, args.region))
+    tags, problems = overlay_tags(ec2.ec2_client(cfg, args.region))
     for p in problems:
         _warn(p)
     created: list[tuple[str, str, str]] = []

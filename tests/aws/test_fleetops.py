@@ -8,7 +8,7 @@ from ipaddress import IPv4Address, IPv4Network
 import pytest
 from packaging.version import Version
 
-from neti.aws import Instance
+from neti.aws.ec2 import Instance
 from neti.aws.fleetops import (
     audit,
     gc_plan,
