@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from ipaddress import AddressValueError, IPv4Address
 from typing import Any
 
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
 from neti.config import Config
 from neti.errors import NetiError
 from neti.identity import imds
@@ -99,12 +101,21 @@ def _ip(value: Any, iid: str) -> IPv4Address | None:
         raise ValueError(f"{iid}: {str(value)[:40]!r} is not an IPv4 address") from None
 
 
+def _boto3() -> tuple[Any, Any]:
+    """boto3 and botocore's client Config class, imported on first use."""
+    # Deferred: they take ~0.25 s to import, and every `neti` command (`neti status`, run by
+    # monitoring every minute, included) imports this module; only EC2 work needs them.
+    import boto3
+    from botocore.config import Config as BotoConfig
+
+    return boto3, BotoConfig
+
+
 def resolve_region(cfg: Config | None = None, region: str | None = None) -> str:
     """The region to talk to: explicit, boto3's chain, then instance metadata (ec2 identity)."""
     if region:
         return region
-    import boto3
-
+    boto3, _ = _boto3()
     # boto3 reads AWS_DEFAULT_REGION and ~/.aws/config; other AWS SDKs also read AWS_REGION.
     found = boto3.session.Session().region_name or os.environ.get("AWS_REGION", "").strip()
     if found:
@@ -126,11 +137,9 @@ def resolve_region(cfg: Config | None = None, region: str | None = None) -> str:
 
 def ec2_client(cfg: Config | None = None, region: str | None = None, timeout: float = 10.0) -> Any:
     """A boto3 EC2 client with bounded timeouts and boto3's standard retry mode."""
-    import boto3
-    from botocore.config import Config as BotoConfig
-
+    boto3, boto_config = _boto3()
     region = resolve_region(cfg, region)
-    conf = BotoConfig(
+    conf = boto_config(
         connect_timeout=timeout,
         read_timeout=timeout,
         retries={"mode": "standard", "max_attempts": 4},
@@ -144,8 +153,6 @@ def ec2_client(cfg: Config | None = None, region: str | None = None, timeout: fl
 
 def _why(exc: BaseException) -> str:
     """One line for an operator: botocore's message without the class noise."""
-    from botocore.exceptions import ClientError, NoCredentialsError
-
     if isinstance(exc, NoCredentialsError):
         return (
             "no AWS credentials (instance profile, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
@@ -159,8 +166,6 @@ def _why(exc: BaseException) -> str:
 
 def call(what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """Run one EC2 call; any botocore failure becomes one clear AwsError line."""
-    from botocore.exceptions import BotoCoreError, ClientError
-
     try:
         return fn(*args, **kwargs)
     except (BotoCoreError, ClientError) as exc:
@@ -196,8 +201,6 @@ def describe_instances(
     A filter (not ``InstanceIds=``) is used for lookups so that one unknown ID does not fail
     the whole call with InvalidInstanceID.NotFound; IDs EC2 cannot know are not sent at all.
     """
-    from botocore.exceptions import BotoCoreError, ClientError
-
     out: dict[str, Instance] = {}
     paginator = client.get_paginator("describe_instances")
     try:

@@ -12,6 +12,8 @@ from collections.abc import Iterable
 from ipaddress import IPv4Address
 from typing import Any
 
+from botocore.exceptions import BotoCoreError, ClientError
+
 from neti.aws.ec2 import AwsError, is_ec2_instance_id
 from neti.aws.tagger import TAG_OVERLAY_IP
 
@@ -25,8 +27,6 @@ def overlay_tags(
 ) -> tuple[dict[str, IPv4Address], list[str]]:
     """({instance ID: tagged overlay IP}, problems): every instance's ``overlay_ip`` tag (or
     only ``instance_ids``'), strictly parsed; a malformed tag or ID is a problem line, skipped."""
-    from botocore.exceptions import BotoCoreError, ClientError
-
     filters: list[dict[str, Any]] = [
         {"Name": "key", "Values": [TAG_OVERLAY_IP]},
         {"Name": "resource-type", "Values": ["instance"]},

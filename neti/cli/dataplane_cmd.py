@@ -9,6 +9,7 @@ from typing import Any
 from neti import dataplane, desired
 from neti.cli.common import add_config, add_json, load_config, print_json
 from neti.identity import source as identity_source
+from neti.registry import connect
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -39,8 +40,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _desired(cfg: Any, dry_run: bool) -> tuple[desired.DesiredState, dict[str, Any]]:
-    from neti.registry import connect
-
     ident = identity_source.resolve(cfg)
     reg = connect(cfg, ident.network)
     try:

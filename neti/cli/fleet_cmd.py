@@ -9,21 +9,33 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
+import socket
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, redirect_stdout
 from typing import Any, TextIO
 
-from kazoo.exceptions import NoAuthError
+from kazoo.exceptions import KazooException, NoAuthError, NodeExistsError, NoNodeError
+from kazoo.handlers.threading import KazooTimeoutError
 from packaging.version import InvalidVersion, Version
 
 from neti import __version__
 from neti.aws import ec2, fleetops
 from neti.aws.ec2 import AwsError
+from neti.aws.tags import overlay_tags
 from neti.cli.common import add_config, add_json, load_config, print_json, print_table
 from neti.config import Config, StaticIdentity
 from neti.errors import NetiError
+from neti.fleet import addr
+from neti.fleet.addr import MalformedEntry, label
 from neti.registry import Registry, connect
+from neti.registry import acl as acl_mod
+from neti.registry import quota as quota_mod
+from neti.registry.claims import ClaimConflictError
+from neti.registry.client import check_trust
+from neti.registry.paths import RELEASE_NODE
 from neti.registry.quota import LimitChange, LimitsPlan
 from neti.registry.survey import PRUNABLE, Survey
 
@@ -514,15 +526,6 @@ def run_release_guard(args: argparse.Namespace) -> int:
     A one-shot token rather than a raised maxchange: nothing to remember to set back, and
     removals after this moment are guarded as before.
     """
-    import json
-    import socket
-    import time
-
-    from kazoo.exceptions import KazooException, NodeExistsError, NoNodeError
-    from kazoo.handlers.threading import KazooTimeoutError
-
-    from neti.agent.guard import RELEASE_NODE
-
     cfg = load_config(args)
     path = cfg.path(RELEASE_NODE)
     data = json.dumps({"at": round(time.time(), 3), "by": socket.gethostname()[:255]}).encode()
@@ -556,8 +559,6 @@ def run_release_guard(args: argparse.Namespace) -> int:
 
 
 def _valid_ids(ids: list[str]) -> list[str]:
-    from neti.fleet.addr import MalformedEntry, label
-
     try:
         return [label(i, "instance ID") for i in ids]
     except MalformedEntry as exc:
@@ -686,10 +687,6 @@ def run_release(args: argparse.Namespace) -> int:
 
 
 def run_secure(args: argparse.Namespace) -> int:
-    from neti.registry import acl as acl_mod
-    from neti.registry import quota as quota_mod
-    from neti.registry.client import check_trust
-
     cfg = load_config(args)
     if not cfg.secured or cfg.zk_acl is None:
         raise NetiError(
@@ -851,8 +848,6 @@ def restore_plan(
 ) -> dict[str, list[tuple[str, str, str]]]:
     """Pure: what restoring claims from tags does. Lists of (instance, ip, why) under
     create / present / conflict / skipped."""
-    from neti.fleet import addr
-
     holder = {str(ip): iid for iid, ip in claims.items()}
     plan: dict[str, list[tuple[str, str, str]]] = {
         "create": [],
@@ -881,8 +876,6 @@ def restore_plan(
 def _owners(cfg: Config, identities: str | None) -> Callable[[str], str | None]:
     """Whose ZooKeeper id a claim made for another instance is written for: its host must
     own it, or the host will not adopt it. None: the caller's own (an open registry)."""
-    from neti.registry import acl as acl_mod
-
     if identities:
         mapping = acl_mod.load_identities(identities)
         return mapping.get
@@ -897,9 +890,6 @@ def _owners(cfg: Config, identities: str | None) -> Callable[[str], str | None]:
 
 
 def run_restore_claims(args: argparse.Namespace) -> int:
-    from neti.aws.tags import overlay_tags
-    from neti.registry.claims import ClaimConflictError
-
     cfg = load_config(args)
     owner_of = _owners(cfg, args.identities)
     tags, problems = overlay_tags(ec2.ec2_client(cfg, args.region))

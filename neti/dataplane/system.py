@@ -274,13 +274,48 @@ class System:
         return None
 
     # --- netlink ---
-    def iproute(self) -> Any:
-        """A pyroute2 IPRoute in the target namespace (caller closes it)."""
+    def iproute(self) -> Netlink:
+        """Netlink in the target namespace (a context manager: leaving it closes it)."""
+        # Deferred: pyroute2 takes ~0.2 s to import, and every `neti` command imports this
+        # module; only the route step and status read netlink.
         from pyroute2 import IPRoute
+        from pyroute2.netlink.exceptions import NetlinkError as PyrouteError
 
-        if self.netns:
-            return IPRoute(netns=self.netns)
-        return IPRoute()
+        return Netlink(IPRoute(netns=self.netns) if self.netns else IPRoute(), PyrouteError)
+
+
+class NetlinkError(Exception):
+    """A netlink request the kernel refused; ``code`` is its errno, ``str()`` pyroute2's."""
+
+    def __init__(self, code: int, text: str):
+        super().__init__(text)
+        self.code = code
+
+
+class Netlink:
+    """The requests Neti makes of pyroute2's IPRoute, its refusals raised as NetlinkError."""
+
+    def __init__(self, ipr: Any, refused: type[Exception]):
+        self._ipr = ipr
+        self._refused = refused
+
+    def __enter__(self) -> Netlink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._ipr.close()
+
+    def route(self, cmd: str, **kw: Any) -> Any:
+        return self._call(self._ipr.route, cmd, **kw)
+
+    def link_lookup(self, **kw: Any) -> Any:
+        return self._call(self._ipr.link_lookup, **kw)
+
+    def _call(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+        try:
+            return fn(*args, **kw)
+        except self._refused as exc:
+            raise NetlinkError(getattr(exc, "code", 0), str(exc)) from exc
 
 
 def _try_lock(fd: int) -> bool:

@@ -17,22 +17,22 @@ import logging
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
+from kazoo.client import KazooClient
 from kazoo.exceptions import NoAuthError, NodeExistsError, NoNodeError
 from kazoo.security import ACL, Id, Permissions, make_digest_acl_credential
 
 from neti import files
+from neti.config import Config, zk_acl_id
 from neti.errors import RegistryAccessError, RegistryError
-from neti.registry.paths import RELEASE_NODE
-
-if TYPE_CHECKING:
-    from kazoo.client import KazooClient
-
-    from neti.config import Config
-    from neti.registry.paths import Paths
+from neti.fleet import legacy as legacy_codec
+from neti.fleet.addr import LABEL_RE, MalformedEntry
+from neti.fleet.names import decode_member
+from neti.registry.paths import RELEASE_NODE, Paths
 
 log = logging.getLogger(__name__)
 
@@ -391,8 +391,6 @@ def takeable(acls: list[ACL] | tuple[ACL, ...]) -> bool:
 
 def read_pem_key_ok(path: str) -> None:
     """zk_tls.key must be a readable, unencrypted PEM private key."""
-    from cryptography.hazmat.primitives import serialization
-
     data = _read_bounded(path, "zk_tls.key", MAX_PEM_BYTES)
     try:
         serialization.load_pem_private_key(data, password=None)
@@ -437,8 +435,6 @@ MAX_IDENTITIES_BYTES = 4 * 1024 * 1024
 
 def load_identities(path: str) -> dict[str, str]:
     """``INSTANCE-ID SCHEME:ID`` lines: whose ZooKeeper id owns each instance's nodes."""
-    from neti.config import LABEL_RE, zk_acl_id
-
     data = _read_bounded(path, "--identities", MAX_IDENTITIES_BYTES)
     try:
         text = data.decode("utf-8")
@@ -472,10 +468,6 @@ def plan_secure(
     ZooKeeper id, or None when unknown: then operators only); members by the instance in
     their name; ip-map nodes by the instance that claims their overlay IP.
     """
-    from neti.fleet import legacy as legacy_codec
-    from neti.fleet.addr import MalformedEntry
-    from neti.fleet.names import decode_member
-
     containers = {paths.prefix, paths.members, paths.id_to_ip, paths.ip_to_id, paths.legacy}
     todo: list[tuple[str, str, list[ACL], str]] = []
 
