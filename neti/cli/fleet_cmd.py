@@ -63,6 +63,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         c.set_defaults(func=func)
         return c
 
+    # In this order in `neti fleet --help`.
+    _register_views(cmd)
+    _register_settings(cmd)
+    _register_cleanup(cmd)
+    _register_secure(cmd)
+
+
+# cmd(name, help, run function, ec2=False): one subcommand with the common options.
+_Cmd = Callable[..., argparse.ArgumentParser]
+
+
+def _register_views(cmd: _Cmd) -> None:
     m = cmd("members", "the live fleet, naturally sorted by Name tag", run_members, ec2=True)
     m.add_argument("--no-ec2", action="store_true", help="do not ask EC2 for Name tags")
 
@@ -91,6 +103,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "members of unknown version (original agents) count as older",
     )
 
+
+def _register_settings(cmd: _Cmd) -> None:
     s = cmd("set", "set a fleet-wide setting", run_set)
     s.add_argument("key", choices=["max-change"], help="max-change: the mass-removal guard")
     s.add_argument("value", type=_non_negative, metavar="N")
@@ -114,6 +128,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     ur.add_argument("instance_ids", metavar="INSTANCE-ID", nargs="+")
     cmd("revoked", "the revoked instances", run_revoked)
 
+
+def _register_cleanup(cmd: _Cmd) -> None:
     pr = cmd(
         "prune",
         "delete forged and excess claims, revoked hosts' nodes, persistent and unreadable "
@@ -163,6 +179,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(default with a client certificate: x509:CN=<instance ID>)",
     )
 
+
+def _register_secure(cmd: _Cmd) -> None:
     sec = cmd(
         "secure",
         "set Neti's ACLs on an existing open registry tree (operator identity needed; "
@@ -688,17 +706,7 @@ def run_release(args: argparse.Namespace) -> int:
 
 def run_secure(args: argparse.Namespace) -> int:
     cfg = load_config(args)
-    if not cfg.secured or cfg.zk_acl is None:
-        raise NetiError(
-            "neti fleet secure needs an operator identity: zk_tls.cert/key or zk_auth, and "
-            "zk_acl.operators listing it, in this config (docs/security.md)"
-        )
-    policy = check_trust(cfg)
-    if not policy.is_operator:
-        raise NetiError(
-            f"this config authenticates as {policy.identity}, which is not in "
-            "zk_acl.operators: only an operator may set ACLs (and keep the right to undo them)"
-        )
+    policy = _operator(cfg)
     owner_of: Callable[[str], str | None]
     if args.identities:
         mapping = acl_mod.load_identities(args.identities)
@@ -726,19 +734,8 @@ def run_secure(args: argparse.Namespace) -> int:
                 done, refused = acl_mod.apply_secure(reg.client, changes, progress)
             finally:
                 progress.done()
-        # The ensemble's own limits: a quota on the prefix, its nodes locked.
         want = quota_mod.for_fleet(cfg.overlay_subnet, args.max_hosts)
-        try:
-            limits = quota_mod.plan(reg.client, cfg.zk_prefix, policy, want, args.lock_root)
-            limit_changes = limits.changes
-            if limit_changes and not args.dry_run:
-                limit_changes = quota_mod.apply(reg.client, limits, policy)
-        except NoAuthError:
-            raise NetiError(
-                f"ZooKeeper refused setting the quota on {cfg.zk_prefix} or locking its nodes "
-                f"for {policy.identity}: another identity locked {quota_mod.QUOTA_ROOT}; "
-                "ZooKeeper's super user can reset it (docs/operations.md)"
-            ) from None
+        limits, limit_changes = _secure_limits(reg, cfg, policy, want, args)
     if args.json:
         print_json(
             {
@@ -747,16 +744,7 @@ def run_secure(args: argparse.Namespace) -> int:
                 "changes": [c.as_dict() for c in done],
                 "refused": [c.as_dict() for c in refused],
                 "unchanged": right,
-                "limits": {
-                    "quota": {"nodes": want.nodes, "bytes": want.size},
-                    "usage": (
-                        {"nodes": limits.usage[0], "bytes": limits.usage[1]}
-                        if limits.usage
-                        else None
-                    ),
-                    "changes": [c.as_dict() for c in limit_changes],
-                    "open_outside": limits.open_outside,
-                },
+                "limits": _limits_dict(want, limits, limit_changes),
             }
         )
         return 0
@@ -770,6 +758,56 @@ def run_secure(args: argparse.Namespace) -> int:
     print(f"{verb} {len(done)} ACLs; {right} nodes already right")
     _print_limits(cfg.zk_prefix, limits, limit_changes, verb)
     return 0
+
+
+def _operator(cfg: Config) -> acl_mod.AclPolicy:
+    """This config's policy, which must name an operator (NetiError otherwise)."""
+    if not cfg.secured or cfg.zk_acl is None:
+        raise NetiError(
+            "neti fleet secure needs an operator identity: zk_tls.cert/key or zk_auth, and "
+            "zk_acl.operators listing it, in this config (docs/security.md)"
+        )
+    policy = check_trust(cfg)
+    if not policy.is_operator:
+        raise NetiError(
+            f"this config authenticates as {policy.identity}, which is not in "
+            "zk_acl.operators: only an operator may set ACLs (and keep the right to undo them)"
+        )
+    return policy
+
+
+def _secure_limits(
+    reg: Registry,
+    cfg: Config,
+    policy: acl_mod.AclPolicy,
+    want: quota_mod.Quota,
+    args: argparse.Namespace,
+) -> tuple[LimitsPlan, list[LimitChange]]:
+    """The ensemble's own limits: a quota on the prefix, its nodes locked (planned, and
+    made unless --dry-run)."""
+    try:
+        limits = quota_mod.plan(reg.client, cfg.zk_prefix, policy, want, args.lock_root)
+        limit_changes = limits.changes
+        if limit_changes and not args.dry_run:
+            limit_changes = quota_mod.apply(reg.client, limits, policy)
+    except NoAuthError:
+        raise NetiError(
+            f"ZooKeeper refused setting the quota on {cfg.zk_prefix} or locking its nodes "
+            f"for {policy.identity}: another identity locked {quota_mod.QUOTA_ROOT}; "
+            "ZooKeeper's super user can reset it (docs/operations.md)"
+        ) from None
+    return limits, limit_changes
+
+
+def _limits_dict(
+    want: quota_mod.Quota, limits: LimitsPlan, changes: list[LimitChange]
+) -> dict[str, Any]:
+    return {
+        "quota": {"nodes": want.nodes, "bytes": want.size},
+        "usage": ({"nodes": limits.usage[0], "bytes": limits.usage[1]} if limits.usage else None),
+        "changes": [c.as_dict() for c in changes],
+        "open_outside": limits.open_outside,
+    }
 
 
 def _print_limits(prefix: str, limits: LimitsPlan, changes: list[LimitChange], verb: str) -> None:

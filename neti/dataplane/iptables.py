@@ -302,27 +302,8 @@ def plan_table(
     lines = [f":{c} - [0:0]" for c in write]
     for c in write:
         lines.extend(f"-A {c} {r}" for r in chains[c])
-    changes: list[str] = []
-    sub_sentences: list[str] = []
-    counts = {"created": 0, "rewritten": 0, "deleted": 0}
-    for c in write:
-        verb = "rewrote" if state.has(c) else "created"
-        sentence = f"{table}: {verb} chain {c} ({len(chains[c])} rules)"
-        if c == root:
-            changes.append(sentence)
-        else:
-            counts["rewritten" if verb == "rewrote" else verb] += 1
-            sub_sentences.append(sentence)
-    for c in obsolete:
-        counts["deleted"] += 1
-        sub_sentences.append(f"{table}: deleted chain {c}")
-    old: list[str] = []
-    new: list[str] = []
-    for c in write:
-        if not state.has(c):
-            new.append(f":{c}")
-        old += [f"-A {c} {r}" for r in state.rules.get(c, [])]
-        new += [f"-A {c} {r}" for r in chains[c]]
+    changes, subs = _chain_changes(table, state, chains, write, obsolete)
+    old, new = _chain_diff(state, chains, write)
     for builtin in HOOKS[table]:
         want = jumps.get(builtin)
         existing = state.jumps(builtin, root)
@@ -341,11 +322,7 @@ def plan_table(
         lines += [f"-F {c}" for c in obsolete] + [f"-X {c}" for c in obsolete]
         for c in obsolete:
             old += [f":{c}"] + [f"-A {c} {r}" for r in state.rules.get(c, [])]
-    if len(sub_sentences) <= MAX_CHAIN_SENTENCES:
-        changes += sub_sentences
-    else:
-        done = ", ".join(f"{n} {what}" for what, n in counts.items() if n)
-        changes.append(f"{table}: DNAT tree: sub-chains {done} ({len(chains) - 1} in all)")
+    changes += subs
     diff = (
         list(
             difflib.unified_diff(old, new, f"kernel/{table}", f"desired/{table}", lineterm="", n=1)
@@ -354,6 +331,50 @@ def plan_table(
         else []
     )
     return TablePlan(lines, changes, diff)
+
+
+def _chain_diff(
+    state: TableState, chains: dict[str, list[str]], write: list[str]
+) -> tuple[list[str], list[str]]:
+    """The chains written, as the kernel holds them and as they will be (the diff's sides)."""
+    old: list[str] = []
+    new: list[str] = []
+    for c in write:
+        if not state.has(c):
+            new.append(f":{c}")
+        old += [f"-A {c} {r}" for r in state.rules.get(c, [])]
+        new += [f"-A {c} {r}" for r in chains[c]]
+    return old, new
+
+
+def _chain_changes(
+    table: str,
+    state: TableState,
+    chains: dict[str, list[str]],
+    write: list[str],
+    obsolete: list[str],
+) -> tuple[list[str], list[str]]:
+    """Sentences for the chains written and deleted: the root's, and the sub-chains' (one
+    summary line instead when there are more than MAX_CHAIN_SENTENCES)."""
+    root = OUR_CHAINS[table]
+    changes: list[str] = []
+    sub_sentences: list[str] = []
+    counts = {"created": 0, "rewritten": 0, "deleted": 0}
+    for c in write:
+        verb = "rewrote" if state.has(c) else "created"
+        sentence = f"{table}: {verb} chain {c} ({len(chains[c])} rules)"
+        if c == root:
+            changes.append(sentence)
+        else:
+            counts["rewritten" if verb == "rewrote" else verb] += 1
+            sub_sentences.append(sentence)
+    for c in obsolete:
+        counts["deleted"] += 1
+        sub_sentences.append(f"{table}: deleted chain {c}")
+    if len(sub_sentences) <= MAX_CHAIN_SENTENCES:
+        return changes, sub_sentences
+    done = ", ".join(f"{n} {what}" for what, n in counts.items() if n)
+    return changes, [f"{table}: DNAT tree: sub-chains {done} ({len(chains) - 1} in all)"]
 
 
 # Neti's chains per table for the runner: the root, the generation, the DNAT tree's chains.

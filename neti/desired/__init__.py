@@ -233,18 +233,7 @@ def compute(
     ctx = host if host is not None else host_context(identity, cfg)
     tally = SkipTally()
     allow: set[IPv4Address] = set()
-    # overlay IP -> (rank, instance_id, target): the lowest rank wins a duplicated overlay IP.
-    owners: dict[IPv4Address, tuple[tuple[int, str], Dnat]] = {}
-
-    def offer(rank: int, iid: str, d: Dnat) -> None:
-        key = (rank, iid)
-        cur = owners.get(d.overlay_ip)
-        if cur is None or key < cur[0]:
-            if cur is not None:
-                tally.add("duplicate_overlay", _dup_reason(cur[0][1], d.overlay_ip, iid))
-            owners[d.overlay_ip] = (key, d)
-        else:
-            tally.add("duplicate_overlay", _dup_reason(iid, d.overlay_ip, cur[0][1]))
+    owners = _Owners(tally)
 
     own_problem = addr.HostContext(subnet).target_problem(identity.private_ip)
     if own_problem:
@@ -256,15 +245,7 @@ def compute(
     else:
         allow.add(identity.private_ip)
 
-    mine = self_overlay
-    members: list[Member] = []
-    for m in sorted(fleet.members, key=lambda m: (m.instance_id, m.legacy, int(m.overlay_ip))):
-        if m.instance_id == identity.instance_id:
-            if mine is None:
-                mine = m.overlay_ip
-            continue
-        members.append(m)
-
+    mine, members = _split_self(identity, fleet, self_overlay)
     if mine is not None and not own_problem:
         problem = overlay_problem(mine, subnet)
         if problem:
@@ -273,8 +254,44 @@ def compute(
                 f"{identity.instance_id} (this host): overlay_ip {mine} {problem}",
             )
         else:
-            offer(0, identity.instance_id, Dnat(mine, identity.private_ip, "self"))
+            owners.offer(0, identity.instance_id, Dnat(mine, identity.private_ip, "self"))
 
+    _fold(identity, members, subnet, ctx, allow, owners)
+    dnat = owners.dnat()
+    found, problems = overrides(cfg)
+    for text in problems:
+        tally.add("override", text)
+    dnat.update(found)
+    return build_for(cfg, subnet, allow, dnat.values(), tally.samples, tally.counts())
+
+
+def _split_self(
+    identity: Identity, fleet: Fleet, self_overlay: IPv4Address | None
+) -> tuple[IPv4Address | None, list[Member]]:
+    """This host's overlay IP (``self_overlay``, else its own fleet entry's) and the other
+    members, in the order compute folds them."""
+    mine = self_overlay
+    members: list[Member] = []
+    for m in sorted(fleet.members, key=lambda m: (m.instance_id, m.legacy, int(m.overlay_ip))):
+        if m.instance_id == identity.instance_id:
+            if mine is None:
+                mine = m.overlay_ip
+            continue
+        members.append(m)
+    return mine, members
+
+
+def _fold(
+    identity: Identity,
+    members: list[Member],
+    subnet: IPv4Network,
+    ctx: addr.HostContext,
+    allow: set[IPv4Address],
+    owners: _Owners,
+) -> None:
+    """The other members' entries into ``allow`` and ``owners`` (member_entry each; the
+    first entry of an instance listed twice is kept)."""
+    tally = owners.tally
     seen_ids: set[str] = set()
     for m in members:
         if m.instance_id in seen_ids:
@@ -288,15 +305,29 @@ def compute(
             tally.add(*e)
             continue
         allow.add(e.allow)
-        offer(e.rank, m.instance_id, e.dnat)
+        owners.offer(e.rank, m.instance_id, e.dnat)
 
-    dnat = {ip: d for ip, (_, d) in owners.items()}
-    found, problems = overrides(cfg)
-    for text in problems:
-        tally.add("override", text)
-    dnat.update(found)
 
-    return build_for(cfg, subnet, allow, dnat.values(), tally.samples, tally.counts())
+class _Owners:
+    """Who keeps each overlay IP: the lowest (rank, instance ID) wins, every loser is
+    counted as ``duplicate_overlay``."""
+
+    def __init__(self, tally: SkipTally):
+        self.tally = tally
+        self.by_ip: dict[IPv4Address, tuple[tuple[int, str], Dnat]] = {}
+
+    def offer(self, rank: int, iid: str, d: Dnat) -> None:
+        key = (rank, iid)
+        cur = self.by_ip.get(d.overlay_ip)
+        if cur is None or key < cur[0]:
+            if cur is not None:
+                self.tally.add("duplicate_overlay", _dup_reason(cur[0][1], d.overlay_ip, iid))
+            self.by_ip[d.overlay_ip] = (key, d)
+        else:
+            self.tally.add("duplicate_overlay", _dup_reason(iid, d.overlay_ip, cur[0][1]))
+
+    def dnat(self) -> dict[IPv4Address, Dnat]:
+        return {ip: d for ip, (_, d) in self.by_ip.items()}
 
 
 def build_for(

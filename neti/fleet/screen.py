@@ -213,7 +213,18 @@ def build_fleet(
                 cands.append(got)
             else:
                 skip(*got)
+    passing = _verified(cands, verify, skip)
+    members = _one_per_overlay(_one_per_instance(passing, skip), skip)
+    return Fleet(
+        members=tuple(sorted(members)),
+        skipped=tally.total,
+        skipped_reasons=tuple(tally.samples),
+        skipped_by_reason=tally.counts(),
+    )
 
+
+def _verified(cands: list[Candidate], verify: VerifyFn | None, skip: OnSkip) -> list[Candidate]:
+    """Rule 3: the candidates the verifier passes (all of them without one)."""
     verdicts = verify(cands) if verify is not None else None
     passing: list[Candidate] = []
     for c in cands:
@@ -225,9 +236,12 @@ def build_fleet(
                 skip(v.code or "malformed", v.text)
                 continue
         passing.append(c)
+    return passing
 
-    # One instance ID: identical entries count once, different ones are all dropped.
-    # (Legacy IDs are derived from the overlay IP: the overlay rule below covers them.)
+
+def _one_per_instance(passing: list[Candidate], skip: OnSkip) -> list[Member]:
+    """Rule 4 for instance IDs: identical entries count once, different ones are all
+    dropped. (Legacy IDs are derived from the overlay IP: the overlay rule covers them.)"""
     by_id: dict[str, list[Candidate]] = {}
     kept: list[Member] = [c.member for c in passing if c.member.legacy]
     for c in passing:
@@ -240,8 +254,12 @@ def build_fleet(
             continue
         for m in ms:
             skip("duplicate_instance", duplicate_instance_text(iid, len(ms), m))
+    return kept
 
-    # One overlay IP: a single members entry wins; otherwise only identical entries survive.
+
+def _one_per_overlay(kept: list[Member], skip: OnSkip) -> list[Member]:
+    """Rule 4 for overlay IPs: a single members entry wins; otherwise only identical
+    entries survive."""
     by_overlay: dict[IPv4Address, list[Member]] = {}
     for m in kept:
         by_overlay.setdefault(m.overlay_ip, []).append(m)
@@ -252,9 +270,4 @@ def build_fleet(
             members.append(winner)
         for code, text in skips:
             skip(code, text)
-    return Fleet(
-        members=tuple(sorted(members)),
-        skipped=tally.total,
-        skipped_reasons=tuple(tally.samples),
-        skipped_by_reason=tally.counts(),
-    )
+    return members

@@ -224,43 +224,8 @@ class Membership:
                 # keep our nodes, so watchers (and original agents) see no churn.
                 self.ensure()
                 return member
-        prefix = member_prefix(member.instance_id)
-
-        def fresh() -> str:
-            return encode_member(member, new_nonce())
-
-        def same(child: str) -> bool:
-            try:
-                return child.startswith(prefix) and decode_member(child) == member
-            except MalformedEntry:
-                return False
-
-        seats = [
-            EphemeralSeat(
-                self.client,
-                self.members_path,
-                fresh(),
-                lambda child: child.startswith(prefix),
-                data=self._record,
-                renew=fresh,
-                adopt=same,
-                **self._seat_acls(),
-            )
-        ]
-        optional = []
-        if self.cfg.v1_members == "publish":
-            v1 = encode_member(member)
-            v1_prefix = member_prefix(member.instance_id, V1)
-            optional.append(
-                EphemeralSeat(
-                    self.client,
-                    self.members_path,
-                    v1,
-                    lambda child: child.startswith(v1_prefix),
-                    data=self._record(v1, 0),
-                    **self._seat_acls(),
-                )
-            )
+        seats = [self._member_seat(member)]
+        optional = [self._v1_seat(member)] if self.cfg.v1_members == "publish" else []
         if self.cfg.publish_legacy:
             seat = self._legacy_seat(member)
             if seat is not None:
@@ -275,6 +240,44 @@ class Membership:
                 self.client.add_listener(self._on_state)
                 self._listening = True
         return member
+
+    def _member_seat(self, member: Member) -> EphemeralSeat:
+        """This host's v2 member node: a fresh nonce in every name it creates; after a
+        restart it adopts a node of ours that names the same member."""
+        prefix = member_prefix(member.instance_id)
+
+        def fresh() -> str:
+            return encode_member(member, new_nonce())
+
+        def same(child: str) -> bool:
+            try:
+                return child.startswith(prefix) and decode_member(child) == member
+            except MalformedEntry:
+                return False
+
+        return EphemeralSeat(
+            self.client,
+            self.members_path,
+            fresh(),
+            lambda child: child.startswith(prefix),
+            data=self._record,
+            renew=fresh,
+            adopt=same,
+            **self._seat_acls(),
+        )
+
+    def _v1_seat(self, member: Member) -> EphemeralSeat:
+        """The v1 name older agents read (``v1_members: publish``)."""
+        v1 = encode_member(member)
+        v1_prefix = member_prefix(member.instance_id, V1)
+        return EphemeralSeat(
+            self.client,
+            self.members_path,
+            v1,
+            lambda child: child.startswith(v1_prefix),
+            data=self._record(v1, 0),
+            **self._seat_acls(),
+        )
 
     def _ensure_optional(self) -> None:
         for seat in self.optional:
