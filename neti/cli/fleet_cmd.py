@@ -145,7 +145,7 @@ def _register_cleanup(cmd: _Cmd) -> None:
         help=f"prune only this kind (repeatable): {', '.join(PRUNABLE)}",
     )
 
-    r = cmd("release", "remove an instance's overlay IP claim", run_release)
+    r = cmd("release", "remove an instance's overlay IP claim", run_release_claim)
     r.add_argument("instance_id", metavar="INSTANCE-ID")
     r.add_argument(
         "--force",
@@ -555,7 +555,9 @@ def run_release_guard(args: argparse.Namespace) -> int:
             except NoNodeError:
                 try:
                     # Operators alone may bump it (the maxchange ACL), whatever kazoo's default.
-                    client.retry(client.create, path, data, acl=reg.acl.guard(), makepath=True)
+                    client.retry(
+                        client.create, path, data, acl=reg.acl.operators_write(), makepath=True
+                    )
                 except NodeExistsError:
                     client.retry(client.set, path, data)
                 stat = client.retry(client.exists, path)
@@ -678,7 +680,7 @@ def run_prune(args: argparse.Namespace) -> int:
 # --- release ------------------------------------------------------------------------------
 
 
-def run_release(args: argparse.Namespace) -> int:
+def run_release_claim(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     iid = args.instance_id
     with _registry(cfg, args) as reg:
@@ -691,7 +693,7 @@ def run_release(args: argparse.Namespace) -> int:
                 f"{iid} is a live member (overlay IP {live[0].overlay_ip}): its agent still "
                 "uses the address; stop the agent first, or pass --force"
             )
-        ip = reg.release(iid)
+        ip = reg.release_claim(iid)
     if ip is None:
         raise NetiError(f"{iid} holds no overlay IP claim (see neti fleet ips)")
     if args.json:
@@ -853,7 +855,7 @@ def run_gc(args: argparse.Namespace) -> int:
             now_live = fleetops.live_claims(reg.read_fleet(), reg.claims())
             progress = Progress("releasing")
             try:
-                released = fleetops.gc_release(plan, now_live, reg.release, progress)
+                released = fleetops.release_claims(plan, now_live, reg.release_claim, progress)
             finally:
                 progress.done()
     if args.json:

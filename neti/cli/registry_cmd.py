@@ -68,7 +68,7 @@ def run_overlay_ip(args: argparse.Namespace) -> int:
         instance_id, network = me.instance_id, args.network or me.network
     with _open(cfg, network) as reg:
         if args.release:
-            ip = reg.release(instance_id)
+            ip = reg.release_claim(instance_id)
             if args.json:
                 print_json({"instance_id": instance_id, "released": str(ip) if ip else None})
             elif ip is None:

@@ -268,7 +268,7 @@ class Backend(abc.ABC):
         goes into the kernel with the change (module docstring).
         """
         start = time.monotonic()
-        self.system.guard_writes()
+        self.system.refuse_init_netns()
         self.applied = None
         with self.system.lock():
             changes, warnings = conntrack.ensure(
@@ -324,7 +324,7 @@ class Backend(abc.ABC):
         if delta.empty:
             return ApplyResult(backend=self.label, changed=False, generation=self.kernel_generation)
         start = time.monotonic()
-        self.system.guard_writes()
+        self.system.refuse_init_netns()
         with self.system.lock():
             try:
                 changes = self._write_delta(delta, generation)
@@ -360,7 +360,7 @@ class Backend(abc.ABC):
     def uninstall(self) -> ApplyResult:
         """Remove everything Neti owns (also another backend's leftovers) and nothing else."""
         start = time.monotonic()
-        self.system.guard_writes()
+        self.system.refuse_init_netns()
         self.applied = None
         with self.system.lock():
             changes, warnings = self._remove_objects()

@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from neti.dataplane.system import GUARD_ENV, POLL, Aborted, in_init_netns
+from neti.dataplane.system import POLL, REFUSE_ENV, Aborted, in_init_netns
 from neti.errors import DataplaneError
 
 log = logging.getLogger(__name__)
@@ -198,8 +198,8 @@ def _reply(msg: dict[str, Any]) -> None:
 
 def serve() -> int:
     """Worker: one libnftables context, requests from stdin until it closes."""
-    if os.environ.get(GUARD_ENV) == "1" and in_init_netns():
-        _reply({"error": f"refusing the initial network namespace ({GUARD_ENV}=1 is set)"})
+    if os.environ.get(REFUSE_ENV) == "1" and in_init_netns():
+        _reply({"error": f"refusing the initial network namespace ({REFUSE_ENV}=1 is set)"})
         return 2
     try:
         lib = ctypes.CDLL(LIBRARY)

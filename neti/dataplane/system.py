@@ -1,9 +1,9 @@
 """Where dataplane commands run: this process's network namespace or a named one.
 
 Every kernel change goes through ``System``: argv lists only (never a shell), a named
-namespace entered with ``ip netns exec``, and an optional guard that refuses to touch the
-initial network namespace (tests and benchmarks set ``NETI_REFUSE_INIT_NETNS=1`` so a bug can
-never program the machine's own firewall).
+namespace entered with ``ip netns exec``, and an optional refusal to touch the initial
+network namespace (tests and benchmarks set ``NETI_REFUSE_INIT_NETNS=1`` so a bug can never
+program the machine's own firewall).
 
 Every wait is bounded and can be abandoned: a command has a deadline, Neti's per-namespace
 dataplane lock is taken with one, and ``abort()`` (the agent's stop signal) ends a command
@@ -29,7 +29,7 @@ from neti.errors import DataplaneError
 
 log = logging.getLogger(__name__)
 
-GUARD_ENV = "NETI_REFUSE_INIT_NETNS"
+REFUSE_ENV = "NETI_REFUSE_INIT_NETNS"
 LOCK_DIR = "/run/neti"
 LOCK_TIMEOUT = 30.0  # a writer waits this long for Neti's dataplane lock, then gives up
 POLL = 0.05  # how often a wait looks at its lock, its command and the abort flag
@@ -205,11 +205,11 @@ class System:
             return False
         return in_init_netns()
 
-    def guard_writes(self) -> None:
-        """Refuse kernel writes in the initial namespace when the guard variable is set."""
-        if os.environ.get(GUARD_ENV) == "1" and self.in_init_netns():
+    def refuse_init_netns(self) -> None:
+        """Refuse kernel writes in the initial namespace when NETI_REFUSE_INIT_NETNS=1."""
+        if os.environ.get(REFUSE_ENV) == "1" and self.in_init_netns():
             raise DataplaneError(
-                f"refusing to change the initial network namespace ({GUARD_ENV}=1 is set)"
+                f"refusing to change the initial network namespace ({REFUSE_ENV}=1 is set)"
             )
 
     def lock_path(self) -> Path:

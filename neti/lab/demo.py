@@ -38,7 +38,7 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any, TypeVar
 
-from neti.dataplane.system import GUARD_ENV
+from neti.dataplane.system import REFUSE_ENV
 from neti.lab import netns
 from neti.lab.netns import LabError
 from neti.lab.pki import CertificateAuthority, Issued
@@ -284,7 +284,7 @@ class Lab:
         }
         self.zk: ZooKeeper | None = None
         self.agents: dict[str, subprocess.Popen[str]] = {}
-        self.env = {**os.environ, GUARD_ENV: "1", "PYTHONUNBUFFERED": "1"}
+        self.env = {**os.environ, REFUSE_ENV: "1", "PYTHONUNBUFFERED": "1"}
 
     # --- lifecycle ---
     def __enter__(self) -> Lab:

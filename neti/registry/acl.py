@@ -255,8 +255,8 @@ class AclPolicy:
     def own(self) -> list[ACL] | None:
         return self.owned_by(self.self_id)
 
-    def guard(self) -> list[ACL] | None:
-        """maxchange: every agent reads it, operators alone set it."""
+    def operators_write(self) -> list[ACL] | None:
+        """maxchange, guard-release, revoked: every agent reads them, operators alone set them."""
         if not self.secured:
             return None
         return acl_list([(WORLD, READ)] + [(o, ALL) for o in self.operators])
@@ -496,10 +496,14 @@ class _SecureWalk:
         self.paths = paths
         self.policy = policy
         self.owner_of = owner_of
-        container_acl, guard_acl = policy.container(), policy.guard()
+        container_acl, operators_acl = policy.container(), policy.operators_write()
         prefix_acl = policy.prefix()
-        assert container_acl is not None and guard_acl is not None and prefix_acl is not None
-        self.container_acl, self.guard_acl, self.prefix_acl = container_acl, guard_acl, prefix_acl
+        assert container_acl is not None and operators_acl is not None and prefix_acl is not None
+        self.container_acl, self.operators_acl, self.prefix_acl = (
+            container_acl,
+            operators_acl,
+            prefix_acl,
+        )
         self.todo: list[_Todo] = []
 
     def children(self, path: str) -> list[str]:
@@ -538,16 +542,16 @@ class _SecureWalk:
         present = set(self.children(paths.prefix)) if not creates else set()
         for path, kind in needed.items():
             if path.rsplit("/", 1)[-1] not in present:
-                acl = self.container_acl if kind == "container" else self.guard_acl
+                acl = self.container_acl if kind == "container" else self.operators_acl
                 creates.append(AclChange(path, kind, (), tuple(acl), "missing: created", True))
         for name in sorted(present):
             path = f"{paths.prefix}/{name}"
             if path in containers:
                 self.todo.append((path, "container", self.container_acl, ""))
             elif path in (paths.max_change, release, paths.revoked):
-                self.todo.append((path, "guard", self.guard_acl, ""))
+                self.todo.append((path, "guard", self.operators_acl, ""))
             else:
-                self.todo.append((path, "other", self.guard_acl, "not Neti's: operators only"))
+                self.todo.append((path, "other", self.operators_acl, "not Neti's: operators only"))
         return creates
 
     def claims(self) -> dict[str, str]:

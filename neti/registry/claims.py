@@ -671,7 +671,7 @@ class OverlayClaims:
         )
         return ip
 
-    def release(self, instance_id: str) -> IPv4Address | None:
+    def release_claim(self, instance_id: str) -> IPv4Address | None:
         """Drop this instance's claim (both nodes, atomically); the address it held, or None."""
         id_path = self._id_path(instance_id)
         for _ in range(MAX_ATTEMPTS):

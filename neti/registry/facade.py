@@ -277,8 +277,8 @@ class Registry:
         return self._claims.claims()
 
     @_zk_errors("releasing an overlay IP claim", "id_to_ip")
-    def release(self, instance_id: str) -> IPv4Address | None:
-        return self._claims.release(instance_id)
+    def release_claim(self, instance_id: str) -> IPv4Address | None:
+        return self._claims.release_claim(instance_id)
 
     # --- membership ---
     @_zk_errors("joining the fleet", "members")

@@ -54,7 +54,7 @@ class MaxChangeNode:
         self.default = default
         # Secured: every agent reads it, operators alone set it; its parent is a container.
         policy = acl or AclPolicy()
-        self.acl = policy.guard()
+        self.acl = policy.operators_write()
         self.parent_acl = policy.container()
         self.problem: str | None = None  # why the last read used the default (for status)
 

@@ -13,9 +13,9 @@ from neti.aws.fleetops import (
     check_same_account,
     gc_candidates,
     gc_plan,
-    gc_release,
     gc_sample,
     live_claims,
+    release_claims,
 )
 from neti.fleet.model import Fleet, Member
 from tests.support.motoserver import ec2, run_instances
@@ -101,7 +101,7 @@ def test_release_rechecks_members_that_appeared_since_the_plan(world):
     joined = Fleet(members=(*fleet.members, member(NOT_IN_EC2, "192.168.0.4")))
     registry = dict(claims)
     steps: list[tuple[int, int]] = []
-    released = gc_release(
+    released = release_claims(
         plan,
         live_claims(joined, registry),
         lambda iid: registry.pop(iid, None),
@@ -117,4 +117,4 @@ def test_release_of_a_claim_already_gone_is_not_reported():
     from neti.aws.fleetops import GcPlan
 
     plan = GcPlan(release=[(NOT_IN_EC2, IPv4Address("192.168.0.4"), "unknown to EC2")])
-    assert gc_release(plan, set(), lambda iid: None) == []
+    assert release_claims(plan, set(), lambda iid: None) == []

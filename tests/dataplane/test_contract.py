@@ -25,7 +25,7 @@ class Recorder(System):
         super().__init__("recorder")
         self.log = log
 
-    def guard_writes(self) -> None:
+    def refuse_init_netns(self) -> None:
         self.log.append("guard")
 
     def lock(self) -> Any:

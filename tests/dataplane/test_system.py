@@ -1,4 +1,4 @@
-"""The guard against programming the machine's own firewall (NETI_REFUSE_INIT_NETNS=1).
+"""The refusal to program the machine's own firewall (NETI_REFUSE_INIT_NETNS=1).
 
 Some sandboxes make /proc/1/ns/net unreadable (EACCES, also for root); the check then falls
 back to kthreadd's namespace, and refuses when it cannot tell at all.
@@ -20,20 +20,20 @@ from neti.lab import netns
 
 
 @pytest.mark.root
-def test_root_namespace_is_recognised_and_refused(netns_guard: None) -> None:
+def test_root_namespace_is_recognised_and_refused(netns_safety: None) -> None:
     assert system.in_init_netns()
     with pytest.raises(DataplaneError, match="refusing to change the initial network namespace"):
-        System().guard_writes()
+        System().refuse_init_netns()
 
 
 @pytest.mark.root
 def test_a_process_inside_another_namespace_may_write(scratch_ns: str) -> None:
-    code = "from neti.dataplane import System; System().guard_writes(); print('allowed')"
+    code = "from neti.dataplane import System; System().refuse_init_netns(); print('allowed')"
     out = subprocess.run(
         netns.exec_argv(scratch_ns, [sys.executable, "-c", code]),
         capture_output=True,
         text=True,
-        env={**os.environ, system.GUARD_ENV: "1"},
+        env={**os.environ, system.REFUSE_ENV: "1"},
         check=True,
     )
     assert out.stdout.strip() == "allowed"

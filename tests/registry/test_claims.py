@@ -43,8 +43,8 @@ def test_claim_survives_a_new_session(open_registry: Callable[..., Registry]) ->
 def test_release_removes_both_nodes(open_registry: Callable[..., Registry]) -> None:
     reg = open_registry()
     ip = reg.claim("i-1")
-    assert reg.release("i-1") == ip
-    assert reg.release("i-1") is None
+    assert reg.release_claim("i-1") == ip
+    assert reg.release_claim("i-1") is None
     assert reg.client.exists(f"{reg.paths.ip_to_id}/{ip}") is None
     assert reg.claims() == {}
 
@@ -139,7 +139,7 @@ def test_claim_outside_a_changed_subnet_is_loud_and_releasable(
     new = open_registry(overlay_subnet="10.8.0.0/24")
     with pytest.raises(RegistryError, match=r"not a host address of overlay_subnet 10\.8\.0\.0"):
         new.claim("i-1")
-    assert new.release("i-1") is not None
+    assert new.release_claim("i-1") is not None
     assert new.claim("i-1") in IPv4Network("10.8.0.0/24")
 
 
