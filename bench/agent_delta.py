@@ -1,4 +1,4 @@
-"""Agent CPU per single-member change at N members (issue 10.2), in-process.
+"""Agent CPU per single-member change at N members, in-process.
 
 A real Agent, a FakeRegistry (tests/support) standing in for the facade's deltas, and a real
 backend in its own network namespace (root) or FakeSystem (``--fake``). The fleet is filled,

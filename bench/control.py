@@ -609,7 +609,7 @@ def _big(b: float) -> str:
 
 
 def rows(size: dict[str, Any]) -> list[tuple[str, str]]:
-    """(label, value) for one fleet size, in the issue's order. Per-change figures are
+    """(label, value) for one fleet size, in the report's order. Per-change figures are
     medians: a resync that happens to fall inside one change's window does not skew them."""
     j, lv, idle, burst = size["join"], size["leave"], size["idle"], size["burst"]
     n = int(size["members"])  # every host runs an agent and receives the same

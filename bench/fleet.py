@@ -1,7 +1,7 @@
 """A synthetic fleet in ZooKeeper, driven by commands on stdin (for ``bench.control``).
 
 Run as ``python -m bench.fleet -c CONFIG``. It connects like an agent would
-(``neti.registry.client.connect``: TLS, credentials and ACLs from the config) and then reads
+(``neti.registry.connect``: TLS, credentials and ACLs from the config) and then reads
 one command per line:
 
 * ``fill N``  N more members; prints ``filled N`` when ZooKeeper has them all;

@@ -332,7 +332,7 @@ class Registry:
         self.skip_log.flush()
         return fleet
 
-    # --- the fleet by its changes (watch.py, index.py; docs/decisions.md) ---
+    # --- the fleet by its changes (watch.py, neti/fleet/index.py; docs/decisions.md) ---
     # Tests set this to exercise the path taken against servers without addWatch.
     force_watch_fallback = False
 

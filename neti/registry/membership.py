@@ -1,6 +1,6 @@
 """Live membership: one ephemeral node per host, kept alive across session expiry.
 
-The member's fields live in the node *name* (see codec.py) so a single get_children lists
+The member's fields live in the node *name* (see neti/fleet/names.py) so a single get_children lists
 the whole fleet. Every node we create gets a fresh nonce in its name (nobody can create it
 first) and, with a client certificate, a record signed for the session that creates it
 (attest.py: a copy under another session is refused). Ephemeral nodes die with their session;

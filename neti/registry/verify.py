@@ -142,7 +142,7 @@ class Verifier:
         """Verdicts for these candidates, reading those not cached, and for ``again``, read
         in any case (their node changed); all reads are issued together.
 
-        Unlike verify() it leaves every other cached verdict alone: the index (index.py)
+        Unlike verify() it leaves every other cached verdict alone: the index (neti/fleet/index.py)
         asks about the names that changed, not the whole fleet. Nothing is cached unless
         every read answered, so a failure leaves the cache as it was (the index's
         transaction relies on it).

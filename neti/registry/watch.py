@@ -11,7 +11,7 @@ sequence number; replies to our own list/stat calls record the sequence number t
 read at (``marked``), so the agent's thread knows which queued events a list already
 reflects.
 
-``FleetWatch`` keeps a FleetIndex (index.py) equal to ZooKeeper from those events:
+``FleetWatch`` keeps a FleetIndex (neti/fleet/index.py) equal to ZooKeeper from those events:
 
 - an event under a container: one name added, removed or re-verified; the container's
   ``cversion`` (+1 per child created or deleted) and child count are tracked;

@@ -1,5 +1,5 @@
 """``neti fleet restore-claims --from-tags``: claims re-created from EC2 overlay_ip tags
-after ZooKeeper lost them (issue 11), conflicts and malformed tags reported, never forced."""
+after ZooKeeper lost them, conflicts and malformed tags reported, never forced."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Hostile registry contents against a real ZooKeeper: what the reader refuses, and at what cost.
 
-Each test plays an attacker with a plain kazoo client (the rows of issue 9's table that the
+Each test plays an attacker with a plain kazoo client (the attacks on registry data that the
 reader answers) and checks the new outcome: skipped, counted by reason, logged a bounded
 number of times, never programmed.
 """

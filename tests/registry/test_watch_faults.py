@@ -215,7 +215,7 @@ def test_no_failure_sequence_leaves_the_fleet_wrong(steps: list[tuple[str, str, 
 
 
 def test_a_loss_while_the_new_member_is_read_keeps_the_removal_for_the_next_call() -> None:
-    """The issue's sequence through the watch: i-0 leaves and i-2 joins in one batch of
+    """The sequence through the watch: i-0 leaves and i-2 joins in one batch of
     events, the connection drops while i-2's node is read; the next call applies both."""
     zk, fw = make()
     fw.start(lambda: None)
