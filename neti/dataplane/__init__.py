@@ -1,8 +1,17 @@
 """Programming the kernel: a small backend interface, backends as modules, auto-selected.
 
-``select(cfg)`` returns the backend ``cfg.backend`` names; ``auto`` picks iptables (the rule
-and when it should change: docs/decisions.md, "Choosing a backend"). Every backend offers
-``plan(desired)``, ``apply(desired)``, ``status()``, ``audit_drops()`` and ``uninstall()``.
+``select(cfg)`` returns the backend ``cfg.backend`` names (neti/backends.py); ``auto`` picks
+iptables (the rule and when it should change: docs/decisions.md, "Choosing a backend"). Every
+backend offers ``plan(desired)``, ``apply(desired)``, ``status()``, ``audit_drops()`` and
+``uninstall()``.
+
+- ``base.py``: the contract every backend fills in (the apply order as a template);
+- ``system.py``: where every command runs (a namespace, the dataplane lock, netlink);
+- ``iptables.py`` with ``dnat_tree.py`` (the DNAT chains), ``xtables.py`` (the iptables
+  runner, shared with zkproxy) and ``ipset.py`` (the allowlist);
+- ``nftables.py`` with ``nftsession.py`` (one long-lived libnftables context);
+- ``route.py`` and ``conntrack.py``: the route and the conntrack limits a host needs;
+- ``__main__.py``: a backend driven from a saved DesiredState (the lab, tests, benchmarks).
 """
 
 from __future__ import annotations

@@ -7,6 +7,10 @@ nothing to change writes nothing.
 The address rule is the original Neti's: a member in this host's network is reached by (and
 seen as) its private IP, a member elsewhere by its public IP, because the networks cannot route
 to each other privately and their private ranges may even overlap.
+
+``compute`` (here) folds the per-member rule ``member_entry`` over the fleet; ``model.py``
+keeps the same result up to date one member at a time (``DesiredModel``, the agent's delta
+path).
 """
 
 from __future__ import annotations
