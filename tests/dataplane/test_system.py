@@ -123,3 +123,34 @@ def test_a_damaged_lock_file_names_nobody() -> None:
     assert system.lock_holder("-3 5.0") == (None, None)
     assert system.lock_holder("12 1e300") == (None, None)
     assert system.lock_holder("12 1700000000.5\n") == (12, 1700000000.5)
+
+
+def test_netlink_refusals_come_out_as_system_netlink_errors() -> None:
+    class Refused(Exception):  # pyroute2's NetlinkError: a code and its text
+        def __init__(self, code: int, text: str):
+            super().__init__(code, text)
+            self.code = code
+
+    class IPRoute:
+        closed = False
+
+        def route(self, cmd: str, **kw: object) -> list[object]:
+            if cmd == "get":
+                raise Refused(101, "Network is unreachable")
+            return [cmd, kw]
+
+        def link_lookup(self, **kw: object) -> list[int]:
+            return [1]
+
+        def close(self) -> None:
+            self.closed = True
+
+    ipr = IPRoute()
+    with system.Netlink(ipr, Refused) as nl:
+        assert nl.route("dump", family=2) == ["dump", {"family": 2}]
+        assert nl.link_lookup(ifname="lo") == [1]
+        with pytest.raises(system.NetlinkError) as got:
+            nl.route("get", dst="10.0.0.1")
+    assert got.value.code == 101
+    assert str(got.value) == str(Refused(101, "Network is unreachable"))
+    assert ipr.closed

@@ -6,6 +6,8 @@ from ipaddress import IPv4Address as IP
 from ipaddress import IPv4Network as Net
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from neti import config
 from neti.desired import compute, host_context
@@ -129,3 +131,10 @@ def test_own_legacy_node_is_not_judged_as_another_member() -> None:
         [], [mine], {0: "ec2"}, SUBNET, host=CTX, self_id="i-me", self_network="ec2"
     )
     assert len(fleet.members) == 1 and fleet.skipped == 0
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.integers(0, 2**32 - 1))
+def test_a_host_address_and_this_hosts_own_address_follow_one_rule(n: int) -> None:
+    ip = IP(n)
+    assert (addr.host_problem(ip) is None) == (addr.own_address_problem(ip) is None)

@@ -1,4 +1,4 @@
-"""Following the fleet by its changes against a real ZooKeeper (watch.py, neti/fleet/index.py, facade).
+"""Following the fleet by its changes against a real ZooKeeper (watch.py, FleetIndex, facade).
 
 A writer client creates and deletes member nodes (with their claims) the way agents do; the
 reader is a Registry whose index must equal a full read after every quiet period: after
