@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from neti import files
-from neti.config import LABEL_RE
+from neti.fleet.addr import LABEL_RE
 from neti.fleet.model import Fleet, Member
 from neti.identity import Identity
 
