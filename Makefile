@@ -20,6 +20,7 @@ venv: $(STAMP)
 test: deps venv
 	$(BIN)/ruff check neti tests bench
 	$(BIN)/mypy neti
+	$(BIN)/lint-imports --no-cache --no-logo
 	$(BIN)/pytest -q
 
 # The fast tier: no root, no ZooKeeper, no servers or child processes that take seconds
@@ -34,10 +35,12 @@ test-fast: venv
 chaos: deps venv
 	$(BIN)/pytest -q -m chaos tests/chaos $(CHAOS_ARGS)
 
+# lint-imports: the layers and cycles contracts in setup.cfg (docs/architecture.md, "Layers").
 lint: venv
 	$(BIN)/ruff check neti tests bench
 	$(BIN)/ruff format --check neti tests bench
 	$(BIN)/mypy neti
+	$(BIN)/lint-imports --no-cache --no-logo
 
 # Needs root (network namespaces). Stays up until Ctrl-C; runs once and exits when stdin is
 # not a terminal (CI). `python -m neti.lab.demo --once` always runs once.

@@ -1,4 +1,4 @@
-"""Agent CPU per single-member change at N members (issue 10.2), in-process.
+"""Agent CPU per single-member change at N members, in-process.
 
 A real Agent, a FakeRegistry (tests/support) standing in for the facade's deltas, and a real
 backend in its own network namespace (root) or FakeSystem (``--fake``). The fleet is filled,
@@ -27,7 +27,7 @@ from neti import config, dataplane
 from neti.agent import core
 from neti.agent import guard as guard_mod
 from neti.desired import model as model_mod
-from neti.fleet import Member
+from neti.fleet.model import Member
 from neti.identity import Identity
 from neti.lab import netns
 from tests.support.fakeregistry import FakeRegistry

@@ -25,17 +25,14 @@ from pydantic import (
 )
 
 from neti import files
-from neti.dataplane.registry import CHOICES as BACKEND_CHOICES
+from neti.backends import CHOICES as BACKEND_CHOICES
 from neti.errors import ConfigError
-from neti.identity import address_problem
+from neti.fleet.addr import LABEL_RE, own_address_problem, zookeeper_ips
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PATH = "/etc/neti/neti.yml"
 
-# Labels and instance IDs end up in ZooKeeper node names and kernel comments: keep them tame.
-# \A...\Z, not ^...$: '$' also matches before a trailing newline ("t-1\n" would pass).
-LABEL_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")
 HOSTPORT_RE = re.compile(r"\A(?P<host>[A-Za-z0-9_.-]+|\[[0-9A-Fa-f:]+\]):(?P<port>\d{1,5})\Z")
 
 # Limits on the file itself, checked before any Python object is built from it: a Neti config
@@ -142,7 +139,7 @@ class StaticIdentity(BaseModel):
     @field_validator("private_ip", "public_ip")
     @classmethod
     def _host(cls, v: ipaddress.IPv4Address) -> ipaddress.IPv4Address:
-        problem = address_problem(v)
+        problem = own_address_problem(v)
         if problem:
             raise ValueError(f"{v} cannot identify a host: {problem}")
         return v
@@ -333,7 +330,7 @@ class Config(BaseModel):
     identity: Annotated[StaticIdentity | Ec2Identity, Field(discriminator="source")] = Ec2Identity()
     legacy_networks: dict[Literal[0, 1], Label] = {0: "ec2", 1: "vpc"}
     publish_legacy: bool = False
-    # auto, or a name from the registry of backends (neti/dataplane/registry.py).
+    # auto, or a backend's name (neti/backends.py).
     backend: Literal[BACKEND_CHOICES] = "auto"  # type: ignore[valid-type]
     # accept: Neti's chain ACCEPTs members, open ports and the SSH whitelist (the original's
     # behaviour). return: it RETURNs them to INPUT so the host firewall and fail2ban still
@@ -505,6 +502,19 @@ class Config(BaseModel):
             "zk_hosts",
             [f"zk_hosts: no entry for network {network!r} and no 'default' entry"],
         )
+
+    def zookeeper_ips(self, network: str) -> frozenset[ipaddress.IPv4Address]:
+        """ZooKeeper server IPs as a host in ``network`` sees them.
+
+        Its own network's zk_hosts (private addresses only mean something inside one network,
+        and networks may overlap) plus every network's public (global) ones.
+        """
+        try:
+            mine = self.zk_hosts_for(network)
+        except ConfigError:
+            mine = []
+        others = [hp for hosts in self.zk_hosts.values() for hp in hosts]
+        return zookeeper_ips(mine) | frozenset(ip for ip in zookeeper_ips(others) if ip.is_global)
 
     @property
     def secured(self) -> bool:

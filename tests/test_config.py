@@ -661,20 +661,20 @@ def test_any_structure_is_a_config_or_a_config_error(data: dict[object, object])
 
 
 def test_whole_string_patterns_refuse_a_trailing_newline() -> None:
-    from neti import aws
-    from neti.dataplane import iptables
+    from neti.aws import ec2
+    from neti.dataplane import dnat_tree
+    from neti.fleet import addr
     from neti.identity import imds
     from neti.lab import topology
-    from neti.registry import addr
 
     cases = [
-        (config.LABEL_RE, "t-1"),
+        (addr.LABEL_RE, "t-1"),
         (config.HOSTPORT_RE, "h:2181"),
         (addr.VERSION_RE, "2.0.0"),
-        (aws.EC2_ID_RE, "i-0123456789abcdef0"),
-        (aws.STATE_RE, "running"),
+        (ec2.EC2_ID_RE, "i-0123456789abcdef0"),
+        (ec2.STATE_RE, "running"),
         (topology.NAME_RE, "ec2a"),
-        (iptables.SUB_CHAIN, "NETI-DNAT-0A0B0C0D-1"),
+        (dnat_tree.SUB_CHAIN, "NETI-DNAT-0A0B0C0D-1"),
         (imds.MAC_RE, "0e:12:34:56:78:9a"),
         (imds.REGION_RE, "us-east-1"),
     ]

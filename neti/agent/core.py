@@ -47,7 +47,7 @@ from neti.errors import (
     RegistryError,
     SubnetFullError,
 )
-from neti.fleet import Fleet, Member, count_revoked
+from neti.fleet.model import Fleet, Member, count_revoked
 from neti.identity import Identity
 from neti.registry.claims import ClaimConflictError
 from neti.registry.context import FleetContext
@@ -308,7 +308,7 @@ class Agent:
         check_trust(self.cfg, self.identity.instance_id)
 
     def _resolve_identity(self) -> None:
-        from neti.identity import resolve
+        from neti.identity.source import resolve
 
         ident = resolve(self.cfg)
         if self.identity is not None and ident != self.identity:
@@ -497,7 +497,7 @@ class Agent:
         if mode == "never" or (mode == "auto" and self.cfg.identity.source != "ec2"):
             return None
         try:
-            from neti.aws import ec2_client
+            from neti.aws.ec2 import ec2_client
             from neti.aws.tags import overlay_tags
 
             tags, _ = overlay_tags(ec2_client(self.cfg, timeout=3), [self.identity.instance_id])

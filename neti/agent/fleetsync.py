@@ -15,9 +15,9 @@ from typing import Any
 
 from kazoo.handlers.threading import KazooTimeoutError
 
-from neti.fleet import Fleet, Member
+from neti.fleet.index import FleetChange
+from neti.fleet.model import Fleet, Member
 from neti.registry.context import FleetContext, token
-from neti.registry.index import FleetChange
 from neti.registry.paths import RELEASE_NODE, REVOKED_NODE
 
 FACADE_METHODS = (

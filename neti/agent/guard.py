@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 
-from neti.fleet import Fleet, Member
+from neti.fleet.model import Fleet, Member
 
 # Child of zk_prefix an operator bumps (``neti fleet release-guard``): every agent that sees
 # it change lets what its guard holds at that moment through, once.

@@ -22,8 +22,8 @@ from prometheus_client import (
     start_http_server,
 )
 
-from neti.dataplane.registry import BACKENDS
-from neti.fleet import SKIP_REASONS
+from neti.backends import BACKENDS
+from neti.fleet.model import SKIP_REASONS
 
 log = logging.getLogger(__name__)
 

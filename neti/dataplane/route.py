@@ -15,7 +15,7 @@ import errno
 from ipaddress import IPv4Network
 from typing import Any
 
-from neti.dataplane.system import System
+from neti.dataplane.system import NetlinkError, System
 from neti.errors import DataplaneError
 
 NETI_PROTO = 211  # rtnetlink protocol number marking Neti's route (`ip route ... proto 211`)
@@ -44,8 +44,6 @@ def current(system: System) -> list[str]:
 
 
 def _reachable(ipr: Any, subnet: IPv4Network) -> bool:
-    from pyroute2.netlink.exceptions import NetlinkError
-
     probe = str(subnet.network_address + 1)
     try:
         ipr.route("get", dst=probe)
@@ -69,8 +67,6 @@ def plan(system: System, subnet: IPv4Network) -> list[str]:
 
 def ensure(system: System, subnet: IPv4Network) -> list[str]:
     """Add Neti's route if the subnet is unroutable; drop stale Neti routes. Returns changes."""
-    from pyroute2.netlink.exceptions import NetlinkError
-
     changes = []
     want = f"{subnet} dev lo proto {NETI_PROTO}"
     try:
@@ -114,8 +110,6 @@ def _delete(ipr: Any, r: Any) -> None:
 
 def remove(system: System) -> list[str]:
     """Delete every route marked as Neti's. Returns changes."""
-    from pyroute2.netlink.exceptions import NetlinkError
-
     changes = []
     try:
         with system.iproute() as ipr:

@@ -7,6 +7,10 @@ nothing to change writes nothing.
 The address rule is the original Neti's: a member in this host's network is reached by (and
 seen as) its private IP, a member elsewhere by its public IP, because the networks cannot route
 to each other privately and their private ranges may even overlap.
+
+``compute`` (here) folds the per-member rule ``member_entry`` over the fleet; ``model.py``
+keeps the same result up to date one member at a time (``DesiredModel``, the agent's delta
+path).
 """
 
 from __future__ import annotations
@@ -16,36 +20,22 @@ from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
 from neti.config import Config, PortSpec
-from neti.fleet import Fleet, Member, SkipTally
+from neti.fleet import addr
+from neti.fleet.addr import address_problem, overlay_problem
+from neti.fleet.model import Fleet, Member, SkipTally
 from neti.identity import Identity
-from neti.registry import addr
 
 
 def host_context(
     identity: Identity, cfg: Config, lan: IPv4Network | None = None
 ) -> addr.HostContext:
-    """The one host-address predicate's context for ``identity`` (registry/addr.py)."""
+    """The one host-address predicate's context for ``identity`` (neti/fleet/addr.py)."""
     return addr.HostContext(
         overlay_subnet=cfg.overlay_subnet,
         own=frozenset({identity.private_ip, identity.public_ip}),
-        zookeeper=addr.zookeeper_ips_for(cfg, identity.network),
+        zookeeper=cfg.zookeeper_ips(identity.network),
         lan=lan,
     )
-
-
-def address_problem(ip: IPv4Address, overlay_subnet: IPv4Network) -> str | None:
-    """Why ``ip`` cannot be a real (private or public) host address here, or None if it can.
-
-    The context-free part of addr.HostContext.target_problem. An address inside the overlay
-    subnet is refused because a DNAT to it would loop back into Neti's own rules.
-    """
-    problem = addr.HostContext(overlay_subnet).target_problem(ip)
-    return problem[1] if problem else None
-
-
-def overlay_problem(ip: IPv4Address, overlay_subnet: IPv4Network) -> str | None:
-    """Why ``ip`` cannot be an overlay address, or None if it can (addr.overlay_problem)."""
-    return addr.overlay_problem(overlay_subnet, ip)
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -247,18 +237,7 @@ def compute(
     ctx = host if host is not None else host_context(identity, cfg)
     tally = SkipTally()
     allow: set[IPv4Address] = set()
-    # overlay IP -> (rank, instance_id, target): the lowest rank wins a duplicated overlay IP.
-    owners: dict[IPv4Address, tuple[tuple[int, str], Dnat]] = {}
-
-    def offer(rank: int, iid: str, d: Dnat) -> None:
-        key = (rank, iid)
-        cur = owners.get(d.overlay_ip)
-        if cur is None or key < cur[0]:
-            if cur is not None:
-                tally.add("duplicate_overlay", _dup_reason(cur[0][1], d.overlay_ip, iid))
-            owners[d.overlay_ip] = (key, d)
-        else:
-            tally.add("duplicate_overlay", _dup_reason(iid, d.overlay_ip, cur[0][1]))
+    owners = _Owners(tally)
 
     own_problem = addr.HostContext(subnet).target_problem(identity.private_ip)
     if own_problem:
@@ -270,15 +249,7 @@ def compute(
     else:
         allow.add(identity.private_ip)
 
-    mine = self_overlay
-    members: list[Member] = []
-    for m in sorted(fleet.members, key=lambda m: (m.instance_id, m.legacy, int(m.overlay_ip))):
-        if m.instance_id == identity.instance_id:
-            if mine is None:
-                mine = m.overlay_ip
-            continue
-        members.append(m)
-
+    mine, members = _split_self(identity, fleet, self_overlay)
     if mine is not None and not own_problem:
         problem = overlay_problem(mine, subnet)
         if problem:
@@ -287,8 +258,44 @@ def compute(
                 f"{identity.instance_id} (this host): overlay_ip {mine} {problem}",
             )
         else:
-            offer(0, identity.instance_id, Dnat(mine, identity.private_ip, "self"))
+            owners.offer(0, identity.instance_id, Dnat(mine, identity.private_ip, "self"))
 
+    _fold(identity, members, subnet, ctx, allow, owners)
+    dnat = owners.dnat()
+    found, problems = overrides(cfg)
+    for text in problems:
+        tally.add("override", text)
+    dnat.update(found)
+    return build_for(cfg, subnet, allow, dnat.values(), tally.samples, tally.counts())
+
+
+def _split_self(
+    identity: Identity, fleet: Fleet, self_overlay: IPv4Address | None
+) -> tuple[IPv4Address | None, list[Member]]:
+    """This host's overlay IP (``self_overlay``, else its own fleet entry's) and the other
+    members, in the order compute folds them."""
+    mine = self_overlay
+    members: list[Member] = []
+    for m in sorted(fleet.members, key=lambda m: (m.instance_id, m.legacy, int(m.overlay_ip))):
+        if m.instance_id == identity.instance_id:
+            if mine is None:
+                mine = m.overlay_ip
+            continue
+        members.append(m)
+    return mine, members
+
+
+def _fold(
+    identity: Identity,
+    members: list[Member],
+    subnet: IPv4Network,
+    ctx: addr.HostContext,
+    allow: set[IPv4Address],
+    owners: _Owners,
+) -> None:
+    """The other members' entries into ``allow`` and ``owners`` (member_entry each; the
+    first entry of an instance listed twice is kept)."""
+    tally = owners.tally
     seen_ids: set[str] = set()
     for m in members:
         if m.instance_id in seen_ids:
@@ -302,15 +309,29 @@ def compute(
             tally.add(*e)
             continue
         allow.add(e.allow)
-        offer(e.rank, m.instance_id, e.dnat)
+        owners.offer(e.rank, m.instance_id, e.dnat)
 
-    dnat = {ip: d for ip, (_, d) in owners.items()}
-    found, problems = overrides(cfg)
-    for text in problems:
-        tally.add("override", text)
-    dnat.update(found)
 
-    return build_for(cfg, subnet, allow, dnat.values(), tally.samples, tally.counts())
+class _Owners:
+    """Who keeps each overlay IP: the lowest (rank, instance ID) wins, every loser is
+    counted as ``duplicate_overlay``."""
+
+    def __init__(self, tally: SkipTally):
+        self.tally = tally
+        self.by_ip: dict[IPv4Address, tuple[tuple[int, str], Dnat]] = {}
+
+    def offer(self, rank: int, iid: str, d: Dnat) -> None:
+        key = (rank, iid)
+        cur = self.by_ip.get(d.overlay_ip)
+        if cur is None or key < cur[0]:
+            if cur is not None:
+                self.tally.add("duplicate_overlay", _dup_reason(cur[0][1], d.overlay_ip, iid))
+            self.by_ip[d.overlay_ip] = (key, d)
+        else:
+            self.tally.add("duplicate_overlay", _dup_reason(iid, d.overlay_ip, cur[0][1]))
+
+    def dnat(self) -> dict[IPv4Address, Dnat]:
+        return {ip: d for ip, (_, d) in self.by_ip.items()}
 
 
 def build_for(

@@ -24,12 +24,12 @@ from neti.desired import (
     build_for,
     host_context,
     member_entry,
-    overlay_problem,
     overrides,
 )
-from neti.fleet import MAX_SKIP_SAMPLES, Member
+from neti.fleet import addr
+from neti.fleet.addr import overlay_problem
+from neti.fleet.model import MAX_SKIP_SAMPLES, Member
 from neti.identity import Identity
-from neti.registry import addr
 
 
 @dataclass(frozen=True, slots=True)

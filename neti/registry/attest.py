@@ -7,9 +7,9 @@ member record with the private key of its client certificate (``zk_tls.cert``/``
 peers program a member only if the signature verifies with a certificate that the fleet's CA
 (``zk_tls.ca``) issued to ``CN=<the member's instance ID>``.
 
-The record is the member node's data (the fields stay in the name; see codec.py). A v2 name
-carries a ``neti-rec2`` record: a versioned list of signed ``key=value`` lines, the signature
-last::
+The record is the member node's data (the fields stay in the name; see neti/fleet/names.py).
+A v2 name carries a ``neti-rec2`` record: a versioned list of signed ``key=value`` lines, the
+signature last::
 
     neti-rec2\\nsession=<16 hex digits>\\ncert=<base64 DER certificate>\\nsig=<base64 signature>
 
@@ -51,8 +51,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from neti import files
 from neti.errors import RegistryAccessError
-from neti.registry.addr import MalformedEntry
-from neti.registry.codec import V1, decode_member, name_format
+from neti.fleet.addr import MalformedEntry
+from neti.fleet.names import V1, decode_member, name_format
 
 if TYPE_CHECKING:
     from neti.config import Config

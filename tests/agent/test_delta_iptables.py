@@ -8,9 +8,10 @@ from pathlib import Path
 
 from neti.agent import core
 from neti.dataplane import ipset
-from neti.dataplane.iptables import NAT_CHAIN, IptablesBackend, nat_chains
+from neti.dataplane.dnat_tree import NAT_CHAIN, nat_chains
+from neti.dataplane.iptables import IptablesBackend
 from neti.desired import compute
-from neti.fleet import Fleet, Member
+from neti.fleet.model import Fleet, Member
 from tests.agent.test_delta import ME, make_agent, member
 from tests.support.fakeregistry import FakeRegistry
 from tests.support.fakesystem import FakeSystem, iptables_tools

@@ -23,7 +23,7 @@ from neti.agent import core
 from neti.agent import guard as guard_mod
 from neti.dataplane.nftables import NftablesBackend
 from neti.desired import compute
-from neti.fleet import Fleet, Member
+from neti.fleet.model import Fleet, Member
 from neti.identity import Identity
 from neti.registry import Registry, connect
 from tests.support.fakesystem import FakeSystem

@@ -6,7 +6,7 @@ from ipaddress import IPv4Address as A
 from typing import Any
 
 from neti.agent import fleetsync
-from neti.fleet import Fleet, Member
+from neti.fleet.model import Fleet, Member
 from tests.support.fakeregistry import FakeRegistry
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from neti.agent.fleetsync import Change, context_by_node, index
 from neti.errors import RegistryError
-from neti.fleet import Fleet, Member
+from neti.fleet.model import Fleet, Member
 from neti.registry.context import FleetContext
 
 
