@@ -30,7 +30,7 @@ from typing import Any
 
 from neti import files
 from neti.config import LABEL_RE
-from neti.fleet import Fleet, Member
+from neti.fleet import SKIP_REASONS, Fleet, Member
 from neti.identity import Identity
 
 log = logging.getLogger(__name__)
@@ -260,8 +260,6 @@ def _typed(kind: type, value: Any, what: str) -> Any:
 
 def _counts(value: Any) -> dict[str, int]:
     """Skip counts by reason: known reason codes with non-negative integer counts only."""
-    from neti.fleet import SKIP_REASONS
-
     if not isinstance(value, dict):
         return {}
     return {
