@@ -24,9 +24,8 @@ from ipaddress import IPv4Address as A
 from typing import Any
 
 from neti import config, dataplane
-from neti.agent import core
+from neti.agent import core, statefile
 from neti.agent import guard as guard_mod
-from neti.agent import sink as sink_mod
 from neti.desired import model as model_mod
 from neti.fleet import Member
 from neti.identity import Identity
@@ -134,11 +133,11 @@ def main() -> None:
 
         model_mod.DesiredModel.update = upd  # type: ignore[method-assign]
         timed(backend, "apply_delta", "backend write (in-process)")
-        timed(a.sink, "save", "state file")
+        timed(a.sink.file, "save", "state file")
         timed(reg, "fleet_context", "own-node/watch checks (FakeRegistry)")
 
         if args.isolated:
-            sink_mod.STATE_FLEET_INTERVAL = 0.0
+            statefile.STATE_FLEET_INTERVAL = 0.0
         total = 0.0
         kids0 = children_cpu()
         ids = list(range(args.members))

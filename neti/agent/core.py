@@ -334,7 +334,9 @@ class Agent:
             self.sink.notifier.ready(self.sink.status_line())
             return
         old = self.cfg
-        self.cfg = self.sink.cfg = self.session.cfg = self.session.tags.cfg = new
+        self.cfg = new
+        self.sink.configure(new)
+        self.session.configure(new)
         self.reconciler.configure(new)  # the desired state from the new config, in full
         setup_logging(new, self.verbose)
         self.sched.configure(new.watch_delay_min, new.watch_delay_max, new.resync_interval)

@@ -1,11 +1,10 @@
 """Everything the agent tells the outside world, in one place.
 
-The state file (``neti status`` reads it; written at once for ZooKeeper state, guard holds
-and errors, debounced while members change one by one), the runtime record (how status
-learns of this process and of a state file it could not write), Prometheus metrics,
-systemd's notify protocol (ready, status line, watchdog) and the operator-facing log lines
-about the guard, the revoked list and what a reconcile did. The other collaborators return
-values (outcome.py) or set the ZooKeeper record; this one turns them into reports.
+The state file and the runtime record (statefile.py), Prometheus metrics, systemd's notify
+protocol (ready, status line, watchdog), the guard's report (guardreport.py) and the
+operator-facing log lines about the revoked list and what a reconcile did. The other
+collaborators return values (outcome.py) or set the ZooKeeper record; this one turns them
+into reports.
 """
 
 from __future__ import annotations
@@ -19,30 +18,17 @@ from ipaddress import IPv4Address
 
 from neti import __version__
 from neti import state as state_mod
-from neti.agent import guard as guard_mod
+from neti.agent.guardreport import GuardReport, shown_ids
 from neti.agent.metrics import Metrics
 from neti.agent.outcome import Applied, ApplyFailed, Gone, Outcome, ReadFacts, ReadFailed
 from neti.agent.sdnotify import Notifier
+from neti.agent.statefile import STATE_QUIET_INTERVAL, StateFile
 from neti.config import Config
 from neti.dataplane.base import ApplyResult
 from neti.errors import NetiError
 from neti.identity import Identity
 
 log = logging.getLogger("neti.agent")
-
-# While members change faster than this, the state file is written at most this often (a
-# burst of joins costs one write); an isolated change, ZooKeeper state, guard holds and
-# errors are written at once, so `neti status` compares the kernel with the fleet it holds.
-STATE_FLEET_INTERVAL = 1.0
-# A reconcile that changed nothing in the kernel is written within this.
-STATE_QUIET_INTERVAL = 10.0
-# A state file write that failed (a full or read-only state_dir) is tried again this often,
-# so `neti status` is right within seconds of the space coming back.
-STATE_RETRY = 1.0
-
-
-def _ids(ids: tuple[str, ...] | list[str], n: int) -> str:
-    return ", ".join(ids[:n]) + (" ..." if len(ids) > n else "")
 
 
 class StatusSink:
@@ -56,7 +42,6 @@ class StatusSink:
         self.cfg = cfg
         self.notifier = notifier if notifier is not None else Notifier()
         self.metrics = metrics if metrics is not None else Metrics()
-        self._tagging = tagging
         pid = os.getpid()
         self.state = state_mod.AgentState(
             pid=pid,
@@ -64,23 +49,18 @@ class StatusSink:
             version=__version__,
             pid_start=state_mod.proc_start(pid),
         )
-        self.runtime = state_mod.RuntimeRecord(
-            pid=pid,
-            pid_start=self.state.pid_start,
-            started_at=self.state.started_at,
-            state_dir=cfg.state_dir,
-        )
-        self.runtime_path = state_mod.runtime_path(cfg.runtime_dir, cfg.state_dir)
-        self.rows: state_mod.FleetRows | None = None  # the state file's fleet, per member
+        self.file = StateFile(cfg, self.state, tagging)
+        self.guard = GuardReport(cfg, self.metrics)
         self.members: int | None = None  # members the kernel was last given
-        self.save_due: float | None = None  # a debounced state write is pending
-        self.fleet_saved = 0.0  # monotonic time the fleet was last written
         self._last_held = False
         self._last_warnings: tuple[str, ...] = ()
         self._revoked: frozenset[str] = frozenset()
-        self._self_missing_logged = False
         self._ready_sent = False
         self._last_watchdog = 0.0
+
+    def configure(self, cfg: Config) -> None:
+        """A reloaded config (paths, the guard's knobs in its log lines)."""
+        self.cfg = self.file.cfg = self.guard.cfg = cfg
 
     # ------------------------------------------------------------------ start and stop
     def serve_metrics(self) -> None:
@@ -104,10 +84,7 @@ class StatusSink:
         t = threading.Thread(target=self.metrics.shutdown, name="neti-metrics-stop", daemon=True)
         t.start()
         t.join(min(1.0, budget))
-        try:
-            self.runtime_path.unlink()
-        except OSError:
-            pass
+        self.file.remove_runtime()
 
     # ------------------------------------------------------------------ facts
     def identity(self, ident: Identity) -> None:
@@ -134,25 +111,7 @@ class StatusSink:
     # ------------------------------------------------------------------ restore
     def saved(self, me: Identity) -> state_mod.AgentState | None:
         """The state file of our last run, if it is ours and holds a fleet to restore."""
-        try:
-            saved = state_mod.read(self.cfg.state_dir)
-        except state_mod.StateFileError as exc:
-            log.warning("%s; starting without a saved state", exc)
-            return None
-        if saved is None:
-            log.info("no saved state in %s: first start", self.cfg.state_dir)
-            return None
-        self.state.apply_errors = saved.apply_errors
-        if saved.identity != me or saved.fleet is None:
-            log.warning(
-                "saved state belongs to %s, not %s: not restoring it",
-                saved.identity.instance_id if saved.identity else "nobody",
-                me.instance_id,
-            )
-            return None
-        self.state.overlay_ip = saved.overlay_ip
-        self.state.guard = saved.guard
-        return saved
+        return self.file.saved(me)
 
     def restored(self, saved: state_mod.AgentState, result: ApplyResult, seconds: float) -> None:
         assert saved.fleet is not None
@@ -215,7 +174,7 @@ class StatusSink:
         result, decision = o.result, o.decision
         self.metrics.observe_apply(o.backend, result.duration, True, result.objects, o.how)
         self._keep_rows(o)
-        self._note_guard(decision)
+        self.guard.note(self.state.guard, decision)
         self._note_warnings(result)
         self.state.generation = result.generation
         self.state.applied = result.as_dict()
@@ -231,28 +190,29 @@ class StatusSink:
         elif not result.changed and self._shown() == shown and not o.generation_changed:
             # The kernel and the fleet in the state file are as they were (a removal that
             # settles, an event with nothing to change): the rest can wait a little.
-            self.save_within(STATE_QUIET_INTERVAL)
+            self.file.save_within(STATE_QUIET_INTERVAL)
         else:
-            self.save_soon()
+            self.file.save_soon()
         self._last_held = o.holding
         self.ready(self.status_line())
 
     def _keep_rows(self, o: Applied) -> None:
         """The state file's fleet follows the kernel's: per change, or reset in full."""
         self.members = len(o.decision.members)
+        rows = self.file.rows
         if o.delta is None:
-            if self.rows is None:
-                self.rows = state_mod.FleetRows()
-            self.rows.reset(o.decision.members.values())
-        elif self.rows is not None:
-            self.rows.update(*o.delta)
+            if rows is None:
+                rows = self.file.rows = state_mod.FleetRows()
+            rows.reset(o.decision.members.values())
+        elif rows is not None:
+            rows.update(*o.delta)
 
     def _applied_metrics(self, o: Applied, now: float) -> None:
         m = self.metrics
         m.reconcile_duration.observe(o.duration)
         m.last_success.set(now)
-        if self.rows is not None:
-            m.set_members(dict(sorted(self.rows.by_network.items())))
+        if self.file.rows is not None:
+            m.set_members(dict(sorted(self.file.rows.by_network.items())))
         m.set_skipped(self.state.skipped_by_reason)
         m.claims_excess.set(self.state.claims_excess)
 
@@ -289,7 +249,7 @@ class StatusSink:
         self.state.guard.revoked_problem = problem
         if ids == self._revoked:
             return
-        log.warning("revoked instances (%d): %s", len(ids), _ids(sorted(ids), 20) or "none")
+        log.warning("revoked instances (%d): %s", len(ids), shown_ids(sorted(ids), 20) or "none")
         me = self.state.identity.instance_id if self.state.identity else None
         if me in ids and me not in self._revoked:
             log.error("this host (%s) is revoked by an operator: no peer programs it any more", me)
@@ -302,91 +262,6 @@ class StatusSink:
             for w in warnings:
                 log.warning("dataplane: %s", w)
             self._last_warnings = warnings
-
-    # ------------------------------------------------------------------ the guard
-    def _note_guard(self, d: guard_mod.GuardDecision) -> None:
-        """Log what the guard holds (when that changes) and record it for status/metrics."""
-        g = self.state.guard
-        now = time.time()
-        g.max_change, g.limit = d.max_change, d.limit
-        g.window_removals, g.baseline = d.window_removals, d.baseline
-        g.grace_until = now + d.grace_left if d.grace_left > 0 else None
-        self.metrics.max_change.set(d.max_change)
-        if d.released:
-            log.warning(
-                "guard: released by an operator (%s); applying the fleet as read%s",
-                self.cfg.path(guard_mod.RELEASE_NODE),
-                f", removing {len(d.removed)}" if d.removed else "",
-            )
-            g.released_at, g.last_held_size = now, None
-        settling = d.held and d.reason == guard_mod.SETTLE
-        if settling and g.settling != len(d.held_ids):
-            log.info(
-                "guard: %d removals settle for %.1fs before they apply: %s",
-                len(d.held_ids),
-                d.settle_left,
-                _ids(d.held_ids, 10),
-            )
-        g.settling = len(d.held_ids) if settling else 0
-        if d.held and not settling:
-            self._hold(d, now)
-        elif g.held:
-            log.warning("guard released: applying the fleet as it is now")
-            g.held, g.since, g.reason, g.would_remove, g.removed = False, None, "", 0, []
-        if g.last_held_size is not None and len(d.fleet.members) >= g.last_held_size:
-            g.last_held_size = None  # back to (at least) what the guard protected
-        if not d.self_listed and not self._self_missing_logged:
-            log.warning("this host is not in the fleet read from ZooKeeper (kept in its own view)")
-        self._self_missing_logged = not d.self_listed
-        g.self_listed = d.self_listed
-        self.metrics.guard_held.set(1 if g.held else 0)
-        self.metrics.guard_would_remove.set(g.would_remove)
-
-    def _hold(self, d: guard_mod.GuardDecision, now: float) -> None:
-        g = self.state.guard
-        if not g.held or g.removed != list(d.held_ids) or g.reason != d.reason:
-            self._log_hold(d)
-        if not g.held:
-            g.since = now
-        g.held, g.reason = True, d.reason
-        g.would_remove, g.removed = len(d.held_ids), list(d.held_ids)
-        if d.reason != guard_mod.GRACE:
-            g.last_held_size = len(d.fleet.members)
-
-    def _log_hold(self, d: guard_mod.GuardDecision) -> None:
-        ids = _ids(d.held_ids, 10)
-        how = "until they return or an operator runs `neti fleet release-guard`"
-        if d.reason == guard_mod.GRACE:
-            log.info(
-                "guard: %d removals wait %.1fs (grace after a reconnect or recovery, so peers "
-                "can re-join first): %s",
-                len(d.held_ids),
-                d.grace_left,
-                ids,
-            )
-        elif d.reason == guard_mod.VANISHED:
-            log.warning(
-                "guard: the fleet vanished from ZooKeeper (%s missing or empty); holding all "
-                "%d members %s: %s",
-                self.cfg.path(self.cfg.zk_members_node),
-                len(d.held_ids),
-                how,
-                ids,
-            )
-        else:
-            log.warning(
-                "guard: %d members would be removed within %gs, above the limit %d "
-                "(maxchange %d, guard_fraction %g of %d); holding them (additions still "
-                "applied) %s: %s",
-                d.window_removals,
-                self.cfg.guard_window,
-                d.limit,
-                d.max_change,
-                self.cfg.guard_fraction,
-                d.baseline,
-                how,
-                ids,
-            )
 
     # ------------------------------------------------------------------ systemd
     def _record(self, result: str, reason: str, duration: float, error: str = "") -> None:
@@ -427,64 +302,18 @@ class StatusSink:
             self._last_watchdog = now
 
     # ------------------------------------------------------------------ the state file
-    def save_within(self, seconds: float) -> None:
-        due = time.monotonic() + seconds
-        if self.save_due is None or due < self.save_due:
-            self.save_due = due
-
-    def save_soon(self) -> None:
-        """Write the state file now, or within STATE_FLEET_INTERVAL when it was just written
-        (members changing one by one at 16k: the fleet part is what costs)."""
-        if time.monotonic() - self.fleet_saved >= STATE_FLEET_INTERVAL:
-            self.save()
-        elif self.save_due is None:
-            self.save_due = self.fleet_saved + STATE_FLEET_INTERVAL
-
-    def flush(self) -> None:
-        """Write a pending state file now (the dataplane lock is taken: whoever holds it
-        may be a `neti status` waiting for the state that goes with the kernel)."""
-        if self.save_due is not None:
-            self.save()
-
-    def save_if_due(self) -> None:
-        if self.save_due is not None and time.monotonic() >= self.save_due:
-            self.save()
+    @property
+    def save_due(self) -> float | None:
+        return self.file.save_due
 
     def save(self) -> None:
-        self.fleet_saved = time.monotonic()
-        self.save_due = None
-        self.state.updated_at = time.time()
-        tagging = self._tagging()
-        if tagging is not None:
-            self.state.tagging = tagging
-        try:
-            state_mod.write(self.cfg.state_dir, self.state, rows=self.rows)
-        except OSError as exc:
-            self._unwritten(exc.strerror or str(exc))
-            return
-        if self.runtime.state_error is not None:
-            log.warning("state file written again in %s", self.cfg.state_dir)
-            self.runtime.state_error = self.runtime.state_error_since = None
-            self.write_runtime()
+        self.file.save()
 
-    def _unwritten(self, error: str) -> None:
-        """The state file could not be written: say so in the runtime record, try again."""
-        if self.runtime.state_error != error:
-            log.error(
-                "cannot write the state file in %s: %s; trying again every %gs",
-                self.cfg.state_dir,
-                error,
-                STATE_RETRY,
-            )
-            if self.runtime.state_error is None:
-                self.runtime.state_error_since = time.time()
-            self.runtime.state_error = error
-            self.write_runtime()
-        self.save_within(STATE_RETRY)
+    def save_if_due(self) -> None:
+        self.file.save_if_due()
+
+    def flush(self) -> None:
+        self.file.flush()
 
     def write_runtime(self) -> None:
-        self.runtime.updated_at = time.time()
-        try:
-            state_mod.write_runtime(self.runtime_path, self.runtime)
-        except OSError as exc:
-            log.warning("cannot write %s: %s", self.runtime_path, exc.strerror or exc)
+        self.file.write_runtime()

@@ -87,6 +87,10 @@ class ZkSession:
         self._touched = 0.0  # monotonic time session.json was last marked alive
         self._connected_once = False  # a session was established by this process
 
+    def configure(self, cfg: Config) -> None:
+        """A reloaded config; one that changes the session's settings reconnects."""
+        self.cfg = self.tags.cfg = cfg
+
     def use_identity(self, ident: Identity) -> None:
         """Who we are; another identity than before forgets the overlay IP (a new claim)."""
         if self.identity is not None and ident != self.identity:

@@ -16,10 +16,9 @@ import pytest
 
 from neti import config
 from neti import state as state_mod
-from neti.agent import core, zksession
+from neti.agent import core, statefile, zksession
 from neti.agent import guard as guard_mod
 from neti.agent import session as session_mod
-from neti.agent import sink as sink_mod
 from neti.dataplane.base import Backend
 from neti.dataplane.nftables import NftablesBackend
 from neti.desired import compute
@@ -286,8 +285,8 @@ def test_state_file_fleet_is_debounced_but_zookeeper_state_is_not(tmp_path: Path
     mid = state_mod.read(a.cfg.state_dir)
     assert mid is not None and mid.fleet is not None and len(mid.fleet.members) == 2
     assert a.sink.save_due is not None
-    a.sink.fleet_saved -= sink_mod.STATE_FLEET_INTERVAL
-    a.sink.save_due = 0.0
+    a.sink.file.fleet_saved -= statefile.STATE_FLEET_INTERVAL
+    a.sink.file.save_due = 0.0
     a.sink.save()  # what the loop does when it is due (and at shutdown)
     last = state_mod.read(a.cfg.state_dir)
     assert last is not None and last.fleet is not None and len(last.fleet.members) == 3
@@ -335,12 +334,12 @@ def test_a_cleared_warning_is_saved_soon_though_the_kernel_is_unchanged(tmp_path
     saved = state_mod.read(a.cfg.state_dir)
     assert saved is not None and saved.guard.max_change_problem
     reg.max_change_problem = None
-    a.sink.fleet_saved -= sink_mod.STATE_FLEET_INTERVAL  # the last write was a while ago
+    a.sink.file.fleet_saved -= statefile.STATE_FLEET_INTERVAL  # the last write was a while ago
     a.reconcile("event")
     saved = state_mod.read(a.cfg.state_dir)
     assert saved is not None and saved.guard.max_change_problem is None
     # With nothing shown changing either, the write waits for the quiet interval.
-    a.sink.fleet_saved -= sink_mod.STATE_FLEET_INTERVAL
+    a.sink.file.fleet_saved -= statefile.STATE_FLEET_INTERVAL
     a.reconcile("event")
     assert a.sink.save_due is not None and a.sink.save_due > time.monotonic() + 1
 
@@ -449,15 +448,15 @@ def test_a_state_file_that_cannot_be_written_is_told_through_the_runtime_record(
 
     monkeypatch.setattr(state_mod, "write", full)
     a.reconcile("resync")
-    rec = state_mod.read_runtime(a.sink.runtime_path)
+    rec = state_mod.read_runtime(a.sink.file.runtime_path)
     assert rec is not None and rec.state_error == "No space left on device"
     assert rec.pid == os.getpid() and rec.state_error_since is not None
     assert (
-        a.sink.save_due is not None and a.sink.save_due - time.monotonic() <= sink_mod.STATE_RETRY
+        a.sink.save_due is not None and a.sink.save_due - time.monotonic() <= statefile.STATE_RETRY
     )
     monkeypatch.setattr(state_mod, "write", real)  # space is back
     a.sink.save()
-    rec = state_mod.read_runtime(a.sink.runtime_path)
+    rec = state_mod.read_runtime(a.sink.file.runtime_path)
     assert rec is not None and rec.state_error is None
     assert state_mod.read(a.cfg.state_dir) is not None
 
