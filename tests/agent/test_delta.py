@@ -1,4 +1,4 @@
-"""Agent.reconcile without root or ZooKeeper (issue 10.2, 12.4): a FakeRegistry with the
+"""Agent.reconcile without root or ZooKeeper: a FakeRegistry with the
 delta facade, the real nftables backend on a FakeSystem. A watch event writes only the
 change (element updates, no kernel read, no fleet snapshot); resync, relist, release, a new
 session and failures take the full path; the guard's behaviour is unchanged; the kernel

@@ -1,4 +1,4 @@
-"""Correctness first (issue 10.3): random joins, leaves, address changes, session expiries,
+"""Correctness first: random joins, leaves, address changes, session expiries,
 agent restarts and guard holds against a real ZooKeeper, with a real Agent object (its own
 session, watches and delta path) and the nftables backend on a FakeSystem. After each quiet
 period the kernel must equal desired.compute of the fleet ZooKeeper holds (as a separate

@@ -1,4 +1,4 @@
-"""The agent's stop and session seams (issue 11), without root or ZooKeeper: fakes stand in
+"""The agent's stop and session seams, without root or ZooKeeper: fakes stand in
 for the registry, so these test decisions, not kazoo."""
 
 from __future__ import annotations
