@@ -24,6 +24,7 @@ import time
 from neti import __version__, dataplane
 from neti import config as config_mod
 from neti import registry as registry_mod
+from neti import state as state_mod
 from neti.agent import guard as guard_mod
 from neti.agent.backoff import Backoff
 from neti.agent.logs import setup_logging
@@ -226,7 +227,7 @@ class Agent:
             log.error(
                 "restoring %d members from %s failed: %s",
                 len(saved.fleet.members),
-                self.cfg.state_dir,
+                state_mod.path_for(self.cfg.state_dir),
                 exc,
             )
             return
