@@ -48,7 +48,7 @@ log = logging.getLogger("neti.agent")
 # threads are daemons and whatever is still waiting on the network is abandoned.
 STOP_BUDGET = 4.0
 
-__all__ = ["Agent", "STOP_BUDGET", "setup_logging"]
+__all__ = ["Agent", "STOP_BUDGET"]
 
 
 class Agent:
