@@ -25,27 +25,6 @@ LONG_ALLOWED: dict[str, str] = {}
 # import every `neti` command would otherwise pay. The line above must say why ("Deferred:").
 DEFERRED = {"boto3", "botocore.config", "pyroute2", "pyroute2.netlink.exceptions"}
 
-# Being split on the agent's own branch (neti/agent, neti/status, neti/state.py,
-# neti/cli/agent_cmd.py); each entry fails as stale once its function is short, or its file
-# holds no import in a function, so the list empties as that work lands.
-LONG_PENDING = {
-    "agent/core.py::Agent.__init__",
-    "agent/core.py::Agent._connect",
-    "agent/core.py::Agent.reconcile",
-    "agent/core.py::Agent._write",
-    "agent/guard.py::Guard.decide_read",
-    "agent/metrics.py::Metrics.__init__",
-    "status/__init__.py::render_text",
-    "status/report.py::evaluate",
-}
-IMPORTS_PENDING = {
-    "agent/core.py",
-    "cli/agent_cmd.py",
-    "state.py",
-    "status/__init__.py",
-    "status/kernel.py",
-}
-
 
 def _functions(
     tree: ast.AST, prefix: str = ""
@@ -78,9 +57,9 @@ def test_no_function_is_longer_than_the_limit() -> None:
     over = [
         f"{where} is {n} lines (at most {MAX_LINES}): split it"
         for where, n in sorted(long.items())
-        if where not in LONG_ALLOWED and where not in LONG_PENDING
+        if where not in LONG_ALLOWED
     ]
-    stale = sorted((LONG_ALLOWED.keys() | LONG_PENDING) - long.keys())
+    stale = sorted(LONG_ALLOWED.keys() - long.keys())
     assert not over, "\n".join(over)
     assert not stale, f"no longer long, drop from the lists in this test: {stale}"
 
@@ -108,10 +87,8 @@ def test_imports_sit_at_the_top_but_for_deferred_heavy_dependencies() -> None:
                 found.setdefault(rel, []).append(
                     f"{where} defers {module} without a '# Deferred: why' comment above"
                 )
-    bad = [msg for rel, msgs in sorted(found.items()) if rel not in IMPORTS_PENDING for msg in msgs]
-    stale = sorted(IMPORTS_PENDING - found.keys())
+    bad = [msg for _, msgs in sorted(found.items()) for msg in msgs]
     assert not bad, "\n".join(bad)
-    assert not stale, f"no import in a function any more, drop from IMPORTS_PENDING: {stale}"
 
 
 def _cycles(graph: grimp.ImportGraph) -> list[list[str]]:

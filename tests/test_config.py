@@ -692,3 +692,36 @@ def test_no_caret_dollar_patterns_are_left() -> None:
         if re.search(r"""re\.(compile|match)\(\s*r?["']\^.*\$["']""", line)
     ]
     assert not found, found
+
+
+# The keys a ZooKeeper session is made from: a SIGHUP that changes any of them reconnects and
+# re-joins (docs/operations.md). Marked in Config (config.SESSION); pinned here so a key
+# that loses (or gains) its mark is a visible change.
+SESSION_KEYS = {
+    "zk_hosts",
+    "zk_prefix",
+    "zk_iptoid_node",
+    "zk_idtoip_node",
+    "zk_ip_map_node",
+    "zk_max_change_threshold_path",
+    "zk_members_node",
+    "zk_session_timeout",
+    "overlay_subnet",
+    "identity",
+    "legacy_networks",
+    "publish_legacy",
+    "zk_tls",
+    "zk_auth",
+    "zk_acl",
+    "require_signed_members",
+    "read_legacy",
+}
+
+
+def test_session_settings_are_the_marked_keys() -> None:
+    cfg = config.parse({"zk_hosts": {"default": ["h:1"]}})
+    assert set(cfg.session_settings()) == SESSION_KEYS
+    moved = config.parse({"zk_hosts": {"default": ["h:1"]}, "zk_prefix": "/other"})
+    assert moved.session_settings() != cfg.session_settings()
+    firewall = config.parse({"zk_hosts": {"default": ["h:1"]}, "open_ports": ["22"]})
+    assert firewall.session_settings() == cfg.session_settings()

@@ -17,8 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, redirect_stdout
 from typing import Any, TextIO
 
-from kazoo.exceptions import KazooException, NoAuthError, NodeExistsError, NoNodeError
-from kazoo.handlers.threading import KazooTimeoutError
+from kazoo.exceptions import NoAuthError
 from packaging.version import InvalidVersion, Version
 
 from neti import __version__
@@ -548,23 +547,7 @@ def run_release_guard(args: argparse.Namespace) -> int:
     path = cfg.path(RELEASE_NODE)
     data = json.dumps({"at": round(time.time(), 3), "by": socket.gethostname()[:255]}).encode()
     with _registry(cfg, args) as reg:
-        client = reg.client
-        try:
-            try:
-                stat = client.retry(client.set, path, data)
-            except NoNodeError:
-                try:
-                    # Operators alone may bump it (the maxchange ACL), whatever kazoo's default.
-                    client.retry(
-                        client.create, path, data, acl=reg.acl.operators_write(), makepath=True
-                    )
-                except NodeExistsError:
-                    client.retry(client.set, path, data)
-                stat = client.retry(client.exists, path)
-        except (KazooException, KazooTimeoutError) as exc:  # one clear line, no traceback
-            detail = str(exc) or type(exc).__name__
-            raise NetiError(f"cannot write {path}: {detail}") from None
-    version = stat.version if stat is not None else 0
+        version = reg.request_guard_release(data)
     if args.json:
         print_json({"path": path, "version": version, "released": True})
     else:

@@ -322,6 +322,12 @@ def stop_client(client: KazooClient, timeout: float) -> bool:
     return not t.is_alive()
 
 
+def reconnect_round(cfg: Config) -> float:
+    """kazoo's longest wait between two attempts to reconnect (``make_client``): the agent
+    gives it one more round before it gives up on a session (agent/zksession.py)."""
+    return max(0.5, min(10.0, cfg.zk_session_timeout / 3))
+
+
 def make_client(
     cfg: Config,
     network: str,
@@ -352,7 +358,7 @@ def make_client(
             max_tries=-1,
             delay=0.2,
             backoff=2,
-            max_delay=max(0.5, min(10.0, cfg.zk_session_timeout / 3)),
+            max_delay=reconnect_round(cfg),
         ),
         command_retry=KazooRetry(
             max_tries=5, delay=0.2, backoff=2, max_delay=5, deadline=cfg.zk_session_timeout

@@ -15,7 +15,13 @@ from ipaddress import IPv4Address, IPv4Network
 from typing import Any, ParamSpec, Protocol, TypeVar
 
 from kazoo.client import KazooClient
-from kazoo.exceptions import KazooException, NoAuthError, NoNodeError, QuotaExceededError
+from kazoo.exceptions import (
+    KazooException,
+    NoAuthError,
+    NodeExistsError,
+    NoNodeError,
+    QuotaExceededError,
+)
 from kazoo.handlers.threading import KazooTimeoutError
 from kazoo.protocol.states import KeeperState
 
@@ -287,6 +293,12 @@ class Registry:
             self.membership.join(identity, overlay_ip, version)
         except ValueError as exc:
             raise RegistryError(str(exc)) from None
+
+    @_zk_errors("re-creating this host's member nodes", "members")
+    def restore_own_nodes(self) -> bool:
+        """Re-create this host's member nodes that are gone (someone deleted them, or the
+        whole container: fleet_context's ``own_nodes`` says); True if one was."""
+        return self.membership.ensure()
 
     @_zk_errors("leaving the fleet")
     def leave(self) -> None:
@@ -569,6 +581,25 @@ class Registry:
             self._max_change.set(n)
         except ValueError as exc:
             raise RegistryError(str(exc)) from None
+
+    @_zk_errors("writing the guard-release node")
+    def request_guard_release(self, note: bytes) -> int:
+        """Bump the release node (``neti fleet release-guard``): every agent lets what its
+        guard holds at that moment through, once. Created with the maxchange ACL (operators
+        alone may write it), whatever kazoo's default. ``note``: its data (who, when).
+        Returns the node's version."""
+        path, client = self.cfg.path(RELEASE_NODE), self.client
+        try:
+            stat = client.retry(client.set, path, note)
+        except NoNodeError:
+            try:
+                client.retry(
+                    client.create, path, note, acl=self.acl.operators_write(), makepath=True
+                )
+            except NodeExistsError:
+                client.retry(client.set, path, note)
+            stat = client.retry(client.exists, path)
+        return int(stat.version) if stat is not None else 0
 
     # --- revoked instances (revoked.py) ---
     @_zk_errors("reading the revoked instances", "revoked")

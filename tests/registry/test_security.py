@@ -688,12 +688,11 @@ def test_zk_acl_block_parses_or_errors(block: dict[str, Any]) -> None:
 
 @pytest.mark.zk
 def test_agent_stops_when_the_server_refuses_its_certificate(
-    tls_data: Callable[..., dict[str, Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tls_data: Callable[..., dict[str, Any]], tmp_path: Path
 ) -> None:
     """A refused certificate ends `neti agent` (exit 2 via the CLI) instead of an endless
     retry; the dataplane (a recording stand-in here: this is the root namespace) gets
     nothing to apply."""
-    from neti import dataplane
     from neti.agent.core import Agent
 
     applied: list[object] = []
@@ -710,11 +709,12 @@ def test_agent_stops_when_the_server_refuses_its_certificate(
         def close(self) -> None:
             pass
 
-    monkeypatch.setattr(dataplane, "select", lambda *a, **k: Recorder())
     other = CertificateAuthority(tmp_path / "other").issue("i-a")
     data = tls_data(state_dir=str(tmp_path / "state"))
     data["zk_tls"].update(cert=str(other.cert), key=str(other.key))
-    agent = Agent(str(tmp_path / "neti.yml"), config.parse(data))
+    agent = Agent.build(
+        str(tmp_path / "neti.yml"), config.parse(data), select_backend=lambda _c: Recorder()
+    )
     with pytest.raises(RegistryAccessError, match=r"^zk_tls.cert .*refused this certificate"):
         agent.run()
     assert applied == []
