@@ -17,9 +17,13 @@ $(STAMP): setup.cfg pyproject.toml
 
 venv: $(STAMP)
 
+# The fakes the agent's tests use are held to the agent's ports (neti/agent/ports.py) too.
+MYPY_FAKES := tests/support tests/agent/fakeagent.py
+
 test: deps venv
 	$(BIN)/ruff check neti tests bench
-	$(BIN)/mypy neti
+	$(BIN)/mypy neti $(MYPY_FAKES)
+	$(BIN)/lint-imports --no-cache --no-logo
 	$(BIN)/pytest -q
 
 # The fast tier: no root, no ZooKeeper, no servers or child processes that take seconds
@@ -34,10 +38,12 @@ test-fast: venv
 chaos: deps venv
 	$(BIN)/pytest -q -m chaos tests/chaos $(CHAOS_ARGS)
 
+# lint-imports: the layers and cycles contracts in setup.cfg (docs/architecture.md, "Layers").
 lint: venv
 	$(BIN)/ruff check neti tests bench
 	$(BIN)/ruff format --check neti tests bench
-	$(BIN)/mypy neti
+	$(BIN)/mypy neti $(MYPY_FAKES)
+	$(BIN)/lint-imports --no-cache --no-logo
 
 # Needs root (network namespaces). Stays up until Ctrl-C; runs once and exits when stdin is
 # not a terminal (CI). `python -m neti.lab.demo --once` always runs once.

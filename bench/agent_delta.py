@@ -1,4 +1,4 @@
-"""Agent CPU per single-member change at N members (issue 10.2), in-process.
+"""Agent CPU per single-member change at N members, in-process.
 
 A real Agent, a FakeRegistry (tests/support) standing in for the facade's deltas, and a real
 backend in its own network namespace (root) or FakeSystem (``--fake``). The fleet is filled,
@@ -24,13 +24,13 @@ from ipaddress import IPv4Address as A
 from typing import Any
 
 from neti import config, dataplane
-from neti.agent import core
+from neti.agent import core, statefile
 from neti.agent import guard as guard_mod
 from neti.desired import model as model_mod
-from neti.fleet import Member
+from neti.fleet.model import Member
 from neti.identity import Identity
 from neti.lab import netns
-from tests.support.fakeregistry import FakeRegistry
+from tests.support.fakeregistry import FakeRegistry, connector
 from tests.support.fakesystem import FakeSystem
 
 ME = Identity("i-me", A("10.0.0.1"), A("203.0.113.1"), "default")
@@ -87,13 +87,20 @@ def main() -> None:
         netns.add_ns(ns)
         backend = dataplane.select(cfg, netns=ns)
     try:
-        a = core.Agent(os.path.join(tmp, "neti.yml"), cfg)
-        a.identity, a.overlay_ip = ME, A("192.168.0.2")
-        a.guard = guard_mod.Guard()
-        a.backend = backend
         reg = FakeRegistry(max_change=100000)
-        a.reg = reg
-        a.state.zookeeper.state = "connected"
+        a = core.Agent.build(
+            os.path.join(tmp, "neti.yml"),
+            cfg,
+            connect=connector(reg),
+            select_backend=lambda _cfg: backend,
+            identify=lambda _cfg: ME,
+            guard=guard_mod.Guard(),
+        )
+        a._resolve_identity()
+        a._select_backend()
+        a.session.overlay_ip = A("192.168.0.2")
+        a.session.reg = reg  # connected, without the connect's grace
+        a.session.zk.state = "connected"
         reg.add(*[member(i) for i in range(args.members)])
         t = time.process_time()
         a.reconcile("resync")
@@ -126,11 +133,11 @@ def main() -> None:
 
         model_mod.DesiredModel.update = upd  # type: ignore[method-assign]
         timed(backend, "apply_delta", "backend write (in-process)")
-        timed(a, "_save", "state file")
-        timed(a, "_check_self", "own-node/watch checks (FakeRegistry)")
+        timed(a.sink.file, "save", "state file")
+        timed(reg, "fleet_context", "own-node/watch checks (FakeRegistry)")
 
         if args.isolated:
-            core.STATE_FLEET_INTERVAL = 0.0
+            statefile.STATE_FLEET_INTERVAL = 0.0
         total = 0.0
         kids0 = children_cpu()
         ids = list(range(args.members))
@@ -143,8 +150,8 @@ def main() -> None:
                 reg.remove(m)
             t0 = time.process_time()
             a.reconcile("event")
-            if a._save_due is not None and k == args.changes - 1:
-                a._save()
+            if a.sink.save_due is not None and k == args.changes - 1:
+                a.sink.save()
             total += time.process_time() - t0
         kids = children_cpu() - kids0
         n = args.changes
@@ -159,7 +166,7 @@ def main() -> None:
                 "all_in": round(1000 * (total + kids) / n, 2),
                 **{k: round(1000 * v / n, 2) for k, v in sorted(cpu.items())},
             },
-            "last_result": a.state.last_reconcile.result,
+            "last_result": a.sink.state.last_reconcile.result,
         }
         print(json.dumps(out, indent=1))
     finally:

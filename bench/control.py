@@ -387,7 +387,7 @@ class Lab:
 def expected_mappings(names: list[str], agent_overlay: str | None) -> dict[str, str]:
     """What the agent should program for these member names: overlay -> private (same
     network) or public (another network); this host -> its own private address."""
-    from neti.registry.codec import decode_member
+    from neti.fleet.names import decode_member
 
     out: dict[str, str] = {}
     for name in names:
@@ -555,7 +555,7 @@ def measure_burst(
     written = time.monotonic()
     names = lab.registry_members()
     mine = [name for name in names if f"|{AGENT_ID}|" in name]
-    from neti.registry.codec import decode_member
+    from neti.fleet.names import decode_member
 
     agent_overlay = str(decode_member(mine[0]).overlay_ip) if mine else None
     want = expected_mappings(names, agent_overlay)
@@ -609,7 +609,7 @@ def _big(b: float) -> str:
 
 
 def rows(size: dict[str, Any]) -> list[tuple[str, str]]:
-    """(label, value) for one fleet size, in the issue's order. Per-change figures are
+    """(label, value) for one fleet size, in the report's order. Per-change figures are
     medians: a resync that happens to fall inside one change's window does not skew them."""
     j, lv, idle, burst = size["join"], size["leave"], size["idle"], size["burst"]
     n = int(size["members"])  # every host runs an agent and receives the same

@@ -167,7 +167,7 @@ def registry_equal(lab: ConvLab, kernel: Kernel) -> Callable[[], bool]:
     """A check: the kernel's DNAT mappings equal what the registry lists now."""
     names = lab.registry_members()
     mine = [n for n in names if f"|{AGENT_ID}|" in n]
-    from neti.registry.codec import decode_member
+    from neti.fleet.names import decode_member
 
     own = str(decode_member(mine[0]).overlay_ip) if mine else None
     want = expected_mappings(names, own)

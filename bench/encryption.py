@@ -232,7 +232,7 @@ def bulk(pair: lab.Pair, dest: str, seconds: float) -> float:
 def traffic(seconds: float, threads: int, rounds: int) -> dict[str, Any]:
     from neti import config, dataplane
     from neti.desired import compute
-    from neti.fleet import Fleet, Member
+    from neti.fleet.model import Fleet, Member
     from neti.identity import Identity
     from neti.identity.wireguard import KeyPair
 

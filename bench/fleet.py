@@ -1,7 +1,7 @@
 """A synthetic fleet in ZooKeeper, driven by commands on stdin (for ``bench.control``).
 
 Run as ``python -m bench.fleet -c CONFIG``. It connects like an agent would
-(``neti.registry.client.connect``: TLS, credentials and ACLs from the config) and then reads
+(``neti.registry.connect``: TLS, credentials and ACLs from the config) and then reads
 one command per line:
 
 * ``fill N``  N more members; prints ``filled N`` when ZooKeeper has them all;
@@ -40,10 +40,10 @@ from kazoo.exceptions import KazooException, NodeExistsError
 
 from neti.config import Config, StaticIdentity
 from neti.errors import NetiError
-from neti.fleet import Member
+from neti.fleet.model import Member
+from neti.fleet.names import encode_member
 from neti.registry.acl import AclPolicy
 from neti.registry.claims import OverlayClaims
-from neti.registry.codec import encode_member
 from neti.registry.paths import Paths
 
 BATCH = 100  # members per transaction: 300 creates, ~30 KB, far below jute.maxbuffer
@@ -312,7 +312,7 @@ def default_network(cfg: Config) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from neti import config as config_mod
-    from neti.registry.client import connect
+    from neti.registry import connect
 
     ap = argparse.ArgumentParser(prog="python -m bench.fleet", description=__doc__.split("\n")[0])
     ap.add_argument("-c", "--config", required=True, help="a neti.yml (zk_hosts, prefix, TLS)")

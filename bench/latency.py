@@ -214,7 +214,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             )
         names = lab.registry_members()
         mine = [n for n in names if f"|{control.AGENT_ID}|" in n]
-        from neti.registry.codec import decode_member
+        from neti.fleet.names import decode_member
 
         overlay = str(decode_member(mine[0]).overlay_ip) if mine else None
         exact = kernel.mappings() == control.expected_mappings(names, overlay)

@@ -138,7 +138,8 @@ def dnat_position(pair: lab.Pair, ns: str, overlay: IPv4Address) -> str:
     "k of m": k rules from the top of nat ``OUTPUT`` down to (and including) its DNAT rule,
     following jumps into the chains that hold it; m DNAT rules in all. "n/a" if not found.
     """
-    from neti.dataplane.iptables import lookup_costs, parse_save
+    from neti.dataplane.dnat_tree import lookup_costs
+    from neti.dataplane.xtables import parse_save
 
     for save in ("iptables-save", "iptables-legacy-save"):
         try:
@@ -428,7 +429,7 @@ class Bench:
 
 def backend_list(text: str) -> list[str]:
     """``--backend``'s comma-separated names: known backends, in the order given, no repeats."""
-    from neti.dataplane.registry import BACKENDS as KNOWN
+    from neti.backends import BACKENDS as KNOWN
 
     names = [x.strip() for x in text.split(",") if x.strip()]
     unknown = [x for x in names if x not in KNOWN]

@@ -12,7 +12,7 @@ from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
 from bench import lab
-from neti.fleet import Fleet, Member
+from neti.fleet.model import Fleet, Member
 from neti.identity import Identity
 
 NETWORK = "bench"
@@ -34,7 +34,7 @@ def worst_position(n: int) -> int:
     With a linear chain that is the last one; with Neti's tree of chains it is the last rule
     of the fullest leaf under the last jumps. Ties go to the higher position.
     """
-    from neti.dataplane.iptables import lookup_costs, nat_chains
+    from neti.dataplane.dnat_tree import lookup_costs, nat_chains
     from neti.desired import Dnat, build
 
     state = build(OVERLAY, dnat=[Dnat(overlay_ip(p), FILLER_PRIVATE + 1 + p) for p in range(n)])

@@ -57,9 +57,9 @@ def _publish(zk: Any, ca: Any, prefix: str, n: int) -> None:
     every record: the node's ephemeralOwner is that session)."""
     from ipaddress import IPv4Network
 
-    from neti.fleet import Member
+    from neti.fleet.model import Member
+    from neti.fleet.names import encode_member, new_nonce
     from neti.registry import attest, connect
-    from neti.registry.codec import encode_member, new_nonce
 
     writer = connect(_cfg(zk, ca, prefix, "i-writer"), "vpc", timeout=30)
     try:

@@ -89,18 +89,19 @@ def delta_floor(backend: Any, fleet: Any) -> dict[str, float]:
     its set inside the bench namespace, and taken out again.
     """
     from neti.dataplane import ipset as neti_ipset
-    from neti.dataplane import iptables as neti_iptables
+    from neti.dataplane import xtables
+    from neti.dataplane.dnat_tree import NAT_CHAIN
 
     new = scenarios.member(len(fleet.members))
     rule = f"-d {new.overlay_ip}/32 -j DNAT --to-destination {new.private_ip}"
-    restore = neti_iptables.tool(backend.variant, "restore")
-    save = neti_iptables.tool(backend.variant, "save")
+    restore = xtables.tool(backend.variant, "restore")
+    save = xtables.tool(backend.variant, "save")
 
     def delta(op: str, set_op: str) -> None:
         subprocess.run(["ipset", set_op, neti_ipset.ALLOW_SET, str(new.private_ip)], check=True)
         subprocess.run(
             [restore, "--noflush"],
-            input=f"*nat\n{op} {neti_iptables.NAT_CHAIN} {rule}\nCOMMIT\n",
+            input=f"*nat\n{op} {NAT_CHAIN} {rule}\nCOMMIT\n",
             text=True,
             check=True,
         )

@@ -25,17 +25,14 @@ from pydantic import (
 )
 
 from neti import files
-from neti.dataplane.registry import CHOICES as BACKEND_CHOICES
+from neti.backends import CHOICES as BACKEND_CHOICES
 from neti.errors import ConfigError
-from neti.identity import address_problem
+from neti.fleet.addr import LABEL_RE, own_address_problem, zookeeper_ips
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PATH = "/etc/neti/neti.yml"
 
-# Labels and instance IDs end up in ZooKeeper node names and kernel comments: keep them tame.
-# \A...\Z, not ^...$: '$' also matches before a trailing newline ("t-1\n" would pass).
-LABEL_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")
 HOSTPORT_RE = re.compile(r"\A(?P<host>[A-Za-z0-9_.-]+|\[[0-9A-Fa-f:]+\]):(?P<port>\d{1,5})\Z")
 
 # Limits on the file itself, checked before any Python object is built from it: a Neti config
@@ -92,6 +89,17 @@ HostPort = Annotated[str, BeforeValidator(_hostport)]
 Network = Annotated[ipaddress.IPv4Network, BeforeValidator(_network)]
 
 
+class _SessionKey:
+    """Marks a key the ZooKeeper session is made from (``Config.session_settings``)."""
+
+    def __repr__(self) -> str:
+        return "SESSION"
+
+
+# A key whose change needs a new ZooKeeper session and a re-join (the agent on SIGHUP).
+SESSION = _SessionKey()
+
+
 class PortSpec(BaseModel):
     """An open port or range: ``80``, ``"8000-8100"``, ``"udp/53"``, ``"tcp/8000:8100"``."""
 
@@ -142,7 +150,7 @@ class StaticIdentity(BaseModel):
     @field_validator("private_ip", "public_ip")
     @classmethod
     def _host(cls, v: ipaddress.IPv4Address) -> ipaddress.IPv4Address:
-        problem = address_problem(v)
+        problem = own_address_problem(v)
         if problem:
             raise ValueError(f"{v} cannot identify a host: {problem}")
         return v
@@ -358,27 +366,27 @@ class Config(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     # --- keys of the original Neti (same names, same meaning) ---
-    zk_hosts: dict[Label, list[HostPort]]
-    zk_prefix: str = "/neti"
-    overlay_subnet: Network = ipaddress.IPv4Network("192.168.0.0/18")
+    zk_hosts: Annotated[dict[Label, list[HostPort]], SESSION]
+    zk_prefix: Annotated[str, SESSION] = "/neti"
+    overlay_subnet: Annotated[Network, SESSION] = ipaddress.IPv4Network("192.168.0.0/18")
     open_ports: list[PortSpec] = []
     reject_all: bool = False
     ssh_whitelist: list[Network] = []
     nat_overrides: dict[ipaddress.IPv4Address, ipaddress.IPv4Address] = {}
     table_files_path: str | None = None  # original: where iptables-save files went; unused
     log_file: str | None = None
-    zk_iptoid_node: str = "ip-to-id"
-    zk_idtoip_node: str = "id-to-ip"
-    zk_ip_map_node: str = "ip-map"
-    zk_max_change_threshold_path: str = "maxchange"
+    zk_iptoid_node: Annotated[str, SESSION] = "ip-to-id"
+    zk_idtoip_node: Annotated[str, SESSION] = "id-to-ip"
+    zk_ip_map_node: Annotated[str, SESSION] = "ip-map"
+    zk_max_change_threshold_path: Annotated[str, SESSION] = "maxchange"
     zk_update_interval_path: str = "interval"
     aws_key: str | None = None  # accepted and ignored: boto3's default chain supplies credentials
     aws_secret_key: str | None = None
     overlay_ip_cache_file_path: str | None = None  # original cookbook attribute; unused
 
     # --- new keys ---
-    zk_members_node: str = "members"
-    zk_session_timeout: float = Field(default=10.0, ge=2, le=600)
+    zk_members_node: Annotated[str, SESSION] = "members"
+    zk_session_timeout: Annotated[float, SESSION] = Field(default=10.0, ge=2, le=600)
     watch_delay_min: float = Field(default=0.05, ge=0, le=MAX_DELAY)
     watch_delay_max: float = Field(default=0.3, ge=0, le=MAX_DELAY, validate_default=True)
     resync_interval: float = Field(default=60.0, ge=1, le=MAX_RESYNC)
@@ -386,10 +394,12 @@ class Config(BaseModel):
     # A second place the agent reports to `neti status` (tmpfs: writable when state_dir is
     # full or read-only): its pid and start time, and why the state file was not written.
     runtime_dir: str = "/run/neti"
-    identity: Annotated[StaticIdentity | Ec2Identity, Field(discriminator="source")] = Ec2Identity()
-    legacy_networks: dict[Literal[0, 1], Label] = {0: "ec2", 1: "vpc"}
-    publish_legacy: bool = False
-    # auto, or a name from the registry of backends (neti/dataplane/registry.py).
+    identity: Annotated[StaticIdentity | Ec2Identity, Field(discriminator="source"), SESSION] = (
+        Ec2Identity()
+    )
+    legacy_networks: Annotated[dict[Literal[0, 1], Label], SESSION] = {0: "ec2", 1: "vpc"}
+    publish_legacy: Annotated[bool, SESSION] = False
+    # auto, or a backend's name (neti/backends.py).
     backend: Literal[BACKEND_CHOICES] = "auto"  # type: ignore[valid-type]
     # accept: Neti's chain ACCEPTs members, open ports and the SSH whitelist (the original's
     # behaviour). return: it RETURNs them to INPUT so the host firewall and fail2ban still
@@ -418,15 +428,15 @@ class Config(BaseModel):
     # Tag this instance with overlay_ip/neti_version in EC2: "auto" only with an ec2 identity.
     tag_instance: Literal["auto", "always", "never"] = "auto"
     # Trust (docs/security.md): TLS and/or authentication to ZooKeeper, and per-host ACLs.
-    zk_tls: ZkTlsConfig | None = None
-    zk_auth: ZkAuthConfig | None = None
-    zk_acl: ZkAclConfig | None = Field(default=None, validate_default=True)
+    zk_tls: Annotated[ZkTlsConfig | None, SESSION] = None
+    zk_auth: Annotated[ZkAuthConfig | None, SESSION] = None
+    zk_acl: Annotated[ZkAclConfig | None, SESSION] = Field(default=None, validate_default=True)
     # Read the original's ip-map party nodes. Turn off once no original agent is left: those
     # nodes cannot be authenticated, so while read they let anyone who can write ip-map in.
-    read_legacy: bool = True
+    read_legacy: Annotated[bool, SESSION] = True
     # Members must carry a record signed with a certificate the fleet's CA (zk_tls.ca) issued
     # to CN=<their instance ID> (neti/registry/attest.py). None: on with zk_tls.cert.
-    require_signed_members: bool | None = None
+    require_signed_members: Annotated[bool | None, SESSION] = None
     # v1 member names (agents before per-node nonces and session-bound records): "read" them
     # (a host's v2 node supersedes its v1 ones), also "publish" one for such agents during an
     # upgrade, or "off": neither (v1 names are predictable and v1 records replayable).
@@ -559,6 +569,15 @@ class Config(BaseModel):
         """How long a removal must be asked for before it applies (staggered expiries)."""
         return self.guard_settle if self.guard_settle is not None else 0.5 * self.zk_session_timeout
 
+    def session_settings(self) -> dict[str, Any]:
+        """The keys marked SESSION: what the ZooKeeper session is made from (hosts, paths,
+        trust, identity). A reload that changes any of them reconnects and re-joins."""
+        return {
+            name: getattr(self, name)
+            for name, f in type(self).model_fields.items()
+            if SESSION in f.metadata
+        }
+
     # --- derived paths ---
     def path(self, node: str) -> str:
         return f"{self.zk_prefix}/{node}"
@@ -582,6 +601,19 @@ class Config(BaseModel):
             "zk_hosts",
             [f"zk_hosts: no entry for network {network!r} and no 'default' entry"],
         )
+
+    def zookeeper_ips(self, network: str) -> frozenset[ipaddress.IPv4Address]:
+        """ZooKeeper server IPs as a host in ``network`` sees them.
+
+        Its own network's zk_hosts (private addresses only mean something inside one network,
+        and networks may overlap) plus every network's public (global) ones.
+        """
+        try:
+            mine = self.zk_hosts_for(network)
+        except ConfigError:
+            mine = []
+        others = [hp for hosts in self.zk_hosts.values() for hp in hosts]
+        return zookeeper_ips(mine) | frozenset(ip for ip in zookeeper_ips(others) if ip.is_global)
 
     @property
     def secured(self) -> bool:

@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from neti import files
-from neti.config import LABEL_RE
-from neti.fleet import Fleet, Member
+from neti.fleet.addr import LABEL_RE
+from neti.fleet.model import SKIP_REASONS, Fleet, Member
 from neti.identity import Identity
 
 log = logging.getLogger(__name__)
@@ -155,7 +155,7 @@ class AgentState:
     zookeeper: ZkState = field(default_factory=ZkState)
     skipped: int = 0
     skipped_reasons: list[str] = field(default_factory=list)
-    skipped_by_reason: dict[str, int] = field(default_factory=dict)  # neti.fleet.SKIP_REASONS
+    skipped_by_reason: dict[str, int] = field(default_factory=dict)  # neti.fleet.model.SKIP_REASONS
     apply_errors: int = 0
     tagging: str = ""  # EC2 tagging of this instance: pending, ok, failed: …, skipped: …
     claim_conflict: str | None = None  # our saved overlay IP is claimed by another instance
@@ -260,8 +260,6 @@ def _typed(kind: type, value: Any, what: str) -> Any:
 
 def _counts(value: Any) -> dict[str, int]:
     """Skip counts by reason: known reason codes with non-negative integer counts only."""
-    from neti.fleet import SKIP_REASONS
-
     if not isinstance(value, dict):
         return {}
     return {

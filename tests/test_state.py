@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st_
 
 from neti import state as st
-from neti.fleet import Fleet, Member
+from neti.fleet.model import Fleet, Member
 from neti.identity import Identity
 
 

@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 
-from neti.fleet import Fleet, Member
+from neti.fleet.model import Fleet, Member
 
 # Child of zk_prefix an operator bumps (``neti fleet release-guard``): every agent that sees
 # it change lets what its guard holds at that moment through, once.
@@ -233,100 +233,52 @@ class Guard:
             mem.pending.clear()
             mem.grace_until = None
             mem.vanished = False
-        prev = mem.applied
-        if prev is None:  # nothing applied yet: nothing to protect
+        if mem.applied is None:  # nothing applied yet: nothing to protect
             mem.applied = dict(cur)
             mem.held_reason = ""
             mem.settled = False
+            limit = settings.limit(len(cur))
+            added = tuple(sorted(cur))
             return self._result(
-                new,
-                cur,
-                (),
-                tuple(sorted(cur)),
-                settings,
-                mem,
-                released,
-                self_listed,
-                limit=settings.limit(len(cur)),
+                new, cur, (), added, settings, mem, released, self_listed, limit=limit
             )
+        step = _Step(now, settings, mem, read, cur, mem.applied, self_id, released)
+        return self._against(step, new, self_listed, container_missing, overlay_taken)
+
+    def _against(
+        self,
+        s: _Step,
+        new: Fleet,
+        self_listed: bool,
+        container_missing: bool,
+        overlay_taken: Callable[[IPv4Address], bool] | None,
+    ) -> GuardDecision:
+        """The decision for a read against what was applied before (``s.prev``)."""
+        mem, prev, now = s.mem, s.prev, s.now
         # Forget removals older than the window, and those that came back.
         for i, (t, _m) in list(mem.recent.items()):
-            if now - t > settings.window or i in cur:
+            if now - t > s.settings.window or i in s.cur:
                 del mem.recent[i]
-        removed = tuple(sorted(prev.keys() - cur.keys() - {self_id}))
-        added = tuple(sorted(cur.keys() - prev.keys()))
-        first_asked = now - settings.settle if mem.settled else now
+        removed = tuple(sorted(prev.keys() - s.cur.keys() - {s.self_id}))
+        added = tuple(sorted(s.cur.keys() - prev.keys()))
+        first_asked = now - s.settings.settle if mem.settled else now
         mem.settled = False
         mem.pending = {i: mem.pending.get(i, first_asked) for i in removed}
         baseline = len(prev.keys() | mem.recent.keys())
-        limit = settings.limit(baseline)
+        limit = s.settings.limit(baseline)
         counted = sorted(set(removed) | set(mem.recent))
-        others_prev = len(prev) > (1 if self_id in prev else 0)
-        others_read = len(read) > (1 if self_id in read else 0)
-
-        was_held = mem.held_reason
-        if container_missing or (others_prev and not read):
-            mem.vanished = True
-        elif mem.vanished and others_read:
-            mem.vanished = False  # peers are listed again: let stragglers re-join first
-            mem.grace_until = max(mem.grace_until or 0.0, now + settings.grace)
-            mem.grace_why = "recovery"
-
-        reason = ""
-        held_ids: tuple[str, ...] = ()
-        grace_left = 0.0
-        if not released:
-            if mem.vanished:
-                reason = VANISHED if removed else ""
-            elif len(removed) > limit:
-                reason = LIMIT
-            elif len(counted) > limit:
-                reason = WINDOW
-            elif removed and was_held in (LIMIT, WINDOW, VANISHED):
-                # The guard releases by itself: the fleet recovered to within the limit.
-                # Whoever is still missing may be re-joining: wait a grace period first.
-                mem.grace_until = max(mem.grace_until or 0.0, now + settings.grace)
-                mem.grace_why = "recovery"
-            if mem.grace_until is not None:
-                grace_left = max(0.0, mem.grace_until - now)
-                if grace_left <= 0:
-                    mem.grace_until = None
-            if not reason and removed and grace_left > 0:
-                reason = GRACE
+        _note_vanished(s, container_missing)
+        reason, grace_left = _hold_reason(s, removed, counted, limit)
         settling: tuple[str, ...] = ()
         settle_left = 0.0
-        if not reason and not released and settings.settle > 0:
-            waits = {i: settings.settle - (now - mem.pending[i]) for i in removed}
-            settling = tuple(i for i in removed if waits[i] > 0)
-            if settling:
-                reason = SETTLE
-                settle_left = min(waits[i] for i in settling)
-
-        members = dict(cur)
+        if not reason and not s.released and s.settings.settle > 0:
+            reason, settling, settle_left = _settling(s, removed)
+        members: dict[str, Member] = dict(s.cur)
+        held_ids: tuple[str, ...] = ()
         if reason:
-            # Keep what the read lacks; a held-over member yields to a live one that now
-            # owns its overlay IP. Over the limit, the window's earlier removals come back too.
-            keep = {i: prev[i] for i in (settling if reason == SETTLE else removed)}
-            if reason in (LIMIT, WINDOW, VANISHED):
-                keep.update({i: m for i, (_t, m) in mem.recent.items() if i not in cur})
-            if overlay_taken is None:
-                live = {m.overlay_ip for m in cur.values()}
-                taken: Callable[[IPv4Address], bool] = live.__contains__
-            else:
-                # The caller's index of the read's overlay IPs (no pass over 16k members);
-                # this host, added to the read above when it was missing, counts too.
-                mine = cur.get(self_id) if self_id is not None and self_id not in read else None
-                lookup = overlay_taken
-                taken = lambda ip: (mine is not None and ip == mine.overlay_ip) or lookup(ip)  # noqa: E731
-            used: set[IPv4Address] = set()
-            for i in sorted(keep):
-                ip = keep[i].overlay_ip
-                if ip not in used and not taken(ip):
-                    members[i] = keep[i]
-                    used.add(ip)
-            held_ids = tuple(sorted(members.keys() - cur.keys()))
+            members, held_ids = _keep(s, reason, removed, settling, overlay_taken)
         gone = tuple(i for i in removed if i not in members)
-        if not released:  # what an operator let through does not count against later ones
+        if not s.released:  # what an operator let through does not count against later ones
             for i in gone:
                 mem.recent[i] = (now, prev[i])
         mem.applied = members
@@ -336,9 +288,9 @@ class Guard:
             members,
             removed,
             added,
-            settings,
+            s.settings,
             mem,
-            released,
+            s.released,
             self_listed,
             reason=reason if held_ids else "",
             held_ids=held_ids,
@@ -395,6 +347,104 @@ class Guard:
             self._mem = decision._next
         if decision.released:
             self._release = False
+
+
+@dataclass(slots=True)
+class _Step:
+    """One decision's inputs, and the memory it changes (kept only if it is committed)."""
+
+    now: float
+    settings: Settings
+    mem: _Memory
+    read: Mapping[str, Member]  # the fleet as read
+    cur: dict[str, Member]  # the read, this host included
+    prev: dict[str, Member]  # what was applied before
+    self_id: str | None
+    released: bool  # an operator's release applies this read as it is
+
+
+def _note_vanished(s: _Step, container_missing: bool) -> None:
+    """A missing container, or an empty read while we had peers, is a ZooKeeper accident:
+    held until peers are listed again, then a grace period for stragglers to re-join."""
+    mem = s.mem
+    others_prev = len(s.prev) > (1 if s.self_id in s.prev else 0)
+    others_read = len(s.read) > (1 if s.self_id in s.read else 0)
+    if container_missing or (others_prev and not s.read):
+        mem.vanished = True
+    elif mem.vanished and others_read:
+        mem.vanished = False  # peers are listed again: let stragglers re-join first
+        mem.grace_until = max(mem.grace_until or 0.0, s.now + s.settings.grace)
+        mem.grace_why = "recovery"
+
+
+def _hold_reason(
+    s: _Step, removed: tuple[str, ...], counted: list[str], limit: int
+) -> tuple[str, float]:
+    """Why the removals are held ("" if they are not), and the grace period left."""
+    if s.released:
+        return "", 0.0
+    mem = s.mem
+    reason = ""
+    if mem.vanished:
+        reason = VANISHED if removed else ""
+    elif len(removed) > limit:
+        reason = LIMIT
+    elif len(counted) > limit:
+        reason = WINDOW
+    elif removed and mem.held_reason in (LIMIT, WINDOW, VANISHED):
+        # The guard releases by itself: the fleet recovered to within the limit.
+        # Whoever is still missing may be re-joining: wait a grace period first.
+        mem.grace_until = max(mem.grace_until or 0.0, s.now + s.settings.grace)
+        mem.grace_why = "recovery"
+    grace_left = 0.0
+    if mem.grace_until is not None:
+        grace_left = max(0.0, mem.grace_until - s.now)
+        if grace_left <= 0:
+            mem.grace_until = None
+    if not reason and removed and grace_left > 0:
+        reason = GRACE
+    return reason, grace_left
+
+
+def _settling(s: _Step, removed: tuple[str, ...]) -> tuple[str, tuple[str, ...], float]:
+    """The removals not yet asked for during ``settle`` seconds, and the soonest one due."""
+    waits = {i: s.settings.settle - (s.now - s.mem.pending[i]) for i in removed}
+    settling = tuple(i for i in removed if waits[i] > 0)
+    if not settling:
+        return "", (), 0.0
+    return SETTLE, settling, min(waits[i] for i in settling)
+
+
+def _keep(
+    s: _Step,
+    reason: str,
+    removed: tuple[str, ...],
+    settling: tuple[str, ...],
+    overlay_taken: Callable[[IPv4Address], bool] | None,
+) -> tuple[dict[str, Member], tuple[str, ...]]:
+    """The members to apply while holding, and the held ones: what the read lacks is kept;
+    a held-over member yields to a live one that now owns its overlay IP. Over the limit,
+    the window's earlier removals come back too."""
+    keep = {i: s.prev[i] for i in (settling if reason == SETTLE else removed)}
+    if reason in (LIMIT, WINDOW, VANISHED):
+        keep.update({i: m for i, (_t, m) in s.mem.recent.items() if i not in s.cur})
+    if overlay_taken is None:
+        live = {m.overlay_ip for m in s.cur.values()}
+        taken: Callable[[IPv4Address], bool] = live.__contains__
+    else:
+        # The caller's index of the read's overlay IPs (no pass over 16k members); this
+        # host, added to the read when it was missing, counts too.
+        mine = s.cur.get(s.self_id) if s.self_id is not None and s.self_id not in s.read else None
+        lookup = overlay_taken
+        taken = lambda ip: (mine is not None and ip == mine.overlay_ip) or lookup(ip)  # noqa: E731
+    members = dict(s.cur)
+    used: set[IPv4Address] = set()
+    for i in sorted(keep):
+        ip = keep[i].overlay_ip
+        if ip not in used and not taken(ip):
+            members[i] = keep[i]
+            used.add(ip)
+    return members, tuple(sorted(members.keys() - s.cur.keys()))
 
 
 def decide(

@@ -22,8 +22,8 @@ from prometheus_client import (
     start_http_server,
 )
 
-from neti.dataplane.registry import BACKENDS
-from neti.fleet import SKIP_REASONS
+from neti.backends import BACKENDS
+from neti.fleet.model import SKIP_REASONS
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,15 @@ class Metrics:
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
-        r = self.registry
+        self._reconcile_series(self.registry)
+        self._registry_series(self.registry)
+        self._dataplane_series(self.registry)
+        self.set_zk_state("connecting")
+        self.set_skipped({})
+        self._server: Any = None
+
+    def _reconcile_series(self, r: CollectorRegistry) -> None:
+        """Reconciles and the guard."""
         self.members = Gauge(
             "neti_members", "Members in the applied fleet, by network", ["network"], registry=r
         )
@@ -78,6 +86,9 @@ class Metrics:
             "neti_guard_would_remove", "Members the guard is holding back", registry=r
         )
         self.max_change = Gauge("neti_max_change", "The maxchange threshold in use", registry=r)
+
+    def _registry_series(self, r: CollectorRegistry) -> None:
+        """ZooKeeper and what the registry holds."""
         self.zk_state = Gauge(
             "neti_zookeeper_state",
             "1 for the current ZooKeeper session state",
@@ -89,7 +100,8 @@ class Metrics:
         )
         self.skipped = Gauge(
             "neti_skipped_entries",
-            "Registry entries left out of the applied fleet, by reason (neti.fleet.SKIP_REASONS)",
+            "Registry entries left out of the applied fleet, by reason "
+            "(neti.fleet.model.SKIP_REASONS)",
             ["reason"],
             registry=r,
         )
@@ -98,6 +110,9 @@ class Metrics:
             "ip-to-id claims beyond id-to-ip's at the last resync (excess claims drain the pool)",
             registry=r,
         )
+
+    def _dataplane_series(self, r: CollectorRegistry) -> None:
+        """The kernel: conntrack and the backend's applies."""
         self.conntrack_count = Gauge(
             "neti_conntrack_entries", "Entries in the conntrack table", registry=r
         )
@@ -123,9 +138,6 @@ class Metrics:
             buckets=(0, 1, 2, 10, 100, 1000, 10000, 100000),
             registry=r,
         )
-        self.set_zk_state("connecting")
-        self.set_skipped({})
-        self._server: Any = None
 
     def set_zk_state(self, state: str) -> None:
         for s in ZK_STATES:

@@ -2,7 +2,7 @@
 
 A SIGTERM'd agent leaves its session open (the server keeps it, and our member node, for
 zk_session_timeout); the next agent resumes it with the id and password saved here, so a
-planned restart never takes this host out of its peers' rules (issue 11, docs/operations.md
+planned restart never takes this host out of its peers' rules (docs/operations.md
 "Stopping and restarting"). The password lets anyone holding it act as this host's session:
 the file is written 0600, atomically, and read back with strict types.
 """

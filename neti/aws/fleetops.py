@@ -20,8 +20,8 @@ from typing import Any
 
 from packaging.version import InvalidVersion, Version
 
-from neti.aws import AwsError, Instance, is_ec2_instance_id
-from neti.fleet import Fleet, Member
+from neti.aws.ec2 import AwsError, Instance, is_ec2_instance_id
+from neti.fleet.model import Fleet, Member
 
 GONE_STATES = ("terminated",)
 GC_SAMPLE = 20  # live members gc asks EC2 about, to catch the wrong account or region
@@ -304,15 +304,16 @@ def check_same_account(sample: Collection[str], instances: Mapping[str, Instance
         )
 
 
-def gc_release(
+def release_claims(
     plan: GcPlan,
     live_now: Collection[str],
-    release: Callable[[str], IPv4Address | None],
+    release_claim: Callable[[str], IPv4Address | None],
     progress: Callable[[int, int], None] | None = None,
 ) -> list[tuple[str, IPv4Address, str]]:
     """Release ``plan.release``'s claims, re-checked against ``live_now`` (``live_claims`` of a
     fleet read after the plan): a member that appeared since is never touched, it moves to
-    ``plan.kept``. ``release(instance_id)`` returns the address freed, None if already gone.
+    ``plan.kept``. ``release_claim(instance_id)`` returns the address freed, None if already
+    gone.
     Returns (instance, address, why) for each claim released."""
     released: list[tuple[str, IPv4Address, str]] = []
     total = len(plan.release)
@@ -320,7 +321,7 @@ def gc_release(
         if iid in live_now:
             plan.kept.append((iid, ip, "became a live member"))
             continue
-        got = release(iid)
+        got = release_claim(iid)
         if got is not None:
             released.append((iid, got, why))
         if progress is not None:

@@ -17,13 +17,12 @@ import random
 import threading
 from collections.abc import Callable
 from ipaddress import IPv4Address
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from neti import __version__
-
-if TYPE_CHECKING:
-    from neti.config import Config
-    from neti.identity import Identity
+from neti.aws.ec2 import AwsError, call, ec2_client
+from neti.config import Config
+from neti.identity import Identity
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +66,6 @@ class InstanceTagger:
         self._thread: threading.Thread | None = None
 
     def _default_client(self) -> Any:
-        from neti.aws import ec2_client
-
         return ec2_client(self.cfg)
 
     # --- state ---
@@ -97,8 +94,6 @@ class InstanceTagger:
     # --- work ---
     def attempt(self) -> bool:
         """One try; True when the tags are set. Never raises."""
-        from neti.aws import AwsError, call
-
         self.attempts += 1
         reason = ""
         try:

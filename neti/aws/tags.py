@@ -2,7 +2,7 @@
 
 When ZooKeeper loses its data and a host's state file is gone too, the tag is the last
 record of which overlay IP an instance held: the agent prefers it when it claims, and
-``neti fleet restore-claims --from-tags`` re-creates every claim from it (issue 11).
+``neti fleet restore-claims --from-tags`` re-creates every claim from it.
 """
 
 from __future__ import annotations
@@ -12,7 +12,9 @@ from collections.abc import Iterable
 from ipaddress import IPv4Address
 from typing import Any
 
-from neti.aws import AwsError, is_ec2_instance_id
+from botocore.exceptions import BotoCoreError, ClientError
+
+from neti.aws.ec2 import AwsError, is_ec2_instance_id
 from neti.aws.tagger import TAG_OVERLAY_IP
 
 log = logging.getLogger(__name__)
@@ -25,8 +27,6 @@ def overlay_tags(
 ) -> tuple[dict[str, IPv4Address], list[str]]:
     """({instance ID: tagged overlay IP}, problems): every instance's ``overlay_ip`` tag (or
     only ``instance_ids``'), strictly parsed; a malformed tag or ID is a problem line, skipped."""
-    from botocore.exceptions import BotoCoreError, ClientError
-
     filters: list[dict[str, Any]] = [
         {"Name": "key", "Values": [TAG_OVERLAY_IP]},
         {"Name": "resource-type", "Values": ["instance"]},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from neti.agent.core import Agent
 from neti.cli.common import add_config, load_config
 
 
@@ -22,7 +23,5 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from neti.agent.core import Agent
-
     cfg = load_config(args)
-    return Agent(args.config, cfg, verbose=args.verbose).run()
+    return Agent.build(args.config, cfg, verbose=args.verbose).run()

@@ -7,8 +7,9 @@ import sys
 from typing import Any
 
 from neti import dataplane, desired
-from neti import identity as identity_mod
 from neti.cli.common import add_config, add_json, load_config, print_json
+from neti.identity import source as identity_source
+from neti.registry import connect
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -39,9 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _desired(cfg: Any, dry_run: bool) -> tuple[desired.DesiredState, dict[str, Any]]:
-    from neti.registry import connect
-
-    ident = identity_mod.resolve(cfg)
+    ident = identity_source.resolve(cfg)
     reg = connect(cfg, ident.network)
     try:
         overlay = reg.claim_of(ident.instance_id) if dry_run else reg.claim(ident.instance_id)

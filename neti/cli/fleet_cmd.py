@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
+import socket
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, redirect_stdout
 from typing import Any, TextIO
@@ -18,12 +21,20 @@ from kazoo.exceptions import NoAuthError
 from packaging.version import InvalidVersion, Version
 
 from neti import __version__
-from neti import aws as aws_mod
-from neti.aws import AwsError, fleetops
+from neti.aws import ec2, fleetops
+from neti.aws.ec2 import AwsError
+from neti.aws.tags import overlay_tags
 from neti.cli.common import add_config, add_json, load_config, print_json, print_table
 from neti.config import Config, StaticIdentity
 from neti.errors import NetiError
+from neti.fleet import addr
+from neti.fleet.addr import MalformedEntry, label
 from neti.registry import Registry, connect
+from neti.registry import acl as acl_mod
+from neti.registry import quota as quota_mod
+from neti.registry.claims import ClaimConflictError
+from neti.registry.client import check_trust
+from neti.registry.paths import RELEASE_NODE
 from neti.registry.quota import LimitChange, LimitsPlan
 from neti.registry.survey import PRUNABLE, Survey
 
@@ -51,6 +62,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         c.set_defaults(func=func)
         return c
 
+    # In this order in `neti fleet --help`.
+    _register_views(cmd)
+    _register_settings(cmd)
+    _register_cleanup(cmd)
+    _register_secure(cmd)
+
+
+# cmd(name, help, run function, ec2=False): one subcommand with the common options.
+_Cmd = Callable[..., argparse.ArgumentParser]
+
+
+def _register_views(cmd: _Cmd) -> None:
     m = cmd("members", "the live fleet, naturally sorted by Name tag", run_members, ec2=True)
     m.add_argument("--no-ec2", action="store_true", help="do not ask EC2 for Name tags")
 
@@ -79,6 +102,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "members of unknown version (original agents) count as older",
     )
 
+
+def _register_settings(cmd: _Cmd) -> None:
     s = cmd("set", "set a fleet-wide setting", run_set)
     s.add_argument("key", choices=["max-change"], help="max-change: the mass-removal guard")
     s.add_argument("value", type=_non_negative, metavar="N")
@@ -102,6 +127,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     ur.add_argument("instance_ids", metavar="INSTANCE-ID", nargs="+")
     cmd("revoked", "the revoked instances", run_revoked)
 
+
+def _register_cleanup(cmd: _Cmd) -> None:
     pr = cmd(
         "prune",
         "delete forged and excess claims, revoked hosts' nodes, persistent and unreadable "
@@ -117,7 +144,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help=f"prune only this kind (repeatable): {', '.join(PRUNABLE)}",
     )
 
-    r = cmd("release", "remove an instance's overlay IP claim", run_release)
+    r = cmd("release", "remove an instance's overlay IP claim", run_release_claim)
     r.add_argument("instance_id", metavar="INSTANCE-ID")
     r.add_argument(
         "--force",
@@ -151,6 +178,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(default with a client certificate: x509:CN=<instance ID>)",
     )
 
+
+def _register_secure(cmd: _Cmd) -> None:
     sec = cmd(
         "secure",
         "set Neti's ACLs on an existing open registry tree (operator identity needed; "
@@ -247,10 +276,10 @@ class Progress:
 
 
 def _describe(cfg: Config, args: argparse.Namespace, ids: list[str] | None = None) -> Any:
-    client = aws_mod.ec2_client(cfg, args.region)
+    client = ec2.ec2_client(cfg, args.region)
     progress = Progress("EC2 instances")
     try:
-        return aws_mod.describe_instances(client, ids, progress=progress)
+        return ec2.describe_instances(client, ids, progress=progress)
     finally:
         progress.done()
 
@@ -514,34 +543,11 @@ def run_release_guard(args: argparse.Namespace) -> int:
     A one-shot token rather than a raised maxchange: nothing to remember to set back, and
     removals after this moment are guarded as before.
     """
-    import json
-    import socket
-    import time
-
-    from kazoo.exceptions import KazooException, NodeExistsError, NoNodeError
-    from kazoo.handlers.threading import KazooTimeoutError
-
-    from neti.agent.guard import RELEASE_NODE
-
     cfg = load_config(args)
     path = cfg.path(RELEASE_NODE)
     data = json.dumps({"at": round(time.time(), 3), "by": socket.gethostname()[:255]}).encode()
     with _registry(cfg, args) as reg:
-        client = reg.client
-        try:
-            try:
-                stat = client.retry(client.set, path, data)
-            except NoNodeError:
-                try:
-                    # Operators alone may bump it (the maxchange ACL), whatever kazoo's default.
-                    client.retry(client.create, path, data, acl=reg.acl.guard(), makepath=True)
-                except NodeExistsError:
-                    client.retry(client.set, path, data)
-                stat = client.retry(client.exists, path)
-        except (KazooException, KazooTimeoutError) as exc:  # one clear line, no traceback
-            detail = str(exc) or type(exc).__name__
-            raise NetiError(f"cannot write {path}: {detail}") from None
-    version = stat.version if stat is not None else 0
+        version = reg.request_guard_release(data)
     if args.json:
         print_json({"path": path, "version": version, "released": True})
     else:
@@ -556,8 +562,6 @@ def run_release_guard(args: argparse.Namespace) -> int:
 
 
 def _valid_ids(ids: list[str]) -> list[str]:
-    from neti.registry.addr import MalformedEntry, label
-
     try:
         return [label(i, "instance ID") for i in ids]
     except MalformedEntry as exc:
@@ -659,7 +663,7 @@ def run_prune(args: argparse.Namespace) -> int:
 # --- release ------------------------------------------------------------------------------
 
 
-def run_release(args: argparse.Namespace) -> int:
+def run_release_claim(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     iid = args.instance_id
     with _registry(cfg, args) as reg:
@@ -672,7 +676,7 @@ def run_release(args: argparse.Namespace) -> int:
                 f"{iid} is a live member (overlay IP {live[0].overlay_ip}): its agent still "
                 "uses the address; stop the agent first, or pass --force"
             )
-        ip = reg.release(iid)
+        ip = reg.release_claim(iid)
     if ip is None:
         raise NetiError(f"{iid} holds no overlay IP claim (see neti fleet ips)")
     if args.json:
@@ -686,22 +690,8 @@ def run_release(args: argparse.Namespace) -> int:
 
 
 def run_secure(args: argparse.Namespace) -> int:
-    from neti.registry import acl as acl_mod
-    from neti.registry import quota as quota_mod
-    from neti.registry.client import check_trust
-
     cfg = load_config(args)
-    if not cfg.secured or cfg.zk_acl is None:
-        raise NetiError(
-            "neti fleet secure needs an operator identity: zk_tls.cert/key or zk_auth, and "
-            "zk_acl.operators listing it, in this config (docs/security.md)"
-        )
-    policy = check_trust(cfg)
-    if not policy.is_operator:
-        raise NetiError(
-            f"this config authenticates as {policy.identity}, which is not in "
-            "zk_acl.operators: only an operator may set ACLs (and keep the right to undo them)"
-        )
+    policy = _operator(cfg)
     owner_of: Callable[[str], str | None]
     if args.identities:
         mapping = acl_mod.load_identities(args.identities)
@@ -729,19 +719,8 @@ def run_secure(args: argparse.Namespace) -> int:
                 done, refused = acl_mod.apply_secure(reg.client, changes, progress)
             finally:
                 progress.done()
-        # The ensemble's own limits: a quota on the prefix, its nodes locked.
         want = quota_mod.for_fleet(cfg.overlay_subnet, args.max_hosts)
-        try:
-            limits = quota_mod.plan(reg.client, cfg.zk_prefix, policy, want, args.lock_root)
-            limit_changes = limits.changes
-            if limit_changes and not args.dry_run:
-                limit_changes = quota_mod.apply(reg.client, limits, policy)
-        except NoAuthError:
-            raise NetiError(
-                f"ZooKeeper refused setting the quota on {cfg.zk_prefix} or locking its nodes "
-                f"for {policy.identity}: another identity locked {quota_mod.QUOTA_ROOT}; "
-                "ZooKeeper's super user can reset it (docs/operations.md)"
-            ) from None
+        limits, limit_changes = _secure_limits(reg, cfg, policy, want, args)
     if args.json:
         print_json(
             {
@@ -750,16 +729,7 @@ def run_secure(args: argparse.Namespace) -> int:
                 "changes": [c.as_dict() for c in done],
                 "refused": [c.as_dict() for c in refused],
                 "unchanged": right,
-                "limits": {
-                    "quota": {"nodes": want.nodes, "bytes": want.size},
-                    "usage": (
-                        {"nodes": limits.usage[0], "bytes": limits.usage[1]}
-                        if limits.usage
-                        else None
-                    ),
-                    "changes": [c.as_dict() for c in limit_changes],
-                    "open_outside": limits.open_outside,
-                },
+                "limits": _limits_dict(want, limits, limit_changes),
             }
         )
         return 0
@@ -773,6 +743,56 @@ def run_secure(args: argparse.Namespace) -> int:
     print(f"{verb} {len(done)} ACLs; {right} nodes already right")
     _print_limits(cfg.zk_prefix, limits, limit_changes, verb)
     return 0
+
+
+def _operator(cfg: Config) -> acl_mod.AclPolicy:
+    """This config's policy, which must name an operator (NetiError otherwise)."""
+    if not cfg.secured or cfg.zk_acl is None:
+        raise NetiError(
+            "neti fleet secure needs an operator identity: zk_tls.cert/key or zk_auth, and "
+            "zk_acl.operators listing it, in this config (docs/security.md)"
+        )
+    policy = check_trust(cfg)
+    if not policy.is_operator:
+        raise NetiError(
+            f"this config authenticates as {policy.identity}, which is not in "
+            "zk_acl.operators: only an operator may set ACLs (and keep the right to undo them)"
+        )
+    return policy
+
+
+def _secure_limits(
+    reg: Registry,
+    cfg: Config,
+    policy: acl_mod.AclPolicy,
+    want: quota_mod.Quota,
+    args: argparse.Namespace,
+) -> tuple[LimitsPlan, list[LimitChange]]:
+    """The ensemble's own limits: a quota on the prefix, its nodes locked (planned, and
+    made unless --dry-run)."""
+    try:
+        limits = quota_mod.plan(reg.client, cfg.zk_prefix, policy, want, args.lock_root)
+        limit_changes = limits.changes
+        if limit_changes and not args.dry_run:
+            limit_changes = quota_mod.apply(reg.client, limits, policy)
+    except NoAuthError:
+        raise NetiError(
+            f"ZooKeeper refused setting the quota on {cfg.zk_prefix} or locking its nodes "
+            f"for {policy.identity}: another identity locked {quota_mod.QUOTA_ROOT}; "
+            "ZooKeeper's super user can reset it (docs/operations.md)"
+        ) from None
+    return limits, limit_changes
+
+
+def _limits_dict(
+    want: quota_mod.Quota, limits: LimitsPlan, changes: list[LimitChange]
+) -> dict[str, Any]:
+    return {
+        "quota": {"nodes": want.nodes, "bytes": want.size},
+        "usage": ({"nodes": limits.usage[0], "bytes": limits.usage[1]} if limits.usage else None),
+        "changes": [c.as_dict() for c in changes],
+        "open_outside": limits.open_outside,
+    }
 
 
 def _print_limits(prefix: str, limits: LimitsPlan, changes: list[LimitChange], verb: str) -> None:
@@ -818,7 +838,7 @@ def run_gc(args: argparse.Namespace) -> int:
             now_live = fleetops.live_claims(reg.read_fleet(), reg.claims())
             progress = Progress("releasing")
             try:
-                released = fleetops.gc_release(plan, now_live, reg.release, progress)
+                released = fleetops.release_claims(plan, now_live, reg.release_claim, progress)
             finally:
                 progress.done()
     if args.json:
@@ -851,8 +871,6 @@ def restore_plan(
 ) -> dict[str, list[tuple[str, str, str]]]:
     """Pure: what restoring claims from tags does. Lists of (instance, ip, why) under
     create / present / conflict / skipped."""
-    from neti.registry import addr
-
     holder = {str(ip): iid for iid, ip in claims.items()}
     plan: dict[str, list[tuple[str, str, str]]] = {
         "create": [],
@@ -863,7 +881,7 @@ def restore_plan(
     seen: dict[str, str] = {}
     for iid in sorted(tags, key=fleetops.id_key):
         ip = tags[iid]
-        if not addr.usable(subnet, ip):
+        if not addr.usable(ip, subnet):
             plan["skipped"].append((iid, str(ip), f"not a host address of {subnet}"))
         elif iid in claims:
             why = "already claimed" if claims[iid] == ip else f"holds {claims[iid]} instead"
@@ -881,8 +899,6 @@ def restore_plan(
 def _owners(cfg: Config, identities: str | None) -> Callable[[str], str | None]:
     """Whose ZooKeeper id a claim made for another instance is written for: its host must
     own it, or the host will not adopt it. None: the caller's own (an open registry)."""
-    from neti.registry import acl as acl_mod
-
     if identities:
         mapping = acl_mod.load_identities(identities)
         return mapping.get
@@ -897,12 +913,9 @@ def _owners(cfg: Config, identities: str | None) -> Callable[[str], str | None]:
 
 
 def run_restore_claims(args: argparse.Namespace) -> int:
-    from neti.aws.tags import overlay_tags
-    from neti.registry.claims import ClaimConflictError
-
     cfg = load_config(args)
     owner_of = _owners(cfg, args.identities)
-    tags, problems = overlay_tags(aws_mod.ec2_client(cfg, args.region))
+    tags, problems = overlay_tags(ec2.ec2_client(cfg, args.region))
     for p in problems:
         _warn(p)
     created: list[tuple[str, str, str]] = []

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from neti import identity as identity_mod
 from neti.cli.common import add_config, add_json, load_config, print_json, print_table
 from neti.config import Config
-from neti.fleet import without_revoked
+from neti.fleet.model import without_revoked
+from neti.identity import source as identity_source
 from neti.registry import Registry, connect
 
 
@@ -52,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _open(cfg: Config, network: str | None) -> Registry:
     if network is None:
-        network = identity_mod.resolve(cfg).network
+        network = identity_source.resolve(cfg).network
     return connect(cfg, network)
 
 
@@ -64,11 +64,11 @@ def run_overlay_ip(args: argparse.Namespace) -> int:
     if args.release and args.instance_id:
         instance_id, network = args.instance_id, args.network
     else:
-        me = identity_mod.resolve(cfg)
+        me = identity_source.resolve(cfg)
         instance_id, network = me.instance_id, args.network or me.network
     with _open(cfg, network) as reg:
         if args.release:
-            ip = reg.release(instance_id)
+            ip = reg.release_claim(instance_id)
             if args.json:
                 print_json({"instance_id": instance_id, "released": str(ip) if ip else None})
             elif ip is None:
@@ -96,7 +96,7 @@ def run_members(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     # Without --network this host's identity is known: the fleet is then filtered exactly as
     # this host's agent filters it (its own addresses, its LAN, the reach address).
-    me = identity_mod.resolve(cfg) if args.network is None else None
+    me = identity_source.resolve(cfg) if args.network is None else None
     with _open(cfg, args.network or (me.network if me else None)) as reg:
         fleet = without_revoked(reg.read_fleet(identity=me), reg.revoked())
     if args.json:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from neti.cli.common import add_config, add_json, load_config, print_json
+from neti.status import gather, render_text, to_dict, trust, trust_text
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,8 +23,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from neti.status import gather, render_text, to_dict, trust, trust_text
-
     cfg = load_config(args)
     report = gather(cfg)
     if args.json:

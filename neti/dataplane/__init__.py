@@ -1,40 +1,37 @@
 """Programming the kernel: a small backend interface, backends as modules, auto-selected.
 
-``select(cfg)`` returns the backend ``cfg.backend`` names; ``auto`` picks iptables (the rule
-and when it should change: docs/decisions.md, "Choosing a backend"). Every backend offers
-``plan(desired)``, ``apply(desired)``, ``status()``, ``audit_drops()`` and ``uninstall()``.
+``select(cfg)`` returns the backend ``cfg.backend`` names (neti/backends.py); ``auto`` picks
+iptables (the rule and when it should change: docs/decisions.md, "Choosing a backend"). Every
+backend offers ``plan(desired)``, ``apply(desired)``, ``status()``, ``audit_drops()`` and
+``uninstall()``.
+
+- ``base.py``: the contract every backend fills in (the apply order as a template);
+- ``system.py``: where every command runs (a namespace, the dataplane lock, netlink);
+- ``iptables.py`` with ``dnat_tree.py`` (the DNAT chains), ``xtables.py`` (the iptables
+  runner, shared with zkproxy) and ``ipset.py`` (the allowlist);
+- ``nftables.py`` with ``nftsession.py`` (one long-lived libnftables context);
+- ``wireguard.py``: the WireGuard interface and its peers (``encryption.mode: wireguard``);
+- ``route.py`` and ``conntrack.py``: the route and the conntrack limits a host needs;
+- ``__main__.py``: a backend driven from a saved DesiredState (the lab, tests, benchmarks).
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+import functools
 
-from neti.dataplane.registry import AUTO_ORDER, BACKENDS
+from neti import backends
+from neti.backends import AUTO_ORDER, BACKENDS
+from neti.config import Config
+from neti.dataplane.base import ApplyResult, Backend, DataplaneStatus, Feature, Plan
 from neti.dataplane.system import System
+from neti.dataplane.wireguard import KeySource, WireGuardLink
 from neti.errors import DataplaneError
-
-if TYPE_CHECKING:
-    from neti.config import Config
-    from neti.dataplane.base import ApplyResult, Backend, DataplaneStatus, Feature, Plan
-    from neti.dataplane.wireguard import KeySource
-
-_LAZY = ("ApplyResult", "Backend", "DataplaneStatus", "Feature", "Plan")
-
-
-def __getattr__(name: str) -> Any:
-    """base's names on first use: neti.config imports neti.dataplane.registry, and base
-    imports neti.desired, which imports neti.config."""
-    if name in _LAZY:
-        from neti.dataplane import base
-
-        return getattr(base, name)
-    raise AttributeError(name)
+from neti.identity import wireguard as wg
 
 
 def _load(name: str) -> type[Backend]:
-    module, cls = BACKENDS[name].split(":")
-    return getattr(importlib.import_module(module), cls)
+    cls: type[Backend] = backends.load(name)
+    return cls
 
 
 def select(
@@ -55,15 +52,8 @@ def select(
     if cfg is not None and not cfg.encryption.on:
         backend.wireguard_leftover = cfg.encryption.interface
     if cfg is not None and cfg.encryption.on:
-        from neti.dataplane.wireguard import WireGuardLink
-        from neti.identity import wireguard as wg
-
         if keys is None:
-            path = wg.key_path(cfg.state_dir)
-
-            def keys() -> wg.KeyPair:
-                return wg.load(path)
-
+            keys = functools.partial(wg.load, wg.key_path(cfg.state_dir))
         enc = cfg.encryption
         backend.wireguard = WireGuardLink(backend.system, enc.interface, enc.implementation, keys)
     return backend

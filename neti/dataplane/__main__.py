@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from neti.backends import CHOICES
 from neti.dataplane import select
-from neti.dataplane.registry import CHOICES
 from neti.desired import DesiredState
 from neti.errors import NetiError
 

@@ -20,11 +20,12 @@ it with the state file only when that holds the same one (docs/operations.md).
 from __future__ import annotations
 
 import abc
-import importlib
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, ClassVar
 
+from neti import backends
+from neti.backends import BACKENDS
 from neti.dataplane import conntrack, route
 from neti.dataplane.system import System
 from neti.dataplane.wireguard import WireGuardLink
@@ -283,7 +284,7 @@ class Backend(abc.ABC):
         (module docstring).
         """
         start = time.monotonic()
-        self.system.guard_writes()
+        self.system.refuse_init_netns()
         self.applied = None
         with self.system.lock():
             changes, warnings = conntrack.ensure(
@@ -347,7 +348,7 @@ class Backend(abc.ABC):
         if delta.empty:
             return ApplyResult(backend=self.label, changed=False, generation=self.kernel_generation)
         start = time.monotonic()
-        self.system.guard_writes()
+        self.system.refuse_init_netns()
         with self.system.lock():
             try:
                 wrote: list[str] = []
@@ -390,7 +391,7 @@ class Backend(abc.ABC):
     def uninstall(self) -> ApplyResult:
         """Remove everything Neti owns (also another backend's leftovers) and nothing else."""
         start = time.monotonic()
-        self.system.guard_writes()
+        self.system.refuse_init_netns()
         self.applied = None
         with self.system.lock():
             changes, warnings = self._remove_objects()
@@ -448,15 +449,12 @@ class Backend(abc.ABC):
         return []
 
     def _others(self) -> list[Backend]:
-        """The other registered backends whose tools exist here, bound to our system."""
-        from neti.dataplane.registry import BACKENDS
-
+        """The other backends whose tools exist here, bound to our system."""
         out = []
-        for name, where in BACKENDS.items():
+        for name in BACKENDS:
             if name == self.name:
                 continue
-            module, cls_name = where.split(":")
-            cls: type[Backend] = getattr(importlib.import_module(module), cls_name)
+            cls: type[Backend] = backends.load(name)
             if cls.is_supported(self.system):
                 out.append(cls(self.system))
         return out

@@ -42,12 +42,11 @@ from __future__ import annotations
 import difflib
 import logging
 import re
-import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 
-from neti.dataplane import ipset, xtables
+from neti.dataplane import dnat_tree, ipset, xtables
 from neti.dataplane.base import (
     GENERATION_MAX,
     Backend,
@@ -56,25 +55,21 @@ from neti.dataplane.base import (
     Plan,
     Prepared,
 )
+from neti.dataplane.dnat_tree import NAT_CHAIN, DnatTree, is_sub_chain, nat_chains
 from neti.dataplane.system import System
-from neti.dataplane.xtables import LOCK_WAIT as LOCK_WAIT  # re-exports: older imports
-from neti.dataplane.xtables import VARIANTS as VARIANTS
 from neti.dataplane.xtables import Runner, TableState, available_variants, wrap
 from neti.dataplane.xtables import choose_variant as _choose_variant
 from neti.dataplane.xtables import detect as _detect
 from neti.dataplane.xtables import jump_target as _jump_target
-from neti.dataplane.xtables import parse_save as parse_save
 from neti.dataplane.xtables import references as _xt_references
-from neti.dataplane.xtables import tool as tool
 from neti.dataplane.xtables import uninstall_lines as _xt_uninstall_lines
-from neti.desired import DesiredState, Dnat
+from neti.desired import DesiredState
 from neti.desired.model import Delta
 from neti.errors import DataplaneError
 
 log = logging.getLogger(__name__)
 
 FILTER_CHAIN = "NETI-INPUT"
-NAT_CHAIN = "NETI-DNAT"
 GEN_CHAIN = "NETI-GEN"  # nat: the apply generation, one comment rule (never jumped to)
 SNAT_CHAIN = "NETI-SNAT"  # nat: tunneled connections get this host's overlay IP as source
 _GEN_RE = re.compile(r'\A-m comment --comment "?neti-generation ([0-9]{1,10})"?\Z')
@@ -138,113 +133,11 @@ def filter_rules(d: DesiredState) -> list[str]:
     return rules
 
 
-# --------------------------------------------------------------------------- the DNAT tree
-
-# The first packet of every new connection to an overlay IP walks Neti's nat rules one by
-# one, so a flat chain of one DNAT per member costs a big fleet dearly (docs/performance.md).
-# Above LEAF_MAX mappings the chain becomes a tree keyed on the overlay address: each inner
-# chain holds at most 2**FANOUT_BITS `-d <prefix> -g <child>` jumps, each leaf at most
-# LEAF_MAX DNAT rules. Why this shape: docs/decisions.md ("Dataplane").
-LEAF_MAX = 64  # DNAT rules per chain before it is split (fewer mappings: one flat chain)
-FANOUT_BITS = 4  # each split looks 4 address bits further: at most 16 jumps per chain
-# NETI-DNAT-<network address, 8 hex digits>-<prefix length>: at most 21 of iptables' 28.
-SUB_CHAIN = re.compile(r"\ANETI-DNAT-[0-9A-F]{8}-[0-9]{1,2}\Z")
-_ntoa = socket.inet_ntoa
-
-
-def sub_chain_name(network: int, prefixlen: int) -> str:
-    """``sub_chain_name(0xC0A80400, 22) -> "NETI-DNAT-C0A80400-22"``."""
-    return f"{NAT_CHAIN}-{network:08X}-{prefixlen}"
-
-
-def is_sub_chain(table: str, name: str) -> bool:
-    """A chain of Neti's DNAT tree (below ``NETI-DNAT``)."""
-    return table == "nat" and SUB_CHAIN.match(name) is not None
-
-
 def owned_chains(table: str, state: TableState) -> list[str]:
     """Neti's chains of ``table`` present in the kernel: the root first, then sub-chains sorted."""
     root = OUR_CHAINS[table]
     subs = sorted(c for c in state.chains if is_sub_chain(table, c))
     return ([root] if state.has(root) else []) + subs
-
-
-def _dnat_rule(x: Dnat) -> str:
-    # inet_ntoa is twice as fast as str(IPv4Address); at 16k members it shows.
-    return f"-d {_ntoa(x.overlay_ip.packed)}/32 -j DNAT --to-destination {_ntoa(x.target.packed)}"
-
-
-def nat_chains(d: DesiredState) -> dict[str, list[str]]:
-    """Neti's nat chains and their rules: ``NETI-DNAT`` first, then the tree in pre-order.
-
-    A pure function of the desired state, so renders are byte-stable. Up to LEAF_MAX mappings
-    it is the single flat ``NETI-DNAT``. Mappings outside the overlay subnet (only possible in
-    hand-built states; ``compute`` drops them) stay flat in ``NETI-DNAT``, after the tree.
-    """
-    subnet = d.overlay_subnet
-    lo, hi = int(subnet.network_address), int(subnet.broadcast_address)
-    inside: list[tuple[int, Dnat]] = []
-    outside: list[Dnat] = []
-    for x in d.dnat:
-        ip = int(x.overlay_ip)
-        if lo <= ip <= hi:
-            inside.append((ip, x))
-        else:
-            outside.append(x)
-    chains: dict[str, list[str]] = {NAT_CHAIN: []}
-    root = _node(chains, subnet.prefixlen, inside)
-    chains[NAT_CHAIN] = root + [_dnat_rule(x) for x in outside]
-    return chains
-
-
-def _node(chains: dict[str, list[str]], prefixlen: int, items: list[tuple[int, Dnat]]) -> list[str]:
-    """The rules of the chain for one prefix holding ``items`` (sorted by address).
-
-    Adds the chains below it to ``chains``, each parent before its children.
-    """
-    if len(items) <= LEAF_MAX or prefixlen >= 32:
-        return [_dnat_rule(x) for _, x in items]
-    while True:
-        prefixlen = min(32, prefixlen + FANOUT_BITS)
-        shift = 32 - prefixlen
-        groups: dict[int, list[tuple[int, Dnat]]] = {}
-        for item in items:
-            groups.setdefault(item[0] >> shift << shift, []).append(item)
-        # All under one child (a fleet filling the bottom of a big subnet): skip that level
-        # rather than add a chain holding one jump.
-        if len(groups) > 1 or prefixlen >= 32:
-            break
-    rules = []
-    for net, members in groups.items():  # insertion order is address order
-        name = sub_chain_name(net, prefixlen)
-        rules.append(f"-d {IPv4Address(net)}/{prefixlen} -g {name}")
-        chains[name] = []  # reserve its place before its children's
-        chains[name] = _node(chains, prefixlen, members)
-    return rules
-
-
-def lookup_costs(chains: Mapping[str, list[str]], root: str = NAT_CHAIN) -> dict[str, int]:
-    """Overlay IP -> how many rules the first packet to it passes from the top of ``root``.
-
-    For trees like the one Neti renders (``nat_chains``; also a kernel's chains from
-    ``parse_save``): jumps into other chains of ``chains`` and ``-d <ip>/32 -j DNAT`` rules,
-    with disjoint prefixes, so a packet only enters the chain that holds its rule. Used by
-    tests and the benchmark to find the worst case.
-    """
-    out: dict[str, int] = {}
-
-    def walk(chain: str, before: int) -> None:
-        for i, rule in enumerate(chains.get(chain, ()), 1):
-            target = _jump_target(rule)
-            if target == "DNAT":
-                tokens = rule.split()
-                if "-d" in tokens:
-                    out.setdefault(tokens[tokens.index("-d") + 1].split("/")[0], before + i)
-            elif target is not None and target in chains and target != chain:
-                walk(target, before + i)
-
-    walk(root, 0)
-    return out
 
 
 # --------------------------------------------------------------------------- rules ahead
@@ -430,7 +323,6 @@ def plan_table(
     chains are only added when missing, duplicates deleted. ``with_diff=False`` skips the
     human-readable diff (apply does not show it).
     """
-    root = OUR_CHAINS[table]
     write = [
         c
         for c, rules in chains.items()
@@ -442,27 +334,8 @@ def plan_table(
     lines = [f":{c} - [0:0]" for c in write]
     for c in write:
         lines.extend(f"-A {c} {r}" for r in chains[c])
-    changes: list[str] = []
-    sub_sentences: list[str] = []
-    counts = {"created": 0, "rewritten": 0, "deleted": 0}
-    for c in write:
-        verb = "rewrote" if state.has(c) else "created"
-        sentence = f"{table}: {verb} chain {c} ({len(chains[c])} rules)"
-        if c == root:
-            changes.append(sentence)
-        else:
-            counts["rewritten" if verb == "rewrote" else verb] += 1
-            sub_sentences.append(sentence)
-    for c in obsolete:
-        counts["deleted"] += 1
-        sub_sentences.append(f"{table}: deleted chain {c}")
-    old: list[str] = []
-    new: list[str] = []
-    for c in write:
-        if not state.has(c):
-            new.append(f":{c}")
-        old += [f"-A {c} {r}" for r in state.rules.get(c, [])]
-        new += [f"-A {c} {r}" for r in chains[c]]
+    changes, subs = _chain_changes(table, state, chains, write, obsolete)
+    old, new = _chain_diff(state, chains, write)
     for builtin in HOOKS[table]:
         want = jumps.get(builtin)
         target = hook_target(table, builtin)
@@ -484,11 +357,7 @@ def plan_table(
         lines += [f"-F {c}" for c in obsolete] + [f"-X {c}" for c in obsolete]
         for c in obsolete:
             old += [f":{c}"] + [f"-A {c} {r}" for r in state.rules.get(c, [])]
-    if len(sub_sentences) <= MAX_CHAIN_SENTENCES:
-        changes += sub_sentences
-    else:
-        done = ", ".join(f"{n} {what}" for what, n in counts.items() if n)
-        changes.append(f"{table}: DNAT tree: sub-chains {done} ({len(chains) - 1} in all)")
+    changes += subs
     diff = (
         list(
             difflib.unified_diff(old, new, f"kernel/{table}", f"desired/{table}", lineterm="", n=1)
@@ -499,10 +368,54 @@ def plan_table(
     return TablePlan(lines, changes, diff)
 
 
+def _chain_diff(
+    state: TableState, chains: dict[str, list[str]], write: list[str]
+) -> tuple[list[str], list[str]]:
+    """The chains written, as the kernel holds them and as they will be (the diff's sides)."""
+    old: list[str] = []
+    new: list[str] = []
+    for c in write:
+        if not state.has(c):
+            new.append(f":{c}")
+        old += [f"-A {c} {r}" for r in state.rules.get(c, [])]
+        new += [f"-A {c} {r}" for r in chains[c]]
+    return old, new
+
+
+def _chain_changes(
+    table: str,
+    state: TableState,
+    chains: dict[str, list[str]],
+    write: list[str],
+    obsolete: list[str],
+) -> tuple[list[str], list[str]]:
+    """Sentences for the chains written and deleted: the root's, and the sub-chains' (one
+    summary line instead when there are more than MAX_CHAIN_SENTENCES)."""
+    root = OUR_CHAINS[table]
+    changes: list[str] = []
+    sub_sentences: list[str] = []
+    counts = {"created": 0, "rewritten": 0, "deleted": 0}
+    for c in write:
+        verb = "rewrote" if state.has(c) else "created"
+        sentence = f"{table}: {verb} chain {c} ({len(chains[c])} rules)"
+        if c == root:
+            changes.append(sentence)
+        else:
+            counts["rewritten" if verb == "rewrote" else verb] += 1
+            sub_sentences.append(sentence)
+    for c in obsolete:
+        counts["deleted"] += 1
+        sub_sentences.append(f"{table}: deleted chain {c}")
+    if len(sub_sentences) <= MAX_CHAIN_SENTENCES:
+        return changes, sub_sentences
+    done = ", ".join(f"{n} {what}" for what, n in counts.items() if n)
+    return changes, [f"{table}: DNAT tree: sub-chains {done} ({len(chains) - 1} in all)"]
+
+
 # Neti's chains per table for the runner: the root, the generation, the DNAT tree's chains.
 OWNED: dict[str, xtables.ChainSpec] = {
     "filter": (FILTER_CHAIN,),
-    "nat": (NAT_CHAIN, GEN_CHAIN, SNAT_CHAIN, SUB_CHAIN),
+    "nat": (NAT_CHAIN, GEN_CHAIN, SNAT_CHAIN, dnat_tree.SUB_CHAIN),
 }
 
 
@@ -665,18 +578,16 @@ class IptablesBackend(Backend):
     def _write_delta(self, delta: Delta, generation: int | None = None) -> list[str] | None:
         """One member's change without a read: only the DNAT chains it touches (usually one
         leaf) and the generation rewritten in one ``iptables-restore --noflush``
-        (dnat_delta.DnatTree keeps the tree as last written), then ipset add/del in place.
+        (dnat_tree.DnatTree keeps the tree as last written), then ipset add/del in place.
         The restore goes first: it may wait on the xtables lock, and if it gives up nothing
         is written (module docstring)."""
-        from neti.dataplane import dnat_delta
-
         grown = self.allow_size + len(delta.allow_add) + len(delta.tunnel_allow_add)
         if self.applied is None or grown > ipset.MIN_MAXELEM:
             return None
         tree = getattr(self, "_dnat_tree", None)
         if tree is None or tree.full_apply != self.full_applies:
-            tree = dnat_delta.DnatTree(self.applied, self.full_applies)
-            self._dnat_tree: dnat_delta.DnatTree | None = tree
+            tree = DnatTree(self.applied, self.full_applies)
+            self._dnat_tree: DnatTree | None = tree
         changed = tree.change(list(delta.dnat_del), list(delta.dnat_set))
         if changed is None:
             self._dnat_tree = None

@@ -32,7 +32,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
-from typing import Any
+from typing import Any, NamedTuple
 
 from neti.dataplane import nftsession
 from neti.dataplane.base import (
@@ -331,40 +331,7 @@ def parse_json(text: str) -> TableState:
             st.exists = True
             st.flags = bool(_d(item["table"]).get("flags"))
         elif "set" in item or "map" in item:
-            s = _d(item.get("set") or item.get("map"))
-            name = s.get("name")
-            raw = s.get("elem")
-            elems: list[Any] = raw if isinstance(raw, list) else []
-            if not isinstance(name, str):
-                continue
-            st.sets[name] = s
-            if name == ALLOW_SET and "set" in item:
-                st.allow = {_elem_value(e) for e in elems}
-            elif name == TUNNEL_SET and "set" in item:
-                st.tunnel = {_elem_value(e) for e in elems}
-            elif name == GEN_SET and "set" in item:
-                gens = [e for e in elems if type(e) is int and 0 <= e <= GENERATION_MAX]
-                st.generation = gens[0] if len(gens) == 1 else None
-            elif name == DNAT_MAP and "map" in item:
-                st.dnat = {
-                    _elem_value(e[0]): str(e[1])
-                    for e in elems
-                    if isinstance(e, list) and len(e) == 2
-                }
-            elif name == AUDIT_SET:
-                for e in elems:
-                    inner = _d(_d(e).get("elem"))
-                    counter = _d(inner.get("counter"))
-                    packets, nbytes = counter.get("packets", 0), counter.get("bytes", 0)
-                    expires = inner.get("expires", 0)
-                    if inner.get("val") is not None and isinstance(packets, int):
-                        st.audit[str(inner["val"])] = packets
-                        if isinstance(nbytes, int) and isinstance(expires, int):
-                            try:
-                                key = str(IPv4Address(str(inner["val"])))
-                            except ValueError:
-                                continue
-                            st.audit_entries[key] = AuditEntry(packets, nbytes, expires)
+            _parse_set(st, item)
         elif "chain" in item:
             c = _d(item["chain"])
             if isinstance(c.get("name"), str):
@@ -372,18 +339,54 @@ def parse_json(text: str) -> TableState:
                 st.chains[c["name"]] = hook  # type: ignore[assignment]
                 st.rules.setdefault(c["name"], [])
         elif "rule" in item:
-            r = _d(item["rule"])
-            comment = r.get("comment")
-            if isinstance(r.get("chain"), str):
-                st.rules.setdefault(r["chain"], []).append(
-                    comment if isinstance(comment, str) else None
-                )
-                expr = r.get("expr")
-                last = _d(expr[-1]) if isinstance(expr, list) and expr else {}
-                st.verdicts.setdefault(r["chain"], []).append(
-                    next(iter(last)) if len(last) == 1 else None
-                )
+            _parse_rule(st, _d(item["rule"]))
     return st
+
+
+def _parse_set(st: TableState, item: dict[str, Any]) -> None:
+    """One set or map item of ``nft -j`` output into ``st``."""
+    s = _d(item.get("set") or item.get("map"))
+    name = s.get("name")
+    raw = s.get("elem")
+    elems: list[Any] = raw if isinstance(raw, list) else []
+    if not isinstance(name, str):
+        return
+    st.sets[name] = s
+    if name == ALLOW_SET and "set" in item:
+        st.allow = {_elem_value(e) for e in elems}
+    elif name == TUNNEL_SET and "set" in item:
+        st.tunnel = {_elem_value(e) for e in elems}
+    elif name == GEN_SET and "set" in item:
+        gens = [e for e in elems if type(e) is int and 0 <= e <= GENERATION_MAX]
+        st.generation = gens[0] if len(gens) == 1 else None
+    elif name == DNAT_MAP and "map" in item:
+        st.dnat = {
+            _elem_value(e[0]): str(e[1]) for e in elems if isinstance(e, list) and len(e) == 2
+        }
+    elif name == AUDIT_SET:
+        for e in elems:
+            inner = _d(_d(e).get("elem"))
+            counter = _d(inner.get("counter"))
+            packets, nbytes = counter.get("packets", 0), counter.get("bytes", 0)
+            expires = inner.get("expires", 0)
+            if inner.get("val") is not None and isinstance(packets, int):
+                st.audit[str(inner["val"])] = packets
+                if isinstance(nbytes, int) and isinstance(expires, int):
+                    try:
+                        key = str(IPv4Address(str(inner["val"])))
+                    except ValueError:
+                        continue
+                    st.audit_entries[key] = AuditEntry(packets, nbytes, expires)
+
+
+def _parse_rule(st: TableState, r: dict[str, Any]) -> None:
+    """One rule of ``nft -j`` output into ``st``: its comment and its last verdict."""
+    comment = r.get("comment")
+    if isinstance(r.get("chain"), str):
+        st.rules.setdefault(r["chain"], []).append(comment if isinstance(comment, str) else None)
+        expr = r.get("expr")
+        last = _d(expr[-1]) if isinstance(expr, list) and expr else {}
+        st.verdicts.setdefault(r["chain"], []).append(next(iter(last)) if len(last) == 1 else None)
 
 
 def last_statement(rule: str) -> str:
@@ -529,6 +532,98 @@ def rule_text(listing: str, handle: int) -> str:
 # --------------------------------------------------------------------------- backend
 
 
+class _Step(NamedTuple):
+    """What one apply writes (an ``nft -f`` script) and says about it."""
+
+    script: str
+    objects: int
+    changes: list[str]
+    generation: int | None
+    old: list[str]  # the diff's two sides
+    new: list[str]
+
+
+def _element_update(
+    st: TableState, d: DesiredState, with_diff: bool, generation: int | None
+) -> _Step:
+    """The table's structure is right: only the set's and the map's elements change."""
+    assert st.allow is not None and st.dnat is not None
+    gen = st.generation
+    allow, dnat = allow_elements(d), dnat_elements(d)
+    add_a = sorted(allow - st.allow, key=_ip_key)
+    del_a = sorted(st.allow - allow, key=_ip_key)
+    del_d = sorted((k for k, v in st.dnat.items() if dnat.get(k) != v), key=_ip_key)
+    add_d = sorted((k for k, v in dnat.items() if st.dnat.get(k) != v), key=_ip_key)
+    have_t, tunnel = st.tunnel or set(), tunnel_elements(d) or set()
+    add_t = sorted(tunnel - have_t, key=_ip_key)
+    del_t = sorted(have_t - tunnel, key=_ip_key)
+    lines = []
+    ref = f"{FAMILY} {TABLE}"
+    if del_a:
+        lines.append(f"delete element {ref} {ALLOW_SET} {_elements(del_a)}")
+    if add_a:
+        lines.append(f"add element {ref} {ALLOW_SET} {_elements(add_a)}")
+    if del_d:
+        lines.append(f"delete element {ref} {DNAT_MAP} {_elements(del_d)}")
+    if add_d:
+        items = [f"{k} : {dnat[k]}" for k in add_d]
+        lines.append(f"add element {ref} {DNAT_MAP} {_elements(items)}")
+    if del_t:
+        lines.append(f"delete element {ref} {TUNNEL_SET} {_elements(del_t)}")
+    if add_t:
+        lines.append(f"add element {ref} {TUNNEL_SET} {_elements(add_t)}")
+    if generation is not None and (lines or gen is None):
+        lines += generation_lines(generation)
+        gen = generation
+    changes = []
+    if add_a or del_a:
+        changes.append(f"nft: set {ALLOW_SET}: +{len(add_a)} -{len(del_a)} members")
+    if add_d or del_d:
+        changes.append(f"nft: map {DNAT_MAP}: {len(add_d)} set, {len(del_d)} removed")
+    if add_t or del_t:
+        changes.append(f"nft: set {TUNNEL_SET}: +{len(add_t)} -{len(del_t)} members")
+    old: list[str] = []
+    new: list[str] = []
+    if with_diff:
+        old = [f"allow {a}" for a in del_a] + [f"dnat {k} {st.dnat[k]}" for k in del_d]
+        new = [f"allow {a}" for a in add_a] + [f"dnat {k} {dnat[k]}" for k in add_d]
+        old += [f"tunnel {a}" for a in del_t]
+        new += [f"tunnel {a}" for a in add_t]
+    script = "\n".join(lines) + "\n" if lines else ""
+    objects = len(add_a) + len(del_a) + len(add_d) + len(del_d) + len(add_t) + len(del_t)
+    return _Step(script, objects, changes, gen, old, new)
+
+
+def _table_rewrite(
+    st: TableState, d: DesiredState, with_diff: bool, generation: int | None
+) -> _Step:
+    """The table is missing or its structure differs: all of it is written afresh."""
+    gen = generation if generation is not None else st.generation
+    allow, dnat = allow_elements(d), dnat_elements(d)
+    script = full_script(d, st.audit_entries, gen)
+    objects = full_objects(d, st.audit_entries)
+    verb = "rewrote" if st.exists else "created"
+    changes = [
+        f"nft: {verb} table {FAMILY} {TABLE} ({len(allow)} members, {len(dnat)} DNAT mappings)"
+    ]
+    old: list[str] = []
+    new: list[str] = []
+    if with_diff:
+        if st.flags:
+            old.append(f"table {FAMILY} {TABLE} flags (dormant: no rule runs)")
+        for name, rules in sorted(st.rules.items()):
+            old += [f"chain {name}: {r}" for r in rules]
+        for name, want in chain_rules(d).items():
+            new += [f"chain {name}: {r}" for r in want]
+        old += [f"allow {a}" for a in sorted(st.allow or (), key=_ip_key)]
+        new += [f"allow {a}" for a in sorted(allow, key=_ip_key)]
+        old += [f"dnat {k} {v}" for k, v in sorted((st.dnat or {}).items())]
+        new += [f"dnat {k} {v}" for k, v in sorted(dnat.items())]
+        old += [f"tunnel {a}" for a in sorted(st.tunnel or (), key=_ip_key)]
+        new += [f"tunnel {a}" for a in sorted(tunnel_elements(d) or (), key=_ip_key)]
+    return _Step(script, objects, changes, gen, old, new)
+
+
 class NftablesBackend(Backend):
     """Neti's own table ``ip neti``, written with ``nft -f``, read back with ``nft -j``."""
 
@@ -605,87 +700,27 @@ class NftablesBackend(Backend):
 
     def _prepare(self, d: DesiredState, with_diff: bool, generation: int | None = None) -> Prepared:
         st = self.read_table()
-        gen = st.generation
-        allow, dnat = allow_elements(d), dnat_elements(d)
-        tunnel = tunnel_elements(d) or set()
-        old: list[str] = []
-        new: list[str] = []
         if structure_matches(st, d):
-            assert st.allow is not None and st.dnat is not None
-            add_a = sorted(allow - st.allow, key=_ip_key)
-            del_a = sorted(st.allow - allow, key=_ip_key)
-            del_d = sorted((k for k, v in st.dnat.items() if dnat.get(k) != v), key=_ip_key)
-            add_d = sorted((k for k, v in dnat.items() if st.dnat.get(k) != v), key=_ip_key)
-            have_t = st.tunnel or set()
-            add_t = sorted(tunnel - have_t, key=_ip_key)
-            del_t = sorted(have_t - tunnel, key=_ip_key)
-            lines = []
-            ref = f"{FAMILY} {TABLE}"
-            if del_a:
-                lines.append(f"delete element {ref} {ALLOW_SET} {_elements(del_a)}")
-            if add_a:
-                lines.append(f"add element {ref} {ALLOW_SET} {_elements(add_a)}")
-            if del_d:
-                lines.append(f"delete element {ref} {DNAT_MAP} {_elements(del_d)}")
-            if add_d:
-                items = [f"{k} : {dnat[k]}" for k in add_d]
-                lines.append(f"add element {ref} {DNAT_MAP} {_elements(items)}")
-            if del_t:
-                lines.append(f"delete element {ref} {TUNNEL_SET} {_elements(del_t)}")
-            if add_t:
-                lines.append(f"add element {ref} {TUNNEL_SET} {_elements(add_t)}")
-            if generation is not None and (lines or gen is None):
-                lines += generation_lines(generation)
-                gen = generation
-            changes = []
-            if add_a or del_a:
-                changes.append(f"nft: set {ALLOW_SET}: +{len(add_a)} -{len(del_a)} members")
-            if add_d or del_d:
-                changes.append(f"nft: map {DNAT_MAP}: {len(add_d)} set, {len(del_d)} removed")
-            if add_t or del_t:
-                changes.append(f"nft: set {TUNNEL_SET}: +{len(add_t)} -{len(del_t)} members")
-            if with_diff:
-                old = [f"allow {a}" for a in del_a] + [f"dnat {k} {st.dnat[k]}" for k in del_d]
-                new = [f"allow {a}" for a in add_a] + [f"dnat {k} {dnat[k]}" for k in add_d]
-                old += [f"tunnel {a}" for a in del_t]
-                new += [f"tunnel {a}" for a in add_t]
-            script = "\n".join(lines) + "\n" if lines else ""
-            objects = len(add_a) + len(del_a) + len(add_d) + len(del_d) + len(add_t) + len(del_t)
+            step = _element_update(st, d, with_diff, generation)
         else:
-            gen = generation if generation is not None else gen
-            script = full_script(d, st.audit_entries, gen)
-            objects = full_objects(d, st.audit_entries)
-            verb = "rewrote" if st.exists else "created"
-            changes = [
-                f"nft: {verb} table {FAMILY} {TABLE} "
-                f"({len(allow)} members, {len(dnat)} DNAT mappings)"
-            ]
-            if with_diff:
-                if st.flags:
-                    old.append(f"table {FAMILY} {TABLE} flags (dormant: no rule runs)")
-                for name, rules in sorted(st.rules.items()):
-                    old += [f"chain {name}: {r}" for r in rules]
-                for name, want in chain_rules(d).items():
-                    new += [f"chain {name}: {r}" for r in want]
-                old += [f"allow {a}" for a in sorted(st.allow or (), key=_ip_key)]
-                new += [f"allow {a}" for a in sorted(allow, key=_ip_key)]
-                old += [f"dnat {k} {v}" for k, v in sorted((st.dnat or {}).items())]
-                new += [f"dnat {k} {v}" for k, v in sorted(dnat.items())]
-                old += [f"tunnel {a}" for a in sorted(st.tunnel or (), key=_ip_key)]
-                new += [f"tunnel {a}" for a in sorted(tunnel, key=_ip_key)]
+            step = _table_rewrite(st, d, with_diff, generation)
         diff = (
-            list(difflib.unified_diff(old, new, "kernel/neti", "desired/neti", lineterm="", n=1))
+            list(
+                difflib.unified_diff(
+                    step.old, step.new, "kernel/neti", "desired/neti", lineterm="", n=1
+                )
+            )
             if with_diff
             else []
         )
         plan = Plan(
             backend=self.label,
-            payloads={"nft": script} if script else {},
+            payloads={"nft": step.script} if step.script else {},
             diff=tuple(diff),
-            changes=tuple(changes),
+            changes=tuple(step.changes),
         )
         # Allowlist and rules are one transaction: everything is written at the rules step.
-        return Prepared(plan, rules=script, objects=objects, generation=gen)
+        return Prepared(plan, rules=step.script, objects=step.objects, generation=step.generation)
 
     def payload_tool(self, payload: str) -> str:
         return "nft -f -"

@@ -21,6 +21,7 @@ element update). A ``cancel`` callable (the System's abort flag) ends a wait ear
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
@@ -31,7 +32,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from neti.dataplane.system import POLL, Aborted
+from neti.dataplane.system import POLL, REFUSE_ENV, Aborted, in_init_netns
 from neti.errors import DataplaneError
 
 log = logging.getLogger(__name__)
@@ -197,12 +198,8 @@ def _reply(msg: dict[str, Any]) -> None:
 
 def serve() -> int:
     """Worker: one libnftables context, requests from stdin until it closes."""
-    import ctypes
-
-    from neti.dataplane.system import GUARD_ENV, in_init_netns
-
-    if os.environ.get(GUARD_ENV) == "1" and in_init_netns():
-        _reply({"error": f"refusing the initial network namespace ({GUARD_ENV}=1 is set)"})
+    if os.environ.get(REFUSE_ENV) == "1" and in_init_netns():
+        _reply({"error": f"refusing the initial network namespace ({REFUSE_ENV}=1 is set)"})
         return 2
     try:
         lib = ctypes.CDLL(LIBRARY)

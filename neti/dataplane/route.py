@@ -27,7 +27,7 @@ import errno
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any, NamedTuple
 
-from neti.dataplane.system import System
+from neti.dataplane.system import NetlinkError, System
 from neti.errors import DataplaneError
 
 NETI_PROTO = 211  # rtnetlink protocol number marking Neti's route (`ip route ... proto 211`)
@@ -84,8 +84,6 @@ def current(system: System) -> list[str]:
 
 
 def _reachable(ipr: Any, subnet: IPv4Network) -> bool:
-    from pyroute2.netlink.exceptions import NetlinkError
-
     probe = str(subnet.network_address + 1)
     try:
         ipr.route("get", dst=probe)
@@ -117,8 +115,6 @@ def plan(system: System, subnet: IPv4Network, via: Via | None = None) -> list[st
 def ensure(system: System, subnet: IPv4Network, via: Via | None = None) -> list[str]:
     """Make Neti's route the one ``via`` asks for (through lo only when the subnet is
     otherwise unroutable); drop stale Neti routes. Returns changes."""
-    from pyroute2.netlink.exceptions import NetlinkError
-
     changes = []
     want = wanted(subnet, via)
     try:
@@ -187,8 +183,6 @@ def _delete(ipr: Any, r: Any) -> None:
 
 def remove(system: System) -> list[str]:
     """Delete every route marked as Neti's. Returns changes."""
-    from pyroute2.netlink.exceptions import NetlinkError
-
     changes = []
     try:
         with system.iproute() as ipr:

@@ -1,9 +1,9 @@
 """Where dataplane commands run: this process's network namespace or a named one.
 
 Every kernel change goes through ``System``: argv lists only (never a shell), a named
-namespace entered with ``ip netns exec``, and an optional guard that refuses to touch the
-initial network namespace (tests and benchmarks set ``NETI_REFUSE_INIT_NETNS=1`` so a bug can
-never program the machine's own firewall).
+namespace entered with ``ip netns exec``, and an optional refusal to touch the initial
+network namespace (tests and benchmarks set ``NETI_REFUSE_INIT_NETNS=1`` so a bug can never
+program the machine's own firewall).
 
 Every wait is bounded and can be abandoned: a command has a deadline, Neti's per-namespace
 dataplane lock is taken with one, and ``abort()`` (the agent's stop signal) ends a command
@@ -29,7 +29,7 @@ from neti.errors import DataplaneError
 
 log = logging.getLogger(__name__)
 
-GUARD_ENV = "NETI_REFUSE_INIT_NETNS"
+REFUSE_ENV = "NETI_REFUSE_INIT_NETNS"
 LOCK_DIR = "/run/neti"
 LOCK_TIMEOUT = 30.0  # a writer waits this long for Neti's dataplane lock, then gives up
 POLL = 0.05  # how often a wait looks at its lock, its command and the abort flag
@@ -205,11 +205,11 @@ class System:
             return False
         return in_init_netns()
 
-    def guard_writes(self) -> None:
-        """Refuse kernel writes in the initial namespace when the guard variable is set."""
-        if os.environ.get(GUARD_ENV) == "1" and self.in_init_netns():
+    def refuse_init_netns(self) -> None:
+        """Refuse kernel writes in the initial namespace when NETI_REFUSE_INIT_NETNS=1."""
+        if os.environ.get(REFUSE_ENV) == "1" and self.in_init_netns():
             raise DataplaneError(
-                f"refusing to change the initial network namespace ({GUARD_ENV}=1 is set)"
+                f"refusing to change the initial network namespace ({REFUSE_ENV}=1 is set)"
             )
 
     def lock_path(self) -> Path:
@@ -274,13 +274,51 @@ class System:
         return None
 
     # --- netlink ---
-    def iproute(self) -> Any:
-        """A pyroute2 IPRoute in the target namespace (caller closes it)."""
+    def iproute(self) -> Netlink:
+        """Netlink in the target namespace (a context manager: leaving it closes it)."""
+        # Deferred: pyroute2 takes ~0.2 s to import, and every `neti` command imports this
+        # module; only the route step and status read netlink.
         from pyroute2 import IPRoute
+        from pyroute2.netlink.exceptions import NetlinkError as PyrouteError
 
-        if self.netns:
-            return IPRoute(netns=self.netns)
-        return IPRoute()
+        return Netlink(IPRoute(netns=self.netns) if self.netns else IPRoute(), PyrouteError)
+
+
+class NetlinkError(Exception):
+    """A netlink request the kernel refused; ``code`` is its errno, ``str()`` pyroute2's."""
+
+    def __init__(self, code: int, text: str):
+        super().__init__(text)
+        self.code = code
+
+
+class Netlink:
+    """The requests Neti makes of pyroute2's IPRoute, its refusals raised as NetlinkError."""
+
+    def __init__(self, ipr: Any, refused: type[Exception]):
+        self._ipr = ipr
+        self._refused = refused
+
+    def __enter__(self) -> Netlink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._ipr.close()
+
+    def route(self, cmd: str, **kw: Any) -> Any:
+        return self._call(self._ipr.route, cmd, **kw)
+
+    def link_lookup(self, **kw: Any) -> Any:
+        return self._call(self._ipr.link_lookup, **kw)
+
+    def get_links(self) -> Any:
+        return self._call(self._ipr.get_links)
+
+    def _call(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+        try:
+            return fn(*args, **kw)
+        except self._refused as exc:
+            raise NetlinkError(getattr(exc, "code", 0), str(exc)) from exc
 
 
 def _try_lock(fd: int) -> bool:

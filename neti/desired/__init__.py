@@ -14,6 +14,10 @@ network, is a tunnel ``Peer`` (its key, that same address as the endpoint, its o
 instead of a DNAT mapping; its address is admitted to the WireGuard port only
 (``tunnel_allow``), not to everything (``allow``), so a packet forged with it as source meets
 reject_all. Every other member is exactly as without encryption.
+
+``compute`` (here) folds the per-member rule ``member_entry`` over the fleet; ``model.py``
+keeps the same result up to date one member at a time (``DesiredModel``, the agent's delta
+path).
 """
 
 from __future__ import annotations
@@ -22,37 +26,24 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
-from neti.config import Config, PortSpec
-from neti.fleet import Fleet, Member, SkipTally
+from neti.config import IFNAME_RE, Config, PortSpec
+from neti.fleet import addr
+from neti.fleet.addr import address_problem, overlay_problem
+from neti.fleet.model import Fleet, Member, SkipTally
+from neti.fleet.wgkey import public_key
 from neti.identity import Identity
-from neti.registry import addr
 
 
 def host_context(
     identity: Identity, cfg: Config, lan: IPv4Network | None = None
 ) -> addr.HostContext:
-    """The one host-address predicate's context for ``identity`` (registry/addr.py)."""
+    """The one host-address predicate's context for ``identity`` (neti/fleet/addr.py)."""
     return addr.HostContext(
         overlay_subnet=cfg.overlay_subnet,
         own=frozenset({identity.private_ip, identity.public_ip}),
-        zookeeper=addr.zookeeper_ips_for(cfg, identity.network),
+        zookeeper=cfg.zookeeper_ips(identity.network),
         lan=lan,
     )
-
-
-def address_problem(ip: IPv4Address, overlay_subnet: IPv4Network) -> str | None:
-    """Why ``ip`` cannot be a real (private or public) host address here, or None if it can.
-
-    The context-free part of addr.HostContext.target_problem. An address inside the overlay
-    subnet is refused because a DNAT to it would loop back into Neti's own rules.
-    """
-    problem = addr.HostContext(overlay_subnet).target_problem(ip)
-    return problem[1] if problem else None
-
-
-def overlay_problem(ip: IPv4Address, overlay_subnet: IPv4Network) -> str | None:
-    """Why ``ip`` cannot be an overlay address, or None if it can (addr.overlay_problem)."""
-    return addr.overlay_problem(overlay_subnet, ip)
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -96,8 +87,6 @@ class Peer:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Peer:
-        from neti.identity.wireguard import public_key
-
         port = d.get("port")
         if type(port) is not int or not 0 < port < 65536:
             raise ValueError(f"peer port {port!r} is not 1-65535")
@@ -135,9 +124,6 @@ class Tunnel:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Tunnel:
-        from neti.config import IFNAME_RE
-        from neti.identity.wireguard import public_key
-
         name, port = d.get("interface"), d.get("listen_port")
         if not isinstance(name, str) or not IFNAME_RE.match(name):
             raise ValueError(f"tunnel interface {name!r} is not an interface name")
@@ -280,19 +266,10 @@ def build(
         by_overlay.setdefault(d.overlay_ip, d)
     if tunnel is None and (peers or tunnel_allow):
         raise ValueError("peers and tunnel_allow need a tunnel")
-    by_peer: dict[IPv4Address, Peer] = {}
-    for p in peers:
-        if p.overlay_ip not in by_overlay:  # a DNAT mapping wins: it runs before routing
-            by_peer.setdefault(p.overlay_ip, p)
     ports = {p if isinstance(p, PortSpec) else PortSpec.model_validate(p) for p in open_ports}
     return DesiredState(
         overlay_subnet=IPv4Network(overlay_subnet),
-        # IPv4Address(an IPv4Address) formats and re-parses it: ~0.1 s per apply at 16k members.
-        # Sorting by int is the same order as IPv4Address's, without 200k Python-level
-        # comparisons at 16k members.
-        allow=tuple(
-            sorted({a if isinstance(a, IPv4Address) else IPv4Address(a) for a in allow}, key=int)
-        ),
+        allow=_sorted_ips(allow),
         dnat=tuple(sorted(by_overlay.values(), key=_dnat_key)),
         open_ports=tuple(sorted(ports, key=_port_key)),
         ssh_whitelist=tuple(sorted({IPv4Network(n) for n in ssh_whitelist})),
@@ -305,14 +282,28 @@ def build(
         skipped=tuple(skipped),
         skipped_by_reason=dict(skipped_by_reason or {}),
         tunnel=tunnel,
-        peers=tuple(sorted(by_peer.values(), key=lambda p: int(p.overlay_ip))),
-        tunnel_allow=tuple(
-            sorted(
-                {a if isinstance(a, IPv4Address) else IPv4Address(a) for a in tunnel_allow},
-                key=int,
-            )
-        ),
+        peers=_peers(peers, by_overlay),
+        tunnel_allow=_sorted_ips(tunnel_allow),
     )
+
+
+def _sorted_ips(items: Any) -> tuple[IPv4Address, ...]:
+    """Addresses (typed or text), deduplicated and sorted. IPv4Address(an IPv4Address)
+    formats and re-parses it: ~0.1 s per apply at 16k members. Sorting by int is the same
+    order as IPv4Address's, without 200k Python-level comparisons at 16k members."""
+    return tuple(
+        sorted({a if isinstance(a, IPv4Address) else IPv4Address(a) for a in items}, key=int)
+    )
+
+
+def _peers(peers: Any, dnat: dict[IPv4Address, Dnat]) -> tuple[Peer, ...]:
+    """One peer per overlay IP, sorted; a DNAT mapping for the same IP wins (it runs before
+    routing)."""
+    by_peer: dict[IPv4Address, Peer] = {}
+    for p in peers:
+        if p.overlay_ip not in dnat:
+            by_peer.setdefault(p.overlay_ip, p)
+    return tuple(sorted(by_peer.values(), key=lambda p: int(p.overlay_ip)))
 
 
 def reach_address(identity: Identity, member: Member) -> IPv4Address:
@@ -418,29 +409,63 @@ def compute(
     tally = SkipTally()
     allow: set[IPv4Address] = set()
     tunnel_allow: set[IPv4Address] = set()
-    # overlay IP -> (rank, instance_id, route): the lowest rank wins a duplicated overlay IP.
-    owners: dict[IPv4Address, tuple[tuple[int, str], Route]] = {}
-
-    def offer(rank: int, iid: str, d: Route) -> None:
-        key = (rank, iid)
-        cur = owners.get(d.overlay_ip)
-        if cur is None or key < cur[0]:
-            if cur is not None:
-                tally.add("duplicate_overlay", _dup_reason(cur[0][1], d.overlay_ip, iid))
-            owners[d.overlay_ip] = (key, d)
-        else:
-            tally.add("duplicate_overlay", _dup_reason(iid, d.overlay_ip, cur[0][1]))
+    owners = _Owners(tally)
 
     own_problem = addr.HostContext(subnet).target_problem(identity.private_ip)
     if own_problem:
         tally.add(
-            own_problem[0],
-            f"{identity.instance_id} (this host): private_ip "
-            f"{identity.private_ip} {own_problem[1]}",
+            "malformed",
+            f"{identity.instance_id} (this host): private_ip {identity.private_ip} {own_problem}",
         )
     else:
         allow.add(identity.private_ip)
 
+    mine, members = _split_self(identity, fleet, self_overlay)
+    # this host's overlay IP (on the tunnel interface too)
+    address = None if own_problem else _offer_self(identity, mine, subnet, owners)
+    _fold(identity, members, subnet, ctx, enc, allow, tunnel_allow, owners)
+    dnat = owners.dnat()
+    found, problems = overrides(cfg)
+    for text in problems:
+        tally.add("override", text)
+    dnat.update(found)
+    peers = [p for p in owners.peers() if p.overlay_ip not in found]
+    tunnel = tunnel_for(identity, cfg, enc.key, address) if enc is not None else None
+    return build_for(
+        cfg,
+        subnet,
+        allow,
+        dnat.values(),
+        tally.samples,
+        tally.counts(),
+        tunnel=tunnel,
+        peers=peers,
+        tunnel_allow=tunnel_allow,
+    )
+
+
+def _offer_self(
+    identity: Identity, mine: IPv4Address | None, subnet: IPv4Network, owners: _Owners
+) -> IPv4Address | None:
+    """This host's own mapping (its overlay IP to its private IP) into ``owners``; its
+    overlay IP, or None when it has none usable."""
+    if mine is None:
+        return None
+    problem = overlay_problem(mine, subnet)
+    if problem:
+        owners.tally.add(
+            "overlay_outside", f"{identity.instance_id} (this host): overlay_ip {mine} {problem}"
+        )
+        return None
+    owners.offer(0, identity.instance_id, Dnat(mine, identity.private_ip, "self"))
+    return mine
+
+
+def _split_self(
+    identity: Identity, fleet: Fleet, self_overlay: IPv4Address | None
+) -> tuple[IPv4Address | None, list[Member]]:
+    """This host's overlay IP (``self_overlay``, else its own fleet entry's) and the other
+    members, in the order compute folds them."""
     mine = self_overlay
     members: list[Member] = []
     for m in sorted(fleet.members, key=lambda m: (m.instance_id, m.legacy, int(m.overlay_ip))):
@@ -449,22 +474,26 @@ def compute(
                 mine = m.overlay_ip
             continue
         members.append(m)
+    return mine, members
 
-    address = None  # this host's overlay IP, on the tunnel interface
-    if mine is not None and not own_problem:
-        problem = overlay_problem(mine, subnet)
-        if problem:
-            tally.add(
-                "overlay_outside",
-                f"{identity.instance_id} (this host): overlay_ip {mine} {problem}",
-            )
-        else:
-            offer(0, identity.instance_id, Dnat(mine, identity.private_ip, "self"))
-            address = mine
 
+def _fold(
+    identity: Identity,
+    members: list[Member],
+    subnet: IPv4Network,
+    ctx: addr.HostContext,
+    enc: Encryption | None,
+    allow: set[IPv4Address],
+    tunnel_allow: set[IPv4Address],
+    owners: _Owners,
+) -> None:
+    """The other members' entries into ``allow`` (``tunnel_allow`` for tunnel peers) and
+    ``owners`` (member_entry each; the first entry of an instance listed twice is kept; a
+    WireGuard key two members publish is no one's)."""
+    tally = owners.tally
     seen_ids: set[str] = set()
     entries: list[tuple[str, Entry]] = []
-    keys: dict[str, int] = {}  # tunnel peers' keys: a key two members publish is no one's
+    keys: dict[str, int] = {}
     for m in members:
         if m.instance_id in seen_ids:
             tally.add(
@@ -489,26 +518,32 @@ def compute(
             tunnel_allow.add(e.allow)
         else:
             allow.add(e.allow)
-        offer(e.rank, iid, e.route)
+        owners.offer(e.rank, iid, e.route)
 
-    dnat = {ip: d for ip, (_, d) in owners.items() if isinstance(d, Dnat)}
-    found, problems = overrides(cfg)
-    for text in problems:
-        tally.add("override", text)
-    dnat.update(found)
-    peers = [p for _, p in owners.values() if isinstance(p, Peer) and p.overlay_ip not in found]
-    tunnel = tunnel_for(identity, cfg, enc.key, address) if enc is not None else None
-    return build_for(
-        cfg,
-        subnet,
-        allow,
-        dnat.values(),
-        tally.samples,
-        tally.counts(),
-        tunnel=tunnel,
-        peers=peers,
-        tunnel_allow=tunnel_allow,
-    )
+
+class _Owners:
+    """Who keeps each overlay IP: the lowest (rank, instance ID) wins, every loser is
+    counted as ``duplicate_overlay``."""
+
+    def __init__(self, tally: SkipTally):
+        self.tally = tally
+        self.by_ip: dict[IPv4Address, tuple[tuple[int, str], Route]] = {}
+
+    def offer(self, rank: int, iid: str, d: Route) -> None:
+        key = (rank, iid)
+        cur = self.by_ip.get(d.overlay_ip)
+        if cur is None or key < cur[0]:
+            if cur is not None:
+                self.tally.add("duplicate_overlay", _dup_reason(cur[0][1], d.overlay_ip, iid))
+            self.by_ip[d.overlay_ip] = (key, d)
+        else:
+            self.tally.add("duplicate_overlay", _dup_reason(iid, d.overlay_ip, cur[0][1]))
+
+    def dnat(self) -> dict[IPv4Address, Dnat]:
+        return {ip: d for ip, (_, d) in self.by_ip.items() if isinstance(d, Dnat)}
+
+    def peers(self) -> list[Peer]:
+        return [p for _, p in self.by_ip.values() if isinstance(p, Peer)]
 
 
 def build_for(

@@ -34,13 +34,13 @@ from neti.desired import (
     encryption_for,
     host_context,
     member_entry,
-    overlay_problem,
     overrides,
     tunnel_for,
 )
-from neti.fleet import MAX_SKIP_SAMPLES, Member
+from neti.fleet import addr
+from neti.fleet.addr import overlay_problem
+from neti.fleet.model import MAX_SKIP_SAMPLES, Member
 from neti.identity import Identity
-from neti.registry import addr
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,6 +231,41 @@ class DesiredModel:
         compared before and after.
         """
         removed, added = list(removed), list(added)
+        touched_allow, touched_dnat = self._touched(removed, added, self_overlay)
+        before_allow = {a: (a in self._allow, a in self._tunnel_allow) for a in touched_allow}
+        before_route = {ip: self.route_for(ip) for ip in touched_dnat}
+        before_mine = self._mine
+
+        for m in removed:
+            self._remove(m)
+        for m in added:
+            self._add(m)
+        if self_overlay is not ...:
+            self.self_overlay = self_overlay  # type: ignore[assignment]
+        self._refresh_self()
+
+        allow_add = [a for a, (was, _) in before_allow.items() if not was and a in self._allow]
+        allow_del = [a for a, (was, _) in before_allow.items() if was and a not in self._allow]
+        t_add = [a for a, (_, was) in before_allow.items() if not was and a in self._tunnel_allow]
+        t_del = [a for a, (_, was) in before_allow.items() if was and a not in self._tunnel_allow]
+        dnat_set, dnat_del, peer_set, peer_del = self._route_changes(before_route)
+        return Delta(
+            allow_add=tuple(sorted(allow_add)),
+            allow_del=tuple(sorted(allow_del)),
+            dnat_set=tuple(sorted(dnat_set)),
+            dnat_del=tuple(sorted(dnat_del)),
+            tunnel_allow_add=tuple(sorted(t_add)),
+            tunnel_allow_del=tuple(sorted(t_del)),
+            peer_set=tuple(sorted(peer_set)),
+            peer_del=tuple(sorted(peer_del)),
+            tunnel=self.enc is not None and before_mine != self._mine,
+        )
+
+    def _touched(
+        self, removed: list[Member], added: list[Member], self_overlay: IPv4Address | None | object
+    ) -> tuple[set[IPv4Address], set[IPv4Address]]:
+        """The allow sources and overlay IPs a change can touch: the changed members', the
+        other members of a tunnel key group they are in, and this host's own overlay IPs."""
         touched_allow: set[IPv4Address] = set()
         touched_dnat: set[IPv4Address] = set()
         keys: set[str] = set()  # tunnel key groups the change touches
@@ -259,27 +294,19 @@ class DesiredModel:
         if isinstance(self_overlay, IPv4Address):
             touched_dnat.add(self_overlay)
         touched_dnat.update(m.overlay_ip for m in self._self_entries)  # its fallback overlay
-        before_allow = {a: (a in self._allow, a in self._tunnel_allow) for a in touched_allow}
-        before_route = {ip: self.route_for(ip) for ip in touched_dnat}
-        before_mine = self._mine
+        return touched_allow, touched_dnat
 
-        for m in removed:
-            self._remove(m)
-        for m in added:
-            self._add(m)
-        if self_overlay is not ...:
-            self.self_overlay = self_overlay  # type: ignore[assignment]
-        self._refresh_self()
-
-        allow_add = [a for a, (was, _) in before_allow.items() if not was and a in self._allow]
-        allow_del = [a for a, (was, _) in before_allow.items() if was and a not in self._allow]
-        t_add = [a for a, (_, was) in before_allow.items() if not was and a in self._tunnel_allow]
-        t_del = [a for a, (_, was) in before_allow.items() if was and a not in self._tunnel_allow]
+    def _route_changes(
+        self, before: dict[IPv4Address, Route | None]
+    ) -> tuple[list[Dnat], list[Dnat], list[Peer], list[Peer]]:
+        """DNAT mappings set and deleted, peers set and deleted: each touched overlay IP's
+        route before against now. A peer whose key stays is set (endpoint, port), not
+        deleted first."""
         dnat_set: list[Dnat] = []
         dnat_del: list[Dnat] = []
         peer_set: list[Peer] = []
         peer_del: list[Peer] = []
-        for ip, old in before_route.items():
+        for ip, old in before.items():
             new = self.route_for(ip)
             if old == new:
                 continue  # the kernel holds the same mapping or peer (maybe for another owner)
@@ -291,17 +318,7 @@ class DesiredModel:
                 dnat_set.append(new)
             elif isinstance(new, Peer):
                 peer_set.append(new)
-        return Delta(
-            allow_add=tuple(sorted(allow_add)),
-            allow_del=tuple(sorted(allow_del)),
-            dnat_set=tuple(sorted(dnat_set)),
-            dnat_del=tuple(sorted(dnat_del)),
-            tunnel_allow_add=tuple(sorted(t_add)),
-            tunnel_allow_del=tuple(sorted(t_del)),
-            peer_set=tuple(sorted(peer_set)),
-            peer_del=tuple(sorted(peer_del)),
-            tunnel=self.enc is not None and before_mine != self._mine,
-        )
+        return dnat_set, dnat_del, peer_set, peer_del
 
     @staticmethod
     def _incref(counts: dict[IPv4Address, int], a: IPv4Address) -> None:

@@ -1,39 +1,16 @@
 """Who this host is: instance ID, addresses and network label.
 
-Resolved once at start-up from the config's ``identity`` section: EC2 instance metadata
-(IMDSv2) or static values for datacenters, other clouds and labs.
+``Identity`` is the value every stage takes; ``source.resolve`` makes it once at start-up from
+the config's ``identity`` section: EC2 instance metadata (``imds.py``, IMDSv2) or static
+values for datacenters, other clouds and labs. ``lan_of`` reads the directly connected network
+of an address from this network namespace's routing table.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from neti.config import Config
-
-
-_THIS_NETWORK = IPv4Network("0.0.0.0/8")
-
-
-def address_problem(ip: IPv4Address) -> str | None:
-    """Why ``ip`` cannot be a host's own private or public address; None when it can.
-
-    Peers DNAT this host's overlay IP to it, so a loopback or metadata-service address here
-    would point every peer at itself or at its own metadata service.
-    """
-    if ip.is_unspecified or ip in _THIS_NETWORK:
-        return "unspecified (0.0.0.0/8)"
-    if ip.is_loopback:
-        return "loopback"
-    if ip.is_link_local:
-        return "link-local (169.254.0.0/16, where the metadata service lives)"
-    if ip.is_multicast:
-        return "multicast"
-    if ip.is_reserved:  # 240.0.0.0/4, including the broadcast 255.255.255.255
-        return "reserved or broadcast"
-    return None
+from pathlib import Path
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,16 +29,31 @@ class Identity:
         }
 
 
-def resolve(cfg: Config) -> Identity:
-    """This host's identity from ``cfg.identity``: static values or EC2 metadata (IMDSv2).
+def lan_of(ip: IPv4Address, route_file: str | Path = "/proc/net/route") -> IPv4Network | None:
+    """The directly connected IPv4 network holding ``ip`` (longest prefix), or None.
 
-    Raises IdentityError (naming the endpoint and path) when the metadata service fails.
+    Read from this network namespace's routing table: a link route (no gateway) whose
+    destination contains ``ip``. None when nothing matches or the file cannot be read.
     """
-    from neti.config import StaticIdentity
-
-    icfg = cfg.identity
-    if isinstance(icfg, StaticIdentity):
-        return Identity(icfg.instance_id, icfg.private_ip, icfg.public_ip, icfg.network)
-    from neti.identity import imds
-
-    return imds.fetch_identity(icfg)
+    try:
+        text = Path(route_file).read_text(errors="replace")[:1_000_000]
+    except OSError:
+        return None
+    best: IPv4Network | None = None
+    for line in text.splitlines()[1:]:
+        f = line.split()
+        if len(f) < 8:
+            continue
+        try:
+            dest, gw, mask = (int(x, 16) for x in (f[1], f[2], f[7]))
+            # /proc/net/route prints little-endian hex of network-order values.
+            dest_ip = IPv4Address(int.from_bytes(dest.to_bytes(4, "little"), "big"))
+            mask_ip = IPv4Address(int.from_bytes(mask.to_bytes(4, "little"), "big"))
+            net = IPv4Network(f"{dest_ip}/{mask_ip}")
+        except (ValueError, OverflowError):
+            continue
+        if gw != 0 or net.prefixlen == 0 or ip not in net:
+            continue
+        if best is None or net.prefixlen > best.prefixlen:
+            best = net
+    return best

@@ -16,14 +16,12 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from ipaddress import AddressValueError, IPv4Address
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from neti.config import LABEL_RE, Ec2Identity
+from neti.config import Config, Ec2Identity
 from neti.errors import IdentityError
-from neti.identity import Identity, address_problem
-
-if TYPE_CHECKING:
-    from neti.config import Config
+from neti.fleet.addr import LABEL_RE, own_address_problem
+from neti.identity import Identity
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +199,7 @@ def _ipv4(client: ImdsClient, path: str, value: str) -> IPv4Address:
         ip = IPv4Address(value)
     except AddressValueError:
         raise client._fail(META + path, f"{value[:60]!r} is not an IPv4 address") from None
-    problem = address_problem(ip)
+    problem = own_address_problem(ip)
     if problem:
         raise client._fail(META + path, f"{ip} cannot identify this host: {problem}")
     return ip

@@ -38,7 +38,7 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any, TypeVar
 
-from neti.dataplane.system import GUARD_ENV
+from neti.dataplane.system import REFUSE_ENV
 from neti.lab import netns
 from neti.lab.netns import LabError
 from neti.lab.pki import CertificateAuthority, Issued
@@ -284,7 +284,7 @@ class Lab:
         }
         self.zk: ZooKeeper | None = None
         self.agents: dict[str, subprocess.Popen[str]] = {}
-        self.env = {**os.environ, GUARD_ENV: "1", "PYTHONUNBUFFERED": "1"}
+        self.env = {**os.environ, REFUSE_ENV: "1", "PYTHONUNBUFFERED": "1"}
 
     # --- lifecycle ---
     def __enter__(self) -> Lab:
@@ -670,15 +670,9 @@ def demo(
     describe_path: Path | None = None,
     secure: bool = True,
 ) -> int:
-    if os.geteuid() != 0:
-        _print("neti demo: needs root (network namespaces, netfilter inside them)")
-        return 2
-    stale = [ns for ns in netns.list_ns() if ns.startswith(prefix)]
-    if stale:
-        _print(
-            f"neti demo: a demo is running or crashed ({len(stale)} namespaces "
-            f"{prefix}*): run 'make demo-down' first"
-        )
+    refused = _refused(prefix)
+    if refused is not None:
+        _print(refused)
         return 2
     shutil.rmtree(workdir, ignore_errors=True)
     interrupted = False
@@ -691,66 +685,12 @@ def demo(
     lab = Lab(workdir=workdir, prefix=prefix, spec=spec, secure=secure)
     lab.config["zk_hosts"] = demo_zk_hosts(spec, lab.zk_port)
     try:
-        _print(
-            "neti demo: building two networks behind 1:1 NAT edges, an internet and an outsider ..."
-        )
-        lab.up()
-        zk = lab.topo.host(ZK_HOST)
-        port = lab.zk_port
-        _print(
-            f"neti demo: ZooKeeper up in {zk.netns} ({zk.private_ip}:{port}, public {zk.public_ip})"
-        )
-        _print(f"neti demo: {trust_line(lab)}")
-        lab.write_config(ZKPROXY.name)
-        # Closed by default: the proxy forwards its own network's hosts and no one else.
-        ec2_subnet = next(n.subnet for n in spec.networks if ZKPROXY in n.hosts)
-        lab.neti(ZKPROXY.name, "zkproxy", "apply", "--target", f"{zk.public_ip}:{port}",
-                 "--listen-port", str(port),
-                 "--allow", ec2_subnet, check=True)  # fmt: skip
-        _print(
-            f"neti demo: {ZKPROXY.name} proxies ZooKeeper for the ec2 network only "
-            f"({ec2_subnet} -> {ZKPROXY.private_ip}:{port} -> {zk.public_ip}:{port}, "
-            "neti zkproxy; TLS goes end to end through it)"
-        )
-        for h in lab.topo.describe():
-            _print(
-                f"  {h['host']:<9} {h['network'] or 'internet':<9} private {h['private_ip']:<13}"
-                f" public {h['public_ip']}"
-            )
-        t0 = time.monotonic()
-        for host in lab.agent_hosts:
-            lab.start_agent(host)
-        _print(
-            f"neti demo: started neti agent in {', '.join(lab.agent_hosts)} "
-            f"(logs in {lab.workdir}/log)"
-        )
-        took = lab.wait_converged(timeout=60)
-        _print(
-            f"neti demo: every host reaches every other by overlay IP, "
-            f"{time.monotonic() - t0:.1f}s after the agents started "
-            f"(mesh check {took:.1f}s)"
-        )
+        _bring_up(lab, spec)
         ok = _show(lab)
         if describe_path is not None:
             _write_json(describe_path, describe(lab))
             _print(f"neti demo: described the lab in {describe_path}")
-        if keep:
-            _print(f"neti demo: kept up (pid {os.getpid()}) until SIGTERM or Ctrl-C")
-            while True:
-                signal.pause()
-        if once or not sys.stdin.isatty():
-            if not once:
-                _print("neti demo: stdin is not a terminal: ran once, tearing down")
-            return 0 if ok else 1
-        _print(
-            "\nneti demo: running. Try, in another terminal:\n"
-            f"  ip netns exec {lab.topo.ns('ec2a')} {sys.executable} -m neti status "
-            f"-c {lab.config_path('ec2a')}\n"
-            f"  ip netns exec {lab.topo.ns('vpc1')} iptables -t nat -S\n"
-            "Press Ctrl-C to stop and remove everything."
-        )
-        while True:
-            signal.pause()
+        return _stay(lab, ok, once, keep)
     except KeyboardInterrupt:
         interrupted = True
         return 0
@@ -770,6 +710,78 @@ def demo(
         if describe_path is not None:
             describe_path.unlink(missing_ok=True)  # it described a lab that is gone
         _print("neti demo: clean")
+
+
+def _stay(lab: Lab, ok: bool, once: bool, keep: bool) -> int:
+    """Up until a signal (``keep``, or a terminal to try it from), or the exit code now."""
+    if keep:
+        _print(f"neti demo: kept up (pid {os.getpid()}) until SIGTERM or Ctrl-C")
+        while True:
+            signal.pause()
+    if once or not sys.stdin.isatty():
+        if not once:
+            _print("neti demo: stdin is not a terminal: ran once, tearing down")
+        return 0 if ok else 1
+    _print(
+        "\nneti demo: running. Try, in another terminal:\n"
+        f"  ip netns exec {lab.topo.ns('ec2a')} {sys.executable} -m neti status "
+        f"-c {lab.config_path('ec2a')}\n"
+        f"  ip netns exec {lab.topo.ns('vpc1')} iptables -t nat -S\n"
+        "Press Ctrl-C to stop and remove everything."
+    )
+    while True:
+        signal.pause()
+
+
+def _refused(prefix: str) -> str | None:
+    """Why the demo cannot start here (not root, a lab already up), or None."""
+    if os.geteuid() != 0:
+        return "neti demo: needs root (network namespaces, netfilter inside them)"
+    stale = [ns for ns in netns.list_ns() if ns.startswith(prefix)]
+    if stale:
+        return (
+            f"neti demo: a demo is running or crashed ({len(stale)} namespaces "
+            f"{prefix}*): run 'make demo-down' first"
+        )
+    return None
+
+
+def _bring_up(lab: Lab, spec: TopologySpec) -> None:
+    """The lab, ZooKeeper behind its proxy, and every agent, until the mesh converges."""
+    _print("neti demo: building two networks behind 1:1 NAT edges, an internet and an outsider ...")
+    lab.up()
+    zk = lab.topo.host(ZK_HOST)
+    port = lab.zk_port
+    _print(f"neti demo: ZooKeeper up in {zk.netns} ({zk.private_ip}:{port}, public {zk.public_ip})")
+    _print(f"neti demo: {trust_line(lab)}")
+    lab.write_config(ZKPROXY.name)
+    # Closed by default: the proxy forwards its own network's hosts and no one else.
+    ec2_subnet = next(n.subnet for n in spec.networks if ZKPROXY in n.hosts)
+    lab.neti(ZKPROXY.name, "zkproxy", "apply", "--target", f"{zk.public_ip}:{port}",
+             "--listen-port", str(port),
+             "--allow", ec2_subnet, check=True)  # fmt: skip
+    _print(
+        f"neti demo: {ZKPROXY.name} proxies ZooKeeper for the ec2 network only "
+        f"({ec2_subnet} -> {ZKPROXY.private_ip}:{port} -> {zk.public_ip}:{port}, "
+        "neti zkproxy; TLS goes end to end through it)"
+    )
+    for h in lab.topo.describe():
+        _print(
+            f"  {h['host']:<9} {h['network'] or 'internet':<9} private {h['private_ip']:<13}"
+            f" public {h['public_ip']}"
+        )
+    t0 = time.monotonic()
+    for host in lab.agent_hosts:
+        lab.start_agent(host)
+    _print(
+        f"neti demo: started neti agent in {', '.join(lab.agent_hosts)} (logs in {lab.workdir}/log)"
+    )
+    took = lab.wait_converged(timeout=60)
+    _print(
+        f"neti demo: every host reaches every other by overlay IP, "
+        f"{time.monotonic() - t0:.1f}s after the agents started "
+        f"(mesh check {took:.1f}s)"
+    )
 
 
 def _show(lab: Lab) -> bool:

@@ -17,22 +17,22 @@ import logging
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
+from kazoo.client import KazooClient
 from kazoo.exceptions import NoAuthError, NodeExistsError, NoNodeError
 from kazoo.security import ACL, Id, Permissions, make_digest_acl_credential
 
 from neti import files
+from neti.config import Config, zk_acl_id
 from neti.errors import RegistryAccessError, RegistryError
-from neti.registry.paths import RELEASE_NODE
-
-if TYPE_CHECKING:
-    from kazoo.client import KazooClient
-
-    from neti.config import Config
-    from neti.registry.paths import Paths
+from neti.fleet import legacy as legacy_codec
+from neti.fleet.addr import LABEL_RE, MalformedEntry
+from neti.fleet.names import decode_member
+from neti.registry.paths import RELEASE_NODE, Paths
 
 log = logging.getLogger(__name__)
 
@@ -255,8 +255,8 @@ class AclPolicy:
     def own(self) -> list[ACL] | None:
         return self.owned_by(self.self_id)
 
-    def guard(self) -> list[ACL] | None:
-        """maxchange: every agent reads it, operators alone set it."""
+    def operators_write(self) -> list[ACL] | None:
+        """maxchange, guard-release, revoked: every agent reads them, operators alone set them."""
         if not self.secured:
             return None
         return acl_list([(WORLD, READ)] + [(o, ALL) for o in self.operators])
@@ -391,8 +391,6 @@ def takeable(acls: list[ACL] | tuple[ACL, ...]) -> bool:
 
 def read_pem_key_ok(path: str) -> None:
     """zk_tls.key must be a readable, unencrypted PEM private key."""
-    from cryptography.hazmat.primitives import serialization
-
     data = _read_bounded(path, "zk_tls.key", MAX_PEM_BYTES)
     try:
         serialization.load_pem_private_key(data, password=None)
@@ -437,8 +435,6 @@ MAX_IDENTITIES_BYTES = 4 * 1024 * 1024
 
 def load_identities(path: str) -> dict[str, str]:
     """``INSTANCE-ID SCHEME:ID`` lines: whose ZooKeeper id owns each instance's nodes."""
-    from neti.config import LABEL_RE, zk_acl_id
-
     data = _read_bounded(path, "--identities", MAX_IDENTITIES_BYTES)
     try:
         text = data.decode("utf-8")
@@ -472,106 +468,156 @@ def plan_secure(
     ZooKeeper id, or None when unknown: then operators only); members by the instance in
     their name; ip-map nodes by the instance that claims their overlay IP.
     """
-    from neti.registry import legacy as legacy_codec
-    from neti.registry.addr import MalformedEntry
-    from neti.registry.codec import decode_member
+    walk = _SecureWalk(client, paths, policy, owner_of)
+    creates = walk.top()
+    owner_of_ip = walk.claims()
+    walk.members()
+    walk.legacy(owner_of_ip, legacy_networks)
+    walk.todo.append((paths.prefix, "prefix", walk.prefix_acl, ""))
+    changes, right = walk.compare(progress)
+    return creates + changes, right
 
-    containers = {paths.prefix, paths.members, paths.id_to_ip, paths.ip_to_id, paths.legacy}
-    todo: list[tuple[str, str, list[ACL], str]] = []
 
-    def children(path: str) -> list[str]:
+# A node to compare: (path, kind, the ACL it should have, a note).
+_Todo = tuple[str, str, list[ACL], str]
+
+
+class _SecureWalk:
+    """plan_secure's walk: the nodes under the prefix, each with the ACL it should have."""
+
+    def __init__(
+        self,
+        client: KazooClient,
+        paths: Paths,
+        policy: AclPolicy,
+        owner_of: Callable[[str], str | None],
+    ):
+        self.client = client
+        self.paths = paths
+        self.policy = policy
+        self.owner_of = owner_of
+        container_acl, operators_acl = policy.container(), policy.operators_write()
+        prefix_acl = policy.prefix()
+        assert container_acl is not None and operators_acl is not None and prefix_acl is not None
+        self.container_acl, self.operators_acl, self.prefix_acl = (
+            container_acl,
+            operators_acl,
+            prefix_acl,
+        )
+        self.todo: list[_Todo] = []
+
+    def children(self, path: str) -> list[str]:
         try:
-            return sorted(client.get_children(path))
+            return sorted(self.client.get_children(path))
         except NoNodeError:
             return []
 
-    def owned(iid: str | None, why: str) -> tuple[list[ACL], str]:
-        zk_id = owner_of(iid) if iid else None
+    def owned(self, iid: str | None, why: str) -> tuple[list[ACL], str]:
+        zk_id = self.owner_of(iid) if iid else None
         note = "" if zk_id else f"{why}: no owner known, operators only"
-        acls = policy.owned_by(zk_id)
+        acls = self.policy.owned_by(zk_id)
         assert acls is not None
         return acls, note
 
-    container_acl, guard_acl = policy.container(), policy.guard()
-    prefix_acl = policy.prefix()
-    assert container_acl is not None and guard_acl is not None and prefix_acl is not None
-    release = f"{paths.prefix}/{RELEASE_NODE}"
-    # What agents need to exist and, under the locked prefix, may not create themselves:
-    # made first (kind order below), the prefix's own ACL is set last.
-    needed = {
-        paths.members: "container",
-        paths.id_to_ip: "container",
-        paths.ip_to_id: "container",
-        paths.legacy: "container",
-        paths.max_change: "guard",
-        release: "guard",
-    }
-    creates: list[AclChange] = []
-    if client.exists(paths.prefix) is None:
-        creates.append(AclChange(paths.prefix, "container", (), tuple(container_acl), "", True))
-    present = set(children(paths.prefix)) if not creates else set()
-    for path, kind in needed.items():
-        if path.rsplit("/", 1)[-1] not in present:
-            acl = container_acl if kind == "container" else guard_acl
-            creates.append(AclChange(path, kind, (), tuple(acl), "missing: created", True))
-    for name in sorted(present):
-        path = f"{paths.prefix}/{name}"
-        if path in containers:
-            todo.append((path, "container", container_acl, ""))
-        elif path in (paths.max_change, release, paths.revoked):
-            todo.append((path, "guard", guard_acl, ""))
-        else:
-            todo.append((path, "other", guard_acl, "not Neti's: operators only"))
+    def top(self) -> list[AclChange]:
+        """The prefix's own children; what agents need to exist and, under the locked
+        prefix, may not create themselves, is created (kind order; the prefix's own ACL is
+        set last)."""
+        paths = self.paths
+        containers = {paths.prefix, paths.members, paths.id_to_ip, paths.ip_to_id, paths.legacy}
+        release = f"{paths.prefix}/{RELEASE_NODE}"
+        needed = {
+            paths.members: "container",
+            paths.id_to_ip: "container",
+            paths.ip_to_id: "container",
+            paths.legacy: "container",
+            paths.max_change: "guard",
+            release: "guard",
+        }
+        creates: list[AclChange] = []
+        if self.client.exists(paths.prefix) is None:
+            creates.append(
+                AclChange(paths.prefix, "container", (), tuple(self.container_acl), "", True)
+            )
+        present = set(self.children(paths.prefix)) if not creates else set()
+        for path, kind in needed.items():
+            if path.rsplit("/", 1)[-1] not in present:
+                acl = self.container_acl if kind == "container" else self.operators_acl
+                creates.append(AclChange(path, kind, (), tuple(acl), "missing: created", True))
+        for name in sorted(present):
+            path = f"{paths.prefix}/{name}"
+            if path in containers:
+                self.todo.append((path, "container", self.container_acl, ""))
+            elif path in (paths.max_change, release, paths.revoked):
+                self.todo.append((path, "guard", self.operators_acl, ""))
+            else:
+                self.todo.append((path, "other", self.operators_acl, "not Neti's: operators only"))
+        return creates
 
-    owner_of_ip: dict[str, str] = {}
-    for name in children(paths.ip_to_id):
-        path = f"{paths.ip_to_id}/{name}"
-        try:
-            data, _ = client.get(path)
-        except NoNodeError:
-            continue
-        except NoAuthError:
-            data = b""  # not readable by the operator: its ACL leaves us out (listed below)
-        iid = data[:256].decode("ascii", "replace").strip()
-        owner_of_ip[name] = iid
-        todo.append((path, "claim", *owned(iid, f"claim of {iid!r}")))
-    for name in children(paths.id_to_ip):
-        todo.append((f"{paths.id_to_ip}/{name}", "claim", *owned(name, f"claim of {name!r}")))
-    for name in children(paths.members):
-        try:
-            member_id: str | None = decode_member(name).instance_id
-        except (MalformedEntry, ValueError):
-            member_id = None
-        todo.append((f"{paths.members}/{name}", "member", *owned(member_id, "malformed member")))
-    for name in children(paths.legacy):
-        try:
-            overlay = str(legacy_codec.decode_legacy(name, legacy_networks).overlay_ip)
-        except (MalformedEntry, ValueError):
-            overlay = ""
-        iid = owner_of_ip.get(overlay)
-        todo.append((f"{paths.legacy}/{name}", "ip-map", *owned(iid, "ip-map node")))
+    def claims(self) -> dict[str, str]:
+        """Both claim containers' nodes; returns overlay IP -> the instance its claim names."""
+        owner_of_ip: dict[str, str] = {}
+        for name in self.children(self.paths.ip_to_id):
+            path = f"{self.paths.ip_to_id}/{name}"
+            try:
+                data, _ = self.client.get(path)
+            except NoNodeError:
+                continue
+            except NoAuthError:
+                data = b""  # not readable by the operator: its ACL leaves us out (listed below)
+            iid = data[:256].decode("ascii", "replace").strip()
+            owner_of_ip[name] = iid
+            self.todo.append((path, "claim", *self.owned(iid, f"claim of {iid!r}")))
+        for name in self.children(self.paths.id_to_ip):
+            path = f"{self.paths.id_to_ip}/{name}"
+            self.todo.append((path, "claim", *self.owned(name, f"claim of {name!r}")))
+        return owner_of_ip
 
-    todo.append((paths.prefix, "prefix", prefix_acl, ""))
-    changes: list[AclChange] = list(creates)
-    right = 0
-    for n, (path, kind, want, note) in enumerate(todo, 1):
-        if progress is not None:
-            progress(n, len(todo))
-        try:
-            have, _ = client.get_acls(path)
-        except NoNodeError:
-            if path == paths.prefix:  # created by this plan
-                changes.append(AclChange(path, kind, tuple(container_acl), tuple(want), ""))
-            continue  # gone meanwhile (an ephemeral member)
-        except NoAuthError:
-            note = "unreadable: its ACL leaves the operators out (neti fleet prune)"
-            changes.append(AclChange(path, kind, (), tuple(want), note))
-            continue
-        if acl_key(have) == acl_key(want):
-            right += 1
-        else:
-            changes.append(AclChange(path, kind, tuple(have), tuple(want), note))
-    return changes, right
+    def members(self) -> None:
+        for name in self.children(self.paths.members):
+            try:
+                member_id: str | None = decode_member(name).instance_id
+            except (MalformedEntry, ValueError):
+                member_id = None
+            path = f"{self.paths.members}/{name}"
+            self.todo.append((path, "member", *self.owned(member_id, "malformed member")))
+
+    def legacy(self, owner_of_ip: dict[str, str], legacy_networks: Mapping[Any, str]) -> None:
+        for name in self.children(self.paths.legacy):
+            try:
+                overlay = str(legacy_codec.decode_legacy(name, legacy_networks).overlay_ip)
+            except (MalformedEntry, ValueError):
+                overlay = ""
+            iid = owner_of_ip.get(overlay)
+            path = f"{self.paths.legacy}/{name}"
+            self.todo.append((path, "ip-map", *self.owned(iid, "ip-map node")))
+
+    def compare(
+        self, progress: Callable[[int, int | None], None] | None
+    ) -> tuple[list[AclChange], int]:
+        """Each node's ACL read and compared: (the changes, how many are right already)."""
+        changes: list[AclChange] = []
+        right = 0
+        for n, (path, kind, want, note) in enumerate(self.todo, 1):
+            if progress is not None:
+                progress(n, len(self.todo))
+            try:
+                have, _ = self.client.get_acls(path)
+            except NoNodeError:
+                if path == self.paths.prefix:  # created by this plan
+                    changes.append(
+                        AclChange(path, kind, tuple(self.container_acl), tuple(want), "")
+                    )
+                continue  # gone meanwhile (an ephemeral member)
+            except NoAuthError:
+                note = "unreadable: its ACL leaves the operators out (neti fleet prune)"
+                changes.append(AclChange(path, kind, (), tuple(want), note))
+                continue
+            if acl_key(have) == acl_key(want):
+                right += 1
+            else:
+                changes.append(AclChange(path, kind, tuple(have), tuple(want), note))
+        return changes, right
 
 
 def apply_secure(

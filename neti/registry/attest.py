@@ -7,9 +7,9 @@ member record with the private key of its client certificate (``zk_tls.cert``/``
 peers program a member only if the signature verifies with a certificate that the fleet's CA
 (``zk_tls.ca``) issued to ``CN=<the member's instance ID>``.
 
-The record is the member node's data (the fields stay in the name; see codec.py). A v2 name
-carries a ``neti-rec2`` record: a versioned list of signed ``key=value`` lines, the signature
-last::
+The record is the member node's data (the fields stay in the name; see neti/fleet/names.py).
+A v2 name carries a ``neti-rec2`` record: a versioned list of signed ``key=value`` lines, the
+signature last::
 
     neti-rec2\\nsession=<16 hex digits>\\ncert=<base64 DER certificate>\\nsig=<base64 signature>
 
@@ -53,8 +53,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from neti import files
 from neti.errors import RegistryAccessError
-from neti.registry.addr import MalformedEntry
-from neti.registry.codec import V1, decode_member, name_format
+from neti.fleet.addr import MalformedEntry
+from neti.fleet.names import V1, decode_member, name_format
+from neti.fleet.wgkey import decode_key, public_key
 
 if TYPE_CHECKING:
     from neti.config import Config
@@ -162,8 +163,6 @@ _PORT_RE = re.compile(r"[1-9][0-9]{0,4}\Z")
 
 def wireguard_fields(key: str, port: int) -> dict[str, str]:
     """The record fields publishing this host's WireGuard public key and port."""
-    from neti.identity.wireguard import public_key
-
     if not 0 < port < 65536:
         raise ValueError(f"not a port: {port}")
     return {WG_KEY: public_key(key), WG_PORT: str(port)}
@@ -173,8 +172,6 @@ def wireguard_of(fields: Mapping[str, str]) -> tuple[str, int] | str | None:
     """A signed record's WireGuard key and port: None when it has neither (a cleartext
     member), the pair, or ``"<reason>: <text>"`` refusing the record (a key that is not
     one, a port out of range, one without the other)."""
-    from neti.identity.wireguard import decode_key
-
     key, port = fields.get(WG_KEY), fields.get(WG_PORT)
     if key is None and port is None:
         return None

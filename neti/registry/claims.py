@@ -38,9 +38,9 @@ from kazoo.exceptions import (
 from kazoo.handlers.threading import KazooTimeoutError
 
 from neti.errors import RegistryError, SubnetFullError
-from neti.registry import addr
+from neti.fleet import addr
+from neti.fleet.addr import MalformedEntry
 from neti.registry.acl import AclPolicy, Ownership, id_name, norm, takeable
-from neti.registry.addr import MalformedEntry
 from neti.registry.verify import MAX_CLAIM_DATA
 
 log = logging.getLogger(__name__)
@@ -302,7 +302,7 @@ class OverlayClaims:
                 used.add(IPv4Address(text))
             except ValueError:
                 log.debug("ignoring malformed overlay address %r in the claims", text)
-        taken = sum(1 for ip in used if addr.usable(self.subnet, ip))
+        taken = sum(1 for ip in used if addr.usable(ip, self.subnet))
         report = ClaimReport(usable=max(self.subnet.num_addresses - 2, 0), used=taken)
         own = self.ownership
         if own is not None:
@@ -313,6 +313,21 @@ class OverlayClaims:
         paired = set(values.values())
         unpaired = [n for n in names if n not in paired and "/" not in n]
         report.unpaired = len(unpaired)
+        mine = self._reservation(unpaired, instance_id, who, report)
+        if report.unpaired_by or report.foreign_by:
+            self._name_owners(report)
+        self.report = report
+        text = report.text()
+        if text:
+            log.warning("%s", text)
+        return used, mine
+
+    def _reservation(
+        self, unpaired: list[str], instance_id: str, who: str | None, report: ClaimReport
+    ) -> IPv4Address | None:
+        """Our own reservation among the unpaired ip-to-id nodes (the first UNPAIRED_READS
+        read); the others are counted in ``report`` by who holds them."""
+        own = self.ownership
         mine: IPv4Address | None = None
         reads = {
             n: self._issue(f"{self.ip_to_id}/{n}", own is not None)
@@ -328,25 +343,23 @@ class OverlayClaims:
             )
             ip = _ip(name)
             ours = holder == instance_id and (own is None or owner == who)
-            if ours and mine is None and ip is not None and addr.usable(self.subnet, ip):
+            if ours and mine is None and ip is not None and addr.usable(ip, self.subnet):
                 mine = ip
                 report.unpaired -= 1
                 continue
             report.unpaired_by[owner or holder[:64] or "?"] += 1
-        if report.unpaired_by or report.foreign_by:
-            try:
-                revoked = self.revoked_ids()
-            except (KazooException, KazooTimeoutError):
-                revoked = frozenset()  # the report only names owners: never fail a claim
-            for counts in (report.unpaired_by, report.foreign_by):
-                named = Counter({self._who(k, revoked): n for k, n in counts.items()})
-                counts.clear()
-                counts.update(named)
-        self.report = report
-        text = report.text()
-        if text:
-            log.warning("%s", text)
-        return used, mine
+        return mine
+
+    def _name_owners(self, report: ClaimReport) -> None:
+        """The report's owners by name, revoked ones marked so."""
+        try:
+            revoked = self.revoked_ids()
+        except (KazooException, KazooTimeoutError):
+            revoked = frozenset()  # the report only names owners: never fail a claim
+        for counts in (report.unpaired_by, report.foreign_by):
+            named = Counter({self._who(k, revoked): n for k, n in counts.items()})
+            counts.clear()
+            counts.update(named)
 
     @staticmethod
     def _who(owner: str, revoked: frozenset[str]) -> str:
@@ -364,7 +377,7 @@ class OverlayClaims:
         stops at the first free address, so it costs at most one step per used address.
         Memory and work are bounded by the number of claims, never by the subnet's size.
         """
-        used_ints = {int(ip) for ip in used if addr.usable(self.subnet, ip)}
+        used_ints = {int(ip) for ip in used if addr.usable(ip, self.subnet)}
         first = int(self.subnet.network_address) + 1
         last = int(self.subnet.broadcast_address) - 1
         total = max(last - first + 1, 0)  # a /31 or /32 has no host addresses here
@@ -403,7 +416,7 @@ class OverlayClaims:
         claim is written for (an operator restoring claims); default this client's own.
         """
         id_path = self._id_path(instance_id)
-        if prefer is not None and not addr.usable(self.subnet, prefer):
+        if prefer is not None and not addr.usable(prefer, self.subnet):
             log.warning(
                 "previous overlay IP %s of %s is not a host address of %s; not reusing it",
                 prefer,
@@ -430,86 +443,117 @@ class OverlayClaims:
             except NoAuthError:  # someone's node we may not even read: never ours
                 self._refuse_foreign(instance_id, id_path, "ZooKeeper refuses us reading it", who)
             if node is not None:
-                if not self._ours(id_path, node, who):
-                    if takeable(node.acl or ()):
-                        continue  # secured just now: read it again
-                    assert self.ownership is not None
-                    own = self.ownership
-                    why = own.problem(node.acl, instance_id) or (
-                        f"it is owned by {own.owner_or_none(node.acl)}"
-                    )
-                    self._refuse_foreign(instance_id, id_path, why, who)
-                ip = self._parse_claim(id_path, node.data)
-                if not addr.usable(self.subnet, ip):
-                    # Peers ignore members outside the subnet: better loud than unreachable.
-                    raise RegistryError(
-                        f"{instance_id} holds overlay IP {ip}, which is not a host address "
-                        f"of overlay_subnet {self.subnet} (was the subnet changed?); fix "
-                        "overlay_subnet, or release the claim (neti overlay-ip --release) "
-                        "to get a new address"
-                    )
-                got = self._complete(instance_id, ip, node, who)
+                got = self._adopt(instance_id, id_path, node, who)
                 if got is not None:
                     return got
                 continue
-            reserved = False
-            if prefer is not None:
-                held = self._ip_node(prefer)
-                holder = _holder(held) if held is not None else self._half_written(prefer)
-                if holder is not None and holder != instance_id:
-                    raise ClaimConflictError(
-                        f"overlay IP conflict: {instance_id} held {prefer} (state file or EC2 "
-                        f"tag) but {self._ip_path(prefer)} now names {holder!r}; not taking a "
-                        f"new address. Decide which host keeps {prefer}: release the other's "
-                        "claim (neti overlay-ip --release on it, or delete its id-to-ip and "
-                        "ip-to-id nodes)"
-                    )
-                if held is not None and not self._ours(self._ip_path(prefer), held, who):
-                    if takeable(held.acl or ()):
-                        continue  # secured just now: read it again
-                    prefer = None  # ours by name only: not adopted, choose another
-                else:
-                    reserved = held is not None
-            if prefer is not None:
-                ip = prefer
-            else:
-                ip, reserved = self._free(instance_id, who.id)
-            txn = self.client.transaction()
-            txn.create(id_path, str(ip).encode("ascii"), acl=who.acl)
-            if reserved:
-                txn.check(self._ip_path(ip), version=-1)  # ours already: the pair completes
-            else:
-                txn.create(self._ip_path(ip), instance_id.encode("ascii"), acl=who.acl)
-            results = txn.commit()
-            failures = [r for r in results if isinstance(r, Exception)]
-            if any(isinstance(r, NoAuthError) for r in failures):
-                raise NoAuthError()  # not a race: retrying cannot help
-            if any(isinstance(r, QuotaExceededError) for r in failures):
-                raise QuotaExceededError()  # the registry's quota is full: nor here
-            if not failures:
-                if prefer is not None and not reserved:
-                    log.warning(
-                        "re-created the claim of %s on its previous overlay IP %s", instance_id, ip
-                    )
-                elif reserved:
-                    log.warning("completed the claim of %s on its reserved %s", instance_id, ip)
-                else:
-                    log.info("claimed overlay IP %s for %s", ip, instance_id)
-                return ip
-            if isinstance(results[0], NoNodeError) or isinstance(results[1], NoNodeError):
-                # Someone removed a parent between ensure_path and commit.
-                self.client.ensure_path(self.id_to_ip, acl=self.container_acl)
-                self.client.ensure_path(self.ip_to_id, acl=self.container_acl)
-            log.debug(
-                "claim of %s for %s lost a race (%s); retrying",
-                ip,
-                instance_id,
-                [type(r).__name__ for r in results],
-            )
+            choice = self._choose(instance_id, prefer, who)
+            if choice is None:
+                continue  # secured just now: read it again
+            ip, reserved, prefer = choice
+            got = self._commit(instance_id, id_path, ip, reserved, prefer is not None, who)
+            if got is not None:
+                return got
         raise RegistryError(
             f"could not claim an overlay IP for {instance_id} in {MAX_ATTEMPTS} attempts "
             "(heavy contention?); try again"
         )
+
+    def _adopt(self, instance_id: str, id_path: str, node: _Node, who: _Who) -> IPv4Address | None:
+        """Our id-to-ip node exists: its address once the claim is whole (None: read again)."""
+        if not self._ours(id_path, node, who):
+            if takeable(node.acl or ()):
+                return None  # secured just now: read it again
+            assert self.ownership is not None
+            own = self.ownership
+            why = own.problem(node.acl, instance_id) or (
+                f"it is owned by {own.owner_or_none(node.acl)}"
+            )
+            self._refuse_foreign(instance_id, id_path, why, who)
+        ip = self._parse_claim(id_path, node.data)
+        if not addr.usable(ip, self.subnet):
+            # Peers ignore members outside the subnet: better loud than unreachable.
+            raise RegistryError(
+                f"{instance_id} holds overlay IP {ip}, which is not a host address "
+                f"of overlay_subnet {self.subnet} (was the subnet changed?); fix "
+                "overlay_subnet, or release the claim (neti overlay-ip --release) "
+                "to get a new address"
+            )
+        return self._complete(instance_id, ip, node, who)
+
+    def _choose(
+        self, instance_id: str, prefer: IPv4Address | None, who: _Who
+    ) -> tuple[IPv4Address, bool, IPv4Address | None] | None:
+        """The address to claim, whether its ip-to-id node is ours already (a reservation),
+        and ``prefer`` as it stands now (None once it proved not ours); None: read again."""
+        reserved = False
+        if prefer is not None:
+            held = self._ip_node(prefer)
+            holder = _holder(held) if held is not None else self._half_written(prefer)
+            if holder is not None and holder != instance_id:
+                raise ClaimConflictError(
+                    f"overlay IP conflict: {instance_id} held {prefer} (state file or EC2 "
+                    f"tag) but {self._ip_path(prefer)} now names {holder!r}; not taking a "
+                    f"new address. Decide which host keeps {prefer}: release the other's "
+                    "claim (neti overlay-ip --release on it, or delete its id-to-ip and "
+                    "ip-to-id nodes)"
+                )
+            if held is not None and not self._ours(self._ip_path(prefer), held, who):
+                if takeable(held.acl or ()):
+                    return None
+                prefer = None  # ours by name only: not adopted, choose another
+            else:
+                reserved = held is not None
+        if prefer is not None:
+            return prefer, reserved, prefer
+        ip, reserved = self._free(instance_id, who.id)
+        return ip, reserved, None
+
+    def _commit(
+        self,
+        instance_id: str,
+        id_path: str,
+        ip: IPv4Address,
+        reserved: bool,
+        previous: bool,
+        who: _Who,
+    ) -> IPv4Address | None:
+        """Both claim nodes in one transaction (the ip-to-id one only checked when
+        ``reserved``); ``ip``, or None when a race was lost (the caller tries again).
+        ``previous``: ``ip`` is the address this instance held before."""
+        txn = self.client.transaction()
+        txn.create(id_path, str(ip).encode("ascii"), acl=who.acl)
+        if reserved:
+            txn.check(self._ip_path(ip), version=-1)  # ours already: the pair completes
+        else:
+            txn.create(self._ip_path(ip), instance_id.encode("ascii"), acl=who.acl)
+        results = txn.commit()
+        failures = [r for r in results if isinstance(r, Exception)]
+        if any(isinstance(r, NoAuthError) for r in failures):
+            raise NoAuthError()  # not a race: retrying cannot help
+        if any(isinstance(r, QuotaExceededError) for r in failures):
+            raise QuotaExceededError()  # the registry's quota is full: nor here
+        if not failures:
+            if previous and not reserved:
+                log.warning(
+                    "re-created the claim of %s on its previous overlay IP %s", instance_id, ip
+                )
+            elif reserved:
+                log.warning("completed the claim of %s on its reserved %s", instance_id, ip)
+            else:
+                log.info("claimed overlay IP %s for %s", ip, instance_id)
+            return ip
+        if isinstance(results[0], NoNodeError) or isinstance(results[1], NoNodeError):
+            # Someone removed a parent between ensure_path and commit.
+            self.client.ensure_path(self.id_to_ip, acl=self.container_acl)
+            self.client.ensure_path(self.ip_to_id, acl=self.container_acl)
+        log.debug(
+            "claim of %s for %s lost a race (%s); retrying",
+            ip,
+            instance_id,
+            [type(r).__name__ for r in results],
+        )
+        return None
 
     def _ours(self, path: str, node: _Node, who: _Who) -> bool:
         """Is this claim node ours to use? Always on an open registry. On a secured one:
@@ -627,7 +671,7 @@ class OverlayClaims:
         )
         return ip
 
-    def release(self, instance_id: str) -> IPv4Address | None:
+    def release_claim(self, instance_id: str) -> IPv4Address | None:
         """Drop this instance's claim (both nodes, atomically); the address it held, or None."""
         id_path = self._id_path(instance_id)
         for _ in range(MAX_ATTEMPTS):

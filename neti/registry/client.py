@@ -13,20 +13,19 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from kazoo.client import KazooClient, TransactionRequest
-from kazoo.exceptions import ConnectionDropped, KazooException
+from kazoo.exceptions import KazooException
 from kazoo.handlers.threading import KazooTimeoutError, SequentialThreadingHandler
-from kazoo.protocol.connection import ConnectionHandler
 from kazoo.protocol.states import KeeperState
 from kazoo.retry import KazooRetry
 from kazoo.security import ACL
 
 from neti import files
 from neti.config import Config
-from neti.errors import RegistryAccessError, RegistryError
+from neti.errors import RegistryAccessError
 from neti.registry import attest
 from neti.registry.acl import (
     MAX_PEM_BYTES,
@@ -36,7 +35,7 @@ from neti.registry.acl import (
     load_credentials,
     read_pem_key_ok,
 )
-from neti.registry.facade import Registry
+from neti.registry.kazooext import GatedClient, connecting
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +66,7 @@ def _transient(exc: ssl.SSLError) -> bool:
     return isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError) or "EOF" in text
 
 
-def _quiet_kazoo() -> None:
+def quiet_kazoo() -> None:
     """kazoo logs every dropped connection; keep that out of sight unless debugging."""
     kz = logging.getLogger("kazoo")
     if kz.level == logging.NOTSET and not logging.getLogger().isEnabledFor(logging.DEBUG):
@@ -181,31 +180,6 @@ class BoundedConnectHandler(SequentialThreadingHandler):
         return conn
 
 
-# The largest reply the client reads (kazoo has no limit of its own: it allocates whatever
-# length a reply's header claims, up to 2 GiB). A trusted server's replies are bounded by
-# what it holds: a node's data by its jute.maxbuffer, a child list by the count quota times
-# the names' length (docs/operations.md); 16,000 members list in about 2 MiB.
-MAX_REPLY_BYTES = 64 * 1024 * 1024
-
-
-class BoundedConnection(ConnectionHandler):
-    """kazoo's connection, refusing a reply longer than ``max_reply`` before reading it:
-    the connection is dropped (and retried) instead of the process allocating it."""
-
-    max_reply = MAX_REPLY_BYTES
-
-    def _read(self, length, timeout):  # type: ignore[no-untyped-def]
-        if length < 0 or length > self.max_reply:
-            log.error(
-                "ZooKeeper sent a reply of %d bytes, more than the %d this client reads; "
-                "dropping the connection (docs/operations.md, ZooKeeper for a fleet)",
-                length,
-                self.max_reply,
-            )
-            raise ConnectionDropped(f"reply of {length} bytes refused")
-        return super()._read(length, timeout)
-
-
 class NotConnectedError(KazooException):
     """A call made while the connection is down: failed at once instead of queued (kazoo
     would queue it until the connection returns). Not retried by kazoo's retry helper."""
@@ -220,11 +194,11 @@ class _DeadlineTransaction(TransactionRequest):
         return self.client._wait(self.commit_async())
 
 
-class DeadlineClient(KazooClient):
+class DeadlineClient(GatedClient):
     """A KazooClient whose blocking calls all have a deadline.
 
     kazoo queues requests while disconnected and its blocking calls wait forever, so an
-    agent asking during an outage would hang (issue 11). Here every blocking call waits at
+    agent asking during an outage would hang. Here every blocking call waits at
     most ``call_timeout`` seconds (KazooTimeoutError), fails at once with NotConnectedError
     while the connection is down (``fail_fast``), and gives up within 0.1 s once
     ``aborted`` is set (a signal handler may set it: a plain attribute, no lock).
@@ -234,22 +208,14 @@ class DeadlineClient(KazooClient):
 
     def __init__(self, *args: Any, call_timeout: float | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        # kazoo's connection, with every reply's length bounded (BoundedConnection).
-        old: ConnectionHandler = self._connection  # type: ignore[has-type]
-        self._connection = BoundedConnection(
-            self, old.retry_sleeper, logger=old.logger, sasl_options=old.sasl_options
-        )
         self.call_timeout = call_timeout
         self.fail_fast = True
         self.aborted = False
 
-    def _call(self, request, async_object):  # type: ignore[no-untyped-def]
-        if self.fail_fast and self._state in (KeeperState.CONNECTING,):
-            async_object.set_exception(
-                NotConnectedError("not connected to ZooKeeper (the call was not sent)")
-            )
-            return False
-        return super()._call(request, async_object)
+    def refusal(self) -> Exception | None:
+        if self.fail_fast and connecting(self):
+            return NotConnectedError("not connected to ZooKeeper (the call was not sent)")
+        return None
 
     def _wait(self, result: Any) -> Any:
         """``result.get()`` within call_timeout, abortable."""
@@ -356,6 +322,12 @@ def stop_client(client: KazooClient, timeout: float) -> bool:
     return not t.is_alive()
 
 
+def reconnect_round(cfg: Config) -> float:
+    """kazoo's longest wait between two attempts to reconnect (``make_client``): the agent
+    gives it one more round before it gives up on a session (agent/zksession.py)."""
+    return max(0.5, min(10.0, cfg.zk_session_timeout / 3))
+
+
 def make_client(
     cfg: Config,
     network: str,
@@ -386,7 +358,7 @@ def make_client(
             max_tries=-1,
             delay=0.2,
             backoff=2,
-            max_delay=max(0.5, min(10.0, cfg.zk_session_timeout / 3)),
+            max_delay=reconnect_round(cfg),
         ),
         command_retry=KazooRetry(
             max_tries=5, delay=0.2, backoff=2, max_delay=5, deadline=cfg.zk_session_timeout
@@ -478,7 +450,7 @@ def _probe(
     return None
 
 
-def _diagnose(cfg: Config, client: KazooClient, ctx: ssl.SSLContext | None, state: str) -> None:
+def diagnose(cfg: Config, client: KazooClient, ctx: ssl.SSLContext | None, state: str) -> None:
     """After a failed start: raise RegistryAccessError if we were refused, else return."""
     if state == KeeperState.AUTH_FAILED:
         key = "zk_auth.credentials_file" if cfg.zk_auth else "zk_tls.cert"
@@ -509,62 +481,3 @@ def check_trust(cfg: Config, instance_id: str | None = None) -> AclPolicy:
     if instance_id is not None:
         check_instance_cn(cfg, instance_id)
     return policy
-
-
-# Longest a failed start waits for kazoo's threads to stop (they finish in the background).
-STOP_WAIT = 1.0
-
-
-def connect(
-    cfg: Config,
-    network: str,
-    timeout: float | None = None,
-    acl: AclPolicy | None = None,
-    client_id: tuple[int, bytes] | None = None,
-    cancel: Callable[[], bool] | None = None,
-) -> Registry:
-    """A started Registry for ``network``'s ZooKeeper.
-
-    RegistryAccessError (exit 2, not retried by the agent) for unusable TLS/credential files
-    and refused credentials; RegistryError naming the hosts when they cannot be reached.
-    ``client_id`` resumes that session (kazoo starts a fresh one if the server refuses it);
-    ``cancel`` is polled every 0.1 s: when it returns True the attempt ends (RegistryError).
-    """
-    _quiet_kazoo()
-    hosts = ",".join(cfg.zk_hosts_for(network))
-    policy = acl if acl is not None else AclPolicy.from_config(cfg)
-    ctx = tls_context(cfg)
-    hook = attest.attest_check_for(cfg)
-    client = make_client(cfg, network, ctx, auth_data(cfg), policy.container(), client_id)
-    wait = timeout if timeout is not None else cfg.zk_session_timeout
-    handler = client.handler
-    event = client.start_async()
-    deadline = time.monotonic() + wait
-    while not event.wait(0.1):
-        if client.client_state == KeeperState.AUTH_FAILED:
-            break
-        if isinstance(handler, BoundedConnectHandler) and handler.tls_failures:
-            # Every host refused the handshake: no need to wait out the whole timeout.
-            if len(handler.tls_failures) >= len(client.hosts):
-                break
-        if time.monotonic() >= deadline:
-            break
-        if cancel is not None and cancel():
-            stop_client(client, STOP_WAIT)
-            raise RegistryError("connecting to ZooKeeper cancelled: stopping")
-    if not client.connected:
-        state = client.client_state
-        stop_client(client, STOP_WAIT)
-        _diagnose(cfg, client, ctx, state)
-        hint = ""
-        if isinstance(handler, BoundedConnectHandler) and handler.tls_cut_short:
-            hint = (
-                "; TLS handshakes with "
-                + ",".join(sorted(handler.tls_cut_short))
-                + " were cut short: a plaintext clientPort, or a proxy with no server behind it?"
-            )
-        raise RegistryError(
-            f"cannot reach ZooKeeper at {hosts} within {wait:g}s (network {network!r}; "
-            f"check zk_hosts and that the servers are up){hint}"
-        )
-    return Registry(client, cfg, acl=policy, attest_check=hook)

@@ -1,4 +1,8 @@
-"""Registry: the one object the agent and the CLI talk to; each idea lives in its own module."""
+"""Registry: the one object the agent and the CLI talk to, and ``connect``, which starts one.
+
+Each idea lives in its own module (the package docstring lists them); the Registry holds one
+of each over one KazooClient and turns kazoo's exceptions into one clear RegistryError line.
+"""
 
 from __future__ import annotations
 
@@ -11,24 +15,41 @@ from ipaddress import IPv4Address, IPv4Network
 from typing import Any, ParamSpec, Protocol, TypeVar
 
 from kazoo.client import KazooClient
-from kazoo.exceptions import KazooException, NoAuthError, NoNodeError, QuotaExceededError
+from kazoo.exceptions import (
+    KazooException,
+    NoAuthError,
+    NodeExistsError,
+    NoNodeError,
+    QuotaExceededError,
+)
 from kazoo.handlers.threading import KazooTimeoutError
+from kazoo.protocol.states import KeeperState
 
 from neti import __version__
 from neti.config import Config
 from neti.errors import RegistryError
-from neti.fleet import Fleet
-from neti.identity import Identity
-from neti.registry import addr
+from neti.fleet import addr
+from neti.fleet.index import FleetChange, FleetIndex
+from neti.fleet.model import Fleet
+from neti.fleet.screen import build_fleet
+from neti.identity import Identity, lan_of
+from neti.registry import attest, kazooext
 from neti.registry.acl import AclPolicy, Ownership
 from neti.registry.claims import ClaimReport, OverlayClaims
+from neti.registry.client import (
+    BoundedConnectHandler,
+    auth_data,
+    diagnose,
+    make_client,
+    quiet_kazoo,
+    stop_client,
+    tls_context,
+)
 from neti.registry.context import FleetContext, token
-from neti.registry.guard import MaxChange
-from neti.registry.index import FleetChange, FleetIndex
+from neti.registry.maxchange import MaxChangeNode
 from neti.registry.membership import Membership
 from neti.registry.paths import RELEASE_NODE, Paths
 from neti.registry.revoked import RevokedList
-from neti.registry.snapshot import build_fleet
 from neti.registry.survey import Finding, Pruned, Survey, prune, read_tree, survey
 from neti.registry.tree import LockedPrefix
 from neti.registry.verify import AttestCheck, Verifier
@@ -143,7 +164,7 @@ class _Host(Protocol):
 
 
 class Registry:
-    """Claims, membership, fleet reads and the max-change guard over one KazooClient."""
+    """Claims, membership, fleet reads and the guard's maxchange node over one KazooClient."""
 
     # Re-verify a cached member entry after this many resync intervals (verify.py).
     RECHECK_RESYNCS = 10
@@ -175,7 +196,9 @@ class Registry:
         self.membership = Membership(
             client, cfg, self.paths.members, self.paths.legacy, acl=self.acl
         )
-        self._guard = MaxChange(client, self.paths.max_change, cfg.max_change_default, acl=self.acl)
+        self._max_change = MaxChangeNode(
+            client, self.paths.max_change, cfg.max_change_default, acl=self.acl
+        )
         self._tree = LockedPrefix(client, self.paths, self.acl)
         self._revoked = RevokedList(client, self.paths.revoked, acl=self.acl)
         self._claims.revoked_ids = self._revoked.get  # the pool's report names revoked owners
@@ -260,8 +283,8 @@ class Registry:
         return self._claims.claims()
 
     @_zk_errors("releasing an overlay IP claim", "id_to_ip")
-    def release(self, instance_id: str) -> IPv4Address | None:
-        return self._claims.release(instance_id)
+    def release_claim(self, instance_id: str) -> IPv4Address | None:
+        return self._claims.release_claim(instance_id)
 
     # --- membership ---
     @_zk_errors("joining the fleet", "members")
@@ -278,6 +301,12 @@ class Registry:
             self.membership.join(identity, overlay_ip, version, wg_key, wg_port)
         except ValueError as exc:
             raise RegistryError(str(exc)) from None
+
+    @_zk_errors("re-creating this host's member nodes", "members")
+    def restore_own_nodes(self) -> bool:
+        """Re-create this host's member nodes that are gone (someone deleted them, or the
+        whole container: fleet_context's ``own_nodes`` says); True if one was."""
+        return self.membership.ensure()
 
     @_zk_errors("leaving the fleet")
     def leave(self) -> None:
@@ -323,7 +352,7 @@ class Registry:
         self.skip_log.flush()
         return fleet
 
-    # --- the fleet by its changes (watch.py, index.py; docs/decisions.md) ---
+    # --- the fleet by its changes (watch.py, neti/fleet/index.py; docs/decisions.md) ---
     # Tests set this to exercise the path taken against servers without addWatch.
     force_watch_fallback = False
 
@@ -435,13 +464,13 @@ class Registry:
         ``maxchange`` (its Stat and data), the revoked list's and the release node's Stats.
         Each read re-arms a one-shot watch calling ``on_event``. The revoked list itself is
         read only when its node changed since the last read (one more round trip then); a
-        missing ``maxchange`` is created with the default (MaxChange.value_of).
+        missing ``maxchange`` is created with the default (MaxChangeNode.value_of).
         """
         end = time.monotonic() + self._call_timeout()
         container = self._exists_watched(self.paths.members, on_event)
         seats = [self._exists_watched(s.path, on_event) for s in self.membership.seats]
-        guard = self._exists_watched(self.paths.max_change, on_event)
-        guard_data = self.client.get_async(self.paths.max_change)
+        limit = self._exists_watched(self.paths.max_change, on_event)
+        limit_data = self.client.get_async(self.paths.max_change)
         revoked = self._exists_watched(self.paths.revoked, on_event)
         release = self._exists_watched(self.cfg.path(RELEASE_NODE), on_event)
         session = self.session_id
@@ -450,9 +479,9 @@ class Registry:
         for result in seats:
             stat = self._bounded(result, end)
             own = own and stat is not None and stat.ephemeralOwner == session
-        self._bounded(guard, end)
+        self._bounded(limit, end)
         try:
-            data: bytes | None = self._bounded(guard_data, end)[0]
+            data: bytes | None = self._bounded(limit_data, end)[0]
         except NoNodeError:
             data = None
         revoked_token = token(self._bounded(revoked, end))
@@ -460,8 +489,8 @@ class Registry:
         return FleetContext(
             container_missing=missing,
             own_nodes=own,
-            max_change=self._guard.value_of(data),
-            max_change_problem=self._guard.problem,
+            max_change=self._max_change.value_of(data),
+            max_change_problem=self._max_change.problem,
             revoked=self._revoked.get(revoked_token, known=True),
             release_token=release_token,
         )
@@ -487,8 +516,8 @@ class Registry:
         cid = self.client.client_id
         if not cid or not cid[0]:
             return None
-        negotiated = getattr(self.client, "_session_timeout", 0) / 1000
-        return int(cid[0]), bytes(cid[1]), float(negotiated or self.cfg.zk_session_timeout)
+        negotiated = kazooext.session_timeout(self.client)
+        return int(cid[0]), bytes(cid[1]), negotiated or float(self.cfg.zk_session_timeout)
 
     def prepare_stop(self, timeout: float) -> None:
         """After abort(): the leave/close that follows gets calls again, each bounded so
@@ -501,8 +530,6 @@ class Registry:
     def drop(self, wait: float = 0.0) -> bool:
         """End the connection without leaving (ephemeral nodes stay until the session expires
         or is resumed), waiting at most ``wait``; True if it finished in time."""
-        from neti.registry.client import stop_client
-
         return stop_client(self.client, wait)
 
     def abort(self) -> None:
@@ -513,11 +540,11 @@ class Registry:
     def host_context(self, me: _Host) -> addr.HostContext:
         """What makes a member target bad for ``me`` (addr.HostContext); LAN read once."""
         if me.private_ip not in self._lans:
-            self._lans = {me.private_ip: addr.lan_of(me.private_ip)}
+            self._lans = {me.private_ip: lan_of(me.private_ip)}
         return addr.HostContext(
             overlay_subnet=self.cfg.overlay_subnet,
             own=frozenset({me.private_ip, me.public_ip}),
-            zookeeper=addr.zookeeper_ips_for(self.cfg, me.network),
+            zookeeper=self.cfg.zookeeper_ips(me.network),
             lan=self._lans[me.private_ip],
         )
 
@@ -546,22 +573,41 @@ class Registry:
         """How long one call (or one flight of calls sent together) may wait."""
         return float(getattr(self.client, "call_timeout", None) or self._deadline)
 
-    # --- guard ---
+    # --- the guard's maxchange node (maxchange.py) ---
     @_zk_errors("reading the max-change guard", "max_change")
     def max_change(self) -> int:
-        return self._guard.get()
+        return self._max_change.get()
 
     @property
     def max_change_problem(self) -> str | None:
         """Why the last max_change() read fell back to the default, or None."""
-        return getattr(self._guard, "problem", None)
+        return getattr(self._max_change, "problem", None)
 
     @_zk_errors("setting the max-change guard", "max_change")
     def set_max_change(self, n: int) -> None:
         try:
-            self._guard.set(n)
+            self._max_change.set(n)
         except ValueError as exc:
             raise RegistryError(str(exc)) from None
+
+    @_zk_errors("writing the guard-release node")
+    def request_guard_release(self, note: bytes) -> int:
+        """Bump the release node (``neti fleet release-guard``): every agent lets what its
+        guard holds at that moment through, once. Created with the maxchange ACL (operators
+        alone may write it), whatever kazoo's default. ``note``: its data (who, when).
+        Returns the node's version."""
+        path, client = self.cfg.path(RELEASE_NODE), self.client
+        try:
+            stat = client.retry(client.set, path, note)
+        except NoNodeError:
+            try:
+                client.retry(
+                    client.create, path, note, acl=self.acl.operators_write(), makepath=True
+                )
+            except NodeExistsError:
+                client.retry(client.set, path, note)
+            stat = client.retry(client.exists, path)
+        return int(stat.version) if stat is not None else 0
 
     # --- revoked instances (revoked.py) ---
     @_zk_errors("reading the revoked instances", "revoked")
@@ -600,3 +646,62 @@ class Registry:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# Longest a failed start waits for kazoo's threads to stop (they finish in the background).
+STOP_WAIT = 1.0
+
+
+def connect(
+    cfg: Config,
+    network: str,
+    timeout: float | None = None,
+    acl: AclPolicy | None = None,
+    client_id: tuple[int, bytes] | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> Registry:
+    """A started Registry for ``network``'s ZooKeeper.
+
+    RegistryAccessError (exit 2, not retried by the agent) for unusable TLS/credential files
+    and refused credentials; RegistryError naming the hosts when they cannot be reached.
+    ``client_id`` resumes that session (kazoo starts a fresh one if the server refuses it);
+    ``cancel`` is polled every 0.1 s: when it returns True the attempt ends (RegistryError).
+    """
+    quiet_kazoo()
+    hosts = ",".join(cfg.zk_hosts_for(network))
+    policy = acl if acl is not None else AclPolicy.from_config(cfg)
+    ctx = tls_context(cfg)
+    hook = attest.attest_check_for(cfg)
+    client = make_client(cfg, network, ctx, auth_data(cfg), policy.container(), client_id)
+    wait = timeout if timeout is not None else cfg.zk_session_timeout
+    handler = client.handler
+    event = client.start_async()
+    deadline = time.monotonic() + wait
+    while not event.wait(0.1):
+        if client.client_state == KeeperState.AUTH_FAILED:
+            break
+        if isinstance(handler, BoundedConnectHandler) and handler.tls_failures:
+            # Every host refused the handshake: no need to wait out the whole timeout.
+            if len(handler.tls_failures) >= len(client.hosts):
+                break
+        if time.monotonic() >= deadline:
+            break
+        if cancel is not None and cancel():
+            stop_client(client, STOP_WAIT)
+            raise RegistryError("connecting to ZooKeeper cancelled: stopping")
+    if not client.connected:
+        state = client.client_state
+        stop_client(client, STOP_WAIT)
+        diagnose(cfg, client, ctx, state)
+        hint = ""
+        if isinstance(handler, BoundedConnectHandler) and handler.tls_cut_short:
+            hint = (
+                "; TLS handshakes with "
+                + ",".join(sorted(handler.tls_cut_short))
+                + " were cut short: a plaintext clientPort, or a proxy with no server behind it?"
+            )
+        raise RegistryError(
+            f"cannot reach ZooKeeper at {hosts} within {wait:g}s (network {network!r}; "
+            f"check zk_hosts and that the servers are up){hint}"
+        )
+    return Registry(client, cfg, acl=policy, attest_check=hook)

@@ -1,6 +1,6 @@
 """Live membership: one ephemeral node per host, kept alive across session expiry.
 
-The member's fields live in the node *name* (see codec.py) so a single get_children lists
+The member's fields live in the node *name* (see neti/fleet/names.py) so a single get_children lists
 the whole fleet. Every node we create gets a fresh nonce in its name (nobody can create it
 first) and, with a client certificate, a record signed for the session that creates it
 (attest.py: a copy under another session is refused). Ephemeral nodes die with their session;
@@ -24,13 +24,13 @@ from kazoo.security import ACL
 
 from neti.config import Config
 from neti.errors import RegistryError
-from neti.fleet import Member
+from neti.fleet import legacy as legacy_codec
+from neti.fleet.addr import MalformedEntry
+from neti.fleet.model import Member
+from neti.fleet.names import V1, decode_member, encode_member, member_prefix, new_nonce
 from neti.identity import Identity
 from neti.registry import attest
-from neti.registry import legacy as legacy_codec
 from neti.registry.acl import AclPolicy
-from neti.registry.addr import MalformedEntry
-from neti.registry.codec import V1, decode_member, encode_member, member_prefix, new_nonce
 
 log = logging.getLogger(__name__)
 
@@ -260,58 +260,10 @@ class Membership:
                 self.ensure()
                 return member
             if self.seats and self.member is not None and _unkeyed(member) == _unkeyed(self.member):
-                # Only the key changed (a rotation): the same node, its record rewritten in
-                # place. (A new node could not replace the old one on a secured registry,
-                # where a host may not delete its own nodes: peers would see both.)
-                old = self.member, self._fields
-                self.member, self._fields = member, fields
-                try:
-                    self.seats[0].refresh()
-                except BaseException:
-                    # Not written: the next join tries again (it would otherwise find itself
-                    # already joined with this key and only check that the node exists).
-                    self.member, self._fields = old
-                    raise
+                self._rekey(member, fields)
                 return member
-        prefix = member_prefix(member.instance_id)
-
-        def fresh() -> str:
-            return encode_member(member, new_nonce())
-
-        def same(child: str) -> bool:
-            try:
-                return child.startswith(prefix) and decode_member(child) == member
-            except MalformedEntry:
-                return False
-
-        seats = [
-            EphemeralSeat(
-                self.client,
-                self.members_path,
-                fresh(),
-                lambda child: child.startswith(prefix),
-                data=lambda name, session: self._record(name, session, self._fields),
-                renew=fresh,
-                # A node found under another name holds a record made then: adopted only
-                # when the record carries nothing the name does not (no key that may be old).
-                adopt=lambda child: not self._fields and same(child),
-                **self._seat_acls(),
-            )
-        ]
-        optional = []
-        if self.cfg.v1_members == "publish":
-            v1 = encode_member(member)
-            v1_prefix = member_prefix(member.instance_id, V1)
-            optional.append(
-                EphemeralSeat(
-                    self.client,
-                    self.members_path,
-                    v1,
-                    lambda child: child.startswith(v1_prefix),
-                    data=self._record(v1, 0),
-                    **self._seat_acls(),
-                )
-            )
+        seats = [self._member_seat(member)]
+        optional = [self._v1_seat(member)] if self.cfg.v1_members == "publish" else []
         if self.cfg.publish_legacy:
             seat = self._legacy_seat(member)
             if seat is not None:
@@ -326,6 +278,60 @@ class Membership:
                 self.client.add_listener(self._on_state)
                 self._listening = True
         return member
+
+    def _rekey(self, member: Member, fields: dict[str, str]) -> None:
+        """Only the key changed (a rotation): the same node, its record rewritten in place.
+        (A new node could not replace the old one on a secured registry, where a host may
+        not delete its own nodes: peers would see both.)"""
+        old = self.member, self._fields
+        self.member, self._fields = member, fields
+        try:
+            self.seats[0].refresh()
+        except BaseException:
+            # Not written: the next join tries again (it would otherwise find itself already
+            # joined with this key and only check that the node exists).
+            self.member, self._fields = old
+            raise
+
+    def _member_seat(self, member: Member) -> EphemeralSeat:
+        """This host's v2 member node: a fresh nonce in every name it creates; after a
+        restart it adopts a node of ours that names the same member."""
+        prefix = member_prefix(member.instance_id)
+
+        def fresh() -> str:
+            return encode_member(member, new_nonce())
+
+        def same(child: str) -> bool:
+            try:
+                return child.startswith(prefix) and decode_member(child) == member
+            except MalformedEntry:
+                return False
+
+        return EphemeralSeat(
+            self.client,
+            self.members_path,
+            fresh(),
+            lambda child: child.startswith(prefix),
+            data=lambda name, session: self._record(name, session, self._fields),
+            renew=fresh,
+            # A node found under another name holds a record made then: adopted only when
+            # the record carries nothing the name does not (no key that may be old).
+            adopt=lambda child: not self._fields and same(child),
+            **self._seat_acls(),
+        )
+
+    def _v1_seat(self, member: Member) -> EphemeralSeat:
+        """The v1 name older agents read (``v1_members: publish``)."""
+        v1 = encode_member(member)
+        v1_prefix = member_prefix(member.instance_id, V1)
+        return EphemeralSeat(
+            self.client,
+            self.members_path,
+            v1,
+            lambda child: child.startswith(v1_prefix),
+            data=self._record(v1, 0),
+            **self._seat_acls(),
+        )
 
     def _ensure_optional(self) -> None:
         for seat in self.optional:

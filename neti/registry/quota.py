@@ -198,20 +198,7 @@ def plan(
     RegistryError when another quota is in the way (on an ancestor or a descendant of the
     prefix: ZooKeeper checks only the nearest one)."""
     out = LimitsPlan(quota)
-    for a in ancestors(prefix):
-        if client.exists(f"{quota_path(a).rstrip('/')}/{LIMITS}") is not None:
-            raise RegistryError(
-                f"a ZooKeeper quota is set on {a}, which contains {prefix}: ZooKeeper allows "
-                f"one quota per path; remove it (zkCli: delquota {a}) or keep it and leave "
-                "the prefix's quota to it"
-            )
-    qpath = quota_path(prefix)
-    nested = _nested_quotas(client, qpath)
-    if nested:
-        raise RegistryError(
-            f"a ZooKeeper quota is set on {nested[0]}, inside {prefix}: ZooKeeper allows one "
-            f"quota per path; remove it (zkCli: delquota {nested[0]})"
-        )
+    qpath = _only_quota(client, prefix)
     try:
         data, _ = client.get(f"{qpath}/{LIMITS}")
     except NoNodeError:
@@ -228,7 +215,40 @@ def plan(
             out.usage = (counted["count"], counted["bytes"])
     except NoNodeError:
         pass
-    # The quota's own nodes: writable by anyone by default, so a host could delete them.
+    _plan_locks(client, prefix, qpath, policy, lock_root, out)
+    return out
+
+
+def _only_quota(client: KazooClient, prefix: str) -> str:
+    """The quota node of ``prefix``; RegistryError when a quota above or below it is in the
+    way (ZooKeeper allows one quota per path)."""
+    for a in ancestors(prefix):
+        if client.exists(f"{quota_path(a).rstrip('/')}/{LIMITS}") is not None:
+            raise RegistryError(
+                f"a ZooKeeper quota is set on {a}, which contains {prefix}: ZooKeeper allows "
+                f"one quota per path; remove it (zkCli: delquota {a}) or keep it and leave "
+                "the prefix's quota to it"
+            )
+    qpath = quota_path(prefix)
+    nested = _nested_quotas(client, qpath)
+    if nested:
+        raise RegistryError(
+            f"a ZooKeeper quota is set on {nested[0]}, inside {prefix}: ZooKeeper allows one "
+            f"quota per path; remove it (zkCli: delquota {nested[0]})"
+        )
+    return qpath
+
+
+def _plan_locks(
+    client: KazooClient,
+    prefix: str,
+    qpath: str,
+    policy: AclPolicy,
+    lock_root: bool,
+    out: LimitsPlan,
+) -> None:
+    """The ACL changes that lock the quota's own nodes (writable by anyone by default, so a
+    host could delete them) and the nodes outside the prefix the fleet could create under."""
     parts = prefix.strip("/").split("/")
     quota_nodes = [QUOTA_ROOT] + [
         f"{QUOTA_ROOT}/" + "/".join(parts[:i]) for i in range(1, len(parts) + 1)
@@ -252,7 +272,6 @@ def plan(
         note = "outside the prefix: no quota applies there" if path in outside else ""
         out.changes.append(LimitChange(path, "acl", acl_text(acls), acl_text(want), note))
         out._acls[path] = want
-    return out
 
 
 def apply(client: KazooClient, limits: LimitsPlan, policy: AclPolicy) -> list[LimitChange]:

@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from kazoo.client import KazooClient
 from kazoo.exceptions import BadVersionError, NodeExistsError, NoNodeError
 
-from neti.registry import addr
+from neti.fleet import addr
 from neti.registry.acl import AclPolicy
 from neti.registry.quota import MAX_REQUEST_BYTES
 
@@ -83,7 +83,7 @@ class RevokedList:
     def __init__(self, client: KazooClient, path: str, acl: AclPolicy | None = None):
         self.client = client
         self.path = path
-        self.acl = (acl or AclPolicy()).guard()
+        self.acl = (acl or AclPolicy()).operators_write()
         self.ids: frozenset[str] = frozenset()
         self.problem: str | None = None  # why (part of) the node was not used, for status
         self._token: tuple[int, int] | None = None  # (czxid, mzxid) of what ``ids`` holds

@@ -31,10 +31,10 @@ from typing import Any
 
 from kazoo.exceptions import BadVersionError, NoAuthError, NoNodeError, NotEmptyError
 
-from neti.registry import addr
+from neti.fleet import addr
+from neti.fleet.addr import MalformedEntry
+from neti.fleet.names import decode_member
 from neti.registry.acl import Ownership, id_name, takeable
-from neti.registry.addr import MalformedEntry
-from neti.registry.codec import decode_member
 from neti.registry.paths import Paths
 from neti.registry.verify import MAX_CLAIM_DATA
 

@@ -3,15 +3,15 @@
 Why: a prefix that grants fleet identities CREATE lets any host create a missing operator
 node (``maxchange``, ``guard-release``) with its own value - switch every guard off, release
 every hold. ``neti fleet secure`` locks the prefix, but on an empty ensemble (a first start,
-a wiped one) the first agent used to create the prefix with the containers' ACL and leave it
-open until an operator ran ``neti fleet secure`` again. Now that agent creates the prefix with
-the locked ACL plus ALL for itself, creates the containers agents need (members, id-to-ip,
-ip-to-id, ip-map), then sets the prefix's ACL to the locked one, dropping its own rights.
-``maxchange`` and ``guard-release`` stay for an operator to create (``neti fleet secure``);
-until then agents use the default and ``neti status`` says why.
+a wiped one) the first agent creates it. Were that with the containers' ACL, the prefix
+would stay open until an operator ran ``neti fleet secure`` again. So that agent creates the
+prefix with the locked ACL plus ALL for itself, creates the containers agents need
+(members, id-to-ip, ip-to-id, ip-map), then sets the prefix's ACL to the locked one,
+dropping its own rights. ``maxchange`` and ``guard-release`` stay for an operator to create
+(``neti fleet secure``); until then agents use the default and ``neti status`` says why.
 
 Without operators configured nobody could ever write a locked prefix, so then it is created
-as before (the containers' ACL) and a warning says to configure ``zk_acl.operators``.
+with the containers' ACL and a warning says to configure ``zk_acl.operators``.
 """
 
 from __future__ import annotations

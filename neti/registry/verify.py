@@ -42,16 +42,18 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from kazoo.exceptions import NoAuthError, NoNodeError
 from kazoo.handlers.threading import KazooTimeoutError
 
-from neti.fleet import Member
-from neti.registry import addr, attest
+from neti.fleet import addr
+from neti.fleet.addr import MalformedEntry
+from neti.fleet.model import Member
+from neti.fleet.screen import OK, Candidate, Verdict
+from neti.registry import attest
 from neti.registry.acl import Ownership
-from neti.registry.addr import MalformedEntry
 from neti.registry.attest import MAX_RECORD
 
 # (node name, node data, the node's ephemeralOwner) -> None, or "<reason>: <text>".
@@ -66,44 +68,6 @@ _MAX_HOOK_TEXT = 200
 # instance ID. Anything larger is refused before it is looked at.
 MAX_DATA = MAX_RECORD
 MAX_CLAIM_DATA = 256  # a claim holds an address or an instance ID; more is not a claim
-
-
-@dataclass(frozen=True, slots=True)
-class Candidate:
-    """A parsed entry to verify: ``parent`` is the members or ip-map path it was listed under."""
-
-    parent: str
-    name: str
-    member: Member
-
-    @property
-    def key(self) -> tuple[str, str]:
-        return (self.parent, self.name)
-
-
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    """None ``code``: the entry may be programmed; else a reason code and its text.
-    ``wg_key``/``wg_port``: the WireGuard key and port of a passing entry's signed record."""
-
-    code: str | None = None
-    text: str = ""
-    wg_key: str = ""
-    wg_port: int = 0
-
-    @property
-    def ok(self) -> bool:
-        return self.code is None
-
-
-OK = Verdict()
-
-
-def keyed(c: Candidate, v: Verdict | None) -> Candidate:
-    """``c`` with the WireGuard key and port its passing verdict verified (if any)."""
-    if v is None or not v.wg_key:
-        return c
-    return replace(c, member=replace(c.member, wg_key=v.wg_key, wg_port=v.wg_port))
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,7 +147,7 @@ class Verifier:
         """Verdicts for these candidates, reading those not cached, and for ``again``, read
         in any case (their node changed); all reads are issued together.
 
-        Unlike verify() it leaves every other cached verdict alone: the index (index.py)
+        Unlike verify() it leaves every other cached verdict alone: the index (neti/fleet/index.py)
         asks about the names that changed, not the whole fleet. Nothing is cached unless
         every read answered, so a failure leaves the cache as it was (the index's
         transaction relies on it).

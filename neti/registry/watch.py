@@ -4,13 +4,14 @@ ZooKeeper >= 3.6 has ``addWatch`` (opcode 106; request: path, mode; reply: heade
 error code): a watch that stays armed and, in PERSISTENT_RECURSIVE mode, reports every node
 created, deleted or changed under the path, one event per node. kazoo 2.11 has no API for
 it, and its connection reader hands events only to its own one-shot watchers by exact path.
-``WatchHub`` is the small extension: it sends AddWatch through kazoo's request queue and
-wraps the connection's event reader so that events under a registered root are queued, in
-the order the reader saw them, next to a sequence number; replies to our own list/stat
-calls record the sequence number they were read at (``marked``), so the agent's thread
-knows which queued events a list already reflects.
+``WatchHub`` is the small extension (its kazoo internals are kazooext.py's): it sends
+AddWatch through kazoo's request queue and taps the connection's event reader so that
+events under a registered root are queued, in the order the reader saw them, next to a
+sequence number; replies to our own list/stat calls record the sequence number they were
+read at (``marked``), so the agent's thread knows which queued events a list already
+reflects.
 
-``FleetWatch`` keeps a FleetIndex (index.py) equal to ZooKeeper from those events:
+``FleetWatch`` keeps a FleetIndex (neti/fleet/index.py) equal to ZooKeeper from those events:
 
 - an event under a container: one name added, removed or re-verified; the container's
   ``cversion`` (+1 per child created or deleted) and child count are tracked;
@@ -40,15 +41,13 @@ from typing import Any, Protocol
 
 from kazoo.exceptions import NoNodeError, UnimplementedError
 from kazoo.protocol.connection import CHANGED_EVENT, CREATED_EVENT, DELETED_EVENT
-from kazoo.protocol.paths import _prefix_root
-from kazoo.protocol.serialization import Exists, GetChildren2, Watch, int_struct, write_string
 from kazoo.protocol.states import EVENT_TYPE_MAP, Callback, KazooState, WatchedEvent
 
-from neti.registry.index import FleetChange, FleetIndex, NameChange
+from neti.fleet.index import FleetChange, FleetIndex, NameChange
+from neti.registry import kazooext
 
 log = logging.getLogger(__name__)
 
-ADD_WATCH = 106
 PERSISTENT = 0
 PERSISTENT_RECURSIVE = 1
 # Events kept before the agent drains them; beyond this the queue is dropped and the next
@@ -61,27 +60,6 @@ _HDR, _STAT, _STR = 16, 68, 4
 HIDDEN_POLL = 3.0
 
 
-class AddWatch:
-    """kazoo request object for addWatch (the shape of kazoo.protocol.serialization's)."""
-
-    type = ADD_WATCH
-
-    def __init__(self, path: str, mode: int):
-        self.path = path
-        self.mode = mode
-        self.watcher = None  # kazoo's reader looks for this attribute
-
-    def serialize(self) -> bytearray:
-        b = bytearray()
-        b.extend(write_string(self.path))
-        b.extend(int_struct.pack(self.mode))
-        return b
-
-    @classmethod
-    def deserialize(cls, buf: bytes, offset: int) -> bool:
-        return True  # an ErrorResponse(0): nothing to read
-
-
 @dataclass(frozen=True, slots=True)
 class Event:
     seq: int
@@ -92,9 +70,9 @@ class Event:
 class WatchHub:
     """Per-client: queues watch events under registered roots, in reader order.
 
-    Installed once per KazooClient (``WatchHub.of``); the wrap of the connection's
-    ``_read_watch_event`` parses the event (kazoo's Watch), queues it when its path is a root
-    or under one, then lets kazoo's own dispatch run unchanged.
+    Installed once per KazooClient (``WatchHub.of``); the tap on the connection's event
+    reader (kazooext.tap_watch_events) queues an event when its path is a root or under one,
+    then lets kazoo's own dispatch run unchanged.
     """
 
     def __init__(self, client: Any):
@@ -108,31 +86,17 @@ class WatchHub:
         self.local: dict[str, list[Callable[..., object]]] = {}
         self.notify: Callable[[], object] | None = None
         self._notified = False
-        conn = client._connection
-        original = conn._read_watch_event
-
-        def read_watch_event(buffer: bytes, offset: int) -> Any:
-            try:
-                self._see(buffer, offset)
-            except Exception:  # noqa: BLE001 - never break kazoo's reader
-                log.exception("persistent watch: cannot read an event")
-            return original(buffer, offset)
-
-        conn._read_watch_event = read_watch_event
+        kazooext.tap_watch_events(client, self._see)
 
     @classmethod
     def of(cls, client: Any) -> WatchHub:
-        hub = getattr(client, "_neti_watch_hub", None)
-        if hub is None:
-            hub = cls(client)
-            client._neti_watch_hub = hub
+        hub: WatchHub = kazooext.attached(client, cls)
         return hub
 
-    def _see(self, buffer: bytes, offset: int) -> None:
-        watch, _ = Watch.deserialize(buffer, offset)
-        if watch.type not in (CREATED_EVENT, DELETED_EVENT, CHANGED_EVENT):
+    def _see(self, kind: int, server_path: str) -> None:
+        if kind not in (CREATED_EVENT, DELETED_EVENT, CHANGED_EVENT):
             return
-        path = self.client.unchroot(watch.path)
+        path = self.client.unchroot(server_path)
         if not any(path == r or path.startswith(r + "/") for r in self.roots):
             return
         notify = None
@@ -143,14 +107,14 @@ class WatchHub:
                 self.queue.clear()
                 self.overflow = True
             else:
-                self.queue.append(Event(self.seq, watch.type, path))
+                self.queue.append(Event(self.seq, kind, path))
             if not self._notified:
                 self._notified = True
                 notify = self.notify
         if notify is not None:
             notify()
         if fire:
-            ev = WatchedEvent(EVENT_TYPE_MAP[watch.type], self.client._state, path)
+            ev = WatchedEvent(EVENT_TYPE_MAP[kind], kazooext.client_state(self.client), path)
             for fn in fire:
                 self.client.handler.dispatch_callback(Callback("watch", fn, (ev,)))
 
@@ -192,32 +156,30 @@ class WatchHub:
     def marked(self) -> Any:
         """An AsyncResult that remembers ``seq`` when kazoo's reader sets its reply."""
         result = self.client.handler.async_result()
-        set_value = result.set
-
-        def set_marked(value: Any = None) -> None:
-            result.mark = self.seq
-            set_value(value)
-
-        result.set = set_marked
         result.mark = None
+
+        def mark() -> None:
+            result.mark = self.seq
+
+        kazooext.on_set(result, mark)
         return result
 
     def add_watch(self, path: str, mode: int = PERSISTENT_RECURSIVE) -> Any:
         self.roots.add(path)
         result = self.client.handler.async_result()
-        self.client._call(AddWatch(_prefix_root(self.client.chroot, path), mode), result)
+        kazooext.add_watch(self.client, path, mode, result)
         return result
 
     def children_stat(self, path: str) -> Any:
         """getChildren2 (names + the container's Stat), marked."""
         result = self.marked()
-        self.client._call(GetChildren2(_prefix_root(self.client.chroot, path), None), result)
+        kazooext.children_stat(self.client, path, result)
         return result
 
     def stat(self, path: str) -> Any:
         """exists (the container's Stat or None), marked."""
         result = self.marked()
-        self.client._call(Exists(_prefix_root(self.client.chroot, path), None), result)
+        kazooext.stat(self.client, path, result)
         return result
 
 

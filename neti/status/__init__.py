@@ -12,9 +12,15 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from neti import dataplane
 from neti import state as state_mod
 from neti.config import Config
-from neti.status.report import KernelView, Report, evaluate
+from neti.dataplane import conntrack
+from neti.dataplane.system import System
+from neti.errors import NetiError
+from neti.registry import attest
+from neti.status.kernel import compare
+from neti.status.report import KernelView, Report, ago, evaluate
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +65,6 @@ def kernel_view(
 ) -> KernelView:
     """Ask the dataplane backend what the kernel holds and compare it with the saved state
     (``refresh``: status/kernel.py)."""
-    from neti import dataplane
-    from neti.dataplane import conntrack
-    from neti.dataplane.system import System
-    from neti.errors import NetiError
-
     view = KernelView()
     backend = None
     try:
@@ -76,8 +77,6 @@ def kernel_view(
     view.conntrack_count, view.conntrack_max = usage.count, usage.max
     if backend is None:
         return view
-    from neti.status.kernel import compare
-
     compare(view, backend, cfg, state, refresh, agent_pid=agent_pid)
     return view
 
@@ -199,92 +198,12 @@ def to_dict(r: Report) -> dict[str, Any]:
 
 
 def render_text(r: Report) -> str:
-    from neti.status.report import ago
-
     lines = [r.headline()]
     s, k = r.state, r.kernel
-    if s and s.identity:
-        i = s.identity
-        lines.append(
-            f"identity:       {i.instance_id} (network {i.network}, private "
-            f"{i.private_ip}, public {i.public_ip})"
-        )
     if s:
-        lines.append(f"overlay ip:     {s.overlay_ip or '-'}")
-        lines.append(
-            f"agent:          pid {r.agent_pid or s.pid} "
-            f"{'running' if r.agent_alive else 'NOT running'}, neti {s.version}"
-        )
-        if r.runtime is not None and r.runtime.state_error:
-            lines.append(f"state file:     NOT written: {r.runtime.state_error}")
-        zk = s.zookeeper
-        since = f" since {ago(r.now - zk.since)}" if zk.since else ""
-        lines.append(
-            f"zookeeper:      {zk.state}{since} ({','.join(zk.hosts) or '-'})"
-            + (f", {zk.session_expiries} session expiries" if zk.session_expiries else "")
-        )
-        by_net = s.fleet.by_network() if s.fleet else {}
-        nets = " ".join(f"{n}={c}" for n, c in by_net.items()) or "-"
-        total = len(s.fleet.members) if s.fleet else 0
-        lines.append(f"members:        {total} ({nets})")
-        lr = s.last_reconcile
-        if lr.at:
-            extra = f": {lr.error}" if lr.error else ""
-            lines.append(
-                f"last reconcile: {lr.result} ({lr.reason}) {ago(r.now - lr.at)}, "
-                f"took {lr.duration:.3f}s{extra}"
-            )
-        else:
-            lines.append("last reconcile: never")
-        g = s.guard
-        mc = g.max_change if g.max_change is not None else "?"
-        lim = f", limit {g.limit} in window" if g.limit is not None else ""
-        if g.held:
-            lines.append(
-                f"guard:          HOLDING {g.would_remove} removals ({g.reason or 'held'}) "
-                f"since {ago(r.now - (g.since or r.now))} (maxchange {mc}{lim}): "
-                + ", ".join(g.removed[:5])
-                + (" ..." if len(g.removed) > 5 else "")
-            )
-        else:
-            settling = f", {g.settling} removals settling" if g.settling else ""
-            lines.append(f"guard:          ok (maxchange {mc}{lim}{settling})")
-        if g.max_change_problem:
-            lines.append(f"maxchange:      refused ({g.max_change_problem}); default in use")
-        if g.revoked:
-            lines.append(f"revoked:        {g.revoked} instance IDs (neti fleet revoked)")
-        if s.skipped:
-            by = " ".join(f"{k}={v}" for k, v in sorted(s.skipped_by_reason.items()))
-            lines.append(
-                f"skipped:        {s.skipped} registry entries" + (f" ({by})" if by else "")
-            )
-        if s.tagging and not s.tagging.startswith("skipped"):
-            lines.append(f"ec2 tags:       {s.tagging}")
+        lines.extend(_state_lines(r, s))
     if k:
-        if k.error:
-            lines.append(f"kernel:         cannot read: {k.error}")
-        elif k.chains_missing or k.drift:
-            lines.append(
-                "kernel:         DRIFTED: "
-                + "; ".join([f"missing {c}" for c in k.chains_missing] + k.drift)
-            )
-            lines.extend(f"  {d}" for d in k.diff[:12])
-        elif k.not_compared:
-            lines.append(f"kernel:         not compared: {k.not_compared}")
-        else:
-            size = f", {k.set_size} allowed sources" if k.set_size is not None else ""
-            mode = f", {k.mode} mode" if k.mode else ""
-            lines.append(f"kernel:         matches{size}{mode}")
-        for rule in k.ahead[:10]:
-            lines.append(f"ahead of neti:  {rule}")
-        if k.drops_by_source:
-            top = sorted(k.drops_by_source.items(), key=lambda kv: -kv[1])[:10]
-            label = "dropped:      " if k.mode == "reject" else "audit drops:  "
-            lines.append(f"{label}  " + ", ".join(f"{src}={n}" for src, n in top))
-        if k.conntrack_count is not None:
-            mx = k.conntrack_max or "?"
-            pct = f" ({k.conntrack_count / k.conntrack_max:.0%})" if k.conntrack_max else ""
-            lines.append(f"conntrack:      {k.conntrack_count}/{mx}{pct}")
+        lines.extend(_kernel_lines(k))
     bad = [c for c in r.checks if c.level]
     if bad:
         lines.append("problems:")
@@ -292,11 +211,105 @@ def render_text(r: Report) -> str:
     return "\n".join(lines)
 
 
+def _state_lines(r: Report, s: state_mod.AgentState) -> list[str]:
+    """What the state file says: who, the agent, ZooKeeper, the fleet, the last reconcile."""
+    lines = []
+    if s.identity:
+        i = s.identity
+        lines.append(
+            f"identity:       {i.instance_id} (network {i.network}, private "
+            f"{i.private_ip}, public {i.public_ip})"
+        )
+    lines.append(f"overlay ip:     {s.overlay_ip or '-'}")
+    lines.append(
+        f"agent:          pid {r.agent_pid or s.pid} "
+        f"{'running' if r.agent_alive else 'NOT running'}, neti {s.version}"
+    )
+    if r.runtime is not None and r.runtime.state_error:
+        lines.append(f"state file:     NOT written: {r.runtime.state_error}")
+    zk = s.zookeeper
+    since = f" since {ago(r.now - zk.since)}" if zk.since else ""
+    lines.append(
+        f"zookeeper:      {zk.state}{since} ({','.join(zk.hosts) or '-'})"
+        + (f", {zk.session_expiries} session expiries" if zk.session_expiries else "")
+    )
+    by_net = s.fleet.by_network() if s.fleet else {}
+    nets = " ".join(f"{n}={c}" for n, c in by_net.items()) or "-"
+    total = len(s.fleet.members) if s.fleet else 0
+    lines.append(f"members:        {total} ({nets})")
+    lr = s.last_reconcile
+    if lr.at:
+        extra = f": {lr.error}" if lr.error else ""
+        lines.append(
+            f"last reconcile: {lr.result} ({lr.reason}) {ago(r.now - lr.at)}, "
+            f"took {lr.duration:.3f}s{extra}"
+        )
+    else:
+        lines.append("last reconcile: never")
+    lines.extend(_guard_lines(r, s))
+    if s.tagging and not s.tagging.startswith("skipped"):
+        lines.append(f"ec2 tags:       {s.tagging}")
+    return lines
+
+
+def _guard_lines(r: Report, s: state_mod.AgentState) -> list[str]:
+    """The guard, what the registry refused, what it skipped."""
+    lines = []
+    g = s.guard
+    mc = g.max_change if g.max_change is not None else "?"
+    lim = f", limit {g.limit} in window" if g.limit is not None else ""
+    if g.held:
+        lines.append(
+            f"guard:          HOLDING {g.would_remove} removals ({g.reason or 'held'}) "
+            f"since {ago(r.now - (g.since or r.now))} (maxchange {mc}{lim}): "
+            + ", ".join(g.removed[:5])
+            + (" ..." if len(g.removed) > 5 else "")
+        )
+    else:
+        settling = f", {g.settling} removals settling" if g.settling else ""
+        lines.append(f"guard:          ok (maxchange {mc}{lim}{settling})")
+    if g.max_change_problem:
+        lines.append(f"maxchange:      refused ({g.max_change_problem}); default in use")
+    if g.revoked:
+        lines.append(f"revoked:        {g.revoked} instance IDs (neti fleet revoked)")
+    if s.skipped:
+        by = " ".join(f"{k}={v}" for k, v in sorted(s.skipped_by_reason.items()))
+        lines.append(f"skipped:        {s.skipped} registry entries" + (f" ({by})" if by else ""))
+    return lines
+
+
+def _kernel_lines(k: KernelView) -> list[str]:
+    lines = []
+    if k.error:
+        lines.append(f"kernel:         cannot read: {k.error}")
+    elif k.chains_missing or k.drift:
+        lines.append(
+            "kernel:         DRIFTED: "
+            + "; ".join([f"missing {c}" for c in k.chains_missing] + k.drift)
+        )
+        lines.extend(f"  {d}" for d in k.diff[:12])
+    elif k.not_compared:
+        lines.append(f"kernel:         not compared: {k.not_compared}")
+    else:
+        size = f", {k.set_size} allowed sources" if k.set_size is not None else ""
+        mode = f", {k.mode} mode" if k.mode else ""
+        lines.append(f"kernel:         matches{size}{mode}")
+    for rule in k.ahead[:10]:
+        lines.append(f"ahead of neti:  {rule}")
+    if k.drops_by_source:
+        top = sorted(k.drops_by_source.items(), key=lambda kv: -kv[1])[:10]
+        label = "dropped:      " if k.mode == "reject" else "audit drops:  "
+        lines.append(f"{label}  " + ", ".join(f"{src}={n}" for src, n in top))
+    if k.conntrack_count is not None:
+        mx = k.conntrack_max or "?"
+        pct = f" ({k.conntrack_count / k.conntrack_max:.0%})" if k.conntrack_max else ""
+        lines.append(f"conntrack:      {k.conntrack_count}/{mx}{pct}")
+    return lines
+
+
 def trust(cfg: Config) -> dict[str, Any]:
     """How this host's config talks to ZooKeeper (TLS, authentication, ACLs), from the
     config alone: an open registry is worth seeing in every status (docs/security.md)."""
-    from neti.registry import attest
-
     tls = cfg.zk_tls
     identity = None
     if tls is not None and tls.cert:

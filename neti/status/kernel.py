@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from neti import desired
 from neti.config import Config
 from neti.dataplane.system import LockBusy
 from neti.errors import NetiError
@@ -111,8 +112,6 @@ def _compare(
             f"apply {_gen(state.generation)}"
         )
         return
-    from neti import desired
-
     want = desired.compute(state.identity, state.fleet, cfg, self_overlay=state.overlay_ip)
     view.expected_set_size = len(want.allow)
     try:

@@ -99,124 +99,11 @@ def evaluate(
         msg = state_error or "no state file: the agent has never run here"
         checks.append(Check("state", CRITICAL, msg))
     pid = agent_pid if agent_pid is not None else (state.pid if state else 0)
-    if not agent_alive:
-        checks.append(
-            Check(
-                "agent",
-                CRITICAL,
-                f"agent not running (pid {pid} is gone)" if pid else "agent not running",
-            )
-        )
-    else:
-        checks.append(Check("agent", OK, f"agent running (pid {pid or '?'})"))
-    if runtime is not None and runtime.state_error:
-        failing = runtime.state_error_since
-        checks.append(
-            Check(
-                "statefile",
-                WARNING,
-                f"state file not written: {runtime.state_error}"
-                + (f" (since {ago(now - failing)})" if failing else ""),
-            )
-        )
-
+    checks.extend(_agent_checks(agent_alive, pid, runtime, now))
     if kernel is not None:
-        if kernel.error:
-            checks.append(Check("kernel", CRITICAL, f"cannot read the kernel: {kernel.error}"))
-        elif kernel.chains_missing:
-            checks.append(
-                Check(
-                    "kernel",
-                    CRITICAL,
-                    "kernel drifted: missing " + ", ".join(kernel.chains_missing),
-                )
-            )
-        elif kernel.drift:
-            checks.append(Check("kernel", CRITICAL, "kernel drifted: " + "; ".join(kernel.drift)))
-        elif kernel.not_compared:
-            checks.append(Check("kernel", WARNING, f"kernel not compared: {kernel.not_compared}"))
-        elif state is not None and state.fleet is not None:
-            size = f" ({kernel.set_size} allowed sources)" if kernel.set_size is not None else ""
-            checks.append(Check("kernel", OK, f"kernel matches the applied state{size}"))
-        if kernel.ahead:
-            checks.append(
-                Check(
-                    "ahead",
-                    WARNING,
-                    "rules ahead of Neti's decide first: "
-                    + "; ".join(kernel.ahead[:5])
-                    + (f"; ... {len(kernel.ahead) - 5} more" if len(kernel.ahead) > 5 else ""),
-                )
-            )
-        if kernel.conntrack_count is not None and kernel.conntrack_max:
-            ratio = kernel.conntrack_count / kernel.conntrack_max
-            level = WARNING if ratio > CONNTRACK_WARN else OK
-            checks.append(
-                Check(
-                    "conntrack",
-                    level,
-                    f"conntrack {kernel.conntrack_count}/{kernel.conntrack_max} ({ratio:.0%})",
-                )
-            )
-
+        checks.extend(_kernel_checks(kernel, state))
     if state is not None:
-        zk = state.zookeeper
-        if zk.state == "connected":
-            checks.append(Check("zookeeper", OK, "ZooKeeper connected"))
-        elif zk.state == "closed":
-            pass  # the agent stopped; the agent check already says so
-        else:
-            since = f" since {ago(now - zk.since)}" if zk.since else ""
-            checks.append(
-                Check(
-                    "zookeeper", WARNING, f"ZooKeeper {zk.state}{since}: rules frozen (fail static)"
-                )
-            )
-        g = state.guard
-        checks.extend(_guard_checks(state, now))
-        if g.max_change_problem:
-            checks.append(
-                Check(
-                    "maxchange",
-                    WARNING,
-                    f"maxchange refused ({g.max_change_problem}); using the default {g.max_change}",
-                )
-            )
-        if g.revoked_problem:
-            checks.append(Check("revoked", WARNING, g.revoked_problem[:300]))
-        if state.claim_conflict:
-            checks.append(Check("claim", CRITICAL, state.claim_conflict[:300]))
-        if state.claims_excess > 0:
-            checks.append(
-                Check(
-                    "claims",
-                    WARNING,
-                    f"{state.claims_excess} excess overlay IP claims (ip-to-id nodes without an "
-                    "id-to-ip partner) drain the pool: neti fleet audit, neti fleet prune",
-                )
-            )
-        if state.tagging.startswith("failed"):
-            # Tags feed fleet audits, not the dataplane: shown, but not worth a page.
-            checks.append(Check("tagging", OK, f"EC2 tagging {state.tagging}"))
-        lr = state.last_reconcile
-        if lr.result == "error":
-            checks.append(Check("apply", WARNING, f"last apply failed: {lr.error}"))
-        if state.fleet is None:
-            checks.append(Check("state", CRITICAL, "nothing applied yet"))
-        elif (
-            agent_alive
-            and zk.state == "connected"
-            and state.last_success is not None
-            and now - state.last_success > 3 * resync_interval + 30
-        ):
-            checks.append(
-                Check(
-                    "reconcile",
-                    WARNING,
-                    f"last successful reconcile {ago(now - state.last_success)}",
-                )
-            )
-
+        checks.extend(_state_checks(state, now, agent_alive, resync_interval))
     code = max((c.level for c in checks), default=OK)
     return Report(
         code=code,
@@ -229,6 +116,123 @@ def evaluate(
         agent_pid=pid,
         runtime=runtime,
     )
+
+
+def _agent_checks(
+    agent_alive: bool, pid: int, runtime: RuntimeRecord | None, now: float
+) -> list[Check]:
+    """The agent process, and a state file it says it cannot write."""
+    out: list[Check] = []
+    if not agent_alive:
+        msg = f"agent not running (pid {pid} is gone)" if pid else "agent not running"
+        out.append(Check("agent", CRITICAL, msg))
+    else:
+        out.append(Check("agent", OK, f"agent running (pid {pid or '?'})"))
+    if runtime is not None and runtime.state_error:
+        failing = runtime.state_error_since
+        out.append(
+            Check(
+                "statefile",
+                WARNING,
+                f"state file not written: {runtime.state_error}"
+                + (f" (since {ago(now - failing)})" if failing else ""),
+            )
+        )
+    return out
+
+
+def _kernel_checks(kernel: KernelView, state: AgentState | None) -> list[Check]:
+    """The kernel against the applied state, rules ahead of Neti's, the conntrack table."""
+    out: list[Check] = []
+    if kernel.error:
+        out.append(Check("kernel", CRITICAL, f"cannot read the kernel: {kernel.error}"))
+    elif kernel.chains_missing:
+        missing = ", ".join(kernel.chains_missing)
+        out.append(Check("kernel", CRITICAL, "kernel drifted: missing " + missing))
+    elif kernel.drift:
+        out.append(Check("kernel", CRITICAL, "kernel drifted: " + "; ".join(kernel.drift)))
+    elif kernel.not_compared:
+        out.append(Check("kernel", WARNING, f"kernel not compared: {kernel.not_compared}"))
+    elif state is not None and state.fleet is not None:
+        size = f" ({kernel.set_size} allowed sources)" if kernel.set_size is not None else ""
+        out.append(Check("kernel", OK, f"kernel matches the applied state{size}"))
+    if kernel.ahead:
+        more = f"; ... {len(kernel.ahead) - 5} more" if len(kernel.ahead) > 5 else ""
+        out.append(
+            Check(
+                "ahead",
+                WARNING,
+                "rules ahead of Neti's decide first: " + "; ".join(kernel.ahead[:5]) + more,
+            )
+        )
+    if kernel.conntrack_count is not None and kernel.conntrack_max:
+        ratio = kernel.conntrack_count / kernel.conntrack_max
+        level = WARNING if ratio > CONNTRACK_WARN else OK
+        out.append(
+            Check(
+                "conntrack",
+                level,
+                f"conntrack {kernel.conntrack_count}/{kernel.conntrack_max} ({ratio:.0%})",
+            )
+        )
+    return out
+
+
+def _state_checks(
+    state: AgentState, now: float, agent_alive: bool, resync_interval: float
+) -> list[Check]:
+    """What the agent last saw: ZooKeeper, the guard, the registry, its last reconcile."""
+    out: list[Check] = []
+    zk = state.zookeeper
+    if zk.state == "connected":
+        out.append(Check("zookeeper", OK, "ZooKeeper connected"))
+    elif zk.state != "closed":  # closed: the agent stopped; the agent check says so
+        since = f" since {ago(now - zk.since)}" if zk.since else ""
+        msg = f"ZooKeeper {zk.state}{since}: rules frozen (fail static)"
+        out.append(Check("zookeeper", WARNING, msg))
+    out.extend(_guard_checks(state, now))
+    out.extend(_registry_checks(state))
+    lr = state.last_reconcile
+    if lr.result == "error":
+        out.append(Check("apply", WARNING, f"last apply failed: {lr.error}"))
+    if state.fleet is None:
+        out.append(Check("state", CRITICAL, "nothing applied yet"))
+    elif (
+        agent_alive
+        and zk.state == "connected"
+        and state.last_success is not None
+        and now - state.last_success > 3 * resync_interval + 30
+    ):
+        msg = f"last successful reconcile {ago(now - state.last_success)}"
+        out.append(Check("reconcile", WARNING, msg))
+    return out
+
+
+def _registry_checks(state: AgentState) -> list[Check]:
+    """What the registry handed this host: a refused maxchange or revoked list, a claim
+    conflict, excess claims; and EC2 tagging."""
+    out: list[Check] = []
+    g = state.guard
+    if g.max_change_problem:
+        msg = f"maxchange refused ({g.max_change_problem}); using the default {g.max_change}"
+        out.append(Check("maxchange", WARNING, msg))
+    if g.revoked_problem:
+        out.append(Check("revoked", WARNING, g.revoked_problem[:300]))
+    if state.claim_conflict:
+        out.append(Check("claim", CRITICAL, state.claim_conflict[:300]))
+    if state.claims_excess > 0:
+        out.append(
+            Check(
+                "claims",
+                WARNING,
+                f"{state.claims_excess} excess overlay IP claims (ip-to-id nodes without an "
+                "id-to-ip partner) drain the pool: neti fleet audit, neti fleet prune",
+            )
+        )
+    if state.tagging.startswith("failed"):
+        # Tags feed fleet audits, not the dataplane: shown, but not worth a page.
+        out.append(Check("tagging", OK, f"EC2 tagging {state.tagging}"))
+    return out
 
 
 GUARD_WHY = {

@@ -274,7 +274,7 @@ class ZkProxy:
 
     def apply(self, spec: ProxySpec) -> Result:
         """Program the proxy (idempotent); ip_forward first, then one atomic restore."""
-        self.system.guard_writes()
+        self.system.refuse_init_netns()
         warnings: list[str] = []
         changes: list[str] = []
         with self.system.lock():
@@ -294,7 +294,7 @@ class ZkProxy:
 
     def remove(self) -> Result:
         """Delete the proxy's chains and jumps (every iptables variant); end its connections."""
-        self.system.guard_writes()
+        self.system.refuse_init_netns()
         changes: list[str] = []
         warnings: list[str] = []
         with self.system.lock():

@@ -9,28 +9,35 @@ the agent would have programmed.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
+from neti import config
+from neti.agent.core import Agent
+from neti.agent.ports import DataplanePort
 from neti.dataplane.base import ApplyResult
+from neti.dataplane.system import System
+from neti.desired import DesiredState
+from neti.desired.model import Delta
+from neti.errors import NetiError
 
 
 class RecordingBackend:
     name = "recording"
-    system = None  # no conntrack priming
+    system: System | None = None  # no kernel: no conntrack priming, no lock
 
     def __init__(self, state_dir: str):
         self.out = Path(state_dir) / "applied.jsonl"
 
-    def apply(self, desired: Any, generation: int | None = None) -> ApplyResult:
-        dnat = sorted(str(d.overlay_ip) for d in getattr(desired, "dnat", ()) or ())
+    def apply(self, desired: DesiredState, generation: int | None = None) -> ApplyResult:
+        dnat = sorted(str(d.overlay_ip) for d in desired.dnat)
         with self.out.open("a") as f:
             f.write(json.dumps({"at": time.time(), "dnat": dnat}) + "\n")
         return ApplyResult(backend=self.name, changed=True)
 
-    def apply_delta(self, delta: Any, generation: int | None = None) -> ApplyResult | None:
+    def apply_delta(self, delta: Delta, generation: int | None = None) -> ApplyResult | None:
         return None  # no element updates: every change is recorded as a full apply
 
     def keep_open(self) -> None:
@@ -40,14 +47,21 @@ class RecordingBackend:
         pass
 
 
-def main(argv: list[str]) -> int:
-    from neti import config, dataplane
-    from neti.cli import main as cli_main
+def _conforms(backend: RecordingBackend) -> DataplanePort:
+    """Never called: mypy checks the recorder against the agent's port."""
+    return backend
 
-    cfg = config.load(argv[0])
-    backend = RecordingBackend(cfg.state_dir)
-    dataplane.select = lambda *_a, **_k: backend  # type: ignore[assignment]
-    return cli_main(["agent", "-c", argv[0]])
+
+def main(argv: list[str]) -> int:
+    """``neti agent -c argv[0]`` (as neti.cli runs it) with the recording backend."""
+    logging.basicConfig(level=logging.WARNING, format="neti: %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = config.load(argv[0])
+        backend = RecordingBackend(cfg.state_dir)
+        return Agent.build(argv[0], cfg, select_backend=lambda _cfg: backend).run()
+    except NetiError as exc:
+        print(f"neti: {exc}", file=sys.stderr)
+        return exc.exit_code
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
-"""Issue 11 against a real ZooKeeper, with the real agent process (tests/agent/fakeagent.py:
-a recording dataplane, so no root): bounded stop in every ZooKeeper state, status that
-follows ZooKeeper, restarts that resume the session (peers never lose the member node),
-a wiped server that ends with the same overlay IP, and a conflict reported, not renumbered.
+"""Stops and restarts against a real ZooKeeper, with the real agent process
+(tests/agent/fakeagent.py: a recording dataplane, so no root): bounded stop in every
+ZooKeeper state, status that follows ZooKeeper, restarts that resume the session (peers
+never lose the member node), a wiped server that ends with the same overlay IP, and a
+conflict reported, not renumbered.
 
 Waits have generous bounds that only catch hangs; nothing asserts on wall time.
 """

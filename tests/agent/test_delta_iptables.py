@@ -8,23 +8,22 @@ from pathlib import Path
 
 from neti.agent import core
 from neti.dataplane import ipset
-from neti.dataplane.iptables import NAT_CHAIN, IptablesBackend, nat_chains
+from neti.dataplane.dnat_tree import NAT_CHAIN, nat_chains
+from neti.dataplane.iptables import IptablesBackend
 from neti.desired import compute
-from neti.fleet import Fleet, Member
+from neti.fleet.model import Fleet, Member
 from tests.agent.test_delta import ME, make_agent, member
 from tests.support.fakeregistry import FakeRegistry
 from tests.support.fakesystem import FakeSystem, iptables_tools
 
 
 def iptables_agent(tmp_path: Path) -> tuple[core.Agent, FakeRegistry, FakeSystem]:
-    a, reg, _ = make_agent(tmp_path, backend="iptables")
     system = FakeSystem(tools=iptables_tools())
-    a.backend = IptablesBackend(system)
-    return a, reg, system
+    return make_agent(tmp_path, IptablesBackend, system, backend="iptables")
 
 
 def kernel_equals_desired(a: core.Agent, system: FakeSystem, members: list[Member]) -> None:
-    want = compute(ME, Fleet(members=tuple(members)), a.cfg, self_overlay=a.overlay_ip)
+    want = compute(ME, Fleet(members=tuple(members)), a.cfg, self_overlay=a.session.overlay_ip)
     assert set(system.ipsets.sets[ipset.ALLOW_SET].members) == {str(x) for x in want.allow}
     nat = system.iptables().tables["nat"]
     assert {c: nat.rules[c] for c in nat_chains(want)} == nat_chains(want)
@@ -41,7 +40,7 @@ def test_an_event_writes_one_element_and_one_leaf(tmp_path: Path) -> None:
     new = member(500)
     reg.add(new)
     a.reconcile("event")
-    assert a.state.last_reconcile.result == "ok"
+    assert a.sink.state.last_reconcile.result == "ok"
     assert system.reads() == []
     assert [c.argv[:2] for c in system.calls] == [["iptables-nft-restore", "-w"], ["ipset", "add"]]
     kernel_equals_desired(a, system, [*fleet, new])
@@ -59,6 +58,6 @@ def test_drift_meets_a_full_apply(tmp_path: Path) -> None:
     a.reconcile("event")  # a delta writes the change and reads nothing
     assert system.iptables().tables["filter"].rules["NETI-INPUT"] == []
     a.reconcile("resync")
-    assert a.state.last_reconcile.result == "ok"
+    assert a.sink.state.last_reconcile.result == "ok"
     assert system.iptables().tables["filter"].rules["NETI-INPUT"]
     kernel_equals_desired(a, system, [*fleet[:3], *fleet[4:]])

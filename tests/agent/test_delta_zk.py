@@ -1,4 +1,4 @@
-"""Correctness first (issue 10.3): random joins, leaves, address changes, session expiries,
+"""Correctness first: random joins, leaves, address changes, session expiries,
 agent restarts and guard holds against a real ZooKeeper, with a real Agent object (its own
 session, watches and delta path) and the nftables backend on a FakeSystem. After each quiet
 period the kernel must equal desired.compute of the fleet ZooKeeper holds (as a separate
@@ -23,7 +23,7 @@ from neti.agent import core
 from neti.agent import guard as guard_mod
 from neti.dataplane.nftables import NftablesBackend
 from neti.desired import compute
-from neti.fleet import Fleet, Member
+from neti.fleet.model import Fleet, Member
 from neti.identity import Identity
 from neti.registry import Registry, connect
 from tests.support.fakesystem import FakeSystem
@@ -84,11 +84,15 @@ class World:
         self.agent = self._agent()
 
     def _agent(self) -> core.Agent:
-        a = core.Agent(str(self.tmp / "neti.yml"), self.cfg)
+        a = core.Agent.build(
+            str(self.tmp / "neti.yml"),
+            self.cfg,
+            select_backend=lambda _cfg: NftablesBackend(self.system),
+            guard=guard_mod.Guard(clock=self.clock),
+        )
         a._resolve_identity()
-        a.backend = NftablesBackend(self.system)
-        a.guard = guard_mod.Guard(clock=self.clock)
-        assert a._connect()
+        a._select_backend()
+        assert a.session.connect()
         return a
 
     def identity(self, iid: str, n: int) -> Identity:
@@ -120,7 +124,9 @@ class World:
 
     def expire(self) -> None:
         """End the agent's session from outside (another client takes it and closes it)."""
-        sid, passwd = self.agent.reg.client.client_id
+        reg = self.agent.session.reg
+        assert isinstance(reg, Registry)
+        sid, passwd = reg.client.client_id
         thief = KazooClient(hosts=self.zk.hosts, client_id=(sid, passwd), timeout=4)
         thief.start(timeout=15)
         thief.stop()
@@ -128,11 +134,11 @@ class World:
 
     def restart(self) -> None:
         """The agent leaves and starts over with a fresh session (state kept in memory)."""
-        self.agent._disconnect(leave=True)
-        assert self.agent._connect()
+        self.agent.session.disconnect(leave=True)
+        assert self.agent.session.connect()
 
     def release(self) -> None:
-        path = self.cfg.path(core.RELEASE_NODE)
+        path = self.cfg.path(guard_mod.RELEASE_NODE)
         client = self.observer.client
         if client.exists(path):
             client.set(path, uuid.uuid4().bytes)
@@ -147,10 +153,10 @@ class World:
 
     def want(self, extra: tuple[Member, ...] = ()) -> tuple[set[str], dict[str, str]]:
         fleet = self.observer.read_fleet()
-        a = self.agent
-        assert a.identity is not None
+        s = self.agent.session
+        assert s.identity is not None
         d = compute(
-            a.identity, Fleet(members=fleet.members + extra), self.cfg, self_overlay=a.overlay_ip
+            s.identity, Fleet(members=fleet.members + extra), self.cfg, self_overlay=s.overlay_ip
         )
         return {str(x) for x in d.allow}, {str(x.overlay_ip): str(x.target) for x in d.dnat}
 
@@ -164,13 +170,13 @@ class World:
         while time.monotonic() < end:
             time.sleep(0.2)
             self.clock.t += 1000
-            a._handle_zk_events()
-            if a.state.zookeeper.state != "connected":
+            a.session.handle_events()
+            if a.session.zk.state != "connected":
                 continue
-            a._fleet_changed = False
+            a.control.fleet_changed = False
             reason = a.sched.due() or "event"
             a.reconcile(reason if reason != "retry" else "event")
-            if a.state.last_reconcile.result == "error":
+            if a.sink.state.last_reconcile.result == "error":
                 continue
             want = self.want(extra())
             last = (self.kernel(), want)
@@ -179,7 +185,7 @@ class World:
         raise AssertionError(f"kernel never equalled desired state: {last}")
 
     def close(self) -> None:
-        self.agent._disconnect(leave=True)
+        self.agent.session.disconnect(leave=True)
         for reg, _n in self.members.values():
             reg.close()
         self.observer.close()
@@ -220,10 +226,10 @@ def test_kernel_follows_zookeeper_through_deltas(
                 w.leave(sorted(w.members).index(iid))
                 held = (before[iid],) if iid in before else ()
                 w.quiet(lambda held=held: held)  # type: ignore[misc]
-                assert w.agent.state.guard.held or not held
+                assert w.agent.sink.state.guard.held or not held
                 w.observer.set_max_change(1000)
                 w.release()
             w.quiet()
-        assert w.agent.state.last_reconcile.result in ("ok", "held")
+        assert w.agent.sink.state.last_reconcile.result in ("ok", "held")
     finally:
         w.close()

@@ -19,7 +19,7 @@ from neti.agent.guard import (
     Settings,
     decide,
 )
-from neti.fleet import Fleet, Member
+from neti.fleet.model import Fleet, Member
 
 
 def m(i: int, overlay: int | None = None, net: str = "ec2") -> Member:

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from neti.agent.guard import Guard, Settings
-from neti.fleet import Fleet, Member
+from neti.fleet.model import Fleet, Member
 
 IDS = [f"i-{c}" for c in "abcdefgh"]
 member = st.builds(

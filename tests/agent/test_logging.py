@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from neti.agent.core import setup_logging
+from neti.agent.logs import setup_logging
 from neti.config import parse
 
 

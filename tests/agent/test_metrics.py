@@ -90,14 +90,14 @@ def test_the_agent_observes_each_apply_by_backend_and_kind(tmp_path) -> None:
     reg.add(*[member(i) for i in range(20)])
     a.reconcile("resync")
     full = {"backend": "nftables", "kind": "full"}
-    assert sample(a.metrics, "neti_dataplane_applies_total", **full, result="ok") == 1
-    assert (sample(a.metrics, "neti_dataplane_objects_written_sum", **full) or 0) >= 1
+    assert sample(a.sink.metrics, "neti_dataplane_applies_total", **full, result="ok") == 1
+    assert (sample(a.sink.metrics, "neti_dataplane_objects_written_sum", **full) or 0) >= 1
     reg.add(member(500))
     a.reconcile("event")
     delta = {"backend": "nftables", "kind": "delta"}
-    assert sample(a.metrics, "neti_dataplane_applies_total", **delta, result="ok") == 1
+    assert sample(a.sink.metrics, "neti_dataplane_applies_total", **delta, result="ok") == 1
     # One new member: its allowlist element and its DNAT entry.
-    assert sample(a.metrics, "neti_dataplane_objects_written_sum", **delta) == 2
+    assert sample(a.sink.metrics, "neti_dataplane_objects_written_sum", **delta) == 2
 
 
 def test_a_failed_apply_is_observed_as_an_error(tmp_path) -> None:
@@ -109,5 +109,5 @@ def test_a_failed_apply_is_observed_as_an_error(tmp_path) -> None:
     system.fail[("nft", "-f")] = "Error: Could not process rule: Operation not permitted"
     a.reconcile("resync")
     full = {"backend": "nftables", "kind": "full"}
-    assert sample(a.metrics, "neti_dataplane_applies_total", **full, result="error") == 1
-    assert not sample(a.metrics, "neti_dataplane_applies_total", **full, result="ok")
+    assert sample(a.sink.metrics, "neti_dataplane_applies_total", **full, result="error") == 1
+    assert not sample(a.sink.metrics, "neti_dataplane_applies_total", **full, result="ok")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from neti.agent.metrics import GAUGE_MAX, Metrics, _finite
-from neti.fleet import SKIP_REASONS
+from neti.fleet.model import SKIP_REASONS
 
 
 def test_one_series_per_reason_always_present() -> None:

@@ -6,18 +6,18 @@ from ipaddress import IPv4Address
 
 import pytest
 
-from neti import aws
-from neti.aws import AwsError
+from neti.aws import ec2 as neti_ec2
+from neti.aws.ec2 import AwsError
 from neti.aws.fleetops import (
     GC_SAMPLE,
     check_same_account,
     gc_candidates,
     gc_plan,
-    gc_release,
     gc_sample,
     live_claims,
+    release_claims,
 )
-from neti.fleet import Fleet, Member
+from neti.fleet.model import Fleet, Member
 from tests.support.motoserver import ec2, run_instances
 
 NOT_IN_EC2 = "i-0123456789abcdef0"  # well formed, never launched
@@ -47,8 +47,8 @@ def world(aws_env):
     return ids, fleet, claims
 
 
-def describe(ids: list[str]) -> dict[str, aws.Instance]:
-    return aws.describe_instances(aws.ec2_client(), ids)
+def describe(ids: list[str]) -> dict[str, neti_ec2.Instance]:
+    return neti_ec2.describe_instances(neti_ec2.ec2_client(), ids)
 
 
 @pytest.mark.slow
@@ -71,14 +71,14 @@ def test_wrong_account_or_region_refuses_before_anything_is_released(world, monk
     ids, fleet, claims = world
     sample = gc_sample(fleet, claims)
     # Another region: the same IDs, none of them known there.
-    other = aws.describe_instances(aws.ec2_client(None, "eu-west-1"), [*claims, *sample])
+    other = neti_ec2.describe_instances(neti_ec2.ec2_client(None, "eu-west-1"), [*claims, *sample])
     assert other == {}
     with pytest.raises(AwsError, match="EC2 knows none of the 2 live members.*--region"):
         check_same_account(sample, other)
 
 
 def test_one_known_live_member_is_enough():
-    known = {"i-0000000000000000a": aws.Instance("i-0000000000000000a", "running")}
+    known = {"i-0000000000000000a": neti_ec2.Instance("i-0000000000000000a", "running")}
     check_same_account(["i-0000000000000000a", "i-0000000000000000b"], known)
     check_same_account([], {})  # no EC2 members to ask about: nothing to prove
 
@@ -101,7 +101,7 @@ def test_release_rechecks_members_that_appeared_since_the_plan(world):
     joined = Fleet(members=(*fleet.members, member(NOT_IN_EC2, "192.168.0.4")))
     registry = dict(claims)
     steps: list[tuple[int, int]] = []
-    released = gc_release(
+    released = release_claims(
         plan,
         live_claims(joined, registry),
         lambda iid: registry.pop(iid, None),
@@ -117,4 +117,4 @@ def test_release_of_a_claim_already_gone_is_not_reported():
     from neti.aws.fleetops import GcPlan
 
     plan = GcPlan(release=[(NOT_IN_EC2, IPv4Address("192.168.0.4"), "unknown to EC2")])
-    assert gc_release(plan, set(), lambda iid: None) == []
+    assert release_claims(plan, set(), lambda iid: None) == []

@@ -9,8 +9,9 @@ from ipaddress import IPv4Address
 import boto3
 import pytest
 
-from neti import aws, config
-from neti.aws import tag_self
+from neti import config
+from neti.aws import tagger as tagger_mod
+from neti.aws.tagger import tag_self
 from neti.identity import Identity
 from tests.support.motoserver import ec2, run_instances
 from tests.support.zkserver import free_port
@@ -59,7 +60,7 @@ def test_tags_overlay_ip_and_version(aws_env):
         assert tagger.state == "ok"
         tags = _tags(iid)
         assert tags["overlay_ip"] == "192.168.0.7"
-        assert tags["neti_version"] == aws.tagger.__version__
+        assert tags["neti_version"] == tagger_mod.__version__
         assert tags["Name"] == "web1"  # other tags untouched
     finally:
         tagger.stop()

@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bench.fleet import MAX_FILL, Command, CommandError, SyntheticFleet, parse_command, serve
-from neti.registry.codec import decode_member
+from neti.fleet.names import decode_member
 from neti.registry.paths import Paths
 from tests.support.zkserver import ZooKeeperServer
 
@@ -292,8 +292,8 @@ def test_control_report_and_side_by_side() -> None:
 
 def test_control_expects_each_member_at_its_reachable_address() -> None:
     from bench import control
-    from neti.fleet import Member
-    from neti.registry.codec import encode_member
+    from neti.fleet.model import Member
+    from neti.fleet.names import encode_member
 
     def name(iid: str, network: str, overlay: str) -> str:
         m = Member(iid, network, IPv4Address("52.1.1.1"), IPv4Address("10.16.0.1"),

@@ -19,7 +19,7 @@ import pytest
 from neti.lab.ensemble import EnsembleLab
 from neti.lab.netns import LabError
 from tests.chaos.harness import Harness, Report, wait_settled, wait_steady
-from tests.lab.fixtures import netns_guard  # noqa: F401 - fixture
+from tests.lab.fixtures import netns_safety  # noqa: F401 - fixture
 from tests.support.markers import needs
 
 SESSION_TIMEOUT = 6.0
@@ -116,7 +116,7 @@ def _repair(lab: EnsembleLab) -> None:
 
 @pytest.fixture(scope="session")
 @needs("zk")
-def fleet_box(netns_guard: None) -> Iterator[FleetBox]:  # noqa: F811
+def fleet_box(netns_safety: None) -> Iterator[FleetBox]:  # noqa: F811
     box = FleetBox()
     try:
         yield box

@@ -33,11 +33,11 @@ from pathlib import Path
 from bench.control import Driver
 from neti import config as config_mod
 from neti.desired import compute
-from neti.fleet import Fleet
+from neti.fleet.model import Fleet
+from neti.fleet.names import decode_member
 from neti.lab.demo import wait_for
 from neti.lab.ensemble import CLIENT_PORT, EnsembleLab
 from neti.lab.netns import LabError
-from neti.registry.codec import decode_member
 from tests.chaos.harness import zk_since, zk_state
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -2,7 +2,7 @@
 
 The partition is a DROP chain of the lab's own in the agent's namespace (Ensemble.partition),
 so the agent's kazoo client sees a silent network, not a refused connection. Cases that
-need agent fixes of issue 11 still pending are marked xfail(strict=False); the reports
+need agent fixes still pending are marked xfail(strict=False); the reports
 printed at the end of the run show how they fail.
 """
 
@@ -21,8 +21,8 @@ from tests.chaos.harness import Change, guard_held, wait_settled, zk_state
 
 pytestmark = [pytest.mark.chaos, pytest.mark.root, pytest.mark.zk, pytest.mark.timeout(240)]
 
-# docs/operations.md promises SIGTERM exits within 5 s in every ZooKeeper state (issue 11
-# item 1); the deadline adds slack for a loaded machine so only a real hang fails.
+# docs/operations.md promises SIGTERM exits within 5 s in every ZooKeeper state; the
+# deadline adds slack for a loaded machine so only a real hang fails.
 STOP_BOUND = 5.0
 STOP_DEADLINE = STOP_BOUND + 5.0
 DEFAULT_MAX_CHANGE = 20
@@ -149,7 +149,7 @@ def test_staggered_expiries_are_held_by_the_guard(fleet: EnsembleLab, harness) -
         h = harness()
         fleet.ensemble.partition(first)
         # Apart by more than a ping interval (a third of the session timeout), so the
-        # sessions expire apart however recently each client pinged (the issue saw 1.8 s).
+        # sessions expire apart however recently each client pinged (1.8 s was seen).
         time.sleep(STAGGER)
         fleet.ensemble.partition(second)
         t0 = time.monotonic()

@@ -1,4 +1,4 @@
-"""A rolling restart of every agent must be invisible to peers (issue 11 item 4).
+"""A rolling restart of every agent must be invisible to peers.
 
 A SIGTERM leaves the fleet; peers must not cut the host off while it comes back (the guard
 lets removals settle first). A grace period after a peer's own (re)connect would hide a

@@ -20,7 +20,7 @@ from tests.chaos.slowlink import Churn, SlowLinks, churn_friendly_guard, wait_ke
 
 pytestmark = [pytest.mark.chaos, pytest.mark.root, pytest.mark.zk, pytest.mark.timeout(420)]
 
-# The link: 800 ± 200 ms per round trip, 10 % of chunks a retransmission late; and
+# A bad link: 800 ± 200 ms per round trip, 10 % of chunks a retransmission late; and
 # now and then the connection is cut (what such a link does to a ZooKeeper session).
 SLOW = {"rtt": 0.8, "jitter": 0.2, "loss": 0.1, "cut": 0.01}
 CHURN_SECONDS = 60.0

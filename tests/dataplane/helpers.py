@@ -12,7 +12,7 @@ from neti import config, dataplane
 from neti.dataplane.base import Backend
 from neti.dataplane.iptables import IptablesBackend
 from neti.desired import DesiredState, compute
-from neti.fleet import Fleet, Member
+from neti.fleet.model import Fleet, Member
 from neti.lab import Topology
 
 OVERLAY = {"ec2a": "192.168.0.10", "ec2b": "192.168.0.11", "vpc1": "192.168.0.12"}
@@ -68,7 +68,8 @@ def with_fillers(
 def kernel_view(b: Backend) -> dict[str, Any]:
     """Neti's part of the kernel, component by component (allow, filter, nat, jumps)."""
     from neti.dataplane import ipset
-    from neti.dataplane.iptables import FILTER_CHAIN, NAT_CHAIN, owned_chains
+    from neti.dataplane.dnat_tree import NAT_CHAIN
+    from neti.dataplane.iptables import FILTER_CHAIN, owned_chains
     from neti.dataplane.nftables import NftablesBackend
 
     if isinstance(b, NftablesBackend):

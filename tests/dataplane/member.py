@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 
 from neti import config
-from neti.identity import resolve
+from neti.identity.source import resolve
 from neti.registry import connect
 
 

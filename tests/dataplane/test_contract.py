@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from neti import config, dataplane
-from neti.dataplane import base, registry
+from neti import backends, config, dataplane
+from neti.dataplane import base
 from neti.dataplane.base import Backend, DataplaneStatus, Feature, Plan, Prepared
 from neti.dataplane.iptables import IptablesBackend
 from neti.dataplane.nftables import NftablesBackend
@@ -25,7 +25,7 @@ class Recorder(System):
         super().__init__("recorder")
         self.log = log
 
-    def guard_writes(self) -> None:
+    def refuse_init_netns(self) -> None:
         self.log.append("guard")
 
     def lock(self) -> Any:
@@ -153,7 +153,7 @@ def test_features_are_declared_not_probed() -> None:
 
 def test_every_registered_backend_names_its_tools(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(System, "has", lambda self, program: False)
-    for name in registry.BACKENDS:
+    for name in backends.BACKENDS:
         cls = dataplane._load(name)
         assert cls.name == name and not cls.is_supported(System())
         assert cls.missing_tools(System())

@@ -14,14 +14,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from neti import config, dataplane
-from neti.dataplane import iptables as ipt
 from neti.dataplane.base import Backend
-from neti.dataplane.dnat_delta import DnatTree
+from neti.dataplane.dnat_tree import DnatTree, nat_chains
 from neti.dataplane.system import System
 from neti.desired import build, compute
 from neti.desired.model import Delta, DesiredModel
 from neti.errors import DataplaneError
-from neti.fleet import Fleet, Member
+from neti.fleet.model import Fleet, Member
 from neti.identity import Identity
 from tests.dataplane.helpers import kernel_view
 
@@ -58,7 +57,7 @@ def test_tree_delta_equals_full_render(seed: int, size: int, steps: int) -> None
         new = [Dnat(A(k), A(mapping[k]), "m") for k in keys if k in mapping]
         out = tree.change(gone, new)
         assert out is not None
-        want = ipt.nat_chains(state(mapping))  # type: ignore[arg-type]
+        want = nat_chains(state(mapping))  # type: ignore[arg-type]
         assert tree.chains == want
         write, delete = out
         assert not set(write) & set(delete)

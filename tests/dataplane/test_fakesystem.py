@@ -19,7 +19,7 @@ from neti.dataplane.iptables import IptablesBackend
 from neti.dataplane.system import System
 from neti.desired.model import Delta, DesiredModel
 from neti.errors import DataplaneError
-from neti.fleet import Member
+from neti.fleet.model import Member
 from neti.identity import Identity
 from tests.support.fakesystem import FakeSystem, Ipsets, Xtables, canonical, iptables_tools
 

@@ -331,7 +331,7 @@ def test_iptables_status_names_a_foreign_drop_first_until_chain_position_first(
 ) -> None:
     b = select("iptables", scratch_ns)
     assert isinstance(b, IptablesBackend)
-    tool = ipt.tool(b.variant, "")
+    tool = xtables.tool(b.variant, "")
     try:
         b.apply(state(2))
         netns.ns_run(

@@ -15,18 +15,13 @@ from hypothesis import strategies as st
 
 from neti import config
 from neti.dataplane import ipset
-from neti.dataplane.iptables import (
-    FILTER_CHAIN,
-    NAT_CHAIN,
-    IptablesBackend,
-    filter_rules,
-    nat_chains,
-)
+from neti.dataplane.dnat_tree import NAT_CHAIN, nat_chains
+from neti.dataplane.iptables import FILTER_CHAIN, IptablesBackend, filter_rules
 from neti.dataplane.nftables import NftablesBackend
 from neti.desired import DesiredState, compute
 from neti.desired.model import Delta, DesiredModel
 from neti.errors import DataplaneError
-from neti.fleet import Fleet, Member
+from neti.fleet.model import Fleet, Member
 from neti.identity import Identity
 from tests.support.fakesystem import NFT, FakeSystem, iptables_tools
 

@@ -15,8 +15,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from neti import config, dataplane
-from neti.dataplane import ipset, nftables, registry
+from neti import backends, config, dataplane
+from neti.dataplane import ipset, nftables
 from neti.dataplane.iptables import IptablesBackend
 from neti.dataplane.nftables import NftablesBackend, chain_rules, parse_json, render_table
 from neti.desired import Dnat, build
@@ -168,10 +168,10 @@ def test_hostile_kernel_json_is_a_dataplane_error_or_parsed(doc: Any) -> None:
         pass
 
 
-def test_config_backend_names_come_from_the_registry() -> None:
-    assert registry.CHOICES == ("auto", "iptables", "nftables")
-    assert set(dataplane.BACKENDS) == set(registry.BACKENDS)
-    assert registry.AUTO_ORDER == ("iptables",)  # docs/decisions.md: auto stays iptables
+def test_config_backend_names_come_from_one_module() -> None:
+    assert backends.CHOICES == ("auto", "iptables", "nftables")
+    assert set(dataplane.BACKENDS) == set(backends.BACKENDS)
+    assert backends.AUTO_ORDER == ("iptables",)  # docs/decisions.md: auto stays iptables
     base = {"zk_hosts": {"ec2": ["127.0.0.1:2181"]}}
     assert config.parse({**base, "backend": "nftables"}).backend == "nftables"
     with pytest.raises(Exception, match="backend"):

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from neti.dataplane import nftsession
 from neti.dataplane.nftables import SESSION_RESTARTS, NftablesBackend
 from neti.dataplane.nftsession import NftSession, SessionLost
-from neti.dataplane.system import GUARD_ENV, System
+from neti.dataplane.system import REFUSE_ENV, System
 from neti.desired import build
 from neti.desired.model import Delta
 from neti.errors import DataplaneError
@@ -252,7 +252,7 @@ def test_a_lost_session_fails_the_write_and_is_restarted(
 def test_the_worker_refuses_the_initial_namespace(
     monkeypatch: pytest.MonkeyPatch, sessions: list[NftSession]
 ) -> None:
-    monkeypatch.setenv(GUARD_ENV, "1")
+    monkeypatch.setenv(REFUSE_ENV, "1")
     system = System(None)
     if not system.in_init_netns():
         pytest.skip("not in the initial network namespace")

@@ -8,7 +8,8 @@ import pytest
 
 from neti import config
 from neti.dataplane.base import Backend
-from neti.dataplane.iptables import IptablesBackend, nat_chains
+from neti.dataplane.dnat_tree import nat_chains
+from neti.dataplane.iptables import IptablesBackend
 from neti.desired import compute
 from neti.lab import Topology
 from neti.state import AgentState

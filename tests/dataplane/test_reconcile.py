@@ -320,7 +320,7 @@ def test_conntrack_limits_cannot_be_raised_in_a_namespace(
 
 
 @pytest.fixture
-def pair(netns_guard: None) -> Iterator[tuple[str, str]]:
+def pair(netns_safety: None) -> Iterator[tuple[str, str]]:
     """Two namespaces joined by one veth, without any default route."""
     prefix = new_prefix()
     a, z = f"{prefix}a", f"{prefix}z"

@@ -1,4 +1,4 @@
-"""The guard against programming the machine's own firewall (NETI_REFUSE_INIT_NETNS=1).
+"""The refusal to program the machine's own firewall (NETI_REFUSE_INIT_NETNS=1).
 
 Some sandboxes make /proc/1/ns/net unreadable (EACCES, also for root); the check then falls
 back to kthreadd's namespace, and refuses when it cannot tell at all.
@@ -20,20 +20,20 @@ from neti.lab import netns
 
 
 @pytest.mark.root
-def test_root_namespace_is_recognised_and_refused(netns_guard: None) -> None:
+def test_root_namespace_is_recognised_and_refused(netns_safety: None) -> None:
     assert system.in_init_netns()
     with pytest.raises(DataplaneError, match="refusing to change the initial network namespace"):
-        System().guard_writes()
+        System().refuse_init_netns()
 
 
 @pytest.mark.root
 def test_a_process_inside_another_namespace_may_write(scratch_ns: str) -> None:
-    code = "from neti.dataplane import System; System().guard_writes(); print('allowed')"
+    code = "from neti.dataplane import System; System().refuse_init_netns(); print('allowed')"
     out = subprocess.run(
         netns.exec_argv(scratch_ns, [sys.executable, "-c", code]),
         capture_output=True,
         text=True,
-        env={**os.environ, system.GUARD_ENV: "1"},
+        env={**os.environ, system.REFUSE_ENV: "1"},
         check=True,
     )
     assert out.stdout.strip() == "allowed"
@@ -123,3 +123,34 @@ def test_a_damaged_lock_file_names_nobody() -> None:
     assert system.lock_holder("-3 5.0") == (None, None)
     assert system.lock_holder("12 1e300") == (None, None)
     assert system.lock_holder("12 1700000000.5\n") == (12, 1700000000.5)
+
+
+def test_netlink_refusals_come_out_as_system_netlink_errors() -> None:
+    class Refused(Exception):  # pyroute2's NetlinkError: a code and its text
+        def __init__(self, code: int, text: str):
+            super().__init__(code, text)
+            self.code = code
+
+    class IPRoute:
+        closed = False
+
+        def route(self, cmd: str, **kw: object) -> list[object]:
+            if cmd == "get":
+                raise Refused(101, "Network is unreachable")
+            return [cmd, kw]
+
+        def link_lookup(self, **kw: object) -> list[int]:
+            return [1]
+
+        def close(self) -> None:
+            self.closed = True
+
+    ipr = IPRoute()
+    with system.Netlink(ipr, Refused) as nl:
+        assert nl.route("dump", family=2) == ["dump", {"family": 2}]
+        assert nl.link_lookup(ifname="lo") == [1]
+        with pytest.raises(system.NetlinkError) as got:
+            nl.route("get", dst="10.0.0.1")
+    assert got.value.code == 101
+    assert str(got.value) == str(Refused(101, "Network is unreachable"))
+    assert ipr.closed

@@ -22,7 +22,7 @@ from neti.dataplane.base import Backend
 from neti.dataplane.wireguard import socket_live, socket_path
 from neti.desired import DesiredState, compute
 from neti.desired.model import DesiredModel
-from neti.fleet import Fleet, Member
+from neti.fleet.model import Fleet, Member
 from neti.identity.wireguard import KeyPair
 from neti.lab import Topology, netns
 from tests.dataplane.helpers import OVERLAY

@@ -8,8 +8,9 @@ from ipaddress import IPv4Network as N
 import pytest
 
 from neti import config
-from neti.desired import DesiredState, Dnat, address_problem, compute, overlay_problem
-from neti.fleet import Fleet, Member
+from neti.desired import DesiredState, Dnat, compute
+from neti.fleet.addr import address_problem, overlay_problem
+from neti.fleet.model import Fleet, Member
 from neti.identity import Identity
 
 ME = Identity("i-me", A("10.0.0.10"), A("198.51.100.10"), "ec2")

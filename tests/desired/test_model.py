@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from neti import config
 from neti.desired import DesiredState, compute
 from neti.desired.model import Delta, DesiredModel
-from neti.fleet import Fleet, Member
+from neti.fleet.model import Fleet, Member
 from neti.identity import Identity
 
 ME = Identity("i-me", A("10.0.0.10"), A("198.51.100.10"), "ec2")

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from neti import config
 from neti.desired import DesiredState, Dnat, Peer, Tunnel, build, compute
 from neti.desired.model import Delta, DesiredModel
-from neti.fleet import SKIP_REASONS, Fleet, Member
+from neti.fleet.model import SKIP_REASONS, Fleet, Member
 from neti.identity import Identity
 from neti.identity.wireguard import KeyPair
 

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from neti.lab.demo import Lab
-from tests.lab.fixtures import netns_guard  # noqa: F401 - fixture
+from tests.lab.fixtures import netns_safety  # noqa: F401 - fixture
 from tests.support.markers import needs, require
 
 SESSION_TIMEOUT = 4.0
@@ -32,6 +32,6 @@ def running_fleet(**config: Any) -> Iterator[Lab]:
 
 @pytest.fixture(scope="module")
 @needs("zk")
-def fleet(netns_guard: None) -> Iterator[Lab]:  # noqa: F811
+def fleet(netns_safety: None) -> Iterator[Lab]:  # noqa: F811
     """Agents with short timeouts; metrics on in every host (127.0.0.1 of its namespace)."""
     yield from running_fleet(metrics={"enabled": True, "listen": "127.0.0.1", "port": 9437})

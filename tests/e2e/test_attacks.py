@@ -35,7 +35,7 @@ from neti.lab.demo import (
 )
 from neti.lab.pki import Issued
 from tests.e2e.conftest import SESSION_TIMEOUT
-from tests.lab.fixtures import netns_guard  # noqa: F401 - fixture
+from tests.lab.fixtures import netns_safety  # noqa: F401 - fixture
 from tests.support.markers import needs
 
 pytestmark = [pytest.mark.root, pytest.mark.zk, pytest.mark.timeout(240)]
@@ -53,7 +53,7 @@ FAKE = [f"192.168.63.{n}" for n in range(200, 220)]
 
 @pytest.fixture(scope="module")
 @needs("zk")
-def lab(netns_guard: None) -> Iterator[Lab]:  # noqa: F811
+def lab(netns_safety: None) -> Iterator[Lab]:  # noqa: F811
     spec = demo_spec()
     lab = Lab(
         spec=spec,

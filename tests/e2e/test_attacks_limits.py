@@ -34,7 +34,7 @@ from tests.e2e.test_attacks import (
     rules,
     stolen,
 )
-from tests.lab.fixtures import netns_guard  # noqa: F401 - fixture
+from tests.lab.fixtures import netns_safety  # noqa: F401 - fixture
 
 pytestmark = [pytest.mark.root, pytest.mark.zk, pytest.mark.timeout(300)]
 
@@ -42,7 +42,7 @@ RELAY = str(Path(__file__).with_name("relay.py"))
 
 
 @pytest.fixture(scope="module")
-def lab(netns_guard: None) -> Iterator[Lab]:  # noqa: F811
+def lab(netns_safety: None) -> Iterator[Lab]:  # noqa: F811
     spec = demo_spec()
     lab = Lab(spec=spec, zk_session_timeout=SESSION_TIMEOUT, resync_interval=20.0)
     lab.config["zk_hosts"] = demo_zk_hosts(spec, lab.zk_port)

@@ -18,7 +18,7 @@ from neti.lab.topology import cleanup, new_prefix
 pytestmark = [pytest.mark.root, pytest.mark.zk, pytest.mark.timeout(120)]
 
 
-def test_demo_once(netns_guard: None, tmp_path: Path) -> None:
+def test_demo_once(netns_safety: None, tmp_path: Path) -> None:
     prefix = new_prefix("ntd")
     workdir = tmp_path / "demo"
     argv = [sys.executable, "-m", "neti.lab.demo", "--once", "--prefix", prefix,
@@ -41,7 +41,7 @@ def test_demo_once(netns_guard: None, tmp_path: Path) -> None:
     assert not workdir.exists()
 
 
-def test_demo_keep_describe_until_sigterm(netns_guard: None, tmp_path: Path) -> None:
+def test_demo_keep_describe_until_sigterm(netns_safety: None, tmp_path: Path) -> None:
     prefix = new_prefix("ntk")
     workdir = tmp_path / "demo"
     desc = tmp_path / "lab.json"

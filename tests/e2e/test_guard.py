@@ -18,7 +18,7 @@ import pytest
 
 from neti.lab.demo import ZK_HOST, Lab, wait_for
 from tests.e2e.conftest import SESSION_TIMEOUT
-from tests.lab.fixtures import netns_guard  # noqa: F401 - fixture
+from tests.lab.fixtures import netns_safety  # noqa: F401 - fixture
 from tests.support.markers import needs
 
 pytestmark = [pytest.mark.root, pytest.mark.zk, pytest.mark.timeout(180)]
@@ -32,7 +32,7 @@ RESYNC = 60.0
 
 @pytest.fixture(scope="module")
 @needs("zk")
-def lab(netns_guard: None) -> Iterator[Lab]:  # noqa: F811
+def lab(netns_safety: None) -> Iterator[Lab]:  # noqa: F811
     lab = Lab(
         zk_session_timeout=SESSION_TIMEOUT,
         watch_delay_min=0.05,

@@ -13,7 +13,7 @@ import pytest
 
 from neti.lab.demo import Lab, wait_for
 from tests.e2e.conftest import running_fleet
-from tests.lab.fixtures import netns_guard  # noqa: F401 - fixture
+from tests.lab.fixtures import netns_safety  # noqa: F401 - fixture
 from tests.support.markers import needs
 
 pytestmark = [pytest.mark.root, pytest.mark.zk, pytest.mark.timeout(240)]
@@ -24,7 +24,7 @@ WORKER = b"neti.dataplane.nftsession"
 
 @pytest.fixture(scope="module")
 @needs("zk")
-def lab(netns_guard: None) -> Iterator[Lab]:  # noqa: F811
+def lab(netns_safety: None) -> Iterator[Lab]:  # noqa: F811
     yield from running_fleet(backend="nftables")
 
 

@@ -1,4 +1,4 @@
-"""Issue 11: a restart is invisible to peers (the session is resumed); an overlay IP that
+"""A restart is invisible to peers (the session is resumed); an overlay IP that
 another instance took is reported, never renumbered; SIGTERM exits within the bound.
 
 Real agents in namespaces and a real ZooKeeper (the lab); a test client watches members/

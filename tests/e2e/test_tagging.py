@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from neti.lab.demo import ZK_HOST, Lab, wait_for
-from tests.lab.fixtures import netns_guard  # noqa: F401 - fixture
+from tests.lab.fixtures import netns_safety  # noqa: F401 - fixture
 from tests.support.markers import needs
 from tests.support.motoserver import AMI, FAKE_ENV
 
@@ -45,7 +45,7 @@ def aws(lab: Lab, *args: str) -> str:
 
 @pytest.fixture(scope="module")
 @needs("zk")
-def lab(netns_guard: None) -> Iterator[Lab]:  # noqa: F811
+def lab(netns_safety: None) -> Iterator[Lab]:  # noqa: F811
     with Lab(agent_hosts=(HOST,)) as lab:
         moto = Path(sys.executable).with_name("moto_server")
         lab.topo.spawn(ZK_HOST, [str(moto), "-H", "0.0.0.0", "-p", str(MOTO_PORT)])

@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from neti.errors import IdentityError
-from neti.identity import resolve
 from neti.identity.imds import MAX_BODY, ImdsClient
+from neti.identity.source import resolve
 from tests.support.imds import ImdsServer
 
 MAC = "0e:12:34:56:78:9a"

@@ -1,1 +1,1 @@
-from tests.lab.fixtures import lab, netns_guard  # noqa: F401 - fixtures
+from tests.lab.fixtures import lab, netns_safety  # noqa: F401 - fixtures

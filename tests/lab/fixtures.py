@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from neti.dataplane.system import GUARD_ENV
+from neti.dataplane.system import REFUSE_ENV
 from neti.lab import Topology, netns
 from neti.lab.topology import leftovers
 from tests.support.markers import needs, require
@@ -26,22 +26,22 @@ def need_root() -> None:
 
 @pytest.fixture(scope="session")
 @needs("root")
-def netns_guard() -> Iterator[None]:
+def netns_safety() -> Iterator[None]:
     """Refuse dataplane writes to the root namespace; check our namespaces do not leak.
 
     Only namespaces with prefixes these tests issued are checked (and removed): other
     suites may run their own namespaces concurrently.
     """
     need_root()
-    old = os.environ.get(GUARD_ENV)
-    os.environ[GUARD_ENV] = "1"
+    old = os.environ.get(REFUSE_ENV)
+    os.environ[REFUSE_ENV] = "1"
     try:
         yield
     finally:
         if old is None:
-            os.environ.pop(GUARD_ENV, None)
+            os.environ.pop(REFUSE_ENV, None)
         else:
-            os.environ[GUARD_ENV] = old
+            os.environ[REFUSE_ENV] = old
         leaked = leftovers()
         for ns in leaked:
             netns.del_ns(ns)
@@ -49,7 +49,7 @@ def netns_guard() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def lab(netns_guard: None) -> Iterator[Topology]:
+def lab(netns_safety: None) -> Iterator[Topology]:
     """The default lab with a name server on every member host and the outsider."""
     with Topology() as topo:
         for host in ("ec2a", "ec2b", "vpc1", "outsider"):

@@ -43,7 +43,7 @@ def test_identities_and_config(lab: Topology) -> None:
         _ = lab.host("outsider").identity
 
 
-def test_teardown_and_cleanup_remove_everything(netns_guard: None) -> None:
+def test_teardown_and_cleanup_remove_everything(netns_safety: None) -> None:
     topo = Topology()
     with topo:
         proc = topo.spawn("ec2a", ["sleep", "600"])
@@ -58,7 +58,7 @@ def test_teardown_and_cleanup_remove_everything(netns_guard: None) -> None:
         cleanup("n")
 
 
-def test_failed_build_tears_down(netns_guard: None) -> None:
+def test_failed_build_tears_down(netns_safety: None) -> None:
     from neti.lab import HostSpec, NetworkSpec, TopologySpec
 
     bad = TopologySpec(

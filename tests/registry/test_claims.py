@@ -8,7 +8,8 @@ from ipaddress import IPv4Address, IPv4Network
 import pytest
 
 from neti.errors import RegistryError, SubnetFullError
-from neti.registry import Registry, addr
+from neti.fleet import addr
+from neti.registry import Registry
 from neti.registry.claims import RANDOM_TRIES, OverlayClaims
 
 IP = IPv4Address
@@ -42,8 +43,8 @@ def test_claim_survives_a_new_session(open_registry: Callable[..., Registry]) ->
 def test_release_removes_both_nodes(open_registry: Callable[..., Registry]) -> None:
     reg = open_registry()
     ip = reg.claim("i-1")
-    assert reg.release("i-1") == ip
-    assert reg.release("i-1") is None
+    assert reg.release_claim("i-1") == ip
+    assert reg.release_claim("i-1") is None
     assert reg.client.exists(f"{reg.paths.ip_to_id}/{ip}") is None
     assert reg.claims() == {}
 
@@ -138,7 +139,7 @@ def test_claim_outside_a_changed_subnet_is_loud_and_releasable(
     new = open_registry(overlay_subnet="10.8.0.0/24")
     with pytest.raises(RegistryError, match=r"not a host address of overlay_subnet 10\.8\.0\.0"):
         new.claim("i-1")
-    assert new.release("i-1") is not None
+    assert new.release_claim("i-1") is not None
     assert new.claim("i-1") in IPv4Network("10.8.0.0/24")
 
 
@@ -154,7 +155,7 @@ def test_a_slash_8_is_sampled_never_enumerated(open_registry: Callable[..., Regi
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert len(got) == 5 and all(addr.usable(IPv4Network("10.0.0.0/8"), ip) for ip in got)
+    assert len(got) == 5 and all(addr.usable(ip, IPv4Network("10.0.0.0/8")) for ip in got)
     # Listing the /8 took 1.5 GB; a pick now tests a candidate or two against five claims.
     assert claims.candidates_tried <= 5 * 3, claims.candidates_tried
     assert peak < 8 * 1024 * 1024, peak

@@ -173,5 +173,6 @@ def test_fleet_context_follows_the_nodes_and_arms_the_watches(
     wait_for("the own node's watch", fired.is_set)
     ctx = reg.fleet_context(lambda *_: None)
     assert not ctx.own_nodes and ctx.release_token == token
-    assert reg.membership.ensure()
+    assert reg.restore_own_nodes()  # what the agent does when own_nodes is False
     assert reg.fleet_context(lambda *_: None).own_nodes
+    assert not reg.restore_own_nodes()  # there already

@@ -1,4 +1,4 @@
-"""Issue 11: every ZooKeeper call has a deadline; a preferred (old) overlay IP is re-claimed;
+"""Every ZooKeeper call has a deadline; a preferred (old) overlay IP is re-claimed;
 a conflict on it is reported, never solved by renumbering."""
 
 from __future__ import annotations

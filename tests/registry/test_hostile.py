@@ -1,6 +1,6 @@
 """Hostile registry contents against a real ZooKeeper: what the reader refuses, and at what cost.
 
-Each test plays an attacker with a plain kazoo client (the rows of issue 9's table that the
+Each test plays an attacker with a plain kazoo client (the attacks on registry data that the
 reader answers) and checks the new outcome: skipped, counted by reason, logged a bounded
 number of times, never programmed.
 """
@@ -20,9 +20,9 @@ from kazoo.recipe.party import ShallowParty
 
 from neti import config, desired
 from neti.agent.metrics import Metrics
-from neti.fleet import Fleet
+from neti.fleet.model import Fleet
+from neti.fleet.names import new_nonce
 from neti.registry import Registry
-from neti.registry.codec import new_nonce
 from neti.registry.facade import SkipLog
 from neti.state import AgentState, GuardState
 from neti.status.report import WARNING, evaluate

@@ -18,13 +18,13 @@ from hypothesis import strategies as st
 
 from neti import config, desired
 from neti.agent.metrics import Metrics
-from neti.config import LABEL_RE
-from neti.fleet import MAX_SKIP_SAMPLES, SKIP_REASONS
+from neti.fleet import addr
+from neti.fleet.addr import LABEL_RE
+from neti.fleet.model import MAX_SKIP_SAMPLES, SKIP_REASONS
+from neti.fleet.screen import build_fleet
 from neti.identity import Identity
-from neti.registry import addr
 from neti.registry.facade import SkipLog
-from neti.registry.guard import MAX_CHANGE_LIMIT, parse_max_change
-from neti.registry.snapshot import build_fleet
+from neti.registry.maxchange import MAX_CHANGE_LIMIT, parse_max_change
 from neti.registry.verify import Verifier
 from tests.registry.fakezk import FakeClient
 
@@ -189,7 +189,7 @@ def test_nothing_refused_is_programmed(
             assert LABEL_RE.fullmatch(text)
         else:
             assert text == m.instance_id
-        assert addr.usable(SUBNET, m.overlay_ip)
+        assert addr.usable(m.overlay_ip, SUBNET)
         if m.instance_id != ME.instance_id and not (
             m.legacy and {m.private_ip, m.public_ip} <= CTX.own
         ):
@@ -205,7 +205,7 @@ def test_nothing_refused_is_programmed(
     for a in want.allow:
         assert a == ME.private_ip or CTX.target_problem(a, same_network=False) is None
     for d in want.dnat:
-        assert addr.usable(SUBNET, d.overlay_ip)
+        assert addr.usable(d.overlay_ip, SUBNET)
         if d.origin == "self":
             assert d.target == ME.private_ip
             continue

@@ -11,10 +11,10 @@ import pytest
 from kazoo.client import KazooClient
 from kazoo.recipe.party import ShallowParty
 
-from neti.fleet import Fleet
+from neti.fleet.legacy import decode_legacy
+from neti.fleet.model import Fleet
+from neti.fleet.names import decode_member
 from neti.registry import Registry
-from neti.registry.codec import decode_member
-from neti.registry.legacy import decode_legacy
 from tests.registry.conftest import identity_of, static
 from tests.support.zkserver import ZooKeeperServer
 

@@ -12,11 +12,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kazoo.security import ACL, Id
 
-from neti.fleet import SKIP_REASONS, Member
+from neti.fleet.model import SKIP_REASONS, Member
+from neti.fleet.names import encode_member
+from neti.fleet.screen import build_fleet
 from neti.registry.acl import Ownership, id_name, norm, takeable
-from neti.registry.codec import encode_member
 from neti.registry.paths import Paths
-from neti.registry.snapshot import build_fleet
 from neti.registry.survey import Node, Tree, survey
 from neti.registry.verify import MAX_DATA, Verifier
 from tests.registry.fakezk import WORLD_READ, FakeClient, owned

@@ -17,7 +17,8 @@ from kazoo.exceptions import ConnectionDropped
 
 from neti import config
 from neti.registry import Registry
-from neti.registry.client import MAX_REPLY_BYTES, BoundedConnection, DeadlineClient, make_client
+from neti.registry.client import DeadlineClient, make_client
+from neti.registry.kazooext import MAX_REPLY_BYTES, BoundedConnection
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -64,7 +65,7 @@ def test_a_reply_longer_than_the_bound_drops_the_connection(
     cfg = config.parse({"zk_hosts": {"default": [liar]}, "zk_session_timeout": 2})
     client = make_client(cfg, "vpc")
     assert isinstance(client._connection, BoundedConnection)
-    with caplog.at_level(logging.ERROR, logger="neti.registry.client"):
+    with caplog.at_level(logging.ERROR, logger="neti.registry.kazooext"):
         with pytest.raises(Exception):  # noqa: B017,PT011 - kazoo's start timeout
             client.start(timeout=3)
         client.stop()

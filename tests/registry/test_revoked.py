@@ -60,7 +60,7 @@ def test_any_bytes_parse_or_are_refused_whole(data: bytes) -> None:
 def test_without_revoked_leaves_them_out_and_counts_them() -> None:
     from ipaddress import IPv4Address as A
 
-    from neti.fleet import Fleet, Member, without_revoked
+    from neti.fleet.model import Fleet, Member, without_revoked
 
     ms = tuple(
         Member(f"i-{n}", "vpc", A(f"203.0.113.{n}"), A(f"10.0.0.{n}"), A(f"10.9.0.{n}"))

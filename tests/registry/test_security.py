@@ -25,6 +25,7 @@ from kazoo.security import OPEN_ACL_UNSAFE, make_digest_acl_credential
 
 from neti import config
 from neti.errors import RegistryAccessError, RegistryError
+from neti.fleet.addr import LABEL_RE
 from neti.lab.pki import CertificateAuthority, Issued
 from neti.registry import Registry, acl, connect, revoked
 from neti.registry.client import check_trust
@@ -133,7 +134,7 @@ def expected(kind: str, owner: str | None = None, fleet: str = acl.WORLD) -> fro
     acls = {
         "container": policy.container(),
         "own": policy.owned_by(owner),
-        "guard": policy.guard(),
+        "guard": policy.operators_write(),
         "prefix": policy.prefix(),
     }[kind]
     assert acls is not None
@@ -237,7 +238,7 @@ def test_locked_prefix_without_maxchange_uses_the_default(
 
 def expected_list(kind: str) -> list:
     policy = acl.AclPolicy(True, None, (OPERATOR_ID,), (acl.WORLD,), True)
-    out = {"guard": policy.guard(), "prefix": policy.prefix()}[kind]
+    out = {"guard": policy.operators_write(), "prefix": policy.prefix()}[kind]
     assert out is not None
     return out
 
@@ -290,7 +291,7 @@ def test_other_host_cannot_touch_a(
     ):
         b.set_max_change(5)
     with pytest.raises(RegistryError, match=r"refused releasing .*not allowed for x509:CN=i-b"):
-        b.release("i-a")
+        b.release_claim("i-a")
     assert a.claim_of("i-a") == ip
 
 
@@ -363,7 +364,7 @@ def test_operator_sets_max_change_and_releases(host: Callable[..., Registry]) ->
     op.set_max_change(7)
     assert a.max_change() == 7
     a.leave()  # ends the session: its member node goes with it
-    assert op.release("i-a") is not None
+    assert op.release_claim("i-a") is not None
     assert op.claim_of("i-a") is None
 
 
@@ -687,12 +688,11 @@ def test_zk_acl_block_parses_or_errors(block: dict[str, Any]) -> None:
 
 @pytest.mark.zk
 def test_agent_stops_when_the_server_refuses_its_certificate(
-    tls_data: Callable[..., dict[str, Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tls_data: Callable[..., dict[str, Any]], tmp_path: Path
 ) -> None:
     """A refused certificate ends `neti agent` (exit 2 via the CLI) instead of an endless
     retry; the dataplane (a recording stand-in here: this is the root namespace) gets
     nothing to apply."""
-    from neti import dataplane
     from neti.agent.core import Agent
 
     applied: list[object] = []
@@ -709,11 +709,12 @@ def test_agent_stops_when_the_server_refuses_its_certificate(
         def close(self) -> None:
             pass
 
-    monkeypatch.setattr(dataplane, "select", lambda *a, **k: Recorder())
     other = CertificateAuthority(tmp_path / "other").issue("i-a")
     data = tls_data(state_dir=str(tmp_path / "state"))
     data["zk_tls"].update(cert=str(other.cert), key=str(other.key))
-    agent = Agent(str(tmp_path / "neti.yml"), config.parse(data))
+    agent = Agent.build(
+        str(tmp_path / "neti.yml"), config.parse(data), select_backend=lambda _c: Recorder()
+    )
     with pytest.raises(RegistryAccessError, match=r"^zk_tls.cert .*refused this certificate"):
         agent.run()
     assert applied == []
@@ -746,7 +747,7 @@ def test_identities_file_never_crashes(tmp_path: Path, data: bytes) -> None:
         assert str(exc).startswith("--identities ") and "\n" not in str(exc)
         return
     for iid, zk_id in mapping.items():
-        assert config.LABEL_RE.match(iid)
+        assert LABEL_RE.match(iid)
         assert config.zk_acl_id(zk_id) == zk_id
 
 

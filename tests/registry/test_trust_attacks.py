@@ -21,10 +21,10 @@ import yaml
 from kazoo.client import KazooClient
 from kazoo.security import ACL, Id, Permissions
 
+from neti.fleet.names import new_nonce
 from neti.lab.pki import CertificateAuthority, Issued
 from neti.registry import Registry, attest
 from neti.registry.claims import ForeignClaimError
-from neti.registry.codec import new_nonce
 from tests.registry.conftest import identity_of, run_neti, static
 from tests.registry.test_security import (  # noqa: F401 - fixtures
     OPERATOR,

@@ -9,11 +9,11 @@ from ipaddress import IPv4Network
 import pytest
 from kazoo.handlers.threading import KazooTimeoutError
 
-from neti.fleet import Member
-from neti.registry.codec import encode_member
+from neti.fleet.model import Member
+from neti.fleet.names import encode_member
+from neti.fleet.screen import Candidate, build_fleet
 from neti.registry.facade import SkipLog
-from neti.registry.snapshot import build_fleet
-from neti.registry.verify import Candidate, Verifier
+from neti.registry.verify import Verifier
 from tests.registry.fakezk import FakeClient
 
 SUBNET = IPv4Network("192.168.0.0/18")

@@ -1,4 +1,4 @@
-"""Following the fleet by its changes against a real ZooKeeper (watch.py, index.py, facade).
+"""Following the fleet by its changes against a real ZooKeeper (watch.py, FleetIndex, facade).
 
 A writer client creates and deletes member nodes (with their claims) the way agents do; the
 reader is a Registry whose index must equal a full read after every quiet period: after
@@ -19,11 +19,10 @@ from typing import Any
 import pytest
 from kazoo.client import KazooClient
 
-from neti.fleet import Member
+from neti.fleet.index import FleetChange
+from neti.fleet.model import Member
+from neti.fleet.names import encode_member
 from neti.registry import Registry, connect
-from neti.registry.codec import encode_member
-from neti.registry.index import FleetChange
-from neti.registry.watch import ADD_WATCH, AddWatch
 from tests.support.zkserver import ZooKeeperServer
 
 Cfg = Callable[..., Any]
@@ -204,12 +203,6 @@ class Follower:
             self.take(getattr(self.reg, call)())
         # The index equals a full read of ZooKeeper (build_fleet over both lists).
         assert self.reg.fleet_snapshot() == self.reg.read_fleet()
-
-
-def test_addwatch_request_shape() -> None:
-    req = AddWatch("/neti/members", 1)
-    assert req.type == ADD_WATCH == 106
-    assert bytes(req.serialize()) == b"\x00\x00\x00\x0d/neti/members\x00\x00\x00\x01"
 
 
 @pytest.mark.zk

@@ -19,10 +19,10 @@ from kazoo.exceptions import ConnectionLoss, NoAuthError, NoNodeError
 from kazoo.handlers.threading import KazooTimeoutError
 from kazoo.protocol.states import KazooState, ZnodeStat
 
-from neti.registry.codec import decode_member
-from neti.registry.index import FleetIndex
-from neti.registry.snapshot import build_fleet
-from neti.registry.verify import Verdict, Verifier
+from neti.fleet.index import FleetIndex
+from neti.fleet.names import decode_member
+from neti.fleet.screen import Verdict, build_fleet
+from neti.registry.verify import Verifier
 from neti.registry.watch import FleetWatch
 from tests.registry.test_watch_model import FakeZK, L, M
 
@@ -215,7 +215,7 @@ def test_no_failure_sequence_leaves_the_fleet_wrong(steps: list[tuple[str, str, 
 
 
 def test_a_loss_while_the_new_member_is_read_keeps_the_removal_for_the_next_call() -> None:
-    """The issue's sequence through the watch: i-0 leaves and i-2 joins in one batch of
+    """The sequence through the watch: i-0 leaves and i-2 joins in one batch of
     events, the connection drops while i-2's node is read; the next call applies both."""
     zk, fw = make()
     fw.start(lambda: None)

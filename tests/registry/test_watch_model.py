@@ -19,8 +19,9 @@ from kazoo.protocol.connection import CREATED_EVENT, DELETED_EVENT
 from kazoo.protocol.serialization import Exists, GetChildren2, int_int_struct, write_string
 from kazoo.protocol.states import KazooState, ZnodeStat
 
-from neti.registry.index import FleetIndex
-from neti.registry.watch import MAX_QUEUE, AddWatch, FleetWatch, WatchHub
+from neti.fleet.index import FleetIndex
+from neti.registry.kazooext import AddWatch
+from neti.registry.watch import MAX_QUEUE, FleetWatch, WatchHub
 
 M, L = "/p/members", "/p/ip-map"
 

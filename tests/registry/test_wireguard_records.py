@@ -21,15 +21,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from neti import config
-from neti.fleet import SKIP_REASONS, Member
+from neti.fleet.index import FleetIndex
+from neti.fleet.model import SKIP_REASONS, Member
+from neti.fleet.names import encode_member
+from neti.fleet.screen import build_fleet
 from neti.identity import Identity
 from neti.identity.wireguard import KeyPair
 from neti.registry import attest
 from neti.registry.attest import Attestor
-from neti.registry.codec import encode_member
-from neti.registry.index import FleetIndex
 from neti.registry.membership import Membership
-from neti.registry.snapshot import build_fleet
 from neti.registry.verify import Verifier
 from tests.registry.fakezk import FakeClient
 from tests.registry.test_attest import CA, _RecordingClient, clock, key_pem, pem

@@ -24,7 +24,7 @@ from neti.dataplane import system as system_mod
 from neti.dataplane.nftables import NftablesBackend
 from neti.dataplane.system import System
 from neti.desired import compute
-from neti.fleet import Fleet, Member
+from neti.fleet.model import Fleet, Member
 from neti.identity import Identity
 from neti.status import kernel as kernel_mod
 from neti.status.report import CRITICAL, OK, WARNING

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ipaddress import IPv4Address
 
-from neti.fleet import Fleet, Member
+from neti.fleet.model import Fleet, Member
 from neti.identity import Identity
 from neti.state import AgentState, GuardState, Reconcile, ZkState
 from neti.status import render_text, to_dict

@@ -1,10 +1,12 @@
-"""A Registry with the agent's facade (docs: /work/notes/plan-s14.md, "THE DELTA INTERFACE")
-and no ZooKeeper: tests change the fleet, fire watches and connection states by hand.
+"""A registry without ZooKeeper, implementing the agent's ``RegistryPort`` (mypy checks it:
+``_conforms`` below): tests change the fleet, fire watches and connection states by hand.
 
 ``members`` is the verified fleet as ZooKeeper would hold it; ``index`` what the registry's
 index last handed out. ``fleet_changes`` / ``resync_fleet`` / ``watch_fleet`` return the
 difference between the two (a changed member: removed + added) and catch the index up, as
-the real facade does. Every facade call is logged in ``calls``.
+the real facade does. Every fleet call is logged in ``calls``; ``fail_next`` makes the next
+one raise. The session's end is recorded: ``left``, ``stopped`` (``block`` holds a stop
+that never finishes, as kazoo's can).
 """
 
 from __future__ import annotations
@@ -13,12 +15,16 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address
-from typing import Any
 
-from neti.agent.fleetsync import Change, context_by_node, index
+from neti.agent.fleetsync import index
+from neti.agent.ports import OnEvent, OnState, RegistryPort
 from neti.errors import RegistryError
-from neti.fleet import Fleet, Member
-from neti.registry.context import FleetContext
+from neti.fleet.index import FleetChange
+from neti.fleet.model import Fleet, Member
+from neti.identity import Identity
+from neti.registry.context import FleetContext, token
+
+Change = FleetChange
 
 
 @dataclass(frozen=True)
@@ -28,50 +34,43 @@ class Stat:
     ephemeralOwner: int = 0
 
 
-class FakeMembership:
-    def __init__(self) -> None:
-        self.seats: list[Any] = []
-        self.ensured = 0
-
-    def ensure(self) -> None:
-        self.ensured += 1
-
-
 class FakeClient:
-    """Behind session()/session_id, as kazoo's client is behind the real facade."""
+    """The session's id and timeout, as kazoo's client holds them behind the facade."""
 
     def __init__(self) -> None:
         self.client_id = (0x1234, b"\x01" * 16)
         self._session_timeout = 6000
-        self.aborted = False
-        self.call_timeout = 5.0
 
 
 class FakeRegistry:
     members_path = "/neti/members"
     prefix = "/neti"  # the agent's default zk_prefix: maxchange, revoked, guard-release
 
-    def __init__(self, max_change: int = 1000):
+    def __init__(self, max_change: int = 1000, block: threading.Event | None = None):
         self.members: dict[str, Member] = {}
         self.index: dict[str, Member] = {}
         self.container = True
+        self.own_nodes = True  # this host's member nodes exist (fleet_context)
         self.nodes: dict[str, Stat] = {}
         self.max_change_value = max_change
         self.max_change_problem: str | None = None
         self.revoked_ids: set[str] = set()  # the operators' revoked list
         self.revoked_problem: str | None = None
-        self.on_event: Callable[..., object] | None = None
-        self.node_watches: dict[str, list[Callable[..., object]]] = {}
-        self.listeners: list[Callable[[str], object]] = []
+        self.claims_excess = 0
+        self.on_event: OnEvent | None = None
+        self.node_watches: dict[str, list[OnEvent]] = {}
+        self.listeners: list[OnState] = []
         self.calls: list[str] = []
         self.fail_next: Exception | None = None
         self.aborted = False
         self.relist_next = False
-        self.membership = FakeMembership()
         self.client = FakeClient()
         self.joined: list[tuple[str, IPv4Address]] = []
         self.claims: dict[str, IPv4Address] = {}
-        self.lock = threading.Lock()
+        self.restored = 0  # restore_own_nodes calls
+        self.left = False
+        self.stopped = False
+        self.block = block
         self.dirty: set[str] = set()  # instance IDs changed since the index caught up
         self._was_missing = False
 
@@ -141,8 +140,35 @@ class FakeRegistry:
             container_missing=not self.container,
         )
 
-    # --- the facade ---
-    def watch_fleet(self, on_event: Callable[..., object], identity: object = None) -> Change:
+    def _watch(self, path: str, on_event: OnEvent) -> Stat | None:
+        self.node_watches.setdefault(path, []).append(on_event)
+        if path == self.members_path:
+            return Stat() if self.container else None
+        return self.nodes.get(path)
+
+    # --- FleetSource ---
+    def fleet_context(self, on_event: OnEvent) -> FleetContext:
+        self._call("fleet_context")
+        p = self.prefix
+        missing = self._watch(self.members_path, on_event) is None
+        self._watch(f"{p}/maxchange", on_event)
+        self._watch(f"{p}/revoked", on_event)
+        release = token(self._watch(f"{p}/guard-release", on_event))
+        return FleetContext(
+            container_missing=missing,
+            own_nodes=self.own_nodes,
+            max_change=self.max_change_value,
+            max_change_problem=self.max_change_problem,
+            revoked=frozenset(self.revoked_ids),
+            release_token=release,
+        )
+
+    def restore_own_nodes(self) -> bool:
+        self.restored += 1
+        gone, self.own_nodes = not self.own_nodes, True
+        return gone
+
+    def watch_fleet(self, on_event: OnEvent, identity: Identity | None = None) -> Change:
         self._call("watch_fleet")
         self.on_event = on_event
         return self._change(relisted=True)
@@ -160,22 +186,35 @@ class FakeRegistry:
         self._call("fleet_snapshot")
         return Fleet(members=tuple(self.index[i] for i in sorted(self.index)))
 
-    def watch_node(self, path: str, on_event: Callable[..., object]) -> Stat | None:
-        self._call("watch_node")
-        self.node_watches.setdefault(path, []).append(on_event)
-        if path == self.members_path:
-            return Stat() if self.container else None
-        return self.nodes.get(path)
+    # --- SessionPort ---
+    def claim(self, instance_id: str, prefer: IPv4Address | None = None) -> IPv4Address:
+        return self.claims.setdefault(instance_id, prefer or IPv4Address("192.168.0.2"))
 
-    def add_state_listener(self, fn: Callable[[str], object]) -> None:
-        self.listeners.append(fn)
+    def join(self, identity: Identity, overlay_ip: IPv4Address, version: str = "") -> None:
+        self.joined.append((identity.instance_id, overlay_ip))
 
-    def remove_state_listener(self, fn: Callable[[str], object]) -> None:
-        if fn in self.listeners:
-            self.listeners.remove(fn)
+    def leave(self) -> None:
+        self.left = True
+
+    def close(self) -> None:
+        self._stop()
+
+    def drop(self, wait: float = 0.0) -> bool:
+        t = threading.Thread(target=self._stop, daemon=True)
+        t.start()
+        t.join(wait)
+        return not t.is_alive()
+
+    def _stop(self) -> None:
+        if self.block is not None:
+            self.block.wait()  # a stop that never finishes (kazoo joining a blocked thread)
+        self.stopped = True
 
     def abort(self) -> None:
         self.aborted = True
+
+    def prepare_stop(self, timeout: float) -> None:
+        self.aborted = False
 
     @property
     def session_id(self) -> int | None:
@@ -185,44 +224,31 @@ class FakeRegistry:
         sid, password = self.client.client_id
         return sid, password, self.client._session_timeout / 1000
 
-    def prepare_stop(self, timeout: float) -> None:
-        self.aborted = False
+    def add_state_listener(self, fn: OnState) -> None:
+        self.listeners.append(fn)
 
-    def drop(self, wait: float = 0.0) -> bool:
-        return True
+    def remove_state_listener(self, fn: OnState) -> None:
+        if fn in self.listeners:
+            self.listeners.remove(fn)
 
-    def fleet_context(self, on_event: Callable[..., object]) -> FleetContext:
-        self._call("fleet_context")
-        p = self.prefix
-        return context_by_node(
-            self, on_event, f"{p}/maxchange", f"{p}/revoked", f"{p}/guard-release"
-        )
 
-    # --- the rest the agent uses ---
-    def max_change(self) -> int:
-        self._call("max_change")
-        return self.max_change_value
+def _conforms(reg: FakeRegistry) -> RegistryPort:
+    """Never called: mypy checks that the fake implements the agent's port."""
+    return reg
 
-    def revoked(self, token: tuple[int, int] | None = None, known: bool = False) -> frozenset[str]:
-        self._call("revoked")
-        return frozenset(self.revoked_ids)
 
-    def claim(self, instance_id: str, prefer: IPv4Address | None = None) -> IPv4Address:
-        ip = self.claims.setdefault(instance_id, prefer or IPv4Address("192.168.0.2"))
-        return ip
+def connector(*regs: FakeRegistry) -> Callable[..., RegistryPort]:
+    """A ``Connector`` handing out ``regs`` in turn (the last one again and again)."""
+    queue = list(regs)
 
-    def join(self, identity: Any, overlay_ip: IPv4Address, version: str = "") -> None:
-        self.joined.append((identity.instance_id, overlay_ip))
+    def connect(*_args: object, **_kw: object) -> RegistryPort:
+        return queue.pop(0) if len(queue) > 1 else queue[0]
 
-    def leave(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
+    return connect
 
 
 def boom() -> RegistryError:
     return RegistryError("ZooKeeper did not answer")
 
 
-__all__ = ["FakeRegistry", "Stat", "boom", "index"]
+__all__ = ["FakeRegistry", "Stat", "boom", "connector", "index"]

@@ -467,12 +467,12 @@ class FakeIPRoute:
 
 
 class KernelFreeSystem(System):
-    """A System that never touches a kernel: no write guard, no lock, sysctls in a dict.
+    """A System that never touches a kernel: no namespace refusal, no lock, sysctls in a dict.
     Subclasses answer ``run``."""
 
     sysctls: dict[str, str]
 
-    def guard_writes(self) -> None:
+    def refuse_init_netns(self) -> None:
         pass
 
     def spawn(self, argv: Sequence[str]) -> subprocess.Popen[bytes]:

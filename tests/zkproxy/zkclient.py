@@ -11,7 +11,8 @@ import json
 import logging
 import sys
 
-from neti import config, identity
+from neti import config
+from neti.identity.source import resolve
 from neti.registry import connect
 
 
@@ -22,7 +23,7 @@ def main() -> int:
     )
     cfg = config.load(sys.argv[1])
     network = sys.argv[2]
-    me = identity.resolve(cfg)
+    me = resolve(cfg)
     reg = connect(cfg, network, timeout=20)
     logging.getLogger("kazoo").setLevel(logging.INFO)
     states: list[str] = []

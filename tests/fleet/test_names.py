@@ -1,4 +1,4 @@
-"""Pure codecs: member node names, the original's party nodes, maxchange, fleet merging."""
+"""Pure codecs: member node names, the original's party nodes, fleet merging."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
-from neti.fleet import Member
-from neti.registry.addr import MalformedEntry, host_ip, usable
-from neti.registry.codec import (
+from neti.fleet.addr import MalformedEntry, host_ip, usable
+from neti.fleet.legacy import decode_legacy, encode_ident, flag_for, node_name
+from neti.fleet.model import Member
+from neti.fleet.names import (
     V1,
     decode_member,
     encode_member,
@@ -16,9 +17,7 @@ from neti.registry.codec import (
     name_format,
     new_nonce,
 )
-from neti.registry.guard import parse_max_change
-from neti.registry.legacy import decode_legacy, encode_ident, flag_for, node_name
-from neti.registry.snapshot import build_fleet
+from neti.fleet.screen import build_fleet
 
 NETS = {0: "ec2", 1: "vpc"}
 SUBNET = IPv4Network("192.168.0.0/18")
@@ -175,26 +174,8 @@ def test_host_ip_and_usable() -> None:
         with pytest.raises(MalformedEntry):
             host_ip(bad)
     net = IPv4Network("10.9.0.0/27")
-    assert not usable(net, IP("10.9.0.0")) and not usable(net, IP("10.9.0.31"))
-    assert usable(net, IP("10.9.0.1")) and not usable(net, IP("10.9.0.32"))
-
-
-# --- maxchange ---
-@pytest.mark.parametrize(
-    ("data", "value", "problem"),
-    [
-        (b"20", 20, False),
-        (b" 5\n", 5, False),
-        (b"", 7, False),
-        (b"0", 0, False),
-        (b"abc", 7, True),
-        (b"-3", 7, True),
-        (b"1.5", 7, True),
-    ],
-)
-def test_parse_max_change(data: bytes, value: int, problem: bool) -> None:
-    got, why = parse_max_change(data, 7)
-    assert got == value and (why is not None) == problem
+    assert not usable(IP("10.9.0.0"), net) and not usable(IP("10.9.0.31"), net)
+    assert usable(IP("10.9.0.1"), net) and not usable(IP("10.9.0.32"), net)
 
 
 # --- merging the two lists ---

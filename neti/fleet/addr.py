@@ -1,7 +1,9 @@
-"""Strict parsing of addresses and names read from ZooKeeper.
+"""The address and label rules: the one module of address predicates.
 
 Registry data is written by many hosts and by older software; anything that could not be a
-host's address or a tame label is refused here, before it can reach a kernel rule.
+host's address or a tame label is refused here, before it can reach a kernel rule. The config
+and the identity sources judge this host's own addresses and labels by the same rules.
+Every predicate takes the address first, then what it is judged against.
 """
 
 from __future__ import annotations
@@ -10,11 +12,10 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from ipaddress import AddressValueError, IPv4Address, IPv4Network
-from pathlib import Path
 
-from neti.config import LABEL_RE, Config
-from neti.errors import ConfigError
-
+# Labels and instance IDs end up in ZooKeeper node names and kernel comments: keep them tame.
+# \A...\Z, not ^...$: '$' also matches before a trailing newline ("t-1\n" would pass).
+LABEL_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")
 # An agent version ends up in a node name: no '|' (field separator) and no '/' (path).
 VERSION_RE = re.compile(r"\A[A-Za-z0-9_.+-]{0,64}\Z")
 
@@ -27,34 +28,72 @@ class MalformedEntry(ValueError):
         self.code = code
 
 
-# The one host-address predicate (used by the registry readers and by desired.compute):
-# addresses that are never a real host's unicast address, with a reason code
-# (neti.fleet.SKIP_REASONS) and a text. Checked in this order.
-_NEVER_HOSTS: tuple[tuple[IPv4Network, str, str], ...] = (
-    (IPv4Network("0.0.0.0/32"), "unspecified", "is unspecified (0.0.0.0/8, not a host)"),
-    (IPv4Network("0.0.0.0/8"), "this_network", "is in 0.0.0.0/8 ('this network', not a host)"),
-    (IPv4Network("127.0.0.0/8"), "loopback", "is a loopback address"),
-    (IPv4Network("169.254.0.0/16"), "link_local", "is a link-local address"),
-    (IPv4Network("224.0.0.0/4"), "multicast", "is a multicast address"),
-    (IPv4Network("255.255.255.255/32"), "broadcast", "is the limited broadcast address"),
-    (IPv4Network("240.0.0.0/4"), "reserved", "is in the reserved range 240.0.0.0/4"),
+# The one host-address predicate (the registry readers, desired.compute, the config and the
+# identity sources): addresses that are never a real host's unicast address, with a reason
+# code (neti.fleet.model.SKIP_REASONS), the text a skipped member's reason carries, and the
+# word an error about this host's own address uses. Checked in this order.
+_UNSPECIFIED = "unspecified (0.0.0.0/8)"
+_RESERVED = "reserved or broadcast"
+_NEVER_HOSTS: tuple[tuple[IPv4Network, str, str, str], ...] = (
+    (
+        IPv4Network("0.0.0.0/32"),
+        "unspecified",
+        "is unspecified (0.0.0.0/8, not a host)",
+        _UNSPECIFIED,
+    ),
+    (
+        IPv4Network("0.0.0.0/8"),
+        "this_network",
+        "is in 0.0.0.0/8 ('this network', not a host)",
+        _UNSPECIFIED,
+    ),
+    (IPv4Network("127.0.0.0/8"), "loopback", "is a loopback address", "loopback"),
+    (
+        IPv4Network("169.254.0.0/16"),
+        "link_local",
+        "is a link-local address",
+        "link-local (169.254.0.0/16, where the metadata service lives)",
+    ),
+    (IPv4Network("224.0.0.0/4"), "multicast", "is a multicast address", "multicast"),
+    (
+        IPv4Network("255.255.255.255/32"),
+        "broadcast",
+        "is the limited broadcast address",
+        _RESERVED,
+    ),
+    (IPv4Network("240.0.0.0/4"), "reserved", "is in the reserved range 240.0.0.0/4", _RESERVED),
 )
 
 
 # The same ranges as integers: checked for every member of every read (16k at a time).
 _NEVER_RANGES = tuple(
-    (int(net.network_address), int(net.broadcast_address), code, text)
-    for net, code, text in _NEVER_HOSTS
+    (int(net.network_address), int(net.broadcast_address), code, text, own)
+    for net, code, text, own in _NEVER_HOSTS
 )
+
+
+def _never(ip: IPv4Address) -> tuple[str, str, str] | None:
+    i = int(ip)
+    for lo, hi, code, text, own in _NEVER_RANGES:
+        if lo <= i <= hi:
+            return code, text, own
+    return None
 
 
 def host_problem(ip: IPv4Address) -> tuple[str, str] | None:
     """(code, text) when ``ip`` can never be a host's unicast address, else None."""
-    i = int(ip)
-    for lo, hi, code, text in _NEVER_RANGES:
-        if lo <= i <= hi:
-            return code, text
-    return None
+    found = _never(ip)
+    return (found[0], found[1]) if found else None
+
+
+def own_address_problem(ip: IPv4Address) -> str | None:
+    """Why ``ip`` cannot be this host's own private or public address; None when it can.
+
+    Peers DNAT this host's overlay IP to it, so a loopback or metadata-service address here
+    would point every peer at itself or at its own metadata service.
+    """
+    found = _never(ip)
+    return found[2] if found else None
 
 
 def parse_ip(text: str, what: str = "address") -> IPv4Address:
@@ -125,50 +164,6 @@ def zookeeper_ips(hosts: Iterable[str]) -> frozenset[IPv4Address]:
     return frozenset(out)
 
 
-def zookeeper_ips_for(cfg: Config, network: str) -> frozenset[IPv4Address]:
-    """ZooKeeper server IPs as a host in ``network`` sees them.
-
-    Its own network's zk_hosts (private addresses only mean something inside one network,
-    and networks may overlap) plus every network's public (global) ones.
-    """
-    try:
-        mine = cfg.zk_hosts_for(network)
-    except ConfigError:
-        mine = []
-    others = [hp for hosts in cfg.zk_hosts.values() for hp in hosts]
-    return zookeeper_ips(mine) | frozenset(ip for ip in zookeeper_ips(others) if ip.is_global)
-
-
-def lan_of(ip: IPv4Address, route_file: str | Path = "/proc/net/route") -> IPv4Network | None:
-    """The directly connected IPv4 network holding ``ip`` (longest prefix), or None.
-
-    Read from this network namespace's routing table: a link route (no gateway) whose
-    destination contains ``ip``. None when nothing matches or the file cannot be read.
-    """
-    try:
-        text = Path(route_file).read_text(errors="replace")[:1_000_000]
-    except OSError:
-        return None
-    best: IPv4Network | None = None
-    for line in text.splitlines()[1:]:
-        f = line.split()
-        if len(f) < 8:
-            continue
-        try:
-            dest, gw, mask = (int(x, 16) for x in (f[1], f[2], f[7]))
-            # /proc/net/route prints little-endian hex of network-order values.
-            dest_ip = IPv4Address(int.from_bytes(dest.to_bytes(4, "little"), "big"))
-            mask_ip = IPv4Address(int.from_bytes(mask.to_bytes(4, "little"), "big"))
-            net = IPv4Network(f"{dest_ip}/{mask_ip}")
-        except (ValueError, OverflowError):
-            continue
-        if gw != 0 or net.prefixlen == 0 or ip not in net:
-            continue
-        if best is None or net.prefixlen > best.prefixlen:
-            best = net
-    return best
-
-
 def label(text: str, what: str = "label") -> str:
     if not LABEL_RE.match(text):
         raise MalformedEntry(f"{what} {text!r} is not a valid label")
@@ -181,7 +176,7 @@ def version(text: str) -> str:
     return text
 
 
-def overlay_problem(subnet: IPv4Network, ip: IPv4Address) -> str | None:
+def overlay_problem(ip: IPv4Address, subnet: IPv4Network) -> str | None:
     """Why ``ip`` cannot be an overlay address of ``subnet`` (a text), or None if it can.
 
     The one overlay-address rule: the registry readers and desired.compute both use it.
@@ -193,6 +188,16 @@ def overlay_problem(subnet: IPv4Network, ip: IPv4Address) -> str | None:
     return None
 
 
-def usable(subnet: IPv4Network, ip: IPv4Address) -> bool:
+def usable(ip: IPv4Address, subnet: IPv4Network) -> bool:
     """True when ``ip`` is a host address of ``subnet`` (not its network or broadcast)."""
-    return overlay_problem(subnet, ip) is None
+    return overlay_problem(ip, subnet) is None
+
+
+def address_problem(ip: IPv4Address, overlay_subnet: IPv4Network) -> str | None:
+    """Why ``ip`` cannot be a real (private or public) host address here, or None if it can.
+
+    The context-free part of HostContext.target_problem. An address inside the overlay
+    subnet is refused because a DNAT to it would loop back into Neti's own rules.
+    """
+    problem = HostContext(overlay_subnet).target_problem(ip)
+    return problem[1] if problem else None

@@ -1,15 +1,16 @@
 """The verified fleet kept from name deltas: O(changes), equal to build_fleet at every step.
 
-A watch tells which node names appeared or vanished (watch.py); re-running build_fleet over
-16k names for each of them is what made one join cost a full list and a full parse on every
-host (issue 10). ``FleetIndex`` keeps, per listed name, what snapshot.screen and the verifier
-said about it, and the two duplicate rules of snapshot.build_fleet by group: a change
+A watch tells which node names appeared or vanished (neti/registry/watch.py); re-running
+build_fleet over 16k names for each of them would cost a full list and a full parse on every
+host for one join. ``FleetIndex`` keeps, per listed name, what screen.screen and the verifier
+said about it, and the two duplicate rules of screen.build_fleet by group: a change
 recomputes only the instance-ID group and the overlay-IP groups it touches. ``fleet()`` is
-exactly what build_fleet returns for the current names (tests/registry/test_index_property.py
+exactly what build_fleet returns for the current names (tests/fleet/test_index_property.py
 checks that after every step of random hostile sequences); ``take_change()`` is what changed
 since the last call, as the agent consumes it (``FleetChange``).
 
-Pure, but for the verifier (VerifierLike: registry/verify.py's Verifier, or a fake in tests).
+Pure, but for the verifier (``VerifierLike``: neti/registry/verify.py's Verifier, or a fake in
+tests).
 """
 
 from __future__ import annotations
@@ -19,19 +20,21 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any, NamedTuple, Protocol
 
-from neti.fleet import MAX_SKIP_SAMPLES, SKIP_REASONS, Fleet, Member
-from neti.registry.addr import HostContext
-from neti.registry.snapshot import (
+from neti.fleet.addr import HostContext
+from neti.fleet.model import MAX_SKIP_SAMPLES, SKIP_REASONS, Fleet, Member
+from neti.fleet.screen import (
+    Candidate,
+    Verdict,
     clip,
     current,
     duplicate_instance_text,
+    keyed,
     overlay_winner,
     same_addrs,
     screen,
 )
-from neti.registry.verify import Candidate, Verdict, keyed
 
-Key = tuple[str, str]  # (parent path, node name), as verify.Candidate.key
+Key = tuple[str, str]  # (parent path, node name), as screen.Candidate.key
 Skip = tuple[str, str]  # (reason code, text)
 
 
@@ -57,8 +60,9 @@ class FleetChange:
 
 
 class VerifierLike(Protocol):
-    """What the index needs from verify.Verifier (and, optionally, ``keys()``: the entries
-    holding a verdict, which audit() compares with the names)."""
+    """What the index needs from a verifier (neti/registry/verify.py's Verifier; and,
+    optionally, ``keys()``: the entries holding a verdict, which audit() compares with the
+    names)."""
 
     def check(
         self, candidates: list[Candidate], again: list[Candidate] = ...

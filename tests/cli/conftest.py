@@ -26,9 +26,9 @@ import yaml
 
 from neti import config
 from neti.cli import main
+from neti.fleet import legacy as legacy_codec
 from neti.identity import Identity
 from neti.registry import Registry, connect
-from neti.registry import legacy as legacy_codec
 from tests.support.motoserver import ec2, run_instances
 
 UNKNOWN_ID = "i-0a1b2c3d4e5f60718"

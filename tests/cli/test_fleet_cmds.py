@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from neti import aws
+from neti.aws import ec2
 from neti.registry import Registry
-from tests.fleet.conftest import GHOST_ID, UNKNOWN_ID, World
+from tests.cli.conftest import GHOST_ID, UNKNOWN_ID, World
 from tests.support.zkserver import free_port
 
 NETI = str(Path(sys.executable).with_name("neti"))
@@ -63,7 +63,7 @@ def test_ips_lists_used_free_and_stale(fleet_world):
 
 
 def test_audit(fleet_world, monkeypatch):
-    monkeypatch.setattr(aws, "PAGE_SIZE", 5)  # 7 instances: two pages
+    monkeypatch.setattr(ec2, "PAGE_SIZE", 5)  # 7 instances: two pages
     data = js(fleet_world, "neti fleet audit -c neti.yml --below-version 2.0.0")
     ids = fleet_world.ids
     assert [i["instance_id"] for i in data["not_in_fleet"]] == [ids["batch7"]]

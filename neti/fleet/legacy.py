@@ -15,9 +15,9 @@ from collections.abc import Mapping
 from ipaddress import IPv4Address
 from typing import Any
 
-from neti.fleet import Member
-from neti.registry import addr
-from neti.registry.addr import MalformedEntry
+from neti.fleet import addr
+from neti.fleet.addr import MalformedEntry
+from neti.fleet.model import Member
 
 _NAME_RE = re.compile(r"\A(?P<uuid>[0-9a-f]{32})-(?P<ident>.*)\Z", re.DOTALL)
 LEGACY_ID_PREFIX = "legacy-"

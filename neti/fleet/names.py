@@ -12,9 +12,9 @@ from __future__ import annotations
 import re
 import secrets
 
-from neti.fleet import Member
-from neti.registry import addr
-from neti.registry.addr import MalformedEntry
+from neti.fleet import addr
+from neti.fleet.addr import MalformedEntry
+from neti.fleet.model import Member
 
 FORMAT = "v2"
 V1 = "v1"

@@ -1,4 +1,4 @@
-"""Turn the two children lists (members, ip-map) into one Fleet. Pure, but for ``verify``.
+"""The reader's rules: listed node names -> one Fleet. Pure, but for the verifier it is given.
 
 Rules, in order (docs/zookeeper-layout.md, "What a reader accepts"):
 
@@ -7,10 +7,11 @@ Rules, in order (docs/zookeeper-layout.md, "What a reader accepts"):
 2. With a ``host`` context (this host's identity is known), the address this host would reach
    a member at is checked by the one host-address predicate (addr.HostContext): this host's
    own addresses, the ZooKeeper servers, the LAN's broadcast, the overlay subnet, ... .
-3. ``verify`` (registry/verify.py) checks what only ZooKeeper knows: the node is ephemeral and
-   its overlay IP is claimed by its own instance ID. Failing entries are skipped and counted.
+3. ``verify`` (a ``Candidate`` list -> a ``Verdict`` each; neti/registry/verify.py asks
+   ZooKeeper) checks what only ZooKeeper knows: the node is ephemeral and its overlay IP is
+   claimed by its own instance ID. Failing entries are skipped and counted.
 4. Conflicts never resolve by sort order. A v2 entry of an instance supersedes its v1 ones
-   (codec.py). Entries of one instance ID that differ are all dropped (``duplicate_instance``);
+   (names.py). Entries of one instance ID that differ are all dropped (``duplicate_instance``);
    identical ones (an old session's node of the same host) count once. For one overlay IP, a
    single ``members`` entry wins over ``ip-map`` entries (the same host seen twice is silent,
    a different one is counted); several different entries with no single ``members`` winner
@@ -20,15 +21,54 @@ Rules, in order (docs/zookeeper-layout.md, "What a reader accepts"):
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any, TypeVar
 
-from neti.fleet import Fleet, Member, SkipTally
-from neti.registry import addr
-from neti.registry.addr import HostContext, MalformedEntry
-from neti.registry.codec import V1, decode_member, name_format
-from neti.registry.legacy import decode_legacy
-from neti.registry.verify import Candidate, Verdict, keyed
+from neti.fleet import addr
+from neti.fleet.addr import HostContext, MalformedEntry
+from neti.fleet.legacy import decode_legacy
+from neti.fleet.model import Fleet, Member, SkipTally
+from neti.fleet.names import V1, decode_member, name_format
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A parsed entry to verify: ``parent`` is the members or ip-map path it was listed under."""
+
+    parent: str
+    name: str
+    member: Member
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.parent, self.name)
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """None ``code``: the entry may be programmed; else a reason code and its text.
+    ``wg_key``/``wg_port``: the WireGuard key and port of a passing entry's signed record."""
+
+    code: str | None = None
+    text: str = ""
+    wg_key: str = ""
+    wg_port: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.code is None
+
+
+OK = Verdict()
+
+
+def keyed(c: Candidate, v: Verdict | None) -> Candidate:
+    """``c`` with the WireGuard key and port its passing verdict verified (if any)."""
+    if v is None or not v.wg_key:
+        return c
+    return replace(c, member=replace(c.member, wg_key=v.wg_key, wg_port=v.wg_port))
+
 
 VerifyFn = Callable[[list[Candidate]], Mapping[tuple[str, str], Verdict]]
 OnSkip = Callable[[str, str], None]
@@ -67,7 +107,7 @@ def screen(
         m = decode_legacy(name, legacy_networks) if legacy else decode_member(name)
     except MalformedEntry as exc:
         return exc.code, str(exc)
-    if not addr.usable(overlay_subnet, m.overlay_ip):
+    if not addr.usable(m.overlay_ip, overlay_subnet):
         return (
             "overlay_outside",
             f"{m.instance_id}: overlay IP {m.overlay_ip} is not a host address of {overlay_subnet}",
@@ -184,7 +224,18 @@ def build_fleet(
                 cands.append(got)
             else:
                 skip(*got)
+    passing = _verified(cands, verify, skip)
+    members = _one_per_overlay(_one_per_instance(passing, skip), skip)
+    return Fleet(
+        members=tuple(sorted(members)),
+        skipped=tally.total,
+        skipped_reasons=tuple(tally.samples),
+        skipped_by_reason=tally.counts(),
+    )
 
+
+def _verified(cands: list[Candidate], verify: VerifyFn | None, skip: OnSkip) -> list[Candidate]:
+    """Rule 3: the candidates the verifier passes (all of them without one)."""
     verdicts = verify(cands) if verify is not None else None
     passing: list[Candidate] = []
     for c in cands:
@@ -197,9 +248,12 @@ def build_fleet(
                 continue
             c = keyed(c, v)
         passing.append(c)
+    return passing
 
-    # One instance ID: identical entries count once, different ones are all dropped.
-    # (Legacy IDs are derived from the overlay IP: the overlay rule below covers them.)
+
+def _one_per_instance(passing: list[Candidate], skip: OnSkip) -> list[Member]:
+    """Rule 4 for instance IDs: identical entries count once, different ones are all
+    dropped. (Legacy IDs are derived from the overlay IP: the overlay rule covers them.)"""
     by_id: dict[str, list[Candidate]] = {}
     kept: list[Member] = [c.member for c in passing if c.member.legacy]
     for c in passing:
@@ -212,8 +266,12 @@ def build_fleet(
             continue
         for m in ms:
             skip("duplicate_instance", duplicate_instance_text(iid, len(ms), m))
+    return kept
 
-    # One overlay IP: a single members entry wins; otherwise only identical entries survive.
+
+def _one_per_overlay(kept: list[Member], skip: OnSkip) -> list[Member]:
+    """Rule 4 for overlay IPs: a single members entry wins; otherwise only identical
+    entries survive."""
     by_overlay: dict[IPv4Address, list[Member]] = {}
     for m in kept:
         by_overlay.setdefault(m.overlay_ip, []).append(m)
@@ -224,9 +282,4 @@ def build_fleet(
             members.append(winner)
         for code, text in skips:
             skip(code, text)
-    return Fleet(
-        members=tuple(sorted(members)),
-        skipped=tally.total,
-        skipped_reasons=tuple(tally.samples),
-        skipped_by_reason=tally.counts(),
-    )
+    return members

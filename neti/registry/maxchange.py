@@ -1,7 +1,8 @@
-"""The fleet-wide removal guard at ``<prefix>/maxchange``, as the original kept it.
+"""The node ``<prefix>/maxchange``: the agent's mass-removal guard's limit, as the original kept it.
 
-An integer in ASCII: how many members one update may remove before an agent refuses the
-update (a half-empty fleet listing is more likely a ZooKeeper problem than a mass exit).
+An integer in ASCII: how many members one update may remove before an agent's guard holds
+the update (a half-empty fleet listing is more likely a ZooKeeper problem than a mass exit).
+The guard itself is the agent's (neti/agent/guard.py); this module reads and writes the node.
 """
 
 from __future__ import annotations
@@ -44,14 +45,16 @@ def parse_max_change(data: bytes, default: int) -> tuple[int, str | None]:
     return value, None
 
 
-class MaxChange:
+class MaxChangeNode:
+    """Reads (creating it with the default when missing) and sets ``maxchange``."""
+
     def __init__(self, client: KazooClient, path: str, default: int, acl: AclPolicy | None = None):
         self.client = client
         self.path = path
         self.default = default
         # Secured: every agent reads it, operators alone set it; its parent is a container.
         policy = acl or AclPolicy()
-        self.acl = policy.guard()
+        self.acl = policy.operators_write()
         self.parent_acl = policy.container()
         self.problem: str | None = None  # why the last read used the default (for status)
 

@@ -10,11 +10,10 @@ from ipaddress import IPv4Address, IPv4Network
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from neti.fleet import Member
-from neti.registry.addr import HostContext
-from neti.registry.index import FleetIndex
-from neti.registry.snapshot import build_fleet
-from neti.registry.verify import Candidate, Verdict
+from neti.fleet.addr import HostContext
+from neti.fleet.index import FleetIndex
+from neti.fleet.model import Member
+from neti.fleet.screen import Candidate, Verdict, build_fleet
 
 SUBNET = IPv4Network("10.9.0.0/24")
 NETS = {0: "ec2", 1: "vpc"}

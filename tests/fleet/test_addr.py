@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from ipaddress import IPv4Address as IP
 from ipaddress import IPv4Network as Net
-from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from neti import config
 from neti.desired import compute, host_context
-from neti.fleet import SKIP_REASONS, Fleet, Member
+from neti.fleet import addr
+from neti.fleet.model import SKIP_REASONS, Fleet, Member
+from neti.fleet.screen import build_fleet
 from neti.identity import Identity
-from neti.registry import addr
-from neti.registry.snapshot import build_fleet
 
 SUBNET = Net("192.168.0.0/18")
 ME = Identity("i-me", IP("10.0.0.10"), IP("198.51.100.10"), "ec2")
@@ -54,21 +55,6 @@ def test_target_problem(ip: str, same: bool, code: str | None) -> None:
     assert got is None or got[0] in SKIP_REASONS
 
 
-def test_lan_of_reads_the_link_route(tmp_path: Path) -> None:
-    route = tmp_path / "route"
-    route.write_text(
-        "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n"
-        "eth0\t00000000\t0100000A\t0003\t0\t0\t0\t00000000\t0\t0\t0\n"  # default via 10.0.0.1
-        "eth0\t0000000A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n"  # 10.0.0.0/24
-        "eth0\t0000000A\t00000000\t0001\t0\t0\t0\t000000FF\t0\t0\t0\n"  # 10.0.0.0/8
-        "junk line\n"
-        "eth1\tZZ\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n"
-    )
-    assert addr.lan_of(IP("10.0.0.10"), route) == Net("10.0.0.0/24")
-    assert addr.lan_of(IP("172.16.0.1"), route) is None
-    assert addr.lan_of(IP("10.0.0.10"), tmp_path / "missing") is None
-
-
 def test_zookeeper_ips_for_own_network_and_public_elsewhere() -> None:
     cfg = config.parse(
         {
@@ -78,9 +64,9 @@ def test_zookeeper_ips_for_own_network_and_public_elsewhere() -> None:
             }
         }
     )
-    assert addr.zookeeper_ips_for(cfg, "ec2") == {IP("10.0.0.5"), IP("54.1.2.3")}
-    assert addr.zookeeper_ips_for(cfg, "vpc") == {IP("10.0.0.20"), IP("54.1.2.3")}
-    assert addr.zookeeper_ips_for(cfg, "nowhere") == {IP("54.1.2.3")}
+    assert cfg.zookeeper_ips("ec2") == {IP("10.0.0.5"), IP("54.1.2.3")}
+    assert cfg.zookeeper_ips("vpc") == {IP("10.0.0.20"), IP("54.1.2.3")}
+    assert cfg.zookeeper_ips("nowhere") == {IP("54.1.2.3")}
 
 
 def _m(iid: str, net: str, priv: str, pub: str, overlay: str) -> Member:
@@ -145,3 +131,10 @@ def test_own_legacy_node_is_not_judged_as_another_member() -> None:
         [], [mine], {0: "ec2"}, SUBNET, host=CTX, self_id="i-me", self_network="ec2"
     )
     assert len(fleet.members) == 1 and fleet.skipped == 0
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.integers(0, 2**32 - 1))
+def test_a_host_address_and_this_hosts_own_address_follow_one_rule(n: int) -> None:
+    ip = IP(n)
+    assert (addr.host_problem(ip) is None) == (addr.own_address_problem(ip) is None)

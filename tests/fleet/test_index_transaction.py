@@ -10,9 +10,9 @@ from ipaddress import IPv4Address, IPv4Network
 import pytest
 from kazoo.exceptions import ConnectionLoss
 
-from neti.registry.addr import HostContext
-from neti.registry.index import FleetIndex
-from neti.registry.verify import Candidate, Verdict
+from neti.fleet.addr import HostContext
+from neti.fleet.index import FleetIndex
+from neti.fleet.screen import Candidate, Verdict
 
 SUBNET = IPv4Network("10.9.0.0/24")
 NETS = {0: "ec2", 1: "vpc"}

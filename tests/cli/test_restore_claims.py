@@ -1,5 +1,5 @@
 """``neti fleet restore-claims --from-tags``: claims re-created from EC2 overlay_ip tags
-after ZooKeeper lost them (issue 11), conflicts and malformed tags reported, never forced."""
+after ZooKeeper lost them, conflicts and malformed tags reported, never forced."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def test_restore_claims_from_tags(fleet_world, zk_client) -> None:
     _tag(ids["batch7"], str(w.claims[web10]))  # someone else's address: a conflict
     _tag(ids["api1"], "not-an-ip")  # hostile/malformed: reported, skipped
     admin = Registry(zk_client, w.cfg, owns_client=False)
-    lost = admin.release(web1)  # the registry lost web1's claim
+    lost = admin.release_claim(web1)  # the registry lost web1's claim
     assert lost == w.claims[web1]
 
     r = w.neti("neti fleet restore-claims --from-tags --dry-run --json -c neti.yml")

@@ -1,4 +1,4 @@
-"""neti.identity.resolve against a real IMDSv2 server, and static identities."""
+"""neti.identity.source.resolve against a real IMDSv2 server, and static identities."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pytest
 
 from neti import config
 from neti.errors import IdentityError
-from neti.identity import Identity, resolve
+from neti.identity import Identity
+from neti.identity.source import resolve
 from tests.support.imds import ImdsServer, metadata_tree
 
 MAC = "0e:12:34:56:78:9a"

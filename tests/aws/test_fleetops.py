@@ -8,7 +8,7 @@ from ipaddress import IPv4Address, IPv4Network
 import pytest
 from packaging.version import Version
 
-from neti.aws import Instance
+from neti.aws.ec2 import Instance
 from neti.aws.fleetops import (
     audit,
     gc_plan,
@@ -21,7 +21,7 @@ from neti.aws.fleetops import (
 from neti.cli.fleet_cmd import Progress, _network
 from neti.config import parse
 from neti.errors import NetiError
-from neti.fleet import Fleet, Member
+from neti.fleet.model import Fleet, Member
 
 A = "i-0000000000000000a"
 B = "i-0000000000000000b"

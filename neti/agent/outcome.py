@@ -1,0 +1,116 @@
+"""What one reconcile did, as values: the reconciler returns one, the status sink reports it
+and the agent's loop schedules the next from it. Nothing here has side effects.
+
+- ``ReadFailed``: the registry did not answer; nothing was applied.
+- ``Abandoned``: a stop signal interrupted the kernel write (not an error).
+- ``ApplyFailed``: the kernel refused the write; it keeps its rules.
+- ``Applied``: the kernel holds what the guard let through.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+from typing import Literal
+
+from neti import __version__
+from neti.agent import guard as guard_mod
+from neti.dataplane.base import ApplyResult
+from neti.fleet.model import Fleet, Member
+from neti.identity import Identity
+
+# While the guard holds, look again this often even without a watch event.
+GUARD_RETRY = 10.0
+
+# This host's member node was found gone (and re-created): "container" when the members
+# container was gone too; "" when it was there.
+Gone = Literal["", "node", "container"]
+
+
+@dataclass(frozen=True)
+class Host:
+    """This host as a reconcile sees it: who it is and the overlay IP it claimed."""
+
+    identity: Identity
+    overlay_ip: IPv4Address | None
+
+    def member(self) -> Member | None:
+        """This host as a member of its own view (None before it has an overlay IP)."""
+        if self.overlay_ip is None:
+            return None
+        i = self.identity
+        return Member(
+            i.instance_id, i.network, i.public_ip, i.private_ip, self.overlay_ip, __version__
+        )
+
+
+@dataclass(frozen=True)
+class ReadFacts:
+    """What the read found besides the fleet (``neti status`` shows each)."""
+
+    max_change: int
+    max_change_problem: str | None  # why maxchange fell back to its default
+    revoked: frozenset[str]  # the operators' revoked list
+    revoked_problem: str | None
+    claims_excess: int
+    container_missing: bool
+    gone: Gone = ""
+
+
+@dataclass(frozen=True)
+class ReadFailed:
+    reason: str
+    error: str
+    gone: Gone = ""
+
+
+@dataclass(frozen=True)
+class Abandoned:
+    reason: str
+    read: ReadFacts
+
+
+@dataclass(frozen=True)
+class ApplyFailed:
+    reason: str
+    read: ReadFacts
+    error: Exception
+    backend: str
+    apply_seconds: float
+    duration: float
+
+
+@dataclass(frozen=True)
+class Applied:
+    reason: str
+    read: ReadFacts
+    decision: guard_mod.GuardDecision
+    result: ApplyResult
+    how: str  # "delta": element updates; "full": the whole desired state
+    full: bool  # the full path ran (resync, relist, release, new session, after an error)
+    backend: str
+    duration: float
+    meta: Fleet  # skip counts of the read, revoked instances included
+    # The delta path's member-level change (removed, added); None: the full path.
+    delta: tuple[tuple[Member, ...], tuple[Member, ...]] | None
+    generation_changed: bool
+    fallback: str = ""  # why a change was written in full instead of in place
+
+    @property
+    def holding(self) -> bool:
+        """The guard holds removals (settling ones are routine, not a hold)."""
+        return self.decision.held and self.decision.reason != guard_mod.SETTLE
+
+    def recheck_in(self) -> float | None:
+        """When to look at what the guard holds again (None: it holds nothing)."""
+        d = self.decision
+        if not d.held:
+            return None
+        if d.reason == guard_mod.GRACE:
+            return min(GUARD_RETRY, d.grace_left + 0.1)
+        if d.reason == guard_mod.SETTLE:
+            return min(GUARD_RETRY, d.settle_left + 0.05)
+        return GUARD_RETRY
+
+
+Outcome = ReadFailed | Abandoned | ApplyFailed | Applied

@@ -1,0 +1,185 @@
+"""The only code that touches kazoo's private parts: what Neti needs and kazoo 2.11 lacks.
+
+Written against kazoo 2.11 (setup.cfg pins that series). tests/registry/test_kazooext.py
+checks every part below against the installed kazoo and fails naming the one that changed
+shape. Each part, and why it is used:
+
+- ``KazooClient._call(request, async_object)``: sends a request object kazoo has no method
+  for (``addWatch``, opcode 106) and the getChildren2/exists whose replies remember when they
+  were read; ``GatedClient`` overrides it to fail a call at once while disconnected (kazoo
+  would queue it until the connection returns).
+- ``KazooClient._state``: the connection's KeeperState: "connecting" makes a call fail fast,
+  and a WatchedEvent we fire carries it.
+- ``KazooClient._connection``, a ``ConnectionHandler`` built as ``(client, retry_sleeper,
+  logger=, sasl_options=)``: replaced by a ``BoundedConnection`` made from the old one's.
+- ``ConnectionHandler._read(length, timeout)``: refused for a reply longer than a bound,
+  before anything is allocated for it (kazoo reads any length a reply's header claims).
+- ``ConnectionHandler._read_watch_event(buffer, offset)``: wrapped, so events under the roots
+  of our persistent watches are queued before kazoo's own dispatch runs.
+- ``KazooClient._session_timeout``: the negotiated session timeout (ms) a restart resumes.
+- ``kazoo.protocol.paths._prefix_root(root, path)``: a path as the server names it (chroot).
+- ``kazoo.protocol.serialization``: ``Watch`` (an event's type and path), ``GetChildren2``
+  and ``Exists`` (``path``, ``watcher``), ``int_struct`` and ``write_string`` (encoding our
+  AddWatch), and the shape of a request object kazoo's connection writes and reads back
+  (``type``, ``serialize()``, ``deserialize(bytes, offset)``, ``watcher``).
+- ``AsyncResult.set(value)``: wrapped on one result, so it remembers how many watch events
+  the reader had seen when the reply arrived.
+- ``_neti_watch_hub``: an attribute of ours kept on a client object (one hub per client).
+
+What goes when kazoo ships ``add_watch`` (upstream PR #715): docs/decisions.md, "Persistent
+watches through kazoo's internals".
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from kazoo.client import KazooClient
+from kazoo.exceptions import ConnectionDropped
+from kazoo.protocol.connection import ConnectionHandler
+from kazoo.protocol.paths import _prefix_root
+from kazoo.protocol.serialization import Exists, GetChildren2, Watch, int_struct, write_string
+from kazoo.protocol.states import KeeperState
+
+log = logging.getLogger(__name__)
+
+ADD_WATCH = 106  # ZooKeeper's opcode for addWatch (3.6+)
+_HUB_ATTR = "_neti_watch_hub"
+
+# The largest reply the client reads (kazoo has no limit of its own: it allocates whatever
+# length a reply's header claims, up to 2 GiB). A trusted server's replies are bounded by
+# what it holds: a node's data by its jute.maxbuffer, a child list by the count quota times
+# the names' length (docs/operations.md); 16,000 members list in about 2 MiB.
+MAX_REPLY_BYTES = 64 * 1024 * 1024
+
+
+class BoundedConnection(ConnectionHandler):
+    """kazoo's connection, refusing a reply longer than ``max_reply`` before reading it:
+    the connection is dropped (and retried) instead of the process allocating it."""
+
+    max_reply = MAX_REPLY_BYTES
+
+    def _read(self, length, timeout):  # type: ignore[no-untyped-def]
+        if length < 0 or length > self.max_reply:
+            log.error(
+                "ZooKeeper sent a reply of %d bytes, more than the %d this client reads; "
+                "dropping the connection (docs/operations.md, ZooKeeper for a fleet)",
+                length,
+                self.max_reply,
+            )
+            raise ConnectionDropped(f"reply of {length} bytes refused")
+        return super()._read(length, timeout)
+
+
+class GatedClient(KazooClient):
+    """A KazooClient on a BoundedConnection whose requests pass ``refusal()`` first: a call
+    it refuses fails at once with that exception instead of being sent (or queued)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        old: ConnectionHandler = self._connection  # type: ignore[has-type]
+        self._connection = BoundedConnection(
+            self, old.retry_sleeper, logger=old.logger, sasl_options=old.sasl_options
+        )
+
+    def refusal(self) -> Exception | None:
+        """Why the next request must not be sent, or None to send it."""
+        return None
+
+    def _call(self, request, async_object):  # type: ignore[no-untyped-def]
+        refused = self.refusal()
+        if refused is not None:
+            async_object.set_exception(refused)
+            return False
+        return super()._call(request, async_object)
+
+
+def connecting(client: Any) -> bool:
+    """Is the client between connections (a request now would wait in kazoo's queue)?"""
+    return bool(client._state == KeeperState.CONNECTING)
+
+
+def session_timeout(client: Any) -> float:
+    """The session timeout the server granted, in seconds (0 when unknown)."""
+    return float(getattr(client, "_session_timeout", 0) or 0) / 1000
+
+
+class AddWatch:
+    """kazoo request object for addWatch (the shape of kazoo.protocol.serialization's)."""
+
+    type = ADD_WATCH
+
+    def __init__(self, path: str, mode: int):
+        self.path = path
+        self.mode = mode
+        self.watcher = None  # kazoo's reader looks for this attribute
+
+    def serialize(self) -> bytearray:
+        b = bytearray()
+        b.extend(write_string(self.path))
+        b.extend(int_struct.pack(self.mode))
+        return b
+
+    @classmethod
+    def deserialize(cls, buffer: bytes, offset: int) -> bool:
+        return True  # an ErrorResponse(0): nothing to read
+
+
+def add_watch(client: Any, path: str, mode: int, result: Any) -> None:
+    """Send addWatch on ``path``; ``result`` gets the reply (True, or kazoo's error)."""
+    client._call(AddWatch(_prefix_root(client.chroot, path), mode), result)
+
+
+def children_stat(client: Any, path: str, result: Any) -> None:
+    """Send getChildren2 (names and the node's Stat), no watch; ``result`` gets the reply."""
+    client._call(GetChildren2(_prefix_root(client.chroot, path), None), result)
+
+
+def stat(client: Any, path: str, result: Any) -> None:
+    """Send exists (the node's Stat or None), no watch; ``result`` gets the reply."""
+    client._call(Exists(_prefix_root(client.chroot, path), None), result)
+
+
+def client_state(client: Any) -> Any:
+    """The connection's KeeperState, as a WatchedEvent carries it."""
+    return client._state
+
+
+def tap_watch_events(client: Any, see: Callable[[int, str], object]) -> None:
+    """Call ``see(event type, path as the server names it)`` for every watch event the
+    client's reader receives, before kazoo dispatches it. ``see`` must not raise (it is
+    logged and ignored if it does: kazoo's reader must keep running)."""
+    conn = client._connection
+    original = conn._read_watch_event
+
+    def read_watch_event(buffer: bytes, offset: int) -> Any:
+        try:
+            watch, _ = Watch.deserialize(buffer, offset)
+            see(watch.type, watch.path)
+        except Exception:  # noqa: BLE001 - never break kazoo's reader
+            log.exception("persistent watch: cannot read an event")
+        return original(buffer, offset)
+
+    conn._read_watch_event = read_watch_event
+
+
+def attached(client: Any, make: Callable[[Any], Any]) -> Any:
+    """The one object ``make(client)`` built for this client (built on first use)."""
+    hub = getattr(client, _HUB_ATTR, None)
+    if hub is None:
+        hub = make(client)
+        setattr(client, _HUB_ATTR, hub)
+    return hub
+
+
+def on_set(result: Any, before: Callable[[], object]) -> None:
+    """Run ``before()`` on the thread that sets ``result``, just before its value is set."""
+    set_value = result.set
+
+    def set_marked(value: Any = None) -> None:
+        before()
+        set_value(value)
+
+    result.set = set_marked

@@ -1,0 +1,162 @@
+"""kazoo's private parts that neti/registry/kazooext.py uses, checked against the installed
+kazoo: a new kazoo that changes any of them fails here, naming the part, before an agent
+meets it. Also the AddWatch request's bytes and the gate that fails calls fast."""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Callable
+from importlib.metadata import version
+
+import pytest
+from kazoo.client import KazooClient
+from kazoo.handlers import utils as handler_utils
+from kazoo.handlers.threading import SequentialThreadingHandler
+from kazoo.protocol import connection, paths, serialization
+
+from neti.registry import kazooext
+from neti.registry.kazooext import ADD_WATCH, AddWatch, BoundedConnection, GatedClient
+
+KAZOO = version("kazoo")
+
+
+def params(fn: Callable[..., object]) -> list[str]:
+    return list(inspect.signature(fn).parameters)
+
+
+def client() -> KazooClient:
+    """An unstarted client: no connection is made."""
+    return KazooClient(hosts="127.0.0.1:1")
+
+
+def _call() -> None:
+    assert params(KazooClient._call) == ["self", "request", "async_object"]
+
+
+def _state() -> None:
+    assert hasattr(client(), "_state")
+
+
+def _session_timeout() -> None:
+    c = KazooClient(hosts="127.0.0.1:1", timeout=7)
+    assert c._session_timeout == 7000
+    assert kazooext.session_timeout(c) == 7.0
+
+
+def _connection() -> None:
+    conn = client()._connection
+    assert isinstance(conn, connection.ConnectionHandler)
+    assert params(connection.ConnectionHandler.__init__)[:5] == [
+        "self",
+        "client",
+        "retry_sleeper",
+        "logger",
+        "sasl_options",
+    ]
+    for attr in ("retry_sleeper", "logger", "sasl_options"):
+        assert hasattr(conn, attr), attr
+
+
+def _read() -> None:
+    assert params(connection.ConnectionHandler._read) == ["self", "length", "timeout"]
+
+
+def _read_watch_event() -> None:
+    assert params(connection.ConnectionHandler._read_watch_event) == ["self", "buffer", "offset"]
+
+
+def _prefix_root() -> None:
+    assert params(paths._prefix_root)[:2] == ["root", "path"]
+    assert paths._prefix_root("/chroot", "/neti/members") == "/chroot/neti/members"
+
+
+def _serialization() -> None:
+    event = serialization.int_int_struct.pack(1, 3) + serialization.write_string("/a/b")
+    watch, _ = serialization.Watch.deserialize(event, 0)
+    assert (watch.type, watch.path) == (1, "/a/b")
+    for request in (serialization.GetChildren2, serialization.Exists):
+        assert request("/a", None).path == "/a" and request("/a", None).watcher is None
+    assert serialization.int_struct.pack(1) == b"\x00\x00\x00\x01"
+
+
+def _request_shape() -> None:
+    # What kazoo's connection asks of a request object it writes and answers.
+    source = inspect.getsource(connection.ConnectionHandler)
+    for use in ("request.type", "request.serialize()", "request.deserialize(buffer, offset)"):
+        assert use in source, use
+    assert 'getattr(request, "watcher", None)' in source
+
+
+def _async_result_set() -> None:
+    result = SequentialThreadingHandler().async_result()
+    assert params(type(result).set) == ["self", "value"]
+    seen: list[int] = []
+    kazooext.on_set(result, lambda: seen.append(1))
+    result.set(5)
+    assert seen == [1] and result.get(timeout=1) == 5
+
+
+def _neti_watch_hub() -> None:
+    c = client()
+    assert not hasattr(c, "_neti_watch_hub")  # ours: kazoo must not use the name
+    hub = kazooext.attached(c, lambda _c: object())
+    assert kazooext.attached(c, lambda _c: object()) is hub
+
+
+def _create_connection() -> None:
+    # client.BoundedConnectHandler reads these from the keywords kazoo's connection passes.
+    assert {"address", "hostname", "timeout"} <= set(params(handler_utils.create_tcp_connection))
+    source = inspect.getsource(connection.ConnectionHandler)
+    assert re.search(r"create_connection\(\s*address=", source)
+
+
+PARTS: dict[str, Callable[[], None]] = {
+    "KazooClient._call(request, async_object)": _call,
+    "KazooClient._state": _state,
+    "KazooClient._session_timeout": _session_timeout,
+    "KazooClient._connection (retry_sleeper, logger, sasl_options)": _connection,
+    "ConnectionHandler._read(length, timeout)": _read,
+    "ConnectionHandler._read_watch_event(buffer, offset)": _read_watch_event,
+    "kazoo.protocol.paths._prefix_root(root, path)": _prefix_root,
+    "kazoo.protocol.serialization (Watch, GetChildren2, Exists, int_struct)": _serialization,
+    "a request object's shape (type, serialize, deserialize, watcher)": _request_shape,
+    "AsyncResult.set(value)": _async_result_set,
+    "_neti_watch_hub kept on a client": _neti_watch_hub,
+    "the handler's create_connection(address=, hostname=, timeout=)": _create_connection,
+}
+
+
+@pytest.mark.parametrize("part", sorted(PARTS))
+def test_kazoo_private_part_keeps_its_shape(part: str) -> None:
+    try:
+        PARTS[part]()
+    except Exception as exc:  # noqa: BLE001 - any change of shape is the finding
+        pytest.fail(
+            f"kazoo {KAZOO} changed {part}, which neti/registry/kazooext.py relies on "
+            f'({type(exc).__name__}: {exc}); see docs/decisions.md, "Persistent watches '
+            "through kazoo's internals\"",
+            pytrace=False,
+        )
+
+
+def test_the_installed_kazoo_is_the_pinned_series() -> None:
+    assert KAZOO.startswith("2.11."), f"kazoo {KAZOO}: setup.cfg pins the 2.11 series"
+
+
+def test_addwatch_request_shape() -> None:
+    req = AddWatch("/neti/members", 1)
+    assert req.type == ADD_WATCH == 106
+    assert bytes(req.serialize()) == b"\x00\x00\x00\x0d/neti/members\x00\x00\x00\x01"
+
+
+def test_a_gated_client_reads_through_a_bounded_connection_and_fails_refused_calls() -> None:
+    class Refusing(GatedClient):
+        def refusal(self) -> Exception | None:
+            return RuntimeError("not now")
+
+    c = Refusing(hosts="127.0.0.1:1")
+    assert isinstance(c._connection, BoundedConnection)
+    result = c.exists_async("/x")
+    with pytest.raises(RuntimeError, match="not now"):
+        result.get(timeout=1)
