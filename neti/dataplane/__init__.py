@@ -39,6 +39,7 @@ def select(
     netns: str | None = None,
     name: str | None = None,
     keys: KeySource | None = None,
+    preflight: bool = False,
 ) -> Backend:
     """The backend ``name`` (default: ``cfg.backend``) names (``auto``: the first supported).
 
@@ -47,6 +48,8 @@ def select(
     wireguard`` the backend gets Neti's WireGuard interface; ``keys`` gives it this host's
     key pair when it must write it (default: read from ``state_dir``). With it off, an
     interface of that name left from when it was on is removed on the first apply.
+    ``preflight`` (the agent's start): DataplaneError now, in one line, when no WireGuard
+    implementation works here, rather than at every apply.
     """
     backend = _select(cfg, netns, name)
     if cfg is not None and not cfg.encryption.on:
@@ -56,6 +59,8 @@ def select(
             keys = functools.partial(wg.load, wg.key_path(cfg.state_dir))
         enc = cfg.encryption
         backend.wireguard = WireGuardLink(backend.system, enc.interface, enc.implementation, keys)
+        if preflight:
+            backend.wireguard.check()
     return backend
 
 

@@ -412,6 +412,33 @@ class WireGuardLink:
             changes.append(f"added address {a} to {self.interface}")
         return changes
 
+    def check(self) -> str:
+        """Can this host have the interface? The implementation it has or would get;
+        DataplaneError in one line naming ``encryption.implementation`` when none works.
+        Probes the kernel module (an interface made and deleted) only when it must."""
+        link, _ = self.read()
+        have = self.implementation_of(link) if self._ours(link) else None
+        if have is not None and self.implementation in ("auto", have):
+            return have
+        if self.implementation != "kernel" and self.system.has("wireguard-go"):
+            return "userspace"
+        if self.implementation != "userspace" and not link.exists:
+            probe = self.system.run(
+                ["ip", "link", "add", self.interface, "type", "wireguard"], check=False
+            )
+            if probe.returncode == 0:
+                self._delete()
+                return "kernel"
+        why = {
+            "auto": "neither the kernel module nor wireguard-go works",
+            "kernel": "the kernel module does not work",
+            "userspace": "wireguard-go is not installed",
+        }[self.implementation]
+        raise DataplaneError(
+            f"encryption.implementation {self.implementation}: no WireGuard here ({why}); "
+            "install wireguard-go or the module, or set encryption.mode: off"
+        )
+
     def _create(self) -> str:
         """Create the interface; the implementation used."""
         name, impl = self.interface, self.implementation

@@ -115,6 +115,7 @@ class DesiredModel:
         self.cfg = cfg
         self.subnet = cfg.overlay_subnet
         self.ctx = host if host is not None else host_context(identity, cfg)
+        self.wg_key = wg_key or ""  # this host's WireGuard public key, as given
         self.enc = encryption_for(identity, cfg, wg_key)
         self.self_overlay = self_overlay
         self._allow: dict[IPv4Address, int] = {}
@@ -130,6 +131,11 @@ class DesiredModel:
         self._skips: dict[str, tuple[str, str]] = {}
         self._self_entries: dict[Member, None] = {}  # this host's own fleet entries
         self._mine: IPv4Address | None = None  # overlay IP of this host's self mapping
+        # Encryption's counts (O(1) to read): members in its scope with a usable entry, and
+        # of those the ones in the desired state with a tunnel peer and by cleartext DNAT.
+        self._in_scope: set[str] = set()
+        self._tunneled: set[str] = set()
+        self._cleartext: set[str] = set()
         own = addr.HostContext(self.subnet).target_problem(identity.private_ip)
         self._own_ok = own is None
         if own:
@@ -148,6 +154,13 @@ class DesiredModel:
     # --- queries ---
     def __len__(self) -> int:
         return len(self._members)
+
+    def encryption_counts(self) -> tuple[int, int] | None:
+        """(members with a tunnel peer, members in encryption's scope reached by cleartext
+        DNAT: they publish no key); None with encryption off. O(1)."""
+        if self.enc is None:
+            return None
+        return len(self._tunneled), len(self._cleartext)
 
     def route_for(self, overlay: IPv4Address) -> Route | None:
         """How the kernel should reach ``overlay``: a DNAT mapping or a tunnel peer
@@ -356,6 +369,7 @@ class DesiredModel:
         del self._members[iid]
         self._skips.pop(iid, None)
         self._deactivate(iid)
+        self._in_scope.discard(iid)
         e = self._cands.pop(iid, None)
         if e is not None and e.peer is not None:
             group = self._by_key[e.peer.key]
@@ -377,6 +391,8 @@ class DesiredModel:
             self._skips[m.instance_id] = e
             return
         self._cands[m.instance_id] = e
+        if self.enc is not None and (self.enc.scope_all or m.network != self.identity.network):
+            self._in_scope.add(m.instance_id)
         if e.peer is None:
             self._activate(m.instance_id, e)
             return
@@ -385,11 +401,17 @@ class DesiredModel:
 
     def _activate(self, iid: str, e: Entry) -> None:
         self._entries[iid] = e
+        if e.peer is not None:
+            self._tunneled.add(iid)
+        elif iid in self._in_scope:
+            self._cleartext.add(iid)
         self._incref(self._sources(e), e.allow)
         self._offer((e.rank, iid), e.route)
 
     def _deactivate(self, iid: str) -> None:
         e = self._entries.pop(iid, None)
+        self._tunneled.discard(iid)
+        self._cleartext.discard(iid)
         if e is not None:
             self._decref(self._sources(e), e.allow)
             self._withdraw((e.rank, iid), e.route.overlay_ip)
