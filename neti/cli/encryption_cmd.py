@@ -16,7 +16,7 @@ from typing import Any
 from neti import state as state_mod
 from neti.cli.common import add_config, add_json, load_config, print_json
 from neti.config import Config
-from neti.errors import ConfigError
+from neti.errors import NetiError
 from neti.identity import wireguard as wg
 from neti.status import agent_process
 
@@ -52,9 +52,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     rotate.set_defaults(func=run_rotate)
 
 
+class EncryptionOff(NetiError):
+    """The command needs ``encryption.mode: wireguard``."""
+
+    exit_code = 2
+
+
 def _need_on(cfg: Config, path: str) -> None:
     if not cfg.encryption.on:
-        raise ConfigError(f"{path}: encryption.mode is off: no WireGuard key is used here")
+        raise EncryptionOff(f"{path}: encryption.mode is off: no WireGuard key is used here")
 
 
 def run_show(args: argparse.Namespace) -> int:
