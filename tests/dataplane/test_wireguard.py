@@ -21,8 +21,9 @@ from neti.dataplane.system import System
 from neti.errors import DataplaneError
 from neti.identity.wireguard import KeyPair
 from neti.lab import Topology
+from neti.lab.wire import Capture, drop_interface, forged_datagrams
 from tests.dataplane.helpers import OVERLAY
-from tests.dataplane.wg import Capture, Mesh, drop_interface, forged_datagrams, meshes
+from tests.dataplane.wg import Mesh, meshes
 from tests.lab.fixtures import SERVICE
 
 pytestmark = pytest.mark.root
