@@ -15,6 +15,7 @@ import pytest
 
 from neti import config
 from neti.agent import guard as guard_mod
+from neti.agent.metrics import Metrics
 from neti.agent.outcome import Applied, Host
 from neti.agent.reconciler import Reconciler
 from neti.agent.tunnelkey import TunnelKey
@@ -252,3 +253,14 @@ def test_without_a_working_wireguard_the_start_is_refused_in_one_line(
         WireGuardLink(_System(tools, module), "neti0", impl).check()  # type: ignore[arg-type]
     text = str(exc.value)
     assert "\n" not in text and f"encryption.implementation {impl}" in text
+
+
+def test_metrics_carry_counts_only() -> None:
+    m = Metrics()
+    m.set_encryption((3, 1))
+    text = m.render().decode()
+    assert "neti_encryption_peers 3.0" in text
+    assert "neti_encryption_cleartext_members 1.0" in text
+    assert not [ln for ln in text.splitlines() if ln.startswith("neti_encryption") and "{" in ln]
+    m.set_encryption(None)
+    assert "neti_encryption_peers 0.0" in m.render().decode()
