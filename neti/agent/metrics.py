@@ -124,8 +124,8 @@ class Metrics:
         )
         self.cleartext_members = Gauge(
             "neti_encryption_cleartext_members",
-            "Members encryption should reach in the tunnel but reaches in cleartext "
-            "(no key published, or a key another member publishes too)",
+            "Members encryption should reach in the tunnel but reaches by cleartext DNAT "
+            "(their record carries no key)",
             registry=r,
         )
         # Labels stay bounded: backend is a registered backend's name, kind and result fixed.

@@ -35,21 +35,20 @@ class TunnelKey:
 
     def load(self, cfg: Config | None = None) -> bool:
         """Read (or, the first time, make) the key for ``cfg`` (default: the one given);
-        True if the public key changed. KeyFileError (one line naming the file) when the
+        True if what the record publishes changed (the public key, the port). KeyFileError (one line naming the file) when the
         file is unusable: the agent does not start, a reload keeps the key it has."""
         cfg = cfg if cfg is not None else self.cfg
+        before = (self.public, self.port)
         if not cfg.encryption.on:
-            changed = self.pair is not None
             self.cfg, self.pair = cfg, None
-            return changed
+            return (self.public, self.port) != before
         pair, made = wg.load_or_create(cfg.state_dir)
-        old = self.public
         self.cfg, self.pair = cfg, pair
         if made:
             log.info("made this host's WireGuard key in %s (public key %s)", pair.path, pair.public)
-        elif old != pair.public:
+        elif before[0] != pair.public:
             log.info("WireGuard public key %s (from %s)", pair.public, pair.path)
-        return old != pair.public
+        return (self.public, self.port) != before
 
     def __call__(self) -> wg.KeyPair:
         if self.pair is None:

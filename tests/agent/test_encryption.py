@@ -264,3 +264,10 @@ def test_metrics_carry_counts_only() -> None:
     assert not [ln for ln in text.splitlines() if ln.startswith("neti_encryption") and "{" in ln]
     m.set_encryption(None)
     assert "neti_encryption_peers 0.0" in m.render().decode()
+
+
+def test_a_new_listen_port_is_a_change_to_publish(tmp_path: Path) -> None:
+    key = TunnelKey(cfg(tmp_path))
+    key.load()
+    assert key.load(cfg(tmp_path, listen_port=4500)) is True and key.port == 4500
+    assert key.load(cfg(tmp_path, listen_port=4500)) is False
