@@ -35,8 +35,9 @@ class TunnelKey:
 
     def load(self, cfg: Config | None = None) -> bool:
         """Read (or, the first time, make) the key for ``cfg`` (default: the one given);
-        True if what the record publishes changed (the public key, the port). KeyFileError (one line naming the file) when the
-        file is unusable: the agent does not start, a reload keeps the key it has."""
+        True if what the record publishes changed (the public key, the port). KeyFileError
+        (one line naming the file) when the file is unusable: the agent does not start, a
+        reload keeps the key it has."""
         cfg = cfg if cfg is not None else self.cfg
         before = (self.public, self.port)
         if not cfg.encryption.on:
