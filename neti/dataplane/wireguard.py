@@ -53,6 +53,7 @@ WG_TIMEOUT = 30.0  # one wg set
 SYNC_TIMEOUT = 120.0  # a whole configuration (16,000 peers)
 SET_CHUNK = 400  # peers removed per `wg set` when a full repair removes many
 KINDS = {"kernel": "wireguard", "userspace": "tun"}  # implementation -> the link's kind
+PROBE = "netiwgprobe"  # made and deleted to learn whether the kernel module works
 
 KeySource = Callable[[], KeyPair]
 
@@ -415,19 +416,17 @@ class WireGuardLink:
     def check(self) -> str:
         """Can this host have the interface? The implementation it has or would get;
         DataplaneError in one line naming ``encryption.implementation`` when none works.
-        Probes the kernel module (an interface made and deleted) only when it must."""
+        Probes the kernel module (an interface ``PROBE`` made and deleted) only when it must."""
         link, _ = self.read()
         have = self.implementation_of(link) if self._ours(link) else None
         if have is not None and self.implementation in ("auto", have):
             return have
         if self.implementation != "kernel" and self.system.has("wireguard-go"):
             return "userspace"
-        if self.implementation != "userspace" and not link.exists:
-            probe = self.system.run(
-                ["ip", "link", "add", self.interface, "type", "wireguard"], check=False
-            )
+        if self.implementation != "userspace":
+            probe = self.system.run(["ip", "link", "add", PROBE, "type", "wireguard"], check=False)
             if probe.returncode == 0:
-                self._delete()
+                self.system.run(["ip", "link", "del", "dev", PROBE], check=False)
                 return "kernel"
         why = {
             "auto": "neither the kernel module nor wireguard-go works",

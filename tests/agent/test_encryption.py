@@ -239,7 +239,7 @@ def test_check_names_the_implementation_it_would_use(
     system = _System(tools, module)
     assert WireGuardLink(system, "neti0", impl).check() == got  # type: ignore[arg-type]
     if got == "kernel":
-        assert ["ip", "link", "del", "dev", "neti0"] in system.ran  # the probe is removed
+        assert ["ip", "link", "del", "dev", "netiwgprobe"] in system.ran  # the probe goes
 
 
 @pytest.mark.parametrize(
