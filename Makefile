@@ -65,5 +65,14 @@ bench: deps venv
 bench-control: deps venv
 	$(BIN)/python -m bench.control $(BENCH_CONTROL_ARGS)
 
+# Needs root. What encryption costs (docs/performance.md, "Encryption"): Neti's WireGuard
+# interface with 16,000 peers, and connections and throughput through the tunnel against
+# cleartext DNAT between two namespaces, a few minutes. BENCH_ENCRYPTION_ARGS="--peers 1000".
+.PHONY: bench-encryption
+bench-encryption: deps venv
+	mkdir -p bench/bin
+	gcc -O2 -Wall -pthread -o bench/bin/connrate bench/connrate.c
+	$(BIN)/python -m bench.encryption --markdown $(BENCH_ENCRYPTION_ARGS)
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

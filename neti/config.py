@@ -304,6 +304,62 @@ class ZkAclConfig(BaseModel):
     match_instance_id: bool = True
 
 
+# A Linux interface name (IFNAMSIZ is 16 with the NUL): it ends up in `ip link`, iptables'
+# -i/-o, nft's iifname (unquoted: so it starts with a letter) and, with wireguard-go, the
+# path of its control socket.
+IFNAME_RE = re.compile(r"\A[A-Za-z][A-Za-z0-9_.-]{0,14}\Z")
+# Names the kernel gives another meaning (net.ipv4.conf.all, .default) or that are taken.
+RESERVED_IFNAMES = frozenset({"lo", "all", "default"})
+
+
+def _ifname(value: Any) -> Any:
+    if not isinstance(value, str) or not IFNAME_RE.match(value) or value in RESERVED_IFNAMES:
+        raise ValueError(
+            f"{_short(value)} is not an interface name Neti can own (1-15 letters, digits, "
+            "'_', '.', '-', starting with a letter; not lo, all or default)"
+        )
+    return value
+
+
+def _mode(value: Any) -> Any:
+    # YAML 1.1 reads a bare `off` as false (and `on` as true).
+    if value is False:
+        return "off"
+    if value is True:
+        raise ValueError("true/on is not a mode: use wireguard (or off)")
+    return value
+
+
+def _udp_port(value: Any) -> Any:
+    # pydantic would read true as 1 and 51820.0 as 51820.
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"{_short(value)} is not a port number (1-65535)")
+    if isinstance(value, str):
+        if not re.fullmatch(r"[0-9]{1,5}", value.strip()):
+            raise ValueError(f"{_short(value)} is not a port number (1-65535)")
+        return int(value)
+    return value
+
+
+class EncryptionConfig(BaseModel):
+    """Traffic between members in WireGuard tunnels (docs/dataplane.md, "Encryption")."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    # off: every member by cleartext DNAT, as before. wireguard: members that publish a key
+    # (in their signed record) and fall in ``scope`` are reached through the tunnel.
+    mode: Annotated[Literal["off", "wireguard"], BeforeValidator(_mode)] = "off"
+    # cross-network: only members in another network; all: every member with a key.
+    scope: Literal["cross-network", "all"] = "cross-network"
+    interface: Annotated[str, BeforeValidator(_ifname)] = "neti0"
+    listen_port: Annotated[int, BeforeValidator(_udp_port)] = Field(default=51820, ge=1, le=65535)
+    # auto: the kernel module when `ip link add ... type wireguard` works, else wireguard-go.
+    implementation: Literal["auto", "kernel", "userspace"] = "auto"
+
+    @property
+    def on(self) -> bool:
+        return self.mode == "wireguard"
+
+
 class Config(BaseModel):
     """The whole of neti.yml. Field docs live in docs/configuration.md."""
 
@@ -385,6 +441,9 @@ class Config(BaseModel):
     # (a host's v2 node supersedes its v1 ones), also "publish" one for such agents during an
     # upgrade, or "off": neither (v1 names are predictable and v1 records replayable).
     v1_members: Literal["read", "publish", "off"] = "read"
+    # WireGuard between members (docs/dataplane.md, "Encryption"): peers' keys travel in
+    # their signed member records, so it needs this host's certificate and signed records.
+    encryption: EncryptionConfig = EncryptionConfig()
 
     @field_validator("require_signed_members")
     @classmethod
@@ -394,6 +453,24 @@ class Config(BaseModel):
             raise ValueError(
                 "needs zk_tls with cert and key: this host signs its own member record with "
                 "its certificate's key, and checks others against zk_tls.ca"
+            )
+        return v
+
+    @field_validator("encryption")
+    @classmethod
+    def _encryption(cls, v: EncryptionConfig, info: ValidationInfo) -> EncryptionConfig:
+        if not v.on:
+            return v
+        tls = info.data.get("zk_tls")
+        if tls is None or tls.cert is None:
+            raise ValueError(
+                "mode wireguard needs zk_tls with cert and key: this host's WireGuard key "
+                "travels in its member record, signed with its certificate's key"
+            )
+        if info.data.get("require_signed_members") is False:
+            raise ValueError(
+                "mode wireguard needs require_signed_members (a peer's key is used only from "
+                "a record its own certificate signed)"
             )
         return v
 

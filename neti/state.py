@@ -31,6 +31,7 @@ from typing import Any
 from neti import files
 from neti.fleet.addr import LABEL_RE
 from neti.fleet.model import SKIP_REASONS, Fleet, Member
+from neti.fleet.wgkey import public_key
 from neti.identity import Identity
 
 log = logging.getLogger(__name__)
@@ -162,6 +163,7 @@ class AgentState:
     claims_excess: int = 0  # ip-to-id nodes beyond id-to-ip's at the last resync
     generation: int | None = None  # the apply generation the kernel got with this fleet
     pid_start: int | None = None  # the agent's process start time (proc_start)
+    wg_key: str = ""  # this host's WireGuard public key (encryption on), as the agent holds it
 
     def to_dict(self, with_fleet: bool = True) -> dict[str, Any]:
         """JSON-able form; ``with_fleet`` False leaves the fleet out (FleetRows has it)."""
@@ -190,6 +192,7 @@ class AgentState:
             "claims_excess": self.claims_excess,
             "generation": self.generation,
             "pid_start": self.pid_start,
+            "wg_key": self.wg_key,
         }
 
     @classmethod
@@ -241,10 +244,18 @@ class AgentState:
             apply_errors=_typed(int, d.get("apply_errors") or 0, "apply_errors"),
             generation=_counter(d.get("generation"), "generation"),
             pid_start=_counter(d.get("pid_start"), "pid_start"),
+            wg_key=_wg_key(d.get("wg_key")),
         )
 
 
 # --- strict conversion of the file's JSON values (the file may be damaged or hand-edited) ---
+
+
+def _wg_key(value: Any) -> str:
+    """A WireGuard public key, or "" (none); ValueError for anything else."""
+    if value is None or value == "":
+        return ""
+    return public_key(_typed(str, value, "wg_key"))
 
 
 def _typed(kind: type, value: Any, what: str) -> Any:

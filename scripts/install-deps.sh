@@ -3,8 +3,11 @@
 # what is missing, so a second run costs a few dpkg queries.
 set -euo pipefail
 
+# wireguard-tools (wg) drives WireGuard interfaces; wireguard-go is the userspace
+# implementation used where the kernel has no WireGuard module (this lab's kernel among them);
+# tcpdump shows what crosses the lab's links.
 PKGS=(zookeeper libnetty-java default-jre-headless iptables ipset nftables conntrack iproute2 kmod procps
-      ruby docker-compose gcc make)
+      ruby docker-compose gcc make wireguard-tools wireguard-go tcpdump)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -19,7 +19,10 @@ default['neti']['pip_index_url'] = nil               # e.g. an internal mirror
 default['neti']['venv'] = '/opt/neti'                # the package lives in its own venv
 default['neti']['bin'] = '/usr/local/bin/neti'       # symlink to the venv's entry point
 default['neti']['config_path'] = '/etc/neti/neti.yml'
-default['neti']['packages'] = %w(iptables ipset nftables conntrack python3 python3-venv)
+default['neti']['packages'] = %w(iptables ipset nftables conntrack python3 python3-venv wireguard-tools)
+# wireguard-go, WireGuard in userspace: nil installs it where encryption is on and the kernel
+# has no WireGuard module (implementation auto or userspace); true/false: always/never.
+default['neti']['wireguard_go'] = nil
 # Loaded before the agent starts (and at boot via /etc/modules-load.d): the unit drops
 # CAP_SYS_MODULE, and nf_conntrack must exist so its limits can be raised first.
 default['neti']['kernel_modules'] = %w(nf_conntrack)
@@ -95,6 +98,13 @@ default['neti']['config']['zk_acl'] = nil
 default['neti']['config']['read_legacy'] = true        # false once no original agent is left
 default['neti']['config']['require_signed_members'] = nil # nil: on with zk_tls.cert
 default['neti']['config']['v1_members'] = 'read'      # 'publish' during an upgrade from v1 agents; 'off' after
+# Encryption between members (docs/dataplane.md, "Encryption: WireGuard tunnels"). 'wireguard'
+# needs zk_tls with cert and key: each host's WireGuard key travels in its signed record.
+default['neti']['config']['encryption']['mode'] = 'off'
+default['neti']['config']['encryption']['scope'] = 'cross-network' # or 'all'; the same fleet-wide
+default['neti']['config']['encryption']['interface'] = 'neti0'
+default['neti']['config']['encryption']['listen_port'] = 51_820
+default['neti']['config']['encryption']['implementation'] = 'auto' # 'kernel', 'userspace'
 
 # --- credential files (written before neti.yml, owner root; the key 0600) ---
 # PEM text for the files zk_tls names, and the digest lines for zk_auth's credentials_file.

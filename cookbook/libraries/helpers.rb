@@ -38,6 +38,26 @@ module NetiCookbook
     config
   end
 
+  # Whether to install wireguard-go: node['neti']['wireguard_go'] when set; otherwise when
+  # encryption is on, may use userspace, and the kernel has no WireGuard module.
+  def self.wireguard_go?(node, module_present = nil)
+    forced = node['neti']['wireguard_go']
+    return forced == true unless forced.nil?
+
+    enc = plain(node['neti']['config']['encryption']) || {}
+    return false unless enc['mode'].to_s == 'wireguard' && enc['implementation'].to_s != 'kernel'
+
+    present = module_present.nil? ? wireguard_module? : module_present
+    !present
+  end
+
+  # The kernel has the WireGuard module (loaded, or installed: modinfo finds it).
+  def self.wireguard_module?
+    return true if File.directory?('/sys/module/wireguard')
+
+    system('modinfo', 'wireguard', out: File::NULL, err: File::NULL) ? true : false
+  end
+
   # One YAML value. JSON is YAML: quoting and escaping come for free, and "true" stays a string.
   def self.yaml_value(value)
     JSON.generate(value)

@@ -19,6 +19,11 @@ end
 
 package neti['packages']
 
+# WireGuard in userspace where the kernel has no module (docs/dataplane.md, "Encryption").
+package 'wireguard-go' do
+  only_if { NetiCookbook.wireguard_go?(node) }
+end
+
 # --- the package, in its own venv, at the pinned version ---
 execute 'neti venv' do
   command ['python3', '-m', 'venv', neti['venv']]

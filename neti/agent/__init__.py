@@ -7,6 +7,7 @@
   read; ``guard``: the mass-removal guard (pure);
 - ``sink``: what is reported: ``statefile``, ``guardreport``, ``metrics``, ``sdnotify``;
   ``logs``: logging set-up;
+- ``tunnelkey``: this host's WireGuard key as the agent holds and publishes it (encryption);
 - ``scheduler``: when to reconcile; ``waker``: the loop's flags and sleep; ``backoff``;
 - ``ports``: what the agent needs from the registry and the dataplane (Protocol types).
 """

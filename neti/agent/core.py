@@ -17,6 +17,7 @@ beyond a few flags and a queue of ZooKeeper state changes.
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 import time
@@ -34,6 +35,7 @@ from neti.agent.reconciler import Reconciler
 from neti.agent.scheduler import Scheduler
 from neti.agent.sink import StatusSink
 from neti.agent.tagging import InstanceTags
+from neti.agent.tunnelkey import TunnelKey
 from neti.agent.waker import Control
 from neti.agent.zksession import ZkSession
 from neti.config import Config
@@ -67,6 +69,7 @@ class Agent:
         retry: Backoff,
         select_backend: BackendSelector,
         identify: IdentitySource,
+        tunnel_key: TunnelKey,
         verbose: bool = False,
     ):
         self.config_path = config_path
@@ -82,6 +85,7 @@ class Agent:
         self.backend: DataplanePort | None = None
         self._select = select_backend
         self._identify = identify
+        self.tunnel_key = tunnel_key  # this host's WireGuard key (encryption on)
         self._reconnect = False
         self.sink.state.zookeeper = session.zk  # the session writes it, the state file shows it
 
@@ -93,12 +97,17 @@ class Agent:
         verbose: bool = False,
         *,
         connect: Connector = registry_mod.connect,
-        select_backend: BackendSelector = dataplane.select,
+        select_backend: BackendSelector | None = None,
         identify: IdentitySource = resolve,
         guard: guard_mod.Guard | None = None,
     ) -> Agent:
         """The agent and its collaborators, wired: the ports default to the real registry,
-        dataplane and identity source (tests give fakes)."""
+        dataplane and identity source (tests give fakes). The real dataplane writes the
+        WireGuard key the agent holds (and publishes), and refuses to start without a
+        working WireGuard when encryption is on."""
+        tunnel_key = TunnelKey(cfg)
+        if select_backend is None:
+            select_backend = functools.partial(dataplane.select, keys=tunnel_key, preflight=True)
         tags = InstanceTags(cfg)
         sink = StatusSink(cfg, tagging=tags.state)
         control = Control(sink.watchdog, sink.watchdog_interval)
@@ -132,6 +141,7 @@ class Agent:
             retry=retry,
             select_backend=select_backend,
             identify=identify,
+            tunnel_key=tunnel_key,
             verbose=verbose,
         )
 
@@ -164,6 +174,7 @@ class Agent:
         # TLS/credential files usable and the certificate naming this instance, before the
         # kernel is touched: RegistryAccessError ends the agent (docs/security.md).
         check_trust(self.cfg, self._host().identity.instance_id)
+        self._load_key()
         self._select_backend()
         self._prime_conntrack()
         self._restore()
@@ -184,7 +195,18 @@ class Agent:
 
     def _host(self) -> Host:
         assert self.session.identity is not None
-        return Host(self.session.identity, self.session.overlay_ip)
+        key = self.tunnel_key
+        return Host(self.session.identity, self.session.overlay_ip, key.public, key.port)
+
+    def _load_key(self, cfg: Config | None = None) -> None:
+        """This host's WireGuard key (made on the first start; KeyFileError when its file is
+        unusable), published with the next join or, when it changed, now (a rotation)."""
+        key = self.tunnel_key
+        if key.load(cfg):
+            self.session.rekey(key.public, key.port)
+        else:
+            self.session.wg_key, self.session.wg_port = key.public, key.port
+        self.sink.tunnel_key(key.public)
 
     def _select_backend(self) -> None:
         backend = self.backend = self._select(self.cfg)
@@ -334,6 +356,12 @@ class Agent:
             log.error("SIGHUP: keeping the running config: %s", exc)
             self.sink.notifier.ready(self.sink.status_line())
             return
+        try:
+            self._load_key(new)  # a rotated key (neti encryption rotate), or encryption on/off
+        except NetiError as exc:
+            log.error("SIGHUP: keeping the running config and key: %s", exc)
+            self.sink.notifier.ready(self.sink.status_line())
+            return
         old = self.cfg
         self.cfg = new
         self.sink.configure(new)
@@ -341,7 +369,8 @@ class Agent:
         self.reconciler.configure(new)  # the desired state from the new config, in full
         setup_logging(new, self.verbose)
         self.sched.configure(new.watch_delay_min, new.watch_delay_max, new.resync_interval)
-        if new.backend != old.backend and self.backend is not None:
+        moved = (new.backend, new.encryption) != (old.backend, old.encryption)
+        if moved and self.backend is not None:
             self.backend.close()
             self._select_backend()
         if new.conntrack != old.conntrack:

@@ -117,6 +117,17 @@ class Metrics:
             "neti_conntrack_entries", "Entries in the conntrack table", registry=r
         )
         self.conntrack_max = Gauge("neti_conntrack_max", "nf_conntrack_max", registry=r)
+        self.tunnel_peers = Gauge(
+            "neti_encryption_peers",
+            "Members reached through the WireGuard tunnel (the peers the kernel was given)",
+            registry=r,
+        )
+        self.cleartext_members = Gauge(
+            "neti_encryption_cleartext_members",
+            "Members encryption should reach in the tunnel but reaches by cleartext DNAT "
+            "(their record carries no key)",
+            registry=r,
+        )
         # Labels stay bounded: backend is a registered backend's name, kind and result fixed.
         self.apply_duration = Histogram(
             "neti_dataplane_apply_duration_seconds",
@@ -138,6 +149,13 @@ class Metrics:
             buckets=(0, 1, 2, 10, 100, 1000, 10000, 100000),
             registry=r,
         )
+
+    def set_encryption(self, counts: tuple[int, int] | None) -> None:
+        """Counts only, never a label per peer: the tunnel peers the kernel was given and the
+        members encryption should reach but reaches in cleartext (0 and 0 when off)."""
+        peers, cleartext = counts if counts is not None else (0, 0)
+        self.tunnel_peers.set(_finite(peers))
+        self.cleartext_members.set(_finite(cleartext))
 
     def set_zk_state(self, state: str) -> None:
         for s in ZK_STATES:

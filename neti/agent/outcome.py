@@ -33,6 +33,8 @@ class Host:
 
     identity: Identity
     overlay_ip: IPv4Address | None
+    wg_key: str = ""  # this host's WireGuard public key ("" with encryption off)
+    wg_port: int = 0
 
     def member(self) -> Member | None:
         """This host as a member of its own view (None before it has an overlay IP)."""
@@ -40,7 +42,14 @@ class Host:
             return None
         i = self.identity
         return Member(
-            i.instance_id, i.network, i.public_ip, i.private_ip, self.overlay_ip, __version__
+            i.instance_id,
+            i.network,
+            i.public_ip,
+            i.private_ip,
+            self.overlay_ip,
+            __version__,
+            wg_key=self.wg_key,
+            wg_port=self.wg_port,
         )
 
 
@@ -95,6 +104,8 @@ class Applied:
     delta: tuple[tuple[Member, ...], tuple[Member, ...]] | None
     generation_changed: bool
     fallback: str = ""  # why a change was written in full instead of in place
+    # Encryption on: (members with a tunnel peer, members in its scope left in cleartext).
+    encryption: tuple[int, int] | None = None
 
     @property
     def holding(self) -> bool:

@@ -78,7 +78,17 @@ class SessionPort(Protocol):
 
     def claim(self, instance_id: str, prefer: IPv4Address | None = None) -> IPv4Address: ...
 
-    def join(self, identity: Identity, overlay_ip: IPv4Address, version: str = ...) -> None: ...
+    def join(
+        self,
+        identity: Identity,
+        overlay_ip: IPv4Address,
+        version: str = ...,
+        wg_key: str = ...,
+        wg_port: int = ...,
+    ) -> None:
+        """Publish this host; ``wg_key``/``wg_port``: its WireGuard key and port, signed into
+        its record ("" and 0: none). Joining again with only a new key rewrites the record."""
+        ...
 
     def leave(self) -> None: ...
 

@@ -98,7 +98,9 @@ class Reconciler:
     def restore(self, backend: DataplanePort, fleet: Fleet, me: Host) -> ApplyResult:
         """Apply a fleet applied earlier (the state file) before ZooKeeper answers; it is
         the guard's baseline from then on."""
-        want = desired.compute(me.identity, fleet, self.cfg, self_overlay=me.overlay_ip)
+        want = desired.compute(
+            me.identity, fleet, self.cfg, self_overlay=me.overlay_ip, wg_key=me.wg_key
+        )
         result = backend.apply(want, generation=self._next_generation())
         self.guard.restore(fleet)
         self.generation = result.generation
@@ -240,6 +242,7 @@ class Reconciler:
             delta=delta,
             generation_changed=generation_changed,
             fallback=fallback,
+            encryption=self._model.encryption_counts() if self._model is not None else None,
         )
 
     # ------------------------------------------------------------------ the kernel
@@ -259,7 +262,7 @@ class Reconciler:
         given last when the delta path is possible, else in full."""
         prev, model = self.applied, self._model
         if not full and prev is not None and model is not None:
-            if model.self_overlay == me.overlay_ip:
+            if model.self_overlay == me.overlay_ip and model.wg_key == me.wg_key:
                 return self._write_delta(backend, model, prev, decision.members, change)
         return self._write_full(backend, decision.members, me)
 
@@ -299,6 +302,7 @@ class Reconciler:
             and prev is not None
             and model.identity == me.identity
             and model.cfg is self.cfg
+            and model.wg_key == me.wg_key
         ):
             # The model is a pure function of the members: bring it to ``new`` by their
             # difference (a resync at 16k: ~10 ms instead of ~0.3 s to rebuild it).
@@ -307,7 +311,9 @@ class Reconciler:
             model.update([prev[i] for i in ids if i in prev], [new[i] for i in ids if i in new])
             model.update((), (), self_overlay=me.overlay_ip)
         else:
-            model = DesiredModel(me.identity, self.cfg, self_overlay=me.overlay_ip)
+            model = DesiredModel(
+                me.identity, self.cfg, self_overlay=me.overlay_ip, wg_key=me.wg_key
+            )
             model.reset(new.values())
         self._model = None  # until the kernel took it
         result = backend.apply(model.state(), generation=self._next_generation())

@@ -90,6 +90,11 @@ class StatusSink:
     def identity(self, ident: Identity) -> None:
         self.state.identity = ident
 
+    def tunnel_key(self, public: str) -> None:
+        """This host's WireGuard public key ("" with encryption off): status computes the
+        tunnel peers the kernel should hold with it."""
+        self.state.wg_key = public
+
     def overlay(self, ip: IPv4Address | None) -> None:
         self.state.overlay_ip = ip
 
@@ -215,6 +220,7 @@ class StatusSink:
             m.set_members(dict(sorted(self.file.rows.by_network.items())))
         m.set_skipped(self.state.skipped_by_reason)
         m.claims_excess.set(self.state.claims_excess)
+        m.set_encryption(o.encryption)
 
     def _log_applied(self, o: Applied) -> None:
         d = o.decision

@@ -78,6 +78,9 @@ class ZkSession:
         self.reg: RegistryPort | None = None
         self.identity: Identity | None = None
         self.overlay_ip: IPv4Address | None = None  # our claim (or the state file's)
+        # This host's WireGuard public key and port, published in its record ("": none).
+        self.wg_key, self.wg_port = "", 0
+        self._rekey_pending = False  # a new key not yet published (a failed attempt)
         self.zk = ZkState()
         self._events: collections.deque[str] = collections.deque()
         # A fresh session tried in the background while ours looks refused.
@@ -196,9 +199,39 @@ class ZkSession:
             log.warning("overlay IP changed from %s to %s (claim was lost)", self.overlay_ip, ip)
         self.overlay_ip = ip
         self._sink.overlay(ip)
-        self.reg.join(self.identity, ip, version=__version__)
+        self.reg.join(
+            self.identity, ip, version=__version__, wg_key=self.wg_key, wg_port=self.wg_port
+        )
+        self._rekey_pending = False
         log.info("joined as %s with overlay IP %s", self.identity.instance_id, ip)
         self.tags.tag(self.identity, ip)
+
+    def rekey(self, key: str, port: int) -> None:
+        """This host's WireGuard key changed (a rotation): publish it in our record now when
+        joined (the same node, its record rewritten), else with the next join. A failure is
+        retried by ``handle_events``; peers keep the old key until it is published."""
+        self.wg_key, self.wg_port = key, port
+        self._rekey_pending = True
+        self._publish_key()
+
+    def _publish_key(self) -> None:
+        if not self._rekey_pending or self.reg is None or self.zk.state != "connected":
+            return
+        if self.identity is None or self.overlay_ip is None:
+            return
+        try:
+            self.reg.join(
+                self.identity,
+                self.overlay_ip,
+                version=__version__,
+                wg_key=self.wg_key,
+                wg_port=self.wg_port,
+            )
+        except NetiError as exc:
+            log.warning("publishing the new WireGuard key failed: %s; trying again", exc)
+            return
+        self._rekey_pending = False
+        log.info("published WireGuard public key %s in this host's record", self.wg_key or "(none)")
 
     # ------------------------------------------------------------------ resume
     def hosts_text(self) -> str:
@@ -245,6 +278,7 @@ class ZkSession:
         self._wake()
 
     def handle_events(self) -> None:
+        self._publish_key()
         while self._events:
             ev = self._events.popleft()
             prev = self.zk.state

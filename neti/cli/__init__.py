@@ -25,6 +25,7 @@ COMMAND_MODULES = [
     "neti.cli.status_cmd",
     "neti.cli.fleet_cmd",
     "neti.cli.zkproxy_cmd",
+    "neti.cli.encryption_cmd",
 ]
 
 

@@ -1,12 +1,12 @@
 """The backend contract: what every backend does, in what order, and what it reports.
 
-``Backend`` owns the order of an apply (conntrack -> allowlist -> route -> rules, then the
-other backends' leftovers) as a template; a backend fills in how it reads the kernel, what it
-writes at each step and how it removes its own objects. ``DataplaneStatus`` speaks of
-allowlists, DNAT mappings, objects and hooks, never of one backend's chains or sets, so
-``neti status`` reads every backend the same way. Each backend declares its name, the tools
-it runs (``is_supported`` checks them, errors name them) and its features, so callers ask
-``backend.has(feature)`` instead of probing attributes.
+``Backend`` owns the order of an apply (conntrack -> the WireGuard interface -> allowlist ->
+route -> rules, then the other backends' leftovers) as a template; a backend fills in how it
+reads the kernel, what it writes at each step and how it removes its own objects.
+``DataplaneStatus`` speaks of allowlists, DNAT mappings, objects and hooks, never of one
+backend's chains or sets, so ``neti status`` reads every backend the same way. Each backend
+declares its name, the tools it runs (``is_supported`` checks them, errors name them) and its
+features, so callers ask ``backend.has(feature)`` instead of probing attributes.
 
 The apply generation: a writer may pass a number with each apply; the backend writes it into
 the kernel in the same step as the change it goes with (nftables: an element of Neti's own
@@ -28,6 +28,7 @@ from neti import backends
 from neti.backends import BACKENDS
 from neti.dataplane import conntrack, route
 from neti.dataplane.system import System
+from neti.dataplane.wireguard import WireGuardLink
 from neti.desired import DesiredState
 from neti.desired.model import Delta
 from neti.errors import DataplaneError
@@ -133,11 +134,15 @@ class DataplaneStatus:
     generation: int | None = None  # the apply generation written with the last change
     # Other software's rules (or base chains) that decide before Neti's: each named.
     ahead: tuple[str, ...] = ()
+    # The WireGuard interface (wireguard.WireGuardLink.status), None with encryption off.
+    tunnel: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["drift"] = list(self.drift)
         d["ahead"] = list(self.ahead)
+        if self.tunnel is None:
+            del d["tunnel"]
         return d
 
 
@@ -182,6 +187,12 @@ class Backend(abc.ABC):
         self.allow_size = 0  # allowlist entries the kernel holds, as far as we wrote them
         self.full_applies = 0  # state a backend derives from ``applied`` is from this one
         self.kernel_generation: int | None = None  # the apply generation last written
+        # Neti's WireGuard interface (encryption on; select() attaches it). None: the
+        # backend never looks at one, and a desired state with a tunnel is refused.
+        self.wireguard: WireGuardLink | None = None
+        # Encryption off: the interface name a host that had it on may have left behind,
+        # removed like another backend's leftovers (the first apply, uninstall).
+        self.wireguard_leftover: str | None = None
 
     @property
     def label(self) -> str:
@@ -251,7 +262,9 @@ class Backend(abc.ABC):
         """Read the kernel, return what apply would write; change nothing."""
         plan = self._prepare(desired, with_diff=True).plan
         actions = conntrack.planned(self.system, desired.conntrack_max, desired.conntrack_hashsize)
-        actions += route.plan(self.system, desired.overlay_subnet)
+        if self.wireguard is not None:
+            actions += self.wireguard.plan(desired)
+        actions += route.plan(self.system, desired.overlay_subnet, via(desired))
         for other in self._others():
             actions += [f"remove the {other.name} backend's {x}" for x in other.leftovers()]
         return replace(plan, actions=tuple(actions))
@@ -259,13 +272,16 @@ class Backend(abc.ABC):
     def apply(self, desired: DesiredState, generation: int | None = None) -> ApplyResult:
         """Make the kernel equal ``desired``; write only what differs.
 
-        Order: conntrack first (the rules' ctstate and DNAT switch it on); the route (a
-        failure is a warning: the firewall matters more than reachability); the rules and
-        the allowlist in the order ``Prepared`` says (sets a rule names exist before it,
-        and a change is written whole or not at all where another program's lock can make
-        a step wait); then, once per backend object, another backend's leftovers, after
-        Neti's own rules are in place so the host is never without them. ``generation``
-        goes into the kernel with the change (module docstring).
+        Order: conntrack first (the rules' ctstate and DNAT switch it on); the WireGuard
+        interface and its peers (encryption on: before any rule changes, so a member moved
+        from DNAT to the tunnel has its peer when its mapping goes; a failure stops the
+        apply with the old rules in place); the route (a failure is a warning: the firewall
+        matters more than reachability); the rules and the allowlist in the order
+        ``Prepared`` says (sets a rule names exist before it, and a change is written whole
+        or not at all where another program's lock can make a step wait); then, once per
+        backend object, another backend's leftovers, after Neti's own rules are in place so
+        the host is never without them. ``generation`` goes into the kernel with the change
+        (module docstring).
         """
         start = time.monotonic()
         self.system.refuse_init_netns()
@@ -275,10 +291,11 @@ class Backend(abc.ABC):
                 self.system, desired.conntrack_max, desired.conntrack_hashsize
             )
             prepared = self._prepare(desired, with_diff=False, generation=generation)
+            changes += self._ensure_tunnel(desired)
             if prepared.allowlist and prepared.allowlist_first:
                 self._write_allowlist(prepared.allowlist)
             try:
-                changes += route.ensure(self.system, desired.overlay_subnet)
+                changes += route.ensure(self.system, desired.overlay_subnet, via(desired))
             except DataplaneError as exc:
                 warnings.append(str(exc))
             if prepared.rules:
@@ -293,6 +310,7 @@ class Backend(abc.ABC):
                         done, warned = other._remove_objects()
                         changes += done
                         warnings += warned
+                changes += self._remove_leftover_tunnel(warnings)
                 self._swept = True
         self.applied, self.allow_size = desired, len(desired.allow)
         self.full_applies += 1
@@ -311,15 +329,21 @@ class Backend(abc.ABC):
 
     def apply_delta(self, delta: Delta, generation: int | None = None) -> ApplyResult | None:
         """Write one change of the desired state (``DesiredModel.update``) without reading
-        the kernel: the allowlist elements and DNAT entries it names, nothing else, and
-        ``generation`` with them.
+        the kernel: the allowlist elements, DNAT entries and tunnel peers it names, nothing
+        else, and ``generation`` with them. Peers set go first (one ``wg set``, which also
+        removes a key that changed), peers only removed last: a member moving between DNAT
+        and the tunnel is never without both.
 
         Relative to what this backend last wrote (a full ``apply``, then deltas). None when
-        it cannot (no full apply yet, more than DELTA_MAX elements, a backend without element
-        updates): the caller runs ``apply``. A DataplaneError means the kernel was not what
-        was last written (drift): the caller runs ``apply`` too, which reads and repairs.
+        it cannot (no full apply yet, more than DELTA_MAX elements, a change of the tunnel
+        itself, a backend without element updates): the caller runs ``apply``. A
+        DataplaneError means the kernel was not what was last written (drift): the caller
+        runs ``apply`` too, which reads and repairs.
         """
-        if self.applied is None or delta.size > DELTA_MAX:
+        if self.applied is None or delta.size > DELTA_MAX or delta.tunnel:
+            return None
+        peers = bool(delta.peer_set or delta.peer_del)
+        if peers and self.wireguard is None:
             return None
         if delta.empty:
             return ApplyResult(backend=self.label, changed=False, generation=self.kernel_generation)
@@ -327,12 +351,19 @@ class Backend(abc.ABC):
         self.system.refuse_init_netns()
         with self.system.lock():
             try:
+                wrote: list[str] = []
+                if delta.peer_set and self.wireguard is not None:
+                    wrote = self.wireguard.write_peers(delta.peer_set, delta.peer_del)
                 changes = self._write_delta(delta, generation)
+                if changes is not None and not delta.peer_set and delta.peer_del:
+                    assert self.wireguard is not None
+                    wrote = self.wireguard.write_peers((), delta.peer_del)
             except BaseException:
                 self.applied = None  # half-written: only a full apply knows the kernel now
                 raise
         if changes is None:
             return None
+        changes = wrote + changes
         if generation is not None:
             self.kernel_generation = generation
         self.allow_size += len(delta.allow_add) - len(delta.allow_del)
@@ -369,6 +400,9 @@ class Backend(abc.ABC):
                     done, warned = other._remove_objects()
                     changes += done
                     warnings += warned
+            if self.wireguard is not None:
+                changes += self.wireguard.remove()
+            changes += self._remove_leftover_tunnel(warnings)
             changes += route.remove(self.system)
         return ApplyResult(
             backend=self.label,
@@ -389,7 +423,30 @@ class Backend(abc.ABC):
             conntrack_max=usage.max,
             conntrack_hashsize=usage.hashsize,
             route=routes[0] if routes else None,
+            tunnel=self.wireguard.status() if self.wireguard is not None else None,
         )
+
+    def _remove_leftover_tunnel(self, warnings: list[str]) -> list[str]:
+        """Encryption off: remove an interface it left (a failure is a warning: nothing of
+        encryption is in use, and the rules matter more)."""
+        if self.wireguard is not None or self.wireguard_leftover is None:
+            return []
+        try:
+            return WireGuardLink(self.system, self.wireguard_leftover).remove()
+        except DataplaneError as exc:
+            warnings.append(f"could not look for a WireGuard interface left over: {exc}")
+            return []
+
+    def _ensure_tunnel(self, desired: DesiredState) -> list[str]:
+        """The WireGuard interface as ``desired`` says (removed when it has no tunnel)."""
+        if self.wireguard is not None:
+            return self.wireguard.ensure(desired)
+        if desired.tunnel is not None:
+            raise DataplaneError(
+                "the desired state has a WireGuard tunnel, but this dataplane was given no "
+                "WireGuard interface (encryption.mode and this host's key)"
+            )
+        return []
 
     def _others(self) -> list[Backend]:
         """The other backends whose tools exist here, bound to our system."""
@@ -401,3 +458,9 @@ class Backend(abc.ABC):
             if cls.is_supported(self.system):
                 out.append(cls(self.system))
         return out
+
+
+def via(desired: DesiredState) -> route.Via | None:
+    """Where Neti's route sends the overlay subnet: the tunnel's interface, or None."""
+    t = desired.tunnel
+    return route.Via(t.interface, t.source) if t is not None else None

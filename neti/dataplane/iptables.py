@@ -15,6 +15,12 @@ Layout (docs/dataplane.md has the full picture):
 
 * ``nat``: chain ``NETI-GEN``, never jumped to, holds one comment rule with the apply
   generation (base.py); it is written at the end of the restore that carries the change.
+* encryption on: ``NETI-INPUT`` also allows what arrives through the WireGuard interface from
+  an overlay address (WireGuard accepts from a peer only the overlay IP its key is bound to)
+  and the WireGuard port from the ``neti-tunnel`` set (the tunneled members' addresses, which
+  are not in ``neti-allow``); ``nat`` chain ``NETI-SNAT``, jumped to from ``POSTROUTING`` for
+  packets leaving through the interface, gives them this host's overlay IP as source (the
+  overlay route gives connections the private IP: route.py says why).
 
 Both tables go into ONE ``iptables-restore --noflush`` run that names only chains whose rules
 differ from the kernel's: declaring ``:NETI-X - [0:0]`` creates or flushes only that chain,
@@ -38,7 +44,7 @@ import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from ipaddress import IPv4Network
+from ipaddress import IPv4Address, IPv4Network
 
 from neti.dataplane import dnat_tree, ipset, xtables
 from neti.dataplane.base import (
@@ -65,11 +71,17 @@ log = logging.getLogger(__name__)
 
 FILTER_CHAIN = "NETI-INPUT"
 GEN_CHAIN = "NETI-GEN"  # nat: the apply generation, one comment rule (never jumped to)
+SNAT_CHAIN = "NETI-SNAT"  # nat: tunneled connections get this host's overlay IP as source
 _GEN_RE = re.compile(r'\A-m comment --comment "?neti-generation ([0-9]{1,10})"?\Z')
 OUR_CHAINS = {"filter": FILTER_CHAIN, "nat": NAT_CHAIN}
 # Built-in chains that may hold a jump into Neti's chain of that table.
-HOOKS = {"filter": ("INPUT",), "nat": ("PREROUTING", "OUTPUT")}
+HOOKS = {"filter": ("INPUT",), "nat": ("PREROUTING", "OUTPUT", "POSTROUTING")}
 TABLES = ("filter", "nat")
+
+
+def hook_target(table: str, builtin: str) -> str:
+    """The chain of Neti's that ``builtin`` jumps to."""
+    return SNAT_CHAIN if (table, builtin) == ("nat", "POSTROUTING") else OUR_CHAINS[table]
 
 
 # --------------------------------------------------------------------------- variants
@@ -96,6 +108,15 @@ def filter_rules(d: DesiredState) -> list[str]:
         f"-m conntrack --ctstate RELATED,ESTABLISHED -j {ok}",
         f"-m set --match-set {ipset.ALLOW_SET} src -j {ok}",
     ]
+    t = d.tunnel
+    if t is not None:
+        # Through the tunnel: WireGuard delivers a packet only from the overlay IP bound to
+        # the sending peer's key. The WireGuard port: the tunneled members' addresses.
+        rules.append(f"-s {d.overlay_subnet} -i {t.interface} -j {ok}")
+        rules.append(
+            f"-p udp -m udp --dport {t.listen_port} -m set --match-set {ipset.TUNNEL_SET} src "
+            f"-j {ok}"
+        )
     for net in d.ssh_whitelist:
         src = f"-s {net} " if net.prefixlen else ""
         rules.append(f"{src}-p tcp -m tcp --dport 22 -j {ok}")
@@ -242,17 +263,27 @@ def generation_lines(generation: int) -> list[str]:
 # --------------------------------------------------------------------------- planning
 
 
+def snat_rule(address: IPv4Address) -> str:
+    """NETI-SNAT's one rule, spelled as iptables-save prints it."""
+    return f"! -s {address}/32 -j SNAT --to-source {address}"
+
+
 def desired_chains(d: DesiredState) -> dict[str, dict[str, list[str]]]:
     """Per table: Neti's chains and their rules, the root chain first."""
-    return {"filter": {FILTER_CHAIN: filter_rules(d)}, "nat": nat_chains(d)}
+    nat = nat_chains(d)
+    if d.tunnel is not None and d.tunnel.address is not None:
+        nat[SNAT_CHAIN] = [snat_rule(d.tunnel.address)]
+    return {"filter": {FILTER_CHAIN: filter_rules(d)}, "nat": nat}
 
 
 def jump_specs(d: DesiredState) -> dict[str, dict[str, str | None]]:
     """Per table, per built-in chain: the one jump rule Neti wants there (None: no jump)."""
     sub = f"-d {d.overlay_subnet} -j {NAT_CHAIN}"
+    t = d.tunnel
+    snat = f"-o {t.interface} -j {SNAT_CHAIN}" if t is not None and t.address is not None else None
     return {
         "filter": {"INPUT": f"-j {FILTER_CHAIN}"},
-        "nat": {"OUTPUT": sub, "PREROUTING": sub if d.forward else None},
+        "nat": {"OUTPUT": sub, "PREROUTING": sub if d.forward else None, "POSTROUTING": snat},
     }
 
 
@@ -292,13 +323,14 @@ def plan_table(
     chains are only added when missing, duplicates deleted. ``with_diff=False`` skips the
     human-readable diff (apply does not show it).
     """
-    root = OUR_CHAINS[table]
     write = [
         c
         for c, rules in chains.items()
         if (state.rules.get(c, []) if state.has(c) else None) != rules
     ]
     obsolete = [c for c in owned_chains(table, state) if c not in chains]
+    if table == "nat" and state.has(SNAT_CHAIN) and SNAT_CHAIN not in chains:
+        obsolete.append(SNAT_CHAIN)
     lines = [f":{c} - [0:0]" for c in write]
     for c in write:
         lines.extend(f"-A {c} {r}" for r in chains[c])
@@ -306,8 +338,9 @@ def plan_table(
     old, new = _chain_diff(state, chains, write)
     for builtin in HOOKS[table]:
         want = jumps.get(builtin)
-        existing = state.jumps(builtin, root)
-        jump_lines, jump_changes = xtables.ensure_jump(table, state, builtin, root, want, first)
+        target = hook_target(table, builtin)
+        existing = state.jumps(builtin, target)
+        jump_lines, jump_changes = xtables.ensure_jump(table, state, builtin, target, want, first)
         lines += jump_lines
         changes += jump_changes
         old += [f"-A {builtin} {r}" for r in existing]
@@ -316,6 +349,8 @@ def plan_table(
         # Nothing may reference a chain being deleted: a jump someone added from elsewhere
         # goes first; Neti's own parents were rewritten above, obsolete ones are flushed.
         for chain, spec in _references(state, table, set(obsolete)):
+            if chain in HOOKS[table] and xtables.jump_target(spec) == hook_target(table, chain):
+                continue  # ensure_jump above took it out
             lines.append(f"-D {chain} {spec}")
             changes.append(f"{table}: removed jump {chain} {spec}")
             old.append(f"-A {chain} {spec}")
@@ -380,15 +415,15 @@ def _chain_changes(
 # Neti's chains per table for the runner: the root, the generation, the DNAT tree's chains.
 OWNED: dict[str, xtables.ChainSpec] = {
     "filter": (FILTER_CHAIN,),
-    "nat": (NAT_CHAIN, GEN_CHAIN, dnat_tree.SUB_CHAIN),
+    "nat": (NAT_CHAIN, GEN_CHAIN, SNAT_CHAIN, dnat_tree.SUB_CHAIN),
 }
 
 
 def uninstall_lines(table: str, state: TableState) -> list[str]:
     """Remove every jump into Neti's chains (also ones someone added elsewhere), then them."""
     chains = owned_chains(table, state)
-    if table == "nat" and state.has(GEN_CHAIN):
-        chains.append(GEN_CHAIN)
+    if table == "nat":
+        chains += [c for c in (GEN_CHAIN, SNAT_CHAIN) if state.has(c)]
     return _xt_uninstall_lines(state, chains, HOOKS[table])
 
 
@@ -437,7 +472,8 @@ class IptablesBackend(Backend):
         tables = self.read_tables()
         sets = ipset.read(self.system)
         allow = tuple(map(str, desired.allow))  # once: formatting 16k addresses takes a while
-        set_script, set_changes = ipset.render(sets, allow)
+        tunnel = tuple(map(str, desired.tunnel_allow)) if desired.tunnel is not None else None
+        set_script, set_changes = ipset.render(sets, allow, tunnel)
         jumps = jump_specs(desired)
         chains = desired_chains(desired)
         first = desired.chain_first
@@ -458,15 +494,17 @@ class IptablesBackend(Backend):
             payloads["filter"] = filter_payload
         if nat_payload:
             payloads["nat"] = nat_payload
-        diff = (ipset.diff(sets, allow) if with_diff else []) + fp.diff + np_.diff
+        diff = (ipset.diff(sets, allow, tunnel) if with_diff else []) + fp.diff + np_.diff
         plan = Plan(
             backend=self.label,
             payloads=payloads,
             diff=tuple(diff),
             changes=tuple(set_changes + np_.changes + fp.changes),
         )
-        # The sets a rule names must exist before it; otherwise the restore goes first.
-        missing = not {ipset.ALLOW_SET, ipset.AUDIT_SET} <= sets.names
+        # The sets a rule names must exist before it; otherwise the restore goes first (and
+        # a set no rule names any more is destroyed after the rules that named it).
+        needed = {ipset.ALLOW_SET, ipset.AUDIT_SET} | ({ipset.TUNNEL_SET} if tunnel else set())
+        missing = not needed <= sets.names
         return Prepared(
             plan,
             allowlist=set_script,
@@ -504,8 +542,10 @@ class IptablesBackend(Backend):
         objects = {f"{t}/{c}": tables[t].has(c) for t, c in OUR_CHAINS.items()}
         objects |= {f"ipset {n}": n in sets.names for n in (ipset.ALLOW_SET, ipset.AUDIT_SET)}
         hooks = {
-            f"{t}/{b}": len(tables[t].jumps(b, OUR_CHAINS[t])) for t in TABLES for b in HOOKS[t]
+            f"{t}/{b}": len(tables[t].jumps(b, hook_target(t, b))) for t in TABLES for b in HOOKS[t]
         }
+        if not hooks["nat/POSTROUTING"]:
+            del hooks["nat/POSTROUTING"]  # the tunnel's: listed only while present
         drift = [f"missing {name}" for name, present in objects.items() if not present]
         drift += [f"{n} jumps in {h} (one expected)" for h, n in hooks.items() if n > 1]
         if all(objects.values()):
@@ -541,7 +581,8 @@ class IptablesBackend(Backend):
         (dnat_tree.DnatTree keeps the tree as last written), then ipset add/del in place.
         The restore goes first: it may wait on the xtables lock, and if it gives up nothing
         is written (module docstring)."""
-        if self.applied is None or self.allow_size + len(delta.allow_add) > ipset.MIN_MAXELEM:
+        grown = self.allow_size + len(delta.allow_add) + len(delta.tunnel_allow_add)
+        if self.applied is None or grown > ipset.MIN_MAXELEM:
             return None
         tree = getattr(self, "_dnat_tree", None)
         if tree is None or tree.full_apply != self.full_applies:
@@ -555,7 +596,13 @@ class IptablesBackend(Backend):
         extra = generation_lines(generation) if generation is not None else []
         if write or delete or extra:
             self._restore(tree.payload(write, delete, extra))
-        changes = ipset.write_delta(self.system, delta.allow_add, delta.allow_del)
+        changes = ipset.write_delta(
+            self.system,
+            delta.allow_add,
+            delta.allow_del,
+            delta.tunnel_allow_add,
+            delta.tunnel_allow_del,
+        )
         if write or delete:
             changes.append(
                 f"nat: rewrote {len(write)} DNAT chains"

@@ -13,6 +13,11 @@ Layout (docs/dataplane.md, "What the kernel holds (nftables backend)"):
   chains sit at priority -150, before the standard filter (0) and dstnat (-100) chains.
 * set ``generation`` (one mark): the apply generation, written in the same transaction as
   the change it goes with (base.py).
+* encryption on: set ``tunnel`` (the tunneled members' addresses, not in ``allow``); in
+  ``input``, what arrives through the WireGuard interface from an overlay address (WireGuard
+  accepts from a peer only the overlay IP its key is bound to) and the WireGuard port from
+  ``@tunnel``; chain ``postrouting`` (nat, priority 100) gives connections leaving through the
+  interface this host's overlay IP as source (route.py says why).
 
 A full apply is ONE ``nft -f`` transaction that deletes and re-creates Neti's table (nothing
 else is named, so other tables are never touched). When only members changed, the
@@ -52,6 +57,7 @@ ALLOW_SET = "allow"
 AUDIT_SET = "audit"
 DNAT_MAP = "overlay"
 GEN_SET = "generation"
+TUNNEL_SET = "tunnel"
 AUDIT_SIZE = 65536
 AUDIT_TIMEOUT = "1d"  # like the ipset audit set: a source is forgotten after a quiet day
 AUDIT_TIMEOUT_S = 86400
@@ -70,11 +76,14 @@ HOOKS = {
     "prerouting": ("nat", "prerouting", NAT_PRIORITY),
 }
 FIRST_HOOKS = {c: (kind, hook, FIRST_PRIORITY) for c, (kind, hook, _p) in HOOKS.items()}
+# The tunnel's source NAT (srcnat priority, whatever chain_position says: it decides nothing).
+TUNNEL_HOOKS = {"postrouting": ("nat", "postrouting", 100)}
+ALL_HOOKS = HOOKS | TUNNEL_HOOKS
 
 
 def hooks_for(d: DesiredState) -> dict[str, tuple[str, str, int]]:
     """Neti's base chains' (type, hook, priority) for ``d`` (its chain_position)."""
-    return FIRST_HOOKS if d.chain_first else HOOKS
+    return (FIRST_HOOKS if d.chain_first else HOOKS) | TUNNEL_HOOKS
 
 
 # --------------------------------------------------------------------------- rendering
@@ -95,6 +104,12 @@ def chain_rules(d: DesiredState) -> dict[str, list[str]]:
         f"ct state established,related {ok}",
         f"ip saddr @{ALLOW_SET} {ok}",
     ]
+    t = d.tunnel
+    if t is not None:
+        # Interface names start with a letter (config.IFNAME_RE): unquoted, as a comment can
+        # hold no quote.
+        rules.append(f"iifname {t.interface} ip saddr {d.overlay_subnet} {ok}")
+        rules.append(f"udp dport {int(t.listen_port)} ip saddr @{TUNNEL_SET} {ok}")
     for net in d.ssh_whitelist:
         src = f"ip saddr {net} " if net.prefixlen else ""
         rules.append(f"{src}tcp dport 22 {ok}")
@@ -110,7 +125,14 @@ def chain_rules(d: DesiredState) -> dict[str, list[str]]:
     chains = {"input": rules, "output": dnat}
     if d.forward:
         chains["prerouting"] = list(dnat)
+    if t is not None and t.address is not None:
+        a = IPv4Address(t.address)
+        chains["postrouting"] = [f"oifname {t.interface} ip saddr != {a} snat to {a}"]
     return chains
+
+
+def tunnel_elements(d: DesiredState) -> set[str] | None:
+    return {str(a) for a in d.tunnel_allow} if d.tunnel is not None else None
 
 
 def allow_elements(d: DesiredState) -> set[str]:
@@ -177,6 +199,12 @@ def render_table(
     if generation is not None:
         out.append(f"    elements = {{ {int(generation)} }}")
     out.append("  }")
+    tunnel = tunnel_elements(d)
+    if tunnel is not None:
+        out.append(f"  set {TUNNEL_SET} {{ type ipv4_addr;")
+        if tunnel:
+            out.append(f"    elements = {_elements(sorted(tunnel, key=_ip_key))}")
+        out.append("  }")
     hooks = hooks_for(d)
     for name, rules in chain_rules(d).items():
         kind, hook, prio = hooks[name]
@@ -202,7 +230,9 @@ def full_objects(d: DesiredState, audit: dict[str, AuditEntry] | None = None) ->
     element (allowlist, DNAT map, carried-over audit sources) - for the dataplane metrics."""
     chains = chain_rules(d)
     elements = len(allow_elements(d)) + len(dnat_elements(d)) + len(_audit_elements(audit or {}))
-    table_and_sets = 1 + 4  # the table; sets allow, audit and generation, map overlay
+    tunnel = tunnel_elements(d)
+    elements += len(tunnel or ())
+    table_and_sets = 1 + 4 + (tunnel is not None)  # the table; sets and map (and tunnel)
     return table_and_sets + len(chains) + sum(len(r) for r in chains.values()) + elements
 
 
@@ -239,6 +269,12 @@ def delta_script(delta: Delta, generation: int | None = None) -> str:
     if delta.dnat_set:
         items = [f"{x.overlay_ip} : {x.target}" for x in delta.dnat_set]
         lines.append(f"add element {ref} {DNAT_MAP} {_elements(items)}")
+    if delta.tunnel_allow_del:
+        gone = [str(a) for a in delta.tunnel_allow_del]
+        lines.append(f"delete element {ref} {TUNNEL_SET} {_elements(gone)}")
+    if delta.tunnel_allow_add:
+        new = [str(a) for a in delta.tunnel_allow_add]
+        lines.append(f"add element {ref} {TUNNEL_SET} {_elements(new)}")
     if lines and generation is not None:
         lines += generation_lines(generation)
     return "\n".join(lines) + "\n" if lines else ""
@@ -257,6 +293,7 @@ class TableState:
     sets: dict[str, dict[str, Any]] = field(default_factory=dict)
     allow: set[str] | None = None
     dnat: dict[str, str] | None = None
+    tunnel: set[str] | None = None
     audit: dict[str, int] = field(default_factory=dict)
     audit_entries: dict[str, AuditEntry] = field(default_factory=dict)
     chains: dict[str, tuple[str, str, int, str]] = field(default_factory=dict)
@@ -317,6 +354,8 @@ def _parse_set(st: TableState, item: dict[str, Any]) -> None:
     st.sets[name] = s
     if name == ALLOW_SET and "set" in item:
         st.allow = {_elem_value(e) for e in elems}
+    elif name == TUNNEL_SET and "set" in item:
+        st.tunnel = {_elem_value(e) for e in elems}
     elif name == GEN_SET and "set" in item:
         gens = [e for e in elems if type(e) is int and 0 <= e <= GENERATION_MAX]
         st.generation = gens[0] if len(gens) == 1 else None
@@ -356,6 +395,8 @@ def last_statement(rule: str) -> str:
         return "set"
     if " dnat to " in f" {rule}":
         return "dnat"
+    if " snat to " in f" {rule}":
+        return "snat"
     return rule.split()[-1]
 
 
@@ -364,6 +405,8 @@ def structure_matches(st: TableState, d: DesiredState) -> bool:
     if not st.exists or st.flags:
         return False
     if st.allow is None or st.dnat is None or AUDIT_SET not in st.sets or GEN_SET not in st.sets:
+        return False
+    if (st.tunnel is None) != (d.tunnel is None):
         return False
     want = chain_rules(d)
     if set(st.chains) != set(want):
@@ -511,6 +554,9 @@ def _element_update(
     del_a = sorted(st.allow - allow, key=_ip_key)
     del_d = sorted((k for k, v in st.dnat.items() if dnat.get(k) != v), key=_ip_key)
     add_d = sorted((k for k, v in dnat.items() if st.dnat.get(k) != v), key=_ip_key)
+    have_t, tunnel = st.tunnel or set(), tunnel_elements(d) or set()
+    add_t = sorted(tunnel - have_t, key=_ip_key)
+    del_t = sorted(have_t - tunnel, key=_ip_key)
     lines = []
     ref = f"{FAMILY} {TABLE}"
     if del_a:
@@ -522,6 +568,10 @@ def _element_update(
     if add_d:
         items = [f"{k} : {dnat[k]}" for k in add_d]
         lines.append(f"add element {ref} {DNAT_MAP} {_elements(items)}")
+    if del_t:
+        lines.append(f"delete element {ref} {TUNNEL_SET} {_elements(del_t)}")
+    if add_t:
+        lines.append(f"add element {ref} {TUNNEL_SET} {_elements(add_t)}")
     if generation is not None and (lines or gen is None):
         lines += generation_lines(generation)
         gen = generation
@@ -530,13 +580,17 @@ def _element_update(
         changes.append(f"nft: set {ALLOW_SET}: +{len(add_a)} -{len(del_a)} members")
     if add_d or del_d:
         changes.append(f"nft: map {DNAT_MAP}: {len(add_d)} set, {len(del_d)} removed")
+    if add_t or del_t:
+        changes.append(f"nft: set {TUNNEL_SET}: +{len(add_t)} -{len(del_t)} members")
     old: list[str] = []
     new: list[str] = []
     if with_diff:
         old = [f"allow {a}" for a in del_a] + [f"dnat {k} {st.dnat[k]}" for k in del_d]
         new = [f"allow {a}" for a in add_a] + [f"dnat {k} {dnat[k]}" for k in add_d]
+        old += [f"tunnel {a}" for a in del_t]
+        new += [f"tunnel {a}" for a in add_t]
     script = "\n".join(lines) + "\n" if lines else ""
-    objects = len(add_a) + len(del_a) + len(add_d) + len(del_d)
+    objects = len(add_a) + len(del_a) + len(add_d) + len(del_d) + len(add_t) + len(del_t)
     return _Step(script, objects, changes, gen, old, new)
 
 
@@ -565,6 +619,8 @@ def _table_rewrite(
         new += [f"allow {a}" for a in sorted(allow, key=_ip_key)]
         old += [f"dnat {k} {v}" for k, v in sorted((st.dnat or {}).items())]
         new += [f"dnat {k} {v}" for k, v in sorted(dnat.items())]
+        old += [f"tunnel {a}" for a in sorted(st.tunnel or (), key=_ip_key)]
+        new += [f"tunnel {a}" for a in sorted(tunnel_elements(d) or (), key=_ip_key)]
     return _Step(script, objects, changes, gen, old, new)
 
 
@@ -685,6 +741,11 @@ class NftablesBackend(Backend):
             changes.append(
                 f"nft: map {DNAT_MAP}: {len(delta.dnat_set)} set, {len(delta.dnat_del)} removed"
             )
+        if delta.tunnel_allow_add or delta.tunnel_allow_del:
+            changes.append(
+                f"nft: set {TUNNEL_SET}: +{len(delta.tunnel_allow_add)} "
+                f"-{len(delta.tunnel_allow_del)} members"
+            )
         return changes
 
     def _write_rules(self, payload: str) -> None:
@@ -734,10 +795,11 @@ class NftablesBackend(Backend):
         objects = {f"table {FAMILY} {TABLE}": st.exists}
         objects |= {f"set {n}": n in st.sets for n in (ALLOW_SET, AUDIT_SET)}
         objects[f"map {DNAT_MAP}"] = DNAT_MAP in st.sets
-        # The forward hook is optional: listed only while present, so never "missing".
-        wanted = [c for c in HOOKS if c != "prerouting" or c in st.chains]
+        # The forward and tunnel hooks are optional: listed only while present, so never
+        # "missing".
+        wanted = [c for c in ALL_HOOKS if c in ("input", "output") or c in st.chains]
         objects |= {f"chain {c}": c in st.chains for c in wanted}
-        hooks = {HOOKS[c][1]: 0 for c in HOOKS}
+        hooks = {ALL_HOOKS[c][1]: 0 for c in ALL_HOOKS if c in HOOKS or c in st.chains}
         for _kind, hook, _prio, _policy in st.chains.values():
             if hook in hooks:
                 hooks[hook] += 1
@@ -745,7 +807,7 @@ class NftablesBackend(Backend):
         if st.flags:
             drift.append(f"table {FAMILY} {TABLE} has flags (dormant: none of its rules run)")
         for c, (kind, hook, prio, policy) in st.chains.items():
-            want = HOOKS.get(c)
+            want = ALL_HOOKS.get(c)
             if want is None:
                 drift.append(f"chain {c} is not Neti's")
             elif (kind, hook, policy) != (want[0], want[1], "accept") or prio not in (

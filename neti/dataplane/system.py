@@ -311,6 +311,9 @@ class Netlink:
     def link_lookup(self, **kw: Any) -> Any:
         return self._call(self._ipr.link_lookup, **kw)
 
+    def get_links(self) -> Any:
+        return self._call(self._ipr.get_links)
+
     def _call(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
         try:
             return fn(*args, **kw)

@@ -3,10 +3,14 @@
 ``compute`` reads the whole fleet; at 16,000 members that is too slow to run for every join
 or leave. ``DesiredModel`` holds the same result as counters and maps, updated by the per-
 member rule (``member_entry``), and says what changed as a ``Delta``: the allowlist sources
-added and removed and the DNAT mappings set and dropped. Two members may share an allow
+added and removed and the DNAT mappings set and dropped (with encryption also the tunnel
+peers set and removed and the WireGuard port's sources). Two members may share an allow
 source (a reach address), so sources are reference-counted; a duplicated overlay IP keeps
 every candidate so the winner is the same one ``compute`` picks, whatever the order of
-changes. Invariant (tests/desired/test_model.py): ``model.state() == compute(fleet)``.
+changes; tunnel peers are grouped by key, so a key two members publish is withdrawn from
+both and given back when one goes. Each change touches one member, its overlay IP and its
+key's group (one member, unless keys are duplicated): O(1).
+Invariant (tests/desired/test_model.py): ``model.state() == compute(fleet)``.
 """
 
 from __future__ import annotations
@@ -14,17 +18,24 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Address
+from typing import Any
 
 from neti.config import Config
 from neti.desired import (
     DesiredState,
     Dnat,
     Entry,
+    Peer,
+    Route,
+    Tunnel,
     _dup_reason,
     build_for,
+    duplicate_key_text,
+    encryption_for,
     host_context,
     member_entry,
     overrides,
+    tunnel_for,
 )
 from neti.fleet import addr
 from neti.fleet.addr import overlay_problem
@@ -37,29 +48,55 @@ class Delta:
     """What one change does to the desired state (every tuple sorted, no duplicates).
 
     A mapping whose target changes appears in ``dnat_del`` (the old one) and in
-    ``dnat_set`` (the new one).
+    ``dnat_set`` (the new one). A peer whose endpoint or port changes is only in
+    ``peer_set`` (``wg set`` updates it in place, keeping its session); one whose key
+    changes is in ``peer_del`` (the old key) and ``peer_set``. ``tunnel``: the interface's
+    own settings changed (this host's overlay IP), which only a full apply writes.
     """
 
     allow_add: tuple[IPv4Address, ...] = ()
     allow_del: tuple[IPv4Address, ...] = ()
     dnat_set: tuple[Dnat, ...] = ()
     dnat_del: tuple[Dnat, ...] = ()
+    tunnel_allow_add: tuple[IPv4Address, ...] = ()
+    tunnel_allow_del: tuple[IPv4Address, ...] = ()
+    peer_set: tuple[Peer, ...] = ()
+    peer_del: tuple[Peer, ...] = ()
+    tunnel: bool = False
 
     @property
     def size(self) -> int:
-        return len(self.allow_add) + len(self.allow_del) + len(self.dnat_set) + len(self.dnat_del)
+        return (
+            len(self.allow_add)
+            + len(self.allow_del)
+            + len(self.dnat_set)
+            + len(self.dnat_del)
+            + len(self.tunnel_allow_add)
+            + len(self.tunnel_allow_del)
+            + len(self.peer_set)
+            + len(self.peer_del)
+        )
 
     @property
     def empty(self) -> bool:
-        return self.size == 0
+        return self.size == 0 and not self.tunnel
 
-    def as_dict(self) -> dict[str, list[str]]:
-        return {
+    def as_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
             "allow_add": [str(a) for a in self.allow_add],
             "allow_del": [str(a) for a in self.allow_del],
             "dnat_set": [f"{d.overlay_ip}>{d.target}" for d in self.dnat_set],
             "dnat_del": [f"{d.overlay_ip}>{d.target}" for d in self.dnat_del],
         }
+        tunnel = {
+            "tunnel_allow_add": [str(a) for a in self.tunnel_allow_add],
+            "tunnel_allow_del": [str(a) for a in self.tunnel_allow_del],
+            "peer_set": [f"{p.overlay_ip}>{p.endpoint}:{p.port}" for p in self.peer_set],
+            "peer_del": [f"{p.overlay_ip}>{p.endpoint}:{p.port}" for p in self.peer_del],
+        }
+        return (
+            d | {k: v for k, v in tunnel.items() if v} | ({"tunnel": True} if self.tunnel else {})
+        )
 
 
 class DesiredModel:
@@ -72,22 +109,33 @@ class DesiredModel:
         cfg: Config,
         self_overlay: IPv4Address | None = None,
         host: addr.HostContext | None = None,
+        wg_key: str | None = None,
     ):
         self.identity = identity
         self.cfg = cfg
         self.subnet = cfg.overlay_subnet
         self.ctx = host if host is not None else host_context(identity, cfg)
+        self.wg_key = wg_key or ""  # this host's WireGuard public key, as given
+        self.enc = encryption_for(identity, cfg, wg_key)
         self.self_overlay = self_overlay
         self._allow: dict[IPv4Address, int] = {}
-        # overlay IP -> {(rank, instance_id): mapping}: the lowest key is the member's winner.
-        self._owners: dict[IPv4Address, dict[tuple[int, str], Dnat]] = {}
+        self._tunnel_allow: dict[IPv4Address, int] = {}
+        # overlay IP -> {(rank, instance_id): route}: the lowest key is the member's winner.
+        self._owners: dict[IPv4Address, dict[tuple[int, str], Route]] = {}
         self._overrides, override_problems = overrides(cfg)
         self._static_skips: list[tuple[str, str]] = [("override", t) for t in override_problems]
         self._members: dict[str, Member] = {}
-        self._entries: dict[str, Entry] = {}
+        self._cands: dict[str, Entry] = {}  # every member's entry, before the duplicate-key rule
+        self._entries: dict[str, Entry] = {}  # those in the desired state
+        self._by_key: dict[str, set[str]] = {}  # tunnel peers' key -> instance IDs
         self._skips: dict[str, tuple[str, str]] = {}
         self._self_entries: dict[Member, None] = {}  # this host's own fleet entries
         self._mine: IPv4Address | None = None  # overlay IP of this host's self mapping
+        # Encryption's counts (O(1) to read): members in its scope with a usable entry, and
+        # of those the ones in the desired state with a tunnel peer and by cleartext DNAT.
+        self._in_scope: set[str] = set()
+        self._tunneled: set[str] = set()
+        self._cleartext: set[str] = set()
         own = addr.HostContext(self.subnet).target_problem(identity.private_ip)
         self._own_ok = own is None
         if own:
@@ -107,19 +155,34 @@ class DesiredModel:
     def __len__(self) -> int:
         return len(self._members)
 
-    def dnat_for(self, overlay: IPv4Address) -> Dnat | None:
-        """The mapping the kernel should hold for ``overlay`` (overrides win)."""
+    def encryption_counts(self) -> tuple[int, int] | None:
+        """(members with a tunnel peer, members in encryption's scope reached by cleartext
+        DNAT: they publish no key); None with encryption off. O(1)."""
+        if self.enc is None:
+            return None
+        return len(self._tunneled), len(self._cleartext)
+
+    def route_for(self, overlay: IPv4Address) -> Route | None:
+        """How the kernel should reach ``overlay``: a DNAT mapping or a tunnel peer
+        (overrides win)."""
         o = self._overrides.get(overlay)
         if o is not None:
             return o
         cands = self._owners.get(overlay)
         return cands[min(cands)] if cands else None
 
+    def dnat_for(self, overlay: IPv4Address) -> Dnat | None:
+        """The mapping the kernel should hold for ``overlay`` (overrides win)."""
+        route = self.route_for(overlay)
+        return route if isinstance(route, Dnat) else None
+
     def state(self) -> DesiredState:
         """The whole desired state (O(N): the full path and tests)."""
         cfg = self.cfg
-        dnat = {ip: cands[min(cands)] for ip, cands in self._owners.items() if cands}
+        routes = {ip: cands[min(cands)] for ip, cands in self._owners.items() if cands}
+        dnat = {ip: r for ip, r in routes.items() if isinstance(r, Dnat)}
         dnat.update(self._overrides)
+        peers = [r for ip, r in routes.items() if isinstance(r, Peer) and ip not in self._overrides]
         skips = self._all_skips()
         for ip, cands in self._owners.items():
             if len(cands) > 1:
@@ -139,7 +202,14 @@ class DesiredModel:
             dnat.values(),
             [t for _c, t in skips[:MAX_SKIP_SAMPLES]],
             dict(sorted(counts.items())),
+            tunnel=self._tunnel(),
+            peers=peers,
+            tunnel_allow=self._tunnel_allow.keys(),
         )
+
+    def _tunnel(self) -> Tunnel | None:
+        enc = self.enc
+        return tunnel_for(self.identity, self.cfg, enc.key, self._mine) if enc else None
 
     def _all_skips(self) -> list[tuple[str, str]]:
         out = list(self._static_skips)
@@ -174,24 +244,10 @@ class DesiredModel:
         compared before and after.
         """
         removed, added = list(removed), list(added)
-        touched_allow: set[IPv4Address] = set()
-        touched_dnat: set[IPv4Address] = set()
-        for m in (*removed, *added):
-            touched_dnat.add(m.overlay_ip)
-            e = self._entries.get(m.instance_id)
-            if e is not None:
-                touched_allow.add(e.allow)
-        for m in added:
-            e2 = member_entry(self.identity, m, self.subnet, self.ctx)
-            if not isinstance(e2, tuple):
-                touched_allow.add(e2.allow)
-        if self._mine is not None:
-            touched_dnat.add(self._mine)
-        if isinstance(self_overlay, IPv4Address):
-            touched_dnat.add(self_overlay)
-        touched_dnat.update(m.overlay_ip for m in self._self_entries)  # its fallback overlay
-        before_allow = {a: a in self._allow for a in touched_allow}
-        before_dnat = {ip: self.dnat_for(ip) for ip in touched_dnat}
+        touched_allow, touched_dnat = self._touched(removed, added, self_overlay)
+        before_allow = {a: (a in self._allow, a in self._tunnel_allow) for a in touched_allow}
+        before_route = {ip: self.route_for(ip) for ip in touched_dnat}
+        before_mine = self._mine
 
         for m in removed:
             self._remove(m)
@@ -201,37 +257,99 @@ class DesiredModel:
             self.self_overlay = self_overlay  # type: ignore[assignment]
         self._refresh_self()
 
-        allow_add = [a for a, was in before_allow.items() if not was and a in self._allow]
-        allow_del = [a for a, was in before_allow.items() if was and a not in self._allow]
-        dnat_set, dnat_del = [], []
-        for ip, old in before_dnat.items():
-            new = self.dnat_for(ip)
-            old_t = old.target if old is not None else None
-            new_t = new.target if new is not None else None
-            if old_t == new_t:
-                continue  # the kernel holds the same mapping (maybe for another owner)
-            if old is not None:
-                dnat_del.append(old)
-            if new is not None:
-                dnat_set.append(new)
+        allow_add = [a for a, (was, _) in before_allow.items() if not was and a in self._allow]
+        allow_del = [a for a, (was, _) in before_allow.items() if was and a not in self._allow]
+        t_add = [a for a, (_, was) in before_allow.items() if not was and a in self._tunnel_allow]
+        t_del = [a for a, (_, was) in before_allow.items() if was and a not in self._tunnel_allow]
+        dnat_set, dnat_del, peer_set, peer_del = self._route_changes(before_route)
         return Delta(
             allow_add=tuple(sorted(allow_add)),
             allow_del=tuple(sorted(allow_del)),
             dnat_set=tuple(sorted(dnat_set)),
             dnat_del=tuple(sorted(dnat_del)),
+            tunnel_allow_add=tuple(sorted(t_add)),
+            tunnel_allow_del=tuple(sorted(t_del)),
+            peer_set=tuple(sorted(peer_set)),
+            peer_del=tuple(sorted(peer_del)),
+            tunnel=self.enc is not None and before_mine != self._mine,
         )
 
-    def _incref(self, a: IPv4Address) -> None:
-        self._allow[a] = self._allow.get(a, 0) + 1
+    def _touched(
+        self, removed: list[Member], added: list[Member], self_overlay: IPv4Address | None | object
+    ) -> tuple[set[IPv4Address], set[IPv4Address]]:
+        """The allow sources and overlay IPs a change can touch: the changed members', the
+        other members of a tunnel key group they are in, and this host's own overlay IPs."""
+        touched_allow: set[IPv4Address] = set()
+        touched_dnat: set[IPv4Address] = set()
+        keys: set[str] = set()  # tunnel key groups the change touches
 
-    def _decref(self, a: IPv4Address) -> None:
-        n = self._allow.get(a, 0) - 1
+        def touch(e: Entry) -> None:
+            touched_allow.add(e.allow)
+            if e.peer is not None:
+                keys.add(e.peer.key)
+
+        for m in (*removed, *added):
+            touched_dnat.add(m.overlay_ip)
+            e = self._cands.get(m.instance_id)
+            if e is not None:
+                touch(e)
+        for m in added:
+            e2 = member_entry(self.identity, m, self.subnet, self.ctx, self.enc)
+            if not isinstance(e2, tuple):
+                touch(e2)
+        for key in keys:  # the other members of a key's group may gain or lose their peer
+            for iid in self._by_key.get(key, ()):
+                e = self._cands[iid]
+                touched_allow.add(e.allow)
+                touched_dnat.add(e.route.overlay_ip)
+        if self._mine is not None:
+            touched_dnat.add(self._mine)
+        if isinstance(self_overlay, IPv4Address):
+            touched_dnat.add(self_overlay)
+        touched_dnat.update(m.overlay_ip for m in self._self_entries)  # its fallback overlay
+        return touched_allow, touched_dnat
+
+    def _route_changes(
+        self, before: dict[IPv4Address, Route | None]
+    ) -> tuple[list[Dnat], list[Dnat], list[Peer], list[Peer]]:
+        """DNAT mappings set and deleted, peers set and deleted: each touched overlay IP's
+        route before against now. A peer whose key stays is set (endpoint, port), not
+        deleted first."""
+        dnat_set: list[Dnat] = []
+        dnat_del: list[Dnat] = []
+        peer_set: list[Peer] = []
+        peer_del: list[Peer] = []
+        for ip, old in before.items():
+            new = self.route_for(ip)
+            if old == new:
+                continue  # the kernel holds the same mapping or peer (maybe for another owner)
+            if isinstance(old, Dnat):
+                dnat_del.append(old)
+            elif isinstance(old, Peer) and not (isinstance(new, Peer) and new.key == old.key):
+                peer_del.append(old)
+            if isinstance(new, Dnat):
+                dnat_set.append(new)
+            elif isinstance(new, Peer):
+                peer_set.append(new)
+        return dnat_set, dnat_del, peer_set, peer_del
+
+    @staticmethod
+    def _incref(counts: dict[IPv4Address, int], a: IPv4Address) -> None:
+        counts[a] = counts.get(a, 0) + 1
+
+    @staticmethod
+    def _decref(counts: dict[IPv4Address, int], a: IPv4Address) -> None:
+        n = counts.get(a, 0) - 1
         if n > 0:
-            self._allow[a] = n
+            counts[a] = n
         else:
-            self._allow.pop(a, None)
+            counts.pop(a, None)
 
-    def _offer(self, key: tuple[int, str], d: Dnat) -> None:
+    def _sources(self, e: Entry) -> dict[IPv4Address, int]:
+        """Where an entry's source is counted: the WireGuard port's for a peer."""
+        return self._tunnel_allow if e.peer is not None else self._allow
+
+    def _offer(self, key: tuple[int, str], d: Route) -> None:
         self._owners.setdefault(d.overlay_ip, {})[key] = d
 
     def _withdraw(self, key: tuple[int, str], overlay: IPv4Address) -> None:
@@ -247,12 +365,18 @@ class DesiredModel:
             return
         if self._members.get(m.instance_id) != m:
             return  # not the entry we hold (already replaced or never added)
-        del self._members[m.instance_id]
-        self._skips.pop(m.instance_id, None)
-        e = self._entries.pop(m.instance_id, None)
-        if e is not None:
-            self._decref(e.allow)
-            self._withdraw((e.rank, m.instance_id), e.dnat.overlay_ip)
+        iid = m.instance_id
+        del self._members[iid]
+        self._skips.pop(iid, None)
+        self._deactivate(iid)
+        self._in_scope.discard(iid)
+        e = self._cands.pop(iid, None)
+        if e is not None and e.peer is not None:
+            group = self._by_key[e.peer.key]
+            group.discard(iid)
+            if not group:
+                del self._by_key[e.peer.key]
+            self._settle_key(e.peer.key)
 
     def _add(self, m: Member) -> None:
         if m.instance_id == self.identity.instance_id:
@@ -262,13 +386,50 @@ class DesiredModel:
         if old is not None:
             self._remove(old)  # one entry per instance: the newer replaces it
         self._members[m.instance_id] = m
-        e = member_entry(self.identity, m, self.subnet, self.ctx)
+        e = member_entry(self.identity, m, self.subnet, self.ctx, self.enc)
         if isinstance(e, tuple):
             self._skips[m.instance_id] = e
             return
-        self._entries[m.instance_id] = e
-        self._incref(e.allow)
-        self._offer((e.rank, m.instance_id), e.dnat)
+        self._cands[m.instance_id] = e
+        if self.enc is not None and (self.enc.scope_all or m.network != self.identity.network):
+            self._in_scope.add(m.instance_id)
+        if e.peer is None:
+            self._activate(m.instance_id, e)
+            return
+        self._by_key.setdefault(e.peer.key, set()).add(m.instance_id)
+        self._settle_key(e.peer.key)
+
+    def _activate(self, iid: str, e: Entry) -> None:
+        self._entries[iid] = e
+        if e.peer is not None:
+            self._tunneled.add(iid)
+        elif iid in self._in_scope:
+            self._cleartext.add(iid)
+        self._incref(self._sources(e), e.allow)
+        self._offer((e.rank, iid), e.route)
+
+    def _deactivate(self, iid: str) -> None:
+        e = self._entries.pop(iid, None)
+        self._tunneled.discard(iid)
+        self._cleartext.discard(iid)
+        if e is not None:
+            self._decref(self._sources(e), e.allow)
+            self._withdraw((e.rank, iid), e.route.overlay_ip)
+
+    def _settle_key(self, key: str) -> None:
+        """A key's group after a change: its one member gets its peer; every member of a key
+        two publish, or of this host's own key, is left out (``compute``'s rule)."""
+        group = self._by_key.get(key, ())
+        own = self.enc is not None and key == self.enc.key
+        n = 0 if own else len(group)
+        for iid in group:
+            if n == 1:
+                self._skips.pop(iid, None)
+                if iid not in self._entries:
+                    self._activate(iid, self._cands[iid])
+            else:
+                self._deactivate(iid)
+                self._skips[iid] = ("duplicate_key", duplicate_key_text(iid, n))
 
     def _refresh_self(self) -> None:
         """This host's own mapping: the claimed overlay IP, else its first fleet entry."""

@@ -28,6 +28,7 @@ from neti.fleet.screen import (
     clip,
     current,
     duplicate_instance_text,
+    keyed,
     overlay_winner,
     same_addrs,
     screen,
@@ -467,6 +468,7 @@ class FleetIndex:
             if not v.ok:
                 entry.skip = self._skip(v.code or "malformed", v.text)
                 return
+            got = entry.cand = keyed(got, v)
         entry.passing = True
         m = got.member
         if m.legacy:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address
 
+from neti.fleet.wgkey import public_key
+
 # Why an entry was left out: a small fixed set, so counts by reason (metrics labels, status,
 # ``neti members --json``) stay bounded whatever the registry holds.
 SKIP_REASONS: tuple[str, ...] = (
@@ -35,6 +37,9 @@ SKIP_REASONS: tuple[str, ...] = (
     "self_address",  # another member naming one of this host's own addresses
     "zookeeper",  # a ZooKeeper server's address (from zk_hosts)
     "override",  # a nat_overrides entry that cannot be used
+    "bad_wg_key",  # a signed record whose WireGuard key is malformed (or has no port)
+    "bad_wg_port",  # a signed record whose WireGuard port is not 1-65535 (or has no key)
+    "duplicate_key",  # a WireGuard key another member (or this host) publishes too
 )
 # Reason texts kept per snapshot (the counts are always complete).
 MAX_SKIP_SAMPLES = 50
@@ -63,7 +68,12 @@ class SkipTally:
 
 @dataclass(frozen=True, slots=True, order=True)
 class Member:
-    """One live host. ``legacy`` marks an entry published by an original Neti agent."""
+    """One live host. ``legacy`` marks an entry published by an original Neti agent.
+
+    ``wg_key``/``wg_port``: the WireGuard public key and port from the member's signed record,
+    set only when its own certificate's signature was verified (registry/verify.py); empty
+    and 0 for a cleartext member. Not in the node name, but part of equality: a new key is a
+    change of the member."""
 
     instance_id: str
     network: str
@@ -72,9 +82,11 @@ class Member:
     overlay_ip: IPv4Address
     version: str = ""
     legacy: bool = False
+    wg_key: str = ""
+    wg_port: int = 0
 
     def as_dict(self) -> dict[str, object]:
-        return {
+        d: dict[str, object] = {
             "instance_id": self.instance_id,
             "network": self.network,
             "public_ip": str(self.public_ip),
@@ -83,9 +95,18 @@ class Member:
             "version": self.version,
             "legacy": self.legacy,
         }
+        if self.wg_key:
+            d["wg_key"], d["wg_port"] = self.wg_key, self.wg_port
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, object]) -> Member:
+        """Inverse of ``as_dict``; ValueError for a key or port that is not one."""
+        key, port = d.get("wg_key", ""), d.get("wg_port", 0)
+        if key or port:
+            if not isinstance(key, str) or type(port) is not int or not 0 < port < 65536:
+                raise ValueError("wg_key and wg_port go together: a key and a port 1-65535")
+            public_key(key)
         return cls(
             instance_id=str(d["instance_id"]),
             network=str(d["network"]),
@@ -94,6 +115,8 @@ class Member:
             overlay_ip=IPv4Address(str(d["overlay_ip"])),
             version=str(d.get("version", "")),
             legacy=bool(d.get("legacy", False)),
+            wg_key=str(key or ""),
+            wg_port=port if isinstance(port, int) else 0,
         )
 
 

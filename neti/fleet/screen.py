@@ -21,7 +21,7 @@ Rules, in order (docs/zookeeper-layout.md, "What a reader accepts"):
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any, TypeVar
 
@@ -47,10 +47,13 @@ class Candidate:
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
-    """None ``code``: the entry may be programmed; else a reason code and its text."""
+    """None ``code``: the entry may be programmed; else a reason code and its text.
+    ``wg_key``/``wg_port``: the WireGuard key and port of a passing entry's signed record."""
 
     code: str | None = None
     text: str = ""
+    wg_key: str = ""
+    wg_port: int = 0
 
     @property
     def ok(self) -> bool:
@@ -58,6 +61,14 @@ class Verdict:
 
 
 OK = Verdict()
+
+
+def keyed(c: Candidate, v: Verdict | None) -> Candidate:
+    """``c`` with the WireGuard key and port its passing verdict verified (if any)."""
+    if v is None or not v.wg_key:
+        return c
+    return replace(c, member=replace(c.member, wg_key=v.wg_key, wg_port=v.wg_port))
+
 
 VerifyFn = Callable[[list[Candidate]], Mapping[tuple[str, str], Verdict]]
 OnSkip = Callable[[str, str], None]
@@ -235,6 +246,7 @@ def _verified(cands: list[Candidate], verify: VerifyFn | None, skip: OnSkip) -> 
             if not v.ok:
                 skip(v.code or "malformed", v.text)
                 continue
+            c = keyed(c, v)
         passing.append(c)
     return passing
 

@@ -7,6 +7,7 @@ machine's own network namespace.
 - ``demo.py``: ZooKeeper, the ZooKeeper proxy and agents in the lab (``make demo``);
 - ``ensemble.py``: a 3-server ensemble and a lab fleet on it (the chaos suite);
 - ``pki.py``: the lab's certificate authority; ``nameserver.py``: a reachability prober;
+- ``wire.py``: lab WireGuard interface names, a capture on a link, a forged datagram;
 - ``__main__.py``: ``python -m neti.lab cleanup`` for a crashed lab.
 """
 

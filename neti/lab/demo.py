@@ -50,6 +50,14 @@ from neti.lab.topology import (
     cleanup,
     new_prefix,
 )
+from neti.lab.wire import (
+    Capture,
+    WireReport,
+    drop_interface,
+    forged_datagrams,
+    interface_name,
+    sort_packets,
+)
 from neti.registry.quota import server_jvm_flags
 
 T = TypeVar("T")
@@ -72,6 +80,8 @@ ZK_SERVER_NAME = "zookeeper.neti.lab"
 OPERATOR_CN = "neti-operator"
 OPERATOR_ID = f"x509:CN={OPERATOR_CN}"  # zk_acl.operators in every lab config
 SERVICE_PORT = 7000  # every member host runs a name server here
+FORGED_PORT = 7011  # where the outsider's forged datagrams go (a listener waits in the victim)
+WG_PORT = 51820  # every lab host's encryption.listen_port (the default)
 # The hosts the lab's ZooKeeper quota is sized for (neti fleet secure --max-hosts).
 LAB_MAX_HOSTS = 2000
 AGENT_HOSTS = ("ec2a", "ec2b", "vpc1")
@@ -260,6 +270,7 @@ class Lab:
         spec: TopologySpec = DEFAULT_SPEC,
         agent_hosts: Iterable[str] = AGENT_HOSTS,
         secure: bool = True,
+        encryption: bool = False,
         **config: Any,
     ):
         self.prefix = prefix or new_prefix("nte")
@@ -267,6 +278,9 @@ class Lab:
         self.topo = Topology(spec, prefix=self.prefix)
         self.agent_hosts = tuple(agent_hosts)
         self.secure = secure
+        # WireGuard between the networks (needs the secured registry: keys travel in signed
+        # records); each agent host its own interface name (wire.interface_name).
+        self.encryption = encryption and secure
         # Made in up(): a subclass with its own up() (EnsembleLab) stays open unless it
         # makes one; write_config secures a host's config only when there is a CA.
         self.pki: CertificateAuthority | None = None
@@ -320,6 +334,10 @@ class Lab:
             if proc.poll() is None:
                 proc.kill()
         self.agents.clear()
+        for host in self.agent_hosts:
+            # wireguard-go outlives its agent: delete each interface (it exits with it).
+            if host in self.topo.hosts:
+                drop_interface(self.topo.host(host).netns, self.wg_interface(host))
         if self.zk is not None:
             try:
                 self.zk.stop()
@@ -386,6 +404,7 @@ class Lab:
             **self.config,
             "state_dir": str(self.state_dir(host)),
             "runtime_dir": str(self.workdir / "run"),  # gone with the lab, not in /run/neti
+            **self.encryption_config(host),
             **overrides,
         }
         tls = cfg.get("zk_tls")
@@ -393,6 +412,22 @@ class Lab:
             # Through the proxy the address is the proxy's: check the server's name instead.
             cfg["zk_tls"] = {"server_name": ZK_SERVER_NAME, **tls}
         return self.topo.write_config(host, self.config_path(host), **cfg)
+
+    def wg_interface(self, host: str) -> str:
+        """``host``'s WireGuard interface: unique on this machine (wireguard-go's socket)."""
+        return interface_name(self.prefix, host)
+
+    def encryption_config(self, host: str) -> dict[str, Any]:
+        """The encryption section of an agent host's config ({} when the lab has none)."""
+        if not self.encryption or host not in self.agent_hosts:
+            return {}
+        return {"encryption": {"mode": "wireguard", "interface": self.wg_interface(host)}}
+
+    def wg_key(self, host: str) -> str | None:
+        """``host``'s WireGuard public key as its agent published it (its state file)."""
+        st = self.state(host)
+        key = st.get("wg_key") if st else None
+        return key if isinstance(key, str) and key else None
 
     def _reaches_zk_by_another_address(self, host: str, zk_hosts: dict[str, Any]) -> bool:
         zk = self.topo.host(ZK_HOST)
@@ -617,7 +652,7 @@ def describe(lab: Lab) -> dict[str, Any]:
     """
     zk = lab.topo.host(ZK_HOST)
     out = lab.topo.host(OUTSIDER)
-    hosts = {}
+    hosts: dict[str, dict[str, Any]] = {}
     for name in lab.agent_hosts:
         h = lab.topo.host(name)
         hosts[name] = {
@@ -629,6 +664,12 @@ def describe(lab: Lab) -> dict[str, Any]:
             "overlay_ip": lab.overlay_ip(name),
             "config": str(lab.config_path(name)),
         }
+        if lab.encryption:
+            hosts[name]["wireguard"] = {
+                "interface": lab.wg_interface(name),
+                "public_key": lab.wg_key(name),
+                "listen_port": WG_PORT,
+            }
     return {
         "zookeeper": {
             "netns": zk.netns,
@@ -669,6 +710,7 @@ def demo(
     keep: bool = False,
     describe_path: Path | None = None,
     secure: bool = True,
+    encryption: bool = True,
 ) -> int:
     refused = _refused(prefix)
     if refused is not None:
@@ -682,7 +724,7 @@ def demo(
 
     signal.signal(signal.SIGTERM, on_term)
     spec = demo_spec()
-    lab = Lab(workdir=workdir, prefix=prefix, spec=spec, secure=secure)
+    lab = Lab(workdir=workdir, prefix=prefix, spec=spec, secure=secure, encryption=encryption)
     lab.config["zk_hosts"] = demo_zk_hosts(spec, lab.zk_port)
     try:
         _bring_up(lab, spec)
@@ -754,6 +796,7 @@ def _bring_up(lab: Lab, spec: TopologySpec) -> None:
     port = lab.zk_port
     _print(f"neti demo: ZooKeeper up in {zk.netns} ({zk.private_ip}:{port}, public {zk.public_ip})")
     _print(f"neti demo: {trust_line(lab)}")
+    _print(f"neti demo: {encryption_line(lab)}")
     lab.write_config(ZKPROXY.name)
     # Closed by default: the proxy forwards its own network's hosts and no one else.
     ec2_subnet = next(n.subnet for n in spec.networks if ZKPROXY in n.hosts)
@@ -790,7 +833,12 @@ def _show(lab: Lab) -> bool:
         code, text = lab.status_text(host)
         _print(f"\n$ neti status   # in {host}, exit {code}\n{text}")
         ok = ok and code == 0
-    m = lab.matrix()
+    cap = internet_capture(lab) if lab.encryption else None
+    try:
+        m = lab.matrix()
+    finally:
+        packets = cap.stop() if cap is not None else None
+    wire = sort_packets(packets, {WG_PORT}) if packets is not None else None
     _print("\nreachability matrix:\n" + lab.render_matrix(m))
     mesh = lab.full_mesh(m, lab.agent_hosts)
     blocked = lab.outsider_blocked(m)
@@ -798,7 +846,57 @@ def _show(lab: Lab) -> bool:
         f"\nfull mesh by overlay IP: {'yes' if mesh else 'NO'}; "
         f"outsider reaches no one: {'yes' if blocked else 'NO'}"
     )
-    return ok and mesh and blocked
+    if wire is None:
+        return ok and mesh and blocked
+    proved = _show_proof(lab, wire)
+    return ok and mesh and blocked and proved
+
+
+def encryption_line(lab: Lab) -> str:
+    if not lab.encryption:
+        why = "--open: keys need signed records" if not lab.secure else "--cleartext"
+        return f"encryption: off ({why}); members reach other networks by cleartext DNAT"
+    return (
+        "encryption: WireGuard between the networks (encryption.mode wireguard, scope "
+        "cross-network; wireguard-go here, the kernel module where there is one); each "
+        "host's key in its signed record; same-network traffic stays plain"
+    )
+
+
+def internet_capture(lab: Lab) -> Capture:
+    """tcpdump on every link of the internet namespace, ZooKeeper's TLS and the outsider's
+    probes left out: what remains is member traffic between the networks."""
+    zk, out = lab.topo.host(ZK_HOST), lab.topo.host(OUTSIDER)
+    filt = f"ip and not host {out.public_ip} and not (host {zk.public_ip} and port {lab.zk_port})"
+    path = lab.workdir / "internet.pcap"
+    return Capture(lab.topo.inet_ns, "any", path, filt)
+
+
+def forged_reaches(lab: Lab, victim: str = "vpc1", spoofed: str = "ec2a") -> list[str]:
+    """The outsider sends UDP datagrams forged with ``spoofed``'s public address to
+    ``victim``'s public address: what a listener in ``victim`` received (nothing, when the
+    tunnel admits ``spoofed``'s address to WireGuard's port only)."""
+    v, s = lab.topo.host(victim), lab.topo.host(spoofed)
+    return forged_datagrams(lab.topo, OUTSIDER, victim, s.public_ip, v.public_ip, FORGED_PORT)
+
+
+def _show_proof(lab: Lab, wire: WireReport) -> bool:
+    """Print the capture's verdict and the forged datagram's; True if both held."""
+    _print(
+        f"\non the internet between the networks, during the mesh check: {wire.wireguard} "
+        f"WireGuard UDP packets (port {WG_PORT}), {len(wire.tcp)} TCP, {len(wire.other)} other"
+        f" (ZooKeeper's TLS left out): {'encrypted' if wire.encrypted else 'NOT ONLY WIREGUARD'}"
+    )
+    for line in (wire.tcp + wire.other)[:5]:
+        _print(f"  cleartext: {line}")
+    got = forged_reaches(lab)
+    _print(
+        f"outsider's UDP forged from ec2a's public address to vpc1 (port {FORGED_PORT}): "
+        + ("reached nothing" if not got else f"REACHED vpc1: {got[:3]}")
+    )
+    for host in lab.agent_hosts:
+        _print(f"  {host:<5} WireGuard {lab.wg_interface(host)} key {lab.wg_key(host) or '?'}")
+    return wire.encrypted and not got
 
 
 def down(prefix: str = DEMO_PREFIX, workdir: Path = DEMO_DIR) -> int:
@@ -829,6 +927,11 @@ def main(argv: list[str] | None = None) -> int:
         "(namespaces, addresses, each host's config); removed at teardown",
     )
     p.add_argument(
+        "--cleartext",
+        action="store_true",
+        help="encryption.mode off: members reach other networks by cleartext DNAT",
+    )
+    p.add_argument(
         "--open",
         action="store_true",
         help="the original's open registry: no TLS, no authentication, world-writable nodes",
@@ -846,6 +949,7 @@ def main(argv: list[str] | None = None) -> int:
         keep=args.keep,
         describe_path=args.describe.absolute() if args.describe else None,
         secure=not args.open,
+        encryption=not (args.open or args.cleartext),
     )
 
 

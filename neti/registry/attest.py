@@ -17,7 +17,9 @@ signature last::
 node's ``Stat.ephemeralOwner`` (what the server vouches for), so a record copied under another
 session is refused (``replayed``). The signature covers every byte before ``\\nsig=`` plus
 ``\\nname=<node name>``. Readers ignore keys they do not know (they are signed all the same),
-so later versions can add fields (e.g. a WireGuard key) without breaking older readers. A v1
+so later versions can add fields without breaking older readers. With encryption on, a host
+adds ``wg_key=<its WireGuard public key>`` and ``wg_port=<its listen port>`` (``wireguard_of``
+reads them back; a malformed pair refuses the record, ``bad_wg_key``/``bad_wg_port``). A v1
 name (older agents) carries ``neti-sig1\\n<base64 DER certificate>\\n<base64 signature>``,
 the signature over ``b"neti-sig1\\n" + name``: no session, so such a record can be replayed.
 
@@ -53,6 +55,7 @@ from neti import files
 from neti.errors import RegistryAccessError
 from neti.fleet.addr import MalformedEntry
 from neti.fleet.names import V1, decode_member, name_format
+from neti.fleet.wgkey import decode_key, public_key
 
 if TYPE_CHECKING:
     from neti.config import Config
@@ -150,6 +153,39 @@ def parse_record(data: bytes) -> Record | str:
     if der is None or sig is None:
         return "bad_record: bad base64 or too long"
     return Record(body, fields, int(session, 16), der, sig)
+
+
+# The signed fields that carry a host's WireGuard public key and listen port.
+WG_KEY = "wg_key"
+WG_PORT = "wg_port"
+_PORT_RE = re.compile(r"[1-9][0-9]{0,4}\Z")
+
+
+def wireguard_fields(key: str, port: int) -> dict[str, str]:
+    """The record fields publishing this host's WireGuard public key and port."""
+    if not 0 < port < 65536:
+        raise ValueError(f"not a port: {port}")
+    return {WG_KEY: public_key(key), WG_PORT: str(port)}
+
+
+def wireguard_of(fields: Mapping[str, str]) -> tuple[str, int] | str | None:
+    """A signed record's WireGuard key and port: None when it has neither (a cleartext
+    member), the pair, or ``"<reason>: <text>"`` refusing the record (a key that is not
+    one, a port out of range, one without the other)."""
+    key, port = fields.get(WG_KEY), fields.get(WG_PORT)
+    if key is None and port is None:
+        return None
+    if key is None:
+        return "bad_wg_port: a WireGuard port without a key"
+    try:
+        decode_key(key)
+    except ValueError as exc:
+        return f"bad_wg_key: the WireGuard key is not one ({exc})"
+    if port is None:
+        return "bad_wg_key: a WireGuard key without a port"
+    if not _PORT_RE.match(port) or int(port) > 65535:
+        return f"bad_wg_port: the WireGuard port {port[:12]!r} is not 1-65535"
+    return key, int(port)
 
 
 def _read_bounded(path: str, key: str) -> bytes:

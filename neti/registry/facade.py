@@ -288,9 +288,17 @@ class Registry:
 
     # --- membership ---
     @_zk_errors("joining the fleet", "members")
-    def join(self, identity: Identity, overlay_ip: IPv4Address, version: str = __version__) -> None:
+    def join(
+        self,
+        identity: Identity,
+        overlay_ip: IPv4Address,
+        version: str = __version__,
+        wg_key: str = "",
+        wg_port: int = 0,
+    ) -> None:
+        """Publish this host; ``wg_key``/``wg_port`` (encryption on) go into its signed record."""
         try:
-            self.membership.join(identity, overlay_ip, version)
+            self.membership.join(identity, overlay_ip, version, wg_key, wg_port)
         except ValueError as exc:
             raise RegistryError(str(exc)) from None
 

@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from ipaddress import IPv4Address
 from typing import Any
 
@@ -127,6 +128,22 @@ class EphemeralSeat:
             return True
         raise NodeExistsError(f"{self.parent}: three fresh names were all taken")
 
+    def refresh(self) -> bool:
+        """Write our data into our node again (what it says changed, e.g. a new WireGuard
+        key): in place when the node is this session's, so its name and the peers' view
+        of it stay; otherwise (gone, or an older session's) ``ensure`` makes a new one.
+        True if it had to be (re)created."""
+        session = self._session()
+        stat = self.client.retry(self.client.exists, self.path)
+        if stat is None or stat.ephemeralOwner != session:
+            return self.ensure()
+        data = self.data(self.name, session or 0) if callable(self.data) else self.data
+        try:
+            self.client.retry(self.client.set, self.path, data)
+        except NoNodeError:
+            return self.ensure()
+        return False
+
     def _await_expiry(self, path: str, owner: int) -> None:
         """A node of ours we may not delete (secured registry): wait, bounded, for an older
         session's node to go with its session when it blocks our name; otherwise leave it
@@ -181,6 +198,10 @@ class EphemeralSeat:
                 pass
 
 
+def _unkeyed(m: Member) -> Member:
+    return replace(m, wg_key="", wg_port=0)
+
+
 class Membership:
     """This host's presence in ``members`` (and, optionally, the original's ``ip-map``)."""
 
@@ -206,10 +227,21 @@ class Membership:
         self.member: Member | None = None
         self.rejoins = 0  # how many times the nodes were re-created after a session change
         self._signer: attest.Signer | None = None  # loaded at the first join
+        self._fields: dict[str, str] = {}  # signed into our record (the WireGuard key)
         self._lock = threading.RLock()
         self._listening = False
 
-    def join(self, identity: Identity, overlay_ip: IPv4Address, version: str) -> Member:
+    def join(
+        self,
+        identity: Identity,
+        overlay_ip: IPv4Address,
+        version: str,
+        wg_key: str = "",
+        wg_port: int = 0,
+    ) -> Member:
+        """Publish this host (and keep it published). ``wg_key``/``wg_port``: this host's
+        WireGuard public key and listen port (encryption on), signed into its record; a new
+        key is a new member node, so peers see the change (and re-verify)."""
         member = Member(
             instance_id=identity.instance_id,
             network=identity.network,
@@ -217,12 +249,18 @@ class Membership:
             private_ip=identity.private_ip,
             overlay_ip=overlay_ip,
             version=version,
+            wg_key=wg_key,
+            wg_port=wg_port,
         )
+        fields = attest.wireguard_fields(wg_key, wg_port) if wg_key else {}
         with self._lock:
             if member == self.member and self.seats:
                 # Joining again as the same host (an agent re-confirming after a reconnect):
                 # keep our nodes, so watchers (and original agents) see no churn.
                 self.ensure()
+                return member
+            if self.seats and self.member is not None and _unkeyed(member) == _unkeyed(self.member):
+                self._rekey(member, fields)
                 return member
         seats = [self._member_seat(member)]
         optional = [self._v1_seat(member)] if self.cfg.v1_members == "publish" else []
@@ -232,7 +270,7 @@ class Membership:
                 seats.append(seat)
         with self._lock:
             self.seats, self.optional = seats, optional
-            self.member = member
+            self.member, self._fields = member, fields
             for seat in seats:
                 seat.ensure()
             self._ensure_optional()
@@ -240,6 +278,20 @@ class Membership:
                 self.client.add_listener(self._on_state)
                 self._listening = True
         return member
+
+    def _rekey(self, member: Member, fields: dict[str, str]) -> None:
+        """Only the key changed (a rotation): the same node, its record rewritten in place.
+        (A new node could not replace the old one on a secured registry, where a host may
+        not delete its own nodes: peers would see both.)"""
+        old = self.member, self._fields
+        self.member, self._fields = member, fields
+        try:
+            self.seats[0].refresh()
+        except BaseException:
+            # Not written: the next join tries again (it would otherwise find itself already
+            # joined with this key and only check that the node exists).
+            self.member, self._fields = old
+            raise
 
     def _member_seat(self, member: Member) -> EphemeralSeat:
         """This host's v2 member node: a fresh nonce in every name it creates; after a
@@ -260,9 +312,11 @@ class Membership:
             self.members_path,
             fresh(),
             lambda child: child.startswith(prefix),
-            data=self._record,
+            data=lambda name, session: self._record(name, session, self._fields),
             renew=fresh,
-            adopt=same,
+            # A node found under another name holds a record made then: adopted only when
+            # the record carries nothing the name does not (no key that may be old).
+            adopt=lambda child: not self._fields and same(child),
             **self._seat_acls(),
         )
 
@@ -299,15 +353,16 @@ class Membership:
             "stale_wait": self.stale_wait if self.acl.secured else 0.0,
         }
 
-    def _record(self, name: str, session: int) -> bytes:
+    def _record(self, name: str, session: int, fields: dict[str, str] | None = None) -> bytes:
         """The member node's data: our record (attest.py) signed for the session creating
         the node, so peers can tell this name is ours and no copy of it passes under another
-        session; empty without a client certificate (zk_tls.cert)."""
+        session, with ``fields`` (the WireGuard key and port) signed into it; empty without a
+        client certificate (zk_tls.cert)."""
         if self._signer is None:
             self._signer = attest.signer_for(self.cfg)
             if self._signer is None:
                 return b""
-        return self._signer.sign(name, session)
+        return self._signer.sign(name, session, fields)
 
     def _legacy_seat(self, m: Member) -> EphemeralSeat | None:
         flag = legacy_codec.flag_for(m.network, self.cfg.legacy_networks)

@@ -19,6 +19,10 @@ believe it. An entry is programmed only when
   the record bound to the node's session already says the instance created it;
 - the optional ``attest_check(name, data, ephemeral_owner)`` hook (a record-signature check)
   returns None (``attestation``; ``replayed`` for a record signed for another session).
+  Only then are the record's WireGuard key and port read (attest.wireguard_of) and carried
+  in the verdict, so a key is used only from a record the member's own certificate signed;
+  a malformed pair refuses the entry (``bad_wg_key``, ``bad_wg_port``). Without the hook
+  (an open registry) no key is ever read: every member is a cleartext one.
 
 Cost: each entry is verified once, when its name first appears (two reads; on a secured
 registry five with the claims' ACLs and id-to-ip, six without records; issued together with
@@ -48,6 +52,7 @@ from neti.fleet import addr
 from neti.fleet.addr import MalformedEntry
 from neti.fleet.model import Member
 from neti.fleet.screen import OK, Candidate, Verdict
+from neti.registry import attest
 from neti.registry.acl import Ownership
 from neti.registry.attest import MAX_RECORD
 
@@ -298,6 +303,7 @@ class Verifier:
                 why = str(why)
                 code = "replayed" if why.startswith("replayed:") else "attestation"
                 return Verdict(code, f"{what}: {why[:_MAX_HOOK_TEXT]}")
+            return _wireguard(what, node.data)
         return OK
 
     def _owned_claim(
@@ -322,3 +328,18 @@ class Verifier:
                 f"{id_path} says {said[:40]!r}, not {m.overlay_ip}: {ip_path} is an excess claim",
             )
         return None
+
+
+def _wireguard(what: str, data: bytes) -> Verdict:
+    """A passing verdict for a member whose record verified: with the record's WireGuard key
+    and port when it has them, or the refusal of a malformed pair."""
+    record = attest.parse_record(data)
+    if isinstance(record, str):
+        return OK  # a v1 record (or a hook's own format): no fields, no key
+    got = attest.wireguard_of(record.fields)
+    if got is None:
+        return OK
+    if isinstance(got, str):
+        code, _, text = got.partition(": ")
+        return Verdict(code, f"{what}: {text}")
+    return Verdict(wg_key=got[0], wg_port=got[1])

@@ -20,7 +20,7 @@ from neti.dataplane.system import System
 from neti.errors import NetiError
 from neti.registry import attest
 from neti.status.kernel import compare
-from neti.status.report import KernelView, Report, ago, evaluate
+from neti.status.report import KernelView, Report, ago, encryption_summary, evaluate
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +194,7 @@ def to_dict(r: Report) -> dict[str, Any]:
         else None
     )
     out["conntrack"] = {"count": k.conntrack_count, "max": k.conntrack_max} if k else None
+    out["encryption"] = k.encryption.as_dict() if k and k.encryption else None
     return out
 
 
@@ -300,6 +301,10 @@ def _kernel_lines(k: KernelView) -> list[str]:
         top = sorted(k.drops_by_source.items(), key=lambda kv: -kv[1])[:10]
         label = "dropped:      " if k.mode == "reject" else "audit drops:  "
         lines.append(f"{label}  " + ", ".join(f"{src}={n}" for src, n in top))
+    if k.encryption is not None and k.encryption.mode != "off":
+        lines.append(f"encryption:     {encryption_summary(k.encryption)}")
+        if k.encryption.tunnel and k.encryption.tunnel.get("public_key"):
+            lines.append(f"wireguard key:  {k.encryption.tunnel['public_key']}")
     if k.conntrack_count is not None:
         mx = k.conntrack_max or "?"
         pct = f" ({k.conntrack_count / k.conntrack_max:.0%})" if k.conntrack_max else ""

@@ -25,10 +25,10 @@ from neti.config import Config
 from neti.dataplane.system import LockBusy
 from neti.errors import NetiError
 from neti.state import AgentState
-from neti.status.report import KernelView
+from neti.status.report import EncryptionView, KernelView
 
 if TYPE_CHECKING:
-    from neti.dataplane.base import Backend
+    from neti.dataplane.base import Backend, DataplaneStatus
 
 log = logging.getLogger(__name__)
 MAX_DRIFT_LINES = 5
@@ -77,24 +77,9 @@ def _compare(
     state: AgentState | None,
     refresh: Refresh | None,
 ) -> None:
-    try:
-        kstat = backend.status()
-    except NetiError as exc:
-        view.error = str(exc)
+    kstat = _kernel_status(view, backend, cfg)
+    if kstat is None:
         return
-    view.raw = kstat.as_dict()
-    view.generation = kstat.generation
-    view.ahead = list(kstat.ahead)
-    view.set_size = kstat.allow_size
-    view.mode = kstat.mode
-    if kstat.conntrack_count is not None:
-        view.conntrack_count = kstat.conntrack_count
-    if kstat.conntrack_max is not None:
-        view.conntrack_max = kstat.conntrack_max
-    try:
-        view.drops_by_source = dict(backend.audit_drops())
-    except NetiError as exc:
-        log.debug("audit counters: %s", exc)
     if state is None or state.fleet is None or state.identity is None:
         return  # nothing applied: nothing to compare
     view.chains_missing = sorted(name for name, present in kstat.objects.items() if not present)
@@ -106,13 +91,21 @@ def _compare(
         state = refresh(kstat.generation) or state
     if state.fleet is None or state.identity is None:
         return
+    want = desired.compute(
+        state.identity,
+        state.fleet,
+        cfg,
+        self_overlay=state.overlay_ip,
+        wg_key=state.wg_key or None,
+    )
+    if view.encryption is not None and cfg.encryption.on:
+        expect_tunnel(view.encryption, want, state, cfg)
     if state.generation != kstat.generation:
         view.not_compared = (
             f"the kernel holds apply {_gen(kstat.generation)}, the state file describes "
             f"apply {_gen(state.generation)}"
         )
         return
-    want = desired.compute(state.identity, state.fleet, cfg, self_overlay=state.overlay_ip)
     view.expected_set_size = len(want.allow)
     try:
         plan = backend.plan(want)
@@ -125,6 +118,49 @@ def _compare(
         view.drift = changes[:MAX_DRIFT_LINES] + (
             [f"... {len(changes) - MAX_DRIFT_LINES} more"] if len(changes) > MAX_DRIFT_LINES else []
         )
+
+
+def expect_tunnel(
+    view: EncryptionView, want: desired.DesiredState, state: AgentState, cfg: Config
+) -> None:
+    """What the applied fleet asks of the tunnel: its peers, and the members in
+    encryption's scope reached by cleartext DNAT instead (they publish no key)."""
+    assert state.identity is not None and state.fleet is not None
+    me = state.identity
+    view.expected = len(want.peers) if want.tunnel is not None else 0
+    dnat = {d.overlay_ip for d in want.dnat}
+    scope_all = cfg.encryption.scope == "all"
+    view.cleartext = sorted(
+        m.instance_id
+        for m in state.fleet.members
+        if m.instance_id != me.instance_id
+        and (scope_all or m.network != me.network)
+        and m.overlay_ip in dnat
+    )
+
+
+def _kernel_status(view: KernelView, backend: Backend, cfg: Config) -> DataplaneStatus | None:
+    """The backend's status and audit counters into ``view``; None when it cannot read."""
+    try:
+        kstat = backend.status()
+    except NetiError as exc:
+        view.error = str(exc)
+        return None
+    view.raw = kstat.as_dict()
+    view.generation = kstat.generation
+    view.ahead = list(kstat.ahead)
+    view.set_size = kstat.allow_size
+    view.mode = kstat.mode
+    view.encryption = EncryptionView(cfg.encryption.mode, cfg.encryption.interface, kstat.tunnel)
+    if kstat.conntrack_count is not None:
+        view.conntrack_count = kstat.conntrack_count
+    if kstat.conntrack_max is not None:
+        view.conntrack_max = kstat.conntrack_max
+    try:
+        view.drops_by_source = dict(backend.audit_drops())
+    except NetiError as exc:
+        log.debug("audit counters: %s", exc)
+    return kstat
 
 
 def _gen(g: int | None) -> str:

@@ -37,6 +37,48 @@ class KernelView:
     generation: int | None = None  # the apply generation the kernel holds
     not_compared: str = ""  # why the kernel was not compared with the state file
     ahead: list[str] = field(default_factory=list)  # other software's rules that decide first
+    encryption: EncryptionView | None = None  # None: the kernel was not read
+
+
+@dataclass
+class EncryptionView:
+    """The tunnel as status sees it: the kernel's interface (``tunnel``: WireGuardLink's
+    status, counts only) against what the applied fleet asks for."""
+
+    mode: str
+    interface: str
+    tunnel: dict[str, Any] | None = None  # None: the backend reported no interface state
+    expected: int | None = None  # tunnel peers the applied fleet gives (None: not known)
+    cleartext: list[str] = field(default_factory=list)  # in scope, reached by DNAT: IDs
+
+    @property
+    def configured(self) -> int:
+        return int(self.tunnel.get("peers") or 0) if self.tunnel else 0
+
+    @property
+    def handshakes(self) -> int:
+        return int(self.tunnel.get("recent_handshakes") or 0) if self.tunnel else 0
+
+    @property
+    def implementation(self) -> str | None:
+        impl = self.tunnel.get("implementation") if self.tunnel else None
+        return impl if isinstance(impl, str) else None
+
+    def as_dict(self) -> dict[str, Any]:
+        t = self.tunnel or {}
+        return {
+            "mode": self.mode,
+            "interface": self.interface,
+            "present": bool(t.get("present")),
+            "implementation": self.implementation,
+            "public_key": t.get("public_key"),
+            "listen_port": t.get("listen_port"),
+            "peers_configured": self.configured,
+            "peers_expected": self.expected,
+            "recent_handshakes": self.handshakes,
+            "cleartext_members": len(self.cleartext),
+            "cleartext_sample": self.cleartext[:10],
+        }
 
 
 @dataclass
@@ -165,6 +207,8 @@ def _kernel_checks(kernel: KernelView, state: AgentState | None) -> list[Check]:
                 "rules ahead of Neti's decide first: " + "; ".join(kernel.ahead[:5]) + more,
             )
         )
+    if kernel.encryption is not None and kernel.encryption.mode != "off":
+        out.append(_encryption_check(kernel.encryption))
     if kernel.conntrack_count is not None and kernel.conntrack_max:
         ratio = kernel.conntrack_count / kernel.conntrack_max
         level = WARNING if ratio > CONNTRACK_WARN else OK
@@ -176,6 +220,35 @@ def _kernel_checks(kernel: KernelView, state: AgentState | None) -> list[Check]:
             )
         )
     return out
+
+
+def _encryption_check(e: EncryptionView) -> Check:
+    """WARNING for members encryption should reach but reaches in cleartext; a missing
+    interface or missing peers are drift (the kernel check says so)."""
+    summary = encryption_summary(e)
+    if e.cleartext:
+        n = len(e.cleartext)
+        names = ", ".join(e.cleartext[:3]) + (" ..." if n > 3 else "")
+        return Check(
+            "encryption",
+            WARNING,
+            f"{n} member{'s' if n != 1 else ''} should be encrypted but "
+            f"{'are' if n != 1 else 'is'} reached in cleartext (no WireGuard key in "
+            f"{'their' if n != 1 else 'its'} record: encryption off, or an older agent): {names}",
+        )
+    return Check("encryption", OK, summary)
+
+
+def encryption_summary(e: EncryptionView) -> str:
+    """One line: the mode, the implementation, peers configured against expected, recent
+    handshakes."""
+    impl = e.implementation or ("interface missing" if e.tunnel is not None else "unknown")
+    expected = "?" if e.expected is None else str(e.expected)
+    return (
+        f"{e.mode} ({impl}, {e.interface}): {e.configured}/{expected} peers configured, "
+        f"{e.handshakes} with a recent handshake"
+        + (f", {len(e.cleartext)} in cleartext" if e.cleartext else "")
+    )
 
 
 def _state_checks(

@@ -186,3 +186,37 @@ def test_a_stop_keeps_or_leaves_the_session(tmp_path: Path) -> None:
     w.session.close(keep=False, forget=True, left=left)
     assert reg.left and reg.stopped
     assert session_mod.load(w.cfg.state_dir) is None
+
+
+def test_the_wireguard_key_goes_into_the_join_and_a_new_one_is_republished(
+    tmp_path: Path,
+) -> None:
+    reg = FakeRegistry()
+    w = World(tmp_path, reg, reg)
+    w.session.rekey("K1", 51820)  # before connecting: published with the join
+    assert reg.keys == []
+    assert w.session.connect()
+    assert reg.keys == [("K1", 51820)]
+    w.session.handle_events()
+    assert reg.keys == [("K1", 51820)]  # nothing pending: no second join
+    w.session.rekey("K2", 51820)  # a rotation while joined: the same overlay IP, the new key
+    assert reg.keys[-1] == ("K2", 51820) and reg.joined[-1] == reg.joined[0]
+
+
+def test_a_failed_publish_of_a_new_key_is_tried_again(tmp_path: Path) -> None:
+    class Refusing(FakeRegistry):
+        refuse = 1
+
+        def join(self, *a: object, **k: object) -> None:
+            if k.get("wg_key") == "K2" and self.refuse:
+                self.refuse -= 1
+                raise RegistryError("connection loss")
+            super().join(*a, **k)  # type: ignore[arg-type]
+
+    reg = Refusing()
+    w = World(tmp_path, reg, reg)
+    assert w.session.connect()
+    w.session.rekey("K2", 51820)
+    assert reg.keys[-1] == ("", 0)  # refused: still the old record
+    w.session.handle_events()
+    assert reg.keys[-1] == ("K2", 51820)

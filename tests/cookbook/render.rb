@@ -106,6 +106,7 @@ begin
     result = case name
              when 'overlay_ip' then NetiCookbook.overlay_ip(*args)
              when 'installed_version' then NetiCookbook.installed_version(*args)
+             when 'wireguard_go?' then NetiCookbook.wireguard_go?(node, args.empty? ? nil : args[0] == 'true')
              else NetiCookbook.public_send(name, node)
              end
     puts JSON.generate(result)

@@ -119,6 +119,7 @@ def test_every_config_key_has_an_attribute(tmp_path: Path) -> None:
     )
     assert set(attrs["conntrack"]) == set(ConntrackConfig.model_fields)
     assert set(attrs["metrics"]) == set(MetricsConfig.model_fields)
+    assert set(attrs["encryption"]) == set(config.EncryptionConfig.model_fields)
 
 
 def test_rendered_defaults_are_the_agents_defaults(tmp_path: Path) -> None:
@@ -508,3 +509,39 @@ def test_hostile_key_text_is_refused_in_one_line_or_installed_verbatim(
     else:
         assert r.stderr.startswith("render.rb: ArgumentError: node['neti']['credentials']")
         assert len(r.stderr.strip().splitlines()) == 1
+
+
+# --- encryption: its packages and settings ---
+
+
+def test_wireguard_tools_always_and_wireguard_go_where_the_kernel_lacks_the_module(
+    tmp_path: Path,
+) -> None:
+    attrs = json.loads(harness(tmp_path, "attrs"))
+    assert "wireguard-tools" in attrs["packages"] and "wireguard-go" not in attrs["packages"]
+
+    def wants(enc: dict[str, Any], module: str, forced: bool | None = None) -> bool:
+        over: dict[str, Any] = {"config": {"encryption": enc}}
+        if forced is not None:
+            over["wireguard_go"] = forced
+        return json.loads(harness(tmp_path, "call", "wireguard_go?", module, overrides=over))
+
+    on = {"mode": "wireguard"}
+    assert wants(on, "false") is True  # no module: the userspace fallback
+    assert wants(on, "true") is False  # the kernel module serves
+    assert wants({"mode": "off"}, "false") is False
+    assert wants({**on, "implementation": "kernel"}, "false") is False
+    assert wants({**on, "implementation": "userspace"}, "true") is False
+    assert wants({"mode": "off"}, "true", forced=True) is True
+    assert wants(on, "false", forced=False) is False
+
+
+def test_encryption_attributes_render_and_the_agent_accepts_them(tmp_path: Path) -> None:
+    enc = {"mode": "wireguard", "scope": "all", "interface": "wg-neti", "listen_port": 4500}
+    tls = {"ca": "/etc/neti/ca.pem", "cert": "/etc/neti/host.pem", "key": "/etc/neti/host.key"}
+    path = rendered_config(tmp_path, {"config": {"zk_hosts": ZK, "zk_tls": tls, "encryption": enc}})
+    cfg = config.load(path)
+    assert cfg.encryption.on and cfg.encryption.scope == "all"
+    assert (cfg.encryption.interface, cfg.encryption.listen_port) == ("wg-neti", 4500)
+    # The default renders `mode: "off"`, a string, not YAML's false.
+    assert '"off"' in rendered_config(tmp_path, {"config": {"zk_hosts": ZK}}).read_text()

@@ -1,5 +1,5 @@
-"""``make demo``'s non-interactive mode prints a healthy, secured fleet and cleans up after
-itself; ``--keep --describe`` keeps it up for others (an attacker) until SIGTERM."""
+"""``make demo``'s non-interactive mode prints a healthy, secured, encrypted fleet and cleans
+up after itself; ``--keep --describe`` keeps it up for others (an attacker) until SIGTERM."""
 
 from __future__ import annotations
 
@@ -35,6 +35,11 @@ def test_demo_once(netns_safety: None, tmp_path: Path) -> None:
     assert "ZooKeeper: TLS on port 2281, client certificates required, x509 ACLs" in out
     assert out.count("trust:          TLS, x509 client certificate, per-host ACLs") == 3
     assert "full mesh by overlay IP: yes; outsider reaches no one: yes" in out
+    # Encrypted between the networks by default, and proved: the capture, the forgery.
+    assert "encryption: WireGuard between the networks" in out
+    assert out.count("encryption:     wireguard (userspace, ") == 3
+    assert "0 TCP, 0 other (ZooKeeper's TLS left out): encrypted" in out
+    assert "forged from ec2a's public address to vpc1 (port 7011): reached nothing" in out
     assert "neti demo: clean" in out
     assert not leaked
     assert not [ns for ns in netns.list_ns() if ns.startswith(prefix)]
@@ -68,6 +73,9 @@ def test_demo_keep_describe_until_sigterm(netns_safety: None, tmp_path: Path) ->
             cfg = Path(h["config"]).read_text()
             assert "zk_tls:" in cfg and f"cn-i-{name}.pem" in cfg
             assert h["netns"] in netns.list_ns()
+            wg = h["wireguard"]
+            assert wg["interface"].startswith("w") and len(wg["interface"]) <= 15
+            assert wg["public_key"] and len(wg["public_key"]) == 44
         # Still up without a terminal, a few seconds later.
         time.sleep(2)
         assert proc.poll() is None

@@ -65,6 +65,11 @@ VERDICTS = [
     Verdict("persistent", "persistent node"),
     Verdict("claim_mismatch", "other claim"),
     None,  # the node vanished before it was read
+    # Passing with the WireGuard key and port of a signed record (two keys: a flip can be
+    # a new key for the same name, a change of the member), or refused for a bad one.
+    Verdict(wg_key="S2V5T25lS2V5T25lS2V5T25lS2V5T25lS2V5T25lS2U=", wg_port=51820),
+    Verdict(wg_key="S2V5VHdvS2V5VHdvS2V5VHdvS2V5VHdvS2V5VHdvS2U=", wg_port=4500),
+    Verdict("bad_wg_key", "not a key"),
 ]
 
 

@@ -66,6 +66,7 @@ class FakeRegistry:
         self.relist_next = False
         self.client = FakeClient()
         self.joined: list[tuple[str, IPv4Address]] = []
+        self.keys: list[tuple[str, int]] = []  # (wg_key, wg_port) of each join
         self.claims: dict[str, IPv4Address] = {}
         self.restored = 0  # restore_own_nodes calls
         self.left = False
@@ -190,8 +191,16 @@ class FakeRegistry:
     def claim(self, instance_id: str, prefer: IPv4Address | None = None) -> IPv4Address:
         return self.claims.setdefault(instance_id, prefer or IPv4Address("192.168.0.2"))
 
-    def join(self, identity: Identity, overlay_ip: IPv4Address, version: str = "") -> None:
+    def join(
+        self,
+        identity: Identity,
+        overlay_ip: IPv4Address,
+        version: str = "",
+        wg_key: str = "",
+        wg_port: int = 0,
+    ) -> None:
         self.joined.append((identity.instance_id, overlay_ip))
+        self.keys.append((wg_key, wg_port))
 
     def leave(self) -> None:
         self.left = True
