@@ -9,7 +9,8 @@ and the agent's loop schedules the next from it. Nothing here has side effects.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from typing import Literal
 
@@ -95,6 +96,8 @@ class Applied:
     delta: tuple[tuple[Member, ...], tuple[Member, ...]] | None
     generation_changed: bool
     fallback: str = ""  # why a change was written in full instead of in place
+    # Seconds per phase of this reconcile: list, read, verify, compute, write.
+    phases: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def holding(self) -> bool:

@@ -427,6 +427,16 @@ class Registry:
         """The index as a Fleet (O(N): for the full path and status)."""
         return self._watch.index.fleet() if self._watch is not None else Fleet()
 
+    def read_times(self) -> dict[str, float]:
+        """Seconds spent so far waiting for full lists, reading entries and judging them
+        (the cold start's list, read and verify phases)."""
+        stats = self._watch.stats if self._watch is not None else None
+        return {
+            "list": stats.list_seconds if stats is not None else 0.0,
+            "read": self.verifier.read_seconds,
+            "verify": self.verifier.verify_seconds,
+        }
+
     @property
     def watch_stats(self) -> WatchStats | None:
         """What following the fleet cost so far (events, lists, stat checks, bytes)."""
