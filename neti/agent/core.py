@@ -94,7 +94,7 @@ class Agent:
         cfg: Config,
         verbose: bool = False,
         *,
-        connect: Connector = registry_mod.connect,
+        connect: Connector = registry_mod.connect_agent,
         select_backend: BackendSelector = dataplane.select,
         identify: IdentitySource = resolve,
         guard: guard_mod.Guard | None = None,

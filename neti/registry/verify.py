@@ -43,19 +43,23 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from kazoo.exceptions import NoAuthError, NoNodeError
+from kazoo.exceptions import NoAuthError, NoNodeError, UnimplementedError
 from kazoo.handlers.threading import KazooTimeoutError
 
 from neti.fleet import addr
 from neti.fleet.addr import MalformedEntry
 from neti.fleet.model import Member
 from neti.fleet.screen import OK, Candidate, Verdict
+from neti.registry import kazooext
 from neti.registry.acl import Ownership
 from neti.registry.attest import MAX_RECORD
 
 # (node name, node data, the node's ephemeralOwner) -> None, or "<reason>: <text>".
 AttestCheck = Callable[[str, bytes, int], "str | None"]
 
+# getData requests per multiRead: at most ~200 entries of MAX_DATA bytes (within
+# ZooKeeper's default 1 MiB jute.maxbuffer), typically ~150 KB of signed records.
+MULTI_CHUNK = 200
 # Entries whose reads are in flight at once (a sliding window: as the oldest answers, the
 # next is sent); every read is awaited with the deadline counted from when it was sent.
 BATCH = 1024
@@ -77,6 +81,50 @@ class _Node:
     data: bytes = b""
     stat: Any = None
     acl: Any = None  # list[ACL] when read (secured registries)
+
+
+class _Slot:
+    """One getData inside a multiRead: the request's result (once sent) and its place."""
+
+    __slots__ = ("index", "result")
+
+    def __init__(self, index: int):
+        self.index = index
+        self.result: Any = None
+
+
+class _Gets:
+    """getData requests as the verifier issues them: one each, or (``chunk`` > 0) gathered
+    into multiRead requests of ``chunk`` paths (kazooext.MultiRead): one request and one
+    reply for many reads, which is what kazoo's per-reply cost makes worth it."""
+
+    def __init__(self, client: Any, chunk: int):
+        self.client = client
+        self.chunk = chunk
+        self.paths: list[str] = []
+        self.slots: list[_Slot] = []
+
+    def get(self, path: str) -> Any:
+        if not self.chunk:
+            return self.client.get_async(path)
+        slot = _Slot(len(self.paths))
+        self.paths.append(path)
+        self.slots.append(slot)
+        return slot
+
+    def full(self) -> None:
+        """Send the gathered reads once there are ``chunk`` of them."""
+        if len(self.paths) >= self.chunk:
+            self.send()
+
+    def send(self) -> None:
+        if not self.paths:
+            return
+        result = self.client.handler.async_result()
+        kazooext.multi_read(self.client, self.paths, result)
+        for slot in self.slots:
+            slot.result = result
+        self.paths, self.slots = [], []
 
 
 class _Pending(NamedTuple):
@@ -103,6 +151,7 @@ class Verifier:
         batch: int = BATCH,
         id_to_ip: str | None = None,
         ownership: Ownership | None = None,
+        multi_read: bool = False,
     ):
         self.client = client
         self.ip_to_id = ip_to_id
@@ -116,6 +165,10 @@ class Verifier:
         self.recheck_share = max(1, recheck_share)
         self.clock = clock
         self.batch = max(1, batch)
+        # Reads gathered into multiRead requests (a real KazooClient on ZooKeeper 3.6+;
+        # turned off for good when the server refuses one).
+        self.multi_read = multi_read
+        self._gets = _Gets(client, 0)
         # (parent, name) -> (verdict, when verified)
         self._cache: dict[tuple[str, str], tuple[Verdict, float]] = {}
         self.reads = 0  # entries read from ZooKeeper so far (tests and benchmarks)
@@ -203,7 +256,13 @@ class Verifier:
         t0 = time.monotonic()
         judged = self.verify_seconds
         try:
-            got = self._pipeline(todo)
+            try:
+                got = self._pipeline(todo)
+            except UnimplementedError:
+                if not self.multi_read:
+                    raise
+                self.multi_read = False  # a server older than 3.6: one read per request
+                got = self._pipeline(todo)
         finally:
             self.read_seconds += time.monotonic() - t0 - (self.verify_seconds - judged)
         if self.after_reads is not None:
@@ -218,6 +277,7 @@ class Verifier:
         window: deque[tuple[Candidate, _Pending]] = deque()
         got: dict[tuple[str, str], Verdict | None] = {}
         nxt = 0
+        self._gets = _Gets(self.client, MULTI_CHUNK if self.multi_read else 0)
         while nxt < len(todo) or window:
             while nxt < len(todo) and len(window) < self.batch:
                 c = todo[nxt]
@@ -230,6 +290,8 @@ class Verifier:
                     ids[m.instance_id] = self._issue(f"{self.id_to_ip}/{m.instance_id}", True)
                 node_acl = owned and not m.legacy and self.attest_check is None
                 window.append((c, self._issue(f"{c.parent}/{c.name}", node_acl)))
+                self._gets.full()
+            self._gets.send()
             c, pending = window.popleft()
             m = c.member
             claim = self._settle(claims, str(m.overlay_ip))
@@ -261,11 +323,9 @@ class Verifier:
 
     def _issue(self, path: str, acl: bool) -> _Pending:
         """A node's get (and, when ``acl``, getACL) in flight, due by now + deadline."""
-        client = self.client
-        data = client.get_async(path)
-        return _Pending(
-            data, client.get_acls_async(path) if acl else None, self.clock() + self.deadline
-        )
+        data = self._gets.get(path)
+        acls = self.client.get_acls_async(path) if acl else None
+        return _Pending(data, acls, self.clock() + self.deadline)
 
     def _collect(self, pending: _Pending) -> _Node:
         """The answers of _issue's reads: NoNode and NoAuth are verdicts, not failures."""
@@ -275,6 +335,12 @@ class Verifier:
                 out.append(None)
                 continue
             try:
+                if isinstance(result, _Slot):
+                    got = self._wait(result.result, pending.end)[result.index]
+                    if isinstance(got, Exception):
+                        raise got
+                    out.append(got)
+                    continue
                 out.append(self._wait(result, pending.end))
             except NoNodeError:
                 return _Node(found=False)
