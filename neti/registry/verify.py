@@ -57,12 +57,14 @@ from neti.registry.attest import MAX_RECORD
 # (node name, node data, the node's ephemeralOwner) -> None, or "<reason>: <text>".
 AttestCheck = Callable[[str, bytes, int], "str | None"]
 
-# getData requests per multiRead: at most ~200 entries of MAX_DATA bytes (within
-# ZooKeeper's default 1 MiB jute.maxbuffer), typically ~150 KB of signed records.
-MULTI_CHUNK = 200
+# getData requests per multiRead. kazoo costs a thread hand-off per request and per reply
+# (GIL switches: milliseconds on a busy host), so fewer, larger requests read a big fleet
+# several times faster (docs/performance.md). An open entry's reply is ~150 bytes, a signed
+# one's ~1 KB: ~150 KB and ~600 KB per reply (half the reads are claims).
+MULTI_CHUNK = 1000
 # Entries whose reads are in flight at once (a sliding window: as the oldest answers, the
 # next is sent); every read is awaited with the deadline counted from when it was sent.
-BATCH = 1024
+BATCH = 8192
 RECHECK_MIN = 32
 # Longest reason text kept from the attestation hook.
 _MAX_HOOK_TEXT = 200
