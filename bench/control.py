@@ -512,12 +512,24 @@ def cold_start(lab: Lab, kernel: Kernel, n: int, args: argparse.Namespace) -> di
             break
         time.sleep(0.25)
     ready = time.monotonic() - t
-    log(f"[{n}] the agent programmed {n + 1} DNAT mappings {ready:.1f}s after its start")
+    cpu = cpu_seconds(agent.pid)  # the agent's and its children's (iptables-restore, nft)
+    zk_cpu = cpu_seconds(lab.zk.proc.pid)
+    log(
+        f"[{n}] the agent programmed {n + 1} DNAT mappings {ready:.1f}s after its start "
+        f"({cpu:.1f} s of its CPU; ZooKeeper's so far {zk_cpu:.1f} s)"
+    )
     Meter(lab.zk.proc.pid, lab.zk_if, agent.pid).quiet(window=2.0, limit=60.0)
     rss, hwm = rss_kb(agent.pid)
     phases = agent_phases(lab.agent_log(chars=10**7))
     log(f"[{n}] RSS {rss / 1024:.0f} MB (peak {hwm / 1024:.0f} MB); phases {phases}")
-    return {"ready_s": ready, "rss_kb": rss, "hwm_kb": hwm, "phases": phases}
+    return {
+        "ready_s": ready,
+        "cpu_s": cpu,
+        "zk_cpu_s": zk_cpu,
+        "rss_kb": rss,
+        "hwm_kb": hwm,
+        "phases": phases,
+    }
 
 
 def restart_agent(lab: Lab, kernel: Kernel, n: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -747,7 +759,7 @@ def cold_markdown(result: dict[str, Any]) -> str:
     sizes = result["sizes"]
     head = "| cold start | " + " | ".join(f"{int(n):,} members" for n in sizes) + " |"
     lines = [head, "|---|" + "---|" * len(sizes)]
-    labels = [("started → every member in the kernel", None)]
+    labels = [("started → every member in the kernel", None), ("agent CPU until then", "cpu")]
     phases = ("connect", "list", "read", "verify", "compute", "write")
     labels += [(f"phase: {p}", p) for p in phases]
     runs = [("", "cold")]
@@ -761,6 +773,8 @@ def cold_markdown(result: dict[str, Any]) -> str:
                 run = cold.get("restart", {}) if which == "restart" else cold
                 if phase is None:
                     value = run.get("ready_s")
+                elif phase == "cpu":
+                    value = run.get("cpu_s")
                 else:
                     value = run.get("phases", {}).get(phase)
                 cells.append("—" if value is None else f"{value:.2f} s")
