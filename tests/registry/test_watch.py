@@ -468,10 +468,14 @@ def test_the_pipelined_multiread_equals_single_reads_on_a_real_zookeeper(
     single_reg.verifier.batch = 1
     single = single_reg.watch_fleet(lambda: None)
     assert multi.added == single.added and len(multi.added) == 300
-    assert multi.skipped_by_reason == single.skipped_by_reason == {
-        "persistent": 1,
-        "unclaimed": 1,
-    }
+    assert (
+        multi.skipped_by_reason
+        == single.skipped_by_reason
+        == {
+            "persistent": 1,
+            "unclaimed": 1,
+        }
+    )
     assert reg.fleet_snapshot() == single_reg.fleet_snapshot()
     # Per-path errors come back in place, not as a failed request.
     result = reg.client.handler.async_result()
