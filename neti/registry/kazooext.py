@@ -37,11 +37,12 @@ watches through kazoo's internals".
 from __future__ import annotations
 
 import logging
+import struct
 from collections.abc import Callable
 from typing import Any
 
 from kazoo.client import KazooClient
-from kazoo.exceptions import EXCEPTIONS, ConnectionDropped
+from kazoo.exceptions import EXCEPTIONS, ConnectionDropped, MarshallingError
 from kazoo.protocol.connection import ConnectionHandler
 from kazoo.protocol.paths import _prefix_root
 from kazoo.protocol.serialization import (
@@ -164,6 +165,15 @@ class MultiRead:
 
     @classmethod
     def deserialize(cls, buffer: bytes, offset: int) -> list[Any]:
+        """The reply's results; MarshallingError (a KazooException, so a failed call like
+        any other) for a reply that is cut short or holds something else."""
+        try:
+            return cls._results(buffer, offset)
+        except (struct.error, ValueError, IndexError, TypeError) as exc:
+            raise MarshallingError(f"a malformed multiRead reply: {exc}") from None
+
+    @classmethod
+    def _results(cls, buffer: bytes, offset: int) -> list[Any]:
         out: list[Any] = []
         while True:
             kind, done, err = multiheader_struct.unpack_from(buffer, offset)
