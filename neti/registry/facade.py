@@ -667,6 +667,21 @@ class Registry:
 STOP_WAIT = 1.0
 
 
+def _record_check(
+    cfg: Config, verdict_cache: bool
+) -> tuple[AttestCheck | None, VerdictCache | None]:
+    """The record check this config asks for (None: records are not checked) and, with
+    ``verdict_cache``, the cache in ``state_dir`` it answers from."""
+    attestor = attest.Attestor.from_config(cfg)
+    if attestor is None:
+        return None, None
+    if not verdict_cache:
+        return attestor.check, None
+    verdicts = VerdictCache(Path(cfg.state_dir) / VERDICTS_FILE, attestor)
+    verdicts.load()
+    return verdicts.check, verdicts
+
+
 def connect(
     cfg: Config,
     network: str,
@@ -689,13 +704,7 @@ def connect(
     hosts = ",".join(cfg.zk_hosts_for(network))
     policy = acl if acl is not None else AclPolicy.from_config(cfg)
     ctx = tls_context(cfg)
-    attestor = attest.Attestor.from_config(cfg)
-    verdicts = None
-    hook: AttestCheck | None = attestor.check if attestor is not None else None
-    if attestor is not None and verdict_cache:
-        verdicts = VerdictCache(Path(cfg.state_dir) / VERDICTS_FILE, attestor)
-        verdicts.load()
-        hook = verdicts.check
+    hook, verdicts = _record_check(cfg, verdict_cache)
     client = make_client(cfg, network, ctx, auth_data(cfg), policy.container(), client_id)
     wait = timeout if timeout is not None else cfg.zk_session_timeout
     handler = client.handler
