@@ -288,6 +288,7 @@ finally:
 class Lab:
     backend: str
     agent_tree: Path
+    subnet: str = OVERLAY_SUBNET
     prefix: str = field(default_factory=lambda: f"nctl{secrets.token_hex(3)}")
     tmp: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="neti-ctl-")))
     zk: Any = None
@@ -323,7 +324,7 @@ class Lab:
         return {
             "zk_hosts": {NETWORK: [f"{ZK_ADDR}:{ZK_PORT}"]},
             "zk_prefix": "/neti",
-            "overlay_subnet": OVERLAY_SUBNET,
+            "overlay_subnet": self.subnet,
             "identity": {
                 "source": "static",
                 "instance_id": AGENT_ID,
@@ -341,6 +342,7 @@ class Lab:
 
     def start_agent(self) -> subprocess.Popen[bytes]:
         argv = [sys.executable, "-m", "neti", "agent", "-c", str(self.config)]
+        (self.tmp / "agent.log").unlink(missing_ok=True)  # one start's log: its phases
         out = open(self.tmp / "agent.log", "ab")  # noqa: SIM115 - closed below, the child keeps it
         self.agent = subprocess.Popen(
             netns.exec_argv(self.agent_ns, argv),
@@ -473,29 +475,106 @@ def list_bytes(names: list[str]) -> int:
     return 16 + 4 + sum(4 + len(n.encode()) for n in names) + 4  # + the 4-byte frame length
 
 
+def rss_kb(pid: int) -> tuple[int, int]:
+    """(VmRSS, VmHWM) of ``pid`` in KB: its memory now and at its peak."""
+    got = {"VmRSS:": 0, "VmHWM:": 0}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        parts = line.split()
+        if parts and parts[0] in got:
+            got[parts[0]] = int(parts[1])
+    return got["VmRSS:"], got["VmHWM:"]
+
+
+_PHASES_RE = re.compile(r"cold start: .*")
+_PHASE_RE = re.compile(r"(connect|list|read|verify|compute|write) ([0-9.]+) s")
+
+
+def agent_phases(text: str) -> dict[str, float]:
+    """The agent's own account of its first full reconcile (its "cold start:" log line):
+    seconds per phase; empty when that agent tree logs none."""
+    found = _PHASES_RE.findall(text)
+    if not found:
+        return {}
+    return {k: float(v) for k, v in _PHASE_RE.findall(found[0])}
+
+
+def cold_start(lab: Lab, kernel: Kernel, n: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Start the agent and wait until all ``n`` members (and itself) are in the kernel."""
+    agent = lab.start_agent()
+    t = time.monotonic()
+    deadline = t + args.ready_timeout
+    while True:
+        if agent.poll() is not None:
+            raise RuntimeError(f"the agent exited ({agent.returncode}): {lab.agent_log()}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the agent did not program {n} members: {lab.agent_log()}")
+        if kernel.detect() and len(kernel.mappings()) >= n + 1:
+            break
+        time.sleep(0.25)
+    ready = time.monotonic() - t
+    cpu = cpu_seconds(agent.pid)  # the agent's and its children's (iptables-restore, nft)
+    zk_cpu = cpu_seconds(lab.zk.proc.pid)
+    log(
+        f"[{n}] the agent programmed {n + 1} DNAT mappings {ready:.1f}s after its start "
+        f"({cpu:.1f} s of its CPU; ZooKeeper's so far {zk_cpu:.1f} s)"
+    )
+    Meter(lab.zk.proc.pid, lab.zk_if, agent.pid).quiet(window=2.0, limit=60.0)
+    rss, hwm = rss_kb(agent.pid)
+    phases = agent_phases(lab.agent_log(chars=10**7))
+    log(f"[{n}] RSS {rss / 1024:.0f} MB (peak {hwm / 1024:.0f} MB); phases {phases}")
+    return {
+        "ready_s": ready,
+        "cpu_s": cpu,
+        "zk_cpu_s": zk_cpu,
+        "rss_kb": rss,
+        "hwm_kb": hwm,
+        "phases": phases,
+    }
+
+
+def restart_agent(lab: Lab, kernel: Kernel, n: int, args: argparse.Namespace) -> dict[str, Any]:
+    """A second cold start on the same host: the agent leaves (SIGINT), its rules are
+    uninstalled and its state file and session removed, so the kernel starts empty as after
+    a reboot with a lost state file; what else state_dir holds (the verdict cache) stays."""
+    assert lab.agent is not None
+    lab.agent.send_signal(signal.SIGINT)
+    lab.agent.wait(30)
+    argv = [sys.executable, "-m", "neti", "uninstall", "-c", str(lab.config)]
+    env = {**os.environ, "PYTHONPATH": str(lab.agent_tree)}
+    out = subprocess.run(
+        netns.exec_argv(lab.agent_ns, argv),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=lab.agent_tree,
+        check=False,
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"neti uninstall failed: {(out.stderr or out.stdout)[-1500:]}")
+    for name in ("state.json", "session.json"):
+        (lab.tmp / "state" / name).unlink(missing_ok=True)
+    return cold_start(lab, kernel, n, args)
+
+
 def measure_size(args: argparse.Namespace, n: int) -> dict[str, Any]:
-    lab = Lab(args.backend, Path(args.agent_tree).resolve())
+    lab = Lab(args.backend, Path(args.agent_tree).resolve(), subnet=args.subnet)
     try:
         log(f"[{n}] namespaces {lab.zk_ns}, {lab.agent_ns}; starting ZooKeeper")
         lab.up()
         driver = lab.start_driver(seed=n)
         t = time.monotonic()
-        assert driver.ask(f"fill {n}", timeout=600) == f"filled {n}"
+        assert driver.ask(f"fill {n}", timeout=900) == f"filled {n}"
         log(f"[{n}] {n} members in ZooKeeper in {time.monotonic() - t:.1f}s; starting the agent")
-        agent = lab.start_agent()
         kernel = Kernel(lab.agent_ns, args.backend)
-        t = time.monotonic()
-        deadline = t + args.ready_timeout
-        while True:
-            if agent.poll() is not None:
-                raise RuntimeError(f"the agent exited ({agent.returncode}): {lab.agent_log()}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the agent did not program {n} members: {lab.agent_log()}")
-            if kernel.detect() and len(kernel.mappings()) >= n + 1:
-                break
-            time.sleep(1.0)
-        ready = time.monotonic() - t
-        log(f"[{n}] the agent programmed {n + 1} DNAT mappings {ready:.1f}s after its start")
+        cold = cold_start(lab, kernel, n, args)
+        if args.restart:
+            cold["restart"] = restart_agent(lab, kernel, n, args)
+        if args.cold_only:
+            return {"members": n, "agent_ready_s": cold["ready_s"], "cold": cold}
+        agent = lab.agent
+        assert agent is not None
+        ready = cold["ready_s"]
         meter = Meter(lab.zk.proc.pid, lab.zk_if, agent.pid)
         meter.quiet(window=2.0, limit=60.0)
 
@@ -521,6 +600,7 @@ def measure_size(args: argparse.Namespace, n: int) -> dict[str, Any]:
         return {
             "members": n,
             "agent_ready_s": ready,
+            "cold": cold,
             "idle": idle,
             "join": summary(joins),
             "leave": summary(leaves),
@@ -674,6 +754,49 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def cold_markdown(result: dict[str, Any]) -> str:
+    """Cold start by phase, and RSS, per fleet size (the agent's own phase figures)."""
+    sizes = result["sizes"]
+    head = "| cold start | " + " | ".join(f"{int(n):,} members" for n in sizes) + " |"
+    lines = [head, "|---|" + "---|" * len(sizes)]
+    labels = [("started → every member in the kernel", None), ("agent CPU until then", "cpu")]
+    phases = ("connect", "list", "read", "verify", "compute", "write")
+    labels += [(f"phase: {p}", p) for p in phases]
+    runs = [("", "cold")]
+    if any("restart" in sizes[n].get("cold", {}) for n in sizes):
+        runs.append(("restart (state file gone, cache kept): ", "restart"))
+    for prefix, which in runs:
+        for label, phase in labels:
+            cells = []
+            for n in sizes:
+                cold = sizes[n].get("cold", {})
+                run = cold.get("restart", {}) if which == "restart" else cold
+                if phase is None:
+                    value = run.get("ready_s")
+                elif phase == "cpu":
+                    value = run.get("cpu_s")
+                else:
+                    value = run.get("phases", {}).get(phase)
+                cells.append("—" if value is None else f"{value:.2f} s")
+            lines.append(f"| {prefix}{label} | " + " | ".join(cells) + " |")
+    rss = []
+    for n in sizes:
+        cold = sizes[n].get("cold", {})
+        rss.append(
+            f"{cold['rss_kb'] / 1024:.0f} MB (peak {cold['hwm_kb'] / 1024:.0f})" if cold else "—"
+        )
+    lines.append("| agent RSS after start | " + " | ".join(rss) + " |")
+    m, c = result["machine"], result["config"]
+    lines += [
+        "",
+        f"Agent: {result['agent_tree']} at {result['agent_commit']}, backend {c['backend']}, "
+        f"overlay_subnet {c.get('overlay_subnet', OVERLAY_SUBNET)}. Machine: {m['cpu']}, "
+        f"{m['cores']} cores, kernel {m['kernel']}; load average at start "
+        f"{' '.join(m['loadavg'])}, at the end {' '.join(result.get('loadavg_end', []))}.",
+    ]
+    return "\n".join(lines)
+
+
 def compare(before: dict[str, Any], after: dict[str, Any]) -> str:
     sizes = [n for n in before["sizes"] if n in after["sizes"]]
     cols = " | ".join(f"{int(n):,}: before | {int(n):,}: after" for n in sizes)
@@ -719,11 +842,49 @@ def _sizes(text: str) -> list[int]:
     return sizes
 
 
-def main(argv: list[str] | None = None) -> int:
+def _subnet(text: str) -> str:
+    try:
+        net = IPv4Network(text, strict=True)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: not an IPv4 network ({exc})") from None
+    return str(net)
+
+
+def _backends(text: str) -> list[str]:
+    names = [b.strip() for b in text.split(",") if b.strip()]
+    if not names or any(b not in ("iptables", "nftables") for b in names):
+        raise argparse.ArgumentTypeError(f"{text!r}: backends are iptables and/or nftables")
+    return names
+
+
+MATRIX_SIZES = [1000, 16000, 64000]
+MATRIX_SUBNET = "172.16.0.0/16"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench.control", description=__doc__.split("\n")[0])
-    ap.add_argument("--sizes", type=_sizes, default=[1000, 16000])
+    ap.add_argument("--sizes", type=_sizes, default=None, help="fleet sizes, e.g. 1000,16000")
+    ap.add_argument("--size", type=_sizes, dest="sizes", help="the same as --sizes")
+    ap.add_argument(
+        "--subnet", type=_subnet, default=None, help=f"overlay_subnet (default {OVERLAY_SUBNET})"
+    )
+    ap.add_argument(
+        "--backend", type=_backends, default=["iptables"], help="iptables, nftables or both"
+    )
+    ap.add_argument(
+        "--matrix",
+        action="store_true",
+        help=f"every size of {MATRIX_SIZES} with both backends (subnet {MATRIX_SUBNET})",
+    )
+    ap.add_argument(
+        "--cold-only", action="store_true", help="cold start and RSS only (no changes, idle, burst)"
+    )
+    ap.add_argument(
+        "--restart",
+        action="store_true",
+        help="and a second cold start of the same host (state file gone, verdict cache kept)",
+    )
     ap.add_argument("--changes", type=int, default=10, help="joins (and leaves) per size")
-    ap.add_argument("--backend", choices=["iptables", "nftables"], default="iptables")
     ap.add_argument("--idle", type=float, default=180.0, help="seconds of idle measured")
     ap.add_argument("--agent-tree", default=str(ROOT), help="the neti source tree the agent runs")
     ap.add_argument("--json", help="results file (default bench/results/control-<time>.json)")
@@ -732,7 +893,56 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--burst-timeout", type=float, default=300.0)
     ap.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"), help="print two results")
     args = ap.parse_args(argv)
+    if args.matrix:
+        args.sizes = args.sizes or MATRIX_SIZES
+        args.subnet = args.subnet or MATRIX_SUBNET
+        args.backend = ["iptables", "nftables"]
+    args.sizes = args.sizes or [1000, 16000]
+    args.subnet = args.subnet or OVERLAY_SUBNET
+    return args
 
+
+def run_backend(args: argparse.Namespace, backend: str) -> int:
+    """Every size with one backend: a results file and its tables on stdout."""
+    tree = Path(args.agent_tree).resolve()
+    args.backend = backend
+    result: dict[str, Any] = {
+        "machine": machine(),
+        "agent_tree": str(tree),
+        "agent_commit": git_commit(tree),
+        "config": {"backend": backend, "overlay_subnet": args.subnet, **agent_defaults(tree)},
+        "changes": args.changes,
+        "idle_s": args.idle,
+        "cold_only": args.cold_only,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "sizes": {},
+    }
+    try:
+        for n in args.sizes:
+            result["sizes"][str(n)] = measure_size(args, n)
+    except KeyboardInterrupt:
+        log("interrupted; namespaces removed")
+        return 130
+    except (RuntimeError, netns.LabError, OSError, subprocess.TimeoutExpired) as exc:
+        log(f"bench.control: {exc}")
+        return 1
+    result["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    out = Path(args.json) if args.json else RESULTS / f"control-{backend}-{stamp}.json"
+    if args.json and len(args.backends) > 1:
+        out = out.with_name(f"{out.stem}-{backend}{out.suffix}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(cold_markdown(result))
+    if not args.cold_only:
+        print()
+        print(markdown(result))
+    log(f"results: {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if args.compare:
         try:
             before, after = (json.loads(Path(p).read_text()) for p in args.compare)
@@ -748,32 +958,11 @@ def main(argv: list[str] | None = None) -> int:
         print("bench.control: --changes must be 1 to 1000", file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, _on_sigterm)
-    tree = Path(args.agent_tree).resolve()
-    result: dict[str, Any] = {
-        "machine": machine(),
-        "agent_tree": str(tree),
-        "agent_commit": git_commit(tree),
-        "config": {"backend": args.backend, **agent_defaults(tree)},
-        "changes": args.changes,
-        "idle_s": args.idle,
-        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "sizes": {},
-    }
-    try:
-        for n in args.sizes:
-            result["sizes"][str(n)] = measure_size(args, n)
-    except KeyboardInterrupt:
-        log("interrupted; namespaces removed")
-        return 130
-    except (RuntimeError, netns.LabError, OSError) as exc:
-        log(f"bench.control: {exc}")
-        return 1
-    result["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
-    out = Path(args.json) if args.json else RESULTS / time.strftime("control-%Y%m%dT%H%M%S.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(markdown(result))
-    log(f"results: {out}")
+    args.backends = list(args.backend)
+    for backend in args.backends:
+        rc = run_backend(args, backend)
+        if rc:
+            return rc
     return 0
 
 

@@ -6,8 +6,11 @@ instance by ACL; written by one session with the hosts' ACLs, which ZooKeeper al
 times a fresh reader following the fleet from nothing (``watch_fleet``: one list, then every
 entry verified, in batches of concurrent reads), three ways:
 
-- ``open``: the original's checks (ephemeral, claimed), two reads an entry;
-- ``signed``: plus the record (signature, certificate, session), as on an x509 fleet before;
+- ``open``: the original's checks (ephemeral, claimed), two reads an entry, gathered into
+  multiRead requests; ``open-single``: the same, one request per read;
+- ``signed``: plus the record (signature, certificate, session), as on an x509 fleet before,
+  with an empty verdict cache (registry/verdicts.py), saved after the read;
+- ``signed-warm``: the same with the cache the ``signed`` reader left (a restart);
 - ``secured``: plus ownership (both claim nodes' ACLs, and id-to-ip), five reads an entry
   (registry/verify.py; six without records, where the member node's ACL is read too).
 
@@ -100,34 +103,61 @@ def _publish(zk: Any, ca: Any, prefix: str, n: int) -> None:
 _WRITERS: list[Any] = []
 
 
-def _read(zk: Any, ca: Any, prefix: str, mode: str, n: int) -> dict[str, Any]:
+MODES = ("open-single", "open", "signed", "signed-warm", "secured")
+
+
+def _read(zk: Any, ca: Any, prefix: str, mode: str, n: int, state: Path) -> dict[str, Any]:
+    """A fresh reader's watch_fleet. ``signed`` starts with an empty verdict cache in
+    ``state`` (saved after the read), ``signed-warm`` with the one ``signed`` left there."""
     from neti.registry import Registry, connect
     from neti.registry.acl import AclPolicy
+    from neti.registry.attest import Attestor
+    from neti.registry.verdicts import FILENAME, VerdictCache
 
-    extra = {} if mode != "open" else {"require_signed_members": False}
+    extra: dict[str, Any] = {"state_dir": str(state)}
+    if mode.startswith("open"):
+        extra["require_signed_members"] = False
     cfg = _cfg(zk, ca, prefix, "i-reader", **extra)
     reg = connect(cfg, "vpc", timeout=30)
+    cache = None
     try:
+        hook = reg.attest_check
+        if mode.startswith("signed"):
+            if mode == "signed":
+                (state / FILENAME).unlink(missing_ok=True)
+            attestor = Attestor.from_config(cfg)
+            assert attestor is not None
+            cache = VerdictCache(state / FILENAME, attestor)
+            cache.load()
+            hook = cache.check
         if mode != "secured":
             # The same data, read without the ownership checks (an open reader's rules).
             plain = Registry(reg.client, cfg, owns_client=False, acl=AclPolicy(),
-                             attest_check=reg.attest_check)  # fmt: skip
+                             attest_check=hook, verdicts=cache)  # fmt: skip
             reg_for = plain
         else:
             reg_for = reg
+        if mode == "open-single":
+            reg_for.verifier.multi_read = False  # one request per read, as before multiRead
         w, c = time.perf_counter(), time.process_time()
         reg_for.watch_fleet(lambda: None)
         wall, cpu = time.perf_counter() - w, time.process_time() - c
         snap = reg_for.fleet_snapshot()
         assert len(snap.members) == n, (mode, len(snap.members), snap.skipped_by_reason)
+        phases = reg_for.read_times()
+        if cache is not None:
+            cache.save(force=True)
         return {
             "mode": mode,
             "entries": n,
-            "reads_per_entry": {"open": 2, "signed": 2, "secured": 5}[mode],
+            "reads_per_entry": {"open": 2, "secured": 5}.get(mode, 2),
             "wall_s": round(wall, 3),
             "cpu_s": round(cpu, 3),
             "wall_us_per_entry": round(wall / n * 1e6),
             "cpu_us_per_entry": round(cpu / n * 1e6),
+            "phases_s": {k: round(v, 3) for k, v in phases.items()},
+            "verify_us_per_entry": round(phases["verify"] / n * 1e6),
+            "cache_hits": cache.hits if cache is not None else None,
         }
     finally:
         reg.close()
@@ -137,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--members", type=int, default=2000)
     ap.add_argument("--markdown", action="store_true")
+    ap.add_argument("--modes", default=",".join(MODES), help=f"some of {', '.join(MODES)}")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from neti.lab.pki import CertificateAuthority
@@ -146,20 +177,27 @@ def main(argv: list[str] | None = None) -> int:
     zk = ZooKeeperServer(tls=ca).start()
     try:
         prefix = f"/bench-{uuid.uuid4().hex[:8]}"
+        t = time.perf_counter()
         _publish(zk, ca, prefix, args.members)
-        rows = [_read(zk, ca, prefix, mode, args.members) for mode in ("open", "signed", "secured")]
+        print(f"published {args.members} in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+        state = Path(tempfile.mkdtemp(prefix="neti-bench-state-"))
+        modes = [m for m in args.modes.split(",") if m in MODES]
+        rows = [_read(zk, ca, prefix, mode, args.members, state) for mode in modes]
     finally:
         for w in _WRITERS:
             w.close()
         zk.cleanup()
     print(json.dumps({"members": args.members, "rows": rows}, indent=2))
     if args.markdown:
-        print("\n| reader | reads / entry | wall | CPU | per entry (wall / CPU) |")
-        print("|---|---|---|---|---|")
+        head = "| reader | reads / entry | wall | CPU | per entry (wall / CPU) | list/read/verify |"
+        print("\n" + head)
+        print("|---|---|---|---|---|---|")
         for r in rows:
+            p = r["phases_s"]
             print(
                 f"| {r['mode']} | {r['reads_per_entry']} | {r['wall_s']} s | {r['cpu_s']} s | "
-                f"{r['wall_us_per_entry']} µs / {r['cpu_us_per_entry']} µs |"
+                f"{r['wall_us_per_entry']} µs / {r['cpu_us_per_entry']} µs | "
+                f"{p['list']} / {p['read']} / {p['verify']} s |"
             )
     return 0
 

@@ -87,6 +87,8 @@ class Agent:
         self._identify = identify
         self.tunnel_key = tunnel_key  # this host's WireGuard key (encryption on)
         self._reconnect = False
+        self._started = time.monotonic()
+        self._cold = True  # the first full apply is yet to come (its phases are logged)
         self.sink.state.zookeeper = session.zk  # the session writes it, the state file shows it
 
     @classmethod
@@ -96,7 +98,7 @@ class Agent:
         cfg: Config,
         verbose: bool = False,
         *,
-        connect: Connector = registry_mod.connect,
+        connect: Connector = registry_mod.connect_agent,
         select_backend: BackendSelector | None = None,
         identify: IdentitySource = resolve,
         guard: guard_mod.Guard | None = None,
@@ -296,7 +298,23 @@ class Agent:
             return
         outcome = self.reconciler.reconcile(reason, reg, self.backend, self._host())
         self.sink.reconciled(outcome)
+        if self._cold and isinstance(outcome, Applied) and outcome.full:
+            self._cold = False
+            self._log_cold_start(outcome)
         self._schedule(outcome)
+
+    def _log_cold_start(self, o: Applied) -> None:
+        """How long the first full apply took from the agent's start, phase by phase
+        (docs/performance.md; bench/control.py reads this line)."""
+        p = o.phases
+        log.info(
+            "cold start: %d members in the kernel %.2f s after start; connect %.2f s, "
+            "list %.2f s, read %.2f s, verify %.2f s, compute %.2f s, write %.2f s",
+            len(o.decision.members),
+            time.monotonic() - self._started,
+            max(0.0, time.monotonic() - self._started - o.duration),
+            *(p.get(k, 0.0) for k in ("list", "read", "verify", "compute", "write")),
+        )
 
     def _schedule(self, o: Outcome) -> None:
         if isinstance(o, ReadFailed):

@@ -9,7 +9,8 @@ and the agent's loop schedules the next from it. Nothing here has side effects.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from typing import Literal
 
@@ -106,6 +107,8 @@ class Applied:
     fallback: str = ""  # why a change was written in full instead of in place
     # Encryption on: (members with a tunnel peer, members in its scope left in cleartext).
     encryption: tuple[int, int] | None = None
+    # Seconds per phase of this reconcile: list, read, verify, compute, write.
+    phases: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def holding(self) -> bool:

@@ -14,7 +14,7 @@ them too, and mypy checks both: the real ones below, the fakes in tests/support.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from ipaddress import IPv4Address
 from typing import TYPE_CHECKING, Protocol
 
@@ -70,6 +70,10 @@ class FleetSource(Protocol):
     @property
     def claims_excess(self) -> int:
         """Overlay IP claims without a partner at the last resync."""
+        ...
+
+    def read_times(self) -> Mapping[str, float]:
+        """Seconds spent so far listing, reading and verifying (the cold-start phases)."""
         ...
 
 

@@ -111,11 +111,13 @@ class Reconciler:
         t0 = self._clock()
         full = self._need_full or reason == RESYNC
         self._gone = ""
+        times = reg.read_times()
         try:
             facts, change, full = self._read_fleet(reg, me, full)
         except (RegistryError, KazooException, KazooTimeoutError) as exc:
             self._need_full = True  # what the registry held may have moved on meanwhile
             return ReadFailed(reason, str(exc) or type(exc).__name__, self._gone)
+        phases = {k: v - times.get(k, 0.0) for k, v in reg.read_times().items()}
         release_token = self._release_seen
         if self._release_requested():
             self.guard.release()
@@ -130,7 +132,7 @@ class Reconciler:
         )
         t_apply = self._clock()
         try:
-            written = self._write(backend, decision, change, full, me)
+            written = self._write(backend, decision, change, full, me, phases)
         except Exception as exc:  # noqa: BLE001 - the kernel keeps its old rules
             self._need_full = True
             self._model = None
@@ -140,7 +142,12 @@ class Reconciler:
             return ApplyFailed(reason, facts, exc, backend.name, now - t_apply, now - t0)
         if decision.released:
             self._release_base = release_token
-        return self._applied(reason, facts, decision, written, full, backend.name, t0)
+        # Up to the write, what was not listing, reading or verifying was computing: the
+        # index, the guard (and fleet_context's round trip, counted with them).
+        phases["compute"] = phases.get("compute", 0.0) + max(
+            0.0, t_apply - t0 - sum(phases[k] for k in ("list", "read", "verify") if k in phases)
+        )
+        return self._applied(reason, facts, decision, written, full, backend.name, t0, phases)
 
     def _read_fleet(
         self, reg: FleetSource, me: Host, full: bool
@@ -220,6 +227,7 @@ class Reconciler:
         full: bool,
         backend: str,
         t0: float,
+        phases: dict[str, float],
     ) -> Applied:
         """The kernel took ``decision``: remember it."""
         result, how, delta, fallback = written
@@ -243,6 +251,7 @@ class Reconciler:
             generation_changed=generation_changed,
             fallback=fallback,
             encryption=self._model.encryption_counts() if self._model is not None else None,
+            phases=phases,
         )
 
     # ------------------------------------------------------------------ the kernel
@@ -257,14 +266,16 @@ class Reconciler:
         change: FleetChange,
         full: bool,
         me: Host,
+        phases: dict[str, float],
     ) -> Written:
         """Hand the guard's decision to the kernel: only its difference from what it was
-        given last when the delta path is possible, else in full."""
+        given last when the delta path is possible, else in full. ``phases`` gets the
+        seconds spent computing the desired state and writing it."""
         prev, model = self.applied, self._model
         if not full and prev is not None and model is not None:
             if model.self_overlay == me.overlay_ip and model.wg_key == me.wg_key:
                 return self._write_delta(backend, model, prev, decision.members, change)
-        return self._write_full(backend, decision.members, me)
+        return self._write_full(backend, decision.members, me, phases)
 
     def _write_delta(
         self,
@@ -295,7 +306,10 @@ class Reconciler:
             result, how = backend.apply(model.state(), generation=gen), "full"
         return result, how, (removed, added), fallback
 
-    def _write_full(self, backend: DataplanePort, new: Mapping[str, Member], me: Host) -> Written:
+    def _write_full(
+        self, backend: DataplanePort, new: Mapping[str, Member], me: Host, phases: dict[str, float]
+    ) -> Written:
+        t0 = self._clock()
         model, prev = self._model, self.applied
         if (
             model is not None
@@ -316,6 +330,10 @@ class Reconciler:
             )
             model.reset(new.values())
         self._model = None  # until the kernel took it
-        result = backend.apply(model.state(), generation=self._next_generation())
+        want = model.state()
+        t1 = self._clock()
+        phases["compute"] = phases.get("compute", 0.0) + t1 - t0
+        result = backend.apply(want, generation=self._next_generation())
+        phases["write"] = self._clock() - t1
         self._model = model
         return result, "full", None, ""

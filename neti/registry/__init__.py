@@ -10,14 +10,15 @@ started ``Registry`` (facade.py), the one object callers use. One module per ide
   ``maxchange.py`` (the guard's limit), ``revoked.py`` (instances no agent programs),
   ``paths.py`` (every path, from the config), ``tree.py`` (the prefix created locked);
 - trust: ``acl.py`` (ACLs, who owns a node, ``neti fleet secure``), ``attest.py`` (signed
-  member records), ``verify.py`` (what only ZooKeeper can tell about an entry), ``quota.py``
-  (ZooKeeper quotas on the containers);
+  member records), ``verdicts.py`` (passing record checks kept across restarts),
+  ``verify.py`` (what only ZooKeeper can tell about an entry), ``quota.py`` (ZooKeeper quotas
+  on the containers);
 - operators: ``survey.py`` (the containers judged; ``neti fleet prune``);
 - ``context.py``: what a reconcile reads besides the fleet, as one value.
 
 The fleet model these read into (names, screening, the index) is neti.fleet: pure, no kazoo.
 """
 
-from neti.registry.facade import Registry, connect
+from neti.registry.facade import Registry, connect, connect_agent
 
-__all__ = ["Registry", "connect"]
+__all__ = ["Registry", "connect", "connect_agent"]

@@ -403,6 +403,10 @@ class Attestor:
         if not cas:
             raise ValueError("no CA certificate")
         self.cas = list(cas)
+        # Which CAs vouch: a verdict cached under one set never counts under another.
+        self.ca_id = hashlib.sha256(
+            b"".join(sorted(c.public_bytes(serialization.Encoding.DER) for c in self.cas))
+        ).digest()
         self.clock = clock
         self.cache_size = max(1, cache_size)
         self._cache: collections.OrderedDict[bytes, _Vetted] = collections.OrderedDict()
@@ -430,12 +434,24 @@ class Attestor:
         """None if ``data`` is a valid signed record for node ``name`` (and, for a v2 name,
         bound to session ``owner``: the node's ephemeralOwner); else ``"<reason>: <text>"``.
         Never raises."""
-        try:
-            return self._check(name, data, owner)
-        except Exception as exc:  # noqa: BLE001 - hostile input must not escape as a crash
-            return f"error: the record could not be checked ({type(exc).__name__})"
+        return self.check_valid(name, data, owner)[0]
 
-    def _check(self, name: str, data: bytes, owner: int | None) -> str | None:
+    def check_valid(
+        self, name: str, data: bytes, owner: int | None = None
+    ) -> tuple[str | None, tuple[datetime.datetime, datetime.datetime] | None]:
+        """``check``'s answer and, when the record passes, the window in which it does (its
+        certificate's and CA's validity): what a cached verdict may be trusted for."""
+        try:
+            reason = self._check(name, data, owner)
+        except Exception as exc:  # noqa: BLE001 - hostile input must not escape as a crash
+            return f"error: the record could not be checked ({type(exc).__name__})", None
+        if isinstance(reason, str):
+            return reason, None
+        return None, reason
+
+    def _check(
+        self, name: str, data: bytes, owner: int | None
+    ) -> str | tuple[datetime.datetime, datetime.datetime]:
         if not isinstance(name, str) or len(name) > MAX_NAME:
             return "bad_name: not a member node name"
         try:
@@ -488,7 +504,7 @@ class Attestor:
                 f"replayed: signed for session {session:#x}, but the node belongs to "
                 f"session {owner:#x} (a copied record)"
             )
-        return None
+        return vetted.not_before, vetted.not_after
 
     def _vet(self, der: bytes) -> _Vetted:
         fp = hashlib.sha256(der).digest()

@@ -34,14 +34,16 @@ from kazoo.exceptions import (
     NodeExistsError,
     NoNodeError,
     QuotaExceededError,
+    UnimplementedError,
 )
 from kazoo.handlers.threading import KazooTimeoutError
 
 from neti.errors import RegistryError, SubnetFullError
 from neti.fleet import addr
 from neti.fleet.addr import MalformedEntry
+from neti.registry import kazooext
 from neti.registry.acl import AclPolicy, Ownership, id_name, norm, takeable
-from neti.registry.verify import MAX_CLAIM_DATA
+from neti.registry.verify import MAX_CLAIM_DATA, MULTI_CHUNK
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +173,9 @@ class OverlayClaims:
         # Seams for tests: how many candidate addresses were tested against the used set, and
         # up to which size a subnet is scanned rather than sampled.
         self.candidates_tried = 0
+        # id-to-ip values read by multiRead (kazooext; a real KazooClient on ZooKeeper 3.6+,
+        # off for good once a server refuses it).
+        self.multi_read = isinstance(client, KazooClient)
         self.scan_limit = SCAN_LIMIT
 
     # --- paths ---
@@ -225,7 +230,13 @@ class OverlayClaims:
         except NoNodeError:
             return {}
         acls = owners is not None and self.ownership is not None
-        pending = {c: self._issue(f"{self.id_to_ip}/{c}", acls) for c in children if "/" not in c}
+        names = [c for c in children if "/" not in c]
+        if not acls and self.multi_read:
+            try:
+                return self._read_values(names)
+            except UnimplementedError:
+                self.multi_read = False
+        pending = {c: self._issue(f"{self.id_to_ip}/{c}", acls) for c in names}
         out: dict[str, str] = {}
         for child, reads in pending.items():
             node = self._collect(reads)
@@ -236,6 +247,27 @@ class OverlayClaims:
                 # "" for a node from the open days (world ALL): its host secures it.
                 owned = "" if takeable(node.acl) else self.ownership.owner_or_none(node.acl)
                 owners[child] = owned
+        return out
+
+    def _read_values(self, names: list[str]) -> dict[str, str]:
+        """id-to-ip values of ``names`` by multiRead, MULTI_CHUNK a request, all in flight
+        together, each reply awaited with a deadline; nodes gone or refused are left out."""
+        sent = []
+        for i in range(0, len(names), MULTI_CHUNK):
+            part = names[i : i + MULTI_CHUNK]
+            result = self.client.handler.async_result()
+            kazooext.multi_read(self.client, [f"{self.id_to_ip}/{c}" for c in part], result)
+            sent.append((part, result))
+        out: dict[str, str] = {}
+        for part, result in sent:
+            for child, got in zip(part, self._bounded(result), strict=True):
+                if isinstance(got, NoNodeError | NoAuthError):
+                    continue  # released meanwhile, or unreadable
+                if isinstance(got, Exception):
+                    raise got
+                data = bytes(got[0] or b"")
+                if len(data) <= MAX_CLAIM_DATA:
+                    out[child] = data.decode("ascii", "replace").strip()
         return out
 
     def _issue(self, path: str, acl: bool) -> tuple[Any, Any]:

@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Callable
 from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
 from typing import Any, ParamSpec, Protocol, TypeVar
 
 from kazoo.client import KazooClient
@@ -52,6 +53,8 @@ from neti.registry.paths import RELEASE_NODE, Paths
 from neti.registry.revoked import RevokedList
 from neti.registry.survey import Finding, Pruned, Survey, prune, read_tree, survey
 from neti.registry.tree import LockedPrefix
+from neti.registry.verdicts import FILENAME as VERDICTS_FILE
+from neti.registry.verdicts import VerdictCache
 from neti.registry.verify import AttestCheck, Verifier
 from neti.registry.watch import FleetWatch, WatchStats
 
@@ -176,6 +179,7 @@ class Registry:
         owns_client: bool = True,
         attest_check: AttestCheck | None = None,
         acl: AclPolicy | None = None,
+        verdicts: VerdictCache | None = None,
     ):
         self.client = client
         self.cfg = cfg
@@ -212,7 +216,12 @@ class Registry:
             recheck_share=self.RECHECK_RESYNCS,
             id_to_ip=self.paths.id_to_ip,
             ownership=self.ownership,
+            multi_read=isinstance(client, KazooClient),
         )
+        # Passing record checks kept across restarts (verdicts.py): saved after reads.
+        self.verdicts = verdicts
+        if verdicts is not None:
+            self.verifier.after_reads = verdicts.save
         self.skip_log = SkipLog(log)
         # ip-to-id nodes beyond id-to-ip's count at the last resync: excess claims.
         self.claims_excess = 0
@@ -435,6 +444,16 @@ class Registry:
         """The index as a Fleet (O(N): for the full path and status)."""
         return self._watch.index.fleet() if self._watch is not None else Fleet()
 
+    def read_times(self) -> dict[str, float]:
+        """Seconds spent so far waiting for full lists, reading entries and judging them
+        (the cold start's list, read and verify phases)."""
+        stats = self._watch.stats if self._watch is not None else None
+        return {
+            "list": stats.list_seconds if stats is not None else 0.0,
+            "read": self.verifier.read_seconds,
+            "verify": self.verifier.verify_seconds,
+        }
+
     @property
     def watch_stats(self) -> WatchStats | None:
         """What following the fleet cost so far (events, lists, stat checks, bytes)."""
@@ -521,7 +540,9 @@ class Registry:
 
     def prepare_stop(self, timeout: float) -> None:
         """After abort(): the leave/close that follows gets calls again, each bounded so
-        the whole stop fits in ``timeout``."""
+        the whole stop fits in ``timeout``. Verdicts not saved yet are saved now."""
+        if self.verdicts is not None:
+            self.verdicts.save(force=True)
         client = self.client
         if hasattr(client, "aborted"):
             client.aborted = False
@@ -629,6 +650,8 @@ class Registry:
     # --- lifecycle ---
     def close(self) -> None:
         """Leave (if joined) and, when we own the client, end the session."""
+        if self.verdicts is not None:
+            self.verdicts.save(force=True)
         if self._watch is not None:
             self._watch.close()
         try:
@@ -652,6 +675,21 @@ class Registry:
 STOP_WAIT = 1.0
 
 
+def _record_check(
+    cfg: Config, verdict_cache: bool
+) -> tuple[AttestCheck | None, VerdictCache | None]:
+    """The record check this config asks for (None: records are not checked) and, with
+    ``verdict_cache``, the cache in ``state_dir`` it answers from."""
+    attestor = attest.Attestor.from_config(cfg)
+    if attestor is None:
+        return None, None
+    if not verdict_cache:
+        return attestor.check, None
+    verdicts = VerdictCache(Path(cfg.state_dir) / VERDICTS_FILE, attestor)
+    verdicts.load()
+    return verdicts.check, verdicts
+
+
 def connect(
     cfg: Config,
     network: str,
@@ -659,6 +697,7 @@ def connect(
     acl: AclPolicy | None = None,
     client_id: tuple[int, bytes] | None = None,
     cancel: Callable[[], bool] | None = None,
+    verdict_cache: bool = False,
 ) -> Registry:
     """A started Registry for ``network``'s ZooKeeper.
 
@@ -666,12 +705,14 @@ def connect(
     and refused credentials; RegistryError naming the hosts when they cannot be reached.
     ``client_id`` resumes that session (kazoo starts a fresh one if the server refuses it);
     ``cancel`` is polled every 0.1 s: when it returns True the attempt ends (RegistryError).
+    ``verdict_cache``: passing record checks are kept in ``state_dir`` across restarts
+    (verdicts.py; the agent's registry, the only writer of that file).
     """
     quiet_kazoo()
     hosts = ",".join(cfg.zk_hosts_for(network))
     policy = acl if acl is not None else AclPolicy.from_config(cfg)
     ctx = tls_context(cfg)
-    hook = attest.attest_check_for(cfg)
+    hook, verdicts = _record_check(cfg, verdict_cache)
     client = make_client(cfg, network, ctx, auth_data(cfg), policy.container(), client_id)
     wait = timeout if timeout is not None else cfg.zk_session_timeout
     handler = client.handler
@@ -704,4 +745,18 @@ def connect(
             f"cannot reach ZooKeeper at {hosts} within {wait:g}s (network {network!r}; "
             f"check zk_hosts and that the servers are up){hint}"
         )
-    return Registry(client, cfg, acl=policy, attest_check=hook)
+    return Registry(client, cfg, acl=policy, attest_check=hook, verdicts=verdicts)
+
+
+def connect_agent(
+    cfg: Config,
+    network: str,
+    *,
+    timeout: float | None = None,
+    client_id: tuple[int, bytes] | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> Registry:
+    """``connect`` as the agent connects: with the verdict cache in ``state_dir``."""
+    return connect(
+        cfg, network, timeout=timeout, client_id=client_id, cancel=cancel, verdict_cache=True
+    )

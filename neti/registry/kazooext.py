@@ -22,6 +22,10 @@ shape. Each part, and why it is used:
   and ``Exists`` (``path``, ``watcher``), ``int_struct`` and ``write_string`` (encoding our
   AddWatch), and the shape of a request object kazoo's connection writes and reads back
   (``type``, ``serialize()``, ``deserialize(bytes, offset)``, ``watcher``).
+- ``kazoo.protocol.serialization``'s ``GetData`` and ``MultiHeader`` (and ``read_buffer``,
+  ``stat_struct``, ``multiheader_struct``), ``kazoo.exceptions.EXCEPTIONS``: encoding our
+  multiRead (opcode 22, ZooKeeper 3.6+: many getData in one request and one reply) and
+  reading its reply, which kazoo cannot.
 - ``AsyncResult.set(value)``: wrapped on one result, so it remembers how many watch events
   the reader had seen when the reply arrived.
 - ``_neti_watch_hub``: an attribute of ours kept on a client object (one hub per client).
@@ -33,19 +37,32 @@ watches through kazoo's internals".
 from __future__ import annotations
 
 import logging
+import struct
 from collections.abc import Callable
 from typing import Any
 
 from kazoo.client import KazooClient
-from kazoo.exceptions import ConnectionDropped
+from kazoo.exceptions import EXCEPTIONS, ConnectionDropped, MarshallingError
 from kazoo.protocol.connection import ConnectionHandler
 from kazoo.protocol.paths import _prefix_root
-from kazoo.protocol.serialization import Exists, GetChildren2, Watch, int_struct, write_string
-from kazoo.protocol.states import KeeperState
+from kazoo.protocol.serialization import (
+    Exists,
+    GetChildren2,
+    GetData,
+    MultiHeader,
+    Watch,
+    int_struct,
+    multiheader_struct,
+    read_buffer,
+    stat_struct,
+    write_string,
+)
+from kazoo.protocol.states import KeeperState, ZnodeStat
 
 log = logging.getLogger(__name__)
 
 ADD_WATCH = 106  # ZooKeeper's opcode for addWatch (3.6+)
+MULTI_READ = 22  # ZooKeeper's opcode for multiRead (3.6+)
 _HUB_ATTR = "_neti_watch_hub"
 
 # The largest reply the client reads (kazoo has no limit of its own: it allocates whatever
@@ -125,6 +142,59 @@ class AddWatch:
     @classmethod
     def deserialize(cls, buffer: bytes, offset: int) -> bool:
         return True  # an ErrorResponse(0): nothing to read
+
+
+class MultiRead:
+    """kazoo request object for multiRead of getData ops: the reply is a list, per path in
+    order, of (data, ZnodeStat) or the kazoo exception of that read's error (NoNodeError,
+    NoAuthError): one read's error does not fail the others."""
+
+    type = MULTI_READ
+
+    def __init__(self, paths: list[str]):
+        self.paths = paths
+        self.watcher = None
+
+    def serialize(self) -> bytearray:
+        b = bytearray()
+        for path in self.paths:
+            b.extend(MultiHeader(GetData.type, False, -1).serialize())
+            b.extend(GetData(path, None).serialize())
+        b.extend(MultiHeader(-1, True, -1).serialize())
+        return b
+
+    @classmethod
+    def deserialize(cls, buffer: bytes, offset: int) -> list[Any]:
+        """The reply's results; MarshallingError (a KazooException, so a failed call like
+        any other) for a reply that is cut short or holds something else."""
+        try:
+            return cls._results(buffer, offset)
+        except (struct.error, ValueError, IndexError, TypeError) as exc:
+            raise MarshallingError(f"a malformed multiRead reply: {exc}") from None
+
+    @classmethod
+    def _results(cls, buffer: bytes, offset: int) -> list[Any]:
+        out: list[Any] = []
+        while True:
+            kind, done, err = multiheader_struct.unpack_from(buffer, offset)
+            offset += multiheader_struct.size
+            if done:
+                return out
+            if kind == GetData.type:
+                data, offset = read_buffer(buffer, offset)
+                out.append((data, ZnodeStat._make(stat_struct.unpack_from(buffer, offset))))
+                offset += stat_struct.size
+            elif kind == -1:
+                (code,) = int_struct.unpack_from(buffer, offset)
+                offset += int_struct.size
+                out.append(EXCEPTIONS[code]())
+            else:
+                raise ValueError(f"multiRead reply holds an op of type {kind}")
+
+
+def multi_read(client: Any, paths: list[str], result: Any) -> None:
+    """Send one multiRead of getData on ``paths`` (no watches); ``result`` gets the list."""
+    client._call(MultiRead([_prefix_root(client.chroot, p) for p in paths]), result)
 
 
 def add_watch(client: Any, path: str, mode: int, result: Any) -> None:

@@ -25,14 +25,15 @@ believe it. An entry is programmed only when
   (an open registry) no key is ever read: every member is a cleartext one.
 
 Cost: each entry is verified once, when its name first appears (two reads; on a secured
-registry five with the claims' ACLs and id-to-ip, six without records; issued together with
-every other new name's, each awaited with a deadline), and the verdict is cached by node
-name; names that disappear leave the cache. A cached verdict can go stale only if the claim
-behind it changes, which needs the claim's owner (or an operator) to release it; so each call
-also re-verifies the entries verified longest ago, at most ``1/recheck_share`` of the cache
-(and at least RECHECK_MIN), once they are older than ``recheck_after`` seconds. With the
-agent's defaults (resync every 60 s, ``recheck_after`` = 10 resyncs) every entry is
-re-verified within about ten minutes of its claim changing, for a few reads per resync.
+registry five with the claims' ACLs and id-to-ip, six without records; pipelined with every
+other new name's through a window of ``batch`` entries in flight, each read awaited with a
+deadline counted from when it was sent), and the verdict is cached by node name; names that
+disappear leave the cache. A cached verdict can go stale only if the claim behind it changes,
+which needs the claim's owner (or an operator) to release it; so each call also re-verifies
+the entries verified longest ago, at most ``1/recheck_share`` of the cache (and at least
+RECHECK_MIN), once they are older than ``recheck_after`` seconds. With the agent's defaults
+(resync every 60 s, ``recheck_after`` = 10 resyncs) every entry is re-verified within about
+ten minutes of its claim changing, for a few reads per resync.
 
 Pure bookkeeping plus kazoo async reads; no logging here (the caller rate-limits that).
 """
@@ -41,26 +42,33 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
-from kazoo.exceptions import NoAuthError, NoNodeError
+from kazoo.exceptions import NoAuthError, NoNodeError, UnimplementedError
 from kazoo.handlers.threading import KazooTimeoutError
 
 from neti.fleet import addr
 from neti.fleet.addr import MalformedEntry
 from neti.fleet.model import Member
 from neti.fleet.screen import OK, Candidate, Verdict
-from neti.registry import attest
+from neti.registry import attest, kazooext
 from neti.registry.acl import Ownership
 from neti.registry.attest import MAX_RECORD
 
 # (node name, node data, the node's ephemeralOwner) -> None, or "<reason>: <text>".
 AttestCheck = Callable[[str, bytes, int], "str | None"]
 
-# Reads in flight at once; each batch is awaited with the deadline.
-BATCH = 1024
+# getData requests per multiRead. kazoo costs a thread hand-off per request and per reply
+# (GIL switches: milliseconds on a busy host), so fewer, larger requests read a big fleet
+# several times faster (docs/performance.md). An open entry's reply is ~150 bytes, a signed
+# one's ~1 KB: ~150 KB and ~600 KB per reply (half the reads are claims).
+MULTI_CHUNK = 1000
+# Entries whose reads are in flight at once (a sliding window: as the oldest answers, the
+# next is sent); every read is awaited with the deadline counted from when it was sent.
+BATCH = 8192
 RECHECK_MIN = 32
 # Longest reason text kept from the attestation hook.
 _MAX_HOOK_TEXT = 200
@@ -81,6 +89,58 @@ class _Node:
     acl: Any = None  # list[ACL] when read (secured registries)
 
 
+class _Slot:
+    """One getData inside a multiRead: the request's result (once sent) and its place."""
+
+    __slots__ = ("index", "result")
+
+    def __init__(self, index: int):
+        self.index = index
+        self.result: Any = None
+
+
+class _Gets:
+    """getData requests as the verifier issues them: one each, or (``chunk`` > 0) gathered
+    into multiRead requests of ``chunk`` paths (kazooext.MultiRead): one request and one
+    reply for many reads, which is what kazoo's per-reply cost makes worth it."""
+
+    def __init__(self, client: Any, chunk: int):
+        self.client = client
+        self.chunk = chunk
+        self.paths: list[str] = []
+        self.slots: list[_Slot] = []
+
+    def get(self, path: str) -> Any:
+        if not self.chunk:
+            return self.client.get_async(path)
+        slot = _Slot(len(self.paths))
+        self.paths.append(path)
+        self.slots.append(slot)
+        return slot
+
+    def full(self) -> None:
+        """Send the gathered reads once there are ``chunk`` of them."""
+        if len(self.paths) >= self.chunk:
+            self.send()
+
+    def send(self) -> None:
+        if not self.paths:
+            return
+        result = self.client.handler.async_result()
+        kazooext.multi_read(self.client, self.paths, result)
+        for slot in self.slots:
+            slot.result = result
+        self.paths, self.slots = [], []
+
+
+class _Pending(NamedTuple):
+    """One node's reads in flight: its data (and ACL) replies, and when they are due."""
+
+    data: Any
+    acl: Any
+    end: float
+
+
 class Verifier:
     """Caches verdicts by node; verifies new (and aging) entries with concurrent reads."""
 
@@ -97,6 +157,7 @@ class Verifier:
         batch: int = BATCH,
         id_to_ip: str | None = None,
         ownership: Ownership | None = None,
+        multi_read: bool = False,
     ):
         self.client = client
         self.ip_to_id = ip_to_id
@@ -110,9 +171,19 @@ class Verifier:
         self.recheck_share = max(1, recheck_share)
         self.clock = clock
         self.batch = max(1, batch)
+        # Reads gathered into multiRead requests (a real KazooClient on ZooKeeper 3.6+;
+        # turned off for good when the server refuses one).
+        self.multi_read = multi_read
+        self._gets = _Gets(client, 0)
         # (parent, name) -> (verdict, when verified)
         self._cache: dict[tuple[str, str], tuple[Verdict, float]] = {}
         self.reads = 0  # entries read from ZooKeeper so far (tests and benchmarks)
+        # Seconds spent reading (waiting for replies) and judging what was read, so far.
+        self.read_seconds = 0.0
+        self.verify_seconds = 0.0
+        # Called after each round of reads that verified something (the verdict cache's
+        # save: verdicts.py); None: nothing to call.
+        self.after_reads: Callable[[], object] | None = None
 
     def __len__(self) -> int:
         return len(self._cache)
@@ -182,11 +253,71 @@ class Verifier:
         return [k for _, k in old[:limit]]
 
     def _read_all(self, todo: list[Candidate]) -> dict[tuple[str, str], Verdict | None]:
-        """Verdicts for ``todo`` read in batches of ``batch`` (None: the node is gone)."""
-        got: dict[tuple[str, str], Verdict | None] = {}
-        for i in range(0, len(todo), self.batch):
-            got.update(self._read(todo[i : i + self.batch]))
+        """Verdicts for ``todo`` (None: the node is gone), read through a window of ``batch``
+        entries in flight: each reply is judged while later reads travel. ZooKeeper answers
+        a session's requests in order, so the oldest entry is always the next to answer;
+        every read is awaited until its own deadline (sent + ``deadline``)."""
+        if not todo:
+            return {}
+        t0 = time.monotonic()
+        judged = self.verify_seconds
+        try:
+            try:
+                got = self._pipeline(todo)
+            except UnimplementedError:
+                if not self.multi_read:
+                    raise
+                self.multi_read = False  # a server older than 3.6: one read per request
+                got = self._pipeline(todo)
+        finally:
+            self.read_seconds += time.monotonic() - t0 - (self.verify_seconds - judged)
+        if self.after_reads is not None:
+            self.after_reads()
         return got
+
+    def _pipeline(self, todo: list[Candidate]) -> dict[tuple[str, str], Verdict | None]:
+        owned = self.ownership is not None
+        # One read per claim node for the whole call (members sharing a claim share it).
+        claims: dict[str, _Pending | _Node] = {}
+        ids: dict[str, _Pending | _Node] = {}
+        window: deque[tuple[Candidate, _Pending]] = deque()
+        got: dict[tuple[str, str], Verdict | None] = {}
+        nxt = 0
+        self._gets = _Gets(self.client, MULTI_CHUNK if self.multi_read else 0)
+        while nxt < len(todo) or window:
+            while nxt < len(todo) and len(window) < self.batch:
+                c = todo[nxt]
+                nxt += 1
+                m = c.member
+                ip = str(m.overlay_ip)
+                if ip not in claims:
+                    claims[ip] = self._issue(f"{self.ip_to_id}/{ip}", owned)
+                if owned and not m.legacy and m.instance_id not in ids:
+                    ids[m.instance_id] = self._issue(f"{self.id_to_ip}/{m.instance_id}", True)
+                node_acl = owned and not m.legacy and self.attest_check is None
+                window.append((c, self._issue(f"{c.parent}/{c.name}", node_acl)))
+                self._gets.full()
+            self._gets.send()
+            c, pending = window.popleft()
+            m = c.member
+            claim = self._settle(claims, str(m.overlay_ip))
+            ident = self._settle(ids, m.instance_id) if m.instance_id in ids else None
+            node = self._collect(pending)
+            if not node.found:
+                got[c.key] = None
+                continue
+            self.reads += 1
+            t = time.monotonic()
+            got[c.key] = self._judge(c, node, claim, ident)
+            self.verify_seconds += time.monotonic() - t
+        return got
+
+    def _settle(self, nodes: dict[str, _Pending | _Node], key: str) -> _Node:
+        """A shared read's answer (awaited once, then kept for the rest of the call)."""
+        held = nodes[key]
+        if isinstance(held, _Pending):
+            held = nodes[key] = self._collect(held)
+        return held
 
     def _keep(self, got: dict[tuple[str, str], Verdict | None]) -> None:
         now = self.clock()
@@ -196,48 +327,27 @@ class Verifier:
             else:
                 self._cache[key] = (verdict, now)
 
-    def _read(self, batch: list[Candidate]) -> dict[tuple[str, str], Verdict | None]:
-        owned = self.ownership is not None
-        claims: dict[str, tuple[Any, Any]] = {}
-        ids: dict[str, tuple[Any, Any]] = {}
-        nodes = []
-        for c in batch:
-            m = c.member
-            ip = str(m.overlay_ip)
-            if ip not in claims:
-                claims[ip] = self._issue(f"{self.ip_to_id}/{ip}", owned)
-            if owned and not m.legacy and m.instance_id not in ids:
-                ids[m.instance_id] = self._issue(f"{self.id_to_ip}/{m.instance_id}", True)
-            node_acl = owned and not m.legacy and self.attest_check is None
-            nodes.append((c, self._issue(f"{c.parent}/{c.name}", node_acl)))
-        end = self.clock() + self.deadline
-        claim_of = {ip: self._collect(p, end) for ip, p in claims.items()}
-        id_of = {iid: self._collect(p, end) for iid, p in ids.items()}
-        got: dict[tuple[str, str], Verdict | None] = {}
-        for c, pending in nodes:
-            node = self._collect(pending, end)
-            if not node.found:
-                got[c.key] = None
-                continue
-            self.reads += 1
-            m = c.member
-            got[c.key] = self._judge(c, node, claim_of[str(m.overlay_ip)], id_of.get(m.instance_id))
-        return got
+    def _issue(self, path: str, acl: bool) -> _Pending:
+        """A node's get (and, when ``acl``, getACL) in flight, due by now + deadline."""
+        data = self._gets.get(path)
+        acls = self.client.get_acls_async(path) if acl else None
+        return _Pending(data, acls, self.clock() + self.deadline)
 
-    def _issue(self, path: str, acl: bool) -> tuple[Any, Any]:
-        """A node's get (and, when ``acl``, getACL) in flight."""
-        client = self.client
-        return client.get_async(path), client.get_acls_async(path) if acl else None
-
-    def _collect(self, pending: tuple[Any, Any], end: float) -> _Node:
+    def _collect(self, pending: _Pending) -> _Node:
         """The answers of _issue's reads: NoNode and NoAuth are verdicts, not failures."""
         out: list[Any] = []
-        for result in pending:
+        for result in (pending.data, pending.acl):
             if result is None:
                 out.append(None)
                 continue
             try:
-                out.append(self._wait(result, end))
+                if isinstance(result, _Slot):
+                    got = self._wait(result.result, pending.end)[result.index]
+                    if isinstance(got, Exception):
+                        raise got
+                    out.append(got)
+                    continue
+                out.append(self._wait(result, pending.end))
             except NoNodeError:
                 return _Node(found=False)
             except NoAuthError:

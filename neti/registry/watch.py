@@ -196,6 +196,7 @@ class WatchStats:
     rearms: int = 0
     est_bytes: int = 0
     fallback: bool = False
+    list_seconds: float = 0.0  # waiting for full lists' replies (the cold start's "list")
 
     def as_dict(self) -> dict[str, int | bool]:
         return dict(self.__dict__)
@@ -526,6 +527,7 @@ class FleetWatch:
         ``result``: its reply when the request was sent already."""
         self.stats.full_lists += 1
         d.relist = True  # until the index holds the list: a failure lists again
+        t0 = time.monotonic()
         if self.fallback:
             names, stat = self._list_fallback(d)
         else:
@@ -535,6 +537,8 @@ class FleetWatch:
                 names, stat = self.bounded(result, end)
             except NoNodeError:
                 names, stat = [], None
+        self.stats.list_seconds += time.monotonic() - t0
+        if not self.fallback:
             # Events the list reflects are not applied again (other roots' are).
             self._apply_events(upto=result.mark, skip=d)
         self.index.replace(d.path, names)

@@ -156,3 +156,29 @@ def test_control_sleep_wakes_for_a_signal_and_pings_the_watchdog() -> None:
         assert c.fleet_changed
     finally:
         c.close()
+
+
+def test_the_first_full_apply_logs_the_cold_start_by_phase(
+    tmp_path: Path, restored: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    reg, system = FakeRegistry(), FakeSystem()
+    reg.add(member(1), member(2))
+    a = build(tmp_path, reg, system)
+    seen: list[Outcome] = []
+    report = a.sink.reconciled
+
+    def keep(o: Outcome) -> None:
+        seen.append(o)
+        report(o)
+
+    a.sink.reconciled = keep  # type: ignore[method-assign]
+    sigterm_after_a_reconcile(a)
+    with caplog.at_level(logging.INFO, logger="neti.agent"):
+        assert a.run() == 0
+    lines = [r.getMessage() for r in caplog.records if "cold start:" in r.getMessage()]
+    assert len(lines) == 1 and "3 members in the kernel" in lines[0]
+    for phase in ("connect", "list", "read", "verify", "compute", "write"):
+        assert f" {phase} " in lines[0]
+    phases = getattr(seen[0], "phases", {})
+    assert set(phases) == {"list", "read", "verify", "compute", "write"}
+    assert all(v >= 0 for v in phases.values())

@@ -100,3 +100,37 @@ class FakeClient:
 
     def total_gets(self) -> int:
         return sum(self.gets.values())
+
+
+class _Handler:
+    @staticmethod
+    def async_result() -> Result:
+        return Result()
+
+
+class MultiFakeClient(FakeClient):
+    """FakeClient that also answers kazooext.multi_read (a multiRead of getData): one Result
+    holding, per path, (data, Stat) or the read's NoNodeError / NoAuthError."""
+
+    chroot = ""
+    handler = _Handler()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.multi_requests: list[list[str]] = []
+
+    def _call(self, request: Any, result: Result) -> bool:
+        paths = list(request.paths)
+        self.multi_requests.append(paths)
+        out: list[Any] = []
+        for path in paths:
+            self.gets[path] = self.gets.get(path, 0) + 1
+            if path not in self.nodes:
+                out.append(NoNodeError())
+            elif path in self.denied:
+                out.append(NoAuthError())
+            else:
+                out.append((self.nodes[path][0], self._stat(path)))
+        result.value, result.hang = out, self.hang
+        self.issued.append(result)
+        return True

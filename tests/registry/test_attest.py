@@ -778,3 +778,65 @@ def test_timing_16k_records_is_reported(ca: CA) -> None:
             f"{cold[1]:.2f}s CPU ({cold[1] / n * 1e6:.0f} us each), cached certificates "
             f"{warm[0]:.2f}s wall / {warm[1]:.2f}s CPU ({warm[1] / n * 1e6:.0f} us each)"
         )
+
+
+@pytest.mark.zk
+def test_the_agents_registry_keeps_passing_verdicts_across_restarts(
+    tls_zk: Any, lab_pki: Any, tmp_path: Path
+) -> None:
+    """connect_agent answers a signed fleet's records from state_dir/verdicts.bin after a
+    restart, and a forged record stays refused with the cache warm."""
+    from neti.registry import connect_agent
+    from neti.registry.verdicts import FILENAME
+    from tests.registry.conftest import identity_of, static
+
+    prefix = f"/neti-verdicts-{uuid.uuid4().hex[:10]}"
+
+    def cfg_for(cn: str, n: int) -> config.Config:
+        c = lab_pki.issue(cn)
+        return config.parse(
+            {
+                "zk_hosts": {"default": [tls_zk.hosts]},
+                "zk_prefix": prefix,
+                "overlay_subnet": "10.9.0.0/24",
+                "zk_session_timeout": 4,
+                "identity": static(cn, n=n),
+                "zk_tls": {"ca": str(lab_pki.cert_path), "cert": str(c.cert), "key": str(c.key)},
+                "state_dir": str(tmp_path / cn),
+            }
+        )
+
+    regs = []
+    try:
+        for cn, n in (("i-a", 1), ("i-b", 2)):
+            reg = connect_agent(cfg_for(cn, n), "vpc", timeout=15)
+            regs.append(reg)
+            reg.join(identity_of(static(cn, n=n)), reg.claim(cn))
+        reader_cfg = cfg_for("i-c", 3)
+        first = connect_agent(reader_cfg, "vpc", timeout=15)
+        regs.append(first)
+        first.watch_fleet(lambda: None)
+        assert sorted(m.instance_id for m in first.fleet_snapshot().members) == ["i-a", "i-b"]
+        path = tmp_path / "i-c" / FILENAME
+        assert path.stat().st_mode & 0o777 == 0o600  # saved after the first read
+        first.close()
+        regs.remove(first)
+        # A forged record for B under A's session, then the reader starts again.
+        a = regs[0]
+        b_ip = regs[1].claim_of("i-b")  # claimed by B: only the signature refuses it
+        forged = f"v2|i-b|vpc|203.0.113.9|10.0.0.9|{b_ip}|2.0.0|{'a' * 24}"
+        signer_a = attest.signer_for(a.cfg)
+        assert signer_a is not None
+        a.client.create(
+            f"{prefix}/members/{forged}", signer_a.sign(forged, a.session_id), ephemeral=True
+        )
+        again = connect_agent(reader_cfg, "vpc", timeout=15)
+        regs.append(again)
+        again.watch_fleet(lambda: None)
+        fleet = again.fleet_snapshot()
+        assert sorted(m.instance_id for m in fleet.members) == ["i-a", "i-b"]
+        assert again.verdicts is not None and again.verdicts.hits == 2
+        assert fleet.skipped_by_reason == {"attestation": 1}
+    finally:
+        for reg in regs:
+            reg.close()

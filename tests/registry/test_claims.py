@@ -185,3 +185,26 @@ def test_the_fallback_scan_is_bounded_by_the_claims() -> None:
     used.add(free)
     with pytest.raises(SubnetFullError, match=r"10\.7\.0\.0/16 is full: 65534 of 65534"):
         claims._pick(used)
+
+
+@pytest.mark.zk
+def test_the_claim_scan_reads_the_same_by_multiread(
+    open_registry: Callable[..., Registry],
+) -> None:
+    """id-to-ip values read by multiRead (several requests) equal one read per node,
+    oversize values left out either way."""
+    from unittest.mock import patch
+
+    from neti.registry import claims as claims_mod
+
+    reg = open_registry()
+    for n in range(1, 60):
+        reg.claim(f"i-{n}")
+    reg.client.create(f"{reg.paths.id_to_ip}/i-big", b"x" * 300)
+    scanner = reg._claims
+    assert scanner.multi_read
+    with patch.object(claims_mod, "MULTI_CHUNK", 7):
+        multi = scanner._read_id_to_ip()
+    scanner.multi_read = False
+    assert multi == scanner._read_id_to_ip()
+    assert len(multi) == 59 and "i-big" not in multi

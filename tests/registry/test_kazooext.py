@@ -10,13 +10,23 @@ from collections.abc import Callable
 from importlib.metadata import version
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from kazoo.client import KazooClient
+from kazoo.exceptions import MarshallingError, NoNodeError
 from kazoo.handlers import utils as handler_utils
 from kazoo.handlers.threading import SequentialThreadingHandler
 from kazoo.protocol import connection, paths, serialization
 
 from neti.registry import kazooext
-from neti.registry.kazooext import ADD_WATCH, AddWatch, BoundedConnection, GatedClient
+from neti.registry.kazooext import (
+    ADD_WATCH,
+    MULTI_READ,
+    AddWatch,
+    BoundedConnection,
+    GatedClient,
+    MultiRead,
+)
 
 KAZOO = version("kazoo")
 
@@ -80,6 +90,17 @@ def _serialization() -> None:
     assert serialization.int_struct.pack(1) == b"\x00\x00\x00\x01"
 
 
+def _multi_read_parts() -> None:
+    head = serialization.MultiHeader(serialization.GetData.type, False, -1).serialize()
+    assert serialization.GetData.type == 4 and len(head) == serialization.multiheader_struct.size
+    assert serialization.GetData("/a", None).serialize() == b"\x00\x00\x00\x02/a\x00"
+    assert serialization.read_buffer(b"\x00\x00\x00\x01x", 0) == (b"x", 5)
+    assert serialization.stat_struct.size == 68
+    from kazoo.exceptions import EXCEPTIONS, NoNodeError
+
+    assert isinstance(EXCEPTIONS[-101](), NoNodeError)
+
+
 def _request_shape() -> None:
     # What kazoo's connection asks of a request object it writes and answers.
     source = inspect.getsource(connection.ConnectionHandler)
@@ -121,6 +142,7 @@ PARTS: dict[str, Callable[[], None]] = {
     "kazoo.protocol.paths._prefix_root(root, path)": _prefix_root,
     "kazoo.protocol.serialization (Watch, GetChildren2, Exists, int_struct)": _serialization,
     "a request object's shape (type, serialize, deserialize, watcher)": _request_shape,
+    "GetData, MultiHeader, read_buffer, stat_struct, EXCEPTIONS (multiRead)": _multi_read_parts,
     "AsyncResult.set(value)": _async_result_set,
     "_neti_watch_hub kept on a client": _neti_watch_hub,
     "the handler's create_connection(address=, hostname=, timeout=)": _create_connection,
@@ -160,3 +182,38 @@ def test_a_gated_client_reads_through_a_bounded_connection_and_fails_refused_cal
     result = c.exists_async("/x")
     with pytest.raises(RuntimeError, match="not now"):
         result.get(timeout=1)
+
+
+def _reply(*items: tuple[int, bytes]) -> bytes:
+    out = b""
+    for kind, body in items:
+        out += serialization.multiheader_struct.pack(kind, False, -1 if kind == -1 else 0) + body
+    return out + serialization.multiheader_struct.pack(-1, True, -1)
+
+
+def test_multiread_request_and_reply() -> None:
+    req = MultiRead(["/a", "/b"])
+    assert req.type == MULTI_READ == 22
+    one = b"\x00\x00\x00\x04\x00\xff\xff\xff\xff"
+    assert bytes(req.serialize()) == (
+        one + b"\x00\x00\x00\x02/a\x00" + one + b"\x00\x00\x00\x02/b\x00"
+        b"\xff\xff\xff\xff\x01\xff\xff\xff\xff"
+    )
+    stat = serialization.stat_struct.pack(*range(1, 12))
+    got = MultiRead.deserialize(
+        _reply((4, b"\x00\x00\x00\x02hi" + stat), (-1, b"\xff\xff\xff\x9b")), 0
+    )
+    assert got[0][0] == b"hi" and got[0][1].czxid == 1
+    assert isinstance(got[1], NoNodeError)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_a_malformed_multiread_reply_is_a_kazoo_error(blob: bytes) -> None:
+    """Whatever a server sends, the reply parses or fails as a KazooException (a failed
+    call, which the agent handles), never another exception."""
+    try:
+        got = MultiRead.deserialize(blob, 0)
+    except MarshallingError:
+        return
+    assert isinstance(got, list)

@@ -5,16 +5,21 @@ from __future__ import annotations
 import logging
 from ipaddress import IPv4Address as IP
 from ipaddress import IPv4Network
+from unittest.mock import patch
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from kazoo.exceptions import UnimplementedError
 from kazoo.handlers.threading import KazooTimeoutError
 
 from neti.fleet.model import Member
 from neti.fleet.names import encode_member
 from neti.fleet.screen import Candidate, build_fleet
+from neti.registry import verify as verify_mod
 from neti.registry.facade import SkipLog
 from neti.registry.verify import Verifier
-from tests.registry.fakezk import FakeClient
+from tests.registry.fakezk import FakeClient, MultiFakeClient, Result
 
 SUBNET = IPv4Network("192.168.0.0/18")
 NETS = {0: "ec2", 1: "vpc"}
@@ -209,3 +214,87 @@ def test_skip_log_once_per_text_rate_limited_and_bounded(caplog: pytest.LogCaptu
     with caplog.at_level(logging.WARNING, logger="test.skiplog"):
         sl.flush()
     assert len(caplog.records) == 1 and "2995 more" in caplog.records[0].getMessage()
+
+
+# --- the pipelined read ----------------------------------------------------------------------
+
+
+def _hostile_fleet(zk: FakeClient, spec: list[tuple[int, int, int]]) -> list[str]:
+    """Members on shared and clashing overlay IPs, some unclaimed, claimed by others,
+    persistent, refused or gone: ``spec`` = (instance, overlay octet, kind) each."""
+    names = []
+    for iid, octet, kind in spec:
+        m = member(f"i-{iid}", f"192.168.1.{octet}")
+        name = encode_member(m)
+        names.append(name)
+        if kind == 5:
+            continue  # listed but gone by the time it is read
+        zk.put(f"{MEMBERS}/{name}", ephemeral=kind != 1, denied=kind == 4)
+        if kind == 2:
+            continue  # unclaimed
+        holder = f"i-{iid}" if kind != 3 else "i-other"
+        zk.put(f"{CLAIMS}/192.168.1.{octet}", holder.encode(), ephemeral=False)
+    return names
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 30), st.integers(1, 20), st.integers(0, 5)),
+        max_size=60,
+    ),
+    st.integers(1, 8),
+    st.integers(1, 9),
+)
+def test_the_pipelined_read_equals_the_serial_read(
+    spec: list[tuple[int, int, int]], window: int, chunk: int
+) -> None:
+    """One entry at a time with one request per read (the serial read), a window of
+    entries in flight, and reads gathered into multiRead requests: the same verdicts."""
+    serial_zk, piped_zk = FakeClient(), MultiFakeClient()
+    names = _hostile_fleet(serial_zk, spec)
+    _hostile_fleet(piped_zk, spec)
+    serial = verifier(serial_zk, batch=1)
+    piped = verifier(piped_zk, batch=window, multi_read=True)
+    with patch.object(verify_mod, "MULTI_CHUNK", chunk):
+        got = read(piped_zk, piped, names)
+    assert got == read(serial_zk, serial, names)
+    assert piped.keys() == serial.keys()
+    assert all(len(paths) <= chunk + 2 for paths in piped_zk.multi_requests)
+    # Each claim node is read once per call, however many members share it.
+    assert all(n == 1 for p, n in piped_zk.gets.items() if p.startswith(CLAIMS))
+
+
+def test_multiread_replies_have_a_deadline() -> None:
+    zk = MultiFakeClient()
+    name = publish(zk, member("i-a", "192.168.0.10"))
+    zk.hang = True
+    v = verifier(zk, deadline=3.0, multi_read=True)
+    with pytest.raises(KazooTimeoutError):
+        read(zk, v, [name])
+    assert zk.multi_requests and all(
+        t is not None and 0 < t <= 3.0 for r in zk.issued for t in r.timeouts
+    )
+    assert len(v) == 0
+
+
+def test_a_server_without_multiread_falls_back_to_single_reads() -> None:
+    zk = MultiFakeClient()
+    name = publish(zk, member("i-a", "192.168.0.10"))
+
+    def refuse(request: object, result: Result) -> bool:
+        result.error = UnimplementedError()
+        return True
+
+    zk._call = refuse  # type: ignore[method-assign]
+    v = verifier(zk, multi_read=True)
+    assert [m.instance_id for m in read(zk, v, [name]).members] == ["i-a"]
+    assert v.multi_read is False  # and stays off
+
+
+def test_read_and_verify_seconds_are_counted() -> None:
+    zk = FakeClient()
+    names = [publish(zk, member(f"i-{n}", f"192.168.0.{n}")) for n in range(1, 11)]
+    v = verifier(zk, attest_check=lambda name, data, owner: None)
+    read(zk, v, names)
+    assert v.read_seconds > 0 and v.verify_seconds > 0

@@ -15,9 +15,11 @@ import time
 from collections.abc import Callable, Iterator
 from ipaddress import IPv4Address
 from typing import Any
+from unittest.mock import patch
 
 import pytest
 from kazoo.client import KazooClient
+from kazoo.exceptions import NoNodeError
 
 from neti.fleet.index import FleetChange
 from neti.fleet.model import Member
@@ -442,3 +444,42 @@ def test_watch_node_and_listeners(fleet_env: Callable[..., tuple[Registry, Write
     reg.remove_state_listener(seen.append)
     reg.abort()
     assert getattr(reg.client, "aborted", False)
+
+
+@pytest.mark.zk
+def test_the_pipelined_multiread_equals_single_reads_on_a_real_zookeeper(
+    fleet_env: Callable[..., tuple[Registry, Writer]],
+) -> None:
+    """A few hundred members, some persistent or unclaimed: the first read through
+    multiRead requests in a window equals one read per request, entry by entry."""
+    from neti.registry import kazooext
+    from neti.registry import verify as verify_mod
+
+    reg, writer = fleet_env()
+    writer.add(*range(1, 301))
+    writer.raw(encode_member(member(900)), ephemeral=False)  # persistent: refused
+    writer.raw(encode_member(member(901)))  # unclaimed
+    assert reg.verifier.multi_read
+    with patch.object(verify_mod, "MULTI_CHUNK", 64):
+        multi = reg.watch_fleet(lambda: None)
+    assert reg.verifier.multi_read  # ZooKeeper 3.6+ answered every multiRead
+    single_reg, _ = fleet_env()
+    single_reg.verifier.multi_read = False
+    single_reg.verifier.batch = 1
+    single = single_reg.watch_fleet(lambda: None)
+    assert multi.added == single.added and len(multi.added) == 300
+    assert (
+        multi.skipped_by_reason
+        == single.skipped_by_reason
+        == {
+            "persistent": 1,
+            "unclaimed": 1,
+        }
+    )
+    assert reg.fleet_snapshot() == single_reg.fleet_snapshot()
+    # Per-path errors come back in place, not as a failed request.
+    result = reg.client.handler.async_result()
+    path = writer.nodes[1]
+    kazooext.multi_read(reg.client, [path, f"{path}-gone", path], result)
+    got = result.get(timeout=15)
+    assert isinstance(got[1], NoNodeError) and got[0] == got[2] and got[0][0] == b""

@@ -183,6 +183,9 @@ class FakeRegistry:
         self._call("resync_fleet")
         return self._change(relisted=dict(self.members) != self.index)
 
+    def read_times(self) -> dict[str, float]:
+        return {"list": 0.0, "read": 0.0, "verify": 0.0}
+
     def fleet_snapshot(self) -> Fleet:
         self._call("fleet_snapshot")
         return Fleet(members=tuple(self.index[i] for i in sorted(self.index)))
