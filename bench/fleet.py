@@ -76,7 +76,9 @@ class Command:
 
 
 def _show(text: str) -> str:
-    return repr(text if len(text) <= 40 else text[:40] + "...")
+    """The input quoted for an error: escaped, and at most 60 characters however it escapes."""
+    shown = repr(text)
+    return shown if len(shown) <= 60 else shown[:57] + "..."
 
 
 def parse_command(line: str, max_fill: int = MAX_FILL) -> Command | None:
