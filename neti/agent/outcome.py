@@ -9,6 +9,7 @@ and the agent's loop schedules the next from it. Nothing here has side effects.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from typing import Literal
@@ -94,6 +95,8 @@ class Applied:
     # The delta path's member-level change (removed, added); None: the full path.
     delta: tuple[tuple[Member, ...], tuple[Member, ...]] | None
     generation_changed: bool
+    # What the kernel was given, all of it (the reconciler's, changed in place later).
+    applied: Mapping[str, Member]
     fallback: str = ""  # why a change was written in full instead of in place
 
     @property

@@ -233,7 +233,8 @@ class Reconciler:
         self.generation = result.generation
         self._need_full = False
         self.guard.commit(decision)
-        self.applied = self.guard.applied
+        applied = self.applied = self.guard.applied
+        assert applied is not None  # a decision was committed
         revoked = sorted(i for i in self._revoked if i in self.read.members)
         return Applied(
             reason=reason,
@@ -247,6 +248,7 @@ class Reconciler:
             meta=count_revoked(self.read.meta, revoked),
             delta=delta,
             generation_changed=generation_changed,
+            applied=applied,
             fallback=fallback,
         )
 

@@ -89,6 +89,7 @@ def applied(
         meta=Fleet(),
         delta=delta,
         generation_changed=True,
+        applied=d.members,
     )
 
 
