@@ -7,6 +7,11 @@ added and removed and the DNAT mappings set and dropped. Two members may share a
 source (a reach address), so sources are reference-counted; a duplicated overlay IP keeps
 every candidate so the winner is the same one ``compute`` picks, whatever the order of
 changes. Invariant (tests/desired/test_model.py): ``model.state() == compute(fleet)``.
+
+Memory per member is kept small (the agent holds tens of thousands): the member itself, its
+allow source's count and its one mapping; a member's entry is computed again when it leaves
+(``member_entry`` is pure) rather than kept, and only a contested overlay IP holds a dict of
+candidates.
 """
 
 from __future__ import annotations
@@ -79,12 +84,14 @@ class DesiredModel:
         self.ctx = host if host is not None else host_context(identity, cfg)
         self.self_overlay = self_overlay
         self._allow: dict[IPv4Address, int] = {}
-        # overlay IP -> {(rank, instance_id): mapping}: the lowest key is the member's winner.
-        self._owners: dict[IPv4Address, dict[tuple[int, str], Dnat]] = {}
+        # overlay IP -> its one candidate mapping; when several want it, in ``_contested``
+        # instead: {(rank, instance_id): mapping}, the lowest key wins.
+        self._owners: dict[IPv4Address, Dnat] = {}
+        self._contested: dict[IPv4Address, dict[tuple[int, str], Dnat]] = {}
+        self._self_dnat: Dnat | None = None  # this host's own mapping (key (0, its ID))
         self._overrides, override_problems = overrides(cfg)
         self._static_skips: list[tuple[str, str]] = [("override", t) for t in override_problems]
         self._members: dict[str, Member] = {}
-        self._entries: dict[str, Entry] = {}
         self._skips: dict[str, tuple[str, str]] = {}
         self._self_entries: dict[Member, None] = {}  # this host's own fleet entries
         self._mine: IPv4Address | None = None  # overlay IP of this host's self mapping
@@ -112,16 +119,20 @@ class DesiredModel:
         o = self._overrides.get(overlay)
         if o is not None:
             return o
-        cands = self._owners.get(overlay)
+        one = self._owners.get(overlay)
+        if one is not None:
+            return one
+        cands = self._contested.get(overlay)
         return cands[min(cands)] if cands else None
 
     def state(self) -> DesiredState:
         """The whole desired state (O(N): the full path and tests)."""
         cfg = self.cfg
-        dnat = {ip: cands[min(cands)] for ip, cands in self._owners.items() if cands}
+        dnat = dict(self._owners)
+        dnat.update({ip: cands[min(cands)] for ip, cands in self._contested.items()})
         dnat.update(self._overrides)
         skips = self._all_skips()
-        for ip, cands in self._owners.items():
+        for ip, cands in sorted(self._contested.items()):
             if len(cands) > 1:
                 win = min(cands)
                 skips += [
@@ -178,7 +189,7 @@ class DesiredModel:
         touched_dnat: set[IPv4Address] = set()
         for m in (*removed, *added):
             touched_dnat.add(m.overlay_ip)
-            e = self._entries.get(m.instance_id)
+            e = self._entry(self._members.get(m.instance_id))
             if e is not None:
                 touched_allow.add(e.allow)
         for m in added:
@@ -231,15 +242,44 @@ class DesiredModel:
         else:
             self._allow.pop(a, None)
 
+    def _entry(self, m: Member | None) -> Entry | None:
+        """The entry a held member gave (computed again: ``member_entry`` is pure)."""
+        if m is None or m.instance_id == self.identity.instance_id:
+            return None
+        e = member_entry(self.identity, m, self.subnet, self.ctx)
+        return None if isinstance(e, tuple) else e
+
+    def _key(self, d: Dnat) -> tuple[int, str]:
+        """The candidate key of a mapping held alone in ``_owners``."""
+        if d is self._self_dnat:
+            return (0, self.identity.instance_id)
+        return (2 if self._members[d.origin].legacy else 1, d.origin)
+
     def _offer(self, key: tuple[int, str], d: Dnat) -> None:
-        self._owners.setdefault(d.overlay_ip, {})[key] = d
+        ip = d.overlay_ip
+        cands = self._contested.get(ip)
+        if cands is not None:
+            cands[key] = d
+            return
+        one = self._owners.get(ip)
+        if one is None or self._key(one) == key:
+            self._owners[ip] = d
+            return
+        self._contested[ip] = {self._key(one): one, key: d}
+        del self._owners[ip]
 
     def _withdraw(self, key: tuple[int, str], overlay: IPv4Address) -> None:
-        cands = self._owners.get(overlay)
-        if cands is not None:
-            cands.pop(key, None)
-            if not cands:
+        cands = self._contested.get(overlay)
+        if cands is None:
+            one = self._owners.get(overlay)
+            if one is not None and self._key(one) == key:
                 del self._owners[overlay]
+            return
+        cands.pop(key, None)
+        if len(cands) <= 1:
+            del self._contested[overlay]
+            for d in cands.values():
+                self._owners[overlay] = d
 
     def _remove(self, m: Member) -> None:
         if m.instance_id == self.identity.instance_id:
@@ -247,12 +287,12 @@ class DesiredModel:
             return
         if self._members.get(m.instance_id) != m:
             return  # not the entry we hold (already replaced or never added)
-        del self._members[m.instance_id]
-        self._skips.pop(m.instance_id, None)
-        e = self._entries.pop(m.instance_id, None)
-        if e is not None:
+        e = self._entry(m)
+        if e is not None:  # withdrawn while the member is still known (``_key``)
             self._decref(e.allow)
             self._withdraw((e.rank, m.instance_id), e.dnat.overlay_ip)
+        del self._members[m.instance_id]
+        self._skips.pop(m.instance_id, None)
 
     def _add(self, m: Member) -> None:
         if m.instance_id == self.identity.instance_id:
@@ -266,7 +306,6 @@ class DesiredModel:
         if isinstance(e, tuple):
             self._skips[m.instance_id] = e
             return
-        self._entries[m.instance_id] = e
         self._incref(e.allow)
         self._offer((e.rank, m.instance_id), e.dnat)
 
@@ -291,4 +330,5 @@ class DesiredModel:
             )
             return
         self._mine = mine
-        self._offer(key, Dnat(mine, ident.private_ip, "self"))
+        self._self_dnat = Dnat(mine, ident.private_ip, "self")
+        self._offer(key, self._self_dnat)
