@@ -128,7 +128,11 @@ def lookup_costs(chains: Mapping[str, list[str]], root: str = NAT_CHAIN) -> dict
 class DnatTree:
     """The DNAT tree as last written to the kernel, kept in step with each change."""
 
-    def __init__(self, d: DesiredState, full_apply: int = 0):
+    def __init__(
+        self, d: DesiredState, full_apply: int = 0, chains: dict[str, list[str]] | None = None
+    ):
+        """``chains``: ``nat_chains(d)`` when the caller rendered it already (the full
+        apply does; the tree takes it over and changes it)."""
         self.full_apply = full_apply  # the backend's full apply this tree starts from
         subnet = d.overlay_subnet
         self.prefixlen = subnet.prefixlen
@@ -137,7 +141,7 @@ class DnatTree:
         self.keys = sorted(self.items)
         # Mappings outside the overlay subnet only come from hand-built states: not handled.
         self.flat_outside = any(not self.lo <= k <= self.hi for k in self.keys)
-        self.chains = nat_chains(d)
+        self.chains = chains if chains is not None else nat_chains(d)
 
     def _slice(self, lo: int, hi: int) -> list[int]:
         i = bisect.bisect_left(self.keys, lo)
