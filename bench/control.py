@@ -473,6 +473,14 @@ def list_bytes(names: list[str]) -> int:
     return 16 + 4 + sum(4 + len(n.encode()) for n in names) + 4  # + the 4-byte frame length
 
 
+def agent_rss_mb(pid: int) -> float | None:
+    """The agent's resident set (VmRSS), in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return None
+
+
 def measure_size(args: argparse.Namespace, n: int) -> dict[str, Any]:
     lab = Lab(args.backend, Path(args.agent_tree).resolve())
     try:
@@ -517,10 +525,12 @@ def measure_size(args: argparse.Namespace, n: int) -> dict[str, Any]:
             leaves.append(one_change(lab, meter, kernel, "remove", args.change_timeout))
             log(f"[{n}] leave {i + 1}: {leaves[-1]}")
 
+        rss_mb = agent_rss_mb(agent.pid)  # after the changes, before the burst
         burst = measure_burst(lab, meter, kernel, n, args)
         return {
             "members": n,
             "agent_ready_s": ready,
+            "agent_rss_mb": rss_mb,
             "idle": idle,
             "join": summary(joins),
             "leave": summary(leaves),
