@@ -202,7 +202,7 @@ class StatusSink:
         if o.delta is None or self.file.applied is None:
             self.file.reset(o.applied)
         else:
-            self.file.changed(*o.delta)
+            self.file.changed(o.applied, *o.delta)
 
     def _applied_metrics(self, o: Applied, now: float) -> None:
         m = self.metrics

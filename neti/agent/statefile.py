@@ -97,8 +97,11 @@ class StateFile:
         for m in applied.values():
             self.by_network[m.network] = self.by_network.get(m.network, 0) + 1
 
-    def changed(self, removed: Iterable[Member], added: Iterable[Member]) -> None:
-        """The delta path: these members left and joined the applied fleet (O(change))."""
+    def changed(
+        self, applied: Mapping[str, Member], removed: Iterable[Member], added: Iterable[Member]
+    ) -> None:
+        """The delta path: these members left and joined ``applied`` (O(change))."""
+        self.applied = applied
         count = self.by_network
         for m in removed:
             self._pending[m.instance_id] = None
