@@ -171,9 +171,9 @@ class StateFile:
         journal = secrets.token_hex(8)
         members = self.applied.values() if self.applied is not None else None
         self._base_bytes = state_mod.write(d, self.state, members, journal).stat().st_size
-        self._pending.clear()
-        self._compact = False
+        self._pending.clear()  # the state file holds them; the journal of another id is dead
         self._journal_bytes = state_mod.start_journal(d, journal)
+        self._compact = False  # only now may lines follow (to a journal of this id)
 
     def _unwritten(self, error: str) -> None:
         """Say so in the runtime record (once per error), and try again soon."""
