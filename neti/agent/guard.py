@@ -300,14 +300,7 @@ class Guard:
         for i, (t, _m) in list(mem.recent.items()):
             if now - t > s.settings.window or i in s.cur:
                 del mem.recent[i]
-        if s.ids is None:
-            removed = tuple(sorted(prev.keys() - s.cur.keys() - {s.self_id}))
-            added = tuple(sorted(s.cur.keys() - prev.keys()))
-        else:
-            removed = tuple(
-                sorted(i for i in s.ids if i in prev and i not in s.cur and i != s.self_id)
-            )
-            added = tuple(sorted(i for i in s.ids if i in s.cur and i not in prev))
+        removed, added = _difference(s)
         first_asked = now - s.settings.settle if mem.settled else now
         mem.settled = False
         mem.pending = {i: mem.pending.get(i, first_asked) for i in removed}
@@ -323,17 +316,7 @@ class Guard:
         kept = _keep(s, reason, removed, settling, overlay_taken) if reason else {}
         held_ids = tuple(sorted(kept))
         mem.absent = mem.absent.union(held_ids)
-        members: Mapping[str, Member]
-        changes: dict[str, Member | None] | None = None
-        if s.ids is None:
-            members = mem.applied = {**s.cur, **kept}
-        else:
-            changes = {}
-            for i in s.ids:
-                m = kept[i] if i in kept else s.cur.get(i)
-                if m != prev.get(i):
-                    changes[i] = m
-            members = Patched(prev, changes)
+        members, changes = _applied(s, kept)
         gone = tuple(i for i in removed if i not in members)
         if not s.released:  # what an operator let through does not count against later ones
             for i in gone:
@@ -434,6 +417,32 @@ class _Step:
     self_id: str | None
     released: bool  # an operator's release applies this read as it is
     ids: set[str] | None = None  # the only instances that can differ (None: any)
+
+
+def _difference(s: _Step) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The instance IDs the read lacks (removals) and the new ones (additions), sorted."""
+    prev, cur = s.prev, s.cur
+    if s.ids is None:
+        removed = prev.keys() - cur.keys() - {s.self_id}
+        return tuple(sorted(removed)), tuple(sorted(cur.keys() - prev.keys()))
+    removed = {i for i in s.ids if i in prev and i not in cur and i != s.self_id}
+    return tuple(sorted(removed)), tuple(sorted(i for i in s.ids if i in cur and i not in prev))
+
+
+def _applied(
+    s: _Step, kept: dict[str, Member]
+) -> tuple[Mapping[str, Member], dict[str, Member | None] | None]:
+    """What to apply: the read, this host and ``kept``; as a new dict (the memory's next
+    applied fleet) or, told ``s.ids``, as a view of the applied fleet and its changes."""
+    if s.ids is None:
+        members = s.mem.applied = {**s.cur, **kept}
+        return members, None
+    changes: dict[str, Member | None] = {}
+    for i in s.ids:
+        m = kept[i] if i in kept else s.cur.get(i)
+        if m != s.prev.get(i):
+            changes[i] = m
+    return Patched(s.prev, changes), changes
 
 
 def _note_vanished(s: _Step, container_missing: bool) -> None:
