@@ -13,6 +13,7 @@ and the state file's amortized cost.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import os
 import resource
@@ -63,6 +64,7 @@ def main() -> None:
         action="store_true",
         help="every change writes the state file (changes seconds apart, not a burst)",
     )
+    ap.add_argument("--profile", help="write a cProfile of the changes to this file")
     args = ap.parse_args()
 
     os.environ["NETI_REFUSE_INIT_NETNS"] = "1"
@@ -141,6 +143,7 @@ def main() -> None:
         total = 0.0
         kids0 = children_cpu()
         ids = list(range(args.members))
+        prof = cProfile.Profile() if args.profile else None
         for k in range(args.changes):
             if k % 2 == 0:
                 m = member(args.members + k)
@@ -149,10 +152,16 @@ def main() -> None:
                 m = member(ids[k * 97 % len(ids)])
                 reg.remove(m)
             t0 = time.process_time()
+            if prof is not None:
+                prof.enable()
             a.reconcile("event")
             if a.sink.save_due is not None and k == args.changes - 1:
                 a.sink.save()
+            if prof is not None:
+                prof.disable()
             total += time.process_time() - t0
+        if prof is not None:
+            prof.dump_stats(args.profile)
         kids = children_cpu() - kids0
         n = args.changes
         out = {

@@ -596,11 +596,13 @@ def measure_size(args: argparse.Namespace, n: int) -> dict[str, Any]:
             leaves.append(one_change(lab, meter, kernel, "remove", args.change_timeout))
             log(f"[{n}] leave {i + 1}: {leaves[-1]}")
 
+        rss_mb = rss_kb(agent.pid)[0] / 1024  # after the changes, before the burst
         burst = measure_burst(lab, meter, kernel, n, args)
         return {
             "members": n,
             "agent_ready_s": ready,
             "cold": cold,
+            "agent_rss_mb": rss_mb,
             "idle": idle,
             "join": summary(joins),
             "leave": summary(leaves),

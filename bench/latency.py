@@ -43,6 +43,7 @@ import yaml
 
 from bench import control
 from bench.control import Kernel, Lab, git_commit, log, machine
+from neti import state as state_mod
 from neti.lab import netns
 
 DELAY_PORT = 12181
@@ -108,11 +109,11 @@ class SlowLab(Lab):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                state = json.loads((self.tmp / "state" / "state.json").read_text())
-            except (OSError, ValueError):
-                state = {}
-            until = (state.get("guard") or {}).get("grace_until")
-            if state and (until is None or float(until) <= time.time()):
+                saved = state_mod.read(self.tmp / "state")  # with the journal's lines
+            except state_mod.StateFileError:
+                saved = None
+            until = saved.guard.grace_until if saved is not None else None
+            if saved is not None and (until is None or until <= time.time()):
                 return
             time.sleep(0.5)
         raise RuntimeError(f"the agent's guard grace did not end in {timeout:g}s")

@@ -8,6 +8,16 @@ rename + directory fsync): a reader sees the old file or the new one, never half
 It records the apply generation of the fleet it holds (dataplane/base.py), so status
 compares it only with a kernel written by that same apply.
 
+``<state_dir>/state.journal`` continues it: rewriting every member's row for one member's
+change costs O(fleet), so between full writes the agent appends one line per write (the
+members removed and added, and the rest of the state as it is now). The journal names the
+state file it continues (a random id in both); a journal of another state file is ignored
+(the agent stopped between writing a new state file and starting its journal). Readers
+replay its lines in order and stop at the first one that is not a whole, valid line (a torn
+write, a damaged or planted file): that line and the rest are skipped and counted
+(``journal_skipped``), never interpolated. The agent writes the whole state file again
+(compacts) on a full apply, and when the journal grows larger than the state file.
+
 ``<runtime_dir>/agent-<key>.json``, the runtime record, is the agent's second channel to
 status, on tmpfs: its pid and process start time (written first thing, so a restarted agent
 is known even while state_dir takes no writes) and why the state file could not be written.
@@ -15,7 +25,6 @@ is known even while state_dir takes no writes) and why the state file could not 
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 import json
 import logging
@@ -37,6 +46,7 @@ from neti.identity import Identity
 log = logging.getLogger(__name__)
 
 FILENAME = "state.json"
+JOURNAL = "state.journal"
 FORMAT = 1
 # Reading limits: the file is written by the agent, but a damaged or planted file must give
 # a clear StateFileError (and a CRITICAL status), never a RecursionError or a memory blow-up.
@@ -164,9 +174,11 @@ class AgentState:
     generation: int | None = None  # the apply generation the kernel got with this fleet
     pid_start: int | None = None  # the agent's process start time (proc_start)
     wg_key: str = ""  # this host's WireGuard public key (encryption on), as the agent holds it
+    # Read, not written: journal lines skipped as damaged (module docstring).
+    journal_skipped: int = 0
 
     def to_dict(self, with_fleet: bool = True) -> dict[str, Any]:
-        """JSON-able form; ``with_fleet`` False leaves the fleet out (FleetRows has it)."""
+        """JSON-able form; ``with_fleet`` False leaves the fleet out (written apart)."""
         fleet = self.fleet if with_fleet else None
         return {
             "format": FORMAT,
@@ -350,82 +362,70 @@ def path_for(state_dir: str | os.PathLike[str]) -> Path:
     return Path(state_dir) / FILENAME
 
 
-class FleetRows:
-    """The applied fleet as state-file rows, kept member by member.
-
-    Serializing 16,000 members takes ~0.12 s; the agent changes one at a time, so it keeps
-    each member's JSON row (in instance-ID order) and a write only joins them
-    (``write(..., rows=)``).
-    """
-
-    def __init__(self) -> None:
-        self._members: dict[str, Member] = {}
-        self._keys: list[str] = []  # sorted instance IDs
-        self._texts: list[str] = []  # their rows, same order
-        self.by_network: dict[str, int] = {}
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-    def reset(self, members: Iterable[Member]) -> None:
-        old = dict(zip(self._keys, self._texts, strict=True))
-        before = self._members
-        self._members = {m.instance_id: m for m in members}
-        self._keys = sorted(self._members)
-        self._texts = [
-            old[i] if before.get(i) == self._members[i] else json.dumps(self._members[i].as_dict())
-            for i in self._keys
-        ]
-        self.by_network = {}
-        for m in self._members.values():
-            self.by_network[m.network] = self.by_network.get(m.network, 0) + 1
-
-    def update(self, removed: Iterable[Member], added: Iterable[Member]) -> None:
-        for m in removed:
-            if self._members.get(m.instance_id) == m:
-                self._drop(m)
-        for m in added:
-            old = self._members.get(m.instance_id)
-            if old is not None:
-                self._drop(old)
-            i = bisect.bisect_left(self._keys, m.instance_id)
-            self._keys.insert(i, m.instance_id)
-            self._texts.insert(i, json.dumps(m.as_dict()))
-            self._members[m.instance_id] = m
-            self.by_network[m.network] = self.by_network.get(m.network, 0) + 1
-
-    def _drop(self, m: Member) -> None:
-        i = bisect.bisect_left(self._keys, m.instance_id)
-        del self._keys[i], self._texts[i]
-        del self._members[m.instance_id]
-        n = self.by_network.get(m.network, 0) - 1
-        if n > 0:
-            self.by_network[m.network] = n
-        else:
-            self.by_network.pop(m.network, None)
-
-    def text(self) -> str:
-        """The fleet as a JSON array, members sorted by instance ID."""
-        return "[" + ",\n".join(self._texts) + "]"
+def _row(m: Member) -> str:
+    """One member as the state file's JSON object (``Member.as_dict``, keys in order)."""
+    return json.dumps(m.as_dict())
 
 
 def write(
-    state_dir: str | os.PathLike[str], state: AgentState, rows: FleetRows | None = None
+    state_dir: str | os.PathLike[str],
+    state: AgentState,
+    members: Iterable[Member] | None = None,
+    journal: str | None = None,
 ) -> Path:
-    """Atomically replace the state file. ``rows``: the fleet (instead of ``state.fleet``)."""
+    """Atomically replace the state file. ``members``: the fleet
+    (instead of ``state.fleet``); ``journal``: the id of the journal that continues it."""
     d = Path(state_dir)
     d.mkdir(parents=True, exist_ok=True, mode=0o755)
-    target = d / FILENAME
-    if rows is None:
-        data = json.dumps(state.to_dict(), indent=1, sort_keys=False).encode() + b"\n"
+    doc = state.to_dict(with_fleet=members is None)
+    doc["journal"] = journal
+    if members is None:
+        data = json.dumps(doc, indent=1, sort_keys=False).encode() + b"\n"
     else:
-        doc = state.to_dict(with_fleet=False)
-        doc["members_by_network"] = dict(sorted(rows.by_network.items()))
+        by_network: dict[str, int] = {}
+        rows = []
+        for m in sorted(members, key=lambda m: m.instance_id):
+            by_network[m.network] = by_network.get(m.network, 0) + 1
+            rows.append(_row(m))
+        doc["members_by_network"] = dict(sorted(by_network.items()))
         text = json.dumps(doc, indent=1, sort_keys=False)
         # The first '"fleet": null' is the key (a string value would have its quotes
         # escaped); splice the rows in there.
-        text = text.replace('"fleet": null', '"fleet": ' + rows.text(), 1)
+        text = text.replace('"fleet": null', '"fleet": [' + ",\n".join(rows) + "]", 1)
         data = text.encode() + b"\n"
+    return _replace(d, FILENAME, data)
+
+
+def start_journal(state_dir: str | os.PathLike[str], journal: str) -> int:
+    """An empty journal continuing the state file ``journal`` names (atomic); its size."""
+    data = json.dumps({"journal": journal}).encode() + b"\n"
+    _replace(Path(state_dir), JOURNAL, data)
+    return len(data)
+
+
+def journal_line(state: AgentState, removed: Iterable[str], added: Iterable[Member]) -> bytes:
+    """One journal line: the instances removed, the members added (a changed member is
+    added again), and the state besides the fleet."""
+    doc = {
+        "remove": sorted(removed),
+        "add": [m.as_dict() for m in sorted(added)],
+        "state": state.to_dict(with_fleet=False),
+    }
+    return json.dumps(doc, separators=(",", ":")).encode() + b"\n"
+
+
+def append_journal(state_dir: str | os.PathLike[str], line: bytes) -> None:
+    """Append one line and make it durable (a torn line is skipped by readers)."""
+    fd = os.open(Path(state_dir) / JOURNAL, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
+    try:
+        os.write(fd, line)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace(d: Path, name: str, data: bytes) -> Path:
+    """``d/name`` replaced by ``data``: tmp + fsync + rename + directory fsync."""
     fd, tmp = tempfile.mkstemp(prefix=".state.", suffix=".tmp", dir=d)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -433,7 +433,7 @@ def write(
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
+        os.replace(tmp, d / name)
     except BaseException:
         try:
             os.unlink(tmp)
@@ -445,7 +445,7 @@ def write(
         os.fsync(dfd)
     finally:
         os.close(dfd)
-    return target
+    return d / name
 
 
 def _depth_over(text: str, limit: int) -> bool:
@@ -501,9 +501,71 @@ def read(state_dir: str | os.PathLike[str]) -> AgentState | None:
         data = json.loads(text, parse_float=_finite, parse_constant=_no_constant)
         if not isinstance(data, dict):
             raise ValueError("not a JSON object")
-        return AgentState.from_dict(data)
+        state = AgentState.from_dict(data)
     except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
         raise StateFileError(f"{bad}: {_one_line(exc)}") from None
+    journal = data.get("journal")
+    if isinstance(journal, str):
+        return replay(state, journal, _read_journal(p.parent / JOURNAL))
+    return state
+
+
+def _read_journal(p: Path) -> bytes:
+    """The journal's bytes (b"" when there is none); an unreadable one is one bad line."""
+    try:
+        return files.read_regular(p, MAX_BYTES + 1)
+    except FileNotFoundError:
+        return b""
+    except OSError:
+        return b"\0\n"
+
+
+def replay(state: AgentState, journal: str, raw: bytes) -> AgentState:
+    """``state`` (a state file whose journal is ``journal``) with the journal ``raw``
+    replayed: up to its first bad line, the rest counted in ``journal_skipped``."""
+    lines = raw.split(b"\n")
+    torn = lines.pop()  # b"" after the last newline; else a line without one
+    if not lines:
+        state.journal_skipped = int(bool(torn))
+        return state
+    try:
+        head = json.loads(lines[0])
+    except (ValueError, RecursionError):
+        head = None
+    if not isinstance(head, dict) or not isinstance(head.get("journal"), str):
+        state.journal_skipped = len(lines) + bool(torn)
+        return state
+    if head["journal"] != journal:
+        return state  # the journal of an earlier state file: this one is complete
+    members = {m.instance_id: m for m in state.fleet.members} if state.fleet else {}
+    done = 1
+    for line in lines[1:]:
+        try:
+            state = _replay_line(line, members)
+        except (ValueError, KeyError, TypeError, OverflowError, RecursionError):
+            break
+        done += 1
+    state.fleet = Fleet(members=tuple(sorted(members.values())))
+    state.journal_skipped = len(lines) - done + bool(torn)
+    return state
+
+
+def _replay_line(line: bytes, members: dict[str, Member]) -> AgentState:
+    """One journal line applied to ``members`` (only once all of it is valid); the state it
+    carries. Raises ValueError/TypeError/KeyError when it is not a valid line."""
+    if len(line) > MAX_BYTES or _depth_over(line.decode("utf-8"), MAX_DEPTH):
+        raise ValueError("not a journal line")
+    doc = json.loads(line, parse_float=_finite, parse_constant=_no_constant)
+    if not isinstance(doc, dict):
+        raise TypeError("not a JSON object")
+    removed = _strings(doc["remove"], "remove")
+    added = [_member(m) for m in _typed(list, doc["add"], "add")]
+    state = AgentState.from_dict(_typed(dict, doc["state"], "state"))
+    for i in removed:
+        members.pop(i, None)
+    for m in added:
+        members[m.instance_id] = m
+    return state
 
 
 def _one_line(exc: BaseException) -> str:

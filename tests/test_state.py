@@ -6,6 +6,7 @@ import json
 import os
 from ipaddress import IPv4Address
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -217,33 +218,127 @@ def test_member_labels_are_checked(tmp_path: Path) -> None:
         st.read(tmp_path)
 
 
-def test_fleet_rows_write_equals_a_full_write(tmp_path: Path) -> None:
-    """The agent's per-member rows (FleetRows) give the same file content as state.fleet."""
+def _m(i: int, net: str = "a", ov: int | None = None) -> Member:
     A = IPv4Address
+    o = i if ov is None else ov
+    return Member(f"i-{i}", net, A(f"100.64.0.{i}"), A(f"10.0.0.{i}"), A(f"192.168.0.{o}"))
 
-    def m(i: int, net: str = "a") -> Member:
-        return Member(f"i-{i}", net, A(f"100.64.0.{i}"), A(f"10.0.0.{i}"), A(f"192.168.0.{i}"))
 
-    rows = st.FleetRows()
-    rows.reset([m(1), m(2), m(3, "b")])
-    rows.update(
-        [m(2)], [m(4, "b"), Member("i-1", "a", A("100.64.9.9"), A("10.0.0.1"), A("192.168.0.1"))]
-    )
-    rows.update([m(9)], [])  # not there: nothing happens
+def test_a_fleet_given_apart_writes_what_state_fleet_does(tmp_path: Path) -> None:
+    """The agent hands the fleet apart (``members``): the same file content as state.fleet."""
     s = st.AgentState(pid=1, started_at=1.0, version="t")
-    st.write(tmp_path, s, rows=rows)
-    got = st.read(tmp_path)
-    assert got is not None and got.fleet is not None
-    want = sorted(
-        [m(3, "b"), m(4, "b"), Member("i-1", "a", A("100.64.9.9"), A("10.0.0.1"), A("192.168.0.1"))]
-    )
-    assert list(got.fleet.members) == want
-    s.fleet = Fleet(members=tuple(want))
+    fleet = [_m(3, "b"), _m(1), _m(4, "b")]
+    st.write(tmp_path, s, fleet)
+    s.fleet = Fleet(members=tuple(sorted(fleet)))
     full = tmp_path / "full"
     st.write(full, s)
     a = json.loads(st.path_for(tmp_path).read_text())
     b = json.loads(st.path_for(full).read_text())
     assert a == b and a["members_by_network"] == {"a": 1, "b": 2}
+
+
+# One journal step: (removed instance numbers, added (number, overlay) pairs, generation).
+steps = st_.lists(
+    st_.tuples(
+        st_.lists(st_.integers(1, 9), max_size=3),
+        st_.lists(st_.tuples(st_.integers(1, 9), st_.integers(1, 30)), max_size=3),
+        st_.integers(0, 2**32),
+    ),
+    max_size=8,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(base=st_.lists(st_.integers(1, 9), max_size=6), steps=steps)
+def test_the_journal_replays_to_the_fleet_of_a_full_write(
+    tmp_path_factory: pytest.TempPathFactory, base: list[int], steps: list[Any]
+) -> None:
+    """State file + journal lines read back as the fleet and state a full write would hold."""
+    d = tmp_path_factory.mktemp("j")
+    s = st.AgentState(pid=1, started_at=1.0, version="t")
+    fleet = {f"i-{i}": _m(i) for i in base}
+    st.write(d, s, fleet.values(), journal="abc")
+    st.start_journal(d, "abc")
+    for removed, added, gen in steps:
+        for i in removed:
+            fleet.pop(f"i-{i}", None)
+        new = list({i: _m(i, ov=o) for i, o in added}.values())  # one per instance
+        fleet.update({m.instance_id: m for m in new})
+        s.generation = gen
+        st.append_journal(d, st.journal_line(s, [f"i-{i}" for i in removed], new))
+    got = st.read(d)
+    assert got is not None and got.fleet is not None and got.journal_skipped == 0
+    assert got.fleet.members == tuple(sorted(fleet.values()))
+    assert got.generation == s.generation
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    junk=st_.binary(max_size=200) | st_.sampled_from([b"{}", b"[]", b'{"remove": 1}', b"\xff"]),
+    where=st_.integers(0, 3),
+    newline=st_.booleans(),
+)
+def test_a_hostile_journal_line_is_skipped_and_counted(
+    tmp_path_factory: pytest.TempPathFactory, junk: bytes, where: int, newline: bool
+) -> None:
+    """A torn, damaged or planted line ends the replay there: the lines before it count,
+    it and the rest are skipped and counted, and nothing raises."""
+    d = tmp_path_factory.mktemp("h")
+    s = st.AgentState(pid=1, started_at=1.0, version="t")
+    st.write(d, s, [_m(1)], journal="abc")
+    st.start_journal(d, "abc")
+    lines = [st.journal_line(s, [], [_m(n)]) for n in (2, 3, 4)]
+    junk = junk.replace(b"\n", b" ") + (b"\n" if newline else b"")
+    body = b"".join(lines[:where]) + junk + (b"".join(lines[where:]) if newline else b"")
+    with open(d / st.JOURNAL, "ab") as f:
+        f.write(body)
+    got = st.read(d)
+    assert got is not None and got.fleet is not None
+    members = [m.instance_id for m in got.fleet.members]
+    assert members == [f"i-{n}" for n in range(1, 2 + where)]  # the lines before it only
+    if junk == b"":
+        assert got.journal_skipped == 0
+    else:
+        assert got.journal_skipped == (1 + 3 - where if newline else 1)
+
+
+def test_a_journal_of_another_state_file_is_ignored(tmp_path: Path) -> None:
+    """Stopped between writing a new state file and starting its journal: the state file is
+    whole, the old journal is not replayed (and is no damage)."""
+    s = st.AgentState(pid=1, started_at=1.0, version="t")
+    st.write(tmp_path, s, [_m(1)], journal="old")
+    st.start_journal(tmp_path, "old")
+    st.append_journal(tmp_path, st.journal_line(s, ["i-1"], [_m(2)]))
+    st.write(tmp_path, s, [_m(1), _m(3)], journal="new")
+    got = st.read(tmp_path)
+    assert got is not None and got.fleet is not None and got.journal_skipped == 0
+    assert [m.instance_id for m in got.fleet.members] == ["i-1", "i-3"]
+
+
+def test_a_planted_journal_header_or_a_fifo_is_counted(tmp_path: Path) -> None:
+    s = st.AgentState(pid=1, started_at=1.0, version="t")
+    st.write(tmp_path, s, [_m(1)], journal="abc")
+    (tmp_path / st.JOURNAL).write_bytes(b'["abc"]\n{"remove":[],"add":[],"state":{}}\n')
+    got = st.read(tmp_path)
+    assert got is not None and got.journal_skipped == 2
+    (tmp_path / st.JOURNAL).unlink()
+    os.mkfifo(tmp_path / st.JOURNAL)
+    got = st.read(tmp_path)  # never blocks
+    assert got is not None and got.journal_skipped == 1
+    assert got.fleet is not None and len(got.fleet.members) == 1
+
+
+def test_a_hostile_member_in_the_journal_is_refused(tmp_path: Path) -> None:
+    s = st.AgentState(pid=1, started_at=1.0, version="t")
+    st.write(tmp_path, s, [_m(1)], journal="abc")
+    st.start_journal(tmp_path, "abc")
+    bad = _m(2).as_dict()
+    bad["instance_id"] = "i-2\n-A INPUT -j ACCEPT"
+    line = {"remove": ["i-1"], "add": [bad], "state": s.to_dict(with_fleet=False)}
+    st.append_journal(tmp_path, json.dumps(line).encode() + b"\n")
+    got = st.read(tmp_path)
+    assert got is not None and got.fleet is not None and got.journal_skipped == 1
+    assert [m.instance_id for m in got.fleet.members] == ["i-1"]  # the line did nothing
 
 
 # --- the process, and the runtime record (the agent's second channel to status)

@@ -27,6 +27,7 @@ from neti import config as config_mod
 from neti import registry as registry_mod
 from neti import state as state_mod
 from neti.agent import guard as guard_mod
+from neti.agent import memory
 from neti.agent.backoff import Backoff
 from neti.agent.logs import setup_logging
 from neti.agent.outcome import Applied, ApplyFailed, Host, Outcome, ReadFailed
@@ -327,6 +328,7 @@ class Agent:
             self.apply_retry.reset()
             if o.full:
                 self._update_conntrack()
+                memory.trim()  # what the whole-fleet work freed
             wait = o.recheck_in()
             if wait is None:
                 self.sched.cancel_recheck()

@@ -9,9 +9,10 @@ pass over the fleet) and keeps the read's skip counts; a full read replaces all 
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from ipaddress import IPv4Address
 
+from neti.agent.patched import Patched
 from neti.fleet.index import FleetChange
 from neti.fleet.model import Fleet, Member
 
@@ -71,8 +72,8 @@ class FleetRead:
         """Does a member of the fleet as read hold ``ip``?"""
         return self._overlays.get(ip, 0) > 0
 
-    def visible(self, revoked: frozenset[str]) -> dict[str, Member]:
-        """The fleet as read, less ``revoked`` instances (O(1) while none is)."""
+    def visible(self, revoked: frozenset[str]) -> Mapping[str, Member]:
+        """The fleet as read, less ``revoked`` instances: a view, O(len(revoked))."""
         if not revoked:
             return self.members
-        return {i: m for i, m in self.members.items() if i not in revoked}
+        return Patched(self.members, dict.fromkeys(revoked))

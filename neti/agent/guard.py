@@ -30,6 +30,11 @@ is dangerous (*removals*), and counts them over time:
 
 Pure: no ZooKeeper, an injectable clock. ``decide`` never changes the guard; ``commit``
 records a decision once the kernel took it, so a failed apply is decided again.
+
+Per change, O(change): told which instances the read changed since the last committed
+decision (``touched``), the guard looks only at those, at the members it holds back and at
+the window's removals; the applied fleet is one dict it changes in place on commit, and the
+decision's members a view of it (patched.py), never a copy.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 
+from neti.agent.patched import Patched
 from neti.fleet.model import Fleet, Member
 
 # Child of zk_prefix an operator bumps (``neti fleet release-guard``): every agent that sees
@@ -94,6 +100,9 @@ class GuardDecision:
     applied_removals: tuple[str, ...] = ()  # what this decision removes from the kernel
     released: bool = False  # an operator's release let this decision through
     self_listed: bool = True  # this host was in the read
+    # Instance ID -> its new member (None: gone) where ``members`` differs from what was
+    # applied before; None: not known (a full decision, ``members`` is a new dict).
+    changes: Mapping[str, Member | None] | None = field(default=None, repr=False, compare=False)
     _next: _Memory | None = field(default=None, repr=False, compare=False)
 
     @functools.cached_property
@@ -130,6 +139,8 @@ class GuardDecision:
 class _Memory:
     """What the guard remembers between decisions."""
 
+    # What the kernel was given: shared (not copied) by the memory a decision prepares,
+    # changed in place when an O(change) decision is committed (``version`` guards that).
     applied: dict[str, Member] | None = None
     recent: dict[str, tuple[float, Member]] = field(default_factory=dict)  # id -> (t, member)
     grace_until: float | None = None
@@ -138,10 +149,15 @@ class _Memory:
     held_reason: str = ""
     pending: dict[str, float] = field(default_factory=dict)  # id -> first asked for (settle)
     settled: bool = False  # the next read's removals count as settled (after a resume)
+    # Applied instances the last read lacked (held ones, this host when unlisted): with
+    # ``touched``, the only other places a removal can come from. Valid while ``tracked``.
+    absent: frozenset[str] = frozenset()
+    tracked: bool = False  # ``absent`` is that of a committed decision (not a restore)
+    version: int = 0  # commits so far: a decision is committed against the memory it read
 
     def copy(self) -> _Memory:
         return _Memory(
-            applied=dict(self.applied) if self.applied is not None else None,
+            applied=self.applied,
             recent=dict(self.recent),
             grace_until=self.grace_until,
             grace_why=self.grace_why,
@@ -149,6 +165,9 @@ class _Memory:
             held_reason=self.held_reason,
             pending=dict(self.pending),
             settled=self.settled,
+            absent=self.absent,
+            tracked=self.tracked,
+            version=self.version + 1,
         )
 
 
@@ -168,6 +187,7 @@ class Guard:
     def restore(self, fleet: Fleet) -> None:
         """Start from a fleet applied earlier (the state file): its members are the baseline."""
         self._mem.applied = _index(fleet.members)
+        self._mem.tracked = False  # the next decision looks at the whole read
 
     def start_grace(self, seconds: float, why: str) -> None:
         """Removals wait ``seconds`` from now (extends, never shortens, a running grace)."""
@@ -187,6 +207,11 @@ class Guard:
     def release(self) -> None:
         """An operator's one-shot release: the next decision applies the read as it is."""
         self._release = True
+
+    @property
+    def applied(self) -> Mapping[str, Member] | None:
+        """What the kernel was given as of the last commit (changed in place by the next)."""
+        return self._mem.applied
 
     @property
     def holding(self) -> str:
@@ -212,21 +237,37 @@ class Guard:
         container_missing: bool = False,
         meta: Fleet | None = None,
         overlay_taken: Callable[[IPv4Address], bool] | None = None,
+        touched: Iterable[str] | None = None,
     ) -> GuardDecision:
         """``decide`` for a read given as instance ID -> member (the agent keeps it up to
-        date from the registry's changes). The work is dict and key-set operations (C
-        speed): no sort and no per-member Python loop. ``overlay_taken``: is an overlay IP
-        held by a member of ``read`` (the agent's index), so a hold needs no pass either."""
+        date from the registry's changes). ``overlay_taken``: is an overlay IP held by a
+        member of ``read`` (the agent's index), so a hold needs no pass over it.
+
+        ``touched``: the instance IDs whose entry in ``read`` may differ from the read of
+        the last committed decision (None: unknown). Given, the decision costs O(touched +
+        held + window) and ``members`` is a view of the applied fleet with ``changes`` laid
+        over it; else the work is dict and key-set operations over the whole read."""
         new = meta if meta is not None else Fleet()
         now = self.clock()
         mem = self._mem.copy()
         self_id = self_member.instance_id if self_member else None
         self_listed = self_id is None or self_id in read
-        cur = dict(read)
-        if self_member is not None and self_member.instance_id not in cur:
-            cur[self_member.instance_id] = (
-                self_member  # never drop ourselves (our node is being re-created)
-            )
+        ids: set[str] | None = None
+        if touched is not None and mem.tracked and mem.applied is not None:
+            ids = {*touched, *mem.absent, *mem.recent}
+            if self_id is not None:
+                ids.add(self_id)
+        cur: Mapping[str, Member]
+        if ids is None:
+            cur = dict(read)
+            if self_member is not None and self_id not in cur:
+                cur[self_member.instance_id] = self_member  # never drop ourselves
+        elif self_member is not None and not self_listed:
+            cur = Patched(read, {self_member.instance_id: self_member})
+        else:
+            cur = read
+        mem.absent = frozenset() if self_listed or self_id is None else frozenset((self_id,))
+        mem.tracked = True
         released = self._release
         if released:
             mem.recent.clear()
@@ -234,15 +275,15 @@ class Guard:
             mem.grace_until = None
             mem.vanished = False
         if mem.applied is None:  # nothing applied yet: nothing to protect
-            mem.applied = dict(cur)
+            first = mem.applied = dict(cur)
             mem.held_reason = ""
             mem.settled = False
-            limit = settings.limit(len(cur))
-            added = tuple(sorted(cur))
+            limit = settings.limit(len(first))
+            added = tuple(sorted(first))
             return self._result(
-                new, cur, (), added, settings, mem, released, self_listed, limit=limit
+                new, first, (), added, settings, mem, released, self_listed, limit=limit
             )
-        step = _Step(now, settings, mem, read, cur, mem.applied, self_id, released)
+        step = _Step(now, settings, mem, read, cur, mem.applied, self_id, released, ids)
         return self._against(step, new, self_listed, container_missing, overlay_taken)
 
     def _against(
@@ -259,12 +300,11 @@ class Guard:
         for i, (t, _m) in list(mem.recent.items()):
             if now - t > s.settings.window or i in s.cur:
                 del mem.recent[i]
-        removed = tuple(sorted(prev.keys() - s.cur.keys() - {s.self_id}))
-        added = tuple(sorted(s.cur.keys() - prev.keys()))
+        removed, added = _difference(s)
         first_asked = now - s.settings.settle if mem.settled else now
         mem.settled = False
         mem.pending = {i: mem.pending.get(i, first_asked) for i in removed}
-        baseline = len(prev.keys() | mem.recent.keys())
+        baseline = len(prev) + sum(1 for i in mem.recent if i not in prev)
         limit = s.settings.limit(baseline)
         counted = sorted(set(removed) | set(mem.recent))
         _note_vanished(s, container_missing)
@@ -273,15 +313,14 @@ class Guard:
         settle_left = 0.0
         if not reason and not s.released and s.settings.settle > 0:
             reason, settling, settle_left = _settling(s, removed)
-        members: dict[str, Member] = dict(s.cur)
-        held_ids: tuple[str, ...] = ()
-        if reason:
-            members, held_ids = _keep(s, reason, removed, settling, overlay_taken)
+        kept = _keep(s, reason, removed, settling, overlay_taken) if reason else {}
+        held_ids = tuple(sorted(kept))
+        mem.absent = mem.absent.union(held_ids)
+        members, changes = _applied(s, kept)
         gone = tuple(i for i in removed if i not in members)
         if not s.released:  # what an operator let through does not count against later ones
             for i in gone:
                 mem.recent[i] = (now, prev[i])
-        mem.applied = members
         mem.held_reason = reason if held_ids else ""
         return self._result(
             new,
@@ -300,12 +339,13 @@ class Guard:
             grace_left=grace_left,
             settle_left=settle_left,
             applied_removals=gone,
+            changes=changes,
         )
 
     @staticmethod
     def _result(
         new: Fleet,
-        members: dict[str, Member],
+        members: Mapping[str, Member],
         removed: tuple[str, ...],
         added: tuple[str, ...],
         settings: Settings,
@@ -320,6 +360,7 @@ class Guard:
         grace_left: float = 0.0,
         settle_left: float = 0.0,
         applied_removals: tuple[str, ...] = (),
+        changes: Mapping[str, Member | None] | None = None,
     ) -> GuardDecision:
         return GuardDecision(
             members=members,
@@ -338,13 +379,27 @@ class Guard:
             applied_removals=applied_removals,
             released=released,
             self_listed=self_listed,
+            changes=changes,
             _next=mem,
         )
 
     def commit(self, decision: GuardDecision) -> None:
-        """The kernel took ``decision``: remember it (and consume an operator's release)."""
-        if decision._next is not None:
-            self._mem = decision._next
+        """The kernel took ``decision``: remember it (and consume an operator's release).
+        Only the last decision is committed, once: one with ``changes`` changes the applied
+        fleet in place, so a stale one (ValueError) would corrupt it."""
+        nxt = decision._next
+        if nxt is not None:
+            if decision.changes is not None:
+                applied = self._mem.applied
+                if nxt.version != self._mem.version + 1 or applied is None:
+                    raise ValueError("a guard decision committed twice, or after a later one")
+                for i, m in decision.changes.items():
+                    if m is None:
+                        applied.pop(i, None)
+                    else:
+                        applied[i] = m
+                nxt.applied = applied
+            self._mem = nxt
         if decision.released:
             self._release = False
 
@@ -357,10 +412,37 @@ class _Step:
     settings: Settings
     mem: _Memory
     read: Mapping[str, Member]  # the fleet as read
-    cur: dict[str, Member]  # the read, this host included
+    cur: Mapping[str, Member]  # the read, this host included
     prev: dict[str, Member]  # what was applied before
     self_id: str | None
     released: bool  # an operator's release applies this read as it is
+    ids: set[str] | None = None  # the only instances that can differ (None: any)
+
+
+def _difference(s: _Step) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The instance IDs the read lacks (removals) and the new ones (additions), sorted."""
+    prev, cur = s.prev, s.cur
+    if s.ids is None:
+        removed = prev.keys() - cur.keys() - {s.self_id}
+        return tuple(sorted(removed)), tuple(sorted(cur.keys() - prev.keys()))
+    removed = {i for i in s.ids if i in prev and i not in cur and i != s.self_id}
+    return tuple(sorted(removed)), tuple(sorted(i for i in s.ids if i in cur and i not in prev))
+
+
+def _applied(
+    s: _Step, kept: dict[str, Member]
+) -> tuple[Mapping[str, Member], dict[str, Member | None] | None]:
+    """What to apply: the read, this host and ``kept``; as a new dict (the memory's next
+    applied fleet) or, told ``s.ids``, as a view of the applied fleet and its changes."""
+    if s.ids is None:
+        members = s.mem.applied = {**s.cur, **kept}
+        return members, None
+    changes: dict[str, Member | None] = {}
+    for i in s.ids:
+        m = kept[i] if i in kept else s.cur.get(i)
+        if m != s.prev.get(i):
+            changes[i] = m
+    return Patched(s.prev, changes), changes
 
 
 def _note_vanished(s: _Step, container_missing: bool) -> None:
@@ -421,10 +503,10 @@ def _keep(
     removed: tuple[str, ...],
     settling: tuple[str, ...],
     overlay_taken: Callable[[IPv4Address], bool] | None,
-) -> tuple[dict[str, Member], tuple[str, ...]]:
-    """The members to apply while holding, and the held ones: what the read lacks is kept;
-    a held-over member yields to a live one that now owns its overlay IP. Over the limit,
-    the window's earlier removals come back too."""
+) -> dict[str, Member]:
+    """The members kept while holding (none of them in the read): what the read lacks is
+    kept; a held-over member yields to a live one that now owns its overlay IP. Over the
+    limit, the window's earlier removals come back too."""
     keep = {i: s.prev[i] for i in (settling if reason == SETTLE else removed)}
     if reason in (LIMIT, WINDOW, VANISHED):
         keep.update({i: m for i, (_t, m) in s.mem.recent.items() if i not in s.cur})
@@ -437,14 +519,14 @@ def _keep(
         mine = s.cur.get(s.self_id) if s.self_id is not None and s.self_id not in s.read else None
         lookup = overlay_taken
         taken = lambda ip: (mine is not None and ip == mine.overlay_ip) or lookup(ip)  # noqa: E731
-    members = dict(s.cur)
+    kept: dict[str, Member] = {}
     used: set[IPv4Address] = set()
     for i in sorted(keep):
         ip = keep[i].overlay_ip
         if ip not in used and not taken(ip):
-            members[i] = keep[i]
+            kept[i] = keep[i]
             used.add(ip)
-    return members, tuple(sorted(members.keys() - s.cur.keys()))
+    return kept
 
 
 def decide(

@@ -57,7 +57,7 @@ class GuardReport:
         elif g.held:
             log.warning("guard released: applying the fleet as it is now")
             g.held, g.since, g.reason, g.would_remove, g.removed = False, None, "", 0, []
-        if g.last_held_size is not None and len(d.fleet.members) >= g.last_held_size:
+        if g.last_held_size is not None and len(d.members) >= g.last_held_size:
             g.last_held_size = None  # back to (at least) what the guard protected
         if not d.self_listed and not self._self_missing_logged:
             log.warning("this host is not in the fleet read from ZooKeeper (kept in its own view)")
@@ -74,7 +74,7 @@ class GuardReport:
         g.held, g.reason = True, d.reason
         g.would_remove, g.removed = len(d.held_ids), list(d.held_ids)
         if d.reason != guard_mod.GRACE:
-            g.last_held_size = len(d.fleet.members)
+            g.last_held_size = len(d.members)
 
     def _log_hold(self, d: guard_mod.GuardDecision) -> None:
         ids = shown_ids(d.held_ids, 10)

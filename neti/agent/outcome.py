@@ -104,6 +104,8 @@ class Applied:
     # The delta path's member-level change (removed, added); None: the full path.
     delta: tuple[tuple[Member, ...], tuple[Member, ...]] | None
     generation_changed: bool
+    # What the kernel was given, all of it (the reconciler's, changed in place later).
+    applied: Mapping[str, Member]
     fallback: str = ""  # why a change was written in full instead of in place
     # Encryption on: (members with a tunnel peer, members in its scope left in cleartext).
     encryption: tuple[int, int] | None = None

@@ -62,8 +62,9 @@ class Reconciler:
         self.cfg = cfg
         self.guard = guard
         self.read = FleetRead()
-        # What the kernel was given (after the guard); None: nothing yet.
-        self.applied: dict[str, Member] | None = None
+        # What the kernel was given (after the guard; the guard's own dict, changed in place
+        # by its commits); None: nothing yet.
+        self.applied: Mapping[str, Member] | None = None
         # The apply generation the kernel holds, as far as this process wrote it.
         self.generation: int | None = None
         self._on_event = on_event  # kazoo's threads: a watch fired
@@ -76,6 +77,9 @@ class Reconciler:
         self._need_full = True
         self._need_watch = True
         self._revoked: frozenset[str] = frozenset()
+        # Instances whose visible entry may have changed since the last committed decision
+        # (None: a full read, the guard looks at everything).
+        self._touched: set[str] | None = None
         # The release node as last seen by its watch, and as of the last release applied:
         # they differ when an operator ran `neti fleet release-guard` since.
         self._release_seen: object = _UNSET
@@ -129,6 +133,7 @@ class Reconciler:
             container_missing=facts.container_missing,
             meta=self.read.meta,
             overlay_taken=self.read.taken,
+            touched=None if full else self._touched,
         )
         t_apply = self._clock()
         try:
@@ -164,8 +169,11 @@ class Reconciler:
             full = change.relisted
         if full:
             self.read.reset(reg.fleet_snapshot())
+            self._touched = None
         else:
             self.read.apply(change)
+            touched = {m.instance_id for m in (*change.added, *change.removed)}
+            self._touched = touched.union(ctx.revoked ^ self._revoked)
         self._revoked = ctx.revoked
         facts = ReadFacts(
             max_change=ctx.max_change,
@@ -235,7 +243,8 @@ class Reconciler:
         self.generation = result.generation
         self._need_full = False
         self.guard.commit(decision)
-        self.applied = dict(decision.members)
+        applied = self.applied = self.guard.applied
+        assert applied is not None  # a decision was committed
         revoked = sorted(i for i in self._revoked if i in self.read.members)
         return Applied(
             reason=reason,
@@ -249,6 +258,7 @@ class Reconciler:
             meta=count_revoked(self.read.meta, revoked),
             delta=delta,
             generation_changed=generation_changed,
+            applied=applied,
             fallback=fallback,
             encryption=self._model.encryption_counts() if self._model is not None else None,
             phases=phases,
@@ -274,18 +284,22 @@ class Reconciler:
         prev, model = self.applied, self._model
         if not full and prev is not None and model is not None:
             if model.self_overlay == me.overlay_ip and model.wg_key == me.wg_key:
-                return self._write_delta(backend, model, prev, decision.members, change)
+                return self._write_delta(backend, model, prev, decision, change)
         return self._write_full(backend, decision.members, me, phases)
 
     def _write_delta(
         self,
         backend: DataplanePort,
         model: DesiredModel,
-        prev: dict[str, Member],
-        new: Mapping[str, Member],
+        prev: Mapping[str, Member],
+        decision: guard_mod.GuardDecision,
         change: FleetChange,
     ) -> Written:
-        ids = prev.keys() ^ new.keys()
+        new = decision.members
+        if decision.changes is not None:  # the guard's O(change) decision
+            ids = set(decision.changes)
+        else:
+            ids = prev.keys() ^ new.keys()
         ids.update(m.instance_id for m in change.added)
         ids.update(m.instance_id for m in change.removed)
         removed = tuple(prev[i] for i in ids if i in prev and new.get(i) != prev[i])

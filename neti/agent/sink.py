@@ -203,21 +203,18 @@ class StatusSink:
 
     def _keep_rows(self, o: Applied) -> None:
         """The state file's fleet follows the kernel's: per change, or reset in full."""
-        self.members = len(o.decision.members)
-        rows = self.file.rows
-        if o.delta is None:
-            if rows is None:
-                rows = self.file.rows = state_mod.FleetRows()
-            rows.reset(o.decision.members.values())
-        elif rows is not None:
-            rows.update(*o.delta)
+        self.members = len(o.applied)
+        if o.delta is None or self.file.applied is None:
+            self.file.reset(o.applied)
+        else:
+            self.file.changed(o.applied, *o.delta)
 
     def _applied_metrics(self, o: Applied, now: float) -> None:
         m = self.metrics
         m.reconcile_duration.observe(o.duration)
         m.last_success.set(now)
-        if self.file.rows is not None:
-            m.set_members(dict(sorted(self.file.rows.by_network.items())))
+        if self.file.applied is not None:
+            m.set_members(dict(sorted(self.file.by_network.items())))
         m.set_skipped(self.state.skipped_by_reason)
         m.claims_excess.set(self.state.claims_excess)
         m.set_encryption(o.encryption)

@@ -1,20 +1,24 @@
 """The agent's side of the state file and the runtime record (neti/state.py has the format).
 
 Written at once for ZooKeeper state, guard holds and errors; while members change one by
-one, at most every STATE_FLEET_INTERVAL (a burst of joins costs one write: at 16k members
-the fleet part is what costs, kept as per-member rows). A write that fails (a full or
-read-only state_dir) is said in the runtime record, on tmpfs, and tried again every
-STATE_RETRY, so ``neti status`` is right within seconds of the space coming back.
+one, at most every STATE_FLEET_INTERVAL (a burst of joins costs one write). A member's
+change appends one line to the journal (O(change), neti/state.py); the whole file is
+written again after a full apply, when the journal outgrows it, and after a failed write. A
+write that fails (a full or read-only state_dir) is said in the runtime record, on tmpfs,
+and tried again every STATE_RETRY, so ``neti status`` is right within seconds of the space
+coming back.
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 
 from neti import state as state_mod
 from neti.config import Config
+from neti.fleet.model import Member
 from neti.identity import Identity
 
 log = logging.getLogger("neti.agent")
@@ -27,6 +31,9 @@ STATE_FLEET_INTERVAL = 1.0
 STATE_QUIET_INTERVAL = 10.0
 # A state file write that failed is tried again this often.
 STATE_RETRY = 1.0
+# The journal is compacted (the state file written whole) once it is larger than the state
+# file and this: the bytes written per change stay O(change), amortized.
+JOURNAL_MIN_BYTES = 1 << 20
 
 
 class StateFile:
@@ -47,7 +54,14 @@ class StateFile:
             state_dir=cfg.state_dir,
         )
         self.runtime_path = state_mod.runtime_path(cfg.runtime_dir, cfg.state_dir)
-        self.rows: state_mod.FleetRows | None = None  # the fleet, per member (None: state's)
+        # The applied fleet (the reconciler's, changed in place; None: state.fleet's).
+        self.applied: Mapping[str, Member] | None = None
+        self.by_network: dict[str, int] = {}  # its members per network (metrics)
+        # Changes since the last write: instance ID -> its member now (None: removed).
+        self._pending: dict[str, Member | None] = {}
+        self._compact = True  # the next write is whole (no journal of ours continues it)
+        self._base_bytes = 0  # size of the state file last written whole
+        self._journal_bytes = 0  # size of the journal continuing it
         self.save_due: float | None = None  # a debounced write is pending
         self.fleet_saved = 0.0  # monotonic time the fleet was last written
 
@@ -72,6 +86,33 @@ class StateFile:
         self.state.overlay_ip = saved.overlay_ip
         self.state.guard = saved.guard
         return saved
+
+    # ------------------------------------------------------------------ the fleet
+    def reset(self, applied: Mapping[str, Member]) -> None:
+        """The full path: ``applied`` is the whole fleet (written whole next time)."""
+        self.applied = applied
+        self._pending.clear()
+        self._compact = True
+        self.by_network = {}
+        for m in applied.values():
+            self.by_network[m.network] = self.by_network.get(m.network, 0) + 1
+
+    def changed(
+        self, applied: Mapping[str, Member], removed: Iterable[Member], added: Iterable[Member]
+    ) -> None:
+        """The delta path: these members left and joined ``applied`` (O(change))."""
+        self.applied = applied
+        count = self.by_network
+        for m in removed:
+            self._pending[m.instance_id] = None
+            n = count.get(m.network, 0) - 1
+            if n > 0:
+                count[m.network] = n
+            else:
+                count.pop(m.network, None)
+        for m in added:
+            self._pending[m.instance_id] = m
+            count[m.network] = count.get(m.network, 0) + 1
 
     def save_within(self, seconds: float) -> None:
         due = time.monotonic() + seconds
@@ -103,14 +144,36 @@ class StateFile:
         if tagging is not None:
             self.state.tagging = tagging
         try:
-            state_mod.write(self.cfg.state_dir, self.state, rows=self.rows)
+            self._write()
         except OSError as exc:
+            self._compact = True  # a journal line may be torn: start over whole
             self._unwritten(exc.strerror or str(exc))
             return
         if self.runtime.state_error is not None:
             log.warning("state file written again in %s", self.cfg.state_dir)
             self.runtime.state_error = self.runtime.state_error_since = None
             self.write_runtime()
+
+    def _write(self) -> None:
+        """A journal line, or the whole state file and a new journal (compaction)."""
+        d = self.cfg.state_dir
+        if not self._compact and self._journal_bytes <= max(self._base_bytes, JOURNAL_MIN_BYTES):
+            pending = self._pending
+            line = state_mod.journal_line(
+                self.state,
+                (i for i, m in pending.items() if m is None),
+                (m for m in pending.values() if m is not None),
+            )
+            state_mod.append_journal(d, line)
+            self._journal_bytes += len(line)
+            pending.clear()
+            return
+        journal = secrets.token_hex(8)
+        members = self.applied.values() if self.applied is not None else None
+        self._base_bytes = state_mod.write(d, self.state, members, journal).stat().st_size
+        self._pending.clear()  # the state file holds them; the journal of another id is dead
+        self._journal_bytes = state_mod.start_journal(d, journal)
+        self._compact = False  # only now may lines follow (to a journal of this id)
 
     def _unwritten(self, error: str) -> None:
         """Say so in the runtime record (once per error), and try again soon."""

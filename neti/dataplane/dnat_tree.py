@@ -9,12 +9,12 @@ LEAF_MAX DNAT rules. Why this shape: docs/decisions.md ("Dataplane").
 ``nat_chains`` renders the tree as a pure function of the whole DNAT map. ``DnatTree`` keeps
 it as last written and finds the chains one member's change touches without reading the
 kernel: at each node on the path to the changed overlay IP, the node's own rules are
-recomputed from the items under its prefix (a bisect in a sorted list, then one pass over
-that slice). While they stay the same the walk goes one level down; the first node whose
-rules change is re-rendered with its whole subtree (``node``), usually just the leaf holding
-the address. The result is the same chains ``nat_chains`` renders for the new map
-(tests/dataplane/test_delta.py checks it), so the resync's full compare finds nothing to
-rewrite.
+recomputed from how many items fall under each child prefix (two bisects in a sorted list
+per child: O(log N), never a pass over the node's items). While they stay the same the walk
+goes one level down; the first node whose rules change is re-rendered with its whole
+subtree (``node``), usually just the leaf holding the address. The result is the same
+chains ``nat_chains`` renders for the new map (tests/dataplane/test_delta.py checks it), so
+the resync's full compare finds nothing to rewrite.
 """
 
 from __future__ import annotations
@@ -128,7 +128,11 @@ def lookup_costs(chains: Mapping[str, list[str]], root: str = NAT_CHAIN) -> dict
 class DnatTree:
     """The DNAT tree as last written to the kernel, kept in step with each change."""
 
-    def __init__(self, d: DesiredState, full_apply: int = 0):
+    def __init__(
+        self, d: DesiredState, full_apply: int = 0, chains: dict[str, list[str]] | None = None
+    ):
+        """``chains``: ``nat_chains(d)`` when the caller rendered it already (the full
+        apply does; the tree takes it over and changes it)."""
         self.full_apply = full_apply  # the backend's full apply this tree starts from
         subnet = d.overlay_subnet
         self.prefixlen = subnet.prefixlen
@@ -137,21 +141,29 @@ class DnatTree:
         self.keys = sorted(self.items)
         # Mappings outside the overlay subnet only come from hand-built states: not handled.
         self.flat_outside = any(not self.lo <= k <= self.hi for k in self.keys)
-        self.chains = nat_chains(d)
+        self.chains = chains if chains is not None else nat_chains(d)
 
     def _slice(self, lo: int, hi: int) -> list[int]:
         i = bisect.bisect_left(self.keys, lo)
         j = bisect.bisect_right(self.keys, hi)
         return self.keys[i:j]
 
-    def _jumps(self, prefixlen: int, keys: list[int]) -> tuple[list[str], int, list[int]]:
-        """A split node's jump rules (as node renders them), the child level, the groups."""
+    def _count(self, lo: int, hi: int) -> int:
+        """How many items lie in [lo, hi] (O(log N))."""
+        return bisect.bisect_right(self.keys, hi) - bisect.bisect_left(self.keys, lo)
+
+    def _jumps(self, prefixlen: int, lo: int, hi: int) -> tuple[list[str], int, list[int]]:
+        """A split node's jump rules (as node renders them), the child level, the groups:
+        the child prefixes holding items, found by counting (at most 16 per level)."""
         while True:
             prefixlen = min(32, prefixlen + FANOUT_BITS)
             shift = 32 - prefixlen
-            groups = sorted({k >> shift << shift for k in keys})
+            step = 1 << shift
+            start = lo >> shift << shift
+            groups = [n for n in range(start, hi + 1, step) if self._count(n, n + step - 1)]
             if len(groups) > 1 or prefixlen >= 32:
                 break
+            lo, hi = groups[0], groups[0] + step - 1  # all under one child: look below it
         rules = [
             f"-d {IPv4Address(net)}/{prefixlen} -g {sub_chain_name(net, prefixlen)}"
             for net in groups
@@ -206,10 +218,9 @@ class DnatTree:
     def _walk(self, k: int) -> tuple[dict[str, list[str]], set[str]]:
         name, prefixlen, lo, hi = NAT_CHAIN, self.prefixlen, self.lo, self.hi
         while True:
-            keys = self._slice(lo, hi)
             old = self.chains.get(name)
-            if len(keys) > LEAF_MAX and prefixlen < 32:
-                rules, level, groups = self._jumps(prefixlen, keys)
+            if self._count(lo, hi) > LEAF_MAX and prefixlen < 32:
+                rules, level, groups = self._jumps(prefixlen, lo, hi)
                 if rules == old:
                     shift = 32 - level
                     net = k >> shift << shift
@@ -221,6 +232,7 @@ class DnatTree:
                     prefixlen, lo, hi = level, net, net + (1 << shift) - 1
                     continue
             # This node changes: re-render it with its subtree, as nat_chains would.
+            keys = self._slice(lo, hi)
             chains: dict[str, list[str]] = {name: []}
             chains[name] = node(chains, prefixlen, [(i, self.items[i]) for i in keys])
             before = self._subtree(name) if old is not None else []

@@ -476,6 +476,11 @@ class IptablesBackend(Backend):
         set_script, set_changes = ipset.render(sets, allow, tunnel)
         jumps = jump_specs(desired)
         chains = desired_chains(desired)
+        # A full apply's render is the DNAT tree's start (_write_delta), not rendered again.
+        self._nat_render: tuple[DesiredState | None, dict[str, list[str]] | None] = (
+            desired,
+            chains["nat"],
+        )
         first = desired.chain_first
         fp = plan_table(
             "filter", tables["filter"], chains["filter"], jumps["filter"], with_diff, first
@@ -586,7 +591,10 @@ class IptablesBackend(Backend):
             return None
         tree = getattr(self, "_dnat_tree", None)
         if tree is None or tree.full_apply != self.full_applies:
-            tree = DnatTree(self.applied, self.full_applies)
+            rendered, chains = getattr(self, "_nat_render", (None, None))
+            self._nat_render = (None, None)
+            start = chains if rendered is self.applied else None
+            tree = DnatTree(self.applied, self.full_applies, start)
             self._dnat_tree: DnatTree | None = tree
         changed = tree.change(list(delta.dnat_del), list(delta.dnat_set))
         if changed is None:

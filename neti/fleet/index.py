@@ -36,6 +36,39 @@ from neti.fleet.screen import (
 
 Key = tuple[str, str]  # (parent path, node name), as screen.Candidate.key
 Skip = tuple[str, str]  # (reason code, text)
+# Entries grouped by instance ID or overlay IP: nearly always one, so one key alone, and a
+# set only for several (a set per member would cost ~200 bytes each at 64k members).
+Group = Key | set[Key]
+
+
+def _group_add(groups: dict[Any, Group], at: Any, key: Key) -> None:
+    g = groups.get(at)
+    if g is None:
+        groups[at] = key
+    elif isinstance(g, tuple):
+        if g != key:
+            groups[at] = {g, key}
+    else:
+        g.add(key)
+
+
+def _group_discard(groups: dict[Any, Group], at: Any, key: Key) -> None:
+    g = groups.get(at)
+    if isinstance(g, tuple):
+        if g == key:
+            del groups[at]
+    elif g is not None:
+        g.discard(key)
+        if len(g) <= 1:
+            del groups[at]
+            for one in g:
+                groups[at] = one
+
+
+def _keys(g: Group | None) -> tuple[Key, ...] | set[Key]:
+    if g is None:
+        return ()
+    return (g,) if isinstance(g, tuple) else g
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,10 +161,10 @@ class FleetIndex:
         self.on_skip = on_skip
         self._names: dict[str, set[str]] = {members_parent: set(), legacy_parent: set()}
         self._entries: dict[Key, _Entry] = {}
-        self._by_id: dict[str, set[Key]] = {}  # passing members entries by instance ID
+        self._by_id: dict[str, Group] = {}  # passing members entries by instance ID
         self._id_winner: dict[str, tuple[Key, IPv4Address]] = {}
         self._id_skips: dict[str, list[Skip]] = {}
-        self._kept: dict[IPv4Address, set[Key]] = {}  # legacy passing + instance winners
+        self._kept: dict[IPv4Address, Group] = {}  # legacy passing + instance winners
         self._ov_skips: dict[IPv4Address, list[Skip]] = {}
         self._final: dict[IPv4Address, Member] = {}
         self._counts: dict[str, int] = {}
@@ -276,7 +309,7 @@ class FleetIndex:
                 "names without an entry"
             )
         for ov, m in sorted(self._final.items()):
-            if not any(self._backs(k, m) for k in self._kept.get(ov, ())):
+            if not any(self._backs(k, m) for k in _keys(self._kept.get(ov))):
                 problems.append(
                     f"member {m.instance_id} ({ov}) is in the fleet without a listed, "
                     "verified entry"
@@ -432,20 +465,11 @@ class FleetIndex:
         if entry.passing and entry.cand is not None:
             m = entry.cand.member
             if m.legacy:
-                self._kept_discard(m.overlay_ip, key)
+                _group_discard(self._kept, m.overlay_ip, key)
                 dirty_ovs.add(m.overlay_ip)
             else:
-                group = self._by_id.get(m.instance_id)
-                if group is not None:
-                    group.discard(key)
+                _group_discard(self._by_id, m.instance_id, key)
                 dirty_ids.add(m.instance_id)
-
-    def _kept_discard(self, ov: IPv4Address, key: Key) -> None:
-        group = self._kept.get(ov)
-        if group is not None:
-            group.discard(key)
-            if not group:
-                del self._kept[ov]
 
     def _enter(
         self,
@@ -472,10 +496,10 @@ class FleetIndex:
         entry.passing = True
         m = got.member
         if m.legacy:
-            self._kept.setdefault(m.overlay_ip, set()).add(got.key)
+            _group_add(self._kept, m.overlay_ip, got.key)
             dirty_ovs.add(m.overlay_ip)
         else:
-            self._by_id.setdefault(m.instance_id, set()).add(got.key)
+            _group_add(self._by_id, m.instance_id, got.key)
             dirty_ids.add(m.instance_id)
 
     def _member(self, key: Key) -> Member:
@@ -488,11 +512,11 @@ class FleetIndex:
         for iid in dirty_ids:
             old = self._id_winner.pop(iid, None)
             if old is not None:
-                self._kept_discard(old[1], old[0])
+                _group_discard(self._kept, old[1], old[0])
                 dirty_ovs.add(old[1])
             for skip in self._id_skips.pop(iid, []):
                 self._count(skip, -1)
-            keys = sorted(self._by_id.get(iid, ()))
+            keys = sorted(_keys(self._by_id.get(iid)))
             if not keys:
                 self._by_id.pop(iid, None)
                 continue
@@ -500,7 +524,7 @@ class FleetIndex:
             ms = [self._member(k) for k in keys]
             if same_addrs(ms):
                 self._id_winner[iid] = (keys[0], ms[0].overlay_ip)
-                self._kept.setdefault(ms[0].overlay_ip, set()).add(keys[0])
+                _group_add(self._kept, ms[0].overlay_ip, keys[0])
                 dirty_ovs.add(ms[0].overlay_ip)
                 continue
             self._id_skips[iid] = [
@@ -512,7 +536,7 @@ class FleetIndex:
                 self._before[ov] = self._final.get(ov)
             for skip in self._ov_skips.pop(ov, []):
                 self._count(skip, -1)
-            held = self._kept.get(ov, set())
+            held = _keys(self._kept.get(ov))
             # Legacy entries first, each kind in node-name order (as build_fleet sees them).
             ordered = sorted(held, key=lambda k: (k[0] != self.legacy_parent, k[1]))
             winner, skips = overlay_winner(ov, [self._member(k) for k in ordered])

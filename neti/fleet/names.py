@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import sys
 
 from neti.fleet import addr
 from neti.fleet.addr import MalformedEntry
@@ -81,7 +82,7 @@ def decode_member(name: str) -> Member:
     try:
         return Member(
             instance_id=addr.label(instance_id, "instance ID"),
-            network=addr.label(network, "network"),
+            network=sys.intern(addr.label(network, "network")),  # a few, each shared
             public_ip=addr.host_ip(public, "public IP"),
             private_ip=addr.host_ip(private, "private IP"),
             overlay_ip=addr.host_ip(overlay, "overlay IP"),

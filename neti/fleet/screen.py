@@ -21,7 +21,7 @@ Rules, in order (docs/zookeeper-layout.md, "What a reader accepts"):
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any, TypeVar
 
@@ -39,10 +39,11 @@ class Candidate:
     parent: str
     name: str
     member: Member
+    # (parent, name), made once: the index keeps it in several places, one tuple for all.
+    key: tuple[str, str] = field(init=False, repr=False, compare=False)
 
-    @property
-    def key(self) -> tuple[str, str]:
-        return (self.parent, self.name)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", (self.parent, self.name))
 
 
 @dataclass(frozen=True, slots=True)

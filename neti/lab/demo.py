@@ -38,6 +38,7 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any, TypeVar
 
+from neti import state as state_mod
 from neti.dataplane.system import REFUSE_ENV
 from neti.lab import netns
 from neti.lab.netns import LabError
@@ -528,10 +529,12 @@ class Lab:
         return r.returncode, (r.stdout + r.stderr).rstrip()
 
     def state(self, host: str) -> dict[str, Any] | None:
+        """The host's state file as its JSON says it, with the journal's lines replayed."""
         try:
-            return json.loads((self.state_dir(host) / "state.json").read_text())
-        except (OSError, ValueError):
+            st = state_mod.read(self.state_dir(host))
+        except state_mod.StateFileError:
             return None
+        return st.to_dict() if st is not None else None
 
     def overlay_ip(self, host: str) -> str | None:
         st = self.state(host)

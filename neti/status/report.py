@@ -302,6 +302,15 @@ def _registry_checks(state: AgentState) -> list[Check]:
                 "id-to-ip partner) drain the pool: neti fleet audit, neti fleet prune",
             )
         )
+    if state.journal_skipped > 0:
+        out.append(
+            Check(
+                "state",
+                WARNING,
+                f"{state.journal_skipped} damaged lines of the state journal skipped (the "
+                "fleet shown is as of the line before; the agent's next full write repairs it)",
+            )
+        )
     if state.tagging.startswith("failed"):
         # Tags feed fleet audits, not the dataplane: shown, but not worth a page.
         out.append(Check("tagging", OK, f"EC2 tagging {state.tagging}"))

@@ -1,11 +1,14 @@
 """Guard.decide_read (the agent's delta path) decides exactly as Guard.decide on the same
-reads, also when it is told which overlay IPs the read holds instead of scanning it."""
+reads, also when it is told which overlay IPs the read holds instead of scanning it, and
+when it is told which instances changed (O(change): a view of the applied fleet, changed in
+place on commit)."""
 
 from __future__ import annotations
 
 from collections import Counter
 from ipaddress import IPv4Address as A
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -41,21 +44,56 @@ def test_decide_read_equals_decide(
     me = (
         Member("i-me", "n", A("100.64.1.1"), A("10.0.1.1"), A("192.168.0.3")) if with_self else None
     )
-    c1, c2 = Clock(), Clock()
-    g1, g2 = Guard(clock=c1), Guard(clock=c2)
+    c1, c2, c3 = Clock(), Clock(), Clock()
+    g1, g2, g3 = Guard(clock=c1), Guard(clock=c2), Guard(clock=c3)
+    last: dict[str, Member] = {}
     for step, ms in enumerate(reads):
         read = {m.instance_id: m for m in ms}  # one entry per instance, like the registry
         fleet = Fleet(members=tuple(read.values()))
         overlays = Counter(m.overlay_ip for m in read.values())
+        touched = {i for i in read.keys() | last.keys() if read.get(i) != last.get(i)}
         d1 = g1.decide(fleet, s, me)
         d2 = g2.decide_read(read, s, me, overlay_taken=overlays.__contains__)
-        assert dict(d1.members) == dict(d2.members)
-        assert (d1.held_ids, d1.reason, d1.applied_removals) == (
-            d2.held_ids,
-            d2.reason,
-            d2.applied_removals,
-        )
-        g1.commit(d1)
-        g2.commit(d2)
-        c1.t += 1.5 + step
-        c2.t += 1.5 + step
+        d3 = g3.decide_read(read, s, me, overlay_taken=overlays.__contains__, touched=touched)
+        for d in (d2, d3):
+            assert dict(d1.members) == dict(d.members)
+            assert len(d1.members) == len(d.members)
+            assert (d1.held_ids, d1.reason, d1.applied_removals, d1.removed, d1.added) == (
+                d.held_ids,
+                d.reason,
+                d.applied_removals,
+                d.removed,
+                d.added,
+            )
+            assert (d1.limit, d1.baseline, d1.window_removals) == (
+                d.limit,
+                d.baseline,
+                d.window_removals,
+            )
+        if step and me is None:
+            # Only what changed (and what the window holds) was looked at.
+            assert d3.changes is not None
+            assert set(d3.changes) <= touched | set(d3.held_ids) | set(d3.applied_removals)
+        for g, d in ((g1, d1), (g2, d2), (g3, d3)):
+            g.commit(d)
+        assert g3.applied == dict(d1.members)  # changed in place, as the full path replaced it
+        last = read
+        for c in (c1, c2, c3):
+            c.t += 1.5 + step
+
+
+def test_a_stale_decision_is_refused() -> None:
+    """An O(change) decision changes the applied fleet in place: committing it after a later
+    one (or twice) would corrupt it, and raises instead."""
+    s = Settings(max_change=5)
+    a, b = (
+        Member(i, "n", A("100.64.0.1"), A("10.0.0.1"), A(f"192.168.0.{n}"))
+        for i, n in (("i-a", 1), ("i-b", 2))
+    )
+    g = Guard(clock=Clock())
+    g.commit(g.decide_read({"i-a": a}, s))
+    d = g.decide_read({"i-a": a, "i-b": b}, s, touched={"i-b"})
+    assert d.changes == {"i-b": b}
+    g.commit(d)
+    with pytest.raises(ValueError):
+        g.commit(d)

@@ -12,6 +12,7 @@ import pytest
 from neti import config
 from neti import state as state_mod
 from neti.agent import guard as guard_mod
+from neti.agent import statefile
 from neti.agent.outcome import (
     Abandoned,
     Applied,
@@ -89,6 +90,7 @@ def applied(
         meta=Fleet(),
         delta=delta,
         generation_changed=True,
+        applied=d.members,
     )
 
 
@@ -127,6 +129,44 @@ def test_a_change_is_written_soon_and_nothing_changed_within_the_quiet_interval(
     sink.flush()  # what the dataplane lock's on_busy does
     st = saved(sink)
     assert st.fleet is not None and len(st.fleet.members) == 4 and sink.save_due is None
+
+
+def test_changes_are_journal_lines_and_the_journal_is_compacted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A member's change appends a line; once the journal outgrows the state file, or after
+    a write that failed, the state file is written whole and the journal starts again."""
+    monkeypatch.setattr(statefile, "JOURNAL_MIN_BYTES", 0)
+    sink, _ = make_sink(tmp_path)
+    journal = Path(sink.cfg.state_dir) / state_mod.JOURNAL
+    fleet = [member(i) for i in range(3)]
+    sink.reconciled(applied(fleet))
+    assert journal.read_bytes().count(b"\n") == 1  # the header only
+    sizes = []
+    for i in range(10, 16):
+        prev, fleet = fleet, [*fleet, member(i)]
+        sink.reconciled(applied(fleet, prev, delta=((), (member(i),))))
+        sink.flush()
+        sizes.append(journal.stat().st_size)
+        st = saved(sink)
+        assert st.fleet is not None and st.fleet.members == tuple(sorted(fleet))
+        assert st.journal_skipped == 0
+    assert max(sizes) < 2 * state_mod.path_for(sink.cfg.state_dir).stat().st_size
+    assert min(sizes) < sizes[0] or sizes[-1] < max(sizes)  # compacted along the way
+
+    def refuse(*_a: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(state_mod, "append_journal", refuse)
+        prev, fleet = fleet, fleet[1:]
+        sink.reconciled(applied(fleet, prev, delta=((prev[0],), ())))
+        sink.flush()
+    assert sink.file.runtime.state_error is not None
+    sink.save()  # the retry: written whole
+    st = saved(sink)
+    assert st.fleet is not None and st.fleet.members == tuple(sorted(fleet))
+    assert journal.read_bytes().count(b"\n") == 1 and sink.file.runtime.state_error is None
 
 
 def test_a_failed_read_is_saved_and_logged(

@@ -172,6 +172,13 @@ def test_excess_claims_are_a_warning_and_round_trip_the_state_file() -> None:
     assert to_dict(r)["claims_excess"] == 1999
 
 
+def test_a_damaged_state_journal_is_a_warning() -> None:
+    s = healthy()
+    s.journal_skipped = 2
+    r = run(s)
+    assert r.code == WARNING and "2 damaged lines of the state journal skipped" in r.summary
+
+
 def test_zookeeper_away_is_warning() -> None:
     for zk in ("suspended", "lost", "connecting"):
         s = healthy()
