@@ -1,4 +1,4 @@
-"""Reading the local files a config names, without ever blocking on one that is not a file.
+"""Local files: read without ever blocking on one that is not a file, replaced atomically.
 
 A FIFO, a directory or a device given where Neti expects a file (the config, a certificate,
 a key, a credentials file, the log file) must be refused at once: ``open()`` on a FIFO waits
@@ -7,6 +7,10 @@ opened with ``O_NONBLOCK`` (which makes opening a FIFO return at once), checked 
 ``fstat`` to be regular, and read up to a bound. The errors are ``OSError`` with a
 ``strerror`` that names what the path is, so callers' existing "cannot read: ..." lines
 say it.
+
+Every file the agent writes (the state file, the saved session, the WireGuard key, the
+verdict cache) is replaced whole with ``replace_atomic``: a reader or a crash sees the old
+file or the new one, never a torn one.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import tempfile
+from pathlib import Path
 
 
 class NotRegularFileError(OSError):
@@ -79,3 +85,31 @@ def check_writable_target(path: str | os.PathLike[str]) -> None:
         return
     if not stat.S_ISREG(mode):
         raise _refuse(mode)
+
+
+def replace_atomic(
+    path: str | os.PathLike[str], data: bytes, mode: int, sync_dir: bool = True
+) -> Path:
+    """``path`` replaced by ``data`` with ``mode``: a temporary file beside it, fsync, rename,
+    then (``sync_dir``) the directory fsync'd so the rename survives a crash. The temporary
+    file is created 0600 (mkstemp), so a secret is never readable on the way."""
+    target = Path(path)
+    d = target.parent
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=d)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    if sync_dir:
+        dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    return target

@@ -425,27 +425,8 @@ def append_journal(state_dir: str | os.PathLike[str], line: bytes) -> None:
 
 
 def _replace(d: Path, name: str, data: bytes) -> Path:
-    """``d/name`` replaced by ``data``: tmp + fsync + rename + directory fsync."""
-    fd, tmp = tempfile.mkstemp(prefix=".state.", suffix=".tmp", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, d / name)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-    return d / name
+    """``d/name`` replaced by ``data``, atomically and durably (files.replace_atomic)."""
+    return files.replace_atomic(d / name, data, 0o644)
 
 
 def _depth_over(text: str, limit: int) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import stat
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -199,3 +200,22 @@ def test_a_log_file_that_is_a_fifo_is_refused_and_logging_goes_on(
             if h not in before:
                 root.removeHandler(h)
                 h.close()
+
+
+def test_replace_atomic_writes_whole_with_the_mode_and_leaves_nothing_on_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / "state.json"
+    target.write_bytes(b"old")
+    files.replace_atomic(target, b"new", 0o600)
+    assert target.read_bytes() == b"new"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+
+    def refuse(src: object, dst: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(files.os, "replace", refuse)
+    with pytest.raises(OSError):
+        files.replace_atomic(target, b"newer", 0o644)
+    assert target.read_bytes() == b"new"  # the old file, whole
+    assert [p.name for p in tmp_path.iterdir()] == ["state.json"]  # no temporary left

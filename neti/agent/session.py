@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from neti import files
 
 FILENAME = "session.json"
 MAX_BYTES = 4096
@@ -51,20 +52,7 @@ def save(state_dir: str | os.PathLike[str], session: SavedSession) -> None:
             "timeout": session.timeout,
         }
     ).encode()
-    fd, tmp = tempfile.mkstemp(prefix=".session.", suffix=".tmp", dir=d)  # mkstemp: 0600
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, d / FILENAME)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    files.replace_atomic(d / FILENAME, data, 0o600, sync_dir=False)
 
 
 def load(state_dir: str | os.PathLike[str]) -> SavedSession | None:

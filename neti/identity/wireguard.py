@@ -22,7 +22,6 @@ import base64
 import errno
 import os
 import stat
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -121,26 +120,8 @@ def _read_own(path: str) -> bytes:
 
 
 def _write(path: Path, pair: KeyPair) -> None:
-    d = path.parent
-    d.mkdir(parents=True, exist_ok=True, mode=0o755)
-    fd, tmp = tempfile.mkstemp(prefix=".wireguard.", suffix=".tmp", dir=d)  # mode 0600
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(pair.private_b64().encode("ascii") + b"\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    files.replace_atomic(path, pair.private_b64().encode("ascii") + b"\n", 0o600)
 
 
 def load_or_create(state_dir: str | os.PathLike[str]) -> tuple[KeyPair, bool]:

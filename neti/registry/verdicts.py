@@ -41,7 +41,6 @@ import logging
 import os
 import stat
 import struct
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -210,19 +209,8 @@ class VerdictCache:
         self._saved_at, self._dirty, self.problem = now, False, None
 
     def _write(self, data: bytes) -> None:
-        d = self.path.parent
-        d.mkdir(parents=True, exist_ok=True, mode=0o755)
-        fd, tmp = tempfile.mkstemp(prefix=".verdicts.", suffix=".tmp", dir=d)  # 0600
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o600)
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        files.replace_atomic(self.path, data, 0o600, sync_dir=False)
 
     # --- checking ---
     def check(self, name: str, data: bytes, owner: int | None) -> str | None:
