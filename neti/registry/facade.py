@@ -459,6 +459,12 @@ class Registry:
         }
 
     @property
+    def reverify_held(self) -> int:
+        """Member nodes' data changes not read at once so far (pace.py): a host rewriting
+        its own node faster than the re-verify interval."""
+        return self._watch.stats.reverify_held if self._watch is not None else 0
+
+    @property
     def watch_stats(self) -> WatchStats | None:
         """What following the fleet cost so far (events, lists, stat checks, bytes)."""
         return self._watch.stats if self._watch is not None else None
