@@ -262,6 +262,7 @@ class FleetWatch:
         self.pace = ReverifyPace(reverify_min_interval, clock)
         self._pace_timer: threading.Timer | None = None  # set and cleared on the agent's thread
         self._pace_fired = False  # set by the timer's thread
+        self._pace_at = 0.0  # when the pace's timer is due (pace's clock)
 
     # --- the facade's calls ---
     def start(self, on_event: Callable[[], object]) -> FleetChange:
@@ -626,7 +627,10 @@ class FleetWatch:
         if self._pace_fired:  # the held changes due by now were just read
             self._pace_fired, self._pace_timer = False, None
         due = self.pace.next_due()
-        if self._pace_timer is None and due is not None:
+        if due is not None and (self._pace_timer is None or due < self._pace_at):
+            if self._pace_timer is not None:
+                self._pace_timer.cancel()  # a node held after it is due sooner
+            self._pace_at = due
             self._pace_timer = _timer(due - self.pace.clock(), self._pace_fire)
         return self.index.take_change()
 

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterable
 from ipaddress import IPv4Address, IPv4Network
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kazoo.protocol.connection import CHANGED_EVENT
@@ -282,3 +283,30 @@ def test_the_pace_remembers_only_recent_nodes() -> None:
     clock.now += 1.0
     pace.commit([], [], clock.now)
     assert not pace._last and pace.next_due() is None
+
+
+def test_a_node_due_sooner_than_the_timer_moves_the_timer_earlier() -> None:
+    """The timer is set for the first held node; a node held later but due sooner (its
+    last read was longer ago) must not wait for it."""
+    zk, fw, verifier, clock = make(interval=1.0)
+    zk.write(M, name(1))
+    zk.write(M, name(2))
+    fw.start(lambda: None)
+    try:
+        zk.set(M, name(2), b"a")  # read at 100.0
+        zk.deliver()
+        fw.changes()
+        clock.now += 0.6
+        zk.set(M, name(1), b"a")  # read at 100.6
+        zk.deliver()
+        fw.changes()
+        zk.set(M, name(1), b"b")  # held: due 101.6, the timer set for it
+        zk.deliver()
+        fw.changes()
+        assert fw._pace_at == pytest.approx(101.6)
+        zk.set(M, name(2), b"b")  # held: due 101.0, sooner
+        zk.deliver()
+        fw.changes()
+        assert fw._pace_at == pytest.approx(101.0) and fw.pace.held == 2
+    finally:
+        fw.close()
