@@ -40,7 +40,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from kazoo.exceptions import NoNodeError, UnimplementedError
@@ -220,6 +220,17 @@ class _Dir:
     czxid: int | None = None
     cversion: int = 0
     relist: bool = False
+
+
+@dataclass
+class _Batch:
+    """Events taken together, sorted: per container, each name's (present, read again)."""
+
+    touched: dict[str, dict[str, tuple[bool, bool]]] = field(default_factory=dict)
+    emptied: set[str] = field(default_factory=set)  # containers deleted (their names all go)
+    bumps: dict[str, int] = field(default_factory=dict)  # children created or deleted
+    created: set[Key] = field(default_factory=set)  # names created or deleted (never paced)
+    data: dict[Key, int] = field(default_factory=dict)  # data-change events per name
 
 
 class Bounded(Protocol):
@@ -424,20 +435,46 @@ class FleetWatch:
         held data changes now due; the containers' and the pace's bookkeeping follow only
         once the index took it."""
         by_dir: dict[str, _Dir] = {d.path: d for d in self.dirs}
-        touched: dict[str, dict[str, tuple[bool, bool]]] = {}
-        emptied: set[str] = set()  # containers deleted (their names all go)
-        bumps: dict[str, int] = {}  # children created or deleted (cversion moves by one each)
-        created: set[Key] = set()  # names created or deleted here (read at once, unpaced)
-        data: dict[Key, int] = {}  # data-change events per name
+        b = self._sort(events, by_dir, skip)
+        has = self.index.has
+        now = self.pace.clock()
+        # Data changes of listed names (not created or deleted here) are paced; held ones
+        # now due are read too (but those of a container this call lists: not verified).
+        listed = [k for k in b.data if k not in b.created and k[0] not in b.emptied and has(*k)]
+        read, hold = self.pace.split(listed, now)
+        due: list[Key] = []
+        gone: list[Key] = []  # held, but no longer listed: nothing to read
+        for k in self.pace.due(now):
+            if k[0] in b.emptied or not has(*k):
+                gone.append(k)
+            elif k not in b.created and k not in b.data and (skip is None or k[0] != skip.path):
+                due.append(k)
+                b.touched.setdefault(k[0], {}).setdefault(k[1], (True, True))
+        changes = self._name_changes(b, by_dir, set(hold))
+        if changes or b.emptied:
+            self.index.update_many(changes, relisted=bool(b.emptied))
+        for parent in b.emptied:
+            self._mark_gone(by_dir[parent])
+            self.pace.forget_parent(parent)
+        for parent, n in b.bumps.items():
+            by_dir[parent].cversion += n
+        self.pace.read_anyway(k for k in b.created if has(*k))
+        self.pace.forget([*gone, *(k for k in b.created if not has(*k))])
+        self.pace.commit([*read, *due], hold, now)
+        self.stats.reverify_held += sum(b.data[k] for k in hold)
+
+    def _sort(self, events: list[Event], by_dir: dict[str, _Dir], skip: _Dir | None) -> _Batch:
+        """The events by container and name (pure: nothing changes but ``relist`` marks)."""
+        b = _Batch()
         for ev in events:
             box = by_dir.get(ev.path)
             if box is not None:  # the container itself
                 if box is skip:
                     continue
                 if ev.type == DELETED_EVENT:
-                    emptied.add(box.path)
-                    touched.pop(box.path, None)
-                    bumps[box.path] = 0
+                    b.emptied.add(box.path)
+                    b.touched.pop(box.path, None)
+                    b.bumps[box.path] = 0
                 elif ev.type == CREATED_EVENT:
                     box.relist = True
                 continue
@@ -445,42 +482,32 @@ class FleetWatch:
             d = by_dir.get(parent)
             if d is None or d is skip or not name:
                 continue  # deeper than a member node, or another root
-            names = touched.setdefault(parent, {})
-            held = parent not in emptied and self.index.has(parent, name)
+            names = b.touched.setdefault(parent, {})
+            held = parent not in b.emptied and self.index.has(parent, name)
             present, _ = names.get(name, (held, False))
             if ev.type == CREATED_EVENT:
                 # Present already: deleted and created again; its node must be re-verified.
-                bumps[parent] = bumps.get(parent, 0) + 1
+                b.bumps[parent] = b.bumps.get(parent, 0) + 1
                 names[name] = (True, True)
-                created.add((parent, name))
+                b.created.add((parent, name))
             elif ev.type == DELETED_EVENT:
-                bumps[parent] = bumps.get(parent, 0) + 1
+                b.bumps[parent] = b.bumps.get(parent, 0) + 1
                 names[name] = (False, True)
-                created.add((parent, name))
+                b.created.add((parent, name))
             else:  # data changed: its verdict may have (an attestation, a re-join)
                 names[name] = (present, True)
-                data[(parent, name)] = data.get((parent, name), 0) + 1
+                b.data[(parent, name)] = b.data.get((parent, name), 0) + 1
+        return b
+
+    def _name_changes(
+        self, b: _Batch, by_dir: dict[str, _Dir], holding: set[Key]
+    ) -> list[NameChange]:
+        """What the index is to do per container (names held by the pace are not read)."""
         has = self.index.has
-        now = self.pace.clock()
-        # Data changes of listed names (not created or deleted here), and held ones now due
-        # (of containers not listed by this call, which does not verify them again).
-        listed = [k for k in data if k not in created and k[0] not in emptied and has(*k)]
-        read, hold = self.pace.split(listed, now)
-        holding = set(hold)
-        due: list[Key] = []
-        gone: list[Key] = []  # held, but no longer listed: nothing to read
-        for k in self.pace.due(now):
-            if k[0] in emptied or not has(*k):
-                gone.append(k)
-            elif k not in created and k not in data and (skip is None or k[0] != skip.path):
-                due.append(k)
-        for parent, name in due:
-            names = touched.setdefault(parent, {})
-            names.setdefault(name, (True, True))
         changes: list[NameChange] = []
         for parent in by_dir:
-            names = touched.get(parent, {})
-            if not names and parent not in emptied:
+            names = b.touched.get(parent, {})
+            if not names and parent not in b.emptied:
                 continue
             added = [n for n, (p, _) in names.items() if p and not has(parent, n)]
             removed = [n for n, (p, _) in names.items() if not p and has(parent, n)]
@@ -489,22 +516,12 @@ class FleetWatch:
                 for n, (p, a) in names.items()
                 if p and a and has(parent, n) and (parent, n) not in holding
             ]
-            if parent in emptied:
+            if parent in b.emptied:
                 removed += sorted(n for n in self.index.names(parent) if n not in names)
             log.debug("%s: +%d -%d ~%d", parent, len(added), len(removed), len(again))
             if added or removed or again:
                 changes.append(NameChange(parent, tuple(added), tuple(removed), tuple(again)))
-        if changes or emptied:
-            self.index.update_many(changes, relisted=bool(emptied))
-        for parent in emptied:
-            self._mark_gone(by_dir[parent])
-            self.pace.forget_parent(parent)
-        for parent, n in bumps.items():
-            by_dir[parent].cversion += n
-        self.pace.read_anyway(k for k in created if has(*k))
-        self.pace.forget([*gone, *(k for k in created if not has(*k))])
-        self.pace.commit([*read, *due], hold, now)
-        self.stats.reverify_held += sum(data[k] for k in hold)
+        return changes
 
     def _gone(self, d: _Dir) -> None:
         """The container is gone: none of its names stay (no reads: this cannot fail)."""
