@@ -250,6 +250,6 @@ def test_held_data_changes_are_counted_by_growth_only(tmp_path: Path) -> None:
         return sink.metrics.registry.get_sample_value("neti_reverify_held_total")
 
     assert value() == 0
-    for held in (3, 3, 10, 0, 4):
+    for held in (3, 3, 10, 4, 0, 2):  # a new registry after 10: 4 more, then another
         sink.reconciled(Abandoned("event", dataclasses.replace(facts(), reverify_held=held)))
-    assert value() == 14
+    assert value() == 3 + 7 + 4 + 2
