@@ -110,6 +110,12 @@ class Metrics:
             "ip-to-id claims beyond id-to-ip's at the last resync (excess claims drain the pool)",
             registry=r,
         )
+        self.reverify_held = Counter(
+            "neti_reverify_held",
+            "Member nodes' data changes held to the end of their node's re-verify interval "
+            "(a host rewriting its node faster than that)",
+            registry=r,
+        )
 
     def _dataplane_series(self, r: CollectorRegistry) -> None:
         """The kernel: conntrack and the backend's applies."""

@@ -65,6 +65,7 @@ class ReadFacts:
     claims_excess: int
     container_missing: bool
     gone: Gone = ""
+    reverify_held: int = 0  # the registry's count so far (a counter: it only grows)
 
 
 @dataclass(frozen=True)

@@ -72,6 +72,11 @@ class FleetSource(Protocol):
         """Overlay IP claims without a partner at the last resync."""
         ...
 
+    @property
+    def reverify_held(self) -> int:
+        """Member nodes' data changes held to their node's re-verify interval, so far."""
+        ...
+
     def read_times(self) -> Mapping[str, float]:
         """Seconds spent so far listing, reading and verifying (the cold-start phases)."""
         ...

@@ -181,6 +181,7 @@ class Reconciler:
             revoked=ctx.revoked,
             revoked_problem=reg.revoked_problem,
             claims_excess=int(reg.claims_excess),
+            reverify_held=int(reg.reverify_held),
             container_missing=ctx.container_missing or change.container_missing,
             gone=self._gone,
         )

@@ -55,6 +55,7 @@ class StatusSink:
         self._last_held = False
         self._last_warnings: tuple[str, ...] = ()
         self._revoked: frozenset[str] = frozenset()
+        self._reverify_held = 0  # the registry's count at the last read
         self._ready_sent = False
         self._last_watchdog = 0.0
 
@@ -159,6 +160,12 @@ class StatusSink:
         self.state.guard.max_change_problem = r.max_change_problem
         self._note_revoked(r.revoked, r.revoked_problem)
         self.state.claims_excess = r.claims_excess
+        # The registry's count restarts (from 0) with a new registry.
+        held, last = r.reverify_held, self._reverify_held
+        grew = held - last if held >= last else held
+        if grew > 0:
+            self.metrics.reverify_held.inc(grew)
+        self._reverify_held = held
 
     def _apply_failed(self, o: ApplyFailed) -> None:
         self.state.apply_errors += 1

@@ -49,6 +49,7 @@ from neti.registry.client import (
 from neti.registry.context import FleetContext, token
 from neti.registry.maxchange import MaxChangeNode
 from neti.registry.membership import Membership
+from neti.registry.pace import REVERIFY_MIN_INTERVAL
 from neti.registry.paths import RELEASE_NODE, Paths
 from neti.registry.revoked import RevokedList
 from neti.registry.survey import Finding, Pruned, Survey, prune, read_tree, survey
@@ -364,6 +365,8 @@ class Registry:
     # --- the fleet by its changes (watch.py, neti/fleet/index.py; docs/decisions.md) ---
     # Tests set this to exercise the path taken against servers without addWatch.
     force_watch_fallback = False
+    # Seconds between two re-reads of one member node whose data changed (pace.py).
+    reverify_min_interval = REVERIFY_MIN_INTERVAL
 
     def _fleet_watch(self, identity: _Host | None) -> FleetWatch:
         me = identity if identity is not None else self.membership.member
@@ -393,6 +396,7 @@ class Registry:
             self._bounded,
             force_fallback=self.force_watch_fallback,
             timeout=self._call_timeout(),
+            reverify_min_interval=self.reverify_min_interval,
         )
         return self._watch
 
@@ -453,6 +457,12 @@ class Registry:
             "read": self.verifier.read_seconds,
             "verify": self.verifier.verify_seconds,
         }
+
+    @property
+    def reverify_held(self) -> int:
+        """Member nodes' data changes not read at once so far (pace.py): a host rewriting
+        its own node faster than the re-verify interval."""
+        return self._watch.stats.reverify_held if self._watch is not None else 0
 
     @property
     def watch_stats(self) -> WatchStats | None:

@@ -24,7 +24,11 @@ reflects.
   watch per container and a full list on each change (the cost before deltas), logged once;
 - ZooKeeper sends no event for a node the watcher may not read, not even its deletion (seen
   on 3.8): while the index holds such a node (skipped as ``unreadable``), the containers'
-  Stat is checked every HIDDEN_POLL seconds, so removing it heals within seconds.
+  Stat is checked every HIDDEN_POLL seconds, so removing it heals within seconds;
+- a member node's data changed: re-verified, at most once per ``reverify_min_interval``
+  per node (pace.ReverifyPace): changes inside the interval are held and the node read
+  once when it ends (a timer wakes the agent), so one host rewriting its own node cannot
+  make every reader read it at the rate it writes. Creations and deletions are not paced.
 
 Costs are counted in ``WatchStats`` (events, full lists, stat checks, estimated bytes).
 """
@@ -36,7 +40,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from kazoo.exceptions import NoNodeError, UnimplementedError
@@ -45,6 +49,7 @@ from kazoo.protocol.states import EVENT_TYPE_MAP, Callback, KazooState, WatchedE
 
 from neti.fleet.index import FleetChange, FleetIndex, NameChange
 from neti.registry import kazooext
+from neti.registry.pace import REVERIFY_MIN_INTERVAL, Key, ReverifyPace
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +202,9 @@ class WatchStats:
     est_bytes: int = 0
     fallback: bool = False
     list_seconds: float = 0.0  # waiting for full lists' replies (the cold start's "list")
+    # Data-change events of member nodes not read at once (held to the end of the node's
+    # re-verify interval, then read once with every other change held for it).
+    reverify_held: int = 0
 
     def as_dict(self) -> dict[str, int | bool]:
         return dict(self.__dict__)
@@ -212,6 +220,17 @@ class _Dir:
     czxid: int | None = None
     cversion: int = 0
     relist: bool = False
+
+
+@dataclass
+class _Batch:
+    """Events taken together, sorted: per container, each name's (present, read again)."""
+
+    touched: dict[str, dict[str, tuple[bool, bool]]] = field(default_factory=dict)
+    emptied: set[str] = field(default_factory=set)  # containers deleted (their names all go)
+    bumps: dict[str, int] = field(default_factory=dict)  # children created or deleted
+    created: set[Key] = field(default_factory=set)  # names created or deleted (never paced)
+    data: dict[Key, int] = field(default_factory=dict)  # data-change events per name
 
 
 class Bounded(Protocol):
@@ -232,6 +251,8 @@ class FleetWatch:
         bounded: Bounded,
         force_fallback: bool = False,
         timeout: float = 10.0,
+        reverify_min_interval: float = REVERIFY_MIN_INTERVAL,
+        clock: Callable[[], float] = time.monotonic,
     ):
         self.client = client
         self.index = index
@@ -249,6 +270,10 @@ class FleetWatch:
         self.hidden_poll = HIDDEN_POLL
         self._poll_timer: threading.Timer | None = None  # set and cleared on the agent's thread
         self._poll_due = False  # set by the timer's thread
+        self.pace = ReverifyPace(reverify_min_interval, clock)
+        self._pace_timer: threading.Timer | None = None  # set and cleared on the agent's thread
+        self._pace_fired = False  # set by the timer's thread
+        self._pace_at = 0.0  # when the pace's timer is due (pace's clock)
 
     # --- the facade's calls ---
     def start(self, on_event: Callable[[], object]) -> FleetChange:
@@ -299,9 +324,10 @@ class FleetWatch:
         return self._armed and not self.fallback and any(d.path == path for d in self.dirs)
 
     def close(self) -> None:
-        if self._poll_timer is not None:
-            self._poll_timer.cancel()
-            self._poll_timer = None
+        for timer in (self._poll_timer, self._pace_timer):
+            if timer is not None:
+                timer.cancel()
+        self._poll_timer = self._pace_timer = None
         if self._listener_on:
             try:
                 self.client.remove_listener(self._on_state)
@@ -328,6 +354,10 @@ class FleetWatch:
 
     def _poll_fire(self) -> None:
         self._poll_due = True
+        self._notify()
+
+    def _pace_fire(self) -> None:
+        self._pace_fired = True
         self._notify()
 
     def _fallback_watcher(self, d: _Dir) -> Callable[..., None]:
@@ -390,7 +420,7 @@ class FleetWatch:
         if overflow:
             for each in self.dirs:
                 each.relist = True
-        if not events:
+        if not events and not self.pace.due(self.pace.clock()):
             return
         try:
             self._apply(events, skip)
@@ -401,21 +431,50 @@ class FleetWatch:
         self.stats.est_bytes += sum(_HDR + 8 + _STR + len(ev.path) for ev in events)
 
     def _apply(self, events: list[Event], skip: _Dir | None) -> None:
-        """One index change for all the events (its reads in flight together); the
-        containers' bookkeeping follows only once the index took it."""
+        """One index change for all the events (its reads in flight together), with the
+        held data changes now due; the containers' and the pace's bookkeeping follow only
+        once the index took it."""
         by_dir: dict[str, _Dir] = {d.path: d for d in self.dirs}
-        touched: dict[str, dict[str, tuple[bool, bool]]] = {}
-        emptied: set[str] = set()  # containers deleted (their names all go)
-        bumps: dict[str, int] = {}  # children created or deleted (cversion moves by one each)
+        b = self._sort(events, by_dir, skip)
+        has = self.index.has
+        now = self.pace.clock()
+        # Data changes of listed names (not created or deleted here) are paced; held ones
+        # now due are read too (but those of a container this call lists: not verified).
+        listed = [k for k in b.data if k not in b.created and k[0] not in b.emptied and has(*k)]
+        read, hold = self.pace.split(listed, now)
+        due: list[Key] = []
+        gone: list[Key] = []  # held, but no longer listed: nothing to read
+        for k in self.pace.due(now):
+            if k[0] in b.emptied or not has(*k):
+                gone.append(k)
+            elif k not in b.created and k not in b.data and (skip is None or k[0] != skip.path):
+                due.append(k)
+                b.touched.setdefault(k[0], {}).setdefault(k[1], (True, True))
+        changes = self._name_changes(b, by_dir, set(hold))
+        if changes or b.emptied:
+            self.index.update_many(changes, relisted=bool(b.emptied))
+        for parent in b.emptied:
+            self._mark_gone(by_dir[parent])
+            self.pace.forget_parent(parent)
+        for parent, n in b.bumps.items():
+            by_dir[parent].cversion += n
+        self.pace.read_anyway(k for k in b.created if has(*k))
+        self.pace.forget([*gone, *(k for k in b.created if not has(*k))])
+        self.pace.commit([*read, *due], hold, now)
+        self.stats.reverify_held += sum(b.data[k] for k in hold)
+
+    def _sort(self, events: list[Event], by_dir: dict[str, _Dir], skip: _Dir | None) -> _Batch:
+        """The events by container and name (pure: nothing changes but ``relist`` marks)."""
+        b = _Batch()
         for ev in events:
             box = by_dir.get(ev.path)
             if box is not None:  # the container itself
                 if box is skip:
                     continue
                 if ev.type == DELETED_EVENT:
-                    emptied.add(box.path)
-                    touched.pop(box.path, None)
-                    bumps[box.path] = 0
+                    b.emptied.add(box.path)
+                    b.touched.pop(box.path, None)
+                    b.bumps[box.path] = 0
                 elif ev.type == CREATED_EVENT:
                     box.relist = True
                 continue
@@ -423,36 +482,46 @@ class FleetWatch:
             d = by_dir.get(parent)
             if d is None or d is skip or not name:
                 continue  # deeper than a member node, or another root
-            names = touched.setdefault(parent, {})
-            held = parent not in emptied and self.index.has(parent, name)
+            names = b.touched.setdefault(parent, {})
+            held = parent not in b.emptied and self.index.has(parent, name)
             present, _ = names.get(name, (held, False))
             if ev.type == CREATED_EVENT:
                 # Present already: deleted and created again; its node must be re-verified.
-                bumps[parent] = bumps.get(parent, 0) + 1
+                b.bumps[parent] = b.bumps.get(parent, 0) + 1
                 names[name] = (True, True)
+                b.created.add((parent, name))
             elif ev.type == DELETED_EVENT:
-                bumps[parent] = bumps.get(parent, 0) + 1
+                b.bumps[parent] = b.bumps.get(parent, 0) + 1
                 names[name] = (False, True)
+                b.created.add((parent, name))
             else:  # data changed: its verdict may have (an attestation, a re-join)
                 names[name] = (present, True)
-        changes: list[NameChange] = []
+                b.data[(parent, name)] = b.data.get((parent, name), 0) + 1
+        return b
+
+    def _name_changes(
+        self, b: _Batch, by_dir: dict[str, _Dir], holding: set[Key]
+    ) -> list[NameChange]:
+        """What the index is to do per container (names held by the pace are not read)."""
         has = self.index.has
+        changes: list[NameChange] = []
         for parent in by_dir:
-            names = touched.get(parent, {})
-            if not names and parent not in emptied:
+            names = b.touched.get(parent, {})
+            if not names and parent not in b.emptied:
                 continue
             added = [n for n, (p, _) in names.items() if p and not has(parent, n)]
             removed = [n for n, (p, _) in names.items() if not p and has(parent, n)]
-            again = [n for n, (p, a) in names.items() if p and a and has(parent, n)]
-            if parent in emptied:
+            again = [
+                n
+                for n, (p, a) in names.items()
+                if p and a and has(parent, n) and (parent, n) not in holding
+            ]
+            if parent in b.emptied:
                 removed += sorted(n for n in self.index.names(parent) if n not in names)
             log.debug("%s: +%d -%d ~%d", parent, len(added), len(removed), len(again))
-            changes.append(NameChange(parent, tuple(added), tuple(removed), tuple(again)))
-        self.index.update_many(changes, relisted=bool(emptied))
-        for parent in emptied:
-            self._mark_gone(by_dir[parent])
-        for parent, n in bumps.items():
-            by_dir[parent].cversion += n
+            if added or removed or again:
+                changes.append(NameChange(parent, tuple(added), tuple(removed), tuple(again)))
+        return changes
 
     def _gone(self, d: _Dir) -> None:
         """The container is gone: none of its names stay (no reads: this cannot fail)."""
@@ -571,7 +640,21 @@ class FleetWatch:
         if self._poll_due:  # every path here has just checked the containers' Stat
             self._poll_due, self._poll_timer = False, None
         if self._poll_timer is None and self.index.skipped("unreadable"):
-            self._poll_timer = threading.Timer(self.hidden_poll, self._poll_fire)
-            self._poll_timer.daemon = True
-            self._poll_timer.start()
+            self._poll_timer = _timer(self.hidden_poll, self._poll_fire)
+        if self._pace_fired:  # the held changes due by now were just read
+            self._pace_fired, self._pace_timer = False, None
+        due = self.pace.next_due()
+        if due is not None and (self._pace_timer is None or due < self._pace_at):
+            if self._pace_timer is not None:
+                self._pace_timer.cancel()  # a node held after it is due sooner
+            self._pace_at = due
+            self._pace_timer = _timer(due - self.pace.clock(), self._pace_fire)
         return self.index.take_change()
+
+
+def _timer(delay: float, fire: Callable[[], None]) -> threading.Timer:
+    """``fire`` on a daemon thread in ``delay`` seconds (at once if past)."""
+    timer = threading.Timer(max(0.0, delay), fire)
+    timer.daemon = True
+    timer.start()
+    return timer

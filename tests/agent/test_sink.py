@@ -3,6 +3,7 @@ notify messages and log lines out."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from ipaddress import IPv4Address as A
 from pathlib import Path
@@ -238,3 +239,17 @@ def test_restore_reads_only_our_own_state(tmp_path: Path) -> None:
     assert sink.state.overlay_ip == A("192.168.0.9") and sink.state.apply_errors == 3
     other = ME.__class__("i-other", ME.private_ip, ME.public_ip, ME.network)
     assert sink.saved(other) is None
+
+
+def test_held_data_changes_are_counted_by_growth_only(tmp_path: Path) -> None:
+    """The registry's count is per registry: a new one starts at 0 and the counter keeps
+    counting up from where it was."""
+    sink, _ = make_sink(tmp_path)
+
+    def value() -> float | None:
+        return sink.metrics.registry.get_sample_value("neti_reverify_held_total")
+
+    assert value() == 0
+    for held in (3, 3, 10, 4, 0, 2):  # a new registry after 10: 4 more, then another
+        sink.reconciled(Abandoned("event", dataclasses.replace(facts(), reverify_held=held)))
+    assert value() == 3 + 7 + 4 + 2

@@ -483,3 +483,56 @@ def test_the_pipelined_multiread_equals_single_reads_on_a_real_zookeeper(
     kazooext.multi_read(reg.client, [path, f"{path}-gone", path], result)
     got = result.get(timeout=15)
     assert isinstance(got[1], NoNodeError) and got[0] == got[2] and got[0][0] == b""
+
+
+@pytest.mark.zk
+def test_a_node_rewritten_in_a_burst_is_read_once_per_interval_and_ends_right(
+    fleet_env: Callable[..., tuple[Registry, Writer]],
+) -> None:
+    """A host rewrites its own member node 100 times in 2 s while the reader takes every
+    change as it comes (the agent's event delay would fold some), the last write a record
+    the reader refuses: the reader reads the node once per re-verify interval (the first
+    change at once), never once per write, and ends on the last data. A later good write
+    brings the member back."""
+    reg, writer = fleet_env()
+    reg.attest_check = lambda name, data, owner: "bad record" if data == b"bad" else None
+    interval = reg.reverify_min_interval = 1.0
+    writer.add(1)
+    f = Follower(reg)
+    f.until({1})
+    path = writer.nodes[1]
+    reads = reg.verifier.reads
+    done = threading.Event()
+    took: list[float] = []
+
+    def burst() -> None:
+        t0 = time.monotonic()
+        sent = []
+        for i in range(100):  # 50 writes a second: the writer's pace, not a wait
+            sent.append(writer.client.set_async(path, b"bad" if i == 99 else b"v%d" % i))
+            time.sleep(0.02)
+        for p in sent:
+            p.get(timeout=30)
+        took.append(time.monotonic() - t0)
+        done.set()
+
+    threading.Thread(target=burst, daemon=True).start()
+    calls = 0
+    end = time.monotonic() + 60
+    while not (done.is_set() and not f.fleet):
+        assert time.monotonic() < end, f.changes[-1]
+        f.flag.wait(0.5)
+        f.flag.clear()
+        f.take(reg.fleet_changes())
+        calls += 1
+    assert f.changes[-1].skipped_by_reason == {"attestation": 1}
+    read = reg.verifier.reads - reads
+    # The first change at once, then at most one per interval, the last after the burst;
+    # the reader took the changes many more times than that.
+    assert 1 <= read <= 2 + int(took[0] / interval), (read, took, calls)
+    assert calls > read + 5, (read, calls)
+    stats = reg.watch_stats
+    assert stats is not None and stats.events >= 100 and stats.reverify_held > 0
+    writer.client.set(path, b"fixed")
+    f.until({1})
+    assert reg.fleet_snapshot() == reg.read_fleet()

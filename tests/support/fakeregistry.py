@@ -57,6 +57,7 @@ class FakeRegistry:
         self.revoked_ids: set[str] = set()  # the operators' revoked list
         self.revoked_problem: str | None = None
         self.claims_excess = 0
+        self.reverify_held = 0
         self.on_event: OnEvent | None = None
         self.node_watches: dict[str, list[OnEvent]] = {}
         self.listeners: list[OnState] = []
