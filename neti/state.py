@@ -25,6 +25,7 @@ is known even while state_dir takes no writes) and why the state file could not 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -415,10 +416,17 @@ def journal_line(state: AgentState, removed: Iterable[str], added: Iterable[Memb
 
 
 def append_journal(state_dir: str | os.PathLike[str], line: bytes) -> None:
-    """Append one line and make it durable (a torn line is skipped by readers)."""
+    """Append one line and make it durable (a torn line is skipped by readers). OSError when
+    the line is not written whole: a full disk first takes what fits (a short write), and the
+    rest is refused; the caller then writes the whole file again."""
     fd = os.open(Path(state_dir) / JOURNAL, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
     try:
-        os.write(fd, line)
+        view = memoryview(line)
+        while view:
+            n = os.write(fd, view)  # after a short write, the rest raises (ENOSPC)
+            if n <= 0:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            view = view[n:]
         os.fsync(fd)
     finally:
         os.close(fd)

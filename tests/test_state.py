@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from ipaddress import IPv4Address
@@ -414,3 +415,26 @@ def test_any_json_is_a_runtime_record_or_none(changes: dict[str, object]) -> Non
         assert type(got.pid) is int and isinstance(got.started_at, float)
         assert got.pid_start is None or (type(got.pid_start) is int and got.pid_start >= 0)
         assert got.state_error is None or isinstance(got.state_error, str)
+
+
+def test_a_journal_line_that_does_not_fit_is_an_error_not_a_torn_success(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk takes what fits and refuses the rest: the agent must hear of it (it
+    names the error and writes the whole file again), not count a torn line as saved."""
+    s = st.AgentState(pid=1, started_at=1.0, version="t")
+    st.write(tmp_path, s, [_m(1)], journal="j1")
+    st.start_journal(tmp_path, "j1")
+    real = os.write
+    calls: list[int] = []
+
+    def short_then_full(fd: int, data: bytes | memoryview) -> int:
+        calls.append(len(data))
+        if len(calls) == 1:
+            return real(fd, bytes(data[:7]))  # what fitted
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(st.os, "write", short_then_full)
+    with pytest.raises(OSError, match="No space left"):
+        st.append_journal(tmp_path, st.journal_line(s, ["i-1"], [_m(2)]))
+    assert len(calls) == 2

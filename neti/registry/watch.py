@@ -480,8 +480,10 @@ class FleetWatch:
                 continue
             parent, _, name = ev.path.rpartition("/")
             d = by_dir.get(parent)
-            if d is None or d is skip or not name:
+            if d is None or not name:
                 continue  # deeper than a member node, or another root
+            if d is skip and ev.type in (CREATED_EVENT, DELETED_EVENT):
+                continue  # the list reflects names (not data: a data change is read below)
             names = b.touched.setdefault(parent, {})
             held = parent not in b.emptied and self.index.has(parent, name)
             present, _ = names.get(name, (held, False))

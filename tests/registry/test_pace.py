@@ -310,3 +310,19 @@ def test_a_node_due_sooner_than_the_timer_moves_the_timer_earlier() -> None:
         assert fw._pace_at == pytest.approx(101.0) and fw.pace.held == 2
     finally:
         fw.close()
+
+
+def test_a_data_change_that_arrives_with_a_full_list_is_still_verified() -> None:
+    """A list reflects names, not data: a node's data change whose event comes in ahead of a
+    re-list's reply is read again like any other (a key rotation is not lost until the
+    periodic re-check)."""
+    zk, fw, verifier, clock = make(interval=1.0)
+    zk.write(M, name(1))
+    zk.set(M, name(1), b"v0")
+    fw.start(lambda: None)
+    assert ids(fw) == {"i-00001"}
+    zk.set(M, name(1), b"bad")  # in flight, answered ahead of the list below
+    fw.dirs[0].relist = True
+    fw.changes()
+    assert fw.stats.full_lists == 3  # the re-list happened (two at start)
+    assert verifier.reads[-1] == (name(1), b"bad") and ids(fw) == set()
