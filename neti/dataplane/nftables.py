@@ -177,8 +177,10 @@ def render_table(
     config change, drift) does not reset what audit mode has counted. ``generation``: the
     apply generation it is written with (None: the set stays empty).
     """
-    allow = sorted(allow_elements(d), key=_ip_key)
-    dnat = sorted(dnat_elements(d).items(), key=lambda kv: _ip_key(kv[0]))
+    # The desired state's tuples are sorted by address and unique (desired.build): written
+    # as they are, with no sets, maps or sort keys beside the script (the cold start's peak).
+    allow = [str(a) for a in d.allow]
+    dnat = [f"{x.overlay_ip} : {x.target}" for x in d.dnat]
     out = [f"table {FAMILY} {TABLE} {{"]
     out.append(f"  set {ALLOW_SET} {{ type ipv4_addr;")
     if allow:
@@ -193,17 +195,17 @@ def render_table(
     )
     out.append(f"  map {DNAT_MAP} {{ type ipv4_addr : ipv4_addr;")
     if dnat:
-        out.append(f"    elements = {_elements([f'{k} : {v}' for k, v in dnat])}")
+        out.append(f"    elements = {_elements(dnat)}")
+    del allow, dnat
     out.append("  }")
     out.append(f"  set {GEN_SET} {{ type mark;")
     if generation is not None:
         out.append(f"    elements = {{ {int(generation)} }}")
     out.append("  }")
-    tunnel = tunnel_elements(d)
-    if tunnel is not None:
+    if d.tunnel is not None:
         out.append(f"  set {TUNNEL_SET} {{ type ipv4_addr;")
-        if tunnel:
-            out.append(f"    elements = {_elements(sorted(tunnel, key=_ip_key))}")
+        if d.tunnel_allow:
+            out.append(f"    elements = {_elements([str(a) for a in d.tunnel_allow])}")
         out.append("  }")
     hooks = hooks_for(d)
     for name, rules in chain_rules(d).items():
