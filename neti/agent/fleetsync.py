@@ -9,6 +9,7 @@ pass over the fleet) and keeps the read's skip counts; a full read replaces all 
 from __future__ import annotations
 
 import collections
+import dataclasses
 from collections.abc import Iterable, Mapping
 from ipaddress import IPv4Address
 
@@ -51,7 +52,7 @@ class FleetRead:
         """A full read: ``fleet`` is all there is."""
         self.members = index(fleet.members)
         self._overlays = collections.Counter(m.overlay_ip for m in fleet.members)
-        self.meta = fleet
+        self.meta = dataclasses.replace(fleet, members=())  # not a second copy of the fleet
 
     def apply(self, change: FleetChange) -> None:
         """A change read since the last one."""

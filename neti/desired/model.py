@@ -11,6 +11,12 @@ changes; tunnel peers are grouped by key, so a key two members publish is withdr
 both and given back when one goes. Each change touches one member, its overlay IP and its
 key's group (one member, unless keys are duplicated): O(1).
 Invariant (tests/desired/test_model.py): ``model.state() == compute(fleet)``.
+
+Memory per member is kept small (the agent holds tens of thousands): the member itself, its
+source's count and its one route; a member's entry is computed again when it is needed
+(``member_entry`` is pure) rather than kept, only a contested overlay IP holds a dict of
+candidates, and only a key several members publish holds a set of them. Encryption's counts
+are two integers.
 """
 
 from __future__ import annotations
@@ -120,22 +126,24 @@ class DesiredModel:
         self.self_overlay = self_overlay
         self._allow: dict[IPv4Address, int] = {}
         self._tunnel_allow: dict[IPv4Address, int] = {}
-        # overlay IP -> {(rank, instance_id): route}: the lowest key is the member's winner.
-        self._owners: dict[IPv4Address, dict[tuple[int, str], Route]] = {}
+        # overlay IP -> its one candidate route; when several want it, in ``_contested``
+        # instead: {(rank, instance_id): route}, the lowest key wins.
+        self._owners: dict[IPv4Address, Route] = {}
+        self._contested: dict[IPv4Address, dict[tuple[int, str], Route]] = {}
+        self._self_dnat: Dnat | None = None  # this host's own mapping (key (0, its ID))
         self._overrides, override_problems = overrides(cfg)
         self._static_skips: list[tuple[str, str]] = [("override", t) for t in override_problems]
         self._members: dict[str, Member] = {}
-        self._cands: dict[str, Entry] = {}  # every member's entry, before the duplicate-key rule
-        self._entries: dict[str, Entry] = {}  # those in the desired state
-        self._by_key: dict[str, set[str]] = {}  # tunnel peers' key -> instance IDs
+        # Tunnel peers' key -> the instance ID publishing it, or the set of several (only
+        # with encryption on).
+        self._by_key: dict[str, str | set[str]] = {}
         self._skips: dict[str, tuple[str, str]] = {}
         self._self_entries: dict[Member, None] = {}  # this host's own fleet entries
         self._mine: IPv4Address | None = None  # overlay IP of this host's self mapping
-        # Encryption's counts (O(1) to read): members in its scope with a usable entry, and
-        # of those the ones in the desired state with a tunnel peer and by cleartext DNAT.
-        self._in_scope: set[str] = set()
-        self._tunneled: set[str] = set()
-        self._cleartext: set[str] = set()
+        # Encryption's counts (O(1) to read): members in the desired state with a tunnel
+        # peer, and those in its scope reached by cleartext DNAT.
+        self._n_tunneled = 0
+        self._n_cleartext = 0
         own = addr.HostContext(self.subnet).target_problem(identity.private_ip)
         self._own_ok = own is None
         if own:
@@ -160,7 +168,7 @@ class DesiredModel:
         DNAT: they publish no key); None with encryption off. O(1)."""
         if self.enc is None:
             return None
-        return len(self._tunneled), len(self._cleartext)
+        return self._n_tunneled, self._n_cleartext
 
     def route_for(self, overlay: IPv4Address) -> Route | None:
         """How the kernel should reach ``overlay``: a DNAT mapping or a tunnel peer
@@ -168,7 +176,10 @@ class DesiredModel:
         o = self._overrides.get(overlay)
         if o is not None:
             return o
-        cands = self._owners.get(overlay)
+        one = self._owners.get(overlay)
+        if one is not None:
+            return one
+        cands = self._contested.get(overlay)
         return cands[min(cands)] if cands else None
 
     def dnat_for(self, overlay: IPv4Address) -> Dnat | None:
@@ -179,19 +190,19 @@ class DesiredModel:
     def state(self) -> DesiredState:
         """The whole desired state (O(N): the full path and tests)."""
         cfg = self.cfg
-        routes = {ip: cands[min(cands)] for ip, cands in self._owners.items() if cands}
+        routes = dict(self._owners)
+        routes.update({ip: cands[min(cands)] for ip, cands in self._contested.items()})
         dnat = {ip: r for ip, r in routes.items() if isinstance(r, Dnat)}
         dnat.update(self._overrides)
         peers = [r for ip, r in routes.items() if isinstance(r, Peer) and ip not in self._overrides]
         skips = self._all_skips()
-        for ip, cands in self._owners.items():
-            if len(cands) > 1:
-                win = min(cands)
-                skips += [
-                    ("duplicate_overlay", _dup_reason(k[1], ip, win[1]))
-                    for k in sorted(cands)
-                    if k != win
-                ]
+        for ip, cands in sorted(self._contested.items()):
+            win = min(cands)
+            skips += [
+                ("duplicate_overlay", _dup_reason(k[1], ip, win[1]))
+                for k in sorted(cands)
+                if k != win
+            ]
         counts: dict[str, int] = {}
         for code, _text in skips:
             counts[code] = counts.get(code, 0) + 1
@@ -283,23 +294,21 @@ class DesiredModel:
         touched_dnat: set[IPv4Address] = set()
         keys: set[str] = set()  # tunnel key groups the change touches
 
-        def touch(e: Entry) -> None:
-            touched_allow.add(e.allow)
-            if e.peer is not None:
-                keys.add(e.peer.key)
+        def touch(e: Entry | None) -> None:
+            if e is not None:
+                touched_allow.add(e.allow)
+                if e.peer is not None:
+                    keys.add(e.peer.key)
 
         for m in (*removed, *added):
             touched_dnat.add(m.overlay_ip)
-            e = self._cands.get(m.instance_id)
-            if e is not None:
-                touch(e)
+            touch(self._entry(self._members.get(m.instance_id)))
         for m in added:
-            e2 = member_entry(self.identity, m, self.subnet, self.ctx, self.enc)
-            if not isinstance(e2, tuple):
-                touch(e2)
+            touch(self._entry(m))
         for key in keys:  # the other members of a key's group may gain or lose their peer
-            for iid in self._by_key.get(key, ()):
-                e = self._cands[iid]
+            for iid in self._group(key):
+                e = self._entry(self._members[iid])
+                assert e is not None  # in a key group: it has an entry with that key
                 touched_allow.add(e.allow)
                 touched_dnat.add(e.route.overlay_ip)
         if self._mine is not None:
@@ -345,90 +354,152 @@ class DesiredModel:
         else:
             counts.pop(a, None)
 
+    def _entry(self, m: Member | None) -> Entry | None:
+        """The entry a member gives, before the duplicate-key rule (computed again:
+        ``member_entry`` is pure); None for this host's own entries and skipped members."""
+        if m is None or m.instance_id == self.identity.instance_id:
+            return None
+        e = member_entry(self.identity, m, self.subnet, self.ctx, self.enc)
+        return None if isinstance(e, tuple) else e
+
+    def _group(self, key: str) -> tuple[str, ...] | set[str]:
+        g = self._by_key.get(key)
+        if g is None:
+            return ()
+        return (g,) if isinstance(g, str) else g
+
     def _sources(self, e: Entry) -> dict[IPv4Address, int]:
         """Where an entry's source is counted: the WireGuard port's for a peer."""
         return self._tunnel_allow if e.peer is not None else self._allow
 
-    def _offer(self, key: tuple[int, str], d: Route) -> None:
-        self._owners.setdefault(d.overlay_ip, {})[key] = d
+    def _key(self, r: Route) -> tuple[int, str]:
+        """The candidate key of a route held alone in ``_owners``."""
+        if r is self._self_dnat:
+            return (0, self.identity.instance_id)
+        return (2 if self._members[r.origin].legacy else 1, r.origin)
+
+    def _offered(self, iid: str, e: Entry) -> bool:
+        """Whether the member's route is in the desired state's candidates."""
+        ip = e.route.overlay_ip
+        cands = self._contested.get(ip)
+        if cands is not None:
+            return (e.rank, iid) in cands
+        one = self._owners.get(ip)
+        return one is not None and one is not self._self_dnat and one.origin == iid
+
+    def _offer(self, key: tuple[int, str], r: Route) -> None:
+        ip = r.overlay_ip
+        cands = self._contested.get(ip)
+        if cands is not None:
+            cands[key] = r
+            return
+        one = self._owners.get(ip)
+        if one is None or self._key(one) == key:
+            self._owners[ip] = r
+            return
+        self._contested[ip] = {self._key(one): one, key: r}
+        del self._owners[ip]
 
     def _withdraw(self, key: tuple[int, str], overlay: IPv4Address) -> None:
-        cands = self._owners.get(overlay)
-        if cands is not None:
-            cands.pop(key, None)
-            if not cands:
+        cands = self._contested.get(overlay)
+        if cands is None:
+            one = self._owners.get(overlay)
+            if one is not None and self._key(one) == key:
                 del self._owners[overlay]
+            return
+        cands.pop(key, None)
+        if len(cands) <= 1:
+            del self._contested[overlay]
+            for r in cands.values():
+                self._owners[overlay] = r
 
     def _remove(self, m: Member) -> None:
         if m.instance_id == self.identity.instance_id:
             self._self_entries.pop(m, None)
             return
-        if self._members.get(m.instance_id) != m:
-            return  # not the entry we hold (already replaced or never added)
         iid = m.instance_id
-        del self._members[iid]
+        if self._members.get(iid) != m:
+            return  # not the entry we hold (already replaced or never added)
         self._skips.pop(iid, None)
-        self._deactivate(iid)
-        self._in_scope.discard(iid)
-        e = self._cands.pop(iid, None)
+        e = self._entry(m)
+        if e is not None:  # withdrawn while the member is still known (``_key``)
+            self._deactivate(m, e)
+        del self._members[iid]
         if e is not None and e.peer is not None:
-            group = self._by_key[e.peer.key]
-            group.discard(iid)
-            if not group:
-                del self._by_key[e.peer.key]
-            self._settle_key(e.peer.key)
+            key = e.peer.key
+            g = self._by_key[key]
+            if isinstance(g, str) or len(g) <= 1:
+                del self._by_key[key]
+            else:
+                g.discard(iid)
+                if len(g) == 1:
+                    self._by_key[key] = next(iter(g))
+            self._settle_key(key)
 
     def _add(self, m: Member) -> None:
         if m.instance_id == self.identity.instance_id:
             self._self_entries[m] = None
             return
-        old = self._members.get(m.instance_id)
+        iid = m.instance_id
+        old = self._members.get(iid)
         if old is not None:
             self._remove(old)  # one entry per instance: the newer replaces it
-        self._members[m.instance_id] = m
+        self._members[iid] = m
         e = member_entry(self.identity, m, self.subnet, self.ctx, self.enc)
         if isinstance(e, tuple):
-            self._skips[m.instance_id] = e
+            self._skips[iid] = e
             return
-        self._cands[m.instance_id] = e
-        if self.enc is not None and (self.enc.scope_all or m.network != self.identity.network):
-            self._in_scope.add(m.instance_id)
         if e.peer is None:
-            self._activate(m.instance_id, e)
+            self._activate(m, e)
             return
-        self._by_key.setdefault(e.peer.key, set()).add(m.instance_id)
-        self._settle_key(e.peer.key)
+        key = e.peer.key
+        g = self._by_key.get(key)
+        if g is None:
+            self._by_key[key] = iid
+        elif isinstance(g, str):
+            self._by_key[key] = {g, iid}
+        else:
+            g.add(iid)
+        self._settle_key(key)
 
-    def _activate(self, iid: str, e: Entry) -> None:
-        self._entries[iid] = e
+    def _activate(self, m: Member, e: Entry) -> None:
         if e.peer is not None:
-            self._tunneled.add(iid)
-        elif iid in self._in_scope:
-            self._cleartext.add(iid)
+            self._n_tunneled += 1
+        elif self._in_scope(m):
+            self._n_cleartext += 1
         self._incref(self._sources(e), e.allow)
-        self._offer((e.rank, iid), e.route)
+        self._offer((e.rank, m.instance_id), e.route)
 
-    def _deactivate(self, iid: str) -> None:
-        e = self._entries.pop(iid, None)
-        self._tunneled.discard(iid)
-        self._cleartext.discard(iid)
-        if e is not None:
-            self._decref(self._sources(e), e.allow)
-            self._withdraw((e.rank, iid), e.route.overlay_ip)
+    def _deactivate(self, m: Member, e: Entry) -> None:
+        if not self._offered(m.instance_id, e):
+            return
+        if e.peer is not None:
+            self._n_tunneled -= 1
+        elif self._in_scope(m):
+            self._n_cleartext -= 1
+        self._decref(self._sources(e), e.allow)
+        self._withdraw((e.rank, m.instance_id), e.route.overlay_ip)
+
+    def _in_scope(self, m: Member) -> bool:
+        enc = self.enc
+        return enc is not None and (enc.scope_all or m.network != self.identity.network)
 
     def _settle_key(self, key: str) -> None:
         """A key's group after a change: its one member gets its peer; every member of a key
         two publish, or of this host's own key, is left out (``compute``'s rule)."""
-        group = self._by_key.get(key, ())
+        group = self._group(key)
         own = self.enc is not None and key == self.enc.key
         n = 0 if own else len(group)
         for iid in group:
+            m = self._members[iid]
+            e = self._entry(m)
+            assert e is not None  # in a key group: it has an entry with that key
             if n == 1:
                 self._skips.pop(iid, None)
-                if iid not in self._entries:
-                    self._activate(iid, self._cands[iid])
+                if not self._offered(iid, e):
+                    self._activate(m, e)
             else:
-                self._deactivate(iid)
+                self._deactivate(m, e)
                 self._skips[iid] = ("duplicate_key", duplicate_key_text(iid, n))
 
     def _refresh_self(self) -> None:
@@ -452,4 +523,5 @@ class DesiredModel:
             )
             return
         self._mine = mine
-        self._offer(key, Dnat(mine, ident.private_ip, "self"))
+        self._self_dnat = Dnat(mine, ident.private_ip, "self")
+        self._offer(key, self._self_dnat)

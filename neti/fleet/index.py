@@ -162,7 +162,8 @@ class FleetIndex:
         self._names: dict[str, set[str]] = {members_parent: set(), legacy_parent: set()}
         self._entries: dict[Key, _Entry] = {}
         self._by_id: dict[str, Group] = {}  # passing members entries by instance ID
-        self._id_winner: dict[str, tuple[Key, IPv4Address]] = {}
+        # Instance ID -> its winning entry (in ``_kept`` under the winner's overlay IP).
+        self._id_winner: dict[str, Key] = {}
         self._id_skips: dict[str, list[Skip]] = {}
         self._kept: dict[IPv4Address, Group] = {}  # legacy passing + instance winners
         self._ov_skips: dict[IPv4Address, list[Skip]] = {}
@@ -470,6 +471,10 @@ class FleetIndex:
             else:
                 _group_discard(self._by_id, m.instance_id, key)
                 dirty_ids.add(m.instance_id)
+                if self._id_winner.get(m.instance_id) == key:  # its overlay IP is free
+                    del self._id_winner[m.instance_id]
+                    _group_discard(self._kept, m.overlay_ip, key)
+                    dirty_ovs.add(m.overlay_ip)
 
     def _enter(
         self,
@@ -511,9 +516,10 @@ class FleetIndex:
         """Recompute the touched instance-ID groups, then the touched overlay-IP groups."""
         for iid in dirty_ids:
             old = self._id_winner.pop(iid, None)
-            if old is not None:
-                _group_discard(self._kept, old[1], old[0])
-                dirty_ovs.add(old[1])
+            if old is not None:  # still listed (``_drop`` let a dropped winner go)
+                ov = self._member(old).overlay_ip
+                _group_discard(self._kept, ov, old)
+                dirty_ovs.add(ov)
             for skip in self._id_skips.pop(iid, []):
                 self._count(skip, -1)
             keys = sorted(_keys(self._by_id.get(iid)))
@@ -523,7 +529,7 @@ class FleetIndex:
             keys = current(keys, lambda k: k[1])
             ms = [self._member(k) for k in keys]
             if same_addrs(ms):
-                self._id_winner[iid] = (keys[0], ms[0].overlay_ip)
+                self._id_winner[iid] = keys[0]
                 _group_add(self._kept, ms[0].overlay_ip, keys[0])
                 dirty_ovs.add(ms[0].overlay_ip)
                 continue

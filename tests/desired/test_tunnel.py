@@ -13,7 +13,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from neti import config
-from neti.desired import DesiredState, Dnat, Peer, Tunnel, build, compute
+from neti.desired import (
+    DesiredState,
+    Dnat,
+    Peer,
+    Tunnel,
+    build,
+    compute,
+    encryption_for,
+    host_context,
+    member_entry,
+)
 from neti.desired.model import Delta, DesiredModel
 from neti.fleet.model import SKIP_REASONS, Fleet, Member
 from neti.identity import Identity
@@ -274,6 +284,29 @@ def test_fold_equals_compute_after_every_change(
             address = now.tunnel.address
             kernel.apply(delta)
             kernel.matches(now)
+            assert model.encryption_counts() == counts(fleet, c)
+
+
+def counts(fleet: dict[str, Member], c: config.Config) -> tuple[int, int]:
+    """Encryption's counts by brute force: members with a peer in the desired state (their
+    key published once, not this host's), members in scope with a cleartext DNAT."""
+    enc = encryption_for(ME, c, MY_KEY)
+    ctx = host_context(ME, c)
+    entries = [
+        (x, member_entry(ME, x, c.overlay_subnet, ctx, enc))
+        for x in fleet.values()
+        if x.instance_id != ME.instance_id
+    ]
+    usable = [(x, e) for x, e in entries if not isinstance(e, tuple)]
+    keys = [e.peer.key for _x, e in usable if e.peer is not None]
+    tunneled = sum(
+        1 for _x, e in usable if e.peer and e.peer.key != MY_KEY and keys.count(e.peer.key) == 1
+    )
+    in_scope = c.encryption.scope == "all"
+    cleartext = sum(
+        1 for x, e in usable if e.peer is None and (in_scope or x.network != ME.network)
+    )
+    return tunneled, cleartext
 
 
 @settings(max_examples=100, deadline=None)
