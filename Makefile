@@ -27,11 +27,13 @@ test: deps venv
 	$(BIN)/pytest -q
 
 # The fast tier: no root, no ZooKeeper, no servers or child processes that take seconds
-# (pytest markers root, zk, chaos and slow leave tests out; README.md, "Testing"). About half
-# a minute; `make test` runs everything.
+# (pytest markers root, zk, chaos and slow leave tests out; README.md, "Testing"), on two
+# pytest-xdist workers (the tier shares nothing between tests). Under a minute; `make test`
+# runs everything, one test at a time (namespaces, ports and servers are shared there).
 FAST := not zk and not root and not chaos and not slow
+FAST_WORKERS ?= 2
 test-fast: venv
-	$(BIN)/pytest -q -m "$(FAST)" $(FAST_ARGS)
+	$(BIN)/pytest -q -n $(FAST_WORKERS) -m "$(FAST)" $(FAST_ARGS)
 
 # Needs root. The chaos suite (tests/chaos/): a 3-server ZooKeeper ensemble, four agents and
 # faults, a few minutes; `make test` skips it (its tests run only under -m chaos).

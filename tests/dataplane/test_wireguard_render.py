@@ -74,6 +74,8 @@ def test_parse_dump_keeps_no_private_key() -> None:
         (DUMP + f"{K2.public}x\t(none)\t1.2.3.4:1\t1.2.3.4/32\t0\t0\t0\toff\n", K1.public, 2, 1),
         (DUMP.replace("1700000000", "-5"), K1.public, 2, 0),  # a bad count reads as 0
     ],
+    # Named, not shown: the keys are made per run (pytest-xdist's workers must agree on ids).
+    ids=["empty", "garbage", "short", "port", "few", "badkey", "badcount"],
 )
 def test_parse_dump_counts_and_skips_bad_lines(
     text: str, public: str | None, peers: int, bad: int

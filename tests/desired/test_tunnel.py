@@ -105,7 +105,7 @@ def test_without_this_hosts_key_or_with_mode_off_every_member_is_dnat() -> None:
         assert set(d.as_dict()) == set(state(plain, off).as_dict())  # no tunnel keys at all
 
 
-@pytest.mark.parametrize("key", [K[0], MY_KEY])
+@pytest.mark.parametrize("key", [K[0], MY_KEY], ids=["a peer's key", "this host's key"])
 def test_a_key_two_members_publish_is_no_ones(key: str) -> None:
     """A host may publish another's public key in its own (validly signed) record: WireGuard
     would then hand the victim's overlay IP to the copier's peer entry. Both are left out,
