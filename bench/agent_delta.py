@@ -27,6 +27,7 @@ from typing import Any
 from neti import config, dataplane
 from neti.agent import core, statefile
 from neti.agent import guard as guard_mod
+from neti.dataplane.base import Backend
 from neti.desired import model as model_mod
 from neti.fleet.model import Member
 from neti.identity import Identity
@@ -46,6 +47,26 @@ def member(i: int) -> Member:
         A(int(A("192.168.16.1")) + i),
         "1",
     )
+
+
+def connected_agent(
+    path: str, cfg: config.Config, backend: Backend, reg: FakeRegistry, me: Identity
+) -> core.Agent:
+    """A real Agent on ``backend`` and the fake registry, as if connected (no connect's
+    grace): the benchmarks drive its reconcile directly."""
+    a = core.Agent.build(
+        path,
+        cfg,
+        connect=connector(reg),
+        select_backend=lambda _cfg: backend,
+        identify=lambda _cfg: me,
+        guard=guard_mod.Guard(),
+    )
+    a._resolve_identity()
+    a._select_backend()
+    a.session.reg = reg
+    a.session.zk.state = "connected"
+    return a
 
 
 def children_cpu() -> float:
@@ -90,19 +111,8 @@ def main() -> None:
         backend = dataplane.select(cfg, netns=ns)
     try:
         reg = FakeRegistry(max_change=100000)
-        a = core.Agent.build(
-            os.path.join(tmp, "neti.yml"),
-            cfg,
-            connect=connector(reg),
-            select_backend=lambda _cfg: backend,
-            identify=lambda _cfg: ME,
-            guard=guard_mod.Guard(),
-        )
-        a._resolve_identity()
-        a._select_backend()
+        a = connected_agent(os.path.join(tmp, "neti.yml"), cfg, backend, reg, ME)
         a.session.overlay_ip = A("192.168.0.2")
-        a.session.reg = reg  # connected, without the connect's grace
-        a.session.zk.state = "connected"
         reg.add(*[member(i) for i in range(args.members)])
         t = time.process_time()
         a.reconcile("resync")

@@ -34,15 +34,14 @@ from ipaddress import IPv4Address as A
 from ipaddress import IPv4Network
 from typing import Any
 
+from bench.agent_delta import connected_agent
 from neti import config
-from neti.agent import core
-from neti.agent import guard as guard_mod
 from neti.fleet.index import FleetIndex
 from neti.fleet.model import Member
 from neti.fleet.names import encode_member
 from neti.identity import Identity
 from neti.identity.wireguard import KeyPair
-from tests.support.fakeregistry import FakeRegistry, connector
+from tests.support.fakeregistry import FakeRegistry
 from tests.support.fakesystem import FakeSystem
 
 ME = Identity("i-me", A("10.0.0.1"), A("203.0.113.1"), "default")
@@ -128,21 +127,10 @@ def measure_agent(ms: list[Member], subnet: str, changes: int, enc: bool) -> dic
     fake = FakeSystem()
     backend = NftablesBackend(fake)
     reg = FakeRegistry(max_change=10**6)
-    a = core.Agent.build(
-        os.path.join(tmp, "neti.yml"),
-        cfg,
-        connect=connector(reg),
-        select_backend=lambda _cfg: backend,
-        identify=lambda _cfg: ME,
-        guard=guard_mod.Guard(),
-    )
-    a._resolve_identity()
-    a._select_backend()
+    a = connected_agent(os.path.join(tmp, "neti.yml"), cfg, backend, reg, ME)
     if enc:
         a.session.wg_key, a.session.wg_port = KeyPair.generate().public, 51820
     a.session.overlay_ip = A(int(A(subnet.split("/")[0])) + 1)
-    a.session.reg = reg
-    a.session.zk.state = "connected"
     reg.add(*ms)
     # The peak as the agent reaches it: FakeSystem's own parse of the script is left out.
     peaks: list[int] = []
