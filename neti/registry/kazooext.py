@@ -17,6 +17,8 @@ shape. Each part, and why it is used:
   with ``_write(msg, timeout)``, done without an epoll selector built per chunk (kazoo's
   own, which bounds a cold start's reads): they use the connection's ``_socket`` (non-blocking),
   ``_socket_error_handling()`` and its handler's ``select`` and ``timeout_exception``.
+- ``ConnectionHandler.handler`` (the client's handler, set in its ``__init__``): wrapped so
+  that ``select`` sees bytes a TLS socket already decrypted (``TlsAwareHandler``).
 - ``ConnectionHandler._read_watch_event(buffer, offset)``: wrapped, so events under the roots
   of our persistent watches are queued before kazoo's own dispatch runs.
 - ``KazooClient._session_timeout``: the negotiated session timeout (ms) a restart resumes.
@@ -75,11 +77,44 @@ _HUB_ATTR = "_neti_watch_hub"
 MAX_REPLY_BYTES = 64 * 1024 * 1024
 
 
+class TlsAwareHandler:
+    """The client's handler, but its ``select`` counts a TLS socket that holds decrypted
+    bytes as readable. kazoo reads a reply's exact length, so the next reply (or watch
+    event) may already sit in OpenSSL's buffer while the socket itself is empty; kazoo's
+    loop would then wait in select until more bytes or its ping timer came (seconds)."""
+
+    def __init__(self, inner: Any):
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def select(self, rlist: Any, wlist: Any, xlist: Any, timeout: float | None = None) -> Any:
+        held = [s for s in rlist if _holds_bytes(s)]
+        if not held:
+            return self._inner.select(rlist, wlist, xlist, timeout)
+        r, w, x = self._inner.select(rlist, wlist, xlist, 0)
+        return held + [s for s in r if s not in held], w, x
+
+
+def _holds_bytes(sock: Any) -> bool:
+    if not isinstance(sock, ssl.SSLSocket):
+        return False
+    try:
+        return sock.pending() > 0
+    except (OSError, ValueError):
+        return False  # closed: the read that follows reports it
+
+
 class BoundedConnection(ConnectionHandler):
     """kazoo's connection, refusing a reply longer than ``max_reply`` before reading it:
     the connection is dropped (and retried) instead of the process allocating it."""
 
     max_reply = MAX_REPLY_BYTES
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.handler = TlsAwareHandler(self.handler)
 
     def _read(self, length, timeout):  # type: ignore[no-untyped-def]
         if length < 0 or length > self.max_reply:

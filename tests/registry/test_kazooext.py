@@ -7,10 +7,12 @@ from __future__ import annotations
 import inspect
 import re
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
 from importlib.metadata import version
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -21,6 +23,7 @@ from kazoo.handlers import utils as handler_utils
 from kazoo.handlers.threading import SequentialThreadingHandler
 from kazoo.protocol import connection, paths, serialization
 
+from neti.lab.pki import CertificateAuthority
 from neti.registry import kazooext
 from neti.registry.kazooext import (
     ADD_WATCH,
@@ -307,3 +310,47 @@ def test_multiread_paths_match_kazoos_prefix() -> None:
             except ValueError:
                 got = ValueError
             assert got == want, (root, p)
+
+
+def test_select_sees_what_a_tls_socket_already_decrypted(tmp_path: Path) -> None:
+    """Two messages in one TLS record: reading the first leaves the second in OpenSSL's
+    buffer, the socket empty. kazoo's select would wait for its timeout; ours answers."""
+    ca = CertificateAuthority(tmp_path)
+    server = ca.issue_server("zk", ips=["127.0.0.1"])
+    srv_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    srv_ctx.load_cert_chain(str(server.cert), str(server.key))
+    cli_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    cli_ctx.load_verify_locations(str(ca.cert_path))
+    a, b = socket.socketpair()
+    done = threading.Event()
+
+    def serve() -> None:
+        with srv_ctx.wrap_socket(b, server_side=True) as s:
+            s.sendall(b"first" + b"second")  # one write: one TLS record
+            done.wait(10)
+
+    t = threading.Thread(target=serve)
+    t.start()
+    try:
+        tls = cli_ctx.wrap_socket(a, server_hostname="127.0.0.1")
+        conn = _conn(tls)
+        assert conn._read(5, 5.0) == b"first"
+        assert tls.pending() > 0  # the rest is decrypted and held
+        handler = kazooext.TlsAwareHandler(SequentialThreadingHandler())
+        t0 = time.monotonic()
+        ready = handler.select([tls], [], [], 5.0)[0]
+        assert ready == [tls] and time.monotonic() - t0 < 1.0
+        assert conn._read(6, 5.0) == b"second"
+        plain_r, plain_w = socket.socketpair()
+        with plain_r, plain_w:  # a plain socket is asked of the real select only
+            assert handler.select([plain_r], [], [], 0)[0] == []
+        tls.close()
+    finally:
+        done.set()
+        t.join(10)
+
+
+def test_a_bounded_connection_selects_through_the_tls_aware_handler() -> None:
+    c = GatedClient(hosts="127.0.0.1:1")
+    assert isinstance(c._connection.handler, kazooext.TlsAwareHandler)
+    assert c._connection.handler.timeout_exception is c.handler.timeout_exception
