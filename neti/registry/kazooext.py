@@ -114,7 +114,7 @@ class BoundedConnection(ConnectionHandler):
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.handler = TlsAwareHandler(self.handler)
+        self.handler = TlsAwareHandler(self.handler)  # type: ignore[has-type]
 
     def _read(self, length, timeout):  # type: ignore[no-untyped-def]
         if length < 0 or length > self.max_reply:
