@@ -498,6 +498,17 @@ def agent_phases(text: str) -> dict[str, float]:
     return {k: float(v) for k, v in _PHASE_RE.findall(found[0])}
 
 
+def _await_phases(lab: Lab, limit: float) -> dict[str, float]:
+    """The agent's phases, once its "cold start:" line is logged: the kernel holds every
+    member a little before the agent's full apply returns (its children, the state file)."""
+    end = time.monotonic() + limit
+    while True:
+        phases = agent_phases(lab.agent_log(chars=10**7))
+        if phases or time.monotonic() > end:
+            return phases
+        time.sleep(0.5)
+
+
 def cold_start(lab: Lab, kernel: Kernel, n: int, args: argparse.Namespace) -> dict[str, Any]:
     """Start the agent and wait until all ``n`` members (and itself) are in the kernel."""
     agent = lab.start_agent()
@@ -520,7 +531,7 @@ def cold_start(lab: Lab, kernel: Kernel, n: int, args: argparse.Namespace) -> di
     )
     Meter(lab.zk.proc.pid, lab.zk_if, agent.pid).quiet(window=2.0, limit=60.0)
     rss, hwm = rss_kb(agent.pid)
-    phases = agent_phases(lab.agent_log(chars=10**7))
+    phases = _await_phases(lab, limit=120.0)
     log(f"[{n}] RSS {rss / 1024:.0f} MB (peak {hwm / 1024:.0f} MB); phases {phases}")
     return {
         "ready_s": ready,

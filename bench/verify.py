@@ -66,9 +66,10 @@ def _publish(zk: Any, ca: Any, prefix: str, n: int) -> None:
 
     writer = connect(_cfg(zk, ca, prefix, "i-writer"), "vpc", timeout=30)
     try:
-        writer.claim("i-writer")  # creates the tree (locked) and the containers
+        # Creates the tree (locked) and the containers; its address is not a member's.
+        taken = writer.claim("i-writer")
         client, session = writer.client, writer.session_id
-        hosts = list(IPv4Network(SUBNET).hosts())
+        hosts = [h for h in IPv4Network(SUBNET).hosts() if h != taken]
         pending = []
         for i in range(n):
             iid = f"i-{i:06x}"
@@ -89,11 +90,9 @@ def _publish(zk: Any, ca: Any, prefix: str, n: int) -> None:
             )
             pending.append(txn.commit_async())
             if len(pending) >= 256:
-                for r in pending:
-                    r.get(timeout=60)
+                _committed(pending)
                 pending = []
-        for r in pending:
-            r.get(timeout=60)
+        _committed(pending)
     except BaseException:
         writer.close()
         raise
@@ -101,6 +100,14 @@ def _publish(zk: Any, ca: Any, prefix: str, n: int) -> None:
 
 
 _WRITERS: list[Any] = []
+
+
+def _committed(pending: list[Any]) -> None:
+    """Every transaction committed whole (a failed one answers with its errors, not raising)."""
+    for r in pending:
+        failed = [x for x in r.get(timeout=60) if isinstance(x, Exception)]
+        if failed:
+            raise RuntimeError(f"publishing a member failed: {failed!r}")
 
 
 MODES = ("open-single", "open", "signed", "signed-warm", "secured")

@@ -298,10 +298,10 @@ class Agent:
             log.info("reconcile (%s) skipped: ZooKeeper %s; rules unchanged", reason, zk)
             return
         outcome = self.reconciler.reconcile(reason, reg, self.backend, self._host())
-        self.sink.reconciled(outcome)
         if self._cold and isinstance(outcome, Applied) and outcome.full:
             self._cold = False
-            self._log_cold_start(outcome)
+            self._log_cold_start(outcome)  # the kernel is written: before the state file
+        self.sink.reconciled(outcome)
         self._schedule(outcome)
 
     def _log_cold_start(self, o: Applied) -> None:

@@ -13,7 +13,12 @@ shape. Each part, and why it is used:
 - ``KazooClient._connection``, a ``ConnectionHandler`` built as ``(client, retry_sleeper,
   logger=, sasl_options=)``: replaced by a ``BoundedConnection`` made from the old one's.
 - ``ConnectionHandler._read(length, timeout)``: refused for a reply longer than a bound,
-  before anything is allocated for it (kazoo reads any length a reply's header claims).
+  before anything is allocated for it (kazoo reads any length a reply's header claims); and,
+  with ``_write(msg, timeout)``, done without an epoll selector built per chunk (kazoo's
+  own, which bounds a cold start's reads): they use the connection's ``_socket`` (non-blocking),
+  ``_socket_error_handling()`` and its handler's ``select`` and ``timeout_exception``.
+- ``ConnectionHandler.handler`` (the client's handler, set in its ``__init__``): wrapped so
+  that ``select`` sees bytes a TLS socket already decrypted (``TlsAwareHandler``).
 - ``ConnectionHandler._read_watch_event(buffer, offset)``: wrapped, so events under the roots
   of our persistent watches are queued before kazoo's own dispatch runs.
 - ``KazooClient._session_timeout``: the negotiated session timeout (ms) a restart resumes.
@@ -37,6 +42,7 @@ watches through kazoo's internals".
 from __future__ import annotations
 
 import logging
+import ssl
 import struct
 from collections.abc import Callable
 from typing import Any
@@ -49,7 +55,6 @@ from kazoo.protocol.serialization import (
     Exists,
     GetChildren2,
     GetData,
-    MultiHeader,
     Watch,
     int_struct,
     multiheader_struct,
@@ -72,11 +77,44 @@ _HUB_ATTR = "_neti_watch_hub"
 MAX_REPLY_BYTES = 64 * 1024 * 1024
 
 
+class TlsAwareHandler:
+    """The client's handler, but its ``select`` counts a TLS socket that holds decrypted
+    bytes as readable. kazoo reads a reply's exact length, so the next reply (or watch
+    event) may already sit in OpenSSL's buffer while the socket itself is empty; kazoo's
+    loop would then wait in select until more bytes or its ping timer came (seconds)."""
+
+    def __init__(self, inner: Any):
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def select(self, rlist: Any, wlist: Any, xlist: Any, timeout: float | None = None) -> Any:
+        held = [s for s in rlist if _holds_bytes(s)]
+        if not held:
+            return self._inner.select(rlist, wlist, xlist, timeout)
+        r, w, x = self._inner.select(rlist, wlist, xlist, 0)
+        return held + [s for s in r if s not in held], w, x
+
+
+def _holds_bytes(sock: Any) -> bool:
+    if not isinstance(sock, ssl.SSLSocket):
+        return False
+    try:
+        return sock.pending() > 0
+    except (OSError, ValueError):
+        return False  # closed: the read that follows reports it
+
+
 class BoundedConnection(ConnectionHandler):
     """kazoo's connection, refusing a reply longer than ``max_reply`` before reading it:
     the connection is dropped (and retried) instead of the process allocating it."""
 
     max_reply = MAX_REPLY_BYTES
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.handler = TlsAwareHandler(self.handler)  # type: ignore[has-type]
 
     def _read(self, length, timeout):  # type: ignore[no-untyped-def]
         if length < 0 or length > self.max_reply:
@@ -87,7 +125,48 @@ class BoundedConnection(ConnectionHandler):
                 self.max_reply,
             )
             raise ConnectionDropped(f"reply of {length} bytes refused")
-        return super()._read(length, timeout)
+        return self._read_exact(length, timeout)
+
+    def _read_exact(self, length: int, timeout: float) -> bytes:
+        """``length`` bytes into one buffer, taking what the socket holds before waiting:
+        kazoo's own read builds an epoll selector for every chunk (four system calls, each
+        dropping the GIL the caller's thread then holds), which bounds a cold start's reads."""
+        buf = bytearray(length)
+        view = memoryview(buf)
+        got = 0
+        sock = self._socket
+        with self._socket_error_handling():
+            while got < length:
+                try:
+                    n = sock.recv_into(view[got:])
+                except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                    self._wait(sock, True, timeout)
+                    continue
+                if not n:
+                    raise ConnectionDropped("socket connection broken")
+                got += n
+        return bytes(buf)
+
+    def _write(self, msg, timeout):  # type: ignore[no-untyped-def]
+        """kazoo's write without a selector per chunk or a copy of the rest per send."""
+        view = memoryview(msg)
+        sent = 0
+        sock = self._socket
+        with self._socket_error_handling():
+            while sent < len(view):
+                try:
+                    n = sock.send(view[sent:])
+                except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                    self._wait(sock, False, timeout)
+                    continue
+                if not n:
+                    raise ConnectionDropped("socket connection broken")
+                sent += n
+
+    def _wait(self, sock: Any, readable: bool, timeout: float) -> None:
+        r, w = ([sock], []) if readable else ([], [sock])
+        if not any(self.handler.select(r, w, [], timeout)[:2]):
+            raise self.handler.timeout_exception("socket time-out")
 
 
 class GatedClient(KazooClient):
@@ -155,13 +234,15 @@ class MultiRead:
         self.paths = paths
         self.watcher = None
 
-    def serialize(self) -> bytearray:
-        b = bytearray()
+    def serialize(self) -> bytes:
+        # kazoo's MultiHeader + GetData(path, watch=False) per path, packed in one pass
+        # (a cold start sends 128,000 of them).
+        head = multiheader_struct.pack(GetData.type, False, -1)
+        parts: list[bytes] = []
         for path in self.paths:
-            b.extend(MultiHeader(GetData.type, False, -1).serialize())
-            b.extend(GetData(path, None).serialize())
-        b.extend(MultiHeader(-1, True, -1).serialize())
-        return b
+            parts += (head, write_string(path), b"\x00")
+        parts.append(multiheader_struct.pack(-1, True, -1))
+        return b"".join(parts)
 
     @classmethod
     def deserialize(cls, buffer: bytes, offset: int) -> list[Any]:
@@ -194,7 +275,22 @@ class MultiRead:
 
 def multi_read(client: Any, paths: list[str], result: Any) -> None:
     """Send one multiRead of getData on ``paths`` (no watches); ``result`` gets the list."""
-    client._call(MultiRead([_prefix_root(client.chroot, p) for p in paths]), result)
+    client._call(MultiRead(server_paths(client.chroot, paths)), result)
+
+
+def server_paths(chroot: str, paths: list[str]) -> list[str]:
+    """``paths`` as the server names them (kazoo's _prefix_root), the root normalised once:
+    only a path that needs normalising (``//``, ``/.``, a trailing ``/``) goes through kazoo's."""
+    root = _prefix_root(chroot, "/")
+    out = []
+    for p in paths:
+        if "//" in p or "/." in p or p.endswith("/") or not p.startswith("/"):
+            out.append(_prefix_root(chroot, p))
+        elif root == "/":
+            out.append(p)
+        else:
+            out.append(root + p)
+    return out
 
 
 def add_watch(client: Any, path: str, mode: int, result: Any) -> None:

@@ -89,14 +89,25 @@ class _Node:
     acl: Any = None  # list[ACL] when read (secured registries)
 
 
-class _Slot:
-    """One getData inside a multiRead: the request's result (once sent) and its place."""
+class _Batch:
+    """One multiRead's reply, fetched once for all its reads (a thousand entries would
+    otherwise each take the reply's lock: a GIL hand-off each with kazoo's thread)."""
 
-    __slots__ = ("index", "result")
+    __slots__ = ("result", "values")
 
-    def __init__(self, index: int):
-        self.index = index
+    def __init__(self) -> None:
         self.result: Any = None
+        self.values: list[Any] | None = None
+
+
+class _Slot:
+    """One getData inside a multiRead: its request (once sent) and its place in the reply."""
+
+    __slots__ = ("index", "batch")
+
+    def __init__(self, index: int, batch: _Batch):
+        self.index = index
+        self.batch = batch
 
 
 class _Gets:
@@ -108,14 +119,13 @@ class _Gets:
         self.client = client
         self.chunk = chunk
         self.paths: list[str] = []
-        self.slots: list[_Slot] = []
+        self.batch = _Batch()
 
     def get(self, path: str) -> Any:
         if not self.chunk:
             return self.client.get_async(path)
-        slot = _Slot(len(self.paths))
+        slot = _Slot(len(self.paths), self.batch)
         self.paths.append(path)
-        self.slots.append(slot)
         return slot
 
     def full(self) -> None:
@@ -128,9 +138,15 @@ class _Gets:
             return
         result = self.client.handler.async_result()
         kazooext.multi_read(self.client, self.paths, result)
-        for slot in self.slots:
-            slot.result = result
-        self.paths, self.slots = [], []
+        self.batch.result = result
+        self.paths, self.batch = [], _Batch()
+
+
+def _unsent(pending: _Pending) -> bool:
+    """Is this node's read still gathering in a multiRead not yet sent? (Its claim and
+    ID reads were issued before it, so they are in that request or an earlier one.)"""
+    slot = pending.data
+    return isinstance(slot, _Slot) and slot.batch.result is None
 
 
 class _Pending(NamedTuple):
@@ -280,7 +296,7 @@ class Verifier:
         # One read per claim node for the whole call (members sharing a claim share it).
         claims: dict[str, _Pending | _Node] = {}
         ids: dict[str, _Pending | _Node] = {}
-        window: deque[tuple[Candidate, _Pending]] = deque()
+        window: deque[tuple[Candidate, str, _Pending]] = deque()
         got: dict[tuple[str, str], Verdict | None] = {}
         nxt = 0
         self._gets = _Gets(self.client, MULTI_CHUNK if self.multi_read else 0)
@@ -295,12 +311,16 @@ class Verifier:
                 if owned and not m.legacy and m.instance_id not in ids:
                     ids[m.instance_id] = self._issue(f"{self.id_to_ip}/{m.instance_id}", True)
                 node_acl = owned and not m.legacy and self.attest_check is None
-                window.append((c, self._issue(f"{c.parent}/{c.name}", node_acl)))
+                window.append((c, ip, self._issue(f"{c.parent}/{c.name}", node_acl)))
                 self._gets.full()
-            self._gets.send()
-            c, pending = window.popleft()
+            c, ip, pending = window.popleft()
+            if _unsent(pending):
+                # About to wait for a read still gathering: send it. Sending after every
+                # refill instead made one request of 2 reads per entry once the window was
+                # full (24,000 requests for 32,000 members, each a hand-off with kazoo).
+                self._gets.send()
             m = c.member
-            claim = self._settle(claims, str(m.overlay_ip))
+            claim = self._settle(claims, ip)
             ident = self._settle(ids, m.instance_id) if m.instance_id in ids else None
             node = self._collect(pending)
             if not node.found:
@@ -342,7 +362,10 @@ class Verifier:
                 continue
             try:
                 if isinstance(result, _Slot):
-                    got = self._wait(result.result, pending.end)[result.index]
+                    batch = result.batch
+                    if batch.values is None:
+                        batch.values = self._wait(batch.result, pending.end)
+                    got = batch.values[result.index]
                     if isinstance(got, Exception):
                         raise got
                     out.append(got)

@@ -62,6 +62,7 @@ class Fake(Backend):
         self.log.append(f"rules {payload}")
 
     def leftovers(self) -> list[str]:
+        self.log.append(f"look for {self.name}")
         return ["fake chain"] if self.leftover else []
 
     def _remove_objects(self) -> tuple[list[str], list[str]]:
@@ -102,10 +103,13 @@ def test_apply_order_is_the_templates(recorded: list[str], monkeypatch: pytest.M
         "lock",
         "conntrack",
         "prepare diff=False",
+        # Looked for while the kernel holds only theirs (nft lists slowly once it holds a
+        # large ruleset), removed last, once Neti's rules are in.
+        "look for other",
         "allowlist sets",
         "route",
         "rules rules",
-        "remove other",  # the other backend's leftovers go last, once Neti's rules are in
+        "remove other",
     ]
     assert r.changes == ("wrote x", "removed other") and r.backend == "fake"
     recorded.clear()
@@ -119,7 +123,7 @@ def test_plan_names_the_other_backends_leftovers(
     monkeypatch.setattr(Backend, "_others", lambda self: [Other(Recorder(recorded), True)])
     plan = Fake(Recorder(recorded)).plan(STATE)
     assert plan.actions == ("conntrack plan", "remove the other backend's fake chain")
-    assert recorded == ["prepare diff=True"]  # a plan writes nothing, takes no lock
+    assert recorded == ["prepare diff=True", "look for other"]  # writes nothing, no lock
 
 
 def test_uninstall_removes_every_backends_objects_then_the_route(
@@ -127,7 +131,14 @@ def test_uninstall_removes_every_backends_objects_then_the_route(
 ) -> None:
     monkeypatch.setattr(Backend, "_others", lambda self: [Other(Recorder(recorded), True)])
     r = Fake(Recorder(recorded)).uninstall()
-    assert recorded == ["guard", "lock", "remove fake", "remove other", "route removed"]
+    assert recorded == [
+        "guard",
+        "lock",
+        "remove fake",
+        "look for other",
+        "remove other",
+        "route removed",
+    ]
     assert r.changes == ("removed fake", "removed other")
 
 

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from neti import config
 from neti.desired import compute, host_context
 from neti.fleet import addr
+from neti.fleet.addr import MalformedEntry
 from neti.fleet.model import SKIP_REASONS, Fleet, Member
 from neti.fleet.screen import build_fleet
 from neti.identity import Identity
@@ -138,3 +139,33 @@ def test_own_legacy_node_is_not_judged_as_another_member() -> None:
 def test_a_host_address_and_this_hosts_own_address_follow_one_rule(n: int) -> None:
     ip = IP(n)
     assert (addr.host_problem(ip) is None) == (addr.own_address_problem(ip) is None)
+
+
+_OCTET = st.one_of(
+    st.integers(0, 300).map(str), st.sampled_from(["00", "01", "0x1", "", " 1", "1 ", "٣", "+1"])
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.one_of(
+        st.lists(_OCTET, min_size=1, max_size=5).map(".".join),
+        st.text(max_size=20),
+        st.ip_addresses(v=4).map(str),
+        st.tuples(st.ip_addresses(v=4).map(str), st.sampled_from(["\n", "\x00", " x", "."])).map(
+            "".join
+        ),
+    )
+)
+def test_parse_ip_accepts_exactly_what_ipaddress_does(text: str) -> None:
+    """The C parse (inet_aton, checked by the round trip) takes exactly the canonical dotted
+    quads IPv4Address takes, and gives the same address."""
+    try:
+        want: IP | None = IP(text)
+    except ValueError:
+        want = None
+    try:
+        got: IP | None = addr.parse_ip(text)
+    except MalformedEntry:
+        got = None
+    assert got == want

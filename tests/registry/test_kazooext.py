@@ -6,18 +6,24 @@ from __future__ import annotations
 
 import inspect
 import re
+import socket
+import ssl
+import threading
+import time
 from collections.abc import Callable
 from importlib.metadata import version
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kazoo.client import KazooClient
-from kazoo.exceptions import MarshallingError, NoNodeError
+from kazoo.exceptions import ConnectionDropped, MarshallingError, NoNodeError
 from kazoo.handlers import utils as handler_utils
 from kazoo.handlers.threading import SequentialThreadingHandler
 from kazoo.protocol import connection, paths, serialization
 
+from neti.lab.pki import CertificateAuthority
 from neti.registry import kazooext
 from neti.registry.kazooext import (
     ADD_WATCH,
@@ -70,6 +76,15 @@ def _connection() -> None:
 
 def _read() -> None:
     assert params(connection.ConnectionHandler._read) == ["self", "length", "timeout"]
+
+
+def _socket_io() -> None:
+    assert params(connection.ConnectionHandler._write) == ["self", "msg", "timeout"]
+    source = inspect.getsource(connection.ConnectionHandler._connect)
+    assert "self._socket.setblocking(0)" in source  # the reads below rely on it
+    assert hasattr(connection.ConnectionHandler, "_socket_error_handling")
+    handler = SequentialThreadingHandler()
+    assert callable(handler.select) and issubclass(handler.timeout_exception, Exception)
 
 
 def _read_watch_event() -> None:
@@ -138,6 +153,7 @@ PARTS: dict[str, Callable[[], None]] = {
     "KazooClient._session_timeout": _session_timeout,
     "KazooClient._connection (retry_sleeper, logger, sasl_options)": _connection,
     "ConnectionHandler._read(length, timeout)": _read,
+    "ConnectionHandler._write(msg, timeout), _socket (non-blocking), select": _socket_io,
     "ConnectionHandler._read_watch_event(buffer, offset)": _read_watch_event,
     "kazoo.protocol.paths._prefix_root(root, path)": _prefix_root,
     "kazoo.protocol.serialization (Watch, GetChildren2, Exists, int_struct)": _serialization,
@@ -217,3 +233,124 @@ def test_a_malformed_multiread_reply_is_a_kazoo_error(blob: bytes) -> None:
     except MarshallingError:
         return
     assert isinstance(got, list)
+
+
+def _conn(sock: socket.socket) -> BoundedConnection:
+    """A BoundedConnection over ``sock`` (non-blocking, as kazoo leaves its socket)."""
+    conn = object.__new__(BoundedConnection)
+    sock.setblocking(False)
+    conn._socket = sock
+    conn.handler = SequentialThreadingHandler()
+    return conn
+
+
+def test_socket_reads_take_what_is_there_and_wait_for_the_rest() -> None:
+    """A reply arriving in pieces is read whole, in order, into one buffer."""
+    a, b = socket.socketpair()
+    blob = bytes(range(256)) * 4000  # ~1 MB: many socket buffers' worth
+    with a, b:
+
+        def feed() -> None:
+            for i in range(0, len(blob), 70_001):
+                b.sendall(blob[i : i + 70_001])
+                time.sleep(0.001)
+
+        t = threading.Thread(target=feed)
+        t.start()
+        got = _conn(a)._read(len(blob), 5.0)
+        t.join()
+    assert got == blob
+
+
+def test_socket_read_errors_are_kazoos() -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        conn = _conn(a)
+        with pytest.raises(conn.handler.timeout_exception):
+            conn._read(4, 0.05)  # nothing arrives
+        b.sendall(b"ab")
+        b.close()
+        with pytest.raises(ConnectionDropped):
+            conn._read(4, 1.0)  # the peer hangs up half-way
+
+
+def test_socket_writes_send_everything_however_slow_the_peer() -> None:
+    a, b = socket.socketpair()
+    blob = b"x" * 3_000_000 + b"end"
+    got = bytearray()
+    with a, b:
+
+        def drain() -> None:
+            while len(got) < len(blob):
+                got.extend(b.recv(65536))
+
+        t = threading.Thread(target=drain)
+        t.start()
+        _conn(a)._write(blob, 5.0)
+        t.join(10)
+    assert bytes(got) == blob
+    c, d = socket.socketpair()
+    with c:
+        d.close()
+        with pytest.raises(ConnectionDropped):
+            _conn(c)._write(b"y" * 1_000_000, 1.0)
+
+
+def test_multiread_paths_match_kazoos_prefix() -> None:
+    roots = ["", "/", "/a", "a/b/", "/a//b"]
+    tails = ["/x", "/x/y", "//x", "/x/", "/.x", "/x/./y", "/", "x", "/v2~i-1~n"]
+    for root in roots:
+        for p in tails:
+            try:
+                want: object = paths._prefix_root(root, p)
+            except ValueError:
+                want = ValueError
+            try:
+                got: object = kazooext.server_paths(root, [p])[0]
+            except ValueError:
+                got = ValueError
+            assert got == want, (root, p)
+
+
+def test_select_sees_what_a_tls_socket_already_decrypted(tmp_path: Path) -> None:
+    """Two messages in one TLS record: reading the first leaves the second in OpenSSL's
+    buffer, the socket empty. kazoo's select would wait for its timeout; ours answers."""
+    ca = CertificateAuthority(tmp_path)
+    server = ca.issue_server("zk", ips=["127.0.0.1"])
+    srv_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    srv_ctx.load_cert_chain(str(server.cert), str(server.key))
+    cli_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    cli_ctx.load_verify_locations(str(ca.cert_path))
+    a, b = socket.socketpair()
+    done = threading.Event()
+
+    def serve() -> None:
+        with srv_ctx.wrap_socket(b, server_side=True) as s:
+            s.sendall(b"first" + b"second")  # one write: one TLS record
+            done.wait(10)
+
+    t = threading.Thread(target=serve)
+    t.start()
+    try:
+        tls = cli_ctx.wrap_socket(a, server_hostname="127.0.0.1")
+        conn = _conn(tls)
+        assert conn._read(5, 5.0) == b"first"
+        assert tls.pending() > 0  # the rest is decrypted and held
+        handler = kazooext.TlsAwareHandler(SequentialThreadingHandler())
+        t0 = time.monotonic()
+        ready = handler.select([tls], [], [], 5.0)[0]
+        assert ready == [tls] and time.monotonic() - t0 < 1.0
+        assert conn._read(6, 5.0) == b"second"
+        plain_r, plain_w = socket.socketpair()
+        with plain_r, plain_w:  # a plain socket is asked of the real select only
+            assert handler.select([plain_r], [], [], 0)[0] == []
+        tls.close()
+    finally:
+        done.set()
+        t.join(10)
+
+
+def test_a_bounded_connection_selects_through_the_tls_aware_handler() -> None:
+    c = GatedClient(hosts="127.0.0.1:1")
+    assert isinstance(c._connection.handler, kazooext.TlsAwareHandler)
+    assert c._connection.handler.timeout_exception is c.handler.timeout_exception

@@ -298,3 +298,17 @@ def test_read_and_verify_seconds_are_counted() -> None:
     v = verifier(zk, attest_check=lambda name, data, owner: None)
     read(zk, v, names)
     assert v.read_seconds > 0 and v.verify_seconds > 0
+
+
+def test_a_full_window_sends_full_requests_not_one_per_entry() -> None:
+    """With more entries than the window holds, reads are still gathered into requests of
+    MULTI_CHUNK paths: one request per entry once the window filled made a cold read of a
+    large fleet one hand-off with kazoo's thread per member."""
+    zk = MultiFakeClient()
+    names = [publish(zk, member(f"i-{n}", f"192.168.{n // 250}.{n % 250 + 1}")) for n in range(600)]
+    v = verifier(zk, batch=50, multi_read=True)
+    with patch.object(verify_mod, "MULTI_CHUNK", 40):
+        got = read(zk, v, names)
+    assert len(got.members) == 600  # type: ignore[attr-defined]
+    sizes = [len(p) for p in zk.multi_requests]
+    assert sum(sizes) == 1200 and len(sizes) <= 1200 // 40 + 2, sizes
