@@ -40,7 +40,7 @@ from typing import Any
 
 from neti import files
 from neti.fleet.addr import LABEL_RE
-from neti.fleet.model import SKIP_REASONS, Fleet, Member
+from neti.fleet.model import SKIP_REASONS, Fleet, Member, order
 from neti.fleet.wgkey import public_key
 from neti.identity import Identity
 
@@ -239,7 +239,7 @@ class AgentState:
             ),
             overlay_ip=IPv4Address(overlay) if overlay else None,
             fleet=(
-                Fleet(members=tuple(sorted(_member(m) for m in fleet)))
+                Fleet(members=tuple(sorted((_member(m) for m in fleet), key=order)))
                 if fleet is not None
                 else None
             ),
@@ -409,7 +409,7 @@ def journal_line(state: AgentState, removed: Iterable[str], added: Iterable[Memb
     added again), and the state besides the fleet."""
     doc = {
         "remove": sorted(removed),
-        "add": [m.as_dict() for m in sorted(added)],
+        "add": [m.as_dict() for m in sorted(added, key=order)],
         "state": state.to_dict(with_fleet=False),
     }
     return json.dumps(doc, separators=(",", ":")).encode() + b"\n"
@@ -534,7 +534,7 @@ def replay(state: AgentState, journal: str, raw: bytes) -> AgentState:
         except (ValueError, KeyError, TypeError, OverflowError, RecursionError):
             break
         done += 1
-    state.fleet = Fleet(members=tuple(sorted(members.values())))
+    state.fleet = Fleet(members=tuple(sorted(members.values(), key=order)))
     state.journal_skipped = len(lines) - done + bool(torn)
     return state
 

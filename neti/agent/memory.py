@@ -1,17 +1,27 @@
-"""Give the memory a full apply freed back to the system.
+"""Give the memory a full apply freed back to the system, and keep the cyclic collector
+out of whole-fleet work.
 
 A full apply at tens of thousands of members builds large values that live only for the
 apply (the whole desired state, the kernel payloads and read-backs, the registry's lists);
 glibc keeps the pages they freed in its heap, so the agent's resident size would stay at
 its high-water mark. ``malloc_trim`` returns them (in-process at 64,000 members: 13–21 MB
 after each full apply, docs/performance.md). Where there is no such call (musl), nothing.
+
+CPython's cyclic collector runs after every few hundred allocations, and a full pass over
+every live object each time the heap has grown by a quarter: a cold start that builds the
+fleet's millions of objects (none of them in a reference cycle) pays for ~7 full passes
+over a growing heap, ~0.8 s at 64,000 members. ``collector_paused`` holds it off for one
+reconcile (seconds at most); what the reconcile left is looked at by the collector's next
+passes, as usual.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
-from collections.abc import Callable
+import gc
+from collections.abc import Callable, Iterator
 
 
 def _malloc_trim() -> Callable[[int], int] | None:
@@ -30,3 +40,16 @@ def trim() -> None:
     """Return the heap's free pages to the system (a few ms; after full applies only)."""
     if _TRIM is not None:
         _TRIM(0)
+
+
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """No automatic cyclic collection inside (module docstring); as it was after."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
