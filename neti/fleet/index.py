@@ -131,7 +131,9 @@ class _Plan:
 
 @dataclass(slots=True)
 class _Entry:
-    cand: Candidate | None = None  # screened fine (may still fail verification)
+    # The member a name screened fine as (may still fail verification); its key is the
+    # entry's, so the Candidate the verifier was given is not kept (64 bytes a member).
+    member: Member | None = None
     skip: Skip | None = None  # why this name itself is skipped
     passing: bool = False  # verified: takes part in the duplicate rules
 
@@ -319,7 +321,7 @@ class FleetIndex:
         for ov, m in sorted(self._final.items()):
             if not any(self._backs(k, m) for k in _keys(self._kept.get(ov))):
                 problems.append(
-                    f"member {m.instance_id} ({ov}) is in the fleet without a listed, "
+                    f"member {m.instance_id} ({m.overlay_ip}) is in the fleet without a listed, "
                     "verified entry"
                 )
         skips = sum(e.skip is not None for e in self._entries.values())
@@ -378,8 +380,7 @@ class FleetIndex:
         return (
             entry is not None
             and entry.passing
-            and entry.cand is not None
-            and entry.cand.member == m
+            and entry.member == m
             and key[1] in self._names.get(key[0], ())
         )
 
@@ -470,8 +471,8 @@ class FleetIndex:
             return
         if entry.skip is not None:
             self._count(entry.skip, -1)
-        if entry.passing and entry.cand is not None:
-            m = entry.cand.member
+        m = entry.member
+        if entry.passing and m is not None:
             if m.legacy:
                 ov = int(m.overlay_ip)
                 _group_discard(self._kept, ov, key)
@@ -498,29 +499,31 @@ class FleetIndex:
         if not isinstance(got, Candidate):
             self._entries[(parent, name)] = _Entry(skip=self._skip(*got))
             return
-        entry = self._entries[got.key] = _Entry(cand=got)
+        key = got.key  # one tuple for the index's maps (keyed() makes another)
+        entry = self._entries[key] = _Entry(got.member)
         if self.verifier is not None:
-            v = verdicts.get(got.key)
+            v = verdicts.get(key)
             if v is None:
                 return  # gone between the event and the read: its deletion follows
             if not v.ok:
                 entry.skip = self._skip(v.code or "malformed", v.text)
                 return
-            got = entry.cand = keyed(got, v)
+            got = keyed(got, v)
+            entry.member = got.member
         entry.passing = True
         m = got.member
         if m.legacy:
             ov = int(m.overlay_ip)
-            _group_add(self._kept, ov, got.key)
+            _group_add(self._kept, ov, key)
             dirty_ovs.add(ov)
         else:
-            _group_add(self._by_id, m.instance_id, got.key)
+            _group_add(self._by_id, m.instance_id, key)
             dirty_ids.add(m.instance_id)
 
     def _member(self, key: Key) -> Member:
-        cand = self._entries[key].cand
-        assert cand is not None
-        return cand.member
+        m = self._entries[key].member
+        assert m is not None
+        return m
 
     def _settle(self, dirty_ids: set[str], dirty_ovs: set[Ov]) -> None:
         """Recompute the touched instance-ID groups, then the touched overlay-IP groups.
