@@ -518,9 +518,13 @@ def cold_start(lab: Lab, kernel: Kernel, n: int, args: argparse.Namespace) -> di
         f"[{n}] the agent programmed {n + 1} DNAT mappings {ready:.1f}s after its start "
         f"({cpu:.1f} s of its CPU; ZooKeeper's so far {zk_cpu:.1f} s)"
     )
+    # The kernel holds every member before the reconcile ends (the state file is written
+    # after): its "cold start:" line says it ended.
+    end = time.monotonic() + 120.0
+    while not (phases := agent_phases(lab.agent_log(chars=10**7))) and time.monotonic() < end:
+        time.sleep(0.25)
     Meter(lab.zk.proc.pid, lab.zk_if, agent.pid).quiet(window=2.0, limit=60.0)
     rss, hwm = rss_kb(agent.pid)
-    phases = agent_phases(lab.agent_log(chars=10**7))
     log(f"[{n}] RSS {rss / 1024:.0f} MB (peak {hwm / 1024:.0f} MB); phases {phases}")
     return {
         "ready_s": ready,

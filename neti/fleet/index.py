@@ -529,49 +529,68 @@ class FleetIndex:
         """Recompute the touched instance-ID groups, then the touched overlay-IP groups.
         A group of one entry (nearly all of them) is its own winner: the rules are for
         several (a cold start settles every member's two groups)."""
+        self._settle_ids(dirty_ids, dirty_ovs)
+        self._settle_overlays(dirty_ovs)
+
+    def _settle_ids(self, dirty_ids: set[str], dirty_ovs: set[Ov]) -> None:
+        winners, id_skips, by_id, kept = self._id_winner, self._id_skips, self._by_id, self._kept
         for iid in dirty_ids:
-            old = self._id_winner.pop(iid, None)
+            old = winners.pop(iid, None)
             if old is not None:  # still listed (``_drop`` let a dropped winner go)
                 ov = int(self._member(old).overlay_ip)
-                _group_discard(self._kept, ov, old)
+                _group_discard(kept, ov, old)
                 dirty_ovs.add(ov)
-            for skip in self._id_skips.pop(iid, ()):
+            skips = id_skips.pop(iid, None)
+            for skip in skips or ():
                 self._count(skip, -1)
-            g = self._by_id.get(iid)
+            g = by_id.get(iid)
             if g is None:
                 continue
-            keys = [g] if isinstance(g, tuple) else current(sorted(g), lambda k: k[1])
-            ms = [self._member(k) for k in keys]
-            if len(ms) == 1 or same_addrs(ms):
-                self._id_winner[iid] = keys[0]
-                ov = int(ms[0].overlay_ip)
-                _group_add(self._kept, ov, keys[0])
+            if isinstance(g, tuple):  # one entry: it wins
+                winners[iid] = g
+                ov = int(self._member(g).overlay_ip)
+                _group_add(kept, ov, g)
                 dirty_ovs.add(ov)
                 continue
-            self._id_skips[iid] = [
+            keys = current(sorted(g), lambda k: k[1])
+            ms = [self._member(k) for k in keys]
+            if same_addrs(ms):
+                winners[iid] = keys[0]
+                ov = int(ms[0].overlay_ip)
+                _group_add(kept, ov, keys[0])
+                dirty_ovs.add(ov)
+                continue
+            id_skips[iid] = [
                 self._skip("duplicate_instance", duplicate_instance_text(iid, len(ms), m))
                 for m in ms
             ]
-        before, final, kept = self._before, self._final, self._kept
+
+    def _settle_overlays(self, dirty_ovs: set[Ov]) -> None:
+        before, final, kept, ov_skips = self._before, self._final, self._kept, self._ov_skips
+        entries = self._entries
         for ov in dirty_ovs:
             if ov not in before:
                 before[ov] = final.get(ov)
-            for skip in self._ov_skips.pop(ov, ()):
+            skips = ov_skips.pop(ov, None)
+            for skip in skips or ():
                 self._count(skip, -1)
             g = kept.get(ov)
             if g is None:
                 final.pop(ov, None)
-                continue
-            if isinstance(g, tuple):
-                final[ov] = self._member(g)
-                continue
-            # Legacy entries first, each kind in node-name order (as build_fleet sees them).
-            ordered = sorted(g, key=lambda k: (k[0] != self.legacy_parent, k[1]))
-            ms = [self._member(k) for k in ordered]
-            winner, skips = overlay_winner(ms[0].overlay_ip, ms)
-            if winner is None:
-                final.pop(ov, None)
+            elif isinstance(g, tuple):  # one entry: it keeps the address
+                final[ov] = entries[g].member  # type: ignore[assignment]  # kept: a member
             else:
-                final[ov] = winner
-            if skips:
-                self._ov_skips[ov] = [self._skip(code, text) for code, text in skips]
+                self._contest(ov, g)
+
+    def _contest(self, ov: Ov, g: set[Key]) -> None:
+        """Rule 4 for an overlay IP several entries hold."""
+        # Legacy entries first, each kind in node-name order (as build_fleet sees them).
+        ordered = sorted(g, key=lambda k: (k[0] != self.legacy_parent, k[1]))
+        ms = [self._member(k) for k in ordered]
+        winner, skips = overlay_winner(ms[0].overlay_ip, ms)
+        if winner is None:
+            self._final.pop(ov, None)
+        else:
+            self._final[ov] = winner
+        if skips:
+            self._ov_skips[ov] = [self._skip(code, text) for code, text in skips]
