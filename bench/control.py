@@ -498,17 +498,6 @@ def agent_phases(text: str) -> dict[str, float]:
     return {k: float(v) for k, v in _PHASE_RE.findall(found[0])}
 
 
-def _await_phases(lab: Lab, limit: float) -> dict[str, float]:
-    """The agent's phases, once its "cold start:" line is logged: the kernel holds every
-    member a little before the agent's full apply returns (its children, the state file)."""
-    end = time.monotonic() + limit
-    while True:
-        phases = agent_phases(lab.agent_log(chars=10**7))
-        if phases or time.monotonic() > end:
-            return phases
-        time.sleep(0.5)
-
-
 def cold_start(lab: Lab, kernel: Kernel, n: int, args: argparse.Namespace) -> dict[str, Any]:
     """Start the agent and wait until all ``n`` members (and itself) are in the kernel."""
     agent = lab.start_agent()
@@ -529,9 +518,13 @@ def cold_start(lab: Lab, kernel: Kernel, n: int, args: argparse.Namespace) -> di
         f"[{n}] the agent programmed {n + 1} DNAT mappings {ready:.1f}s after its start "
         f"({cpu:.1f} s of its CPU; ZooKeeper's so far {zk_cpu:.1f} s)"
     )
+    # The kernel holds every member before the reconcile ends (the state file is written
+    # after): its "cold start:" line says it ended.
+    end = time.monotonic() + 120.0
+    while not (phases := agent_phases(lab.agent_log(chars=10**7))) and time.monotonic() < end:
+        time.sleep(0.25)
     Meter(lab.zk.proc.pid, lab.zk_if, agent.pid).quiet(window=2.0, limit=60.0)
     rss, hwm = rss_kb(agent.pid)
-    phases = _await_phases(lab, limit=120.0)
     log(f"[{n}] RSS {rss / 1024:.0f} MB (peak {hwm / 1024:.0f} MB); phases {phases}")
     return {
         "ready_s": ready,

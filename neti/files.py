@@ -19,6 +19,7 @@ import errno
 import os
 import stat
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 
@@ -88,17 +89,22 @@ def check_writable_target(path: str | os.PathLike[str]) -> None:
 
 
 def replace_atomic(
-    path: str | os.PathLike[str], data: bytes, mode: int, sync_dir: bool = True
+    path: str | os.PathLike[str], data: bytes | Iterable[bytes], mode: int, sync_dir: bool = True
 ) -> Path:
     """``path`` replaced by ``data`` with ``mode``: a temporary file beside it, fsync, rename,
     then (``sync_dir``) the directory fsync'd so the rename survives a crash. The temporary
-    file is created 0600 (mkstemp), so a secret is never readable on the way."""
+    file is created 0600 (mkstemp), so a secret is never readable on the way. ``data`` may
+    be given in pieces, written as they come (a large file never whole in memory)."""
     target = Path(path)
     d = target.parent
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=d)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            if isinstance(data, bytes):
+                f.write(data)
+            else:
+                for chunk in data:
+                    f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, mode)

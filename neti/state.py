@@ -32,15 +32,16 @@ import logging
 import os
 import re
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from ipaddress import IPv4Address
+from json.encoder import encode_basestring_ascii as _str  # json.dumps of a str
 from pathlib import Path
 from typing import Any
 
 from neti import files
 from neti.fleet.addr import LABEL_RE
-from neti.fleet.model import SKIP_REASONS, Fleet, Member
+from neti.fleet.model import SKIP_REASONS, Fleet, Member, order
 from neti.fleet.wgkey import public_key
 from neti.identity import Identity
 
@@ -239,7 +240,7 @@ class AgentState:
             ),
             overlay_ip=IPv4Address(overlay) if overlay else None,
             fleet=(
-                Fleet(members=tuple(sorted(_member(m) for m in fleet)))
+                Fleet(members=tuple(sorted((_member(m) for m in fleet), key=order)))
                 if fleet is not None
                 else None
             ),
@@ -364,8 +365,21 @@ def path_for(state_dir: str | os.PathLike[str]) -> Path:
 
 
 def _row(m: Member) -> str:
-    """One member as the state file's JSON object (``Member.as_dict``, keys in order)."""
-    return json.dumps(m.as_dict())
+    """One member as the state file's JSON object: ``json.dumps(m.as_dict())``, made
+    without the dict (tests hold the two equal)."""
+    row = (
+        f'{{"instance_id": {_str(m.instance_id)}, "network": {_str(m.network)}, '
+        f'"public_ip": "{str(m.public_ip)}", "private_ip": "{str(m.private_ip)}", '
+        f'"overlay_ip": "{str(m.overlay_ip)}", "version": {_str(m.version)}, '
+        f'"legacy": {"true" if m.legacy else "false"}'
+    )
+    if m.wg_key:
+        row += f', "wg_key": {_str(m.wg_key)}, "wg_port": {int(m.wg_port)}'
+    return row + "}"
+
+
+# Rows per piece of the state file written at a time (~180 bytes each).
+ROWS_PER_WRITE = 2000
 
 
 def write(
@@ -375,26 +389,38 @@ def write(
     journal: str | None = None,
 ) -> Path:
     """Atomically replace the state file. ``members``: the fleet
-    (instead of ``state.fleet``); ``journal``: the id of the journal that continues it."""
+    (instead of ``state.fleet``), its rows written as they are made, never the whole
+    document in memory; ``journal``: the id of the journal that continues it."""
     d = Path(state_dir)
     d.mkdir(parents=True, exist_ok=True, mode=0o755)
     doc = state.to_dict(with_fleet=members is None)
     doc["journal"] = journal
     if members is None:
         data = json.dumps(doc, indent=1, sort_keys=False).encode() + b"\n"
-    else:
-        by_network: dict[str, int] = {}
-        rows = []
-        for m in sorted(members, key=lambda m: m.instance_id):
-            by_network[m.network] = by_network.get(m.network, 0) + 1
-            rows.append(_row(m))
-        doc["members_by_network"] = dict(sorted(by_network.items()))
-        text = json.dumps(doc, indent=1, sort_keys=False)
-        # The first '"fleet": null' is the key (a string value would have its quotes
-        # escaped); splice the rows in there.
-        text = text.replace('"fleet": null', '"fleet": [' + ",\n".join(rows) + "]", 1)
-        data = text.encode() + b"\n"
-    return _replace(d, FILENAME, data)
+        return _replace(d, FILENAME, data)
+    ordered = sorted(members, key=_by_id)
+    by_network: dict[str, int] = {}
+    for m in ordered:
+        by_network[m.network] = by_network.get(m.network, 0) + 1
+    doc["members_by_network"] = dict(sorted(by_network.items()))
+    text = json.dumps(doc, indent=1, sort_keys=False)
+    # The first '"fleet": null' is the key (a string value would have its quotes
+    # escaped); the rows go there.
+    head, tail = text.split('"fleet": null', 1)
+    return _replace(d, FILENAME, _pieces(head + '"fleet": [', ordered, "]" + tail + "\n"))
+
+
+def _by_id(m: Member) -> str:
+    return m.instance_id
+
+
+def _pieces(head: str, ordered: list[Member], tail: str) -> Iterator[bytes]:
+    """``head``, the members' rows joined by ",\\n", ``tail``: encoded a few rows at a time."""
+    yield head.encode()
+    for i in range(0, len(ordered), ROWS_PER_WRITE):
+        rows = ",\n".join(map(_row, ordered[i : i + ROWS_PER_WRITE]))
+        yield (",\n" + rows if i else rows).encode()
+    yield tail.encode()
 
 
 def start_journal(state_dir: str | os.PathLike[str], journal: str) -> int:
@@ -409,7 +435,7 @@ def journal_line(state: AgentState, removed: Iterable[str], added: Iterable[Memb
     added again), and the state besides the fleet."""
     doc = {
         "remove": sorted(removed),
-        "add": [m.as_dict() for m in sorted(added)],
+        "add": [m.as_dict() for m in sorted(added, key=order)],
         "state": state.to_dict(with_fleet=False),
     }
     return json.dumps(doc, separators=(",", ":")).encode() + b"\n"
@@ -432,7 +458,7 @@ def append_journal(state_dir: str | os.PathLike[str], line: bytes) -> None:
         os.close(fd)
 
 
-def _replace(d: Path, name: str, data: bytes) -> Path:
+def _replace(d: Path, name: str, data: bytes | Iterable[bytes]) -> Path:
     """``d/name`` replaced by ``data``, atomically and durably (files.replace_atomic)."""
     return files.replace_atomic(d / name, data, 0o644)
 
@@ -534,7 +560,7 @@ def replay(state: AgentState, journal: str, raw: bytes) -> AgentState:
         except (ValueError, KeyError, TypeError, OverflowError, RecursionError):
             break
         done += 1
-    state.fleet = Fleet(members=tuple(sorted(members.values())))
+    state.fleet = Fleet(members=tuple(sorted(members.values(), key=order)))
     state.journal_skipped = len(lines) - done + bool(torn)
     return state
 

@@ -438,3 +438,46 @@ def test_a_journal_line_that_does_not_fit_is_an_error_not_a_torn_success(
     with pytest.raises(OSError, match="No space left"):
         st.append_journal(tmp_path, st.journal_line(s, ["i-1"], [_m(2)]))
     assert len(calls) == 2
+
+
+_text = st_.text(max_size=12)  # quotes, backslashes, control and non-ASCII characters
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st_.builds(
+        Member,
+        instance_id=_text,
+        network=_text,
+        public_ip=st_.integers(0, 2**32 - 1).map(IPv4Address),
+        private_ip=st_.integers(0, 2**32 - 1).map(IPv4Address),
+        overlay_ip=st_.integers(0, 2**32 - 1).map(IPv4Address),
+        version=_text,
+        legacy=st_.booleans(),
+        wg_key=_text,
+        wg_port=st_.integers(0, 65535),
+    )
+)
+def test_a_row_is_the_members_json(m: Member) -> None:
+    assert st._row(m) == json.dumps(m.as_dict())
+
+
+def test_the_state_file_is_written_in_pieces_as_it_was_whole(tmp_path: Path) -> None:
+    """Rows streamed a few at a time: the same bytes as the document built whole."""
+    s = st.AgentState(pid=1, started_at=1.0, version="t")
+    A = IPv4Address
+    fleet = [
+        Member(f"i-{i}", "ab"[i % 3 % 2], A(0x64400001 + i), A(0x0A000001 + i), A(0xC0A80001 + i))
+        for i in range(2 * st.ROWS_PER_WRITE + 7)
+    ]
+    st.write(tmp_path, s, fleet, journal="j1")
+    doc = s.to_dict(with_fleet=False) | {"journal": "j1"}
+    by_network: dict[str, int] = {}
+    for m in fleet:
+        by_network[m.network] = by_network.get(m.network, 0) + 1
+    doc["members_by_network"] = dict(sorted(by_network.items()))
+    rows = ",\n".join(json.dumps(m.as_dict()) for m in sorted(fleet, key=lambda m: m.instance_id))
+    whole = json.dumps(doc, indent=1).replace('"fleet": null', f'"fleet": [{rows}]', 1) + "\n"
+    assert st.path_for(tmp_path).read_text() == whole
+    back = st.read(tmp_path)
+    assert back is not None and back.fleet is not None and len(back.fleet.members) == len(fleet)

@@ -1,4 +1,5 @@
-"""Give the memory a full apply freed back to the system, and pace the cycle collector.
+"""Give the memory a full apply freed back to the system, and keep the cyclic collector
+out of whole-fleet work.
 
 A full apply at tens of thousands of members builds large values that live only for the
 apply (the whole desired state, the kernel payloads and read-backs, the registry's lists);
@@ -6,19 +7,25 @@ glibc keeps the pages they freed in its heap, so the agent's resident size would
 its high-water mark. ``malloc_trim`` returns them (in-process at 64,000 members: 13–21 MB
 after each full apply, docs/performance.md). Where there is no such call (musl), nothing.
 
-The agent's data has no reference cycles worth hunting often: a fleet is a million small
-long-lived objects (names, addresses, entries) freed by reference counting. CPython's default
-thresholds run a young collection every 700 allocations and full ones as the heap grows, which
-in a cold read of 32,000 members was ~620 collections and 8 % of the CPU
-(docs/performance.md, "Cold start").
+CPython's cyclic collector runs after every few hundred allocations, and a full pass over
+every live object each time the heap has grown by a quarter: a cold start that builds the
+fleet's millions of objects (none of them in a reference cycle) pays for ~7 full passes
+over a growing heap, ~0.8 s at 64,000 members. ``collector_paused`` holds it off for one
+reconcile (seconds at most); what the reconcile left is looked at by the collector's next
+passes, as usual.
+
+Outside reconciles the collector runs at a slower pace (``pace_collector``): the agent's
+long-lived data is freed by reference counting, and CPython's default of a young collection
+every 700 allocations ran ~620 collections, 8 % of the CPU, in a cold read of 32,000 members.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import gc
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 
 def _malloc_trim() -> Callable[[int], int] | None:
@@ -47,3 +54,16 @@ GC_THRESHOLDS = (20_000, 10, 10)
 def pace_collector() -> None:
     """Set the cycle collector's thresholds for an agent (once, at start)."""
     gc.set_threshold(*GC_THRESHOLDS)
+
+
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """No automatic cyclic collection inside (module docstring); as it was after."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()

@@ -19,6 +19,7 @@ from kazoo.handlers.threading import KazooTimeoutError
 
 from neti import desired
 from neti.agent import guard as guard_mod
+from neti.agent import memory
 from neti.agent.fleetsync import FleetRead
 from neti.agent.outcome import (
     Abandoned,
@@ -112,6 +113,12 @@ class Reconciler:
 
     # ------------------------------------------------------------------ reconcile
     def reconcile(self, reason: str, reg: FleetSource, backend: DataplanePort, me: Host) -> Outcome:
+        with memory.collector_paused():  # a full one builds the fleet's objects: memory.py
+            return self._reconcile(reason, reg, backend, me)
+
+    def _reconcile(
+        self, reason: str, reg: FleetSource, backend: DataplanePort, me: Host
+    ) -> Outcome:
         t0 = self._clock()
         full = self._need_full or reason == RESYNC
         self._gone = ""

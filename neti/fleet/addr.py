@@ -11,14 +11,17 @@ from __future__ import annotations
 import re
 import socket
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
+from typing import NamedTuple
 
 # Labels and instance IDs end up in ZooKeeper node names and kernel comments: keep them tame.
 # \A...\Z, not ^...$: '$' also matches before a trailing newline ("t-1\n" would pass).
-LABEL_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")
+LABEL = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}"
+LABEL_RE = re.compile(rf"\A{LABEL}\Z")
 # An agent version ends up in a node name: no '|' (field separator) and no '/' (path).
-VERSION_RE = re.compile(r"\A[A-Za-z0-9_.+-]{0,64}\Z")
+VERSION = r"[A-Za-z0-9_.+-]{0,64}"
+VERSION_RE = re.compile(rf"\A{VERSION}\Z")
 
 
 class MalformedEntry(ValueError):
@@ -73,12 +76,53 @@ _NEVER_RANGES = tuple(
 )
 
 
-def _never(ip: IPv4Address) -> tuple[str, str, str] | None:
-    i = int(ip)
+# The first octets those ranges touch: any other address is in none of them.
+_NEVER_TOPS = frozenset(t for lo, hi, *_ in _NEVER_RANGES for t in range(lo >> 24, (hi >> 24) + 1))
+
+
+def _never_int(i: int) -> tuple[str, str, str] | None:
+    if i >> 24 not in _NEVER_TOPS:
+        return None
     for lo, hi, code, text, own in _NEVER_RANGES:
         if lo <= i <= hi:
             return code, text, own
     return None
+
+
+def _never(ip: IPv4Address) -> tuple[str, str, str] | None:
+    return _never_int(int(ip))
+
+
+# A canonical dotted quad, as IPv4Address accepts one: four decimal octets of ASCII digits,
+# 0-255, no leading zeros. Checked by one regular expression and converted by inet_aton,
+# ~4 times faster than IPv4Address's own parse (three addresses per member of every read).
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+QUAD = rf"{_OCTET}\.{_OCTET}\.{_OCTET}\.{_OCTET}"
+_QUAD_RE = re.compile(rf"\A{QUAD}\Z")
+
+
+def quad(text: str) -> int | None:
+    """The integer of a canonical dotted quad (what ``IPv4Address(text)`` accepts), else
+    None."""
+    return quad_int(text) if _QUAD_RE.match(text) else None
+
+
+def quad_int(text: str) -> int:
+    """The integer of ``text``, a dotted quad already matched by ``QUAD``."""
+    return int.from_bytes(socket.inet_aton(text), "big")
+
+
+def host_addresses(quads: Iterable[str]) -> list[IPv4Address] | None:
+    """Dotted quads already matched by ``QUAD`` as addresses, or None when one of them
+    has a ``host_problem`` (the caller then says which)."""
+    out: list[IPv4Address] = []
+    aton, from_bytes, tops = socket.inet_aton, int.from_bytes, _NEVER_TOPS
+    for q in quads:
+        i = from_bytes(aton(q), "big")
+        if i >> 24 in tops and _never_int(i) is not None:
+            return None
+        out.append(IPv4Address(i))
+    return out
 
 
 def host_problem(ip: IPv4Address) -> tuple[str, str] | None:
@@ -98,27 +142,23 @@ def own_address_problem(ip: IPv4Address) -> str | None:
 
 
 def parse_ip(text: str, what: str = "address") -> IPv4Address:
-    """A canonical dotted quad, else MalformedEntry (no host check).
-
-    Read three times per member of every list, so it parses in C: inet_aton accepts more
-    than a dotted quad ("1.2.3", "0x7f.1", leading zeros, trailing text), but only the
-    canonical form survives the round trip through inet_ntoa (what IPv4Address accepts)."""
-    try:
-        packed = socket.inet_aton(text)
-        if socket.inet_ntoa(packed) == text:
-            return IPv4Address(int.from_bytes(packed, "big"))
-    except (OSError, ValueError, TypeError):
-        pass
-    raise MalformedEntry(f"{what} {text!r} is not an IPv4 address")
+    """A canonical dotted quad, else MalformedEntry (no host check)."""
+    i = quad(text)
+    if i is None:
+        raise MalformedEntry(f"{what} {text!r} is not an IPv4 address")
+    return IPv4Address(i)
 
 
 def host_ip(text: str, what: str = "address") -> IPv4Address:
     """Parse a dotted quad that can be a unicast host address, else raise MalformedEntry."""
-    ip = parse_ip(text, what)
-    problem = host_problem(ip)
-    if problem:
-        raise MalformedEntry(f"{what} {ip} cannot be a host address: it {problem[1]}", problem[0])
-    return ip
+    i = quad(text)
+    if i is None:
+        raise MalformedEntry(f"{what} {text!r} is not an IPv4 address")
+    found = _never_int(i)
+    if found:
+        ip = IPv4Address(i)
+        raise MalformedEntry(f"{what} {ip} cannot be a host address: it {found[1]}", found[0])
+    return IPv4Address(i)
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,27 +176,52 @@ class HostContext:
     own: frozenset[IPv4Address] = frozenset()
     zookeeper: frozenset[IPv4Address] = frozenset()
     lan: IPv4Network | None = None
+    # The same as integers, made once: target_problem runs for every member of a read.
+    _ints: _Ints = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        lan = self.lan
+        edges = (
+            frozenset((int(lan.network_address), int(lan.broadcast_address)))
+            if lan is not None and lan.prefixlen <= 30
+            else frozenset()
+        )
+        ints = _Ints(
+            *bounds(self.overlay_subnet),
+            frozenset(map(int, self.own)),
+            frozenset(map(int, self.zookeeper)),
+            edges,
+        )
+        object.__setattr__(self, "_ints", ints)
 
     def target_problem(self, ip: IPv4Address, same_network: bool = True) -> tuple[str, str] | None:
         """(code, text) when a member must not be reached at ``ip``, else None."""
-        problem = host_problem(ip)
-        if problem:
-            return problem
-        if ip in self.overlay_subnet:
+        i, c = int(ip), self._ints
+        found = _never_int(i)
+        if found:
+            return found[0], found[1]
+        if c.first <= i <= c.last:
             return "in_overlay", f"is inside the overlay subnet {self.overlay_subnet}"
-        if ip in self.own:
+        if i in c.own:
             return "self_address", "is one of this host's own addresses"
-        if ip in self.zookeeper:
+        if i in c.zookeeper:
             return "zookeeper", "is a ZooKeeper server's address"
-        lan = self.lan
-        if (
-            same_network
-            and lan is not None
-            and lan.prefixlen <= 30
-            and ip in (lan.network_address, lan.broadcast_address)
-        ):
-            return "broadcast", f"is the network or broadcast address of this LAN {lan}"
+        if same_network and i in c.lan_edges:
+            return "broadcast", f"is the network or broadcast address of this LAN {self.lan}"
         return None
+
+
+class _Ints(NamedTuple):
+    first: int  # the overlay subnet's first and last addresses
+    last: int
+    own: frozenset[int]
+    zookeeper: frozenset[int]
+    lan_edges: frozenset[int]  # the LAN's network and broadcast addresses (a /30 or wider)
+
+
+def bounds(net: IPv4Network) -> tuple[int, int]:
+    """The first and last address of ``net`` as integers."""
+    return int(net.network_address), int(net.broadcast_address)
 
 
 def zookeeper_ips(hosts: Iterable[str]) -> frozenset[IPv4Address]:
@@ -188,6 +253,8 @@ def overlay_problem(ip: IPv4Address, subnet: IPv4Network) -> str | None:
 
     The one overlay-address rule: the registry readers and desired.compute both use it.
     """
+    if usable(ip, subnet):
+        return None
     if ip not in subnet:
         return f"is outside the overlay subnet {subnet}"
     if ip == subnet.network_address or ip == subnet.broadcast_address:
@@ -197,7 +264,8 @@ def overlay_problem(ip: IPv4Address, subnet: IPv4Network) -> str | None:
 
 def usable(ip: IPv4Address, subnet: IPv4Network) -> bool:
     """True when ``ip`` is a host address of ``subnet`` (not its network or broadcast)."""
-    return overlay_problem(ip, subnet) is None
+    first, last = bounds(subnet)
+    return first < int(ip) < last
 
 
 def address_problem(ip: IPv4Address, overlay_subnet: IPv4Network) -> str | None:

@@ -15,13 +15,14 @@ tests).
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Network
 from typing import Any, NamedTuple, Protocol
 
 from neti.fleet.addr import HostContext
-from neti.fleet.model import MAX_SKIP_SAMPLES, SKIP_REASONS, Fleet, Member
+from neti.fleet.model import MAX_SKIP_SAMPLES, SKIP_REASONS, Fleet, Member, order
 from neti.fleet.screen import (
     Candidate,
     Verdict,
@@ -39,6 +40,9 @@ Skip = tuple[str, str]  # (reason code, text)
 # Entries grouped by instance ID or overlay IP: nearly always one, so one key alone, and a
 # set only for several (a set per member would cost ~200 bytes each at 64k members).
 Group = Key | set[Key]
+# An overlay IP as an integer: the index's keys by overlay IP are hashed ~10 times per
+# member on a cold start, and an IPv4Address hashes in Python (~0.5 µs), an int in C.
+Ov = int
 
 
 def _group_add(groups: dict[Any, Group], at: Any, key: Key) -> None:
@@ -127,7 +131,9 @@ class _Plan:
 
 @dataclass(slots=True)
 class _Entry:
-    cand: Candidate | None = None  # screened fine (may still fail verification)
+    # The member a name screened fine as (may still fail verification); its key is the
+    # entry's, so the Candidate the verifier was given is not kept (64 bytes a member).
+    member: Member | None = None
     skip: Skip | None = None  # why this name itself is skipped
     passing: bool = False  # verified: takes part in the duplicate rules
 
@@ -165,13 +171,14 @@ class FleetIndex:
         # Instance ID -> its winning entry (in ``_kept`` under the winner's overlay IP).
         self._id_winner: dict[str, Key] = {}
         self._id_skips: dict[str, list[Skip]] = {}
-        self._kept: dict[IPv4Address, Group] = {}  # legacy passing + instance winners
-        self._ov_skips: dict[IPv4Address, list[Skip]] = {}
-        self._final: dict[IPv4Address, Member] = {}
+        # By overlay IP, as an integer (``Ov``):
+        self._kept: dict[Ov, Group] = {}  # legacy passing + instance winners
+        self._ov_skips: dict[Ov, list[Skip]] = {}
+        self._final: dict[Ov, Member] = {}
         self._counts: dict[str, int] = {}
         self._total = 0
         # Overlay IP -> the member it held when the pending change began (None: none).
-        self._before: dict[IPv4Address, Member | None] = {}
+        self._before: dict[Ov, Member | None] = {}
         self._relisted = False
         self.container_missing = False
 
@@ -198,17 +205,15 @@ class FleetIndex:
 
     def fleet(self) -> Fleet:
         """The verified fleet as build_fleet would return it for the current names. O(N)."""
-        samples: list[str] = []
-        for key in sorted(self._entries):
-            if len(samples) >= MAX_SKIP_SAMPLES:
-                break
-            skip = self._entries[key].skip
-            if skip is not None:
-                samples.append(skip[1])
+        # The first names' skips in name order: only skipped entries are sorted.
+        skipped = heapq.nsmallest(
+            MAX_SKIP_SAMPLES, (k for k, e in self._entries.items() if e.skip is not None)
+        )
+        samples = [skip[1] for k in skipped if (skip := self._entries[k].skip) is not None]
         for group in (*self._id_skips.values(), *self._ov_skips.values()):
             samples.extend(t for _, t in group[: MAX_SKIP_SAMPLES - len(samples)])
         return Fleet(
-            members=tuple(sorted(self._final.values())),
+            members=tuple(sorted(self._final.values(), key=order)),
             skipped=self._total,
             skipped_reasons=tuple(samples[:MAX_SKIP_SAMPLES]),
             skipped_by_reason=dict(sorted(self._counts.items())),
@@ -218,19 +223,23 @@ class FleetIndex:
         """What changed since the last take_change (removals before additions)."""
         removed: list[Member] = []
         added: list[Member] = []
+        final = self._final
         for ov, old in self._before.items():
-            new = self._final.get(ov)
-            if old == new:
+            new = final.get(ov)
+            if old is new:
                 continue
-            if old is not None:
+            if old is None:
+                added.append(new)  # type: ignore[arg-type]  # not both None: they differ
+            elif new is None:
                 removed.append(old)
-            if new is not None:
+            elif old != new:
+                removed.append(old)
                 added.append(new)
         self._before = {}
         relisted, self._relisted = relisted or self._relisted, False
         return FleetChange(
-            added=tuple(sorted(added)),
-            removed=tuple(sorted(removed)),
+            added=tuple(sorted(added, key=order)),
+            removed=tuple(sorted(removed, key=order)),
             size=len(self._final),
             relisted=relisted,
             skipped=self._total,
@@ -312,7 +321,7 @@ class FleetIndex:
         for ov, m in sorted(self._final.items()):
             if not any(self._backs(k, m) for k in _keys(self._kept.get(ov))):
                 problems.append(
-                    f"member {m.instance_id} ({ov}) is in the fleet without a listed, "
+                    f"member {m.instance_id} ({m.overlay_ip}) is in the fleet without a listed, "
                     "verified entry"
                 )
         skips = sum(e.skip is not None for e in self._entries.values())
@@ -371,8 +380,7 @@ class FleetIndex:
         return (
             entry is not None
             and entry.passing
-            and entry.cand is not None
-            and entry.cand.member == m
+            and entry.member == m
             and key[1] in self._names.get(key[0], ())
         )
 
@@ -423,7 +431,7 @@ class FleetIndex:
     def _commit(self, plans: list[_Plan], verdicts: Mapping[Key, Verdict]) -> None:
         """Apply the plans with their verdicts: bookkeeping only, no call that can fail."""
         dirty_ids: set[str] = set()
-        dirty_ovs: set[IPv4Address] = set()
+        dirty_ovs: set[Ov] = set()
         dropped: list[Key] = []
         for plan in plans:
             names = self._names[plan.parent]
@@ -457,24 +465,26 @@ class FleetIndex:
             self.on_skip(*skip)
         return skip
 
-    def _drop(self, key: Key, dirty_ids: set[str], dirty_ovs: set[IPv4Address]) -> None:
+    def _drop(self, key: Key, dirty_ids: set[str], dirty_ovs: set[Ov]) -> None:
         entry = self._entries.pop(key, None)
         if entry is None:
             return
         if entry.skip is not None:
             self._count(entry.skip, -1)
-        if entry.passing and entry.cand is not None:
-            m = entry.cand.member
+        m = entry.member
+        if entry.passing and m is not None:
             if m.legacy:
-                _group_discard(self._kept, m.overlay_ip, key)
-                dirty_ovs.add(m.overlay_ip)
+                ov = int(m.overlay_ip)
+                _group_discard(self._kept, ov, key)
+                dirty_ovs.add(ov)
             else:
                 _group_discard(self._by_id, m.instance_id, key)
                 dirty_ids.add(m.instance_id)
                 if self._id_winner.get(m.instance_id) == key:  # its overlay IP is free
                     del self._id_winner[m.instance_id]
-                    _group_discard(self._kept, m.overlay_ip, key)
-                    dirty_ovs.add(m.overlay_ip)
+                    ov = int(m.overlay_ip)
+                    _group_discard(self._kept, ov, key)
+                    dirty_ovs.add(ov)
 
     def _enter(
         self,
@@ -483,72 +493,104 @@ class FleetIndex:
         got: Candidate | Skip,
         verdicts: Mapping[Key, Verdict],
         dirty_ids: set[str],
-        dirty_ovs: set[IPv4Address],
+        dirty_ovs: set[Ov],
     ) -> None:
         """A (re)screened name's entry, with its verdict (passing ones join their groups)."""
         if not isinstance(got, Candidate):
             self._entries[(parent, name)] = _Entry(skip=self._skip(*got))
             return
-        entry = self._entries[got.key] = _Entry(cand=got)
+        key = got.key  # one tuple for the index's maps (keyed() makes another)
+        entry = self._entries[key] = _Entry(got.member)
         if self.verifier is not None:
-            v = verdicts.get(got.key)
+            v = verdicts.get(key)
             if v is None:
                 return  # gone between the event and the read: its deletion follows
             if not v.ok:
                 entry.skip = self._skip(v.code or "malformed", v.text)
                 return
-            got = entry.cand = keyed(got, v)
+            got = keyed(got, v)
+            entry.member = got.member
         entry.passing = True
         m = got.member
         if m.legacy:
-            _group_add(self._kept, m.overlay_ip, got.key)
-            dirty_ovs.add(m.overlay_ip)
+            ov = int(m.overlay_ip)
+            _group_add(self._kept, ov, key)
+            dirty_ovs.add(ov)
         else:
-            _group_add(self._by_id, m.instance_id, got.key)
+            _group_add(self._by_id, m.instance_id, key)
             dirty_ids.add(m.instance_id)
 
     def _member(self, key: Key) -> Member:
-        cand = self._entries[key].cand
-        assert cand is not None
-        return cand.member
+        m = self._entries[key].member
+        assert m is not None
+        return m
 
-    def _settle(self, dirty_ids: set[str], dirty_ovs: set[IPv4Address]) -> None:
-        """Recompute the touched instance-ID groups, then the touched overlay-IP groups."""
+    def _settle(self, dirty_ids: set[str], dirty_ovs: set[Ov]) -> None:
+        """Recompute the touched instance-ID groups, then the touched overlay-IP groups.
+        A group of one entry (nearly all of them) is its own winner: the rules are for
+        several (a cold start settles every member's two groups)."""
+        self._settle_ids(dirty_ids, dirty_ovs)
+        self._settle_overlays(dirty_ovs)
+
+    def _settle_ids(self, dirty_ids: set[str], dirty_ovs: set[Ov]) -> None:
+        winners, id_skips, by_id, kept = self._id_winner, self._id_skips, self._by_id, self._kept
         for iid in dirty_ids:
-            old = self._id_winner.pop(iid, None)
+            old = winners.pop(iid, None)
             if old is not None:  # still listed (``_drop`` let a dropped winner go)
-                ov = self._member(old).overlay_ip
-                _group_discard(self._kept, ov, old)
+                ov = int(self._member(old).overlay_ip)
+                _group_discard(kept, ov, old)
                 dirty_ovs.add(ov)
-            for skip in self._id_skips.pop(iid, []):
+            skips = id_skips.pop(iid, None)
+            for skip in skips or ():
                 self._count(skip, -1)
-            keys = sorted(_keys(self._by_id.get(iid)))
-            if not keys:
-                self._by_id.pop(iid, None)
+            g = by_id.get(iid)
+            if g is None:
                 continue
-            keys = current(keys, lambda k: k[1])
+            if isinstance(g, tuple):  # one entry: it wins
+                winners[iid] = g
+                ov = int(self._member(g).overlay_ip)
+                _group_add(kept, ov, g)
+                dirty_ovs.add(ov)
+                continue
+            keys = current(sorted(g), lambda k: k[1])
             ms = [self._member(k) for k in keys]
             if same_addrs(ms):
-                self._id_winner[iid] = keys[0]
-                _group_add(self._kept, ms[0].overlay_ip, keys[0])
-                dirty_ovs.add(ms[0].overlay_ip)
+                winners[iid] = keys[0]
+                ov = int(ms[0].overlay_ip)
+                _group_add(kept, ov, keys[0])
+                dirty_ovs.add(ov)
                 continue
-            self._id_skips[iid] = [
+            id_skips[iid] = [
                 self._skip("duplicate_instance", duplicate_instance_text(iid, len(ms), m))
                 for m in ms
             ]
+
+    def _settle_overlays(self, dirty_ovs: set[Ov]) -> None:
+        before, final, kept, ov_skips = self._before, self._final, self._kept, self._ov_skips
+        entries = self._entries
         for ov in dirty_ovs:
-            if ov not in self._before:
-                self._before[ov] = self._final.get(ov)
-            for skip in self._ov_skips.pop(ov, []):
+            if ov not in before:
+                before[ov] = final.get(ov)
+            skips = ov_skips.pop(ov, None)
+            for skip in skips or ():
                 self._count(skip, -1)
-            held = _keys(self._kept.get(ov))
-            # Legacy entries first, each kind in node-name order (as build_fleet sees them).
-            ordered = sorted(held, key=lambda k: (k[0] != self.legacy_parent, k[1]))
-            winner, skips = overlay_winner(ov, [self._member(k) for k in ordered])
-            if winner is None:
-                self._final.pop(ov, None)
+            g = kept.get(ov)
+            if g is None:
+                final.pop(ov, None)
+            elif isinstance(g, tuple):  # one entry: it keeps the address
+                final[ov] = entries[g].member  # type: ignore[assignment]  # kept: a member
             else:
-                self._final[ov] = winner
-            if skips:
-                self._ov_skips[ov] = [self._skip(code, text) for code, text in skips]
+                self._contest(ov, g)
+
+    def _contest(self, ov: Ov, g: set[Key]) -> None:
+        """Rule 4 for an overlay IP several entries hold."""
+        # Legacy entries first, each kind in node-name order (as build_fleet sees them).
+        ordered = sorted(g, key=lambda k: (k[0] != self.legacy_parent, k[1]))
+        ms = [self._member(k) for k in ordered]
+        winner, skips = overlay_winner(ms[0].overlay_ip, ms)
+        if winner is None:
+            self._final.pop(ov, None)
+        else:
+            self._final[ov] = winner
+        if skips:
+            self._ov_skips[ov] = [self._skip(code, text) for code, text in skips]

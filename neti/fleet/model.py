@@ -120,6 +120,13 @@ class Member:
         )
 
 
+def order(m: Member) -> tuple[str, Member]:
+    """A sort key giving Members their own order (``sorted(ms, key=order) == sorted(ms)``),
+    several times faster: instance IDs nearly always differ, so the generated ``__lt__``
+    (two tuples of every field and an address comparison per call) runs only on a tie."""
+    return (m.instance_id, m)
+
+
 @dataclass(frozen=True, slots=True)
 class Fleet:
     """A snapshot of the live fleet plus what was skipped while reading it.

@@ -66,8 +66,28 @@ def name_format(name: str) -> str:
     return name.split(SEP, 1)[0]
 
 
+# A well-formed v1 or v2 name in one match (every field's own rule; none admits the
+# separator); the field-by-field parse below says what is wrong with any other name.
+_NAME_RE = re.compile(
+    rf"\A(v[12])\|({addr.LABEL})\|({addr.LABEL})\|({addr.QUAD})\|({addr.QUAD})\|"
+    rf"({addr.QUAD})\|({addr.VERSION})(?:\|([0-9a-f]{{{NONCE_HEX}}}))?\Z"
+)
+
+
 def decode_member(name: str) -> Member:
     """Parse a v1 or v2 member node name; MalformedEntry (with the reason) if it is not one."""
+    got = _NAME_RE.match(name)
+    if got is not None:
+        fmt, instance_id, network, *quads, version, nonce = got.groups()
+        ips = addr.host_addresses(quads) if (nonce is None) == (fmt == V1) else None
+        if ips is not None:
+            public, private, overlay = ips
+            return Member(instance_id, sys.intern(network), public, private, overlay, version)
+    return _decode_fields(name)
+
+
+def _decode_fields(name: str) -> Member:
+    """``decode_member`` field by field: the reason a name is refused."""
     parts = name.split(SEP)
     want = _FIELDS.get(parts[0])
     if want is None:

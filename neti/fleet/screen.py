@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 from neti.fleet import addr
 from neti.fleet.addr import HostContext, MalformedEntry
 from neti.fleet.legacy import decode_legacy
-from neti.fleet.model import Fleet, Member, SkipTally
+from neti.fleet.model import Fleet, Member, SkipTally, order
 from neti.fleet.names import V1, decode_member, name_format
 
 
@@ -228,7 +228,7 @@ def build_fleet(
     passing = _verified(cands, verify, skip)
     members = _one_per_overlay(_one_per_instance(passing, skip), skip)
     return Fleet(
-        members=tuple(sorted(members)),
+        members=tuple(sorted(members, key=order)),
         skipped=tally.total,
         skipped_reasons=tuple(tally.samples),
         skipped_by_reason=tally.counts(),

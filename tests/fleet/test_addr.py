@@ -169,3 +169,111 @@ def test_parse_ip_accepts_exactly_what_ipaddress_does(text: str) -> None:
     except MalformedEntry:
         got = None
     assert got == want
+
+
+# --- the fast paths agree with ipaddress ---
+# Text near a dotted quad: digits (ASCII and not), dots, signs, spaces, leading zeros.
+_NEAR_QUAD = st.one_of(
+    st.builds(
+        ".".join,
+        st.lists(
+            st.one_of(
+                st.integers(0, 300).map(str),
+                st.sampled_from(["", "0", "00", "01", "007", "256", "1000", "+1", "-1", " 1"]),
+                st.text(alphabet="0123456789٣²x ", max_size=4),
+            ),
+            min_size=1,
+            max_size=6,
+        ),
+    ),
+    st.text(max_size=20),
+)
+
+
+def _reference(text: str) -> int | None:
+    try:
+        return int(IP(text))
+    except ValueError:
+        return None
+
+
+@settings(max_examples=500, deadline=None)
+@given(_NEAR_QUAD)
+def test_quad_accepts_exactly_what_ipv4address_accepts(text: str) -> None:
+    assert addr.quad(text) == _reference(text)
+    if _reference(text) is None:
+        with pytest.raises(addr.MalformedEntry, match="is not an IPv4 address"):
+            addr.parse_ip(text)
+    else:
+        assert addr.parse_ip(text) == IP(text)
+
+
+def _target_reference(ctx: addr.HostContext, ip: IP, same_network: bool) -> tuple[str, str] | None:
+    """target_problem as ipaddress's own operators say it."""
+    problem = addr.host_problem(ip)
+    if problem:
+        return problem
+    if ip in ctx.overlay_subnet:
+        return "in_overlay", f"is inside the overlay subnet {ctx.overlay_subnet}"
+    if ip in ctx.own:
+        return "self_address", "is one of this host's own addresses"
+    if ip in ctx.zookeeper:
+        return "zookeeper", "is a ZooKeeper server's address"
+    lan = ctx.lan
+    if (
+        same_network
+        and lan is not None
+        and lan.prefixlen <= 30
+        and ip in (lan.network_address, lan.broadcast_address)
+    ):
+        return "broadcast", f"is the network or broadcast address of this LAN {lan}"
+    return None
+
+
+_ADDRS = st.integers(0, 2**32 - 1).map(IP)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    subnet=st.tuples(st.integers(0, 2**32 - 1), st.integers(8, 32)).map(
+        lambda t: Net((t[0], t[1]), strict=False)
+    ),
+    lan=st.none()
+    | st.tuples(st.integers(0, 2**32 - 1), st.integers(20, 32)).map(
+        lambda t: Net((t[0], t[1]), strict=False)
+    ),
+    own=st.frozensets(_ADDRS, max_size=2),
+    zk=st.frozensets(_ADDRS, max_size=2),
+    probe=st.integers(0, 3),
+    ip=_ADDRS,
+    same=st.booleans(),
+)
+def test_target_problem_and_usable_agree_with_ipaddress(
+    subnet: Net,
+    lan: Net | None,
+    own: frozenset[IP],
+    zk: frozenset[IP],
+    probe: int,
+    ip: IP,
+    same: bool,
+) -> None:
+    ctx = addr.HostContext(subnet, own=own, zookeeper=zk, lan=lan)
+    # Addresses on the edges the rules look at, not only random ones.
+    edges = [subnet.network_address, subnet.broadcast_address, *own, *zk]
+    if lan is not None:
+        edges += [lan.network_address, lan.broadcast_address]
+    for a in (ip, edges[probe % len(edges)]):
+        assert ctx.target_problem(a, same_network=same) == _target_reference(ctx, a, same)
+        assert addr.usable(a, subnet) == (
+            a in subnet and a not in (subnet.network_address, subnet.broadcast_address)
+        )
+
+
+def test_the_never_ranges_at_their_edges() -> None:
+    """host_problem's integer fast path against the table, on every range's edges."""
+    for net, *_ in addr._NEVER_HOSTS:
+        lo, hi = int(net.network_address), int(net.broadcast_address)
+        for i in (lo - 1, lo, hi, hi + 1):
+            if 0 <= i < 2**32:
+                want = next(((c, t) for n, c, t, _ in addr._NEVER_HOSTS if IP(i) in n), None)
+                assert addr.host_problem(IP(i)) == want

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from ipaddress import IPv4Address, IPv4Network
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from neti.fleet.addr import MalformedEntry, host_ip, usable
 from neti.fleet.legacy import decode_legacy, encode_ident, flag_for, node_name
-from neti.fleet.model import Member
+from neti.fleet.model import Member, order
 from neti.fleet.names import (
     V1,
+    _decode_fields,
     decode_member,
     encode_member,
     member_prefix,
@@ -250,3 +254,46 @@ def test_a_v2_entry_supersedes_the_v1_ones_of_its_instance() -> None:
     # v1_members: off - v1 names are not read at all.
     off = build_fleet([old, now], [], NETS, SUBNET, read_v1=False)
     assert off.members == (member(),) and off.skipped_by_reason == {"old_format": 1}
+
+
+# --- the one-match parse agrees with the field-by-field one ---
+_FIELD = st.one_of(
+    st.sampled_from(
+        ["i-1", "vpc", "1.2.3.4", "10.0.0.01", "127.0.0.1", "0.0.0.0", "2.0.0", "", "a b"]
+    ),
+    st.lists(st.integers(0, 260).map(str), min_size=4, max_size=4).map(".".join),
+    st.text(alphabet="ab-_.+09|/ é", max_size=8),
+    st.just("0123456789abcdef01234567"),
+    st.just("0123456789ABCDEF01234567"),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.sampled_from(["v1", "v2", "v3", ""]), st.lists(_FIELD, min_size=5, max_size=8))
+def test_decode_member_agrees_with_the_field_parse(fmt: str, fields: list[str]) -> None:
+    name = "|".join([fmt, *fields])
+
+    def outcome(fn: Callable[[str], Member]) -> Member | str:
+        try:
+            return fn(name)
+        except MalformedEntry as exc:
+            return f"{exc.code}: {exc}"
+
+    assert outcome(decode_member) == outcome(_decode_fields)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(
+        st.builds(
+            member,
+            iid=st.sampled_from(["i-1", "i-2", "i-3"]),
+            overlay=st.sampled_from(["192.168.1.5", "192.168.1.6"]),
+            version=st.sampled_from(["1", "2"]),
+            legacy=st.booleans(),
+        ),
+        max_size=12,
+    )
+)
+def test_the_sort_key_gives_members_their_own_order(ms: list[Member]) -> None:
+    assert sorted(ms, key=order) == sorted(ms)

@@ -311,7 +311,7 @@ def test_the_resync_finds_a_fleet_that_disagrees_with_its_names_and_repairs_it(
     assert index.audit() == []
     # Damage it: the departed member put back in the fleet, a verdict of a name not listed.
     gone = decode_member(POOL[M][0])
-    index._final[gone.overlay_ip] = gone
+    index._final[int(gone.overlay_ip)] = gone
     stray = (M, "v1|i-9|vpc|203.0.113.9|10.0.0.9|10.9.0.13|1")
     index.verifier._cache[stray] = (Verdict(), 0.0)  # type: ignore[union-attr]
     lists = fw.stats.full_lists
