@@ -54,6 +54,7 @@ from neti.dataplane.base import (
     Feature,
     Plan,
     Prepared,
+    dotted,
 )
 from neti.dataplane.dnat_tree import NAT_CHAIN, DnatTree, is_sub_chain, nat_chains
 from neti.dataplane.system import System
@@ -471,8 +472,8 @@ class IptablesBackend(Backend):
     ) -> Prepared:
         tables = self.read_tables()
         sets = ipset.read(self.system)
-        allow = tuple(map(str, desired.allow))  # once: formatting 16k addresses takes a while
-        tunnel = tuple(map(str, desired.tunnel_allow)) if desired.tunnel is not None else None
+        allow = dotted(desired.allow)  # once: formatting 64k addresses takes a while
+        tunnel = dotted(desired.tunnel_allow) if desired.tunnel is not None else None
         set_script, set_changes = ipset.render(sets, allow, tunnel)
         jumps = jump_specs(desired)
         chains = desired_chains(desired)
