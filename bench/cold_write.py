@@ -6,8 +6,10 @@ full ``apply()`` of N members (default 64,000 in 172.16.0.0/16, as a new host's 
 it: an empty kernel, ``keep_open()`` called first, an apply generation) and splits it into
 the commands the backend ran (each timed: what is fed a payload, ``iptables-restore``,
 ``ipset restore``, ``nft -f`` or the libnftables session, is the **tools' write**, the rest
-are reads) and the Python around them (the render: everything else). ``--profile`` adds the
-functions of ``neti/`` that took the most time (cProfile, one more apply per backend).
+are reads) and the Python around them (the render: everything else), and counts the CPU
+of Neti's process and of the tools (steadier than wall time on a shared machine).
+``--profile`` adds the functions of ``neti/`` that took the most time (cProfile, one more
+apply per backend).
 Rounds are uninstalled in between. Prints one JSON object; ``--markdown`` adds a table.
 """
 
@@ -18,11 +20,13 @@ import cProfile
 import json
 import os
 import pstats
+import resource
 import statistics
 import subprocess
 import sys
 import time
 from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
 from typing import Any
 
 from bench.member_write import TimedSystem
@@ -50,6 +54,7 @@ def _apply(
     backend.keep_open()
     try:
         system.calls.clear()
+        tools0, own0 = _tools_cpu(backend), time.process_time()
         t0 = time.perf_counter()
         if profile is not None:
             profile.enable()
@@ -57,6 +62,7 @@ def _apply(
         if profile is not None:
             profile.disable()
         total = time.perf_counter() - t0
+        own, tools = time.process_time() - own0, _tools_cpu(backend) - tools0
         calls = list(system.calls)
         backend.uninstall()
     finally:
@@ -68,9 +74,24 @@ def _apply(
         "write_s": write,
         "read_s": read,
         "python_s": total - write - read,
+        "python_cpu_s": own,
+        "tools_cpu_s": tools,
         "writes": [(c, round(s, 4)) for c, fed, s in calls if fed],
         "reads": [(c, round(s, 4)) for c, fed, s in calls if not fed],
     }
+
+
+def _tools_cpu(backend: Any) -> float:
+    """CPU seconds of the commands this process ran and waited for, and of the backend's
+    libnftables worker (alive across the apply, so not among them)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = usage.ru_utime + usage.ru_stime
+    session = getattr(backend, "_session", None)
+    if session is not None and session.proc.poll() is None:
+        stat = Path(f"/proc/{session.proc.pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2 :].split()
+        cpu += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return cpu
 
 
 def _top(profile: cProfile.Profile, limit: int = 15) -> list[str]:
@@ -98,7 +119,7 @@ def inside(names: list[str], n: int, rounds: int, profile: bool, parent: int) ->
         runs = [_apply(name, system, desired, None) for _ in range(rounds)]
         res: dict[str, Any] = {
             key: _summary([r[key] for r in runs])
-            for key in ("apply_s", "write_s", "read_s", "python_s")
+            for key in ("apply_s", "write_s", "read_s", "python_s", "python_cpu_s", "tools_cpu_s")
         }
         res["writes"] = runs[-1]["writes"]
         res["reads"] = runs[-1]["reads"]
@@ -137,8 +158,8 @@ def _summary(xs: list[float]) -> dict[str, float]:
 def markdown(n: int, res: dict[str, Any]) -> str:
     lines = [
         f"| backend, first full apply of {n:,} members | whole apply | tools' write | "
-        "reads | Python (render, compare) |",
-        "|---|---|---|---|---|",
+        "reads | Python (render, compare) | CPU: Neti's process / the tools' |",
+        "|---|---|---|---|---|---|",
     ]
     for name, r in res.items():
         if not isinstance(r, dict):
@@ -150,7 +171,8 @@ def markdown(n: int, res: dict[str, Any]) -> str:
 
         lines.append(
             f"| {name} | {cell('apply_s')} | {cell('write_s')} | {cell('read_s')} "
-            f"| {cell('python_s')} |"
+            f"| {cell('python_s')} | {r['python_cpu_s']['median_s']:.2f} s / "
+            f"{r['tools_cpu_s']['median_s']:.2f} s |"
         )
     return "\n".join(lines)
 
