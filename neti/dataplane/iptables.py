@@ -336,7 +336,8 @@ def plan_table(
     for c in write:
         lines.extend(f"-A {c} {r}" for r in chains[c])
     changes, subs = _chain_changes(table, state, chains, write, obsolete)
-    old, new = _chain_diff(state, chains, write)
+    # The diff's two sides spell every written rule again: only when a diff is wanted.
+    old, new = _chain_diff(state, chains, write) if with_diff else ([], [])
     for builtin in HOOKS[table]:
         want = jumps.get(builtin)
         target = hook_target(table, builtin)
