@@ -169,7 +169,7 @@ def parse_save(text: str) -> dict[str, TableState]:
 
 def wrap(table: str, lines: list[str]) -> str:
     """One table's restore block (``*table`` ... ``COMMIT``); nothing when there are no lines."""
-    return f"*{table}\n" + "".join(f"{line}\n" for line in lines) + "COMMIT\n" if lines else ""
+    return f"*{table}\n" + "\n".join(lines) + "\nCOMMIT\n" if lines else ""
 
 
 def ensure_jump(

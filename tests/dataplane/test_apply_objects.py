@@ -77,3 +77,25 @@ def test_nftables_counts_elements_and_rules_not_lines() -> None:
     assert b.apply(state(50)).objects == 1 + 4 + 2 + rules + 100
     assert b.apply(state(51)).objects == 2  # one allowlist and one map element
     assert b.apply(state(51)).objects == 0
+
+
+def test_iptables_counts_the_statements_of_its_payloads() -> None:
+    # It counts on the lines it rendered, not by a pass over the payloads' text: the same
+    # number as payload_statements of what it writes, from nothing and for a change.
+    from neti.dataplane.iptables import IptablesBackend
+    from neti.desired import Dnat, build
+    from tests.support.fakesystem import FakeSystem, iptables_tools
+
+    def state(n: int) -> DesiredState:
+        ips = [IPv4Address(int(IPv4Address("10.1.0.1")) + i) for i in range(n)]
+        overlay = [IPv4Address(int(IPv4Address("192.168.0.1")) + i) for i in range(n)]
+        dnat = [Dnat(o, t) for o, t in zip(overlay, ips, strict=True)]
+        return build("192.168.0.0/18", allow=ips, dnat=dnat, reject_all=True)
+
+    b = IptablesBackend(FakeSystem(tools=iptables_tools("nft")), variant="nft")
+    for n in (300, 301, 301):
+        prepared = b._prepare(state(n), with_diff=False, generation=n)
+        written = payload_statements(prepared.allowlist) + payload_statements(prepared.rules)
+        assert prepared.objects == written
+        assert b.apply(state(n), generation=n).objects == written
+    assert written == 0  # the last apply found nothing to change

@@ -525,7 +525,7 @@ class FakeSystem(KernelFreeSystem):
         """Commands that read the kernel's rule sets back (what a delta must not do)."""
         out = []
         for a in self.argvs():
-            if a[:2] == ["nft", "-j"] or a[:3] == ["nft", "list", "tables"]:
+            if a[:2] in (["nft", "-j"], ["nft", "-t"]) or a[:3] == ["nft", "list", "tables"]:
                 out.append(a)
             elif a[0].endswith("-save") or a[:2] in (["ipset", "save"], ["ipset", "list"]):
                 out.append(a)
@@ -601,6 +601,10 @@ class FakeSystem(KernelFreeSystem):
         ref = f"{nft.FAMILY} {nft.TABLE}"
         if argv[1:3] == ["list", "tables"]:
             return 0, (f"table {ref}\n" if self.table is not None else ""), ""
+        if argv[1:] == ["-t", "list", "table", nft.FAMILY, nft.TABLE]:
+            if self.table is None:
+                return 1, "", "Error: No such file or directory"
+            return 0, f"table {ref} {{\n}}\n", ""
         if argv[1:2] == ["-j"]:
             if self.table is None:
                 return 1, "", "Error: No such file or directory"
