@@ -178,11 +178,11 @@ def test_the_fallback_scan_is_bounded_by_the_claims() -> None:
     # from a random start finds it within (claims + 1) steps, never listing the subnet.
     subnet = IPv4Network("10.7.0.0/16")
     free = IP("10.7.200.9")
-    used = {ip for ip in subnet.hosts() if ip != free}
+    used = {int(ip) for ip in subnet.hosts() if ip != free}
     claims = OverlayClaims(None, "/a", "/b", subnet)  # type: ignore[arg-type]
     assert claims._pick(used) == free
     assert claims.candidates_tried <= RANDOM_TRIES + len(used) + 1
-    used.add(free)
+    used.add(int(free))
     with pytest.raises(SubnetFullError, match=r"10\.7\.0\.0/16 is full: 65534 of 65534"):
         claims._pick(used)
 
