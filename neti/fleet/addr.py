@@ -8,6 +8,7 @@ Every predicate takes the address first, then what it is judged against.
 
 from __future__ import annotations
 
+import functools
 import re
 import socket
 from collections.abc import Iterable
@@ -219,8 +220,10 @@ class _Ints(NamedTuple):
     lan_edges: frozenset[int]  # the LAN's network and broadcast addresses (a /30 or wider)
 
 
+@functools.lru_cache(maxsize=16)
 def bounds(net: IPv4Network) -> tuple[int, int]:
-    """The first and last address of ``net`` as integers."""
+    """The first and last address of ``net`` as integers (asked twice per member of a cold
+    read about the same one or two networks: remembered)."""
     return int(net.network_address), int(net.broadcast_address)
 
 
