@@ -264,11 +264,9 @@ class Family:
     measures: list[tuple[str, Callable[[int], str]]]
 
 
-def families(
-    sizes: list[int], backends: list[str], subnet: IPv4Network, original: bool = True
-) -> list[Family]:
-    """Every kind of state measured: the lab ceiling, Neti's per backend, the original's
-    (unless ``original`` is false); overlay IPs from ``subnet``."""
+def families(sizes: list[int], backends: list[str], subnet: IPv4Network) -> list[Family]:
+    """Every kind of state measured: the lab ceiling, Neti's per backend, the original's;
+    overlay IPs from ``subnet``."""
 
     def server(n: int) -> str:
         return lab.SERVER_ADDR
@@ -318,8 +316,6 @@ def families(
                 [(report.key("dnat-mid-neti", b), mid)],
             ),
         ]
-    if not original:
-        return out
     out += [
         Family(
             "original, inbound",
@@ -379,7 +375,7 @@ class Bench:
 
     def rate_runs(self) -> None:
         a = self.args
-        for fam in families(a.sizes, self.backends, a.subnet, not a.skip_original):
+        for fam in families(a.sizes, self.backends, a.subnet):
             self.run_family(fam)
         for b in self.backends:  # with one member, the worst and the middle place coincide
             worst = self.rates.get(report.key("dnat-last-neti", b), {})
@@ -391,8 +387,7 @@ class Bench:
         a = self.args
         largest = max(a.sizes)
         kinds = [(report.key("neti", b), "neti", b) for b in self.backends]
-        if not a.skip_original:
-            kinds.append(("original", "original", ""))
+        kinds.append(("original", "original", ""))
         for n in [s for s in a.sizes if s > 1]:
             for name, op, backend in kinds:
                 reps = []
@@ -497,11 +492,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="1 and 1000 members, 1 × 1 s runs")
     p.add_argument("--skip-rates", action="store_true")
     p.add_argument("--skip-apply", action="store_true")
-    p.add_argument(
-        "--skip-original",
-        action="store_true",
-        help="leave out the original design's rows (one rule per member: slow at 64,000)",
-    )
     p.add_argument("--out", default=str(RESULTS), help="directory for results")
     p.add_argument(
         "--render", metavar="JSON", help="print the Markdown of an earlier results file; no runs"
