@@ -309,9 +309,11 @@ def families(sizes: list[int], backends: list[str], subnet: IPv4Network) -> list
                     (report.key("unrel-neti", b), unrelated),
                 ],
             ),
+            # Measured at one member too (where middle and worst coincide), so its ratio
+            # compares runs interleaved in one family, not runs minutes apart.
             Family(
                 f"Neti ({b}), outbound (server = middle mapping)",
-                [n for n in sizes if n > 1],
+                sizes,
                 neti(b, "client", lambda n: n // 2),
                 [(report.key("dnat-mid-neti", b), mid)],
             ),
@@ -377,10 +379,6 @@ class Bench:
         a = self.args
         for fam in families(a.sizes, self.backends, a.subnet):
             self.run_family(fam)
-        for b in self.backends:  # with one member, the worst and the middle place coincide
-            worst = self.rates.get(report.key("dnat-last-neti", b), {})
-            if 1 in worst:
-                self.rates.setdefault(report.key("dnat-mid-neti", b), {})[1] = worst[1]
 
     def apply_runs(self) -> None:
         """Full state from nothing (fresh namespace each time), and ±1 member on the largest."""
