@@ -14,8 +14,7 @@ Jobs:
   {"op": "original", "n": N, "special": IP, "position": P, "change": bool, "subnet": CIDR}
       iptables-restore of the original's rule-per-member state, same steps.
 
-``subnet`` is the overlay subnet the fleet's overlay IPs come from (default
-``scenarios.OVERLAY``).
+``subnet`` is the overlay subnet the fleet's overlay IPs come from (``bench.run --subnet``).
 """
 
 from __future__ import annotations
@@ -39,7 +38,7 @@ def _timed(fn: Any, *args: Any) -> tuple[float, Any]:
 
 
 def _subnet(job: dict[str, Any]) -> IPv4Network:
-    return IPv4Network(job.get("subnet") or scenarios.OVERLAY)
+    return IPv4Network(job["subnet"])
 
 
 def _fleet(job: dict[str, Any]) -> Fleet:
