@@ -55,6 +55,10 @@ demo: deps venv
 demo-down: venv
 	$(BIN)/python -m neti.lab.demo --down
 
+# Needs root. Kernel cost against fleet size (docs/performance.md): connection rates and apply
+# times for both backends at 1 to 16,000 members in the default overlay_subnet 192.168.0.0/18,
+# about 8 minutes. 64,000 members need a bigger overlay, about 15 minutes:
+# BENCH_ARGS="--sizes 1,1000,16000,64000 --subnet 172.16.0.0/16"; `python -m bench.run --help`.
 bench: deps venv
 	mkdir -p bench/bin
 	gcc -O2 -Wall -pthread -o bench/bin/connrate bench/connrate.c

@@ -9,12 +9,15 @@ docs/performance.md quotes, so the rendering is tested without namespaces
 Rate rows are keyed ``<row>`` (the lab ceiling and the original design, which do not depend
 on Neti's backend) or ``<row>:<backend>`` (Neti's state, written by that backend); apply rows
 ``neti:<backend>`` and ``original``. Files from before the backends were measured side by side
-(keys without a backend) are read as the iptables backend's.
+(keys without a backend) are read as the iptables backend's, and files from before
+``--subnet`` as the default overlay subnet's.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from bench.scenarios import OVERLAY
 
 GOAL = 0.9  # every rate at the largest fleet >= GOAL x the rate at one member
 
@@ -60,6 +63,7 @@ def normalize(data: dict[str, Any]) -> dict[str, Any]:
     params = dict(data.get("params") or {})
     backends = list(params.get("backends") or ["iptables"])
     params["backends"] = backends
+    params["subnet"] = str(params.get("subnet") or OVERLAY)
     neti = {k for k, _ in NETI_ROWS}
     rates: dict[str, dict[int, dict[str, Any]]] = {}
     for k, row in (data.get("rates") or {}).items():
@@ -246,7 +250,11 @@ def markdown(raw: dict[str, Any]) -> str:
         for side in ("client", "server")
         for f in ("drop", "early_drop", "insert_failed")
     )
-    lines = [machine_line(data.get("machine") or {})]
+    lines = [
+        machine_line(data.get("machine") or {}),
+        "",
+        f"Fleets: overlay IPs in order from `overlay_subnet` {p['subnet']}.",
+    ]
     if measured:
         lines += [
             "",

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import partial
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +108,13 @@ def worker(pair: lab.Pair, ns: str, job: dict[str, Any]) -> dict[str, Any]:
 
 
 def neti_state(
-    pair: lab.Pair, backend: str, host: str, n: int, special: str, position: int
+    pair: lab.Pair,
+    backend: str,
+    host: str,
+    n: int,
+    special: str,
+    position: int,
+    subnet: IPv4Network,
 ) -> dict[str, Any]:
     ns = pair.client if host == "client" else pair.server
     with tempfile.TemporaryDirectory(prefix="neti-bench-") as state_dir:
@@ -123,12 +129,15 @@ def neti_state(
                 "special": special,
                 "position": position,
                 "state_dir": state_dir,
+                "subnet": str(subnet),
             },
         )
 
 
-def original_state(pair: lab.Pair, ns: str, n: int, special: str, position: int) -> None:
-    rules = scenarios.original_rules(scenarios.fleet(n, IPv4Address(special), position))
+def original_state(
+    pair: lab.Pair, ns: str, n: int, special: str, position: int, subnet: IPv4Network
+) -> None:
+    rules = scenarios.original_rules(scenarios.fleet(n, IPv4Address(special), position, subnet))
     pair.exec(ns, ["iptables-restore"], input=rules)
 
 
@@ -205,7 +214,9 @@ def setup_plain(pair: lab.Pair) -> dict[str, Any]:
     return {}
 
 
-def setup_neti(backend: str, host: str, n: int, position: int, pair: lab.Pair) -> dict[str, Any]:
+def setup_neti(
+    subnet: IPv4Network, backend: str, host: str, n: int, position: int, pair: lab.Pair
+) -> dict[str, Any]:
     """Neti's state for ``n`` members on ``host``, written by ``backend`` (as the agent writes
     it); the other side is the member at ``position``.
 
@@ -214,10 +225,10 @@ def setup_neti(backend: str, host: str, n: int, position: int, pair: lab.Pair) -
     """
     if host == "server":
         pair.conntrack_on(pair.client)
-        return neti_state(pair, backend, "server", n, lab.CLIENT_ADDR, position)
+        return neti_state(pair, backend, "server", n, lab.CLIENT_ADDR, position, subnet)
     pair.conntrack_on(pair.server)
-    info = neti_state(pair, backend, "client", n, lab.SERVER_ADDR, position)
-    overlay = scenarios.overlay_ip(position)
+    info = neti_state(pair, backend, "client", n, lab.SERVER_ADDR, position, subnet)
+    overlay = scenarios.overlay_ip(position, subnet)
     if backend == "nftables":
         info["pos"] = nft_map_position(pair, pair.client, overlay)
     else:
@@ -225,15 +236,17 @@ def setup_neti(backend: str, host: str, n: int, position: int, pair: lab.Pair) -
     return info
 
 
-def setup_original(host: str, n: int, position: int, pair: lab.Pair) -> dict[str, Any]:
+def setup_original(
+    subnet: IPv4Network, host: str, n: int, position: int, pair: lab.Pair
+) -> dict[str, Any]:
     """The original design's state (rule per member, both tables) on ``host``."""
     if host == "server":
         pair.conntrack_on(pair.client)
-        original_state(pair, pair.server, n, lab.CLIENT_ADDR, position)
+        original_state(pair, pair.server, n, lab.CLIENT_ADDR, position, subnet)
         return {}
     pair.conntrack_on(pair.server)
-    original_state(pair, pair.client, n, lab.SERVER_ADDR, position)
-    return {"pos": dnat_position(pair, pair.client, scenarios.overlay_ip(position))}
+    original_state(pair, pair.client, n, lab.SERVER_ADDR, position, subnet)
+    return {"pos": dnat_position(pair, pair.client, scenarios.overlay_ip(position, subnet))}
 
 
 @dataclass
@@ -251,8 +264,9 @@ class Family:
     measures: list[tuple[str, Callable[[int], str]]]
 
 
-def families(sizes: list[int], backends: list[str]) -> list[Family]:
-    """Every kind of state measured: the lab ceiling, Neti's per backend, the original's."""
+def families(sizes: list[int], backends: list[str], subnet: IPv4Network) -> list[Family]:
+    """Every kind of state measured: the lab ceiling, Neti's per backend, the original's;
+    overlay IPs from ``subnet``."""
 
     def server(n: int) -> str:
         return lab.SERVER_ADDR
@@ -261,19 +275,19 @@ def families(sizes: list[int], backends: list[str]) -> list[Family]:
         return lab.UNRELATED_ADDR
 
     def last(n: int) -> str:
-        return str(scenarios.overlay_ip(n - 1))
+        return str(scenarios.overlay_ip(n - 1, subnet))
 
-    worst_at = {n: scenarios.worst_position(n) for n in sizes}
+    worst_at = {n: scenarios.worst_position(n, subnet) for n in sizes}
 
     def worst(n: int) -> str:
-        return str(scenarios.overlay_ip(worst_at[n]))
+        return str(scenarios.overlay_ip(worst_at[n], subnet))
 
     def mid(n: int) -> str:
-        return str(scenarios.overlay_ip(n // 2))
+        return str(scenarios.overlay_ip(n // 2, subnet))
 
     def neti(backend: str, host: str, place: Callable[[int], int]) -> Callable[[int], Setup]:
         """Setups writing Neti's state with ``backend`` on ``host``, the peer at ``place(n)``."""
-        return lambda n: partial(setup_neti, backend, host, n, place(n))
+        return lambda n: partial(setup_neti, subnet, backend, host, n, place(n))
 
     out = [Family("lab ceiling", [1], lambda n: setup_plain, [("none", server)])]
     for b in backends:
@@ -295,9 +309,11 @@ def families(sizes: list[int], backends: list[str]) -> list[Family]:
                     (report.key("unrel-neti", b), unrelated),
                 ],
             ),
+            # Measured at one member too (where middle and worst coincide), so its ratio
+            # compares runs interleaved in one family, not runs minutes apart.
             Family(
                 f"Neti ({b}), outbound (server = middle mapping)",
-                [n for n in sizes if n > 1],
+                sizes,
                 neti(b, "client", lambda n: n // 2),
                 [(report.key("dnat-mid-neti", b), mid)],
             ),
@@ -306,13 +322,13 @@ def families(sizes: list[int], backends: list[str]) -> list[Family]:
         Family(
             "original, inbound",
             sizes,
-            lambda n: partial(setup_original, "server", n, n - 1),
+            lambda n: partial(setup_original, subnet, "server", n, n - 1),
             [("in-orig", server)],
         ),
         Family(
             "original, outbound (server = last mapping)",
             sizes,
-            lambda n: partial(setup_original, "client", n, n - 1),
+            lambda n: partial(setup_original, subnet, "client", n, n - 1),
             [("dnat-last-orig", last), ("unrel-orig", unrelated)],
         ),
     ]
@@ -360,12 +376,9 @@ class Bench:
                 )
 
     def rate_runs(self) -> None:
-        for fam in families(self.args.sizes, self.backends):
+        a = self.args
+        for fam in families(a.sizes, self.backends, a.subnet):
             self.run_family(fam)
-        for b in self.backends:  # with one member, the worst and the middle place coincide
-            worst = self.rates.get(report.key("dnat-last-neti", b), {})
-            if 1 in worst:
-                self.rates.setdefault(report.key("dnat-mid-neti", b), {})[1] = worst[1]
 
     def apply_runs(self) -> None:
         """Full state from nothing (fresh namespace each time), and ±1 member on the largest."""
@@ -387,6 +400,7 @@ class Bench:
                             "position": n - 1,
                             "change": n == largest,
                             "state_dir": state_dir,
+                            "subnet": str(a.subnet),
                         }
                         reps.append(worker(p, p.client, job))
                 summary: dict[str, Any] = {"backend": reps[0]["backend"], "runs": reps}
@@ -442,6 +456,14 @@ def backend_list(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def subnet_arg(text: str) -> IPv4Network:
+    """``--subnet``: an overlay subnet the bench's fleets fit (scenarios.parse_subnet)."""
+    try:
+        return scenarios.parse_subnet(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
     p.add_argument("--sizes", default=",".join(map(str, SIZES)), help="fleet sizes, from 1")
@@ -452,6 +474,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=list(BACKENDS),
         metavar="NAMES",
         help=f"Neti's backends to measure, comma-separated (default {','.join(BACKENDS)})",
+    )
+    p.add_argument(
+        "--subnet",
+        type=subnet_arg,
+        default=scenarios.OVERLAY,
+        metavar="CIDR",
+        help=f"overlay_subnet the fleets' overlay IPs come from (default {scenarios.OVERLAY}; "
+        "172.16.0.0/16 holds 64,000 members)",
     )
     p.add_argument("--reps", type=int, default=3, help="runs per rate measurement")
     p.add_argument("--seconds", type=float, default=3.0, help="length of one run")
@@ -480,8 +510,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.sizes, args.reps, args.seconds, args.apply_reps = [1, 1000], 1, 1.0, 1
     if args.sizes[0] != 1:
         p.error("--sizes must include 1 (the reference)")
-    if args.sizes[-1] > scenarios.OVERLAY.num_addresses - 3:
-        p.error(f"--sizes: at most {scenarios.OVERLAY.num_addresses - 3} members fit the overlay")
+    most = scenarios.capacity(args.subnet)
+    if args.sizes[-1] > most:
+        p.error(f"--sizes: at most {most} members fit the bench's fleets in {args.subnet}")
     if not 1 <= args.reps <= 20 or not 0.2 <= args.seconds <= 30:
         p.error("--reps must be 1..20 and --seconds 0.2..30")
     return args

@@ -6,13 +6,15 @@ the result is one JSON line on stdout.
 
 Jobs:
   {"op": "neti", "backend": "iptables"|"nftables"|"auto", "host": "client"|"server", "n": N,
-   "special": IP, "position": P, "change": bool, "state_dir": DIR}
+   "special": IP, "position": P, "change": bool, "state_dir": DIR, "subnet": CIDR}
       compute() and apply() Neti's state for a fleet of N with the backend the config names
       (``neti.dataplane.select``, as the agent does); with ``change``, then apply N+1 members
       (one joins) and N again (it leaves), each timed, and the same change as the agent
       writes it for a member event (``apply_delta``: no kernel read).
-  {"op": "original", "n": N, "special": IP, "position": P, "change": bool}
+  {"op": "original", "n": N, "special": IP, "position": P, "change": bool, "subnet": CIDR}
       iptables-restore of the original's rule-per-member state, same steps.
+
+``subnet`` is the overlay subnet the fleet's overlay IPs come from (``bench.run --subnet``).
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ import os
 import subprocess
 import sys
 import time
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
 from bench import scenarios
+from neti.fleet.model import Fleet
 
 
 def _timed(fn: Any, *args: Any) -> tuple[float, Any]:
@@ -34,14 +37,23 @@ def _timed(fn: Any, *args: Any) -> tuple[float, Any]:
     return time.perf_counter() - t0, out
 
 
+def _subnet(job: dict[str, Any]) -> IPv4Network:
+    return IPv4Network(job["subnet"])
+
+
+def _fleet(job: dict[str, Any]) -> Fleet:
+    return scenarios.fleet(job["n"], IPv4Address(job["special"]), job["position"], _subnet(job))
+
+
 def neti_job(job: dict[str, Any]) -> dict[str, Any]:
     from neti import config as config_mod
     from neti.dataplane import select
     from neti.desired import compute
 
-    cfg = config_mod.parse(scenarios.config(job["state_dir"], job.get("backend") or "auto"))
+    subnet = _subnet(job)
+    cfg = config_mod.parse(scenarios.config(job["state_dir"], job.get("backend") or "auto", subnet))
     identity = scenarios.CLIENT if job["host"] == "client" else scenarios.SERVER
-    fleet = scenarios.fleet(job["n"], IPv4Address(job["special"]), job["position"])
+    fleet = _fleet(job)
     backend = select(cfg)
     backend.keep_open()  # as the agent does: its element updates keep one nft context
     out: dict[str, Any] = {"backend": backend.label, "backend_name": backend.name}
@@ -49,7 +61,7 @@ def neti_job(job: dict[str, Any]) -> dict[str, Any]:
     out["apply_s"], result = _timed(backend.apply, desired)
     out["result"] = repr(result)[:300]
     if job.get("change"):
-        bigger = compute(identity, scenarios.grown(fleet), cfg)
+        bigger = compute(identity, scenarios.grown(fleet, subnet), cfg)
         out["add_s"], _ = _timed(backend.apply, bigger)
         out["remove_s"], _ = _timed(backend.apply, desired)
         # The agent's path for one member's event: the elements only, relative to the last
@@ -61,7 +73,7 @@ def neti_job(job: dict[str, Any]) -> dict[str, Any]:
             raise SystemExit(f"bench.worker: {backend.name} refused a one-member apply_delta")
         out["delta_changes"] = [*joined.changes, *left.changes]
         if backend.name == "iptables":
-            out.update(delta_floor(backend, fleet))
+            out.update(delta_floor(backend, fleet, subnet))
     backend.close()
     return out
 
@@ -80,7 +92,7 @@ def difference(old: Any, new: Any) -> Any:
     )
 
 
-def delta_floor(backend: Any, fleet: Any) -> dict[str, float]:
+def delta_floor(backend: Any, fleet: Any, subnet: IPv4Network) -> dict[str, float]:
     """What one member's change costs at the least: one set element, one DNAT rule.
 
     Not what Neti does (it rewrites the one leaf chain holding the member's rule and swaps
@@ -92,7 +104,7 @@ def delta_floor(backend: Any, fleet: Any) -> dict[str, float]:
     from neti.dataplane import xtables
     from neti.dataplane.dnat_tree import NAT_CHAIN
 
-    new = scenarios.member(len(fleet.members))
+    new = scenarios.member(len(fleet.members), subnet=subnet)
     rule = f"-d {new.overlay_ip}/32 -j DNAT --to-destination {new.private_ip}"
     restore = xtables.tool(backend.variant, "restore")
     save = xtables.tool(backend.variant, "save")
@@ -121,12 +133,13 @@ def _restore(rules: str) -> None:
 
 
 def original_job(job: dict[str, Any]) -> dict[str, Any]:
-    fleet = scenarios.fleet(job["n"], IPv4Address(job["special"]), job["position"])
+    fleet = _fleet(job)
     rules = scenarios.original_rules(fleet)
     out: dict[str, Any] = {"backend": "iptables-restore, one rule per member"}
     out["apply_s"], _ = _timed(_restore, rules)
     if job.get("change"):
-        out["add_s"], _ = _timed(_restore, scenarios.original_rules(scenarios.grown(fleet)))
+        bigger = scenarios.grown(fleet, _subnet(job))
+        out["add_s"], _ = _timed(_restore, scenarios.original_rules(bigger))
         out["remove_s"], _ = _timed(_restore, rules)
     return out
 

@@ -233,3 +233,11 @@ def test_render_reads_a_results_file_and_refuses_a_broken_one(tmp_path: Path) ->
         with pytest.raises(SystemExit) as exc:
             run.render(str(bad))
         assert str(exc.value).startswith(f"bench: cannot render {bad}")
+
+
+def test_the_markdown_names_the_subnet_and_old_files_read_as_the_default() -> None:
+    data = results(["nftables"])
+    data["params"]["subnet"] = "172.16.0.0/16"
+    assert "`overlay_subnet` 172.16.0.0/16." in report.markdown(data)
+    del data["params"]["subnet"]
+    assert "`overlay_subnet` 192.168.0.0/18." in report.markdown(data)
