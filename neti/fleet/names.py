@@ -82,7 +82,10 @@ def decode_member(name: str) -> Member:
         ips = addr.host_addresses(quads) if (nonce is None) == (fmt == V1) else None
         if ips is not None:
             public, private, overlay = ips
-            return Member(instance_id, sys.intern(network), public, private, overlay, version)
+            # Networks and versions are a few values shared by the whole fleet: one copy each.
+            return Member(
+                instance_id, sys.intern(network), public, private, overlay, sys.intern(version)
+            )
     return _decode_fields(name)
 
 
@@ -106,7 +109,7 @@ def _decode_fields(name: str) -> Member:
             public_ip=addr.host_ip(public, "public IP"),
             private_ip=addr.host_ip(private, "private IP"),
             overlay_ip=addr.host_ip(overlay, "overlay IP"),
-            version=addr.version(version),
+            version=sys.intern(addr.version(version)),
             legacy=False,
         )
     except MalformedEntry as exc:
