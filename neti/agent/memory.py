@@ -13,10 +13,6 @@ fleet's millions of objects (none of them in a reference cycle) pays for ~7 full
 over a growing heap, ~0.8 s at 64,000 members. ``collector_paused`` holds it off for one
 reconcile (seconds at most); what the reconcile left is looked at by the collector's next
 passes, as usual.
-
-Outside reconciles the collector runs at a slower pace (``pace_collector``): the agent's
-long-lived data is freed by reference counting, and CPython's default of a young collection
-every 700 allocations ran ~620 collections, 8 % of the CPU, in a cold read of 32,000 members.
 """
 
 from __future__ import annotations
@@ -44,16 +40,6 @@ def trim() -> None:
     """Return the heap's free pages to the system (a few ms; after full applies only)."""
     if _TRIM is not None:
         _TRIM(0)
-
-
-# Young collections every 20,000 net allocations (CPython: 700); the older generations keep
-# their default ratios, so full collections still run, ~30 times less often.
-GC_THRESHOLDS = (20_000, 10, 10)
-
-
-def pace_collector() -> None:
-    """Set the cycle collector's thresholds for an agent (once, at start)."""
-    gc.set_threshold(*GC_THRESHOLDS)
 
 
 @contextlib.contextmanager

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from neti.agent import memory
 from neti.agent.core import Agent
 from neti.cli.common import add_config, load_config
 
@@ -25,5 +24,4 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args)
-    memory.pace_collector()  # the agent process's policy, not its library's
     return Agent.build(args.config, cfg, verbose=args.verbose).run()

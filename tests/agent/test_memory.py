@@ -1,22 +1,30 @@
-"""The agent process's memory policy: the collector's pace and giving pages back."""
+"""The agent's memory policy: the collector held off during a reconcile, pages given back."""
 
 from __future__ import annotations
 
 import gc
 
+import pytest
+
 from neti.agent import memory
 
 
-def test_pace_collector_sets_the_thresholds_and_keeps_full_collections() -> None:
-    before = gc.get_threshold()
+def test_the_collector_is_paused_inside_and_enabled_after_even_on_an_error() -> None:
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError), memory.collector_paused():
+        assert not gc.isenabled()
+        raise RuntimeError("a reconcile that fails")
+    assert gc.isenabled()
+
+
+def test_a_collector_already_off_stays_off() -> None:
+    gc.disable()
     try:
-        memory.pace_collector()
-        young, middle, old = gc.get_threshold()
-        assert young == memory.GC_THRESHOLDS[0] > before[0]
-        assert (middle, old) == memory.GC_THRESHOLDS[1:] and middle > 0 and old > 0
-        assert gc.isenabled()
+        with memory.collector_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()
     finally:
-        gc.set_threshold(*before)
+        gc.enable()
 
 
 def test_trim_is_harmless_anywhere() -> None:
