@@ -136,7 +136,7 @@ def _read(zk: Any, ca: Any, prefix: str, mode: str, n: int, state: Path) -> dict
             assert attestor is not None
             cache = VerdictCache(state / FILENAME, attestor)
             cache.load()
-            hook = cache.check
+            hook = cache
         if mode != "secured":
             # The same data, read without the ownership checks (an open reader's rules).
             plain = Registry(reg.client, cfg, owns_client=False, acl=AclPolicy(),
@@ -174,13 +174,16 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--members", type=int, default=2000)
     ap.add_argument("--markdown", action="store_true")
+    ap.add_argument(
+        "--ca-key", default="p256", choices=("p256", "rsa2048"), help="the CA's key (hosts: P-256)"
+    )
     ap.add_argument("--modes", default=",".join(MODES), help=f"some of {', '.join(MODES)}")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from neti.lab.pki import CertificateAuthority
     from tests.support.zkserver import ZooKeeperServer
 
-    ca = CertificateAuthority(tempfile.mkdtemp(prefix="neti-bench-pki-"))
+    ca = CertificateAuthority(tempfile.mkdtemp(prefix="neti-bench-pki-"), ca_key=args.ca_key)
     zk = ZooKeeperServer(tls=ca).start()
     try:
         prefix = f"/bench-{uuid.uuid4().hex[:8]}"

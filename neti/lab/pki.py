@@ -1,6 +1,9 @@
 """A tiny certificate authority for the lab and the tests (never for a real fleet).
 
-ECDSA P-256 everywhere; PEM files, keys with mode 0600. ZooKeeper 3.8 reads PEM key and
+ECDSA P-256 keys for hosts; the CA's own key P-256 too, or RSA-2048 (``ca_key="rsa2048"``:
+what a large fleet's CA should use, since every peer verifies the CA's signature on every
+host's certificate and an RSA verification costs a quarter of a P-256 one; see
+docs/performance.md); PEM files, keys with mode 0600. ZooKeeper 3.8 reads PEM key and
 trust stores directly (``ssl.keyStore.type=PEM``), so no Java keystore is involved.
 """
 
@@ -14,10 +17,12 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 VALIDITY = datetime.timedelta(days=365)
+CA_KEYS = ("p256", "rsa2048")
+CaKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 
 
 @dataclass(frozen=True)
@@ -29,7 +34,7 @@ class Issued:
     cn: str
 
 
-def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+def _write_key(path: Path, key: CaKey) -> None:
     data = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
@@ -48,13 +53,19 @@ def _write_cert(path: Path, cert: x509.Certificate) -> None:
 class CertificateAuthority:
     """A self-signed CA in ``directory`` (ca.pem, ca.key) that issues leaf certificates."""
 
-    def __init__(self, directory: str | Path, name: str = "neti-lab-ca"):
+    def __init__(self, directory: str | Path, name: str = "neti-lab-ca", ca_key: str = "p256"):
+        if ca_key not in CA_KEYS:
+            raise ValueError(f"ca_key {ca_key!r}: expected one of {', '.join(CA_KEYS)}")
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.cert_path = self.dir / "ca.pem"
         self.key_path = self.dir / "ca.key"
         now = datetime.datetime.now(datetime.UTC)
-        self._key = ec.generate_private_key(ec.SECP256R1())
+        self._key: CaKey = (
+            ec.generate_private_key(ec.SECP256R1())
+            if ca_key == "p256"
+            else rsa.generate_private_key(65537, 2048)
+        )
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
         self.cert = (
             x509.CertificateBuilder()

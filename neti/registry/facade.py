@@ -694,10 +694,10 @@ def _record_check(
     if attestor is None:
         return None, None
     if not verdict_cache:
-        return attestor.check, None
+        return attestor, None  # a BulkCheck (verify.py), as the cache is
     verdicts = VerdictCache(Path(cfg.state_dir) / VERDICTS_FILE, attestor)
     verdicts.load()
-    return verdicts.check, verdicts
+    return verdicts, verdicts
 
 
 def connect(

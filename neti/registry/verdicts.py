@@ -42,7 +42,7 @@ import os
 import stat
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -73,6 +73,10 @@ class _Checker(Protocol):
     def check_valid(
         self, name: str, data: bytes, owner: int | None = None
     ) -> tuple[str | None, tuple[datetime.datetime, datetime.datetime] | None]: ...
+
+    def check_valid_many(
+        self, items: Sequence[tuple[str, bytes, int | None]]
+    ) -> list[tuple[str | None, tuple[datetime.datetime, datetime.datetime] | None]]: ...
 
 
 def record_key(ca_id: bytes, name: str, data: bytes, owner: int | None) -> bytes:
@@ -216,25 +220,50 @@ class VerdictCache:
     def check(self, name: str, data: bytes, owner: int | None) -> str | None:
         """The attestor's answer for this record; from the cache when these exact bytes
         passed under these CAs and this session, inside their validity window."""
-        try:
-            key = record_key(self.attestor.ca_id, name, data, owner)
-        except (TypeError, ValueError, UnicodeError):
-            return self.attestor.check_valid(name, data, owner)[0]
-        hit = self._entries.get(key)
+        return self.check_many([(name, data, owner)])[0]
+
+    def check_many(self, items: Sequence[tuple[str, bytes, int | None]]) -> list[str | None]:
+        """``check`` of each (name, data, owner), in order: the cache answers what it can,
+        the attestor checks the rest together (attest.Attestor.check_many)."""
+        out: list[str | None] = [None] * len(items)
+        misses: list[int] = []
+        keys: list[bytes | None] = []
         now = self.clock()
-        if hit is not None and hit[0] <= now <= hit[1]:
-            self._entries.move_to_end(key)
-            self.hits += 1
-            return None
+        for i, (name, data, owner) in enumerate(items):
+            try:
+                key = record_key(self.attestor.ca_id, name, data, owner)
+            except (TypeError, ValueError, UnicodeError):
+                misses.append(i)
+                keys.append(None)  # checked, never cached
+                continue
+            hit = self._entries.get(key)
+            if hit is not None and hit[0] <= now <= hit[1]:
+                self._entries.move_to_end(key)
+                self.hits += 1
+                continue
+            misses.append(i)
+            keys.append(key)
+        if not misses:
+            return out
+        checked = self.attestor.check_valid_many([items[i] for i in misses])
+        for i, known, (reason, window) in zip(misses, keys, checked, strict=True):
+            out[i] = reason
+            if known is not None:
+                self._learn(known, reason, window)
+        return out
+
+    def _learn(
+        self,
+        key: bytes,
+        reason: str | None,
+        window: tuple[datetime.datetime, datetime.datetime] | None,
+    ) -> None:
         self.misses += 1
-        reason, window = self.attestor.check_valid(name, data, owner)
         if reason is None and window is not None:
             self._entries[key] = (int(window[0].timestamp()), int(window[1].timestamp()))
             self._entries.move_to_end(key)
             while len(self._entries) > self.max_entries:
                 self._entries.popitem(last=False)
             self._dirty = True
-        elif hit is not None:
-            del self._entries[key]
+        elif self._entries.pop(key, None) is not None:
             self._dirty = True
-        return reason

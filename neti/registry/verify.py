@@ -43,9 +43,9 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from kazoo.exceptions import NoAuthError, NoNodeError, UnimplementedError
 from kazoo.handlers.threading import KazooTimeoutError
@@ -60,6 +60,21 @@ from neti.registry.attest import MAX_RECORD
 
 # (node name, node data, the node's ephemeralOwner) -> None, or "<reason>: <text>".
 AttestCheck = Callable[[str, bytes, int], "str | None"]
+
+
+@runtime_checkable
+class BulkCheck(Protocol):
+    """An attest_check that also checks many records at once (attest.Attestor, the
+    verdict cache): given the records of a whole read in chunks, so it can spread them over
+    the cores."""
+
+    def __call__(self, name: str, data: bytes, owner: int) -> str | None: ...
+
+    def check_many(self, items: Sequence[tuple[str, bytes, int | None]]) -> list[str | None]: ...
+
+
+# Records gathered before a BulkCheck is asked about them (the reads go on meanwhile).
+ATTEST_CHUNK = 1024
 
 # getData requests per multiRead. kazoo costs a thread hand-off per request and per reply
 # (GIL switches: milliseconds on a busy host), so fewer, larger requests read a big fleet
@@ -300,6 +315,9 @@ class Verifier:
         got: dict[tuple[str, str], Verdict | None] = {}
         nxt = 0
         self._gets = _Gets(self.client, MULTI_CHUNK if self.multi_read else 0)
+        hook = self.attest_check
+        bulk = hook if isinstance(hook, BulkCheck) and len(todo) > 1 else None
+        deferred: list[tuple[Candidate, _Node]] = []
         while nxt < len(todo) or window:
             while nxt < len(todo) and len(window) < self.batch:
                 c = todo[nxt]
@@ -328,9 +346,36 @@ class Verifier:
                 continue
             self.reads += 1
             t = time.monotonic()
-            got[c.key] = self._judge(c, node, claim, ident)
+            verdict = self._judge(c, node, claim, ident, defer=bulk is not None)
+            if verdict is None:
+                deferred.append((c, node))
+                if len(deferred) >= ATTEST_CHUNK:
+                    self._attest_many(bulk, deferred, got)
+            else:
+                got[c.key] = verdict
+            self.verify_seconds += time.monotonic() - t
+        if deferred:
+            t = time.monotonic()
+            self._attest_many(bulk, deferred, got)
             self.verify_seconds += time.monotonic() - t
         return got
+
+    def _attest_many(
+        self,
+        bulk: BulkCheck | None,
+        deferred: list[tuple[Candidate, _Node]],
+        got: dict[tuple[str, str], Verdict | None],
+    ) -> None:
+        """The record checks ``_judge`` left to ``bulk``, together; ``deferred`` emptied."""
+        assert bulk is not None
+        items = [(c.name, node.data, int(node.stat.ephemeralOwner)) for c, node in deferred]
+        try:
+            whys: Sequence[str | None] = bulk.check_many(items)
+        except Exception as exc:  # noqa: BLE001 - a broken hook refuses, never crashes
+            whys = [f"the check failed: {type(exc).__name__}"] * len(items)
+        for (c, node), why in zip(deferred, whys, strict=True):
+            got[c.key] = self._attested(c, node.data, why)
+        deferred.clear()
 
     def _settle(self, nodes: dict[str, _Pending | _Node], key: str) -> _Node:
         """A shared read's answer (awaited once, then kept for the rest of the call)."""
@@ -387,7 +432,11 @@ class Verifier:
             return wait(result, time.monotonic() + left)
         return result.get(timeout=left)
 
-    def _judge(self, c: Candidate, node: _Node, claim: _Node, ident: _Node | None) -> Verdict:
+    def _judge(
+        self, c: Candidate, node: _Node, claim: _Node, ident: _Node | None, defer: bool = False
+    ) -> Verdict | None:
+        """The entry's verdict; None when ``defer`` and only its record check is left (the
+        caller checks such records together: ``_attest_many``)."""
         m = c.member
         what = f"{'legacy node' if m.legacy else 'member'} {c.name!r}"
         if node.denied:
@@ -428,16 +477,24 @@ class Verifier:
             if refused is not None:
                 return Verdict(refused.code, f"{what}: {refused.text}")
         if self.attest_check is not None and not m.legacy:
+            if defer:
+                return None
             try:
                 why = self.attest_check(c.name, node.data, int(stat.ephemeralOwner))
             except Exception as exc:  # noqa: BLE001 - a broken hook refuses, never crashes
                 why = f"the check failed: {type(exc).__name__}"
-            if why is not None:
-                why = str(why)
-                code = "replayed" if why.startswith("replayed:") else "attestation"
-                return Verdict(code, f"{what}: {why[:_MAX_HOOK_TEXT]}")
-            return _wireguard(what, node.data)
+            return self._attested(c, node.data, why)
         return OK
+
+    @staticmethod
+    def _attested(c: Candidate, data: bytes, why: object) -> Verdict:
+        """The verdict of an entry whose record check answered ``why`` (None: it passed)."""
+        what = f"{'legacy node' if c.member.legacy else 'member'} {c.name!r}"
+        if why is not None:
+            why = str(why)
+            code = "replayed" if why.startswith("replayed:") else "attestation"
+            return Verdict(code, f"{what}: {why[:_MAX_HOOK_TEXT]}")
+        return _wireguard(what, data)
 
     def _owned_claim(
         self, m: Member, ip_path: str, claim: _Node, ident: _Node, own: Ownership

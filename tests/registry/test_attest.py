@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -61,8 +61,12 @@ def _ku(digital_signature: bool, cert_sign: bool) -> x509.KeyUsage:
 class CA:
     """A CA whose leaves can be wrong in one chosen way at a time."""
 
-    def __init__(self, name: str = "fleet-ca", start: datetime.datetime = NOW - DAY):
-        self.key = ec.generate_private_key(ec.SECP256R1())
+    def __init__(
+        self, name: str = "fleet-ca", start: datetime.datetime = NOW - DAY, key: Any = None
+    ):
+        self.key = key or ec.generate_private_key(ec.SECP256R1())
+        self.pss = False  # sign leaves with RSA-PSS instead of PKCS#1 v1.5 (an RSA key)
+        algorithm = None if isinstance(self.key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
         self.cert = (
             x509.CertificateBuilder()
             .subject_name(_name(name))
@@ -73,7 +77,7 @@ class CA:
             .not_valid_after(start + 365 * DAY)
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .add_extension(_ku(True, True), critical=True)
-            .sign(self.key, hashes.SHA256())
+            .sign(self.key, algorithm)
         )
 
     def issue(
@@ -107,6 +111,11 @@ class CA:
         if sans:
             names = [x509.DNSName(f"host-{n}.example.internal") for n in range(sans)]
             b = b.add_extension(x509.SubjectAlternativeName(names), critical=False)
+        if isinstance(self.key, ed25519.Ed25519PrivateKey):
+            return b.sign(self.key, None), key
+        if self.pss:
+            pss = padding.PSS(padding.MGF1(hashes.SHA256()), padding.PSS.DIGEST_LENGTH)
+            return b.sign(self.key, hashes.SHA256(), rsa_padding=pss), key
         return b.sign(self.key, hashes.SHA256()), key
 
     def signer(self, cn: str | None = "i-b", **kw: Any) -> Signer:
@@ -171,13 +180,60 @@ def test_other_key_types_sign_and_verify(ca: CA, attestor: Attestor, key: Any) -
     assert attestor.check(NAME_B, data) is None
 
 
-def test_the_lab_pki_issues_usable_certificates(tmp_path: Path) -> None:
+@pytest.mark.parametrize("ca_key", ["p256", "rsa2048"])
+def test_the_lab_pki_issues_usable_certificates(tmp_path: Path, ca_key: str) -> None:
     from neti.lab.pki import CertificateAuthority
 
-    lab = CertificateAuthority(tmp_path)
+    lab = CertificateAuthority(tmp_path, ca_key=ca_key)
     host = lab.issue("i-b")
     signer = Signer.from_files(str(host.cert), str(host.key))
     assert Attestor.from_path(str(lab.cert_path)).check(NAME_B, signer.sign(NAME_B)) is None
+    with pytest.raises(ValueError, match="ca_key 'dsa'"):
+        CertificateAuthority(tmp_path / "other", ca_key="dsa")
+
+
+def _rsa() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(65537, 2048)
+
+
+@pytest.mark.parametrize(
+    ("key", "pss"),
+    [(ed25519.Ed25519PrivateKey.generate, False), (_rsa, False), (_rsa, True)],
+    ids=["ed25519", "rsa-pkcs1", "rsa-pss"],
+)
+def test_ca_key_types_vouch_and_a_rogue_of_the_same_name_does_not(key: Any, pss: bool) -> None:
+    """The CA's signature is checked with its own key, whatever its type (and RSA padding)."""
+    fleet = CA(key=key())
+    fleet.pss = pss
+    rogue = CA(key=key())  # the same name, another key
+    att = Attestor([fleet.cert], clock=clock)
+    assert att.check(NAME_B, fleet.signer().sign(NAME_B)) is None
+    assert reason(att.check(NAME_B, rogue.signer().sign(NAME_B))) == "untrusted"
+    other = Attestor([CA("other-ca", key=key()).cert], clock=clock)
+    assert reason(other.check(NAME_B, fleet.signer().sign(NAME_B))) == "untrusted"
+
+
+def test_check_many_answers_what_check_answers(ca: CA) -> None:
+    """A fleet's records checked together (on several threads) get check's answers, in order."""
+    records: list[tuple[str, bytes, int | None]] = []
+    for i in range(attest.BULK_MIN + 40):
+        cn = f"i-{i:05d}"
+        name = f"v2|{cn}|vpc|203.0.0.{i % 250 + 1}|10.0.0.{i % 250 + 1}|10.9.0.1|2.0.0|{i:024x}"
+        signer = ca.signer(cn if i % 7 else "i-someone-else")  # every 7th: wrong_cn
+        data = signer.sign(name, 0x1000 + i)
+        if i % 11 == 3:
+            data = data[:-8] + b"AAAAAAA="  # a broken signature
+        if i % 13 == 5:
+            data = CA("rogue").signer(cn).sign(name, 0x1000 + i)
+        records.append((name, data, 0x1000 + i if i % 17 else 0x99))  # every 17th: replayed
+    one = Attestor([ca.cert], clock=clock)
+    many = Attestor([ca.cert], clock=clock)
+    many.threads = 2
+    want = [one.check(*r) for r in records]
+    assert many.check_many(records) == want
+    assert {reason(w) for w in want} >= {None, "wrong_cn", "untrusted", "replayed"}
+    assert (many.cert_checks, many.sig_checks) == (one.cert_checks, one.sig_checks)
+    assert many.check_many(records[:3]) == want[:3]  # few: on the caller's thread
 
 
 def test_a_rotated_ca_bundle_accepts_both_cas(ca: CA, tmp_path: Path) -> None:

@@ -57,6 +57,27 @@ def test_a_passing_verdict_is_kept_across_restarts(ca: CA, tmp_path: Path) -> No
     assert second.hits == 1
 
 
+def test_check_many_answers_from_the_cache_and_checks_the_rest_together(
+    ca: CA, tmp_path: Path
+) -> None:
+    names = [NAME_V2.replace("i-b", f"i-{i}") for i in range(6)]
+    good = [ca.signer(f"i-{i}").sign(n, SESSION) for i, n in enumerate(names)]
+    forged = CA("other-ca").signer("i-5").sign(names[5], SESSION)
+    c = cache(tmp_path / "v", ca)
+    assert c.check_many([(names[0], good[0], SESSION), (names[1], good[1], SESSION)]) == [
+        None,
+        None,
+    ]
+    items = [(n, d, SESSION) for n, d in zip(names, good, strict=True)]
+    items[5] = (names[5], forged, SESSION)
+    items.append((names[2], good[2], "not a session"))  # type: ignore[arg-type]  # never cached
+    got = c.check_many(items)  # type: ignore[arg-type]
+    assert got[:5] == [None] * 5
+    assert (got[5] or "").startswith("untrusted") and got[6] is not None
+    assert c.hits == 2 and len(c) == 5  # the first two from the cache; the refusals not kept
+    assert c.check_many([]) == []
+
+
 def test_a_refusal_is_never_cached(ca: CA, tmp_path: Path) -> None:
     c = cache(tmp_path / "v", ca)
     other = CA("other-ca").signer().sign(NAME_V2, SESSION)

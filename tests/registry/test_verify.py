@@ -193,6 +193,45 @@ def test_attestation_hook_sees_name_and_data_and_can_refuse() -> None:
     assert all(len(r) <= 300 for r in fleet.skipped_reasons)
 
 
+class BulkHook:
+    """A BulkCheck: what ``check`` answers, also for many at once (counting the calls)."""
+
+    def __init__(self, broken: bool = False) -> None:
+        self.calls: list[int] = []
+        self.broken = broken
+
+    def __call__(self, name: str, data: bytes, owner: int) -> str | None:
+        self.calls.append(1)
+        return None if data == b"sig-ok" else "signature does not verify"
+
+    def check_many(self, items: list[tuple[str, bytes, int | None]]) -> list[str | None]:
+        if self.broken:
+            raise RuntimeError("boom")
+        self.calls.append(len(items))
+        return [None if data == b"sig-ok" else "signature does not verify" for _, data, _ in items]
+
+
+def test_a_bulk_check_gets_the_records_in_chunks_with_the_same_verdicts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(verify_mod, "ATTEST_CHUNK", 4)
+    zk = FakeClient()
+    names = []
+    for i in range(10):
+        name = publish(zk, member(f"i-{i}", f"192.168.0.{10 + i}"))
+        zk.put(f"{MEMBERS}/{name}", b"sig-ok" if i % 3 else b"forged")
+        names.append(name)
+    inline = read(zk, verifier(zk, attest_check=lambda n, d, o: BulkHook()(n, d, o)), names)
+    hook = BulkHook()
+    bulk = read(zk, verifier(zk, attest_check=hook), names)
+    assert bulk == inline
+    assert bulk.skipped_by_reason == {"attestation": 4}  # type: ignore[attr-defined]
+    assert hook.calls == [4, 4, 2]  # never one by one
+    broken = read(zk, verifier(zk, attest_check=BulkHook(broken=True)), names)
+    assert not broken.members  # type: ignore[attr-defined]
+    assert broken.skipped_by_reason == {"attestation": 10}  # type: ignore[attr-defined]
+
+
 def test_candidate_key_is_parent_and_name() -> None:
     c = Candidate(MEMBERS, "x", member("i-a", "192.168.0.10"))
     assert c.key == (MEMBERS, "x")
