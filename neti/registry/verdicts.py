@@ -78,6 +78,8 @@ class _Checker(Protocol):
         self, items: Sequence[tuple[str, bytes, int | None]]
     ) -> list[tuple[str | None, tuple[datetime.datetime, datetime.datetime] | None]]: ...
 
+    def release(self) -> None: ...
+
 
 def record_key(ca_id: bytes, name: str, data: bytes, owner: int | None) -> bytes:
     """The cache key of one record check: every input, length-prefixed, hashed."""
@@ -251,6 +253,10 @@ class VerdictCache:
             if known is not None:
                 self._learn(known, reason, window)
         return out
+
+    def release(self) -> None:
+        """The bulk work is over (attest.Attestor.release)."""
+        self.attestor.release()
 
     def _learn(
         self,

@@ -66,11 +66,14 @@ AttestCheck = Callable[[str, bytes, int], "str | None"]
 class BulkCheck(Protocol):
     """An attest_check that also checks many records at once (attest.Attestor, the
     verdict cache): given the records of a whole read in chunks, so it can spread them over
-    the cores."""
+    the cores, and told when the read is over."""
 
     def __call__(self, name: str, data: bytes, owner: int) -> str | None: ...
 
     def check_many(self, items: Sequence[tuple[str, bytes, int | None]]) -> list[str | None]: ...
+
+    def release(self) -> None:
+        """The bulk work is over for now (worker processes may stop)."""
 
 
 # Records gathered before a BulkCheck is asked about them (the reads go on meanwhile).
@@ -301,6 +304,8 @@ class Verifier:
                 self.multi_read = False  # a server older than 3.6: one read per request
                 got = self._pipeline(todo)
         finally:
+            if isinstance(self.attest_check, BulkCheck):
+                self.attest_check.release()  # its workers, if a bulk started them
             self.read_seconds += time.monotonic() - t0 - (self.verify_seconds - judged)
         if self.after_reads is not None:
             self.after_reads()

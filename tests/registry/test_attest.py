@@ -11,6 +11,7 @@ import base64
 import datetime
 import os
 import random
+import signal
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -228,12 +229,36 @@ def test_check_many_answers_what_check_answers(ca: CA) -> None:
         records.append((name, data, 0x1000 + i if i % 17 else 0x99))  # every 17th: replayed
     one = Attestor([ca.cert], clock=clock)
     many = Attestor([ca.cert], clock=clock)
-    many.threads = 2
+    many.workers = 2
     want = [one.check(*r) for r in records]
-    assert many.check_many(records) == want
+    try:
+        assert many.check_many(records) == want  # in two worker processes, at clock()
+        assert many._pool is not None
+        assert (many.cert_checks, many.sig_checks) == (one.cert_checks, one.sig_checks)
+        assert many.check_many(records[:3]) == want[:3]  # few: in this process
+    finally:
+        many.release()
+    assert many._pool is None
     assert {reason(w) for w in want} >= {None, "wrong_cn", "untrusted", "replayed"}
-    assert (many.cert_checks, many.sig_checks) == (one.cert_checks, one.sig_checks)
-    assert many.check_many(records[:3]) == want[:3]  # few: on the caller's thread
+
+
+def test_check_many_survives_a_dead_worker(ca: CA) -> None:
+    """A worker that dies leaves its records to this process; the answers are the same."""
+    names = [f"v2|i-{i:05d}|vpc|203.0.0.1|10.0.0.1|10.9.0.1|2.0.0|{i:024x}" for i in range(600)]
+    records: list[tuple[str, bytes, int | None]] = [
+        (n, ca.signer(f"i-{i:05d}").sign(n, 7), 7) for i, n in enumerate(names)
+    ]
+    att = Attestor([ca.cert], clock=clock)
+    att.workers = 1
+    try:
+        pool = att._workers()
+        assert pool is not None
+        worker = pool.submit(os.getpid).result()  # started; now it dies
+        os.kill(worker, signal.SIGKILL)
+        assert att.check_many(records) == [None] * len(records)
+        assert att.sig_checks == len(records)  # checked here
+    finally:
+        att.release()
 
 
 def test_a_rotated_ca_bundle_accepts_both_cas(ca: CA, tmp_path: Path) -> None:

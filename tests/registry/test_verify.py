@@ -199,6 +199,7 @@ class BulkHook:
     def __init__(self, broken: bool = False) -> None:
         self.calls: list[int] = []
         self.broken = broken
+        self.released = 0
 
     def __call__(self, name: str, data: bytes, owner: int) -> str | None:
         self.calls.append(1)
@@ -209,6 +210,9 @@ class BulkHook:
             raise RuntimeError("boom")
         self.calls.append(len(items))
         return [None if data == b"sig-ok" else "signature does not verify" for _, data, _ in items]
+
+    def release(self) -> None:
+        self.released += 1
 
 
 def test_a_bulk_check_gets_the_records_in_chunks_with_the_same_verdicts(
@@ -227,6 +231,7 @@ def test_a_bulk_check_gets_the_records_in_chunks_with_the_same_verdicts(
     assert bulk == inline
     assert bulk.skipped_by_reason == {"attestation": 4}  # type: ignore[attr-defined]
     assert hook.calls == [4, 4, 2]  # never one by one
+    assert hook.released == 1  # once the read is over
     broken = read(zk, verifier(zk, attest_check=BulkHook(broken=True)), names)
     assert not broken.members  # type: ignore[attr-defined]
     assert broken.skipped_by_reason == {"attestation": 10}  # type: ignore[attr-defined]
