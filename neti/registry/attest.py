@@ -51,6 +51,7 @@ import hashlib
 import multiprocessing
 import os
 import re
+import signal
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -687,6 +688,9 @@ _WORKER: Attestor | None = None
 
 def _start_worker(cas: list[bytes]) -> None:
     global _WORKER
+    # Ctrl-C reaches the whole process group: the agent stops its workers itself, and a
+    # worker must not print a KeyboardInterrupt traceback meanwhile.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _WORKER = Attestor([x509.load_der_x509_certificate(der) for der in cas])
 
 

@@ -242,6 +242,21 @@ def test_check_many_answers_what_check_answers(ca: CA) -> None:
     assert {reason(w) for w in want} >= {None, "wrong_cn", "untrusted", "replayed"}
 
 
+def test_a_worker_ignores_ctrl_c(ca: CA) -> None:
+    """Ctrl-C reaches the agent's whole process group: its workers neither die nor print."""
+    att = Attestor([ca.cert], clock=clock)
+    att.workers = 1
+    try:
+        pool = att._workers()
+        assert pool is not None
+        worker = pool.submit(os.getpid).result()
+        os.kill(worker, signal.SIGINT)
+        time.sleep(0.2)
+        assert pool.submit(os.getpid).result() == worker  # the same process, still serving
+    finally:
+        att.release()
+
+
 def test_check_many_survives_a_dead_worker(ca: CA) -> None:
     """A worker that dies leaves its records to this process; the answers are the same."""
     names = [f"v2|i-{i:05d}|vpc|203.0.0.1|10.0.0.1|10.9.0.1|2.0.0|{i:024x}" for i in range(600)]
