@@ -22,7 +22,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 VALIDITY = datetime.timedelta(days=365)
 CA_KEYS = ("p256", "rsa2048")
-CaKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class Issued:
     cn: str
 
 
-def _write_key(path: Path, key: CaKey) -> None:
+def _write_key(path: Path, key: PrivateKey) -> None:
     data = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
@@ -61,7 +61,7 @@ class CertificateAuthority:
         self.cert_path = self.dir / "ca.pem"
         self.key_path = self.dir / "ca.key"
         now = datetime.datetime.now(datetime.UTC)
-        self._key: CaKey = (
+        self._key: PrivateKey = (
             ec.generate_private_key(ec.SECP256R1())
             if ca_key == "p256"
             else rsa.generate_private_key(65537, 2048)
@@ -95,11 +95,11 @@ class CertificateAuthority:
         _write_cert(self.cert_path, self.cert)
         _write_key(self.key_path, self._key)
 
-    def issue(self, cn: str, name: str | None = None) -> Issued:
+    def issue(self, cn: str, name: str | None = None, key: PrivateKey | None = None) -> Issued:
         """A host's (or an operator's) certificate, subject ``CN=<cn>``, for client
         authentication only (extendedKeyUsage clientAuth): presented by a server, a client
         refuses it. Written as ``<name>.pem`` / ``<name>.key`` (name defaults to the CN)."""
-        return self.issue_custom(cn, name, [ExtendedKeyUsageOID.CLIENT_AUTH], [])
+        return self.issue_custom(cn, name, [ExtendedKeyUsageOID.CLIENT_AUTH], [], key)
 
     def issue_server(
         self,
@@ -122,13 +122,15 @@ class CertificateAuthority:
         name: str | None,
         usages: list[x509.ObjectIdentifier],
         sans: list[x509.GeneralName],
+        key: PrivateKey | None = None,
     ) -> Issued:
         """Any extendedKeyUsage and subjectAltName: also certificates Neti no longer issues
-        (a host's with serverAuth, a server's without names), for tests of upgrades."""
+        (a host's with serverAuth, a server's without names), for tests of upgrades. ``key``:
+        the key to certify (default: a new P-256 key; a benchmark reuses one RSA key)."""
         name = name or cn
         if "/" in name or name in ("", ".", ".."):
             raise ValueError(f"{name!r} is not a file name")
-        key = ec.generate_private_key(ec.SECP256R1())
+        key = key or ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.UTC)
         builder = (
             x509.CertificateBuilder()
