@@ -126,6 +126,16 @@ def host_addresses(quads: Iterable[str]) -> list[IPv4Address] | None:
     return out
 
 
+def hosts_ok(quads: Iterable[str]) -> bool:
+    """``host_addresses(quads) is not None``, without making the addresses."""
+    aton, from_bytes, tops = socket.inet_aton, int.from_bytes, _NEVER_TOPS
+    for q in quads:
+        i = from_bytes(aton(q), "big")
+        if i >> 24 in tops and _never_int(i) is not None:
+            return False
+    return True
+
+
 def host_problem(ip: IPv4Address) -> tuple[str, str] | None:
     """(code, text) when ``ip`` can never be a host's unicast address, else None."""
     found = _never(ip)

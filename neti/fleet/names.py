@@ -89,6 +89,17 @@ def decode_member(name: str) -> Member:
     return _decode_fields(name)
 
 
+def instance_of(name: str) -> str:
+    """The instance ID of a name ``decode_member`` accepts, without making the Member (a
+    record check needs only that); MalformedEntry (with the reason) for any other name."""
+    got = _NAME_RE.match(name)
+    if got is not None:
+        fmt, instance_id, _network, *quads, _version, nonce = got.groups()
+        if (nonce is None) == (fmt == V1) and addr.hosts_ok(quads):
+            return str(instance_id)
+    return decode_member(name).instance_id
+
+
 def _decode_fields(name: str) -> Member:
     """``decode_member`` field by field: the reason a name is refused."""
     parts = name.split(SEP)

@@ -67,7 +67,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, SignatureAlgorit
 from neti import files
 from neti.errors import RegistryAccessError
 from neti.fleet.addr import MalformedEntry
-from neti.fleet.names import V1, decode_member, name_format
+from neti.fleet.names import V1, instance_of, name_format
 from neti.fleet.wgkey import decode_key, public_key
 
 if TYPE_CHECKING:
@@ -537,7 +537,7 @@ class Attestor:
         if not isinstance(name, str) or len(name) > MAX_NAME:
             return "bad_name: not a member node name"
         try:
-            instance_id = decode_member(name).instance_id
+            instance_id = instance_of(name)
         except MalformedEntry:
             return "bad_name: not a member node name"
         if not isinstance(data, bytes | bytearray | memoryview):
@@ -619,23 +619,17 @@ class Attestor:
         issuers = [ca for ca, subject, key in self._issuers if _issued_by(cert, subject, key)]
         if not issuers:
             return _Vetted("untrusted: certificate not issued by the fleet's CA")
-        exts = cert.extensions  # ValueError on malformed or duplicate extensions
-        if _is_ca(cert):
+        # One pass over the extensions (ValueError on malformed or duplicate ones).
+        exts: dict[type, Any] = {type(e.value): e.value for e in cert.extensions}
+        bc = exts.get(x509.BasicConstraints)
+        if bc is not None and bc.ca:
             return _Vetted("ca_cert: a CA certificate cannot sign member records")
-        try:
-            ku = exts.get_extension_for_class(x509.KeyUsage).value
-        except x509.ExtensionNotFound:
-            pass
-        else:
-            if not ku.digital_signature:
-                return _Vetted("key_usage: certificate lacks digitalSignature key usage")
-        try:
-            eku = exts.get_extension_for_class(x509.ExtendedKeyUsage).value
-        except x509.ExtensionNotFound:
-            pass
-        else:
-            if ExtendedKeyUsageOID.CLIENT_AUTH not in eku:
-                return _Vetted("key_usage: certificate is not for client authentication")
+        ku = exts.get(x509.KeyUsage)
+        if ku is not None and not ku.digital_signature:
+            return _Vetted("key_usage: certificate lacks digitalSignature key usage")
+        eku = exts.get(x509.ExtendedKeyUsage)
+        if eku is not None and ExtendedKeyUsageOID.CLIENT_AUTH not in eku:
+            return _Vetted("key_usage: certificate is not for client authentication")
         key = cert.public_key()
         if not isinstance(
             key, ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | rsa.RSAPublicKey

@@ -17,6 +17,7 @@ from neti.fleet.names import (
     _decode_fields,
     decode_member,
     encode_member,
+    instance_of,
     member_prefix,
     name_format,
     new_nonce,
@@ -280,6 +281,15 @@ def test_decode_member_agrees_with_the_field_parse(fmt: str, fields: list[str]) 
             return f"{exc.code}: {exc}"
 
     assert outcome(decode_member) == outcome(_decode_fields)
+
+    def instance(fn: Callable[[str], str]) -> str:
+        try:
+            return "ok: " + fn(name)
+        except MalformedEntry as exc:
+            return f"{exc.code}: {exc}"
+
+    # A record check's shortcut accepts and refuses exactly the names decode_member does.
+    assert instance(instance_of) == instance(lambda n: decode_member(n).instance_id)
 
 
 @settings(max_examples=100, deadline=None)
