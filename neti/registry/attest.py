@@ -86,11 +86,12 @@ MAX_SIG = 520  # bytes of signature (RSA-4096 is 512; ECDSA P-521 DER ~139)
 MAX_NAME = 1024  # characters of a node name worth looking at (a v1 name is < 200)
 MAX_PEM_BYTES = 1024 * 1024
 CACHE_SIZE = 65536  # verified certificates remembered (a fleet of 16k needs 16k)
-# Worker processes ``check_many`` uses (one per core, at most 4; 0 on one core: the
-# caller's own process is as fast), the fewest records worth sending them (a change is one
-# or two, a cold start tens of thousands), and how many a worker takes at a time.
+# Worker processes ``check_many`` uses (one per core, at most 4; none on one core: this
+# process is as fast), the fewest records worth sending them (starting them costs ~0.5 s,
+# what ~1,500 records cost here; a change is one or two records, a cold start tens of
+# thousands), and how many a worker takes at a time.
 WORKERS = min(4, os.cpu_count() or 1) if (os.cpu_count() or 1) > 1 else 0
-BULK_MIN = 512
+BULK_MIN = 2048
 BULK_CHUNK = 256
 
 Clock = Callable[[], datetime.datetime]

@@ -77,7 +77,7 @@ class BulkCheck(Protocol):
 
 
 # Records gathered before a BulkCheck is asked about them (the reads go on meanwhile).
-ATTEST_CHUNK = 1024
+ATTEST_CHUNK = 4096
 
 # getData requests per multiRead. kazoo costs a thread hand-off per request and per reply
 # (GIL switches: milliseconds on a busy host), so fewer, larger requests read a big fleet
