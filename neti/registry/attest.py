@@ -93,6 +93,8 @@ CACHE_SIZE = 65536  # verified certificates remembered (a fleet of 16k needs 16k
 WORKERS = min(4, os.cpu_count() or 1) if (os.cpu_count() or 1) > 1 else 0
 BULK_MIN = 2048
 BULK_CHUNK = 256
+# Seconds a chunk may take in a worker (~0.1 s here) before its records are checked here.
+WORKER_DEADLINE = 30.0
 
 Clock = Callable[[], datetime.datetime]
 
@@ -488,10 +490,12 @@ class Attestor:
         out: list[Valid] = []
         for chunk, future in zip(chunks, futures, strict=True):
             try:
-                got, certs, sigs = future.result() if future is not None else ([], 0, 0)
-            except Exception:  # noqa: BLE001 - a dead worker: check here instead
+                got, certs, sigs = (
+                    future.result(timeout=WORKER_DEADLINE) if future is not None else ([], 0, 0)
+                )
+            except Exception:  # noqa: BLE001 - a dead or stuck worker: check here instead
                 got, certs, sigs = [], 0, 0
-                self.release()
+                self.release(kill=True)
             if len(got) != len(chunk):
                 got = [self.check_valid(*item) for item in chunk]
             else:
@@ -515,11 +519,16 @@ class Attestor:
                 return None
         return self._pool
 
-    def release(self) -> None:
-        """Stop the worker processes (the bulk work is over); the next bulk starts them."""
+    def release(self, kill: bool = False) -> None:
+        """Stop the worker processes (the bulk work is over; ``kill``: one failed, so do
+        not wait for them); the next bulk starts new ones."""
         pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+        if pool is None:
+            return
+        if kill:  # ProcessPoolExecutor has no kill before Python 3.14: its process table
+            for proc in list((getattr(pool, "_processes", None) or {}).values()):
+                proc.kill()
+        pool.shutdown(wait=not kill, cancel_futures=True)
 
     def check_valid(self, name: str, data: bytes, owner: int | None = None) -> Valid:
         """``check``'s answer and, when the record passes, the window in which it does (its

@@ -259,7 +259,7 @@ def test_a_worker_ignores_ctrl_c(ca: CA) -> None:
 
 
 def test_check_many_survives_a_dead_worker(ca: CA, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A worker that dies leaves its records to this process; the answers are the same."""
+    """A worker that dies or hangs leaves its records to this process; the same answers."""
     monkeypatch.setattr(attest, "BULK_MIN", 64)
     names = [f"v2|i-{i:05d}|vpc|203.0.0.1|10.0.0.1|10.9.0.1|2.0.0|{i:024x}" for i in range(300)]
     records: list[tuple[str, bytes, int | None]] = [
@@ -274,6 +274,13 @@ def test_check_many_survives_a_dead_worker(ca: CA, monkeypatch: pytest.MonkeyPat
         os.kill(worker, signal.SIGKILL)
         assert att.check_many(records) == [None] * len(records)
         assert att.sig_checks == len(records)  # checked here
+        assert att._pool is None  # the broken pool was let go
+        stuck = att._workers()  # a worker that hangs: its chunk is checked here after the deadline
+        assert stuck is not None
+        monkeypatch.setattr(attest, "WORKER_DEADLINE", 0.5)
+        os.kill(stuck.submit(os.getpid).result(), signal.SIGSTOP)
+        assert att.check_many(records[:100]) == [None] * 100
+        assert att._pool is None
     finally:
         att.release()
 
