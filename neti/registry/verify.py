@@ -22,7 +22,9 @@ believe it. An entry is programmed only when
   Only then are the record's WireGuard key and port read (attest.wireguard_of) and carried
   in the verdict, so a key is used only from a record the member's own certificate signed;
   a malformed pair refuses the entry (``bad_wg_key``, ``bad_wg_port``). Without the hook
-  (an open registry) no key is ever read: every member is a cleartext one.
+  (an open registry) no key is ever read: every member is a cleartext one. A hook that can
+  check many records at once (``BulkCheck``: the Attestor, the verdict cache) is given a
+  read's records ATTEST_CHUNK at a time, so it can spread a cold start over the cores.
 
 Cost: each entry is verified once, when its name first appears (two reads; on a secured
 registry five with the claims' ACLs and id-to-ip, six without records; pipelined with every
