@@ -118,6 +118,8 @@ REASONS = (
 # check_valid's answer: the refusal, or None and the window in which the record passes.
 Valid = tuple[str | None, tuple[datetime.datetime, datetime.datetime] | None]
 _ED25519 = SignatureAlgorithmOID.ED25519
+# submit_many's answer: call it for the answers (in order), once.
+Pending = Callable[[], list[Valid]]
 
 # The key types a record may be signed with.
 _PublicKey = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | rsa.RSAPublicKey
@@ -470,14 +472,20 @@ class Attestor:
     def check_many(self, items: Sequence[tuple[str, bytes, int | None]]) -> list[str | None]:
         """``check`` of each (name, data, owner), in order; in worker processes when there
         are many (module docstring)."""
-        return [reason for reason, _ in self.check_valid_many(items)]
+        return [reason for reason, _ in self.submit_many(items)()]
 
     def check_valid_many(self, items: Sequence[tuple[str, bytes, int | None]]) -> list[Valid]:
-        """``check_valid`` of each (name, data, owner), in order; many go to the worker
-        processes (started on first use, kept until ``release``). Never raises: a worker
-        that fails leaves its records to this process."""
+        """``check_valid`` of each (name, data, owner), in order."""
+        return self.submit_many(items)()
+
+    def submit_many(self, items: Sequence[tuple[str, bytes, int | None]]) -> Pending:
+        """``check_valid_many`` begun: many records go to the worker processes (started on
+        first use, kept until ``release``) while the caller goes on; calling the answer
+        waits for them. Never raises: a worker that fails leaves its records to this
+        process."""
         if len(items) < BULK_MIN or self.workers < 1:
-            return [self.check_valid(*item) for item in items]
+            done = [self.check_valid(*item) for item in items]
+            return lambda: done
         pool = self._workers()
         now = self.clock()
         chunks = [items[i : i + BULK_CHUNK] for i in range(0, len(items), BULK_CHUNK)]
@@ -487,6 +495,13 @@ class Attestor:
                 futures.append(pool.submit(_check_in_worker, now, chunk) if pool else None)
             except RuntimeError:  # the pool broke or was shut down meanwhile
                 futures.append(None)
+        return lambda: self._collect(chunks, futures)
+
+    def _collect(
+        self,
+        chunks: list[Sequence[tuple[str, bytes, int | None]]],
+        futures: list[Future[tuple[list[Valid], int, int]] | None],
+    ) -> list[Valid]:
         out: list[Valid] = []
         for chunk, future in zip(chunks, futures, strict=True):
             try:

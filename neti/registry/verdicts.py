@@ -65,18 +65,20 @@ SAVE_EVERY = 300.0
 Window = tuple[int, int]  # not_before, not_after (seconds since the epoch)
 
 
+# A check's answer (attest.Valid): the refusal, or None and the window the record passes in.
+_Valid = tuple[str | None, tuple[datetime.datetime, datetime.datetime] | None]
+
+
 class _Checker(Protocol):
     """What the cache wraps (attest.Attestor)."""
 
     ca_id: bytes
 
-    def check_valid(
-        self, name: str, data: bytes, owner: int | None = None
-    ) -> tuple[str | None, tuple[datetime.datetime, datetime.datetime] | None]: ...
+    def check_valid(self, name: str, data: bytes, owner: int | None = None) -> _Valid: ...
 
-    def check_valid_many(
+    def submit_many(
         self, items: Sequence[tuple[str, bytes, int | None]]
-    ) -> list[tuple[str | None, tuple[datetime.datetime, datetime.datetime] | None]]: ...
+    ) -> Callable[[], list[_Valid]]: ...
 
     def release(self) -> None: ...
 
@@ -227,6 +229,13 @@ class VerdictCache:
     def check_many(self, items: Sequence[tuple[str, bytes, int | None]]) -> list[str | None]:
         """``check`` of each (name, data, owner), in order: the cache answers what it can,
         the attestor checks the rest together (attest.Attestor.check_many)."""
+        return self.submit_many(items)()
+
+    def submit_many(
+        self, items: Sequence[tuple[str, bytes, int | None]]
+    ) -> Callable[[], list[str | None]]:
+        """``check_many`` begun: the cache answers now, the attestor's checks run while the
+        caller goes on (attest.Attestor.submit_many); calling the answer waits for them."""
         out: list[str | None] = [None] * len(items)
         misses: list[int] = []
         keys: list[bytes | None] = []
@@ -246,13 +255,17 @@ class VerdictCache:
             misses.append(i)
             keys.append(key)
         if not misses:
+            return lambda: out
+        pending = self.attestor.submit_many([items[i] for i in misses])
+
+        def collect() -> list[str | None]:
+            for i, known, (reason, window) in zip(misses, keys, pending(), strict=True):
+                out[i] = reason
+                if known is not None:
+                    self._learn(known, reason, window)
             return out
-        checked = self.attestor.check_valid_many([items[i] for i in misses])
-        for i, known, (reason, window) in zip(misses, keys, checked, strict=True):
-            out[i] = reason
-            if known is not None:
-                self._learn(known, reason, window)
-        return out
+
+        return collect
 
     def release(self) -> None:
         """The bulk work is over (attest.Attestor.release)."""

@@ -72,14 +72,20 @@ class BulkCheck(Protocol):
 
     def __call__(self, name: str, data: bytes, owner: int) -> str | None: ...
 
-    def check_many(self, items: Sequence[tuple[str, bytes, int | None]]) -> list[str | None]: ...
+    def submit_many(
+        self, items: Sequence[tuple[str, bytes, int | None]]
+    ) -> Callable[[], list[str | None]]:
+        """The checks of these records begun; calling the answer waits for them (in
+        order)."""
 
     def release(self) -> None:
         """The bulk work is over for now (worker processes may stop)."""
 
 
-# Records gathered before a BulkCheck is asked about them (the reads go on meanwhile).
+# Records gathered before a BulkCheck is asked about them, and how many such batches may be
+# checking at once while the reads and the judging of the next ones go on.
 ATTEST_CHUNK = 4096
+ATTEST_AHEAD = 2
 
 # getData requests per multiRead. kazoo costs a thread hand-off per request and per reply
 # (GIL switches: milliseconds on a busy host), so fewer, larger requests read a big fleet
@@ -325,6 +331,7 @@ class Verifier:
         hook = self.attest_check
         bulk = hook if isinstance(hook, BulkCheck) and len(todo) > 1 else None
         deferred: list[tuple[Candidate, _Node]] = []
+        checking: deque[tuple[list[tuple[Candidate, _Node]], Callable[[], Any]]] = deque()
         while nxt < len(todo) or window:
             while nxt < len(todo) and len(window) < self.batch:
                 c = todo[nxt]
@@ -357,32 +364,48 @@ class Verifier:
             if verdict is None:
                 deferred.append((c, node))
                 if len(deferred) >= ATTEST_CHUNK:
-                    self._attest_many(bulk, deferred, got)
+                    checking.append(self._submit(bulk, deferred))
+                    deferred = []
+                    while len(checking) > ATTEST_AHEAD:
+                        self._attested_many(*checking.popleft(), got)
             else:
                 got[c.key] = verdict
             self.verify_seconds += time.monotonic() - t
-        if deferred:
+        if deferred or checking:
             t = time.monotonic()
-            self._attest_many(bulk, deferred, got)
+            if deferred:
+                checking.append(self._submit(bulk, deferred))
+            while checking:
+                self._attested_many(*checking.popleft(), got)
             self.verify_seconds += time.monotonic() - t
         return got
 
-    def _attest_many(
+    @staticmethod
+    def _submit(
+        bulk: BulkCheck | None, batch: list[tuple[Candidate, _Node]]
+    ) -> tuple[list[tuple[Candidate, _Node]], Callable[[], Any]]:
+        """The record checks ``_judge`` left for ``bulk``, begun (they run meanwhile)."""
+        assert bulk is not None
+        items = [(c.name, node.data, int(node.stat.ephemeralOwner)) for c, node in batch]
+        try:
+            return batch, bulk.submit_many(items)
+        except Exception as exc:  # noqa: BLE001 - a broken hook refuses, never crashes
+            failed = [f"the check failed: {type(exc).__name__}"] * len(items)
+            return batch, lambda: failed
+
+    def _attested_many(
         self,
-        bulk: BulkCheck | None,
-        deferred: list[tuple[Candidate, _Node]],
+        batch: list[tuple[Candidate, _Node]],
+        answer: Callable[[], Any],
         got: dict[tuple[str, str], Verdict | None],
     ) -> None:
-        """The record checks ``_judge`` left to ``bulk``, together; ``deferred`` emptied."""
-        assert bulk is not None
-        items = [(c.name, node.data, int(node.stat.ephemeralOwner)) for c, node in deferred]
+        """A submitted batch's verdicts, waiting for its checks."""
         try:
-            whys: Sequence[str | None] = bulk.check_many(items)
+            whys: Sequence[str | None] = answer()
         except Exception as exc:  # noqa: BLE001 - a broken hook refuses, never crashes
-            whys = [f"the check failed: {type(exc).__name__}"] * len(items)
-        for (c, node), why in zip(deferred, whys, strict=True):
+            whys = [f"the check failed: {type(exc).__name__}"] * len(batch)
+        for (c, node), why in zip(batch, whys, strict=True):
             got[c.key] = self._attested(c, node.data, why)
-        deferred.clear()
 
     def _settle(self, nodes: dict[str, _Pending | _Node], key: str) -> _Node:
         """A shared read's answer (awaited once, then kept for the rest of the call)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from ipaddress import IPv4Address as IP
 from ipaddress import IPv4Network
 from unittest.mock import patch
@@ -205,11 +206,14 @@ class BulkHook:
         self.calls.append(1)
         return None if data == b"sig-ok" else "signature does not verify"
 
-    def check_many(self, items: list[tuple[str, bytes, int | None]]) -> list[str | None]:
+    def submit_many(
+        self, items: list[tuple[str, bytes, int | None]]
+    ) -> Callable[[], list[str | None]]:
         if self.broken:
             raise RuntimeError("boom")
         self.calls.append(len(items))
-        return [None if data == b"sig-ok" else "signature does not verify" for _, data, _ in items]
+        got = [None if data == b"sig-ok" else "signature does not verify" for _, data, _ in items]
+        return lambda: got
 
     def release(self) -> None:
         self.released += 1
