@@ -9,7 +9,7 @@ after each full apply, docs/performance.md). Where there is no such call (musl),
 
 glibc gives each thread that allocates its own heap ("arena", up to 8 per core): kazoo's
 threads build the registry's replies in theirs, and each keeps its high-water mark apart
-from the main one (~15 MB at 64,000 members). ``one_arena`` limits the process to the main
+from the main one (10–18 MB at 64,000 members). ``one_arena`` limits the process to the main
 heap; the agent's threads only hand replies over, so they do not contend for it. It must
 run before any thread exists (arenas already made stay).
 
