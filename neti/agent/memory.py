@@ -1,11 +1,17 @@
-"""Give the memory a full apply freed back to the system, and keep the cyclic collector
-out of whole-fleet work.
+"""Give the memory a full apply freed back to the system, keep glibc to one heap, and keep
+the cyclic collector out of whole-fleet work.
 
 A full apply at tens of thousands of members builds large values that live only for the
 apply (the whole desired state, the kernel payloads and read-backs, the registry's lists);
 glibc keeps the pages they freed in its heap, so the agent's resident size would stay at
 its high-water mark. ``malloc_trim`` returns them (in-process at 64,000 members: 13–21 MB
 after each full apply, docs/performance.md). Where there is no such call (musl), nothing.
+
+glibc gives each thread that allocates its own heap ("arena", up to 8 per core): kazoo's
+threads build the registry's replies in theirs, and each keeps its high-water mark apart
+from the main one (10–18 MB at 64,000 members). ``one_arena`` limits the process to the main
+heap; the agent's threads only hand replies over, so they do not contend for it. It must
+run before any thread exists (arenas already made stay).
 
 CPython's cyclic collector runs after every few hundred allocations, and a full pass over
 every live object each time the heap has grown by a quarter: a cold start that builds the
@@ -24,16 +30,27 @@ import gc
 from collections.abc import Callable, Iterator
 
 
-def _malloc_trim() -> Callable[[int], int] | None:
+def _libc(name: str) -> Callable[..., int] | None:
+    """The C library's function ``name``, or None where there is none (not glibc)."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        fn: Callable[[int], int] = libc.malloc_trim
+        fn: Callable[..., int] = getattr(libc, name)
     except (OSError, AttributeError):
         return None
     return fn
 
 
-_TRIM = _malloc_trim()
+_TRIM = _libc("malloc_trim")
+_MALLOPT = _libc("mallopt")
+M_ARENA_MAX = -8  # glibc's malloc.h
+
+
+def one_arena(mallopt: Callable[..., int] | None = _MALLOPT) -> bool:
+    """Keep every thread's allocations in the main heap (module docstring); at the
+    process's start, before any thread. False where the C library has no such knob."""
+    if mallopt is None:
+        return False
+    return bool(mallopt(M_ARENA_MAX, 1) == 1)
 
 
 def trim() -> None:

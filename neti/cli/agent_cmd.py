@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from neti.agent import memory
 from neti.agent.core import Agent
 from neti.cli.common import add_config, load_config
 
@@ -23,5 +24,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    memory.one_arena()  # before kazoo starts a thread: neti/agent/memory.py
     cfg = load_config(args)
     return Agent.build(args.config, cfg, verbose=args.verbose).run()

@@ -131,11 +131,22 @@ class _Plan:
 
 @dataclass(slots=True)
 class _Entry:
-    # The member a name screened fine as (may still fail verification); its key is the
-    # entry's, so the Candidate the verifier was given is not kept (64 bytes a member).
+    """A listed name that does not pass (yet): the member it screened fine as, if it did
+    (its verdict may be pending or refusing), and why it is skipped, if it is."""
+
     member: Member | None = None
     skip: Skip | None = None  # why this name itself is skipped
-    passing: bool = False  # verified: takes part in the duplicate rules
+
+
+# A listed name's entry: a passing one (verified: it takes part in the duplicate rules) is
+# its Member, nearly every entry, so no object of its own (3.6 MB at 64,000 members); any
+# other is an _Entry. The key is the entry's, so the Candidate the verifier was given is
+# not kept either.
+Held = Member | _Entry
+
+
+def _skip_of(e: Held) -> Skip | None:
+    return None if isinstance(e, Member) else e.skip
 
 
 class FleetIndex:
@@ -166,7 +177,7 @@ class FleetIndex:
         self.self_network = self_network
         self.on_skip = on_skip
         self._names: dict[str, set[str]] = {members_parent: set(), legacy_parent: set()}
-        self._entries: dict[Key, _Entry] = {}
+        self._entries: dict[Key, Held] = {}
         self._by_id: dict[str, Group] = {}  # passing members entries by instance ID
         # Instance ID -> its winning entry (in ``_kept`` under the winner's overlay IP).
         self._id_winner: dict[str, Key] = {}
@@ -207,9 +218,9 @@ class FleetIndex:
         """The verified fleet as build_fleet would return it for the current names. O(N)."""
         # The first names' skips in name order: only skipped entries are sorted.
         skipped = heapq.nsmallest(
-            MAX_SKIP_SAMPLES, (k for k, e in self._entries.items() if e.skip is not None)
+            MAX_SKIP_SAMPLES, (k for k, e in self._entries.items() if _skip_of(e) is not None)
         )
-        samples = [skip[1] for k in skipped if (skip := self._entries[k].skip) is not None]
+        samples = [skip[1] for k in skipped if (skip := _skip_of(self._entries[k])) is not None]
         for group in (*self._id_skips.values(), *self._ov_skips.values()):
             samples.extend(t for _, t in group[: MAX_SKIP_SAMPLES - len(samples)])
         return Fleet(
@@ -324,7 +335,7 @@ class FleetIndex:
                     f"member {m.instance_id} ({m.overlay_ip}) is in the fleet without a listed, "
                     "verified entry"
                 )
-        skips = sum(e.skip is not None for e in self._entries.values())
+        skips = sum(_skip_of(e) is not None for e in self._entries.values())
         skips += sum(map(len, self._id_skips.values())) + sum(map(len, self._ov_skips.values()))
         if skips != self._total or sum(self._counts.values()) != self._total:
             problems.append(f"{self._total} skips counted, {skips} held")
@@ -377,12 +388,7 @@ class FleetIndex:
 
     def _backs(self, key: Key, m: Member) -> bool:
         entry = self._entries.get(key)
-        return (
-            entry is not None
-            and entry.passing
-            and entry.member == m
-            and key[1] in self._names.get(key[0], ())
-        )
+        return isinstance(entry, Member) and entry == m and key[1] in self._names.get(key[0], ())
 
     def _verified_keys(self) -> set[Key]:
         keys = getattr(self.verifier, "keys", None)
@@ -467,12 +473,11 @@ class FleetIndex:
 
     def _drop(self, key: Key, dirty_ids: set[str], dirty_ovs: set[Ov]) -> None:
         entry = self._entries.pop(key, None)
-        if entry is None:
-            return
-        if entry.skip is not None:
-            self._count(entry.skip, -1)
-        m = entry.member
-        if entry.passing and m is not None:
+        if isinstance(entry, _Entry):
+            if entry.skip is not None:
+                self._count(entry.skip, -1)
+        elif entry is not None:
+            m = entry
             if m.legacy:
                 ov = int(m.overlay_ip)
                 _group_discard(self._kept, ov, key)
@@ -500,18 +505,16 @@ class FleetIndex:
             self._entries[(parent, name)] = _Entry(skip=self._skip(*got))
             return
         key = got.key  # one tuple for the index's maps (keyed() makes another)
-        entry = self._entries[key] = _Entry(got.member)
         if self.verifier is not None:
             v = verdicts.get(key)
-            if v is None:
-                return  # gone between the event and the read: its deletion follows
+            if v is None:  # gone between the event and the read: its deletion follows
+                self._entries[key] = _Entry(got.member)
+                return
             if not v.ok:
-                entry.skip = self._skip(v.code or "malformed", v.text)
+                self._entries[key] = _Entry(got.member, self._skip(v.code or "malformed", v.text))
                 return
             got = keyed(got, v)
-            entry.member = got.member
-        entry.passing = True
-        m = got.member
+        m = self._entries[key] = got.member
         if m.legacy:
             ov = int(m.overlay_ip)
             _group_add(self._kept, ov, key)
@@ -521,8 +524,8 @@ class FleetIndex:
             dirty_ids.add(m.instance_id)
 
     def _member(self, key: Key) -> Member:
-        m = self._entries[key].member
-        assert m is not None
+        m = self._entries[key]
+        assert isinstance(m, Member)  # a key in a group: a passing entry
         return m
 
     def _settle(self, dirty_ids: set[str], dirty_ovs: set[Ov]) -> None:
@@ -567,7 +570,6 @@ class FleetIndex:
 
     def _settle_overlays(self, dirty_ovs: set[Ov]) -> None:
         before, final, kept, ov_skips = self._before, self._final, self._kept, self._ov_skips
-        entries = self._entries
         for ov in dirty_ovs:
             if ov not in before:
                 before[ov] = final.get(ov)
@@ -578,7 +580,7 @@ class FleetIndex:
             if g is None:
                 final.pop(ov, None)
             elif isinstance(g, tuple):  # one entry: it keeps the address
-                final[ov] = entries[g].member  # type: ignore[assignment]  # kept: a member
+                final[ov] = self._member(g)
             else:
                 self._contest(ov, g)
 

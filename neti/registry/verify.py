@@ -416,11 +416,14 @@ class Verifier:
 
     def _keep(self, got: dict[tuple[str, str], Verdict | None]) -> None:
         now = self.clock()
+        # Nearly every verdict is OK: its entries share one (OK, now) pair, not a tuple
+        # each (3.6 MB at 64,000 members).
+        ok = (OK, now)
         for key, verdict in got.items():
             if verdict is None:
                 self._cache.pop(key, None)
             else:
-                self._cache[key] = (verdict, now)
+                self._cache[key] = ok if verdict is OK else (verdict, now)
 
     def _issue(self, path: str, acl: bool) -> _Pending:
         """A node's get (and, when ``acl``, getACL) in flight, due by now + deadline."""
