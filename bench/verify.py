@@ -70,6 +70,8 @@ def _publish(zk: Any, ca: Any, prefix: str, n: int, key: Any = None) -> None:
     every record: the node's ephemeralOwner is that session)."""
     from ipaddress import IPv4Network
 
+    from cryptography import x509
+
     from neti.fleet.model import Member
     from neti.fleet.names import encode_member, new_nonce
     from neti.registry import attest, connect
@@ -84,7 +86,11 @@ def _publish(zk: Any, ca: Any, prefix: str, n: int, key: Any = None) -> None:
         for i in range(n):
             iid = f"i-{i:06x}"
             issued = ca.issue(iid, key=key)
-            signer = attest.Signer.from_files(str(issued.cert), str(issued.key))
+            if key is None:
+                signer = attest.Signer.from_files(str(issued.cert), str(issued.key))
+            else:  # loading an RSA key from its file checks it: ~15 ms a host
+                cert = x509.load_pem_x509_certificate(issued.cert.read_bytes())
+                signer = attest.Signer(cert, key)
             acl = writer.acl.owned_by(f"x509:CN={iid}")
             ip = hosts[i + 10]
             m = Member(iid, "vpc", hosts[-(i + 2)], hosts[-(i + 2)], ip, "2.0.0")
