@@ -118,7 +118,7 @@ REASONS = (
 # check_valid's answer: the refusal, or None and the window in which the record passes.
 Valid = tuple[str | None, tuple[datetime.datetime, datetime.datetime] | None]
 _ED25519 = SignatureAlgorithmOID.ED25519
-# submit_many's answer: call it for the answers (in order), once.
+# submit_valid_many's answer: call it for the answers (in order), once.
 Pending = Callable[[], list[Valid]]
 
 # The key types a record may be signed with.
@@ -472,13 +472,20 @@ class Attestor:
     def check_many(self, items: Sequence[tuple[str, bytes, int | None]]) -> list[str | None]:
         """``check`` of each (name, data, owner), in order; in worker processes when there
         are many (module docstring)."""
-        return [reason for reason, _ in self.submit_many(items)()]
+        return self.submit_many(items)()
+
+    def submit_many(
+        self, items: Sequence[tuple[str, bytes, int | None]]
+    ) -> Callable[[], list[str | None]]:
+        """``check_many`` begun (verify.BulkCheck): calling the answer waits for it."""
+        pending = self.submit_valid_many(items)
+        return lambda: [reason for reason, _ in pending()]
 
     def check_valid_many(self, items: Sequence[tuple[str, bytes, int | None]]) -> list[Valid]:
         """``check_valid`` of each (name, data, owner), in order."""
-        return self.submit_many(items)()
+        return self.submit_valid_many(items)()
 
-    def submit_many(self, items: Sequence[tuple[str, bytes, int | None]]) -> Pending:
+    def submit_valid_many(self, items: Sequence[tuple[str, bytes, int | None]]) -> Pending:
         """``check_valid_many`` begun: many records go to the worker processes (started on
         first use, kept until ``release``) while the caller goes on; calling the answer
         waits for them. Never raises: a worker that fails leaves its records to this

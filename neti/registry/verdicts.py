@@ -76,7 +76,7 @@ class _Checker(Protocol):
 
     def check_valid(self, name: str, data: bytes, owner: int | None = None) -> _Valid: ...
 
-    def submit_many(
+    def submit_valid_many(
         self, items: Sequence[tuple[str, bytes, int | None]]
     ) -> Callable[[], list[_Valid]]: ...
 
@@ -235,7 +235,7 @@ class VerdictCache:
         self, items: Sequence[tuple[str, bytes, int | None]]
     ) -> Callable[[], list[str | None]]:
         """``check_many`` begun: the cache answers now, the attestor's checks run while the
-        caller goes on (attest.Attestor.submit_many); calling the answer waits for them."""
+        caller goes on (attest.Attestor.submit_valid_many); calling the answer waits for them."""
         out: list[str | None] = [None] * len(items)
         misses: list[int] = []
         keys: list[bytes | None] = []
@@ -256,7 +256,7 @@ class VerdictCache:
             keys.append(key)
         if not misses:
             return lambda: out
-        pending = self.attestor.submit_many([items[i] for i in misses])
+        pending = self.attestor.submit_valid_many([items[i] for i in misses])
 
         def collect() -> list[str | None]:
             for i, known, (reason, window) in zip(misses, keys, pending(), strict=True):

@@ -30,6 +30,7 @@ from neti import config
 from neti.errors import ConfigError, RegistryAccessError
 from neti.registry import attest
 from neti.registry.attest import MAX_RECORD, Attestor, Signer
+from neti.registry.verify import BulkCheck
 from tests.support.markers import needs
 
 NOW = datetime.datetime.now(datetime.UTC).replace(microsecond=0)  # some paths use the real clock
@@ -237,6 +238,9 @@ def test_check_many_answers_what_check_answers(ca: CA, monkeypatch: pytest.Monke
         assert many._pool is not None
         assert (many.cert_checks, many.sig_checks) == (one.cert_checks, one.sig_checks)
         assert many.check_many(records[:3]) == want[:3]  # few: in this process
+        # As the verifier takes them (verify.BulkCheck): the reasons, not (reason, window).
+        assert isinstance(many, BulkCheck)
+        assert many.submit_many(records)() == want
     finally:
         many.release()
     assert many._pool is None
