@@ -56,7 +56,7 @@ from neti.registry.survey import Finding, Pruned, Survey, prune, read_tree, surv
 from neti.registry.tree import LockedPrefix
 from neti.registry.verdicts import FILENAME as VERDICTS_FILE
 from neti.registry.verdicts import VerdictCache
-from neti.registry.verify import AttestCheck, Verifier
+from neti.registry.verify import AttestCheck, BulkCheck, Verifier
 from neti.registry.watch import FleetWatch, WatchStats
 
 log = logging.getLogger(__name__)
@@ -687,7 +687,7 @@ STOP_WAIT = 1.0
 
 def _record_check(
     cfg: Config, verdict_cache: bool
-) -> tuple[AttestCheck | None, VerdictCache | None]:
+) -> tuple[BulkCheck | None, VerdictCache | None]:
     """The record check this config asks for (None: records are not checked) and, with
     ``verdict_cache``, the cache in ``state_dir`` it answers from."""
     attestor = attest.Attestor.from_config(cfg)
