@@ -685,9 +685,7 @@ class Registry:
 STOP_WAIT = 1.0
 
 
-def _record_check(
-    cfg: Config, verdict_cache: bool
-) -> tuple[BulkCheck | None, VerdictCache | None]:
+def _record_check(cfg: Config, verdict_cache: bool) -> tuple[BulkCheck | None, VerdictCache | None]:
     """The record check this config asks for (None: records are not checked) and, with
     ``verdict_cache``, the cache in ``state_dir`` it answers from."""
     attestor = attest.Attestor.from_config(cfg)
