@@ -29,6 +29,7 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
 
+from bench import inside as inside_ns
 from bench.member_write import TimedSystem
 
 OVERLAY = IPv4Network("172.16.0.0/16")
@@ -107,8 +108,7 @@ def _top(profile: cProfile.Profile, limit: int = 15) -> list[str]:
 
 
 def inside(names: list[str], n: int, rounds: int, profile: bool, parent: int) -> dict[str, Any]:
-    if os.stat("/proc/self/ns/net").st_ino == parent:
-        raise SystemExit("bench.cold_write: refusing to run in the caller's namespace")
+    inside_ns.refuse_caller_netns("bench.cold_write", parent)
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
     system = TimedSystem()
     _time_sessions(system)
@@ -196,26 +196,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if os.geteuid() != 0:
         p.error("needs root (creates a network namespace)")
-    from neti.lab import netns
-    from neti.lab.topology import new_prefix
-
-    ns = new_prefix("bc") + "w"
-    netns.add_ns(ns)
-    try:
-        env = {**os.environ, "NETI_REFUSE_INIT_NETNS": "1"}
-        inner = [sys.executable, "-m", "bench.cold_write", "--members", str(args.members)]
-        inner += ["--rounds", str(args.rounds), "--backends", ",".join(names)]
-        inner += ["--profile"] if args.profile else []
-        inner += ["--inside", str(os.stat("/proc/self/ns/net").st_ino)]
-        proc = subprocess.run(
-            netns.exec_argv(ns, inner), capture_output=True, text=True, env=env, check=False
-        )
-        if proc.returncode != 0:
-            sys.stderr.write(proc.stderr)
-            return proc.returncode
-        res = json.loads(proc.stdout)
-    finally:
-        netns.del_ns(ns)
+    args_in = ["--members", str(args.members), "--rounds", str(args.rounds)]
+    args_in += ["--backends", ",".join(names)] + (["--profile"] if args.profile else [])
+    res = inside_ns.rerun("bench.cold_write", "bc", args_in)
     load = open("/proc/loadavg").read().split()[:3]
     print(json.dumps({"members": args.members, "loadavg": load, "results": res}, indent=2))
     if args.markdown:

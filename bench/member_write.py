@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
+from bench import inside as inside_ns
 from neti.dataplane.system import System
 
 OVERLAY = IPv4Network("192.168.0.0/18")
@@ -72,14 +73,14 @@ def _time_sessions(system: TimedSystem) -> None:
 
     plain = nftsession.NftSession.run
 
-    def run(self: Any, script: str, timeout: float = nftsession.WRITE_TIMEOUT) -> None:
+    def run(self: Any, script: str, timeout: float = nftsession.WRITE_TIMEOUT, **kw: Any) -> None:
         t0 = time.perf_counter()
         try:
-            plain(self, script, timeout)
+            plain(self, script, timeout, **kw)
         finally:
             system.calls.append(("nft session", True, time.perf_counter() - t0))
 
-    nftsession.NftSession.run = run  # type: ignore[method-assign]
+    nftsession.NftSession.run = run  # type: ignore[method-assign, assignment]
 
 
 def _one(backend: Any, system: TimedSystem, desired: Any, delta: Any = None) -> dict[str, Any]:
@@ -102,8 +103,7 @@ def _one(backend: Any, system: TimedSystem, desired: Any, delta: Any = None) -> 
 
 def inside(names: list[str], n: int, rounds: int, parent_netns: int) -> dict[str, Any]:
     """Run in the bench namespace: every backend in turn, each uninstalled afterwards."""
-    if os.stat("/proc/self/ns/net").st_ino == parent_netns:
-        raise SystemExit("bench.member_write: refusing to run in the caller's namespace")
+    inside_ns.refuse_caller_netns("bench.member_write", parent_netns)
     from neti import dataplane
 
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
@@ -280,25 +280,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if os.geteuid() != 0:
         p.error("needs root (creates a network namespace)")
-    from neti.lab import netns
-    from neti.lab.topology import new_prefix
-
-    ns = new_prefix("bm") + "w"
-    netns.add_ns(ns)
-    try:
-        env = {**os.environ, "NETI_REFUSE_INIT_NETNS": "1"}
-        inner = [sys.executable, "-m", "bench.member_write", "--members", str(args.members)]
-        inner += ["--rounds", str(args.rounds), "--backends", ",".join(names)]
-        inner += ["--inside", str(os.stat("/proc/self/ns/net").st_ino)]
-        proc = subprocess.run(
-            netns.exec_argv(ns, inner), capture_output=True, text=True, env=env, check=False
-        )
-        if proc.returncode != 0:
-            sys.stderr.write(proc.stderr)
-            return proc.returncode
-        res = json.loads(proc.stdout)
-    finally:
-        netns.del_ns(ns)
+    args_in = ["--members", str(args.members), "--rounds", str(args.rounds)]
+    res = inside_ns.rerun("bench.member_write", "bm", [*args_in, "--backends", ",".join(names)])
     print(json.dumps({"members": args.members, "rounds": args.rounds, "results": res}, indent=2))
     if args.markdown:
         print(markdown(args.members, res))
