@@ -200,6 +200,16 @@ def test_backend_option() -> None:
         ["--sizes", "1,abc"],
         ["--sizes", "1000"],
         ["--sizes", "1,20000"],
+        ["--sizes", "1,64000"],  # the default /18 holds 16,381
+        ["--sizes", "1,65534", "--subnet", "172.16.0.0/16"],
+        ["--subnet", "172.16.0.1/16"],
+        ["--subnet", "nonsense"],
+        ["--subnet", "10.0.0.0/8"],  # the filler private addresses
+        ["--subnet", "100.64.0.0/16"],  # the filler public addresses
+        ["--subnet", "10.200.0.0/30"],  # the lab's veth addresses
+        ["--subnet", "127.0.0.0/16"],
+        ["--subnet", "172.16.0.0/31"],
+        ["--subnet", "0.0.0.0/0"],
     ],
 )
 def test_bad_options_are_one_line_errors(
