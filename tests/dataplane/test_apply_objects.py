@@ -59,16 +59,19 @@ def test_payload_statements_skip_blank_and_comment_lines() -> None:
     assert payload_statements("") == 0
 
 
+def state(n: int) -> DesiredState:
+    """N members, each allowed and DNATed."""
+    from neti.desired import Dnat, build
+
+    ips = [IPv4Address(int(IPv4Address("10.1.0.1")) + i) for i in range(n)]
+    overlay = [IPv4Address(int(IPv4Address("192.168.0.1")) + i) for i in range(n)]
+    dnat = [Dnat(o, t) for o, t in zip(overlay, ips, strict=True)]
+    return build("192.168.0.0/18", allow=ips, dnat=dnat, reject_all=True)
+
+
 def test_nftables_counts_elements_and_rules_not_lines() -> None:
     from neti.dataplane.nftables import NftablesBackend, chain_rules
-    from neti.desired import Dnat, build
     from tests.support.fakesystem import FakeSystem
-
-    def state(n: int) -> DesiredState:
-        ips = [IPv4Address(int(IPv4Address("10.1.0.1")) + i) for i in range(n)]
-        overlay = [IPv4Address(int(IPv4Address("192.168.0.1")) + i) for i in range(n)]
-        dnat = [Dnat(o, t) for o, t in zip(overlay, ips, strict=True)]
-        return build("192.168.0.0/18", allow=ips, dnat=dnat, reject_all=True)
 
     b = NftablesBackend(FakeSystem())
     rules = sum(len(r) for r in chain_rules(state(50)).values())
@@ -83,14 +86,7 @@ def test_iptables_counts_the_statements_of_its_payloads() -> None:
     # It counts on the lines it rendered, not by a pass over the payloads' text: the same
     # number as payload_statements of what it writes, from nothing and for a change.
     from neti.dataplane.iptables import IptablesBackend
-    from neti.desired import Dnat, build
     from tests.support.fakesystem import FakeSystem, iptables_tools
-
-    def state(n: int) -> DesiredState:
-        ips = [IPv4Address(int(IPv4Address("10.1.0.1")) + i) for i in range(n)]
-        overlay = [IPv4Address(int(IPv4Address("192.168.0.1")) + i) for i in range(n)]
-        dnat = [Dnat(o, t) for o, t in zip(overlay, ips, strict=True)]
-        return build("192.168.0.0/18", allow=ips, dnat=dnat, reject_all=True)
 
     b = IptablesBackend(FakeSystem(tools=iptables_tools("nft")), variant="nft")
     for n in (300, 301, 301):
