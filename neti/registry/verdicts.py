@@ -44,9 +44,12 @@ import struct
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from neti import files
+
+if TYPE_CHECKING:
+    from neti.registry.attest import Valid
 
 log = logging.getLogger(__name__)
 
@@ -65,20 +68,16 @@ SAVE_EVERY = 300.0
 Window = tuple[int, int]  # not_before, not_after (seconds since the epoch)
 
 
-# A check's answer (attest.Valid): the refusal, or None and the window the record passes in.
-_Valid = tuple[str | None, tuple[datetime.datetime, datetime.datetime] | None]
-
-
 class _Checker(Protocol):
     """What the cache wraps (attest.Attestor)."""
 
     ca_id: bytes
 
-    def check_valid(self, name: str, data: bytes, owner: int | None = None) -> _Valid: ...
+    def check_valid(self, name: str, data: bytes, owner: int | None = None) -> Valid: ...
 
     def submit_valid_many(
         self, items: Sequence[tuple[str, bytes, int | None]]
-    ) -> Callable[[], list[_Valid]]: ...
+    ) -> Callable[[], list[Valid]]: ...
 
     def release(self) -> None: ...
 
