@@ -53,6 +53,7 @@ import os
 import re
 import signal
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
@@ -542,15 +543,21 @@ class Attestor:
         return self._pool
 
     def release(self, kill: bool = False) -> None:
-        """Stop the worker processes (the bulk work is over; ``kill``: one failed, so do
-        not wait for them); the next bulk starts new ones."""
+        """Stop the worker processes; the next bulk starts new ones. A chunk being checked
+        may finish within WORKER_DEADLINE (a read that failed half-way can leave one), then
+        its worker is killed; ``kill``: one failed, so at once. Never waits longer."""
         pool, self._pool = self._pool, None
         if pool is None:
             return
-        if kill:  # ProcessPoolExecutor has no kill before Python 3.14: its process table
-            for proc in list((getattr(pool, "_processes", None) or {}).values()):
+        # ProcessPoolExecutor has no kill before Python 3.14: its process table.
+        procs = list((getattr(pool, "_processes", None) or {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        end = time.monotonic() + (0.0 if kill else WORKER_DEADLINE)
+        for proc in procs:
+            proc.join(max(0.0, end - time.monotonic()))
+            if proc.is_alive():
                 proc.kill()
-        pool.shutdown(wait=not kill, cancel_futures=True)
+                proc.join(1.0)
 
     def check_valid(self, name: str, data: bytes, owner: int | None = None) -> Valid:
         """``check``'s answer and, when the record passes, the window in which it does (its

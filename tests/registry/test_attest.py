@@ -288,6 +288,14 @@ def test_check_many_survives_a_dead_worker(ca: CA, monkeypatch: pytest.MonkeyPat
         os.kill(stuck.submit(os.getpid).result(), signal.SIGSTOP)
         assert att.check_many(records[:100]) == [None] * 100
         assert att._pool is None
+        # A read that failed half-way leaves a chunk in a stuck worker: release still ends.
+        stuck = att._workers()
+        assert stuck is not None
+        pid = stuck.submit(os.getpid).result()
+        os.kill(pid, signal.SIGSTOP)
+        att.submit_valid_many(records[:100])  # never collected
+        att.release()  # waits WORKER_DEADLINE (0.5 s here), then kills
+        assert not Path(f"/proc/{pid}").exists()  # killed and reaped
     finally:
         att.release()
 
